@@ -1,0 +1,53 @@
+"""The event bus: publishers anywhere, subscribers are QMP sessions.
+
+Anything may import this module (like ``qapi``).  ``emit`` never blocks and
+never fails: each subscriber has its own unbounded queue, read by its session.
+Events carry QEMU's names and data; the timestamp is taken at emission, as
+QEMU does, so that events keep their order and time when a session is slow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import attrs
+
+
+@attrs.frozen
+class Event:
+    name: str
+    data: dict | None
+    seconds: int
+    microseconds: int
+
+    def to_qmp(self) -> dict:
+        msg: dict = {"event": self.name}
+        if self.data is not None:
+            msg["data"] = self.data
+        msg["timestamp"] = {"seconds": self.seconds, "microseconds": self.microseconds}
+        return msg
+
+
+_subscribers: list[Callable[[Event], None]] = []
+
+
+def subscribe(callback: Callable[[Event], None]) -> Callable[[], None]:
+    """Call ``callback(event)`` for every event until the returned function is called."""
+    _subscribers.append(callback)
+
+    def unsubscribe() -> None:
+        try:
+            _subscribers.remove(callback)
+        except ValueError:
+            pass
+
+    return unsubscribe
+
+
+def emit(name: str, data: dict | None = None) -> None:
+    """Publish event ``name`` (e.g. ``BLOCK_JOB_READY``) to every subscriber now."""
+    ns = time.time_ns()
+    ev = Event(name, data, ns // 1_000_000_000, (ns // 1000) % 1_000_000)
+    for cb in list(_subscribers):
+        cb(ev)

@@ -1,0 +1,1 @@
+"""The QMP monitor: protocol, sessions, and one module per command group."""

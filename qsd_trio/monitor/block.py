@@ -1,0 +1,3 @@
+"""QMP commands: block."""
+
+from .registry import command  # noqa: F401

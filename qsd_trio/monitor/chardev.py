@@ -1,0 +1,3 @@
+"""QMP commands: chardev."""
+
+from .registry import command  # noqa: F401

@@ -1,0 +1,3 @@
+"""QMP commands: control."""
+
+from .registry import command  # noqa: F401

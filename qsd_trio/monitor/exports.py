@@ -1,0 +1,3 @@
+"""QMP commands: exports."""
+
+from .registry import command  # noqa: F401

@@ -1,0 +1,3 @@
+"""QMP commands: jobs."""
+
+from .registry import command  # noqa: F401

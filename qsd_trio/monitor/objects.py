@@ -1,0 +1,3 @@
+"""QMP commands: objects."""
+
+from .registry import command  # noqa: F401

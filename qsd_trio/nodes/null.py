@@ -1,0 +1,53 @@
+"""null-co / null-aio: a node of a given size that discards writes."""
+
+from __future__ import annotations
+
+import trio
+
+from .graph import register_driver
+from .node import BlockNode, BlockStatus, Status
+
+
+class NullNode(BlockNode):
+    driver = "null-co"
+
+    async def open(self, options: dict) -> None:
+        self.size = options.get("size", 1 << 30)
+        self.read_zeroes = options.get("read-zeroes", False)
+        self.latency_ns = options.get("latency-ns", 0)
+
+    def _length(self) -> int:
+        return self.size
+
+    async def _delay(self) -> None:
+        if self.latency_ns:
+            await trio.sleep(self.latency_ns / 1e9)
+
+    async def _co_preadv(self, offset, length):
+        await self._delay()
+        # without read-zeroes QEMU leaves the buffer untouched; we return zeroes
+        return bytes(length)
+
+    async def _co_pwritev(self, offset, data, fua):
+        await self._delay()
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+        await self._delay()
+
+    async def _co_flush(self):
+        await self._delay()
+
+    async def _co_block_status(self, offset, length):
+        if self.read_zeroes:
+            return BlockStatus(Status.ZERO | Status.OFFSET_VALID, length, offset=offset)
+        return BlockStatus(Status.OFFSET_VALID, length, offset=offset)
+
+
+@register_driver
+class NullCo(NullNode):
+    driver = "null-co"
+
+
+@register_driver
+class NullAio(NullNode):
+    driver = "null-aio"

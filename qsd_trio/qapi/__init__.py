@@ -1,0 +1,1 @@
+"""QAPI: QEMU's option syntax (keyval), the typed schema, QMP errors."""
