@@ -1,0 +1,62 @@
+"""Block exports: the common part of NBD, FUSE and vhost-user-blk exports.
+
+An export is bound to a node and owns a nursery for its client tasks.  The
+daemon starts ``export.run`` in its export nursery with ``nursery.start``;
+``run`` calls ``task_status.started()`` once the export serves (mounted,
+listed by the NBD server, ...) and serves until its cancel scope is
+cancelled.  ``block-export-del`` and shutdown call :meth:`BlockExport.stop`.
+
+Types register with :func:`register_export`; ``block-export-add`` (in
+monitor/exports.py) looks up ``EXPORT_TYPES[args.type]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import trio
+
+from ..nodes.node import BlockNode
+
+EXPORT_TYPES: dict[str, type[BlockExport]] = {}
+
+
+def register_export(cls: type[BlockExport]) -> type[BlockExport]:
+    EXPORT_TYPES[cls.type] = cls
+    return cls
+
+
+class BlockExport:
+    """One export.  ``args`` is the typed BlockExportOptions variant."""
+
+    type: ClassVar[str] = ""
+
+    def __init__(self, daemon: Any, args: Any, node: BlockNode):
+        self.daemon = daemon
+        self.args = args
+        self.id: str = args.id
+        self.node = node
+        self.writable = bool(getattr(args, "writable", False))
+        self.cancel_scope = trio.CancelScope()
+        self.finished = trio.Event()
+
+    def client_count(self) -> int:
+        """Connected clients (block-export-del mode=safe refuses while > 0)."""
+        return 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """End the export and its clients; returns once they are gone."""
+        self.cancel_scope.cancel()
+        await self.finished.wait()
+
+    def info(self) -> dict:
+        """query-block-exports entry."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "node-name": self.node.node_name,
+            "shutting-down": self.cancel_scope.cancel_called,
+        }
