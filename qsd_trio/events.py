@@ -22,10 +22,11 @@ class Event:
     microseconds: int
 
     def to_qmp(self) -> dict:
-        msg: dict = {"event": self.name}
+        # QEMU's member order: timestamp, event, data
+        msg: dict = {"timestamp": {"seconds": self.seconds, "microseconds": self.microseconds},
+                     "event": self.name}
         if self.data is not None:
             msg["data"] = self.data
-        msg["timestamp"] = {"seconds": self.seconds, "microseconds": self.microseconds}
         return msg
 
 

@@ -1,3 +1,50 @@
-"""QMP commands: control."""
+"""QMP commands: qmp_capabilities, query-version, query-commands,
+query-qmp-schema, quit."""
 
-from .registry import command  # noqa: F401
+from __future__ import annotations
+
+from ..qapi import schema
+from ..qapi.errors import GenericError
+from .dispatch import commands, current_session
+from .registry import command
+from .session import version_info
+
+
+@command("qmp_capabilities")
+async def qmp_capabilities(daemon, args):
+    session = current_session.get()
+    enable = [getattr(c, "value", c) for c in (args.enable or [])] if args else []
+    for cap in enable:
+        if cap != "oob":
+            raise GenericError(f"Parameter 'null' does not accept value '{cap}'")
+    session.oob = "oob" in enable
+    session.negotiated = True
+
+
+@command("query-version")
+async def query_version(daemon, args):
+    return version_info()
+
+
+def implemented() -> list[str]:
+    # in the schema's order, as QEMU lists them (newest registration first)
+    have = commands()
+    return [n for n in schema.command_names() if n in have]
+
+
+@command("query-commands")
+async def query_commands(daemon, args):
+    return [{"name": n} for n in reversed(implemented())]
+
+
+@command("query-qmp-schema")
+async def query_qmp_schema(daemon, args):
+    return schema.introspect(implemented())
+
+
+@command("quit")
+async def quit(daemon, args):
+    # exports, jobs and nodes go first, so their events precede the reply;
+    # monitors and the pidfile follow once the reply is on its way
+    await daemon.shutdown_blockers()
+    daemon.root_nursery.start_soon(daemon.shutdown)

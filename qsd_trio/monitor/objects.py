@@ -1,3 +1,129 @@
-"""QMP commands: objects."""
+"""QMP commands: object-add, object-del, qom-*."""
 
-from .registry import command  # noqa: F401
+from __future__ import annotations
+
+import functools
+
+from ..objects.qom import USER_CREATABLE, UserObject, check_id, resolve
+from ..qapi import schema
+from ..qapi.errors import DeviceNotFound, GenericError
+from .registry import command
+
+_BUILTIN_QOM = {"str": "string", "int": "int", "uint64": "uint64", "size": "size",
+                "bool": "bool", "number": "number", "int64": "int", "uint32": "uint32",
+                "uint16": "uint16", "uint8": "uint8", "int32": "int32"}
+
+
+@functools.cache
+def object_properties(qom_type: str) -> tuple[tuple[str, str], ...]:
+    """(name, QOM type) of a user-creatable type, from the schema's
+    ObjectOptions variant for it (the one declaration of its properties)."""
+    info = {e["name"]: e for e in schema.introspect(["object-add"])}
+    arg = info[info["object-add"]["arg-type"]]
+    variant = next((v for v in arg.get("variants", []) if v["case"] == qom_type), None)
+    members = [m for m in arg["members"] if m["name"] not in ("qom-type", "id")]
+    if variant is not None:
+        members += info[variant["type"]]["members"]
+    out = [("type", "string")]
+    for m in members:
+        t = m["type"]
+        tinfo = info.get(t, {})
+        if t in _BUILTIN_QOM:
+            qt = _BUILTIN_QOM[t]
+        elif tinfo.get("meta-type") == "enum":
+            qt = "string"
+        elif tinfo.get("meta-type") == "array":
+            qt = "list"
+        else:
+            qt = "string"
+        out.append((m["name"], qt))
+    return tuple(out)
+
+
+@command("object-add")
+async def object_add(daemon, args):
+    props = schema.to_qmp(args)
+    qom_type = props.pop("qom-type")
+    id = props.pop("id")
+    await add_object(daemon, qom_type, id, props)
+
+
+async def add_object(daemon, qom_type: str, id: str, props: dict) -> None:
+    check_id(id)
+    if id in daemon.objects:
+        raise GenericError(
+            f"attempt to add duplicate property '{id}' to object (type 'container')")
+    if qom_type not in USER_CREATABLE:
+        raise GenericError(f"object type '{qom_type}' isn't supported by object-add")
+    obj = UserObject(id, qom_type, props)
+    daemon.objects[id] = obj
+    daemon.objects_root = True
+
+
+@command("object-del")
+async def object_del(daemon, args):
+    if args.id not in daemon.objects:
+        raise GenericError(f"object '{args.id}' not found")
+    if daemon.object_users(args.id):
+        raise GenericError(f"object '{args.id}' is in use, can not be deleted")
+    del daemon.objects[args.id]
+
+
+@command("qom-list-types")
+async def qom_list_types(daemon, args):
+    implements = args.implements if args else None
+    abstract = bool(args.abstract) if args and args.abstract is not None else False
+    types = dict(USER_CREATABLE)
+    if implements not in (None, "user-creatable"):
+        types = {k: v for k, v in types.items() if implements in (k, v)}
+    del abstract  # none of the user-creatable types is abstract
+    return [{"name": k, "parent": v} for k, v in types.items()]
+
+
+@command("qom-list")
+async def qom_list(daemon, args):
+    kind, thing = resolve(daemon, args.path)
+    out = [{"name": "type", "type": "string"}]
+    if kind == "root":
+        out.append({"name": "chardevs", "type": "child<container>"})
+        if daemon.objects_root:
+            out.append({"name": "objects", "type": "child<container>"})
+    elif kind == "container" and thing == "objects":
+        out += [{"name": i, "type": f"child<{o.qom_type}>"} for i, o in daemon.objects.items()]
+    elif kind == "container":
+        out += [{"name": i, "type": f"child<chardev-{c.backend}>"}
+                for i, c in daemon.chardevs.items()]
+    elif kind == "object":
+        out = [{"name": n, "type": t} for n, t in object_properties(thing.qom_type)]
+    return out
+
+
+@command("qom-get")
+async def qom_get(daemon, args):
+    kind, thing = resolve(daemon, args.path)
+    if kind == "object":
+        return thing.get(args.property)
+    if args.property == "type":
+        return {"root": "container", "container": "container",
+                "chardev": f"chardev-{getattr(thing, 'backend', '')}"}[kind]
+    tname = "container" if kind in ("root", "container") else f"chardev-{thing.backend}"
+    raise GenericError(f"Property '{tname}.{args.property}' not found")
+
+
+@command("qom-set")
+async def qom_set(daemon, args):
+    kind, thing = resolve(daemon, args.path)
+    if kind != "object":
+        tname = "container" if kind in ("root", "container") else f"chardev-{thing.backend}"
+        raise GenericError(f"Property '{tname}.{args.property}' not found")
+    names = dict(object_properties(thing.qom_type))
+    if args.property not in names or args.property == "type":
+        raise GenericError(f"Property '{thing.qom_type}.{args.property}' not found")
+    thing.props[args.property] = args.value
+
+
+@command("qom-list-properties")
+async def qom_list_properties(daemon, args):
+    if args.typename not in USER_CREATABLE:
+        raise DeviceNotFound(f"Class '{args.typename}' not found")
+    return [{"name": n, "type": t} for n, t in object_properties(args.typename)]

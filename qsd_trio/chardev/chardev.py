@@ -1,0 +1,319 @@
+"""Character devices: socket (unix, inet, inherited fd; server or client),
+stdio, ringbuf/memory, null, file.
+
+A chardev is created by ``chardev-add`` (and ``--chardev``, which goes
+through the same code).  A frontend (a QMP monitor) takes it with
+:meth:`Chardev.attach` and reads connections from :meth:`Chardev.connections`:
+one client at a time, as QEMU's socket chardev serves one connection and lets
+the next wait in the listen backlog until that one leaves.
+
+Resources: a socket chardev owns its listening socket, released by
+:meth:`Chardev.aclose` (``chardev-remove`` and shutdown); a unix socket path
+it created is unlinked then.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket as pysocket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from ..qapi.errors import GenericError
+
+BACKENDS = ("serial", "mux", "pipe", "parallel", "null", "ringbuf", "stdio", "socket",
+            "file", "memory", "udp", "pty")
+
+
+class Chardev:
+    backend = ""
+
+    def __init__(self, id: str):
+        self.id = id
+        self.frontend: object | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.backend
+
+    def info(self) -> dict:
+        return {"frontend-open": self.frontend is not None, "filename": self.filename,
+                "label": self.id}
+
+    async def setup(self) -> None:
+        """Create the backend's resources (bind, open); raises QapiError."""
+
+    def attach(self, frontend: object) -> None:
+        if self.frontend is not None:
+            raise GenericError(f"chardev '{self.id}' is already in use")
+        self.frontend = frontend
+
+    async def connections(self) -> AsyncIterator[trio.abc.Stream]:
+        """Yield a stream per client, one at a time, until the chardev closes."""
+        return
+        yield  # pragma: no cover
+
+    async def write(self, data: bytes) -> None:
+        """Write to the backend with no client (file, null, ringbuf)."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+class NullChardev(Chardev):
+    backend = "null"
+
+    @property
+    def filename(self) -> str:
+        return "null"
+
+
+class RingbufChardev(Chardev):
+    """ringbuf/memory: a byte ring of a power-of-two size; old bytes are
+    overwritten when it is full."""
+
+    backend = "ringbuf"
+
+    def __init__(self, id: str, size: int = 65536):
+        super().__init__(id)
+        if size <= 0 or size & (size - 1):
+            raise GenericError("size of ringbuf chardev must be power of two")
+        self.size = size
+        self.buf = bytearray()
+
+    @property
+    def filename(self) -> str:
+        return "ringbuf"
+
+    async def write(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > self.size:
+            del self.buf[: len(self.buf) - self.size]
+
+    def read(self, size: int, fmt: str) -> str:
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        if fmt == "base64":
+            return base64.b64encode(data).decode()
+        # QEMU hands out the bytes as a C string: invalid UTF-8 becomes U+FFFD
+        return data.decode(errors="replace")
+
+
+class FileChardev(Chardev):
+    backend = "file"
+
+    def __init__(self, id: str, out: str, append: bool, in_path: str | None):
+        super().__init__(id)
+        self.out = out
+        self.append = append
+        self.in_path = in_path
+        self.fd = -1
+
+    @property
+    def filename(self) -> str:
+        return self.out
+
+    async def setup(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.append else os.O_TRUNC)
+        try:
+            self.fd = os.open(self.out, flags, 0o666)
+        except OSError as e:
+            raise GenericError(f"Could not open '{self.out}': {e.strerror}") from None
+
+    async def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    async def aclose(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StdioChardev(Chardev):
+    backend = "stdio"
+
+    @property
+    def filename(self) -> str:
+        return "stdio"
+
+    async def connections(self) -> AsyncIterator[trio.abc.Stream]:
+        stream = trio.StapledStream(
+            trio.lowlevel.FdStream(os.dup(sys.stdout.fileno())),
+            trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())),
+        )
+        yield stream
+
+
+class SocketChardev(Chardev):
+    """A stream socket.  Server mode listens (unix path, inet host:port, or
+    an inherited listening fd); client mode connects out once."""
+
+    backend = "socket"
+
+    def __init__(self, id: str, addr: dict, server: bool, wait: bool, nodelay: bool):
+        super().__init__(id)
+        self.addr = addr          # SocketAddressLegacy in QMP form
+        self.server = server
+        self.wait = wait
+        self.nodelay = nodelay
+        self.listener: trio.socket.SocketType | None = None
+        self.first: trio.SocketStream | None = None  # accepted during setup (wait=on)
+        self._unlink: str | None = None
+        self._closed = trio.Event()
+
+    @property
+    def filename(self) -> str:
+        t = self.addr["type"]
+        d = self.addr["data"]
+        suffix = ",server=on" if self.server else ""
+        if t == "unix":
+            return f"unix:{d['path']}{suffix}"
+        if t == "inet":
+            return f"tcp:{d['host']}:{d['port']}{suffix}"
+        if t == "fd":
+            return f"fd:{d['str']}{suffix}"
+        return f"{t}:{suffix}"
+
+    async def setup(self) -> None:
+        t = self.addr["type"]
+        d = self.addr["data"]
+        if not self.server:
+            self.first = await self._connect(t, d)
+            return
+        if t == "fd":
+            self.listener = _inherited_listener(d["str"])
+        elif t == "unix":
+            path = d["path"]
+            sock = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+            try:
+                _unlink_stale(path)
+                await sock.bind(path)
+                sock.listen(1)
+            except OSError as e:
+                sock.close()
+                raise GenericError(f"Failed to bind socket to {path}: {e.strerror}") from None
+            self._unlink = path
+            self.listener = sock
+        elif t == "inet":
+            host, port = d.get("host") or "0.0.0.0", d["port"]
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM,
+                                                      flags=pysocket.AI_PASSIVE)
+            except pysocket.gaierror as e:
+                raise GenericError(f"address resolution failed for {host}:{port}: {e.strerror}") from None
+            family, type_, proto, _, sockaddr = infos[0]
+            sock = trio.socket.socket(family, type_, proto)
+            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+            try:
+                await sock.bind(sockaddr)
+                sock.listen(1)
+            except OSError as e:
+                sock.close()
+                raise GenericError(f"Failed to bind socket: {e.strerror}") from None
+            self.listener = sock
+        else:
+            raise GenericError(f"Parameter 'addr.type' does not accept value '{t}'")
+        if self.wait:
+            # server=on,wait=on: QEMU blocks startup until a client connects
+            print(f"QEMU waiting for connection on: disconnected:{self.filename}",
+                  file=sys.stderr, flush=True)
+            self.first = await self._accept()
+
+    async def _connect(self, t: str, d: dict) -> trio.SocketStream:
+        try:
+            if t == "unix":
+                return await trio.open_unix_socket(d["path"])
+            if t == "inet":
+                return await trio.open_tcp_stream(d["host"], int(d["port"]))
+            if t == "fd":
+                sock = trio.socket.from_stdlib_socket(pysocket.socket(fileno=_fd_number(d["str"])))
+                return trio.SocketStream(sock)
+        except OSError as e:
+            target = d.get("path") or f"{d.get('host')}:{d.get('port')}"
+            raise GenericError(f"Failed to connect to '{target}': {e.strerror}") from None
+        raise GenericError(f"Parameter 'addr.type' does not accept value '{t}'")
+
+    async def _accept(self) -> trio.SocketStream:
+        assert self.listener is not None
+        sock, _ = await self.listener.accept()
+        if self.nodelay and sock.family != pysocket.AF_UNIX:
+            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+        return trio.SocketStream(sock)
+
+    async def connections(self) -> AsyncIterator[trio.abc.Stream]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            yield first
+        if not self.server:
+            return  # a client chardev without reconnect is done when its peer leaves
+        while self.listener is not None:
+            yield await self._accept()
+
+    async def aclose(self) -> None:
+        if self.first is not None:
+            await self.first.aclose()
+            self.first = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self._unlink:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass
+            self._unlink = None
+
+
+def _unlink_stale(path: str) -> None:
+    # QEMU unlinks whatever is at the path before binding a unix socket
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise GenericError(f"Failed to unlink socket {path}: {e.strerror}") from None
+
+
+def _fd_number(s: str) -> int:
+    try:
+        fd = int(s)
+    except ValueError:
+        raise GenericError(f"Unable to parse FD number {s}") from None
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise GenericError(f"File descriptor '{fd}' is not open") from None  # noqa: B904
+    return fd
+
+
+def _inherited_listener(s: str) -> trio.socket.SocketType:
+    fd = _fd_number(s)
+    sock = pysocket.socket(fileno=fd)
+    if sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_ACCEPTCONN) == 0:
+        sock.detach()
+        raise GenericError(f"File descriptor '{fd}' is not a listening socket")
+    sock.setblocking(False)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+def make_chardev(id: str, backend: dict) -> Chardev:
+    """A chardev from a ChardevBackend in QMP form ({'type':..., 'data':{...}})."""
+    t = backend["type"]
+    d: dict[str, Any] = backend.get("data") or {}
+    if t == "null":
+        return NullChardev(id)
+    if t in ("ringbuf", "memory"):
+        return RingbufChardev(id, d.get("size", 65536))
+    if t == "file":
+        return FileChardev(id, d["out"], d.get("append", False), d.get("in"))
+    if t == "stdio":
+        return StdioChardev(id)
+    if t == "socket":
+        server = d.get("server", True)
+        return SocketChardev(id, d["addr"], server, d.get("wait", True) if server else False,
+                             d.get("nodelay", False))
+    raise GenericError(f"'{t}' is not a valid char driver name")

@@ -1,0 +1,445 @@
+"""The command line: argv -> ordered startup actions.
+
+Every option that creates something is carried out through the handler of
+its QMP command (``blockdev-add``, ``chardev-add``, ``object-add``,
+``nbd-server-start``, ``block-export-add``), in command-line order, so the
+command line and QMP give the same errors.  Errors end the process with
+``qsd-trio: --option value: message`` and status 1, never a traceback.
+
+``--daemonize`` forks before trio starts: the parent waits on a pipe for the
+child's verdict (startup complete, or failed) and exits with its status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import trio
+
+from . import QEMU_VERSION, __version__, trace
+from .daemon import Action, Daemon, StartupError
+from .monitor import dispatch
+from .qapi import keyval, qemuopts, schema
+from .qapi.errors import GenericError, QapiError
+
+PROG = "qsd-trio"
+
+HELP = f"""\
+Usage: {PROG} [options]
+QEMU storage daemon
+
+  -h, --help             display this help and exit
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                         specify tracing options
+  -V, --version          output version information and exit
+
+  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
+             [,cache.direct=on|off][,cache.no-flush=on|off]
+             [,read-only=on|off][,auto-read-only=on|off]
+             [,force-share=on|off][,detect-zeroes=on|off|unmap]
+             [,driver specific parameters...]
+                         configure a block backend
+
+  --chardev <options>    configure a character device backend
+                         (see the qemu(1) man page for possible options)
+
+  --daemonize            daemonize the process, and have the parent exit
+                         once startup is complete
+
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,bitmap=<name>]
+                         export the specified block node over NBD
+                         (requires --nbd-server)
+
+  --export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>
+           [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]
+                         export the specified block node over FUSE
+
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
+           addr.type=unix,addr.path=<socket-path>[,writable=on|off]
+           [,logical-block-size=<block-size>][,num-queues=<num-queues>]
+                         export the specified block node as a
+                         vhost-user-blk device over UNIX domain socket
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
+           addr.type=fd,addr.str=<fd>[,writable=on|off]
+           [,logical-block-size=<block-size>][,num-queues=<num-queues>]
+                         export the specified block node as a
+                         vhost-user-blk device over file descriptor
+
+  --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
+                         configure a QMP monitor
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+
+  --object help          list object types that can be added
+  --object <type>,help   list properties for the given object type
+  --object <type>[,<property>=<value>...]
+                         create a new object of type <type>, setting
+                         properties in the order they are specified. Note
+                         that the 'id' property must be set.
+                         See the qemu(1) man page for documentation of the
+                         objects that can be added.
+
+  --pidfile <path>       write process ID to a file after startup
+
+qsd-trio is qemu-storage-daemon rebuilt in Python on trio.
+"""
+
+# long option -> takes an argument
+LONG_OPTS = {
+    "help": False, "version": False, "trace": True, "blockdev": True, "chardev": True,
+    "daemonize": False, "export": True, "monitor": True, "nbd-server": True,
+    "object": True, "pidfile": True,
+}
+SHORT_OPTS = {"h": "help", "V": "version", "T": "trace"}
+
+
+class UsageError(Exception):
+    pass
+
+
+class EarlyExit(Exception):
+    """--help, --version, --object help: print and exit 0."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
+    """getopt_long with argument permutation off, as QEMU's "-hT:V" with a
+    leading '-': returns ('--name', value) pairs and ('', arg) for operands."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            out += [("", a) for a in argv[i:]]
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            matches = [o for o in LONG_OPTS if o == name] or [o for o in LONG_OPTS
+                                                               if o.startswith(name)]
+            if len(matches) != 1:
+                if matches:
+                    raise UsageError(f"option '{arg}' is ambiguous")
+                raise UsageError(f"unrecognized option '--{name}'")
+            opt = matches[0]
+            if LONG_OPTS[opt]:
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError(f"option '--{opt}' requires an argument")
+                    value = argv[i]
+                    i += 1
+                out.append((f"--{opt}", value))
+            else:
+                if eq:
+                    raise UsageError(f"option '--{opt}' doesn't allow an argument")
+                out.append((f"--{opt}", None))
+        elif arg.startswith("-") and len(arg) > 1:
+            j = 1
+            while j < len(arg):
+                ch = arg[j]
+                j += 1
+                if ch not in SHORT_OPTS:
+                    raise UsageError(f"invalid option -- '{ch}'")
+                opt = SHORT_OPTS[ch]
+                if LONG_OPTS[opt]:
+                    value = arg[j:]
+                    if not value:
+                        if i >= len(argv):
+                            raise UsageError(f"option requires an argument -- '{ch}'")
+                        value = argv[i]
+                        i += 1
+                    out.append((f"--{opt}", value))
+                    break
+                out.append((f"--{opt}", None))
+        else:
+            out.append(("", arg))
+    return out
+
+
+def _typed(type_name: str, value: str, implied: str | None):
+    """keyval or JSON option text -> typed schema value."""
+    if keyval.is_json(value):
+        try:
+            data = json.loads(value)
+        except ValueError as e:
+            raise GenericError(f"JSON parse error, {e.msg}") from None
+        return schema.parse_json(type_name, data)
+    return schema.parse_keyval(type_name, keyval.parse(value, implied))
+
+
+def _call(name: str, args) -> Callable[[Daemon], object]:
+    async def action(daemon: Daemon) -> None:
+        await dispatch.lookup(name).handler(daemon, args)
+    return action
+
+
+# -- the options -----------------------------------------------------------------
+
+def opt_blockdev(value: str) -> Action:
+    return _call("blockdev-add", _typed("BlockdevOptions", value, "driver"))
+
+
+def opt_export(value: str) -> Action:
+    return _call("block-export-add", _typed("BlockExportOptions", value, "type"))
+
+
+def opt_nbd_server(value: str) -> Action:
+    opts = schema.to_qmp(_typed("NbdServerOptions", value, None))
+    # the command line takes a flat SocketAddress; nbd-server-start the
+    # legacy form with a 'data' wrapper
+    addr = dict(opts["addr"])
+    kind = addr.pop("type")
+    opts["addr"] = {"type": kind, "data": addr}
+
+    async def action(daemon: Daemon) -> None:
+        await dispatch.call(daemon, dispatch.lookup("nbd-server-start"), opts)
+    return action
+
+
+def opt_object(value: str) -> Action:
+    if value == "help":
+        from .objects.qom import USER_CREATABLE
+        raise EarlyExit("List of user creatable objects:\n"
+                        + "".join(f"  {t}\n" for t in sorted(USER_CREATABLE)))
+    kv = keyval.parse(value, "qom-type") if not keyval.is_json(value) else None
+    if kv is not None and kv.get("help") is not None and "qom-type" in kv:
+        from .monitor.objects import object_properties
+        from .objects.qom import USER_CREATABLE
+        t = kv["qom-type"]
+        if t not in USER_CREATABLE:
+            raise GenericError(f"invalid object type: {t}")
+        props = [n for n, _ in object_properties(t) if n != "type"]
+        raise EarlyExit(f"{t} options:\n" + "".join(f"  {p}=<{dict(object_properties(t))[p]}>\n"
+                                                   for p in sorted(props)))
+    return _call("object-add", _typed("ObjectOptions", value, "qom-type"))
+
+
+def chardev_backend(value: str) -> tuple[str, dict]:
+    """QEMU's legacy -chardev syntax -> (id, ChardevBackend in QMP form)."""
+    opts = qemuopts.parse_flat(value, "backend")
+    backend = opts.pop("backend", None)
+    id = opts.pop("id", None)
+    if backend is None:
+        raise GenericError("chardev: \"{}\" missing backend".format(id or ""))
+    if id is None:
+        raise GenericError("Parameter 'id' is missing")
+
+    def flag(key: str, default: bool) -> bool:
+        v = opts.pop(key, None)
+        if v is None:
+            return default
+        if v in ("on", "yes", "true", ""):
+            return True
+        if v in ("off", "no", "false"):
+            return False
+        raise GenericError(f"Parameter '{key}' expects 'on' or 'off'")
+
+    data: dict = {}
+    if backend == "socket":
+        path, host, port, fd = (opts.pop(k, None) for k in ("path", "host", "port", "fd"))
+        server = flag("server", False)
+        wait = flag("wait", True)
+        nodelay = flag("nodelay", False)
+        opts.pop("delay", None)
+        for k in ("telnet", "tn3270", "websocket", "reconnect", "mux", "ipv4", "ipv6", "to",
+                  "logfile", "logappend", "tls-creds", "tls-authz", "abstract", "tight"):
+            opts.pop(k, None)
+        if path is not None:
+            addr = {"type": "unix", "data": {"path": path}}
+        elif host is not None or port is not None:
+            if port is None:
+                raise GenericError("chardev: socket: no port given")
+            addr = {"type": "inet", "data": {"host": host or "", "port": port}}
+        else:
+            if fd is None:
+                fd = ""
+            try:
+                int(fd)
+            except ValueError:
+                raise GenericError(f"Unable to parse FD number {fd}") from None
+            addr = {"type": "fd", "data": {"str": fd}}
+        data = {"addr": addr, "server": server, "nodelay": nodelay}
+        if server:
+            data["wait"] = wait
+    elif backend in ("ringbuf", "memory"):
+        if "size" in opts:
+            data["size"] = qemuopts.parse_size("size", opts.pop("size"))
+    elif backend == "file":
+        path = opts.pop("path", None)
+        if path is None:
+            raise GenericError("chardev: file: no filename given")
+        data = {"out": path, "append": flag("append", False)}
+        if "input-path" in opts:
+            data["in"] = opts.pop("input-path")
+    elif backend == "stdio":
+        flag("signal", True)
+    elif backend == "null":
+        pass
+    else:
+        raise GenericError(f"'{backend}' is not a valid char driver name")
+    for key in ("logfile", "logappend", "mux"):
+        opts.pop(key, None)
+    if opts:
+        raise GenericError(f"Invalid parameter '{next(iter(opts))}'")
+    return id, {"type": backend, "data": data}
+
+
+def opt_chardev(value: str) -> Action:
+    id, backend = chardev_backend(value)
+
+    async def action(daemon: Daemon) -> None:
+        from .monitor.chardev import add_chardev
+        await add_chardev(daemon, id, backend)
+    return action
+
+
+def opt_monitor(value: str) -> Action:
+    opts = qemuopts.parse_flat(value, "chardev")
+    mode = opts.pop("mode", "control")
+    pretty_s = opts.pop("pretty", "off")
+    chardev_id = opts.pop("chardev", None)
+    opts.pop("id", None)
+    if opts:
+        raise GenericError(f"Invalid parameter '{next(iter(opts))}'")
+    if mode != "control":
+        raise GenericError("Only QMP is supported")
+    if pretty_s not in ("on", "off", "yes", "no", "true", "false", ""):
+        raise GenericError("Parameter 'pretty' expects 'on' or 'off'")
+    pretty = pretty_s in ("on", "yes", "true", "")
+    if chardev_id is None:
+        raise GenericError("Parameter 'chardev' is missing")
+
+    async def action(daemon: Daemon) -> None:
+        from .monitor.session import Monitor
+        chardev = daemon.chardevs.get(chardev_id)
+        if chardev is None:
+            raise GenericError(f'chardev "{chardev_id}" not found')
+        mon = Monitor(daemon, chardev, pretty)
+        chardev.attach(mon)
+        daemon.monitors.append(mon)
+        await daemon.monitor_nursery.start(mon.run)
+    return action
+
+
+BUILDERS: dict[str, Callable[[str], Action]] = {
+    "--blockdev": opt_blockdev,
+    "--chardev": opt_chardev,
+    "--export": opt_export,
+    "--monitor": opt_monitor,
+    "--nbd-server": opt_nbd_server,
+    "--object": opt_object,
+}
+
+
+def version_text() -> str:
+    major, minor, micro = QEMU_VERSION
+    return (f"{PROG} version {major}.{minor}.{micro} (qsd-trio {__version__})\n"
+            "qemu-storage-daemon rebuilt in Python on trio\n")
+
+
+def parse(argv: list[str]):
+    """argv -> (actions, pidfile, daemonize); raises UsageError/EarlyExit/
+    StartupError.  Like QEMU, --help/--version/--trace act in a first pass,
+    everything else in order in a second."""
+    pairs = split_argv(argv)
+    pidfile = None
+    daemonize = False
+    for opt, value in pairs:
+        if opt == "--help":
+            raise EarlyExit(HELP)
+        if opt == "--version":
+            raise EarlyExit(version_text())
+        if opt == "--trace":
+            try:
+                trace.configure(value)
+            except QapiError as e:
+                raise StartupError("--trace", value, e.desc) from None
+        if opt == "--daemonize":
+            daemonize = True
+        if opt == "--pidfile":
+            pidfile = value
+        if opt == "":
+            raise UsageError(f"{value}: Unexpected argument")
+    actions: list[tuple[str, str | None, Action]] = []
+    for opt, value in pairs:
+        build = BUILDERS.get(opt)
+        if build is None:
+            continue
+        try:
+            actions.append((opt, value, build(value)))
+        except QapiError as e:
+            raise StartupError(opt, value, e.desc) from None
+    return actions, pidfile, daemonize
+
+
+def _daemonize() -> Callable[[bool], None]:
+    """Fork; the parent waits for the child's verdict and exits with it.
+
+    Returns the child's ``report(ok)`` callback: it tells the parent, then
+    detaches stdio so the terminal is free."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        verdict = os.read(rfd, 1)
+        os._exit(0 if verdict == b"\0" else 1)
+    os.close(rfd)
+    os.setsid()
+
+    def report(ok: bool) -> None:
+        try:
+            os.write(wfd, b"\0" if ok else b"\1")
+            os.close(wfd)
+        except OSError:
+            pass
+        if ok:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        actions, pidfile, daemonize = parse(argv)
+    except EarlyExit as e:
+        sys.stdout.write(e.text)
+        return 0
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except StartupError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+
+    report = _daemonize() if daemonize else None
+    daemon = Daemon()
+    failure: list[StartupError] = []
+    try:
+        trio.run(daemon.run, actions, pidfile,
+                 (lambda: report(True)) if report else None)
+    except* StartupError as eg:
+        failure.append(eg.exceptions[0])
+    except* KeyboardInterrupt:
+        pass
+    if failure:
+        print(f"{PROG}: {failure[0]}", file=sys.stderr)
+        if report:
+            report(False)
+        return 1
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The daemon: one root nursery, ordered startup, one shutdown sequence.
+
+::
+
+    root nursery
+    ├── signals      SIGINT/SIGTERM/SIGHUP -> shutdown()
+    ├── monitors     one task per monitor (its chardev's clients, one at a time)
+    ├── exports      NBD server, one nursery per export with its client tasks
+    └── jobs         one task per block job, each in its own cancel scope
+
+Startup carries out the command line in order through the QMP handlers
+(``blockdev-add``, ``chardev-add``, ...), writes the pidfile, and only then
+opens the gate (:attr:`Daemon.accepting`) that lets monitors and the NBD
+server accept connections.
+
+Shutdown (:meth:`Daemon.shutdown`) runs once, shielded, in the order of
+DESIGN.md: exports, jobs, nodes, monitors, pidfile.  ``quit`` runs the first
+three steps before it replies, so its client sees BLOCK_EXPORT_DELETED and
+friends before the reply, as with qemu-storage-daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import events
+from .nodes.graph import BlockGraph
+from .qapi.errors import QapiError
+
+Action = Callable[["Daemon"], Awaitable[None]]
+
+
+class StartupError(Exception):
+    """A command-line option failed: ``qsd-trio: --opt value: message``."""
+
+    def __init__(self, option: str, value: str | None, message: str):
+        super().__init__(message)
+        self.option = option
+        self.value = value
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return f"{self.option}: {self.message}"
+        return f"{self.option} {self.value}: {self.message}"
+
+
+class PidFile:
+    """A locked pidfile, removed at exit only if it still is ours."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def write(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise OSError(e.errno, f"Cannot open pid file: {e.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, f"Cannot lock pid file: {e.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def remove(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            # only unlink the path if it still names the file we locked
+            st, ours = os.stat(self.path), os.fstat(self.fd)
+            if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+class Daemon:
+    """All state of one qsd-trio process.  ``run`` owns every task."""
+
+    def __init__(self) -> None:
+        self.graph = BlockGraph()
+        self.objects: dict[str, Any] = {}
+        self.chardevs: dict[str, Any] = {}
+        self.exports: dict[str, Any] = {}
+        self.nbd_server: Any = None
+        self.jobs: dict[str, Any] = {}
+        self.monitors: list[Any] = []
+        self.objects_root = False  # QEMU creates /objects with the first object
+        self.pidfile: PidFile | None = None
+        # set once startup is complete: monitors and servers may accept
+        self.accepting = trio.Event()
+        self.root_nursery: trio.Nursery
+        self.monitor_nursery: trio.Nursery
+        self.export_nursery: trio.Nursery
+        self.job_nursery: trio.Nursery
+        self._shutdown_started = False
+        self._blockers_done = trio.Event()
+        self.finished = trio.Event()
+
+    def object_users(self, id: str) -> list[str]:
+        """Who refers to object ``id`` (object-del refuses while any does)."""
+        users = []
+        server = self.nbd_server
+        if server is not None and id in (getattr(server, "tls_creds", None),
+                                         getattr(server, "tls_authz", None)):
+            users.append("nbd-server")
+        return users
+
+    # -- the tree ------------------------------------------------------------------
+    async def _hold(self, attr: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            setattr(self, attr, nursery)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def run(self, actions: list[tuple[str, str | None, Action]],
+                  pidfile: str | None = None,
+                  on_started: Callable[[], None] | None = None) -> None:
+        """Start, serve until shutdown, return when everything is closed.
+
+        Raises StartupError when an option fails (after undoing what was
+        started, so no socket or pidfile is left behind).
+        """
+        async with trio.open_nursery() as root:
+            self.root_nursery = root
+            await root.start(self._signals)
+            await root.start(self._hold, "monitor_nursery")
+            await root.start(self._hold, "export_nursery")
+            await root.start(self._hold, "job_nursery")
+            try:
+                for option, value, action in actions:
+                    try:
+                        await action(self)
+                    except QapiError as e:
+                        raise StartupError(option, value, e.desc) from None
+                if pidfile is not None:
+                    pf = PidFile(pidfile)
+                    try:
+                        pf.write()
+                    except OSError as e:
+                        raise StartupError("--pidfile", pidfile,
+                                           f"cannot create PID file: {e.strerror}") from None
+                    self.pidfile = pf
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._teardown()
+                root.cancel_scope.cancel()
+                raise
+            self.accepting.set()
+            if on_started is not None:
+                on_started()
+            await self.finished.wait()
+            root.cancel_scope.cancel()
+
+    async def _signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for _ in sigs:
+                # a second signal during shutdown changes nothing: the steps
+                # that protect data are shielded and run to the end
+                self.root_nursery.start_soon(self.shutdown)
+
+    # -- shutdown --------------------------------------------------------------------
+    async def shutdown_blockers(self) -> None:
+        """Steps 1-3: exports, jobs, nodes.  Idempotent; shielded."""
+        if self._shutdown_started:
+            await self._blockers_done.wait()
+            return
+        self._shutdown_started = True
+        with trio.CancelScope(shield=True):
+            await self._stop_exports()
+            await self._stop_jobs()
+            await self.graph.close_all()
+        self._blockers_done.set()
+
+    async def shutdown(self) -> None:
+        """The whole sequence; the process exits when it returns."""
+        await self.shutdown_blockers()
+        with trio.CancelScope(shield=True):
+            await self._teardown()
+        self.finished.set()
+
+    async def _stop_exports(self) -> None:
+        for export_id in list(self.exports):
+            export = self.exports.pop(export_id)
+            with trio.move_on_after(30):
+                await export.stop()
+            events.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
+        if self.nbd_server is not None:
+            server, self.nbd_server = self.nbd_server, None
+            await server.stop()
+        self.export_nursery.cancel_scope.cancel()
+
+    async def _stop_jobs(self) -> None:
+        try:
+            from .jobs import manager
+        except ImportError:
+            manager = None
+        cancel_all = getattr(manager, "cancel_all", None)
+        if cancel_all is not None and self.jobs:
+            with trio.move_on_after(60):
+                await cancel_all(self)
+        self.job_nursery.cancel_scope.cancel()
+
+    async def _teardown(self) -> None:
+        """Steps 4-5 (and the cleanup of a failed startup)."""
+        if not self._shutdown_started:
+            self._shutdown_started = True
+            await self._stop_exports()
+            await self._stop_jobs()
+            await self.graph.close_all()
+            self._blockers_done.set()
+        for mon in list(self.monitors):
+            await mon.drain()
+        self.monitor_nursery.cancel_scope.cancel()
+        for chardev in list(self.chardevs.values()):
+            await chardev.aclose()
+        self.chardevs.clear()
+        if self.pidfile is not None:
+            self.pidfile.remove()
+            self.pidfile = None

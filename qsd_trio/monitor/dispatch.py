@@ -1,0 +1,40 @@
+"""Command dispatch: name -> handler, arguments through the schema.
+
+The schema (qapi/schema.py) turns the QMP ``arguments`` into the command's
+typed arguments and the handler's result back into QMP JSON, so handlers
+never see or build raw dicts for what the schema declares.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+from ..qapi import schema
+from ..qapi.errors import CommandNotFound
+from .registry import Command, load_all
+
+# the session whose command is running (qmp_capabilities needs it)
+current_session: contextvars.ContextVar[Any] = contextvars.ContextVar("current_session",
+                                                                       default=None)
+
+
+def commands() -> dict[str, Command]:
+    return load_all()
+
+
+def lookup(name: str) -> Command:
+    cmd = commands().get(name)
+    if cmd is None:
+        raise CommandNotFound(f"The command {name} has not been found")
+    return cmd
+
+
+async def call(daemon: Any, cmd: Command, arguments: dict | None, *, session: Any = None) -> Any:
+    args = schema.parse_command(cmd.name, arguments)
+    token = current_session.set(session)
+    try:
+        result = await cmd.handler(daemon, args)
+    finally:
+        current_session.reset(token)
+    return {} if result is None else schema.to_qmp(result)

@@ -1,0 +1,169 @@
+"""QMP monitors and sessions.
+
+A :class:`Monitor` is the frontend of one chardev; it serves the chardev's
+clients one at a time, each as a :class:`QmpSession`.  A session has a
+reader (this task: parse, dispatch, one command at a time, as QEMU runs a
+monitor's in-band commands in order) and a writer task that sends replies
+and events from one queue, so an event emitted while a command runs is
+written before that command's reply.
+
+Resources: the session's stream is closed when the client leaves or the
+monitor nursery is cancelled; its event subscription ends with it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import trio
+
+from .. import PACKAGE, QEMU_VERSION, events
+from ..qapi.errors import CommandNotFound, GenericError, QapiError
+from . import dispatch
+from .qmp_json import JsonError, JsonStreamer, encode_message
+
+
+def version_info() -> dict:
+    major, minor, micro = QEMU_VERSION
+    return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
+
+
+class Monitor:
+    """``--monitor chardev=ID``: QMP on a chardev."""
+
+    def __init__(self, daemon: Any, chardev: Any, pretty: bool):
+        self.daemon = daemon
+        self.chardev = chardev
+        self.pretty = pretty
+        self.session: QmpSession | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.daemon.accepting.wait()
+        async for stream in self.chardev.connections():
+            self.session = QmpSession(self.daemon, stream, self.pretty)
+            try:
+                await self.session.run()
+            finally:
+                self.session = None
+
+    async def drain(self) -> None:
+        if self.session is not None:
+            await self.session.drain()
+
+
+class QmpSession:
+    def __init__(self, daemon: Any, stream: trio.abc.Stream, pretty: bool):
+        self.daemon = daemon
+        self.stream = stream
+        self.pretty = pretty
+        self.negotiated = False
+        self.oob = False
+        self._send, self._recv = trio.open_memory_channel[bytes | None](math.inf)
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- output ----------------------------------------------------------------
+    def send(self, msg: dict) -> None:
+        self._pending += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            self._send.send_nowait(encode_message(msg, self.pretty))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._pending -= 1
+
+    def _on_event(self, ev: events.Event) -> None:
+        if self.negotiated:
+            self.send(ev.to_qmp())
+
+    async def _writer(self) -> None:
+        async for data in self._recv:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left; the reader sees EOF and ends the session
+            finally:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait (bounded) until everything queued has been written."""
+        with trio.move_on_after(5):
+            await self._idle.wait()
+
+    # -- input -----------------------------------------------------------------
+    async def run(self) -> None:
+        unsubscribe = events.subscribe(self._on_event)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                self.send({"QMP": {"version": version_info(), "capabilities": ["oob"]}})
+                await self._reader()
+                await self.drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            unsubscribe()
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _reader(self) -> None:
+        streamer = JsonStreamer()
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            for msg in streamer.feed(data):
+                await self.handle(msg)
+
+    async def handle(self, msg: Any) -> None:
+        if isinstance(msg, JsonError):
+            self.send({"error": {"class": "GenericError", "desc": msg.desc}})
+            return
+        reply: dict = {}
+        if isinstance(msg, dict) and "id" in msg:
+            reply["id"] = msg["id"]
+        try:
+            reply["return"] = await self._execute(msg)
+        except QapiError as e:
+            reply["error"] = e.to_qmp()
+        # QEMU puts "return"/"error" before "id"
+        out = {k: reply[k] for k in ("return", "error") if k in reply}
+        if "id" in reply:
+            out["id"] = reply["id"]
+        self.send(out)
+
+    async def _execute(self, msg: Any) -> Any:
+        if not isinstance(msg, dict):
+            raise GenericError("QMP input must be a JSON object")
+        name = None
+        oob = False
+        for key, value in msg.items():
+            if key in ("execute", "exec-oob"):
+                if key == "exec-oob" and not self.oob:
+                    raise GenericError("QMP input member 'exec-oob' is unexpected")
+                if not isinstance(value, str):
+                    raise GenericError(f"QMP input member '{key}' must be a string")
+                if name is not None:
+                    raise GenericError("QMP input must not contain both 'execute' and 'exec-oob'")
+                name, oob = value, key == "exec-oob"
+            elif key == "arguments":
+                if not isinstance(value, dict):
+                    raise GenericError("QMP input member 'arguments' must be an object")
+            elif key != "id":
+                raise GenericError(f"QMP input member '{key}' is unexpected")
+        if name is None:
+            raise GenericError("QMP input lacks member 'execute'")
+        if not self.negotiated and name != "qmp_capabilities":
+            raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
+        if self.negotiated and name == "qmp_capabilities":
+            raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
+        cmd = dispatch.lookup(name)
+        if oob and not cmd.allow_oob:
+            raise GenericError(f"The command {name} does not support OOB")
+        return await dispatch.call(self.daemon, cmd, msg.get("arguments"), session=self)

@@ -1,0 +1,96 @@
+"""-T/--trace: QEMU-style trace events, enabled by glob patterns.
+
+``trace.event("nbd_request", handle=..., ...)`` writes one line
+``<pid>@<time> nbd_request handle=...`` to stderr or ``file=`` when a pattern
+enables it.  Patterns come from ``-T [enable=]PATTERN`` and ``events=FILE``
+(one pattern per line, ``-`` prefix disables); ``-T help`` lists the events.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from .qapi.errors import GenericError
+
+# the events our code emits; keep in step with the trace.event() calls
+EVENTS = (
+    "monitor_qmp_cmd_in_band",
+    "monitor_qmp_respond",
+    "qmp_event",
+    "nbd_negotiate",
+    "nbd_request",
+    "job_state_change",
+    "bdrv_open",
+)
+
+_patterns: list[tuple[bool, str]] = []
+_out: TextIO | None = None
+_enabled: set[str] = set()
+
+
+def configure(optarg: str) -> None:
+    global _out
+    items = [i for i in optarg.split(",") if i]
+    for n, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if n != 0:
+                raise GenericError(f"Invalid parameter '{key}'")
+            key, value = "enable", item
+        if key == "enable":
+            if value == "help":
+                from .cli import EarlyExit
+                raise EarlyExit("".join(f"{e}\n" for e in EVENTS))
+            _add(value)
+        elif key == "events":
+            try:
+                with open(value) as f:
+                    for line in f:
+                        line = line.strip()
+                        if line and not line.startswith("#"):
+                            _add(line)
+            except OSError as e:
+                raise GenericError(f"Could not open '{value}': {e.strerror}") from None
+        elif key == "file":
+            try:
+                _out = open(value, "a", buffering=1)
+            except OSError as e:
+                raise GenericError(f"Could not open '{value}': {e.strerror}") from None
+        else:
+            raise GenericError(f"Invalid parameter '{key}'")
+    _recompute()
+
+
+def _add(pattern: str) -> None:
+    if pattern.startswith("-"):
+        _patterns.append((False, pattern[1:]))
+    else:
+        _patterns.append((True, pattern))
+
+
+def _recompute() -> None:
+    _enabled.clear()
+    for ev in EVENTS:
+        on = False
+        for enable, pat in _patterns:
+            if fnmatch.fnmatchcase(ev, pat):
+                on = enable
+        if on:
+            _enabled.add(ev)
+
+
+def enabled(name: str) -> bool:
+    return name in _enabled
+
+
+def event(name: str, **fields: Any) -> None:
+    if name not in _enabled:
+        return
+    now = time.time()
+    args = " ".join(f"{k}={v}" for k, v in fields.items())
+    line = f"{os.getpid()}@{now:.6f}:{name} {args}\n"
+    (_out or sys.stderr).write(line)
