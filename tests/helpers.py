@@ -1,0 +1,144 @@
+"""Start daemons the way users do and talk to them with real clients.
+
+``Daemon(kind, tmp_path, args)`` runs ``qsd-trio`` (kind "trio") or the real
+``qemu-storage-daemon`` (kind "qemu") as a subprocess with a QMP monitor on
+a unix socket and a pidfile; startup is complete when the pidfile exists
+(the man page's contract), or has failed when the process exits first.
+``qmp()`` returns a connected, negotiated ``qemu.qmp`` legacy client.
+Every daemon is stopped (quit, then SIGTERM, then SIGKILL) by ``stop()``,
+which fixtures call in their teardown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+QSD_TRIO = [sys.executable, "-m", "qsd_trio"]
+QSD_QEMU = ["qemu-storage-daemon"]
+HAVE_QEMU = shutil.which("qemu-storage-daemon") is not None
+
+_counter = itertools.count()
+
+
+def command(kind: str) -> list[str]:
+    return list(QSD_TRIO if kind == "trio" else QSD_QEMU)
+
+
+def run_cli(kind: str, args: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run a daemon command line to completion (for errors, --help, ...)."""
+    return subprocess.run(command(kind) + args, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def normalise_prog(text: str) -> str:
+    """Both daemons prefix errors with their program name; drop it."""
+    for prog in ("qemu-storage-daemon: ", "qsd-trio: "):
+        text = text.replace(prog, "")
+    return text
+
+
+class Daemon:
+    def __init__(self, kind: str, tmp_path: Path, args: list[str] | None = None,
+                 *, qmp: bool = True, pidfile: bool = True):
+        self.kind = kind
+        n = next(_counter)
+        self.dir = Path(tmp_path)
+        self.qmp_path = self.dir / f"qmp-{kind}-{n}.sock"
+        self.pidfile = self.dir / f"qsd-{kind}-{n}.pid" if pidfile else None
+        self.args = list(args or [])
+        self.use_qmp = qmp
+        self.proc: subprocess.Popen | None = None
+        self._clients: list[QEMUMonitorProtocol] = []
+        self.stderr_path = self.dir / f"stderr-{kind}-{n}.txt"
+
+    def argv(self) -> list[str]:
+        argv = command(self.kind)
+        if self.use_qmp:
+            argv += ["--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                     "--monitor", "chardev=qmp0"]
+        argv += self.args
+        if self.pidfile is not None:
+            argv += ["--pidfile", str(self.pidfile)]
+        return argv
+
+    def start(self, timeout: float = 30) -> Daemon:
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.pidfile is not None and self.pidfile.exists() and self.pidfile.stat().st_size:
+                return self
+            if self.pidfile is None and self.qmp_path.exists():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} daemon exited {self.proc.returncode}: "
+                                   f"{self.stderr()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind} daemon did not start: {self.stderr()}")
+            time.sleep(0.02)
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text()
+        except OSError:
+            return ""
+
+    def qmp(self, negotiate: bool = True) -> QEMUMonitorProtocol:
+        client = QEMUMonitorProtocol(str(self.qmp_path))
+        client.connect(negotiate=negotiate)
+        client.settimeout(30)
+        self._clients.append(client)
+        return client
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - teardown goes on regardless
+                pass
+        self._clients.clear()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check,
+                          timeout=120)
+
+
+def qemu_io(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["qemu-io", *args], capture_output=True, text=True, check=check,
+                          timeout=120)
+
+
+def unused_path(tmp_path: Path, name: str) -> str:
+    p = tmp_path / f"{name}-{os.getpid()}-{next(_counter)}"
+    return str(p)
