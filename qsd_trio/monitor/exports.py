@@ -1,3 +1,140 @@
-"""QMP commands: exports."""
+"""QMP commands: the NBD server and block exports (block-export.json).
 
-from .registry import command  # noqa: F401
+``block-export-add`` is generic: it dispatches on ``args.type`` to the class
+registered in ``exports.base.EXPORT_TYPES`` (nbd here, fuse elsewhere).
+Each export runs as a task in ``daemon.export_nursery``; when that task ends
+for any reason (block-export-del, nbd-server-stop, shutdown) the export
+leaves ``daemon.exports`` and ``BLOCK_EXPORT_DELETED`` is emitted.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+
+import trio
+
+from .. import events
+from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
+from ..exports.base import EXPORT_TYPES, BlockExport
+from ..exports.nbd import NbdExport, NbdServer
+from ..qapi.errors import DeviceNotFound, GenericError
+from .registry import command
+
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+def _lookup_node(daemon, name: str):
+    node = daemon.graph.nodes.get(name)
+    if node is None:
+        raise DeviceNotFound(f"Cannot find device='' nor node-name='{name}'")
+    return node
+
+
+async def _serve_export(daemon, export: BlockExport, *, task_status=trio.TASK_STATUS_IGNORED):
+    try:
+        await export.run(task_status=task_status)
+    finally:
+        # only an export that was listed (it started) is announced as deleted
+        if daemon.exports.get(export.id) is export:
+            del daemon.exports[export.id]
+            events.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
+
+
+async def add_export(daemon, args) -> BlockExport:
+    """block-export-add: the checks in QEMU's order, then start the export."""
+    if not _ID_RE.match(args.id):
+        raise GenericError("Invalid block export id")
+    if args.id in daemon.exports:
+        raise GenericError(f"Block export id '{args.id}' is already in use")
+    cls = EXPORT_TYPES.get(args.type)
+    if cls is None:
+        raise GenericError("No driver found for the requested export type")
+    node = _lookup_node(daemon, args.node_name)
+    iothread = getattr(args, "iothread", None)
+    if iothread is not None:
+        obj = daemon.objects.get(iothread)
+        if obj is None or getattr(obj, "qom_type", "iothread") != "iothread":
+            raise GenericError(f'iothread "{iothread}" not found')
+    export = cls(daemon, args, node)
+    await daemon.export_nursery.start(_serve_export, daemon, export)
+    daemon.exports[export.id] = export
+    return export
+
+
+@command("block-export-add")
+async def block_export_add(daemon, args) -> None:
+    await add_export(daemon, args)
+
+
+def _request_delete(daemon, export_id: str, mode: str | None) -> None:
+    export = daemon.exports.get(export_id)
+    if export is None:
+        raise GenericError(f"Export '{export_id}' is not found")
+    if export.cancel_scope.cancel_called:
+        raise GenericError(f"Export '{export_id}' is already shutting down")
+    if (mode or "safe") == "safe" and export.client_count() > 0:
+        raise GenericError(f"export '{export_id}' still in use")
+    # the reply goes out now; BLOCK_EXPORT_DELETED follows once it is gone
+    export.cancel_scope.cancel()
+
+
+@command("block-export-del")
+async def block_export_del(daemon, args) -> None:
+    _request_delete(daemon, args.id, getattr(args, "mode", None))
+
+
+@command("query-block-exports")
+async def query_block_exports(daemon, args) -> list:
+    # QEMU lists the newest export first
+    return [e.info() for e in reversed(list(daemon.exports.values()))]
+
+
+@command("nbd-server-start")
+async def nbd_server_start(daemon, args) -> None:
+    if daemon.nbd_server is not None:
+        raise GenericError("NBD server already running")
+    server = NbdServer(daemon, args.addr, tls_creds=getattr(args, "tls_creds", None),
+                       tls_authz=getattr(args, "tls_authz", None),
+                       max_connections=getattr(args, "max_connections", None))
+    await daemon.export_nursery.start(server.run)
+    daemon.nbd_server = server
+
+
+@command("nbd-server-stop")
+async def nbd_server_stop(daemon, args) -> None:
+    server = daemon.nbd_server
+    if server is None:
+        raise GenericError("NBD server not running")
+    # QEMU deletes every NBD export (clients and all), then stops listening
+    doomed = [e for e in daemon.exports.values() if isinstance(e, NbdExport)]
+    for export in doomed:
+        export.cancel_scope.cancel()
+    for export in doomed:
+        await export.finished.wait()
+    daemon.nbd_server = None
+    await server.stop()
+
+
+@command("nbd-server-add")
+async def nbd_server_add(daemon, args) -> None:
+    name = args.name if args.name is not None else args.device
+    writable = bool(args.writable)
+    node = daemon.graph.nodes.get(args.device)
+    if node is not None and node.read_only:
+        writable = False  # QEMU downgrades silently rather than refuse
+    opts = types.SimpleNamespace(
+        type="nbd", id=name, node_name=args.device, writable=writable, writethrough=None,
+        iothread=None, fixed_iothread=None, name=name,
+        description=getattr(args, "description", None),
+        bitmaps=[args.bitmap] if getattr(args, "bitmap", None) is not None else None,
+        allocation_depth=None)
+    await add_export(daemon, opts)
+
+
+@command("nbd-server-remove")
+async def nbd_server_remove(daemon, args) -> None:
+    export = daemon.exports.get(args.name)
+    if export is not None and export.type != "nbd":
+        raise GenericError(f"Block export '{args.name}' is not an NBD export")
+    _request_delete(daemon, args.name, getattr(args, "mode", None))

@@ -1,0 +1,779 @@
+"""The NBD server and NBD block exports.
+
+:class:`NbdServer` is a service (``run(task_status)``) listening on one
+address.  Each accepted connection is negotiated in the server's nursery;
+once the client picks an export (``NBD_OPT_GO`` / ``NBD_OPT_EXPORT_NAME``)
+the connection moves into that export's nursery, so deleting an export ends
+exactly its clients and stopping the server ends everything.
+
+Per connection in transmission: one reader task parses requests and spawns
+one task per request (at most :data:`MAX_REQUESTS` in flight, which bounds
+the memory a client can make us hold); replies go out under a lock, header
+and data together with ``sendmsg`` so a 1 MiB read is never copied into a
+bigger buffer.
+
+Errors: a client that breaks the protocol or vanishes ends its own
+connection only; I/O errors become NBD error replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as _stdsocket
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ..nodes.node import Perm, Status
+from ..proto import nbd as P
+from ..qapi.errors import GenericError
+from .base import BlockExport, register_export
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS = 16  # in flight per connection, as QEMU's NBD_MAX_REQUESTS
+MAX_BLOCK_STATUS_EXTENTS = 1024 * 1024 // 8  # per reply chunk, QEMU's limit
+_RECV_CHUNK = 256 * 1024
+_PREFERRED_BLOCK = 4096
+
+
+class _Disconnect(Exception):
+    """End this connection now (the peer misbehaved or asked to)."""
+
+
+class Wire:
+    """Buffered exact reads and gathered writes over a trio stream.
+
+    Uses the raw socket (``recv_into``/``sendmsg``) when the stream is a
+    ``trio.SocketStream`` to avoid copying payloads; any other stream (TLS)
+    goes through ``receive_some``/``send_all``.  Closed by :meth:`aclose`.
+    """
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._buf = bytearray()
+        self._pos = 0
+
+    async def _fill(self) -> None:
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        if self.sock is not None:
+            data = await self.sock.recv(_RECV_CHUNK)
+        else:
+            data = await self.stream.receive_some(_RECV_CHUNK)
+        if not data:
+            raise _Disconnect("client closed the connection")
+        self._buf += data
+
+    async def recv_exactly(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n:
+            await self._fill()
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        return out
+
+    async def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely, straight from the socket when possible."""
+        have = min(len(self._buf) - self._pos, len(view))
+        view[:have] = self._buf[self._pos:self._pos + have]
+        self._pos += have
+        filled = have
+        while filled < len(view):
+            if self.sock is not None:
+                n = await self.sock.recv_into(view[filled:])
+                if n == 0:
+                    raise _Disconnect("client closed the connection mid-request")
+                filled += n
+            else:
+                await self._fill()
+                take = min(len(self._buf), len(view) - filled)
+                view[filled:filled + take] = self._buf[:take]
+                self._pos = take
+                filled += take
+
+    async def skip(self, n: int) -> None:
+        """Consume and drop ``n`` bytes without holding them."""
+        while n:
+            if len(self._buf) == self._pos:
+                await self._fill()
+            take = min(n, len(self._buf) - self._pos)
+            self._pos += take
+            n -= take
+
+    async def send(self, *parts) -> None:
+        if self.sock is None:
+            await self.stream.send_all(b"".join(parts))
+            return
+        bufs = [memoryview(p).cast("B") for p in parts if len(p)]
+        while bufs:
+            n = await self.sock.sendmsg(bufs)
+            while n and bufs:
+                if n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1, shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+# ---------------------------------------------------------------------------
+# exports
+# ---------------------------------------------------------------------------
+
+
+def _find_bitmap(node, spec) -> Any:
+    """The dirty bitmap named by a BlockDirtyBitmapOrStr (name, or {node, name})."""
+    if isinstance(spec, str):
+        name, holder = spec, node
+    else:
+        name = getattr(spec, "name", None) or spec["name"]
+        node_name = getattr(spec, "node", None) or spec["node"]
+        holder = node.graph.lookup(node_name)
+    bitmaps = getattr(holder, "dirty_bitmaps", None)
+    if bitmaps is None:
+        bitmaps = getattr(holder, "bitmaps", {})
+    bm = bitmaps.get(name) if isinstance(bitmaps, dict) else None
+    if bm is None:
+        raise GenericError(f"Bitmap '{name}' is not found")
+    return bm
+
+
+@register_export
+class NbdExport(BlockExport):
+    """One NBD export: a name on the server and a nursery for its clients."""
+
+    type = "nbd"
+
+    def __init__(self, daemon, args, node):
+        super().__init__(daemon, args, node)
+        server: NbdServer | None = daemon.nbd_server
+        if server is None:
+            raise GenericError("NBD server not running")
+        self.server = server
+        self.name: str = args.name if getattr(args, "name", None) is not None else args.node_name
+        self.description: str | None = getattr(args, "description", None)
+        if len(self.name.encode()) > P.MAX_STRING_SIZE:
+            raise GenericError(f"export name '{self.name}' too long")
+        if self.description is not None and len(self.description.encode()) > P.MAX_STRING_SIZE:
+            raise GenericError(f"description '{self.description}' too long")
+        if self.name in server.exports:
+            raise GenericError(f"NBD server already has export named '{self.name}'")
+        # writethrough: every write is made stable before it is acknowledged
+        self.writethrough = bool(getattr(args, "writethrough", False))
+        self.allocation_depth = bool(getattr(args, "allocation_depth", False))
+        self.bitmaps = [_find_bitmap(node, b) for b in (getattr(args, "bitmaps", None) or [])]
+        self.clients: set[Connection] = set()
+        self.nursery: trio.Nursery | None = None
+        self.edge = None
+
+    # transmission flags this export announces (QEMU 7.2 sets multi-conn and
+    # cache always: every connection goes through the same node, so a flush
+    # on one covers writes acknowledged on another)
+    @property
+    def flags(self) -> int:
+        f = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_SEND_DF
+             | P.FLAG_CAN_MULTI_CONN | P.FLAG_SEND_CACHE)
+        if self.writable:
+            f |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO
+        else:
+            f |= P.FLAG_READ_ONLY
+        return f
+
+    @property
+    def size(self) -> int:
+        return self.node.length
+
+    def meta_contexts(self) -> list[str]:
+        ctx = [P.META_BASE_ALLOCATION]
+        if self.allocation_depth:
+            ctx.append(P.META_ALLOCATION_DEPTH)
+        ctx += [P.META_DIRTY_BITMAP + bm.name for bm in self.bitmaps]
+        return ctx
+
+    def bitmap_for_context(self, ctx: str):
+        name = ctx[len(P.META_DIRTY_BITMAP):]
+        return next(bm for bm in self.bitmaps if bm.name == name)
+
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
+        self.edge = self.node.attach(f"export {self.id}", self, Perm(perm))
+        try:
+            with self.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    self.server.exports[self.name] = self
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            if self.server.exports.get(self.name) is self:
+                del self.server.exports[self.name]
+            self.edge.detach()
+            self.finished.set()
+
+
+# ---------------------------------------------------------------------------
+# the server
+# ---------------------------------------------------------------------------
+
+
+def _addr_dict(addr) -> dict:
+    """SocketAddress or SocketAddressLegacy (attrs instance or dict) -> flat dict."""
+    if not isinstance(addr, dict):
+        import attrs
+
+        addr = attrs.asdict(addr, recurse=True)
+    addr = {k.replace("_", "-"): v for k, v in addr.items() if v is not None}
+    data = addr.get("data")
+    if isinstance(data, dict):  # legacy form: {"type": ..., "data": {...}}
+        flat = {k.replace("_", "-"): v for k, v in data.items() if v is not None}
+        flat["type"] = addr["type"]
+        addr = flat
+    return addr
+
+
+async def _open_listeners(addr: dict) -> list[trio.SocketListener]:
+    kind = addr["type"]
+    if kind == "unix":
+        path = addr["path"]
+        sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        try:
+            # QEMU replaces a stale socket file
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            await sock.bind(path)
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            raise GenericError(f"Failed to bind socket to {path}: {e.strerror}") from None
+        return [trio.SocketListener(sock)]
+    if kind == "inet":
+        host = addr.get("host") or None
+        port = addr["port"]
+        try:
+            port_n = int(port)
+        except ValueError:
+            try:
+                port_n = _stdsocket.getservbyname(port, "tcp")
+            except OSError:
+                raise GenericError(f"Service '{port}' unknown") from None
+        try:
+            return await trio.open_tcp_listeners(port_n, host=host)
+        except OSError as e:
+            raise GenericError(f"Failed to bind socket: {e.strerror}") from None
+    if kind == "fd":
+        fd_str = addr["str"]
+        try:
+            fd = int(fd_str)
+        except ValueError:
+            raise GenericError(f"File descriptor named '{fd_str}' has not been found") from None
+        try:
+            sock = trio.socket.fromfd(fd, _stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        except OSError as e:
+            raise GenericError(f"Failed to use fd {fd}: {e.strerror}") from None
+        return [trio.SocketListener(sock)]
+    raise GenericError(f"Unsupported socket address type '{kind}'")
+
+
+class NbdServer:
+    """The daemon's one NBD server (nbd-server-start / --nbd-server).
+
+    Resources: the listening sockets and the negotiating connections live in
+    :meth:`run`'s nursery and are closed when its cancel scope is cancelled
+    (:meth:`stop`); exports (and their clients) are separate tasks that
+    nbd-server-stop deletes first.
+    """
+
+    def __init__(self, daemon, addr, *, tls_creds: str | None = None,
+                 tls_authz: str | None = None, max_connections: int | None = None):
+        self.daemon = daemon
+        self.addr = _addr_dict(addr)
+        self.tls_creds = None
+        if tls_creds is not None:
+            creds = getattr(daemon, "objects", {}).get(tls_creds)
+            if creds is None:
+                raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+            if getattr(creds, "endpoint", "server") != "server":
+                raise GenericError("Expecting TLS credentials with a server endpoint")
+            self.tls_creds = creds
+        self.tls_authz = tls_authz
+        self.max_connections = max_connections or 0
+        self.exports: dict[str, NbdExport] = {}
+        self.connections = 0
+        self.cancel_scope = trio.CancelScope()
+        self.finished = trio.Event()
+        self._slots = trio.Semaphore(self.max_connections) if self.max_connections else None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.cancel_scope:
+                listeners = await _open_listeners(self.addr)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for lst in listeners:
+                            nursery.start_soon(self._accept_loop, lst, nursery)
+                        task_status.started()
+                finally:
+                    for lst in listeners:
+                        with trio.CancelScope(shield=True):
+                            await lst.aclose()
+        finally:
+            self.finished.set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            # at max-connections QEMU stops accepting: new clients wait in
+            # the listen backlog until someone leaves
+            if self._slots is not None:
+                await self._slots.acquire()
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                if self._slots is not None:
+                    self._slots.release()
+                raise
+            self.connections += 1
+            conn = Connection(self, stream)
+            nursery.start_soon(conn.negotiate)
+
+    def _connection_closed(self) -> None:
+        self.connections -= 1
+        if self._slots is not None:
+            self._slots.release()
+
+    async def stop(self) -> None:
+        self.cancel_scope.cancel()
+        await self.finished.wait()
+
+
+# ---------------------------------------------------------------------------
+# one client connection
+# ---------------------------------------------------------------------------
+
+
+class Connection:
+    """A client: negotiation, then transmission inside its export's nursery.
+
+    The connection owns its stream; whichever task runs it last closes it
+    (``_close``) and gives the server's connection slot back.
+    """
+
+    def __init__(self, server: NbdServer, stream: trio.abc.Stream):
+        self.server = server
+        self.wire = Wire(stream)
+        self.structured = False
+        self.no_zeroes = False
+        self.tls_done = False
+        self.meta_export: str | None = None
+        self.meta_ids: list[tuple[int, str]] = []  # (context id, name) after SET
+        self.export: NbdExport | None = None
+        self._send_lock = trio.Lock()
+        self._slots = trio.Semaphore(MAX_REQUESTS)
+        self._closed = False
+        self._handed_over = False
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.wire.aclose()
+        self.server._connection_closed()
+
+    # -- negotiation (runs in the server's nursery) ---------------------------
+    async def negotiate(self) -> None:
+        try:
+            export = await self._negotiate()
+            if export is not None:
+                # hand the connection to the export's nursery; from now on the
+                # export (not the server) decides when it ends
+                self._handed_over = True
+                export.nursery.start_soon(self.serve, export)
+        except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError) as e:
+            log.debug("nbd client negotiation ended: %s", e)
+        finally:
+            if not self._handed_over:
+                with trio.CancelScope(shield=True):
+                    await self._close()
+
+    async def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        await self.wire.send(P.option_reply(option, reply, data))
+
+    async def _error(self, option: int, reply: int, message: str) -> None:
+        await self._reply(option, reply, message.encode())
+
+    async def _negotiate(self) -> NbdExport | None:
+        await self.wire.send(P.server_greeting())
+        flags = int.from_bytes(await self.wire.recv_exactly(4), "big")
+        fixed = bool(flags & P.FLAG_C_FIXED_NEWSTYLE)
+        self.no_zeroes = bool(flags & P.FLAG_C_NO_ZEROES)
+        if flags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            raise _Disconnect(f"Unknown client flags 0x{flags:x} received")
+        while True:
+            option, length = P.parse_option_header(await self.wire.recv_exactly(P.OPTION_HEADER_SIZE))
+            if length > P.MAX_BUFFER_SIZE:
+                raise _Disconnect(f"len ({length}) is larger than max len ({P.MAX_BUFFER_SIZE})")
+            if self.server.tls_creds is not None and not self.tls_done:
+                if option == P.OPT_STARTTLS:
+                    await self.wire.skip(length)
+                    if length:
+                        await self._error(option, P.REP_ERR_INVALID, "no payload expected in starttls")
+                        continue
+                    await self._starttls()
+                    continue
+                if option in (P.OPT_EXPORT_NAME, P.OPT_ABORT):
+                    raise _Disconnect(f"Option 0x{option:x} not permitted before TLS")
+                await self.wire.skip(length)
+                await self._error(option, P.REP_ERR_TLS_REQD,
+                                  f"Option 0x{option:x} not permitted before TLS")
+                continue
+            known = option in (P.OPT_EXPORT_NAME, P.OPT_INFO, P.OPT_GO,
+                               P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT)
+            if known and length > P.MAX_OPTION_SIZE:
+                if option == P.OPT_EXPORT_NAME:
+                    raise _Disconnect("export name too long")
+                await self.wire.skip(length)
+                await self._error(option, P.REP_ERR_INVALID, "option too long")
+                continue
+            payload = await self.wire.recv_exactly(length) if known else b""
+            if option == P.OPT_EXPORT_NAME:
+                name = payload.decode(errors="replace")
+                export = self.server.exports.get(name)
+                if export is None:
+                    raise _Disconnect(f"export '{name}' not present")
+                await self.wire.send(P.export_name_reply(export.size, export.flags, self.no_zeroes))
+                return export
+            if option in (P.OPT_INFO, P.OPT_GO):
+                try:
+                    export = await self._info(option, payload)
+                except P.OptionError as e:
+                    await self.wire.send(P.option_error(option, e))
+                    continue
+                if option == P.OPT_GO and export is not None:
+                    return export
+                continue
+            if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+                try:
+                    await self._meta(option, payload)
+                except P.OptionError as e:
+                    await self.wire.send(P.option_error(option, e))
+                continue
+            # options without a payload we care about: drop it unread
+            await self.wire.skip(length)
+            if option == P.OPT_ABORT:
+                try:
+                    await self._reply(option, P.REP_ACK)
+                finally:
+                    raise _Disconnect("client aborted")  # noqa: B012 - abort ends negotiation
+            if not fixed:
+                raise _Disconnect(f"Unsupported option {option} without fixed newstyle")
+            if option == P.OPT_LIST:
+                if length:
+                    await self._error(option, P.REP_ERR_INVALID, "no payload expected in list")
+                    continue
+                for exp in list(self.server.exports.values()):
+                    await self._reply(option, P.REP_SERVER, P.rep_server(exp.name, exp.description or ""))
+                await self._reply(option, P.REP_ACK)
+            elif option == P.OPT_STRUCTURED_REPLY:
+                if length:
+                    await self._error(option, P.REP_ERR_INVALID,
+                                      f"request option '{P.OPT_NAMES[option]}' with unexpected length")
+                elif self.structured:
+                    await self._error(option, P.REP_ERR_INVALID, "structured reply already negotiated")
+                else:
+                    self.structured = True
+                    await self._reply(option, P.REP_ACK)
+            elif option == P.OPT_STARTTLS:
+                if self.tls_done:
+                    await self._error(option, P.REP_ERR_INVALID, "TLS already enabled")
+                else:
+                    await self._error(option, P.REP_ERR_POLICY, "TLS not configured")
+            else:
+                await self._error(option, P.REP_ERR_UNSUP,
+                                  f"Unsupported option {option} ({P.OPT_NAMES.get(option, '<unknown>')})")
+
+    async def _starttls(self) -> None:
+        import ssl
+
+        creds = self.server.tls_creds
+        ctx = creds.server_context() if hasattr(creds, "server_context") else None
+        if not isinstance(ctx, ssl.SSLContext):
+            await self._error(P.OPT_STARTTLS, P.REP_ERR_POLICY, "TLS not configured")
+            return
+        await self._reply(P.OPT_STARTTLS, P.REP_ACK)
+        tls = trio.SSLStream(self.wire.stream, ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as e:
+            raise _Disconnect(f"TLS handshake failed: {e}") from None
+        self.wire = Wire(tls)
+        self.tls_done = True
+
+    async def _info(self, option: int, payload: bytes) -> NbdExport | None:
+        name, infos = P.parse_info_request(payload)
+        export = self.server.exports.get(name)
+        if export is None:
+            raise P.OptionError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+        if P.INFO_NAME in infos:
+            await self._reply(option, P.REP_INFO, P.info_name(export.name))
+        if export.description:
+            await self._reply(option, P.REP_INFO, P.info_description(export.description))
+        align = max(getattr(export.node, "request_alignment", 1), 1)
+        minimum = align if P.INFO_BLOCK_SIZE in infos else 1
+        maximum = P.MAX_BUFFER_SIZE
+        node_max = getattr(export.node, "max_transfer", None)
+        if node_max:
+            maximum = min(maximum, node_max)
+        await self._reply(option, P.REP_INFO,
+                          P.info_block_size(minimum, max(_PREFERRED_BLOCK, minimum), maximum))
+        await self._reply(option, P.REP_INFO, P.info_export(export.size, export.flags))
+        if option == P.OPT_INFO and P.INFO_BLOCK_SIZE not in infos and align > 1:
+            raise P.OptionError(P.REP_ERR_BLOCK_SIZE_REQD,
+                                "request NBD_INFO_BLOCK_SIZE to use this export")
+        await self._reply(option, P.REP_ACK)
+        return export
+
+    async def _meta(self, option: int, payload: bytes) -> None:
+        setting = option == P.OPT_SET_META_CONTEXT
+        if not self.structured:
+            raise P.OptionError(P.REP_ERR_INVALID,
+                                f"request option '{P.OPT_NAMES[option]}' when structured reply "
+                                "is not negotiated")
+        name, queries = P.parse_meta_request(payload)
+        export = self.server.exports.get(name)
+        if export is None:
+            raise P.OptionError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
+        available = export.meta_contexts()
+        chosen = P.match_meta_contexts(queries, available, listing=not setting)
+        ids = [(available.index(c), c) for c in chosen]
+        for cid, ctx in ids:
+            await self._reply(option, P.REP_META_CONTEXT, P.meta_context_reply(cid, ctx))
+        if setting:
+            self.meta_export = name
+            self.meta_ids = ids
+        await self._reply(option, P.REP_ACK)
+
+    # -- transmission (runs in the export's nursery) ------------------------------
+    async def serve(self, export: NbdExport) -> None:
+        self.export = export
+        export.clients.add(self)
+        if self.meta_export != export.name:
+            self.meta_ids = []  # contexts were negotiated for another export
+        try:
+            # requests already read finish and reply before the nursery exits
+            async with trio.open_nursery() as nursery:
+                await self._read_requests(nursery)
+        except* (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
+                 trio.ClosedResourceError, OSError) as eg:
+            log.debug("nbd client of %s ended: %r", export.id, eg)
+        except* Exception:
+            # a bug serving one client must not take the daemon down
+            log.exception("nbd client of %s failed", export.id)
+        finally:
+            export.clients.discard(self)
+            with trio.CancelScope(shield=True):
+                await self._close()
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
+        wire = self.wire
+        node = self.export.node
+        size_fn = node._length
+        while True:
+            await self._slots.acquire()
+            req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+            t = req.type
+            if t == P.CMD_DISC:
+                self._slots.release()
+                return
+            data = None
+            if t == P.CMD_WRITE:
+                if req.length > P.MAX_BUFFER_SIZE:
+                    # the payload cannot be skipped safely: answer, then hang up
+                    await self._send_error(req, P.EINVAL,
+                                           f"len ({req.length}) is larger than max len "
+                                           f"({P.MAX_BUFFER_SIZE})")
+                    raise _Disconnect("oversized write")
+                data = bytearray(req.length)
+                await wire.recv_into(memoryview(data))
+            nursery.start_soon(self._handle, req, data, size_fn())
+
+    async def _send_error(self, req: P.Request, err: int, message: str) -> None:
+        if self.structured:
+            msg = P.chunk_error(req.handle, err, message)
+        else:
+            msg = P.simple_reply(req.handle, err)
+        async with self._send_lock:
+            await self.wire.send(msg)
+
+    async def _send_ok(self, req: P.Request) -> None:
+        async with self._send_lock:
+            await self.wire.send(P.simple_reply(req.handle))
+
+    def _validate(self, req: P.Request, size: int) -> tuple[int, str] | None:
+        t = req.type
+        export = self.export
+        if t in (P.CMD_READ, P.CMD_CACHE) and req.length > P.MAX_BUFFER_SIZE:
+            return P.EINVAL, f"len ({req.length}) is larger than max len ({P.MAX_BUFFER_SIZE})"
+        if t not in P.CMD_NAMES or t in (P.CMD_RESIZE,):
+            return P.EINVAL, f"invalid request type ({t}) received"
+        if not export.writable and t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
+            return P.EPERM, "Export is read-only"
+        if req.offset > size or req.length > size - req.offset:
+            err = P.ENOSPC if t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
+            return err, (f"operation from {req.offset} ({req.length}) exceeds size {size}")
+        valid = P.CMD_FLAG_FUA
+        if t == P.CMD_READ and self.structured:
+            valid |= P.CMD_FLAG_DF
+        elif t == P.CMD_WRITE_ZEROES:
+            valid |= P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO
+        elif t == P.CMD_BLOCK_STATUS:
+            valid |= P.CMD_FLAG_REQ_ONE
+        if req.flags & ~valid:
+            return P.EINVAL, f"unsupported flags for command {P.CMD_NAMES[t]} (got 0x{req.flags:x})"
+        return None
+
+    async def _handle(self, req: P.Request, data: bytearray | None, size: int) -> None:
+        try:
+            bad = self._validate(req, size)
+            if bad is not None:
+                await self._send_error(req, *bad)
+                return
+            node = self.export.node
+            t = req.type
+            try:
+                if t == P.CMD_READ:
+                    await self._read(req)
+                    return
+                if t == P.CMD_WRITE:
+                    await node.write(req.offset, data,
+                                     fua=bool(req.flags & P.CMD_FLAG_FUA) or self.export.writethrough)
+                elif t == P.CMD_FLUSH:
+                    await node.flush()
+                elif t == P.CMD_TRIM:
+                    if req.length:
+                        await node.discard(req.offset, req.length)
+                    if req.flags & P.CMD_FLAG_FUA:
+                        await node.flush()
+                elif t == P.CMD_WRITE_ZEROES:
+                    if req.length:
+                        await node.write_zeroes(
+                            req.offset, req.length,
+                            may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE,
+                            fua=bool(req.flags & P.CMD_FLAG_FUA) or self.export.writethrough)
+                elif t == P.CMD_CACHE:
+                    pass  # a hint; the page cache already holds what we read
+                elif t == P.CMD_BLOCK_STATUS:
+                    await self._block_status(req)
+                    return
+                await self._send_ok(req)
+            except OSError as e:
+                await self._send_error(req, P.errno_to_nbd(e.errno), e.strerror or str(e))
+        finally:
+            self._slots.release()
+
+    async def _read(self, req: P.Request) -> None:
+        node = self.export.node
+        h = req.handle
+        if not self.structured:
+            buf = await node.read(req.offset, req.length) if req.length else b""
+            async with self._send_lock:
+                await self.wire.send(P.simple_reply(h), buf)
+            return
+        if not req.length:
+            async with self._send_lock:
+                await self.wire.send(P.chunk_none(h))
+            return
+        if req.flags & P.CMD_FLAG_DF:
+            buf = await node.read(req.offset, req.length)
+            async with self._send_lock:
+                await self.wire.send(P.chunk_offset_data_header(h, req.offset, req.length, True), buf)
+            return
+        # sparse read: holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks
+        pos, end = req.offset, req.offset + req.length
+        while pos < end:
+            st = await node.block_status(pos, end - pos)
+            n = max(1, min(st.length, end - pos))
+            last = pos + n >= end
+            if st.flags & Status.ZERO:
+                async with self._send_lock:
+                    await self.wire.send(P.chunk_offset_hole(h, pos, n, last))
+            else:
+                buf = await node.read(pos, n)
+                async with self._send_lock:
+                    await self.wire.send(P.chunk_offset_data_header(h, pos, n, last), buf)
+            pos += n
+
+    async def _block_status(self, req: P.Request) -> None:
+        if not self.meta_ids:
+            await self._send_error(req, P.EINVAL, "CMD_BLOCK_STATUS not negotiated")
+            return
+        if not req.length:
+            await self._send_error(req, P.EINVAL, "need non-zero length")
+            return
+        one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
+        chunks = []
+        for cid, ctx in self.meta_ids:
+            if ctx == P.META_BASE_ALLOCATION:
+                ext = await self._alloc_extents(req.offset, req.length, one, depth=False)
+            elif ctx == P.META_ALLOCATION_DEPTH:
+                ext = await self._alloc_extents(req.offset, req.length, one, depth=True)
+            else:
+                bm = self.export.bitmap_for_context(ctx)
+                ext = _bitmap_extents(bm, req.offset, req.length, one)
+            chunks.append((cid, ext))
+        msgs = [P.chunk_block_status(req.handle, cid, ext, i == len(chunks) - 1)
+                for i, (cid, ext) in enumerate(chunks)]
+        async with self._send_lock:
+            await self.wire.send(*msgs)
+
+    async def _alloc_extents(self, offset: int, length: int, one: bool, depth: bool) -> list:
+        node = self.export.node
+        out: list[list[int]] = []
+        pos, end = offset, offset + length
+        while pos < end and len(out) < MAX_BLOCK_STATUS_EXTENTS:
+            st = await node.block_status(pos, end - pos)
+            n = max(1, min(st.length, end - pos))
+            if depth:
+                flags = st.depth
+            else:
+                flags = (0 if st.flags & Status.DATA else P.STATE_HOLE) | \
+                        (P.STATE_ZERO if st.flags & Status.ZERO else 0)
+            _add_extent(out, n, flags)
+            if one:
+                break
+            pos += n
+        return [tuple(e) for e in out]
+
+
+def _add_extent(out: list[list[int]], n: int, flags: int) -> None:
+    # merge runs with equal flags, as QEMU does, while the length fits 32 bits
+    if out and out[-1][1] == flags and out[-1][0] + n < 1 << 32:
+        out[-1][0] += n
+    else:
+        out.append([n, flags])
+
+
+def _bitmap_extents(bm, offset: int, length: int, one: bool) -> Sequence[tuple[int, int]]:
+    out: list[list[int]] = []
+    for _off, n, dirty in bm.dirty_extents(offset, length):
+        _add_extent(out, n, P.STATE_DIRTY if dirty else 0)
+        if one or len(out) >= MAX_BLOCK_STATUS_EXTENTS:
+            break
+    if not out:  # past the bitmap's end: report clean
+        out.append([length, 0])
+    return [tuple(e) for e in out]

@@ -1,0 +1,474 @@
+"""NBD wire format: a sans-I/O codec for both ends of the protocol.
+
+Pure functions over bytes, no sockets: the NBD export (exports/nbd.py) and
+the NBD client driver share it.  Names and numbers follow
+``ref/nbd-proto.md`` ("Fixed newstyle negotiation", "Transmission phase",
+"Structured reply chunk message types") and QEMU's extensions in
+``ref/qemu-docs/qemu-nbd-extensions.rst`` (``qemu:allocation-depth``,
+``qemu:dirty-bitmap:NAME``).
+
+Decoders take exactly the bytes of one fixed-size header (the caller knows
+how many to read) and raise :class:`NbdProtocolError` on a wrong magic;
+option payload parsers raise :class:`OptionError` carrying the reply type
+the server should answer with.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+# -- magics ------------------------------------------------------------------
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # b"IHAVEOPT"
+REPLY_MAGIC_OPT = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# -- handshake flags ------------------------------------------------------------
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0
+FLAG_C_NO_ZEROES = 1 << 1
+
+# -- transmission flags -----------------------------------------------------
+FLAG_HAS_FLAGS = 1 << 0
+FLAG_READ_ONLY = 1 << 1
+FLAG_SEND_FLUSH = 1 << 2
+FLAG_SEND_FUA = 1 << 3
+FLAG_ROTATIONAL = 1 << 4
+FLAG_SEND_TRIM = 1 << 5
+FLAG_SEND_WRITE_ZEROES = 1 << 6
+FLAG_SEND_DF = 1 << 7
+FLAG_CAN_MULTI_CONN = 1 << 8
+FLAG_SEND_RESIZE = 1 << 9
+FLAG_SEND_CACHE = 1 << 10
+FLAG_SEND_FAST_ZERO = 1 << 11
+
+# -- options ------------------------------------------------------------------
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_PEEK_EXPORT = 4
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+OPT_NAMES = {
+    OPT_EXPORT_NAME: "export name",
+    OPT_ABORT: "abort",
+    OPT_LIST: "list",
+    OPT_PEEK_EXPORT: "peek export",
+    OPT_STARTTLS: "starttls",
+    OPT_INFO: "info",
+    OPT_GO: "go",
+    OPT_STRUCTURED_REPLY: "structured reply",
+    OPT_LIST_META_CONTEXT: "list meta context",
+    OPT_SET_META_CONTEXT: "set meta context",
+}
+
+# -- option replies -------------------------------------------------------------
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_META_CONTEXT = 4
+_REP_ERR = 1 << 31
+REP_ERR_UNSUP = _REP_ERR | 1
+REP_ERR_POLICY = _REP_ERR | 2
+REP_ERR_INVALID = _REP_ERR | 3
+REP_ERR_PLATFORM = _REP_ERR | 4
+REP_ERR_TLS_REQD = _REP_ERR | 5
+REP_ERR_UNKNOWN = _REP_ERR | 6
+REP_ERR_SHUTDOWN = _REP_ERR | 7
+REP_ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
+REP_ERR_TOO_BIG = _REP_ERR | 9
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+# -- commands ------------------------------------------------------------------
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_CACHE = 5
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+CMD_RESIZE = 8
+
+CMD_NAMES = {
+    CMD_READ: "read",
+    CMD_WRITE: "write",
+    CMD_DISC: "disconnect",
+    CMD_FLUSH: "flush",
+    CMD_TRIM: "trim",
+    CMD_CACHE: "cache",
+    CMD_WRITE_ZEROES: "write zeroes",
+    CMD_BLOCK_STATUS: "block status",
+    CMD_RESIZE: "resize",
+}
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# -- structured replies ---------------------------------------------------------
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) | 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) | 2
+
+# block status flags per context
+STATE_HOLE = 1 << 0  # base:allocation
+STATE_ZERO = 1 << 1  # base:allocation
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME
+
+# -- error numbers on the wire ------------------------------------------------------
+EPERM = 1
+EIO = 5
+ENOMEM = 12
+EINVAL = 22
+ENOSPC = 28
+EOVERFLOW = 75
+ENOTSUP = 95
+ESHUTDOWN = 108
+
+# host errno -> the protocol's small set (anything else is EINVAL, as QEMU does)
+_ERRNO_MAP = {1: EPERM, 30: EPERM, 5: EIO, 12: ENOMEM, 28: ENOSPC, 27: ENOSPC,
+              75: EOVERFLOW, 95: ENOTSUP, 108: ESHUTDOWN, 22: EINVAL}
+
+
+def errno_to_nbd(err: int | None) -> int:
+    """Map a host errno (EROFS, EFBIG, ...) to one the protocol defines."""
+    return _ERRNO_MAP.get(err or EIO, EINVAL)
+
+
+MAX_STRING_SIZE = 4096  # names, descriptions, query strings (QEMU's NBD_MAX_STRING_SIZE)
+MAX_BUFFER_SIZE = 32 * 1024 * 1024  # the advertised maximum payload
+MAX_OPTION_SIZE = 64 * 1024  # anything longer is not a real client
+
+# context ids the server hands out (QEMU's numbering): fixed ones, then bitmaps
+META_BASE_ALLOCATION = "base:allocation"
+META_ALLOCATION_DEPTH = "qemu:allocation-depth"
+META_DIRTY_BITMAP = "qemu:dirty-bitmap:"
+
+
+class NbdProtocolError(Exception):
+    """The peer broke the protocol; the connection must end."""
+
+
+@attrs.frozen
+class OptionError(Exception):
+    """An option request to refuse with ``reply`` (an NBD_REP_ERR_*) and ``message``."""
+
+    reply: int
+    message: str
+
+
+# -- handshake ------------------------------------------------------------------------
+_GREETING = struct.Struct(">8sQH")
+
+
+def server_greeting() -> bytes:
+    """The server's first 18 bytes (fixed newstyle, no zeroes supported)."""
+    return _GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+
+GREETING_SIZE = _GREETING.size
+
+
+def parse_server_greeting(data: bytes) -> int:
+    magic, opt_magic, flags = _GREETING.unpack(data)
+    if magic != NBDMAGIC or opt_magic != IHAVEOPT:
+        raise NbdProtocolError("not a newstyle NBD server")
+    return flags
+
+
+def client_flags(flags: int = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) -> bytes:
+    return struct.pack(">I", flags)
+
+
+# -- options: the client's request, the server's reply ------------------------------
+_OPT_HDR = struct.Struct(">QII")
+OPTION_HEADER_SIZE = _OPT_HDR.size
+
+
+def encode_option(option: int, data: bytes = b"") -> bytes:
+    return _OPT_HDR.pack(IHAVEOPT, option, len(data)) + data
+
+
+def parse_option_header(data: bytes) -> tuple[int, int]:
+    """(option, payload length) of a client option header."""
+    magic, option, length = _OPT_HDR.unpack(data)
+    if magic != IHAVEOPT:
+        raise NbdProtocolError(f"Bad magic received 0x{magic:x}")
+    return option, length
+
+
+_OPT_REP = struct.Struct(">QIII")
+OPTION_REPLY_HEADER_SIZE = _OPT_REP.size
+
+
+def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
+    return _OPT_REP.pack(REPLY_MAGIC_OPT, option, reply, len(data)) + data
+
+
+def option_error(option: int, err: OptionError) -> bytes:
+    return option_reply(option, err.reply, err.message.encode())
+
+
+def parse_option_reply_header(data: bytes) -> tuple[int, int, int]:
+    """(option, reply type, payload length) of a server option reply."""
+    magic, option, reply, length = _OPT_REP.unpack(data)
+    if magic != REPLY_MAGIC_OPT:
+        raise NbdProtocolError(f"Bad option reply magic 0x{magic:x}")
+    return option, reply, length
+
+
+def export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
+    """Reply to NBD_OPT_EXPORT_NAME: size, flags, and 124 zero bytes unless NO_ZEROES."""
+    return struct.pack(">QH", size, flags) + (b"" if no_zeroes else bytes(124))
+
+
+def rep_server(name: str, description: str = "") -> bytes:
+    """NBD_REP_SERVER payload for NBD_OPT_LIST; QEMU appends the description."""
+    n = name.encode()
+    return struct.pack(">I", len(n)) + n + description.encode()
+
+
+def info_export(size: int, flags: int) -> bytes:
+    return struct.pack(">HQH", INFO_EXPORT, size, flags)
+
+
+def info_name(name: str) -> bytes:
+    return struct.pack(">H", INFO_NAME) + name.encode()
+
+
+def info_description(description: str) -> bytes:
+    return struct.pack(">H", INFO_DESCRIPTION) + description.encode()
+
+
+def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
+    return struct.pack(">HIII", INFO_BLOCK_SIZE, minimum, preferred, maximum)
+
+
+def _take_string(data: bytes, pos: int, what: str) -> tuple[str, int]:
+    if len(data) - pos < 4:
+        raise OptionError(REP_ERR_INVALID, f"{what} length missing")
+    (n,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    if n > len(data) - pos:
+        raise OptionError(REP_ERR_INVALID, f"{what} length too large")
+    if n > MAX_STRING_SIZE:
+        raise OptionError(REP_ERR_INVALID, f"{what} too long")
+    try:
+        s = data[pos:pos + n].decode()
+    except UnicodeDecodeError:
+        raise OptionError(REP_ERR_INVALID, f"{what} is not valid UTF-8") from None
+    return s, pos + n
+
+
+def encode_info_request(name: str, infos: Sequence[int] = ()) -> bytes:
+    n = name.encode()
+    return (struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos))
+            + b"".join(struct.pack(">H", i) for i in infos))
+
+
+def parse_info_request(data: bytes) -> tuple[str, list[int]]:
+    """NBD_OPT_INFO / NBD_OPT_GO payload: (export name, requested info types)."""
+    name, pos = _take_string(data, 0, "export name")
+    if len(data) - pos < 2:
+        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+    (count,) = struct.unpack_from(">H", data, pos)
+    pos += 2
+    if len(data) - pos != 2 * count:
+        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+    infos = list(struct.unpack_from(f">{count}H", data, pos))
+    return name, infos
+
+
+def encode_meta_request(name: str, queries: Iterable[str]) -> bytes:
+    n = name.encode()
+    qs = [q.encode() for q in queries]
+    return (struct.pack(">I", len(n)) + n + struct.pack(">I", len(qs))
+            + b"".join(struct.pack(">I", len(q)) + q for q in qs))
+
+
+def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
+    """LIST/SET_META_CONTEXT payload: (export name, queries)."""
+    name, pos = _take_string(data, 0, "export name")
+    if len(data) - pos < 4:
+        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        q, pos = _take_string(data, pos, "query")
+        queries.append(q)
+    if pos != len(data):
+        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+    return name, queries
+
+
+def meta_context_reply(context_id: int, name: str) -> bytes:
+    return struct.pack(">I", context_id) + name.encode()
+
+
+def match_meta_contexts(queries: Sequence[str], available: Sequence[str],
+                        listing: bool) -> list[str]:
+    """The contexts of ``available`` that ``queries`` select.
+
+    ``base:`` and ``qemu:`` namespaces with an empty leaf (``qemu:``,
+    ``qemu:dirty-bitmap:``) select everything below them, but only when
+    listing, as the spec allows; an empty query list when listing selects
+    everything.  Unknown queries select nothing (they are not errors).
+    """
+    if listing and not queries:
+        return list(available)
+    chosen: list[str] = []
+    for q in queries:
+        for ctx in available:
+            hit = ctx == q
+            if listing and not hit:
+                if q in ("base:", "qemu:"):
+                    hit = ctx.startswith(q)
+                elif q == META_DIRTY_BITMAP:
+                    hit = ctx.startswith(q)
+            if hit and ctx not in chosen:
+                chosen.append(ctx)
+    # keep the server's order, not the client's, as QEMU does
+    return [c for c in available if c in chosen]
+
+
+# -- transmission: requests ----------------------------------------------------------
+_REQ = struct.Struct(">IHHQQI")
+REQUEST_SIZE = _REQ.size  # 28
+
+
+@attrs.frozen
+class Request:
+    flags: int
+    type: int
+    handle: int
+    offset: int
+    length: int
+
+
+def encode_request(type: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+    return _REQ.pack(REQUEST_MAGIC, flags, type, handle, offset, length)
+
+
+def parse_request(data: bytes | bytearray | memoryview) -> Request:
+    magic, flags, type_, handle, offset, length = _REQ.unpack(data)
+    if magic != REQUEST_MAGIC:
+        raise NbdProtocolError(f"invalid magic (got 0x{magic:x})")
+    return Request(flags, type_, handle, offset, length)
+
+
+# -- transmission: replies -------------------------------------------------------------
+_SIMPLE = struct.Struct(">IIQ")
+SIMPLE_REPLY_SIZE = _SIMPLE.size  # 16
+_CHUNK = struct.Struct(">IHHQI")
+CHUNK_HEADER_SIZE = _CHUNK.size  # 20
+
+
+def simple_reply(handle: int, error: int = 0) -> bytes:
+    """A simple reply header; READ data, when any, follows it."""
+    return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+def chunk_header(handle: int, type: int, length: int, flags: int = 0) -> bytes:
+    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, type, handle, length)
+
+
+def chunk_none(handle: int) -> bytes:
+    return chunk_header(handle, REPLY_TYPE_NONE, 0, REPLY_FLAG_DONE)
+
+
+def chunk_offset_data_header(handle: int, offset: int, length: int, done: bool) -> bytes:
+    """Header of an OFFSET_DATA chunk; ``length`` data bytes follow it."""
+    return (chunk_header(handle, REPLY_TYPE_OFFSET_DATA, 8 + length, REPLY_FLAG_DONE if done else 0)
+            + struct.pack(">Q", offset))
+
+
+def chunk_offset_hole(handle: int, offset: int, length: int, done: bool) -> bytes:
+    return (chunk_header(handle, REPLY_TYPE_OFFSET_HOLE, 12, REPLY_FLAG_DONE if done else 0)
+            + struct.pack(">QI", offset, length))
+
+
+def chunk_error(handle: int, error: int, message: str = "", done: bool = True) -> bytes:
+    msg = message.encode()[:MAX_STRING_SIZE]
+    return (chunk_header(handle, REPLY_TYPE_ERROR, 6 + len(msg), REPLY_FLAG_DONE if done else 0)
+            + struct.pack(">IH", error, len(msg)) + msg)
+
+
+def chunk_block_status(handle: int, context_id: int, extents: Sequence[tuple[int, int]],
+                       done: bool) -> bytes:
+    """BLOCK_STATUS chunk: ``extents`` are (length, flags) pairs."""
+    body = struct.pack(">I", context_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+    return chunk_header(handle, REPLY_TYPE_BLOCK_STATUS, len(body),
+                        REPLY_FLAG_DONE if done else 0) + body
+
+
+@attrs.frozen
+class Reply:
+    """A decoded reply header: simple (``type`` None) or a structured chunk."""
+
+    handle: int
+    error: int = 0
+    type: int | None = None
+    flags: int = 0
+    length: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.type is None or bool(self.flags & REPLY_FLAG_DONE)
+
+
+REPLY_MAGIC_SIZE = 4
+
+
+def reply_header_size(magic_bytes: bytes) -> int:
+    """How long the header is, given its first four bytes."""
+    (magic,) = struct.unpack(">I", magic_bytes)
+    if magic == SIMPLE_REPLY_MAGIC:
+        return SIMPLE_REPLY_SIZE
+    if magic == STRUCTURED_REPLY_MAGIC:
+        return CHUNK_HEADER_SIZE
+    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
+
+
+def parse_reply_header(data: bytes) -> Reply:
+    (magic,) = struct.unpack_from(">I", data)
+    if magic == SIMPLE_REPLY_MAGIC:
+        _, error, handle = _SIMPLE.unpack(data)
+        return Reply(handle, error)
+    if magic == STRUCTURED_REPLY_MAGIC:
+        _, flags, type_, handle, length = _CHUNK.unpack(data)
+        return Reply(handle, 0, type_, flags, length)
+    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
+
+
+def parse_error_chunk(payload: bytes) -> tuple[int, str]:
+    error, n = struct.unpack_from(">IH", payload)
+    return error, payload[6:6 + n].decode(errors="replace")
+
+
+def parse_block_status_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    (ctx,) = struct.unpack_from(">I", payload)
+    ext = [struct.unpack_from(">II", payload, p) for p in range(4, len(payload), 8)]
+    return ctx, ext

@@ -1,0 +1,83 @@
+"""In-process fixtures for NBD tests: a memory node and a minimal daemon.
+
+The memory node is a real BlockNode driver (bytes in a bytearray, zero
+detection per 64 KiB cluster for block status) so tests can compare what
+clients wrote with an independent model without needing the file driver.
+"""
+
+from __future__ import annotations
+
+import types
+
+import trio
+
+from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.nodes.node import BlockNode, BlockStatus, Status
+
+CLUSTER = 64 * 1024
+
+
+class MemoryNode(BlockNode):
+    driver = "test-memory"
+
+    async def open(self, options: dict) -> None:
+        self.data = bytearray(options["size"])
+        # clusters ever written (allocated); unwritten ones read as holes
+        self.allocated: set[int] = set()
+
+    def _length(self) -> int:
+        return len(self.data)
+
+    async def _co_preadv(self, offset, length):
+        return bytes(self.data[offset:offset + length])
+
+    async def _co_pwritev(self, offset, data, fua):
+        self.data[offset:offset + len(data)] = data
+        self._mark(offset, len(data), True)
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+        self.data[offset:offset + length] = bytes(length)
+        self._mark(offset, length, True)
+
+    async def _co_pdiscard(self, offset, length):
+        self.data[offset:offset + length] = bytes(length)
+        # only whole clusters become unallocated
+        first = -(-offset // CLUSTER)
+        last = (offset + length) // CLUSTER
+        for c in range(first, last):
+            self.allocated.discard(c)
+
+    def _mark(self, offset, length, on):
+        for c in range(offset // CLUSTER, (offset + length - 1) // CLUSTER + 1):
+            self.allocated.add(c)
+
+    async def _co_block_status(self, offset, length):
+        c = offset // CLUSTER
+        alloc = c in self.allocated
+        end = min(offset + length, len(self.data))
+        pos = (c + 1) * CLUSTER
+        while pos < end and ((pos // CLUSTER) in self.allocated) == alloc:
+            pos += CLUSTER
+        n = min(pos, end) - offset
+        if alloc:
+            return BlockStatus(Status.DATA | Status.ALLOCATED, n, depth=1)
+        return BlockStatus(Status.ZERO, n, depth=0)
+
+
+async def make_daemon(nursery: trio.Nursery, size: int = 64 << 20):
+    graph = BlockGraph()
+    node = MemoryNode(graph, "mem")
+    await node.open({"size": size})
+    graph.nodes["mem"] = node
+    return types.SimpleNamespace(graph=graph, objects={}, exports={}, nbd_server=None,
+                                 export_nursery=nursery, jobs={}, chardevs={})
+
+
+def ns(**kw):
+    """Typed-args stand-in: every optional member absent unless given."""
+    defaults = dict(type="nbd", writable=None, writethrough=None, iothread=None,
+                    fixed_iothread=None, name=None, description=None, bitmaps=None,
+                    allocation_depth=None, mode=None, tls_creds=None, tls_authz=None,
+                    max_connections=None)
+    defaults.update(kw)
+    return types.SimpleNamespace(**defaults)
