@@ -391,10 +391,14 @@ def _daemonize() -> Callable[[bool], None]:
     pid = os.fork()
     if pid > 0:
         os.close(wfd)
-        verdict = os.read(rfd, 1)
+        verdict = os.read(rfd, 1)  # b"" if the daemon died before reporting
         os._exit(0 if verdict == b"\0" else 1)
     os.close(rfd)
+    # like QEMU: a new session, then a second fork so the daemon is not a
+    # session leader and can never regain a controlling terminal
     os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
 
     def report(ok: bool) -> None:
         try:
@@ -403,6 +407,7 @@ def _daemonize() -> Callable[[bool], None]:
         except OSError:
             pass
         if ok:
+            os.chdir("/")  # as QEMU's os_setup_post: don't pin the start directory
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)

@@ -39,13 +39,15 @@ Action = Callable[["Daemon"], Awaitable[None]]
 class StartupError(Exception):
     """A command-line option failed: ``qsd-trio: --opt value: message``."""
 
-    def __init__(self, option: str, value: str | None, message: str):
+    def __init__(self, option: str | None, value: str | None, message: str):
         super().__init__(message)
         self.option = option
         self.value = value
         self.message = message
 
     def __str__(self) -> str:
+        if self.option is None:
+            return self.message
         if self.value is None:
             return f"{self.option}: {self.message}"
         return f"{self.option} {self.value}: {self.message}"
@@ -55,14 +57,15 @@ class PidFile:
     """A locked pidfile, removed at exit only if it still is ours."""
 
     def __init__(self, path: str):
-        self.path = path
+        # absolute, so removal works after --daemonize changes directory
+        self.path = os.path.abspath(path)
         self.fd = -1
 
     def write(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise OSError(e.errno, f"Cannot open pid file: {e.strerror}") from None
+            raise OSError(e.errno, f"Could not create '{self.path}': {e.strerror}") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -150,7 +153,8 @@ class Daemon:
                     try:
                         pf.write()
                     except OSError as e:
-                        raise StartupError("--pidfile", pidfile,
+                        # QEMU words this without the option prefix
+                        raise StartupError(None, None,
                                            f"cannot create PID file: {e.strerror}") from None
                     self.pidfile = pf
             except BaseException:
