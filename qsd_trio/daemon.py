@@ -165,7 +165,13 @@ class Daemon:
             self.accepting.set()
             if on_started is not None:
                 on_started()
-            await self.finished.wait()
+            try:
+                await self.finished.wait()
+            finally:
+                # normally shutdown() did this; after a crash, still don't
+                # leave a pidfile naming a dead process
+                if self.pidfile is not None:
+                    self.pidfile.remove()
             root.cancel_scope.cancel()
 
     async def _signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

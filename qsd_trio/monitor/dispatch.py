@@ -8,10 +8,12 @@ never see or build raw dicts for what the schema declares.
 from __future__ import annotations
 
 import contextvars
+import sys
+import traceback
 from typing import Any
 
 from ..qapi import schema
-from ..qapi.errors import CommandNotFound
+from ..qapi.errors import CommandNotFound, GenericError, QapiError
 from .registry import Command, load_all
 
 # the session whose command is running (qmp_capabilities needs it)
@@ -35,6 +37,16 @@ async def call(daemon: Any, cmd: Command, arguments: dict | None, *, session: An
     token = current_session.set(session)
     try:
         result = await cmd.handler(daemon, args)
+    except QapiError:
+        raise
+    except OSError as e:
+        # an I/O error that no layer below turned into a QEMU message
+        raise GenericError(e.strerror or str(e)) from None
+    except Exception as e:
+        # a bug of ours: the client gets an error and the session goes on;
+        # the traceback goes to stderr for a bug report
+        traceback.print_exc(file=sys.stderr)
+        raise GenericError(f"internal error in {cmd.name}: {e}") from None
     finally:
         current_session.reset(token)
     return {} if result is None else schema.to_qmp(result)

@@ -14,6 +14,8 @@ monitor nursery is cancelled; its event subscription ends with it.
 from __future__ import annotations
 
 import math
+import sys
+import traceback
 from typing import Any
 
 import trio
@@ -45,6 +47,8 @@ class Monitor:
             self.session = QmpSession(self.daemon, stream, self.pretty)
             try:
                 await self.session.run()
+            except Exception:  # noqa: BLE001 - one broken session must not end the monitor
+                traceback.print_exc(file=sys.stderr)
             finally:
                 self.session = None
 
