@@ -3,22 +3,54 @@
 Drivers register with :func:`register_driver`; ``BlockGraph.add`` opens a
 node from validated options (a dict in QAPI form: hyphenated keys, optional
 members absent when not given, nested definitions as dicts, references to
-existing nodes as strings).  A failed open leaves nothing behind.
+existing nodes as strings).  Nested children are opened first, get
+``#blockNNN`` names when they have none, and inherit the options QEMU lets a
+child inherit.  A failed open leaves nothing behind: every node it created is
+closed and forgotten and every edge it made is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import re
+
+import trio
 
 from ..qapi.errors import DeviceNotFound, GenericError
-from .node import BlockNode
+from .node import BdrvChild, BlockNode, Perm
 
 DRIVERS: dict[str, type[BlockNode]] = {}
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+
+# options a nested file/data-file child takes from its parent unless given
+_INHERITED = ("read-only", "auto-read-only", "discard")
 
 
 def register_driver(cls: type[BlockNode]) -> type[BlockNode]:
     DRIVERS[cls.driver] = cls
     return cls
+
+
+def load_drivers() -> dict[str, type[BlockNode]]:
+    """Import every driver module so that it registers itself."""
+    import importlib
+
+    for mod in ("null", "file", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
+    return DRIVERS
+
+
+def check_node_name(name: str) -> None:
+    if not _NODE_NAME.match(name):
+        raise GenericError(f"Invalid node-name: '{name}'")
+    if len(name) >= 32:
+        raise GenericError("Node name too long")
 
 
 class BlockGraph:
@@ -27,6 +59,8 @@ class BlockGraph:
     def __init__(self) -> None:
         self.nodes: dict[str, BlockNode] = {}  # insertion order = creation order
         self._auto_names = itertools.count(0)
+        self._tx: list[list[BlockNode]] = []  # nodes created by the add() in progress
+        load_drivers()
 
     def auto_name(self) -> str:
         # QEMU names implicitly created nodes "#blockNNN"
@@ -45,31 +79,149 @@ class BlockGraph:
         except KeyError:
             raise GenericError(f"Failed to find node with node-name='{name}'") from None
 
+    def newest_first(self) -> list[BlockNode]:
+        """Nodes in the order QEMU's query commands list them."""
+        return list(reversed(self.nodes.values()))
+
+    # -- opening -----------------------------------------------------------------
     async def add(self, options: dict) -> BlockNode:
         """blockdev-add: open a node (and nested children) from ``options``."""
+        if options.get("node-name") is None:
+            raise GenericError("'node-name' must be specified for the root node")
+        created: list[BlockNode] = []
+        self._tx.append(created)
+        try:
+            node = await self._open(options)
+        except BaseException:
+            await self._rollback(created)
+            raise
+        finally:
+            self._tx.pop()
+        node.monitor_owned = True
+        return node
+
+    async def _open(self, options: dict) -> BlockNode:
         name = options.get("node-name")
-        if name is not None and name in self.nodes:
-            raise GenericError(f"Duplicate nodes with node-name='{name}'")
-        cls = DRIVERS[options["driver"]]
-        node = cls(self, name or self.auto_name(), read_only=options.get("read-only", False))
+        if name is not None:
+            check_node_name(name)
+            if name in self.nodes:
+                raise GenericError(f"Duplicate nodes with node-name='{name}'")
+        drv = options.get("driver")
+        cls = DRIVERS.get(drv)
+        if cls is None:
+            raise GenericError(f"Unknown driver '{drv}'")
+        node = cls(self, name or self.auto_name(), read_only=bool(options.get("read-only", False)))
         node.options = options
+        if self._tx:
+            self._tx[-1].append(node)
+        node.configure(options)
         await node.open(options)
         self.nodes[node.node_name] = node
         return node
 
+    async def _rollback(self, created: list[BlockNode]) -> None:
+        with trio.CancelScope(shield=True):
+            for node in reversed(created):
+                for edge in list(node.children.values()):
+                    edge.detach()
+                for edge in list(node.parents):
+                    edge.detach()
+                if self.nodes.get(node.node_name) is node:
+                    del self.nodes[node.node_name]
+                with contextlib.suppress(Exception):
+                    await node._close()
+
+    async def open_child(self, parent: BlockNode, options: dict, role: str, *,
+                         required: bool = True, inherit: bool = True) -> BdrvChild | None:
+        """Open (nested dict) or find (node name) child ``role`` and attach it."""
+        val = options.get(role)
+        if val is None:
+            if required:
+                raise GenericError(f'A block device must be specified for "{role}"')
+            return None
+        if isinstance(val, str):
+            child = self.nodes.get(val)
+            if child is None:
+                raise GenericError(f"Cannot find device='' nor node-name='{val}'")
+        else:
+            copts = dict(val)
+            if inherit:
+                if role == "backing":
+                    copts.setdefault("read-only", True)
+                else:
+                    for k in _INHERITED:
+                        if k in options and k not in copts:
+                            copts[k] = options[k]
+                    if parent.read_only:
+                        copts.setdefault("read-only", True)
+                if "cache" in options:
+                    copts["cache"] = {**options["cache"], **copts.get("cache", {})}
+            child = await self._open(copts)
+        return self.link(parent, child, role)
+
+    def link(self, parent: BlockNode, child: BlockNode, role: str) -> BdrvChild:
+        """Make ``child`` parent's ``role`` child with the permissions it needs."""
+        from .perms import refresh
+        if child is parent or parent in child._subtree():
+            raise GenericError("Making '%s' a %s child of '%s' would create a cycle"
+                               % (child.node_name, role, parent.node_name))
+        edge = BdrvChild(role, child, parent, Perm(0), Perm.ALL)
+        edge.perm, edge.shared = parent.child_perm(edge, parent.cum_perm, parent.cum_shared)
+        if child.force_share:
+            edge.shared = Perm.ALL
+        parent.children[role] = edge
+        child.parents.insert(0, edge)
+        try:
+            refresh(child)
+        except BaseException:
+            del parent.children[role]
+            child.parents.remove(edge)
+            with contextlib.suppress(Exception):
+                refresh(child)
+            raise
+        return edge
+
+    # -- deleting ------------------------------------------------------------------
     async def delete(self, name: str) -> None:
+        """blockdev-del, with QEMU's refusals."""
         node = self.find_node(name)
+        if not node.monitor_owned:
+            raise GenericError(f"Node {name} is not owned by the monitor")
+        if any(not isinstance(e.parent, BlockNode) for e in node.parents):
+            raise GenericError(f"Node {name} is in use")
         if node.parents:
-            raise GenericError(f"Node '{name}' is busy: block device is in use by {node.parents[0].name}")
-        del self.nodes[name]
-        await node.close()
+            raise GenericError(f"Block device {name} is in use")
+        node.monitor_owned = False
+        await self._unref(node)
+
+    async def _unref(self, node: BlockNode) -> None:
+        """Close ``node`` and then the implicit children nobody else uses."""
+        if node.parents or node.monitor_owned or self.nodes.get(node.node_name) is not node:
+            return
+        del self.nodes[node.node_name]
+        try:
+            await node.close()
+        finally:
+            children = [e.node for e in node.children.values()]
+            for edge in list(node.children.values()):
+                edge.detach()
+            for child in children:
+                await self._unref(child)
 
     async def close_all(self) -> None:
         """Drain, flush and close every node, parents before children."""
-        # creation order puts children first; close in reverse
-        for name in reversed(list(self.nodes)):
-            node = self.nodes.pop(name)
-            try:
-                await node.close()
-            except Exception:  # noqa: BLE001 - shutdown closes the rest regardless
-                pass
+        with trio.CancelScope(shield=True):
+            while self.nodes:
+                # a node no other node uses; users that are not nodes are gone by now
+                top = [n for n in reversed(self.nodes.values())
+                       if not any(isinstance(e.parent, BlockNode) for e in n.parents)]
+                node = top[0] if top else next(reversed(self.nodes.values()))
+                for edge in list(node.parents):
+                    edge.detach()
+                del self.nodes[node.node_name]
+                try:
+                    await node.close()
+                except Exception:  # noqa: BLE001 - shutdown closes the rest regardless
+                    pass
+                for edge in list(node.children.values()):
+                    edge.detach()

@@ -3,11 +3,22 @@
 A driver subclasses :class:`BlockNode` and implements the small ``_co_*``
 hooks (nbdkit style).  The public methods here (``read``, ``write``,
 ``write_zeroes``, ``discard``, ``flush``, ``block_status``, ``truncate``) do
-what is common, once: bounds and permission checks, request tracking for
-drain, dirty bitmaps, fallbacks (zero-write falls back to write), statistics.
+what is common, once: bounds checks, request tracking and drain, dirty
+bitmaps, before-write hooks, the write threshold, ``detect-zeroes``,
+``discard=unmap``, ``cache.no-flush``, fallbacks (zero-write falls back to
+write) and statistics.
 
 Offsets and lengths are bytes.  Data passed to ``write`` is any buffer
 (bytes, bytearray, memoryview); ``read`` returns a buffer the caller may keep.
+
+Bounds: requests must lie inside ``length``, except on nodes whose class sets
+``grows = True`` (the ``file`` driver): as in QEMU, a format driver may write
+past the end of its protocol child (the file grows) and reads past the end
+return zeroes.  Exports check their own bounds against the export size.
+
+Permissions: users take them with :meth:`BlockNode.attach` (exports, jobs) or
+:meth:`BlockNode.open_child` (format drivers and filters); conflicts raise
+``GenericError`` with QEMU's text.  Releasing an edge is ``edge.detach()``.
 
 Errors: I/O failures are raised as ``OSError`` with an errno (exports turn it
 into the protocol's error code); misuse that a QMP client can cause is a
@@ -16,15 +27,21 @@ into the protocol's error code); misuse that a QMP client can cause is a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
+import errno
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 import trio
 
+from .. import events
 from ..qapi.errors import GenericError
 
 if TYPE_CHECKING:
+    from .bitmaps import DirtyBitmap
     from .graph import BlockGraph
 
 
@@ -58,12 +75,24 @@ class BlockStatus:
     offset: int | None = None  # host offset when OFFSET_VALID
 
 
+def parent_desc(parent: object) -> str:
+    """How QEMU names a parent in permission errors (bdrv_child_user_desc)."""
+    if isinstance(parent, BlockNode):
+        return f"node '{parent.node_name}'"
+    desc = getattr(parent, "perm_desc", None)  # e.g. "mirror job 'job0'"
+    if desc:
+        return desc
+    return "an unnamed block device"
+
+
 @attrs.define(eq=False)
 class BdrvChild:
-    """An edge: ``parent`` uses ``node`` in role ``role`` with permissions.
+    """An edge: ``parent`` uses ``node`` in role ``name`` with permissions.
 
-    ``parent`` is a BlockNode or any object naming a user (export, job) that
-    has a ``name`` attribute for error messages.
+    ``parent`` is a BlockNode or any object naming a user (export, job).  A
+    non-node parent may set ``perm_desc`` ("mirror job 'j0'") for messages and
+    ``xdbg_type``/``xdbg_name`` for x-debug-query-block-graph; without them it
+    is shown as QEMU shows an export's BlockBackend.
     """
 
     name: str
@@ -73,26 +102,88 @@ class BdrvChild:
     shared: Perm
 
     def detach(self) -> None:
-        self.node.parents.remove(self)
+        """Drop this edge; the node's permissions (and file locks) shrink."""
+        if self in self.node.parents:
+            self.node.parents.remove(self)
+            if isinstance(self.parent, BlockNode):
+                for role, e in list(self.parent.children.items()):
+                    if e is self:
+                        del self.parent.children[role]
+            from .perms import refresh
+            with contextlib.suppress(Exception):  # shrinking cannot conflict
+                refresh(self.node)
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Change this edge's permissions (bdrv_child_try_set_perm); may raise."""
+        from .perms import refresh
+        old = (self.perm, self.shared)
+        self.perm, self.shared = Perm(perm), Perm(shared)
+        try:
+            refresh(self.node)
+        except BaseException:
+            self.perm, self.shared = old
+            with contextlib.suppress(Exception):
+                refresh(self.node)
+            raise
+
+
+# Set while a request is being served, so that the requests a driver issues
+# to its children (and the drainer's own requests) pass a drained section's
+# gate; only new requests from outside wait.
+_in_request: contextvars.ContextVar[bool] = contextvars.ContextVar("_in_request", default=False)
+
+# before-write hook: await hook(node, offset, length) before data changes
+BeforeWrite = Callable[["BlockNode", int, int], Awaitable[None]]
+
+STAT_KEYS = ("rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+             "unmap_operations", "flush_operations", "failed_rd_operations",
+             "failed_wr_operations", "failed_unmap_operations", "failed_flush_operations",
+             "zone_append_bytes")
 
 
 class BlockNode:
     """A node in the block graph.  Subclasses set ``driver`` and the hooks."""
 
     driver: ClassVar[str] = ""
+    # protocol nodes that grow when written past the end (file)
+    grows: ClassVar[bool] = False
+    # filters (copy-on-read, blkdebug, raw without offset/size) pass perms through
+    is_filter: ClassVar[bool] = False
+    supports_persistent_bitmaps: ClassVar[bool] = False
+    # filters whose child query-named-block-nodes shows as "backing-image"
+    shows_filtered_child: ClassVar[bool] = False
 
     def __init__(self, graph: BlockGraph, node_name: str, *, read_only: bool = False):
         self.graph = graph
         self.node_name = node_name
         self.read_only = read_only
         self.children: dict[str, BdrvChild] = {}  # role -> edge
-        self.parents: list[BdrvChild] = []
+        self.parents: list[BdrvChild] = []  # newest first, as QEMU lists them
         self.options: dict = {}  # the validated options it was opened with
         self._in_flight = 0
         self._drained = trio.Event()
         self._drained.set()
+        self._quiesce = 0
+        self._resume = trio.Event()
+        self._resume.set()
         # allocation granularity for callers that care (mirror, NBD min block)
         self.request_alignment = 1
+        # common options (configure())
+        self.auto_read_only = False
+        self.force_share = False
+        self.discard_unmap = False
+        self.detect_zeroes = "off"
+        self.cache_direct = False
+        self.cache_no_flush = False
+        self.monitor_owned = False  # added by blockdev-add as a root
+        # what the parents take and share, summed up (perms.refresh keeps it)
+        self.cum_perm = Perm(0)
+        self.cum_shared = Perm.ALL
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        self.before_write: list[BeforeWrite] = []
+        self.write_threshold = 0
+        self.wr_highest_offset = 0
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     # -- what drivers implement ------------------------------------------
     async def open(self, options: dict) -> None:
@@ -108,8 +199,13 @@ class BlockNode:
         raise OSError(95, "Operation not supported")
 
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
-        # fallback: write explicit zeroes (the I/O layer chunks this)
-        await self._co_pwritev(offset, memoryview(bytes(length)), fua)
+        # fallback: write explicit zeroes, in bounded chunks
+        chunk = bytes(min(length, 1 << 20))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            await self._co_pwritev(pos, memoryview(chunk)[:n], fua)
+            pos += n
 
     async def _co_pdiscard(self, offset: int, length: int) -> None:
         return None  # discard is advisory
@@ -122,10 +218,81 @@ class BlockNode:
         return BlockStatus(Status.DATA | Status.ALLOCATED, length)
 
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        raise GenericError("Cannot resize this image")
+        raise GenericError("Image does not support resizing")
 
     async def _close(self) -> None:
         return None
+
+    def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """What this node takes on child ``edge`` given its parents' needs."""
+        from . import perms
+        if self.is_filter:
+            return perms.filter_perms(perm, shared)
+        if edge.name == "backing":
+            return perms.cow_perms(perm, shared)
+        if edge.name == "data-file":
+            return perms.storage_perms(perm, shared, writable=not self.read_only,
+                                       metadata=False)
+        if edge.name == "file":
+            # a format whose data lives in a data-file keeps only metadata here
+            return perms.storage_perms(perm, shared, writable=not self.read_only,
+                                       data="data-file" not in self.children)
+        return perms.filter_perms(perm, shared)
+
+    def debug_event(self, event: str) -> None:
+        """A BLKDBG_EVENT ("read_aio", "l2_update", ...) aimed at this node.
+
+        Format drivers call it on their file child before the matching I/O;
+        only blkdebug acts on it.
+        """
+
+    def _set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Apply new cumulative permissions (file locks); raise to refuse."""
+
+    # -- information (query-named-block-nodes); drivers refine ----------------
+    @property
+    def filename(self) -> str:
+        f = self.primary_child()
+        return f.node.filename if f else ""
+
+    def primary_child(self) -> BdrvChild | None:
+        return self.children.get("file") or self.children.get("image")
+
+    def actual_size(self) -> int | None:
+        """Bytes allocated on the host (image actual-size), None when unknown."""
+        f = self.primary_child()
+        return f.node.actual_size() if f else None
+
+    def info_extra(self) -> dict:
+        """Extra ImageInfo members (cluster-size, format-specific, ...)."""
+        return {}
+
+    def driver_stats(self) -> dict | None:
+        """query-blockstats driver-specific member."""
+        return None
+
+    # -- common options ----------------------------------------------------
+    def configure(self, options: dict) -> None:
+        """Apply the options every driver shares (BlockdevOptions base)."""
+        self.auto_read_only = bool(options.get("auto-read-only", False))
+        self.force_share = bool(options.get("force-share", False))
+        if self.force_share and not self.read_only:
+            raise GenericError("force-share=on can only be used with read-only images")
+        self.discard_unmap = options.get("discard", "ignore") == "unmap"
+        dz = options.get("detect-zeroes", "off")
+        if dz == "unmap" and not self.discard_unmap:
+            raise GenericError("setting detect-zeroes to unmap is not allowed without "
+                               "setting discard operation to unmap")
+        self.detect_zeroes = dz
+        cache = options.get("cache") or {}
+        self.cache_direct = bool(cache.get("direct", False))
+        self.cache_no_flush = bool(cache.get("no-flush", False))
+
+    async def open_child(self, options: dict, role: str, *, required: bool = True,
+                         inherit: bool = True) -> BdrvChild | None:
+        """Open or look up child ``role`` (nested dict or node name) and attach it."""
+        return await self.graph.open_child(self, options, role, required=required,
+                                           inherit=inherit)
 
     # -- the public I/O layer ----------------------------------------------
     @property
@@ -133,12 +300,12 @@ class BlockNode:
         return self._length()
 
     def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self._length():
-            raise OSError(5, "Input/output error")
+        if offset < 0 or length < 0 or (offset + length > self._length() and not self.grows):
+            raise OSError(errno.EIO, "Input/output error")
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise OSError(1, "Operation not permitted")
+            raise OSError(errno.EPERM, "Operation not permitted")
 
     def _begin(self) -> None:
         if self._in_flight == 0:
@@ -150,61 +317,218 @@ class BlockNode:
         if self._in_flight == 0:
             self._drained.set()
 
+    async def _gate(self) -> None:
+        # a drained section holds new outside requests back (bdrv_drained_begin)
+        while self._quiesce and not _in_request.get():
+            await self._resume.wait()
+
+    def _mark_write(self, offset: int, length: int, *, discard: bool = False) -> None:
+        if not discard:
+            self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
+        for bm in self.bitmaps.values():
+            if bm.enabled:
+                bm.set_dirty(offset, length)
+
+    def _check_threshold(self, offset: int, length: int) -> None:
+        wt = self.write_threshold
+        if wt and offset + length > wt:
+            self.write_threshold = 0
+            events.emit("BLOCK_WRITE_THRESHOLD", {
+                "node-name": self.node_name,
+                "amount-exceeded": offset + length - wt,
+                "write-threshold": wt,
+            })
+
+    async def _before_write(self, offset: int, length: int) -> None:
+        for hook in list(self.before_write):
+            await hook(self, offset, length)
+
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         self._check(offset, length)
+        if self._quiesce:
+            await self._gate()
+        token = _in_request.set(True)
         self._begin()
         try:
-            return await self._co_preadv(offset, length)
+            data = await self._co_preadv(offset, length)
+        except OSError:
+            self.stats["failed_rd_operations"] += 1
+            raise
         finally:
             self._end()
+            _in_request.reset(token)
+        self.stats["rd_operations"] += 1
+        self.stats["rd_bytes"] += length
+        return data
 
     async def write(self, offset: int, data, *, fua: bool = False) -> None:
         mv = memoryview(data).cast("B")
+        n = len(mv)
         self._check_writable()
-        self._check(offset, len(mv))
+        self._check(offset, n)
+        if self._quiesce:
+            await self._gate()
+        token = _in_request.set(True)
         self._begin()
         try:
-            await self._co_pwritev(offset, mv, fua)
+            self._check_threshold(offset, n)
+            if self.before_write:
+                await self._before_write(offset, n)
+            if self.detect_zeroes != "off" and n and _is_zero(mv):
+                self.debug_event("pwritev_zero")
+                await self._co_pwrite_zeroes(offset, n, self.detect_zeroes == "unmap", fua)
+            else:
+                self.debug_event("pwritev")
+                await self._co_pwritev(offset, mv, fua)
+            self.debug_event("pwritev_done")
+        except OSError:
+            self.stats["failed_wr_operations"] += 1
+            raise
         finally:
+            self._mark_write(offset, n)
             self._end()
+            _in_request.reset(token)
+        self.stats["wr_operations"] += 1
+        self.stats["wr_bytes"] += n
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
                            fua: bool = False) -> None:
         self._check_writable()
         self._check(offset, length)
+        if self._quiesce:
+            await self._gate()
+        token = _in_request.set(True)
         self._begin()
         try:
-            await self._co_pwrite_zeroes(offset, length, may_unmap, fua)
+            self._check_threshold(offset, length)
+            if self.before_write:
+                await self._before_write(offset, length)
+            self.debug_event("pwritev_zero")
+            await self._co_pwrite_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+            self.debug_event("pwritev_done")
+        except OSError:
+            self.stats["failed_wr_operations"] += 1
+            raise
         finally:
+            self._mark_write(offset, length)
             self._end()
+            _in_request.reset(token)
+        self.stats["wr_operations"] += 1
+        self.stats["wr_bytes"] += length
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check(offset, length)
+        if not self.discard_unmap:
+            return  # discard=ignore (QEMU drops the request before tracking it)
+        if self._quiesce:
+            await self._gate()
+        token = _in_request.set(True)
         self._begin()
         try:
+            if self.before_write:
+                await self._before_write(offset, length)
             await self._co_pdiscard(offset, length)
+        except OSError:
+            self.stats["failed_unmap_operations"] += 1
+            raise
         finally:
+            self._mark_write(offset, length, discard=True)
             self._end()
+            _in_request.reset(token)
+        self.stats["unmap_operations"] += 1
+        self.stats["unmap_bytes"] += length
 
     async def flush(self) -> None:
+        if self._quiesce:
+            await self._gate()
+        token = _in_request.set(True)
         self._begin()
         try:
-            await self._co_flush()
+            if self.cache_no_flush:
+                # cache.no-flush skips this node's own sync, not its children's
+                for child in list(self.children.values()):
+                    await child.node.flush()
+            else:
+                await self._co_flush()
+        except OSError:
+            self.stats["failed_flush_operations"] += 1
+            raise
         finally:
             self._end()
+            _in_request.reset(token)
+        self.stats["flush_operations"] += 1
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         self._check(offset, length)
-        return await self._co_block_status(offset, length)
+        token = _in_request.set(True)
+        try:
+            return await self._co_block_status(offset, length)
+        finally:
+            _in_request.reset(token)
 
     async def truncate(self, size: int, *, exact: bool = True, prealloc: str = "off") -> None:
         self._check_writable()
-        await self._co_truncate(size, exact, prealloc)
+        if size < 0:
+            raise GenericError("Image size cannot be negative")
+        token = _in_request.set(True)
+        self._begin()
+        try:
+            await self._co_truncate(size, exact, prealloc)
+        finally:
+            self._end()
+            _in_request.reset(token)
+        for bm in self.bitmaps.values():
+            bm.resize(self._length())
 
     async def drain(self) -> None:
         """Wait until no request is in flight on this node."""
         await self._drained.wait()
+
+    def _subtree(self) -> list[BlockNode]:
+        seen: dict[int, BlockNode] = {}
+        todo = [self]
+        while todo:
+            n = todo.pop()
+            if id(n) not in seen:
+                seen[id(n)] = n
+                todo.extend(c.node for c in n.children.values())
+        return list(seen.values())
+
+    def _ancestors(self) -> list[BlockNode]:
+        seen: dict[int, BlockNode] = {}
+        todo = [self]
+        while todo:
+            n = todo.pop()
+            if id(n) not in seen:
+                seen[id(n)] = n
+                todo.extend(p.parent for p in n.parents if isinstance(p.parent, BlockNode))
+        return list(seen.values())
+
+    @contextlib.asynccontextmanager
+    async def drained(self):
+        """A drained section (bdrv_drained_begin/end) for graph changes.
+
+        New requests from outside to this node and its ancestors wait until the
+        section ends; requests already in flight here, above or below finish
+        first.  The task that holds the section may still issue requests.
+        """
+        gated = self._ancestors()
+        for n in gated:
+            if n._quiesce == 0:
+                n._resume = trio.Event()
+            n._quiesce += 1
+        token = _in_request.set(True)
+        try:
+            for n in gated + self._subtree():
+                await n.drain()
+            yield
+        finally:
+            _in_request.reset(token)
+            for n in gated:
+                n._quiesce -= 1
+                if n._quiesce == 0:
+                    n._resume.set()
 
     async def close(self) -> None:
         """Drain, flush (if writable), close; children are closed by the graph."""
@@ -215,9 +539,42 @@ class BlockNode:
 
     # -- graph edges -----------------------------------------------------------
     def attach(self, name: str, parent: object, perm: Perm, shared: Perm = Perm.ALL) -> BdrvChild:
-        """Add ``parent`` as a user of this node.  Callers detach() when done."""
-        if perm & (Perm.WRITE | Perm.RESIZE) and self.read_only:
-            raise GenericError(f"Block node is read-only")
-        edge = BdrvChild(name, self, parent, perm, shared)
-        self.parents.append(edge)
+        """Add ``parent`` as a user of this node.  Callers detach() when done.
+
+        Raises GenericError with QEMU's text on a permission conflict (with
+        another parent, or with another process holding the image's locks).
+        """
+        from .perms import refresh
+        edge = BdrvChild(name, self, parent, Perm(perm), Perm(shared))
+        if self.force_share:
+            edge.shared = Perm.ALL
+        self.parents.insert(0, edge)
+        try:
+            refresh(self)
+        except BaseException:
+            self.parents.remove(edge)
+            with contextlib.suppress(Exception):
+                refresh(self)
+            raise
         return edge
+
+    # -- dirty bitmaps (QMP checks are in monitor/block.py) --------------------
+    def add_bitmap(self, name: str, granularity: int, *, persistent: bool = False,
+                   enabled: bool = True) -> DirtyBitmap:
+        from .bitmaps import DirtyBitmap
+        bm = DirtyBitmap(name, self._length(), granularity, persistent=persistent,
+                         enabled=enabled)
+        self.bitmaps[name] = bm
+        return bm
+
+    def default_bitmap_granularity(self) -> int:
+        # bdrv_get_default_bitmap_granularity: the cluster size within [4k, 64k]
+        cs = self.info_extra().get("cluster-size")
+        if cs:
+            return min(65536, max(4096, cs))
+        return 65536
+
+
+def _is_zero(mv: memoryview) -> bool:
+    # bytes.count on a memoryview is not available; compare against a zero buffer
+    return mv.nbytes == 0 or (mv[0] == 0 and mv == bytes(mv.nbytes))

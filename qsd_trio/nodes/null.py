@@ -19,6 +19,19 @@ class NullNode(BlockNode):
     def _length(self) -> int:
         return self.size
 
+    @property
+    def filename(self) -> str:
+        extra = {k: v for k, v in self.options.items()
+                 if k not in ("driver", "node-name", "read-only", "auto-read-only",
+                              "discard", "detect-zeroes", "cache", "force-share")}
+        if not extra:
+            return f"{self.driver}://"
+        import json
+        return "json:" + json.dumps({**extra, "driver": self.driver})
+
+    def actual_size(self) -> int | None:
+        return 0
+
     async def _delay(self) -> None:
         if self.latency_ns:
             await trio.sleep(self.latency_ns / 1e9)

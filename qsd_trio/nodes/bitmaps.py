@@ -1,0 +1,158 @@
+"""In-memory dirty bitmaps (QEMU's BdrvDirtyBitmap over an HBitmap).
+
+One bit per ``granularity`` bytes of guest data.  The I/O layer (node.py)
+marks every write, zero write and discard in every *enabled* bitmap of the
+node.  Bits are stored little-endian in a bytearray so that the sha256 of the
+buffer padded to 64-bit words equals what QEMU's
+``x-debug-block-dirty-bitmap-sha256`` hashes (the last HBitmap level as an
+array of unsigned longs on a little-endian host).
+
+Persistence is a format driver's business: a driver that can store bitmaps
+sets ``supports_persistent_bitmaps`` and reads/writes :attr:`DirtyBitmap.data`
+(``to_bytes``/``load_bytes``) at open/close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..qapi.errors import GenericError
+
+
+class DirtyBitmap:
+    def __init__(self, name: str, size: int, granularity: int, *, persistent: bool = False,
+                 enabled: bool = True):
+        self.name = name
+        self.granularity = granularity
+        self.shift = granularity.bit_length() - 1
+        self.persistent = persistent
+        self.enabled = enabled
+        self.busy = False        # held by a job or an export
+        self.readonly = False    # loaded read-only from an image
+        self.inconsistent = False
+        self.size = 0
+        self.bits = bytearray()
+        self.resize(size)
+
+    # -- geometry ---------------------------------------------------------------
+    def _nbits(self, size: int) -> int:
+        return max((size + self.granularity - 1) >> self.shift, 1)
+
+    def resize(self, size: int) -> None:
+        nbits = self._nbits(size)
+        nbytes = (nbits + 7) // 8
+        if nbytes < len(self.bits):
+            del self.bits[nbytes:]
+        else:
+            self.bits.extend(bytes(nbytes - len(self.bits)))
+        # clear bits past the new end within the last byte
+        if nbits % 8:
+            self.bits[-1] &= (1 << (nbits % 8)) - 1
+        self.size = size
+
+    # -- bits -------------------------------------------------------------------
+    def _set_bits(self, first: int, last: int, value: bool) -> None:
+        """Set or clear bits first..last inclusive."""
+        b0, b1 = first >> 3, last >> 3
+        if b0 == b1:
+            mask = ((1 << (last - first + 1)) - 1) << (first & 7)
+            if value:
+                self.bits[b0] |= mask
+            else:
+                self.bits[b0] &= ~mask & 0xFF
+            return
+        head = (0xFF << (first & 7)) & 0xFF
+        tail = (1 << ((last & 7) + 1)) - 1
+        if value:
+            self.bits[b0] |= head
+            self.bits[b1] |= tail
+            self.bits[b0 + 1:b1] = b"\xff" * (b1 - b0 - 1)
+        else:
+            self.bits[b0] &= ~head & 0xFF
+            self.bits[b1] &= ~tail & 0xFF
+            self.bits[b0 + 1:b1] = bytes(b1 - b0 - 1)
+
+    def _range(self, offset: int, length: int) -> tuple[int, int] | None:
+        if length <= 0 or offset >= self.size:
+            return None
+        end = min(offset + length, self.size)
+        return offset >> self.shift, (end - 1) >> self.shift
+
+    def set_dirty(self, offset: int, length: int) -> None:
+        r = self._range(offset, length)
+        if r:
+            self._set_bits(r[0], r[1], True)
+
+    def reset_dirty(self, offset: int, length: int) -> None:
+        # QEMU only clears whole granules (hbitmap_reset asserts alignment)
+        r = self._range(offset, length)
+        if r:
+            self._set_bits(r[0], r[1], False)
+
+    def get(self, offset: int) -> bool:
+        i = offset >> self.shift
+        return bool(self.bits[i >> 3] >> (i & 7) & 1)
+
+    def clear(self) -> None:
+        self.bits[:] = bytes(len(self.bits))
+
+    def count(self) -> int:
+        """Dirty bytes as QEMU reports them (hbitmap_count: granules, capped at size)."""
+        n = int.from_bytes(self.bits, "little").bit_count()
+        return min(n << self.shift, self.size)
+
+    def dirty_extents(self, offset: int = 0, length: int | None = None):
+        """Yield (offset, length, dirty) runs covering [offset, offset+length)."""
+        end = self.size if length is None else min(self.size, offset + length)
+        pos = offset
+        while pos < end:
+            d = self.get(pos)
+            nxt = ((pos >> self.shift) + 1) << self.shift
+            while nxt < end and self.get(nxt) == d:
+                nxt += self.granularity
+            nxt = min(nxt, end)
+            yield pos, nxt - pos, d
+            pos = nxt
+
+    def merge_from(self, other: DirtyBitmap) -> None:
+        if other.granularity == self.granularity and other.size == self.size:
+            v = int.from_bytes(self.bits, "little") | int.from_bytes(other.bits, "little")
+            self.bits[:] = v.to_bytes(len(self.bits), "little")
+            return
+        for off, ln, dirty in other.dirty_extents():
+            if dirty:
+                self.set_dirty(off, ln)
+
+    # -- serialisation ----------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        return bytes(self.bits)
+
+    def load_bytes(self, data: bytes) -> None:
+        self.bits[:] = data[:len(self.bits)].ljust(len(self.bits), b"\0")
+
+    def sha256(self) -> str:
+        words = (len(self.bits) + 7) // 8
+        return hashlib.sha256(bytes(self.bits).ljust(words * 8, b"\0")).hexdigest()
+
+    def info(self) -> dict:
+        d = {
+            "name": self.name,
+            "recording": self.enabled,
+            "persistent": self.persistent,
+            "busy": self.busy,
+            "granularity": self.granularity,
+            "count": self.count(),
+        }
+        if self.inconsistent:
+            d["inconsistent"] = True
+        return d
+
+    # -- QMP-level checks (bdrv_dirty_bitmap_check) -----------------------------
+    def check(self, *, allow_ro: bool = False) -> None:
+        if self.busy:
+            raise GenericError(f"Bitmap '{self.name}' is currently in use by another "
+                               "operation and cannot be used")
+        if self.readonly and not allow_ro:
+            raise GenericError(f"Bitmap '{self.name}' is readonly and cannot be modified")
+        if self.inconsistent:
+            raise GenericError(f"Bitmap '{self.name}' is inconsistent and cannot be used")

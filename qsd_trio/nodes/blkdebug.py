@@ -1,0 +1,119 @@
+"""The ``blkdebug`` filter: inject I/O errors by rule (QEMU's blkdebug).
+
+Rules come from ``inject-error`` (event, state, iotype, errno, sector, once,
+immediately) and ``set-state`` (event, state, new_state).  When an event fires
+on this node (``debug_event``, called by the generic write path and by format
+drivers above, e.g. raw's "read_aio"), matching inject-error rules become
+active and matching set-state rules move the state machine.  Every request
+then checks the active rules: the first that matches its type and sector
+fails it with the rule's errno (``once`` rules are removed when they fire).
+``config`` files are not read; ``align`` sets the request alignment.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+
+import trio
+
+from ..qapi.errors import GenericError
+from .graph import register_driver
+from .node import BlockNode, BlockStatus
+
+IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
+
+
+class _Rule:
+    def __init__(self, opts: dict):
+        self.event = opts["event"]
+        self.state = opts.get("state", 0)  # 0 = any state
+        iot = opts.get("iotype")
+        self.iotypes = set(IOTYPES) if iot is None else {iot}
+        self.errno = opts.get("errno", errno_mod.EIO)
+        self.sector = opts.get("sector", -1)
+        self.once = opts.get("once", False)
+        self.immediately = opts.get("immediately", False)
+
+
+@register_driver
+class BlkdebugNode(BlockNode):
+    driver = "blkdebug"
+    is_filter = True
+    shows_filtered_child = True
+
+    async def open(self, options: dict) -> None:
+        if options.get("config"):
+            raise GenericError("blkdebug config files are not supported by qsd-trio")
+        self.state = 1
+        self.rules = [_Rule(r) for r in options.get("inject-error", [])]
+        self.transitions = options.get("set-state", [])
+        self.active: list[_Rule] = []
+        self.file = await self.open_child(options, "image")
+        align = options.get("align")
+        if align is not None and (align <= 0 or align & (align - 1)):
+            raise GenericError("Cannot meet constraints with align %d" % align)
+        self.request_alignment = max(align or 1, self.file.node.request_alignment)
+
+    @property
+    def filename(self) -> str:
+        return f"blkdebug::{self.file.node.filename}"
+
+    def actual_size(self) -> int | None:
+        return None  # QEMU reports none for blkdebug
+
+    def debug_event(self, event: str) -> None:
+        new_state = self.state
+        for r in list(self.rules):
+            if r.event == event and r.state in (0, self.state) and r not in self.active:
+                self.active.insert(0, r)
+        for t in self.transitions:
+            if t["event"] == event and t.get("state", 0) in (0, self.state):
+                new_state = t["new_state"]
+        self.state = new_state
+
+    async def _rule_check(self, offset: int, length: int, iotype: str) -> None:
+        for r in self.active:
+            if iotype not in r.iotypes:
+                continue
+            if r.sector >= 0:
+                lo = r.sector * 512
+                if not (offset < lo + 512 and lo < offset + max(length, 1)):
+                    continue
+            if r.once:
+                self.active.remove(r)
+                self.rules.remove(r)
+            if not r.immediately:
+                await trio.lowlevel.checkpoint()
+            raise OSError(r.errno, os.strerror(r.errno))
+
+    def _length(self) -> int:
+        return self.file.node.length
+
+    async def _co_preadv(self, offset, length):
+        await self._rule_check(offset, length, "read")
+        return await self.file.node.read(offset, length)
+
+    async def _co_pwritev(self, offset, data, fua):
+        await self._rule_check(offset, len(data), "write")
+        await self.file.node.write(offset, data, fua=fua)
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+        await self._rule_check(offset, length, "write-zeroes")
+        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+
+    async def _co_pdiscard(self, offset, length):
+        await self._rule_check(offset, length, "discard")
+        await self.file.node.discard(offset, length)
+
+    async def _co_flush(self):
+        await self._rule_check(0, 0, "flush")
+        await self.file.node.flush()
+
+    async def _co_block_status(self, offset, length):
+        await self._rule_check(offset, length, "block-status")
+        st = await self.file.node.block_status(offset, length)
+        return BlockStatus(st.flags, st.length, st.depth, st.offset)
+
+    async def _co_truncate(self, size, exact, prealloc):
+        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

@@ -1,0 +1,57 @@
+"""The ``copy-on-read`` filter: data read from a backing file is written
+into the top image, so later reads find it there (QEMU's cor driver)."""
+
+from __future__ import annotations
+
+from .graph import register_driver
+from .node import BlockNode, Perm, Status
+
+
+@register_driver
+class CopyOnReadNode(BlockNode):
+    driver = "copy-on-read"
+    is_filter = True
+    shows_filtered_child = True
+
+    async def open(self, options: dict) -> None:
+        self.file = await self.open_child(options, "file")
+        self.bottom = options.get("bottom")
+        self.request_alignment = self.file.node.request_alignment
+
+    def child_perm(self, edge, perm, shared):
+        # the filter writes back unchanged data, hence write-unchanged
+        return Perm(perm | Perm.WRITE_UNCHANGED), Perm(shared)
+
+    def _length(self) -> int:
+        return self.file.node.length
+
+    async def _co_preadv(self, offset, length):
+        child = self.file.node
+        out = bytearray()
+        pos, end = offset, offset + length
+        while pos < end:
+            st = await child.block_status(pos, end - pos)
+            n = max(1, min(st.length, end - pos))
+            data = await child.read(pos, n)
+            if not st.flags & Status.ALLOCATED and not child.read_only:
+                # from the backing chain: copy it up (write-unchanged)
+                child.debug_event("cor_write")
+                await child.write(pos, data)
+            out += data
+            pos += n
+        return out
+
+    async def _co_pwritev(self, offset, data, fua):
+        await self.file.node.write(offset, data, fua=fua)
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+
+    async def _co_pdiscard(self, offset, length):
+        await self.file.node.discard(offset, length)
+
+    async def _co_block_status(self, offset, length):
+        return await self.file.node.block_status(offset, length)
+
+    async def _co_truncate(self, size, exact, prealloc):
+        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

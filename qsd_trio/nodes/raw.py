@@ -1,0 +1,74 @@
+"""The ``raw`` format: the child's bytes, optionally a window (offset, size)."""
+
+from __future__ import annotations
+
+from ..qapi.errors import GenericError
+from . import perms
+from .graph import register_driver
+from .node import BlockNode, BlockStatus, Perm
+
+
+@register_driver
+class RawNode(BlockNode):
+    driver = "raw"
+
+    async def open(self, options: dict) -> None:
+        self.offset = options.get("offset", 0)
+        self.fixed_size = options.get("size")
+        self.file = await self.open_child(options, "file")
+        real = self.file.node.length
+        if self.offset > real:
+            raise GenericError(f"Offset ({self.offset}) cannot be greater than size of "
+                               f"image ({real})")
+        if self.fixed_size is not None:
+            if self.offset + self.fixed_size > real:
+                raise GenericError(
+                    f"The sum of offset ({self.offset}) and size ({self.fixed_size}) has to be "
+                    f"smaller or equal to the  actual size of the containing file ({real})")
+            if self.fixed_size % 512:
+                raise GenericError("Specified size is not multiple of 512")
+
+    def _window(self) -> bool:
+        return bool(self.offset) or self.fixed_size is not None
+
+    def child_perm(self, edge, perm, shared):
+        # raw_child_perm: a window is DATA storage, otherwise a filter; only
+        # take write/resize when a parent needs them
+        if self._window():
+            np, ns = perms.storage_perms(perm, shared, writable=not self.read_only,
+                                         metadata=False)
+        else:
+            np, ns = perms.filter_perms(perm, shared)
+        np = (np & ~(Perm.WRITE | Perm.RESIZE)) | (perm & (Perm.WRITE | Perm.RESIZE))
+        return Perm(np), Perm(ns)
+
+    def _length(self) -> int:
+        if self.fixed_size is not None:
+            return self.fixed_size
+        return max(self.file.node.length - self.offset, 0)
+
+    async def _co_preadv(self, offset, length):
+        self.file.node.debug_event("read_aio")
+        return await self.file.node.read(self.offset + offset, length)
+
+    async def _co_pwritev(self, offset, data, fua):
+        self.file.node.debug_event("write_aio")
+        await self.file.node.write(self.offset + offset, data, fua=fua)
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+        await self.file.node.write_zeroes(self.offset + offset, length, may_unmap=may_unmap,
+                                          fua=fua)
+
+    async def _co_pdiscard(self, offset, length):
+        await self.file.node.discard(self.offset + offset, length)
+
+    async def _co_block_status(self, offset, length):
+        st = await self.file.node.block_status(self.offset + offset, length)
+        return BlockStatus(st.flags, min(st.length, length), st.depth, st.offset)
+
+    async def _co_truncate(self, size, exact, prealloc):
+        if self.fixed_size is not None:
+            raise GenericError("Cannot resize fixed-size raw disks")
+        if self.offset:
+            raise GenericError("Cannot resize raw disks with an offset")
+        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)
