@@ -1,0 +1,99 @@
+"""What block jobs share: graph edges, op blockers, copy helpers, pivots.
+
+A block job uses nodes through edges (``BdrvChild``) with permissions, like
+any parent, so conflicting users are refused with the graph's messages.  On
+top of that, QEMU's op blockers refuse a second job on a node a job already
+holds: "Node 'x' is busy: block device is in use by block job: mirror".
+Every edge is detached in :meth:`BlockJob.clean`, which the job core runs
+once on every path (success, failure, cancel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ..nodes.node import BdrvChild, BlockNode, Perm
+from ..qapi.errors import GenericError
+from .job import Job
+
+
+def check_not_busy(daemon: Any, node: BlockNode) -> None:
+    """bdrv_op_is_blocked for job starts."""
+    for job in daemon.jobs.values():
+        if isinstance(job, BlockJob) and any(e.node is node for e in job.edges):
+            raise GenericError(f"Node '{node.node_name}' is busy: block device is in use "
+                               f"by block job: {job.job_type}")
+
+
+class BlockJob(Job):
+    """A job on block nodes."""
+
+    def __init__(self, daemon: Any, job_id: str, **kw: Any) -> None:
+        super().__init__(daemon, job_id, **kw)
+        self.edges: list[BdrvChild] = []
+        self._drain_release: trio.Event | None = None
+
+    @property
+    def perm_desc(self) -> str:
+        return f"{self.job_type} job '{self.id}'"
+
+    def use(self, node: BlockNode, role: str, perm: Perm, shared: Perm = Perm.ALL) -> BdrvChild:
+        edge = node.attach(role, self, perm, shared)
+        self.edges.append(edge)
+        return edge
+
+    def clean(self) -> None:
+        self.release_drain()
+        for edge in self.edges:
+            edge.detach()
+        self.edges.clear()
+
+    # -- holding a node drained across await points ------------------------------------
+    async def hold_drain(self, node: BlockNode) -> None:
+        """Drain ``node`` (and its parents) until :meth:`release_drain`.
+
+        The section lives in a task of its own so that it can outlast
+        ``run`` (QEMU's mirror keeps the source drained until the pivot in
+        prepare); the job's own requests made *after* this call wait too, so
+        call it only when no more I/O on ``node`` is needed.
+        """
+        release = self._drain_release = trio.Event()
+
+        async def holder(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope(shield=False):
+                async with node.drained():
+                    task_status.started()
+                    await release.wait()
+
+        await self.daemon.job_nursery.start(holder)
+
+    def release_drain(self) -> None:
+        if self._drain_release is not None:
+            self._drain_release.set()
+            self._drain_release = None
+
+
+def replace_node(old: BlockNode, new: BlockNode, keep: list[BdrvChild]) -> None:
+    """Make every parent of ``old`` (except edges in ``keep``) use ``new``.
+
+    This is the pivot of mirror's completion (bdrv_replace_node).  Exports
+    hold their node as ``.node``; that reference moves with the edge.
+    Called only while ``old`` is drained, so no request is in flight.
+    """
+    from ..nodes.perms import refresh
+
+    moved = [e for e in old.parents if e not in keep and e.parent is not new]
+    for edge in moved:
+        old.parents.remove(edge)
+        edge.node = new
+        new.parents.insert(0, edge)
+        parent = edge.parent
+        if not isinstance(parent, BlockNode) and getattr(parent, "node", None) is old:
+            parent.node = new
+    for node in (new, old):
+        try:
+            refresh(node)
+        except GenericError:
+            pass  # the new node cannot refuse what the old one granted: same users
