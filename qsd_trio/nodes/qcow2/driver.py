@@ -1,0 +1,1104 @@
+"""The qcow2 format driver: a BlockNode over a ``file`` child (qcow2.rst).
+
+Reads map guest ranges through L1/L2 (cached) into runs that are read with one
+child request each.  Writes to clusters this image owns alone (the COPIED
+flag) go straight to the host cluster, concurrently; everything else
+(allocation, copy-on-write from a backing file, a shared or compressed
+cluster, zero flags, discard) runs under one metadata lock.
+
+Crash safety: changed metadata stays in memory (dirty refcount blocks, L2
+tables, L1 entries) until a flush, which writes it in dependency order:
+data -> flush -> refcount blocks -> flush -> L2 tables -> flush -> L1 ->
+flush, and only then the refcount decrements of clusters that were freed.
+A crash at any point therefore leaves clusters at worst leaked, never
+referenced with a refcount of zero, and freed clusters are not reused before
+the tables that stopped pointing at them are on disk.
+
+Resources: none of its own beyond memory; its children are closed by the
+graph.  Errors: I/O errors are ``OSError``; open errors are ``GenericError``
+with QEMU's text; inconsistent metadata marks the image corrupt, emits
+``BLOCK_IMAGE_CORRUPTED`` and fails the request with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import os.path
+import struct
+import sys
+
+import trio
+
+from ... import events
+from ...qapi.errors import GenericError
+from ..graph import register_driver
+from ..node import BlockNode, BlockStatus, Status
+from . import snapshots as snapmod
+from .compress import CompressionError, compress, decompress
+from .header import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS,
+    EXT_BITMAPS,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    INCOMPAT_KNOWN,
+    Header,
+    HeaderError,
+    parse_header,
+)
+from .l2 import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    L2Cache,
+    pack_table,
+    unpack_table,
+)
+from .refcount import RefcountError, Refcounts
+
+# segment kinds of a mapped guest range
+DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
+
+ALL_ALLOC = 0xFFFFFFFF
+ALL_ZERO = 0xFFFFFFFF << 32
+
+DEFAULT_L2_CACHE_MAX = 32 << 20  # QEMU's default upper bound on Linux
+
+
+class Corruption(Exception):
+    def __init__(self, msg: str, offset: int | None = None, size: int | None = None):
+        super().__init__(msg)
+        self.msg, self.offset, self.size = msg, offset, size
+
+
+@register_driver
+class Qcow2Node(BlockNode):
+    """qcow2 over a ``file`` child, with optional ``backing`` and ``data-file``."""
+
+    driver = "qcow2"
+    supports_persistent_bitmaps = True
+
+    # -- opening ---------------------------------------------------------------
+    async def open(self, options: dict) -> None:
+        self.file_edge = await self.open_child(options, "file")
+        self.file: BlockNode = self.file_edge.node
+        try:
+            hdr_buf = await self.file.read(0, min(max(self.file.length, 0), 1 << 21) or 0)
+            h = parse_header(hdr_buf)
+        except HeaderError as e:
+            raise GenericError(str(e)) from None
+        self.h = h
+        await self._check_header(h, options)
+        cs = self.cs = h.cluster_size
+        self.cb = h.cluster_bits
+        self.version = h.version
+        self.size = h.size
+        self.extl2 = bool(h.incompatible_features & INCOMPAT_EXTL2)
+        self.l2_bits = self.cb - 3 - (1 if self.extl2 else 0)
+        self.l2_entries = 1 << self.l2_bits
+        self.sc_bits = self.cb - 5 if self.extl2 else self.cb
+        self.sc_size = 1 << self.sc_bits
+        self.ctype = h.compression_type
+        self.request_alignment = 1
+        self.lazy_refcounts = bool(options.get(
+            "lazy-refcounts", bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)))
+        self.pass_discard = {
+            "request": options.get("pass-discard-request", self.discard_unmap),
+            "snapshot": options.get("pass-discard-snapshot", True),
+            "other": options.get("pass-discard-other", False),
+        }
+        self._corrupt = False
+        self._signaled = False
+        self._lock = trio.Lock()
+        self._inplace = 0  # in-place data writes in flight (see _apply_frees)
+        self._pending_free: list[tuple[int, int, str]] = []  # (offset, nbytes, discard type)
+        self._l1_dirty = False
+        self._dirty_set = False
+        self._decomp_cache: tuple[int, bytes] | None = None
+
+        # data file: external clusters live there, not in `file`
+        self.data_edge = None
+        self.data: BlockNode = self.file
+        self.has_data_file = bool(h.incompatible_features & INCOMPAT_DATA_FILE)
+        self.data_file_raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+        if self.has_data_file:
+            if options.get("data-file") is not None:
+                self.data_edge = await self.open_child(options, "data-file")
+            elif h.data_file:
+                self.data_edge = await self.graph.open_child(
+                    self, {"data-file": self._implicit_file(h.data_file),
+                           "read-only": self.read_only}, "data-file")
+            else:
+                raise GenericError("Missing data_file option")
+            self.data = self.data_edge.node
+        elif options.get("data-file") is not None:
+            raise GenericError("'data-file' can only be set for images with an "
+                               "external data file")
+
+        # L1 table
+        if h.l1_size > (32 << 20) // 8:
+            raise GenericError("Active L1 table too large")
+        need = self._l1_needed(h.size)
+        if h.l1_size < need:
+            raise GenericError("L1 table is too small")
+        if h.l1_size and h.l1_table_offset & (cs - 1):
+            raise GenericError("Invalid L1 table offset")
+        self.l1_offset = h.l1_table_offset
+        self.l1 = list(unpack_table(await self._read_meta(h.l1_table_offset, h.l1_size * 8))) \
+            if h.l1_size else []
+
+        # refcounts
+        if h.refcount_table_offset & (cs - 1):
+            raise GenericError("Invalid reference count table offset")
+        rt_entries = h.refcount_table_clusters * cs // 8
+        rt = await self._read_meta(h.refcount_table_offset, rt_entries * 8)
+        self.refs = Refcounts(
+            cluster_bits=self.cb, order=h.refcount_order,
+            table=Refcounts.parse_table(rt, rt_entries),
+            table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
+            read=self._read_meta, write=self._write_meta, flush=self.file.flush,
+            on_table_moved=self._reftable_moved)
+
+        # L2 cache: default covers the whole image up to 32 MiB (QEMU's default)
+        l2_size = options.get("l2-cache-size")
+        if l2_size is None and options.get("cache-size") is not None:
+            l2_size = options["cache-size"] * 8 // 9  # QEMU's split when only cache-size given
+        if l2_size is None:
+            cover = self._l1_needed(self.size) * cs
+            l2_size = min(max(cover, 8 * cs), DEFAULT_L2_CACHE_MAX)
+        self.l2cache = L2Cache(max(2, l2_size // cs))
+
+        self.snapshots = await snapmod.read_snapshots(self._read_meta, h) \
+            if h.nb_snapshots else []
+
+        # backing file
+        self.backing_edge = None
+        if "backing" in options:
+            if options["backing"] is not None:
+                self.backing_edge = await self.open_child(options, "backing")
+        elif h.backing_file:
+            await self._open_header_backing(h)
+        self.backing: BlockNode | None = self.backing_edge.node if self.backing_edge else None
+
+        if not self.read_only:
+            await self._open_rw(h)
+
+    async def _check_header(self, h: Header, options: dict) -> None:
+        if h.incompatible_features & ~INCOMPAT_KNOWN:
+            unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+            bits = ", ".join(f"Unknown incompatible feature: {1 << i:x}"
+                             for i in range(64) if unknown >> i & 1)
+            raise GenericError(f"Unsupported qcow2 feature(s): {bits}")
+        if h.crypt_method:
+            raise GenericError("qcow2: encrypted images are not supported by qsd-trio")
+        if h.incompatible_features & INCOMPAT_CORRUPT and not self.read_only:
+            raise GenericError("qcow2: Image is corrupt; cannot be opened read/write")
+        if h.incompatible_features & INCOMPAT_EXTL2 and h.cluster_bits < 14:
+            raise GenericError("The cluster size must be at least 16 KiB (for extended L2 entries)")
+        if h.incompatible_features & INCOMPAT_COMPRESSION:
+            if h.compression_type not in (0, 1):
+                raise GenericError(f"Unknown compression type '{h.compression_type}'")
+        elif h.compression_type != 0:
+            raise GenericError("Compression type incompatible feature bit must be set "
+                               "for non-zlib compression")
+
+    def _implicit_file(self, name: str) -> dict:
+        """A nested file node for a name stored in the image (relative to it)."""
+        base = getattr(self.file, "filename", "") or ""
+        if not os.path.isabs(name) and base and "://" not in name:
+            name = os.path.join(os.path.dirname(base), name)
+        return {"driver": "file", "filename": name}
+
+    async def _open_header_backing(self, h: Header) -> None:
+        spec = self._implicit_file(h.backing_file)
+        fmt = h.backing_format
+        if fmt is None:
+            # no format recorded: probe as QEMU does (qcow2 magic, else raw)
+            try:
+                async with await trio.open_file(spec["filename"], "rb") as f:
+                    magic = await f.read(4)
+            except OSError:
+                magic = b""
+            fmt = "qcow2" if magic == b"QFI\xfb" else "raw"
+        try:
+            self.backing_edge = await self.graph.open_child(
+                self, {"backing": {"driver": fmt, "file": spec}}, "backing")
+        except GenericError as e:
+            raise GenericError(f"Could not open backing file: {e.desc}") from None
+
+    async def _open_rw(self, h: Header) -> None:
+        changed = False
+        if h.autoclear_features & ~(AUTOCLEAR_DATA_FILE_RAW):
+            # autoclear bits we do not keep up to date must go (bitmaps: see bitmaps.py)
+            h.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW
+            changed = True
+        if h.incompatible_features & INCOMPAT_DIRTY:
+            await self._repair_refcounts()
+            h.incompatible_features &= ~INCOMPAT_DIRTY
+            changed = True
+        if changed:
+            await self._write_v3_features()
+
+    # -- small helpers --------------------------------------------------------
+    def _l1_needed(self, size: int) -> int:
+        per = self.h.cluster_size * ((self.h.cluster_size // 8) >>
+                                     (1 if self.h.incompatible_features & INCOMPAT_EXTL2 else 0))
+        return -(-size // per)
+
+    async def _read_meta(self, offset: int, length: int) -> bytes:
+        return bytes(await self.file.read(offset, length))
+
+    async def _write_meta(self, offset: int, data: bytes) -> None:
+        await self.file.write(offset, data)
+
+    async def _reftable_moved(self, offset: int, clusters: int) -> None:
+        self.h.refcount_table_offset, self.h.refcount_table_clusters = offset, clusters
+        await self.file.write(48, struct.pack(">QI", offset, clusters))
+
+    async def _write_v3_features(self) -> None:
+        if self.h.version >= 3:
+            await self.file.write(72, struct.pack(">QQQ", self.h.incompatible_features,
+                                                  self.h.compatible_features,
+                                                  self.h.autoclear_features))
+            await self.file.flush()
+
+    def _length(self) -> int:
+        return self.size
+
+    def info_extra(self) -> dict:
+        h = self.h
+        spec: dict
+        if h.version == 2:
+            spec = {"compat": "0.10", "refcount-bits": 1 << h.refcount_order}
+        else:
+            spec = {"compat": "1.1",
+                    "compression-type": "zstd" if self.ctype == 1 else "zlib",
+                    "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
+                    "refcount-bits": 1 << h.refcount_order,
+                    "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+                    "extended-l2": self.extl2}
+            if self.has_data_file:
+                if h.data_file:
+                    spec["data-file"] = h.data_file
+                spec["data-file-raw"] = self.data_file_raw
+        extra = {"cluster-size": self.cs, "format-specific": {"type": "qcow2", "data": spec}}
+        if h.backing_file:
+            extra["backing-filename"] = h.backing_file
+            if h.backing_format:
+                extra["backing-filename-format"] = h.backing_format
+        if self.snapshots:
+            extra["snapshots"] = [s.info() for s in self.snapshots]
+        return extra
+
+    # -- corruption ---------------------------------------------------------------
+    async def _signal_corruption(self, c: Corruption, fatal: bool = True) -> OSError:
+        """QEMU's qcow2_signal_corruption: event once, corrupt bit, node unusable."""
+        if not self._signaled:
+            msg = ("Marking image as corrupt: " if fatal else "Image is corrupt: ") + c.msg
+            print(f"qcow2: {msg}; further {'' if fatal else 'non-fatal '}corruption "
+                  "events will be suppressed", file=sys.stderr)
+            data: dict = {"device": "", "node-name": self.node_name, "msg": c.msg}
+            if c.offset is not None:
+                data["offset"] = c.offset
+            if c.size is not None:
+                data["size"] = c.size
+            data["fatal"] = fatal
+            events.emit("BLOCK_IMAGE_CORRUPTED", data)
+            self._signaled = True
+        if fatal:
+            self._corrupt = True
+            if not self.read_only and self.h.version >= 3:
+                self.h.incompatible_features |= INCOMPAT_CORRUPT
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self._write_v3_features()
+                except OSError:
+                    pass
+        return OSError(errno.EIO, "Input/output error")
+
+    def _check_usable(self) -> None:
+        if self._corrupt:
+            # QEMU drops the driver of a fatally corrupt node: no medium
+            raise OSError(errno.ENOMEDIUM, "No medium found")
+
+    # -- L2 access ------------------------------------------------------------------
+    async def _l2_table(self, l1i: int):
+        """The L2 table for L1 index ``l1i`` (array) or None when unallocated."""
+        if l1i >= len(self.l1):
+            return None
+        e = self.l1[l1i]
+        off = e & L1E_OFFSET_MASK
+        if not off:
+            return None
+        t = self.l2cache.get(off)
+        if t is not None:
+            return t
+        if off & (self.cs - 1):
+            raise Corruption(f"L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})",
+                             off, self.cs)
+        t = unpack_table(await self.file.read(off, self.cs))
+        self.l2cache.put(off, t)
+        return t
+
+    async def _l2_for_write(self, l1i: int):
+        """An L2 table this image owns alone, allocated or copied as needed."""
+        e = self.l1[l1i]
+        off = e & L1E_OFFSET_MASK
+        if off and e & QCOW_OFLAG_COPIED:
+            return await self._l2_table(l1i)
+        if off:
+            old = await self._l2_table(l1i)
+            t = type(old)(old)  # copy-on-write of a table shared with a snapshot
+        else:
+            t = unpack_table(bytes(self.cs))
+        await self._set_dirty()
+        new = await self.refs.alloc(1)
+        self.l2cache.put(new, t, dirty=True)
+        self.l1[l1i] = new | QCOW_OFLAG_COPIED
+        self._l1_dirty = True
+        if off:
+            self._pending_free.append((off, self.cs, "other"))
+        return t
+
+    # -- mapping ------------------------------------------------------------------
+    async def _map(self, offset: int, length: int, *, merge_compressed: bool = False):
+        """Segments [kind, guest offset, length, host] covering the range."""
+        segs: list[list[int]] = []
+        cb, cs = self.cb, self.cs
+        pos, end = offset, offset + length
+        l2_span_bits = self.l2_bits + cb
+        l2_mask = self.l2_entries - 1
+        extl2 = self.extl2
+        df = self.has_data_file
+        v3 = self.version >= 3
+
+        def add(kind, start, n, host):
+            if segs:
+                last = segs[-1]
+                if (last[0] == kind and last[1] + last[2] == start
+                        and (kind in (ZERO, UNALLOC)
+                             or (kind == DATA and last[3] + last[2] == host)
+                             or (kind == COMPRESSED and merge_compressed))):
+                    last[2] += n
+                    return
+            segs.append([kind, start, n, host])
+
+        while pos < end:
+            l1i = pos >> l2_span_bits
+            table = await self._l2_table(l1i)
+            tend = min(end, (l1i + 1) << l2_span_bits)
+            if table is None:
+                add(UNALLOC, pos, tend - pos, 0)
+                pos = tend
+                continue
+            while pos < tend:
+                gc = pos >> cb
+                in_cl = pos & (cs - 1)
+                cl_end = min(tend, (gc + 1) << cb)
+                idx = gc & l2_mask
+                if not extl2:
+                    e = table[idx]
+                    if e & QCOW_OFLAG_COMPRESSED:
+                        add(COMPRESSED, pos, cl_end - pos, e)
+                    elif e & QCOW_OFLAG_ZERO and v3:
+                        add(ZERO, pos, cl_end - pos, 0)
+                    else:
+                        host = e & L2E_OFFSET_MASK
+                        if host or (df and e & QCOW_OFLAG_COPIED):
+                            if host & (cs - 1):
+                                raise Corruption(
+                                    f"Cluster allocation offset {host:#x} unaligned "
+                                    f"(L2 offset: {self.l1[l1i] & L1E_OFFSET_MASK:#x}, "
+                                    f"L2 index: {idx:#x})", host, cs)
+                            add(DATA, pos, cl_end - pos, host + in_cl)
+                        else:
+                            add(UNALLOC, pos, cl_end - pos, 0)
+                    pos = cl_end
+                    continue
+                e = table[2 * idx]
+                bm = table[2 * idx + 1]
+                if e & QCOW_OFLAG_COMPRESSED:
+                    add(COMPRESSED, pos, cl_end - pos, e)
+                    pos = cl_end
+                    continue
+                host = e & L2E_OFFSET_MASK
+                if bm & (bm >> 32) & ALL_ALLOC or (bm & ALL_ALLOC and not host and not df):
+                    raise Corruption(
+                        f"Invalid cluster entry found  (L2 offset: "
+                        f"{self.l1[l1i] & L1E_OFFSET_MASK:#x}, L2 index: {idx:#x})")
+                if host & (cs - 1):
+                    raise Corruption(
+                        f"Cluster allocation offset {host:#x} unaligned "
+                        f"(L2 offset: {self.l1[l1i] & L1E_OFFSET_MASK:#x}, "
+                        f"L2 index: {idx:#x})", host, cs)
+                base = gc << cb
+                sb = self.sc_bits
+                while pos < cl_end:
+                    sc = (pos - base) >> sb
+                    sc_end = min(cl_end, base + ((sc + 1) << sb))
+                    if bm >> sc & 1:
+                        add(DATA, pos, sc_end - pos, host + (pos - base))
+                    elif bm >> (32 + sc) & 1:
+                        add(ZERO, pos, sc_end - pos, 0)
+                    else:
+                        add(UNALLOC, pos, sc_end - pos, 0)
+                    pos = sc_end
+        return segs
+
+    async def _mapped(self, offset: int, length: int, **kw):
+        try:
+            return await self._map(offset, length, **kw)
+        except Corruption as c:
+            raise await self._signal_corruption(c) from None
+
+    # -- reads ---------------------------------------------------------------------
+    async def _read_compressed(self, entry: int) -> bytes:
+        if self._decomp_cache is not None and self._decomp_cache[0] == entry:
+            return self._decomp_cache[1]
+        x = 62 - (self.cb - 8)
+        coff = entry & ((1 << x) - 1)
+        nsect = ((entry >> x) & ((1 << (62 - x)) - 1)) + 1
+        csize = nsect * 512 - (coff & 511)
+        avail = max(0, self.file.length - coff)
+        raw = await self.file.read(coff, min(csize, avail)) if avail else b""
+        try:
+            data = decompress(raw, self.cs, self.ctype)
+        except CompressionError:
+            raise OSError(errno.EIO, "Input/output error") from None
+        self._decomp_cache = (entry, data)
+        return data
+
+    async def _read_backing(self, offset: int, n: int, buf: bytearray, at: int) -> None:
+        b = self.backing
+        if b is None:
+            return
+        blen = b.length
+        if offset >= blen:
+            return
+        m = min(n, blen - offset)
+        buf[at:at + m] = await b.read(offset, m)
+
+    async def _co_preadv(self, offset: int, length: int):
+        self._check_usable()
+        segs = await self._mapped(offset, length)
+        if len(segs) == 1 and segs[0][0] == DATA:
+            return await self.data.read(segs[0][3], length)
+        buf = bytearray(length)
+        await self._fill(segs, offset, buf)
+        return buf
+
+    async def _fill(self, segs, offset: int, buf: bytearray) -> None:
+        for kind, goff, n, host in segs:
+            at = goff - offset
+            if kind == DATA:
+                buf[at:at + n] = await self.data.read(host, n)
+            elif kind == UNALLOC:
+                await self._read_backing(goff, n, buf, at)
+            elif kind == COMPRESSED:
+                # unmerged: one segment never leaves its cluster
+                cl = await self._read_compressed(host)
+                in_cl = goff & (self.cs - 1)
+                buf[at:at + n] = cl[in_cl:in_cl + n]
+
+    async def _view(self, offset: int, length: int) -> bytearray:
+        """The guest's current view of a range (for copy-on-write), zero past the end."""
+        buf = bytearray(length)
+        n = min(length, max(0, self.size - offset))
+        if n:
+            await self._fill(await self._mapped(offset, n, merge_compressed=False), offset, buf)
+        return buf
+
+    # -- writes ------------------------------------------------------------------------
+    async def _set_dirty(self) -> None:
+        """With lazy refcounts, mark the image dirty before the first metadata change."""
+        if self.lazy_refcounts and not self._dirty_set and self.version >= 3:
+            self.h.incompatible_features |= INCOMPAT_DIRTY
+            await self._write_v3_features()
+            self._dirty_set = True
+
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
+        self._check_usable()
+        length = len(data)
+        if not length:
+            return
+        # fast path: every byte lands in a cluster we own; no metadata changes
+        # (counted before planning: frees must not land between plan and write)
+        self._inplace += 1
+        try:
+            plan = await self._inplace_plan(offset, length)
+            if plan is not None:
+                for goff, n, host in plan:
+                    await self.data.write(host, data[goff - offset:goff - offset + n])
+        finally:
+            self._inplace -= 1
+        if plan is None:
+            async with self._lock:
+                try:
+                    await self._write_locked(offset, data)
+                except Corruption as c:
+                    raise await self._signal_corruption(c) from None
+                if len(self.l2cache.dirty) >= self.l2cache.capacity:
+                    await self._writeback()
+        if fua:
+            await self._co_flush()
+
+    async def _inplace_plan(self, offset: int, length: int):
+        """[(guest, n, host)] when the whole range is owned data; else None."""
+        segs = await self._mapped(offset, length)
+        plan = []
+        for kind, goff, n, host in segs:
+            if kind != DATA:
+                return None
+            plan.append((goff, n, host))
+        # DATA in a standard cluster also needs COPIED (refcount 1)
+        pos = offset
+        while pos < offset + length:
+            e = await self._entry(pos >> self.cb)
+            if not e & QCOW_OFLAG_COPIED:
+                return None
+            pos = ((pos >> self.cb) + 1) << self.cb
+        return plan
+
+    async def _entry(self, gc: int) -> int:
+        t = await self._l2_table(gc >> self.l2_bits)
+        if t is None:
+            return 0
+        idx = gc & (self.l2_entries - 1)
+        return t[2 * idx] if self.extl2 else t[idx]
+
+    def _free_entry_host(self, e: int, dtype: str = "request") -> None:
+        """Queue the host clusters an L2 entry holds for freeing (after the L2 is on disk)."""
+        if e & QCOW_OFLAG_COMPRESSED:
+            x = 62 - (self.cb - 8)
+            coff = e & ((1 << x) - 1)
+            nsect = ((e >> x) & ((1 << (62 - x)) - 1)) + 1
+            start = coff & ~511
+            self._pending_free.append((start, nsect * 512, dtype))
+            return
+        host = e & L2E_OFFSET_MASK
+        if self.has_data_file:
+            return  # data-file clusters are not refcounted
+        if host:
+            self._pending_free.append((host, self.cs, dtype))
+
+    async def _write_locked(self, offset: int, data: memoryview) -> None:
+        cb = self.cb
+        end = offset + len(data)
+        pos = offset
+        while pos < end:
+            gc = pos >> cb
+            # gather a run of clusters that all need a new host cluster
+            e = await self._entry(gc)
+            if self._owned(e):
+                cl_end = min(end, (gc + 1) << cb)
+                await self._write_owned(gc, e, pos, data[pos - offset:cl_end - offset])
+                pos = cl_end
+                continue
+            n = 1
+            while ((gc + n) << cb) < end and n < 2048:
+                e2 = await self._entry(gc + n)
+                if self._owned(e2) or (gc + n) >> self.l2_bits != gc >> self.l2_bits:
+                    break
+                n += 1
+            run_end = min(end, (gc + n) << cb)
+            await self._write_new(gc, n, pos, data[pos - offset:run_end - offset])
+            pos = run_end
+
+    def _owned(self, e: int) -> bool:
+        """A standard cluster with a host offset and refcount 1 (may be written in place)."""
+        if e & QCOW_OFLAG_COMPRESSED or not e & QCOW_OFLAG_COPIED:
+            return False
+        if not self.extl2 and e & QCOW_OFLAG_ZERO:
+            return False
+        return bool(e & L2E_OFFSET_MASK) or self.has_data_file
+
+    async def _write_owned(self, gc: int, e: int, pos: int, chunk: memoryview) -> None:
+        """Write into a cluster we own; with subclusters, allocate the touched ones."""
+        base = gc << self.cb
+        host = e & L2E_OFFSET_MASK
+        if not self.extl2:
+            await self.data.write(host + (pos - base), chunk)
+            return
+        table = await self._l2_for_write(gc >> self.l2_bits)
+        idx = gc & (self.l2_entries - 1)
+        bm = table[2 * idx + 1]
+        sb = self.sc_bits
+        a, b = pos - base, pos - base + len(chunk)
+        s0, s1 = a >> sb, (b - 1) >> sb
+        touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
+        if bm & touched == touched:
+            await self.data.write(host + a, chunk)
+            return
+        # fill the partial subclusters at the edges from the current view
+        ra, rb = s0 << sb, min((s1 + 1) << sb, self.cs)
+        buf = await self._view(base + ra, rb - ra)
+        buf[a - ra:b - ra] = chunk
+        await self.data.write(host + ra, buf)
+        table[2 * idx + 1] = (bm | touched) & ~(touched << 32)
+        self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
+
+    async def _alloc_data(self, gc: int, n: int) -> int:
+        if self.has_data_file:
+            return gc << self.cb  # guest offset == host offset in a data file
+        await self._set_dirty()
+        return await self.refs.alloc(n)
+
+    async def _write_new(self, gc: int, n: int, pos: int, chunk: memoryview) -> None:
+        """Write ``chunk`` into ``n`` fresh host clusters (copy-on-write at the edges)."""
+        cb, cs = self.cb, self.cs
+        base = gc << cb
+        a = pos - base
+        b = a + len(chunk)
+        olds = [await self._entry(gc + i) for i in range(n)]
+        if self.extl2:
+            sb = self.sc_bits
+            lo = (a >> sb) << sb
+            hi = min(((b - 1) >> sb) + 1 << sb, n * cs)
+            # copy the rest of the cluster if its old data must move along
+            for i in (0, n - 1):
+                e = olds[i]
+                if e & QCOW_OFLAG_COMPRESSED or e & L2E_OFFSET_MASK:
+                    if i == 0:
+                        lo = 0
+                    if i == n - 1:
+                        hi = n * cs
+        else:
+            lo, hi = 0, n * cs
+        buf = bytearray(n * cs) if (a, b) != (0, n * cs) else None
+        if buf is not None:
+            if lo < a:
+                buf[lo:a] = await self._view(base + lo, a - lo)
+            if b < hi:
+                buf[b:hi] = await self._view(base + b, hi - b)
+            buf[a:b] = chunk
+        table = await self._l2_for_write(gc >> self.l2_bits)
+        host = await self._alloc_data(gc, n)
+        if buf is not None:
+            await self.data.write(host, buf)
+        else:
+            await self.data.write(host, chunk)
+        l2_off = self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK
+        for i in range(n):
+            idx = (gc + i) & (self.l2_entries - 1)
+            e = olds[i]
+            new_e = (host + i * cs) | QCOW_OFLAG_COPIED
+            if self.extl2:
+                old_bm = table[2 * idx + 1] if not e & QCOW_OFLAG_COMPRESSED else 0
+                ca, cb_ = max(a - i * cs, 0), min(b - i * cs, cs)
+                s0, s1 = ca >> self.sc_bits, (cb_ - 1) >> self.sc_bits
+                touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
+                if e & QCOW_OFLAG_COMPRESSED:
+                    bm = ALL_ALLOC
+                else:
+                    bm = (old_bm | touched) & ~(touched << 32)
+                    if e & L2E_OFFSET_MASK:
+                        bm |= old_bm & ALL_ALLOC
+                table[2 * idx] = new_e
+                table[2 * idx + 1] = bm
+            else:
+                table[idx] = new_e
+            if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+                self._free_entry_host(e)
+        self.l2cache.mark_dirty(l2_off)
+
+    # -- zero writes and discard ---------------------------------------------------
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool):
+        self._check_usable()
+        unit = self.sc_size
+        end = offset + length
+        if self.version < 3:
+            return await super()._co_pwrite_zeroes(offset, length, may_unmap, fua)
+        a = -(-offset // unit) * unit
+        b = end if end == self.size else (end // unit) * unit
+        if a >= b:
+            return await self._zero_explicit(offset, length, fua)
+        if offset < a:
+            await self._zero_explicit(offset, a - offset, False)
+        async with self._lock:
+            try:
+                await self._zero_locked(a, b, may_unmap)
+            except Corruption as c:
+                raise await self._signal_corruption(c) from None
+        if b < end:
+            await self._zero_explicit(b, end - b, False)
+        if fua:
+            await self._co_flush()
+
+    async def _zero_explicit(self, offset: int, length: int, fua: bool) -> None:
+        await self._co_pwritev(offset, memoryview(bytes(length)), fua)
+
+    async def _zero_locked(self, a: int, b: int, may_unmap: bool) -> None:
+        cb, cs = self.cb, self.cs
+        pos = a
+        while pos < b:
+            gc = pos >> cb
+            base = gc << cb
+            cl_end = min(b, base + cs)
+            full = pos == base and (cl_end == base + cs or cl_end == self.size)
+            table = await self._l2_for_write(gc >> self.l2_bits)
+            idx = gc & (self.l2_entries - 1)
+            l2_off = self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK
+            if not self.extl2:
+                e = table[idx]
+                if self.has_data_file:
+                    # the data file keeps its fixed mapping; only the flag changes
+                    new = (e | QCOW_OFLAG_ZERO) if e & QCOW_OFLAG_COPIED else QCOW_OFLAG_ZERO
+                elif may_unmap or not self._owned(e & ~QCOW_OFLAG_ZERO):
+                    if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+                        self._free_entry_host(e)
+                    new = QCOW_OFLAG_ZERO
+                else:
+                    new = e | QCOW_OFLAG_ZERO  # keep the preallocated cluster
+                table[idx] = new
+            else:
+                e, bm = table[2 * idx], table[2 * idx + 1]
+                if full and (may_unmap or e & QCOW_OFLAG_COMPRESSED
+                             or not e & QCOW_OFLAG_COPIED):
+                    if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+                        self._free_entry_host(e)
+                    table[2 * idx], table[2 * idx + 1] = 0, ALL_ZERO
+                elif e & QCOW_OFLAG_COMPRESSED or (e & L2E_OFFSET_MASK
+                                                   and not e & QCOW_OFLAG_COPIED):
+                    # a partial zero in a shared/compressed cluster: write it out
+                    await self._write_locked(pos, memoryview(bytes(cl_end - pos)))
+                else:
+                    sb = self.sc_bits
+                    s0, s1 = (pos - base) >> sb, (cl_end - base - 1) >> sb
+                    touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
+                    table[2 * idx + 1] = (bm & ~touched) | (touched << 32)
+            self.l2cache.mark_dirty(l2_off)
+            pos = cl_end
+
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
+        self._check_usable()
+        cs = self.cs
+        end = offset + length
+        a = -(-offset // cs) * cs
+        b = end if end == self.size else (end // cs) * cs
+        if a >= b:
+            return
+        async with self._lock:
+            try:
+                await self._discard_locked(a, b, full=False, dtype="request")
+            except Corruption as c:
+                raise await self._signal_corruption(c) from None
+
+    async def _discard_locked(self, a: int, b: int, *, full: bool, dtype: str) -> None:
+        cb = self.cb
+        gc = a >> cb
+        while (gc << cb) < b:
+            l1i = gc >> self.l2_bits
+            if await self._l2_table(l1i) is None and (full or self.backing is None):
+                gc = (l1i + 1) << self.l2_bits
+                continue
+            table = await self._l2_for_write(l1i)
+            idx = gc & (self.l2_entries - 1)
+            i = 2 * idx if self.extl2 else idx
+            e = table[i]
+            allocated = bool(e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK)) or (
+                self.has_data_file and e & QCOW_OFLAG_COPIED)
+            if full:
+                new, bm = 0, 0
+            elif self.backing is not None or allocated:
+                if self.extl2:
+                    new, bm = 0, ALL_ZERO
+                else:
+                    new, bm = (QCOW_OFLAG_ZERO if self.version >= 3 else 0), 0
+            else:
+                gc += 1
+                continue
+            if allocated and not (self.has_data_file and not e & QCOW_OFLAG_COMPRESSED):
+                self._free_entry_host(e, dtype)
+            table[i] = new
+            if self.extl2:
+                table[i + 1] = bm
+            self.l2cache.mark_dirty(self.l1[l1i] & L1E_OFFSET_MASK)
+            gc += 1
+
+    # -- flush and metadata writeback ------------------------------------------------------
+    async def _co_flush(self) -> None:
+        if self._corrupt:
+            return
+        async with self._lock:
+            await self._writeback()
+        if self.data is not self.file:
+            await self.data.flush()
+        await self.file.flush()
+
+    async def _writeback(self) -> None:
+        """Write dirty metadata in dependency order (see the module docstring)."""
+        if not (self.refs.dirty or self.l2cache.dirty or self._l1_dirty or self._pending_free):
+            return
+        if self.data is not self.file:
+            await self.data.flush()
+        await self.file.flush()
+        if self.refs.dirty:
+            await self.refs.write_dirty()
+            await self.file.flush()
+        if self.l2cache.dirty:
+            for off in sorted(self.l2cache.dirty):
+                await self.file.write(off, pack_table(self.l2cache.tables[off]))
+            self.l2cache.dirty.clear()
+            await self.file.flush()
+        if self._l1_dirty:
+            await self._write_l1()
+            await self.file.flush()
+        await self._apply_frees()
+
+    async def _write_l1(self) -> None:
+        if self.l1:
+            await self.file.write(self.l1_offset, pack_table(_arr(self.l1)))
+        self._l1_dirty = False
+
+    async def _apply_frees(self) -> None:
+        # a data write already planned against a freed cluster may still be in
+        # flight; keep the frees for a later writeback then
+        if not self._pending_free or self._inplace:
+            return
+        frees, self._pending_free = self._pending_free, []
+        self._free_byte = 0  # a freed cluster may be the one compressed data was filling
+        discards = []
+        cs = self.cs
+        for off, nbytes, dtype in frees:
+            first = off >> self.cb
+            last = (off + nbytes - 1) >> self.cb
+            for c in range(first, last + 1):
+                try:
+                    if await self.refs.update(c, -1) == 0 and self.pass_discard.get(dtype):
+                        discards.append(c << self.cb)
+                except RefcountError as e:
+                    raise await self._signal_corruption(Corruption(str(e), c << self.cb, cs)) \
+                        from None
+        await self.refs.write_dirty()
+        for off in discards:
+            try:
+                await self.file.discard(off, cs)
+            except OSError:
+                pass
+
+    # -- block status --------------------------------------------------------------------
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
+        self._check_usable()
+        segs = await self._mapped(offset, length, merge_compressed=True)
+        kind, _, n, host = segs[0]
+        if kind == DATA:
+            return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID, n, 1, host)
+        if kind == ZERO:
+            return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 1)
+        if kind == COMPRESSED:
+            return BlockStatus(Status.DATA | Status.ALLOCATED, n, 1)
+        b = self.backing
+        if b is None:
+            return BlockStatus(Status.ZERO, n, 0)
+        blen = b.length
+        if offset >= blen:
+            return BlockStatus(Status.ZERO, n, 0)
+        st = await b.block_status(offset, min(n, blen - offset))
+        depth = st.depth + 1 if st.depth else 0
+        flags = st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED)
+        return BlockStatus(flags, st.length, depth)
+
+    # -- resize -------------------------------------------------------------------------
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
+        self._check_usable()
+        if size % 512:
+            raise GenericError("The new size must be a multiple of 512")
+        if prealloc not in ("off", "metadata", "falloc", "full"):
+            raise GenericError(f"Unsupported preallocation mode '{prealloc}'")
+        if self.snapshots and size < self.size:
+            raise GenericError("Can't shrink an image which has snapshots") \
+                if self.version >= 3 else GenericError(
+                    "Can't resize a v2 image which has snapshots")
+        async with self._lock:
+            old = self.size
+            if size < old:
+                await self._discard_locked(-(-size // self.cs) * self.cs,
+                                           -(-old // self.cs) * self.cs,
+                                           full=True, dtype="other")
+                self.size = size
+            else:
+                await self._grow_l1(self._l1_needed(size))
+                self.size = size
+            await self._writeback()
+            await self.file.write(24, struct.pack(">Q", size))
+            await self.file.flush()
+        if size > old:
+            # what lies past the old end must read as zeroes (old tail, backing)
+            tail_end = min(size, -(-old // self.cs) * self.cs)
+            blen = self.backing.length if self.backing is not None else 0
+            z_end = max(tail_end, min(size, blen))
+            if z_end > old:
+                await self._co_pwrite_zeroes(old, z_end - old, False, False)
+            if prealloc != "off":
+                await self._preallocate(old, size, prealloc)
+
+    async def _grow_l1(self, need: int) -> None:
+        if need <= len(self.l1):
+            return
+        await self._writeback()
+        new_l1 = self.l1 + [0] * (need - len(self.l1))
+        nbytes = need * 8
+        clusters = -(-nbytes // self.cs)
+        off = await self.refs.alloc(clusters)
+        await self.refs.write_dirty()
+        await self.file.write(off, pack_table(_arr(new_l1)))
+        await self.file.flush()
+        old_off, old_n = self.l1_offset, len(self.l1)
+        self.h.l1_table_offset, self.h.l1_size = off, need
+        await self.file.write(36, struct.pack(">IQ", need, off))
+        await self.file.flush()
+        self.l1, self.l1_offset = new_l1, off
+        if old_n and old_off:
+            self._pending_free.append((old_off, old_n * 8, "other"))
+
+    async def _preallocate(self, start: int, end: int, mode: str) -> None:
+        """preallocation=metadata/falloc/full: allocate every cluster in range."""
+        cs = self.cs
+        pos = (start // cs) * cs
+        async with self._lock:
+            while pos < end:
+                gc = pos >> self.cb
+                e = await self._entry(gc)
+                if not e & L2E_OFFSET_MASK:
+                    table = await self._l2_for_write(gc >> self.l2_bits)
+                    host = await self._alloc_data(gc, 1)
+                    idx = gc & (self.l2_entries - 1)
+                    if mode != "metadata":
+                        await self.data.write(host, bytes(cs))
+                    if self.extl2:
+                        table[2 * idx] = host | QCOW_OFLAG_COPIED
+                        table[2 * idx + 1] = ALL_ZERO if mode == "metadata" else ALL_ZERO
+                    else:
+                        table[idx] = host | QCOW_OFLAG_COPIED | (
+                            QCOW_OFLAG_ZERO if self.version >= 3 and mode == "metadata" else 0)
+                    self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
+                pos += cs
+            await self._writeback()
+
+    # -- compressed writes (qemu-img convert -c, backup compress=on) ---------------------
+    async def write_compressed(self, offset: int, data) -> None:
+        """Write one whole cluster compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED)."""
+        self._check_writable()
+        self._check_usable()
+        mv = memoryview(data).cast("B")
+        if self.has_data_file:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        if offset % self.cs or (len(mv) != self.cs and offset + len(mv) != self.size):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        raw = bytes(mv).ljust(self.cs, b"\0")
+        comp = compress(raw, self.ctype)
+        if len(comp) >= self.cs:
+            await self.write(offset, mv)  # does not compress: store as is
+            return
+        self._begin()
+        try:
+            async with self._lock:
+                gc = offset >> self.cb
+                old = await self._entry(gc)
+                table = await self._l2_for_write(gc >> self.l2_bits)
+                await self._set_dirty()
+                coff = await self._alloc_bytes(len(comp))
+                await self.file.write(coff, comp)
+                x = 62 - (self.cb - 8)
+                nsect = ((coff + len(comp) - 1) >> 9) - (coff >> 9)
+                e = QCOW_OFLAG_COMPRESSED | (nsect << x) | coff
+                idx = gc & (self.l2_entries - 1)
+                if self.extl2:
+                    table[2 * idx], table[2 * idx + 1] = e, 0
+                else:
+                    table[idx] = e
+                if old & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+                    self._free_entry_host(old)
+                self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
+            self._mark_write(offset, len(mv))
+        finally:
+            self._end()
+
+    async def _alloc_bytes(self, n: int) -> int:
+        """Byte-granular allocation for compressed data (QEMU's free_byte_offset)."""
+        cs = self.cs
+        fb = getattr(self, "_free_byte", 0)
+        if fb and (fb & (cs - 1)) and (fb & (cs - 1)) + n <= cs:
+            await self.refs.update(fb >> self.cb, 1)
+            self._free_byte = fb + n
+            return fb
+        clusters = -(-n // cs)
+        if fb and fb & (cs - 1):
+            # continue into fresh clusters right after the partial one when free
+            pass
+        off = await self.refs.alloc(clusters)
+        self._free_byte = off + n
+        return off
+
+    # -- dirty images ------------------------------------------------------------------------
+    async def _repair_refcounts(self) -> None:
+        """A dirty (lazy-refcounts) image: raise refcounts to what the tables reference."""
+        counts: dict[int, int] = {}
+
+        def ref(off: int, nbytes: int) -> None:
+            for c in range(off >> self.cb, ((off + nbytes - 1) >> self.cb) + 1):
+                counts[c] = counts.get(c, 0) + 1
+
+        cs = self.cs
+        ref(0, cs)
+        ref(self.h.refcount_table_offset, self.h.refcount_table_clusters * cs)
+        for e in self.refs.table:
+            if e & ~0x1FF:
+                ref(e & ~0x1FF, cs)
+        if self.h.nb_snapshots:
+            ref(self.h.snapshots_offset, snapmod.table_size(self.snapshots))
+        l1s = [(self.l1_offset, self.l1)] + [
+            (s.l1_table_offset, list(unpack_table(await self._read_meta(
+                s.l1_table_offset, s.l1_size * 8)))) for s in self.snapshots]
+        for l1off, l1 in l1s:
+            if l1:
+                ref(l1off, len(l1) * 8)
+            for e in l1:
+                off = e & L1E_OFFSET_MASK
+                if not off:
+                    continue
+                ref(off, cs)
+                t = unpack_table(await self.file.read(off, cs))
+                step = 2 if self.extl2 else 1
+                for i in range(0, len(t), step):
+                    le = t[i]
+                    if le & QCOW_OFLAG_COMPRESSED:
+                        x = 62 - (self.cb - 8)
+                        coff = le & ((1 << x) - 1)
+                        nsect = ((le >> x) & ((1 << (62 - x)) - 1)) + 1
+                        ref(coff & ~511, nsect * 512 - 0)
+                    elif le & L2E_OFFSET_MASK and not self.has_data_file:
+                        ref(le & L2E_OFFSET_MASK, cs)
+        for c, n in sorted(counts.items()):
+            have = await self.refs.get(c)
+            if have < n:
+                await self.refs.update(c, n - have)
+        self.refs.free_hint = 0
+        await self.refs.write_dirty()
+        await self.file.flush()
+
+    # -- closing --------------------------------------------------------------------
+    async def _close(self) -> None:
+        if not hasattr(self, "refs") or self.read_only or self._corrupt:
+            return
+        async with self._lock:
+            await self._writeback()
+        await self.file.flush()
+        if self._dirty_set:
+            self.h.incompatible_features &= ~INCOMPAT_DIRTY
+            await self._write_v3_features()
+            self._dirty_set = False
+
+
+def _arr(values: list[int]):
+    from array import array
+    return array("Q", values)
+
+
+__all__ = ["Qcow2Node", "EXT_BITMAPS", "AUTOCLEAR_BITMAPS"]

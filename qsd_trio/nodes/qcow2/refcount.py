@@ -1,0 +1,224 @@
+"""Refcount table and refcount blocks of any width (qcow2.rst, "Host cluster management").
+
+:class:`Refcounts` keeps every refcount block it has loaded in memory (one
+cluster each) and marks changed ones dirty; :meth:`Refcounts.write_dirty`
+writes them back.  The driver decides *when* (after data, before the L2
+tables that reference new clusters), which is what keeps a crash down to
+leaked clusters.  Cluster allocation lives here too: a free run is found by
+scanning from a hint; missing refcount blocks are created self-describing
+(the block sits in the first cluster it covers) and the refcount table is
+moved to a bigger place when it is full.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+
+
+class RefcountError(Exception):
+    """Metadata that cannot be right; the driver turns it into corruption."""
+
+
+def get_entry(block: bytearray, idx: int, order: int) -> int:
+    """Entry ``idx`` of a refcount block with 2**order-bit entries."""
+    if order == 4:
+        return (block[2 * idx] << 8) | block[2 * idx + 1]
+    if order < 3:
+        bits = 1 << order
+        bitpos = idx * bits
+        return (block[bitpos >> 3] >> (bitpos & 7)) & ((1 << bits) - 1)
+    n = 1 << (order - 3)
+    return int.from_bytes(block[idx * n:(idx + 1) * n], "big")
+
+
+def set_entry(block: bytearray, idx: int, order: int, value: int) -> None:
+    if order < 3:
+        bits = 1 << order
+        bitpos = idx * bits
+        mask = ((1 << bits) - 1) << (bitpos & 7)
+        b = bitpos >> 3
+        block[b] = (block[b] & ~mask) | ((value << (bitpos & 7)) & mask)
+        return
+    n = 1 << (order - 3)
+    block[idx * n:(idx + 1) * n] = value.to_bytes(n, "big")
+
+
+class Refcounts:
+    """Refcounts of one image file.
+
+    ``read``/``write`` are the file child's I/O; ``on_table_moved`` is called
+    with (offset, clusters) after a new refcount table has been written, so
+    the driver can update its header.
+    """
+
+    def __init__(self, *, cluster_bits: int, order: int, table: list[int],
+                 table_offset: int, table_clusters: int,
+                 read: Callable[[int, int], Awaitable[bytes]],
+                 write: Callable[[int, bytes], Awaitable[None]],
+                 flush: Callable[[], Awaitable[None]],
+                 on_table_moved: Callable[[int, int], Awaitable[None]]):
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.order = order
+        self.max_refcount = (1 << (1 << order)) - 1
+        self.table = table
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.block_bits = cluster_bits + 3 - order  # log2(entries per block)
+        self.blocks: dict[int, bytearray] = {}  # refblock index -> contents
+        self.dirty: set[int] = set()
+        self._read, self._write, self._flush = read, write, flush
+        self._on_table_moved = on_table_moved
+        self.free_hint = 0  # no free cluster below this index (QEMU's free_cluster_index)
+
+    @classmethod
+    def parse_table(cls, buf: bytes, entries: int) -> list[int]:
+        return list(struct.unpack_from(f">{entries}Q", buf))
+
+    # -- lookup ------------------------------------------------------------
+    async def _block(self, bidx: int) -> bytearray | None:
+        blk = self.blocks.get(bidx)
+        if blk is not None:
+            return blk
+        if bidx >= len(self.table):
+            return None
+        off = self.table[bidx] & ~0x1FF
+        if not off:
+            return None
+        if off & (self.cluster_size - 1):
+            raise RefcountError(f"Refblock offset {off:#x} unaligned (reftable index: {bidx:#x})")
+        blk = bytearray(await self._read(off, self.cluster_size))
+        self.blocks[bidx] = blk
+        return blk
+
+    async def get(self, cluster: int) -> int:
+        blk = await self._block(cluster >> self.block_bits)
+        if blk is None:
+            return 0
+        return get_entry(blk, cluster & ((1 << self.block_bits) - 1), self.order)
+
+    async def update(self, cluster: int, delta: int) -> int:
+        """Add ``delta`` to the refcount of ``cluster``; returns the new value."""
+        bidx = cluster >> self.block_bits
+        blk = await self._block(bidx)
+        if blk is None:
+            if delta < 0:
+                raise RefcountError(f"refcount underflow for cluster {cluster:#x}")
+            await self._new_block(bidx)
+            blk = self.blocks[bidx]
+        idx = cluster & ((1 << self.block_bits) - 1)
+        value = get_entry(blk, idx, self.order) + delta
+        if value < 0:
+            raise RefcountError(f"refcount underflow for cluster {cluster:#x}")
+        if value > self.max_refcount:
+            raise OverflowError("refcount overflow")
+        set_entry(blk, idx, self.order, value)
+        self.dirty.add(bidx)
+        if value == 0 and cluster < self.free_hint:
+            self.free_hint = cluster
+        return value
+
+    # -- allocation -----------------------------------------------------------
+    async def _find_free_run(self, n: int) -> int:
+        start = self.free_hint
+        run = 0
+        c = start
+        while True:
+            if await self.get(c) == 0:
+                run += 1
+                if run == n:
+                    return c - n + 1
+            else:
+                run = 0
+            c += 1
+
+    async def alloc(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 1); returns the first host offset."""
+        while True:
+            start = await self._find_free_run(n)
+            # every refblock covering the run must exist before we count on it
+            missing = None
+            for b in range(start >> self.block_bits, ((start + n - 1) >> self.block_bits) + 1):
+                if await self._block(b) is None:
+                    missing = b
+                    break
+            if missing is None:
+                break
+            await self._new_block(missing)
+        for c in range(start, start + n):
+            await self.update(c, 1)
+        if start == self.free_hint:
+            self.free_hint = start + n
+        return start << self.cluster_bits
+
+    async def _new_block(self, bidx: int) -> None:
+        """Create refblock ``bidx`` in the first cluster it covers (all free)."""
+        first = bidx << self.block_bits
+        blk = bytearray(self.cluster_size)
+        set_entry(blk, 0, self.order, 1)  # the block describes itself
+        off = first << self.cluster_bits
+        await self._write(off, bytes(blk))
+        self.blocks[bidx] = blk
+        if bidx >= self.table_clusters * self.cluster_size // 8:
+            while len(self.table) <= bidx:
+                self.table.append(0)
+            self.table[bidx] = off
+            await self._grow_table()
+        else:
+            while len(self.table) <= bidx:
+                self.table.append(0)
+            self.table[bidx] = off
+            # the block must be on disk before the table points at it
+            await self._flush()
+            await self._write(self.table_offset + bidx * 8, struct.pack(">Q", off))
+
+    async def _grow_table(self) -> None:
+        """Write the refcount table to a bigger place and tell the header."""
+        old_off, old_clusters = self.table_offset, self.table_clusters
+        per_cluster = self.cluster_size // 8
+        while True:
+            need = len(self.table) + 2  # room for the table's own refblock, if new
+            clusters = max(-(-need // per_cluster), old_clusters * 2 if old_clusters else 1)
+            # reserve the clusters: they may need refblocks of their own, which
+            # only extends self.table (in memory), so loop until it fits
+            start = await self._find_free_run(clusters)
+            for b in range(start >> self.block_bits,
+                           ((start + clusters - 1) >> self.block_bits) + 1):
+                if await self._block(b) is None:
+                    blk = bytearray(self.cluster_size)
+                    set_entry(blk, 0, self.order, 1)
+                    boff = b << self.block_bits << self.cluster_bits
+                    await self._write(boff, bytes(blk))
+                    self.blocks[b] = blk
+                    while len(self.table) <= b:
+                        self.table.append(0)
+                    self.table[b] = boff
+                    if start <= (b << self.block_bits) < start + clusters:
+                        start = -1  # the run now overlaps the new block; search again
+            if start < 0 or len(self.table) > clusters * per_cluster:
+                continue
+            for c in range(start, start + clusters):
+                await self.update(c, 1)
+            break
+        new_off = start << self.cluster_bits
+        # refblocks first, then the new table, then the header, then free the old table
+        await self.write_dirty()
+        buf = bytearray(clusters * self.cluster_size)
+        struct.pack_into(f">{len(self.table)}Q", buf, 0, *self.table)
+        await self._write(new_off, bytes(buf))
+        await self._flush()
+        self.table_offset, self.table_clusters = new_off, clusters
+        await self._on_table_moved(new_off, clusters)
+        await self._flush()
+        if old_clusters:
+            for c in range(old_off >> self.cluster_bits, (old_off >> self.cluster_bits) + old_clusters):
+                await self.update(c, -1)
+            await self.write_dirty()
+
+    async def write_dirty(self) -> None:
+        """Write every changed refcount block (no flush)."""
+        for bidx in sorted(self.dirty):
+            off = self.table[bidx] & ~0x1FF
+            await self._write(off, bytes(self.blocks[bidx]))
+        self.dirty.clear()
