@@ -1,3 +1,345 @@
-"""QMP commands: block."""
+"""QMP commands: block (blockdev.c, block/qapi.c, block/monitor/*, dirty bitmaps).
 
-from .registry import command  # noqa: F401
+Replies follow qemu-storage-daemon 7.2 field for field.  qsd has no guest
+devices, so there are no named BlockBackends: ``query-block`` is always
+empty, ``query-blockstats`` lists nodes only with ``query-nodes``, and node
+level statistics are zero except ``wr_highest_offset``, as QEMU keeps the
+counters on BlockBackends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..nodes.node import BlockNode, Perm
+from ..nodes.perms import perm_list, refresh
+from ..qapi.errors import GenericError
+from ..qapi.schema import to_qmp
+from .registry import command
+
+# -- blockdev-add / -del / -reopen ------------------------------------------------
+
+
+@command("blockdev-add")
+async def blockdev_add(daemon, args):
+    options = args if isinstance(args, dict) else to_qmp(args)
+    await daemon.graph.add(options)
+
+
+@command("blockdev-del")
+async def blockdev_del(daemon, args):
+    await daemon.graph.delete(args.node_name)
+
+
+_REOPENABLE = {"driver", "node-name", "read-only", "auto-read-only", "detect-zeroes",
+               "discard", "cache", "force-share"}
+
+
+@command("blockdev-reopen")
+async def blockdev_reopen(daemon, args):
+    graph = daemon.graph
+    plans = []
+    for opts in args.options:
+        o = opts if isinstance(opts, dict) else to_qmp(opts)
+        name = o.get("node-name")
+        if name is None:
+            raise GenericError("node-name not specified")
+        node = graph.find_node(name)
+        if o.get("driver") != node.driver:
+            raise GenericError("Cannot change the option 'driver'")
+        for key, val in o.items():
+            if key in _REOPENABLE:
+                continue
+            old = node.options.get(key)
+            if isinstance(val, str) and isinstance(old, dict):
+                continue  # a child given by name where it was defined inline
+            if old != val:
+                raise GenericError(f"Cannot change the option '{key}'")
+        plans.append((node, o))
+    for node, o in plans:
+        await _reopen_one(node, o)
+
+
+async def _reopen_one(node: BlockNode, o: dict) -> None:
+    async with node.drained():
+        old = (node.read_only, node.detect_zeroes, node.discard_unmap)
+        ro = bool(o.get("read-only", False))
+        if ro and not node.read_only:
+            await node.flush()
+        reopen_fd = getattr(node, "reopen_rw", None)
+        if not ro and node.read_only and reopen_fd is not None:
+            await reopen_fd()
+        node.read_only = ro
+        try:
+            node.configure(o)
+            refresh(node)
+        except BaseException:
+            node.read_only, node.detect_zeroes, node.discard_unmap = old
+            with contextlib.suppress(Exception):
+                refresh(node)
+            raise
+        node.options = o
+
+
+# -- queries -----------------------------------------------------------------------
+
+
+def _backing(node: BlockNode) -> BlockNode | None:
+    e = node.children.get("backing")
+    return e.node if e else None
+
+
+def image_info(node: BlockNode, flat: bool) -> dict:
+    info: dict = {"virtual-size": node.length, "filename": node.filename,
+                  "format": node.driver}
+    size = node.actual_size()
+    if size is not None:
+        info["actual-size"] = size
+    if getattr(node, "has_info", True):
+        info["dirty-flag"] = False
+    info.update(node.info_extra())
+    if not flat:
+        below = _backing(node)
+        if below is None and node.shows_filtered_child:
+            prim = node.primary_child()
+            below = prim.node if prim else None
+        if below is not None:
+            info["backing-image"] = image_info(below, flat)
+    return info
+
+
+def block_device_info(node: BlockNode, flat: bool) -> dict:
+    depth, b = 0, _backing(node)
+    while b is not None:
+        depth += 1
+        b = _backing(b)
+    d = {
+        "file": node.filename,
+        "node-name": node.node_name,
+        "ro": node.read_only,
+        "drv": node.driver,
+        "backing_file_depth": depth,
+        "encrypted": False,
+        "detect_zeroes": node.detect_zeroes,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "image": image_info(node, flat),
+        "cache": {"writeback": True, "direct": node.cache_direct,
+                  "no-flush": node.cache_no_flush},
+        "write_threshold": node.write_threshold,
+    }
+    backing = _backing(node)
+    if backing is not None:
+        d["backing_file"] = backing.filename
+    if node.bitmaps:
+        d["dirty-bitmaps"] = [bm.info() for bm in reversed(node.bitmaps.values())]
+    return d
+
+
+@command("query-named-block-nodes")
+async def query_named_block_nodes(daemon, args):
+    flat = bool(args and args.flat)
+    return [block_device_info(n, flat) for n in daemon.graph.newest_first()]
+
+
+@command("query-block")
+async def query_block(daemon, args):
+    return []  # no BlockBackends with a name or device in a storage daemon
+
+
+def _stats(node: BlockNode) -> dict:
+    s = {k: 0 for k in (
+        "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+        "unmap_operations", "flush_operations", "rd_total_time_ns", "wr_total_time_ns",
+        "unmap_total_time_ns", "flush_total_time_ns", "rd_merged", "wr_merged",
+        "unmap_merged", "failed_rd_operations", "failed_wr_operations",
+        "failed_unmap_operations", "failed_flush_operations", "invalid_rd_operations",
+        "invalid_wr_operations", "invalid_unmap_operations", "invalid_flush_operations")}
+    s.update({"wr_highest_offset": node.wr_highest_offset, "timed_stats": [],
+              "account_invalid": False, "account_failed": False})
+    return s
+
+
+def _node_stats(node: BlockNode) -> dict:
+    d: dict = {"node-name": node.node_name, "stats": _stats(node)}
+    ds = node.driver_stats()
+    if ds is not None:
+        d["driver-specific"] = ds
+    f = node.children.get("file")
+    if f is not None:
+        d["parent"] = _node_stats(f.node)
+    b = node.children.get("backing")
+    if b is not None:
+        d["backing"] = _node_stats(b.node)
+    return d
+
+
+@command("query-blockstats")
+async def query_blockstats(daemon, args):
+    if not (args and args.query_nodes):
+        return []
+    return [_node_stats(n) for n in daemon.graph.nodes.values()]
+
+
+@command("x-debug-query-block-graph")
+async def x_debug_query_block_graph(daemon, args):
+    ids: dict[int, int] = {}
+    nodes: list[dict] = []
+    edges: list[dict] = []
+    users: list[object] = []
+    for n in daemon.graph.nodes.values():
+        for e in reversed(n.parents):
+            if not isinstance(e.parent, BlockNode) and all(u is not e.parent for u in users):
+                users.append(e.parent)
+    # QEMU numbers BlockBackends, then jobs, then nodes, and prepends to its lists
+    users.sort(key=lambda u: getattr(u, "xdbg_type", "block-backend") != "block-backend")
+
+    def add(obj, typ, name):
+        ids[id(obj)] = len(ids) + 1
+        nodes.insert(0, {"id": ids[id(obj)], "type": typ, "name": name})
+
+    for u in users:
+        add(u, getattr(u, "xdbg_type", "block-backend"), getattr(u, "xdbg_name", ""))
+    for n in daemon.graph.nodes.values():
+        add(n, "block-driver", n.node_name)
+
+    def edge(parent, e):
+        if id(e.node) in ids:
+            edges.insert(0, {"parent": ids[id(parent)], "child": ids[id(e.node)],
+                             "name": e.name, "perm": perm_list(e.perm),
+                             "shared-perm": perm_list(e.shared)})
+
+    for u in users:
+        for n in daemon.graph.nodes.values():
+            for e in n.parents:
+                if e.parent is u:
+                    edge(u, e)
+    for n in daemon.graph.nodes.values():
+        for e in reversed(list(n.children.values())):
+            edge(n, e)
+    return {"nodes": nodes, "edges": edges}
+
+
+# -- resize and write threshold ------------------------------------------------------
+
+
+class _ResizeUser:
+    """The temporary BlockBackend block_resize opens (shown as QEMU shows it)."""
+
+
+@command("block_resize")
+async def block_resize(daemon, args):
+    node = daemon.graph.lookup_bs(args.device, args.node_name)
+    if args.size < 0:
+        raise GenericError("Parameter 'size' expects a >0 size")
+    if node.read_only:
+        raise GenericError("Image is read-only")
+    edge = node.attach("root", _ResizeUser(), Perm.RESIZE, Perm.ALL)
+    try:
+        async with node.drained():
+            await node.truncate(args.size, exact=False)
+    finally:
+        edge.detach()
+
+
+@command("block-set-write-threshold")
+async def block_set_write_threshold(daemon, args):
+    node = daemon.graph.nodes.get(args.node_name)
+    if node is None:
+        raise GenericError(f"Device '{args.node_name}' not found")
+    node.write_threshold = args.write_threshold
+
+
+# -- dirty bitmaps -------------------------------------------------------------------
+
+MAX_BITMAP_NAME = 1023
+
+
+def _bitmap(daemon, node_name: str, name: str):
+    node = daemon.graph.lookup_bs(node_name)
+    bm = node.bitmaps.get(name)
+    if bm is None:
+        raise GenericError(f"Dirty bitmap '{name}' not found")
+    return node, bm
+
+
+@command("block-dirty-bitmap-add")
+async def block_dirty_bitmap_add(daemon, args):
+    node = daemon.graph.lookup_bs(args.node)
+    name = args.name
+    if not name:
+        raise GenericError("Bitmap name cannot be empty")
+    if len(name) > MAX_BITMAP_NAME:
+        raise GenericError(f"Bitmap name too long: {name}")
+    gran = args.granularity
+    if gran is None:
+        gran = node.default_bitmap_granularity()
+    elif gran < 512 or gran & (gran - 1):
+        raise GenericError("Granularity must be power of 2 and at least 512")
+    if name in node.bitmaps:
+        raise GenericError(f"Bitmap already exists: {name}")
+    persistent = bool(args.persistent)
+    if persistent:
+        check = getattr(node, "check_persistent_bitmap", None)
+        if check is None or not node.supports_persistent_bitmaps:
+            raise GenericError(f"Can't store persistent bitmaps to {node.node_name}: "
+                               "Operation not supported")
+        check(name, gran)
+    node.add_bitmap(name, gran, persistent=persistent, enabled=not args.disabled)
+
+
+@command("block-dirty-bitmap-remove")
+async def block_dirty_bitmap_remove(daemon, args):
+    node, bm = _bitmap(daemon, args.node, args.name)
+    bm.check()
+    if bm.persistent:
+        remove = getattr(node, "remove_persistent_bitmap", None)
+        if remove is not None:
+            await remove(bm.name)
+    del node.bitmaps[bm.name]
+
+
+@command("block-dirty-bitmap-clear")
+async def block_dirty_bitmap_clear(daemon, args):
+    _node, bm = _bitmap(daemon, args.node, args.name)
+    bm.check()
+    bm.clear()
+
+
+@command("block-dirty-bitmap-enable")
+async def block_dirty_bitmap_enable(daemon, args):
+    _node, bm = _bitmap(daemon, args.node, args.name)
+    bm.check(allow_ro=True)
+    bm.enabled = True
+
+
+@command("block-dirty-bitmap-disable")
+async def block_dirty_bitmap_disable(daemon, args):
+    _node, bm = _bitmap(daemon, args.node, args.name)
+    bm.check(allow_ro=True)
+    bm.enabled = False
+
+
+@command("block-dirty-bitmap-merge")
+async def block_dirty_bitmap_merge(daemon, args):
+    _node, target = _bitmap(daemon, args.node, args.target)
+    target.check()
+    sources = []
+    for src in args.bitmaps:
+        if isinstance(src, str):
+            sources.append(_bitmap(daemon, args.node, src)[1])
+        else:
+            s = src if isinstance(src, dict) else to_qmp(src)
+            sources.append(_bitmap(daemon, s["node"], s["name"])[1])
+    for s in sources:
+        s.check(allow_ro=True)
+        if s.size != target.size:
+            raise GenericError(f"Bitmaps are of different sizes ({s.size} and "
+                               f"{target.size}) and cannot be merged")
+    for s in sources:
+        target.merge_from(s)
+
+
+@command("x-debug-block-dirty-bitmap-sha256")
+async def x_debug_block_dirty_bitmap_sha256(daemon, args):
+    _node, bm = _bitmap(daemon, args.node, args.name)
+    return {"sha256": bm.sha256()}

@@ -73,6 +73,19 @@ class BlockGraph:
         except KeyError:
             raise DeviceNotFound(f"Cannot find device={name} nor node-name={name}") from None
 
+    def lookup_bs(self, device: str | None, node_name: str | None = "\0same") -> BlockNode:
+        """bdrv_lookup_bs: by device or node name (one argument: both are it).
+
+        qsd has no named block devices, so only node names can match.
+        """
+        if node_name == "\0same":
+            node_name = device
+        for name in (device, node_name):
+            if name is not None and name in self.nodes:
+                return self.nodes[name]
+        raise GenericError(f"Cannot find device='{device or ''}' nor "
+                           f"node-name='{node_name or ''}'")
+
     def find_node(self, name: str) -> BlockNode:
         try:
             return self.nodes[name]
