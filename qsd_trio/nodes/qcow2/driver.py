@@ -725,6 +725,9 @@ class Qcow2Node(BlockNode):
                 await self._zero_locked(a, b, may_unmap)
             except Corruption as c:
                 raise await self._signal_corruption(c) from None
+            if self.data_file_raw:
+                # the raw data file must read the same as the image
+                await self.data.write_zeroes(a, b - a, may_unmap=may_unmap)
         if b < end:
             await self._zero_explicit(b, end - b, False)
         if fua:
@@ -788,6 +791,10 @@ class Qcow2Node(BlockNode):
                 await self._discard_locked(a, b, full=False, dtype="request")
             except Corruption as c:
                 raise await self._signal_corruption(c) from None
+            if self.has_data_file and (self.data_file_raw or self.pass_discard["request"]):
+                # data-file clusters are not refcounted: discard goes straight down
+                await self.data.discard(a, min(b, self.data.length) - a) \
+                    if a < self.data.length else None
 
     async def _discard_locked(self, a: int, b: int, *, full: bool, dtype: str) -> None:
         cb = self.cb
