@@ -155,7 +155,7 @@ class BlockGraph:
         if isinstance(val, str):
             child = self.nodes.get(val)
             if child is None:
-                raise GenericError(f"Cannot find device='' nor node-name='{val}'")
+                raise GenericError(f"Cannot find device='{val}' nor node-name='{val}'")
         else:
             copts = dict(val)
             if inherit:

@@ -10,6 +10,7 @@ from .node import BlockNode, BlockStatus, Status
 
 class NullNode(BlockNode):
     driver = "null-co"
+    has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
     async def open(self, options: dict) -> None:
         self.size = options.get("size", 1 << 30)

@@ -18,8 +18,8 @@ class RawNode(BlockNode):
         self.file = await self.open_child(options, "file")
         real = self.file.node.length
         if self.offset > real:
-            raise GenericError(f"Offset ({self.offset}) cannot be greater than size of "
-                               f"image ({real})")
+            raise GenericError(f"Offset ({self.offset}) cannot be greater than size of the "
+                               f"containing file ({real})")
         if self.fixed_size is not None:
             if self.offset + self.fixed_size > real:
                 raise GenericError(

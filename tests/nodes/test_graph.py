@@ -51,7 +51,8 @@ async def test_failed_nested_open_leaves_nothing(graph, img, tmp_path):
     with pytest.raises(GenericError) as e:
         await graph.add({"driver": "raw", "node-name": "r", "offset": 1 << 30,
                          "file": {"driver": "file", "filename": str(img)}})
-    assert e.value.desc == f"Offset ({1 << 30}) cannot be greater than size of image ({1 << 20})"
+    assert e.value.desc == (f"Offset ({1 << 30}) cannot be greater than size of the "
+                            f"containing file ({1 << 20})")
     assert graph.nodes == {}
     with pytest.raises(GenericError) as e:
         await graph.add({"driver": "raw", "node-name": "r",
