@@ -101,8 +101,8 @@ def strtou64(s: str) -> int | None:
 
 
 _STRTOD = re.compile(
-    r"[ \t\n\v\f\r]*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-    r"|0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?)"
+    r"[ \t\n\v\f\r]*[+-]?(?:0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?[0-9]+)?"
+    r"|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)"
 )
 
 
@@ -142,7 +142,7 @@ def _suffix_mul(c: str, unit: int = 1024) -> int:
 
 def strtosz(s: str) -> int | None:
     """qemu_strtosz(s, NULL): byte counts with B/K/M/G/T/P/E suffixes,
-    fractions with a suffix ('1.5k'), hex without fraction or suffix."""
+    fractions with a suffix ('1.5k'), hex without a fraction."""
     m = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)").match(s)
     if not m or m.group(1) == "-":
         return None
@@ -159,7 +159,9 @@ def strtosz(s: str) -> int | None:
         if val >= 2**64:
             return None
         end = hm.end()
-        if s[end : end + 1] == "." or _suffix_mul(s[end : end + 1]) > 0:
+        # 7.2 still takes a suffix after hex (it warns that this is
+        # deprecated); only a fraction is refused
+        if s[end : end + 1] == ".":
             return None
     elif s[end : end + 1] == ".":
         r = _strtod_prefix(s, end)
@@ -321,11 +323,10 @@ class _Visitor:
             if not lo <= value <= hi:
                 raise GenericError(f"Parameter '{name or 'null'}' expects {cname}")
             return value
-        # unsigned: QEMU reads a uint64, accepting negative int64 by wrapping
+        # unsigned (size too): QEMU reads a uint64, accepting a negative int64
+        # by wrapping; anything else, even a string, "expects uint64"
         hi, cname = _UINT_RANGES[typ]
-        if not isnum:
-            raise self.type_error(path, "integer")
-        if isinstance(value, float) or not -(2**63) <= value < 2**64:
+        if not isnum or isinstance(value, float) or not -(2**63) <= value < 2**64:
             raise GenericError(f"Parameter '{path}' expects uint64")
         value %= 2**64
         if value > hi:

@@ -1,0 +1,70 @@
+"""query-qmp-schema from the generated declarations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qsd_trio.qapi import schema
+
+REF = Path("/work/shared/ref/qsd-7.2-qmp-schema.json")
+
+
+def _check_closed(entries: list[dict]) -> None:
+    """Every type an entry names is itself listed, exactly once."""
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names))
+    defined = set(names)
+
+    def used(e):
+        for k in ("arg-type", "ret-type", "element-type"):
+            if k in e:
+                yield e[k]
+        for m in e.get("members", []):
+            if "type" in m:
+                yield m["type"]
+        for v in e.get("variants", []):
+            yield v["type"]
+
+    for e in entries:
+        for t in used(e):
+            assert t in defined, (e["name"], t)
+
+
+@pytest.mark.skipif(not REF.exists(), reason="reference schema not available")
+def test_matches_qemu_storage_daemon_7_2():
+    ref = json.loads(REF.read_text())
+    commands = [e["name"] for e in ref if e["meta-type"] == "command"]
+    mine = schema.introspect(commands)
+    # same entries, same order, same masked numbers
+    assert [json.dumps(e, sort_keys=True) for e in mine] == [
+        json.dumps(e, sort_keys=True) for e in ref
+    ]
+
+
+def test_subset_is_closed_and_lists_all_events():
+    out = schema.introspect(["query-version", "blockdev-add", "qmp_capabilities"])
+    _check_closed(out)
+    cmds = [e["name"] for e in out if e["meta-type"] == "command"]
+    assert cmds == ["blockdev-add", "qmp_capabilities", "query-version"]
+    events = {e["name"] for e in out if e["meta-type"] == "event"}
+    assert events == set(schema.event_names())
+    assert "JOB_STATUS_CHANGE" in events and "BLOCK_EXPORT_DELETED" in events
+    by_name = {e["name"]: e for e in out}
+    ba = by_name["blockdev-add"]
+    arg = by_name[ba["arg-type"]]
+    assert arg["meta-type"] == "object" and arg["tag"] == "driver"
+    assert {"name": "node-name", "type": "str", "default": None} in arg["members"]
+    # what this build leaves out (libblkio) is not offered
+    assert "virtio-blk-vfio-pci" not in {v["case"] for v in arg["variants"]}
+    assert by_name["int"] == {"name": "int", "meta-type": "builtin", "json-type": "int"}
+    assert by_name[ba["ret-type"]] == {"name": ba["ret-type"], "meta-type": "object",
+                                       "members": []}
+
+
+def test_full_schema_is_closed():
+    out = schema.introspect(schema.command_names())
+    _check_closed(out)
+    assert sum(e["meta-type"] == "command" for e in out) == len(schema.command_names())
