@@ -39,6 +39,7 @@ from .header import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
+    EXT_BACKING_FORMAT,
     EXT_BITMAPS,
     INCOMPAT_COMPRESSION,
     INCOMPAT_CORRUPT,
@@ -932,6 +933,7 @@ class Qcow2Node(BlockNode):
             else:
                 await self._grow_l1(self._l1_needed(size))
                 self.size = size
+            self.h.size = size
             await self._writeback()
             await self.file.write(24, struct.pack(">Q", size))
             await self.file.flush()
@@ -944,6 +946,31 @@ class Qcow2Node(BlockNode):
                 await self._co_pwrite_zeroes(old, z_end - old, False, False)
             if prealloc != "off":
                 await self._preallocate(old, size, prealloc)
+
+    # -- header rewrites (change-backing-file, image creation) -----------------------
+    async def rewrite_header(self) -> None:
+        """Write the whole header cluster from ``self.h`` (QEMU's qcow2_update_header)."""
+        blob = self.h.pack()
+        if len(blob) > self.cs:
+            raise GenericError("Header too large")
+        await self.file.write(0, blob.ljust(self.cs, b"\0"))
+        await self.file.flush()
+
+    async def set_header_names(self, *, backing_file: str | None,
+                               backing_fmt: str | None) -> None:
+        """Record a backing file name and format in the header (change-backing-file)."""
+        if backing_file and self.data_file_raw:
+            raise GenericError("Cannot use a backing file with a raw external data file")
+        if backing_file is not None and len(backing_file.encode()) > 1023:
+            raise GenericError("Backing file name too long")
+        async with self._lock:
+            self.h.backing_file = backing_file or None
+            self.h.set_ext(EXT_BACKING_FORMAT,
+                           backing_fmt.encode() if backing_file and backing_fmt else None)
+            # QEMU puts the backing format first among the extensions
+            exts = self.h.extensions
+            exts.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)
+            await self.rewrite_header()
 
     async def _grow_l1(self, need: int) -> None:
         if need <= len(self.l1):
@@ -965,9 +992,10 @@ class Qcow2Node(BlockNode):
             self._pending_free.append((old_off, old_n * 8, "other"))
 
     async def _preallocate(self, start: int, end: int, mode: str) -> None:
-        """preallocation=metadata/falloc/full: allocate every cluster in range."""
+        """preallocation=metadata/falloc/full: give every cluster in range a host cluster."""
         cs = self.cs
         pos = (start // cs) * cs
+        last = 0
         async with self._lock:
             while pos < end:
                 gc = pos >> self.cb
@@ -976,16 +1004,24 @@ class Qcow2Node(BlockNode):
                     table = await self._l2_for_write(gc >> self.l2_bits)
                     host = await self._alloc_data(gc, 1)
                     idx = gc & (self.l2_entries - 1)
-                    if mode != "metadata":
+                    if mode == "full":
                         await self.data.write(host, bytes(cs))
                     if self.extl2:
+                        # the clusters read as zeroes without being written
                         table[2 * idx] = host | QCOW_OFLAG_COPIED
-                        table[2 * idx + 1] = ALL_ZERO if mode == "metadata" else ALL_ZERO
+                        table[2 * idx + 1] = ALL_ZERO
                     else:
-                        table[idx] = host | QCOW_OFLAG_COPIED | (
-                            QCOW_OFLAG_ZERO if self.version >= 3 and mode == "metadata" else 0)
+                        table[idx] = host | QCOW_OFLAG_COPIED
+                    last = max(last, host + cs)
                     self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
                 pos += cs
+            if last > self.data.length:
+                # a sparse file that covers every preallocated cluster (reads zero)
+                try:
+                    await self.data.truncate(last, exact=False,
+                                             prealloc="falloc" if mode == "falloc" else "off")
+                except (OSError, GenericError):
+                    await self.data.write(last - 1, b"\0")
             await self._writeback()
 
     # -- compressed writes (qemu-img convert -c, backup compress=on) ---------------------
