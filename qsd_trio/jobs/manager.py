@@ -55,15 +55,16 @@ def start(daemon: Any, job: Job) -> None:
     job.start(daemon.job_nursery)
 
 
-async def cancel_all(daemon: Any) -> None:
-    """Shutdown: force-cancel every job and wait until each has concluded.
+async def drain_bounce(jobs: list[Job]) -> None:
+    """A drained section over these jobs' nodes, as QEMU's drains make them see it.
 
-    Like QEMU's job_cancel_sync_all: concluded jobs are dismissed, the rest
-    end with BLOCK_JOB_CANCELLED.  Before that, the whole graph is drained
-    once, which a running job sees as a pause and resume (as in QEMU).
+    bdrv_drained_begin pauses every job on a drained node (it reaches a pause
+    point: paused/standby) and drained_end resumes it.  QEMU drains all nodes
+    at the start of every transaction (blockdev-backup is one) and at
+    shutdown; the job events show it, so we do the same.
     """
-    live = [j for j in daemon.jobs.values()
-            if j.status in (JobStatus.RUNNING, JobStatus.READY) and j.pause_count == 0]
+    live = [j for j in jobs if j.status in (JobStatus.RUNNING, JobStatus.READY)
+            and j.pause_count == 0 and j.started]
     for job in live:
         job.pause_count += 1
         job.kick()
@@ -74,6 +75,21 @@ async def cancel_all(daemon: Any) -> None:
     for job in live:
         job.pause_count -= 1
         job.kick()
+    # drained_end resumes them before anything else happens
+    for job in live:
+        with trio.move_on_after(1):
+            while job.paused and not job.is_completed:
+                await job.changed.wait()
+
+
+async def cancel_all(daemon: Any) -> None:
+    """Shutdown: force-cancel every job and wait until each has concluded.
+
+    Like QEMU's job_cancel_sync_all: concluded jobs are dismissed, the rest
+    end with BLOCK_JOB_CANCELLED.  Before that, the whole graph is drained
+    once, which a running job sees as a pause and resume (as in QEMU).
+    """
+    await drain_bounce(list(daemon.jobs.values()))
     for job in list(daemon.jobs.values()):
         if job.status == JobStatus.NULL:
             continue

@@ -134,11 +134,13 @@ class MirrorJob(BlockJob):
             if cnt > 0 and self.in_flight_bytes < self.buf_size:
                 offset, n = self._next_chunk(bm)
                 if n:
+                    method, n = await self._method(offset, n)
                     bm.reset_dirty(offset, n)
                     self.in_flight += 1
                     self.in_flight_bytes += n
-                    nursery.start_soon(self._copy, offset, n)
-                    await self.rate_limit(n)
+                    nursery.start_soon(self._copy, offset, n, method)
+                    # only copied data counts against the speed (as QEMU's)
+                    await self.rate_limit(n if method == "copy" else 0)
                     continue
             if cnt == 0 and self.in_flight == 0:
                 if not self.is_ready and not self.ready_reached:
@@ -168,15 +170,30 @@ class MirrorJob(BlockJob):
                 return off, n
         return 0, 0
 
-    async def _copy(self, offset: int, n: int) -> None:
+    async def _method(self, offset: int, n: int) -> tuple[str, int]:
+        """copy, zero or discard, for as much of the range as has one status."""
+        try:
+            st = await self.source.block_status(offset, n)
+        except OSError:
+            return "copy", n  # the read will report it
+        g = self.granularity
+        m = min(n, max(st.length // g * g, g)) if st.length < n else n
+        if st.flags & Status.DATA:
+            return "copy", m
+        if st.flags & Status.ZERO or not self.unmap:
+            return "zero", m
+        return "discard", m
+
+    async def _copy(self, offset: int, n: int, method: str) -> None:
         src, tgt = self.source, self.target
         try:
             while True:
+                is_read = False
                 try:
-                    st = await src.block_status(offset, n)
-                    if st.flags & Status.ZERO and st.length >= n:
-                        is_read = False
+                    if method == "zero":
                         await tgt.write_zeroes(offset, n, may_unmap=self.unmap)
+                    elif method == "discard":
+                        await tgt.discard(offset, n)
                     else:
                         is_read = True
                         data = await src.read(offset, n)

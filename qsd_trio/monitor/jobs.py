@@ -168,3 +168,170 @@ async def blockdev_mirror(daemon, args):
     source = _root_node(daemon, args.device)
     target = _lookup(daemon, args.target)
     await start_mirror(daemon, args, source, target)
+
+
+# -- backup and transaction (blockdev.c: the backup actions are transactions) -----------
+def _prepare_backup(daemon, args, source, target, txn):
+    """backup action prepare: checks, then a CREATED job (started at commit)."""
+    from ..jobs.backup import BackupJob
+    from ..jobs.blockjob import check_not_busy
+    from ..qapi.errors import GenericError
+
+    sync = _arg(args, "sync")
+    mode = _arg(args, "bitmap_mode")
+    bitmap = None
+    bname = _arg(args, "bitmap")
+    if bname is not None:
+        bitmap = source.bitmaps.get(bname)
+        if bitmap is None:
+            raise GenericError(f"Bitmap '{bname}' could not be found")
+        if mode is None:
+            mode = "on-success"
+        if sync == "incremental":
+            if mode != "on-success":
+                raise GenericError(f"Bitmap sync mode must be 'on-success' when using sync "
+                                   f"mode '{sync}'")
+            sync = "bitmap"
+        if bitmap.busy:
+            raise GenericError(f"Bitmap '{bname}' is currently in use by another operation "
+                               "and cannot be used")
+    elif mode is not None:
+        raise GenericError("Cannot specify bitmap sync mode without a bitmap")
+    check_not_busy(daemon, source)
+    check_not_busy(daemon, target)
+    if sync in ("bitmap", "incremental") and bitmap is None:
+        raise GenericError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if source is target:
+        raise GenericError("Source and target cannot be the same")
+    compress = bool(_arg(args, "compress", False))
+    if compress and not hasattr(target, "write_compressed"):
+        raise GenericError(f"Compression is not supported for this drive {target.node_name}")
+    job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
+    job = BackupJob(daemon, job_id, source, target, sync=sync, bitmap=bitmap,
+                    bitmap_mode=mode or "on-success", compress=compress,
+                    on_source_error=_arg(args, "on_source_error", "report"),
+                    on_target_error=_arg(args, "on_target_error", "report"),
+                    txn=txn, **_common(args))
+    manager.register(daemon, job, _arg(args, "speed", 0))
+    try:
+        job.attach_nodes()
+    except BaseException:
+        job.early_fail()
+        raise
+    job.start_tracking()
+    return job
+
+
+async def _action_prepare(daemon, kind, data, txn, undo):
+    """Run one transaction action's prepare; push its undo; return a job or None."""
+    from ..qapi.errors import GenericError
+    from .registry import COMMANDS
+
+    if kind == "abort":
+        raise GenericError("Transaction aborted using Abort action")
+    if kind == "blockdev-backup":
+        source = daemon.graph.lookup_bs(data.device)
+        target = daemon.graph.lookup_bs(data.target)
+        await manager.drain_bounce(_jobs_on(daemon, source))
+        return _prepare_backup(daemon, data, source, target, txn)
+    if kind == "drive-backup":
+        source = daemon.graph.lookup_bs(data.device)
+        target = await _open_drive_target(daemon, data, source)
+        undo.append(lambda: daemon.root_nursery.start_soon(_drop_node, daemon, target))
+        return _prepare_backup(daemon, data, source, target, txn)
+    if kind.startswith("block-dirty-bitmap-"):
+        node = daemon.graph.lookup_bs(data.node)
+        saved = {k: (bm, bytes(bm.bits), bm.enabled) for k, bm in node.bitmaps.items()}
+
+        def restore(node=node, saved=saved):
+            node.bitmaps.clear()
+            for k, (bm, bits, enabled) in saved.items():
+                bm.bits[:] = bits
+                bm.enabled = enabled
+                node.bitmaps[k] = bm
+
+        await COMMANDS[kind].handler(daemon, data)
+        undo.append(restore)
+        return None
+    handler = COMMANDS.get(kind)
+    if handler is None:
+        raise GenericError(f"Action '{kind}' is not supported by qsd-trio")
+    await handler.handler(daemon, data)
+    return None
+
+
+def _jobs_on(daemon, node):
+    from ..jobs.blockjob import BlockJob
+
+    return [j for j in daemon.jobs.values()
+            if isinstance(j, BlockJob) and any(e.node is node for e in j.edges)]
+
+
+async def _drop_node(daemon, node):
+    if not node.parents and daemon.graph.nodes.get(node.node_name) is node:
+        del daemon.graph.nodes[node.node_name]
+        await node.close()
+
+
+async def run_transaction(daemon, actions, completion_mode="individual"):
+    from ..jobs.job import JobTxn
+
+    await manager.drain_bounce(list(daemon.jobs.values()))
+    txn = JobTxn() if completion_mode == "grouped" else None
+    jobs, undo = [], []
+    try:
+        for action in actions:
+            kind = _arg(action, "type")
+            job = await _action_prepare(daemon, kind, action.data, txn, undo)
+            if job is not None:
+                jobs.append(job)
+    except BaseException:
+        for job in reversed(jobs):
+            job.cancel(True)  # not started: created -> aborting -> concluded -> null
+        for fn in reversed(undo):
+            fn()
+        raise
+    for job in jobs:
+        manager.start(daemon, job)
+    # the actions' drained sections end after the jobs started
+    await manager.drain_bounce(jobs)
+
+
+@command("transaction")
+async def transaction(daemon, args):
+    props = _arg(args, "properties")
+    mode = _arg(props, "completion_mode", "individual") if props is not None else "individual"
+    await run_transaction(daemon, args.actions, mode)
+
+
+class _Action:
+    def __init__(self, kind, data):
+        self.type = kind
+        self.data = data
+
+
+@command("blockdev-backup")
+async def blockdev_backup(daemon, args):
+    await run_transaction(daemon, [_Action("blockdev-backup", args)])
+
+
+@command("drive-backup")
+async def drive_backup(daemon, args):
+    await run_transaction(daemon, [_Action("drive-backup", args)])
+
+
+async def _open_drive_target(daemon, args, source):
+    """drive-backup/drive-mirror: open ``target`` (a file name) as a new node.
+
+    mode=existing opens the image as it is; absolute-paths creates it first
+    (format of ``format``, else the source's), as qemu-img create would.
+    """
+    from ..jobs import create as create_mod
+
+    fmt = _arg(args, "format") or source.driver
+    mode = _arg(args, "mode", "absolute-paths")
+    if mode != "existing":
+        await create_mod.create_image(daemon, args.target, fmt, source.length)
+    node = await daemon.graph.add({"driver": fmt, "file": {"driver": "file",
+                                                          "filename": args.target}})
+    return node

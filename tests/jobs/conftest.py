@@ -11,7 +11,18 @@ from qsd_trio import events
 from qsd_trio.monitor import jobs as qmp_jobs  # noqa: F401 - registers the commands
 from qsd_trio.monitor.registry import COMMANDS
 from qsd_trio.nodes import null  # noqa: F401 - registers null-co
-from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.nodes.graph import BlockGraph, register_driver
+from qsd_trio.nodes.node import BlockStatus, Status
+
+
+@register_driver
+class DataNull(null.NullNode):
+    """null-co whose blocks report as data, so that jobs copy (and rate-limit) them."""
+
+    driver = "x-test-data-null"
+
+    async def _co_block_status(self, offset, length):
+        return BlockStatus(Status.DATA | Status.ALLOCATED, length)
 
 
 class Env:

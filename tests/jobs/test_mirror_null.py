@@ -12,7 +12,7 @@ SIZE = 64 << 20
 
 async def nulls(env, latency=100_000):
     for name in ("src", "dst"):
-        await env.graph.add({"driver": "null-co", "node-name": name, "size": SIZE,
+        await env.graph.add({"driver": "x-test-data-null", "node-name": name, "size": SIZE,
                              "latency-ns": latency})
 
 
