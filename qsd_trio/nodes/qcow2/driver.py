@@ -26,6 +26,7 @@ import errno
 import os.path
 import struct
 import sys
+from array import array
 
 import trio
 
@@ -355,7 +356,7 @@ class Qcow2Node(BlockNode):
             return await self._l2_table(l1i)
         if off:
             old = await self._l2_table(l1i)
-            t = type(old)(old)  # copy-on-write of a table shared with a snapshot
+            t = array("Q", old)  # copy-on-write of a table shared with a snapshot
         else:
             t = unpack_table(bytes(self.cs))
         await self._set_dirty()
