@@ -211,8 +211,8 @@ def opt_object(value: str) -> Action:
         from .objects.qom import USER_CREATABLE
         raise EarlyExit("List of user creatable objects:\n"
                         + "".join(f"  {t}\n" for t in sorted(USER_CREATABLE)))
-    kv = keyval.parse(value, "qom-type") if not keyval.is_json(value) else None
-    if kv is not None and kv.get("help") is not None and "qom-type" in kv:
+    kv = qemuopts.parse_flat(value, "qom-type") if not keyval.is_json(value) else None
+    if kv is not None and ("help" in kv or "?" in kv) and "qom-type" in kv:
         from .monitor.objects import object_properties
         from .objects.qom import USER_CREATABLE
         t = kv["qom-type"]
@@ -363,7 +363,7 @@ def parse(argv: list[str]):
             try:
                 trace.configure(value)
             except QapiError as e:
-                raise StartupError("--trace", value, e.desc) from None
+                raise StartupError("--trace", value, e.desc, e.hint) from None
         if opt == "--daemonize":
             daemonize = True
         if opt == "--pidfile":
@@ -378,7 +378,7 @@ def parse(argv: list[str]):
         try:
             actions.append((opt, value, build(value)))
         except QapiError as e:
-            raise StartupError(opt, value, e.desc) from None
+            raise StartupError(opt, value, e.desc, e.hint) from None
     return actions, pidfile, daemonize
 
 

@@ -39,11 +39,12 @@ Action = Callable[["Daemon"], Awaitable[None]]
 class StartupError(Exception):
     """A command-line option failed: ``qsd-trio: --opt value: message``."""
 
-    def __init__(self, option: str | None, value: str | None, message: str):
+    def __init__(self, option: str | None, value: str | None, message: str,
+                 hint: str | None = None):
         super().__init__(message)
         self.option = option
         self.value = value
-        self.message = message
+        self.message = message + (f"\n{hint}" if hint else "")
 
     def __str__(self) -> str:
         if self.option is None:
@@ -147,7 +148,7 @@ class Daemon:
                     try:
                         await action(self)
                     except QapiError as e:
-                        raise StartupError(option, value, e.desc) from None
+                        raise StartupError(option, value, e.desc, e.hint) from None
                 if pidfile is not None:
                     pf = PidFile(pidfile)
                     try:

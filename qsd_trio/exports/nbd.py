@@ -233,9 +233,11 @@ class NbdExport(BlockExport):
 def _addr_dict(addr) -> dict:
     """SocketAddress or SocketAddressLegacy (attrs instance or dict) -> flat dict."""
     if not isinstance(addr, dict):
-        import attrs
+        # schema.to_qmp keeps union tags, which are class variables of the
+        # variant classes and so invisible to attrs.asdict
+        from ..qapi import schema
 
-        addr = attrs.asdict(addr, recurse=True)
+        addr = schema.to_qmp(addr)
     addr = {k.replace("_", "-"): v for k, v in addr.items() if v is not None}
     data = addr.get("data")
     if isinstance(data, dict):  # legacy form: {"type": ..., "data": {...}}

@@ -30,7 +30,12 @@ async def add_chardev(daemon, id: str, backend: dict):
 
 @command("chardev-add")
 async def chardev_add(daemon, args):
-    await add_chardev(daemon, args.id, schema.to_qmp(args.backend))
+    try:
+        await add_chardev(daemon, args.id, schema.to_qmp(args.backend))
+    except GenericError as e:
+        if e.desc.startswith("attempt to add duplicate"):
+            raise
+        raise e.prefixed(f"Failed to add chardev '{args.id}': ") from None
     return {}
 
 

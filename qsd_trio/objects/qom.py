@@ -67,7 +67,8 @@ def check_id(id: str) -> None:
     # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'
     if not id or not id[0].isascii() or not id[0].isalpha() or not all(
             c.isascii() and (c.isalnum() or c in "-._") for c in id):
-        raise GenericError("Parameter 'id' expects an identifier")
+        raise GenericError("Parameter 'id' expects an identifier", hint=(
+            "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."))
 
 
 def resolve(daemon: Any, path: str) -> tuple[str, Any]:

@@ -15,9 +15,11 @@ class QapiError(Exception):
 
     error_class = "GenericError"
 
-    def __init__(self, desc: str, *, error_class: str | None = None):
+    def __init__(self, desc: str, *, error_class: str | None = None, hint: str | None = None):
         super().__init__(desc)
         self.desc = desc
+        # QEMU's error_append_hint: printed on the command line, never sent over QMP
+        self.hint = hint
         if error_class is not None:
             self.error_class = error_class
 
@@ -26,7 +28,7 @@ class QapiError(Exception):
 
     def prefixed(self, prefix: str) -> QapiError:
         """The same error with ``prefix`` in front of its text (QEMU's error_prepend)."""
-        return type(self)(prefix + self.desc, error_class=self.error_class)
+        return type(self)(prefix + self.desc, error_class=self.error_class, hint=self.hint)
 
 
 class GenericError(QapiError):

@@ -73,21 +73,28 @@ TRANSCRIPT = [
 def transcript(d) -> list:
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(d.qmp_path))
-    s.settimeout(0.3)
-    f = s.makefile("rb")
-    out = [json.loads(f.readline())]
-    for msg in TRANSCRIPT:
-        s.sendall(msg + b"\n")
-        replies = []
+    buf = b""
+
+    def replies(wait: float) -> list:
+        # everything the daemon sends within ``wait`` seconds of quiet
+        nonlocal buf
+        s.settimeout(wait)
         try:
             while True:
-                line = f.readline()
-                if not line:
+                chunk = s.recv(65536)
+                if not chunk:
                     break
-                replies.append(json.loads(line))
+                buf += chunk
         except (socket.timeout, TimeoutError):
             pass
-        out.append((msg, replies))
+        lines = buf.split(b"\r\n")
+        buf = lines.pop()
+        return [json.loads(line) for line in lines]
+
+    out = [replies(5.0)[0]]
+    for msg in TRANSCRIPT:
+        s.sendall(msg + b"\n")
+        out.append((msg.decode(), replies(0.3)))
     s.close()
     return out
 

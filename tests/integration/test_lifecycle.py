@@ -115,6 +115,7 @@ def test_client_mode_monitor_connects_out(tmp_path):
             if not chunk:
                 break
             data += chunk
+        conn.close()
         assert data == b'{"return": {}}\r\n{"return": {}}\r\n'
         assert proc.wait(30) == 0
     finally:
