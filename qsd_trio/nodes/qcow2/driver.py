@@ -34,6 +34,7 @@ from ... import events
 from ...qapi.errors import GenericError
 from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
+from . import bitmaps as bitmapmod
 from . import snapshots as snapmod
 from .compress import CompressionError, compress, decompress
 from .header import (
@@ -190,6 +191,7 @@ class Qcow2Node(BlockNode):
 
         if not self.read_only:
             await self._open_rw(h)
+        await bitmapmod.load(self)
 
     async def _check_header(self, h: Header, options: dict) -> None:
         if h.incompatible_features & ~INCOMPAT_KNOWN:
@@ -236,9 +238,9 @@ class Qcow2Node(BlockNode):
 
     async def _open_rw(self, h: Header) -> None:
         changed = False
-        if h.autoclear_features & ~(AUTOCLEAR_DATA_FILE_RAW):
-            # autoclear bits we do not keep up to date must go (bitmaps: see bitmaps.py)
-            h.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW
+        if h.autoclear_features & ~(AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS):
+            # autoclear bits we do not keep up to date must go
+            h.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS
             changed = True
         if h.incompatible_features & INCOMPAT_DIRTY:
             await self._repair_refcounts()
@@ -948,6 +950,13 @@ class Qcow2Node(BlockNode):
             if prealloc != "off":
                 await self._preallocate(old, size, prealloc)
 
+    # -- persistent bitmaps (monitor/block.py calls these) ---------------------------
+    def check_persistent_bitmap(self, name: str, granularity: int) -> None:
+        bitmapmod.check_new(self, name, granularity)
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        return None  # the next store (at close) leaves it out and frees its clusters
+
     # -- header rewrites (change-backing-file, image creation) -----------------------
     async def rewrite_header(self) -> None:
         """Write the whole header cluster from ``self.h`` (QEMU's qcow2_update_header)."""
@@ -1133,6 +1142,7 @@ class Qcow2Node(BlockNode):
             return
         async with self._lock:
             await self._writeback()
+            await bitmapmod.store(self)
         await self.file.flush()
         if self._dirty_set:
             self.h.incompatible_features &= ~INCOMPAT_DIRTY
