@@ -188,5 +188,6 @@ def test_quit_reply_follows_shutdown_events(tmp_path, daemon_factory):
         chunk = s.recv(4096)
         assert chunk, data
         data += chunk
+    s.close()
     assert b'"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e0"}}\r\n{"return": {}}' in data
     assert d.wait() == 0
