@@ -338,6 +338,11 @@ class NbdServer:
             self.finished.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        # the socket listens from the start, but clients are served only once
+        # startup is complete and the pidfile written (the man page's promise)
+        accepting = getattr(self.daemon, "accepting", None)
+        if accepting is not None:
+            await accepting.wait()
         while True:
             # at max-connections QEMU stops accepting: new clients wait in
             # the listen backlog until someone leaves
