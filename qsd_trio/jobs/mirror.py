@@ -109,12 +109,16 @@ class MirrorJob(BlockJob):
         if self.sync == "full":
             bm.set_dirty(0, length)
             return
-        # top: only what the top layer (above base) allocates
+        # top: only what the top layer allocates; active commit: what the
+        # layers above base allocate
+        from . import chain
+
+        limit = chain.depth_of(self.source, self.base) if self.base is not None else 2
         pos = 0
         while pos < length:
             st = await self.source.block_status(pos, length - pos)
             n = max(st.length, 1)
-            if st.flags & Status.ALLOCATED:
+            if 0 < st.depth < limit and st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED):
                 bm.set_dirty(pos, n)
             pos += n
             await self.pause_point()
