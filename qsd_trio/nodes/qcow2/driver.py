@@ -1040,6 +1040,7 @@ class Qcow2Node(BlockNode):
         self._check_writable()
         self._check_usable()
         mv = memoryview(data).cast("B")
+        self._check(offset, len(mv))
         if self.has_data_file:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         if offset % self.cs or (len(mv) != self.cs and offset + len(mv) != self.size):
