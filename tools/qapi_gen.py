@@ -339,14 +339,16 @@ def emit(schema: Schema) -> str:
     w("Regenerate with ``python tools/qapi_gen.py /work/shared/ref/qapi-7.2``.")
     w('"""')
     w("")
-    w("# ruff: noqa: E501, N801")
+    # F821: annotations name classes that exist once made (see _FACTORIES)
+    w("# ruff: noqa: E501, N801, F821")
     w("from __future__ import annotations")
     w("")
+    w("import json")
     w("from typing import Any, ClassVar")
     w("")
     w("import attrs")
     w("")
-    w("from .base import QapiEnum, QNull, bind")
+    w("from .base import QapiEnum, QNull, make_class")
     w("")
     w("")
     # enums first: class variables of union variants refer to them
@@ -361,45 +363,45 @@ def emit(schema: Schema) -> str:
             w("    pass")
         w("")
         w("")
-    # the empty object every command without arguments or return type uses
-    w("@attrs.define(kw_only=True)")
-    w("class q_empty:")
-    w("    pass")
-    w("")
-    w("")
-    # structs in dependency order (bases first)
-    done: set[str] = set()
+    # Classes are made on first use (module __getattr__, PEP 562): attrs
+    # compiles methods for each class, and building all of them would cost
+    # a second at every start.  Each factory is ordinary code; a base class
+    # is fetched with _get() so it is made first.
+    factories: list[tuple[str, str, str | None]] = []
 
-    def emit_struct(name: str) -> None:
-        if name in done:
-            return
-        ent = ents[name]
-        if ent.get("base"):
-            emit_struct(ent["base"])
-        done.add(name)
-        parent = f"({c_name(ent['base'])})" if ent.get("base") else ""
-        w("@attrs.define(kw_only=True)")
-        w(f"class {c_name(name)}{parent}:")
-        emit_fields(ent["members"])
+    def factory(pyname: str, qapi_name: str, case: str | None, parent: str | None,
+                body: list[str]) -> None:
+        w(f"def _make_{pyname}() -> type:")
+        w("    @attrs.define(kw_only=True)")
+        w(f"    class {pyname}{f'(_get({parent!r}))' if parent else ''}:")
+        for line in body:
+            w("    " + line if line else "")
+        w(f"    return {pyname}")
         w("")
         w("")
+        factories.append((pyname, qapi_name, case))
 
-    def emit_fields(members: list[dict], tag: tuple[str, str] | None = None) -> None:
+    def fields(members: list[dict], tag: str | None = None) -> list[str]:
+        body = []
         if tag is not None:
-            w(f"    {tag[0]}")
+            body.append(f"    {tag}")
         members = [m for m in members if not m.get("off")]
         if not members and tag is None:
-            w("    pass")
+            body.append("    pass")
         for m in members:
             t = py_type(m["type"], ents)
             if m["optional"]:
-                w(f"    {py_field(m['name'])}: {t} | None = None")
+                body.append(f"    {py_field(m['name'])}: {t} | None = None")
             else:
-                w(f"    {py_field(m['name'])}: {t}")
+                body.append(f"    {py_field(m['name'])}: {t}")
+        return body
 
+    # the empty object every command without arguments or return type uses
+    factory("q_empty", "q_empty", None, None, ["    pass"])
     for ent in ents.values():
         if ent["meta"] == "struct" and not ent.get("off"):
-            emit_struct(ent["name"])
+            base = c_name(ent["base"]) if ent.get("base") else None
+            factory(c_name(ent["name"]), ent["name"], None, base, fields(ent["members"]))
     for ent in ents.values():
         if ent["meta"] != "union" or ent.get("off"):
             continue
@@ -408,25 +410,38 @@ def emit(schema: Schema) -> str:
         tag_py = py_field(tagm["name"])
         tag_enum = c_name(tagm["type"])
         base_members = [m for m in ent["all_members"] if m["name"] != ent["tag"]]
-        w("@attrs.define(kw_only=True)")
-        w(f"class {c_name(name)}:")
-        w(f'    """Union on {ent["tag"]!r}; instances are always one of its variant classes."""')
-        w("")
-        emit_fields(base_members, (f"{tag_py}: ClassVar[{tag_enum}]",))
-        w("")
-        w("")
+        doc = [f'    """Union on {ent["tag"]!r}; instances are always one of its variant classes."""',
+               ""]
+        factory(c_name(name), name, None, None,
+                doc + fields(base_members, f"{tag_py}: ClassVar[{tag_enum}]"))
         for v in ent["variants"]:
             if v.get("off"):
                 continue
             vt = ents[v["type"]] if v["type"] != "q_empty" else {"all_members": []}
-            w("@attrs.define(kw_only=True)")
-            w(f"class {variant_class(name, v['case'])}({c_name(name)}):")
-            emit_fields(
-                vt["all_members"],
-                (f"{tag_py}: ClassVar[{tag_enum}] = {tag_enum}.{enum_member(v['case'])}",),
-            )
-            w("")
-            w("")
+            factory(variant_class(name, v["case"]), name, v["case"], c_name(name),
+                    fields(vt["all_members"],
+                           f"{tag_py}: ClassVar[{tag_enum}] = {tag_enum}.{enum_member(v['case'])}"))
+    w("# python name -> (factory, QAPI type name, union discriminator value)")
+    w("_FACTORIES: dict[str, tuple[Any, str, str | None]] = {")
+    for pyname, qapi_name, case in factories:
+        w(f"    {pyname!r}: (_make_{pyname}, {qapi_name!r}, {case!r}),")
+    w("}")
+    w("")
+    w("")
+    w("def _get(name: str) -> type:")
+    w("    return make_class(globals(), name)")
+    w("")
+    w("")
+    w("def __getattr__(name: str) -> type:")
+    w("    if name in _FACTORIES:")
+    w("        return _get(name)")
+    w('    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")')
+    w("")
+    w("")
+    w("def __dir__() -> list[str]:")
+    w("    return sorted(set(globals()) | set(_FACTORIES))")
+    w("")
+    w("")
     # the declarations themselves, for the visitor and for introspection
     schema_out = {}
     for name, ent in ents.items():
@@ -441,17 +456,19 @@ def emit(schema: Schema) -> str:
         for n in names:
             if ents[n]["meta"] in ("command", "event"):
                 order.append(n)
-    w("SCHEMA: dict[str, dict] = {")
-    for name, e in schema_out.items():
-        w(f"    {name!r}: {e!r},")
-    w("}")
+    # one JSON string literal: compiling a dict display this size costs
+    # ~0.1 s at every start when no bytecode cache is written
+    w("SCHEMA: dict[str, dict] = json.loads(r\"\"\"{")
+    items = list(schema_out.items())
+    for i, (name, e) in enumerate(items):
+        sep = "," if i < len(items) - 1 else ""
+        w(f"{json.dumps(name)}: {json.dumps(e)}{sep}")
+    w('}""")')
     w("")
     w("VISIT_ORDER: list[str] = [")
     for n in order:
         w(f"    {n!r},")
     w("]")
-    w("")
-    w("bind(globals())")
     return "\n".join(out) + "\n"
 
 

@@ -1,14 +1,15 @@
 """Building blocks the generated schema module (qapi_types.py) stands on.
 
-The generated module defines attrs classes and enums, then calls
-:func:`bind` so every class knows its QAPI declaration:
+The generated module defines enums, and one factory per attrs class that
+:func:`make_class` calls on first use; it gives each class its QAPI
+declaration:
 
 * ``cls.__qapi_name__``: the QAPI type name (``'BlockdevOptionsFile'``);
 * ``cls.__qapi_members__``: ``(qapi_name, attr_name, type, optional)`` for
   every member, base members first, in declaration order (the order QEMU's
   visitors walk them, so errors come out in the same order);
 * unions: ``cls.__qapi_tag__`` (the discriminator's QAPI name) and
-  ``cls.__qapi_variants__`` (discriminator value -> variant class).  A variant
+  ``cls.__qapi_variants__`` (discriminator value -> variant class name).  A variant
   class subclasses its union and carries the discriminator value as a class
   variable, so ``args.driver == 'file'`` works on every instance.
 """
@@ -68,36 +69,34 @@ def _members(ent: list[dict]) -> tuple[tuple[str, str, str, bool], ...]:
                  for m in ent if not m.get("off"))
 
 
-def bind(ns: dict[str, Any]) -> None:
-    """Attach the declarations in ``ns['SCHEMA']`` to the generated classes."""
+def make_class(ns: dict[str, Any], pyname: str) -> type:
+    """Build generated class ``pyname`` in module namespace ``ns`` (once) and
+    attach its QAPI declaration (see the module docstring)."""
+    cls = ns.get(pyname)
+    if cls is not None:
+        return cls
+    factory, qapi_name, case = ns["_FACTORIES"][pyname]
+    cls = factory()
+    cls.__qualname__ = pyname
     schema: dict[str, dict] = ns["SCHEMA"]
-    empty = ns["q_empty"]
-    empty.__qapi_name__ = "q_empty"
-    empty.__qapi_members__ = ()
-    for name, ent in schema.items():
-        if ent.get("off"):
-            continue
-        meta = ent["meta"]
-        if meta == "enum":
-            ns[c_name(name)].__qapi_name__ = name
-        elif meta == "struct":
-            cls = ns[c_name(name)]
-            cls.__qapi_name__ = name
-            cls.__qapi_members__ = _members(ent["members"])
-        elif meta == "union":
-            cls = ns[c_name(name)]
-            cls.__qapi_name__ = name
-            cls.__qapi_members__ = _members(ent["members"])
+    cls.__qapi_name__ = qapi_name
+    ent = schema.get(qapi_name)
+    if ent is None:  # q_empty
+        cls.__qapi_members__ = ()
+    elif case is None:
+        cls.__qapi_members__ = _members(ent["members"])
+        if ent["meta"] == "union":
             cls.__qapi_tag__ = ent["tag"]
-            variants = {}
-            for v in ent["variants"]:
-                if v.get("off"):
-                    continue
-                vcls = ns[variant_class_name(name, v["case"])]
-                vcls.__qapi_name__ = name
-                branch = schema.get(v["type"])
-                extra = _members(branch["members"]) if branch else ()
-                vcls.__qapi_members__ = cls.__qapi_members__ + extra
-                vcls.__qapi_branch__ = v["type"]
-                variants[v["case"]] = vcls
-            cls.__qapi_variants__ = variants
+            # discriminator value -> variant class name (made on first use)
+            cls.__qapi_variants__ = {
+                v["case"]: variant_class_name(qapi_name, v["case"])
+                for v in ent["variants"] if not v.get("off")
+            }
+    else:
+        branch_type = next(v["type"] for v in ent["variants"] if v["case"] == case)
+        branch = schema.get(branch_type)
+        extra = _members(branch["members"]) if branch else ()
+        cls.__qapi_members__ = _members(ent["members"]) + extra
+        cls.__qapi_branch__ = branch_type
+    ns[pyname] = cls
+    return cls

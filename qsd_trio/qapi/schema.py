@@ -247,7 +247,7 @@ class _Visitor:
         if ent["meta"] == "union":
             tag = ent["tag"]
             case = value[tag]
-            cls = getattr(T, c_name(typ)).__qapi_variants__[case]
+            cls = getattr(T, getattr(T, c_name(typ)).__qapi_variants__[case])
             kwargs.pop(py_field(tag), None)
             branch = SCHEMA.get(cls.__qapi_branch__)
             if branch is not None:
@@ -424,7 +424,9 @@ class CommandInfo:
 
 
 def command_names() -> list[str]:
-    return [n for n, e in SCHEMA.items() if e["meta"] == "command"]
+    """All commands in QEMU's definition order (module by module, as its
+    introspection visits them).  ``query-commands`` lists them in reverse."""
+    return [n for n in T.VISIT_ORDER if n in SCHEMA and SCHEMA[n]["meta"] == "command"]
 
 
 def event_names() -> list[str]:

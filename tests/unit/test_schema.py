@@ -303,3 +303,33 @@ def test_strtod_finite():
     assert schema.strtod_finite("nan") is None
     assert schema.strtod_finite("1e999") is None
     assert schema.strtod_finite("") is None
+
+
+# -- the generated classes -----------------------------------------------------------
+
+
+def test_every_generated_class_builds():
+    for pyname in T._FACTORIES:
+        cls = getattr(T, pyname)
+        assert cls.__name__ == cls.__qualname__ == pyname
+        assert isinstance(cls.__qapi_members__, tuple)
+    assert T.__getattr__("BlockdevOptions_file") is T.BlockdevOptions_file
+    assert issubclass(T.BlockdevOptions_file, T.BlockdevOptions)
+    assert T.BlockdevOptions_file.driver == "file"
+    with pytest.raises(AttributeError):
+        T.NoSuchType  # noqa: B018
+
+
+def test_constructing_by_hand_and_to_qmp():
+    opts = T.BlockdevOptions_null_co(node_name="n", size=512)
+    assert schema.to_qmp(opts) == {"driver": "null-co", "node-name": "n", "size": 512}
+    with pytest.raises(TypeError):
+        T.BlockdevOptions_file()  # filename is required
+
+
+def test_command_names_in_definition_order():
+    # qemu-storage-daemon 7.2's query-commands is exactly this, reversed
+    names = schema.command_names()
+    assert names[:3] == ["query-block", "query-blockstats", "query-block-jobs"]
+    assert names[-3:] == ["object-add", "object-del", "transaction"]
+    assert names.index("job-pause") > names.index("blockdev-add")
