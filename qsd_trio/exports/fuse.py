@@ -1,0 +1,418 @@
+"""The FUSE export: a block node's guest-visible bytes as one regular file.
+
+Like qemu-storage-daemon, the export mounts a file system whose root inode is
+a regular file over an existing regular file (the mountpoint), which it
+covers and never changes.
+
+Design: the kernel FUSE protocol spoken directly, in trio
+---------------------------------------------------------
+qemu-storage-daemon serves any number of FUSE exports from one process.
+pyfuse3 keeps its session in module globals (one mount per process), so the
+choices were (a) speak the kernel protocol on ``/dev/fuse`` ourselves, one
+session object per export, or (b) one pyfuse3 process per export forwarding
+each request to the daemon over a socket pair.  Measured on this machine
+(2 cores, null-co node, dd through the mount, MB/s):
+
+=========================  =======  ======  ========  =======
+server                     read 1M  read 4K  write 1M  write 4K
+=========================  =======  ======  ========  =======
+(a) raw /dev/fuse, trio        449     866       794        76
+pyfuse3, in-process            224     787      1000        39
+qemu-storage-daemon 7.2        339     487       613       124
+=========================  =======  ======  ========  =======
+
+pyfuse3 alone (no forwarding yet, so an upper bound for (b)) already halves
+4 KiB write throughput against (a): libfuse's request dispatch plus pyfuse3's
+Cython-to-trio hop cost about 50 us more per request.  The forwarding hop of
+(b) comes on top: a 4 KiB request/reply round trip over a trio socket pair
+measured 560 us, a 1 MiB one 6.9 ms, on this loaded machine (load ~4).
+
+(a) wins: every request is one ``read()`` and one ``writev()`` of the device
+in the daemon's own event loop, with no serialisation and no second process;
+(b) pays pyfuse3's per-request overhead plus a socket round trip that copies
+each payload twice more, and needs a process per export to supervise.  (a)
+needs only the dozen opcodes a one-file file system receives
+(:mod:`qsd_trio.proto.fuse`) and scales to any number of mounts: each export
+is one task waiting on its own fd.
+
+Requests are handled one at a time in that task, in arrival order, reusing
+one receive buffer (write payloads are views into it, consumed before the
+next read); a sequential client has one request in flight anyway, and this
+avoids a task spawn per request.  Behaviour follows QEMU 7.2's export (see
+the handlers): short writes at the end of a non-growable export, truncate
+allowed when writable, fallocate mode 0 only at the end of the file,
+SEEK_DATA/SEEK_HOLE from block status, chmod of owner bits (and chown, with
+allow-other).
+
+Resources: the ``/dev/fuse`` fd and the mount.  ``run`` unmounts (lazily)
+and closes the fd when it ends, whichever way it ends: cancelled by
+``stop()`` (block-export-del, shutdown) or because someone unmounted it
+(the kernel then fails reads with ENODEV), in which case the export removes
+itself and emits BLOCK_EXPORT_DELETED.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+import trio
+
+from .. import events
+from ..nodes.node import Status
+from ..proto import fuse as fp
+from ..qapi.errors import GenericError, QapiError
+from . import fuse_mount
+from .base import BlockExport, register_export
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+# a request is its header and body plus up to max_write bytes of payload
+BUFFER_SIZE = MAX_WRITE + 64 * 1024
+ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes (QEMU's value)
+WANTED_INIT_FLAGS = (fp.ASYNC_READ | fp.BIG_WRITES | fp.MAX_PAGES | fp.AUTO_INVAL_DATA
+                     | fp.ASYNC_DIO | fp.ATOMIC_O_TRUNC)
+
+# mountpoints of live FUSE exports in this process, as given (QEMU compares
+# the strings too: resolving them would need a stat() we might have to serve)
+_MOUNTPOINTS: set[str] = set()
+
+
+def _error_number(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+@register_export
+class FuseExport(BlockExport):
+    type = "fuse"
+
+    def __init__(self, daemon, args, node):
+        super().__init__(daemon, args, node)
+        self.mountpoint: str = args.mountpoint
+        self.growable = bool(args.growable)
+        self.writethrough = bool(args.writethrough)
+        self.allow_other_arg = args.allow_other or "auto"
+        self.allow_other = False
+        self.st_mode = stat.S_IFREG | stat.S_IRUSR | (stat.S_IWUSR if self.writable else 0)
+        self.st_uid = os.getuid()
+        self.st_gid = os.getgid()
+        self.startup_time = int(time.time())
+        self.use_helper: bool | None = None  # None: fusermount3 only when not root
+        self._fd = -1
+        self._device: str | None = None
+        self._target = self.mountpoint
+        self._handlers = {
+            fp.INIT: self._init,
+            fp.LOOKUP: self._lookup,
+            fp.GETATTR: self._getattr,
+            fp.SETATTR: self._setattr,
+            fp.OPEN: self._open,
+            fp.READ: self._read,
+            fp.WRITE: self._write,
+            fp.FLUSH: self._flush,
+            fp.FSYNC: self._flush,
+            fp.RELEASE: self._empty,
+            fp.STATFS: self._statfs,
+            fp.FALLOCATE: self._fallocate,
+            fp.LSEEK: self._lseek,
+            fp.DESTROY: self._empty,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Mount, report started, serve until cancelled or unmounted."""
+        try:
+            with self.cancel_scope:
+                await self._mount()
+                try:
+                    task_status.started()
+                    gone = await self._serve()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._unmount()
+                if gone and self.daemon is not None and \
+                        getattr(self.daemon, "exports", {}).get(self.id) is self:
+                    # unmounted from outside: the export is over, as if deleted
+                    del self.daemon.exports[self.id]
+                    events.emit("BLOCK_EXPORT_DELETED", {"id": self.id})
+        finally:
+            self.finished.set()
+
+    async def _mount(self) -> None:
+        if self.mountpoint in _MOUNTPOINTS:
+            raise GenericError(f"There already is a FUSE export on '{self.mountpoint}'")
+        _MOUNTPOINTS.add(self.mountpoint)
+        try:
+            # in a thread: the path may lie on a FUSE mount that we serve
+            try:
+                st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            except OSError as e:
+                raise GenericError(f"Failed to stat '{self.mountpoint}': {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise GenericError(f"'{self.mountpoint}' is not a regular file")
+            self._target = await trio.to_thread.run_sync(os.path.realpath, self.mountpoint)
+            if self.allow_other_arg == "auto":
+                try:
+                    self._fd = await self._mount_once(True)
+                    self.allow_other = True
+                except OSError:
+                    self._fd = await self._mount_once(False)
+            else:
+                self.allow_other = self.allow_other_arg == "on"
+                self._fd = await self._mount_once(self.allow_other)
+        except OSError:
+            _MOUNTPOINTS.discard(self.mountpoint)
+            raise GenericError("Failed to mount FUSE session to export") from None
+        except BaseException:
+            _MOUNTPOINTS.discard(self.mountpoint)
+            raise
+        os.set_blocking(self._fd, False)
+
+    async def _mount_once(self, allow_other: bool) -> int:
+        fd = await trio.to_thread.run_sync(
+            lambda: fuse_mount.mount(self.mountpoint, allow_other=allow_other,
+                                     use_helper=self.use_helper))
+        try:
+            self._device = await trio.to_thread.run_sync(fuse_mount.mount_device,
+                                                         self._target)
+        except OSError:
+            self._device = None
+        return fd
+
+    async def _unmount(self) -> None:
+        with trio.move_on_after(10):
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: fuse_mount.unmount(self.mountpoint, target=self._target,
+                                               device=self._device,
+                                               use_helper=self.use_helper))
+            except OSError:
+                pass  # already gone (unmounted from outside)
+        if self._fd >= 0:
+            trio.lowlevel.notify_closing(self._fd)
+            os.close(self._fd)  # aborts requests still waiting on the connection
+            self._fd = -1
+        _MOUNTPOINTS.discard(self.mountpoint)
+
+    # -- the request loop ------------------------------------------------------
+    async def _serve(self) -> bool:
+        """Serve requests; returns True once the mount is gone (ENODEV)."""
+        fd = self._fd
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        handlers = self._handlers
+        served = 0
+        while True:
+            try:
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):
+                    continue  # the request was interrupted before we read it
+                if e.errno == errno.ENODEV:
+                    return True
+                raise
+            hdr = fp.parse_header(view)
+            body = view[fp.IN_HEADER.size:n]
+            if hdr.opcode in fp.NO_REPLY:
+                continue
+            handler = handlers.get(hdr.opcode)
+            if handler is None:
+                out = fp.reply_error(hdr.unique, errno.ENOSYS)
+            else:
+                try:
+                    out = await handler(hdr, body)
+                except (OSError, QapiError) as e:
+                    out = fp.reply_error(hdr.unique, _error_number(e))
+            try:
+                if isinstance(out, list):
+                    os.writev(fd, out)
+                else:
+                    os.write(fd, out)
+            except OSError as e:
+                # ENOENT: the request was interrupted and needs no answer now
+                if e.errno != errno.ENOENT:
+                    raise
+            served += 1
+            if served % 64 == 0:
+                # handlers that never await would otherwise starve other tasks
+                await trio.lowlevel.checkpoint()
+
+    # -- handlers: each returns the reply as bytes or a list of buffers --------
+    async def _init(self, hdr, body):
+        major, minor, max_readahead, flags = fp.INIT_IN.unpack_from(body)
+        if major != fp.KERNEL_VERSION:
+            # the kernel retries with our major when it can speak it
+            return fp.reply(hdr.unique, fp.init_out(max_readahead=0, flags=0, max_write=4096,
+                                                    max_pages=1))
+        return fp.reply(hdr.unique, fp.init_out(
+            max_readahead=max_readahead, flags=flags & WANTED_INIT_FLAGS,
+            max_write=MAX_WRITE, max_pages=MAX_PAGES))
+
+    async def _lookup(self, hdr, body):
+        # the root is a file: it has no directory entries
+        return fp.reply_error(hdr.unique, errno.ENOENT)
+
+    async def _attr(self) -> fp.Attr:
+        length = self.node.length
+        allocated = await self._allocated_bytes()
+        if allocated is None or allocated <= 0:
+            allocated = length
+        return fp.Attr(ino=fp.ROOT_ID, size=length, blocks=-(-allocated // 512),
+                       mode=self.st_mode, uid=self.st_uid, gid=self.st_gid,
+                       time=(self.startup_time, 0),
+                       blksize=self.node.request_alignment)
+
+    async def _allocated_bytes(self) -> int | None:
+        """Bytes the node's image files take on disk (QEMU's allocated file size)."""
+        total = 0
+        found = False
+        todo = [self.node]
+        seen = set()
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            filename = getattr(node, "filename", None)
+            if node.driver == "file" and isinstance(filename, str):
+                try:
+                    st = await trio.to_thread.run_sync(os.stat, filename)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512
+                found = True
+            else:
+                todo.extend(edge.node for edge in node.children.values())
+        return total if found else None
+
+    async def _getattr(self, hdr, body):
+        return fp.reply(hdr.unique, fp.attr_out(await self._attr(), ATTR_TIMEOUT))
+
+    async def _setattr(self, hdr, body):
+        req = fp.parse_setattr(body)
+        supported = fp.FATTR_SIZE | fp.FATTR_MODE
+        if self.allow_other:
+            supported |= fp.FATTR_UID | fp.FATTR_GID
+        to_set = req.valid & fp.FATTR_ATTRIBUTES
+        if to_set & ~supported:
+            raise OSError(errno.ENOTSUP, "unsupported attribute")
+        if to_set & fp.FATTR_MODE:
+            # without allow_other nobody but the owner gets in: refuse group/other bits
+            if not self.allow_other and req.mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise OSError(errno.EPERM, "group/other bits need allow-other")
+            if not self.writable and req.mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+                raise OSError(errno.EROFS, "read-only export")
+        if to_set & fp.FATTR_SIZE:
+            if not self.writable:
+                raise OSError(errno.EACCES, "read-only export")
+            await self._truncate(req.size)
+        if to_set & fp.FATTR_MODE:
+            self.st_mode = stat.S_IFREG | (req.mode & 0o7777)
+        if to_set & fp.FATTR_UID:
+            self.st_uid = req.uid
+        if to_set & fp.FATTR_GID:
+            self.st_gid = req.gid
+        return await self._getattr(hdr, body)
+
+    async def _truncate(self, size: int, prealloc: str = "off") -> None:
+        try:
+            await self.node.truncate(size, exact=True, prealloc=prealloc)
+        except QapiError:
+            raise OSError(errno.ENOTSUP, "cannot resize") from None
+
+    async def _open(self, hdr, body):
+        # no direct_io/keep_cache flags: the kernel's page cache serves re-reads
+        # within one open and is dropped on the next open, as with QEMU
+        return fp.reply(hdr.unique, fp.OPEN_OUT.pack(0, 0, 0))
+
+    async def _empty(self, hdr, body):
+        return fp.reply(hdr.unique)
+
+    async def _statfs(self, hdr, body):
+        return fp.reply(hdr.unique, fp.statfs_out())
+
+    async def _read(self, hdr, body):
+        _fh, offset, size, _flags = fp.READ_IN.unpack_from(body)
+        size = max(0, min(size, self.node.length - offset))
+        if size == 0:
+            return fp.reply(hdr.unique)
+        data = await self.node.read(offset, size)
+        return [fp.reply_header(hdr.unique, len(data)), data]
+
+    async def _write(self, hdr, body):
+        _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)
+        data = body[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
+        if not self.writable:
+            raise OSError(errno.EACCES, "read-only export")
+        length = self.node.length
+        if offset + size > length:
+            if self.growable:
+                await self._truncate(offset + size)
+            else:
+                # QEMU writes what fits and reports a short write
+                size = max(length - offset, 0)
+                data = data[:size]
+        if size:
+            await self.node.write(offset, data, fua=self.writethrough)
+        return fp.reply(hdr.unique, fp.WRITE_OUT.pack(size, 0))
+
+    async def _flush(self, hdr, body):
+        await self.node.flush()
+        return fp.reply(hdr.unique)
+
+    async def _fallocate(self, hdr, body):
+        _fh, offset, length, mode, _pad = fp.FALLOCATE_IN.unpack_from(body)
+        if not self.writable:
+            raise OSError(errno.EACCES, "read-only export")
+        size = self.node.length
+        if mode & fp.FALLOC_FL_KEEP_SIZE:
+            length = min(length, size - offset)
+        if mode == 0:
+            # plain preallocation can only extend the file at its end
+            if offset < size:
+                raise OSError(errno.EOPNOTSUPP, "fallocate inside the image")
+            if offset > size:
+                await self._truncate(offset)
+            await self._truncate(offset + length, "falloc")
+        elif mode & fp.FALLOC_FL_PUNCH_HOLE:
+            if not mode & fp.FALLOC_FL_KEEP_SIZE:
+                raise OSError(errno.EINVAL, "punch-hole needs keep-size")
+            if length > 0:
+                await self.node.discard(offset, length)
+        elif mode & fp.FALLOC_FL_ZERO_RANGE:
+            if not mode & fp.FALLOC_FL_KEEP_SIZE and offset + length > size:
+                await self._truncate(offset + length)
+            if length > 0:
+                await self.node.write_zeroes(offset, length)
+        else:
+            raise OSError(errno.EOPNOTSUPP, "fallocate mode")
+        return fp.reply(hdr.unique)
+
+    async def _lseek(self, hdr, body):
+        _fh, offset, whence, _pad = fp.LSEEK_IN.unpack_from(body)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "whence")
+        length = self.node.length
+        while True:
+            if offset >= length:
+                # past the data there is an implicit hole up to the end
+                if offset > length or whence == os.SEEK_DATA:
+                    raise OSError(errno.ENXIO, "no more data")
+                return fp.reply(hdr.unique, fp.LSEEK_OUT.pack(offset))
+            st = await self.node.block_status(offset, length - offset)
+            is_data = bool(st.flags & Status.DATA)
+            if is_data == (whence == os.SEEK_DATA):
+                return fp.reply(hdr.unique, fp.LSEEK_OUT.pack(offset))
+            if st.length <= 0:
+                raise OSError(errno.ENXIO, "no progress")
+            offset += st.length
+
+    def info(self) -> dict:
+        return super().info()
