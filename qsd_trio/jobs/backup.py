@@ -64,6 +64,11 @@ class BackupJob(BlockJob):
         self.use(self.target, "target", Perm.WRITE,
                  Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE | Perm.RESIZE)
 
+    def blocked_nodes(self) -> list[BlockNode]:
+        # QEMU's backup job sits on its copy-before-write filter, not on the
+        # source: a second backup of the same source is allowed
+        return [self.target]
+
     def start_tracking(self) -> None:
         """At creation, before any guest write can slip in: fix what to copy."""
         length = self.source.length

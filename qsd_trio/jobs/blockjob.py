@@ -22,7 +22,7 @@ from .job import Job
 def check_not_busy(daemon: Any, node: BlockNode) -> None:
     """bdrv_op_is_blocked for job starts."""
     for job in daemon.jobs.values():
-        if isinstance(job, BlockJob) and any(e.node is node for e in job.edges):
+        if isinstance(job, BlockJob) and node in job.blocked_nodes():
             raise GenericError(f"Node '{node.node_name}' is busy: block device is in use "
                                f"by block job: {job.job_type}")
 
@@ -38,6 +38,10 @@ class BlockJob(Job):
     @property
     def perm_desc(self) -> str:
         return f"{self.job_type} job '{self.id}'"
+
+    def blocked_nodes(self) -> list[BlockNode]:
+        """Nodes whose operations this job blocks (QEMU's op blockers)."""
+        return [e.node for e in self.edges]
 
     def use(self, node: BlockNode, role: str, perm: Perm, shared: Perm = Perm.ALL) -> BdrvChild:
         edge = node.attach(role, self, perm, shared)

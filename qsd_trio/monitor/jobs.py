@@ -186,6 +186,8 @@ def _prepare_backup(daemon, args, source, target, txn):
         if bitmap is None:
             raise GenericError(f"Bitmap '{bname}' could not be found")
         if mode is None:
+            if sync != "incremental":
+                raise GenericError("Bitmap sync mode must be given when providing a bitmap")
             mode = "on-success"
         if sync == "incremental":
             if mode != "on-success":
@@ -195,6 +197,11 @@ def _prepare_backup(daemon, args, source, target, txn):
         if bitmap.busy:
             raise GenericError(f"Bitmap '{bname}' is currently in use by another operation "
                                "and cannot be used")
+        if sync == "none":
+            raise GenericError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise GenericError(f"Bitmap sync mode 'never' has no meaningful effect when "
+                               f"combined with sync mode '{sync}'")
     elif mode is not None:
         raise GenericError("Cannot specify bitmap sync mode without a bitmap")
     check_not_busy(daemon, source)
