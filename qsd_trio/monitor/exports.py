@@ -15,6 +15,7 @@ import types
 import trio
 
 from .. import events
+from ..exports import fuse as _fuse  # noqa: F401 - registers the fuse export type
 from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
 from ..exports.base import EXPORT_TYPES, BlockExport
 from ..exports.nbd import NbdExport, NbdServer
