@@ -34,6 +34,7 @@ import cattrs
 from . import qapi_types as T
 from .base import NULL, QapiEnum, QNull, c_name, py_field
 from .errors import CommandNotFound, GenericError
+from .ghash import first_unexpected
 
 
 def _enabled(schema: dict[str, dict]) -> dict[str, dict]:
@@ -241,8 +242,9 @@ class _Visitor:
             raise self.type_error(path, "object")
         ent = SCHEMA[typ]
         remaining = dict(value)
+        consumed: list[str] = []
         members = ent["members"]
-        kwargs = self.visit_members(members, remaining, path)
+        kwargs = self.visit_members(members, remaining, consumed, path)
         cls: Any
         if ent["meta"] == "union":
             tag = ent["tag"]
@@ -251,15 +253,15 @@ class _Visitor:
             kwargs.pop(py_field(tag), None)
             branch = SCHEMA.get(cls.__qapi_branch__)
             if branch is not None:
-                kwargs.update(self.visit_members(branch["members"], remaining, path))
+                kwargs.update(self.visit_members(branch["members"], remaining, consumed, path))
         else:
             cls = getattr(T, c_name(typ))
         if remaining:
-            key = next(iter(remaining))
-            raise GenericError(f"Parameter '{_member_path(path, key)}' is unexpected")
+            raise _unexpected(value, consumed, path)
         return cls(**kwargs)
 
-    def visit_members(self, members: list[dict], remaining: dict, path: str) -> dict:
+    def visit_members(self, members: list[dict], remaining: dict, consumed: list[str],
+                      path: str) -> dict:
         out = {}
         for m in members:
             mname = m["name"]
@@ -267,6 +269,7 @@ class _Visitor:
                 if not m["optional"]:
                     raise GenericError(f"Parameter '{_member_path(path, mname)}' is missing")
                 continue
+            consumed.append(mname)
             out[py_field(mname)] = self.visit(
                 m["type"], remaining.pop(mname), _member_path(path, mname), mname
             )
@@ -374,6 +377,13 @@ class _Visitor:
         return v
 
 
+def _unexpected(value: dict, consumed: list[str], path: str) -> GenericError:
+    # with several extra keys QEMU names the first in its hash table's order
+    key = first_unexpected(value, consumed)
+    assert key is not None
+    return GenericError(f"Parameter '{_member_path(path, key)}' is unexpected")
+
+
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -454,7 +464,7 @@ def parse_command(name: str, arguments: dict | None) -> Any:
         if not isinstance(args, dict):
             raise v.type_error("", "object")
         if args:
-            raise GenericError(f"Parameter '{next(iter(args))}' is unexpected")
+            raise _unexpected(args, [], "")
         return None
     return v.visit(info.arg_type, args, "", None)
 

@@ -9,6 +9,7 @@ MESSAGE``; we compare MESSAGE with what our parse functions raise.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,6 +111,10 @@ CLI_CASES = [
     ("--object", "throttle-group,id=t,limits.iops-total=1.5"),
     ("--object", "throttle-group,id=t,limits=x"),
     ("--monitor", "chardev=x,mode=foo"),
+    # several unexpected keys: QEMU names the first in GLib hash order
+    ("--blockdev", "file,filename=x,x=1,node-name=n,y=2"),
+    ("--blockdev", "null-co,foo=1,bar=2,baz=3,node-name=n,qux=4,a-b=5"),
+    ("--nbd-server", "addr.type=unix,addr.path=/s,addr.p=1,addr.q=2,tls-x=1"),
 ] + [("--object", f"memory-backend-ram,id=m,size={v}")
      for v in ("abc", "1.5", "-1", "1e3", "16E", "1kk", "0x1.5", ".5k", "5 ", "0x")]
 
@@ -220,6 +225,27 @@ QMP_CASES = [
     ("block-export-add", {"type": "vhost-user-blk", "id": "e", "node-name": "n",
                           "addr": {"type": "unix", "path": "/x"}, "logical-block-size": "x"}),
 ]
+
+
+
+def _several_unexpected(seed: int, n: int) -> list[tuple[str, dict]]:
+    """blockdev-add with 2..12 unknown keys among known ones, in random order."""
+    rnd = random.Random(seed)
+    words = ["x", "y", "z", "foo", "bar", "a-b", "node", "size2", "q", "zz", "abc", "k9",
+             "long-name-here", "m", "n", "o", "p", "cache2", "w1", "w2"]
+    valid = [("node-name", "n"), ("read-only", True), ("auto-read-only", False),
+             ("force-share", False), ("size", 5), ("latency-ns", 1), ("read-zeroes", True)]
+    out = []
+    for _ in range(n):
+        items = [(w, 1) for w in rnd.sample(words, rnd.randint(2, 12))]
+        items += rnd.sample(valid, rnd.randint(0, len(valid)))
+        rnd.shuffle(items)
+        items.insert(rnd.randint(0, len(items)), ("driver", "null-co"))
+        out.append(("blockdev-add", dict(items)))
+    return out
+
+
+QMP_CASES += _several_unexpected(7, 60)
 
 
 @pytest.fixture(scope="module")
