@@ -1,0 +1,224 @@
+"""FUSE export: one scenario against qemu-storage-daemon 7.2 and qsd-trio.
+
+Each scenario runs the same client operations on a mount served by either
+daemon and records what the client saw (stat fields, data, return values,
+errnos, seek results); the two records must be equal, and so must the image
+files afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+
+import pytest
+
+from tests.helpers import HAVE_QEMU, normalise_prog, run_cli
+from tests.integration.fuse_helpers import (
+    errno_of,
+    fuse_daemon,
+    fuse_tmp,  # noqa: F401 - fixture
+    is_mounted,
+    make_mountpoint,
+    mode_bits,
+    seek_map,
+    stat_fields,
+)
+
+pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="needs qemu-storage-daemon")
+
+MiB = 1 << 20
+
+
+def make_image(path, seed: int = 1) -> None:
+    """1 MiB raw, data at [0, 64K) and [512K, 576K), holes elsewhere."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(MiB)
+        f.write(rnd.randbytes(65536))
+        f.seek(512 * 1024)
+        f.write(rnd.randbytes(65536))
+
+
+def sha(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def pwrite(path, data: bytes, offset: int):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def run(argv) -> int:
+    return subprocess.run(argv, capture_output=True, check=False).returncode
+
+
+def client_scenario(mp: str, image_size: int) -> dict:
+    """Everything a client can observe; the mount must be writable."""
+    obs: dict = {"stat": stat_fields(mp), "sha": sha(mp), "seek": seek_map(mp)}
+    # writes at and past the end of the export
+    obs["write_straddling_end"] = errno_of(pwrite, mp, b"x" * 10, image_size - 5)
+    try:
+        obs["straddle_count"] = pwrite(mp, b"y" * 10, image_size - 5)
+    except OSError as e:
+        obs["straddle_count"] = e.errno
+    obs["write_past_end"] = errno_of(pwrite, mp, b"z" * 4096, image_size + 8192)
+    obs["size_after_writes"] = os.stat(mp).st_size
+    obs["fsync"] = errno_of(lambda: _with_fd(mp, os.fsync))
+    obs["fdatasync"] = errno_of(lambda: _with_fd(mp, os.fdatasync))
+    size = os.stat(mp).st_size
+    obs["fallocate_inside"] = run(["fallocate", "-o", "0", "-l", "4096", mp])
+    obs["punch_hole"] = run(["fallocate", "-p", "-o", "4096", "-l", "8192", mp])
+    obs["zero_range"] = run(["fallocate", "-z", "-o", "16384", "-l", "4096", mp])
+    obs["punch_no_keep"] = errno_of(lambda: _with_fd(mp, lambda fd: os.posix_fallocate(fd, 0, 1)))
+    obs["sha_after_fallocate"] = sha(mp)
+    obs["touch"] = errno_of(os.utime, mp, (1, 1))
+    obs["chmod_600"] = errno_of(os.chmod, mp, 0o600)
+    obs["chmod_640"] = errno_of(os.chmod, mp, 0o640)
+    obs["mode_after_640"] = mode_bits(mp)
+    obs["chmod_400"] = errno_of(os.chmod, mp, 0o400)
+    obs["chmod_600_again"] = errno_of(os.chmod, mp, 0o600)
+    obs["chown"] = errno_of(os.chown, mp, 1000, 1000)
+    st = os.stat(mp)
+    obs["owner_after_chown"] = (st.st_uid, st.st_gid)
+    errno_of(os.chown, mp, 0, 0)
+    obs["truncate_same"] = errno_of(os.truncate, mp, size)
+    obs["truncate_grow"] = errno_of(os.truncate, mp, size + 65536)
+    obs["size_after_grow"] = os.stat(mp).st_size
+    obs["truncate_shrink"] = errno_of(os.truncate, mp, size)
+    obs["size_after_shrink"] = os.stat(mp).st_size
+    obs["fallocate_at_end"] = run(["fallocate", "-o", str(size), "-l", "4096", mp])
+    obs["size_after_fallocate_end"] = os.stat(mp).st_size
+    obs["seek_after"] = seek_map(mp)
+    obs["sha_final"] = sha(mp)
+    return obs
+
+
+def _with_fd(path, fn):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return fn(fd)
+    finally:
+        os.close(fd)
+
+
+def readonly_scenario(mp: str) -> dict:
+    return {
+        "stat": stat_fields(mp),
+        "sha": sha(mp),
+        # root passes default_permissions, so the export itself must refuse
+        "write": errno_of(pwrite, mp, b"x", 0),
+        "truncate": errno_of(os.truncate, mp, 4096),
+        "chmod_600": errno_of(os.chmod, mp, 0o600),
+        "chmod_444": errno_of(os.chmod, mp, 0o444),
+        "mode": mode_bits(mp),
+        "punch": run(["fallocate", "-p", "-o", "0", "-l", "4096", mp]),
+    }
+
+
+def both(daemon_factory, tmp, scenario, export_opts: str, fmt: str | None = None):
+    """Run ``scenario(mp)`` under each daemon; returns ({kind: obs}, {kind: image})."""
+    seen, images = {}, {}
+    for kind in ("qemu", "trio"):
+        image = str(tmp / f"img-{kind}")
+        make_image(image)
+        mp = make_mountpoint(tmp, f"mp-{kind}")
+        d = fuse_daemon(daemon_factory, kind, image, mp, fmt=fmt, export_opts=export_opts)
+        try:
+            seen[kind] = scenario(mp)
+        finally:
+            d.stop()
+        assert not is_mounted(mp)
+        images[kind] = image
+    return seen, images
+
+
+@pytest.mark.parametrize("export_opts", [
+    "writable=on",
+    "writable=on,growable=on",
+    "writable=on,allow-other=off",
+    "writable=on,writethrough=on,allow-other=on",
+])
+def test_client_view_matches(daemon_factory, fuse_tmp, export_opts):  # noqa: F811
+    seen, images = both(daemon_factory, fuse_tmp,
+                        lambda mp: client_scenario(mp, MiB), export_opts)
+    for key in seen["qemu"]:
+        assert seen["trio"][key] == seen["qemu"][key], key
+    assert sha(images["trio"]) == sha(images["qemu"])
+
+
+@pytest.mark.parametrize("export_opts", ["writable=off", "allow-other=off"])
+def test_readonly_view_matches(daemon_factory, fuse_tmp, export_opts):  # noqa: F811
+    seen, images = both(daemon_factory, fuse_tmp, readonly_scenario, export_opts)
+    assert seen["trio"] == seen["qemu"]
+    assert sha(images["trio"]) == sha(images["qemu"])
+
+
+def test_qcow2_guest_view_matches(daemon_factory, fuse_tmp):  # noqa: F811
+    seen = {}
+    for kind in ("qemu", "trio"):
+        image = str(fuse_tmp / f"img-{kind}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "4M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 64k 64k",
+                        "-c", "write -z 1M 64k", image], check=True, capture_output=True)
+        mp = make_mountpoint(fuse_tmp, f"mp-{kind}")
+        d = fuse_daemon(daemon_factory, kind, image, mp, fmt="qcow2", export_opts="writable=off")
+        try:
+            st = stat_fields(mp)
+            del st["blocks"]  # the qcow2 file's allocation, not part of the guest view
+            seen[kind] = {"stat": st, "sha": sha(mp), "seek": seek_map(mp)}
+        finally:
+            d.stop()
+    assert seen["trio"] == seen["qemu"]
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "twice"])
+def test_mountpoint_errors_match(fuse_tmp, case):  # noqa: F811
+    image = str(fuse_tmp / "img")
+    make_image(image)
+    (fuse_tmp / "dir").mkdir()
+    make_mountpoint(fuse_tmp, "file")
+    out = {}
+    for kind in ("qemu", "trio"):
+        mp = {"missing": "nonexistent", "directory": "dir", "twice": "file"}[case]
+        args = ["--blockdev", f"driver=file,node-name=f,filename={image}",
+                "--export", f"type=fuse,id=e,node-name=f,mountpoint={fuse_tmp / mp}"]
+        if case == "twice":
+            args += ["--export", f"type=fuse,id=e2,node-name=f,mountpoint={fuse_tmp / mp}"]
+        r = run_cli(kind, args)
+        out[kind] = (r.returncode, normalise_prog(r.stderr))
+        # qemu-storage-daemon exits without unmounting the first export
+        subprocess.run(["umount", "-l", str(fuse_tmp / "file")], capture_output=True, check=False)
+    assert out["trio"] == out["qemu"]
+    assert out["trio"][0] == 1
+
+
+def test_qmp_errors_and_query_match(daemon_factory, fuse_tmp):  # noqa: F811
+    image = str(fuse_tmp / "img")
+    make_image(image)
+    (fuse_tmp / "dir").mkdir()
+    results = {}
+    for kind in ("qemu", "trio"):
+        # the same mountpoint string for both daemons: it appears in an error text
+        mp = make_mountpoint(fuse_tmp, "mp")
+        d = daemon_factory(kind, ["--blockdev", f"driver=file,node-name=f,filename={image}"])
+        qmp = d.qmp()
+        r = []
+        for target in (str(fuse_tmp / "nope"), str(fuse_tmp / "dir"), mp, mp):
+            r.append(qmp.cmd_raw("block-export-add", {
+                "type": "fuse", "id": f"e{len(r)}", "node-name": "f", "mountpoint": target}))
+        r.append(qmp.cmd_raw("query-block-exports")["return"])
+        r.append(qmp.cmd_raw("block-export-del", {"id": "e2"}))
+        ev = qmp.pull_event(wait=10)
+        r.append((ev["event"], ev["data"]))
+        r.append(qmp.cmd_raw("query-block-exports")["return"])
+        results[kind] = r
+        d.stop()
+        assert not is_mounted(mp)
+    assert results["trio"] == results["qemu"]
