@@ -122,14 +122,16 @@ def readonly_scenario(mp: str) -> dict:
     }
 
 
-def both(daemon_factory, tmp, scenario, export_opts: str, fmt: str | None = None):
+def both(daemon_factory, tmp, scenario, export_opts: str, fmt: str | None = None,
+         file_opts: str = ""):
     """Run ``scenario(mp)`` under each daemon; returns ({kind: obs}, {kind: image})."""
     seen, images = {}, {}
     for kind in ("qemu", "trio"):
         image = str(tmp / f"img-{kind}")
         make_image(image)
         mp = make_mountpoint(tmp, f"mp-{kind}")
-        d = fuse_daemon(daemon_factory, kind, image, mp, fmt=fmt, export_opts=export_opts)
+        d = fuse_daemon(daemon_factory, kind, image, mp, fmt=fmt, export_opts=export_opts,
+                        file_opts=file_opts)
         try:
             seen[kind] = scenario(mp)
         finally:
@@ -139,15 +141,16 @@ def both(daemon_factory, tmp, scenario, export_opts: str, fmt: str | None = None
     return seen, images
 
 
-@pytest.mark.parametrize("export_opts", [
-    "writable=on",
-    "writable=on,growable=on",
-    "writable=on,allow-other=off",
-    "writable=on,writethrough=on,allow-other=on",
+@pytest.mark.parametrize("export_opts,file_opts", [
+    ("writable=on", ""),
+    ("writable=on", ",discard=unmap"),
+    ("writable=on,growable=on", ""),
+    ("writable=on,allow-other=off", ""),
+    ("writable=on,writethrough=on,allow-other=on", ""),
 ])
-def test_client_view_matches(daemon_factory, fuse_tmp, export_opts):  # noqa: F811
+def test_client_view_matches(daemon_factory, fuse_tmp, export_opts, file_opts):  # noqa: F811
     seen, images = both(daemon_factory, fuse_tmp,
-                        lambda mp: client_scenario(mp, MiB), export_opts)
+                        lambda mp: client_scenario(mp, MiB), export_opts, file_opts=file_opts)
     for key in seen["qemu"]:
         assert seen["trio"][key] == seen["qemu"][key], key
     assert sha(images["trio"]) == sha(images["qemu"])

@@ -73,9 +73,9 @@ def make_mountpoint(tmp_path: Path, name: str = "mp") -> str:
 
 
 def fuse_daemon(factory, kind: str, image: str, mountpoint: str, *, fmt: str | None = None,
-                export_opts: str = "writable=on") -> Daemon:
+                export_opts: str = "writable=on", file_opts: str = "") -> Daemon:
     """A daemon with node ``f`` (file) [and ``fmt`` (format) on top], exported at mountpoint."""
-    args = ["--blockdev", f"driver=file,node-name=f,filename={image}"]
+    args = ["--blockdev", f"driver=file,node-name=f,filename={image}" + file_opts]
     node = "f"
     if fmt:
         args += ["--blockdev", f"driver={fmt},node-name=fmt,file=f"]
