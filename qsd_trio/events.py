@@ -48,6 +48,9 @@ def subscribe(callback: Callable[[Event], None]) -> Callable[[], None]:
 
 def emit(name: str, data: dict | None = None) -> None:
     """Publish event ``name`` (e.g. ``BLOCK_JOB_READY``) to every subscriber now."""
+    from . import trace  # a leaf module, imported late to keep this one dependency-free
+
+    trace.event("qmp_event", name=name)
     ns = time.time_ns()
     ev = Event(name, data, ns // 1_000_000_000, (ns // 1000) % 1_000_000)
     for cb in list(_subscribers):

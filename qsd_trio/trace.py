@@ -18,13 +18,10 @@ from .qapi.errors import GenericError
 
 # the events our code emits; keep in step with the trace.event() calls
 EVENTS = (
-    "monitor_qmp_cmd_in_band",
-    "monitor_qmp_respond",
-    "qmp_event",
-    "nbd_negotiate",
-    "nbd_request",
-    "job_state_change",
-    "bdrv_open",
+    "monitor_qmp_cmd_in_band",  # session.py: a command is about to run
+    "monitor_qmp_respond",      # session.py: a reply is queued
+    "qmp_event",                # events.py: an event is emitted
+    "bdrv_open",                # nodes/graph.py: blockdev-add opened a node
 )
 
 _patterns: list[tuple[bool, str]] = []

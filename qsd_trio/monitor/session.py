@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from .. import PACKAGE, QEMU_VERSION, events
+from .. import PACKAGE, QEMU_VERSION, events, trace
 from ..qapi.errors import CommandNotFound, GenericError, QapiError
 from . import dispatch
 from .qmp_json import JsonError, JsonStreamer, encode_message
@@ -132,6 +132,9 @@ class QmpSession:
         reply: dict = {}
         if isinstance(msg, dict) and "id" in msg:
             reply["id"] = msg["id"]
+        if isinstance(msg, dict) and trace.enabled("monitor_qmp_cmd_in_band"):
+            trace.event("monitor_qmp_cmd_in_band", id=msg.get("id"),
+                        cmd=msg.get("execute", msg.get("exec-oob")))
         try:
             reply["return"] = await self._execute(msg)
         except QapiError as e:
@@ -140,6 +143,7 @@ class QmpSession:
         out = {k: reply[k] for k in ("return", "error") if k in reply}
         if "id" in reply:
             out["id"] = reply["id"]
+        trace.event("monitor_qmp_respond", error="error" in out)
         self.send(out)
 
     async def _execute(self, msg: Any) -> Any:

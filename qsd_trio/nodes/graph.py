@@ -17,6 +17,7 @@ import re
 
 import trio
 
+from .. import trace
 from ..qapi.errors import DeviceNotFound, GenericError
 from .node import BdrvChild, BlockNode, Perm
 
@@ -111,6 +112,7 @@ class BlockGraph:
         finally:
             self._tx.pop()
         node.monitor_owned = True
+        trace.event("bdrv_open", node_name=node.node_name, driver=node.driver)
         return node
 
     async def _open(self, options: dict) -> BlockNode:

@@ -1,0 +1,131 @@
+"""The README's feature table against qemu-storage-daemon 7.2.
+
+What exists is read from the code (the command registry, the driver and
+export registries, the schema's enums), so the table cannot claim a command
+that is not registered; NOTES adds what a user must know about the limits.
+``python tools/feature_table.py --write`` rewrites the README section;
+tests/unit/test_readme.py fails when the README is out of date.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BEGIN = "<!-- feature-table:begin -->"
+END = "<!-- feature-table:end -->"
+
+OPTIONS = ["-h, --help", "-V, --version", "-T, --trace", "--blockdev", "--chardev",
+           "--daemonize", "--export", "--monitor", "--nbd-server", "--object", "--pidfile"]
+
+# what a user must know beyond "registered"; keys are command, driver,
+# export type, chardev backend or object type names
+NOTES: dict[str, str] = {
+    "-T, --trace": "patterns, events=, file=; our own trace events (-T help lists them)",
+    "--export": "nbd and fuse; vhost-user-blk and vduse-blk are not implemented",
+    "blockdev-reopen": "partial: options re-read; a read-only file node made writable "
+                       "keeps its file descriptor",
+    "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
+                        "except wr_highest_offset",
+    "aio=io_uring": "accepted, served by the worker threads like aio=threads",
+    "vhost-user-blk": "not implemented: needs a vhost-user device model and a guest to test",
+    "vduse-blk": "not implemented: needs the VDUSE kernel module",
+    "chardev-change": "refused for chardevs with a monitor, as QEMU does",
+    "x-blockdev-change": "not implemented (quorum only)",
+    "x-blockdev-set-iothread": "not implemented: one trio event loop, iothread objects "
+                               "are accepted but have no thread",
+    "iothread": "accepted and listed; requests run on the one trio loop",
+}
+
+
+def _registry():
+    from qsd_trio.exports.base import EXPORT_TYPES
+    from qsd_trio.monitor.registry import load_all
+    from qsd_trio.nodes.graph import DRIVERS
+
+    # importing the command modules registers drivers and export types too
+    commands = load_all()
+    import qsd_trio.exports.nbd  # noqa: F401
+    try:
+        import qsd_trio.exports.fuse  # noqa: F401
+    except ImportError:
+        pass
+    return commands, DRIVERS, EXPORT_TYPES
+
+
+def _enum_values(name: str) -> list[str]:
+    from qsd_trio.qapi import qapi_types as T
+
+    return [m.value for m in getattr(T, name)]
+
+
+def _row(name: str, have: bool) -> str:
+    note = NOTES.get(name, "")
+    if have:
+        status = "partial" if note.startswith("partial") else "yes"
+        note = note.removeprefix("partial: ")
+    else:
+        status = "no"
+        note = note.removeprefix("not implemented: ").removeprefix("not implemented")
+    return f"| `{name}` | {status} | {note} |"
+
+
+def table() -> str:
+    from qsd_trio.chardev.chardev import BACKENDS
+    from qsd_trio.monitor.control import implemented
+    from qsd_trio.objects.qom import USER_CREATABLE
+    from qsd_trio.qapi import schema
+
+    commands, drivers, exports = _registry()
+    have_cmds = set(implemented())
+    out = ["### Command-line options", "", "| option | status | notes |", "|---|---|---|"]
+    out += [_row(o, True) for o in OPTIONS]
+    out += ["", "### QMP commands", "",
+            f"{len(have_cmds)} of the {len(schema.command_names())} commands of "
+            "qemu-storage-daemon 7.2.", "",
+            "| command | status | notes |", "|---|---|---|"]
+    out += [_row(c, c in have_cmds) for c in sorted(schema.command_names())]
+    out += ["", "### Block drivers", "", "| driver | status | notes |", "|---|---|---|"]
+    out += [_row(d, d in drivers) for d in sorted(_enum_values("BlockdevDriver"))]
+    out += ["", "### Export types", "", "| type | status | notes |", "|---|---|---|"]
+    out += [_row(t, t in exports) for t in sorted(_enum_values("BlockExportType"))]
+    out += ["", "### Block jobs", "", "| job | status | notes |", "|---|---|---|"]
+    job_cmds = {"mirror": "blockdev-mirror", "stream": "block-stream", "commit": "block-commit",
+                "backup": "blockdev-backup", "create": "blockdev-create",
+                "amend": "x-blockdev-amend"}
+    out += [_row(j, c in have_cmds) for j, c in job_cmds.items()]
+    out += ["", "### Character device backends", "", "| backend | status | notes |",
+            "|---|---|---|"]
+    ours = {"socket", "stdio", "ringbuf", "memory", "null", "file"}
+    out += [_row(b, b in ours) for b in BACKENDS]
+    out += ["", "### Object types (`--object`, `object-add`)", "",
+            "| type | status | notes |", "|---|---|---|"]
+    out += [_row(t, True) for t in sorted(USER_CREATABLE)]
+    return "\n".join(out) + "\n"
+
+
+def render(readme: str) -> str:
+    block = f"{BEGIN}\n{table()}{END}"
+    if BEGIN in readme:
+        return re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, readme,
+                      flags=re.S)
+    return readme.replace("FEATURE_TABLE", block)
+
+
+def main() -> int:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    new = render(text)
+    if "--write" in sys.argv:
+        path.write_text(new)
+        return 0
+    sys.stdout.write(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
