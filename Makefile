@@ -20,6 +20,9 @@ $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# byte-compile once: the generated schema module is large, and an
+	# environment with PYTHONDONTWRITEBYTECODE would recompile it every start
+	$(PY) -m compileall -q qsd_trio
 	touch $@
 
 venv: deps $(VENV)/.stamp
