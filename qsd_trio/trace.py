@@ -84,7 +84,7 @@ def enabled(name: str) -> bool:
     return name in _enabled
 
 
-def event(name: str, **fields: Any) -> None:
+def event(name: str, /, **fields: Any) -> None:
     if name not in _enabled:
         return
     now = time.time()
