@@ -404,12 +404,15 @@ class Connection:
     # -- negotiation (runs in the server's nursery) ---------------------------
     async def negotiate(self) -> None:
         try:
-            export = await self._negotiate()
-            if export is not None:
-                # hand the connection to the export's nursery; from now on the
-                # export (not the server) decides when it ends
+            export, last_reply = await self._negotiate()
+            if export is not None and export.nursery is not None:
+                # count the client before it can send a request, so that
+                # block-export-del mode=safe sees it; then hand the connection
+                # to the export's nursery: from now on the export (not the
+                # server) decides when it ends
+                export.clients.add(self)
                 self._handed_over = True
-                export.nursery.start_soon(self.serve, export)
+                export.nursery.start_soon(self.serve, export, last_reply)
         except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
                 trio.ClosedResourceError, OSError) as e:
             log.debug("nbd client negotiation ended: %s", e)
@@ -424,7 +427,8 @@ class Connection:
     async def _error(self, option: int, reply: int, message: str) -> None:
         await self._reply(option, reply, message.encode())
 
-    async def _negotiate(self) -> NbdExport | None:
+    async def _negotiate(self) -> tuple[NbdExport | None, bytes]:
+        """Run the option phase; returns the export chosen and the reply that ends it."""
         await self.wire.send(P.server_greeting())
         flags = int.from_bytes(await self.wire.recv_exactly(4), "big")
         fixed = bool(flags & P.FLAG_C_FIXED_NEWSTYLE)
@@ -463,16 +467,16 @@ class Connection:
                 export = self.server.exports.get(name)
                 if export is None:
                     raise _Disconnect(f"export '{name}' not present")
-                await self.wire.send(P.export_name_reply(export.size, export.flags, self.no_zeroes))
-                return export
+                return export, P.export_name_reply(export.size, export.flags, self.no_zeroes)
             if option in (P.OPT_INFO, P.OPT_GO):
                 try:
                     export = await self._info(option, payload)
                 except P.OptionError as e:
                     await self.wire.send(P.option_error(option, e))
                     continue
-                if option == P.OPT_GO and export is not None:
-                    return export
+                if option == P.OPT_GO:
+                    return export, P.option_reply(option, P.REP_ACK)
+                await self._reply(option, P.REP_ACK)
                 continue
             if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
                 try:
@@ -531,7 +535,8 @@ class Connection:
         self.wire = Wire(tls)
         self.tls_done = True
 
-    async def _info(self, option: int, payload: bytes) -> NbdExport | None:
+    async def _info(self, option: int, payload: bytes) -> NbdExport:
+        """Send the NBD_REP_INFO replies; the caller sends the final ACK."""
         name, infos = P.parse_info_request(payload)
         export = self.server.exports.get(name)
         if export is None:
@@ -552,7 +557,6 @@ class Connection:
         if option == P.OPT_INFO and P.INFO_BLOCK_SIZE not in infos and align > 1:
             raise P.OptionError(P.REP_ERR_BLOCK_SIZE_REQD,
                                 "request NBD_INFO_BLOCK_SIZE to use this export")
-        await self._reply(option, P.REP_ACK)
         return export
 
     async def _meta(self, option: int, payload: bytes) -> None:
@@ -576,7 +580,8 @@ class Connection:
         await self._reply(option, P.REP_ACK)
 
     # -- transmission (runs in the export's nursery) ------------------------------
-    async def serve(self, export: NbdExport) -> None:
+    async def serve(self, export: NbdExport, last_reply: bytes = b"") -> None:
+        """Transmission phase, after sending ``last_reply`` (the option phase's end)."""
         self.export = export
         export.clients.add(self)
         if self.meta_export != export.name:
@@ -584,6 +589,7 @@ class Connection:
         try:
             # requests already read finish and reply before the nursery exits
             async with trio.open_nursery() as nursery:
+                await self.wire.send(last_reply)
                 await self._read_requests(nursery)
         except* (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
                  trio.ClosedResourceError, OSError) as eg:
