@@ -105,6 +105,7 @@ class RingbufChardev(Chardev):
 
 class FileChardev(Chardev):
     backend = "file"
+    # query-chardev says just "file", as QEMU does
 
     def __init__(self, id: str, out: str, append: bool, in_path: str | None):
         super().__init__(id)
@@ -115,7 +116,7 @@ class FileChardev(Chardev):
 
     @property
     def filename(self) -> str:
-        return self.out
+        return "file"
 
     async def setup(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.append else os.O_TRUNC)
@@ -163,20 +164,32 @@ class SocketChardev(Chardev):
         self.listener: trio.socket.SocketType | None = None
         self.first: trio.SocketStream | None = None  # accepted during setup (wait=on)
         self._unlink: str | None = None
-        self._closed = trio.Event()
+        self.current: trio.abc.Stream | None = None  # the connected client
 
     @property
     def filename(self) -> str:
+        # QEMU's wording: the address, ",server=on" for listeners, the peer
+        # of a connected TCP client, and "disconnected:" while nobody is there
         t = self.addr["type"]
         d = self.addr["data"]
         suffix = ",server=on" if self.server else ""
         if t == "unix":
-            return f"unix:{d['path']}{suffix}"
-        if t == "inet":
-            return f"tcp:{d['host']}:{d['port']}{suffix}"
-        if t == "fd":
-            return f"fd:{d['str']}{suffix}"
-        return f"{t}:{suffix}"
+            base = f"unix:{d['path']}{suffix}"
+        elif t == "inet":
+            base = f"tcp:{d['host']}:{d['port']}{suffix}"
+        else:
+            base = f"fd:{d.get('str')}{suffix}"
+        if self.current is None:
+            return f"disconnected:{base}"
+        sock = getattr(self.current, "socket", None)
+        if t == "inet" and sock is not None:
+            try:
+                lh, lp = sock.getsockname()[:2]
+                ph, pp = sock.getpeername()[:2]
+                return f"tcp:{lh}:{lp}{suffix} <-> {ph}:{pp}"
+            except OSError:
+                pass
+        return base
 
     async def setup(self) -> None:
         t = self.addr["type"]
@@ -245,13 +258,18 @@ class SocketChardev(Chardev):
         return trio.SocketStream(sock)
 
     async def connections(self) -> AsyncIterator[trio.abc.Stream]:
-        if self.first is not None:
-            first, self.first = self.first, None
-            yield first
-        if not self.server:
-            return  # a client chardev without reconnect is done when its peer leaves
-        while self.listener is not None:
-            yield await self._accept()
+        try:
+            if self.first is not None:
+                self.current, self.first = self.first, None
+                yield self.current
+            if not self.server:
+                return  # a client chardev without reconnect is done when its peer leaves
+            while self.listener is not None:
+                self.current = None
+                self.current = await self._accept()
+                yield self.current
+        finally:
+            self.current = None
 
     async def aclose(self) -> None:
         if self.first is not None:

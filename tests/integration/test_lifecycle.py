@@ -191,3 +191,39 @@ def test_quit_reply_follows_shutdown_events(tmp_path, daemon_factory):
     s.close()
     assert b'"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e0"}}\r\n{"return": {}}' in data
     assert d.wait() == 0
+
+
+def test_stdio_monitor():
+    proc = subprocess.run(command("trio") + ["--chardev", "stdio,id=s", "--monitor", "chardev=s"],
+                          input=b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0
+    lines = proc.stdout.split(b"\r\n")
+    assert lines[0].startswith(b'{"QMP": ')
+    assert lines[1:] == [b'{"return": {}}', b'{"return": {}}', b""]
+
+
+def test_inet_monitor_and_file_chardev(tmp_path, daemon_factory):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "chr.out"
+    d = daemon_factory("trio", [
+        "--chardev", f"socket,id=tcp0,host=127.0.0.1,port={port},server=on,wait=off",
+        "--monitor", "chardev=tcp0",
+        "--chardev", f"file,id=f0,path={out}"])
+    import json
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        f = s.makefile("rb")
+        assert b'"QMP"' in f.readline()
+        s.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-chardev"}')
+        assert json.loads(f.readline()) == {"return": {}}
+        chardevs = {c["label"]: c for c in json.loads(f.readline())["return"]}
+        local = s.getsockname()
+        f.close()
+    assert chardevs["tcp0"] == {
+        "frontend-open": True, "label": "tcp0",
+        "filename": f"tcp:127.0.0.1:{port},server=on <-> {local[0]}:{local[1]}"}
+    # QEMU's words for the file chardev and for a listener nobody uses
+    assert chardevs["f0"] == {"frontend-open": False, "label": "f0", "filename": "file"}
+    assert out.exists()
