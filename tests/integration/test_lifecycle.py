@@ -208,7 +208,7 @@ def test_inet_monitor_and_file_chardev(tmp_path, daemon_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "chr.out"
-    d = daemon_factory("trio", [
+    daemon_factory("trio", [
         "--chardev", f"socket,id=tcp0,host=127.0.0.1,port={port},server=on,wait=off",
         "--monitor", "chardev=tcp0",
         "--chardev", f"file,id=f0,path={out}"])
