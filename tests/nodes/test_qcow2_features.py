@@ -106,3 +106,19 @@ async def test_block_status(tmp_path):
         assert st.flags & Status.DATA and st.depth == 2 and not st.flags & Status.OFFSET_VALID
         st = await node.block_status(3 << 20, 1 << 20)
         assert st.flags == Status.ZERO and st.depth == 0
+
+
+async def test_refcount_table_growth(tmp_path):
+    """Small clusters and 64-bit refcounts: many new refblocks and a moved table."""
+    img = tmp_path / "a.qcow2"
+    create(img, 8 << 20, "cluster_size=512", "refcount_bits=64")
+    data = random.Random(9).randbytes(3 << 20)
+    async with open_qcow2(img) as node:
+        table_before = node.refs.table_offset
+        for off in range(0, len(data), 1 << 20):
+            await node.write(off, data[off:off + (1 << 20)])
+        assert node.refs.table_offset != table_before
+    check_clean(img)
+    out = tmp_path / "out.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(out))
+    assert out.read_bytes()[:len(data)] == data

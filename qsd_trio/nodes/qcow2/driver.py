@@ -605,7 +605,9 @@ class Qcow2Node(BlockNode):
                 pos = cl_end
                 continue
             n = 1
-            while ((gc + n) << cb) < end and n < 2048:
+            # a run must fit between refblocks (small clusters, wide refcounts)
+            max_run = min(2048, max(1, (1 << self.refs.block_bits) // 2))
+            while ((gc + n) << cb) < end and n < max_run:
                 e2 = await self._entry(gc + n)
                 if self._owned(e2) or (gc + n) >> self.l2_bits != gc >> self.l2_bits:
                     break

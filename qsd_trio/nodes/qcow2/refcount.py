@@ -124,8 +124,15 @@ class Refcounts:
         start = self.free_hint
         run = 0
         c = start
+        per_block = 1 << self.block_bits
+        # the first cluster of a missing refblock is where that block will go:
+        # keep runs off it so creating the block cannot break the run
+        reserve = n < per_block
         while True:
-            if await self.get(c) == 0:
+            if reserve and not c & (per_block - 1) and await self._block(c >> self.block_bits) \
+                    is None:
+                run = 0
+            elif await self.get(c) == 0:
                 run += 1
                 if run == n:
                     return c - n + 1
