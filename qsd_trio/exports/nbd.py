@@ -443,7 +443,7 @@ class Connection:
                 if option == P.OPT_STARTTLS:
                     await self.wire.skip(length)
                     if length:
-                        await self._error(option, P.REP_ERR_INVALID, "no payload expected in starttls")
+                        await self._error(option, P.REP_ERR_INVALID, "option 'starttls' has unexpected length")
                         continue
                     await self._starttls()
                     continue
@@ -495,7 +495,7 @@ class Connection:
                 raise _Disconnect(f"Unsupported option {option} without fixed newstyle")
             if option == P.OPT_LIST:
                 if length:
-                    await self._error(option, P.REP_ERR_INVALID, "no payload expected in list")
+                    await self._error(option, P.REP_ERR_INVALID, "option 'list' has unexpected length")
                     continue
                 for exp in list(self.server.exports.values()):
                     await self._reply(option, P.REP_SERVER, P.rep_server(exp.name, exp.description or ""))
@@ -503,7 +503,7 @@ class Connection:
             elif option == P.OPT_STRUCTURED_REPLY:
                 if length:
                     await self._error(option, P.REP_ERR_INVALID,
-                                      f"request option '{P.OPT_NAMES[option]}' with unexpected length")
+                                      "option 'structured reply' has unexpected length")
                 elif self.structured:
                     await self._error(option, P.REP_ERR_INVALID, "structured reply already negotiated")
                 else:
@@ -537,7 +537,7 @@ class Connection:
 
     async def _info(self, option: int, payload: bytes) -> NbdExport:
         """Send the NBD_REP_INFO replies; the caller sends the final ACK."""
-        name, infos = P.parse_info_request(payload)
+        name, infos = P.parse_info_request(payload, P.OPT_NAMES[option])
         export = self.server.exports.get(name)
         if export is None:
             raise P.OptionError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
@@ -565,7 +565,7 @@ class Connection:
             raise P.OptionError(P.REP_ERR_INVALID,
                                 f"request option '{P.OPT_NAMES[option]}' when structured reply "
                                 "is not negotiated")
-        name, queries = P.parse_meta_request(payload)
+        name, queries = P.parse_meta_request(payload, P.OPT_NAMES[option])
         export = self.server.exports.get(name)
         if export is None:
             raise P.OptionError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
@@ -573,7 +573,9 @@ class Connection:
         chosen = P.match_meta_contexts(queries, available, listing=not setting)
         ids = [(available.index(c), c) for c in chosen]
         for cid, ctx in ids:
-            await self._reply(option, P.REP_META_CONTEXT, P.meta_context_reply(cid, ctx))
+            # ids only mean something once set; QEMU lists every context as 0
+            await self._reply(option, P.REP_META_CONTEXT,
+                              P.meta_context_reply(cid if setting else 0, ctx))
         if setting:
             self.meta_export = name
             self.meta_ids = ids
@@ -618,7 +620,7 @@ class Connection:
                 if req.length > P.MAX_BUFFER_SIZE:
                     # the payload cannot be skipped safely: answer, then hang up
                     await self._send_error(req, P.EINVAL,
-                                           f"len ({req.length}) is larger than max len "
+                                           f"len ({req.length} ) is larger than max len "
                                            f"({P.MAX_BUFFER_SIZE})")
                     raise _Disconnect("oversized write")
                 data = bytearray(req.length)
@@ -641,14 +643,17 @@ class Connection:
         t = req.type
         export = self.export
         if t in (P.CMD_READ, P.CMD_CACHE) and req.length > P.MAX_BUFFER_SIZE:
-            return P.EINVAL, f"len ({req.length}) is larger than max len ({P.MAX_BUFFER_SIZE})"
+            # (sic) QEMU's text has the stray space
+            return P.EINVAL, f"len ({req.length} ) is larger than max len ({P.MAX_BUFFER_SIZE})"
         if t not in P.CMD_NAMES or t in (P.CMD_RESIZE,):
             return P.EINVAL, f"invalid request type ({t}) received"
         if not export.writable and t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
-            return P.EPERM, "Export is read-only"
+            # QEMU answers EINVAL here, not EPERM
+            return P.EINVAL, "Export is read-only"
         if req.offset > size or req.length > size - req.offset:
             err = P.ENOSPC if t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
-            return err, (f"operation from {req.offset} ({req.length}) exceeds size {size}")
+            return err, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
+                         f"Size: {size}")
         valid = P.CMD_FLAG_FUA
         if t == P.CMD_READ and self.structured:
             valid |= P.CMD_FLAG_DF

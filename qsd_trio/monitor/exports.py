@@ -19,7 +19,7 @@ from ..exports import fuse as _fuse  # noqa: F401 - registers the fuse export ty
 from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
 from ..exports.base import EXPORT_TYPES, BlockExport
 from ..exports.nbd import NbdExport, NbdServer
-from ..qapi.errors import DeviceNotFound, GenericError
+from ..qapi.errors import GenericError
 from .registry import command
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
@@ -28,7 +28,7 @@ _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 def _lookup_node(daemon, name: str):
     node = daemon.graph.nodes.get(name)
     if node is None:
-        raise DeviceNotFound(f"Cannot find device='' nor node-name='{name}'")
+        raise GenericError(f"Cannot find device='' nor node-name='{name}'")
     return node
 
 

@@ -60,11 +60,11 @@ OPT_STRUCTURED_REPLY = 8
 OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
 
+# QEMU's names (nbd_opt_lookup), used in its error texts; it has none for PEEK_EXPORT
 OPT_NAMES = {
     OPT_EXPORT_NAME: "export name",
     OPT_ABORT: "abort",
     OPT_LIST: "list",
-    OPT_PEEK_EXPORT: "peek export",
     OPT_STARTTLS: "starttls",
     OPT_INFO: "info",
     OPT_GO: "go",
@@ -266,20 +266,25 @@ def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
     return struct.pack(">HIII", INFO_BLOCK_SIZE, minimum, preferred, maximum)
 
 
-def _take_string(data: bytes, pos: int, what: str) -> tuple[str, int]:
+def _inconsistent(opt_name: str) -> OptionError:
+    return OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {opt_name}")
+
+
+def _take_string(data: bytes, pos: int, opt_name: str, *, name: bool) -> tuple[str | None, int]:
+    """A length-prefixed string at ``pos``; (None, next) for an over-long query."""
     if len(data) - pos < 4:
-        raise OptionError(REP_ERR_INVALID, f"{what} length missing")
+        raise _inconsistent(opt_name)
     (n,) = struct.unpack_from(">I", data, pos)
     pos += 4
-    if n > len(data) - pos:
-        raise OptionError(REP_ERR_INVALID, f"{what} length too large")
     if n > MAX_STRING_SIZE:
-        raise OptionError(REP_ERR_INVALID, f"{what} too long")
-    try:
-        s = data[pos:pos + n].decode()
-    except UnicodeDecodeError:
-        raise OptionError(REP_ERR_INVALID, f"{what} is not valid UTF-8") from None
-    return s, pos + n
+        if name:
+            raise OptionError(REP_ERR_INVALID, f"Invalid name length: {n}")
+        if n > len(data) - pos:
+            raise _inconsistent(opt_name)
+        return None, pos + n  # QEMU skips over-long queries silently
+    if n > len(data) - pos:
+        raise _inconsistent(opt_name)
+    return data[pos:pos + n].decode(errors="replace"), pos + n
 
 
 def encode_info_request(name: str, infos: Sequence[int] = ()) -> bytes:
@@ -288,15 +293,15 @@ def encode_info_request(name: str, infos: Sequence[int] = ()) -> bytes:
             + b"".join(struct.pack(">H", i) for i in infos))
 
 
-def parse_info_request(data: bytes) -> tuple[str, list[int]]:
+def parse_info_request(data: bytes, opt_name: str = "info") -> tuple[str, list[int]]:
     """NBD_OPT_INFO / NBD_OPT_GO payload: (export name, requested info types)."""
-    name, pos = _take_string(data, 0, "export name")
+    name, pos = _take_string(data, 0, opt_name, name=True)
     if len(data) - pos < 2:
-        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+        raise _inconsistent(opt_name)
     (count,) = struct.unpack_from(">H", data, pos)
     pos += 2
     if len(data) - pos != 2 * count:
-        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+        raise _inconsistent(opt_name)
     infos = list(struct.unpack_from(f">{count}H", data, pos))
     return name, infos
 
@@ -308,19 +313,20 @@ def encode_meta_request(name: str, queries: Iterable[str]) -> bytes:
             + b"".join(struct.pack(">I", len(q)) + q for q in qs))
 
 
-def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
+def parse_meta_request(data: bytes, opt_name: str = "set meta context") -> tuple[str, list[str]]:
     """LIST/SET_META_CONTEXT payload: (export name, queries)."""
-    name, pos = _take_string(data, 0, "export name")
+    name, pos = _take_string(data, 0, opt_name, name=True)
     if len(data) - pos < 4:
-        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+        raise _inconsistent(opt_name)
     (count,) = struct.unpack_from(">I", data, pos)
     pos += 4
     queries = []
     for _ in range(count):
-        q, pos = _take_string(data, pos, "query")
-        queries.append(q)
+        q, pos = _take_string(data, pos, opt_name, name=False)
+        if q is not None:
+            queries.append(q)
     if pos != len(data):
-        raise OptionError(REP_ERR_INVALID, "request data has incorrect length")
+        raise _inconsistent(opt_name)
     return name, queries
 
 

@@ -1,0 +1,74 @@
+"""A minimal NBD client over the shared codec, for byte-level test cases."""
+
+from __future__ import annotations
+
+import trio
+
+from qsd_trio.proto import nbd as P
+
+
+class RawClient:
+    """A minimal NBD client over the shared codec, for byte-level cases."""
+
+    def __init__(self, stream):
+        self.s = stream
+        self.buf = bytearray()
+
+    opened: list[RawClient] = []  # closed by the raw_clients fixture
+
+    @classmethod
+    async def connect(cls, path):
+        c = cls(await trio.open_unix_socket(path))
+        cls.opened.append(c)
+        return c
+
+    async def recv(self, n):
+        while len(self.buf) < n:
+            with trio.fail_after(10):  # a reply that never comes fails, not hangs
+                d = await self.s.receive_some(65536)
+            if not d:
+                raise EOFError(f"closed after {len(self.buf)} of {n} bytes")
+            self.buf += d
+        out, self.buf = bytes(self.buf[:n]), self.buf[n:]
+        return out
+
+    async def closed(self) -> bool:
+        try:
+            await self.recv(1)
+        except (EOFError, trio.BrokenResourceError):
+            return True
+        return False
+
+    async def handshake(self):
+        assert P.parse_server_greeting(await self.recv(18)) == 3
+        await self.s.send_all(P.client_flags())
+
+    async def option(self, opt, data=b""):
+        await self.s.send_all(P.encode_option(opt, data))
+        replies = []
+        while True:
+            o, rep, n = P.parse_option_reply_header(await self.recv(20))
+            assert o == opt
+            payload = await self.recv(n)
+            replies.append((rep, payload))
+            if rep == P.REP_ACK or rep & (1 << 31):
+                return replies
+
+    async def go(self, name="mem", structured=True, handshake=True):
+        if handshake:
+            await self.handshake()
+        if structured:
+            assert (await self.option(P.OPT_STRUCTURED_REPLY))[-1][0] == P.REP_ACK
+        r = await self.option(P.OPT_GO, P.encode_info_request(name, [P.INFO_BLOCK_SIZE]))
+        assert r[-1][0] == P.REP_ACK, r
+        return r
+
+    async def request(self, type, handle=1, offset=0, length=0, flags=0, data=b""):
+        await self.s.send_all(P.encode_request(type, handle, offset, length, flags) + data)
+
+    async def reply(self):
+        """(Reply, payload) of the next simple reply or chunk."""
+        head = await self.recv(4)
+        rest = await self.recv(P.reply_header_size(head) - 4)
+        rep = P.parse_reply_header(head + rest)
+        return rep, (await self.recv(rep.length) if rep.type is not None else b"")
