@@ -120,6 +120,9 @@ class Daemon:
         if server is not None and id in (getattr(server, "tls_creds", None),
                                          getattr(server, "tls_authz", None)):
             users.append("nbd-server")
+        obj_users = getattr(self.objects.get(id), "qom_users", None)
+        if obj_users is not None:  # e.g. throttle nodes of a throttle-group
+            users += obj_users()
         return users
 
     # -- the tree ------------------------------------------------------------------

@@ -34,6 +34,8 @@ def object_properties(qom_type: str) -> tuple[tuple[str, str], ...]:
             qt = "string"
         elif tinfo.get("meta-type") == "array":
             qt = "list"
+        elif (qom_type, m["name"]) == ("throttle-group", "limits"):
+            qt = "ThrottleLimits"  # introspection hides struct names; QOM shows it
         else:
             qt = "string"
         out.append((m["name"], qt))
@@ -55,7 +57,12 @@ async def add_object(daemon, qom_type: str, id: str, props: dict) -> None:
             f"attempt to add duplicate property '{id}' to object (type 'container')")
     if qom_type not in USER_CREATABLE:
         raise GenericError(f"object type '{qom_type}' isn't supported by object-add")
-    obj = UserObject(id, qom_type, props)
+    if qom_type == "throttle-group":
+        # a live limiter shared by throttle nodes, not just properties
+        from ..objects import throttle_group
+        obj = throttle_group.create(daemon.graph, id, props)
+    else:
+        obj = UserObject(id, qom_type, props)
     daemon.objects[id] = obj
     daemon.objects_root = True
 
@@ -66,7 +73,10 @@ async def object_del(daemon, args):
         raise GenericError(f"object '{args.id}' not found")
     if daemon.object_users(args.id):
         raise GenericError(f"object '{args.id}' is in use, can not be deleted")
-    del daemon.objects[args.id]
+    obj = daemon.objects.pop(args.id)
+    delete = getattr(obj, "on_delete", None)
+    if delete is not None:
+        delete()
 
 
 @command("qom-list-types")
@@ -116,6 +126,10 @@ async def qom_set(daemon, args):
     if kind != "object":
         tname = "container" if kind in ("root", "container") else f"chardev-{thing.backend}"
         raise GenericError(f"Property '{tname}.{args.property}' not found")
+    setter = getattr(thing, "qom_set", None)
+    if setter is not None:  # objects with behaviour check and apply their own
+        setter(args.property, args.value)
+        return
     names = dict(object_properties(thing.qom_type))
     if args.property not in names or args.property == "type":
         raise GenericError(f"Property '{thing.qom_type}.{args.property}' not found")
