@@ -36,7 +36,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # modules that register commands; imported by load_all()
-GROUPS = ("control", "objects", "chardev", "block", "exports", "jobs")
+GROUPS = ("control", "objects", "chardev", "block", "exports", "jobs", "snapshot")
 
 
 def command(name: str, *, allow_oob: bool = False) -> Callable[[Handler], Handler]:

@@ -185,8 +185,12 @@ async def _write_table(node: Qcow2Node, snaps: list[Snapshot]) -> None:
             await node.refs.update(c, -1)
 
 
-async def create(node: Qcow2Node, name: str, *, vm_clock_nsec: int = 0) -> Snapshot:
-    """Take an internal snapshot of the active state called ``name``."""
+async def create(node: Qcow2Node, name: str, *, vm_clock_nsec: int = 0,
+                 date_ns: int | None = None) -> Snapshot:
+    """Take an internal snapshot of the active state called ``name``.
+
+    ``date_ns`` is the creation time (default: now).
+    """
     if node.has_data_file:
         raise GenericError("Can't create a snapshot in an image with a data file")
     ids = [int(s.id) for s in node.snapshots if s.id.isdigit()]
@@ -204,7 +208,7 @@ async def create(node: Qcow2Node, name: str, *, vm_clock_nsec: int = 0) -> Snaps
             from array import array
             await node.file.write(l1_off, pack_table(array("Q", node.l1)))
         await node.file.flush()
-        now = time.time_ns()
+        now = time.time_ns() if date_ns is None else date_ns
         extra = struct.pack(">QQ", 0, node.size)
         if node.h.version >= 3 or True:
             extra += struct.pack(">Q", 0xFFFFFFFFFFFFFFFF)

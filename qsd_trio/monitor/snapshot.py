@@ -1,0 +1,430 @@
+"""QMP commands: external and internal snapshots, change-backing-file (blockdev.c).
+
+External snapshots (``blockdev-snapshot``, ``blockdev-snapshot-sync``) put
+an overlay on top of a node: the node becomes the overlay's backing child,
+every other user of the node (exports, jobs, parent nodes) moves to the
+overlay, and the node is reopened read-only.  As in qemu-storage-daemon, the
+overlay's header is not touched by ``blockdev-snapshot`` (the client created
+it with the right backing file name, or uses ``change-backing-file``), and
+an overlay made by ``blockdev-snapshot-sync`` that ends up with no user is
+dropped again at once, leaving the image file on disk.
+
+Internal snapshots are qcow2's snapshot table (nodes/qcow2/snapshots.py);
+nodes that are not qcow2 fall back to their primary child the way QEMU's
+bdrv_snapshot_fallback does.
+
+Errors are QEMU's, checked in QEMU's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+
+import trio
+
+from ..nodes.graph import DRIVERS
+from ..nodes.node import BdrvChild, BlockNode, Perm
+from ..nodes.perms import refresh
+from ..qapi.errors import GenericError
+from .registry import command
+
+# -- shared checks -----------------------------------------------------------------
+
+
+def _is_job(parent: object) -> bool:
+    from ..jobs.blockjob import BlockJob
+    return isinstance(parent, BlockJob)
+
+
+def root_bs(daemon, name: str) -> BlockNode:
+    """qmp_get_root_bs: a node no other node (or job) uses."""
+    node = daemon.graph.lookup_bs(name, name)
+    if any(isinstance(e.parent, BlockNode) or _is_job(e.parent) for e in node.parents):
+        raise GenericError("Need a root block node")
+    return node
+
+
+def check_op_blockers(daemon, node: BlockNode) -> None:
+    """bdrv_op_is_blocked for snapshot and change operations: a block job on
+    the node, or the node being some other node's backing file."""
+    from ..jobs.blockjob import check_not_busy
+    for e in reversed(node.parents):  # the oldest blocker is reported
+        if e.name == "backing" and isinstance(e.parent, BlockNode):
+            raise GenericError(f"Node '{node.node_name}' is busy: node is used as "
+                               f"backing hd of '{e.parent.node_name}'")
+    check_not_busy(daemon, node)
+
+
+def _backing_edge(node: BlockNode) -> BdrvChild | None:
+    return node.children.get("backing")
+
+
+def _skip_filters(node: BlockNode) -> BlockNode:
+    while node.is_filter or node.driver == "throttle":
+        prim = node.primary_child()
+        if prim is None:
+            break
+        node = prim.node
+    return node
+
+
+def _chain(top: BlockNode) -> list[BlockNode]:
+    """``top`` and everything below it through filtered and backing children."""
+    out, n = [], top
+    while n is not None and n not in out:
+        out.append(n)
+        b = _backing_edge(n)
+        if b is not None:
+            n = b.node
+        elif n.is_filter and n.primary_child() is not None:
+            n = n.primary_child().node
+        else:
+            n = None
+    return out
+
+
+# -- external snapshots ---------------------------------------------------------------
+
+
+def _set_backing(overlay: BlockNode, edge: BdrvChild | None) -> None:
+    # the qcow2 driver keeps direct references for its read path
+    if hasattr(overlay, "backing_edge"):
+        overlay.backing_edge = edge
+    if hasattr(overlay, "backing"):
+        overlay.backing = edge.node if edge is not None else None
+
+
+def _move_parents(edges: list[BdrvChild], old: BlockNode, new: BlockNode) -> None:
+    for edge in edges:
+        old.parents.remove(edge)
+        edge.node = new
+        new.parents.insert(0, edge)
+        parent = edge.parent
+        if isinstance(parent, BlockNode):
+            # format drivers may hold the child node itself (qcow2's .file)
+            for attr in ("file", "data", "backing"):
+                if getattr(parent, attr, None) is old:
+                    setattr(parent, attr, new)
+        elif getattr(parent, "node", None) is old:
+            parent.node = new  # exports and jobs hold their node as .node
+
+
+def append(graph, overlay: BlockNode, old: BlockNode) -> None:
+    """bdrv_append: ``old`` becomes overlay's backing; old's users move up.
+
+    Raises GenericError (a cycle, a permission conflict) with nothing changed.
+    """
+    edge = graph.link(overlay, old, "backing")
+    _set_backing(overlay, edge)
+    moved = [e for e in old.parents if e is not edge]
+    _move_parents(moved, old, overlay)
+    try:
+        refresh(overlay)
+    except BaseException:
+        _move_parents(moved, overlay, old)
+        edge.detach()
+        _set_backing(overlay, None)
+        with contextlib.suppress(Exception):
+            refresh(overlay)
+            refresh(old)
+        raise
+    with contextlib.suppress(Exception):  # only shrinks
+        refresh(old)
+
+
+def _inheriting_subtree(node: BlockNode) -> list[BlockNode]:
+    """The node and the children it opened itself (they follow its reopen)."""
+    out = [node]
+    for e in node.children.values():
+        if e.name != "backing" and e.node.node_name.startswith("#block"):
+            out += _inheriting_subtree(e.node)
+    return out
+
+
+async def reopen_read_only(node: BlockNode) -> None:
+    """bdrv_reopen_set_read_only(bs, true): best effort, as QEMU ignores errors."""
+    if node.read_only:
+        return
+    with contextlib.suppress(OSError):
+        await node.flush()
+    for n in _inheriting_subtree(node):
+        if n.read_only or n.cum_perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+            continue
+        n.read_only = True
+        if isinstance(n.options, dict):
+            n.options = {**n.options, "read-only": True}
+        with contextlib.suppress(Exception):
+            refresh(n)
+
+
+def _check_overlay(overlay: BlockNode) -> None:
+    if overlay.cum_perm & Perm.CONSISTENT_READ:
+        raise GenericError("The overlay is already in use")
+    if overlay.is_filter or overlay.driver == "throttle":
+        raise GenericError("Filters cannot be used as overlays")
+    if _backing_edge(overlay) is not None:
+        raise GenericError("The overlay already has a backing image")
+    if overlay.driver != "qcow2":
+        raise GenericError("The overlay does not support backing images")
+
+
+# formats QEMU knows that cannot hold a backing file / cannot be created at all
+_NO_BACKING = {"raw", "file", "host_device", "nbd", "luks", "vpc", "vhdx", "vdi", "dmg",
+               "parallels", "bochs", "cloop", "nfs", "ssh", "gluster"}
+_NO_CREATE = {"throttle", "copy-on-read", "blkdebug", "blkverify", "null-co", "null-aio",
+              "copy-before-write", "preallocate", "compress", "snapshot-access", "quorum",
+              "replication", "blklogwrites", "host_cdrom", "http", "https", "ftp", "ftps",
+              "iscsi", "rbd", "nvme"}
+
+
+async def _create_overlay_file(graph, path: str, fmt: str, size: int, backing_file: str,
+                               backing_fmt: str) -> None:
+    """bdrv_img_create for blockdev-snapshot-sync: a qcow2 file naming its backing."""
+    from ..nodes.qcow2.create import create_qcow2
+
+    if fmt not in DRIVERS and fmt not in _NO_BACKING and fmt not in _NO_CREATE:
+        raise GenericError(f"Unknown file format '{fmt}'")
+    if fmt in _NO_CREATE or (fmt in DRIVERS and fmt != "qcow2" and fmt not in _NO_BACKING):
+        raise GenericError(f"Format driver '{fmt}' does not support image creation")
+    if fmt != "qcow2":
+        raise GenericError(f"Backing file not supported for file format '{fmt}'")
+
+    def make() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+
+    try:
+        await trio.to_thread.run_sync(make)
+    except OSError as e:
+        raise GenericError(f"Could not create '{path}': {e.strerror}") from None
+    file = await graph._open({"driver": "file", "filename": path})
+    try:
+        await create_qcow2(file, size, backing_file=backing_file, backing_fmt=backing_fmt)
+    except OSError as e:
+        raise GenericError(f"Could not create image: {e.strerror}") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            graph.nodes.pop(file.node_name, None)
+            for e in list(file.parents):
+                e.detach()
+            with contextlib.suppress(Exception):
+                await file.close()
+
+
+async def external_snapshot(daemon, *, device: str | None, node_name: str | None,
+                            overlay_ref: str | None = None, sync=None) -> None:
+    """external_snapshot_prepare + commit + clean for one action."""
+    graph = daemon.graph
+    old = graph.nodes.get(node_name) if node_name is not None else None
+    if old is None:
+        # bdrv_lookup_bs: ``device`` names a BlockBackend, and a storage
+        # daemon has none, so only the node name can match
+        raise GenericError(f"Cannot find device='{device or ''}' nor "
+                           f"node-name='{node_name or ''}'")
+    async with old.drained():
+        check_op_blockers(daemon, old)
+        if not old.read_only:
+            try:
+                await old.flush()
+            except OSError:
+                raise GenericError("An IO error has occurred") from None
+        created = False
+        if sync is not None:
+            fmt = sync.format or "qcow2"
+            snap_name = sync.snapshot_node_name
+            if node_name is not None and snap_name is None:
+                raise GenericError("New overlay node-name missing")
+            if snap_name is not None and snap_name in graph.nodes:
+                raise GenericError("New overlay node-name already in use")
+            path = sync.snapshot_file
+            if (sync.mode or "absolute-paths") != "existing":
+                await _create_overlay_file(graph, path, fmt, old.length, old.filename,
+                                           old.driver)
+            opts = {"driver": fmt, "file": {"driver": "file", "filename": path},
+                    "read-only": old.read_only}
+            if fmt == "qcow2":
+                opts["backing"] = None  # BDRV_O_NO_BACKING: attached below
+            if snap_name is not None:
+                opts["node-name"] = snap_name
+                overlay = await graph.add(opts)
+            else:
+                overlay = await graph._open(opts)
+            overlay.monitor_owned = False  # owned by its users, not the monitor
+            created = True
+        else:
+            overlay = graph.lookup_bs(overlay_ref, overlay_ref)
+        try:
+            _check_overlay(overlay)
+            append(graph, overlay, old)
+        except BaseException:
+            if created:
+                with trio.CancelScope(shield=True):
+                    await graph._unref(overlay)
+            raise
+        # commit: the node below is only read from now on
+        await reopen_read_only(old)
+    if created and not overlay.parents:
+        # nobody holds the new overlay (QEMU drops its last reference here)
+        backing = _backing_edge(overlay)
+        if backing is not None:
+            backing.detach()
+            _set_backing(overlay, None)
+        await graph._unref(overlay)
+
+
+@command("blockdev-snapshot")
+async def blockdev_snapshot(daemon, args):
+    await external_snapshot(daemon, device=args.node, node_name=args.node,
+                            overlay_ref=args.overlay)
+
+
+@command("blockdev-snapshot-sync")
+async def blockdev_snapshot_sync(daemon, args):
+    await external_snapshot(daemon, device=args.device, node_name=args.node_name, sync=args)
+
+
+# -- change-backing-file --------------------------------------------------------------
+
+
+async def _write_header_names(image: BlockNode, backing_file: str, backing_fmt: str) -> None:
+    """qcow2_change_backing_file: the name and format in the image header.
+
+    A read-only image (a backing file) is written through a short-lived
+    descriptor of its own, as QEMU reopens it read-write for the update.
+    """
+    from ..nodes.qcow2.header import EXT_BACKING_FORMAT
+
+    if not image.read_only and not image.file.read_only:
+        await image.set_header_names(backing_file=backing_file, backing_fmt=backing_fmt)
+        return
+    h = image.h
+    old = (h.backing_file, h.ext(EXT_BACKING_FORMAT), list(h.extensions))
+    h.backing_file = backing_file or None
+    h.set_ext(EXT_BACKING_FORMAT, backing_fmt.encode() if backing_file else None)
+    h.extensions.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)
+    blob = h.pack()
+    path = getattr(image.file, "path", None)
+    if len(blob) > image.cs or path is None:
+        h.backing_file, h.extensions = old[0], old[2]
+        raise OSError(errno.EINVAL if path else errno.ENOTSUP, os.strerror(
+            errno.EINVAL if path else errno.ENOTSUP))
+
+    def write() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, blob.ljust(image.cs, b"\0"), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    try:
+        await trio.to_thread.run_sync(write)
+    except OSError:
+        h.backing_file, h.extensions = old[0], old[2]
+        raise
+
+
+@command("change-backing-file")
+async def change_backing_file(daemon, args):
+    graph = daemon.graph
+    bs = root_bs(daemon, args.device)
+    image = graph.lookup_bs(None, args.image_node_name)
+    if _backing_edge(_skip_filters(image)) is None:
+        raise GenericError("not allowing backing file change on an image without a "
+                           "backing file")
+    check_op_blockers(daemon, bs)
+    if image not in _chain(bs):
+        raise GenericError(f"'{args.device}' and image file are not in the same chain")
+    name = args.backing_file
+    try:
+        if image.driver != "qcow2":
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+        if name and (len(name.encode()) > 1023 or getattr(image, "data_file_raw", False)):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        # QEMU 7.2 records the image's own format as the backing format
+        await _write_header_names(image, name, image.driver)
+    except OSError as e:
+        raise GenericError(f"Could not change backing file to '{name}': "
+                           f"{os.strerror(e.errno)}") from None
+
+
+# -- internal snapshots -------------------------------------------------------------
+
+
+def _snapshot_target(node: BlockNode) -> BlockNode | None:
+    """The qcow2 node that holds ``node``'s snapshots (bdrv_snapshot_fallback)."""
+    while node.driver != "qcow2":
+        prim = node.primary_child()
+        if prim is None:
+            return None
+        others = [e for e in node.children.values()
+                  if e is not prim and e.name in ("file", "data-file", "image", "backing")]
+        if others:
+            return None
+        node = prim.node
+    return node
+
+
+@command("blockdev-snapshot-internal-sync")
+async def blockdev_snapshot_internal_sync(daemon, args):
+    from ..nodes.qcow2 import snapshots
+
+    device, name = args.device, args.name
+    bs = root_bs(daemon, device)
+    async with bs.drained():
+        check_op_blockers(daemon, bs)
+        if bs.read_only:
+            raise GenericError(f"Device '{device}' is read only")
+        target = _snapshot_target(bs)
+        if target is None or target.read_only:
+            raise GenericError(f"Block format '{bs.driver}' used by device '{device}' does "
+                               "not support internal snapshots")
+        if not name:
+            raise GenericError("Name is empty")
+        if snapshots.find(target, None, name) is not None:
+            raise GenericError(f"Snapshot with name '{name}' already exists on device "
+                               f"'{device}'")
+        # QEMU takes the date from gettimeofday (microseconds); a storage
+        # daemon's virtual clock is that same host clock
+        now_us = time.time_ns() // 1000
+        date_ns = now_us * 1000
+        try:
+            if target.has_data_file:
+                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+            await snapshots.create(target, name, vm_clock_nsec=date_ns, date_ns=date_ns)
+        except OSError as e:
+            raise GenericError(f"Failed to create snapshot '{name}' on device '{device}': "
+                               f"{os.strerror(e.errno)}") from None
+
+
+@command("blockdev-snapshot-delete-internal-sync")
+async def blockdev_snapshot_delete_internal_sync(daemon, args):
+    from ..nodes.qcow2 import snapshots
+
+    device, sid, name = args.device, args.id, args.name
+    bs = root_bs(daemon, device)
+    if sid is None and name is None:
+        raise GenericError("Name or id must be provided")
+    check_op_blockers(daemon, bs)
+    target = _snapshot_target(bs)
+    if target is None:
+        raise GenericError("Failed to get a snapshot list: Operation not supported")
+    snap = snapshots.find(target, sid, name)
+    if snap is None:
+        raise GenericError(f"Snapshot with id '{sid if sid is not None else 'null'}' and "
+                           f"name '{name if name is not None else 'null'}' does not exist "
+                           f"on device '{device}'")
+    info = snap.info()
+    async with bs.drained():
+        if target.read_only:
+            raise GenericError("Failed to remove snapshot from snapshot list: "
+                               "Operation not permitted")
+        try:
+            await snapshots.delete(target, snap)
+        except OSError as e:
+            raise GenericError(f"Failed to remove snapshot from snapshot list: "
+                               f"{os.strerror(e.errno)}") from None
+    return info
