@@ -37,6 +37,10 @@ MAX_REQUESTS = 16  # in flight per connection, as QEMU's NBD_MAX_REQUESTS
 MAX_BLOCK_STATUS_EXTENTS = 1024 * 1024 // 8  # per reply chunk, QEMU's limit
 _RECV_CHUNK = 256 * 1024
 _PREFERRED_BLOCK = 4096
+_IOV_BATCH = 512  # buffers per sendmsg, under the kernel's IOV_MAX
+# sparse reads ask for the status of this much ahead, so one answer covers
+# the reads that follow (the extent is remembered, see NbdExport.known_data)
+_STATUS_LOOKAHEAD = 64 * 1024 * 1024
 
 
 class _Disconnect(Exception):
@@ -46,71 +50,104 @@ class _Disconnect(Exception):
 class Wire:
     """Buffered exact reads and gathered writes over a trio stream.
 
-    Uses the raw socket (``recv_into``/``sendmsg``) when the stream is a
-    ``trio.SocketStream`` to avoid copying payloads; any other stream (TLS)
-    goes through ``receive_some``/``send_all``.  Closed by :meth:`aclose`.
+    For a plain socket stream it works on the socket directly: non-blocking
+    ``recv_into``/``sendmsg`` first, waiting for readiness only when the
+    kernel has nothing (the hot path takes no trip through the scheduler),
+    and payloads go straight into their own buffers.  Any other stream (TLS)
+    goes through ``receive_some``/``send_all``.  Closed by :meth:`aclose`;
+    the peer vanishing shows as :class:`_Disconnect` or
+    ``trio.BrokenResourceError``.
     """
 
     def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
-        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._buf = bytearray()
-        self._pos = 0
+        self.raw: _stdsocket.socket | None = None
+        if isinstance(stream, trio.SocketStream):
+            # a second socket object over the same fd, detached before close
+            self.raw = _stdsocket.socket(fileno=stream.socket.fileno())
+            self.raw.setblocking(False)
+        self._buf = bytearray(_RECV_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
 
-    async def _fill(self) -> None:
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        if self.sock is not None:
-            data = await self.sock.recv(_RECV_CHUNK)
-        else:
-            data = await self.stream.receive_some(_RECV_CHUNK)
-        if not data:
-            raise _Disconnect("client closed the connection")
-        self._buf += data
+    async def _recv_into(self, view) -> int:
+        raw = self.raw
+        if raw is None:
+            data = await self.stream.receive_some(len(view))
+            view[:len(data)] = data
+            return len(data)
+        while True:
+            try:
+                return raw.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+            except OSError as e:
+                raise trio.BrokenResourceError(e) from e
+
+    async def _fill(self, need: int) -> None:
+        """Make at least ``need`` bytes available at ``_start``."""
+        if self._start and len(self._buf) - self._start < need:
+            n = self._end - self._start
+            self._buf[:n] = self._view[self._start:self._end]
+            self._start, self._end = 0, n
+        while self._end - self._start < need:
+            n = await self._recv_into(self._view[self._end:])
+            if n == 0:
+                raise _Disconnect("client closed the connection")
+            self._end += n
 
     async def recv_exactly(self, n: int) -> bytes:
-        while len(self._buf) - self._pos < n:
-            await self._fill()
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
+        if self._end - self._start < n:
+            if n > len(self._buf):
+                out = bytearray(n)
+                await self.recv_into(memoryview(out))
+                return bytes(out)
+            await self._fill(n)
+        out = bytes(self._view[self._start:self._start + n])
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
         return out
 
     async def recv_into(self, view: memoryview) -> None:
-        """Fill ``view`` completely, straight from the socket when possible."""
-        have = min(len(self._buf) - self._pos, len(view))
-        view[:have] = self._buf[self._pos:self._pos + have]
-        self._pos += have
+        """Fill ``view`` completely, straight from the socket past what is buffered."""
+        have = min(self._end - self._start, len(view))
+        view[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        if self._start == self._end:
+            self._start = self._end = 0
         filled = have
         while filled < len(view):
-            if self.sock is not None:
-                n = await self.sock.recv_into(view[filled:])
-                if n == 0:
-                    raise _Disconnect("client closed the connection mid-request")
-                filled += n
-            else:
-                await self._fill()
-                take = min(len(self._buf), len(view) - filled)
-                view[filled:filled + take] = self._buf[:take]
-                self._pos = take
-                filled += take
+            n = await self._recv_into(view[filled:])
+            if n == 0:
+                raise _Disconnect("client closed the connection mid-request")
+            filled += n
 
     async def skip(self, n: int) -> None:
         """Consume and drop ``n`` bytes without holding them."""
         while n:
-            if len(self._buf) == self._pos:
-                await self._fill()
-            take = min(n, len(self._buf) - self._pos)
-            self._pos += take
+            if self._end == self._start:
+                self._start = self._end = 0
+                await self._fill(1)
+            take = min(n, self._end - self._start)
+            self._start += take
             n -= take
 
     async def send(self, *parts) -> None:
-        if self.sock is None:
+        raw = self.raw
+        if raw is None:
             await self.stream.send_all(b"".join(parts))
             return
-        bufs = [memoryview(p).cast("B") for p in parts if len(p)]
+        bufs = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
         while bufs:
-            n = await self.sock.sendmsg(bufs)
+            try:
+                n = raw.sendmsg(bufs)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(raw)
+                continue
+            except OSError as e:
+                raise trio.BrokenResourceError(e) from e
             while n and bufs:
                 if n >= len(bufs[0]):
                     n -= len(bufs[0])
@@ -120,6 +157,9 @@ class Wire:
                     n = 0
 
     async def aclose(self) -> None:
+        if self.raw is not None:
+            self.raw.detach()  # the trio stream owns the fd and closes it
+            self.raw = None
         with trio.move_on_after(1, shield=True):
             try:
                 await self.stream.aclose()
@@ -174,6 +214,7 @@ class NbdExport(BlockExport):
         self.allocation_depth = bool(getattr(args, "allocation_depth", False))
         self.bitmaps = [_find_bitmap(node, b) for b in (getattr(args, "bitmaps", None) or [])]
         self.clients: set[Connection] = set()
+        self._data_extent = (0, 0)
         self.nursery: trio.Nursery | None = None
         self.edge = None
 
@@ -200,6 +241,22 @@ class NbdExport(BlockExport):
             ctx.append(P.META_ALLOCATION_DEPTH)
         ctx += [P.META_DIRTY_BITMAP + bm.name for bm in self.bitmaps]
         return ctx
+
+    # Ranges known to hold data, so a sparse READ can skip asking the block
+    # layer.  Being wrong in the "data" direction is harmless (zeroes are sent
+    # as data instead of as a hole), so other writers need not invalidate it;
+    # our own TRIM/WRITE_ZEROES do, to keep replies as sparse as QEMU's.
+    def known_data(self, offset: int, length: int) -> bool:
+        start, end = self._data_extent
+        return start <= offset and offset + length <= end
+
+    def note_data(self, offset: int, length: int) -> None:
+        self._data_extent = (offset, offset + length)
+
+    def forget_data(self, offset: int, length: int) -> None:
+        start, end = self._data_extent
+        if offset < end and offset + length > start:
+            self._data_extent = (0, 0)
 
     def bitmap_for_context(self, ctx: str):
         name = ctx[len(P.META_DIRTY_BITMAP):]
@@ -389,8 +446,11 @@ class Connection:
         self.meta_export: str | None = None
         self.meta_ids: list[tuple[int, str]] = []  # (context id, name) after SET
         self.export: NbdExport | None = None
-        self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(MAX_REQUESTS)
+        self._out: list = []
+        self._out_done = 0
+        self._out_ready = trio.Event()
+        self._hangup = ""
         self._closed = False
         self._handed_over = False
 
@@ -589,10 +649,17 @@ class Connection:
         if self.meta_export != export.name:
             self.meta_ids = []  # contexts were negotiated for another export
         try:
-            # requests already read finish and reply before the nursery exits
             async with trio.open_nursery() as nursery:
                 await self.wire.send(last_reply)
+                nursery.start_soon(self._writer)
                 await self._read_requests(nursery)
+                # DISC or a fatal request: let what was read finish and its
+                # replies go out, then stop the writer
+                for _ in range(MAX_REQUESTS):
+                    await self._slots.acquire()
+                nursery.cancel_scope.cancel()
+                if self._hangup:
+                    raise _Disconnect(self._hangup)
         except* (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
                  trio.ClosedResourceError, OSError) as eg:
             log.debug("nbd client of %s ended: %r", export.id, eg)
@@ -604,40 +671,60 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await self._close()
 
+    # Replies: request tasks queue their parts; one writer task sends all that
+    # is queued with one sendmsg, so under load many replies share a syscall.
+    # A request's slot is released only once its reply is on the wire, which
+    # bounds what a client that does not read its replies can make us hold.
+    def _queue(self, parts: tuple, done: bool = True) -> None:
+        self._out.extend(parts)
+        if done:
+            self._out_done += 1
+        self._out_ready.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            while self._out:
+                parts, self._out = self._out, []
+                done, self._out_done = self._out_done, 0
+                for i in range(0, len(parts), _IOV_BATCH):
+                    await self.wire.send(*parts[i:i + _IOV_BATCH])
+                for _ in range(done):
+                    self._slots.release()
+
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         wire = self.wire
-        node = self.export.node
-        size_fn = node._length
+        size_fn = self.export.node._length
+        slots = self._slots
         while True:
-            await self._slots.acquire()
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await slots.acquire()
             req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
             t = req.type
             if t == P.CMD_DISC:
-                self._slots.release()
+                slots.release()
                 return
             data = None
             if t == P.CMD_WRITE:
                 if req.length > P.MAX_BUFFER_SIZE:
                     # the payload cannot be skipped safely: answer, then hang up
-                    await self._send_error(req, P.EINVAL,
-                                           f"len ({req.length} ) is larger than max len "
-                                           f"({P.MAX_BUFFER_SIZE})")
-                    raise _Disconnect("oversized write")
+                    self._error_reply(req, P.EINVAL,
+                                      f"len ({req.length} ) is larger than max len "
+                                      f"({P.MAX_BUFFER_SIZE})")
+                    self._hangup = "oversized write"
+                    return
                 data = bytearray(req.length)
                 await wire.recv_into(memoryview(data))
             nursery.start_soon(self._handle, req, data, size_fn())
 
-    async def _send_error(self, req: P.Request, err: int, message: str) -> None:
+    def _error_reply(self, req: P.Request, err: int, message: str) -> None:
         if self.structured:
-            msg = P.chunk_error(req.handle, err, message)
+            self._queue((P.chunk_error(req.handle, err, message),))
         else:
-            msg = P.simple_reply(req.handle, err)
-        async with self._send_lock:
-            await self.wire.send(msg)
-
-    async def _send_ok(self, req: P.Request) -> None:
-        async with self._send_lock:
-            await self.wire.send(P.simple_reply(req.handle))
+            self._queue((P.simple_reply(req.handle, err),))
 
     def _validate(self, req: P.Request, size: int) -> tuple[int, str] | None:
         t = req.type
@@ -666,82 +753,81 @@ class Connection:
         return None
 
     async def _handle(self, req: P.Request, data: bytearray | None, size: int) -> None:
+        bad = self._validate(req, size)
+        if bad is not None:
+            self._error_reply(req, *bad)
+            return
+        export = self.export
+        node = export.node
+        t = req.type
         try:
-            bad = self._validate(req, size)
-            if bad is not None:
-                await self._send_error(req, *bad)
+            if t == P.CMD_READ:
+                await self._read(req)
                 return
-            node = self.export.node
-            t = req.type
-            try:
-                if t == P.CMD_READ:
-                    await self._read(req)
-                    return
-                if t == P.CMD_WRITE:
-                    await node.write(req.offset, data,
-                                     fua=bool(req.flags & P.CMD_FLAG_FUA) or self.export.writethrough)
-                elif t == P.CMD_FLUSH:
+            if t == P.CMD_WRITE:
+                await node.write(req.offset, data,
+                                 fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough)
+            elif t == P.CMD_FLUSH:
+                await node.flush()
+            elif t == P.CMD_TRIM:
+                export.forget_data(req.offset, req.length)
+                if req.length:
+                    await node.discard(req.offset, req.length)
+                if req.flags & P.CMD_FLAG_FUA:
                     await node.flush()
-                elif t == P.CMD_TRIM:
-                    if req.length:
-                        await node.discard(req.offset, req.length)
-                    if req.flags & P.CMD_FLAG_FUA:
-                        await node.flush()
-                elif t == P.CMD_WRITE_ZEROES:
-                    if req.length:
-                        await node.write_zeroes(
-                            req.offset, req.length,
-                            may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE,
-                            fua=bool(req.flags & P.CMD_FLAG_FUA) or self.export.writethrough)
-                elif t == P.CMD_CACHE:
-                    pass  # a hint; the page cache already holds what we read
-                elif t == P.CMD_BLOCK_STATUS:
-                    await self._block_status(req)
-                    return
-                await self._send_ok(req)
-            except OSError as e:
-                await self._send_error(req, P.errno_to_nbd(e.errno), e.strerror or str(e))
-        finally:
-            self._slots.release()
+            elif t == P.CMD_WRITE_ZEROES:
+                export.forget_data(req.offset, req.length)
+                if req.length:
+                    await node.write_zeroes(
+                        req.offset, req.length,
+                        may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE,
+                        fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough)
+            elif t == P.CMD_CACHE:
+                pass  # a hint; the page cache already holds what we read
+            elif t == P.CMD_BLOCK_STATUS:
+                await self._block_status(req)
+                return
+            self._queue((P.simple_reply(req.handle),))
+        except OSError as e:
+            self._error_reply(req, P.errno_to_nbd(e.errno), e.strerror or str(e))
 
     async def _read(self, req: P.Request) -> None:
-        node = self.export.node
+        export = self.export
+        node = export.node
         h = req.handle
+        off, ln = req.offset, req.length
         if not self.structured:
-            buf = await node.read(req.offset, req.length) if req.length else b""
-            async with self._send_lock:
-                await self.wire.send(P.simple_reply(h), buf)
+            buf = await node.read(off, ln) if ln else b""
+            self._queue((P.simple_reply(h), buf))
             return
-        if not req.length:
-            async with self._send_lock:
-                await self.wire.send(P.chunk_none(h))
+        if not ln:
+            self._queue((P.chunk_none(h),))
             return
-        if req.flags & P.CMD_FLAG_DF:
-            buf = await node.read(req.offset, req.length)
-            async with self._send_lock:
-                await self.wire.send(P.chunk_offset_data_header(h, req.offset, req.length, True), buf)
+        if req.flags & P.CMD_FLAG_DF or export.known_data(off, ln):
+            buf = await node.read(off, ln)
+            self._queue((P.chunk_offset_data_header(h, off, ln, True), buf))
             return
         # sparse read: holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks
-        pos, end = req.offset, req.offset + req.length
+        pos, end = off, off + ln
         while pos < end:
-            st = await node.block_status(pos, end - pos)
+            st = await node.block_status(pos, max(end - pos, min(_STATUS_LOOKAHEAD,
+                                                                  export.size - pos)))
             n = max(1, min(st.length, end - pos))
             last = pos + n >= end
             if st.flags & Status.ZERO:
-                async with self._send_lock:
-                    await self.wire.send(P.chunk_offset_hole(h, pos, n, last))
+                self._queue((P.chunk_offset_hole(h, pos, n, last),), done=last)
             else:
+                export.note_data(pos, st.length)
                 buf = await node.read(pos, n)
-                async with self._send_lock:
-                    await self.wire.send(P.chunk_offset_data_header(h, pos, n, last), buf)
+                self._queue((P.chunk_offset_data_header(h, pos, n, last), buf), done=last)
             pos += n
 
     async def _block_status(self, req: P.Request) -> None:
         if not self.meta_ids:
-            await self._send_error(req, P.EINVAL, "CMD_BLOCK_STATUS not negotiated")
+            self._error_reply(req, P.EINVAL, "CMD_BLOCK_STATUS not negotiated")
             return
         if not req.length:
-            await self._send_error(req, P.EINVAL, "need non-zero length")
+            self._error_reply(req, P.EINVAL, "need non-zero length")
             return
         one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
         chunks = []
@@ -754,10 +840,8 @@ class Connection:
                 bm = self.export.bitmap_for_context(ctx)
                 ext = _bitmap_extents(bm, req.offset, req.length, one)
             chunks.append((cid, ext))
-        msgs = [P.chunk_block_status(req.handle, cid, ext, i == len(chunks) - 1)
-                for i, (cid, ext) in enumerate(chunks)]
-        async with self._send_lock:
-            await self.wire.send(*msgs)
+        self._queue(tuple(P.chunk_block_status(req.handle, cid, ext, i == len(chunks) - 1)
+                          for i, (cid, ext) in enumerate(chunks)))
 
     async def _alloc_extents(self, offset: int, length: int, one: bool, depth: bool) -> list:
         node = self.export.node
