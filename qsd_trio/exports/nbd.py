@@ -18,6 +18,7 @@ connection only; I/O errors become NBD error replies.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import socket as _stdsocket
@@ -41,6 +42,7 @@ _IOV_BATCH = 512  # buffers per sendmsg, under the kernel's IOV_MAX
 # sparse reads ask for the status of this much ahead, so one answer covers
 # the reads that follow (the extent is remembered, see NbdExport.known_data)
 _STATUS_LOOKAHEAD = 64 * 1024 * 1024
+_MAX_DATA_EXTENTS = 4096
 
 
 class _Disconnect(Exception):
@@ -214,7 +216,8 @@ class NbdExport(BlockExport):
         self.allocation_depth = bool(getattr(args, "allocation_depth", False))
         self.bitmaps = [_find_bitmap(node, b) for b in (getattr(args, "bitmaps", None) or [])]
         self.clients: set[Connection] = set()
-        self._data_extent = (0, 0)
+        self._data_starts: list[int] = []
+        self._data_ends: list[int] = []
         self.nursery: trio.Nursery | None = None
         self.edge = None
 
@@ -247,16 +250,29 @@ class NbdExport(BlockExport):
     # as data instead of as a hole), so other writers need not invalidate it;
     # our own TRIM/WRITE_ZEROES do, to keep replies as sparse as QEMU's.
     def known_data(self, offset: int, length: int) -> bool:
-        start, end = self._data_extent
-        return start <= offset and offset + length <= end
+        i = bisect.bisect_right(self._data_starts, offset) - 1
+        return i >= 0 and self._data_ends[i] >= offset + length
 
     def note_data(self, offset: int, length: int) -> None:
-        self._data_extent = (offset, offset + length)
+        starts, ends = self._data_starts, self._data_ends
+        end = offset + length
+        lo = bisect.bisect_left(ends, offset)      # first extent ending at/after offset
+        hi = bisect.bisect_right(starts, end)      # extents starting at/before end
+        if lo < hi:  # overlapping or touching extents merge into one
+            offset = min(offset, starts[lo])
+            end = max(end, ends[hi - 1])
+        if len(starts) > _MAX_DATA_EXTENTS:
+            starts.clear()
+            ends.clear()
+            lo = hi = 0
+        starts[lo:hi] = [offset]
+        ends[lo:hi] = [end]
 
     def forget_data(self, offset: int, length: int) -> None:
-        start, end = self._data_extent
-        if offset < end and offset + length > start:
-            self._data_extent = (0, 0)
+        i = bisect.bisect_right(self._data_starts, offset + length) - 1
+        if i >= 0 and self._data_ends[i] > offset:
+            self._data_starts.clear()
+            self._data_ends.clear()
 
     def bitmap_for_context(self, ctx: str):
         name = ctx[len(P.META_DIRTY_BITMAP):]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import attrs
 
@@ -365,8 +366,9 @@ _REQ = struct.Struct(">IHHQQI")
 REQUEST_SIZE = _REQ.size  # 28
 
 
-@attrs.frozen
-class Request:
+class Request(NamedTuple):
+    """One transmission request (a tuple: built on the hot path)."""
+
     flags: int
     type: int
     handle: int
@@ -382,7 +384,10 @@ def parse_request(data: bytes | bytearray | memoryview) -> Request:
     magic, flags, type_, handle, offset, length = _REQ.unpack(data)
     if magic != REQUEST_MAGIC:
         raise NbdProtocolError(f"invalid magic (got 0x{magic:x})")
-    return Request(flags, type_, handle, offset, length)
+    return _new_request(Request, (flags, type_, handle, offset, length))
+
+
+_new_request = tuple.__new__
 
 
 # -- transmission: replies -------------------------------------------------------------
