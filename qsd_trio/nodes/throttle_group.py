@@ -138,7 +138,7 @@ class ThrottleConfig:
                 if v > UINT_MAX:
                     raise GenericError(f"{name}-max-length value must be in the range "
                                        f"[0, {UINT_MAX}]")
-                self.buckets[name].burst_length = v & UINT_MAX
+                self.buckets[name].burst_length = v & U64  # a uint64_t in QEMU
         if limits.get("iops-size") is not None:
             self.op_size = limits["iops-size"] & U64
         self.validate()
