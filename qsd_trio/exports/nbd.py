@@ -177,15 +177,22 @@ class Wire:
 def _find_bitmap(node, spec) -> Any:
     """The dirty bitmap named by a BlockDirtyBitmapOrStr (name, or {node, name})."""
     if isinstance(spec, str):
+        # a bare name is looked for down the chain of filters and backing
+        # files, as QEMU does (bdrv_filter_or_cow_bs)
         name, holder = spec, node
-    else:
-        name = getattr(spec, "name", None) or spec["name"]
-        node_name = getattr(spec, "node", None) or spec["node"]
-        holder = node.graph.lookup(node_name)
-    bitmaps = getattr(holder, "dirty_bitmaps", None)
-    if bitmaps is None:
-        bitmaps = getattr(holder, "bitmaps", {})
-    bm = bitmaps.get(name) if isinstance(bitmaps, dict) else None
+        while holder is not None:
+            bm = getattr(holder, "bitmaps", {}).get(name)
+            if bm is not None:
+                return bm
+            edge = holder.children.get("backing")
+            if edge is None and getattr(holder, "is_filter", False):
+                edge = holder.children.get("file")
+            holder = edge.node if edge is not None else None
+        raise GenericError(f"Bitmap '{name}' is not found")
+    name = getattr(spec, "name", None) or spec["name"]
+    node_name = getattr(spec, "node", None) or spec["node"]
+    holder = node.graph.lookup(node_name)
+    bm = getattr(holder, "bitmaps", {}).get(name)
     if bm is None:
         raise GenericError(f"Bitmap '{name}' is not found")
     return bm
@@ -214,7 +221,14 @@ class NbdExport(BlockExport):
         # writethrough: every write is made stable before it is acknowledged
         self.writethrough = bool(getattr(args, "writethrough", False))
         self.allocation_depth = bool(getattr(args, "allocation_depth", False))
-        self.bitmaps = [_find_bitmap(node, b) for b in (getattr(args, "bitmaps", None) or [])]
+        self.bitmaps = []
+        for spec in getattr(args, "bitmaps", None) or []:
+            bm = _find_bitmap(node, spec)
+            if hasattr(bm, "check"):
+                bm.check(allow_ro=True)
+            if not self.writable and not node.read_only and getattr(bm, "enabled", False):
+                raise GenericError(f"Enabled bitmap '{bm.name}' incompatible with readonly export")
+            self.bitmaps.append(bm)
         self.clients: set[Connection] = set()
         self._data_starts: list[int] = []
         self._data_ends: list[int] = []
@@ -284,6 +298,9 @@ class NbdExport(BlockExport):
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
         self.edge = self.node.attach(f"export {self.id}", self, Perm(perm))
+        # exported bitmaps are busy: no job or QMP command may change them
+        for bm in self.bitmaps:
+            bm.busy = True
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
@@ -294,6 +311,8 @@ class NbdExport(BlockExport):
         finally:
             if self.server.exports.get(self.name) is self:
                 del self.server.exports[self.name]
+            for bm in self.bitmaps:
+                bm.busy = False
             self.edge.detach()
             self.finished.set()
 
