@@ -773,8 +773,8 @@ class Connection:
             # QEMU answers EINVAL here, not EPERM
             return P.EINVAL, "Export is read-only"
         if req.offset > size or req.length > size - req.offset:
-            err = P.ENOSPC if t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
-            return err, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
+            # QEMU 7.2 answers EINVAL even for writes (the spec suggests ENOSPC)
+            return P.EINVAL, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
                          f"Size: {size}")
         valid = P.CMD_FLAG_FUA
         if t == P.CMD_READ and self.structured:
@@ -890,9 +890,9 @@ class Connection:
             else:
                 flags = (0 if st.flags & Status.DATA else P.STATE_HOLE) | \
                         (P.STATE_ZERO if st.flags & Status.ZERO else 0)
+            if one and out and out[-1][1] != flags:
+                break  # REQ_ONE: the first run of equal status, however many calls it took
             _add_extent(out, n, flags)
-            if one:
-                break
             pos += n
         return [tuple(e) for e in out]
 

@@ -288,3 +288,76 @@ async def test_safe_delete_with_client_same(pair):
             await c.s.aclose()
     assert seen["trio"] == seen["qemu"]
     assert seen["trio"][0]["error"]["desc"] == "export 'e' still in use"
+
+
+def test_dirty_bitmap_map_same(pair):
+    p = pair(["type=nbd,id=e,node-name={node},name=x,writable=on"], "qcow2")
+    seen = {}
+    for kind, (d, sock, _img) in p.items():
+        q = d.qmp()
+        assert "return" in q.cmd_raw("block-dirty-bitmap-add",
+                                     {"node": "fmt0", "name": "b0", "granularity": 65536})
+        qemu_io("-f", "raw", "-c", "write -P 1 100k 10k", "-c", "write -z 5M 1M",
+                "-c", "write -P 2 63M 1M", f"nbd+unix:///x?socket={sock}")
+        r = q.cmd_raw("block-export-add", {"type": "nbd", "id": "b", "node-name": "fmt0",
+                                           "name": "b", "bitmaps": ["b0"]})
+        res = [r.get("error")]
+        q.cmd_raw("block-dirty-bitmap-disable", {"node": "fmt0", "name": "b0"})
+        r = q.cmd_raw("block-export-add", {"type": "nbd", "id": "b", "node-name": "fmt0",
+                                           "name": "b", "bitmaps": ["b0"]})
+        res.append(r)
+        out = nbdinfo("--map=qemu:dirty-bitmap:b0", "--json", f"nbd+unix:///b?socket={sock}")
+        res.append(json.loads(out.stdout) if out.returncode == 0 else out.stderr)
+        res.append(norm(nbdinfo("--json", f"nbd+unix:///b?socket={sock}").stdout, sock))
+        seen[kind] = res
+    assert seen["trio"] == seen["qemu"]
+
+
+async def _transcript_rw(sock: str) -> list:
+    out: list = []
+    c = await RawClient.connect(sock)
+    try:
+        await c.handshake()
+        await c.option(P.OPT_STRUCTURED_REPLY)
+        out.append(await c.option(P.OPT_SET_META_CONTEXT,
+                                  P.encode_meta_request("x", ["base:allocation",
+                                                             "qemu:allocation-depth"])))
+        out.append(await c.option(P.OPT_GO, P.encode_info_request("x", [P.INFO_BLOCK_SIZE])))
+        for t, off, ln, fl, data in [
+            (P.CMD_WRITE, 4096, 4096, P.CMD_FLAG_FUA, b"w" * 4096),
+            (P.CMD_WRITE, (64 << 20) - 2, 4, 0, b"over"),
+            (P.CMD_WRITE_ZEROES, 1 << 20, 65536, P.CMD_FLAG_NO_HOLE, b""),
+            (P.CMD_WRITE_ZEROES, 2 << 20, 65536, P.CMD_FLAG_FAST_ZERO, b""),
+            (P.CMD_WRITE_ZEROES, 0, 8192, 0, b""),
+            (P.CMD_WRITE_ZEROES, 0, 0, P.CMD_FLAG_DF, b""),
+            (P.CMD_TRIM, 20 << 20, 65536, 0, b""),
+            (P.CMD_TRIM, 64 << 20, 1, 0, b""),
+            (P.CMD_READ, 0, 16384, 0, b""),
+            (P.CMD_BLOCK_STATUS, 0, 4 << 20, 0, b""),
+            (P.CMD_BLOCK_STATUS, 1 << 20, 3 << 20, P.CMD_FLAG_REQ_ONE, b""),
+            (P.CMD_FLUSH, 0, 0, 0, b""),
+        ]:
+            await c.request(t, handle=len(out), offset=off, length=ln, flags=fl, data=data)
+            chunks = []
+            while True:
+                rep, payload = await c.reply()
+                if rep.type == P.REPLY_TYPE_OFFSET_DATA:
+                    payload = (payload[:8], len(payload), payload[8:].count(b"w"))
+                chunks.append((rep.handle, rep.error, rep.type, rep.flags, payload))
+                if rep.done:
+                    break
+            out.append(("cmd", t, chunks))
+    finally:
+        await c.s.aclose()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_protocol_transcript_writable_same(pair, fmt):
+    p = pair(["type=nbd,id=e,node-name={node},name=x,allocation-depth=on,writable=on"], fmt)
+    seen = {}
+    for kind, (_d, sock, _img) in p.items():
+        with trio.fail_after(30):
+            seen[kind] = await _transcript_rw(sock)
+    for q, t in zip(seen["qemu"], seen["trio"], strict=True):
+        assert t == q
