@@ -33,7 +33,10 @@ def mounts_under(path: Path) -> list[str]:
 
 
 def is_mounted(path) -> bool:
-    target = os.path.realpath(path)
+    # resolve only the directory: resolving the mountpoint itself would ask the
+    # FUSE server, which in in-process tests is the caller's own event loop
+    path = os.fspath(path)
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         return any(line.split()[4] == target for line in f)
 

@@ -1,0 +1,159 @@
+"""FuseExport in-process (pytest-trio): lifecycle corners a subprocess hides.
+
+The export runs in the test's trio loop over a null-co node; file I/O on the
+mount runs in worker threads, as any other process would do it.  Never touch
+the mount from the loop's own thread: the call would wait for a reply that
+only this thread can send (and sit in D state until the connection is
+aborted).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import types
+
+import pytest
+import trio
+
+import qsd_trio.nodes.null  # noqa: F401 - registers null-co
+from qsd_trio.exports.fuse import FuseExport
+from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.qapi.errors import GenericError
+from tests.integration.fuse_helpers import (  # noqa: F401 - fuse_tmp is a fixture
+    fuse_tmp,
+    is_mounted,
+    make_mountpoint,
+)
+
+SIZE = 4 << 20
+
+
+def export_args(mp: str, export_id: str = "e", **kw) -> types.SimpleNamespace:
+    base = dict(type="fuse", id=export_id, node_name="n", writable=True, writethrough=None,
+                mountpoint=mp, growable=None, allow_other=None)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+async def null_node(graph: BlockGraph, name: str = "n", **opts):
+    return await graph.add({"driver": "null-co", "node-name": name, "size": SIZE,
+                            "read-zeroes": True, **opts})
+
+
+def read_all(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def test_mount_through_fusermount3_helper(fuse_tmp):  # noqa: F811
+    """The non-root path: fusermount3 mounts and passes the fd back (_FUSE_COMMFD)."""
+    mp = make_mountpoint(fuse_tmp)
+    node = await null_node(BlockGraph())
+    exp = FuseExport(None, export_args(mp), node)
+    exp.use_helper = True
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            assert is_mounted(mp)
+            data = await trio.to_thread.run_sync(read_all, mp)
+            assert data == bytes(SIZE)
+            await exp.stop()
+    assert not is_mounted(mp)
+    assert node.parents == []  # the export's edge is gone
+
+
+async def test_external_unmount_returns_normally(fuse_tmp):  # noqa: F811
+    mp = make_mountpoint(fuse_tmp)
+    node = await null_node(BlockGraph())
+    exp = FuseExport(None, export_args(mp), node)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            await trio.to_thread.run_sync(
+                lambda: subprocess.run(["fusermount3", "-u", mp], check=True))
+            await exp.finished.wait()  # run() ended by itself
+    assert not exp.cancel_scope.cancel_called
+    assert not is_mounted(mp)
+
+
+async def test_stacked_export_through_a_symlink_does_not_deadlock(fuse_tmp):  # noqa: F811
+    """Exporting on a path that is itself our mount (via another string) stats it in a thread."""
+    mp = make_mountpoint(fuse_tmp)
+    link = str(fuse_tmp / "link")
+    os.symlink(mp, link)
+    graph = BlockGraph()
+    a = FuseExport(None, export_args(mp, "a"), await null_node(graph, "n"))
+    b = FuseExport(None, export_args(link, "b", writable=False),
+                   await null_node(graph, "m", size=SIZE // 2))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            # b covers a (file calls in threads: this loop serves them)
+            assert await trio.to_thread.run_sync(os.path.getsize, mp) == SIZE // 2
+            await b.stop()
+            assert await trio.to_thread.run_sync(os.path.getsize, mp) == SIZE
+            await a.stop()
+    assert not is_mounted(mp)
+
+
+async def test_same_mountpoint_string_twice_is_refused(fuse_tmp):  # noqa: F811
+    mp = make_mountpoint(fuse_tmp)
+    graph = BlockGraph()
+    node = await null_node(graph)
+    a = FuseExport(None, export_args(mp, "a"), node)
+    b = FuseExport(None, export_args(mp, "b"), node)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            with pytest.raises(GenericError, match=f"There already is a FUSE export on '{mp}'"):
+                await nursery.start(b.run)
+            await a.stop()
+    assert node.parents == []
+
+
+async def test_stop_while_a_client_waits_on_a_slow_node(fuse_tmp):  # noqa: F811
+    """Deletion does not wait for the node: the blocked client gets an error, no hang."""
+    mp = make_mountpoint(fuse_tmp)
+    node = await null_node(BlockGraph(), **{"latency-ns": 60 * 10**9})
+    exp = FuseExport(None, export_args(mp), node)
+    outcome = {}
+
+    def client():
+        fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.pread(fd, 4096, 0)
+            outcome["r"] = "ok"
+        except OSError as e:
+            outcome["r"] = e.errno
+        finally:
+            try:
+                os.close(fd)  # the flush on close fails too: the connection is gone
+            except OSError:
+                pass
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            nursery.start_soon(trio.to_thread.run_sync, client)
+            await trio.sleep(0.5)  # let the read reach the node's latency sleep
+            await exp.stop()
+    assert outcome["r"] in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    assert not is_mounted(mp)
+
+
+async def test_mountpoint_checks(fuse_tmp):  # noqa: F811
+    (fuse_tmp / "dir").mkdir()
+    node = await null_node(BlockGraph())
+    for mp, text in [(str(fuse_tmp / "missing"),
+                      f"Failed to stat '{fuse_tmp / 'missing'}': No such file or directory"),
+                     (str(fuse_tmp / "dir"), f"'{fuse_tmp / 'dir'}' is not a regular file")]:
+        exp = FuseExport(None, export_args(mp), node)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(GenericError) as info:
+                await nursery.start(exp.run)
+        assert info.value.desc == text
+        assert exp.finished.is_set()
+    assert node.parents == []
