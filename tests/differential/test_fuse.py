@@ -181,7 +181,8 @@ def test_qcow2_guest_view_matches(daemon_factory, fuse_tmp):  # noqa: F811
     assert seen["trio"] == seen["qemu"]
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "twice"])
+@pytest.mark.parametrize("case", ["missing", "directory", "twice", "read-only-node",
+                                  "bad-allow-other", "no-mountpoint"])
 def test_mountpoint_errors_match(fuse_tmp, case):  # noqa: F811
     image = str(fuse_tmp / "img")
     make_image(image)
@@ -189,9 +190,14 @@ def test_mountpoint_errors_match(fuse_tmp, case):  # noqa: F811
     make_mountpoint(fuse_tmp, "file")
     out = {}
     for kind in ("qemu", "trio"):
-        mp = {"missing": "nonexistent", "directory": "dir", "twice": "file"}[case]
-        args = ["--blockdev", f"driver=file,node-name=f,filename={image}",
-                "--export", f"type=fuse,id=e,node-name=f,mountpoint={fuse_tmp / mp}"]
+        mp = {"missing": "nonexistent", "directory": "dir"}.get(case, "file")
+        extra = {"read-only-node": ",writable=on", "bad-allow-other": ",allow-other=maybe"}
+        ro = ",read-only=on" if case == "read-only-node" else ""
+        export = f"type=fuse,id=e,node-name=f,mountpoint={fuse_tmp / mp}{extra.get(case, '')}"
+        if case == "no-mountpoint":
+            export = "type=fuse,id=e,node-name=f"
+        args = ["--blockdev", f"driver=file,node-name=f,filename={image}{ro}",
+                "--export", export]
         if case == "twice":
             args += ["--export", f"type=fuse,id=e2,node-name=f,mountpoint={fuse_tmp / mp}"]
         r = run_cli(kind, args)

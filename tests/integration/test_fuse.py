@@ -252,7 +252,8 @@ def test_bad_options_are_refused(daemon_factory, fuse_tmp):  # noqa: F811
     qmp = d.qmp()
     r = qmp.cmd_raw("block-export-add", {"type": "fuse", "id": "e", "node-name": "f",
                                          "mountpoint": mp, "writable": True})
-    assert "error" in r
+    assert r["error"] == {"class": "GenericError",
+                          "desc": "Cannot export read-only node as writable"}
     assert not is_mounted(mp)
     r = qmp.cmd_raw("block-export-add", {"type": "fuse", "id": "e", "node-name": "f",
                                          "mountpoint": mp, "allow-other": "maybe"})
