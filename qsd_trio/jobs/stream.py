@@ -15,7 +15,9 @@ from ..nodes.node import BlockNode, Perm, Status
 from . import chain
 from .blockjob import BlockJob
 
-CHUNK = 512 * 1024  # STREAM_CHUNK
+# QEMU streams 512 KiB at a time; a bigger step halves our per-request overhead
+# (the drained section, block status, two thread hops) without changing results
+CHUNK = 4 << 20
 
 
 class StreamJob(BlockJob):
