@@ -213,8 +213,6 @@ class FuseExport(BlockExport):
                                                          self._target)
         except OSError:
             self._device = None
-        if self._device is not None:
-            await trio.to_thread.run_sync(_raise_readahead, self._device)
         return fd
 
     async def _unmount(self) -> None:
@@ -273,6 +271,10 @@ class FuseExport(BlockExport):
                     except (OSError, QapiError) as e:
                         out = fp.reply_error(hdr.unique, _error_number(e))
                 self._send(out)
+                if hdr.opcode == fp.INIT and self._device is not None:
+                    # the kernel sets the mount's readahead from the INIT reply,
+                    # capped at its 128 KiB default: raise it once that is done
+                    await trio.to_thread.run_sync(_raise_readahead, self._device)
                 served += 1
                 if served % 64 == 0:
                     # handlers that never await would otherwise starve other tasks
