@@ -35,8 +35,8 @@ TRANSCRIPT = [
     b'{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n"}}',
     b'{"execute":"blockdev-del","arguments":{"node-name":"x"}}',
     b'{"execute":"blockdev-del","arguments":{"node-name":"n"}}',
-    b'{"execute" : "query-version" , "id":1} {"execute":"query-version","id":2}',
-    b'{"execute": "query-ver\n',
+    (b'{"execute" : "query-version" , "id":1} {"execute":"query-version","id":2}', 2),
+    b'{"execute": "query-ver',  # the newline sent after it ends the string
     b'sion"}',
     b'{"execute": foo}',
     b"}",
@@ -71,31 +71,21 @@ TRANSCRIPT = [
 
 
 def transcript(d) -> list:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(d.qmp_path))
-    buf = b""
-
-    def replies(wait: float) -> list:
-        # everything the daemon sends within ``wait`` seconds of quiet
-        nonlocal buf
-        s.settimeout(wait)
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        except (socket.timeout, TimeoutError):
-            pass
-        lines = buf.split(b"\r\n")
-        buf = lines.pop()
-        return [json.loads(line) for line in lines]
-
-    out = [replies(5.0)[0]]
-    for msg in TRANSCRIPT:
-        s.sendall(msg + b"\n")
-        out.append((msg.decode(), replies(0.3)))
-    s.close()
+    """Send each message and read the replies it must produce (one, unless
+    the entry says otherwise), then check nothing else arrives."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(d.qmp_path))
+        s.settimeout(30)
+        with s.makefile("rb") as f:
+            out = [json.loads(f.readline())]
+            for entry in TRANSCRIPT:
+                msg, count = entry if isinstance(entry, tuple) else (entry, 1)
+                s.sendall(msg + b"\n")
+                out.append((msg.decode(), [json.loads(f.readline()) for _ in range(count)]))
+            # nothing unexpected is pending: the next reply answers the next command
+            s.sendall(b'{"execute": "query-version", "id": "end"}\n')
+            last = json.loads(f.readline())
+            assert last.get("id") == "end", (out, last)
     return out
 
 
