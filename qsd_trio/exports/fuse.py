@@ -252,26 +252,26 @@ class FuseExport(BlockExport):
                         readers.cancel_scope.cancel()
                         return
                     raise
-                hdr = fp.parse_header(view)
+                _len, opcode, unique = fp.IN_HEADER_PREFIX.unpack_from(view)
                 body = view[fp.IN_HEADER.size:n]
-                if hdr.opcode == fp.READ:
+                if opcode == fp.READ:
                     # reads run concurrently: the kernel sends readahead alongside
                     # the reader's own request, and each may wait on a file thread
                     _fh, offset, size, _flags = fp.READ_IN.unpack_from(body)
-                    readers.start_soon(self._read, hdr.unique, offset, size)
+                    readers.start_soon(self._read, unique, offset, size)
                     continue
-                if hdr.opcode in fp.NO_REPLY:
+                if opcode in fp.NO_REPLY:
                     continue
-                handler = handlers.get(hdr.opcode)
+                handler = handlers.get(opcode)
                 if handler is None:
-                    out = fp.reply_error(hdr.unique, errno.ENOSYS)
+                    out = fp.reply_error(unique, errno.ENOSYS)
                 else:
                     try:
-                        out = await handler(hdr, body)
+                        out = await handler(unique, body)
                     except (OSError, QapiError) as e:
-                        out = fp.reply_error(hdr.unique, _error_number(e))
+                        out = fp.reply_error(unique, _error_number(e))
                 self._send(out)
-                if hdr.opcode == fp.INIT and self._device is not None:
+                if opcode == fp.INIT and self._device is not None:
                     # the kernel sets the mount's readahead from the INIT reply,
                     # capped at its 128 KiB default: raise it once that is done
                     await trio.to_thread.run_sync(_raise_readahead, self._device)
@@ -292,19 +292,19 @@ class FuseExport(BlockExport):
                 raise
 
     # -- handlers: each returns the reply as bytes or a list of buffers --------
-    async def _init(self, hdr, body):
+    async def _init(self, unique, body):
         major, minor, max_readahead, flags = fp.INIT_IN.unpack_from(body)
         if major != fp.KERNEL_VERSION:
             # the kernel retries with our major when it can speak it
-            return fp.reply(hdr.unique, fp.init_out(max_readahead=0, flags=0, max_write=4096,
+            return fp.reply(unique, fp.init_out(max_readahead=0, flags=0, max_write=4096,
                                                     max_pages=1))
-        return fp.reply(hdr.unique, fp.init_out(
+        return fp.reply(unique, fp.init_out(
             max_readahead=max_readahead, flags=flags & WANTED_INIT_FLAGS,
             max_write=MAX_WRITE, max_pages=MAX_PAGES))
 
-    async def _lookup(self, hdr, body):
+    async def _lookup(self, unique, body):
         # the root is a file: it has no directory entries
-        return fp.reply_error(hdr.unique, errno.ENOENT)
+        return fp.reply_error(unique, errno.ENOENT)
 
     async def _attr(self) -> fp.Attr:
         length = self.node.length
@@ -320,10 +320,10 @@ class FuseExport(BlockExport):
         """Bytes the node's image file takes on disk (QEMU's allocated file size)."""
         return await trio.to_thread.run_sync(self.node.actual_size)
 
-    async def _getattr(self, hdr, body):
-        return fp.reply(hdr.unique, fp.attr_out(await self._attr(), ATTR_TIMEOUT))
+    async def _getattr(self, unique, body):
+        return fp.reply(unique, fp.attr_out(await self._attr(), ATTR_TIMEOUT))
 
-    async def _setattr(self, hdr, body):
+    async def _setattr(self, unique, body):
         req = fp.parse_setattr(body)
         supported = fp.FATTR_SIZE | fp.FATTR_MODE
         if self.allow_other:
@@ -347,7 +347,7 @@ class FuseExport(BlockExport):
             self.st_uid = req.uid
         if to_set & fp.FATTR_GID:
             self.st_gid = req.gid
-        return await self._getattr(hdr, body)
+        return await self._getattr(unique, body)
 
     async def _truncate(self, size: int, prealloc: str = "off") -> None:
         # a writable export that is not growable takes RESIZE just for this
@@ -365,16 +365,16 @@ class FuseExport(BlockExport):
                 with contextlib.suppress(Exception):
                     refresh(self.node)
 
-    async def _open(self, hdr, body):
+    async def _open(self, unique, body):
         # no direct_io/keep_cache flags: the kernel's page cache serves re-reads
         # within one open and is dropped on the next open, as with QEMU
-        return fp.reply(hdr.unique, fp.OPEN_OUT.pack(0, 0, 0))
+        return fp.reply(unique, fp.OPEN_OUT.pack(0, 0, 0))
 
-    async def _empty(self, hdr, body):
-        return fp.reply(hdr.unique)
+    async def _empty(self, unique, body):
+        return fp.reply(unique)
 
-    async def _statfs(self, hdr, body):
-        return fp.reply(hdr.unique, fp.statfs_out())
+    async def _statfs(self, unique, body):
+        return fp.reply(unique, fp.statfs_out())
 
     async def _read(self, unique: int, offset: int, size: int) -> None:
         """READ, as its own task: replies itself."""
@@ -390,7 +390,7 @@ class FuseExport(BlockExport):
             out = fp.reply_error(unique, _error_number(e))
         self._send(out)
 
-    async def _write(self, hdr, body):
+    async def _write(self, unique, body):
         _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)
         data = body[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
         if not self.writable:
@@ -405,13 +405,13 @@ class FuseExport(BlockExport):
                 data = data[:size]
         if size:
             await self.node.write(offset, data, fua=self.writethrough)
-        return fp.reply(hdr.unique, fp.WRITE_OUT.pack(size, 0))
+        return fp.reply(unique, fp.WRITE_OUT.pack(size, 0))
 
-    async def _flush(self, hdr, body):
+    async def _flush(self, unique, body):
         await self.node.flush()
-        return fp.reply(hdr.unique)
+        return fp.reply(unique)
 
-    async def _fallocate(self, hdr, body):
+    async def _fallocate(self, unique, body):
         _fh, offset, length, mode, _pad = fp.FALLOCATE_IN.unpack_from(body)
         if not self.writable:
             raise OSError(errno.EACCES, "read-only export")
@@ -437,9 +437,9 @@ class FuseExport(BlockExport):
                 await self.node.write_zeroes(offset, length)
         else:
             raise OSError(errno.EOPNOTSUPP, "fallocate mode")
-        return fp.reply(hdr.unique)
+        return fp.reply(unique)
 
-    async def _lseek(self, hdr, body):
+    async def _lseek(self, unique, body):
         _fh, offset, whence, _pad = fp.LSEEK_IN.unpack_from(body)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise OSError(errno.EINVAL, "whence")
@@ -449,11 +449,11 @@ class FuseExport(BlockExport):
                 # past the data there is an implicit hole up to the end
                 if offset > length or whence == os.SEEK_DATA:
                     raise OSError(errno.ENXIO, "no more data")
-                return fp.reply(hdr.unique, fp.LSEEK_OUT.pack(offset))
+                return fp.reply(unique, fp.LSEEK_OUT.pack(offset))
             st = await self.node.block_status(offset, length - offset)
             is_data = bool(st.flags & Status.DATA)
             if is_data == (whence == os.SEEK_DATA):
-                return fp.reply(hdr.unique, fp.LSEEK_OUT.pack(offset))
+                return fp.reply(unique, fp.LSEEK_OUT.pack(offset))
             if st.length <= 0:
                 raise OSError(errno.ENXIO, "no progress")
             offset += st.length

@@ -79,6 +79,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 ROOT_ID = 1
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")      # len opcode unique nodeid uid gid pid extlen pad
+IN_HEADER_PREFIX = struct.Struct("<IIQ")     # what the hot path needs: len opcode unique
 OUT_HEADER = struct.Struct("<IiQ")           # len error unique
 INIT_IN = struct.Struct("<IIII")             # major minor max_readahead flags
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # ... max_write time_gran max_pages align flags2
