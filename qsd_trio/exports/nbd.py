@@ -19,9 +19,12 @@ connection only; I/O errors become NBD error replies.
 from __future__ import annotations
 
 import bisect
+import fnmatch
+import json
 import logging
 import os
 import socket as _stdsocket
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,6 +160,12 @@ class Wire:
                 else:
                     bufs[0] = bufs[0][n:]
                     n = 0
+
+    def detach_raw(self) -> None:
+        """Stop using the socket directly (the stream is about to be wrapped)."""
+        if self.raw is not None:
+            self.raw.detach()
+            self.raw = None
 
     async def aclose(self) -> None:
         if self.raw is not None:
@@ -384,6 +393,73 @@ async def _open_listeners(addr: dict) -> list[trio.SocketListener]:
     raise GenericError(f"Unsupported socket address type '{kind}'")
 
 
+def _prop(obj, name: str, default=None):
+    props = getattr(obj, "props", None)
+    if isinstance(props, dict):
+        return props.get(name, default)
+    return getattr(obj, name.replace("-", "_"), default)
+
+
+def _tls_server_context(creds) -> ssl.SSLContext:
+    """An SSLContext from a tls-creds-x509 object's directory (QEMU's file names)."""
+    if creds.qom_type != "tls-creds-x509":
+        # PSK needs TLS-PSK support Python's ssl module lacks before 3.13
+        raise GenericError(f"TLS credentials of type '{creds.qom_type}' are not supported")
+    d = _prop(creds, "dir", ".")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(os.path.join(d, "server-cert.pem"), os.path.join(d, "server-key.pem"))
+        if _prop(creds, "verify-peer", True):
+            ctx.load_verify_locations(os.path.join(d, "ca-cert.pem"))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise GenericError(f"Unable to load TLS credentials from '{d}': {e}") from None
+    return ctx
+
+
+# gnutls' short names for the DN attributes QEMU's authz identities use
+_DN_NAMES = {"countryName": "C", "organizationName": "O", "organizationalUnitName": "OU",
+             "commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST",
+             "emailAddress": "EMAIL", "domainComponent": "DC"}
+
+
+def _peer_dn(cert: dict | None) -> str | None:
+    """The client certificate's DN as QEMU prints it (C=GB,O=Example,CN=name)."""
+    if not cert or "subject" not in cert:
+        return None
+    return ",".join(f"{_DN_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn)
+
+
+def _authz_allows(authz, identity: str) -> bool:
+    kind = getattr(authz, "qom_type", "")
+    if kind == "authz-simple":
+        return _prop(authz, "identity") == identity
+    if kind in ("authz-list", "authz-list-file"):
+        rules = _prop(authz, "rules", []) or []
+        policy = _prop(authz, "policy", "deny")
+        if kind == "authz-list-file":
+            try:
+                with open(_prop(authz, "filename")) as f:
+                    data = json.load(f)
+                rules, policy = data.get("rules", []), data.get("policy", "deny")
+            except (OSError, ValueError):
+                return False
+        for rule in rules:
+            rule = rule if isinstance(rule, dict) else attrs_to_dict(rule)
+            pattern = rule.get("match", "")
+            if (fnmatch.fnmatchcase(identity, pattern) if rule.get("format") == "glob"
+                    else identity == pattern):
+                return rule.get("policy") == "allow"
+        return policy == "allow"
+    return False
+
+
+def attrs_to_dict(obj) -> dict:
+    import attrs
+
+    return {k.replace("_", "-"): v for k, v in attrs.asdict(obj).items()}
+
+
 class NbdServer:
     """The daemon's one NBD server (nbd-server-start / --nbd-server).
 
@@ -397,15 +473,21 @@ class NbdServer:
                  tls_authz: str | None = None, max_connections: int | None = None):
         self.daemon = daemon
         self.addr = _addr_dict(addr)
-        self.tls_creds = None
+        # ids, as daemon.object_users() looks them up; the objects are read
+        # when a client asks for TLS, so they always reflect what is defined
+        self.tls_creds = tls_creds
         if tls_creds is not None:
             creds = getattr(daemon, "objects", {}).get(tls_creds)
             if creds is None:
                 raise GenericError(f"No TLS credentials with id '{tls_creds}'")
-            if getattr(creds, "endpoint", "server") != "server":
+            if not str(getattr(creds, "qom_type", "")).startswith("tls-creds"):
+                raise GenericError(f"Object with id '{tls_creds}' is not TLS credentials")
+            if _prop(creds, "endpoint", "client") != "server":
                 raise GenericError("Expecting TLS credentials with a server endpoint")
-            self.tls_creds = creds
+            self.tls_context = _tls_server_context(creds)
         self.tls_authz = tls_authz
+        if tls_authz is not None and tls_authz not in getattr(daemon, "objects", {}):
+            raise GenericError(f"No authorization object with id '{tls_authz}'")
         self.max_connections = max_connections or 0
         self.exports: dict[str, NbdExport] = {}
         self.connections = 0
@@ -542,9 +624,11 @@ class Connection:
                         continue
                     await self._starttls()
                     continue
+                # read the payload first: closing on unread data would reset
+                # the connection before the client sees the close
+                await self.wire.skip(length)
                 if option in (P.OPT_EXPORT_NAME, P.OPT_ABORT):
                     raise _Disconnect(f"Option 0x{option:x} not permitted before TLS")
-                await self.wire.skip(length)
                 await self._error(option, P.REP_ERR_TLS_REQD,
                                   f"Option 0x{option:x} not permitted before TLS")
                 continue
@@ -614,21 +698,22 @@ class Connection:
                                   f"Unsupported option {option} ({P.OPT_NAMES.get(option, '<unknown>')})")
 
     async def _starttls(self) -> None:
-        import ssl
-
-        creds = self.server.tls_creds
-        ctx = creds.server_context() if hasattr(creds, "server_context") else None
-        if not isinstance(ctx, ssl.SSLContext):
-            await self._error(P.OPT_STARTTLS, P.REP_ERR_POLICY, "TLS not configured")
-            return
+        """NBD_OPT_STARTTLS: ACK, TLS handshake, then the authz identity check."""
         await self._reply(P.OPT_STARTTLS, P.REP_ACK)
-        tls = trio.SSLStream(self.wire.stream, ctx, server_side=True)
+        self.wire.detach_raw()
+        tls = trio.SSLStream(self.wire.stream, self.server.tls_context, server_side=True)
+        self.wire = Wire(tls)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as e:
             raise _Disconnect(f"TLS handshake failed: {e}") from None
-        self.wire = Wire(tls)
         self.tls_done = True
+        authz_id = self.server.tls_authz
+        if authz_id is not None:
+            dn = _peer_dn(tls.getpeercert())
+            authz = self.server.daemon.objects.get(authz_id)
+            if dn is None or authz is None or not _authz_allows(authz, dn):
+                raise _Disconnect(f"TLS x509 authz check for {dn} is denied")
 
     async def _info(self, option: int, payload: bytes) -> NbdExport:
         """Send the NBD_REP_INFO replies; the caller sends the final ACK."""

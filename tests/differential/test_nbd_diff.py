@@ -17,6 +17,7 @@ import trio
 
 from qsd_trio.proto import nbd as P
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
+from tests.integration.nbd_helpers import make_pki
 from tests.integration.nbd_raw import RawClient
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU or not shutil.which("nbdinfo"),
@@ -361,3 +362,41 @@ async def test_protocol_transcript_writable_same(pair, fmt):
             seen[kind] = await _transcript_rw(sock)
     for q, t in zip(seen["qemu"], seen["trio"], strict=True):
         assert t == q
+
+
+async def test_tls_required_transcript_same(tmp_path):
+    """A client that does not start TLS gets the same refusals from both."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs openssl")
+    d = tmp_path / "pki"
+    d.mkdir()
+    await trio.to_thread.run_sync(make_pki, d)
+    img = tmp_path / "img.raw"
+    make_image(img)
+    seen = {}
+    for kind in KINDS:
+        sock = tmp_path / f"t-{kind}.sock"
+        daemon = Daemon(kind, tmp_path, [
+            "--object", f"tls-creds-x509,id=tls0,dir={d},endpoint=server,verify-peer=off",
+            "--blockdev", f"driver=file,node-name=f,filename={img},read-only=on",
+            "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=tls0",
+            "--export", "type=nbd,id=e,node-name=f,name=x"])
+        daemon.start()
+        try:
+            c = await RawClient.connect(str(sock))
+            out = []
+            with trio.fail_after(10):
+                await c.handshake()
+                try:
+                    for opt, data in [(P.OPT_LIST, b""), (P.OPT_GO, P.encode_info_request("x")),
+                                      (P.OPT_STRUCTURED_REPLY, b""), (P.OPT_STARTTLS, b"x")]:
+                        out.append(await c.option(opt, data))
+                    await c.s.send_all(P.encode_option(P.OPT_EXPORT_NAME, b"x"))
+                    out.append("closed" if await c.closed() else "open")
+                except (trio.BrokenResourceError, EOFError):
+                    out.append("closed")  # a reset rather than a clean close: same to a client
+            await c.s.aclose()
+            seen[kind] = out
+        finally:
+            daemon.stop()
+    assert seen["trio"] == seen["qemu"], seen

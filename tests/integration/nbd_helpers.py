@@ -81,3 +81,20 @@ def ns(**kw):
                     max_connections=None)
     defaults.update(kw)
     return types.SimpleNamespace(**defaults)
+
+
+def make_pki(d) -> None:
+    """A CA, a server and a client certificate in QEMU's/libnbd's file names."""
+    import subprocess
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+         "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=Test CA")
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n")
+    for who in ("server", "client"):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}-key.pem", "-out",
+             f"{who}.csr", "-subj", f"/C=GB/O=Example/CN={who}.example.com")
+        ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+             "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", "ext.cnf")

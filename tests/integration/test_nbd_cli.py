@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 
@@ -11,6 +12,7 @@ import trio
 
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
 
+from .nbd_helpers import make_pki
 from .nbd_raw import RawClient
 
 
@@ -171,3 +173,46 @@ def test_bind_error_text_matches_qemu(tmp_path):
         finally:
             d.stop()
     assert texts["trio"] == texts["qemu"], e
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server and a client certificate in QEMU's/libnbd's file names."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs openssl")
+    d = tmp_path_factory.mktemp("pki")
+    make_pki(d)
+    return d
+
+
+def tls_daemon(daemon_factory, image, sock, pki, identity):
+    return daemon_factory("trio", [
+        "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+        "--object", "authz-simple,id=az0,identity=" + identity.replace(",", ",,"),
+        "--blockdev", f"driver=qcow2,node-name=fmt0,file.driver=file,file.filename={image}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=tls0,tls-authz=az0",
+        "--export", "type=nbd,id=e,node-name=fmt0,name=disk,writable=on",
+    ])
+
+
+def test_tls_x509_with_authz(daemon_factory, image, tmp_path, pki):
+    sock = tmp_path / "t.sock"
+    tls_daemon(daemon_factory, image, sock, pki, "C=GB,O=Example,CN=client.example.com")
+    uri = f"nbds+unix:///disk?socket={sock}&tls-certificates={pki}"
+    info = json.loads(nbdinfo("--json", uri).stdout)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == 64 << 20
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x42" * (64 << 20))
+    subprocess.run(["nbdcopy", str(src), uri], check=True, timeout=60)
+    out = tmp_path / "out.raw"
+    subprocess.run(["nbdcopy", uri, str(out)], check=True, timeout=60)
+    assert out.read_bytes() == src.read_bytes()
+    # without TLS the server refuses to serve
+    assert nbdinfo(f"nbd+unix:///disk?socket={sock}").returncode != 0
+
+
+def test_tls_authz_denied(daemon_factory, image, tmp_path, pki):
+    sock = tmp_path / "t.sock"
+    tls_daemon(daemon_factory, image, sock, pki, "CN=someone.else")
+    r = nbdinfo(f"nbds+unix:///disk?socket={sock}&tls-certificates={pki}")
+    assert r.returncode != 0
