@@ -202,6 +202,11 @@ class BlockGraph:
         node = self.find_node(name)
         if not node.monitor_owned:
             raise GenericError(f"Node {name} is not owned by the monitor")
+        for e in node.parents:
+            # QEMU's op blocker on backing files names the overlay
+            if isinstance(e.parent, BlockNode) and e.name == "backing":
+                raise GenericError(f"Node '{name}' is busy: node is used as backing hd of "
+                                   f"'{e.parent.node_name}'")
         if any(not isinstance(e.parent, BlockNode) for e in node.parents):
             raise GenericError(f"Node {name} is in use")
         if node.parents:

@@ -121,3 +121,33 @@ def test_query_commands_is_a_subset_in_qemu_order(daemon_factory):
                  "query-chardev-backends", "ringbuf-read", "ringbuf-write", "blockdev-add",
                  "blockdev-del", "query-named-block-nodes"):
         assert name in ours
+
+
+def test_blockdev_del_refusals_match(daemon_factory, tmp_path):
+    """A backing node, a file child and an exported node each refuse
+    blockdev-del in QEMU's words."""
+    from tests.helpers import qemu_img
+
+    base, top = tmp_path / "b.qcow2", tmp_path / "o.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    steps = [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                          "file": {"driver": "file", "filename": str(base)}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": "base",
+                          "file": {"driver": "file", "filename": str(top)}}),
+        ("blockdev-del", {"node-name": "base"}),
+        ("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(base),
+                          "read-only": True}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f", "read-only": True}),
+        ("blockdev-del", {"node-name": "f"}),
+        ("blockdev-del", {"node-name": "ov"}),
+        ("blockdev-del", {"node-name": "base"}),
+    ]
+    replies = {}
+    for kind in ("qemu", "trio"):
+        qmp = daemon_factory(kind).qmp()
+        replies[kind] = [qmp.cmd_raw(name, args) for name, args in steps]
+    assert replies["trio"] == replies["qemu"]
+    assert replies["trio"][2] == {"error": {"class": "GenericError", "desc":
+                                            "Node 'base' is busy: node is used as backing hd of 'ov'"}}
