@@ -211,3 +211,36 @@ def test_quit_cancels_running_job(daemon_factory):
         t.until("JOB_STATUS_CHANGE", status="null")
 
     run_both(daemon_factory, nulls("src", "dst"), s)
+
+
+def blkdebug_src(tmp_path, once="on"):
+    img = tmp_path / "src.raw"
+    qemu_img("create", "-q", "-f", "raw", str(img), str(8 * MiB))
+    qemu_io("-f", "raw", "-c", f"write -P 7 0 {8 * MiB}", str(img))
+    return ["--blockdev", f"driver=raw,node-name=src,file.driver=blkdebug,"
+                          f"file.image.driver=file,file.image.filename={img},"
+                          f"file.inject-error.0.event=read_aio,file.inject-error.0.errno=5,"
+                          f"file.inject-error.0.iotype=read,"
+                          f"file.inject-error.0.sector=8192,file.inject-error.0.once={once}"] \
+        + nulls("dst", size=8 * MiB)
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop", "enospc"])
+def test_mirror_source_error_policies(daemon_factory, tmp_path, policy):
+    def s(t):
+        t.cmd("blockdev-mirror", {"job-id": "j", "device": "src", "target": "dst",
+                                  "sync": "full", "on-source-error": policy})
+        if policy == "stop":
+            t.until("JOB_STATUS_CHANGE", status="paused")
+            t.cmd("query-block-jobs")
+            t.cmd("block-job-resume", {"device": "j"})
+            t.until("BLOCK_JOB_READY")
+            t.cmd("query-block-jobs")
+            t.cmd("job-cancel", {"id": "j"})
+        elif policy == "ignore":
+            t.until("BLOCK_JOB_READY")
+            t.cmd("job-cancel", {"id": "j"})
+        t.until("JOB_STATUS_CHANGE", status="null")
+        t.cmd("query-jobs")
+
+    run_both(daemon_factory, blkdebug_src(tmp_path), s)
