@@ -39,8 +39,9 @@ Requests other than READ are handled one at a time in that task, in arrival
 order, reusing one receive buffer (write payloads are views into it,
 consumed before the next read): a sequential writer has one request in
 flight anyway, and this avoids a task spawn per request.  READs get a task
-each, since the kernel sends readahead alongside the reader's own request.  Behaviour follows QEMU 7.2's export (see
-the handlers): short writes at the end of a non-growable export, truncate
+each, since the kernel sends readahead alongside the reader's own request.
+
+Behaviour follows QEMU 7.2's export (see the handlers): short writes at the end of a non-growable export, truncate
 allowed when writable, fallocate mode 0 only at the end of the file,
 SEEK_DATA/SEEK_HOLE from block status, chmod of owner bits (and chown, with
 allow-other).
@@ -161,8 +162,8 @@ class FuseExport(BlockExport):
         self.edge = self.node.attach(f"export {self.id}", self, perm)
         try:
             with self.cancel_scope:
-                await self._mount()
                 try:
+                    await self._mount()
                     task_status.started()
                     await self._serve()
                 finally:
@@ -189,23 +190,26 @@ class FuseExport(BlockExport):
             self._target = await trio.to_thread.run_sync(os.path.realpath, self.mountpoint)
             if self.allow_other_arg == "auto":
                 try:
-                    self._fd = await self._mount_once(True)
+                    await self._mount_once(True)
                     self.allow_other = True
                 except OSError:
-                    self._fd = await self._mount_once(False)
+                    await self._mount_once(False)
             else:
                 self.allow_other = self.allow_other_arg == "on"
-                self._fd = await self._mount_once(self.allow_other)
+                await self._mount_once(self.allow_other)
         except OSError:
             _MOUNTPOINTS.discard(self.mountpoint)
             raise GenericError("Failed to mount FUSE session to export") from None
         except BaseException:
-            _MOUNTPOINTS.discard(self.mountpoint)
-            raise
+            if self._fd < 0:
+                _MOUNTPOINTS.discard(self.mountpoint)
+            raise  # once mounted, run() unmounts and releases the mountpoint
         os.set_blocking(self._fd, False)
 
-    async def _mount_once(self, allow_other: bool) -> int:
-        fd = await trio.to_thread.run_sync(
+    async def _mount_once(self, allow_other: bool) -> None:
+        # self._fd is set before the next checkpoint, so a cancellation after
+        # the mount still finds it to unmount
+        self._fd = await trio.to_thread.run_sync(
             lambda: fuse_mount.mount(self.mountpoint, allow_other=allow_other,
                                      use_helper=self.use_helper))
         try:
@@ -213,9 +217,10 @@ class FuseExport(BlockExport):
                                                          self._target)
         except OSError:
             self._device = None
-        return fd
 
     async def _unmount(self) -> None:
+        if self._fd < 0:
+            return  # never mounted: the path is not ours to unmount
         with trio.move_on_after(10):
             try:
                 await trio.to_thread.run_sync(
@@ -224,10 +229,9 @@ class FuseExport(BlockExport):
                                                use_helper=self.use_helper))
             except OSError:
                 pass  # already gone (unmounted from outside)
-        if self._fd >= 0:
-            trio.lowlevel.notify_closing(self._fd)
-            os.close(self._fd)  # aborts requests still waiting on the connection
-            self._fd = -1
+        trio.lowlevel.notify_closing(self._fd)
+        os.close(self._fd)  # aborts requests still waiting on the connection
+        self._fd = -1
         _MOUNTPOINTS.discard(self.mountpoint)
 
     # -- the request loop ------------------------------------------------------
