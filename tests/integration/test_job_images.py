@@ -203,3 +203,32 @@ def test_incremental_backup_over_full_equals_source(daemon_factory, tmp_path, im
         qemu_img("check", "-q", str(img))
     assert raw_bytes(inc, "qcow2", tmp_path) == bytes(model.data)
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(src), str(inc))
+
+
+@pytest.mark.parametrize("job", ["mirror", "backup"])
+def test_sigterm_cancels_running_job(daemon_factory, tmp_path, images, job):
+    import signal
+
+    src, model = images
+    tgt = tmp_path / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(tgt), str(SIZE))
+    d = daemon_factory("trio", [
+        "--blockdev", f"driver=file,node-name=srcf,filename={src}",
+        "--blockdev", "driver=qcow2,node-name=src,file=srcf",
+        "--blockdev", f"driver=file,node-name=tgtf,filename={tgt}",
+        "--blockdev", "driver=qcow2,node-name=tgt,file=tgtf",
+    ])
+    qmp = d.qmp()
+    r = qmp.cmd_raw(f"blockdev-{job}", {"job-id": "j", "device": "src", "target": "tgt",
+                                        "sync": "full", "speed": MiB})
+    assert r == {"return": {}}
+    wait_event(qmp, "JOB_STATUS_CHANGE", status="running")
+    d.proc.send_signal(signal.SIGTERM)
+    ev = wait_event(qmp, "BLOCK_JOB_CANCELLED")
+    assert ev["data"]["type"] == job and ev["data"]["offset"] < SIZE
+    wait_event(qmp, "JOB_STATUS_CHANGE", status="null")
+    assert d.wait(30) == 0
+    for img in (src, tgt):
+        qemu_img("check", "-q", str(img))
+    # the source is untouched by the cancelled job
+    assert raw_bytes(src, "qcow2", tmp_path) == bytes(model.data)

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from qsd_trio import events
+from qsd_trio.monitor import block as qmp_block  # noqa: F401 - bitmap commands
 from qsd_trio.monitor import jobs as qmp_jobs  # noqa: F401 - registers the commands
 from qsd_trio.monitor.registry import COMMANDS
 from qsd_trio.nodes import null  # noqa: F401 - registers null-co
@@ -23,6 +24,22 @@ class DataNull(null.NullNode):
 
     async def _co_block_status(self, offset, length):
         return BlockStatus(Status.DATA | Status.ALLOCATED, length)
+
+
+@register_driver
+class FailingNull(DataNull):
+    """Writes fail with EIO once ``fail-after`` bytes have been written."""
+
+    driver = "x-test-failing-null"
+
+    async def open(self, options):
+        await super().open(options)
+        self.budget = options.get("fail-after", 0)
+
+    async def _co_pwritev(self, offset, data, fua):
+        self.budget -= len(data)
+        if self.budget < 0:
+            raise OSError(5, "Input/output error")
 
 
 class Env:
