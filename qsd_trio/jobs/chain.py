@@ -7,7 +7,6 @@ Only called while the nodes concerned are drained, from a job's completion.
 from __future__ import annotations
 
 from ..nodes.node import BlockNode
-from ..qapi.errors import GenericError
 
 
 def backing_of(node: BlockNode) -> BlockNode | None:
@@ -77,20 +76,7 @@ async def set_backing(graph, node: BlockNode, new: BlockNode | None,
 async def change_backing_file(node: BlockNode, backing_file: str | None,
                               backing_fmt: str | None) -> None:
     """bdrv_change_backing_file for qcow2: the name (and format) in the header."""
-    h = getattr(node, "h", None)
-    if h is None or node.driver != "qcow2":
+    setter = getattr(node, "set_header_names", None)
+    if setter is None:
         return  # raw & co. record no backing file
-    from ..nodes.qcow2.header import EXT_BACKING_FORMAT
-
-    old = (h.backing_file, h.ext(EXT_BACKING_FORMAT))
-    h.backing_file = backing_file
-    h.set_ext(EXT_BACKING_FORMAT, backing_fmt.encode() if backing_file and backing_fmt else None)
-    blob = h.pack()
-    if len(blob) > h.cluster_size:
-        h.backing_file = old[0]
-        h.set_ext(EXT_BACKING_FORMAT, old[1])
-        h.pack()
-        raise GenericError("Could not change the backing file: header too large")
-    file = node.children["file"].node
-    await file.write(0, blob + bytes(h.cluster_size - len(blob)))
-    await file.flush()
+    await setter(backing_file=backing_file, backing_fmt=backing_fmt)

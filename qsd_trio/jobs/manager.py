@@ -1,7 +1,7 @@
 """The daemon's jobs: lookup, registration, and cancel-all at shutdown.
 
 ``daemon.jobs`` maps job id -> :class:`~.job.Job` in creation order (QEMU
-lists jobs in that order in query-jobs).  A job leaves the dict when it is
+lists them newest first in query-jobs).  A job leaves the dict when it is
 dismissed.
 """
 

@@ -46,7 +46,8 @@ async def job_dismiss(daemon, args):
 
 @command("query-jobs")
 async def query_jobs(daemon, args):
-    return [job.job_info() for job in daemon.jobs.values()]
+    # QEMU keeps jobs in a list it inserts at the head: newest first
+    return [job.job_info() for job in reversed(daemon.jobs.values())]
 
 
 # -- block-job-* (blockdev.c) ------------------------------------------------------------
@@ -97,7 +98,8 @@ async def block_job_dismiss(daemon, args):
 
 @command("query-block-jobs")
 async def query_block_jobs(daemon, args):
-    return [job.block_job_info() for job in daemon.jobs.values() if job.is_block_job]
+    return [job.block_job_info() for job in reversed(daemon.jobs.values())
+            if job.is_block_job]
 
 
 # -- starting jobs -----------------------------------------------------------------------
@@ -463,3 +465,64 @@ async def block_commit(daemon, args):
         job.early_fail()
         raise
     manager.start(daemon, job)
+
+
+# -- blockdev-create, x-blockdev-amend, drive-mirror ------------------------------------
+@command("blockdev-create")
+async def blockdev_create(daemon, args):
+    from ..jobs.create import CreateJob
+    from ..qapi.errors import GenericError
+
+    driver = _arg(args.options, "driver")
+    if driver not in ("file", "qcow2"):
+        raise GenericError(f"Driver '{driver}' does not support blockdev-create in qsd-trio")
+    job_id = manager.check_new_id(daemon, args.job_id)
+    job = CreateJob(daemon, job_id, args.options)
+    manager.register(daemon, job)
+    manager.start(daemon, job)
+
+
+@command("x-blockdev-amend")
+async def x_blockdev_amend(daemon, args):
+    from ..jobs.amend import AmendJob
+    from ..qapi.errors import GenericError
+
+    node = daemon.graph.lookup_bs(None, args.node_name)
+    if node.driver != _arg(args.options, "driver"):
+        raise GenericError("x-blockdev-amend doesn't support changing the block driver")
+    if node.driver != "qcow2":
+        raise GenericError(f"Driver {node.driver} does not support x-blockdev-amend")
+    job_id = manager.check_new_id(daemon, args.job_id)
+    job = AmendJob(daemon, job_id, node, args.options)
+    manager.register(daemon, job)
+    manager.start(daemon, job)
+
+
+@command("drive-mirror")
+async def drive_mirror(daemon, args):
+    from ..jobs import chain
+    from ..jobs import create as create_mod
+
+    source = _root_node(daemon, args.device)
+    fmt = _arg(args, "format") or source.driver
+    mode = _arg(args, "mode", "absolute-paths")
+    sync = _arg(args, "sync")
+    if mode != "existing":
+        backing = chain.backing_of(source) if sync == "top" else None
+        await create_mod.create_image(daemon, args.target, fmt, source.length,
+                                      backing_file=backing.filename if backing else None,
+                                      backing_fmt=backing.driver if backing else None)
+    opts = {"driver": fmt, "file": {"driver": "file", "filename": args.target}}
+    if sync == "top" and fmt == "qcow2":
+        backing = chain.backing_of(source)
+        if backing is not None:
+            opts["backing"] = backing.node_name
+    elif fmt == "qcow2":
+        opts["backing"] = None
+    target = await daemon.graph.add(opts)
+    try:
+        await start_mirror(daemon, args, source, target)
+    except BaseException:
+        if not target.parents:
+            await _drop_node(daemon, target)
+        raise

@@ -244,3 +244,45 @@ def test_mirror_source_error_policies(daemon_factory, tmp_path, policy):
         t.cmd("query-jobs")
 
     run_both(daemon_factory, blkdebug_src(tmp_path), s)
+
+
+def test_blockdev_create_and_amend(daemon_factory, tmp_path):
+    """Same events, query-jobs and errors; the images made are byte-identical."""
+    out, images = {}, {}
+    for kind in ("qemu", "trio"):
+        d_ = tmp_path / kind
+        d_.mkdir()
+        (d_ / "q.qcow2").touch()
+        d = daemon_factory(kind, ["--blockdev", f"driver=file,node-name=f,filename={d_}/q.qcow2"])
+        t = Transcript(d.qmp())
+        for job_id, options in [
+                ("c1", {"driver": "file", "filename": f"{d_}/r.raw", "size": MiB}),
+                ("c2", {"driver": "qcow2", "file": "f", "size": 4 * MiB,
+                        "cluster-size": 65536, "lazy-refcounts": True}),
+                ("c3", {"driver": "qcow2", "file": "f", "size": 4 * MiB,
+                        "cluster-size": 1000}),
+                ("c4", {"driver": "qcow2", "file": "nope", "size": 4 * MiB}),
+                ("c5", {"driver": "file", "filename": "/nonexistent/x", "size": 1})]:
+            t.cmd("blockdev-create", {"job-id": job_id, "options": options})
+            t.until("JOB_STATUS_CHANGE", id=job_id, status="concluded")
+        t.cmd("query-jobs")
+        for job_id in ("c1", "c2", "c3", "c4", "c5"):
+            t.cmd("job-dismiss", {"id": job_id})
+        t.until("JOB_STATUS_CHANGE", id="c5", status="null")
+        t.cmd("blockdev-create", {"job-id": "c1", "options": {"driver": "raw", "file": "f",
+                                                              "size": 1}})
+        t.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f"})
+        t.cmd("x-blockdev-amend", {"job-id": "a1", "node-name": "f",
+                                   "options": {"driver": "qcow2"}})
+        t.cmd("x-blockdev-amend", {"job-id": "a1", "node-name": "q",
+                                   "options": {"driver": "qcow2"}})
+        t.until("JOB_STATUS_CHANGE", id="a1", status="concluded")
+        t.cmd("query-jobs")
+        t.cmd("job-dismiss", {"id": "a1"})
+        t.until("JOB_STATUS_CHANGE", id="a1", status="null")
+        out[kind] = t.lines
+        d.stop()
+        qemu_img("check", "-q", str(d_ / "q.qcow2"))
+        images[kind] = ((d_ / "q.qcow2").read_bytes(), (d_ / "r.raw").stat().st_size)
+    assert out["trio"] == out["qemu"]
+    assert images["trio"] == images["qemu"]
