@@ -772,6 +772,12 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 await self.wire.send(last_reply)
                 nursery.start_soon(self._writer)
+                # a fixed pool of request tasks: handing a request to a parked
+                # task is cheaper than spawning one per request
+                send, receive = trio.open_memory_channel(MAX_REQUESTS)
+                self._requests = send
+                for _ in range(MAX_REQUESTS):
+                    nursery.start_soon(self._worker, receive)
                 await self._read_requests(nursery)
                 # DISC or a fatal request: let what was read finish and its
                 # replies go out, then stop the writer
@@ -838,7 +844,12 @@ class Connection:
                     return
                 data = bytearray(req.length)
                 await wire.recv_into(memoryview(data))
-            nursery.start_soon(self._handle, req, data, size_fn())
+            self._requests.send_nowait((req, data, size_fn()))
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel) -> None:
+        # the slot semaphore guarantees a free buffer place for send_nowait
+        async for req, data, size in receive:
+            await self._handle(req, data, size)
 
     def _error_reply(self, req: P.Request, err: int, message: str) -> None:
         if self.structured:
