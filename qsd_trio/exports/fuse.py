@@ -26,6 +26,8 @@ pyfuse3 alone (no forwarding yet, so an upper bound for (b)) already halves
 Cython-to-trio hop cost about 50 us more per request.  The forwarding hop of
 (b) comes on top: a 4 KiB request/reply round trip over a trio socket pair
 measured 560 us, a 1 MiB one 6.9 ms, on this loaded machine (load ~4).
+(A pyfuse3 forwarder was also tried; it deadlocked under load before giving
+numbers, one more reason against a second event loop per export.)
 
 (a) wins: every request is one ``read()`` and one ``writev()`` of the device
 in the daemon's own event loop, with no serialisation and no second process;
@@ -34,6 +36,15 @@ each payload twice more, and needs a process per export to supervise.  (a)
 needs only the dozen opcodes a one-file file system receives
 (:mod:`qsd_trio.proto.fuse`) and scales to any number of mounts: each export
 is one task waiting on its own fd.
+
+With (a) in place, ``benchmarks/fuse.py`` (1 GiB, dd, A/B/A/B beside
+qemu-storage-daemon, median MB/s, ratio) gave on a null-co node: read 1 MiB
+1851 vs 723 (2.6), read 4 KiB 1152 vs 727 (1.6), write 1 MiB 935 vs 1033
+(0.91), write 4 KiB 98 vs 158 (0.62); on a file node in /dev/shm: read 1 MiB
+0.89, read 4 KiB 0.50, write 1 MiB 0.49, write 4 KiB 0.19.  The file-node
+write gap is the file driver's worker-thread hop (trio.to_thread ~120-180 us
+here against ~1 us for an inline 4 KiB pwrite), paid once per request by a
+sequential writer; the export's own cost is what the null-co row shows.
 
 Requests other than READ are handled one at a time in that task, in arrival
 order, reusing one receive buffer (write payloads are views into it,
