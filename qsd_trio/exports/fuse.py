@@ -26,8 +26,8 @@ pyfuse3 alone (no forwarding yet, so an upper bound for (b)) already halves
 Cython-to-trio hop cost about 50 us more per request.  The forwarding hop of
 (b) comes on top: a 4 KiB request/reply round trip over a trio socket pair
 measured 560 us, a 1 MiB one 6.9 ms, on this loaded machine (load ~4).
-(A pyfuse3 forwarder was also tried; it deadlocked under load before giving
-numbers, one more reason against a second event loop per export.)
+(A quick pyfuse3 + socket pair prototype hung before giving numbers and was
+not debugged further; the round trip above stands in for its hop cost.)
 
 (a) wins: every request is one ``read()`` and one ``writev()`` of the device
 in the daemon's own event loop, with no serialisation and no second process;
