@@ -19,6 +19,7 @@ connection only; I/O errors become NBD error replies.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fnmatch
 import json
 import logging
@@ -367,28 +368,27 @@ async def _open_listeners(addr: dict) -> list[trio.SocketListener]:
         return [trio.SocketListener(sock)]
     if kind == "inet":
         host = addr.get("host") or None
-        port = addr["port"]
+        port = str(addr["port"])
         try:
-            port_n = int(port)
-        except ValueError:
-            try:
-                port_n = _stdsocket.getservbyname(port, "tcp")
-            except OSError:
-                raise GenericError(f"Service '{port}' unknown") from None
+            infos = await trio.socket.getaddrinfo(host, port, type=_stdsocket.SOCK_STREAM,
+                                                  flags=_stdsocket.AI_PASSIVE)
+        except _stdsocket.gaierror as e:
+            raise GenericError(f"address resolution failed for {host or ''}:{port}: "
+                               f"{e.strerror}") from None
+        port_n = infos[0][4][1]
         try:
             return await trio.open_tcp_listeners(port_n, host=host)
         except OSError as e:
             raise GenericError(f"Failed to bind socket: {e.strerror}") from None
     if kind == "fd":
         fd_str = addr["str"]
+        if not fd_str.isdigit():
+            # there is no fd passing over QMP in qemu-storage-daemon
+            raise GenericError("only QEMU supports file descriptor passing")
         try:
-            fd = int(fd_str)
-        except ValueError:
-            raise GenericError(f"File descriptor named '{fd_str}' has not been found") from None
-        try:
-            sock = trio.socket.fromfd(fd, _stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+            sock = trio.socket.from_stdlib_socket(_stdsocket.socket(fileno=int(fd_str)))
         except OSError as e:
-            raise GenericError(f"Failed to use fd {fd}: {e.strerror}") from None
+            raise GenericError(f"Failed to use socket fd {fd_str}: {e.strerror}") from None
         return [trio.SocketListener(sock)]
     raise GenericError(f"Unsupported socket address type '{kind}'")
 
@@ -485,9 +485,8 @@ class NbdServer:
             if _prop(creds, "endpoint", "client") != "server":
                 raise GenericError("Expecting TLS credentials with a server endpoint")
             self.tls_context = _tls_server_context(creds)
+        # looked up per client, as QEMU does: a missing object denies access
         self.tls_authz = tls_authz
-        if tls_authz is not None and tls_authz not in getattr(daemon, "objects", {}):
-            raise GenericError(f"No authorization object with id '{tls_authz}'")
         self.max_connections = max_connections or 0
         self.exports: dict[str, NbdExport] = {}
         self.connections = 0
@@ -508,6 +507,10 @@ class NbdServer:
                     for lst in listeners:
                         with trio.CancelScope(shield=True):
                             await lst.aclose()
+                    if self.addr["type"] == "unix":
+                        # QEMU removes its socket file when the server stops
+                        with contextlib.suppress(OSError):
+                            os.unlink(self.addr["path"])
         finally:
             self.finished.set()
 

@@ -9,6 +9,7 @@ messages), QMP replies and events, and the data written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -400,3 +401,35 @@ async def test_tls_required_transcript_same(tmp_path):
         finally:
             daemon.stop()
     assert seen["trio"] == seen["qemu"], seen
+
+
+def test_server_start_variants_same(tmp_path):
+    seen = {}
+    for kind in KINDS:
+        d = Daemon(kind, tmp_path, ["--blockdev", "driver=null-co,node-name=n"])
+        d.start()
+        try:
+            q = d.qmp()
+            sock = str(tmp_path / f"s-{kind}.sock")
+            res = []
+            for cmd, args in [
+                ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
+                ("nbd-server-stop", {}),
+                ("nbd-server-start", {"addr": {"type": "inet",
+                                               "data": {"host": "127.0.0.1", "port": "0"}}}),
+                ("nbd-server-stop", {}),
+                ("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "nofd"}}}),
+                ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
+                                      "tls-creds": "nope"}),
+                ("nbd-server-start", {"addr": {"type": "inet", "data": {
+                    "host": "127.0.0.1", "port": "nosuchservice"}}}),
+                ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
+                                      "tls-authz": "nope", "max-connections": 2}),
+            ]:
+                r = q.cmd_raw(cmd, args)
+                r.pop("id", None)
+                res.append((cmd, r, os.path.exists(sock)))
+            seen[kind] = res
+        finally:
+            d.stop()
+    assert seen["trio"] == seen["qemu"]
