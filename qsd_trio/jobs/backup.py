@@ -217,6 +217,8 @@ class BackupJob(BlockJob):
                     await self.rate_limit(n)
                     pos += n
         self.progress_total = self.progress_current + self.copy_map.count()
+        # the copy is complete only once it is on disk (metadata included)
+        await self.target.flush()
 
     async def _worker(self, limit: trio.Semaphore, pos: int, n: int) -> None:
         try:

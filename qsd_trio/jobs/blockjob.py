@@ -50,9 +50,16 @@ class BlockJob(Job):
 
     def clean(self) -> None:
         self.release_drain()
+        nodes = [e.node for e in self.edges]
         for edge in self.edges:
             edge.detach()
         self.edges.clear()
+        # implicit nodes (drive-backup/drive-mirror targets) close with their last user
+        graph = nodes[0].graph if nodes else None
+        for node in nodes:
+            if not node.monitor_owned and not node.parents and \
+                    graph.nodes.get(node.node_name) is node:
+                self.daemon.job_nursery.start_soon(_close_implicit, graph, node)
 
     # -- holding a node drained across await points ------------------------------------
     async def hold_drain(self, node: BlockNode) -> None:
@@ -77,6 +84,12 @@ class BlockJob(Job):
         if self._drain_release is not None:
             self._drain_release.set()
             self._drain_release = None
+
+
+async def _close_implicit(graph, node: BlockNode) -> None:
+    # shielded: a close cut short by shutdown would leave metadata half-written
+    with trio.CancelScope(shield=True):
+        await graph._unref(node)
 
 
 def replace_node(old: BlockNode, new: BlockNode, keep: list[BdrvChild]) -> None:

@@ -341,9 +341,15 @@ async def _open_drive_target(daemon, args, source):
     mode = _arg(args, "mode", "absolute-paths")
     if mode != "existing":
         await create_mod.create_image(daemon, args.target, fmt, source.length)
-    node = await daemon.graph.add({"driver": fmt, "file": {"driver": "file",
-                                                          "filename": args.target}})
-    return node
+    return await _open_implicit(daemon, {"driver": fmt, "file": {"driver": "file",
+                                                                 "filename": args.target}})
+
+
+async def _open_implicit(daemon, options):
+    """An implicit node ("#blockNNN", not monitor-owned) as drive-* targets are.
+
+    It goes away when the job that uses it lets go (BlockJob.clean)."""
+    return await daemon.graph._open(dict(options))
 
 
 # -- stream and commit -----------------------------------------------------------------
@@ -519,7 +525,7 @@ async def drive_mirror(daemon, args):
             opts["backing"] = backing.node_name
     elif fmt == "qcow2":
         opts["backing"] = None
-    target = await daemon.graph.add(opts)
+    target = await _open_implicit(daemon, opts)
     try:
         await start_mirror(daemon, args, source, target)
     except BaseException:

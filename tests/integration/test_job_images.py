@@ -232,3 +232,28 @@ def test_sigterm_cancels_running_job(daemon_factory, tmp_path, images, job):
         qemu_img("check", "-q", str(img))
     # the source is untouched by the cancelled job
     assert raw_bytes(src, "qcow2", tmp_path) == bytes(model.data)
+
+
+def test_drive_mirror_and_drive_backup_create_targets(daemon_factory, tmp_path, images):
+    src, model = images
+    d = daemon_factory("trio", [
+        "--blockdev", f"driver=file,node-name=srcf,filename={src}",
+        "--blockdev", "driver=qcow2,node-name=src,file=srcf",
+    ])
+    qmp = d.qmp()
+    bk = tmp_path / "backup.qcow2"
+    r = qmp.cmd_raw("drive-backup", {"job-id": "b", "device": "src", "target": str(bk),
+                                     "format": "qcow2", "sync": "full"})
+    assert r == {"return": {}}, r
+    wait_event(qmp, "BLOCK_JOB_COMPLETED", device="b")
+    mi = tmp_path / "mirror.raw"
+    r = qmp.cmd_raw("drive-mirror", {"job-id": "m", "device": "src", "target": str(mi),
+                                     "format": "raw", "sync": "full"})
+    assert r == {"return": {}}, r
+    wait_event(qmp, "BLOCK_JOB_READY")
+    qmp.cmd_raw("block-job-cancel", {"device": "m"})
+    wait_event(qmp, "BLOCK_JOB_COMPLETED", device="m")
+    d.stop()
+    qemu_img("check", "-q", str(bk))
+    assert raw_bytes(bk, "qcow2", tmp_path) == bytes(model.data)
+    assert mi.read_bytes() == bytes(model.data)
