@@ -28,7 +28,6 @@ import enum
 import errno
 import os
 import re
-import time
 from typing import Any, ClassVar
 
 import trio
@@ -127,7 +126,7 @@ class RateLimit:
         """Seconds to wait before the next request (0: go now)."""
         if not self.speed:
             return 0.0
-        now = time.monotonic()
+        now = trio.current_time()  # trio's clock, so tests can run it virtually
         quota = self.speed * self.SLICE
         if self.slice_end < now:
             # a new slice; what was dispatched beyond the old quota carries on
