@@ -289,8 +289,6 @@ def test_random_workload_against_model(daemon_factory, fuse_tmp, seed, kind):  #
                 assert os.pwrite(fd, data, off) == length
                 model[off:off + length] = data
             elif op == "read":
-                # through a fresh open: fallocate by another process leaves stale
-                # pages in this fd's cache (kernel behaviour, same with QEMU)
                 assert os.pread(fd, length, off) == bytes(model[off:off + length])
             elif op == "zero":
                 subprocess.run(["fallocate", "-z", "-o", str(off), "-l", str(length), mp],
