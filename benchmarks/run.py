@@ -23,8 +23,9 @@ END = "<!-- bench-table:end -->"
 
 def main() -> int:
     parts = []
+    only = [a for a in sys.argv[1:] if not a.startswith("--")]  # e.g. "nbd" runs nbd.py
     for script in SCRIPTS:
-        if len(sys.argv) > 1 and not any(a in script for a in sys.argv[1:] if a != "--readme"):
+        if only and not any(name in script for name in only):
             continue
         print(f"== {script}", file=sys.stderr, flush=True)
         r = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True,
