@@ -33,7 +33,7 @@ import trio
 
 from ..nodes.node import Perm, Status
 from ..proto import nbd as P
-from ..qapi.errors import GenericError
+from ..qapi.errors import GenericError, QapiError
 from .base import BlockExport, register_export
 
 log = logging.getLogger(__name__)
@@ -571,6 +571,7 @@ class Connection:
         self._out_done = 0
         self._out_ready = trio.Event()
         self._hangup = ""
+        self._broken = False
         self._closed = False
         self._handed_over = False
 
@@ -817,8 +818,14 @@ class Connection:
             while self._out:
                 parts, self._out = self._out, []
                 done, self._out_done = self._out_done, 0
-                for i in range(0, len(parts), _IOV_BATCH):
-                    await self.wire.send(*parts[i:i + _IOV_BATCH])
+                if not self._broken:
+                    try:
+                        for i in range(0, len(parts), _IOV_BATCH):
+                            await self.wire.send(*parts[i:i + _IOV_BATCH])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        # the client is gone: requests in flight still finish
+                        # (a write is not cut in half), their replies are dropped
+                        self._broken = True
                 for _ in range(done):
                     self._slots.release()
 
@@ -831,7 +838,13 @@ class Connection:
                 slots.acquire_nowait()
             except trio.WouldBlock:
                 await slots.acquire()
-            req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+            try:
+                req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+            except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError) as e:
+                # stop reading; serve() lets what was already read finish
+                slots.release()
+                self._hangup = str(e) or type(e).__name__
+                return
             t = req.type
             if t == P.CMD_DISC:
                 slots.release()
@@ -846,7 +859,12 @@ class Connection:
                     self._hangup = "oversized write"
                     return
                 data = bytearray(req.length)
-                await wire.recv_into(memoryview(data))
+                try:
+                    await wire.recv_into(memoryview(data))
+                except (_Disconnect, trio.BrokenResourceError) as e:
+                    slots.release()  # a partial write is never applied
+                    self._hangup = str(e) or type(e).__name__
+                    return
             self._requests.send_nowait((req, data, size_fn()))
 
     async def _worker(self, receive: trio.MemoryReceiveChannel) -> None:
@@ -924,6 +942,9 @@ class Connection:
             self._queue((P.simple_reply(req.handle),))
         except OSError as e:
             self._error_reply(req, P.errno_to_nbd(e.errno), e.strerror or str(e))
+        except QapiError as e:
+            # e.g. a corrupt image refusing I/O: the client sees EIO
+            self._error_reply(req, P.EIO, e.desc)
 
     async def _read(self, req: P.Request) -> None:
         export = self.export

@@ -371,3 +371,26 @@ async def test_export_errors_and_delete_modes(env):
             await mx.block_export_add(env, ns(id="z", node_name="mem"))
     finally:
         unsub()
+
+
+async def test_write_in_flight_completes_when_client_vanishes(env):
+    node = env.graph.nodes["mem"]
+    real = node._co_pwritev
+
+    async def slow_write(offset, data, fua):
+        await trio.sleep(0.2)  # the client is gone by the time this returns
+        await real(offset, data, fua)
+
+    node._co_pwritev = slow_write
+    await mx.block_export_add(env, ns(id="e", node_name="mem", writable=True))
+    c = await RawClient.connect(env.sock)
+    await c.go()
+    await c.request(P.CMD_WRITE, handle=1, offset=65536, length=8192, data=b"z" * 8192)
+    await trio.testing.wait_all_tasks_blocked()
+    await c.s.aclose()
+    with trio.fail_after(5):
+        await trio.sleep(0.3)  # past the write's delay
+        await trio.testing.wait_all_tasks_blocked()
+    assert env.exports["e"].client_count() == 0
+    assert node.data[65536:65536 + 8192] == b"z" * 8192
+    await run("nbdinfo", env.uri())
