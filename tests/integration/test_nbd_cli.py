@@ -216,3 +216,19 @@ def test_tls_authz_denied(daemon_factory, image, tmp_path, pki):
     tls_daemon(daemon_factory, image, sock, pki, "CN=someone.else")
     r = nbdinfo(f"nbds+unix:///disk?socket={sock}&tls-certificates={pki}")
     assert r.returncode != 0
+
+
+@pytest.mark.skipif(not shutil.which("fio"), reason="needs fio")
+def test_fio_verify_over_nbd(daemon_factory, image, tmp_path):
+    """Concurrent random writes at depth 32, each block read back and checksummed."""
+    sock = tmp_path / "n.sock"
+    d = start(daemon_factory, image, sock)
+    r = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}",
+                        "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
+                        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--output-format=json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] == 16 << 20
+    d.stop()
+    assert qemu_img("check", str(image)).returncode == 0
