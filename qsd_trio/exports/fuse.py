@@ -72,6 +72,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 import time
 
 import trio
@@ -176,7 +177,11 @@ class FuseExport(BlockExport):
                 try:
                     await self._mount()
                     task_status.started()
-                    await self._serve()
+                    try:
+                        await self._serve()
+                    except Exception as e:  # noqa: BLE001 - one export fails, the daemon lives
+                        print(f"qsd-trio: FUSE export '{self.id}' failed: {e!r}",
+                              file=sys.stderr)
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._unmount()
@@ -283,7 +288,7 @@ class FuseExport(BlockExport):
                 else:
                     try:
                         out = await handler(unique, body)
-                    except (OSError, QapiError) as e:
+                    except Exception as e:  # noqa: BLE001 - a failed request, not a failed export
                         out = fp.reply_error(unique, _error_number(e))
                 self._send(out)
                 if opcode == fp.INIT and self._device is not None:
@@ -302,8 +307,9 @@ class FuseExport(BlockExport):
             else:
                 os.write(self._fd, out)
         except OSError as e:
-            # ENOENT: the request was interrupted and needs no answer now
-            if e.errno != errno.ENOENT:
+            # ENOENT: the request was interrupted and needs no answer now;
+            # ENODEV: the mount is gone, which the read loop sees next
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
 
     # -- handlers: each returns the reply as bytes or a list of buffers --------
@@ -401,7 +407,7 @@ class FuseExport(BlockExport):
             else:
                 data = await self.node.read(offset, size)
                 out = [fp.reply_header(unique, len(data)), data]
-        except (OSError, QapiError) as e:
+        except Exception as e:  # noqa: BLE001 - a failed request, not a failed export
             out = fp.reply_error(unique, _error_number(e))
         self._send(out)
 

@@ -157,3 +157,37 @@ async def test_mountpoint_checks(fuse_tmp):  # noqa: F811
         assert info.value.desc == text
         assert exp.finished.is_set()
     assert node.parents == []
+
+
+async def test_a_driver_bug_fails_the_request_not_the_export(fuse_tmp):  # noqa: F811
+    mp = make_mountpoint(fuse_tmp)
+    node = await null_node(BlockGraph())
+    calls = []
+
+    async def broken_preadv(offset, length):
+        calls.append(offset)
+        raise RuntimeError("driver bug")
+
+    node._co_preadv = broken_preadv
+    exp = FuseExport(None, export_args(mp), node)
+
+    def client():
+        fd = os.open(mp, os.O_RDWR | os.O_DIRECT)
+        try:
+            try:
+                os.pread(fd, 4096, 0)
+            except OSError as e:
+                read_errno = e.errno
+            else:
+                read_errno = 0
+            return read_errno, os.pwrite(fd, b"x" * 4096, 0)
+        finally:
+            os.close(fd)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            read_errno, written = await trio.to_thread.run_sync(client)
+            assert (read_errno, written) == (errno.EIO, 4096)  # still serving
+            await exp.stop()
+    assert calls
