@@ -39,13 +39,32 @@ NOTES: dict[str, str] = {
     "x-blockdev-set-iothread": "not implemented: one trio event loop, iothread objects "
                                "are accepted but have no thread",
     "iothread": "accepted and listed; requests run on the one trio loop",
+    "main-loop": "accepted and listed; properties stored",
+    "thread-context": "accepted and listed; properties stored",
+    "pr-manager-helper": "accepted and listed; no persistent-reservation helper is run",
+    "secret_keyring": "accepted; the kernel keyring is not read",
+    "qcow2": "partial: no encryption; cache-clean-interval, refcount-cache-size and "
+             "overlap-check accepted and ignored",
+    "file": "aio=io_uring is served by the worker threads",
+    "throttle": "partial: throttled requests keep waiting through a drain",
+    "blockdev-mirror": "partial: no mirror_top filter node (filter-node-name ignored); "
+                       "copy-mode=write-blocking does not hold guest writes",
+    "drive-mirror": "partial: as blockdev-mirror",
+    "blockdev-backup": "partial: copy-before-write is a hook on the source, not a filter node",
+    "drive-backup": "partial: as blockdev-backup",
+    "block-commit": "partial: the base must be opened with read-only=off",
+    "transaction": "partial: snapshot actions are not undone when a later action fails",
+    "change-backing-file": "partial: the node's json: filename is not recomputed",
+    "mirror": "partial: see blockdev-mirror",
+    "backup": "partial: see blockdev-backup",
+    "commit": "partial: see block-commit",
 }
 
 
 def _registry():
     from qsd_trio.exports.base import EXPORT_TYPES
     from qsd_trio.monitor.registry import load_all
-    from qsd_trio.nodes.graph import DRIVERS
+    from qsd_trio.nodes.graph import load_drivers
 
     # importing the command modules registers drivers and export types too
     commands = load_all()
@@ -54,7 +73,7 @@ def _registry():
         import qsd_trio.exports.fuse  # noqa: F401
     except ImportError:
         pass
-    return commands, DRIVERS, EXPORT_TYPES
+    return commands, load_drivers(), EXPORT_TYPES
 
 
 def _enum_values(name: str) -> list[str]:
