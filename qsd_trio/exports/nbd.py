@@ -47,6 +47,7 @@ _IOV_BATCH = 512  # buffers per sendmsg, under the kernel's IOV_MAX
 # the reads that follow (the extent is remembered, see NbdExport.known_data)
 _STATUS_LOOKAHEAD = 64 * 1024 * 1024
 _MAX_DATA_EXTENTS = 4096
+_DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when an export stops
 
 
 class _Disconnect(Exception):
@@ -240,6 +241,8 @@ class NbdExport(BlockExport):
                 raise GenericError(f"Enabled bitmap '{bm.name}' incompatible with readonly export")
             self.bitmaps.append(bm)
         self.clients: set[Connection] = set()
+        self.stopping = False
+        self._clients_changed = trio.Event()
         self._data_starts: list[int] = []
         self._data_ends: list[int] = []
         self.nursery: trio.Nursery | None = None
@@ -304,6 +307,29 @@ class NbdExport(BlockExport):
 
     def client_count(self) -> int:
         return len(self.clients)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let those in flight finish (a few seconds at
+        most, as QEMU drains them), then end the clients and the export."""
+        if not self.stopping:
+            self.stopping = True
+            for conn in list(self.clients):
+                conn.stop_reading()
+            with trio.move_on_after(_DRAIN_DEADLINE):
+                while self.clients:
+                    self._clients_changed = trio.Event()
+                    await self._clients_changed.wait()
+        self.cancel_scope.cancel()
+        await self.finished.wait()
+
+    def client_left(self, conn) -> None:
+        self.clients.discard(conn)
+        self._clients_changed.set()
+
+    def info(self) -> dict:
+        d = super().info()
+        d["shutting-down"] = d["shutting-down"] or self.stopping
+        return d
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
@@ -572,6 +598,7 @@ class Connection:
         self._out_ready = trio.Event()
         self._hangup = ""
         self._broken = False
+        self._reader_scope = trio.CancelScope()
         self._closed = False
         self._handed_over = False
 
@@ -797,7 +824,7 @@ class Connection:
             # a bug serving one client must not take the daemon down
             log.exception("nbd client of %s failed", export.id)
         finally:
-            export.clients.discard(self)
+            export.client_left(self)
             with trio.CancelScope(shield=True):
                 await self._close()
 
@@ -830,42 +857,53 @@ class Connection:
                     self._slots.release()
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
+        """Read requests until DISC, EOF, a fatal request or stop_reading().
+
+        Holds at most one slot of its own at a time and gives it back on
+        every way out, so serve() can count the requests still in flight.
+        """
         wire = self.wire
         size_fn = self.export.node._length
         slots = self._slots
-        while True:
-            try:
-                slots.acquire_nowait()
-            except trio.WouldBlock:
-                await slots.acquire()
-            try:
-                req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
-            except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError) as e:
-                # stop reading; serve() lets what was already read finish
-                slots.release()
-                self._hangup = str(e) or type(e).__name__
-                return
-            t = req.type
-            if t == P.CMD_DISC:
-                slots.release()
-                return
-            data = None
-            if t == P.CMD_WRITE:
-                if req.length > P.MAX_BUFFER_SIZE:
-                    # the payload cannot be skipped safely: answer, then hang up
-                    self._error_reply(req, P.EINVAL,
-                                      f"len ({req.length} ) is larger than max len "
-                                      f"({P.MAX_BUFFER_SIZE})")
-                    self._hangup = "oversized write"
-                    return
-                data = bytearray(req.length)
+        with self._reader_scope:
+            while True:
                 try:
-                    await wire.recv_into(memoryview(data))
-                except (_Disconnect, trio.BrokenResourceError) as e:
-                    slots.release()  # a partial write is never applied
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await slots.acquire()
+                handed_off = False
+                try:
+                    req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+                    t = req.type
+                    if t == P.CMD_DISC:
+                        return
+                    data = None
+                    if t == P.CMD_WRITE:
+                        if req.length > P.MAX_BUFFER_SIZE:
+                            # the payload cannot be skipped safely: answer, then hang up
+                            self._error_reply(req, P.EINVAL,
+                                              f"len ({req.length} ) is larger than max len "
+                                              f"({P.MAX_BUFFER_SIZE})")
+                            handed_off = True  # the writer releases it with the reply
+                            self._hangup = "oversized write"
+                            return
+                        data = bytearray(req.length)
+                        # a partial write (client gone, or stop_reading) is never applied
+                        await wire.recv_into(memoryview(data))
+                    self._requests.send_nowait((req, data, size_fn()))
+                    handed_off = True
+                except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError) as e:
+                    # stop reading; serve() lets what was already read finish
                     self._hangup = str(e) or type(e).__name__
                     return
-            self._requests.send_nowait((req, data, size_fn()))
+                finally:
+                    if not handed_off:
+                        slots.release()
+
+    def stop_reading(self) -> None:
+        """Take no new request; those in flight finish and reply, then the connection ends."""
+        self._reader_scope.cancel()
+        self._hangup = self._hangup or "export shutting down"
 
     async def _worker(self, receive: trio.MemoryReceiveChannel) -> None:
         # the slot semaphore guarantees a free buffer place for send_nowait

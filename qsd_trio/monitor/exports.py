@@ -72,12 +72,13 @@ def _request_delete(daemon, export_id: str, mode: str | None) -> None:
     export = daemon.exports.get(export_id)
     if export is None:
         raise GenericError(f"Export '{export_id}' is not found")
-    if export.cancel_scope.cancel_called:
+    if export.info()["shutting-down"]:
         raise GenericError(f"Export '{export_id}' is already shutting down")
     if (mode or "safe") == "safe" and export.client_count() > 0:
         raise GenericError(f"export '{export_id}' still in use")
     # the reply goes out now; BLOCK_EXPORT_DELETED follows once it is gone
-    export.cancel_scope.cancel()
+    # (stop() lets requests in flight finish first)
+    daemon.export_nursery.start_soon(export.stop)
 
 
 @command("block-export-del")
@@ -109,10 +110,9 @@ async def nbd_server_stop(daemon, args) -> None:
         raise GenericError("NBD server not running")
     # QEMU deletes every NBD export (clients and all), then stops listening
     doomed = [e for e in daemon.exports.values() if isinstance(e, NbdExport)]
-    for export in doomed:
-        export.cancel_scope.cancel()
-    for export in doomed:
-        await export.finished.wait()
+    async with trio.open_nursery() as nursery:
+        for export in doomed:
+            nursery.start_soon(export.stop)
     daemon.nbd_server = None
     await server.stop()
 

@@ -394,3 +394,29 @@ async def test_write_in_flight_completes_when_client_vanishes(env):
     assert env.exports["e"].client_count() == 0
     assert node.data[65536:65536 + 8192] == b"z" * 8192
     await run("nbdinfo", env.uri())
+
+
+async def test_hard_delete_lets_requests_in_flight_finish(env):
+    node = env.graph.nodes["mem"]
+    real = node._co_pwritev
+
+    async def slow_write(offset, data, fua):
+        await trio.sleep(0.2)
+        await real(offset, data, fua)
+
+    node._co_pwritev = slow_write
+    await mx.block_export_add(env, ns(id="e", node_name="mem", writable=True))
+    export = env.exports["e"]
+    c = await RawClient.connect(env.sock)
+    await c.go()
+    await c.request(P.CMD_WRITE, handle=7, offset=0, length=4096, data=b"h" * 4096)
+    await trio.testing.wait_all_tasks_blocked()
+    await mx.block_export_del(env, ns(id="e", mode="hard"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await mx.query_block_exports(env, None))[0]["shutting-down"] is True
+    rep, _ = await c.reply()  # the write in flight is answered
+    assert (rep.handle, rep.error) == (7, 0)
+    assert await c.closed()
+    with trio.fail_after(5):
+        await export.finished.wait()
+    assert node.data[:4096] == b"h" * 4096
