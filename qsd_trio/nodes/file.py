@@ -29,6 +29,7 @@ import trio
 
 from ..qapi.errors import GenericError
 from . import locking
+from .batch import BatchExecutor
 from .graph import register_driver
 from .node import BlockNode, BlockStatus, Perm, Status
 
@@ -41,6 +42,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.fallocate.restype = ctypes.c_int
 
 MAX_THREADS = 64
+BATCH_MAX_BYTES = 64 * 1024
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -55,6 +57,14 @@ def _limiter(graph) -> trio.CapacityLimiter:
         lim = trio.CapacityLimiter(MAX_THREADS)
         graph._file_limiter = lim
     return lim
+
+
+def _batcher(graph) -> BatchExecutor:
+    # one per graph: small reads and writes of every file node share hops
+    ex = getattr(graph, "_file_batcher", None)
+    if ex is None:
+        ex = graph._file_batcher = BatchExecutor()
+    return ex
 
 
 @register_driver
@@ -108,6 +118,8 @@ class FileNode(BlockNode):
             raise
         self._rmw_lock = trio.Lock()
         self._limit = _limiter(self.graph)
+        self._batch = _batcher(self.graph)
+        self._nowait = hasattr(os, "RWF_NOWAIT")
 
     def _probe_alignment(self) -> int:
         # the smallest read O_DIRECT accepts (QEMU's raw_probe_alignment)
@@ -129,6 +141,13 @@ class FileNode(BlockNode):
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limit)
+
+    async def _run_small(self, fn, *args, length: int):
+        # small buffered transfers ride batched hops; large ones and syncs
+        # get a thread each, so they run in parallel
+        if length <= BATCH_MAX_BYTES:
+            return await self._batch.run(fn, *args)
+        return await self._run(fn, *args)
 
     # -- reads ---------------------------------------------------------------------
     def _pread_into(self, buf, offset: int) -> None:
@@ -155,8 +174,31 @@ class FileNode(BlockNode):
         if self.cache_direct:
             return await self._run(self._read_direct, offset, length)
         buf = bytearray(length)
-        await self._run(self._pread_into, buf, offset)
+        done = self._pread_nowait(buf, offset)
+        if done == length:
+            # served from the page cache without a thread hop; still yield,
+            # so a client streaming cached reads can't starve the others
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return buf
+        await self._run_small(self._pread_into, memoryview(buf)[done:], offset + done,
+                              length=length - done)
         return buf
+
+    def _pread_nowait(self, buf: bytearray, offset: int) -> int:
+        """Read what the page cache holds without blocking (RWF_NOWAIT):
+        the hot path for cached images skips the worker thread entirely.
+        Returns the bytes read; the rest goes to a thread."""
+        if not self._nowait:
+            return 0
+        try:
+            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False  # kernel or file system without it
+                return 0
+            raise
 
     # -- writes --------------------------------------------------------------------
     def _pwrite_all(self, mv: memoryview, offset: int, fua: bool) -> None:
@@ -190,8 +232,10 @@ class FileNode(BlockNode):
                     await self._run(self._write_direct, data, offset, fua)
             else:
                 await self._run(self._write_direct, data, offset, fua)
-        else:
+        elif fua:
             await self._run(self._pwrite_all, data, offset, fua)
+        else:
+            await self._run_small(self._pwrite_all, data, offset, False, length=len(data))
         self._size = max(self._size, offset + len(data))
 
     def _zero(self, offset: int, length: int, may_unmap: bool) -> bool:
