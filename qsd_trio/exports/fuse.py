@@ -162,10 +162,6 @@ class FuseExport(BlockExport):
         (monitor/exports.py) then drops the export and emits
         BLOCK_EXPORT_DELETED, as for block-export-del.
         """
-        if self.writable and self.node.read_only:
-            # QEMU checks this for every export type (blk_exp_add); the generic
-            # code here does not yet, so FUSE does it itself
-            raise GenericError("Cannot export read-only node as writable")
         perm = Perm.CONSISTENT_READ
         if self.writable:
             perm |= Perm.WRITE

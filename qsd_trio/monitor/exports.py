@@ -57,6 +57,8 @@ async def add_export(daemon, args) -> BlockExport:
         obj = daemon.objects.get(iothread)
         if obj is None or getattr(obj, "qom_type", "iothread") != "iothread":
             raise GenericError(f'iothread "{iothread}" not found')
+    if getattr(args, "writable", False) and node.read_only:
+        raise GenericError("Cannot export read-only node as writable")
     export = cls(daemon, args, node)
     await daemon.export_nursery.start(_serve_export, daemon, export)
     daemon.exports[export.id] = export

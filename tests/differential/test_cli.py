@@ -69,3 +69,17 @@ def test_help_and_version():
         assert opt in h.stdout
     v = run_cli("trio", ["-V"])
     assert v.returncode == 0 and v.stdout.startswith("qsd-trio version 7.2.0")
+
+
+@pytest.mark.parametrize("export", ["nbd,id=e,node-name=n,writable=on",
+                                    "fuse,id=e,node-name=n,writable=on,mountpoint=MP"])
+def test_writable_export_of_read_only_node(tmp_path, export):
+    mp = tmp_path / "mp"
+    mp.write_bytes(b"")
+    args = ["--blockdev", "null-co,node-name=n,read-only=on",
+            "--nbd-server", f"addr.type=unix,addr.path={tmp_path}/nbd.sock",
+            "--export", export.replace("MP", str(mp))]
+    theirs, ours = run_cli("qemu", args), run_cli("trio", args)
+    assert (ours.returncode, normalise_prog(ours.stderr)) == \
+        (theirs.returncode, normalise_prog(theirs.stderr))
+    assert "Cannot export read-only node as writable" in ours.stderr
