@@ -226,7 +226,8 @@ def test_fio_verify_over_nbd(daemon_factory, image, tmp_path):
     r = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}",
                         "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
                         "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                        "--output-format=json"], capture_output=True, text=True, timeout=120)
+                        "--output-format=json"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)  # fio leaves a verify state file in its cwd
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == 16 << 20
