@@ -63,3 +63,77 @@ def test_l2_table_byte_order():
     t = unpack_table(bytes.fromhex("8000000000050000") + bytes(8))
     assert t[0] == 0x8000000000050000 and t[1] == 0
     assert pack_table(t)[:8] == bytes.fromhex("8000000000050000")
+
+
+class _MemFile:
+    """A byte array standing in for the image file under a bare Refcounts."""
+
+    def __init__(self, size: int):
+        self.buf = bytearray(size)
+
+    async def read(self, off: int, n: int) -> bytes:
+        return bytes(self.buf[off:off + n])
+
+    async def write(self, off: int, data: bytes) -> None:
+        if off + len(data) > len(self.buf):
+            self.buf.extend(bytes(off + len(data) - len(self.buf)))
+        self.buf[off:off + len(data)] = data
+
+    async def flush(self) -> None:
+        pass
+
+
+def _refcounts(order: int = 4, cluster_bits: int = 9):
+    """A tiny image's refcounts: table in cluster 1, refblock 0 in cluster 2,
+    clusters 0-2 in use (header, table, block)."""
+    from qsd_trio.nodes.qcow2.refcount import Refcounts
+
+    cs = 1 << cluster_bits
+    f = _MemFile(3 * cs)
+    f.buf[cs:cs + 8] = (2 * cs).to_bytes(8, "big")
+    block = bytearray(cs)
+    for c in range(3):
+        set_entry(block, c, order, 1)
+    f.buf[2 * cs:3 * cs] = block
+
+    async def moved(off: int, clusters: int) -> None:
+        pass
+
+    return Refcounts(cluster_bits=cluster_bits, order=order,
+                     table=Refcounts.parse_table(bytes(f.buf[cs:2 * cs]), cs // 8),
+                     table_offset=cs, table_clusters=1, read=f.read, write=f.write,
+                     flush=f.flush, on_table_moved=moved)
+
+
+@pytest.mark.parametrize("order", [0, 4, 6])
+async def test_free_cluster_search_moves_on(order):
+    """Allocating N clusters one by one scans O(N) refcounts, not O(N**2)."""
+    refs = _refcounts(order)
+    cs = refs.cluster_size
+    offs = [await refs.alloc(1) for _ in range(3000)]
+    assert len(set(offs)) == len(offs) and min(offs) == 3 * cs
+    assert refs.free_hint == max(offs) // cs + 1
+    # each allocation passes over its own cluster plus the refblocks created
+    # on the way (one per block); a restart from 0 would count ~4.5 million
+    assert refs.scanned < 2 * len(offs), refs.scanned
+    for off in offs:
+        assert await refs.get(off // cs) == 1
+
+
+async def test_free_hint_moves_back_on_free_and_runs_stay_contiguous():
+    refs = _refcounts(4)
+    cs = refs.cluster_size
+    a = await refs.alloc(8)
+    b = await refs.alloc(8)
+    assert b == a + 8 * cs
+    for c in range(a // cs + 2, a // cs + 5):
+        assert await refs.update(c, -1) == 0
+    assert refs.free_hint == a // cs + 2
+    # a hole of 3 clusters: too small for 4, reused by 3
+    c4 = await refs.alloc(4)
+    assert c4 == b + 8 * cs
+    assert refs.free_hint == c4 // cs + 4
+    await refs.update(a // cs + 2, 1)  # take one back: hole is now 2 clusters
+    await refs.update(a // cs + 2, -1)
+    assert await refs.alloc(3) == a + 2 * cs
+    assert [await refs.get(c) for c in range(a // cs, b // cs + 8)] == [1] * 16

@@ -70,7 +70,10 @@ class Refcounts:
         self.dirty: set[int] = set()
         self._read, self._write, self._flush = read, write, flush
         self._on_table_moved = on_table_moved
-        self.free_hint = 0  # no free cluster below this index (QEMU's free_cluster_index)
+        # where the search for free clusters starts (QEMU's free_cluster_index):
+        # moved past each allocation, moved back when a cluster below it is freed
+        self.free_hint = 0
+        self.scanned = 0  # clusters the free-cluster search has passed over (statistics)
 
     @classmethod
     def parse_table(cls, buf: bytes, entries: int) -> list[int]:
@@ -120,28 +123,97 @@ class Refcounts:
         return value
 
     # -- allocation -----------------------------------------------------------
-    async def _find_free_run(self, n: int) -> int:
-        start = self.free_hint
-        run = 0
-        c = start
+    def _free_span(self, blk: bytearray, i: int, limit: int) -> tuple[int, int]:
+        """First free entry at or after ``i`` in ``blk`` and the length of its free
+        run (capped at ``limit`` entries); (per_block, 0) when none is free.
+
+        Whole-byte entries (8 bits and up) are searched with bytes.find and
+        bytes.lstrip, so a scan costs C time, not one Python step per entry.
+        """
         per_block = 1 << self.block_bits
+        if self.order >= 3:
+            w = 1 << (self.order - 3)
+            zero = bytes(w)
+            pos = i * w
+            while True:
+                pos = blk.find(zero, pos)
+                if pos < 0:
+                    return per_block, 0
+                if pos % w == 0:
+                    break
+                pos += w - pos % w  # a zero spanning two entries: skip to the next entry
+            j = pos // w
+            stop = min(per_block, j + limit) * w
+            tail = blk[pos:stop]
+            run = (len(tail) - len(tail.lstrip(b"\0"))) // w
+            return j, run
+        order = self.order
+        j = i
+        while j < per_block and get_entry(blk, j, order):
+            j += 1
+        k = j
+        stop = min(per_block, j + limit)
+        while k < stop and not get_entry(blk, k, order):
+            k += 1
+        return j, k - j
+
+    async def _find_free_run(self, n: int) -> int:
+        """First cluster of a run of ``n`` free clusters at or after ``free_hint``.
+
+        Reads whole refcount blocks (one await per block, not per cluster);
+        ``self.scanned`` counts the clusters passed over, so a test can tell
+        a scan that restarts from the beginning from one that moves on.
+        """
+        bits = self.block_bits
+        per_block = 1 << bits
         # the first cluster of a missing refblock is where that block will go:
         # keep runs off it so creating the block cannot break the run
         reserve = n < per_block
+        c = self.free_hint
+        run_start, run = c, 0
         while True:
-            if reserve and not c & (per_block - 1) and await self._block(c >> self.block_bits) \
-                    is None:
+            bidx = c >> bits
+            bend = (bidx + 1) << bits
+            blk = await self._block(bidx)
+            if blk is None:
+                if reserve and c == bidx << bits:
+                    run = 0
+                    c += 1
+                if not run:
+                    run_start = c
+                if bend - c >= n - run:
+                    self.scanned += n - run
+                    return run_start
+                self.scanned += bend - c
+                run += bend - c
+                c = bend
+                continue
+            i = c & (per_block - 1)
+            j, free = self._free_span(blk, i, n)
+            if j != i:
+                run = 0  # a used cluster ended the run carried over from before
+            if not free:
+                self.scanned += per_block - i
                 run = 0
-            elif await self.get(c) == 0:
-                run += 1
-                if run == n:
-                    return c - n + 1
-            else:
-                run = 0
-            c += 1
+                c = bend
+                continue
+            if not run:
+                run_start = (bidx << bits) + j
+            run += free
+            self.scanned += j - i + free
+            if run >= n:
+                return run_start
+            c = (bidx << bits) + j + free
+            if c < bend:
+                run = 0  # the run stopped at a used cluster inside this block
 
     async def alloc(self, n: int = 1) -> int:
-        """Allocate ``n`` contiguous clusters (refcount 1); returns the first host offset."""
+        """Allocate ``n`` contiguous clusters (refcount 1); returns the first host offset.
+
+        As QEMU's free_cluster_index, ``free_hint`` moves past every run it
+        hands out and is moved back only when a cluster below it is freed, so
+        allocating a whole image costs one pass over its refcounts.
+        """
         while True:
             start = await self._find_free_run(n)
             # every refblock covering the run must exist before we count on it
@@ -153,11 +225,28 @@ class Refcounts:
             if missing is None:
                 break
             await self._new_block(missing)
-        for c in range(start, start + n):
-            await self.update(c, 1)
-        if start == self.free_hint:
-            self.free_hint = start + n
+        self._set_run(start, n, 1)
+        self.free_hint = start + n
         return start << self.cluster_bits
+
+    def _set_run(self, start: int, n: int, value: int) -> None:
+        """Set the refcounts of clusters start..start+n-1 (their refblocks loaded)."""
+        bits = self.block_bits
+        mask = (1 << bits) - 1
+        c, end = start, start + n
+        while c < end:
+            bidx = c >> bits
+            blk = self.blocks[bidx]
+            i = c & mask
+            m = min(end - c, (1 << bits) - i)
+            if self.order >= 3:
+                w = 1 << (self.order - 3)
+                blk[i * w:(i + m) * w] = value.to_bytes(w, "big") * m
+            else:
+                for k in range(i, i + m):
+                    set_entry(blk, k, self.order, value)
+            self.dirty.add(bidx)
+            c += m
 
     async def _new_block(self, bidx: int) -> None:
         """Create refblock ``bidx`` in the first cluster it covers (all free)."""
