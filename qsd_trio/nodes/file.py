@@ -343,6 +343,25 @@ class FileNode(BlockNode):
             locking.set_perm_locks(self.fd, (self.cum_perm, self.cum_shared),
                                    (perm, shared), self.path)
 
+    async def reopen_rw(self) -> None:
+        """blockdev-reopen with read-only=off: a new O_RDWR descriptor
+        replaces the read-only one.  OFD locks belong to a descriptor, so the
+        new one takes the current locks before the old one is closed."""
+        flags = os.O_CLOEXEC | os.O_RDWR | (os.O_DIRECT if self.cache_direct else 0)
+        try:
+            fd = await trio.to_thread.run_sync(os.open, self.path, flags)
+        except OSError as e:
+            raise GenericError(f"Could not reopen file: {e.strerror}") from None
+        if self.use_lock:
+            try:
+                locking.apply_lock_bytes(fd, self.cum_perm, self.cum_shared)
+            except OSError as e:
+                os.close(fd)
+                raise GenericError(f"Failed to lock byte: {e.strerror}") from None
+        old, self.fd = self.fd, fd
+        if old is not None:
+            os.close(old)
+
     async def _close(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
