@@ -333,7 +333,10 @@ class NbdExport(BlockExport):
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
-        self.edge = self.node.attach(f"export {self.id}", self, Perm(perm))
+        # QEMU's NBD export does not let anyone resize the node under its
+        # clients (they were told the size at negotiation)
+        self.edge = self.node.attach(f"export {self.id}", self, Perm(perm),
+                                     Perm.ALL & ~Perm.RESIZE)
         # exported bitmaps are busy: no job or QMP command may change them
         for bm in self.bitmaps:
             bm.busy = True

@@ -30,11 +30,9 @@ def outside_tools(img: str) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("extra", [
-    # a raw filter passes the export's needs through; QEMU's NBD export
-    # unshares resize ("Don't allow resize while the NBD server is running"),
-    # ours (exports/nbd.py, not this module's owner) still shares it
-    pytest.param([], marks=pytest.mark.xfail(
-        reason="NBD export attaches with shared=ALL; QEMU's shares all but resize")),
+    # a raw filter passes the export's needs through; the NBD export
+    # unshares resize ("Don't allow resize while the NBD server is running")
+    [],
     ["offset=0,size=1048576"],  # a raw window unshares resize
 ])
 def test_locks_seen_by_qemu_tools(tmp_path, extra):
