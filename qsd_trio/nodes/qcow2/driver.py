@@ -27,7 +27,9 @@ import os.path
 import struct
 import sys
 from array import array
+from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
 from ... import events
@@ -120,6 +122,9 @@ class Qcow2Node(BlockNode):
         self._signaled = False
         self._lock = trio.Lock()
         self._inplace = 0  # in-place data writes in flight (see _apply_frees)
+        # guest clusters whose new host clusters are being written outside the
+        # lock (QEMU's in-flight l2meta): anything else touching them waits
+        self._allocating: dict[int, trio.Event] = {}
         self._pending_free: list[tuple[int, int, str]] = []  # (offset, nbytes, discard type)
         self._l1_dirty = False
         self._dirty_set = False
@@ -491,8 +496,14 @@ class Qcow2Node(BlockNode):
     async def _co_preadv(self, offset: int, length: int):
         self._check_usable()
         segs = await self._mapped(offset, length)
-        if len(segs) == 1 and segs[0][0] == DATA:
-            return await self.data.read(segs[0][3], length)
+        if len(segs) == 1:
+            # one run: hand the child's buffer up as it is (no second buffer, no copy)
+            kind, _, _, host = segs[0]
+            if kind == DATA:
+                return await self.data.read(host, length)
+            b = self.backing
+            if kind == UNALLOC and b is not None and offset + length <= b.length:
+                return await b.read(offset, length)
         buf = bytearray(length)
         await self._fill(segs, offset, buf)
         return buf
@@ -542,15 +553,93 @@ class Qcow2Node(BlockNode):
         finally:
             self._inplace -= 1
         if plan is None:
-            async with self._lock:
-                try:
-                    await self._write_locked(offset, data)
-                except Corruption as c:
-                    raise await self._signal_corruption(c) from None
-                if len(self.l2cache.dirty) >= self.l2cache.capacity:
-                    await self._writeback()
+            await self._write_allocating(offset, data)
         if fua:
             await self._co_flush()
+
+    @asynccontextmanager
+    async def _locked(self, offset: int, length: int):
+        """The metadata lock, taken once no allocating write in flight overlaps
+        the guest range (their clusters are not linked into L2 yet)."""
+        first, last = offset >> self.cb, (offset + max(length, 1) - 1) >> self.cb
+        while True:
+            await self._lock.acquire()
+            ev = self._allocation_in(first, last)
+            if ev is None:
+                break
+            self._lock.release()
+            await ev.wait()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _allocation_in(self, first: int, last: int) -> trio.Event | None:
+        for gc, ev in self._allocating.items():
+            if first <= gc <= last:
+                return ev
+        return None
+
+    async def _write_allocating(self, offset: int, data: memoryview) -> None:
+        """A write that needs new clusters: allocate and copy-on-write under the
+        lock, write the data with the lock released (so allocating writes run
+        in parallel, as in QEMU), then link the clusters into L2 under the lock.
+
+        The L2 entries change only after their data is written, so a flush in
+        between never puts an entry on disk that points at unwritten data; a
+        failed or cancelled data write gives its clusters back (they were
+        never referenced, at worst their refcount leaks on a crash).
+        """
+        runs: list[_NewRun] = []
+        async with self._locked(offset, len(data)):
+            try:
+                await self._write_locked(offset, data, runs)
+            except Corruption as c:
+                self._drop_runs(runs)
+                raise await self._signal_corruption(c) from None
+            except BaseException:
+                self._drop_runs(runs)
+                raise
+            if not runs:
+                return
+            ev = trio.Event()
+            for r in runs:
+                for i in range(r.n):
+                    self._allocating[r.gc + i] = ev
+        linked = False
+        try:
+            for r in runs:
+                await self.data.write(r.host, r.payload)
+            async with self._lock:
+                try:
+                    for r in runs:
+                        await self._link_run(r)
+                    linked = True
+                except Corruption as c:
+                    raise await self._signal_corruption(c) from None
+                finally:
+                    for r in runs:
+                        for i in range(r.n):
+                            del self._allocating[r.gc + i]
+                    ev.set()
+                if len(self.l2cache.dirty) >= self.l2cache.capacity:
+                    await self._writeback()
+        finally:
+            if not linked:
+                self._drop_runs(runs)
+                for r in runs:
+                    for i in range(r.n):
+                        if self._allocating.get(r.gc + i) is ev:
+                            del self._allocating[r.gc + i]
+                ev.set()
+
+    def _drop_runs(self, runs: list[_NewRun]) -> None:
+        """Give back the clusters of runs that were never linked."""
+        if not self.has_data_file:
+            for r in runs:
+                if not r.linked:
+                    self._pending_free.append((r.host, r.n * self.cs, "other"))
+                    r.linked = True  # given back once
 
     async def _inplace_plan(self, offset: int, length: int):
         """[(guest, n, host)] when the whole range is owned data; else None."""
@@ -591,7 +680,11 @@ class Qcow2Node(BlockNode):
         if host:
             self._pending_free.append((host, self.cs, dtype))
 
-    async def _write_locked(self, offset: int, data: memoryview) -> None:
+    async def _write_locked(self, offset: int, data: memoryview,
+                            runs: list[_NewRun] | None = None) -> None:
+        """Write under the lock; with ``runs``, fresh clusters are only
+        prepared (allocated, edges copied) and left for the caller to write
+        and link."""
         cb = self.cb
         end = offset + len(data)
         pos = offset
@@ -613,7 +706,12 @@ class Qcow2Node(BlockNode):
                     break
                 n += 1
             run_end = min(end, (gc + n) << cb)
-            await self._write_new(gc, n, pos, data[pos - offset:run_end - offset])
+            r = await self._write_new(gc, n, pos, data[pos - offset:run_end - offset])
+            if runs is None:
+                await self.data.write(r.host, r.payload)
+                await self._link_run(r)
+            else:
+                runs.append(r)
             pos = run_end
 
     def _owned(self, e: int) -> bool:
@@ -655,13 +753,20 @@ class Qcow2Node(BlockNode):
         await self._set_dirty()
         return await self.refs.alloc(n)
 
-    async def _write_new(self, gc: int, n: int, pos: int, chunk: memoryview) -> None:
-        """Write ``chunk`` into ``n`` fresh host clusters (copy-on-write at the edges)."""
+    async def _write_new(self, gc: int, n: int, pos: int, chunk: memoryview) -> _NewRun:
+        """Prepare ``chunk`` for ``n`` fresh host clusters (copy-on-write at the
+        edges): allocate them; the caller writes the payload and links the run."""
         cb, cs = self.cb, self.cs
         base = gc << cb
         a = pos - base
         b = a + len(chunk)
-        olds = [await self._entry(gc + i) for i in range(n)]
+        table = await self._l2_table(gc >> self.l2_bits)
+        if table is None:
+            olds = [0] * n
+        else:
+            first = gc & (self.l2_entries - 1)
+            olds = list(table[2 * first:2 * (first + n):2] if self.extl2
+                        else table[first:first + n])
         if self.extl2:
             sb = self.sc_bits
             lo = (a >> sb) << sb
@@ -676,23 +781,29 @@ class Qcow2Node(BlockNode):
                         hi = n * cs
         else:
             lo, hi = 0, n * cs
-        buf = bytearray(n * cs) if (a, b) != (0, n * cs) else None
-        if buf is not None:
+        if (a, b) != (0, n * cs):
+            buf = bytearray(n * cs)
             if lo < a:
                 buf[lo:a] = await self._view(base + lo, a - lo)
             if b < hi:
                 buf[b:hi] = await self._view(base + b, hi - b)
             buf[a:b] = chunk
-        table = await self._l2_for_write(gc >> self.l2_bits)
-        host = await self._alloc_data(gc, n)
-        if buf is not None:
-            await self.data.write(host, buf)
+            payload = memoryview(buf)
         else:
-            await self.data.write(host, chunk)
-        l2_off = self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK
-        for i in range(n):
-            idx = (gc + i) & (self.l2_entries - 1)
-            e = olds[i]
+            payload = chunk
+        await self._l2_for_write(gc >> self.l2_bits)
+        host = await self._alloc_data(gc, n)
+        return _NewRun(gc, n, a, b, olds, host, payload)
+
+    async def _link_run(self, r: _NewRun) -> None:
+        """Point the L2 entries of a written run at its new clusters."""
+        cs = self.cs
+        table = await self._l2_for_write(r.gc >> self.l2_bits)
+        a, b, host = r.a, r.b, r.host
+        first = r.gc & (self.l2_entries - 1)
+        for i in range(r.n):
+            idx = first + i
+            e = r.olds[i]
             new_e = (host + i * cs) | QCOW_OFLAG_COPIED
             if self.extl2:
                 old_bm = table[2 * idx + 1] if not e & QCOW_OFLAG_COMPRESSED else 0
@@ -711,7 +822,8 @@ class Qcow2Node(BlockNode):
                 table[idx] = new_e
             if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
                 self._free_entry_host(e)
-        self.l2cache.mark_dirty(l2_off)
+        r.linked = True
+        self.l2cache.mark_dirty(self.l1[r.gc >> self.l2_bits] & L1E_OFFSET_MASK)
 
     # -- zero writes and discard ---------------------------------------------------
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool):
@@ -726,7 +838,7 @@ class Qcow2Node(BlockNode):
             return await self._zero_explicit(offset, length, fua)
         if offset < a:
             await self._zero_explicit(offset, a - offset, False)
-        async with self._lock:
+        async with self._locked(a, b - a):
             try:
                 await self._zero_locked(a, b, may_unmap)
             except Corruption as c:
@@ -792,7 +904,7 @@ class Qcow2Node(BlockNode):
         b = end if end == self.size else (end // cs) * cs
         if a >= b:
             return
-        async with self._lock:
+        async with self._locked(a, b - a):
             try:
                 await self._discard_locked(a, b, full=False, dtype="request")
             except Corruption as c:
@@ -928,7 +1040,7 @@ class Qcow2Node(BlockNode):
             raise GenericError("Can't shrink an image which has snapshots") \
                 if self.version >= 3 else GenericError(
                     "Can't resize a v2 image which has snapshots")
-        async with self._lock:
+        async with self._locked(0, max(self.size, size)):
             old = self.size
             if size < old:
                 await self._discard_locked(-(-size // self.cs) * self.cs,
@@ -1008,7 +1120,7 @@ class Qcow2Node(BlockNode):
         cs = self.cs
         pos = (start // cs) * cs
         last = 0
-        async with self._lock:
+        async with self._locked(start, end - start):
             while pos < end:
                 gc = pos >> self.cb
                 e = await self._entry(gc)
@@ -1054,7 +1166,7 @@ class Qcow2Node(BlockNode):
             return
         self._begin()
         try:
-            async with self._lock:
+            async with self._locked(offset, len(mv)):
                 gc = offset >> self.cb
                 old = await self._entry(gc)
                 table = await self._l2_for_write(gc >> self.l2_bits)
@@ -1151,6 +1263,21 @@ class Qcow2Node(BlockNode):
             self.h.incompatible_features &= ~INCOMPAT_DIRTY
             await self._write_v3_features()
             self._dirty_set = False
+
+
+@attrs.define(eq=False)
+class _NewRun:
+    """Fresh host clusters for guest clusters gc..gc+n-1: the bytes a..b of the
+    run are the request's, ``payload`` is what goes to ``host``."""
+
+    gc: int
+    n: int
+    a: int
+    b: int
+    olds: list[int]  # the L2 entries the run replaces
+    host: int
+    payload: memoryview
+    linked: bool = False
 
 
 def _arr(values: list[int]):
