@@ -71,6 +71,8 @@ from .refcount import RefcountError, Refcounts
 DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
 
 ALL_ALLOC = 0xFFFFFFFF
+# the L2 entry bits that decide how a cluster reads (not COPIED)
+_MAP_BITS = L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 ALL_ZERO = 0xFFFFFFFF << 32
 
 DEFAULT_L2_CACHE_MAX = 32 << 20  # QEMU's default upper bound on Linux
@@ -415,8 +417,17 @@ class Qcow2Node(BlockNode):
                     e = table[idx]
                     if e & QCOW_OFLAG_COMPRESSED:
                         add(COMPRESSED, pos, cl_end - pos, e)
-                    elif e & QCOW_OFLAG_ZERO and v3:
-                        add(ZERO, pos, cl_end - pos, 0)
+                        pos = cl_end
+                        continue
+                    # extend over the following clusters of the same kind in
+                    # one step (contiguous hosts for data): one segment per
+                    # run, not one Python round per cluster
+                    last = min(((tend - 1) >> cb) & l2_mask, l2_mask)
+                    j = idx + 1
+                    if e & QCOW_OFLAG_ZERO and v3:
+                        kind, host = ZERO, 0
+                        while j <= last and table[j] == e:
+                            j += 1
                     else:
                         host = e & L2E_OFFSET_MASK
                         if host or (df and e & QCOW_OFLAG_COPIED):
@@ -425,10 +436,20 @@ class Qcow2Node(BlockNode):
                                     f"Cluster allocation offset {host:#x} unaligned "
                                     f"(L2 offset: {self.l1[l1i] & L1E_OFFSET_MASK:#x}, "
                                     f"L2 index: {idx:#x})", host, cs)
-                            add(DATA, pos, cl_end - pos, host + in_cl)
+                            kind = DATA
+                            if host:
+                                want = host + cs
+                                while j <= last and table[j] & _MAP_BITS == want:
+                                    j += 1
+                                    want += cs
+                            host += in_cl
                         else:
-                            add(UNALLOC, pos, cl_end - pos, 0)
-                    pos = cl_end
+                            kind = UNALLOC
+                            while j <= last and table[j] == e:
+                                j += 1
+                    run_end = min(tend, (gc + j - idx) << cb)
+                    add(kind, pos, run_end - pos, host)
+                    pos = run_end
                     continue
                 e = table[2 * idx]
                 bm = table[2 * idx + 1]
@@ -649,13 +670,20 @@ class Qcow2Node(BlockNode):
             if kind != DATA:
                 return None
             plan.append((goff, n, host))
-        # DATA in a standard cluster also needs COPIED (refcount 1)
-        pos = offset
-        while pos < offset + length:
-            e = await self._entry(pos >> self.cb)
-            if not e & QCOW_OFLAG_COPIED:
+        # DATA in a standard cluster also needs COPIED (refcount 1); _map
+        # loaded every table of the range, so this reads the cache only
+        gc, last = offset >> self.cb, (offset + length - 1) >> self.cb
+        step = 2 if self.extl2 else 1
+        mask = self.l2_entries - 1
+        while gc <= last:
+            table = await self._l2_table(gc >> self.l2_bits)
+            if table is None:
                 return None
-            pos = ((pos >> self.cb) + 1) << self.cb
+            stop = min(last, gc | mask)
+            for i in range(step * (gc & mask), step * ((stop & mask) + 1), step):
+                if not table[i] & QCOW_OFLAG_COPIED:
+                    return None
+            gc = stop + 1
         return plan
 
     async def _entry(self, gc: int) -> int:
@@ -697,14 +725,21 @@ class Qcow2Node(BlockNode):
                 await self._write_owned(gc, e, pos, data[pos - offset:cl_end - offset])
                 pos = cl_end
                 continue
-            n = 1
             # a run must fit between refblocks (small clusters, wide refcounts)
-            max_run = min(2048, max(1, (1 << self.refs.block_bits) // 2))
-            while ((gc + n) << cb) < end and n < max_run:
-                e2 = await self._entry(gc + n)
-                if self._owned(e2) or (gc + n) >> self.l2_bits != gc >> self.l2_bits:
-                    break
-                n += 1
+            # and stay inside one L2 table
+            max_run = min(2048, max(1, (1 << self.refs.block_bits) // 2),
+                          ((end - 1) >> cb) - gc + 1,
+                          self.l2_entries - (gc & (self.l2_entries - 1)))
+            table = await self._l2_table(gc >> self.l2_bits)
+            if table is None:
+                n = max_run
+            else:
+                step = 2 if self.extl2 else 1
+                i = step * (gc & (self.l2_entries - 1))
+                n = 1
+                owned = self._owned
+                while n < max_run and not owned(table[i + step * n]):
+                    n += 1
             run_end = min(end, (gc + n) << cb)
             r = await self._write_new(gc, n, pos, data[pos - offset:run_end - offset])
             if runs is None:
