@@ -60,6 +60,38 @@ async def blockdev_reopen(daemon, args):
         await _reopen_one(node, o)
 
 
+def _data_nodes(node: BlockNode) -> list[BlockNode]:
+    """The node and, below it, the nodes that store its data (not backing)."""
+    out = [node]
+    for role, edge in node.children.items():
+        if role in ("file", "data-file"):
+            out += _data_nodes(edge.node)
+    return out
+
+
+async def set_read_only(node: BlockNode, ro: bool) -> None:
+    """QEMU's bdrv_reopen_set_read_only, as jobs use it: stream and commit
+    reopen the image they write read-write, and back afterwards.  The nodes
+    below become writable before the node above, and read-only after it."""
+    nodes = _data_nodes(node)
+    for n in (nodes if ro else reversed(nodes)):
+        if n.read_only != ro:
+            await _reopen_one(n, {**n.options, "read-only": ro})
+
+
+def read_only_again(node: BlockNode) -> None:
+    """The synchronous end of a job's read-write reopen, for its clean step:
+    the job flushed the nodes when its work ended and has let go of them, so
+    no I/O is left to do, only the flag, the options and the permissions
+    (which drop the write lock)."""
+    for n in _data_nodes(node):
+        if not n.read_only:
+            n.read_only = True
+            n.options = {**n.options, "read-only": True}
+            with contextlib.suppress(Exception):
+                refresh(n)
+
+
 async def _reopen_one(node: BlockNode, o: dict) -> None:
     async with node.drained():
         old = (node.read_only, node.detect_zeroes, node.discard_unmap)

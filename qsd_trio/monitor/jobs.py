@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import trio
+
 from ..jobs import manager
+from ..nodes.node import BlockNode
 from .registry import command
 
 
@@ -353,13 +356,50 @@ async def _open_implicit(daemon, options):
 
 
 # -- stream and commit -----------------------------------------------------------------
-def _writable_or_fail(node):
+async def _make_writable(daemon, node) -> BlockNode | None:
+    """Reopen ``node`` read-write for a job that writes it, as QEMU does for
+    backing files it opened itself; a user's read-only=on node is refused.
+    Returns the node to make read-only again when the job's work is done."""
     from ..qapi.errors import GenericError
+    from .block import set_read_only
 
-    if node.read_only:
-        # QEMU reopens the node read-write for the job; qsd-trio cannot reopen yet
-        raise GenericError(f"Block node '{node.node_name}' is read-only; qsd-trio needs it "
-                           "opened with read-only=off for this job")
+    if not node.read_only:
+        return None
+    if not node.implicit_read_only:
+        raise GenericError("Block node is read-only")
+    await set_read_only(node, False)
+    return node
+
+
+def _read_only_after_run(daemon, job, node: BlockNode | None) -> None:
+    """``node`` goes back to read-only when the job is cleaned up, as in
+    QEMU.  Its data is flushed when the job's work ends (an async step), so
+    the clean step (synchronous, after the job let go of its nodes) has no
+    I/O left to do."""
+    if node is None:
+        return
+    from .block import _data_nodes, read_only_again
+
+    run, clean = job.run, job.clean
+
+    async def run_then_flush() -> None:
+        try:
+            await run()
+        finally:
+            with trio.CancelScope(shield=True):
+                for n in _data_nodes(node):
+                    if daemon.graph.nodes.get(n.node_name) is n:
+                        await n.flush()
+
+    def clean_then_read_only() -> None:
+        try:
+            clean()
+        finally:
+            if daemon.graph.nodes.get(node.node_name) is node:
+                read_only_again(node)
+
+    job.run = run_then_flush
+    job.clean = clean_then_read_only
 
 
 @command("block-stream")
@@ -398,15 +438,19 @@ async def block_stream(daemon, args):
     if base is None and backing_file is not None:
         raise GenericError("backing file specified, but streaming the entire chain")
     check_not_busy(daemon, top)
-    _writable_or_fail(top)
     job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
+    writable = await _make_writable(daemon, top)
     job = StreamJob(daemon, job_id, top, base, backing_file,
                     on_error=_arg(args, "on_error", "report"), **_common(args))
+    _read_only_after_run(daemon, job, writable)
     manager.register(daemon, job, _arg(args, "speed", 0))
     try:
         job.attach_nodes()
     except BaseException:
         job.early_fail()
+        if writable is not None:
+            from .block import read_only_again
+            read_only_again(writable)  # nothing was written yet
         raise
     manager.start(daemon, job)
 
@@ -451,24 +495,29 @@ async def block_commit(daemon, args):
     if c.index(base) < c.index(top):
         raise GenericError(f"'{top.node_name}' is not in this backing file chain")
     check_not_busy(daemon, device)
-    _writable_or_fail(base)
     job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
     backing_file = _arg(args, "backing_file")
+    if top is device and backing_file is not None:
+        raise GenericError("'backing-file' specified, but 'top' is the active layer")
+    writable = await _make_writable(daemon, base)
     if top is device:
-        if backing_file is not None:
-            raise GenericError("'backing-file' specified, but 'top' is the active layer")
         job = MirrorJob(daemon, job_id, device, base, sync="top", base=base,
                         on_source_error=_arg(args, "on_error", "report"),
                         on_target_error=_arg(args, "on_error", "report"),
                         job_type="commit", **_common(args))
     else:
+        # active commit: the base becomes the active layer and stays writable
         job = CommitJob(daemon, job_id, device, top, base, backing_file,
                         on_error=_arg(args, "on_error", "report"), **_common(args))
+        _read_only_after_run(daemon, job, writable)
     manager.register(daemon, job, _arg(args, "speed", 0))
     try:
         job.attach_nodes()
     except BaseException:
         job.early_fail()
+        if writable is not None:
+            from .block import read_only_again
+            read_only_again(writable)  # nothing was written yet
         raise
     manager.start(daemon, job)
 

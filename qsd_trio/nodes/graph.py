@@ -172,6 +172,9 @@ class BlockGraph:
                 if "cache" in options:
                     copts["cache"] = {**options["cache"], **copts.get("cache", {})}
             child = await self._open(copts)
+            # read-only because it was inherited, not asked for: jobs may
+            # reopen it read-write (QEMU refuses for a user's read-only=on)
+            child.implicit_read_only = child.read_only and "read-only" not in val
         return self.link(parent, child, role)
 
     def link(self, parent: BlockNode, child: BlockNode, role: str) -> BdrvChild:

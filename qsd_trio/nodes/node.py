@@ -145,6 +145,8 @@ class BlockNode:
     """A node in the block graph.  Subclasses set ``driver`` and the hooks."""
 
     driver: ClassVar[str] = ""
+    # opened read-only by inheritance (a backing file), not by the user
+    implicit_read_only = False
     # protocol nodes that grow when written past the end (file)
     grows: ClassVar[bool] = False
     # filters (copy-on-read, blkdebug, raw without offset/size) pass perms through
