@@ -27,8 +27,8 @@ OPTIONS = ["-h, --help", "-V, --version", "-T, --trace", "--blockdev", "--charde
 NOTES: dict[str, str] = {
     "-T, --trace": "patterns, events=, file=; our own trace events (-T help lists them)",
     "--export": "nbd and fuse; vhost-user-blk and vduse-blk are not implemented",
-    "blockdev-reopen": "partial: options re-read; a read-only file node made writable "
-                       "keeps its file descriptor",
+    "blockdev-reopen": "read-only, detect-zeroes, discard and the other reopenable "
+                       "options; a file node made writable reopens its descriptor",
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
     "aio=io_uring": "accepted, served by the worker threads like aio=threads",
@@ -52,12 +52,20 @@ NOTES: dict[str, str] = {
     "drive-mirror": "partial: as blockdev-mirror",
     "blockdev-backup": "partial: copy-before-write is a hook on the source, not a filter node",
     "drive-backup": "partial: as blockdev-backup",
-    "block-commit": "partial: the base must be opened with read-only=off",
+    "block-commit": "an implicitly read-only base is reopened read-write for the job",
     "transaction": "partial: snapshot actions are not undone when a later action fails",
     "change-backing-file": "partial: the node's json: filename is not recomputed",
     "mirror": "partial: see blockdev-mirror",
     "backup": "partial: see blockdev-backup",
-    "commit": "partial: see block-commit",
+    "commit": "intermediate and active commit",
+    "nbd-server-start": "unix, inet and fd addresses; TLS with tls-creds-x509 and "
+                        "authz-simple/authz-list (no TLS-PSK: Python's ssl lacks it before 3.13)",
+    "nbd": "export: all options and meta contexts; no extended headers",
+    "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",
+    "tls-creds-psk": "accepted; NBD refuses it (Python's ssl has no PSK before 3.13)",
+    "tls-creds-anon": "accepted; NBD refuses it (no anonymous TLS in Python's ssl)",
+    "tls-cipher-suites": "accepted and listed; properties stored",
+    "authz-list-file": "accepted; the rules file is read",
 }
 
 
