@@ -4,6 +4,7 @@
 
     root nursery
     ├── signals      SIGINT/SIGTERM/SIGHUP -> shutdown()
+    ├── graph timers one task calling each node's periodic() (qcow2 cache cleaning)
     ├── monitors     one task per monitor (its chardev's clients, one at a time)
     ├── exports      NBD server, one nursery per export with its client tasks
     └── jobs         one task per block job, each in its own cancel scope
@@ -146,6 +147,8 @@ class Daemon:
             await root.start(self._hold, "monitor_nursery")
             await root.start(self._hold, "export_nursery")
             await root.start(self._hold, "job_nursery")
+            # the block graph's timers (cache cleaning); nodes are not tasks
+            await root.start(self.graph.run_timers)
             try:
                 for option, value, action in actions:
                     try:

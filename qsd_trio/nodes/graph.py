@@ -22,6 +22,7 @@ from ..qapi.errors import DeviceNotFound, GenericError
 from .node import BdrvChild, BlockNode, Perm
 
 DRIVERS: dict[str, type[BlockNode]] = {}
+TIMER_TICK = 1.0  # seconds between calls of BlockNode.periodic
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
@@ -230,6 +231,16 @@ class BlockGraph:
                 edge.detach()
             for child in children:
                 await self._unref(child)
+
+    async def run_timers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The graph's one timer task: about once a second, each node's
+        ``periodic`` (qcow2's cache-clean-interval).  Runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(TIMER_TICK)
+            now = trio.current_time()
+            for node in list(self.nodes.values()):
+                node.periodic(now)
 
     async def close_all(self) -> None:
         """Drain, flush and close every node, parents before children."""

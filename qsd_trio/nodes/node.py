@@ -265,6 +265,10 @@ class BlockNode:
         f = self.primary_child()
         return f.node.actual_size() if f else None
 
+    def periodic(self, now: float) -> None:
+        """Timer work (cache cleaning); the graph calls it about once a second
+        from one task, so nodes stay plain objects."""
+
     def info_extra(self) -> dict:
         """Extra ImageInfo members (cluster-size, format-specific, ...)."""
         return {}

@@ -183,6 +183,9 @@ class Qcow2Node(BlockNode):
             cover = self._l1_needed(self.size) * cs
             l2_size = min(max(cover, 8 * cs), DEFAULT_L2_CACHE_MAX)
         self.l2cache = L2Cache(max(2, l2_size // cs))
+        # QEMU's default on Linux: free cache entries unused for 10 minutes
+        self.cache_clean_interval = options.get("cache-clean-interval", 600)
+        self._next_clean = None
 
         self.snapshots = await snapmod.read_snapshots(self._read_meta, h) \
             if h.nb_snapshots else []
@@ -281,6 +284,16 @@ class Qcow2Node(BlockNode):
 
     def _length(self) -> int:
         return self.size
+
+    def periodic(self, now: float) -> None:
+        """Called about once a second by the graph's timer task."""
+        if not self.cache_clean_interval:
+            return
+        if self._next_clean is None:
+            self._next_clean = now + self.cache_clean_interval
+        elif now >= self._next_clean:
+            self.l2cache.clean_unused()
+            self._next_clean = now + self.cache_clean_interval
 
     def info_extra(self) -> dict:
         h = self.h

@@ -51,16 +51,19 @@ class L2Cache:
         self.capacity = max(capacity, 2)
         self.tables: OrderedDict[int, array] = OrderedDict()
         self.dirty: set[int] = set()
+        self.used: set[int] = set()  # looked up since the last clean_unused()
 
     def get(self, offset: int) -> array | None:
         t = self.tables.get(offset)
         if t is not None:
             self.tables.move_to_end(offset)
+            self.used.add(offset)
         return t
 
     def put(self, offset: int, table: array, *, dirty: bool = False) -> None:
         self.tables[offset] = table
         self.tables.move_to_end(offset)
+        self.used.add(offset)
         if dirty:
             self.dirty.add(offset)
         if len(self.tables) > self.capacity:
@@ -80,3 +83,14 @@ class L2Cache:
     def clear(self) -> None:
         self.tables.clear()
         self.dirty.clear()
+        self.used.clear()
+
+    def clean_unused(self) -> int:
+        """cache-clean-interval: drop the clean tables nobody looked up since
+        the previous call, returning how many were dropped (dirty ones stay
+        until the next flush writes them)."""
+        stale = [off for off in self.tables if off not in self.used and off not in self.dirty]
+        for off in stale:
+            del self.tables[off]
+        self.used.clear()
+        return len(stale)
