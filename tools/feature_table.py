@@ -43,8 +43,8 @@ NOTES: dict[str, str] = {
     "thread-context": "accepted and listed; properties stored",
     "pr-manager-helper": "accepted and listed; no persistent-reservation helper is run",
     "secret_keyring": "accepted; the kernel keyring is not read",
-    "qcow2": "partial: no encryption; cache-clean-interval, refcount-cache-size and "
-             "overlap-check accepted and ignored",
+    "qcow2": "partial: no encryption (encrypt.* images are refused); refcount-cache-size, "
+             "l2-cache-entry-size and overlap-check accepted and ignored",
     "file": "aio=io_uring is served by the worker threads",
     "throttle": "partial: throttled requests keep waiting through a drain",
     "blockdev-mirror": "partial: no mirror_top filter node (filter-node-name ignored); "
