@@ -1,0 +1,91 @@
+"""When a small buffered write may run inline on the event loop.
+
+A 4 KiB ``pwrite`` into the page cache takes a few microseconds; the hop to
+a worker thread and back costs tens to hundreds (it dominated the NBD random
+write benchmark).  But a buffered write can block: the kernel throttles
+writers when too much of memory is dirty (balance_dirty_pages), and a write
+of part of a page that is not cached reads that page first.  So a write runs
+inline only when none of that can happen, as far as we can tell cheaply:
+
+* it covers whole pages (no read-modify-write of a page);
+* the system's dirty and writeback memory is below half the point where the
+  kernel starts to throttle ((background + dirty threshold) / 2, the
+  "freerun" ceiling), read from /proc at most every 100 ms;
+* the node has not seen an inline write take longer than ``STALL_NS``
+  recently: one that does (journal commit, cgroup limits) sends that node's
+  writes to threads for ``COOL_DOWN`` seconds.
+
+Everything else, and every write with FUA, goes to worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+INLINE_MAX = 64 * 1024
+STALL_NS = 2_000_000      # an inline write slower than this disables inlining ...
+COOL_DOWN = 1.0           # ... for this many seconds on that node
+_REFRESH = 0.1            # seconds between reads of /proc/meminfo
+
+_last_check = -1.0
+_dirty_ok = False
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _sysctl(name: str) -> int:
+    try:
+        with open(f"/proc/sys/vm/{name}") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
+def _compute_dirty_ok() -> bool:
+    try:
+        m = _meminfo()
+    except OSError:
+        return False
+    avail = m.get("MemAvailable", 0)
+    bg = _sysctl("dirty_background_bytes") or avail * _sysctl("dirty_background_ratio") // 100
+    hard = _sysctl("dirty_bytes") or avail * _sysctl("dirty_ratio") // 100
+    freerun = (bg + hard) // 2
+    return m.get("Dirty", 0) + m.get("Writeback", 0) < freerun // 2
+
+
+def dirty_memory_ok() -> bool:
+    """True if buffered writes are far from being throttled (cached briefly)."""
+    global _last_check, _dirty_ok
+    now = time.monotonic()
+    if now - _last_check >= _REFRESH:
+        _dirty_ok = _compute_dirty_ok()
+        _last_check = now
+    return _dirty_ok
+
+
+class InlineWrites:
+    """Per-node switch with the stall detector."""
+
+    def __init__(self) -> None:
+        self.resume_at = 0.0
+        self.inline = 0   # statistics: writes done inline
+        self.stalls = 0   # statistics: inline writes that were too slow
+
+    def allowed(self, offset: int, length: int) -> bool:
+        return (0 < length <= INLINE_MAX and offset % PAGE == 0 and length % PAGE == 0
+                and time.monotonic() >= self.resume_at and dirty_memory_ok())
+
+    def ran(self, elapsed_ns: int) -> None:
+        self.inline += 1
+        if elapsed_ns > STALL_NS:
+            self.stalls += 1
+            self.resume_at = time.monotonic() + COOL_DOWN

@@ -1,0 +1,57 @@
+"""File writes: whole-page buffered writes run inline, the rest on threads;
+an inline write that stalls sends the node's writes to threads for a while.
+Either way the bytes on disk are what was written."""
+
+import pytest
+
+from qsd_trio.nodes import inline_io
+from qsd_trio.nodes.graph import BlockGraph
+
+PAGE = inline_io.PAGE
+
+
+@pytest.fixture
+async def node(tmp_path):
+    path = tmp_path / "f.raw"
+    path.write_bytes(bytes(1 << 20))
+    graph = BlockGraph()
+    n = await graph.add({"driver": "file", "node-name": "f", "filename": str(path)})
+    yield n
+    await graph.close_all()
+
+
+def on_disk(node) -> bytes:
+    with open(node.path, "rb") as f:
+        return f.read()
+
+
+async def test_page_aligned_writes_inline_others_on_threads(node, monkeypatch):
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+    model = bytearray(1 << 20)
+    writes = [(0, b"\x01" * PAGE), (PAGE * 3, b"\x02" * (2 * PAGE)),  # whole pages
+              (100, b"\x03" * 50), (PAGE - 10, b"\x04" * 20),          # partial pages
+              (8 * PAGE, b"\x05" * (inline_io.INLINE_MAX + PAGE))]     # too large
+    for off, data in writes:
+        await node.write(off, data)
+        model[off:off + len(data)] = data
+    assert node._inline.inline == 2
+    await node.flush()
+    assert on_disk(node) == bytes(model)
+
+
+async def test_stalled_inline_write_falls_back_to_threads(node, monkeypatch):
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+    monkeypatch.setattr(inline_io, "STALL_NS", -1)  # every inline write counts as a stall
+    for i in range(5):
+        await node.write(i * PAGE, bytes([i + 1]) * PAGE)
+    assert (node._inline.inline, node._inline.stalls) == (1, 1)
+    await node.flush()
+    data = on_disk(node)
+    assert all(data[i * PAGE:(i + 1) * PAGE] == bytes([i + 1]) * PAGE for i in range(5))
+
+
+async def test_no_inline_writes_near_dirty_throttling(node, monkeypatch):
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: False)
+    await node.write(0, b"\x07" * PAGE)
+    assert node._inline.inline == 0
+    assert on_disk(node)[:PAGE] == b"\x07" * PAGE
