@@ -60,6 +60,7 @@ class MirrorJob(BlockJob):
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.bitmap: DirtyBitmap | None = None
+        self._cursor = 0  # where the search for the next dirty chunk starts
         self._bitmap_key = f"\x00mirror:{job_id}"
         self.converged = False
         self.waiting_for_io = False
@@ -140,6 +141,7 @@ class MirrorJob(BlockJob):
                 if n:
                     method, n = await self._method(offset, n)
                     bm.reset_dirty(offset, n)
+                    self._cursor = offset + n
                     self.in_flight += 1
                     self.in_flight_bytes += n
                     nursery.start_soon(self._copy, offset, n, method)
@@ -168,11 +170,16 @@ class MirrorJob(BlockJob):
                     self.waiting_for_io = False
 
     def _next_chunk(self, bm: DirtyBitmap) -> tuple[int, int]:
-        for off, n, dirty in bm.dirty_extents():
-            if dirty:
-                n = min(n, MAX_CHUNK, max(self.buf_size - self.in_flight_bytes, bm.granularity))
-                return off, n
-        return 0, 0
+        # Like QEMU's dirty iterator: carry on after the last copy and wrap
+        # round at the end, so that each step is a search from the cursor
+        # rather than a rescan of the clean front of the bitmap.
+        n = min(MAX_CHUNK, max(self.buf_size - self.in_flight_bytes, bm.granularity))
+        area = bm.next_dirty_area(self._cursor, None, n)
+        if area is None and self._cursor:
+            area = bm.next_dirty_area(0, self._cursor, n)
+        if area is None:
+            return 0, 0
+        return area
 
     async def _method(self, offset: int, n: int) -> tuple[str, int]:
         """copy, zero or discard, for as much of the range as has one status."""

@@ -15,8 +15,15 @@ sets ``supports_persistent_bitmaps`` and reads/writes :attr:`DirtyBitmap.data`
 from __future__ import annotations
 
 import hashlib
+import re
 
 from ..qapi.errors import GenericError
+
+# The first byte with any bit set / any bit clear: the regex engine scans in C,
+# straight over the bytearray (no copy), so finding the next dirty or clean
+# granule costs a memchr-like pass instead of a Python loop per granule.
+_ANY_SET = re.compile(rb"[^\x00]")
+_ANY_CLEAR = re.compile(rb"[^\xff]")
 
 
 class DirtyBitmap:
@@ -101,18 +108,73 @@ class DirtyBitmap:
         n = int.from_bytes(self.bits, "little").bit_count()
         return min(n << self.shift, self.size)
 
+    # -- search -----------------------------------------------------------------
+    def _find_bit(self, start: int, stop: int, value: bool) -> int:
+        """First bit index in [start, stop) equal to ``value``, else ``stop``."""
+        if start >= stop:
+            return stop
+        bits = self.bits
+        b = start >> 3
+        byte = bits[b] if value else ~bits[b] & 0xFF
+        byte &= (0xFF << (start & 7)) & 0xFF
+        if not byte:
+            m = (_ANY_SET if value else _ANY_CLEAR).search(bits, b + 1, (stop + 7) >> 3)
+            if m is None:
+                return stop
+            b = m.start()
+            byte = bits[b] if value else ~bits[b] & 0xFF
+        # lowest set bit of the byte: x & -x isolates it
+        return min((b << 3) + (byte & -byte).bit_length() - 1, stop)
+
+    def _span(self, offset: int, length: int | None) -> tuple[int, int]:
+        end = self.size if length is None else min(self.size, offset + length)
+        return offset, end
+
+    def next_dirty(self, offset: int, length: int | None = None) -> int | None:
+        """Byte offset of the first dirty byte in [offset, offset+length), or None.
+
+        As QEMU's bdrv_dirty_bitmap_next_dirty: ``offset`` itself when its
+        granule is dirty, else the start of the next dirty granule.
+        """
+        offset, end = self._span(offset, length)
+        if offset >= end:
+            return None
+        i = self._find_bit(offset >> self.shift, ((end - 1) >> self.shift) + 1, True)
+        pos = max(i << self.shift, offset)
+        return pos if pos < end else None
+
+    def next_clean(self, offset: int, length: int | None = None) -> int | None:
+        """Byte offset of the first clean byte in [offset, offset+length), or None."""
+        offset, end = self._span(offset, length)
+        if offset >= end:
+            return None
+        i = self._find_bit(offset >> self.shift, ((end - 1) >> self.shift) + 1, False)
+        pos = max(i << self.shift, offset)
+        return pos if pos < end else None
+
+    def next_dirty_area(self, offset: int, length: int | None = None,
+                        max_len: int | None = None) -> tuple[int, int] | None:
+        """The first dirty run in [offset, offset+length) as (offset, length),
+        at most ``max_len`` bytes long; None when that range is clean."""
+        offset, end = self._span(offset, length)
+        start = self.next_dirty(offset, end - offset)
+        if start is None:
+            return None
+        if max_len is not None:
+            end = min(end, start + max_len)
+        stop = self.next_clean(start, end - start)
+        return start, (end if stop is None else stop) - start
+
     def dirty_extents(self, offset: int = 0, length: int | None = None):
         """Yield (offset, length, dirty) runs covering [offset, offset+length)."""
-        end = self.size if length is None else min(self.size, offset + length)
-        pos = offset
+        pos, end = self._span(offset, length)
+        dirty = pos < end and self.get(pos)
         while pos < end:
-            d = self.get(pos)
-            nxt = ((pos >> self.shift) + 1) << self.shift
-            while nxt < end and self.get(nxt) == d:
-                nxt += self.granularity
-            nxt = min(nxt, end)
-            yield pos, nxt - pos, d
+            nxt = (self.next_clean if dirty else self.next_dirty)(pos, end - pos)
+            nxt = end if nxt is None else nxt
+            yield pos, nxt - pos, dirty
             pos = nxt
+            dirty = not dirty
 
     def merge_from(self, other: DirtyBitmap) -> None:
         if other.granularity == self.granularity and other.size == self.size:
