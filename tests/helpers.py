@@ -129,14 +129,20 @@ class Daemon:
         self.stop()
 
 
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real tool; with ``check`` a failure shows its whole output."""
+    p = subprocess.run(list(args), capture_output=True, text=True, timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}): {p.stdout}{p.stderr}")
+    return p
+
+
 def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check,
-                          timeout=120)
+    return run("qemu-img", *args, check=check)
 
 
 def qemu_io(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-io", *args], capture_output=True, text=True, check=check,
-                          timeout=120)
+    return run("qemu-io", *args, check=check)
 
 
 def unused_path(tmp_path: Path, name: str) -> str:

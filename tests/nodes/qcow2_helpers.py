@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 
 import qsd_trio.nodes.file  # noqa: F401 - registers the drivers
 import qsd_trio.nodes.qcow2  # noqa: F401
 import qsd_trio.nodes.raw  # noqa: F401
 from qsd_trio.nodes.graph import BlockGraph
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(list(args), capture_output=True, text=True, timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}): {p.stdout}{p.stderr}")
-    return p
-
-
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run("qemu-img", *args, check=check)
+from tests.helpers import qemu_img, run  # noqa: F401 - re-exported for the qcow2 tests
 
 
 def qemu_io(path, *cmds: str, fmt: str = "qcow2", extra: tuple = ()) -> str:
