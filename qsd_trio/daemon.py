@@ -233,12 +233,7 @@ class Daemon:
 
     async def _teardown(self) -> None:
         """Steps 4-5 (and the cleanup of a failed startup)."""
-        if not self._shutdown_started:
-            self._shutdown_started = True
-            await self._stop_exports()
-            await self._stop_jobs()
-            await self.graph.close_all()
-            self._blockers_done.set()
+        await self.shutdown_blockers()  # a no-op after quit/signal shutdown
         for mon in list(self.monitors):
             await mon.drain()
         self.monitor_nursery.cancel_scope.cancel()
