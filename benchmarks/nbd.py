@@ -7,6 +7,11 @@ and idle RSS.  Daemons alternate A, B, A, B; the table shows medians and
 the ratio qsd-trio/qemu (for startup: qemu/qsd-trio, so higher is better).
 
     .venv/bin/python benchmarks/nbd.py [--runtime SECONDS] [--rounds N] [--size MiB]
+                                       [--only qcow2-randwrite,raw-randread,...]
+
+``--only`` takes comma-separated selectors FORMAT-RW, FORMAT or RW (FORMAT:
+raw, qcow2; RW: randread, randwrite, read, write) and runs just those rows;
+startup and RSS rows are measured only when a raw workload runs.
 """
 
 from __future__ import annotations
@@ -83,12 +88,40 @@ def fio(sock: str, rw: str, bs: str, depth: int, runtime: float) -> float:
     return side["iops"] if bs == "4k" else side["bw"] / 1024
 
 
+FORMATS = ("raw", "qcow2")
+
+
+def selected(only: str | None, fmt: str, rw: str) -> bool:
+    """Whether ``--only`` (None: everything) selects workload ``rw`` on ``fmt``."""
+    if only is None:
+        return True
+    for sel in only.split(","):
+        sel = sel.strip()
+        if sel in (fmt, rw, f"{fmt}-{rw}"):
+            return True
+    return False
+
+
+def check_only(only: str | None) -> None:
+    if only is None:
+        return
+    rws = {w[1] for w in WORKLOADS}
+    known = set(FORMATS) | rws | {f"{f}-{rw}" for f in FORMATS for rw in rws}
+    bad = [sel for sel in only.split(",") if sel.strip() not in known]
+    if bad:
+        sys.exit(f"--only: unknown selector(s) {', '.join(bad)}; "
+                 f"use FORMAT-RW, FORMAT or RW from {', '.join(sorted(known))}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=float, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--size", type=int, default=512, help="image size in MiB")
+    ap.add_argument("--only", help="comma-separated FORMAT-RW / FORMAT / RW selectors, "
+                                   "e.g. qcow2-randwrite,raw-randread")
     opts = ap.parse_args()
+    check_only(opts.only)
     if shutil.which("fio") is None or shutil.which("qemu-storage-daemon") is None:
         sys.exit("needs fio and qemu-storage-daemon")
     work = tempfile.mkdtemp(prefix="bench-nbd-")
@@ -98,10 +131,14 @@ def main() -> None:
         startup: dict[str, list[float]] = {"qemu": [], "trio": []}
         rss: dict[str, list[float]] = {"qemu": [], "trio": []}
         for fmt, image in images.items():
+            workloads = [w for w in WORKLOADS if selected(opts.only, fmt, w[1])]
+            if not workloads:
+                continue
             results: dict[str, dict[str, list[float]]] = {w[0]: {"qemu": [], "trio": []}
-                                                          for w in WORKLOADS}
+                                                          for w in workloads}
 
-            def one_round(kind: str, fmt=fmt, image=image, results=results) -> float:
+            def one_round(kind: str, fmt=fmt, image=image, results=results,
+                          workloads=workloads) -> float:
                 d = tempfile.mkdtemp(dir=work)
                 sock = os.path.join(d, "nbd.sock")
                 s = Started(kind, daemon_args(fmt, image, sock), d)
@@ -110,18 +147,19 @@ def main() -> None:
                         time.sleep(0.3)  # idle
                         rss[kind].append(s.rss_kib() / 1024)
                         startup[kind].append(s.startup * 1000)
-                    for name, rw, bs, depth, _t in WORKLOADS:
+                    for name, rw, bs, depth, _t in workloads:
                         results[name][kind].append(fio(sock, rw, bs, depth, opts.runtime))
                 finally:
                     s.stop()
                 return 0.0
 
             alternate(one_round, opts.rounds)
-            for name, _rw, bs, _d, target in WORKLOADS:
+            for name, _rw, bs, _d, target in workloads:
                 unit = "IOPS" if bs == "4k" else "MiB/s"
                 lines.append(row(f"{fmt}: {name}", unit, results[name], True, target))
-        lines.append(row("startup to pidfile (raw + NBD export)", "ms", startup, False))
-        lines.append(row("idle RSS", "MiB", rss, False))
+        if startup["qemu"]:
+            lines.append(row("startup to pidfile (raw + NBD export)", "ms", startup, False))
+            lines.append(row("idle RSS", "MiB", rss, False))
         print(f"NBD benchmark on {machine()}; fio {opts.runtime}s per run, "
               f"{opts.rounds} rounds (A,B,A,B), medians\n")
         print(HEADER)
