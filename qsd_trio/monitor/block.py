@@ -121,6 +121,15 @@ def _backing(node: BlockNode) -> BlockNode | None:
     return e.node if e else None
 
 
+def _filter_or_cow(node: BlockNode) -> BlockNode | None:
+    """bdrv_filter_or_cow_bs: the backing node, else a filter's filtered child."""
+    below = _backing(node)
+    if below is None and node.shows_filtered_child:
+        prim = node.primary_child()
+        below = prim.node if prim else None
+    return below
+
+
 def image_info(node: BlockNode, flat: bool) -> dict:
     info: dict = {"virtual-size": node.length, "filename": node.filename,
                   "format": node.driver}
@@ -131,20 +140,21 @@ def image_info(node: BlockNode, flat: bool) -> dict:
         info["dirty-flag"] = False
     info.update(node.info_extra())
     if not flat:
-        below = _backing(node)
-        if below is None and node.shows_filtered_child:
-            prim = node.primary_child()
-            below = prim.node if prim else None
+        below = _filter_or_cow(node)
         if below is not None:
             info["backing-image"] = image_info(below, flat)
     return info
 
 
 def block_device_info(node: BlockNode, flat: bool) -> dict:
-    depth, b = 0, _backing(node)
-    while b is not None:
-        depth += 1
-        b = _backing(b)
+    # bdrv_block_device_info counts the levels of "backing-image" it nests,
+    # filters included, and nothing with flat=true
+    depth = 0
+    if not flat:
+        b = _filter_or_cow(node)
+        while b is not None:
+            depth += 1
+            b = _filter_or_cow(b)
     d = {
         "file": node.filename,
         "node-name": node.node_name,
@@ -287,7 +297,10 @@ MAX_BITMAP_NAME = 1023
 
 
 def _bitmap(daemon, node_name: str, name: str):
-    node = daemon.graph.lookup_bs(node_name)
+    """block_dirty_bitmap_lookup, with its own error for a missing node."""
+    node = daemon.graph.nodes.get(node_name)
+    if node is None:
+        raise GenericError(f"Node '{node_name}' not found")
     bm = node.bitmaps.get(name)
     if bm is None:
         raise GenericError(f"Dirty bitmap '{name}' not found")

@@ -76,15 +76,17 @@ class BlockGraph:
             raise DeviceNotFound(f"Cannot find device={name} nor node-name={name}") from None
 
     def lookup_bs(self, device: str | None, node_name: str | None = "\0same") -> BlockNode:
-        """bdrv_lookup_bs: by device or node name (one argument: both are it).
+        """bdrv_lookup_bs(device, node_name); with one argument, (name, name).
 
-        qsd has no named block devices, so only node names can match.
+        ``device`` names a BlockBackend, and a storage daemon has none, so
+        only ``node_name`` can match: ``block_resize device=NODE`` fails as in
+        qemu-storage-daemon, while commands that pass one name for both
+        (bitmaps, internal snapshots, jobs) find the node.
         """
         if node_name == "\0same":
             node_name = device
-        for name in (device, node_name):
-            if name is not None and name in self.nodes:
-                return self.nodes[name]
+        if node_name is not None and node_name in self.nodes:
+            return self.nodes[node_name]
         raise GenericError(f"Cannot find device='{device or ''}' nor "
                            f"node-name='{node_name or ''}'")
 

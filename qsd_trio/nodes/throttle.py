@@ -19,15 +19,32 @@ from .node import BlockNode
 from .throttle_group import ThrottleGroup, groups
 
 
+def _qdict_bucket(key: str) -> int:
+    """The bucket QEMU's QDict puts ``key`` in (qdict.c's tdb_hash modulo 512).
+
+    A QDict iterates its buckets in order, so this is the key order of the
+    JSON QEMU prints for a node's options."""
+    v = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, c in enumerate(key.encode()):
+        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_order(d: dict) -> dict:
+    return {k: d[k] for k in sorted(d, key=_qdict_bucket)}
+
+
 def full_open_options(node: BlockNode) -> dict:
     """The options a ``json:`` file name spells out for ``node`` (approximating
-    QEMU's full_open_options for the drivers a throttle filter usually wraps)."""
+    QEMU's full_open_options for the drivers a throttle filter usually wraps:
+    the driver, then each child under its role, in QDict order)."""
     name = node.filename
     if name.startswith("json:"):
         return json.loads(name[5:])
-    if node.driver == "file" or node.primary_child() is None:
-        return {"driver": node.driver, "filename": name}
-    return {"driver": node.driver, "file": full_open_options(node.primary_child().node)}
+    prim = node.primary_child()
+    if node.driver == "file" or prim is None:
+        return qdict_order({"driver": node.driver, "filename": name})
+    return qdict_order({"driver": node.driver, prim.name: full_open_options(prim.node)})
 
 
 @register_driver
@@ -56,8 +73,9 @@ class ThrottleNode(BlockNode):
     @property
     def filename(self) -> str:
         # a strong runtime option (the group) makes QEMU spell the node out
-        return "json:" + json.dumps({"throttle-group": self.group.name, "driver": "throttle",
-                                     "file": full_open_options(self.file.node)})
+        return "json:" + json.dumps(qdict_order({
+            "throttle-group": self.group.name, "driver": "throttle",
+            "file": full_open_options(self.file.node)}))
 
     def _length(self) -> int:
         return self.file.node.length
@@ -70,9 +88,10 @@ class ThrottleNode(BlockNode):
         await self.group.intercept(True, len(data))
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
         await self.group.intercept(True, length)
-        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
+                                          no_fallback=no_fallback)
 
     async def _co_pdiscard(self, offset, length):
         await self.group.intercept(True, length)
