@@ -21,6 +21,7 @@ import trio
 
 from . import QEMU_VERSION, __version__, trace
 from .daemon import Action, Daemon, StartupError
+from .memory import tune_malloc
 from .monitor import dispatch
 from .qapi import keyval, qemuopts, schema
 from .qapi.errors import GenericError, QapiError
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     report = _daemonize() if daemonize else None
+    tune_malloc()
     daemon = Daemon()
     failure: list[StartupError] = []
     try:
