@@ -197,6 +197,7 @@ class Daemon:
             return
         self._shutdown_started = True
         with trio.CancelScope(shield=True):
+            self.graph.drain_all_begin()
             await self._stop_exports()
             await self._stop_jobs()
             await self.graph.close_all()

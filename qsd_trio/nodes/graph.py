@@ -244,6 +244,14 @@ class BlockGraph:
             for node in list(self.nodes.values()):
                 node.periodic(now)
 
+    def drain_all_begin(self) -> None:
+        """bdrv_drain_all_begin, at shutdown: filters stop holding requests
+        back (a throttle filter lets its queue through), so the requests in
+        flight end promptly and land before exports and nodes close.  Never
+        ended: the nodes are about to close."""
+        for node in list(self.nodes.values()):
+            node.drain_begin()
+
     async def close_all(self) -> None:
         """Drain, flush and close every node, parents before children."""
         with trio.CancelScope(shield=True):

@@ -200,8 +200,12 @@ class BlockNode:
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         raise OSError(95, "Operation not supported")
 
-    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
-        # fallback: write explicit zeroes, in bounded chunks
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
+        # fallback: write explicit zeroes, in bounded chunks; a caller that
+        # asked for no fallback (NBD's FAST_ZERO) is told it would be slow
+        if no_fallback:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         chunk = bytes(min(length, 1 << 20))
         pos, end = offset, offset + length
         while pos < end:
@@ -398,7 +402,20 @@ class BlockNode:
         self.stats["wr_bytes"] += n
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
-                           fua: bool = False) -> None:
+                           fua: bool = False, no_fallback: bool = False) -> None:
+        """Make the range read as zeroes.
+
+        With ``no_fallback`` (QEMU's BDRV_REQ_NO_FALLBACK, NBD's FAST_ZERO)
+        the request fails with ENOTSUP where the driver would have to write
+        zeroes as data; it may then have zeroed part of the range already.
+
+        ``may_unmap`` from outside the graph (an export, a job: QEMU's
+        BlockBackend) reaches the driver as it is; from a parent node only
+        when this node was opened with discard=unmap (bdrv_co_pwrite_zeroes
+        drops BDRV_REQ_MAY_UNMAP on a child without BDRV_O_UNMAP).
+        """
+        if may_unmap and not self.discard_unmap and _in_request.get():
+            may_unmap = False
         self._check_writable()
         self._check(offset, length)
         if self._quiesce:
@@ -410,7 +427,7 @@ class BlockNode:
             if self.before_write:
                 await self._before_write(offset, length)
             self.debug_event("pwritev_zero")
-            await self._co_pwrite_zeroes(offset, length, may_unmap and self.discard_unmap, fua)
+            await self._co_pwrite_zeroes(offset, length, may_unmap, fua, no_fallback)
             self.debug_event("pwritev_done")
         except OSError:
             self.stats["failed_wr_operations"] += 1
@@ -520,28 +537,51 @@ class BlockNode:
         first.  The task that holds the section may still issue requests.
         """
         gated = self._ancestors()
+        involved = gated + [n for n in self._subtree() if n is not self]
         for n in gated:
             if n._quiesce == 0:
                 n._resume = trio.Event()
             n._quiesce += 1
+        for n in involved:
+            n.drain_begin()
         token = _in_request.set(True)
         try:
-            for n in gated + self._subtree():
+            for n in involved:
                 await n.drain()
             yield
         finally:
             _in_request.reset(token)
+            for n in involved:
+                n.drain_end()
             for n in gated:
                 n._quiesce -= 1
                 if n._quiesce == 0:
                     n._resume.set()
 
+    def drain_begin(self) -> None:
+        """The driver's bdrv_drain_begin: a drained section or a close starts
+        on this node, its parents or its children (the throttle filter stops
+        holding requests back).  Paired with :meth:`drain_end`."""
+
+    def drain_end(self) -> None:
+        """The driver's bdrv_drain_end."""
+
     async def close(self) -> None:
-        """Drain, flush (if writable), close; children are closed by the graph."""
-        await self.drain()
-        if not self.read_only:
-            await self.flush()
-        await self._close()
+        """Drain, flush (if writable), close; children are closed by the graph.
+
+        The nodes below are drained too (their requests may be this node's),
+        so a throttle filter under a closing node lets its queue through."""
+        below = self._subtree()
+        for n in below:
+            n.drain_begin()
+        try:
+            await self.drain()
+            if not self.read_only:
+                await self.flush()
+            await self._close()
+        finally:
+            for n in below:
+                n.drain_end()
 
     # -- graph edges -----------------------------------------------------------
     def attach(self, name: str, parent: object, perm: Perm, shared: Perm = Perm.ALL) -> BdrvChild:

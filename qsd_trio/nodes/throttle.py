@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+import trio
+
 from ..qapi.errors import GenericError
 from .graph import register_driver
 from .node import BlockNode
@@ -63,7 +65,19 @@ class ThrottleNode(BlockNode):
         self.file = await self.open_child(options, "file")
         self.group: ThrottleGroup = group
         group.members.append(self)
+        # drained sections in progress: requests are not throttled while > 0
+        self.io_limits_disabled = 0
+        self.throttled: set[trio.CancelScope] = set()  # requests waiting in the group
         self.request_alignment = self.file.node.request_alignment
+
+    def drain_begin(self) -> None:
+        # throttle_co_drain_begin: queued requests go now, new ones pass
+        self.io_limits_disabled += 1
+        if self.io_limits_disabled == 1:
+            ThrottleGroup.restart(self)
+
+    def drain_end(self) -> None:
+        self.io_limits_disabled -= 1
 
     async def _close(self) -> None:
         group = getattr(self, "group", None)
@@ -81,20 +95,20 @@ class ThrottleNode(BlockNode):
         return self.file.node.length
 
     async def _co_preadv(self, offset, length):
-        await self.group.intercept(False, length)
+        await self.group.intercept(False, length, self)
         return await self.file.node.read(offset, length)
 
     async def _co_pwritev(self, offset, data, fua):
-        await self.group.intercept(True, len(data))
+        await self.group.intercept(True, len(data), self)
         await self.file.node.write(offset, data, fua=fua)
 
     async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
-        await self.group.intercept(True, length)
+        await self.group.intercept(True, length, self)
         await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                           no_fallback=no_fallback)
 
     async def _co_pdiscard(self, offset, length):
-        await self.group.intercept(True, length)
+        await self.group.intercept(True, length, self)
         await self.file.node.discard(offset, length)
 
     async def _co_block_status(self, offset, length):

@@ -199,26 +199,52 @@ class ThrottleGroup:
             if b.burst_length > 1:
                 b.burst_level += amount
 
-    async def intercept(self, write: bool, nbytes: int) -> None:
+    async def intercept(self, write: bool, nbytes: int, member=None) -> None:
         """Wait until the group's limits admit a request, then account it.
 
-        Cancellation while waiting leaves the buckets untouched.
+        ``member`` is the throttle node the request comes through: while it
+        is drained (``member.io_limits_disabled``) requests are not held
+        back, and :meth:`restart` lets the ones it queued go at once, still
+        accounted (throttle_group_co_io_limits_intercept with
+        io_limits_disabled, throttle_group_restart_tgm).  Cancellation while
+        waiting leaves the buckets untouched.
         """
         if not self.config.enabled():
             return
-        async with self._locks[write]:
-            while True:
-                self._leak()
-                wait = self._wait_time(write)
-                deadline = trio.current_time() + wait
-                # QEMU counts in whole nanoseconds; a float remainder below
-                # that (or below the clock's resolution) must not spin
-                if wait < 1e-9 or deadline <= trio.current_time():
-                    break
-                changed = self._changed
-                with trio.move_on_at(deadline):
-                    await changed.wait()
+        if member is not None and member.io_limits_disabled:
+            self._leak()
             self._account(write, nbytes)
+            return
+        with trio.CancelScope() as released:
+            if member is not None:
+                member.throttled.add(released)
+            try:
+                async with self._locks[write]:
+                    while True:
+                        self._leak()
+                        wait = self._wait_time(write)
+                        deadline = trio.current_time() + wait
+                        # QEMU counts in whole nanoseconds; a float remainder
+                        # below that (or below the clock's resolution) must not spin
+                        if wait < 1e-9 or deadline <= trio.current_time():
+                            break
+                        changed = self._changed
+                        with trio.move_on_at(deadline):
+                            await changed.wait()
+                    self._account(write, nbytes)
+                    return
+            finally:
+                if member is not None:
+                    member.throttled.discard(released)
+        # released by a drain of ``member``: go now
+        self._leak()
+        self._account(write, nbytes)
+
+    @staticmethod
+    def restart(member) -> None:
+        """throttle_group_restart_tgm: every request ``member`` holds back goes."""
+        for scope in list(member.throttled):
+            scope.cancel()
 
 
 def groups(graph) -> dict[str, ThrottleGroup]:

@@ -151,3 +151,52 @@ def test_cli_errors_as_qemu(opt):
     got = run_cli("trio", ["--object", opt])
     assert (got.returncode, normalise_prog(got.stderr)) == \
         (want.returncode, normalise_prog(want.stderr))
+
+
+async def test_shutdown_lets_throttled_writes_land(daemon_factory, tmp_path):
+    """quit while an NBD client has writes queued in a throttle group that
+    would hold them for minutes: shutdown drains the filter first (as
+    bdrv_drain_all_begin does), so every write is answered, lands, and the
+    daemon exits long before the limit would have let them through."""
+    import trio
+
+    from qsd_trio.proto import nbd as P
+
+    from .nbd_raw import RawClient
+
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(MiB))
+    sock = tmp_path / "nbd.sock"
+    req, count = 64 * KiB, 8
+    d = daemon_factory("trio", [
+        "--object", "throttle-group,id=tg0,x-bps-write=4096",
+        "--blockdev", f"driver=file,node-name=f0,filename={img}",
+        "--blockdev", "driver=throttle,node-name=t0,throttle-group=tg0,file=f0",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=t0,name=disk,writable=on",
+    ])
+    q = d.qmp()
+    c = await RawClient.connect(str(sock))
+    try:
+        with trio.fail_after(20):
+            await c.go("disk")
+            for i in range(count):
+                await c.request(P.CMD_WRITE, handle=i + 1, offset=i * req, length=req,
+                                data=bytes([i + 1]) * req)
+            # the first write fits the bucket; the others (2 min at 4 KiB/s) queue
+            first = (await c.reply())[0]
+            assert first.error == 0
+            await trio.sleep(0.5)
+            q.cmd_raw("quit")
+            handles = {first.handle}
+            for _ in range(count - 1):
+                rep, _payload = await c.reply()
+                assert rep.error == 0
+                handles.add(rep.handle)
+            assert handles == set(range(1, count + 1))
+        assert d.wait(30) == 0
+    finally:
+        await c.s.aclose()
+    data = img.read_bytes()
+    assert data[:count * req] == b"".join(bytes([i + 1]) * req for i in range(count))
+    assert data[count * req:] == bytes(MiB - count * req)
