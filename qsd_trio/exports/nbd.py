@@ -50,6 +50,18 @@ _MAX_DATA_EXTENTS = 4096
 _DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when an export stops
 
 
+# the message of an error reply when a command fails (QEMU's nbd_handle_request)
+_FAILED = {
+    P.CMD_READ: "reading from file failed",
+    P.CMD_WRITE: "writing to file failed",
+    P.CMD_WRITE_ZEROES: "writing to file failed",
+    P.CMD_FLUSH: "flush failed",
+    P.CMD_TRIM: "discard failed",
+    P.CMD_CACHE: "caching data failed",
+    P.CMD_BLOCK_STATUS: "can't get block status",
+}
+
+
 class _Disconnect(Exception):
     """End this connection now (the peer misbehaved or asked to)."""
 
@@ -974,7 +986,8 @@ class Connection:
                     await node.write_zeroes(
                         req.offset, req.length,
                         may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE,
-                        fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough)
+                        fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough,
+                        no_fallback=bool(req.flags & P.CMD_FLAG_FAST_ZERO))
             elif t == P.CMD_CACHE:
                 pass  # a hint; the page cache already holds what we read
             elif t == P.CMD_BLOCK_STATUS:
@@ -982,10 +995,10 @@ class Connection:
                 return
             self._queue((P.simple_reply(req.handle),))
         except OSError as e:
-            self._error_reply(req, P.errno_to_nbd(e.errno), e.strerror or str(e))
-        except QapiError as e:
+            self._error_reply(req, P.errno_to_nbd(e.errno), _FAILED[t])
+        except QapiError:
             # e.g. a corrupt image refusing I/O: the client sees EIO
-            self._error_reply(req, P.EIO, e.desc)
+            self._error_reply(req, P.EIO, _FAILED[t])
 
     async def _read(self, req: P.Request) -> None:
         export = self.export

@@ -98,9 +98,10 @@ class BlkdebugNode(BlockNode):
         await self._rule_check(offset, len(data), "write")
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
         await self._rule_check(offset, length, "write-zeroes")
-        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
+                                          no_fallback=no_fallback)
 
     async def _co_pdiscard(self, offset, length):
         await self._rule_check(offset, length, "discard")

@@ -44,8 +44,9 @@ class CopyOnReadNode(BlockNode):
     async def _co_pwritev(self, offset, data, fua):
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
-        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
+                                          no_fallback=no_fallback)
 
     async def _co_pdiscard(self, offset, length):
         await self.file.node.discard(offset, length)

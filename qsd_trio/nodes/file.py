@@ -32,7 +32,7 @@ from ..qapi.errors import GenericError
 from . import locking
 from .batch import BatchExecutor
 from .graph import register_driver
-from .inline_io import InlineWrites
+from .inline_io import InlineWrites, voluntary_switches
 from .node import BlockNode, BlockStatus, Perm, Status
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -240,9 +240,10 @@ class FileNode(BlockNode):
         elif self._inline.allowed(offset, len(data)):
             # whole pages into the page cache, far from dirty throttling: a
             # few microseconds here beat a thread hop (see inline_io.py)
+            sw = voluntary_switches()
             t0 = time.perf_counter_ns()
             self._pwrite_all(data, offset, False)
-            self._inline.ran(time.perf_counter_ns() - t0)
+            self._inline.ran(time.perf_counter_ns() - t0, sw)
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._run_small(self._pwrite_all, data, offset, False, length=len(data))
@@ -268,16 +269,39 @@ class FileNode(BlockNode):
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
+        # no ZERO_RANGE (tmpfs): punch a hole and allocate it again, as
+        # QEMU's handle_aiocb_write_zeroes does
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, 0, offset, length)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
         return False
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
-        if self.cache_direct and (offset % self.align or length % self.align):
-            # fallocate on partial blocks under O_DIRECT: write real zeroes
-            done = False
-        else:
-            done = await self._run(self._zero, offset, length, may_unmap)
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+        end = offset + length
+        if self.cache_direct and (offset % self.align or end % self.align):
+            # O_DIRECT: the partial blocks at the edges are written as data
+            # (QEMU's request padding, done even for NO_FALLBACK), the
+            # aligned middle is zeroed
+            a = -(-offset // self.align) * self.align
+            b = end // self.align * self.align
+            if a >= b:
+                await self._co_pwritev(offset, memoryview(bytes(length)), fua)
+                return
+            if offset < a:
+                await self._co_pwritev(offset, memoryview(bytes(a - offset)), False)
+            await self._co_pwrite_zeroes(a, b - a, may_unmap, False, no_fallback)
+            if b < end:
+                await self._co_pwritev(b, memoryview(bytes(end - b)), False)
+            if fua:
+                await self._run(os.fdatasync, self.fd)
+            return
+        done = await self._run(self._zero, offset, length, may_unmap)
         if not done:
-            await super()._co_pwrite_zeroes(offset, length, may_unmap, fua)
+            await super()._co_pwrite_zeroes(offset, length, may_unmap, fua, no_fallback)
             return
         self._size = max(self._size, offset + length)
         if fua:

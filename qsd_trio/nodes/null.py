@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import trio
 
 from .graph import register_driver
@@ -45,7 +47,11 @@ class NullNode(BlockNode):
     async def _co_pwritev(self, offset, data, fua):
         await self._delay()
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+        if no_fallback:
+            # QEMU's null driver has no zero-write of its own (supported_zero_flags
+            # is 0), so BDRV_REQ_NO_FALLBACK is refused before it is called
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         await self._delay()
 
     async def _co_flush(self):

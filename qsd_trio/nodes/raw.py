@@ -55,9 +55,9 @@ class RawNode(BlockNode):
         self.file.node.debug_event("write_aio")
         await self.file.node.write(self.offset + offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
         await self.file.node.write_zeroes(self.offset + offset, length, may_unmap=may_unmap,
-                                          fua=fua)
+                                          fua=fua, no_fallback=no_fallback)
 
     async def _co_pdiscard(self, offset, length):
         await self.file.node.discard(self.offset + offset, length)

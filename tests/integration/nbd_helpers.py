@@ -35,7 +35,7 @@ class MemoryNode(BlockNode):
         self.data[offset:offset + len(data)] = data
         self._mark(offset, len(data), True)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
         self.data[offset:offset + length] = bytes(length)
         self._mark(offset, length, True)
 

@@ -874,30 +874,77 @@ class Qcow2Node(BlockNode):
         self.l2cache.mark_dirty(self.l1[r.gc >> self.l2_bits] & L1E_OFFSET_MASK)
 
     # -- zero writes and discard ---------------------------------------------------
-    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False):
         self._check_usable()
         unit = self.sc_size
         end = offset + length
         if self.version < 3:
-            return await super()._co_pwrite_zeroes(offset, length, may_unmap, fua)
+            # no zero flag before v3 (QEMU's supported_zero_flags are 0)
+            return await super()._co_pwrite_zeroes(offset, length, may_unmap, fua, no_fallback)
         a = -(-offset // unit) * unit
         b = end if end == self.size else (end // unit) * unit
-        if a >= b:
-            return await self._zero_explicit(offset, length, fua)
-        if offset < a:
-            await self._zero_explicit(offset, a - offset, False)
-        async with self._locked(a, b - a):
-            try:
-                await self._zero_locked(a, b, may_unmap)
-            except Corruption as c:
-                raise await self._signal_corruption(c) from None
-            if self.data_file_raw:
-                # the raw data file must read the same as the image
-                await self.data.write_zeroes(a, b - a, may_unmap=may_unmap)
-        if b < end:
-            await self._zero_explicit(b, end - b, False)
+        if a > b:  # inside one subcluster
+            await self._zero_partial(offset, length, may_unmap, no_fallback)
+        else:  # head, whole subclusters, tail (QEMU's generic layer splits the same way)
+            if offset < a:
+                await self._zero_partial(offset, a - offset, may_unmap, no_fallback)
+            if a < b:
+                async with self._locked(a, b - a):
+                    try:
+                        await self._zero_locked(a, b, may_unmap)
+                    except Corruption as c:
+                        raise await self._signal_corruption(c) from None
+                    if self.data_file_raw:
+                        # the raw data file must read the same as the image
+                        await self.data.write_zeroes(a, b - a, may_unmap=may_unmap,
+                                                     no_fallback=no_fallback)
+            if b < end:
+                await self._zero_partial(b, end - b, may_unmap, no_fallback)
         if fua:
             await self._co_flush()
+
+    async def _zero_partial(self, offset: int, length: int, may_unmap: bool,
+                            no_fallback: bool) -> None:
+        """Zero part of one subcluster (the head/tail case of QEMU's
+        qcow2_co_pwrite_zeroes): when the rest of the subcluster already reads
+        as zeroes (backing files included) and it is unallocated or zero in
+        this image, the whole subcluster becomes a zero one; otherwise the part
+        is written as data, or refused with ENOTSUP under ``no_fallback``."""
+        unit = self.sc_size
+        start = offset - offset % unit
+        stop = min(start + unit, self.size)
+        end = offset + length
+        if await self._reads_zero(start, offset - start) and await self._reads_zero(end, stop - end):
+            async with self._locked(start, stop - start):
+                # checked again under the lock: a write may have come in between
+                try:
+                    segs = await self._map(start, stop - start)
+                    if all(kind in (ZERO, UNALLOC) for kind, *_ in segs):
+                        await self._zero_locked(start, stop, may_unmap)
+                        done = True
+                    else:
+                        done = False
+                except Corruption as c:
+                    raise await self._signal_corruption(c) from None
+                if done and self.data_file_raw:
+                    await self.data.write_zeroes(start, stop - start, may_unmap=may_unmap,
+                                                 no_fallback=no_fallback)
+            if done:
+                return
+        if no_fallback:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        await self._zero_explicit(offset, length, False)
+
+    async def _reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the range reads as zeroes, backing chain included (QEMU's is_zero)."""
+        end = min(offset + length, self.size)
+        while offset < end:
+            st = await self._co_block_status(offset, end - offset)
+            if not st.flags & Status.ZERO:
+                return False
+            offset += max(st.length, 1)
+        return True
 
     async def _zero_explicit(self, offset: int, length: int, fua: bool) -> None:
         await self._co_pwritev(offset, memoryview(bytes(length)), fua)
