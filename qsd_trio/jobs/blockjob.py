@@ -30,6 +30,10 @@ def check_not_busy(daemon: Any, node: BlockNode) -> None:
 class BlockJob(Job):
     """A job on block nodes."""
 
+    # a filter inserted above a node the job uses leaves the job's edge where
+    # it is (QEMU's child_job.stay_at_node)
+    stay_at_node = True
+
     def __init__(self, daemon: Any, job_id: str, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         self.edges: list[BdrvChild] = []

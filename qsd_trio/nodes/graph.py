@@ -202,6 +202,84 @@ class BlockGraph:
             raise
         return edge
 
+    # -- filters inserted and dropped by jobs ------------------------------------------
+    async def insert_filter(self, below: BlockNode, options: dict) -> BlockNode:
+        """bdrv_insert_node: open a filter from ``options`` (whose filtered
+        child names ``below``) and move every parent of ``below`` to it.
+
+        ``below`` is drained meanwhile, so no request is in flight across the
+        switch.  Parents that stay are the filter itself and users with
+        ``stay_at_node`` set (block jobs, as QEMU's child_job).  A node name
+        is optional (``#blockNNN`` otherwise); the filter is not monitor-owned.
+        On any failure (open, permissions) nothing has changed and the error
+        is raised.  Undone by :meth:`drop_filter`.
+        """
+        created: list[BlockNode] = []
+        self._tx.append(created)
+        try:
+            filt = await self._open(options)
+        except BaseException:
+            await self._rollback(created)
+            raise
+        finally:
+            self._tx.pop()
+        try:
+            async with below.drained():
+                self.replace_node(below, filt)
+        except BaseException:
+            await self._rollback(created)
+            raise
+        trace.event("bdrv_open", node_name=filt.node_name, driver=filt.driver)
+        return filt
+
+    def drop_filter(self, filt: BlockNode) -> None:
+        """bdrv_drop_filter and the unref after it, for the graph: the
+        parents of ``filt`` go back to its filtered (file) child, ``filt``
+        leaves the graph and lets go of its children now, so that they can be
+        deleted at once.  No new request reaches ``filt`` afterwards; the
+        caller releases it with ``await filt.close()`` (requests already
+        inside finish first).  Users with ``stay_at_node`` must have detached
+        before.  Shrinking permissions cannot conflict, so this never fails.
+        """
+        below = filt.children["file"].node
+        if self.nodes.get(filt.node_name) is filt:
+            del self.nodes[filt.node_name]
+        for edge in list(filt.children.values()):
+            edge.detach()
+        with contextlib.suppress(GenericError):
+            self.replace_node(filt, below)
+
+    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """bdrv_replace_node: every parent of ``old`` (except ``new`` and users
+        with ``stay_at_node``) uses ``new`` instead, keeping their order.
+
+        Exports follow: their ``node`` attribute moves with the edge.  On a
+        permission conflict every edge goes back and GenericError is raised.
+        """
+        from .perms import refresh
+
+        moved = [e for e in old.parents
+                 if e.parent is not new and not getattr(e.parent, "stay_at_node", False)]
+
+        def move(edges: list[BdrvChild], a: BlockNode, b: BlockNode) -> None:
+            for e in edges:
+                a.parents.remove(e)
+                e.node = b
+                if not isinstance(e.parent, BlockNode) and getattr(e.parent, "node", None) is a:
+                    e.parent.node = b
+            b.parents[:0] = edges
+
+        move(moved, old, new)
+        try:
+            refresh(new)
+            refresh(old)
+        except BaseException:
+            move(moved, new, old)
+            for n in (new, old):
+                with contextlib.suppress(Exception):
+                    refresh(n)
+            raise
+
     # -- deleting ------------------------------------------------------------------
     async def delete(self, name: str) -> None:
         """blockdev-del, with QEMU's refusals."""

@@ -206,3 +206,45 @@ async def test_drain_holds_new_requests(graph, img):
             await trio.sleep(0.05)
             order.append("section")
     assert order == ["section", "outsider"]
+
+
+class Export(User):
+    """A user that holds its node as ``.node``, as exports do."""
+
+    def __init__(self, node):
+        self.node = node
+
+
+class Job(User):
+    stay_at_node = True
+
+
+async def test_insert_and_drop_filter(graph, img):
+    f0 = await graph.add({"driver": "file", "node-name": "f0", "filename": str(img)})
+    exp = Export(f0)
+    e_exp = f0.attach("export", exp, Perm.CONSISTENT_READ | Perm.WRITE)
+    job = Job()
+    e_job = f0.attach("job", job, Perm(0), Perm.ALL)
+    filt = await graph.insert_filter(f0, {"driver": "copy-on-read", "file": "f0"})
+    # the export moved up with its edge; the job stays at its node
+    assert filt.node_name.startswith("#block") and not filt.monitor_owned
+    assert exp.node is filt and e_exp.node is filt and filt.parents == [e_exp]
+    assert f0.parents == [filt.children["file"], e_job]
+    assert filt.children["file"].perm == Perm.CONSISTENT_READ | Perm.WRITE | \
+        Perm.WRITE_UNCHANGED
+    await exp.node.write(0, b"through the filter")
+    graph.drop_filter(filt)
+    await filt.close()
+    assert filt.node_name not in graph.nodes and filt.children == {}
+    assert exp.node is f0 and f0.parents == [e_exp, e_job]
+    assert f0.cum_perm == Perm.CONSISTENT_READ | Perm.WRITE
+    assert bytes(await f0.read(0, 18)) == b"through the filter"
+    # a conflict with a user that stays below: nothing changes
+    e_job.detach()
+    e_exp.set_perm(Perm.CONSISTENT_READ, Perm.ALL)
+    e_job = f0.attach("job", job, Perm(0), Perm.ALL & ~Perm.WRITE_UNCHANGED & ~Perm.WRITE)
+    with pytest.raises(GenericError, match="Permission conflict on node 'f0': "
+                                           "permissions 'write unchanged' are both required"):
+        await graph.insert_filter(f0, {"driver": "copy-on-read", "node-name": "cor",
+                                       "file": "f0"})
+    assert list(graph.nodes) == ["f0"] and exp.node is f0 and f0.parents == [e_job, e_exp]
