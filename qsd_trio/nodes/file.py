@@ -32,7 +32,7 @@ from ..qapi.errors import GenericError
 from . import locking
 from .batch import BatchExecutor
 from .graph import register_driver
-from .inline_io import InlineWrites, voluntary_switches
+from .inline_io import InlineWrites
 from .node import BlockNode, BlockStatus, Perm, Status
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -240,10 +240,9 @@ class FileNode(BlockNode):
         elif self._inline.allowed(offset, len(data)):
             # whole pages into the page cache, far from dirty throttling: a
             # few microseconds here beat a thread hop (see inline_io.py)
-            sw = voluntary_switches()
             t0 = time.perf_counter_ns()
             self._pwrite_all(data, offset, False)
-            self._inline.ran(time.perf_counter_ns() - t0, sw)
+            self._inline.ran(time.perf_counter_ns() - t0)
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._run_small(self._pwrite_all, data, offset, False, length=len(data))
