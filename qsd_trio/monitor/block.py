@@ -147,6 +147,8 @@ def image_info(node: BlockNode, flat: bool) -> dict:
 
 
 def block_device_info(node: BlockNode, flat: bool) -> dict:
+    if getattr(node, "ejected", False):
+        raise GenericError(f"Block device {node.node_name} is ejected")
     # bdrv_block_device_info counts the levels of "backing-image" it nests,
     # filters included, and nothing with flat=true
     depth = 0

@@ -37,6 +37,7 @@ from ...qapi.errors import GenericError
 from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
+from . import overlap
 from . import snapshots as snapmod
 from .compress import CompressionError, compress, decompress
 from .header import (
@@ -131,6 +132,11 @@ class Qcow2Node(BlockNode):
         self._l1_dirty = False
         self._dirty_set = False
         self._decomp_cache: tuple[int, bytes] | None = None
+        # overlap-check: the structures checked, and the index of where they lie
+        self.overlap_mask = overlap.parse_option(options.get("overlap-check"))
+        self._l1_gen = 0  # bumped when an L1 entry points at a new L2 table
+        self._ol_layout: tuple | None = None
+        self._ol_index: overlap.OverlapIndex | None = None
 
         # data file: external clusters live there, not in `file`
         self.data_edge = None
@@ -269,7 +275,67 @@ class Qcow2Node(BlockNode):
         return bytes(await self.file.read(offset, length))
 
     async def _write_meta(self, offset: int, data: bytes) -> None:
+        """Refcount metadata writes (blocks, table entries, a new table)."""
+        if self.overlap_mask:
+            t = self.refs.table_offset
+            in_table = t <= offset < t + self.refs.table_clusters * self.cs
+            await self._overlap_check(
+                overlap.REFCOUNT_TABLE if in_table else overlap.REFCOUNT_BLOCK,
+                offset, len(data))
         await self.file.write(offset, data)
+
+    # -- overlap checks (overlap.py) --------------------------------------------
+    def _layout(self) -> tuple:
+        """What the metadata layout depends on; the index is rebuilt when it changes."""
+        h = self.h
+        return (self.l1, self._l1_gen, self.l1_offset, self.refs.version,
+                self.refs.table_offset, self.refs.table_clusters, self.snapshots,
+                h.snapshots_offset, h.autoclear_features, h.ext(EXT_BITMAPS))
+
+    async def _overlap_index(self) -> overlap.OverlapIndex:
+        ix = overlap.OverlapIndex(self.cb)
+        cs = self.cs
+        if self.l1:
+            ix.add_range(overlap.ACTIVE_L1, self.l1_offset, len(self.l1) * 8)
+        ix.add_range(overlap.REFCOUNT_TABLE, self.refs.table_offset,
+                     self.refs.table_clusters * cs)
+        if self.snapshots:
+            ix.add_range(overlap.SNAPSHOT_TABLE, self.h.snapshots_offset,
+                         snapmod.table_size(self.snapshots))
+        for sn in self.snapshots:
+            ix.add_range(overlap.INACTIVE_L1, sn.l1_table_offset, sn.l1_size * 8)
+        for e in self.l1:
+            ix.add_cluster(overlap.ACTIVE_L2, e & L1E_OFFSET_MASK)
+        for e in self.refs.table:
+            ix.add_cluster(overlap.REFCOUNT_BLOCK, e & ~0x1FF)
+        if self.overlap_mask & overlap.INACTIVE_L2:
+            for sn in self.snapshots:
+                if sn.l1_size:
+                    for e in unpack_table(await self._read_meta(sn.l1_table_offset,
+                                                                sn.l1_size * 8)):
+                        ix.add_cluster(overlap.INACTIVE_L2, e & L1E_OFFSET_MASK)
+        if self.h.autoclear_features & AUTOCLEAR_BITMAPS:
+            ix.add_range(overlap.BITMAP_DIRECTORY,
+                         *overlap.bitmap_directory(self.h.ext(EXT_BITMAPS)))
+        return ix
+
+    async def _overlap_check(self, ign: int, offset: int, size: int,
+                             data_file: bool = False) -> None:
+        """qcow2_pre_write_overlap_check: a write that would land on metadata
+        marks the image corrupt and fails with EIO (data written to an
+        external data file is never checked)."""
+        mask = self.overlap_mask & ~ign
+        if not mask or not size or (data_file and self.has_data_file):
+            return
+        layout = self._layout()
+        old = self._ol_layout
+        if old is None or any(a is not b and a != b for a, b in zip(layout, old, strict=True)):
+            self._ol_index = await self._overlap_index()
+            self._ol_layout = layout
+        bit = self._ol_index.check(mask, offset, size)
+        if bit:
+            raise await self._signal_corruption(
+                Corruption(overlap.message(bit), offset, size)) from None
 
     async def _reftable_moved(self, offset: int, clusters: int) -> None:
         self.h.refcount_table_offset, self.h.refcount_table_clusters = offset, clusters
@@ -346,6 +412,11 @@ class Qcow2Node(BlockNode):
                     pass
         return OSError(errno.EIO, "Input/output error")
 
+    @property
+    def ejected(self) -> bool:
+        """QEMU drops the driver of a fatally corrupt node (bs->drv = NULL)."""
+        return self._corrupt
+
     def _check_usable(self) -> None:
         if self._corrupt:
             # QEMU drops the driver of a fatally corrupt node: no medium
@@ -385,6 +456,7 @@ class Qcow2Node(BlockNode):
         new = await self.refs.alloc(1)
         self.l2cache.put(new, t, dirty=True)
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
+        self._l1_gen += 1
         self._l1_dirty = True
         if off:
             self._pending_free.append((off, self.cs, "other"))
@@ -583,6 +655,8 @@ class Qcow2Node(BlockNode):
             plan = await self._inplace_plan(offset, length)
             if plan is not None:
                 for goff, n, host in plan:
+                    if self.overlap_mask:
+                        await self._overlap_check(0, host, n, True)
                     await self.data.write(host, data[goff - offset:goff - offset + n])
         finally:
             self._inplace -= 1
@@ -774,6 +848,8 @@ class Qcow2Node(BlockNode):
         """Write into a cluster we own; with subclusters, allocate the touched ones."""
         base = gc << self.cb
         host = e & L2E_OFFSET_MASK
+        if self.overlap_mask:
+            await self._overlap_check(0, host + (pos - base), len(chunk), True)
         if not self.extl2:
             await self.data.write(host + (pos - base), chunk)
             return
@@ -841,6 +917,13 @@ class Qcow2Node(BlockNode):
             payload = chunk
         await self._l2_for_write(gc >> self.l2_bits)
         host = await self._alloc_data(gc, n)
+        if self.overlap_mask:
+            try:
+                await self._overlap_check(0, host + a, b - a, True)
+            except OSError:
+                if not self.has_data_file:
+                    self._pending_free.append((host, n * cs, "other"))
+                raise
         return _NewRun(gc, n, a, b, olds, host, payload)
 
     async def _link_run(self, r: _NewRun) -> None:
@@ -1063,6 +1146,8 @@ class Qcow2Node(BlockNode):
             await self.file.flush()
         if self.l2cache.dirty:
             for off in sorted(self.l2cache.dirty):
+                if self.overlap_mask:
+                    await self._overlap_check(overlap.ACTIVE_L2, off, self.cs)
                 await self.file.write(off, pack_table(self.l2cache.tables[off]))
             self.l2cache.dirty.clear()
             await self.file.flush()
@@ -1073,6 +1158,8 @@ class Qcow2Node(BlockNode):
 
     async def _write_l1(self) -> None:
         if self.l1:
+            if self.overlap_mask:
+                await self._overlap_check(overlap.ACTIVE_L1, self.l1_offset, len(self.l1) * 8)
             await self.file.write(self.l1_offset, pack_table(_arr(self.l1)))
         self._l1_dirty = False
 
@@ -1200,6 +1287,8 @@ class Qcow2Node(BlockNode):
         clusters = -(-nbytes // self.cs)
         off = await self.refs.alloc(clusters)
         await self.refs.write_dirty()
+        if self.overlap_mask:
+            await self._overlap_check(0, off, nbytes)
         await self.file.write(off, pack_table(_arr(new_l1)))
         await self.file.flush()
         old_off, old_n = self.l1_offset, len(self.l1)
@@ -1224,6 +1313,8 @@ class Qcow2Node(BlockNode):
                     host = await self._alloc_data(gc, 1)
                     idx = gc & (self.l2_entries - 1)
                     if mode == "full":
+                        if self.overlap_mask:
+                            await self._overlap_check(0, host, cs, True)
                         await self.data.write(host, bytes(cs))
                     if self.extl2:
                         # the clusters read as zeroes without being written
@@ -1267,6 +1358,8 @@ class Qcow2Node(BlockNode):
                 table = await self._l2_for_write(gc >> self.l2_bits)
                 await self._set_dirty()
                 coff = await self._alloc_bytes(len(comp))
+                if self.overlap_mask:
+                    await self._overlap_check(0, coff, len(comp), True)
                 await self.file.write(coff, comp)
                 x = 62 - (self.cb - 8)
                 nsect = ((coff + len(comp) - 1) >> 9) - (coff >> 9)

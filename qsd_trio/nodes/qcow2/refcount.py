@@ -74,6 +74,7 @@ class Refcounts:
         # moved past each allocation, moved back when a cluster below it is freed
         self.free_hint = 0
         self.scanned = 0  # clusters the free-cluster search has passed over (statistics)
+        self.version = 0  # bumped when a refcount block is added or the table moves
 
     @classmethod
     def parse_table(cls, buf: bytes, entries: int) -> list[int]:
@@ -256,6 +257,7 @@ class Refcounts:
         off = first << self.cluster_bits
         await self._write(off, bytes(blk))
         self.blocks[bidx] = blk
+        self.version += 1
         if bidx >= self.table_clusters * self.cluster_size // 8:
             while len(self.table) <= bidx:
                 self.table.append(0)
@@ -290,6 +292,7 @@ class Refcounts:
                     while len(self.table) <= b:
                         self.table.append(0)
                     self.table[b] = boff
+                    self.version += 1
                     if start <= (b << self.block_bits) < start + clusters:
                         start = -1  # the run now overlaps the new block; search again
             if start < 0 or len(self.table) > clusters * per_cluster:
@@ -305,6 +308,7 @@ class Refcounts:
         await self._write(new_off, bytes(buf))
         await self._flush()
         self.table_offset, self.table_clusters = new_off, clusters
+        self.version += 1
         await self._on_table_moved(new_off, clusters)
         await self._flush()
         if old_clusters:
