@@ -24,7 +24,6 @@ import ctypes.util
 import errno
 import mmap
 import os
-import time
 
 import trio
 
@@ -240,9 +239,7 @@ class FileNode(BlockNode):
         elif self._inline.allowed(offset, len(data)):
             # whole pages into the page cache, far from dirty throttling: a
             # few microseconds here beat a thread hop (see inline_io.py)
-            t0 = time.perf_counter_ns()
-            self._pwrite_all(data, offset, False)
-            self._inline.ran(time.perf_counter_ns() - t0)
+            self._inline.run(self._pwrite_all, data, offset, False)
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._run_small(self._pwrite_all, data, offset, False, length=len(data))

@@ -2,6 +2,8 @@
 an inline write that stalls sends the node's writes to threads for a while.
 Either way the bytes on disk are what was written."""
 
+import time
+
 import pytest
 
 from qsd_trio.nodes import inline_io
@@ -41,7 +43,9 @@ async def test_page_aligned_writes_inline_others_on_threads(node, monkeypatch):
 
 async def test_stalled_inline_write_falls_back_to_threads(node, monkeypatch):
     monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
-    monkeypatch.setattr(inline_io, "STALL_NS", -1)  # every inline write counts as a stall
+    monkeypatch.setattr(inline_io, "STALL_NS", -1)  # every inline write is slow ...
+    slept = iter(range(1000))
+    monkeypatch.setattr(inline_io, "voluntary_switches", lambda: next(slept))  # ... and slept
     for i in range(5):
         await node.write(i * PAGE, bytes([i + 1]) * PAGE)
     assert (node._inline.inline, node._inline.stalls) == (1, 1)
@@ -55,3 +59,23 @@ async def test_no_inline_writes_near_dirty_throttling(node, monkeypatch):
     await node.write(0, b"\x07" * PAGE)
     assert node._inline.inline == 0
     assert on_disk(node)[:PAGE] == b"\x07" * PAGE
+
+
+async def test_slow_but_preempted_inline_write_is_no_stall(node, monkeypatch):
+    # slow because the CPU was busy elsewhere (no sleep in the kernel):
+    # a thread would not have helped, so writes stay inline
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+    monkeypatch.setattr(inline_io, "STALL_NS", -1)
+    monkeypatch.setattr(inline_io, "voluntary_switches", lambda: 7)
+    for i in range(5):
+        await node.write(i * PAGE, bytes([i + 1]) * PAGE)
+    assert (node._inline.inline, node._inline.stalls) == (5, 0)
+    await node.flush()
+    data = on_disk(node)
+    assert all(data[i * PAGE:(i + 1) * PAGE] == bytes([i + 1]) * PAGE for i in range(5))
+
+
+def test_voluntary_switches_counts_sleeps():
+    before = inline_io.voluntary_switches()
+    time.sleep(0.01)
+    assert inline_io.voluntary_switches() > before
