@@ -39,7 +39,8 @@ def load_drivers() -> dict[str, type[BlockNode]]:
     """Import every driver module so that it registers itself."""
     import importlib
 
-    for mod in ("null", "file", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2"):
+    for mod in ("null", "file", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
+                "copy_before_write", "snapshot_access"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as e:
@@ -218,6 +219,9 @@ class BlockGraph:
         self._tx.append(created)
         try:
             filt = await self._open(options)
+        except GenericError as e:
+            await self._rollback(created)
+            raise GenericError(f"Could not create node: {e.desc}") from None
         except BaseException:
             await self._rollback(created)
             raise
@@ -226,8 +230,10 @@ class BlockGraph:
         try:
             async with below.drained():
                 self.replace_node(below, filt)
-        except BaseException:
+        except BaseException as e:
             await self._rollback(created)
+            if isinstance(e, GenericError):
+                raise GenericError(f"Could not replace node: {e.desc}") from None
             raise
         trace.event("bdrv_open", node_name=filt.node_name, driver=filt.driver)
         return filt
@@ -251,7 +257,7 @@ class BlockGraph:
 
     def replace_node(self, old: BlockNode, new: BlockNode) -> None:
         """bdrv_replace_node: every parent of ``old`` (except ``new`` and users
-        with ``stay_at_node``) uses ``new`` instead, keeping their order.
+        with ``stay_at_node``) uses ``new`` instead.
 
         Exports follow: their ``node`` attribute moves with the edge.  On a
         permission conflict every edge goes back and GenericError is raised.
@@ -265,16 +271,21 @@ class BlockGraph:
             for e in edges:
                 a.parents.remove(e)
                 e.node = b
-                if not isinstance(e.parent, BlockNode) and getattr(e.parent, "node", None) is a:
+                if isinstance(e.parent, BlockNode):
+                    # bdrv_child_cb_detach/attach: the edge is now the
+                    # parent's newest child
+                    e.parent.children[e.name] = e.parent.children.pop(e.name)
+                elif getattr(e.parent, "node", None) is a:
                     e.parent.node = b
-            b.parents[:0] = edges
+                # each moved edge becomes the node's newest parent
+                b.parents.insert(0, e)
 
         move(moved, old, new)
         try:
             refresh(new)
             refresh(old)
         except BaseException:
-            move(moved, new, old)
+            move(moved[::-1], new, old)
             for n in (new, old):
                 with contextlib.suppress(Exception):
                     refresh(n)
@@ -284,15 +295,23 @@ class BlockGraph:
     async def delete(self, name: str) -> None:
         """blockdev-del, with QEMU's refusals."""
         node = self.find_node(name)
-        if not node.monitor_owned:
-            raise GenericError(f"Node {name} is not owned by the monitor")
+        # QEMU's order: a BlockBackend (export) on it, op blockers, monitor
+        # ownership, other references
+        if any(not isinstance(e.parent, BlockNode) and not hasattr(e.parent, "job_type")
+               for e in node.parents):
+            raise GenericError(f"Node {name} is in use")
+        for e in node.parents:
+            # the op blocker of a block job on each of its nodes
+            if hasattr(e.parent, "job_type"):
+                raise GenericError(f"Node '{name}' is busy: block device is in use by "
+                                   f"block job: {e.parent.job_type}")
         for e in node.parents:
             # QEMU's op blocker on backing files names the overlay
             if isinstance(e.parent, BlockNode) and e.name == "backing":
                 raise GenericError(f"Node '{name}' is busy: node is used as backing hd of "
                                    f"'{e.parent.node_name}'")
-        if any(not isinstance(e.parent, BlockNode) for e in node.parents):
-            raise GenericError(f"Node {name} is in use")
+        if not node.monitor_owned:
+            raise GenericError(f"Node {name} is not owned by the monitor")
         if node.parents:
             raise GenericError(f"Block device {name} is in use")
         node.monitor_owned = False
