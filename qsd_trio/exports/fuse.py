@@ -167,7 +167,7 @@ class FuseExport(BlockExport):
             perm |= Perm.WRITE
             if self.growable:
                 perm |= Perm.RESIZE  # QEMU holds it for the export's life
-        self.edge = self.node.attach(f"export {self.id}", self, perm)
+        self.edge = self.node.attach("root", self, perm)
         try:
             with self.cancel_scope:
                 try:

@@ -347,7 +347,7 @@ class NbdExport(BlockExport):
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
         # QEMU's NBD export does not let anyone resize the node under its
         # clients (they were told the size at negotiation)
-        self.edge = self.node.attach(f"export {self.id}", self, Perm(perm),
+        self.edge = self.node.attach("root", self, Perm(perm),
                                      Perm.ALL & ~Perm.RESIZE)
         # exported bitmaps are busy: no job or QMP command may change them
         for bm in self.bitmaps:

@@ -226,38 +226,50 @@ async def query_blockstats(daemon, args):
 
 @command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(daemon, args):
+    """bdrv_get_xdbg_block_graph: BlockBackends, then block jobs (newest
+    first), then nodes in creation order, each followed by its edges (newest
+    first); an object is numbered when first seen, as a node or as an edge's
+    child; both lists are built by prepending."""
+    from ..jobs.blockjob import BlockJob
+
     ids: dict[int, int] = {}
     nodes: list[dict] = []
     edges: list[dict] = []
-    users: list[object] = []
+    graph_nodes = {id(n) for n in daemon.graph.nodes.values()}
+    backends: list[object] = []
     for n in daemon.graph.nodes.values():
         for e in reversed(n.parents):
-            if not isinstance(e.parent, BlockNode) and all(u is not e.parent for u in users):
-                users.append(e.parent)
-    # QEMU numbers BlockBackends, then jobs, then nodes, and prepends to its lists
-    users.sort(key=lambda u: getattr(u, "xdbg_type", "block-backend") != "block-backend")
+            if not isinstance(e.parent, (BlockNode, BlockJob)) and \
+                    all(u is not e.parent for u in backends):
+                backends.append(e.parent)
+    jobs = [j for j in reversed(daemon.jobs.values()) if isinstance(j, BlockJob)]
+
+    def num(obj) -> int:
+        if id(obj) not in ids:
+            ids[id(obj)] = len(ids) + 1
+        return ids[id(obj)]
 
     def add(obj, typ, name):
-        ids[id(obj)] = len(ids) + 1
-        nodes.insert(0, {"id": ids[id(obj)], "type": typ, "name": name})
-
-    for u in users:
-        add(u, getattr(u, "xdbg_type", "block-backend"), getattr(u, "xdbg_name", ""))
-    for n in daemon.graph.nodes.values():
-        add(n, "block-driver", n.node_name)
+        nodes.insert(0, {"id": num(obj), "type": typ, "name": name})
 
     def edge(parent, e):
-        if id(e.node) in ids:
-            edges.insert(0, {"parent": ids[id(parent)], "child": ids[id(e.node)],
+        if id(e.node) in graph_nodes:
+            edges.insert(0, {"parent": num(parent), "child": num(e.node),
                              "name": e.name, "perm": perm_list(e.perm),
                              "shared-perm": perm_list(e.shared)})
 
-    for u in users:
+    for u in backends:
+        add(u, getattr(u, "xdbg_type", "block-backend"), getattr(u, "xdbg_name", ""))
         for n in daemon.graph.nodes.values():
             for e in n.parents:
                 if e.parent is u:
                     edge(u, e)
+    for j in jobs:
+        add(j, "block-job", j.id)
+        for e in reversed(j.edges):
+            edge(j, e)
     for n in daemon.graph.nodes.values():
+        add(n, "block-driver", n.node_name)
         for e in reversed(list(n.children.values())):
             edge(n, e)
     return {"nodes": nodes, "edges": edges}

@@ -197,8 +197,8 @@ class DirtyBitmap:
         return hashlib.sha256(bytes(self.bits).ljust(words * 8, b"\0")).hexdigest()
 
     def info(self) -> dict:
-        d = {
-            "name": self.name,
+        d = {} if self.name is None else {"name": self.name}  # anonymous: no name
+        d |= {
             "recording": self.enabled,
             "persistent": self.persistent,
             "busy": self.busy,
