@@ -1,24 +1,32 @@
-"""The backup job (blockdev-backup, drive-backup) and its copy-before-write.
+"""The backup job (blockdev-backup, drive-backup), QEMU's block/backup.c.
 
-The target must end up holding the source *as it was when the job started*.
-Two things copy clusters from source to target:
+The target must end up holding the source *as it was when the job was
+created*.  As in QEMU, the job inserts a ``copy-before-write`` filter above
+the source (named ``filter-node-name``, else ``#blockNNN``); every parent of
+the source (an NBD export, a format node) now writes through it, and a
+write first copies the clusters it would change to the target.  The job
+copies everything else through the filter's block-copy state, so each
+cluster is copied once, by whoever comes first:
 
-* the job's loop, cluster by cluster through the copy map (everything for
-  sync=full, what the top layer allocates for sync=top, the bitmap's dirty
-  clusters for sync=incremental/bitmap, nothing for sync=none);
-* copy-before-write: a before-write hook on the source that, before a guest
-  write changes a cluster still in the copy map, copies the old contents.
+* what to copy: everything for sync=full; what the top layer allocates for
+  sync=top (the bitmap is narrowed by block status first); the bitmap's
+  dirty clusters for sync=bitmap/incremental; nothing for sync=none, where
+  only copy-before-write copies, until the job is cancelled;
+* how: up to ``x-perf.max-workers`` (64) tasks at once, each claiming a run
+  of up to 1 MiB (``x-perf.max-chunk``) of dirty clusters; zero runs of the
+  source (by block status) become zero writes; ``speed`` paces new tasks;
+* errors: a failed task puts its clusters back; the pass stops starting
+  tasks, lets the others finish, and ``on-source-error``/``on-target-error``
+  decide (report: fail; stop: pause, then retry; ignore: retry).
 
-A cluster is copied once: whoever starts it marks it in flight, others wait
-for it.  QEMU puts this hook in a ``copy-before-write`` filter node above the
-source; here it sits in the source node's before-write hooks, which every
-write of every parent passes through, so the guarantee is the same without
-changing the graph.
+The job's edges are "main node" (the filter) and "target"; both carry QEMU's
+op blockers, the source does not (a second backup of it may run).  The
+filter leaves the graph in ``clean``, before BLOCK_JOB_COMPLETED/CANCELLED.
 
-Bitmaps (bitmap-mode): at the start a successor bitmap begins to record
-the writes made during the job; on success with ``on-success`` (and always
-with ``always``) the user's bitmap becomes the successor plus, for a failed
-``always`` job, the clusters not copied; otherwise it keeps every bit.
+Bitmaps (bitmap-mode): a successor bitmap records the writes made during
+the job; on success with ``on-success`` (and always with ``always``) the
+user's bitmap becomes the successor, plus for a failed ``always`` job the
+clusters not copied; otherwise it keeps every bit.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ from typing import Any
 import trio
 
 from ..nodes.bitmaps import DirtyBitmap
-from ..nodes.node import BlockNode, Perm, Status
+from ..nodes.block_copy import MAX_WORKERS, BlockCopyState, Task
+from ..nodes.node import BlockNode, Perm
+from ..qapi.errors import GenericError
 from .blockjob import BlockJob
-
-CHUNK = 1 << 20
+from .job import JobCancelled
 
 
 class BackupJob(BlockJob):
@@ -41,7 +50,8 @@ class BackupJob(BlockJob):
                  sync: str = "full", bitmap: DirtyBitmap | None = None,
                  bitmap_mode: str = "on-success", compress: bool = False,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 **kw: Any) -> None:
+                 filter_node_name: str | None = None, max_workers: int = MAX_WORKERS,
+                 max_chunk: int = 0, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         self.source = source
         self.target = target
@@ -51,194 +61,149 @@ class BackupJob(BlockJob):
         self.compress = compress
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
-        # BACKUP_CLUSTER_SIZE_DEFAULT, or the target's bigger cluster
-        self.cluster = max(target.info_extra().get("cluster-size") or 0, 65536)
-        length = source.length
-        self.copy_map = DirtyBitmap(None, length, self.cluster)
+        self.filter_node_name = filter_node_name
+        self.max_workers = max_workers
+        self.max_chunk = max_chunk
+        self.cbw: BlockNode | None = None
+        self.bcs: BlockCopyState | None = None
         self.successor: DirtyBitmap | None = None
         self._succ_key = f"\x00backup-successor:{job_id}"
-        self._in_flight: dict[int, trio.Event] = {}
+        self._error: OSError | None = None
 
-    def attach_nodes(self) -> None:
-        self.use(self.source, "source", Perm.CONSISTENT_READ, Perm.ALL)
-        self.use(self.target, "target", Perm.WRITE,
-                 Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE | Perm.RESIZE)
+    # -- setup (the transaction's prepare) -------------------------------------------------
+    async def insert_filter(self) -> None:
+        """backup_job_create up to block_job_create: the successor bitmap
+        and the copy-before-write filter above the source.
 
-    def blocked_nodes(self) -> list[BlockNode]:
-        # QEMU's backup job sits on its copy-before-write filter, not on the
-        # source: a second backup of the same source is allowed
-        return [self.target]
-
-    def start_tracking(self) -> None:
-        """At creation, before any guest write can slip in: fix what to copy."""
-        length = self.source.length
-        if self.sync in ("full", "top", "none"):
-            # top is narrowed in run(); none: only copy-before-write copies
-            self.copy_map.set_dirty(0, length)
-        elif self.sync in ("incremental", "bitmap") and self.user_bitmap is not None:
-            for off, n, dirty in self.user_bitmap.dirty_extents():
-                if dirty:
-                    self.copy_map.set_dirty(off, n)
+        On failure everything done here is undone and the error raised.
+        """
         if self.user_bitmap is not None:
-            self.successor = DirtyBitmap(None, length, self.user_bitmap.granularity)
+            # created before the filter's copy bitmap, as in QEMU (the order
+            # query-named-block-nodes lists the source's bitmaps in)
+            self.successor = DirtyBitmap(None, self.source.length,
+                                         self.user_bitmap.granularity)
             self.source.bitmaps[self._succ_key] = self.successor
             self.user_bitmap.busy = True
-        self.source.before_write.append(self._cbw)
-        self.progress_total = self.copy_map.count()
-
-    # -- copying ----------------------------------------------------------------------
-    async def _copy_cluster(self, start: int, *, from_guest: bool) -> None:
-        """Copy the cluster at ``start`` unless it is done; wait if it is in flight."""
-        while start in self._in_flight:
-            await self._in_flight[start].wait()
-        if self.copy_map.get(start):
-            await self._copy_range(start, self.cluster, from_guest=from_guest)
-
-    def _claimable_run(self, start: int, limit: int) -> int:
-        """Bytes from ``start`` (dirty, not in flight) to claim together, up to ``limit``."""
-        c, end, pos = self.cluster, min(start + limit, self.source.length), start
-        while pos < end and self.copy_map.get(pos) and pos not in self._in_flight:
-            pos += c
-        return min(pos, self.source.length) - start
-
-    async def _copy_range(self, start: int, n: int, *, from_guest: bool) -> None:
-        """Copy ``n`` bytes at ``start`` (whole clusters, all dirty and unclaimed)."""
-        c = self.cluster
-        n = min(n, self.source.length - start)
-        ev = trio.Event()
-        clusters = range(start, start + n, c)
-        for cl in clusters:
-            self._in_flight[cl] = ev
+        opts = {"driver": "copy-before-write", "file": self.source.node_name,
+                "target": self.target.node_name}
+        if self.filter_node_name is not None:
+            opts["node-name"] = self.filter_node_name
         try:
-            while True:
-                is_read = True
-                try:
-                    await self._transfer(start, n)
-                    break
-                except OSError as e:
-                    if from_guest:
-                        raise  # break-guest-write: the write that needed it fails
-                    policy = self.on_source_error if is_read else self.on_target_error
-                    action = self.error_action(policy, getattr(e, "is_read", True), e)
-                    if action == "report":
-                        raise
-                    await self.pause_point()  # stop: wait for resume; ignore: retry
-            self.copy_map.reset_dirty(start, n)
-            self.progress_current += n
-        finally:
-            for cl in clusters:
-                del self._in_flight[cl]
-            ev.set()
-
-    async def _transfer(self, start: int, n: int) -> None:
-        pos, end = start, start + n
-        while pos < end:
-            try:
-                st = await self.source.block_status(pos, end - pos)
-                m = min(max(st.length, 1), end - pos)
-                if st.flags & Status.ZERO:
-                    await self._target_io(self.target.write_zeroes(pos, m))
-                else:
-                    data = await self.source.read(pos, m)
-                    if self.compress:
-                        await self._target_io(self._write_compressed(pos, data))
-                    else:
-                        await self._target_io(self.target.write(pos, data))
-            except OSError as e:
-                if not hasattr(e, "is_read"):
-                    e.is_read = True
-                raise
-            pos += m
-
-    async def _write_compressed(self, pos: int, data) -> None:
-        c = self.cluster
-        mv = memoryview(data)
-        for i in range(0, len(mv), c):
-            chunk = mv[i:i + c]
-            if len(chunk) == c:
-                await self.target.write_compressed(pos + i, chunk)
-            else:
-                await self.target.write(pos + i, chunk)
-
-    @staticmethod
-    async def _target_io(coro) -> None:
-        try:
-            await coro
-        except OSError as e:
-            e.is_read = False
+            self.cbw = await self.source.graph.insert_filter(self.source, opts)
+            self.bcs = self.cbw.bcs
+            cs = self.bcs.cluster_size
+            if self.max_chunk and self.max_chunk < cs:
+                raise GenericError(f"Required max-chunk ({self.max_chunk}) is less than "
+                                   f"backup cluster size ({cs})")
+        except BaseException:
+            self.clean()
             raise
 
-    async def _cbw(self, node: BlockNode, offset: int, length: int) -> None:
-        if self.copy_map is None or length <= 0:
-            return
-        c = self.cluster
-        first = offset // c * c
-        for start in range(first, min(offset + length, node.length), c):
-            if self.copy_map.get(start) or start in self._in_flight:
-                await self._copy_cluster(start, from_guest=True)
+    def attach_nodes(self) -> None:
+        """The job's edges (after its creation): "main node" and "target"."""
+        self.use(self.cbw, "main node", Perm(0), Perm.ALL)
+        self.use(self.target, "target", Perm(0), Perm.ALL)
+        self._init_copy_bitmap()
 
+    def _init_copy_bitmap(self) -> None:
+        """backup_init_bcs_bitmap: what is left to copy, fixed at creation."""
+        bcs = self.bcs
+        bcs.compress = self.compress
+        bcs.on_done = self._progress_done
+        bcs.on_remaining = self._progress_remaining
+        if self.sync == "bitmap" and self.user_bitmap is not None:
+            bcs.copy_bitmap.clear()
+            bcs.copy_bitmap.merge_from(self.user_bitmap)
+        elif self.sync == "top":
+            bcs.skip_unallocated = True  # until run() has narrowed the bitmap
+        self.progress_total = self.progress_current + bcs.remaining()
+
+    def _progress_done(self, n: int) -> None:
+        self.progress_current += n
+
+    def _progress_remaining(self, n: int) -> None:
+        self.progress_total = self.progress_current + n
+
+    def blocked_nodes(self) -> list[BlockNode]:
+        # QEMU's op blockers sit on the job's nodes, the filter and the
+        # target; not on the source, so a second backup of it may run
+        return [e.node for e in self.edges]
+
+    # -- running ---------------------------------------------------------------------------
     async def run(self) -> None:
-        length = self.source.length
-        if self.target.length < length:
-            await self.target.truncate(length)
-        c = self.cluster
+        bcs = self.bcs
         if self.sync == "top":
-            # copy only what the top layer allocates (depth 1)
             pos = 0
-            while pos < length:
-                st = await self.source.block_status(pos, length - pos)
-                n = max(st.length, 1)
-                if st.depth != 1:
-                    a, b = -(-pos // c) * c, (pos + n) // c * c
-                    if b > a and not any(s in self._in_flight for s in range(a, b, c)):
-                        self.copy_map.reset_dirty(a, b - a)
-                pos += n
+            while pos < bcs.len:
                 await self.pause_point()
-            self.progress_total = self.progress_current + self.copy_map.count()
+                pos += await bcs.reset_unallocated(pos)
+            bcs.skip_unallocated = False
         if self.sync == "none":
-            # fleecing: only copy-before-write copies; run until cancelled
+            # all clusters may be copied, none must: copy-before-write serves
+            # the guest's writes until the job is cancelled
             while True:
                 await self.yield_()
-        # block-copy: up to 1 MiB a request, several requests at once
-        limit = trio.Semaphore(8)
-        # passes until nothing is left: a range that copy-before-write held
-        # while a worker came by is picked up by the next pass
-        while self.copy_map.count():
-            async with trio.open_nursery() as nursery:
-                pos = 0
-                while pos < length:
-                    await self.pause_point()
-                    if not self.copy_map.get(pos) or pos in self._in_flight:
-                        pos += c
-                        continue
-                    n = self._claimable_run(pos, CHUNK)
-                    await limit.acquire()
-                    nursery.start_soon(self._worker, limit, pos, n)
-                    await self.rate_limit(n)
-                    pos += n
-        self.progress_total = self.progress_current + self.copy_map.count()
+        while True:
+            err = await self._copy_all()
+            if err is None:
+                break
+            # the pass stopped at an error: report, or pause (stop) / retry
+            policy = self.on_source_error if err.is_read else self.on_target_error
+            action = self.error_action(policy, err.is_read, err)
+            if action == "report":
+                raise err
+            await self.pause_point()
         # the copy is complete only once it is on disk (metadata included)
         await self.target.flush()
 
-    async def _worker(self, limit: trio.Semaphore, pos: int, n: int) -> None:
+    async def _copy_all(self) -> OSError | None:
+        """block_copy_common over the whole disk: passes until nothing is
+        dirty or in flight; the first error of a pass ends it."""
+        bcs = self.bcs
+        while True:
+            self._error = None
+            cancelled: JobCancelled | None = None
+            found = False
+            async with trio.open_nursery() as nursery:
+                workers = trio.Semaphore(self.max_workers)
+                pos = 0
+                try:
+                    while self._error is None:
+                        await self.pause_point()
+                        await workers.acquire()
+                        task = await bcs.next_task(pos, bcs.len, self.max_chunk)
+                        if task is None:
+                            workers.release()
+                            break
+                        found = True
+                        pos = task.end
+                        nursery.start_soon(self._worker, workers, task)
+                        await self.rate_limit(task.nbytes)
+                except JobCancelled as e:
+                    # tasks in flight finish (their clusters stay consistent)
+                    cancelled = e
+            if cancelled is not None:
+                raise cancelled
+            if self._error is not None:
+                return self._error
+            if found:
+                continue
+            # nothing dirty: wait for copy-before-write tasks still copying
+            other = bcs.find_conflict(0, bcs.len)
+            if other is None:
+                return None
+            await other.done.wait()
+
+    async def _worker(self, workers: trio.Semaphore, task: Task) -> None:
         try:
-            # the range may have been copied by copy-before-write meanwhile
-            while n > 0 and (pos in self._in_flight or not self.copy_map.get(pos)):
-                if pos in self._in_flight:
-                    await self._in_flight[pos].wait()
-                    continue
-                pos, n = pos + self.cluster, n - self.cluster
-            if n > 0:
-                n = self._claimable_run(pos, n)
-                await self._copy_range(pos, n, from_guest=False)
+            await self.bcs.run_task(task)
+        except OSError as e:
+            if self._error is None:
+                self._error = e
         finally:
-            limit.release()
+            workers.release()
 
-    # -- completion -------------------------------------------------------------------
-    def _stop_tracking(self) -> None:
-        if self._cbw in self.source.before_write:
-            self.source.before_write.remove(self._cbw)
-
+    # -- completion ------------------------------------------------------------------------
     def commit(self) -> None:
         bm, succ = self.user_bitmap, self.successor
         if bm is not None and succ is not None and self.bitmap_mode in ("on-success", "always"):
@@ -249,19 +214,27 @@ class BackupJob(BlockJob):
         if bm is not None and succ is not None and self.bitmap_mode == "always":
             # keep what was written since, and what is still to be copied
             bm.bits[:] = succ.bits
-            bm.merge_from(self.copy_map) if self.copy_map.granularity == bm.granularity \
-                else _merge_coarse(bm, self.copy_map)
+            if self.bcs is not None:
+                bm.merge_from(self.bcs.copy_bitmap)
 
     def clean(self) -> None:
-        self._stop_tracking()
+        """backup_clean: the job's edges go, then the filter (bdrv_cbw_drop)."""
+        cbw, self.cbw = self.cbw, None
         if self.successor is not None:
             self.source.bitmaps.pop(self._succ_key, None)
         if self.user_bitmap is not None:
             self.user_bitmap.busy = False
+        for edge in [e for e in self.edges if e.node is cbw]:
+            edge.detach()
+            self.edges.remove(edge)
+        if cbw is not None:
+            cbw.stop_copying()
+            cbw.graph.drop_filter(cbw)
+            self.daemon.job_nursery.start_soon(_close_filter, cbw)
         super().clean()
 
 
-def _merge_coarse(bm: DirtyBitmap, other: DirtyBitmap) -> None:
-    for off, n, dirty in other.dirty_extents():
-        if dirty:
-            bm.set_dirty(off, n)
+async def _close_filter(cbw: BlockNode) -> None:
+    # shielded: requests still inside the filter finish, then it lets go
+    with trio.CancelScope(shield=True):
+        await cbw.close()

@@ -176,10 +176,12 @@ async def blockdev_mirror(daemon, args):
 
 
 # -- backup and transaction (blockdev.c: the backup actions are transactions) -----------
-def _prepare_backup(daemon, args, source, target, txn):
-    """backup action prepare: checks, then a CREATED job (started at commit)."""
+async def _prepare_backup(daemon, args, source, target, txn):
+    """backup action prepare: checks, then a CREATED job (started at commit)
+    with its copy-before-write filter in place above the source."""
     from ..jobs.backup import BackupJob
     from ..jobs.blockjob import check_not_busy
+    from ..nodes.block_copy import MAX_WORKERS
     from ..qapi.errors import GenericError
 
     sync = _arg(args, "sync")
@@ -218,19 +220,30 @@ def _prepare_backup(daemon, args, source, target, txn):
     compress = bool(_arg(args, "compress", False))
     if compress and not hasattr(target, "write_compressed"):
         raise GenericError(f"Compression is not supported for this drive {target.node_name}")
+    perf = _arg(args, "x_perf")
+    workers = _arg(perf, "max_workers", MAX_WORKERS)
+    chunk = _arg(perf, "max_chunk", 0)
+    if not 1 <= workers <= 0x7FFFFFFF:
+        raise GenericError(f"max-workers must be between 1 and {0x7FFFFFFF}")
+    if chunk < 0:
+        raise GenericError("max-chunk must be zero (which means no limit) or positive")
+    if target.length != source.length:
+        raise GenericError("Source and target image have different sizes")
     job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
     job = BackupJob(daemon, job_id, source, target, sync=sync, bitmap=bitmap,
                     bitmap_mode=mode or "on-success", compress=compress,
                     on_source_error=_arg(args, "on_source_error", "report"),
                     on_target_error=_arg(args, "on_target_error", "report"),
+                    filter_node_name=_arg(args, "filter_node_name"),
+                    max_workers=workers, max_chunk=chunk,
                     txn=txn, **_common(args))
-    manager.register(daemon, job, _arg(args, "speed", 0))
+    await job.insert_filter()
     try:
-        job.attach_nodes()
+        manager.register(daemon, job, _arg(args, "speed", 0))
     except BaseException:
-        job.early_fail()
+        job.clean()  # the filter goes again
         raise
-    job.start_tracking()
+    job.attach_nodes()
     return job
 
 
@@ -245,12 +258,12 @@ async def _action_prepare(daemon, kind, data, txn, undo):
         source = daemon.graph.lookup_bs(data.device)
         target = daemon.graph.lookup_bs(data.target)
         await manager.drain_bounce(_jobs_on(daemon, source))
-        return _prepare_backup(daemon, data, source, target, txn)
+        return await _prepare_backup(daemon, data, source, target, txn)
     if kind == "drive-backup":
         source = daemon.graph.lookup_bs(data.device)
         target = await _open_drive_target(daemon, data, source)
         undo.append(lambda: daemon.root_nursery.start_soon(_drop_node, daemon, target))
-        return _prepare_backup(daemon, data, source, target, txn)
+        return await _prepare_backup(daemon, data, source, target, txn)
     if kind.startswith("block-dirty-bitmap-"):
         node = daemon.graph.lookup_bs(data.node)
         saved = {k: (bm, bytes(bm.bits), bm.enabled) for k, bm in node.bitmaps.items()}
@@ -273,10 +286,13 @@ async def _action_prepare(daemon, kind, data, txn, undo):
 
 
 def _jobs_on(daemon, node):
+    """The jobs a drained section of ``node`` pauses: those on it or on a node
+    above it (a backup's copy-before-write filter)."""
     from ..jobs.blockjob import BlockJob
 
+    above = node._ancestors()
     return [j for j in daemon.jobs.values()
-            if isinstance(j, BlockJob) and any(e.node is node for e in j.edges)]
+            if isinstance(j, BlockJob) and any(e.node in above for e in j.edges)]
 
 
 async def _drop_node(daemon, node):

@@ -1,0 +1,65 @@
+"""The ``snapshot-access`` driver (QEMU's block/snapshot-access.c).
+
+Its ``file`` child provides the snapshot API (today: a copy-before-write
+filter); reads, block status and discards here become that child's snapshot
+reads, snapshot block status and snapshot discards.  So an NBD export of a
+snapshot-access node over a copy-before-write filter whose target is a
+temporary overlay serves the disk as it was when the filter was opened while
+the guest keeps writing through the filter (fleecing).  Writes fail with
+ENOTSUP.  The node takes no permission on its child: it reads the snapshot,
+not the child's current data.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from .graph import register_driver
+from .node import BlockNode, Perm
+
+
+def _not_supported() -> OSError:
+    return OSError(errno.ENOTSUP, "Operation not supported")
+
+
+@register_driver
+class SnapshotAccessNode(BlockNode):
+    driver = "snapshot-access"
+    has_info = False
+
+    async def open(self, options: dict) -> None:
+        self.file = await self.open_child(options, "file")
+        self.request_alignment = self.file.node.request_alignment
+
+    def child_perm(self, edge, perm, shared):
+        return Perm(0), Perm.ALL
+
+    def _length(self) -> int:
+        return self.file.node.length
+
+    def _snapshot_api(self):
+        node = self.file.node
+        if not hasattr(node, "preadv_snapshot"):
+            raise _not_supported()
+        return node
+
+    async def _co_preadv(self, offset, length):
+        return await self._snapshot_api().preadv_snapshot(offset, length)
+
+    async def _co_block_status(self, offset, length):
+        return await self._snapshot_api().snapshot_block_status(offset, length)
+
+    async def _co_pdiscard(self, offset, length):
+        await self._snapshot_api().pdiscard_snapshot(offset, length)
+
+    async def _co_pwritev(self, offset, data, fua):
+        raise _not_supported()
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+        raise _not_supported()
+
+    async def _co_flush(self):
+        return None
+
+    async def _co_truncate(self, size, exact, prealloc):
+        raise _not_supported()
