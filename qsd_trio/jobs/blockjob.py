@@ -37,6 +37,8 @@ class BlockJob(Job):
     def __init__(self, daemon: Any, job_id: str, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         self.edges: list[BdrvChild] = []
+        self.backends: list[BdrvChild] = []  # "root" edges of the job's BlockBackends
+        self._used: list[BlockNode] = []  # every node the job held, for clean()
         self._drain_release: trio.Event | None = None
 
     @property
@@ -48,16 +50,37 @@ class BlockJob(Job):
         return [e.node for e in self.edges]
 
     def use(self, node: BlockNode, role: str, perm: Perm, shared: Perm = Perm.ALL) -> BdrvChild:
+        """block_job_add_bdrv: the job holds ``node`` (x-debug-query-block-graph
+        shows the edge under the job; op blockers refuse other jobs there)."""
         edge = node.attach(role, self, perm, shared)
         self.edges.append(edge)
+        self._used.append(node)
         return edge
 
-    def clean(self) -> None:
-        self.release_drain()
-        nodes = [e.node for e in self.edges]
+    def backend(self, node: BlockNode, perm: Perm, shared: Perm) -> BdrvChild:
+        """A BlockBackend of the job's own on ``node`` (blk_new + blk_insert_bs),
+        through which it does its I/O: a "root" edge of an anonymous user."""
+        edge = node.attach("root", JobBackend(self), perm, shared)
+        self.backends.append(edge)
+        self._used.append(node)
+        return edge
+
+    def detach_backends(self) -> None:
+        for edge in self.backends:
+            edge.detach()
+        self.backends.clear()
+
+    def detach_all(self) -> None:
+        """block_job_remove_all_bdrv, and the BlockBackends with it."""
+        self.detach_backends()
         for edge in self.edges:
             edge.detach()
         self.edges.clear()
+
+    def clean(self) -> None:
+        self.release_drain()
+        self.detach_all()
+        nodes, self._used = list(dict.fromkeys(self._used)), []
         # implicit nodes (drive-backup/drive-mirror targets) close with their last user
         graph = nodes[0].graph if nodes else None
         for node in nodes:
@@ -88,6 +111,14 @@ class BlockJob(Job):
         if self._drain_release is not None:
             self._drain_release.set()
             self._drain_release = None
+
+
+class JobBackend:
+    """The anonymous BlockBackend a job writes through (shown by
+    x-debug-query-block-graph as an unnamed block-backend)."""
+
+    def __init__(self, job: BlockJob) -> None:
+        self.job = job
 
 
 async def _close_implicit(graph, node: BlockNode) -> None:

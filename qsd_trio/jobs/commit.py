@@ -5,12 +5,23 @@ to ``base`` allocate into ``base``, then drop them from the chain.
 "commit", see mirror.py.)  Nothing above ``top`` changes what these layers
 read, and they are read-only to everyone else, so the copy needs no
 serialisation with guest writes.
+
+The graph, as QEMU 7.2's commit_start builds it: a ``commit_top`` filter
+(``filter-node-name``, else an automatic name) goes above ``top``, so the
+overlay reads through it; the job holds the device ("main node"), the
+layers from ``top`` down to ``base`` ("intermediate node") and ``base``,
+and has BlockBackends on ``base`` (which it writes) and on ``top``.  When
+the work is done (or the job fails or is cancelled) the filter is dropped
+inside a drained section, before the chain is rewired.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import trio
+
+from ..nodes import job_filters  # noqa: F401 - registers commit_top
 from ..nodes.node import BlockNode, Perm, Status
 from . import chain
 from .blockjob import BlockJob
@@ -23,7 +34,7 @@ class CommitJob(BlockJob):
 
     def __init__(self, daemon: Any, job_id: str, device: BlockNode, top: BlockNode,
                  base: BlockNode, backing_file: str | None, *, on_error: str = "report",
-                 **kw: Any) -> None:
+                 filter_node_name: str | None = None, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         self.device = device
         self.top = top
@@ -31,11 +42,48 @@ class CommitJob(BlockJob):
         self.backing_file = backing_file
         self.on_error = on_error
         self.graph = top.graph
+        self.filter_node_name = filter_node_name
+        self.filter: BlockNode | None = None
+        self.overlay = chain.overlay_of(device, top)
 
-    def attach_nodes(self) -> None:
-        self.use(self.base, "commit-base", Perm.WRITE | Perm.RESIZE, Perm.ALL)
+    async def attach_nodes(self) -> None:
+        """commit_start's graph changes; on failure nothing is left behind."""
+        top, base = self.top, self.base
+        self.use(self.device, "main node", Perm(0), Perm.ALL)
+        try:
+            opts: dict = {"driver": "commit_top", "backing": top.node_name}
+            if self.filter_node_name is not None:
+                opts["node-name"] = self.filter_node_name
+            self.filter = await self.graph.insert_filter(top, opts)
+            c = chain.chain(top)
+            for node in c[:c.index(base)]:
+                self.use(node, "intermediate node", Perm(0), Perm.WRITE_UNCHANGED | Perm.WRITE)
+            self.use(base, "base", Perm(0), Perm.ALL)
+            perm = Perm.CONSISTENT_READ | Perm.WRITE
+            if base.length < top.length:
+                perm |= Perm.RESIZE
+            self.backend(base, perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+            self.backend(top, Perm(0), Perm.ALL)
+        except BaseException:
+            self.detach_all()
+            await self._drop_filter()
+            raise
+
+    async def _drop_filter(self) -> None:
+        filt, self.filter = self.filter, None
+        if filt is not None:
+            with trio.CancelScope(shield=True):
+                async with self.top.drained():
+                    self.graph.drop_filter(filt)
+                await filt.close()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            await self._drop_filter()
+
+    async def _run(self) -> None:
         top, base = self.top, self.base
         length = top.length
         if base.length < length:
@@ -67,7 +115,7 @@ class CommitJob(BlockJob):
             await self.rate_limit(copied)
         await self.pause_point()
         # QEMU's commit_prepare: the overlay of top now uses base
-        overlay = chain.overlay_of(self.device, top)
+        await self._drop_filter()
         name = self.backing_file if self.backing_file is not None else base.filename
         async with self.device.drained():
-            await chain.set_backing(self.graph, overlay, base, name)
+            await chain.set_backing(self.graph, self.overlay, base, name)

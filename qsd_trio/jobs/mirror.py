@@ -14,6 +14,24 @@ dirty any more the job ends with the source still drained and the pivot
 no guest write can fall between the last copy and the switch.  A soft cancel
 (block-job-cancel after READY) ends the same way without a pivot and reports
 BLOCK_JOB_COMPLETED.
+
+The graph, as QEMU 7.2 builds it (mirror_start_job): a ``mirror_top`` filter
+(nodes/job_filters.py; ``filter-node-name``, else an automatic name) goes
+above the source, and every user of the source moves to it; the job holds
+the filter ("main node"), the source and the target (and, for an active
+commit, the nodes in between) as a block job does, and writes the target
+through a BlockBackend of its own ("root" edge).  When the job ends
+(``_exit_common``, from prepare or abort), the source is drained (``run``
+always ends holding that drain, like mirror_run), the pivot replaces the
+source by the target, and the filter is dropped so its users go back to
+whatever sits below it.
+
+copy-mode=write-blocking (active mirroring): once the initial dirtying is
+done, a write through the filter is also written to the target before it
+completes, for its granularity-aligned part (an unaligned head or tail stays
+dirty and is copied in the background, as do_sync_target_write leaves it).
+Writes and background copies of overlapping chunks wait for each other
+(QEMU's in-flight operations), so the target sees them in the source's order.
 """
 
 from __future__ import annotations
@@ -21,14 +39,28 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+import attrs
 import trio
 
+from ..nodes import job_filters  # noqa: F401 - registers mirror_top
 from ..nodes.bitmaps import DirtyBitmap
 from ..nodes.node import BlockNode, Perm, Status
-from .blockjob import BlockJob, replace_node
+from ..nodes.perms import refresh
+from ..qapi.errors import GenericError
+from .blockjob import BlockJob
 
 SLICE = 0.1           # BLOCK_JOB_SLICE_TIME: the poll period once READY
 MAX_CHUNK = 1 << 20   # one copy request at most (QEMU's MAX_IO_BYTES)
+
+
+@attrs.define(eq=False)
+class MirrorOp:
+    """A copy or an active write in flight (QEMU's MirrorOp)."""
+
+    offset: int
+    length: int
+    active: bool
+    done: trio.Event = attrs.field(factory=trio.Event)
 
 
 class MirrorJob(BlockJob):
@@ -40,7 +72,7 @@ class MirrorJob(BlockJob):
                  on_source_error: str = "report", on_target_error: str = "report",
                  replaces: BlockNode | None = None, pivot: bool = True,
                  base: BlockNode | None = None, job_type: str | None = None,
-                 **kw: Any) -> None:
+                 filter_node_name: str | None = None, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         if job_type:
             self.job_type = job_type  # active commit is a mirror named "commit"
@@ -65,13 +97,51 @@ class MirrorJob(BlockJob):
         self.converged = False
         self.waiting_for_io = False
         self.error: BaseException | None = None
+        self.filter_node_name = filter_node_name
+        self.filter: job_filters.MirrorTopNode | None = None
+        self.ops: list[MirrorOp] = []
+        self.prepared = False
+        self.active_ready = False  # initial dirtying done: active writes may start
 
-    def attach_nodes(self) -> None:
-        # the source keeps its guest users; the target is ours alone to write
-        self.use(self.source, "source", Perm.CONSISTENT_READ if self.sync != "none"
-                 else Perm(0), Perm.ALL)
-        self.use(self.target, "target", Perm.WRITE | Perm.RESIZE,
-                 Perm.WRITE_UNCHANGED | Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE)
+    async def attach_nodes(self) -> None:
+        """mirror_start_job's graph changes; on failure nothing is left behind."""
+        from . import chain
+
+        src, tgt = self.source, self.target
+        graph = src.graph
+        is_commit = tgt in chain.chain(src)[1:]
+        opts: dict = {"driver": "mirror_top", "backing": src.node_name,
+                      "x-is-commit": is_commit}
+        if self.filter_node_name is not None:
+            opts["node-name"] = self.filter_node_name
+        self.filter = filt = await graph.insert_filter(src, opts)
+        filt.active = self._active_write
+        try:
+            self.use(filt, "main node", Perm.CONSISTENT_READ,
+                     Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE)
+            # the target BlockBackend: the job alone writes it; an active
+            # commit's base stays readable (and grows if it is smaller)
+            perm, shared = Perm.WRITE, Perm.WRITE_UNCHANGED
+            if is_commit:
+                if tgt.length < src.length:
+                    perm |= Perm.RESIZE
+                shared |= Perm.CONSISTENT_READ | Perm.WRITE
+            self.backend(tgt, perm, shared)
+            self.use(src, "source", Perm(0),
+                     Perm.WRITE_UNCHANGED | Perm.WRITE | Perm.CONSISTENT_READ)
+            self.use(tgt, "target", Perm(0), Perm.ALL)
+            if is_commit:
+                # the nodes between go away with the commit: block them
+                for node in chain.chain(src)[1:chain.chain(src).index(tgt)]:
+                    self.use(node, "intermediate node", Perm(0),
+                             Perm.WRITE_UNCHANGED | Perm.WRITE)
+        except BaseException:
+            self.detach_all()
+            filt.stop = True
+            refresh(filt)
+            async with src.drained():
+                graph.drop_filter(filt)
+            raise
 
     # -- job hooks ---------------------------------------------------------------------
     def on_cancel(self, force: bool) -> bool:
@@ -87,20 +157,27 @@ class MirrorJob(BlockJob):
         if tgt.length != length:
             await tgt.truncate(length)
         bm = DirtyBitmap(None, length, self.granularity)  # anonymous, as QEMU's
+        if self.copy_mode == "write-blocking":
+            # the filter marks what it does not copy itself
+            bm.enabled = False
         self.bitmap = bm
         src.bitmaps[self._bitmap_key] = bm
-        if self.copy_mode == "write-blocking":
-            src.before_write.append(self._on_guest_write)
-        await self._dirty_init(length)
-        await self.pause_point()
-        self.progress_total = bm.count()
-
         try:
+            await self._dirty_init(length)
+            await self.pause_point()
+            self.progress_total = bm.count()
+            # only now guest writes are copied to the target as they happen
+            self.active_ready = True
             async with trio.open_nursery() as nursery:
                 await self._loop(nursery)
         finally:
-            if self._on_guest_write in src.before_write:
-                src.before_write.remove(self._on_guest_write)
+            # mirror_run ends with the source drained on every path; the
+            # graph changes (prepare/abort) happen inside that section
+            if self._drain_release is None:
+                with trio.CancelScope(shield=True) as scope:
+                    if self.cancel_scope.cancel_called:
+                        scope.cancel()  # the daemon's deadline: no more waiting
+                    await self.hold_drain(src)
 
     async def _dirty_init(self, length: int) -> None:
         bm = self.bitmap
@@ -124,9 +201,96 @@ class MirrorJob(BlockJob):
             pos += n
             await self.pause_point()
 
-    async def _on_guest_write(self, node: BlockNode, offset: int, length: int) -> None:
-        # write-blocking: wake the job at once instead of at its next poll
-        self.kick()
+    # -- operations in flight ------------------------------------------------------
+    def _chunks(self, offset: int, length: int) -> tuple[int, int]:
+        g = self.granularity
+        return offset // g, -(-(offset + length) // g)
+
+    def _conflict(self, offset: int, length: int, me: MirrorOp | None = None) -> MirrorOp | None:
+        """mirror_wait_on_conflicts: an operation on an overlapping chunk."""
+        a, b = self._chunks(offset, length)
+        for op in self.ops:
+            if op is not me:
+                c, d = self._chunks(op.offset, op.length)
+                if c < b and a < d:
+                    return op
+        return None
+
+    def _start_op(self, offset: int, length: int, active: bool) -> MirrorOp:
+        op = MirrorOp(offset, length, active)
+        self.ops.append(op)
+        return op
+
+    def _end_op(self, op: MirrorOp) -> None:
+        self.ops.remove(op)
+        op.done.set()
+
+    # -- active mirroring (write-blocking) ------------------------------------------
+    def _copy_to_target(self) -> bool:
+        """should_copy_to_target"""
+        return (self.copy_mode == "write-blocking" and self.active_ready
+                and self.error is None and not self.is_cancelled and not self.prepared)
+
+    async def _active_write(self, method: str, offset: int, length: int, data, fua: bool,
+                            do_write) -> None:
+        """A guest write through mirror_top (bdrv_mirror_top_do_write)."""
+        if not self._copy_to_target():
+            try:
+                await do_write()
+            finally:
+                bm = self.bitmap
+                if bm is not None and not bm.enabled and not self.prepared:
+                    bm.set_dirty(offset, length)  # write-blocking keeps it disabled
+            return
+        if data is not None:
+            data = bytes(data)  # the caller may change its buffer: copy what we write
+        while (other := self._conflict(offset, length)) is not None:
+            await other.done.wait()
+        op = self._start_op(offset, length, True)
+        try:
+            await do_write()
+            if self._copy_to_target():
+                await self._sync_target_write(method, offset, length, data)
+        finally:
+            self._end_op(op)
+
+    async def _sync_target_write(self, method: str, offset: int, length: int, data) -> None:
+        """do_sync_target_write: the aligned part goes to the target now; a
+        dirty unaligned head or tail is left to the background copy."""
+        bm = self.bitmap
+        assert bm is not None
+        g = self.granularity
+        skip = 0
+        if offset % g and bm.get(offset):
+            skip = -(-offset // g) * g - offset
+            if length <= skip:
+                return
+            offset, length = offset + skip, length - skip
+        end = offset + length
+        if end % g and bm.get(end - 1):
+            tail = end % g
+            if length <= tail:
+                return
+            length -= tail
+        a, b = -(-offset // g) * g, (offset + length) // g * g
+        if a < b:
+            bm.reset_dirty(a, b - a)
+        self.progress_total += length
+        try:
+            if method == "copy":
+                await self.target.write(offset, memoryview(data)[skip:skip + length])
+            elif method == "zero":
+                await self.target.write_zeroes(offset, length, may_unmap=self.unmap)
+            else:
+                await self.target.discard(offset, length)
+        except OSError as e:
+            bm.set_dirty(offset // g * g, -(-(offset + length) // g) * g - offset // g * g)
+            if self.error_action(self.on_target_error, False, e) == "report":
+                if self.error is None:
+                    self.error = e
+                self.kick()
+            return
+        self.progress_current += length
 
     async def _loop(self, nursery: trio.Nursery) -> None:
         bm = self.bitmap
@@ -139,12 +303,20 @@ class MirrorJob(BlockJob):
             if cnt > 0 and self.in_flight_bytes < self.buf_size:
                 offset, n = self._next_chunk(bm)
                 if n:
+                    other = self._conflict(offset, 1)
+                    if other is not None:
+                        # a copy or a guest write is busy there: wait for it
+                        await other.done.wait()
+                        continue
+                    n = self._clip(offset, n)
+                    op = self._start_op(offset, n, False)
                     method, n = await self._method(offset, n)
+                    op.length = n
                     bm.reset_dirty(offset, n)
                     self._cursor = offset + n
                     self.in_flight += 1
                     self.in_flight_bytes += n
-                    nursery.start_soon(self._copy, offset, n, method)
+                    nursery.start_soon(self._copy, offset, n, method, op)
                     # only copied data counts against the speed (as QEMU's)
                     await self.rate_limit(n if method == "copy" else 0)
                     continue
@@ -181,6 +353,16 @@ class MirrorJob(BlockJob):
             return 0, 0
         return area
 
+    def _clip(self, offset: int, n: int) -> int:
+        """Stop short of the first chunk an operation in flight is using."""
+        g = self.granularity
+        end = offset + n
+        for op in self.ops:
+            start = op.offset // g * g
+            if offset < start < end:
+                end = start
+        return end - offset
+
     async def _method(self, offset: int, n: int) -> tuple[str, int]:
         """copy, zero or discard, for as much of the range as has one status."""
         try:
@@ -195,7 +377,7 @@ class MirrorJob(BlockJob):
             return "zero", m
         return "discard", m
 
-    async def _copy(self, offset: int, n: int, method: str) -> None:
+    async def _copy(self, offset: int, n: int, method: str, op: MirrorOp) -> None:
         src, tgt = self.source, self.target
         try:
             while True:
@@ -224,6 +406,7 @@ class MirrorJob(BlockJob):
                     self.bitmap.set_dirty(offset, n)
                     return
         finally:
+            self._end_op(op)
             self.in_flight -= 1
             self.in_flight_bytes -= n
             if self.waiting_for_io:
@@ -231,14 +414,56 @@ class MirrorJob(BlockJob):
 
     # -- completion ---------------------------------------------------------------------
     def prepare(self) -> None:
-        if self.converged and self.pivot and not self.cancelled:
-            replace_node(self.replaces, self.target, keep=self.edges)
+        self._exit_common(abort=False)
+
+    def abort(self) -> None:
+        self._exit_common(abort=True)
+
+    def _exit_common(self, abort: bool) -> None:
+        """mirror_exit_common, with the source drained (``run`` left it so):
+        the target BlockBackend goes, the filter stops forwarding, the pivot
+        (on completion) makes the target take the source's place, and the
+        filter leaves the graph, its users going to the node below it."""
+        if self.prepared:
+            return
+        self.prepared = True
+        if self.bitmap is not None:
+            self.source.bitmaps.pop(self._bitmap_key, None)
+            self.bitmap = None
+        self.detach_backends()
+        filt = self.filter
+        if filt is None:
+            return
+        filt.active = None
+        filt.stop = True
+        refresh(filt)
+        graph = filt.graph
+        error = None
+        if self.converged and self.pivot and not self.cancelled and not abort:
+            try:
+                graph.replace_node(self.replaces, self.target)
+            except GenericError as e:
+                error = e
+        # the job lets go of its nodes before the filter goes (block_job_remove_all_bdrv)
+        self.detach_all()
+        graph.drop_filter(filt)
+        self.daemon.job_nursery.start_soon(_close_filter, filt)
+        if error is not None:
+            raise error
 
     def clean(self) -> None:
         if self.bitmap is not None:
             self.source.bitmaps.pop(self._bitmap_key, None)
             self.bitmap = None
+        if not self.prepared:
+            self._exit_common(abort=True)
         super().clean()
+
+
+async def _close_filter(filt: BlockNode) -> None:
+    # requests that waited at the filter go on to the node below, then it closes
+    with trio.CancelScope(shield=True):
+        await filt.close()
 
 
 def check_granularity(granularity: int | None) -> None:

@@ -172,7 +172,9 @@ def block_device_info(node: BlockNode, flat: bool) -> dict:
         "write_threshold": node.write_threshold,
     }
     backing = _backing(node)
-    if backing is not None:
+    if backing is not None and not node.is_filter:
+        # a filter's "backing" child (mirror_top, commit_top) names no
+        # backing file in an image header
         d["backing_file"] = backing.filename
     if node.bitmaps:
         d["dirty-bitmaps"] = [bm.info() for bm in reversed(node.bitmaps.values())]
@@ -242,6 +244,13 @@ async def x_debug_query_block_graph(daemon, args):
             if not isinstance(e.parent, (BlockNode, BlockJob)) and \
                     all(u is not e.parent for u in backends):
                 backends.append(e.parent)
+    # in the order they were created (a job's target BlockBackend comes after
+    # the export whose node the job's filter now holds)
+    created: dict[int, int] = {}
+    for n in daemon.graph.nodes.values():
+        for e in n.parents:
+            created[id(e.parent)] = min(created.get(id(e.parent), e.seq), e.seq)
+    backends.sort(key=lambda u: created[id(u)])
     jobs = [j for j in reversed(daemon.jobs.values()) if isinstance(j, BlockJob)]
 
     def num(obj) -> int:

@@ -112,12 +112,14 @@ def _common(args) -> dict:
 
 
 def _root_node(daemon, name):
-    """qmp_get_root_bs: the node, which no other node may use as a child."""
+    """qmp_get_root_bs: the node, which only BlockBackends (exports, a job's
+    own) may use: not another node, not a block job (bdrv_is_root_node)."""
+    from ..jobs.blockjob import BlockJob
     from ..nodes.node import BlockNode
     from ..qapi.errors import GenericError
 
     node = daemon.graph.lookup_bs(name) if hasattr(daemon.graph, "lookup_bs") else _lookup(daemon, name)
-    if any(isinstance(e.parent, BlockNode) for e in node.parents):
+    if any(isinstance(e.parent, (BlockNode, BlockJob)) for e in node.parents):
         raise GenericError("Need a root block node")
     return node
 
@@ -158,10 +160,11 @@ async def start_mirror(daemon, args, source, target, *, drive: bool = False):
                     unmap=_arg(args, "unmap", True),
                     on_source_error=_arg(args, "on_source_error", "report"),
                     on_target_error=_arg(args, "on_target_error", "report"),
-                    replaces=replaces, **_common(args))
+                    replaces=replaces, filter_node_name=_arg(args, "filter_node_name"),
+                    **_common(args))
     manager.register(daemon, job, _arg(args, "speed", 0))
     try:
-        job.attach_nodes()
+        await job.attach_nodes()
     except BaseException:
         job.early_fail()
         raise
@@ -457,11 +460,12 @@ async def block_stream(daemon, args):
     job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
     writable = await _make_writable(daemon, top)
     job = StreamJob(daemon, job_id, top, base, backing_file,
-                    on_error=_arg(args, "on_error", "report"), **_common(args))
+                    on_error=_arg(args, "on_error", "report"),
+                    filter_node_name=_arg(args, "filter_node_name"), **_common(args))
     _read_only_after_run(daemon, job, writable)
     manager.register(daemon, job, _arg(args, "speed", 0))
     try:
-        job.attach_nodes()
+        await job.attach_nodes()
     except BaseException:
         job.early_fail()
         if writable is not None:
@@ -517,18 +521,20 @@ async def block_commit(daemon, args):
         raise GenericError("'backing-file' specified, but 'top' is the active layer")
     writable = await _make_writable(daemon, base)
     if top is device:
+        # active commit: the base becomes the active layer and stays writable
         job = MirrorJob(daemon, job_id, device, base, sync="top", base=base,
                         on_source_error=_arg(args, "on_error", "report"),
                         on_target_error=_arg(args, "on_error", "report"),
-                        job_type="commit", **_common(args))
+                        job_type="commit", filter_node_name=_arg(args, "filter_node_name"),
+                        **_common(args))
     else:
-        # active commit: the base becomes the active layer and stays writable
         job = CommitJob(daemon, job_id, device, top, base, backing_file,
-                        on_error=_arg(args, "on_error", "report"), **_common(args))
+                        on_error=_arg(args, "on_error", "report"),
+                        filter_node_name=_arg(args, "filter_node_name"), **_common(args))
         _read_only_after_run(daemon, job, writable)
     manager.register(daemon, job, _arg(args, "speed", 0))
     try:
-        job.attach_nodes()
+        await job.attach_nodes()
     except BaseException:
         job.early_fail()
         if writable is not None:

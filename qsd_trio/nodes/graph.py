@@ -247,7 +247,9 @@ class BlockGraph:
         inside finish first).  Users with ``stay_at_node`` must have detached
         before.  Shrinking permissions cannot conflict, so this never fails.
         """
-        below = filt.children["file"].node
+        # the filtered child: ``file`` (copy-on-read, copy-before-write) or
+        # ``backing`` (mirror_top, commit_top)
+        below = (filt.children.get("file") or filt.children["backing"]).node
         if self.nodes.get(filt.node_name) is filt:
             del self.nodes[filt.node_name]
         for edge in list(filt.children.values()):
@@ -272,6 +274,11 @@ class BlockGraph:
                 a.parents.remove(e)
                 e.node = b
                 if isinstance(e.parent, BlockNode):
+                    # format drivers may hold the child node itself (qcow2's
+                    # .file, .data and .backing)
+                    for attr in ("file", "data", "backing"):
+                        if getattr(e.parent, attr, None) is a:
+                            setattr(e.parent, attr, b)
                     # bdrv_child_cb_detach/attach: the edge is now the
                     # parent's newest child
                     e.parent.children[e.name] = e.parent.children.pop(e.name)

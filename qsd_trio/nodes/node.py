@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import enum
 import errno
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -85,6 +86,9 @@ def parent_desc(parent: object) -> str:
     return "an unnamed block device"
 
 
+_EDGE_SEQ = itertools.count()
+
+
 @attrs.define(eq=False)
 class BdrvChild:
     """An edge: ``parent`` uses ``node`` in role ``name`` with permissions.
@@ -100,6 +104,9 @@ class BdrvChild:
     parent: object
     perm: Perm
     shared: Perm
+    # creation order: x-debug-query-block-graph lists BlockBackends (users
+    # that are neither nodes nor jobs) in the order they were created
+    seq: int = attrs.field(init=False, factory=lambda: next(_EDGE_SEQ))
 
     def detach(self) -> None:
         """Drop this edge; the node's permissions (and file locks) shrink."""
