@@ -6,8 +6,9 @@ aborting, concluded with the driver's error in query-jobs.  Its progress is
 0/1 until the driver returns, then 1/1 either way.
 
 Drivers: ``file`` (created, emptied, then sized with the preallocation
-asked for) and ``qcow2`` (on an existing node, through the qcow2 driver's
-``create_qcow2``, which lays images out byte for byte as qemu-img does).
+asked for), ``qcow2`` (on an existing node, through the qcow2 driver's
+``create_qcow2``, which lays images out byte for byte as qemu-img does,
+LUKS encryption included) and ``luks`` (a LUKS1 volume on an existing node).
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ async def create_file(filename: str, size: int, prealloc: str = "off") -> None:
 async def create_qcow2_on(daemon: Any, o: Any) -> None:
     from ..nodes.qcow2.create import create_qcow2
 
-    if _v(getattr(o, "encrypt", None)) is not None:
-        raise GenericError("qsd-trio does not support encrypted qcow2 images")
     file = _node(daemon, o.file)
     data_file = None
     if getattr(o, "data_file", None) is not None:
@@ -75,7 +74,8 @@ async def create_qcow2_on(daemon: Any, o: Any) -> None:
         data_file=data_file,
         data_file_name=data_file.filename if data_file is not None else None,
         data_file_raw=bool(_v(o.data_file_raw, False)),
-        preallocation=_v(o.preallocation, "off"))
+        preallocation=_v(o.preallocation, "off"),
+        encrypt=getattr(o, "encrypt", None))
 
 
 def _node(daemon: Any, ref: Any):
@@ -102,6 +102,9 @@ class CreateJob(Job):
                 await create_file(o.filename, o.size, _v(o.preallocation, "off"))
             elif driver == "qcow2":
                 await create_qcow2_on(self.daemon, o)
+            elif driver == "luks":
+                from ..nodes.luks import create_luks_on
+                await create_luks_on(self.daemon, _node(self.daemon, o.file), o)
             else:
                 raise GenericError(f"Driver '{driver}' does not support blockdev-create")
         finally:

@@ -163,7 +163,7 @@ def block_device_info(node: BlockNode, flat: bool) -> dict:
         "ro": node.read_only,
         "drv": node.driver,
         "backing_file_depth": depth,
-        "encrypted": False,
+        "encrypted": bool(getattr(node, "encrypted", False)),
         "detect_zeroes": node.detect_zeroes,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": image_info(node, flat),

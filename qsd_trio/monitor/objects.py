@@ -61,6 +61,10 @@ async def add_object(daemon, qom_type: str, id: str, props: dict) -> None:
         # a live limiter shared by throttle nodes, not just properties
         from ..objects import throttle_group
         obj = throttle_group.create(daemon.graph, id, props)
+    elif qom_type == "secret":
+        # loaded now (data, file, base64, keyid), as QEMU loads it
+        from ..objects import secret
+        obj = secret.create(daemon.graph, id, props)
     else:
         obj = UserObject(id, qom_type, props)
     daemon.objects[id] = obj

@@ -40,7 +40,7 @@ def load_drivers() -> dict[str, type[BlockNode]]:
     import importlib
 
     for mod in ("null", "file", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
-                "copy_before_write", "snapshot_access"):
+                "copy_before_write", "snapshot_access", "luks"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as e:

@@ -78,11 +78,13 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
                        compression_type: str = "zlib", backing_file: str | None = None,
                        backing_fmt: str | None = None, data_file: BlockNode | None = None,
                        data_file_name: str | None = None, data_file_raw: bool = False,
-                       preallocation: str = "off") -> None:
+                       preallocation: str = "off", encrypt=None) -> None:
     """Format ``file`` (a writable node, any protocol) as a qcow2 image of ``size`` bytes.
 
     ``data_file`` is the node holding the guest data (external data file) and
-    ``data_file_name`` the name recorded in the header for it.  Errors are
+    ``data_file_name`` the name recorded in the header for it.  ``encrypt``
+    (QCryptoBlockCreateOptions) gives the image a LUKS header after the L1
+    table, as QEMU lays it out (:mod:`.crypt`).  Errors are
     ``GenericError`` with QEMU's text; I/O errors are ``OSError``.
     """
     from .driver import Qcow2Node  # the driver imports nothing from here
@@ -138,6 +140,9 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
     try:
         await node.open(opts)
         await node.truncate(size, prealloc=preallocation)
+        if encrypt is not None:
+            from .crypt import setup_encryption
+            await setup_encryption(node, encrypt)
         if backing_file or (data_file is not None and data_file_name is None):
             await node.set_header_names(backing_file=backing_file, backing_fmt=backing_fmt)
         await node.close()

@@ -37,6 +37,7 @@ from ...qapi.errors import GenericError
 from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
+from . import crypt as qcrypt
 from . import overlap
 from . import snapshots as snapmod
 from .compress import CompressionError, compress, decompress
@@ -103,6 +104,9 @@ class Qcow2Node(BlockNode):
             raise GenericError(str(e)) from None
         self.h = h
         await self._check_header(h, options)
+        # encrypt.* (LUKS or legacy AES): every data cluster goes through it
+        self.crypto = await qcrypt.open_encryption(self, h, options)
+        self.encrypted = self.crypto is not None
         cs = self.cs = h.cluster_size
         self.cb = h.cluster_bits
         self.version = h.version
@@ -215,8 +219,6 @@ class Qcow2Node(BlockNode):
             bits = ", ".join(f"Unknown incompatible feature: {1 << i:x}"
                              for i in range(64) if unknown >> i & 1)
             raise GenericError(f"Unsupported qcow2 feature(s): {bits}")
-        if h.crypt_method:
-            raise GenericError("qcow2: encrypted images are not supported by qsd-trio")
         if h.incompatible_features & INCOMPAT_CORRUPT and not self.read_only:
             raise GenericError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.incompatible_features & INCOMPAT_EXTL2 and h.cluster_bits < 14:
@@ -361,6 +363,12 @@ class Qcow2Node(BlockNode):
             self.l2cache.clean_unused()
             self._next_clean = now + self.cache_clean_interval
 
+    @property
+    def filename(self) -> str:
+        if self.crypto is not None:
+            return self.crypto.json_filename(self.file)
+        return super().filename
+
     def info_extra(self) -> dict:
         h = self.h
         spec: dict
@@ -377,7 +385,11 @@ class Qcow2Node(BlockNode):
                 if h.data_file:
                     spec["data-file"] = h.data_file
                 spec["data-file-raw"] = self.data_file_raw
+        if self.crypto is not None:
+            spec = qcrypt.with_encrypt_info(spec, self.crypto)
         extra = {"cluster-size": self.cs, "format-specific": {"type": "qcow2", "data": spec}}
+        if self.crypto is not None:
+            extra["encrypted"] = True
         if h.backing_file:
             extra["backing-filename"] = h.backing_file
             if h.backing_format:
@@ -599,6 +611,19 @@ class Qcow2Node(BlockNode):
         m = min(n, blen - offset)
         buf[at:at + m] = await b.read(offset, m)
 
+    async def _data_read(self, goff: int, host: int, n: int):
+        """Guest bytes ``goff``..``goff+n`` of a data cluster at ``host``."""
+        if self.crypto is not None:
+            return await self.crypto.read(self.data, goff, host, n)
+        return await self.data.read(host, n)
+
+    async def _data_write(self, goff: int, host: int, buf) -> None:
+        """Guest bytes at ``goff`` into a data cluster at ``host`` (encrypted
+        images: whole sectors)."""
+        if self.crypto is not None:
+            buf = self.crypto.encrypt(goff, host, buf)
+        await self.data.write(host, buf)
+
     async def _co_preadv(self, offset: int, length: int):
         self._check_usable()
         segs = await self._mapped(offset, length)
@@ -606,6 +631,8 @@ class Qcow2Node(BlockNode):
             # one run: hand the child's buffer up as it is (no second buffer, no copy)
             kind, _, _, host = segs[0]
             if kind == DATA:
+                if self.crypto is not None:
+                    return await self.crypto.read(self.data, offset, host, length)
                 return await self.data.read(host, length)
             b = self.backing
             if kind == UNALLOC and b is not None and offset + length <= b.length:
@@ -618,7 +645,7 @@ class Qcow2Node(BlockNode):
         for kind, goff, n, host in segs:
             at = goff - offset
             if kind == DATA:
-                buf[at:at + n] = await self.data.read(host, n)
+                buf[at:at + n] = await self._data_read(goff, host, n)
             elif kind == UNALLOC:
                 await self._read_backing(goff, n, buf, at)
             elif kind == COMPRESSED:
@@ -643,8 +670,12 @@ class Qcow2Node(BlockNode):
             await self._write_v3_features()
             self._dirty_set = True
 
-    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool,
+                          _sectors: bool = False) -> None:
         self._check_usable()
+        if self.crypto is not None and not _sectors:
+            # whole sectors only: partial ones are read, merged and rewritten
+            return await self.crypto.pwritev(self, offset, data, fua)
         length = len(data)
         if not length:
             return
@@ -657,7 +688,7 @@ class Qcow2Node(BlockNode):
                 for goff, n, host in plan:
                     if self.overlap_mask:
                         await self._overlap_check(0, host, n, True)
-                    await self.data.write(host, data[goff - offset:goff - offset + n])
+                    await self._data_write(goff, host, data[goff - offset:goff - offset + n])
         finally:
             self._inplace -= 1
         if plan is None:
@@ -717,7 +748,7 @@ class Qcow2Node(BlockNode):
         linked = False
         try:
             for r in runs:
-                await self.data.write(r.host, r.payload)
+                await self._data_write(r.gc << self.cb, r.host, r.payload)
             async with self._lock:
                 try:
                     for r in runs:
@@ -830,7 +861,7 @@ class Qcow2Node(BlockNode):
             run_end = min(end, (gc + n) << cb)
             r = await self._write_new(gc, n, pos, data[pos - offset:run_end - offset])
             if runs is None:
-                await self.data.write(r.host, r.payload)
+                await self._data_write(r.gc << self.cb, r.host, r.payload)
                 await self._link_run(r)
             else:
                 runs.append(r)
@@ -851,7 +882,7 @@ class Qcow2Node(BlockNode):
         if self.overlap_mask:
             await self._overlap_check(0, host + (pos - base), len(chunk), True)
         if not self.extl2:
-            await self.data.write(host + (pos - base), chunk)
+            await self._data_write(pos, host + (pos - base), chunk)
             return
         table = await self._l2_for_write(gc >> self.l2_bits)
         idx = gc & (self.l2_entries - 1)
@@ -861,13 +892,13 @@ class Qcow2Node(BlockNode):
         s0, s1 = a >> sb, (b - 1) >> sb
         touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
         if bm & touched == touched:
-            await self.data.write(host + a, chunk)
+            await self._data_write(base + a, host + a, chunk)
             return
         # fill the partial subclusters at the edges from the current view
         ra, rb = s0 << sb, min((s1 + 1) << sb, self.cs)
         buf = await self._view(base + ra, rb - ra)
         buf[a - ra:b - ra] = chunk
-        await self.data.write(host + ra, buf)
+        await self._data_write(base + ra, host + ra, buf)
         table[2 * idx + 1] = (bm | touched) & ~(touched << 32)
         self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
 
@@ -1341,7 +1372,7 @@ class Qcow2Node(BlockNode):
         self._check_usable()
         mv = memoryview(data).cast("B")
         self._check(offset, len(mv))
-        if self.has_data_file:
+        if self.has_data_file or self.crypto is not None:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         if offset % self.cs or (len(mv) != self.cs and offset + len(mv) != self.size):
             raise OSError(errno.EINVAL, "Invalid argument")

@@ -1,0 +1,133 @@
+"""Encrypted I/O shared by the ``luks`` driver and encrypted qcow2.
+
+Ciphers work on whole 512-byte sectors, so a write that starts or ends
+inside a sector is a read-modify-write of the edge sectors.  Two writes
+touching one sector must not interleave their read and write (one would
+put back the other's old bytes), so every write of an encrypted node runs
+under :meth:`SectorWrites.hold`, which waits for in-flight writes whose
+sector ranges overlap (QEMU makes such requests serialising).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..crypto import luks
+from ..crypto import secrets as secretmod
+from ..crypto.cipher import SECTOR, SectorCipher
+from ..qapi.errors import GenericError
+
+
+def align_down(x: int) -> int:
+    return x & ~(SECTOR - 1)
+
+
+def align_up(x: int) -> int:
+    return (x + SECTOR - 1) & ~(SECTOR - 1)
+
+
+class SectorWrites:
+    """In-flight writes by sector-aligned byte range."""
+
+    def __init__(self) -> None:
+        self._inflight: list[tuple[int, int, trio.Event]] = []
+
+    @asynccontextmanager
+    async def hold(self, start: int, end: int):
+        while True:
+            for a, b, ev in self._inflight:
+                if a < end and start < b:
+                    await ev.wait()
+                    break
+            else:
+                break
+        me = (start, end, trio.Event())
+        self._inflight.append(me)
+        try:
+            yield
+        finally:
+            self._inflight.remove(me)
+            me[2].set()
+
+
+ReadPlain = Callable[[int, int], Awaitable[bytes | bytearray | memoryview]]
+WritePlain = Callable[[int, bytes | bytearray | memoryview], Awaitable[None]]
+
+
+async def write_sectors(writes: SectorWrites, offset: int, data, read: ReadPlain,
+                        write: WritePlain, limit: int) -> None:
+    """Write ``data`` at ``offset`` as whole sectors: the partial edge
+    sectors are read back (as plaintext, through ``read``) and merged.
+    ``limit`` is the node's length (the last sector may be short of it)."""
+    a, b = align_down(offset), align_up(offset + len(data))
+    async with writes.hold(a, b):
+        if a == offset and b == offset + len(data):
+            await write(a, data)
+            return
+        buf = bytearray(b - a)
+        if a < offset:
+            buf[:SECTOR] = _pad(await read(a, min(SECTOR, limit - a)))
+        end = offset + len(data)
+        if end < b and (end > a + SECTOR or a == offset):
+            t = b - SECTOR
+            buf[t - a:] = _pad(await read(t, min(SECTOR, limit - t)))
+        buf[offset - a:end - a] = data
+        await write(a, buf)
+
+
+def _pad(d) -> bytes:
+    return bytes(d).ljust(SECTOR, b"\0")
+
+
+async def open_luks(graph, secret_id: str | None, read: ReadPlain, *,
+                    prefix: str = "") -> tuple[luks.LuksHeader, SectorCipher]:
+    """Unlock a LUKS volume whose header ``read`` reads (offset 0 = its start).
+
+    The secret is looked up first, then the header checked, as QEMU does.
+    Errors are :class:`GenericError` with QEMU's texts.
+    """
+    if secret_id is None:
+        raise GenericError(f"Parameter '{prefix}key-secret' is required for cipher")
+    password = secretmod.lookup_utf8(graph, secret_id)
+    try:
+        hdr = luks.parse_header(bytes(await read(0, luks.HEADER_SIZE)))
+        key = await luks.unlock(hdr, password, read)
+        return hdr, hdr.sector_cipher(key)
+    except luks.LuksError as e:
+        raise GenericError(str(e)) from None
+
+
+def create_options(o) -> luks.CreateOptions:
+    """luks.CreateOptions from a QCryptoBlockCreateOptionsLUKS-shaped object
+    (QAPI attrs or a dict with hyphenated keys)."""
+    def get(name: str):
+        if isinstance(o, dict):
+            v = o.get(name.replace("_", "-"))
+        else:
+            v = getattr(o, name, None)
+        return getattr(v, "value", v)
+
+    d = luks.CreateOptions()
+    for name in ("cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg", "hash_alg",
+                 "iter_time"):
+        v = get(name)
+        if v is not None:
+            setattr(d, name, v)
+    return d
+
+
+async def create_luks(graph, o, prefix: str = ""):
+    """A new LUKS header for blockdev-create options ``o``: (header,
+    [(offset, bytes)] to write, master key).  PBKDF2 runs in a thread."""
+    secret_id = o.get("key-secret") if isinstance(o, dict) else getattr(o, "key_secret", None)
+    if secret_id is None:
+        raise GenericError(f"Parameter '{prefix}key-secret' is required for cipher")
+    password = secretmod.lookup_utf8(graph, secret_id)
+    opts = create_options(o)
+    try:
+        return await trio.to_thread.run_sync(luks.create, opts, password)
+    except luks.LuksError as e:
+        raise GenericError(str(e)) from None
