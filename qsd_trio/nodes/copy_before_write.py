@@ -192,7 +192,17 @@ class CopyBeforeWriteNode(BlockNode):
         return b"".join(parts)
 
     async def snapshot_block_status(self, offset: int, length: int) -> BlockStatus:
-        """cbw_co_snapshot_block_status."""
+        """cbw_co_snapshot_block_status, for the accessible run at ``offset``.
+
+        QEMU fails the whole query when part of the range may not be read;
+        here the answer covers the accessible start, so that a look-ahead
+        past the end of a read (our NBD server's sparse reads look ahead)
+        does not fail the read.  A range that starts inaccessible fails.
+        """
+        if self.access_bitmap.get(offset):
+            stop = self.access_bitmap.next_clean(offset, length)
+            if stop is not None:
+                length = stop - offset
         node, n, entry = self._snapshot_lock(offset, length)
         try:
             st = await node.block_status(offset, n)
