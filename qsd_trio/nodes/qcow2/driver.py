@@ -65,6 +65,7 @@ from .l2 import (
     QCOW_OFLAG_ZERO,
     L2Cache,
     pack_table,
+    read_cache_sizes,
     unpack_table,
 )
 from .refcount import RefcountError, Refcounts
@@ -77,7 +78,6 @@ ALL_ALLOC = 0xFFFFFFFF
 _MAP_BITS = L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 ALL_ZERO = 0xFFFFFFFF << 32
 
-DEFAULT_L2_CACHE_MAX = 32 << 20  # QEMU's default upper bound on Linux
 
 
 class Corruption(Exception):
@@ -161,6 +161,10 @@ class Qcow2Node(BlockNode):
             raise GenericError("'data-file' can only be set for images with an "
                                "external data file")
 
+        # cache sizes (qcow2_update_options_prepare, before the L1 table is read)
+        l2_slices, l2_slice_bytes, refcount_blocks = read_cache_sizes(
+            options, cs, h.size, 16 if self.extl2 else 8)
+
         # L1 table
         if h.l1_size > (32 << 20) // 8:
             raise GenericError("Active L1 table too large")
@@ -183,16 +187,10 @@ class Qcow2Node(BlockNode):
             table=Refcounts.parse_table(rt, rt_entries),
             table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
             read=self._read_meta, write=self._write_meta, flush=self.file.flush,
-            on_table_moved=self._reftable_moved)
+            on_table_moved=self._reftable_moved, cache_blocks=refcount_blocks)
 
-        # L2 cache: default covers the whole image up to 32 MiB (QEMU's default)
-        l2_size = options.get("l2-cache-size")
-        if l2_size is None and options.get("cache-size") is not None:
-            l2_size = options["cache-size"] * 8 // 9  # QEMU's split when only cache-size given
-        if l2_size is None:
-            cover = self._l1_needed(self.size) * cs
-            l2_size = min(max(cover, 8 * cs), DEFAULT_L2_CACHE_MAX)
-        self.l2cache = L2Cache(max(2, l2_size // cs))
+        # L2 cache: by default it covers the whole image, up to 32 MiB
+        self.l2cache = L2Cache(l2_slices, table_bytes=cs, slice_bytes=l2_slice_bytes)
         # QEMU's default on Linux: free cache entries unused for 10 minutes
         self.cache_clean_interval = options.get("cache-clean-interval", 600)
         self._next_clean = None
@@ -288,11 +286,12 @@ class Qcow2Node(BlockNode):
 
     # -- overlap checks (overlap.py) --------------------------------------------
     def _layout(self) -> tuple:
-        """What the metadata layout depends on; the index is rebuilt when it changes."""
-        h = self.h
-        return (self.l1, self._l1_gen, self.l1_offset, self.refs.version,
-                self.refs.table_offset, self.refs.table_clusters, self.snapshots,
-                h.snapshots_offset, h.autoclear_features, h.ext(EXT_BITMAPS))
+        """What the metadata layout depends on; the index is rebuilt when it
+        changes (the lists compare by identity first, then by content)."""
+        h, refs = self.h, self.refs
+        return (self.l1, self._l1_gen, self.l1_offset, refs.version, refs.table_offset,
+                refs.table_clusters, self.snapshots, h.snapshots_offset,
+                h.autoclear_features, h.generation)
 
     async def _overlap_index(self) -> overlap.OverlapIndex:
         ix = overlap.OverlapIndex(self.cb)
@@ -330,8 +329,7 @@ class Qcow2Node(BlockNode):
         if not mask or not size or (data_file and self.has_data_file):
             return
         layout = self._layout()
-        old = self._ol_layout
-        if old is None or any(a is not b and a != b for a, b in zip(layout, old, strict=True)):
+        if layout != self._ol_layout:
             self._ol_index = await self._overlap_index()
             self._ol_layout = layout
         bit = self._ol_index.check(mask, offset, size)
@@ -435,8 +433,10 @@ class Qcow2Node(BlockNode):
             raise OSError(errno.ENOMEDIUM, "No medium found")
 
     # -- L2 access ------------------------------------------------------------------
-    async def _l2_table(self, l1i: int):
-        """The L2 table for L1 index ``l1i`` (array) or None when unallocated."""
+    async def _l2_table(self, l1i: int, first: int = 0, stop: int | None = None):
+        """The L2 table for L1 index ``l1i`` (array or view) or None when
+        unallocated; with ``first``/``stop``, only entries first..stop-1 are
+        needed (with sliced caching only their slices are read)."""
         if l1i >= len(self.l1):
             return None
         e = self.l1[l1i]
@@ -449,9 +449,7 @@ class Qcow2Node(BlockNode):
         if off & (self.cs - 1):
             raise Corruption(f"L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})",
                              off, self.cs)
-        t = unpack_table(await self.file.read(off, self.cs))
-        self.l2cache.put(off, t)
-        return t
+        return await self.l2cache.fetch(off, self.file.read, first, stop)
 
     async def _l2_for_write(self, l1i: int):
         """An L2 table this image owns alone, allocated or copied as needed."""
@@ -466,7 +464,7 @@ class Qcow2Node(BlockNode):
             t = unpack_table(bytes(self.cs))
         await self._set_dirty()
         new = await self.refs.alloc(1)
-        self.l2cache.put(new, t, dirty=True)
+        t = self.l2cache.put(new, t, dirty=True)
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
         self._l1_gen += 1
         self._l1_dirty = True
@@ -497,10 +495,12 @@ class Qcow2Node(BlockNode):
                     return
             segs.append([kind, start, n, host])
 
+        step = 2 if extl2 else 1
         while pos < end:
             l1i = pos >> l2_span_bits
-            table = await self._l2_table(l1i)
             tend = min(end, (l1i + 1) << l2_span_bits)
+            table = await self._l2_table(l1i, step * ((pos >> cb) & l2_mask),
+                                         step * ((((tend - 1) >> cb) & l2_mask) + 1))
             if table is None:
                 add(UNALLOC, pos, tend - pos, 0)
                 pos = tend
@@ -794,10 +794,11 @@ class Qcow2Node(BlockNode):
         step = 2 if self.extl2 else 1
         mask = self.l2_entries - 1
         while gc <= last:
-            table = await self._l2_table(gc >> self.l2_bits)
+            stop = min(last, gc | mask)
+            table = await self._l2_table(gc >> self.l2_bits, step * (gc & mask),
+                                         step * ((stop & mask) + 1))
             if table is None:
                 return None
-            stop = min(last, gc | mask)
             for i in range(step * (gc & mask), step * ((stop & mask) + 1), step):
                 if not table[i] & QCOW_OFLAG_COPIED:
                     return None
@@ -805,11 +806,12 @@ class Qcow2Node(BlockNode):
         return plan
 
     async def _entry(self, gc: int) -> int:
-        t = await self._l2_table(gc >> self.l2_bits)
+        idx = gc & (self.l2_entries - 1)
+        i = 2 * idx if self.extl2 else idx
+        t = await self._l2_table(gc >> self.l2_bits, i, i + 1)
         if t is None:
             return 0
-        idx = gc & (self.l2_entries - 1)
-        return t[2 * idx] if self.extl2 else t[idx]
+        return t[i]
 
     def _free_entry_host(self, e: int, dtype: str = "request") -> None:
         """Queue the host clusters an L2 entry holds for freeing (after the L2 is on disk)."""
@@ -1177,9 +1179,10 @@ class Qcow2Node(BlockNode):
             await self.file.flush()
         if self.l2cache.dirty:
             for off in sorted(self.l2cache.dirty):
+                blob = pack_table(self.l2cache.tables[off])
                 if self.overlap_mask:
-                    await self._overlap_check(overlap.ACTIVE_L2, off, self.cs)
-                await self.file.write(off, pack_table(self.l2cache.tables[off]))
+                    await self._overlap_check(overlap.ACTIVE_L2, off, len(blob))
+                await self.file.write(off, blob)
             self.l2cache.dirty.clear()
             await self.file.flush()
         if self._l1_dirty:

@@ -73,6 +73,8 @@ class Header:
     compression_type: int = COMPRESSION_ZLIB
     extensions: list[Extension] = attrs.Factory(list)
     backing_file: str | None = None
+    # bumped by set_ext (the driver's overlap index depends on the extensions)
+    generation: int = attrs.field(default=0, eq=False)
 
     @property
     def cluster_size(self) -> int:
@@ -87,6 +89,7 @@ class Header:
 
     def set_ext(self, type_: int, data: bytes | None) -> None:
         """Replace (or with ``None`` remove) extension ``type_``, keeping the order."""
+        self.generation += 1
         for i, e in enumerate(self.extensions):
             if e.type == type_:
                 if data is None:

@@ -40,45 +40,152 @@ def pack_table(a: array) -> bytes:
 
 
 class L2Cache:
-    """LRU cache of L2 tables by host offset.
+    """LRU cache of L2 table slices by host offset (QEMU's l2-cache-entry-size).
 
-    Dirty tables are written back by the driver (which must first write the
-    refcounts they depend on), so eviction only picks clean tables; when
-    every table is dirty the cache grows past its size until the next flush.
+    The cache holds at most ``capacity`` slices of ``slice_bytes`` each,
+    keyed by the host offset of the slice.  When a slice is a whole table
+    (the default), the driver gets the table's array itself; with smaller
+    slices it gets a :class:`TableView` over the slices it asked for, which
+    marks the slices it changes dirty.
+
+    Dirty slices are written back by the driver (which must first write the
+    refcounts they depend on), so eviction only picks clean slices; when
+    every slice is dirty the cache grows past its size until the next flush.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, *, table_bytes: int = 0, slice_bytes: int = 0):
         self.capacity = max(capacity, 2)
-        self.tables: OrderedDict[int, array] = OrderedDict()
+        self.table_bytes = table_bytes
+        self.slice_bytes = slice_bytes or table_bytes
+        self.sliced = bool(table_bytes) and self.slice_bytes < table_bytes
+        self.slice_words = self.slice_bytes // 8
+        self.tables: OrderedDict[int, array] = OrderedDict()  # slices, by host offset
         self.dirty: set[int] = set()
         self.used: set[int] = set()  # looked up since the last clean_unused()
 
-    def get(self, offset: int) -> array | None:
-        t = self.tables.get(offset)
-        if t is not None:
+    # -- whole tables (slice == table) and views -------------------------------
+    def get(self, offset: int):
+        """The table at ``offset`` if every slice of it is cached, else None."""
+        if not self.sliced:
+            t = self.tables.get(offset)
+            if t is not None:
+                self.tables.move_to_end(offset)
+                self.used.add(offset)
+            return t
+        parts = []
+        for key in range(offset, offset + self.table_bytes, self.slice_bytes):
+            t = self.tables.get(key)
+            if t is None:
+                return None
+            parts.append(t)
+        for key in range(offset, offset + self.table_bytes, self.slice_bytes):
+            self.tables.move_to_end(key)
+            self.used.add(key)
+        return TableView(self, offset, parts)
+
+    def put(self, offset: int, table: array, *, dirty: bool = False):
+        """Cache a whole table read from disk (or a new one); returns what the
+        driver must index from now on (the array, or a view of its slices).
+        Slices already cached (possibly changed) are kept, not replaced."""
+        if not self.sliced:
+            self.tables[offset] = table
             self.tables.move_to_end(offset)
             self.used.add(offset)
-        return t
+            if dirty:
+                self.dirty.add(offset)
+            self._evict(offset)
+            return table
+        w = self.slice_words
+        parts = []
+        for i, key in enumerate(range(offset, offset + self.table_bytes, self.slice_bytes)):
+            t = self.tables.get(key)
+            if t is None:
+                t = table[i * w:(i + 1) * w]
+                self.tables[key] = t
+            self.tables.move_to_end(key)
+            self.used.add(key)
+            if dirty:
+                self.dirty.add(key)
+            parts.append(t)
+        self._evict(offset)
+        return TableView(self, offset, parts)
 
-    def put(self, offset: int, table: array, *, dirty: bool = False) -> None:
-        self.tables[offset] = table
-        self.tables.move_to_end(offset)
-        self.used.add(offset)
-        if dirty:
-            self.dirty.add(offset)
+    async def fetch(self, offset: int, read, first: int = 0, stop: int | None = None):
+        """The table at ``offset``, reading the slices that are not cached
+        (only those covering entries ``first``..``stop-1`` when given; the
+        view then holds only those) with ``await read(offset, length)``."""
+        if not self.sliced:
+            t = self.get(offset)
+            if t is None:
+                t = self.put(offset, unpack_table(await read(offset, self.table_bytes)))
+            return t
+        w = self.slice_words
+        nslices = self.table_bytes // self.slice_bytes
+        s0 = first // w
+        s1 = nslices if stop is None else -(-stop // w)
+        parts: list[array | None] = [None] * nslices
+        si = s0
+        while si < s1:
+            key = offset + si * self.slice_bytes
+            t = self.tables.get(key)
+            if t is not None:
+                self.tables.move_to_end(key)
+                self.used.add(key)
+                parts[si] = t
+                si += 1
+                continue
+            # one read for a run of missing slices
+            sj = si + 1
+            while sj < s1 and offset + sj * self.slice_bytes not in self.tables:
+                sj += 1
+            buf = unpack_table(await read(key, (sj - si) * self.slice_bytes))
+            for k in range(si, sj):
+                kk = offset + k * self.slice_bytes
+                t = self.tables.get(kk)  # cached meanwhile (and maybe changed): keep it
+                if t is None:
+                    t = buf[(k - si) * w:(k - si + 1) * w]
+                    self.tables[kk] = t
+                self.tables.move_to_end(kk)
+                self.used.add(kk)
+                parts[k] = t
+            si = sj
+        self._evict(offset)
+        return TableView(self, offset, parts)
+
+    def _evict(self, keep: int) -> None:
+        if len(self.tables) <= self.capacity:
+            return
+        end = keep + self.table_bytes
+        for off in list(self.tables):
+            if len(self.tables) <= self.capacity:
+                break
+            if off not in self.dirty and not keep <= off < max(end, keep + 1):
+                del self.tables[off]
         if len(self.tables) > self.capacity:
+            # the table just looked up is bigger than the cache: its clean
+            # slices go too (the driver's view still holds them)
             for off in list(self.tables):
                 if len(self.tables) <= self.capacity:
                     break
-                if off not in self.dirty and off != offset:
+                if off not in self.dirty:
                     del self.tables[off]
 
+    def _touch(self, key: int, part: array) -> None:
+        """A view changed slice ``key``: dirty, and cached again if evicted."""
+        if self.tables.get(key) is not part:
+            self.tables[key] = part
+        self.dirty.add(key)
+
     def mark_dirty(self, offset: int) -> None:
-        self.dirty.add(offset)
+        """The driver changed the table at ``offset`` (views mark their slices
+        themselves as they are written)."""
+        if not self.sliced:
+            self.dirty.add(offset)
 
     def drop(self, offset: int) -> None:
-        self.tables.pop(offset, None)
-        self.dirty.discard(offset)
+        for key in range(offset, offset + max(self.table_bytes, 1), self.slice_bytes or 1):
+            self.tables.pop(key, None)
+            self.dirty.discard(key)
 
     def clear(self) -> None:
         self.tables.clear()
@@ -86,7 +193,7 @@ class L2Cache:
         self.used.clear()
 
     def clean_unused(self) -> int:
-        """cache-clean-interval: drop the clean tables nobody looked up since
+        """cache-clean-interval: drop the clean slices nobody looked up since
         the previous call, returning how many were dropped (dirty ones stay
         until the next flush writes them)."""
         stale = [off for off in self.tables if off not in self.used and off not in self.dirty]
@@ -94,3 +201,100 @@ class L2Cache:
             del self.tables[off]
         self.used.clear()
         return len(stale)
+
+
+class TableView:
+    """An L2 table seen through its cached slices (l2-cache-entry-size below
+    the cluster size).  Indexing is by entry, as on the table's array;
+    writing an entry marks its slice dirty.  A view made for a range of
+    entries holds only the slices of that range."""
+
+    __slots__ = ("cache", "offset", "parts", "shift", "mask", "words")
+
+    def __init__(self, cache: L2Cache, offset: int, parts: list):
+        self.cache, self.offset, self.parts = cache, offset, parts
+        self.words = cache.slice_words
+        self.shift = self.words.bit_length() - 1
+        self.mask = self.words - 1
+
+    def __len__(self) -> int:
+        return len(self.parts) * self.words
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        return self.parts[i >> self.shift][i & self.mask]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        si = i >> self.shift
+        part = self.parts[si]
+        part[i & self.mask] = value
+        self.cache._touch(self.offset + si * self.cache.slice_bytes, part)
+
+    def __iter__(self):
+        for part in self.parts:
+            yield from part
+
+
+# qcow2.h: at least this many L2 slices and refcount blocks are cached
+MIN_L2_CACHE_SIZE = 2
+MIN_REFCOUNT_CACHE_SIZE = 4
+DEFAULT_L2_CACHE_MAX_SIZE = 32 << 20  # on Linux
+INT_MAX = (1 << 31) - 1
+UINT_MAX = (1 << 32) - 1
+
+
+def read_cache_sizes(options: dict, cluster_size: int, virtual_size: int,
+                     l2_entry_bytes: int) -> tuple[int, int, int]:
+    """QEMU's read_cache_sizes and the checks after it in
+    qcow2_update_options_prepare, with their messages: (L2 cache slices,
+    slice size in bytes, refcount cache blocks).  Raises GenericError."""
+    from ...qapi.errors import GenericError
+
+    combined = options.get("cache-size")
+    l2_set = options.get("l2-cache-size")
+    rc_set = options.get("refcount-cache-size")
+    entry = options.get("l2-cache-entry-size")
+    max_l2_cache = -(-(-(-virtual_size // cluster_size) * l2_entry_bytes)
+                     // cluster_size) * cluster_size
+    l2_max_setting = l2_set if l2_set is not None else DEFAULT_L2_CACHE_MAX_SIZE
+    refcount = rc_set or 0
+    entry_size = entry if entry is not None else cluster_size
+    l2 = min(max_l2_cache, l2_max_setting)
+    min_refcount = MIN_REFCOUNT_CACHE_SIZE * cluster_size
+    if combined is not None:
+        if l2_set is not None and rc_set is not None:
+            raise GenericError("cache-size, l2-cache-size and refcount-cache-size may not "
+                               "be set at the same time")
+        if l2_set is not None and l2_max_setting > combined:
+            raise GenericError("l2-cache-size may not exceed cache-size")
+        if refcount > combined:
+            raise GenericError("refcount-cache-size may not exceed cache-size")
+        if l2_set is not None:
+            refcount = combined - l2
+        elif rc_set is not None:
+            l2 = combined - refcount
+        elif combined >= max_l2_cache + min_refcount:
+            l2 = max_l2_cache
+            refcount = combined - l2
+        else:
+            refcount = min(combined, min_refcount)
+            l2 = combined - refcount
+    # a cache that cannot cover the whole disk works in 4 KiB slices
+    if l2 < max_l2_cache and entry is None:
+        entry_size = min(cluster_size, 4096)
+    if entry_size < 512 or entry_size > cluster_size or entry_size & (entry_size - 1):
+        raise GenericError(f"L2 cache entry size must be a power of two between 512 "
+                           f"and the cluster size ({cluster_size})")
+    slices = max(l2 // entry_size, MIN_L2_CACHE_SIZE)
+    if slices > INT_MAX:
+        raise GenericError("L2 cache size too big")
+    blocks = max(refcount // cluster_size, MIN_REFCOUNT_CACHE_SIZE)
+    if blocks > INT_MAX:
+        raise GenericError("Refcount cache size too big")
+    interval = options.get("cache-clean-interval")
+    if interval is not None and interval > UINT_MAX:
+        raise GenericError("Cache clean interval too big")
+    return slices, entry_size, blocks

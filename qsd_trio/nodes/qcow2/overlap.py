@@ -7,12 +7,9 @@ and the write fails.  Which structures are checked is QEMU's
 Qcow2OverlapChecks: a template (``none``, ``constant``, ``cached``, the
 default, or ``all``) and per-structure booleans that override it.
 
-The structures are looked up in an index rebuilt only when the metadata
-layout changes (the driver's :meth:`layout_key`), so a check on the write
-path costs a few comparisons: the few large structures (header, L1 tables,
-refcount table, snapshot table, bitmap directory) are compared one by one,
-the cluster-sized ones (L2 tables, refcount blocks) are looked up by
-cluster index.
+The structures are looked up in an index by host cluster, rebuilt only
+when the metadata layout changes (the driver's ``_layout``), so a check on
+the write path is a dictionary lookup per cluster written.
 """
 
 from __future__ import annotations
@@ -90,20 +87,19 @@ def bitmap_directory(ext: bytes | None) -> tuple[int, int]:
 
 
 class OverlapIndex:
-    """Where the metadata lies, for one layout of the image.
-
-    ``ranges`` are (bit, start, end) of the large structures; ``clusters``
-    maps a cluster index to the bits of the cluster-sized structures there.
-    """
+    """Where the metadata lies, for one layout of the image: the bits of the
+    structures in each host cluster (QEMU widens a write to whole clusters
+    before comparing, so cluster granularity loses nothing)."""
 
     def __init__(self, cluster_bits: int):
         self.cb = cluster_bits
-        self.ranges: list[tuple[int, int, int]] = []
-        self.clusters: dict[int, int] = {}
+        self.clusters: dict[int, int] = {0: MAIN_HEADER}
 
     def add_range(self, bit: int, start: int, length: int) -> None:
         if length > 0:
-            self.ranges.append((bit, start, start + length))
+            cl = self.clusters
+            for c in range(start >> self.cb, ((start + length - 1) >> self.cb) + 1):
+                cl[c] = cl.get(c, 0) | bit
 
     def add_cluster(self, bit: int, offset: int) -> None:
         if offset:
@@ -115,26 +111,21 @@ class OverlapIndex:
         ``size`` bytes at ``offset`` would overlap, among ``mask``; else 0."""
         if not size or not mask:
             return 0
-        cs = 1 << self.cb
-        if mask & MAIN_HEADER and offset < cs:
-            return MAIN_HEADER
-        # the range is widened to whole clusters, as QEMU does
-        start = offset & ~(cs - 1)
-        end = -(-(offset + size) // cs) * cs
-        hits = 0
-        for bit, a, b in self.ranges:
-            if mask & bit and a < end and start < b:
-                hits |= bit
-        if self.clusters and mask & (ACTIVE_L2 | REFCOUNT_BLOCK | INACTIVE_L2):
-            first, last = start >> self.cb, (end >> self.cb) - 1
-            cl = self.clusters
-            if last - first < len(cl):
-                for c in range(first, last + 1):
-                    hits |= cl.get(c, 0) & mask
-            else:
-                for c, bits in cl.items():
-                    if first <= c <= last:
-                        hits |= bits & mask
+        cl = self.clusters
+        first, last = offset >> self.cb, (offset + size - 1) >> self.cb
+        if first == last:
+            hits = cl.get(first, 0) & mask
+        elif last - first < len(cl):
+            hits = 0
+            for c in range(first, last + 1):
+                hits |= cl.get(c, 0)
+            hits &= mask
+        else:
+            hits = 0
+            for c, bits in cl.items():
+                if first <= c <= last:
+                    hits |= bits
+            hits &= mask
         if not hits:
             return 0
         for bit in _ORDER:

@@ -13,6 +13,7 @@ moved to a bigger place when it is full.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 
@@ -57,7 +58,8 @@ class Refcounts:
                  read: Callable[[int, int], Awaitable[bytes]],
                  write: Callable[[int, bytes], Awaitable[None]],
                  flush: Callable[[], Awaitable[None]],
-                 on_table_moved: Callable[[int, int], Awaitable[None]]):
+                 on_table_moved: Callable[[int, int], Awaitable[None]],
+                 cache_blocks: int = 0):
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         self.order = order
@@ -66,7 +68,11 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         self.block_bits = cluster_bits + 3 - order  # log2(entries per block)
-        self.blocks: dict[int, bytearray] = {}  # refblock index -> contents
+        # the refcount block cache (refcount-cache-size): refblock index ->
+        # contents, least recently used first; only clean blocks are evicted,
+        # so dirty ones may exceed the capacity until write_dirty()
+        self.blocks: OrderedDict[int, bytearray] = OrderedDict()
+        self.capacity = cache_blocks or 1 << 62
         self.dirty: set[int] = set()
         self._read, self._write, self._flush = read, write, flush
         self._on_table_moved = on_table_moved
@@ -84,6 +90,7 @@ class Refcounts:
     async def _block(self, bidx: int) -> bytearray | None:
         blk = self.blocks.get(bidx)
         if blk is not None:
+            self.blocks.move_to_end(bidx)
             return blk
         if bidx >= len(self.table):
             return None
@@ -93,8 +100,22 @@ class Refcounts:
         if off & (self.cluster_size - 1):
             raise RefcountError(f"Refblock offset {off:#x} unaligned (reftable index: {bidx:#x})")
         blk = bytearray(await self._read(off, self.cluster_size))
-        self.blocks[bidx] = blk
+        cached = self.blocks.get(bidx)  # loaded by another task meanwhile: keep that one
+        if cached is not None:
+            return cached
+        self._store(bidx, blk)
         return blk
+
+    def _store(self, bidx: int, blk: bytearray) -> None:
+        """Cache refblock ``bidx``, evicting the least recently used clean ones."""
+        self.blocks[bidx] = blk
+        self.blocks.move_to_end(bidx)
+        if len(self.blocks) > self.capacity:
+            for b in list(self.blocks):
+                if len(self.blocks) <= self.capacity:
+                    break
+                if b != bidx and b not in self.dirty:
+                    del self.blocks[b]
 
     async def get(self, cluster: int) -> int:
         blk = await self._block(cluster >> self.block_bits)
@@ -110,7 +131,7 @@ class Refcounts:
             if delta < 0:
                 raise RefcountError(f"refcount underflow for cluster {cluster:#x}")
             await self._new_block(bidx)
-            blk = self.blocks[bidx]
+            blk = await self._block(bidx)
         idx = cluster & ((1 << self.block_bits) - 1)
         value = get_entry(blk, idx, self.order) + delta
         if value < 0:
@@ -219,25 +240,31 @@ class Refcounts:
             start = await self._find_free_run(n)
             # every refblock covering the run must exist before we count on it
             missing = None
+            blks = {}
             for b in range(start >> self.block_bits, ((start + n - 1) >> self.block_bits) + 1):
-                if await self._block(b) is None:
+                blk = blks[b] = await self._block(b)
+                if blk is None:
                     missing = b
                     break
             if missing is None:
                 break
             await self._new_block(missing)
-        self._set_run(start, n, 1)
+        self._set_run(start, n, 1, blks)
         self.free_hint = start + n
         return start << self.cluster_bits
 
-    def _set_run(self, start: int, n: int, value: int) -> None:
-        """Set the refcounts of clusters start..start+n-1 (their refblocks loaded)."""
+    def _set_run(self, start: int, n: int, value: int, blks: dict[int, bytearray]) -> None:
+        """Set the refcounts of clusters start..start+n-1 in their refblocks
+        ``blks`` (cached again if a later load evicted them meanwhile)."""
         bits = self.block_bits
         mask = (1 << bits) - 1
         c, end = start, start + n
         while c < end:
             bidx = c >> bits
-            blk = self.blocks[bidx]
+            blk = blks[bidx]
+            self.dirty.add(bidx)
+            if self.blocks.get(bidx) is not blk:
+                self._store(bidx, blk)
             i = c & mask
             m = min(end - c, (1 << bits) - i)
             if self.order >= 3:
@@ -256,7 +283,7 @@ class Refcounts:
         set_entry(blk, 0, self.order, 1)  # the block describes itself
         off = first << self.cluster_bits
         await self._write(off, bytes(blk))
-        self.blocks[bidx] = blk
+        self._store(bidx, blk)
         self.version += 1
         if bidx >= self.table_clusters * self.cluster_size // 8:
             while len(self.table) <= bidx:
@@ -288,7 +315,7 @@ class Refcounts:
                     set_entry(blk, 0, self.order, 1)
                     boff = b << self.block_bits << self.cluster_bits
                     await self._write(boff, bytes(blk))
-                    self.blocks[b] = blk
+                    self._store(b, blk)
                     while len(self.table) <= b:
                         self.table.append(0)
                     self.table[b] = boff

@@ -107,11 +107,7 @@ async def read_snapshots(read, h) -> list[Snapshot]:
 
 
 async def _l2_entries(node: Qcow2Node, off: int):
-    t = node.l2cache.get(off)
-    if t is None:
-        t = unpack_table(await node.file.read(off, node.cs))
-        node.l2cache.put(off, t)
-    return t
+    return await node.l2cache.fetch(off, node.file.read)
 
 
 async def _adjust_tree(node: Qcow2Node, l1: list[int], delta: int) -> None:
