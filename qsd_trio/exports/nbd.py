@@ -441,12 +441,18 @@ def _prop(obj, name: str, default=None):
     return getattr(obj, name.replace("-", "_"), default)
 
 
-def _tls_server_context(creds) -> ssl.SSLContext:
-    """An SSLContext from a tls-creds-x509 object's directory (QEMU's file names)."""
-    if creds.qom_type != "tls-creds-x509":
-        # PSK needs TLS-PSK support Python's ssl module lacks before 3.13
-        raise GenericError(f"TLS credentials of type '{creds.qom_type}' are not supported")
+def _tls_server_context(creds) -> ssl.SSLContext | str:
+    """How to serve TLS with a credentials object: an SSLContext from a
+    tls-creds-x509 object's directory (QEMU's file names), or for
+    tls-creds-psk the path of its keys file (see tls_psk.py)."""
     d = _prop(creds, "dir", ".")
+    if creds.qom_type == "tls-creds-psk":
+        from ..objects.tls_creds import psk_key_file
+        from . import tls_psk  # noqa: F401 - pyOpenSSL loaded now, not by the first client
+
+        return psk_key_file({"dir": d})
+    if creds.qom_type != "tls-creds-x509":
+        raise GenericError(f"TLS credentials of type '{creds.qom_type}' are not supported")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(os.path.join(d, "server-cert.pem"), os.path.join(d, "server-key.pem"))
@@ -524,7 +530,7 @@ class NbdServer:
             if not str(getattr(creds, "qom_type", "")).startswith("tls-creds"):
                 raise GenericError(f"Object with id '{tls_creds}' is not TLS credentials")
             if _prop(creds, "endpoint", "client") != "server":
-                raise GenericError("Expecting TLS credentials with a server endpoint")
+                raise GenericError("Expected TLS credentials for a server endpoint")
             self.tls_context = _tls_server_context(creds)
         # looked up per client, as QEMU does: a missing object denies access
         self.tls_authz = tls_authz
@@ -747,7 +753,13 @@ class Connection:
         """NBD_OPT_STARTTLS: ACK, TLS handshake, then the authz identity check."""
         await self._reply(P.OPT_STARTTLS, P.REP_ACK)
         self.wire.detach_raw()
-        tls = trio.SSLStream(self.wire.stream, self.server.tls_context, server_side=True)
+        context = self.server.tls_context
+        if isinstance(context, str):
+            from .tls_psk import PskTlsStream
+
+            tls = PskTlsStream(self.wire.stream, context)
+        else:
+            tls = trio.SSLStream(self.wire.stream, context, server_side=True)
         self.wire = Wire(tls)
         try:
             await tls.do_handshake()
@@ -755,7 +767,10 @@ class Connection:
             raise _Disconnect(f"TLS handshake failed: {e}") from None
         self.tls_done = True
         authz_id = self.server.tls_authz
-        if authz_id is not None:
+        # QEMU 7.2 checks tls-authz against x509 client certificates only: a
+        # PSK session passes whatever the authz object says (its identity
+        # was checked by knowing the key)
+        if authz_id is not None and isinstance(tls, trio.SSLStream):
             dn = _peer_dn(tls.getpeercert())
             authz = self.server.daemon.objects.get(authz_id)
             if dn is None or authz is None or not _authz_allows(authz, dn):

@@ -66,6 +66,9 @@ async def add_object(daemon, qom_type: str, id: str, props: dict) -> None:
         from ..objects import secret
         obj = secret.create(daemon.graph, id, props)
     else:
+        if qom_type.startswith("tls-creds"):
+            from ..objects import tls_creds
+            tls_creds.check(qom_type, props)
         obj = UserObject(id, qom_type, props)
     daemon.objects[id] = obj
     daemon.objects_root = True
