@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ...qapi.errors import GenericError
+from . import overlap
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
 from .l2 import pack_table, unpack_table
 
@@ -99,6 +100,8 @@ async def load(node: Qcow2Node) -> None:
         for e in entries:
             e.flags |= FLAG_IN_USE
         blob = b"".join(e.pack() for e in entries)
+        # rewritten in place: the directory itself is not an overlap (QEMU's in_place)
+        await node._overlap_check(overlap.BITMAP_DIRECTORY, doff, len(blob))
         await node.file.write(doff, blob)
         await node.file.flush()
 
@@ -132,18 +135,21 @@ async def store(node: Qcow2Node) -> None:
             if chunk.count(0) == len(chunk):
                 continue  # all-zero clusters are not stored
             off = await node.refs.alloc(1)
+            await node._overlap_check(0, off, cs)
             await node.file.write(off, chunk.ljust(cs, b"\0"))
             table[i] = off
         toff = 0
         if table:
             from array import array
             toff = await node.refs.alloc(-(-len(table) * 8 // cs))
+            await node._overlap_check(0, toff, len(table) * 8)
             await node.file.write(toff, pack_table(array("Q", table)))
         flags = FLAG_AUTO if bm.enabled else 0
         entries.append(DirEntry(toff, len(table), flags, 1, bm.shift, bm.name, b""))
     doff, blob = 0, b"".join(e.pack() for e in entries)
     if entries:
         doff = await node.refs.alloc(-(-len(blob) // cs))
+        await node._overlap_check(0, doff, len(blob))
         await node.file.write(doff, blob)
     await node.refs.write_dirty()
     await node.file.flush()

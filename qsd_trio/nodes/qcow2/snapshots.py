@@ -170,6 +170,7 @@ async def _write_table(node: Qcow2Node, snaps: list[Snapshot]) -> None:
     if snaps:
         new_off = await node.refs.alloc(-(-len(blob) // node.cs))
         await node.refs.write_dirty()
+        await node._overlap_check(0, new_off, len(blob))
         await node.file.write(new_off, blob)
         await node.file.flush()
     await node.file.write(60, struct.pack(">IQ", len(snaps), new_off))
@@ -202,6 +203,7 @@ async def create(node: Qcow2Node, name: str, *, vm_clock_nsec: int = 0,
         await node.refs.write_dirty()
         if l1_bytes:
             from array import array
+            await node._overlap_check(0, l1_off, l1_bytes)
             await node.file.write(l1_off, pack_table(array("Q", node.l1)))
         await node.file.flush()
         now = time.time_ns() if date_ns is None else date_ns
