@@ -451,6 +451,17 @@ def _tls_server_context(creds) -> ssl.SSLContext | str:
         from . import tls_psk  # noqa: F401 - pyOpenSSL loaded now, not by the first client
 
         return psk_key_file({"dir": d})
+    if creds.qom_type == "tls-creds-anon":
+        from ..objects.tls_creds import anon_server_context
+
+        ctx = anon_server_context()
+        params = os.path.join(d, "dh-params.pem")
+        if _prop(creds, "dir") is not None and os.path.exists(params):
+            try:
+                ctx.load_dh_params(params)
+            except (OSError, ssl.SSLError) as e:
+                raise GenericError(f"Unable to load DH parameters from {params}: {e}") from None
+        return ctx
     if creds.qom_type != "tls-creds-x509":
         raise GenericError(f"TLS credentials of type '{creds.qom_type}' are not supported")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -523,6 +534,7 @@ class NbdServer:
         # ids, as daemon.object_users() looks them up; the objects are read
         # when a client asks for TLS, so they always reflect what is defined
         self.tls_creds = tls_creds
+        self.tls_x509 = False
         if tls_creds is not None:
             creds = getattr(daemon, "objects", {}).get(tls_creds)
             if creds is None:
@@ -532,6 +544,7 @@ class NbdServer:
             if _prop(creds, "endpoint", "client") != "server":
                 raise GenericError("Expected TLS credentials for a server endpoint")
             self.tls_context = _tls_server_context(creds)
+            self.tls_x509 = creds.qom_type == "tls-creds-x509"
         # looked up per client, as QEMU does: a missing object denies access
         self.tls_authz = tls_authz
         self.max_connections = max_connections or 0
@@ -768,9 +781,9 @@ class Connection:
         self.tls_done = True
         authz_id = self.server.tls_authz
         # QEMU 7.2 checks tls-authz against x509 client certificates only: a
-        # PSK session passes whatever the authz object says (its identity
-        # was checked by knowing the key)
-        if authz_id is not None and isinstance(tls, trio.SSLStream):
+        # PSK session (whose identity was checked by knowing the key) or an
+        # anonymous one passes whatever the authz object says
+        if authz_id is not None and self.server.tls_x509:
             dn = _peer_dn(tls.getpeercert())
             authz = self.server.daemon.objects.get(authz_id)
             if dn is None or authz is None or not _authz_allows(authz, dn):

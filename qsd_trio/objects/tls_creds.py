@@ -35,3 +35,34 @@ def check(qom_type: str, props: dict[str, Any]) -> None:
         if props.get("endpoint", "client") == "server" and props.get("username") is not None:
             raise GenericError("username should not be set when endpoint=server")
         psk_key_file(props)
+
+
+# RFC 7919's ffdhe2048 group, for anonymous DH when the credentials directory
+# has no dh-params.pem (gnutls would generate parameters instead)
+FFDHE2048_PEM = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
+def anon_server_context():
+    """An ssl.SSLContext for tls-creds-anon: anonymous Diffie-Hellman, as
+    QEMU's gnutls priority "NORMAL:+ANON-DH" offers it (TLS 1.2, no
+    certificates; OpenSSL allows aNULL suites at security level 0 only)."""
+    import ssl
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("aNULL:!eNULL:@SECLEVEL=0")
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+        f.write(FFDHE2048_PEM)
+        f.flush()
+        ctx.load_dh_params(f.name)
+    return ctx

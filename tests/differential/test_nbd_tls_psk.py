@@ -128,3 +128,33 @@ def test_psk_object_errors_same(tmp_path):
             d.stop()
     assert seen["trio"] == seen["qemu"]
     assert seen["trio"][-1] == ("nbd-server-start", {"return": {}})
+
+
+def test_anon_clients_same(tmp_path):
+    """tls-creds-anon: anonymous Diffie-Hellman with QEMU's own client (libnbd
+    has no anonymous TLS); tls-authz does not apply, as in QEMU 7.2."""
+    seen, images = {}, {}
+    for kind in KINDS:
+        img = tmp_path / f"anon-{kind}.raw"
+        qemu_img("create", "-f", "raw", str(img), "4M")
+        images[kind] = img
+        sock = str(tmp_path / f"anon-{kind}.sock")
+        d = Daemon(kind, tmp_path, [
+            "--object", "tls-creds-anon,id=tls0,endpoint=server",
+            "--object", "authz-simple,id=az0,identity=nobody",
+            "--blockdev", f"driver=file,node-name=f,filename={img}",
+            "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=tls0,tls-authz=az0",
+            "--export", "type=nbd,id=e,node-name=f,name=x,writable=on"])
+        d.start()
+        try:
+            opts = f"driver=nbd,server.type=unix,server.path={sock},export=x,tls-creds=c0"
+            r = qemu_io("--object", "tls-creds-anon,id=c0,endpoint=client", "--image-opts",
+                        "-c", "write -P 0x33 4k 64k", "-c", "read -P 0x33 4k 64k", opts)
+            plain = nbdinfo("--size", uri(sock, None))
+            seen[kind] = ("Pattern verification failed" in r.stdout, plain.returncode,
+                          plain.stderr.replace(sock, "SOCK"))
+        finally:
+            d.stop()
+    assert seen["trio"] == seen["qemu"]
+    assert seen["trio"][:2] == (False, 1)
+    qemu_img("compare", "-f", "raw", "-F", "raw", str(images["qemu"]), str(images["trio"]))
