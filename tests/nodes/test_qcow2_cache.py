@@ -64,7 +64,7 @@ async def test_slices_are_read_and_kept_within_bounds(tmp_path):
     """512-byte slices of 4 KiB tables: a spread of reads loads slice by
     slice, and the cache never keeps more than its 4 slices."""
     path = tmp_path / "s.qcow2"
-    size = 64 << 20
+    size = 16 << 20
     create(path, size, "cluster_size=4096")
     # one cluster in every 64th: many L2 tables, every slice of them used
     cmds = [f"write -P {i % 250 + 1} {i * 64 * 4096} 4096" for i in range(size // (64 * 4096))]
@@ -103,7 +103,7 @@ async def test_sliced_writes_land_and_refcount_cache_is_bounded(tmp_path):
     refcounts a block) with the smallest caches; after a flush at most 4
     refcount blocks and 2 L2 slices stay cached."""
     path = tmp_path / "w.qcow2"
-    size = 4 << 20
+    size = 2 << 20
     create(path, size, "cluster_size=512")
     graph, node = await _open(path, **TINY)
     model = bytearray(size)
@@ -112,7 +112,7 @@ async def test_sliced_writes_land_and_refcount_cache_is_bounded(tmp_path):
         data = bytes([i % 251 + 1]) * 1500
         await node.write(off, data)
         model[off:off + len(data)] = data
-        if i % 50 == 0:
+        if i % 25 == 0:
             await node.flush()
             assert len(node.refs.blocks) <= 4
             assert len(node.l2cache.tables) <= 2

@@ -41,3 +41,24 @@ async def test_zero_interval_keeps_tables(tmp_path, autojump_clock):
             await trio.sleep(3600)
             nursery.cancel_scope.cancel()
         assert len(node.l2cache.tables) == 1
+
+
+async def test_unused_refcount_blocks_are_dropped(tmp_path, autojump_clock):
+    """QEMU's timer cleans the refcount block cache too."""
+    img = tmp_path / "r.qcow2"
+    create(img, "64M", "cluster_size=512")  # 256 refcounts a block: 128 KiB each
+    async with open_qcow2(img, **{"cache-clean-interval": 30,
+                                  "refcount-cache-size": 64 * 512}) as node:
+        for n in range(8):  # allocations across several refcount blocks
+            await node.write(n << 20, bytes([n + 1]) * 200_000)
+        await node.flush()
+        refs = node.refs
+        assert len(refs.blocks) > 1 and not refs.dirty
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.graph.run_timers)
+            await trio.sleep(35)
+            await trio.sleep(35)
+            assert len(refs.blocks) == 0
+            nursery.cancel_scope.cancel()
+        await node.write(60 << 20, b"\x09" * 4096)  # blocks are read again on demand
+        assert bytes(await node.read(0, 4096)) == b"\x01" * 4096

@@ -359,6 +359,7 @@ class Qcow2Node(BlockNode):
             self._next_clean = now + self.cache_clean_interval
         elif now >= self._next_clean:
             self.l2cache.clean_unused()
+            self.refs.clean_unused()
             self._next_clean = now + self.cache_clean_interval
 
     @property

@@ -73,6 +73,7 @@ class Refcounts:
         # so dirty ones may exceed the capacity until write_dirty()
         self.blocks: OrderedDict[int, bytearray] = OrderedDict()
         self.capacity = cache_blocks or 1 << 62
+        self.used: set[int] = set()  # looked up since the last clean_unused()
         self.dirty: set[int] = set()
         self._read, self._write, self._flush = read, write, flush
         self._on_table_moved = on_table_moved
@@ -91,6 +92,7 @@ class Refcounts:
         blk = self.blocks.get(bidx)
         if blk is not None:
             self.blocks.move_to_end(bidx)
+            self.used.add(bidx)
             return blk
         if bidx >= len(self.table):
             return None
@@ -110,6 +112,7 @@ class Refcounts:
         """Cache refblock ``bidx``, evicting the least recently used clean ones."""
         self.blocks[bidx] = blk
         self.blocks.move_to_end(bidx)
+        self.used.add(bidx)
         if len(self.blocks) > self.capacity:
             for b in list(self.blocks):
                 if len(self.blocks) <= self.capacity:
@@ -342,6 +345,15 @@ class Refcounts:
             for c in range(old_off >> self.cluster_bits, (old_off >> self.cluster_bits) + old_clusters):
                 await self.update(c, -1)
             await self.write_dirty()
+
+    def clean_unused(self) -> int:
+        """cache-clean-interval: drop the clean blocks nobody looked up since
+        the previous call; returns how many were dropped."""
+        stale = [b for b in self.blocks if b not in self.used and b not in self.dirty]
+        for b in stale:
+            del self.blocks[b]
+        self.used.clear()
+        return len(stale)
 
     async def write_dirty(self) -> None:
         """Write every changed refcount block (no flush)."""
