@@ -43,10 +43,12 @@ NOTES: dict[str, str] = {
     "thread-context": "accepted and listed; properties stored",
     "pr-manager-helper": "accepted and listed; no persistent-reservation helper is run",
     "secret_keyring": "accepted; the kernel keyring is not read",
-    "qcow2": "partial: no encryption (encrypt.* images are refused); refcount-cache-size, "
-             "l2-cache-entry-size and overlap-check accepted and ignored",
+    "qcow2": "partial: no encryption (encrypt.* images are refused); overlap-check, "
+             "l2-cache-entry-size (L2 slices), refcount-cache-size and cache-size as QEMU",
     "file": "aio=io_uring is served by the worker threads",
-    "throttle": "partial: throttled requests keep waiting through a drain",
+    "throttle": "queued requests go at once when the node is drained (blockdev-del of a "
+                "parent, graph changes, shutdown), as QEMU; a group serves its members in "
+                "FIFO order rather than round-robin",
     "blockdev-mirror": "partial: no mirror_top filter node (filter-node-name ignored); "
                        "copy-mode=write-blocking does not hold guest writes",
     "drive-mirror": "partial: as blockdev-mirror",
