@@ -51,7 +51,8 @@ class CommitJob(BlockJob):
         top, base = self.top, self.base
         self.use(self.device, "main node", Perm(0), Perm.ALL)
         try:
-            opts: dict = {"driver": "commit_top", "backing": top.node_name}
+            # opened read-only, as QEMU opens it (its parent only reads)
+            opts: dict = {"driver": "commit_top", "backing": top.node_name, "read-only": True}
             if self.filter_node_name is not None:
                 opts["node-name"] = self.filter_node_name
             self.filter = await self.graph.insert_filter(top, opts)

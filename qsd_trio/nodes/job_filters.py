@@ -106,11 +106,12 @@ class MirrorTopNode(_JobFilter):
 
         await self._write("copy", offset, len(data), data, fua, do_write)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
         below = self.below
 
         async def do_write() -> None:
-            await below.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+            await below.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
+                                     no_fallback=no_fallback)
 
         await self._write("zero", offset, length, None, fua, do_write)
 
@@ -136,8 +137,9 @@ class CommitTopNode(_JobFilter):
     async def _co_pwritev(self, offset, data, fua):
         await self.below.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua):
-        await self.below.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+        await self.below.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
+                                      no_fallback=no_fallback)
 
     async def _co_pdiscard(self, offset, length):
         await self.below.discard(offset, length)
