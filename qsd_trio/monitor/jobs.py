@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import trio
 
 from ..jobs import manager
@@ -250,13 +252,28 @@ async def _prepare_backup(daemon, args, source, target, txn):
     return job
 
 
-async def _action_prepare(daemon, kind, data, txn, undo):
-    """Run one transaction action's prepare; push its undo; return a job or None."""
+async def _action_prepare(daemon, kind, data, txn, undo, commits):
+    """Run one transaction action's prepare; push its undo (a function, maybe
+    async) and its commit (async); return a job or None."""
     from ..qapi.errors import GenericError
+    from . import snapshot
     from .registry import COMMANDS
 
     if kind == "abort":
         raise GenericError("Transaction aborted using Abort action")
+    if kind in ("blockdev-snapshot", "blockdev-snapshot-sync"):
+        if kind == "blockdev-snapshot":
+            state = await snapshot.external_snapshot_prepare(
+                daemon, device=data.node, node_name=data.node, overlay_ref=data.overlay)
+        else:
+            state = await snapshot.external_snapshot_prepare(
+                daemon, device=data.device, node_name=data.node_name, sync=data)
+        undo.append(state.abort)
+        commits.append(state.commit)
+        return None
+    if kind == "blockdev-snapshot-internal-sync":
+        undo.append((await snapshot.internal_snapshot_prepare(daemon, data)).abort)
+        return None
     if kind == "blockdev-backup":
         source = daemon.graph.lookup_bs(data.device)
         target = daemon.graph.lookup_bs(data.target)
@@ -309,19 +326,25 @@ async def run_transaction(daemon, actions, completion_mode="individual"):
 
     await manager.drain_bounce(list(daemon.jobs.values()))
     txn = JobTxn() if completion_mode == "grouped" else None
-    jobs, undo = [], []
+    jobs, undo, commits = [], [], []
     try:
         for action in actions:
             kind = _arg(action, "type")
-            job = await _action_prepare(daemon, kind, action.data, txn, undo)
+            job = await _action_prepare(daemon, kind, action.data, txn, undo, commits)
             if job is not None:
                 jobs.append(job)
     except BaseException:
         for job in reversed(jobs):
             job.cancel(True)  # not started: created -> aborting -> concluded -> null
-        for fn in reversed(undo):
-            fn()
+        with trio.CancelScope(shield=True):
+            # the last action prepared is undone first
+            for fn in reversed(undo):
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
         raise
+    for commit in commits:
+        await commit()
     for job in jobs:
         manager.start(daemon, job)
     # the actions' drained sections end after the jobs started
@@ -551,7 +574,7 @@ async def blockdev_create(daemon, args):
     from ..qapi.errors import GenericError
 
     driver = _arg(args.options, "driver")
-    if driver not in ("file", "qcow2"):
+    if driver not in ("file", "qcow2", "luks"):
         raise GenericError(f"Driver '{driver}' does not support blockdev-create in qsd-trio")
     job_id = manager.check_new_id(daemon, args.job_id)
     job = CreateJob(daemon, job_id, args.options)

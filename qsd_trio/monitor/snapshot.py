@@ -13,6 +13,14 @@ Internal snapshots are qcow2's snapshot table (nodes/qcow2/snapshots.py);
 nodes that are not qcow2 fall back to their primary child the way QEMU's
 bdrv_snapshot_fallback does.
 
+In a ``transaction`` each snapshot action is prepared in turn (the overlay
+is appended, the internal snapshot taken) and, as in QEMU's transaction
+actions, only the commit reopens the old node read-only and lets an unused
+new overlay go.  When a later action fails, the prepared ones are aborted:
+the overlay leaves the chain again (its users go back to the old node; an
+overlay blockdev-snapshot-sync opened is closed, its file stays on disk)
+and the internal snapshot is deleted.
+
 Errors are QEMU's, checked in QEMU's order.
 """
 
@@ -214,9 +222,55 @@ async def _create_overlay_file(graph, path: str, fmt: str, size: int, backing_fi
                 await file.close()
 
 
+class ExternalSnapshot:
+    """A prepared external snapshot: ``overlay`` is appended above ``old``.
+    Exactly one of :meth:`commit` and :meth:`abort` finishes it."""
+
+    def __init__(self, graph, old: BlockNode, overlay: BlockNode, created: bool) -> None:
+        self.graph, self.old, self.overlay, self.created = graph, old, overlay, created
+
+    async def commit(self) -> None:
+        """external_snapshot_commit + clean: the node below is only read from
+        now on; a new overlay nobody uses is dropped (QEMU's last unref)."""
+        await reopen_read_only(self.old)
+        overlay = self.overlay
+        if self.created and not overlay.parents:
+            backing = _backing_edge(overlay)
+            if backing is not None:
+                backing.detach()
+                _set_backing(overlay, None)
+            await self.graph._unref(overlay)
+
+    async def abort(self) -> None:
+        """external_snapshot_abort + clean: the overlay's users go back to
+        the old node and the overlay loses its backing child again."""
+        with trio.CancelScope(shield=True):
+            overlay, old = self.overlay, self.old
+            async with overlay.drained():
+                with contextlib.suppress(GenericError):  # shrinking back: no conflict
+                    self.graph.replace_node(overlay, old)
+                backing = _backing_edge(overlay)
+                if backing is not None:
+                    backing.detach()
+                    _set_backing(overlay, None)
+            if self.created:
+                await self.graph._unref(overlay)  # the image file stays
+
+
 async def external_snapshot(daemon, *, device: str | None, node_name: str | None,
                             overlay_ref: str | None = None, sync=None) -> None:
     """external_snapshot_prepare + commit + clean for one action."""
+    state = await external_snapshot_prepare(daemon, device=device, node_name=node_name,
+                                            overlay_ref=overlay_ref, sync=sync)
+    await state.commit()
+
+
+async def external_snapshot_prepare(daemon, *, device: str | None, node_name: str | None,
+                                    overlay_ref: str | None = None,
+                                    sync=None) -> ExternalSnapshot:
+    """external_snapshot_prepare: checks, the new overlay, the append.
+
+    Raises (QEMU's errors) with nothing changed but a created image file."""
     graph = daemon.graph
     old = graph.nodes.get(node_name) if node_name is not None else None
     if old is None:
@@ -264,15 +318,7 @@ async def external_snapshot(daemon, *, device: str | None, node_name: str | None
                 with trio.CancelScope(shield=True):
                     await graph._unref(overlay)
             raise
-        # commit: the node below is only read from now on
-        await reopen_read_only(old)
-    if created and not overlay.parents:
-        # nobody holds the new overlay (QEMU drops its last reference here)
-        backing = _backing_edge(overlay)
-        if backing is not None:
-            backing.detach()
-            _set_backing(overlay, None)
-        await graph._unref(overlay)
+    return ExternalSnapshot(graph, old, overlay, created)
 
 
 @command("blockdev-snapshot")
@@ -370,6 +416,27 @@ def _snapshot_target(node: BlockNode) -> BlockNode | None:
 
 @command("blockdev-snapshot-internal-sync")
 async def blockdev_snapshot_internal_sync(daemon, args):
+    await internal_snapshot_prepare(daemon, args)
+
+
+class InternalSnapshot:
+    """A snapshot taken by a transaction's action, deleted again on abort."""
+
+    def __init__(self, bs: BlockNode, target: BlockNode, snap) -> None:
+        self.bs, self.target, self.snap = bs, target, snap
+
+    async def abort(self) -> None:
+        """internal_snapshot_abort: delete it (errors are only reported)."""
+        from ..nodes.qcow2 import snapshots
+
+        with trio.CancelScope(shield=True):
+            async with self.bs.drained():
+                with contextlib.suppress(OSError):
+                    await snapshots.delete(self.target, self.snap)
+
+
+async def internal_snapshot_prepare(daemon, args) -> InternalSnapshot:
+    """internal_snapshot_prepare: QEMU's checks, then the snapshot."""
     from ..nodes.qcow2 import snapshots
 
     device, name = args.device, args.name
@@ -394,10 +461,11 @@ async def blockdev_snapshot_internal_sync(daemon, args):
         try:
             if target.has_data_file:
                 raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-            await snapshots.create(target, name, vm_clock_nsec=date_ns, date_ns=date_ns)
+            snap = await snapshots.create(target, name, vm_clock_nsec=date_ns, date_ns=date_ns)
         except OSError as e:
             raise GenericError(f"Failed to create snapshot '{name}' on device '{device}': "
                                f"{os.strerror(e.errno)}") from None
+    return InternalSnapshot(bs, target, snap)
 
 
 @command("blockdev-snapshot-delete-internal-sync")

@@ -63,6 +63,9 @@ class Run:
             for n in nodes if not n["node-name"].startswith("#")), str(self.dir)),
             sorted(e["node-name"] for e in exports)))
 
+    def files(self, *names: str):
+        self.log.append(("files", [(n, (self.dir / n).exists()) for n in names]))
+
     def finish(self, *images: str):
         self.daemon.stop()
         for name in images:
@@ -191,3 +194,51 @@ def _internal(kind, tmp_path, images):
 def test_internal_snapshots(tmp_path):
     images = [("img.qcow2", MiB), ("ro.qcow2", MiB), ("top.qcow2", MiB)]
     _both(tmp_path, _internal, images)
+
+
+def _txn(q, *actions):
+    return q("transaction", actions=[{"type": t, "data": d} for t, d in actions])
+
+
+def _transactions(kind, tmp_path, images):
+    """Snapshot actions followed by a failing one: every snapshot is undone
+    (the overlay leaves the chain, the internal snapshot is deleted; the file
+    blockdev-snapshot-sync created stays on disk); then the same succeeding."""
+    r = Run(kind, tmp_path, images)
+    q = r
+    q("blockdev-add", driver="qcow2", **{"node-name": "base", "file": {
+        "driver": "file", "filename": r.path("base.qcow2")}})
+    q("blockdev-add", driver="qcow2", **{"node-name": "ov", "backing": None, "file": {
+        "driver": "file", "filename": r.path("ov.qcow2")}})
+    q("blockdev-add", driver="qcow2", **{"node-name": "img", "file": {
+        "driver": "file", "filename": r.path("img.qcow2")}})
+    q("nbd-server-start", addr={"type": "unix", "data": {"path": r.path("nbd.sock")}})
+    q("block-export-add", type="nbd", id="e0", **{"node-name": "base", "writable": True})
+    sync = ("blockdev-snapshot-sync", {"node-name": "base", "snapshot-file": r.path("sn.qcow2"),
+                                       "snapshot-node-name": "sn"})
+    ext = ("blockdev-snapshot", {"node": "base", "overlay": "ov"})
+    internal = ("blockdev-snapshot-internal-sync", {"device": "img", "name": "snap"})
+    abort = ("abort", {})
+    _txn(q, sync, abort)
+    r.graph()
+    r.files("sn.qcow2")
+    _txn(q, ext, abort)
+    r.graph()
+    _txn(q, internal, abort)
+    r.graph()
+    # all three, then an action that fails in its prepare
+    _txn(q, internal, ext, ("blockdev-snapshot-sync", {
+        "node-name": "img", "snapshot-file": r.path("s2.qcow2"), "snapshot-node-name": "s2"}),
+        ("blockdev-snapshot-internal-sync", {"device": "img", "name": "snap"}))
+    r.graph()
+    r.files("s2.qcow2")
+    _txn(q, internal, ext, ("blockdev-snapshot-sync", {
+        "node-name": "img", "snapshot-file": r.path("s2.qcow2"), "snapshot-node-name": "s2",
+        "mode": "existing"}))
+    r.graph()
+    return r.finish("base.qcow2", "ov.qcow2", "img.qcow2", "sn.qcow2", "s2.qcow2")
+
+
+def test_snapshot_transactions_undo(tmp_path):
+    images = [("base.qcow2", MiB), ("ov.qcow2", MiB), ("img.qcow2", MiB)]
+    _both(tmp_path, _transactions, images)
