@@ -49,17 +49,33 @@ NOTES: dict[str, str] = {
     "throttle": "queued requests go at once when the node is drained (blockdev-del of a "
                 "parent, graph changes, shutdown), as QEMU; a group serves its members in "
                 "FIFO order rather than round-robin",
-    "blockdev-mirror": "partial: no mirror_top filter node (filter-node-name ignored); "
-                       "copy-mode=write-blocking does not hold guest writes",
-    "drive-mirror": "partial: as blockdev-mirror",
+    "blockdev-mirror": "a mirror_top filter above the source while the job runs "
+                       "(filter-node-name, else #blockNNN), as QEMU 7.2 shows it in "
+                       "x-debug-query-block-graph and query-named-block-nodes; "
+                       "copy-mode=write-blocking writes each guest write to the target "
+                       "before completing it (the aligned part; a dirty unaligned edge "
+                       "is left to the background copy, as QEMU); sync=full marks the "
+                       "whole source dirty where QEMU first zeroes the target and marks "
+                       "allocated blocks, so progress numbers differ",
+    "drive-mirror": "as blockdev-mirror",
     "blockdev-backup": "partial: copy-before-write is a hook on the source, not a filter node",
     "drive-backup": "partial: as blockdev-backup",
-    "block-commit": "an implicitly read-only base is reopened read-write for the job",
-    "transaction": "partial: snapshot actions are not undone when a later action fails",
+    "block-commit": "an implicitly read-only base is reopened read-write for the job; "
+                    "filters while it runs as QEMU 7.2: commit_top above an "
+                    "intermediate top, mirror_top above the active layer "
+                    "(filter-node-name)",
+    "block-stream": "a copy-on-read filter (with bottom) above the top while the job runs "
+                    "(filter-node-name), as QEMU 7.2",
+    "transaction": "every action type, completion-mode grouped; snapshot actions are "
+                   "undone when a later action fails (the overlay leaves the chain, the "
+                   "internal snapshot is deleted; a file blockdev-snapshot-sync created "
+                   "stays on disk, as QEMU)",
     "change-backing-file": "partial: the node's json: filename is not recomputed",
-    "mirror": "partial: see blockdev-mirror",
+    "mirror": "mirror_top filter, background and write-blocking copy modes; see "
+              "blockdev-mirror",
     "backup": "partial: see blockdev-backup",
-    "commit": "intermediate and active commit",
+    "commit": "intermediate (commit_top filter) and active commit (mirror_top filter)",
+    "stream": "copy-on-read filter while it runs",
     "nbd-server-start": "unix, inet and fd addresses; TLS with tls-creds-x509 (tls-authz: "
                         "authz-simple/authz-list), tls-creds-psk and tls-creds-anon",
     "nbd": "export: all options and meta contexts, FAST_ZERO refused where QEMU refuses it; "
