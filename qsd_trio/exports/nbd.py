@@ -621,6 +621,9 @@ class Connection:
         self.server = server
         self.wire = Wire(stream)
         self.structured = False
+        # NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths and
+        # only extended reply chunks (structured is then set too)
+        self.extended = False
         self.no_zeroes = False
         self.tls_done = False
         self.meta_export: str | None = None
@@ -707,6 +710,10 @@ class Connection:
                 continue
             payload = await self.wire.recv_exactly(length) if known else b""
             if option == P.OPT_EXPORT_NAME:
+                if self.extended:
+                    # the spec forbids it; QEMU hangs up
+                    raise _Disconnect("Extended headers already negotiated, "
+                                      "no more NBD_OPT_EXPORT_NAME")
                 name = payload.decode(errors="replace")
                 export = self.server.exports.get(name)
                 if export is None:
@@ -748,10 +755,23 @@ class Connection:
                 if length:
                     await self._error(option, P.REP_ERR_INVALID,
                                       "option 'structured reply' has unexpected length")
+                elif self.extended:
+                    await self._error(option, P.REP_ERR_EXT_HEADER_REQD,
+                                      "extended headers already negotiated")
                 elif self.structured:
                     await self._error(option, P.REP_ERR_INVALID, "structured reply already negotiated")
                 else:
                     self.structured = True
+                    await self._reply(option, P.REP_ACK)
+            elif option == P.OPT_EXTENDED_HEADERS:
+                if length:
+                    await self._error(option, P.REP_ERR_INVALID,
+                                      "option 'extended headers' has unexpected length")
+                elif self.extended:
+                    await self._error(option, P.REP_ERR_INVALID,
+                                      "extended headers already negotiated")
+                else:
+                    self.extended = self.structured = True
                     await self._reply(option, P.REP_ACK)
             elif option == P.OPT_STARTTLS:
                 if self.tls_done:
@@ -908,6 +928,7 @@ class Connection:
         wire = self.wire
         size_fn = self.export.node._length
         slots = self._slots
+        extended = self.extended
         with self._reader_scope:
             while True:
                 try:
@@ -916,11 +937,30 @@ class Connection:
                     await slots.acquire()
                 handed_off = False
                 try:
-                    req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+                    if extended:
+                        req = P.parse_ext_request(await wire.recv_exactly(P.EXT_REQUEST_SIZE))
+                    else:
+                        req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
                     t = req.type
                     if t == P.CMD_DISC:
                         return
                     data = None
+                    if extended and req.flags & P.CMD_FLAG_PAYLOAD_LEN and t != P.CMD_WRITE:
+                        # a payload no command of ours takes: consumed, then refused
+                        # (beyond the maximum payload the spec says hang up)
+                        if req.length > P.MAX_BUFFER_SIZE:
+                            self._hangup = "oversized payload"
+                            return
+                        await wire.skip(req.length)
+                        self._error_reply(req, P.EINVAL, "unexpected payload")
+                        handed_off = True  # the writer releases it with the reply
+                        continue
+                    if t == P.CMD_WRITE and extended and not req.flags & P.CMD_FLAG_PAYLOAD_LEN:
+                        # no payload follows: refused without reading any
+                        self._error_reply(req, P.EINVAL,
+                                          "extended header write without payload length")
+                        handed_off = True
+                        continue
                     if t == P.CMD_WRITE:
                         if req.length > P.MAX_BUFFER_SIZE:
                             # the payload cannot be skipped safely: answer, then hang up
@@ -954,7 +994,9 @@ class Connection:
             await self._handle(req, data, size)
 
     def _error_reply(self, req: P.Request, err: int, message: str) -> None:
-        if self.structured:
+        if self.extended:
+            self._queue((P.chunk_error(req.handle, err, message, ext_offset=req.offset),))
+        elif self.structured:
             self._queue((P.chunk_error(req.handle, err, message),))
         else:
             self._queue((P.simple_reply(req.handle, err),))
@@ -981,6 +1023,8 @@ class Connection:
             valid |= P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO
         elif t == P.CMD_BLOCK_STATUS:
             valid |= P.CMD_FLAG_REQ_ONE
+        if t == P.CMD_WRITE and self.extended:
+            valid |= P.CMD_FLAG_PAYLOAD_LEN
         if req.flags & ~valid:
             return P.EINVAL, f"unsupported flags for command {P.CMD_NAMES[t]} (got 0x{req.flags:x})"
         return None
@@ -1021,7 +1065,10 @@ class Connection:
             elif t == P.CMD_BLOCK_STATUS:
                 await self._block_status(req)
                 return
-            self._queue((P.simple_reply(req.handle),))
+            if self.extended:  # no simple replies with extended headers
+                self._queue((P.chunk_none(req.handle, req.offset),))
+            else:
+                self._queue((P.simple_reply(req.handle),))
         except OSError as e:
             self._error_reply(req, P.errno_to_nbd(e.errno), _FAILED[t])
         except QapiError:
@@ -1037,12 +1084,13 @@ class Connection:
             buf = await node.read(off, ln) if ln else b""
             self._queue((P.simple_reply(h), buf))
             return
+        xo = off if self.extended else None  # extended chunks echo the request's offset
         if not ln:
-            self._queue((P.chunk_none(h),))
+            self._queue((P.chunk_none(h, xo),))
             return
         if req.flags & P.CMD_FLAG_DF or export.known_data(off, ln):
             buf = await node.read(off, ln)
-            self._queue((P.chunk_offset_data_header(h, off, ln, True), buf))
+            self._queue((P.chunk_offset_data_header(h, off, ln, True, xo), buf))
             return
         # sparse read: holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks
         pos, end = off, off + ln
@@ -1052,11 +1100,12 @@ class Connection:
             n = max(1, min(st.length, end - pos))
             last = pos + n >= end
             if st.flags & Status.ZERO:
-                self._queue((P.chunk_offset_hole(h, pos, n, last),), done=last)
+                self._queue((P.chunk_offset_hole(h, pos, n, last, xo),), done=last)
             else:
                 export.note_data(pos, st.length)
                 buf = await node.read(pos, n)
-                self._queue((P.chunk_offset_data_header(h, pos, n, last), buf), done=last)
+                self._queue((P.chunk_offset_data_header(h, pos, n, last, xo), buf),
+                            done=last)
             pos += n
 
     async def _block_status(self, req: P.Request) -> None:
@@ -1067,20 +1116,28 @@ class Connection:
             self._error_reply(req, P.EINVAL, "need non-zero length")
             return
         one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
+        # extents of extended replies have 64-bit lengths
+        limit = 1 << 64 if self.extended else 1 << 32
         chunks = []
         for cid, ctx in self.meta_ids:
             if ctx == P.META_BASE_ALLOCATION:
-                ext = await self._alloc_extents(req.offset, req.length, one, depth=False)
+                ext = await self._alloc_extents(req.offset, req.length, one, False, limit)
             elif ctx == P.META_ALLOCATION_DEPTH:
-                ext = await self._alloc_extents(req.offset, req.length, one, depth=True)
+                ext = await self._alloc_extents(req.offset, req.length, one, True, limit)
             else:
                 bm = self.export.bitmap_for_context(ctx)
-                ext = _bitmap_extents(bm, req.offset, req.length, one)
+                ext = _bitmap_extents(bm, req.offset, req.length, one, limit)
             chunks.append((cid, ext))
-        self._queue(tuple(P.chunk_block_status(req.handle, cid, ext, i == len(chunks) - 1)
-                          for i, (cid, ext) in enumerate(chunks)))
+        last = len(chunks) - 1
+        if self.extended:
+            self._queue(tuple(P.chunk_block_status_ext(req.handle, req.offset, cid, ext, i == last)
+                              for i, (cid, ext) in enumerate(chunks)))
+        else:
+            self._queue(tuple(P.chunk_block_status(req.handle, cid, ext, i == last)
+                              for i, (cid, ext) in enumerate(chunks)))
 
-    async def _alloc_extents(self, offset: int, length: int, one: bool, depth: bool) -> list:
+    async def _alloc_extents(self, offset: int, length: int, one: bool, depth: bool,
+                             limit: int = 1 << 32) -> list:
         node = self.export.node
         out: list[list[int]] = []
         pos, end = offset, offset + length
@@ -1094,23 +1151,25 @@ class Connection:
                         (P.STATE_ZERO if st.flags & Status.ZERO else 0)
             if one and out and out[-1][1] != flags:
                 break  # REQ_ONE: the first run of equal status, however many calls it took
-            _add_extent(out, n, flags)
+            _add_extent(out, n, flags, limit)
             pos += n
         return [tuple(e) for e in out]
 
 
-def _add_extent(out: list[list[int]], n: int, flags: int) -> None:
-    # merge runs with equal flags, as QEMU does, while the length fits 32 bits
-    if out and out[-1][1] == flags and out[-1][0] + n < 1 << 32:
+def _add_extent(out: list[list[int]], n: int, flags: int, limit: int = 1 << 32) -> None:
+    # merge runs with equal flags, as QEMU does, while the length fits the
+    # reply's field (32 bits, or 64 with extended headers)
+    if out and out[-1][1] == flags and out[-1][0] + n < limit:
         out[-1][0] += n
     else:
         out.append([n, flags])
 
 
-def _bitmap_extents(bm, offset: int, length: int, one: bool) -> Sequence[tuple[int, int]]:
+def _bitmap_extents(bm, offset: int, length: int, one: bool,
+                    limit: int = 1 << 32) -> Sequence[tuple[int, int]]:
     out: list[list[int]] = []
     for _off, n, dirty in bm.dirty_extents(offset, length):
-        _add_extent(out, n, P.STATE_DIRTY if dirty else 0)
+        _add_extent(out, n, P.STATE_DIRTY if dirty else 0, limit)
         if one or len(out) >= MAX_BLOCK_STATUS_EXTENTS:
             break
     if not out:  # past the bitmap's end: report clean

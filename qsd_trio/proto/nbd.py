@@ -28,6 +28,10 @@ REPLY_MAGIC_OPT = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+# extended headers (ref/nbd-proto-extended-headers.md, "Request message",
+# "Extended reply chunk message")
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 # -- handshake flags ------------------------------------------------------------
 FLAG_FIXED_NEWSTYLE = 1 << 0
@@ -48,6 +52,7 @@ FLAG_CAN_MULTI_CONN = 1 << 8
 FLAG_SEND_RESIZE = 1 << 9
 FLAG_SEND_CACHE = 1 << 10
 FLAG_SEND_FAST_ZERO = 1 << 11
+FLAG_BLOCK_STATUS_PAYLOAD = 1 << 12  # extended headers only; not offered
 
 # -- options ------------------------------------------------------------------
 OPT_EXPORT_NAME = 1
@@ -60,6 +65,7 @@ OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
+OPT_EXTENDED_HEADERS = 11
 
 # QEMU's names (nbd_opt_lookup), used in its error texts; it has none for PEEK_EXPORT
 OPT_NAMES = {
@@ -72,6 +78,7 @@ OPT_NAMES = {
     OPT_STRUCTURED_REPLY: "structured reply",
     OPT_LIST_META_CONTEXT: "list meta context",
     OPT_SET_META_CONTEXT: "set meta context",
+    OPT_EXTENDED_HEADERS: "extended headers",
 }
 
 # -- option replies -------------------------------------------------------------
@@ -89,6 +96,7 @@ REP_ERR_UNKNOWN = _REP_ERR | 6
 REP_ERR_SHUTDOWN = _REP_ERR | 7
 REP_ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
 REP_ERR_TOO_BIG = _REP_ERR | 9
+REP_ERR_EXT_HEADER_REQD = _REP_ERR | 10
 
 INFO_EXPORT = 0
 INFO_NAME = 1
@@ -123,6 +131,7 @@ CMD_FLAG_NO_HOLE = 1 << 1
 CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
+CMD_FLAG_PAYLOAD_LEN = 1 << 5  # extended headers: length is a payload length
 
 # -- structured replies ---------------------------------------------------------
 REPLY_FLAG_DONE = 1 << 0
@@ -130,6 +139,7 @@ REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
 REPLY_TYPE_OFFSET_HOLE = 2
 REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_BLOCK_STATUS_EXT = 6  # extended headers only
 REPLY_TYPE_ERROR = (1 << 15) | 1
 REPLY_TYPE_ERROR_OFFSET = (1 << 15) | 2
 
@@ -389,12 +399,32 @@ def parse_request(data: bytes | bytearray | memoryview) -> Request:
 
 _new_request = tuple.__new__
 
+# with extended headers (NBD_OPT_EXTENDED_HEADERS): a 64-bit length, which is
+# a payload length when flags has CMD_FLAG_PAYLOAD_LEN and an effect length
+# otherwise
+_EXT_REQ = struct.Struct(">IHHQQQ")
+EXT_REQUEST_SIZE = _EXT_REQ.size  # 32
+
+
+def encode_ext_request(type: int, handle: int, offset: int = 0, length: int = 0,
+                       flags: int = 0) -> bytes:
+    return _EXT_REQ.pack(EXTENDED_REQUEST_MAGIC, flags, type, handle, offset, length)
+
+
+def parse_ext_request(data: bytes | bytearray | memoryview) -> Request:
+    magic, flags, type_, handle, offset, length = _EXT_REQ.unpack(data)
+    if magic != EXTENDED_REQUEST_MAGIC:
+        raise NbdProtocolError(f"invalid magic (got 0x{magic:x})")
+    return _new_request(Request, (flags, type_, handle, offset, length))
+
 
 # -- transmission: replies -------------------------------------------------------------
 _SIMPLE = struct.Struct(">IIQ")
 SIMPLE_REPLY_SIZE = _SIMPLE.size  # 16
 _CHUNK = struct.Struct(">IHHQI")
 CHUNK_HEADER_SIZE = _CHUNK.size  # 20
+_EXT_CHUNK = struct.Struct(">IHHQQQ")
+EXT_CHUNK_HEADER_SIZE = _EXT_CHUNK.size  # 32
 
 
 def simple_reply(handle: int, error: int = 0) -> bytes:
@@ -402,28 +432,39 @@ def simple_reply(handle: int, error: int = 0) -> bytes:
     return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, handle)
 
 
-def chunk_header(handle: int, type: int, length: int, flags: int = 0) -> bytes:
+def chunk_header(handle: int, type: int, length: int, flags: int = 0,
+                 ext_offset: int | None = None) -> bytes:
+    """A structured reply chunk header, or with ``ext_offset`` (the request's
+    offset) an extended one; the chunk functions below take it too."""
+    if ext_offset is not None:
+        return _EXT_CHUNK.pack(EXTENDED_REPLY_MAGIC, flags, type, handle, ext_offset, length)
     return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, type, handle, length)
 
 
-def chunk_none(handle: int) -> bytes:
-    return chunk_header(handle, REPLY_TYPE_NONE, 0, REPLY_FLAG_DONE)
+def chunk_none(handle: int, ext_offset: int | None = None) -> bytes:
+    return chunk_header(handle, REPLY_TYPE_NONE, 0, REPLY_FLAG_DONE, ext_offset)
 
 
-def chunk_offset_data_header(handle: int, offset: int, length: int, done: bool) -> bytes:
+def chunk_offset_data_header(handle: int, offset: int, length: int, done: bool,
+                             ext_offset: int | None = None) -> bytes:
     """Header of an OFFSET_DATA chunk; ``length`` data bytes follow it."""
-    return (chunk_header(handle, REPLY_TYPE_OFFSET_DATA, 8 + length, REPLY_FLAG_DONE if done else 0)
+    return (chunk_header(handle, REPLY_TYPE_OFFSET_DATA, 8 + length,
+                         REPLY_FLAG_DONE if done else 0, ext_offset)
             + struct.pack(">Q", offset))
 
 
-def chunk_offset_hole(handle: int, offset: int, length: int, done: bool) -> bytes:
-    return (chunk_header(handle, REPLY_TYPE_OFFSET_HOLE, 12, REPLY_FLAG_DONE if done else 0)
+def chunk_offset_hole(handle: int, offset: int, length: int, done: bool,
+                      ext_offset: int | None = None) -> bytes:
+    return (chunk_header(handle, REPLY_TYPE_OFFSET_HOLE, 12, REPLY_FLAG_DONE if done else 0,
+                         ext_offset)
             + struct.pack(">QI", offset, length))
 
 
-def chunk_error(handle: int, error: int, message: str = "", done: bool = True) -> bytes:
+def chunk_error(handle: int, error: int, message: str = "", done: bool = True,
+                ext_offset: int | None = None) -> bytes:
     msg = message.encode()[:MAX_STRING_SIZE]
-    return (chunk_header(handle, REPLY_TYPE_ERROR, 6 + len(msg), REPLY_FLAG_DONE if done else 0)
+    return (chunk_header(handle, REPLY_TYPE_ERROR, 6 + len(msg), REPLY_FLAG_DONE if done else 0,
+                         ext_offset)
             + struct.pack(">IH", error, len(msg)) + msg)
 
 
@@ -435,6 +476,15 @@ def chunk_block_status(handle: int, context_id: int, extents: Sequence[tuple[int
                         REPLY_FLAG_DONE if done else 0) + body
 
 
+def chunk_block_status_ext(handle: int, ext_offset: int, context_id: int,
+                           extents: Sequence[tuple[int, int]], done: bool) -> bytes:
+    """BLOCK_STATUS_EXT chunk (extended headers): 64-bit (length, flags) pairs."""
+    body = (struct.pack(">II", context_id, len(extents))
+            + b"".join(struct.pack(">QQ", n, f) for n, f in extents))
+    return chunk_header(handle, REPLY_TYPE_BLOCK_STATUS_EXT, len(body),
+                        REPLY_FLAG_DONE if done else 0, ext_offset) + body
+
+
 @attrs.frozen
 class Reply:
     """A decoded reply header: simple (``type`` None) or a structured chunk."""
@@ -444,6 +494,7 @@ class Reply:
     type: int | None = None
     flags: int = 0
     length: int = 0
+    offset: int | None = None  # extended replies echo the request's offset
 
     @property
     def done(self) -> bool:
@@ -460,6 +511,8 @@ def reply_header_size(magic_bytes: bytes) -> int:
         return SIMPLE_REPLY_SIZE
     if magic == STRUCTURED_REPLY_MAGIC:
         return CHUNK_HEADER_SIZE
+    if magic == EXTENDED_REPLY_MAGIC:
+        return EXT_CHUNK_HEADER_SIZE
     raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
 
 
@@ -471,6 +524,9 @@ def parse_reply_header(data: bytes) -> Reply:
     if magic == STRUCTURED_REPLY_MAGIC:
         _, flags, type_, handle, length = _CHUNK.unpack(data)
         return Reply(handle, 0, type_, flags, length)
+    if magic == EXTENDED_REPLY_MAGIC:
+        _, flags, type_, handle, offset, length = _EXT_CHUNK.unpack(data)
+        return Reply(handle, 0, type_, flags, length, offset)
     raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
 
 
@@ -483,3 +539,11 @@ def parse_block_status_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]
     (ctx,) = struct.unpack_from(">I", payload)
     ext = [struct.unpack_from(">II", payload, p) for p in range(4, len(payload), 8)]
     return ctx, ext
+
+
+def parse_block_status_ext_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """(context id, [(length, flags)]) of a BLOCK_STATUS_EXT payload."""
+    ctx, count = struct.unpack_from(">II", payload)
+    if len(payload) != 8 + 16 * count or not count:
+        raise NbdProtocolError(f"bad BLOCK_STATUS_EXT payload length {len(payload)}")
+    return ctx, [struct.unpack_from(">QQ", payload, 8 + 16 * i) for i in range(count)]

@@ -13,6 +13,7 @@ class RawClient:
     def __init__(self, stream):
         self.s = stream
         self.buf = bytearray()
+        self.extended = False  # set once NBD_OPT_EXTENDED_HEADERS is acknowledged
 
     opened: list[RawClient] = []  # closed by the raw_clients fixture
 
@@ -64,7 +65,8 @@ class RawClient:
         return r
 
     async def request(self, type, handle=1, offset=0, length=0, flags=0, data=b""):
-        await self.s.send_all(P.encode_request(type, handle, offset, length, flags) + data)
+        encode = P.encode_ext_request if self.extended else P.encode_request
+        await self.s.send_all(encode(type, handle, offset, length, flags) + data)
 
     async def reply(self):
         """(Reply, payload) of the next simple reply or chunk."""
