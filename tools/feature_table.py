@@ -79,7 +79,7 @@ NOTES: dict[str, str] = {
     "nbd-server-start": "unix, inet and fd addresses; TLS with tls-creds-x509 (tls-authz: "
                         "authz-simple/authz-list), tls-creds-psk and tls-creds-anon",
     "nbd": "export: all options and meta contexts, FAST_ZERO refused where QEMU refuses it; "
-           "no extended headers",
+           "extended headers (NBD_OPT_EXTENDED_HEADERS, from QEMU 8.2) are offered too",
     "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",
     "tls-creds-psk": "NBD server: keys.psk read per handshake, TLS 1.3/1.2 PSK via pyOpenSSL "
                      "(Python's ssl has no PSK before 3.13); tls-authz not applied, as QEMU 7.2",
