@@ -30,7 +30,7 @@ import itertools
 import trio
 
 from .bitmaps import DirtyBitmap
-from .node import BlockNode, Status
+from .node import BlockNode, BlockStatus, Status
 
 CLUSTER_SIZE_DEFAULT = 1 << 16   # BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 MAX_BUFFER = 1 << 20             # BLOCK_COPY_MAX_BUFFER: one read + write
@@ -84,6 +84,7 @@ class BlockCopyState:
         self.skip_unallocated = False
         self.compress = False
         self.chunk = max(MAX_BUFFER, self.cluster_size)
+        self._extent: tuple[int, int, Status, int] | None = None  # last block status
         # progress meter (the backup job's): work done, and what remains
         self.on_done = None
         self.on_remaining = None
@@ -144,13 +145,24 @@ class BlockCopyState:
 
     # -- block status ----------------------------------------------------------------------
     async def _status(self, offset: int, nbytes: int) -> tuple[int, Status, int]:
-        """block_copy_block_status: (bytes, flags, depth), whole clusters."""
+        """block_copy_block_status: (bytes, flags, depth), whole clusters.
+
+        One query answers for the whole extent it returns: a cluster still
+        dirty here has not been written since the state was created (a write
+        through the filter copies it first), so its status cannot have
+        changed, and the next tasks in the extent reuse the answer.
+        """
         c = self.cluster_size
-        try:
-            st = await self.source.block_status(offset, nbytes)
-        except OSError:
-            return c, Status.DATA | Status.ALLOCATED, 1
-        n = st.length
+        ext = self._extent
+        if ext is not None and ext[0] <= offset < ext[1]:
+            st = BlockStatus(ext[2], ext[1] - offset, ext[3])
+        else:
+            try:
+                st = await self.source.block_status(offset, self.len - offset)
+            except OSError:
+                return c, Status.DATA | Status.ALLOCATED, 1
+            self._extent = (offset, offset + st.length, st.flags, st.depth)
+        n = min(st.length, nbytes)
         if n < c:
             return c, Status.DATA | Status.ALLOCATED, 1
         if offset + n >= self.len:
