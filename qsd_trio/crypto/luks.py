@@ -314,3 +314,94 @@ def create(opts: CreateOptions, password: bytes
     s.active = SLOT_ENABLED
 
     return h, [(0, h.pack()), (s.key_offset * SECTOR, material)], mk
+
+
+# -- amending key slots (x-blockdev-amend) ------------------------------------------
+
+def _store_key(h: LuksHeader, i: int, mk: bytes, password: bytes,
+               iter_time: int) -> tuple[int, bytes]:
+    """Key slot ``i`` made active for ``password``: (offset, key material)."""
+    s = h.slots[i]
+    s.salt = os.urandom(SALT_LEN)
+    s.stripes = STRIPES
+    per_sec = count_iters(h.hash_spec, len(password) or 1, h.key_bytes)
+    s.iterations = max(per_sec * iter_time // 1000, MIN_SLOT_ITERS)
+    slot_key = pbkdf2(h.hash_spec, password, s.salt, s.iterations, h.key_bytes)
+    split = af_split(mk, STRIPES, h.hash_spec).ljust(_split_len(h, s), b"\0")
+    s.active = SLOT_ENABLED
+    return s.key_offset * SECTOR, h.sector_cipher(slot_key).encrypt(0, split)
+
+
+def _erase_key(h: LuksHeader, i: int) -> tuple[int, bytes]:
+    """Key slot ``i`` made inactive; its key material overwritten with noise."""
+    s = h.slots[i]
+    n = _split_len(h, s)
+    s.active, s.iterations, s.salt = SLOT_DISABLED, 0, bytes(SALT_LEN)
+    return s.key_offset * SECTOR, os.urandom(n)
+
+
+async def _slot_matches(h: LuksHeader, i: int, password: bytes, read: ReadFn) -> bool:
+    import trio
+
+    s = h.slots[i]
+    material = bytes(await read(s.key_offset * SECTOR, _split_len(h, s)))
+    return await trio.to_thread.run_sync(_try_slot, h, s, password, material) is not None
+
+
+async def amend(h: LuksHeader, read: ReadFn, *, active: bool, unlock_password: bytes,
+                new_password: bytes | None, old_password: bytes | None,
+                keyslot: int | None, iter_time: int, force: bool) -> list[tuple[int, bytes]]:
+    """QEMU's qcrypto_block_luks_amend_options on ``h`` (changed in place).
+
+    The caller checked which secrets were given.  Returns the writes
+    [(offset, bytes)] that make the change on disk, the header last.
+    """
+    import trio
+
+    writes = []
+    if keyslot is not None and not 0 <= keyslot < NUM_SLOTS:
+        raise LuksError(f"Invalid keyslot {keyslot} specified, must be between 0 "
+                        f"and {NUM_SLOTS - 1}")
+    active_slots = [i for i, s in enumerate(h.slots) if s.active == SLOT_ENABLED]
+    if active:
+        if keyslot is None:
+            free = [i for i in range(NUM_SLOTS) if i not in active_slots]
+            if not free:
+                raise LuksError("Can't add a keyslot - all keyslots are in use")
+            keyslot = free[0]
+        elif keyslot in active_slots and not force:
+            raise LuksError(f"Refusing to overwrite active keyslot {keyslot} - "
+                            "please erase it first")
+        mk = await unlock(h, unlock_password, read)
+        assert new_password is not None
+        writes.append(await trio.to_thread.run_sync(
+            _store_key, h, keyslot, mk, new_password, iter_time))
+    else:
+        if keyslot is not None:
+            if keyslot not in active_slots:
+                raise LuksError(f"Given keyslot {keyslot} is already erased (inactive) ")
+            if old_password is not None and not await _slot_matches(h, keyslot,
+                                                                    old_password, read):
+                raise LuksError(f"Given keyslot {keyslot} doesn't contain the given "
+                                "old password for erase operation")
+            if active_slots == [keyslot] and not force:
+                raise LuksError(f"Attempt to erase the only active keyslot {keyslot} "
+                                "which will erase all the data in the image "
+                                "irreversibly - refusing operation")
+            erase = [keyslot]
+        elif old_password is not None:
+            erase = [i for i in active_slots
+                     if await _slot_matches(h, i, old_password, read)]
+            if not erase:
+                raise LuksError("No keyslots match given (old) password for erase operation")
+            if erase == active_slots and not force:
+                raise LuksError("All the active keyslots match the (old) password that was "
+                                "given and erasing them will erase all the data in the "
+                                "image irreversibly - refusing operation")
+        else:
+            raise LuksError("To erase keyslot(s), either explicit keyslot index or the "
+                            "password currently contained in them must be given")
+        for i in erase:
+            writes.append(_erase_key(h, i))
+    writes.append((0, h.pack()))
+    return writes

@@ -590,10 +590,10 @@ async def x_blockdev_amend(daemon, args):
     node = daemon.graph.lookup_bs(None, args.node_name)
     if node.driver != _arg(args.options, "driver"):
         raise GenericError("x-blockdev-amend doesn't support changing the block driver")
-    if node.driver != "qcow2":
+    if node.driver not in ("qcow2", "luks"):
         raise GenericError(f"Driver {node.driver} does not support x-blockdev-amend")
     job_id = manager.check_new_id(daemon, args.job_id)
-    job = AmendJob(daemon, job_id, node, args.options)
+    job = AmendJob(daemon, job_id, node, args.options, force=bool(args.force))
     manager.register(daemon, job)
     manager.start(daemon, job)
 

@@ -131,3 +131,38 @@ async def create_luks(graph, o, prefix: str = ""):
         return await trio.to_thread.run_sync(luks.create, opts, password)
     except luks.LuksError as e:
         raise GenericError(str(e)) from None
+
+
+async def amend_luks(graph, hdr: luks.LuksHeader, read: ReadPlain, o, *, open_secret: str,
+                     force: bool) -> list[tuple[int, bytes]]:
+    """x-blockdev-amend of a LUKS header (QCryptoBlockAmendOptionsLUKS ``o``,
+    QAPI attrs or a dict): the checks and texts of QEMU, then
+    :func:`luks.amend`.  Returns the writes to make, offsets from the header."""
+    def get(name: str):
+        v = o.get(name.replace("_", "-")) if isinstance(o, dict) else getattr(o, name, None)
+        return getattr(v, "value", v)
+
+    active = get("state") == "active"
+    new, old = get("new_secret"), get("old_secret")
+    iter_time = get("iter_time")
+    if active:
+        if new is None:
+            raise GenericError("'new-secret' is required to activate a keyslot")
+        if old is not None:
+            raise GenericError("'old-secret' must not be given when activating keyslots")
+    else:
+        if new is not None:
+            raise GenericError("'new-secret' must not be given when erasing keyslots")
+        if iter_time is not None:
+            raise GenericError("'iter-time' must not be given when erasing keyslots")
+    unlock_id = get("secret") or open_secret
+    try:
+        return await luks.amend(
+            hdr, read, active=active,
+            unlock_password=secretmod.lookup_utf8(graph, unlock_id) if active else b"",
+            new_password=secretmod.lookup_utf8(graph, new) if new is not None else None,
+            old_password=secretmod.lookup_utf8(graph, old) if old is not None else None,
+            keyslot=get("keyslot"), iter_time=iter_time if iter_time is not None else 2000,
+            force=force)
+    except luks.LuksError as e:
+        raise GenericError(str(e)) from None

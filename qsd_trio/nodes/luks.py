@@ -78,6 +78,17 @@ class LuksNode(BlockNode):
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.file.truncate(self.payload + size, exact=exact, prealloc=prealloc)
 
+    async def amend(self, options, force: bool) -> None:
+        """x-blockdev-amend: add or erase key slots (BlockdevAmendOptionsLUKS)."""
+        async def read(off: int, n: int):
+            return await self.file.read(off, n)
+
+        writes = await crypt.amend_luks(self.graph, self.header, read, options,
+                                        open_secret=self.key_secret, force=force)
+        for off, data in writes:
+            await self.file.write(off, data)
+        await self.file.flush()
+
 
 async def create_luks_on(daemon, file: BlockNode, o) -> None:
     """blockdev-create driver=luks: header and key slot 0 on ``file``, which

@@ -171,3 +171,67 @@ def test_blockdev_create_both_formats(tmp_path):
     info = qemu_img("info", *obj, "--image-opts",
                     f"driver=luks,key-secret=sec0,file.filename={luks_img}").stdout
     assert "virtual size: 1 MiB" in info and "cipher mode: xts" in info
+
+
+AMEND_CASES = [
+    {"state": "active"},
+    {"state": "active", "new-secret": "sec1", "old-secret": "sec0"},
+    {"state": "active", "new-secret": "sec1", "keyslot": 0, "iter-time": 10},
+    {"state": "active", "new-secret": "sec1", "keyslot": 9, "iter-time": 10},
+    {"state": "active", "new-secret": "sec1", "secret": "bad", "iter-time": 10},
+    {"state": "inactive", "new-secret": "sec1"},
+    {"state": "inactive", "iter-time": 10},
+    {"state": "inactive"},
+    {"state": "inactive", "keyslot": 0},
+    {"state": "inactive", "keyslot": 3},
+    {"state": "inactive", "old-secret": "bad"},
+    {"state": "inactive", "old-secret": "sec0"},
+    {"state": "active", "new-secret": "sec1", "keyslot": 2, "iter-time": 10},
+    {"state": "active", "new-secret": "sec1", "iter-time": 10},
+    {"state": "inactive", "keyslot": 1, "old-secret": "sec1"},
+]
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "luks"])
+def test_amend_key_slots_match(images, tmp_path, fmt):
+    """x-blockdev-amend of LUKS key slots: the same errors, the same slots
+    afterwards, and qemu-io opens the image with the added passphrase."""
+    name = "q.qcow2" if fmt == "qcow2" else "l.luks"
+    results = {}
+    for kind in ("qemu", "trio"):
+        img = tmp_path / f"{kind}-{name}"
+        shutil.copyfile(images / name, img)
+        node = ("driver=qcow2,node-name=d,file=f,encrypt.format=luks,encrypt.key-secret=sec0"
+                if fmt == "qcow2" else "driver=luks,node-name=d,file=f,key-secret=sec0")
+        args = SECRET + ["--object", "secret,id=sec1,data=xyz",
+                         "--object", "secret,id=bad,data=nope",
+                         "--blockdev", f"driver=file,node-name=f,filename={img}",
+                         "--blockdev", node]
+        out = []
+        with Daemon(kind, tmp_path, args) as d:
+            q = d.qmp()
+            for i, enc in enumerate(AMEND_CASES):
+                opts = {"driver": "qcow2", "encrypt": {"format": "luks", **enc}} \
+                    if fmt == "qcow2" else {"driver": "luks", **enc}
+                r = q.cmd_raw("x-blockdev-amend", {"job-id": f"j{i}", "node-name": "d",
+                                                   "options": opts})
+                assert r == {"return": {}}, r
+                while True:
+                    ev = q.pull_event(wait=True)
+                    if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["id"] == f"j{i}" \
+                            and ev["data"]["status"] == "concluded":
+                        break
+                job = next(j for j in q.cmd_raw("query-jobs", {})["return"]
+                           if j["id"] == f"j{i}")
+                out.append(job.get("error"))
+                q.cmd_raw("job-dismiss", {"id": f"j{i}"})
+            info = q.cmd_raw("query-named-block-nodes", {"flat": True})["return"][0]
+        spec = info["image"]["format-specific"]["data"]
+        slots = (spec["encrypt"] if fmt == "qcow2" else spec)["slots"]
+        results[kind] = (out, [s["active"] for s in slots])
+        p = run("qemu-io", "--object", "secret,id=s,data=xyz", "--image-opts", "-c",
+                "read 0 512", f"driver={fmt},{'encrypt.' if fmt == 'qcow2' else ''}"
+                f"key-secret=s,file.filename={img}")
+        assert "read 512/512" in p.stdout, p.stdout + p.stderr
+    assert results["trio"] == results["qemu"]
+    assert results["trio"][1] == [True, False, True] + [False] * 5

@@ -275,3 +275,22 @@ async def test_open_errors(tmp_path):
                              "file": {"driver": "file", "filename": str(img)}})
     finally:
         await graph.close_all()
+
+
+async def test_aes_qcow2_create(tmp_path):
+    """encrypt.format=qcow (legacy AES) images, as qemu-img makes them."""
+    img = tmp_path / "aes.qcow2"
+    img.write_bytes(b"")
+    graph = BlockGraph()
+    secrets.register(graph, "sec0", PW.encode())
+    try:
+        file = await graph.add({"driver": "file", "node-name": "f", "filename": str(img)})
+        await create_qcow2(file, 1 << 20, encrypt={"format": "qcow", "key-secret": "sec0"})
+        node = await graph.add({"driver": "qcow2", "node-name": "q", "file": "f",
+                                "encrypt": {"format": "aes", "key-secret": "sec0"}})
+        await node.write(4096, b"\x72" * 5000)
+        await node.flush()
+    finally:
+        await graph.close_all()
+    check_clean(img, "aes")
+    qemu_io(img, "aes", "read -P 0x72 4096 5000", "read -P 0 0 4096")
