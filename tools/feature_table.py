@@ -43,8 +43,14 @@ NOTES: dict[str, str] = {
     "thread-context": "accepted and listed; properties stored",
     "pr-manager-helper": "accepted and listed; no persistent-reservation helper is run",
     "secret_keyring": "accepted; the kernel keyring is not read",
-    "qcow2": "partial: no encryption (encrypt.* images are refused); overlap-check, "
+    "qcow2": "encryption: encrypt.format=luks and legacy aes (open, read, write, "
+             "blockdev-create, x-blockdev-amend of LUKS key slots); overlap-check, "
              "l2-cache-entry-size (L2 slices), refcount-cache-size and cache-size as QEMU",
+    "luks": "LUKS1 (7.2 has no detached header); AES-128/192/256 in xts, cbc-plain, "
+            "cbc-plain64 and cbc-essiv; hashes md5, sha1, sha224, sha256, sha384, sha512; serpent, twofish, cast5 and des "
+            "volumes are refused; blockdev-create and x-blockdev-amend of key slots",
+    "secret": "data or file, format raw or base64, keyid/iv decryption; loaded at creation",
+    "blockdev-create": "drivers file, qcow2 (encryption included) and luks",
     "file": "aio=io_uring is served by the worker threads",
     "throttle": "queued requests go at once when the node is drained (blockdev-del of a "
                 "parent, graph changes, shutdown), as QEMU; a group serves its members in "
