@@ -280,8 +280,8 @@ class FileNode(BlockNode):
         end = offset + length
         if self.cache_direct and (offset % self.align or end % self.align):
             # O_DIRECT: the partial blocks at the edges are written as data
-            # (QEMU's request padding, done even for NO_FALLBACK), the
-            # aligned middle is zeroed
+            # (QEMU's request padding), the aligned middle is zeroed; with
+            # no_fallback the node layer has refused such a request already
             a = -(-offset // self.align) * self.align
             b = end // self.align * self.align
             if a >= b:

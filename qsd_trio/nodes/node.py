@@ -425,6 +425,10 @@ class BlockNode:
             may_unmap = False
         self._check_writable()
         self._check(offset, length)
+        a = self.request_alignment
+        if no_fallback and a > 1 and (offset % a or length % a):
+            # a misaligned request cannot be made efficient (bdrv_co_pwritev_part)
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         if self._quiesce:
             await self._gate()
         token = _in_request.set(True)

@@ -6,7 +6,8 @@ QEMU passes BDRV_REQ_NO_FALLBACK down the graph: a file on a file system
 with fallocate zeroes any range; qcow2 v3 zeroes whole subclusters with the
 zero flag and a part of one only when the rest of it already reads as zeroes
 (backing files included) and it is unallocated or zero in the image; qcow2
-v2 and null-co have no zero write at all.  Each case runs on its own
+v2 and null-co have no zero write at all; a request not aligned to a node's
+request alignment (O_DIRECT) is refused before any driver sees it.  Each case runs on its own
 connection against the same images in both daemons; the replies, the image
 contents and the qcow2 maps must agree.
 """
@@ -55,6 +56,12 @@ CASES = [
     ("x", 2 * K, 2 * K, FAST),                    # one whole subcluster
     ("x", 64 * K + 100, 1000, FAST),              # part of a data subcluster: refused
     ("x", 2 * M + 100, 1000, FAST),               # part of an unallocated subcluster
+    # O_DIRECT: a request not aligned to the file's request alignment cannot
+    # be made efficient (the raw format above it passes it down)
+    ("direct", 100, 1000, FAST),
+    ("direct", 64 * K, 128 * K, FAST),
+    ("direct", 200, 1000, 0),
+    ("direct", 300 * K + 1000, 20000, 0),  # data edges, zeroed middle
     # no zero write at all
     ("q2", 0, 64 * K, FAST),
     ("null", 0, 64 * K, FAST),
@@ -70,6 +77,8 @@ EXPORTS = {
     "x": "driver=qcow2,node-name=x,file.driver=file,file.filename={d}/x.qcow2",
     "q2": "driver=qcow2,node-name=q2,file.driver=file,file.filename={d}/q2.qcow2",
     "null": "driver=null-co,node-name=null,size=4194304",
+    "direct": "driver=raw,node-name=direct,cache.direct=on,"
+              "file.driver=file,file.filename={d}/rd.img",
 }
 
 
@@ -77,6 +86,8 @@ def make_images(d) -> None:
     d.mkdir()
     qemu_img("create", "-f", "raw", f"{d}/r.img", "4M")
     qemu_io("-f", "raw", "-c", "write -P 1 0 1M", f"{d}/r.img")
+    qemu_img("create", "-f", "raw", f"{d}/rd.img", "4M")
+    qemu_io("-f", "raw", "-c", "write -P 1 0 1M", f"{d}/rd.img")
     qemu_img("create", "-f", "qcow2", f"{d}/q.qcow2", "4M")
     qemu_io("-f", "qcow2", "-c", "write -P 1 0 1M", f"{d}/q.qcow2")
     qemu_img("create", "-f", "raw", f"{d}/base.img", "4M")
@@ -135,8 +146,8 @@ async def test_fast_zero_refused_as_qemu(tmp_path):
     refused = {(n, o) for n, o, _l, _f, _h, _d, err, _r in seen["trio"] if err[0] == P.ENOTSUP}
     assert refused == {("q", 64 * K + 100), ("q", M - 4 * K), ("ov", 8 * K),
                        ("ov", 3 * M + 4 * K), ("ov", 1024 * K - 32 * K), ("x", 64 * K + 100),
-                       ("q2", 0), ("null", 0)}
-    for img in ("r.img", "q.qcow2", "ov.qcow2", "x.qcow2", "q2.qcow2"):
+                       ("q2", 0), ("null", 0), ("direct", 100)}
+    for img in ("r.img", "rd.img", "q.qcow2", "ov.qcow2", "x.qcow2", "q2.qcow2"):
         qemu_img("compare", f"{dirs['qemu']}/{img}", f"{dirs['trio']}/{img}")
     for img in ("q.qcow2", "ov.qcow2", "x.qcow2", "q2.qcow2"):
         assert qemu_img("check", f"{dirs['trio']}/{img}").returncode == 0
