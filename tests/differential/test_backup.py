@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import HAVE_QEMU
 
-from .test_jobs import MiB, Transcript
+from .test_jobs import MiB, Transcript, blkdebug_src
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -145,3 +145,22 @@ def test_backup_bitmaps_and_pending_filter(daemon_factory):
         t.cmd("query-named-block-nodes", {"flat": True})
 
     run_both(daemon_factory, nulls("src", "dst"), s)
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop"])
+def test_backup_source_error_policies(daemon_factory, tmp_path, policy):
+    """A read error at 4 MiB (once): the job reports it, retries it, or
+    pauses until resumed; the events and query-block-jobs say so."""
+    def s(t):
+        t.cmd("blockdev-backup", {"job-id": "j", "device": "src", "target": "dst",
+                                  "sync": "full", "on-source-error": policy,
+                                  "x-perf": {"max-workers": 1}})
+        if policy == "stop":
+            t.until("BLOCK_JOB_ERROR")
+            t.until("JOB_STATUS_CHANGE", status="paused")
+            t.cmd("query-block-jobs")
+            t.cmd("block-job-resume", {"device": "j"})
+        t.until("JOB_STATUS_CHANGE", status="null")
+        t.cmd("query-jobs")
+
+    run_both(daemon_factory, blkdebug_src(tmp_path), s)
