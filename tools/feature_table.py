@@ -64,8 +64,13 @@ NOTES: dict[str, str] = {
                        "whole source dirty where QEMU first zeroes the target and marks "
                        "allocated blocks, so progress numbers differ",
     "drive-mirror": "as blockdev-mirror",
-    "blockdev-backup": "partial: copy-before-write is a hook on the source, not a filter node",
-    "drive-backup": "partial: as blockdev-backup",
+    "blockdev-backup": "a copy-before-write filter above the source while the job runs "
+                       "(filter-node-name, else #blockNNN), as QEMU 7.2 shows it in "
+                       "x-debug-query-block-graph and query-named-block-nodes; up to "
+                       "x-perf.max-workers (64) copies of up to 1 MiB (max-chunk) at once, "
+                       "zero runs written as zeroes; x-perf.use-copy-range is accepted and "
+                       "ignored (no copy offload; QEMU's default is off too)",
+    "drive-backup": "as blockdev-backup",
     "block-commit": "an implicitly read-only base is reopened read-write for the job; "
                     "filters while it runs as QEMU 7.2: commit_top above an "
                     "intermediate top, mirror_top above the active layer "
@@ -79,7 +84,15 @@ NOTES: dict[str, str] = {
     "change-backing-file": "partial: the node's json: filename is not recomputed",
     "mirror": "mirror_top filter, background and write-blocking copy modes; see "
               "blockdev-mirror",
-    "backup": "partial: see blockdev-backup",
+    "backup": "copy-before-write filter, sync full/top/bitmap/incremental/none; see "
+              "blockdev-backup",
+    "copy-before-write": "file, target, bitmap, on-cbw-error, cbw-timeout; a copy that "
+                         "times out is cancelled (QEMU lets it finish in the background); "
+                         "serves snapshot-access (fleecing)",
+    "snapshot-access": "over copy-before-write: reads, block status and discard of the "
+                       "point-in-time image (fleecing over NBD); the block status of a "
+                       "range running past what may be read answers for its readable "
+                       "start, where QEMU fails the query",
     "commit": "intermediate (commit_top filter) and active commit (mirror_top filter)",
     "stream": "copy-on-read filter while it runs",
     "nbd-server-start": "unix, inet and fd addresses; TLS with tls-creds-x509 (tls-authz: "
