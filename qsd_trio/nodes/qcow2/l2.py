@@ -65,23 +65,16 @@ class L2Cache:
 
     # -- whole tables (slice == table) and views -------------------------------
     def get(self, offset: int):
-        """The table at ``offset`` if every slice of it is cached, else None."""
-        if not self.sliced:
-            t = self.tables.get(offset)
-            if t is not None:
-                self.tables.move_to_end(offset)
-                self.used.add(offset)
-            return t
-        parts = []
-        for key in range(offset, offset + self.table_bytes, self.slice_bytes):
-            t = self.tables.get(key)
-            if t is None:
-                return None
-            parts.append(t)
-        for key in range(offset, offset + self.table_bytes, self.slice_bytes):
-            self.tables.move_to_end(key)
-            self.used.add(key)
-        return TableView(self, offset, parts)
+        """The cached table at ``offset`` when a slice is a whole table, else
+        None (sliced tables are looked up with :meth:`fetch`, which touches
+        only the slices a request needs)."""
+        if self.sliced:
+            return None
+        t = self.tables.get(offset)
+        if t is not None:
+            self.tables.move_to_end(offset)
+            self.used.add(offset)
+        return t
 
     def put(self, offset: int, table: array, *, dirty: bool = False):
         """Cache a whole table read from disk (or a new one); returns what the
