@@ -134,13 +134,19 @@ class BlockCopyState:
             self.copy_bitmap.set_dirty(task.offset + nbytes, task.nbytes - nbytes)
             task.nbytes = nbytes
 
-    def _end(self, task: Task, ok: bool) -> None:
-        """block_copy_task_end: done, or dirty again to be copied later."""
+    def _end(self, task: Task, ok: bool, *, skipped: bool = False) -> None:
+        """block_copy_task_end: done, or dirty again to be copied later.
+
+        Copied or put back, the job's total stays what it was (bytes move
+        from in flight to done or to dirty); only a skipped task shrinks
+        it, so only then is the bitmap counted again.
+        """
         self.in_flight_bytes -= task.nbytes
         if not ok:
             self.copy_bitmap.set_dirty(task.offset, task.nbytes)
         self.tasks.remove(task)
-        self._report_remaining()
+        if skipped:
+            self._report_remaining()
         task.done.set()
 
     # -- block status ----------------------------------------------------------------------
@@ -207,7 +213,7 @@ class BlockCopyState:
             n, flags, depth = await self._status(task.offset, task.nbytes)
             self._shrink(task, n)
             if self.skip_unallocated and depth != 1:
-                self._end(task, True)
+                self._end(task, True, skipped=True)
                 offset = task.end
                 continue
             task.zeroes = bool(flags & Status.ZERO)
@@ -222,7 +228,7 @@ class BlockCopyState:
             ok = True
         finally:
             if ok and self.on_done is not None:
-                self.on_done(task.nbytes)
+                self.on_done(min(task.end, self.len) - task.offset)
             self._end(task, ok)
 
     async def _do_copy(self, offset: int, nbytes: int, zeroes: bool) -> None:
