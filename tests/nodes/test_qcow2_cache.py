@@ -160,3 +160,34 @@ async def test_open_errors(tmp_path):
             await _open(path, **opts)
         assert e.value.desc == msg
     qemu_img("check", str(path))
+
+
+def test_tables_in_use_are_not_evicted():
+    """A request holding a table across an await may still change it: the
+    cache keeps it (beyond its size) until nobody holds it."""
+    from array import array
+
+    from qsd_trio.nodes.qcow2.l2 import L2Cache
+
+    c = L2Cache(2, table_bytes=4096)
+    held = c.put(0, array("Q", bytes(4096)))
+    c.put(4096, array("Q", bytes(4096)))
+    c.put(8192, array("Q", bytes(4096)))
+    assert list(c.tables) == [0, 8192]  # 4096, unreferenced, went
+    held[0] = 5
+    c.mark_dirty(0)
+    assert c.tables[0] is held and c.dirty == {0}
+    del held
+    c.put(12288, array("Q", bytes(4096)))
+    assert 0 in c.tables  # dirty: stays until written back
+    c.dirty.clear()
+    c.put(16384, array("Q", bytes(4096)))
+    assert 0 not in c.tables and len(c.tables) == 2
+    # sliced: a view pins its slices, and writes through it mark them dirty
+    s = L2Cache(2, table_bytes=4096, slice_bytes=512)
+    view = s.put(0, array("Q", bytes(4096)))
+    assert len(s.tables) == 8  # all held by the view
+    view[70] = 9
+    del view
+    s.put(4096, array("Q", bytes(4096)))
+    assert 512 in s.dirty and 512 in s.tables

@@ -86,7 +86,7 @@ class L2Cache:
             self.used.add(offset)
             if dirty:
                 self.dirty.add(offset)
-            self._evict(offset)
+            self._evict()
             return table
         w = self.slice_words
         parts = []
@@ -100,7 +100,7 @@ class L2Cache:
             if dirty:
                 self.dirty.add(key)
             parts.append(t)
-        self._evict(offset)
+        self._evict()
         return TableView(self, offset, parts)
 
     async def fetch(self, offset: int, read, first: int = 0, stop: int | None = None):
@@ -142,26 +142,26 @@ class L2Cache:
                 self.used.add(kk)
                 parts[k] = t
             si = sj
-        self._evict(offset)
+        self._evict()
         return TableView(self, offset, parts)
 
-    def _evict(self, keep: int) -> None:
+    def _evict(self) -> None:
+        """Drop least recently used slices beyond the capacity: only clean
+        ones that nobody holds (a request that looked a table up and then
+        awaited something may still change it; dropping it then would lose
+        the change or have it land in a second copy)."""
         if len(self.tables) <= self.capacity:
             return
-        end = keep + self.table_bytes
-        for off in list(self.tables):
-            if len(self.tables) <= self.capacity:
+        tables = self.tables
+        refcount = sys.getrefcount
+        for off in list(tables):
+            if len(tables) <= self.capacity:
                 break
-            if off not in self.dirty and not keep <= off < max(end, keep + 1):
-                del self.tables[off]
-        if len(self.tables) > self.capacity:
-            # the table just looked up is bigger than the cache: its clean
-            # slices go too (the driver's view still holds them)
-            for off in list(self.tables):
-                if len(self.tables) <= self.capacity:
-                    break
-                if off not in self.dirty:
-                    del self.tables[off]
+            if off in self.dirty:
+                continue
+            t = tables[off]
+            if refcount(t) <= 3:  # the cache, ``t`` and the argument
+                del tables[off]
 
     def _touch(self, key: int, part: array) -> None:
         """A view changed slice ``key``: dirty, and cached again if evicted."""
