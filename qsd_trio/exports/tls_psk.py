@@ -58,22 +58,49 @@ class PskTlsStream(trio.abc.Stream):
     the session raises ``trio.BrokenResourceError``.
     """
 
-    def __init__(self, transport: trio.abc.Stream, key_file: str):
+    def __init__(self, transport: trio.abc.Stream, key_file: str, *,
+                 client: tuple[str, bytes] | None = None):
+        """A server session looking keys up in ``key_file``; with ``client``
+        (identity, key) the client end instead (used to test the server)."""
         self.transport = transport
         self.identity: str | None = None
         self._key_file = key_file
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self._client = client
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD if client else SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_cipher_list(_CIPHERS)
-        # keep the callback alive as long as the context
-        self._callback = _ffi.callback(
-            "unsigned int(SSL *, const char *, unsigned char *, unsigned int)", self._psk)
-        _lib.SSL_CTX_set_psk_server_callback(ctx._context, self._callback)
+        # the callbacks live as long as the context that points to them
+        if client:
+            self._callback = _ffi.callback(
+                "unsigned int(SSL *, const char *, char *, unsigned int, unsigned char *,"
+                " unsigned int)", self._psk_client)
+            _lib.SSL_CTX_set_psk_client_callback(ctx._context, self._callback)
+        else:
+            self._callback = _ffi.callback(
+                "unsigned int(SSL *, const char *, unsigned char *, unsigned int)", self._psk)
+            _lib.SSL_CTX_set_psk_server_callback(ctx._context, self._callback)
         self._ctx = ctx
         self._conn = SSL.Connection(ctx, None)
-        self._conn.set_accept_state()
+        if client:
+            self._conn.set_connect_state()
+        else:
+            self._conn.set_accept_state()
         self._send_lock = trio.Lock()
         self._closed = False
+        self._offered: str | None = None  # identity whose key the callback gave
+
+    def _psk_client(self, ssl, hint, identity, max_identity, psk, max_psk) -> int:
+        try:
+            name, key = self._client
+            raw = name.encode()
+            if len(raw) >= max_identity or len(key) > max_psk:
+                return 0
+            _ffi.memmove(identity, raw + b"\0", len(raw) + 1)
+            _ffi.memmove(psk, key, len(key))
+            self._offered = name
+            return len(key)
+        except Exception:  # noqa: BLE001 - an exception cannot cross OpenSSL's C frames
+            return 0
 
     def _psk(self, ssl, identity, psk, max_len) -> int:
         # runs inside OpenSSL during the handshake; must not raise
@@ -83,7 +110,7 @@ class PskTlsStream(trio.abc.Stream):
             if key is None or len(key) > max_len:
                 return 0
             _ffi.memmove(psk, key, len(key))
-            self.identity = name
+            self._offered = name
             return len(key)
         except Exception:  # noqa: BLE001 - an exception cannot cross OpenSSL's C frames
             return 0
@@ -127,6 +154,7 @@ class PskTlsStream(trio.abc.Stream):
                     pass
                 raise trio.BrokenResourceError(f"TLS handshake failed: {e}") from None
         await self._flush()
+        self.identity = self._offered  # the peer proved it knows the key
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
@@ -178,12 +206,12 @@ class PskTlsStream(trio.abc.Stream):
         if self._closed:
             return
         self._closed = True
-        try:
+        # close_notify is a courtesy a second at most; the transport closes anyway
+        with trio.CancelScope(shield=True):
             with trio.move_on_after(1):
                 try:
                     self._conn.shutdown()
                     await self._flush()
                 except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-        finally:
             await self.transport.aclose()
