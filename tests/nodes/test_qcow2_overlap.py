@@ -166,3 +166,42 @@ def test_templates_and_index():
     assert ix.check(m, 0x97000, 1) == overlap.SNAPSHOT_TABLE
     assert ix.check(m, 0x10000, 0x100000) == overlap.ACTIVE_L1
     assert ix.check(0, 0, 1 << 30) == 0
+
+
+def _snapshot_layout(path) -> dict:
+    """An image whose snapshot keeps its own L1 and (after a later write) its
+    own L2 table; returns where the snapshot structures are."""
+    qemu_img("create", "-f", "qcow2", str(path), "1M")
+    qemu_io("-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 64k 64k", str(path))
+    qemu_img("snapshot", "-c", "s1", str(path))
+    qemu_io("-c", "write -P 0x33 0 64k", str(path))  # copies the shared L2 table
+    with open(path, "rb") as f:
+        h = f.read(72)
+        snap_off = struct.unpack_from(">Q", h, 64)[0]
+        f.seek(snap_off)
+        snap_l1, snap_l1_size = struct.unpack(">QI", f.read(12))
+        f.seek(snap_l1)
+        snap_l2 = struct.unpack(">Q", f.read(8))[0] & ~COPIED
+    return {"snapshot table": snap_off, "inactive L1 table": snap_l1,
+            "inactive L2 table": snap_l2}
+
+
+@pytest.mark.parametrize(("name", "opt", "caught"), [
+    ("snapshot table", None, True), ("inactive L1 table", None, True),
+    ("inactive L2 table", None, False), ("inactive L2 table", "all", True),
+    ("inactive L1 table", "constant", False)])
+async def test_snapshot_structures(tmp_path, corrupted_events, name, opt, caught):
+    img = tmp_path / "s.qcow2"
+    layout = _snapshot_layout(img)
+    _point(img, 1, layout[name])  # guest cluster 1 (the active table's own entry)
+    extra = {} if opt is None else {"overlap-check": opt}
+    graph, node = await _open(img, **extra)
+    if caught:
+        with pytest.raises(OSError):
+            await node.write(65536, b"\x44" * 512)
+        assert [e["msg"] for e in corrupted_events] == [
+            f"Preventing invalid write on metadata (overlaps with {name})"]
+    else:
+        await node.write(65536, b"\x44" * 512)
+        assert corrupted_events == []
+    await graph.close_all()
