@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
-from tests.nodes.test_qcow2_overlap import craft
+from tests.nodes.test_qcow2_overlap import _point, _snapshot_layout, craft
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -50,15 +50,22 @@ def _scenario(kind, tmp_path, crafted, overlap_opt):
 @pytest.mark.parametrize(("target", "opt"), [
     ("l1", ""), ("refblock", ""), ("l2", ",overlap-check=constant"),
     ("l1", ",overlap-check.template=none,overlap-check.active-l1=on"),
+    ("snapshot table", ""), ("inactive L1 table", ",overlap-check=constant"),
+    ("inactive L2 table", ""), ("inactive L2 table", ",overlap-check=all"),
 ])
 def test_write_onto_metadata_same_as_qemu(tmp_path, target, opt):
     crafted = tmp_path / "crafted.qcow2"
-    craft(crafted, target)
+    if " " in target:  # a snapshot structure
+        _point(crafted, 0, _snapshot_layout(crafted)[target])
+    else:
+        craft(crafted, target)
     ours = _scenario("trio", tmp_path, crafted, opt)
     theirs = _scenario("qemu", tmp_path, crafted, opt)
     assert ours[:5] == theirs[:5]
     assert ours[5] == theirs[5]  # byte for byte the same image afterwards
-    if target == "l2" and opt.endswith("constant"):
-        assert ours[1] == []  # "constant" does not look at L2 tables
+    if (target, opt) in (("l2", ",overlap-check=constant"),
+                         ("inactive L2 table", ""),
+                         ("inactive L1 table", ",overlap-check=constant")):
+        assert ours[1] == []  # not among the structures that template checks
     else:
         assert ours[1][0][0] == "BLOCK_IMAGE_CORRUPTED"
