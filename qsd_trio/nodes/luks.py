@@ -38,7 +38,8 @@ class LuksNode(BlockNode):
         self.header, self.cipher = await crypt.open_luks(self.graph, self.key_secret, read)
         self.payload = self.header.payload_offset * SECTOR
         if self.file.length < self.payload:
-            raise GenericError("LUKS payload is overlapping with the header")
+            # QEMU's length is negative there, and bdrv_open fails with EIO
+            raise GenericError("Could not refresh total sector count: Input/output error")
         self.request_alignment = SECTOR
         self._writes = crypt.SectorWrites()
 

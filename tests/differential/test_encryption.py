@@ -32,6 +32,8 @@ def images(tmp_path_factory):
     qemu_img("create", "-q", "-f", "qcow2", str(d / "plain.qcow2"), "1M")
     # qemu-img leaves the AES image 8 bytes past a sector boundary and QEMU
     # reports file nodes in whole sectors (a file-driver difference of its own)
+    shutil.copyfile(d / "l.luks", d / "short.luks")
+    os.truncate(d / "short.luks", 1 << 20)  # ends before its payload offset
     aes = d / "aes.qcow2"
     os.truncate(aes, -(-aes.stat().st_size // 512) * 512)
     return d
@@ -62,6 +64,8 @@ def _cases(d):
         "luks-missing-secret": file("l.luks") + [
             f, "driver=luks,node-name=d,file=f,key-secret=nope"],
         "luks-not-luks": SECRET + file("q.qcow2") + [
+            f, "driver=luks,node-name=d,file=f,key-secret=sec0"],
+        "luks-short-file": SECRET + file("short.luks") + [
             f, "driver=luks,node-name=d,file=f,key-secret=sec0"],
         "luks-base64-password": ["--object", "secret,id=sec0,data=YWJk,format=base64"]
         + file("l.luks") + [f, "driver=luks,node-name=d,file=f,key-secret=sec0"],
