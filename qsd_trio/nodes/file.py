@@ -240,7 +240,8 @@ class FileNode(BlockNode):
             # whole pages into the page cache, far from dirty throttling: a
             # few microseconds here beat a thread hop (see inline_io.py)
             self._inline.run(self._pwrite_all, data, offset, False)
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._inline.should_yield():
+                await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._run_small(self._pwrite_all, data, offset, False, length=len(data))
         self._size = max(self._size, offset + len(data))

@@ -38,6 +38,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 INLINE_MAX = 1024 * 1024
 STALL_NS = 2_000_000      # an inline write slower than this disables inlining ...
 COOL_DOWN = 1.0           # ... for this many seconds on that node
+YIELD_EVERY = 8           # inline writes on a node between checkpoints
 _REFRESH = 0.1            # seconds between reads of /proc/meminfo
 
 _last_check = -1.0
@@ -95,10 +96,26 @@ class InlineWrites:
         self.resume_at = 0.0
         self.inline = 0   # statistics: writes done inline
         self.stalls = 0   # statistics: inline writes that were too slow
+        self._since_yield = 0
 
     def allowed(self, offset: int, length: int) -> bool:
         return (0 < length <= INLINE_MAX and offset % PAGE == 0 and length % PAGE == 0
                 and time.monotonic() >= self.resume_at and dirty_memory_ok())
+
+    def should_yield(self) -> bool:
+        """Whether the write just done should end with a checkpoint.
+
+        A trip through the scheduler costs more than the write itself, and
+        the callers on the hot path (NBD and FUSE request loops) reach one
+        of their own per request anyway.  But a loop that only writes (a
+        zero-write fallback, preallocation, a copy from a cached source)
+        must not hold the event loop for long, so every ``YIELD_EVERY``-th
+        inline write on a node still yields."""
+        self._since_yield += 1
+        if self._since_yield >= YIELD_EVERY:
+            self._since_yield = 0
+            return True
+        return False
 
     def run(self, fn, *args) -> None:
         """Run the write ``fn(*args)`` here, watching for a stall."""

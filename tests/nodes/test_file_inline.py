@@ -5,6 +5,7 @@ Either way the bytes on disk are what was written."""
 import time
 
 import pytest
+import trio
 
 from qsd_trio.nodes import inline_io
 from qsd_trio.nodes.graph import BlockGraph
@@ -79,3 +80,25 @@ def test_voluntary_switches_counts_sleeps():
     before = inline_io.voluntary_switches()
     time.sleep(0.01)
     assert inline_io.voluntary_switches() > before
+
+
+async def test_a_loop_of_inline_writes_lets_other_tasks_run(node, monkeypatch):
+    # inline writes skip most checkpoints, but never more than YIELD_EVERY in a row
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+    turns = 0
+
+    async def other():
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()  # other() runs its first turn
+        before = turns
+        for i in range(4 * inline_io.YIELD_EVERY):
+            await node.write((i % 64) * PAGE, bytes([i % 251 + 1]) * PAGE)
+        assert turns - before >= 3
+        assert node._inline.inline == 4 * inline_io.YIELD_EVERY
+        nursery.cancel_scope.cancel()
