@@ -1,5 +1,9 @@
 """The ``copy-on-read`` filter: data read from a backing file is written
-into the top image, so later reads find it there (QEMU's cor driver)."""
+into the top image, so later reads find it there (QEMU's cor driver).
+
+With ``bottom`` (as block-stream inserts it) only data that comes from the
+layers down to ``bottom`` is copied; what lies below it, or nowhere, is not.
+"""
 
 from __future__ import annotations
 
@@ -25,15 +29,32 @@ class CopyOnReadNode(BlockNode):
     def _length(self) -> int:
         return self.file.node.length
 
+    def _bottom_depth(self) -> int | None:
+        """How many layers down ``bottom`` is (1: the child itself)."""
+        if self.bottom is None:
+            return None
+        node, depth = self.file.node, 1
+        while node is not None:
+            if node.node_name == self.bottom:
+                return depth
+            edge = node.children.get("backing")
+            node, depth = (edge.node if edge else None), depth + 1
+        return None
+
     async def _co_preadv(self, offset, length):
         child = self.file.node
+        bottom = self._bottom_depth()
         out = bytearray()
         pos, end = offset, offset + length
         while pos < end:
             st = await child.block_status(pos, end - pos)
             n = max(1, min(st.length, end - pos))
             data = await child.read(pos, n)
-            if not st.flags & Status.ALLOCATED and not child.read_only:
+            # depth 1: the child's own layer; ALLOCATED alone also flags data
+            # its backing chain holds
+            own = st.depth == 1 and bool(st.flags & Status.ALLOCATED)
+            above_bottom = bottom is None or 0 < st.depth <= bottom
+            if not own and above_bottom and not child.read_only:
                 # from the backing chain: copy it up (write-unchanged)
                 child.debug_event("cor_write")
                 await child.write(pos, data)

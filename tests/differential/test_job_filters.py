@@ -16,6 +16,7 @@ each other afterwards.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -207,3 +208,29 @@ def test_stream(tmp_path, end):
         c.wait_event("JOB_STATUS_CHANGE", status="null")
 
     run_both(tmp_path, s)
+
+
+def test_copy_on_read_bottom(tmp_path):
+    """The stream's filter on its own: reads through copy-on-read with
+    ``bottom`` copy up what the layers down to bottom hold, nothing else."""
+    maps = {}
+    for kind in ("qemu", "trio"):
+        d = tmp_path / kind
+        d.mkdir()
+        args = images(d)[:-4] + [
+            "--blockdev", "driver=copy-on-read,node-name=cor,file=top,bottom=mid",
+            "--nbd-server", f"addr.type=unix,addr.path={d}/nbd.sock",
+            "--export", "type=nbd,id=exp0,node-name=cor"]
+        daemon = Daemon(kind, d, args).start()
+        # base only, mid, top's own data, nowhere; then across all of them
+        cmds = [f"read {o}M 1M" for o in (1, 8, 11, 15)] + ["read 3M 10M"]
+        subprocess.run(["qemu-io", "-r", "-f", "raw", *sum((["-c", c] for c in cmds), []),
+                        f"nbd+unix:///cor?socket={d}/nbd.sock"], check=True, capture_output=True)
+        daemon.stop()
+        qemu_img("check", "-q", str(d / "top.qcow2"))
+        maps[kind] = qemu_img("map", "--output=json", str(d / "top.qcow2")).stdout
+    strip = [{k: v for k, v in e.items() if k != "offset"} for e in json.loads(maps["qemu"])]
+    assert [{k: v for k, v in e.items() if k != "offset"}
+            for e in json.loads(maps["trio"])] == strip
+    qemu_img("compare", "-q", str(tmp_path / "qemu" / "top.qcow2"),
+             str(tmp_path / "trio" / "top.qcow2"))
