@@ -2,8 +2,9 @@
 
 QEMU loads a secret once, when the object is created: ``data`` inline or
 the whole content of ``file`` (read as it is, a trailing newline included),
-decoded from base64 when ``format=base64``, and with ``keyid`` decrypted
-with another secret (AES-256-CBC, ``iv`` in base64, PKCS#7 padding).  The
+decoded from base64 when ``format=base64``; with ``keyid`` that data is
+the ciphertext (AES-256-CBC under another secret, ``iv`` in base64, PKCS#7
+padding) and the plaintext is the secret.  The
 value is registered with the block graph under the object's id
 (:func:`qsd_trio.crypto.secrets.register`), where the drivers that take a
 ``key-secret`` find it; ``object-del`` removes it (drivers that already
@@ -63,27 +64,25 @@ def _load(props: dict, graph: Any) -> bytes:
     fmt = props.get("format", "raw")
     keyid = props.get("keyid")
     if keyid is not None:
-        # the payload is base64 ciphertext whatever the format says
+        # ``format`` says how the ciphertext is written; the plaintext is used as it is
         key = secrets.lookup(graph, keyid)
         if len(key) != 32:
-            raise GenericError(f"Master key '{keyid}' must be 32 bytes in length")
+            raise GenericError("Key should be 32 bytes in length")
         if props.get("iv") is None:
-            raise GenericError(f"IV is required to decrypt secret '{keyid}'")
+            raise GenericError("IV is required to decrypt secret")
         iv = b64decode(props["iv"])
         if len(iv) != 16:
-            raise GenericError(f"IV is {len(iv)} bytes but should be 16")
+            raise GenericError(f"IV should be 16 bytes in length not {len(iv)}")
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-        ct = b64decode(raw.decode("ascii", "replace"))
-        if not ct or len(ct) % 16:
-            raise GenericError("Incorrect number of padding bytes (0) found on decrypted data")
+        ct = b64decode(raw.decode("ascii", "replace")) if fmt == "base64" else raw
+        if len(ct) % 16:
+            raise GenericError(f"Length {len(ct)} must be a multiple of block size 16")
         pt = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor().update(ct)
-        pad = pt[-1]
-        if not 1 <= pad <= 16:
+        pad = pt[-1] if pt else 0
+        if not 1 <= pad <= min(16, len(pt)):
             raise GenericError(f"Incorrect number of padding bytes ({pad}) "
                                "found on decrypted data")
         raw = pt[:-pad]
-        if fmt == "base64":
-            raw = b64decode(raw.decode("ascii", "replace"))
     elif fmt == "base64":
         raw = b64decode(raw.decode("ascii", "replace"))
     return raw

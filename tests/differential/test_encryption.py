@@ -7,6 +7,7 @@ Normalised: program names, temporary paths, and the per-image randomness
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 
@@ -16,6 +17,8 @@ from tests.helpers import Daemon, normalise_prog, qemu_img, run, run_cli
 
 PW = "abc"
 SECRET = ["--object", f"secret,id=sec0,data={PW}"]
+MK = "AAECAwQFBgcICQoLDA0ODwABAgMEBQYHCAkKCwwNDg8="  # bytes 0..15 twice, base64
+IV = "AAECAwQFBgcICQoLDA0ODw=="
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,12 @@ def images(tmp_path_factory):
     aes = d / "aes.qcow2"
     os.truncate(aes, -(-aes.stat().st_size // 512) * 512)
     return d
+
+
+def _abc_ciphertext() -> str:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    c = Cipher(algorithms.AES(bytes(range(16)) * 2), modes.CBC(bytes(range(16))))
+    return base64.b64encode(c.encryptor().update(b"abc" + bytes([13]) * 13)).decode()
 
 
 def _cases(d):
@@ -69,6 +78,22 @@ def _cases(d):
             f, "driver=luks,node-name=d,file=f,key-secret=sec0"],
         "luks-base64-password": ["--object", "secret,id=sec0,data=YWJk,format=base64"]
         + file("l.luks") + [f, "driver=luks,node-name=d,file=f,key-secret=sec0"],
+        # keyid: AES-256-CBC ciphertext under another secret ('abc', PKCS#7)
+        "secret-keyid-unlocks": ["--object", f"secret,id=mk,data={MK},format=base64",
+                                 "--object", f"secret,id=sec0,keyid=mk,iv={IV},"
+                                 f"data={_abc_ciphertext()},format=base64"]
+        + file("l.luks") + [f, "driver=luks,node-name=d,file=f,key-secret=sec0",
+                            f, "driver=null-co"],
+        "secret-keyid-raw-ciphertext": ["--object", f"secret,id=mk,data={MK},format=base64",
+                                        "--object", f"secret,id=sec0,keyid=mk,iv={IV},"
+                                        f"data={_abc_ciphertext()}"],
+        "secret-keyid-short-key": ["--object", "secret,id=mk,data=short",
+                                   "--object", "secret,id=sec0,keyid=mk,data=AAAA"],
+        "secret-keyid-no-iv": ["--object", f"secret,id=mk,data={MK},format=base64",
+                               "--object", "secret,id=sec0,keyid=mk,data=AAAA"],
+        "secret-keyid-bad-padding": ["--object", f"secret,id=mk,data={MK},format=base64",
+                                     "--object", f"secret,id=sec0,keyid=mk,iv={IV},"
+                                     "data=AAAAAAAAAAAAAAAAAAAAAA==,format=base64"],
         "secret-bad-base64": ["--object", "secret,id=sec0,data=a$b,format=base64"],
         "secret-no-data": ["--object", "secret,id=sec0"],
         "secret-data-and-file": ["--object", "secret,id=sec0,data=a,file=/etc/hostname"],
