@@ -183,7 +183,8 @@ async def amend_encryption(node, o, force: bool) -> None:
     if c is None:
         raise GenericError("image is not encrypted, can't amend")
     if c.header is None:
-        raise GenericError("Amending encryption options of 'aes' images is not supported")
+        raise GenericError("Only LUKS encryption options can be amended for qcow2 with "
+                           "blockdev-amend")
     off, length = struct.unpack_from(">QQ", node.h.ext(EXT_CRYPTO))
 
     async def read(o_: int, n: int):
