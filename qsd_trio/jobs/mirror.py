@@ -142,6 +142,13 @@ class MirrorJob(BlockJob):
             async with src.drained():
                 graph.drop_filter(filt)
             raise
+        # the job's dirty bitmap exists from the start, as QEMU's
+        bm = DirtyBitmap(None, src.length, self.granularity)  # anonymous, as QEMU's
+        if self.copy_mode == "write-blocking":
+            # the filter marks what it does not copy itself
+            bm.enabled = False
+        self.bitmap = bm
+        src.bitmaps[self._bitmap_key] = bm
 
     # -- job hooks ---------------------------------------------------------------------
     def on_cancel(self, force: bool) -> bool:
@@ -156,12 +163,8 @@ class MirrorJob(BlockJob):
         length = src.length
         if tgt.length != length:
             await tgt.truncate(length)
-        bm = DirtyBitmap(None, length, self.granularity)  # anonymous, as QEMU's
-        if self.copy_mode == "write-blocking":
-            # the filter marks what it does not copy itself
-            bm.enabled = False
-        self.bitmap = bm
-        src.bitmaps[self._bitmap_key] = bm
+        bm = self.bitmap
+        assert bm is not None
         try:
             await self._dirty_init(length)
             await self.pause_point()
