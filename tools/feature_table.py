@@ -61,8 +61,9 @@ NOTES: dict[str, str] = {
                        "copy-mode=write-blocking writes each guest write to the target "
                        "before completing it (the aligned part; a dirty unaligned edge "
                        "is left to the background copy, as QEMU); sync=full marks the "
-                       "whole source dirty where QEMU first zeroes the target and marks "
-                       "allocated blocks, so progress numbers differ",
+                       "whole source dirty, also where QEMU first zeroes a discard=unmap "
+                       "target and marks only allocated blocks (progress numbers differ "
+                       "there, the copy does not)",
     "drive-mirror": "as blockdev-mirror",
     "blockdev-backup": "a copy-before-write filter above the source while the job runs "
                        "(filter-node-name, else #blockNNN), as QEMU 7.2 shows it in "
