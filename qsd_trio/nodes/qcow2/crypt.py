@@ -56,8 +56,9 @@ class Qcow2Crypto:
         return self.cipher.encrypt((host if self.physical else goff) // SECTOR, data)
 
     async def read(self, data_node, goff: int, host: int, n: int) -> bytes:
-        """Plaintext of guest ``goff``..``goff+n``, stored in one cluster at
-        ``host``: the sectors around it are read and decrypted."""
+        """Plaintext of guest ``goff``..``goff+n``, stored contiguously from
+        ``host`` (clusters are sector-aligned in both spaces): the whole
+        sectors around it are read and decrypted."""
         a = crypt.align_down(goff)
         delta = goff - a
         raw = bytes(await data_node.read(host - delta, crypt.align_up(goff + n) - a))
