@@ -48,9 +48,14 @@ def subscribe(callback: Callable[[Event], None]) -> Callable[[], None]:
 
 def emit(name: str, data: dict | None = None) -> None:
     """Publish event ``name`` (e.g. ``BLOCK_JOB_READY``) to every subscriber now."""
-    from . import trace  # a leaf module, imported late to keep this one dependency-free
+    # leaf modules, imported late to keep this one dependency-free
+    from . import trace
+    from .qapi import schema
 
     trace.event("qmp_event", name=name)
+    if data:
+        # members in declaration order, as QEMU's event marshaller puts them
+        data = schema.declared_order(data, schema.SCHEMA.get(name, {}).get("arg"))
     ns = time.time_ns()
     ev = Event(name, data, ns // 1_000_000_000, (ns // 1000) % 1_000_000)
     for cb in list(_subscribers):

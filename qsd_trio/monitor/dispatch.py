@@ -49,4 +49,6 @@ async def call(daemon: Any, cmd: Command, arguments: dict | None, *, session: An
         raise GenericError(f"internal error in {cmd.name}: {e}") from None
     finally:
         current_session.reset(token)
-    return {} if result is None else schema.to_qmp(result)
+    if result is None:
+        return {}
+    return schema.declared_order(schema.to_qmp(result), schema.SCHEMA[cmd.name].get("ret"))

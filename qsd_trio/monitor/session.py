@@ -28,7 +28,7 @@ from .qmp_json import JsonError, JsonStreamer, encode_message
 
 def version_info() -> dict:
     major, minor, micro = QEMU_VERSION
-    return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}
 
 
 class Monitor:

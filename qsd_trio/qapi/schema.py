@@ -520,6 +520,55 @@ def to_qmp(value: Any) -> Any:
     return converter.unstructure(value)
 
 
+def _object_members(typ: str, value: dict) -> list[dict] | None:
+    ent = SCHEMA.get(typ)
+    if ent is None:
+        return None
+    if ent["meta"] == "struct":
+        return ent["members"]
+    if ent["meta"] == "union":
+        members = list(SCHEMA[ent["base"]]["members"])
+        for v in ent["variants"]:
+            if v["case"] == value.get(ent["tag"]):
+                # an empty branch (q_empty, e.g. encrypt format 'aes') adds nothing
+                members += SCHEMA.get(v["type"], {}).get("members", [])
+        return members
+    if ent["meta"] == "alternate":
+        for alt in ent["alternatives"]:
+            if SCHEMA.get(alt["type"], {}).get("meta") in ("struct", "union"):
+                return _object_members(alt["type"], value)
+    return None
+
+
+def declared_order(value: Any, typ: str | None) -> Any:
+    """``value`` (QMP JSON of type ``typ``) with every object's members in
+    the schema's declaration order, base members first.
+
+    QEMU's output visitor puts members into a QDict in that order, and a
+    QDict prints in bucket order with the newest key first inside a bucket;
+    handlers that build plain dicts get the insertion order right here, so
+    the printer (monitor/qmp_json.py) can replay QEMU's order exactly."""
+    if typ is None:
+        return value
+    if typ.startswith("["):
+        if isinstance(value, list):
+            return [declared_order(v, typ[1:-1]) for v in value]
+        return value
+    if not isinstance(value, dict):
+        return value
+    members = _object_members(typ, value)
+    if members is None:
+        return value  # 'any' and unknown types keep their order
+    out = {}
+    for m in members:
+        name = m["name"]
+        if name in value:
+            out[name] = declared_order(value[name], m["type"])
+    if len(out) != len(value):
+        out.update((k, v) for k, v in value.items() if k not in out)
+    return out
+
+
 def introspect(commands: Iterable[str]) -> list[dict]:
     from .introspect import introspect as _introspect
 
