@@ -39,6 +39,8 @@ class BlockExport:
         self.writable = bool(getattr(args, "writable", False))
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
+        # set once the export is off the list and BLOCK_EXPORT_DELETED is out
+        self.deleted = trio.Event()
 
     def client_count(self) -> int:
         """Connected clients (block-export-del mode=safe refuses while > 0)."""

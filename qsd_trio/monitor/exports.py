@@ -40,6 +40,7 @@ async def _serve_export(daemon, export: BlockExport, *, task_status=trio.TASK_ST
         if daemon.exports.get(export.id) is export:
             del daemon.exports[export.id]
             events.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
+        export.deleted.set()
 
 
 async def add_export(daemon, args) -> BlockExport:
@@ -70,7 +71,7 @@ async def block_export_add(daemon, args) -> None:
     await add_export(daemon, args)
 
 
-def _request_delete(daemon, export_id: str, mode: str | None) -> None:
+async def _request_delete(daemon, export_id: str, mode: str | None) -> None:
     export = daemon.exports.get(export_id)
     if export is None:
         raise GenericError(f"Export '{export_id}' is not found")
@@ -78,14 +79,20 @@ def _request_delete(daemon, export_id: str, mode: str | None) -> None:
         raise GenericError(f"Export '{export_id}' is already shutting down")
     if (mode or "safe") == "safe" and export.client_count() > 0:
         raise GenericError(f"export '{export_id}' still in use")
-    # the reply goes out now; BLOCK_EXPORT_DELETED follows once it is gone
-    # (stop() lets requests in flight finish first)
+    if export.client_count() == 0:
+        # nothing to wait for: QEMU deletes it at once, so BLOCK_EXPORT_DELETED
+        # goes out before the reply
+        daemon.export_nursery.start_soon(export.stop)
+        await export.deleted.wait()
+        return
+    # the reply goes out now; BLOCK_EXPORT_DELETED follows once the clients
+    # are gone (stop() lets requests in flight finish first)
     daemon.export_nursery.start_soon(export.stop)
 
 
 @command("block-export-del")
 async def block_export_del(daemon, args) -> None:
-    _request_delete(daemon, args.id, getattr(args, "mode", None))
+    await _request_delete(daemon, args.id, getattr(args, "mode", None))
 
 
 @command("query-block-exports")
@@ -140,4 +147,4 @@ async def nbd_server_remove(daemon, args) -> None:
     export = daemon.exports.get(args.name)
     if export is not None and export.type != "nbd":
         raise GenericError(f"Block export '{args.name}' is not an NBD export")
-    _request_delete(daemon, args.name, getattr(args, "mode", None))
+    await _request_delete(daemon, args.name, getattr(args, "mode", None))
