@@ -44,6 +44,7 @@ from .perms import filter_perms
 class CopyBeforeWriteNode(BlockNode):
     driver = "copy-before-write"
     is_filter = True
+    shows_filtered_child = True  # image info lists the source as backing-image
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
     async def open(self, options: dict) -> None:

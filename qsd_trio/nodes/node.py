@@ -32,6 +32,7 @@ import contextvars
 import enum
 import errno
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -40,6 +41,7 @@ import trio
 
 from .. import events
 from ..qapi.errors import GenericError
+from ..qapi.ghash import qdict_order
 
 if TYPE_CHECKING:
     from .bitmaps import DirtyBitmap
@@ -146,6 +148,18 @@ STAT_KEYS = ("rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operati
              "unmap_operations", "flush_operations", "failed_rd_operations",
              "failed_wr_operations", "failed_unmap_operations", "failed_flush_operations",
              "zone_append_bytes")
+
+
+def _qdict_ordered(value):
+    if isinstance(value, dict):
+        return {k: _qdict_ordered(value[k]) for k in qdict_order(value)}
+    return value
+
+
+def json_filename(options: dict) -> str:
+    """A ``json:{...}`` file name as QEMU prints it: its QDict of options in
+    bucket order at every level (insert keys in QEMU's order: ``driver`` first)."""
+    return "json:" + json.dumps(_qdict_ordered(options))
 
 
 class BlockNode:
@@ -273,7 +287,32 @@ class BlockNode:
     @property
     def filename(self) -> str:
         f = self.primary_child()
-        return f.node.filename if f else ""
+        if f is None:
+            return ""
+        below = f.node.filename
+        if below.startswith("json:") and not self.is_filter:
+            # a child without a plain file name makes QEMU spell this node
+            # out (bdrv_refresh_filename without an exact_filename); a filter
+            # shows its child's name but still spells itself out to parents
+            return json_filename(self.full_open_options())
+        return below
+
+    def full_open_options(self) -> dict:
+        """What a ``json:`` file name of a parent says about this node: its
+        own name when that is ``json:``, else its driver and its children
+        (QEMU's full_open_options; a backing file comes from the header)."""
+        if type(self).filename is not BlockNode.filename:
+            # a driver that names itself (file, null-co, throttle, ...)
+            name = self.filename
+            if name.startswith("json:"):
+                return json.loads(name[5:])
+            if self.primary_child() is None:
+                return {"driver": self.driver, "filename": name}
+        opts: dict = {"driver": self.driver}
+        for role, edge in self.children.items():
+            if role != "backing":
+                opts[role] = edge.node.full_open_options()
+        return opts
 
     def primary_child(self) -> BdrvChild | None:
         return self.children.get("file") or self.children.get("image")

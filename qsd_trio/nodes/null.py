@@ -7,7 +7,7 @@ import errno
 import trio
 
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Status
+from .node import BlockNode, BlockStatus, Status, json_filename
 
 
 class NullNode(BlockNode):
@@ -29,8 +29,7 @@ class NullNode(BlockNode):
                               "discard", "detect-zeroes", "cache", "force-share")}
         if not extra:
             return f"{self.driver}://"
-        import json
-        return "json:" + json.dumps({**extra, "driver": self.driver})
+        return json_filename({"driver": self.driver, **extra})
 
     def actual_size(self) -> int | None:
         return 0

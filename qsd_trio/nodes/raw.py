@@ -28,6 +28,11 @@ class RawNode(BlockNode):
             if self.fixed_size % 512:
                 raise GenericError("Specified size is not multiple of 512")
 
+    @property
+    def has_info(self) -> bool:
+        # raw_get_info asks the child: over null-co there is no dirty-flag
+        return getattr(self.file.node, "has_info", True)
+
     def _window(self) -> bool:
         return bool(self.offset) or self.fixed_size is not None
 

@@ -11,42 +11,17 @@ is refused.
 
 from __future__ import annotations
 
-import json
-
 import trio
 
 from ..qapi.errors import GenericError
 from .graph import register_driver
-from .node import BlockNode
+from .node import BlockNode, json_filename
 from .throttle_group import ThrottleGroup, groups
 
 
-def _qdict_bucket(key: str) -> int:
-    """The bucket QEMU's QDict puts ``key`` in (qdict.c's tdb_hash modulo 512).
-
-    A QDict iterates its buckets in order, so this is the key order of the
-    JSON QEMU prints for a node's options."""
-    v = (0x238F13AF * len(key)) & 0xFFFFFFFF
-    for i, c in enumerate(key.encode()):
-        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % 512
-
-
-def qdict_order(d: dict) -> dict:
-    return {k: d[k] for k in sorted(d, key=_qdict_bucket)}
-
-
 def full_open_options(node: BlockNode) -> dict:
-    """The options a ``json:`` file name spells out for ``node`` (approximating
-    QEMU's full_open_options for the drivers a throttle filter usually wraps:
-    the driver, then each child under its role, in QDict order)."""
-    name = node.filename
-    if name.startswith("json:"):
-        return json.loads(name[5:])
-    prim = node.primary_child()
-    if node.driver == "file" or prim is None:
-        return qdict_order({"driver": node.driver, "filename": name})
-    return qdict_order({"driver": node.driver, prim.name: full_open_options(prim.node)})
+    """QEMU's full_open_options of ``node`` (see BlockNode.full_open_options)."""
+    return node.full_open_options()
 
 
 @register_driver
@@ -87,9 +62,8 @@ class ThrottleNode(BlockNode):
     @property
     def filename(self) -> str:
         # a strong runtime option (the group) makes QEMU spell the node out
-        return "json:" + json.dumps(qdict_order({
-            "throttle-group": self.group.name, "driver": "throttle",
-            "file": full_open_options(self.file.node)}))
+        return json_filename({"driver": "throttle", "throttle-group": self.group.name,
+                              "file": self.file.node.full_open_options()})
 
     def _length(self) -> int:
         return self.file.node.length
