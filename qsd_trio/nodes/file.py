@@ -178,9 +178,11 @@ class FileNode(BlockNode):
         buf = bytearray(length)
         done = self._pread_nowait(buf, offset)
         if done == length:
-            # served from the page cache without a thread hop; still yield,
-            # so a client streaming cached reads can't starve the others
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # served from the page cache without a thread hop; a checkpoint
+            # now and then keeps a client streaming cached reads from
+            # starving the others (see InlineWrites.should_yield)
+            if self._inline.should_yield():
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return buf
         await self._run_small(self._pread_into, memoryview(buf)[done:], offset + done,
                               length=length - done)

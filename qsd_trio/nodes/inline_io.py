@@ -38,7 +38,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 INLINE_MAX = 1024 * 1024
 STALL_NS = 2_000_000      # an inline write slower than this disables inlining ...
 COOL_DOWN = 1.0           # ... for this many seconds on that node
-YIELD_EVERY = 8           # inline writes on a node between checkpoints
+YIELD_EVERY = 8           # inline writes/cached reads on a node between checkpoints
 _REFRESH = 0.1            # seconds between reads of /proc/meminfo
 
 _last_check = -1.0
@@ -103,14 +103,15 @@ class InlineWrites:
                 and time.monotonic() >= self.resume_at and dirty_memory_ok())
 
     def should_yield(self) -> bool:
-        """Whether the write just done should end with a checkpoint.
+        """Whether the inline write (or page-cache read) just done should
+        end with a checkpoint.
 
-        A trip through the scheduler costs more than the write itself, and
+        A trip through the scheduler costs more than the I/O itself, and
         the callers on the hot path (NBD and FUSE request loops) reach one
-        of their own per request anyway.  But a loop that only writes (a
-        zero-write fallback, preallocation, a copy from a cached source)
-        must not hold the event loop for long, so every ``YIELD_EVERY``-th
-        inline write on a node still yields."""
+        of their own per request anyway.  But a loop that only does such
+        I/O (a zero-write fallback, preallocation, a copy from a cached
+        source) must not hold the event loop for long, so every
+        ``YIELD_EVERY``-th one on a node still yields."""
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0

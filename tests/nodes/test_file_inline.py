@@ -102,3 +102,23 @@ async def test_a_loop_of_inline_writes_lets_other_tasks_run(node, monkeypatch):
         assert turns - before >= 3
         assert node._inline.inline == 4 * inline_io.YIELD_EVERY
         nursery.cancel_scope.cancel()
+
+
+async def test_a_loop_of_cached_reads_lets_other_tasks_run(node):
+    turns = 0
+
+    async def other():
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    await node.write(0, b"\x09" * PAGE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()
+        before = turns
+        for _ in range(4 * inline_io.YIELD_EVERY):
+            assert await node.read(0, PAGE) == b"\x09" * PAGE
+        assert turns - before >= 3
+        nursery.cancel_scope.cancel()
