@@ -33,6 +33,7 @@ import trio
 from . import events
 from .nodes.graph import BlockGraph
 from .qapi.errors import QapiError
+from .qapi.ghash import HashSet
 
 Action = Callable[["Daemon"], Awaitable[None]]
 
@@ -98,6 +99,9 @@ class Daemon:
         self.graph = BlockGraph()
         self.objects: dict[str, Any] = {}
         self.chardevs: dict[str, Any] = {}
+        # the ids as QEMU's /chardevs container holds them: a GHashTable,
+        # whose slot order (with its history of removals) is query-chardev's
+        self.chardev_slots = HashSet()
         self.exports: dict[str, Any] = {}
         self.nbd_server: Any = None
         self.jobs: dict[str, Any] = {}

@@ -25,6 +25,7 @@ async def add_chardev(daemon, id: str, backend: dict):
     chr = make_chardev(id, backend)
     await chr.setup()
     daemon.chardevs[id] = chr
+    daemon.chardev_slots.insert(id)
     return chr
 
 
@@ -45,6 +46,7 @@ async def chardev_remove(daemon, args):
     if chr.frontend is not None:
         raise GenericError(f"Chardev '{args.id}' is busy")
     del daemon.chardevs[args.id]
+    daemon.chardev_slots.remove(args.id)
     await chr.aclose()
 
 
@@ -57,6 +59,9 @@ async def chardev_change(daemon, args):
     new = make_chardev(args.id, schema.to_qmp(args.backend))
     await new.setup()
     daemon.chardevs[args.id] = new
+    # QEMU unparents the old chardev and adds the new one as a child anew
+    daemon.chardev_slots.remove(args.id)
+    daemon.chardev_slots.insert(args.id)
     await old.aclose()
     return {}
 
@@ -68,7 +73,8 @@ async def chardev_send_break(daemon, args):
 
 @command("query-chardev")
 async def query_chardev(daemon, args):
-    return [c.info() for c in daemon.chardevs.values()]
+    # object_child_foreach over the container's table, each one prepended
+    return [daemon.chardevs[id].info() for id in reversed(list(daemon.chardev_slots))]
 
 
 @command("query-chardev-backends")

@@ -48,7 +48,7 @@ def _str_hash(key: bytes) -> int:
     return h if h >= 2 else 2  # 0 and 1 mark unused/tombstone slots
 
 
-class _Table:
+class HashSet:
     """A GHashTable used as a set of strings (insert, remove, iterate)."""
 
     def __init__(self) -> None:
@@ -148,6 +148,10 @@ class _Table:
             del self.keys[self.size:]
         self.noccupied = self.nnodes
 
+    def __iter__(self):
+        """Keys in GHashTableIter order (slot order)."""
+        return (k for h, k in zip(self.hashes, self.keys, strict=True) if h >= 2)
+
     def first(self) -> str | None:
         for h, k in zip(self.hashes, self.keys, strict=True):
             if h >= 2:
@@ -158,7 +162,7 @@ class _Table:
 def first_unexpected(keys: Iterable[str], consumed: Iterable[str]) -> str | None:
     """The key QEMU reports as unexpected: ``keys`` in input order,
     ``consumed`` the members the visitor took, in the order it took them."""
-    table = _Table()
+    table = HashSet()
     for k in qdict_order(keys):
         table.insert(k)
     for k in consumed:

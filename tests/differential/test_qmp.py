@@ -209,3 +209,25 @@ def test_structured_replies_are_byte_identical(daemon_factory, tmp_path):
     assert len(ours) == len(theirs), (ours, theirs)
     for o, t in zip(ours, theirs, strict=True):
         assert o == t
+
+
+def chardev_history(d) -> list[str]:
+    q = d.qmp()
+    for i in range(12):
+        q.cmd("chardev-add", id=f"c{i}", backend={"type": "null", "data": {}})
+    for i in (3, 5, 7):
+        q.cmd("chardev-remove", id=f"c{i}")
+    q.cmd("chardev-add", id="late", backend={"type": "null", "data": {}})
+    q.cmd("chardev-change", id="c1", backend={"type": "ringbuf", "data": {}})
+    return [c["label"] for c in q.cmd("query-chardev")]
+
+
+def test_query_chardev_lists_in_qemu_order(daemon_factory):
+    # QEMU's order comes from the /chardevs container's hash table, removals
+    # and all; a client listing chardevs sees it
+    args = ["--chardev", "null,id=zz0", "--chardev", "ringbuf,id=abc"]
+    theirs = chardev_history(daemon_factory("qemu", args))
+    ours = chardev_history(daemon_factory("trio", args))
+    assert sorted(ours) == sorted(["zz0", "abc", "qmp0", "late"] + [
+        f"c{i}" for i in range(12) if i not in (3, 5, 7)])
+    assert ours == theirs
