@@ -72,7 +72,8 @@ class MirrorJob(BlockJob):
                  on_source_error: str = "report", on_target_error: str = "report",
                  replaces: BlockNode | None = None, pivot: bool = True,
                  base: BlockNode | None = None, job_type: str | None = None,
-                 filter_node_name: str | None = None, **kw: Any) -> None:
+                 filter_node_name: str | None = None, zero_target: bool = False,
+                 **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         if job_type:
             self.job_type = job_type  # active commit is a mirror named "commit"
@@ -98,6 +99,7 @@ class MirrorJob(BlockJob):
         self.waiting_for_io = False
         self.error: BaseException | None = None
         self.filter_node_name = filter_node_name
+        self.zero_target = zero_target  # the target may hold data: zero it first
         self.filter: job_filters.MirrorTopNode | None = None
         self.ops: list[MirrorOp] = []
         self.prepared = False
@@ -187,14 +189,23 @@ class MirrorJob(BlockJob):
         assert bm is not None
         if self.sync == "none":
             return
-        if self.sync == "full":
-            bm.set_dirty(0, length)
-            return
-        # top: only what the top layer allocates; active commit: what the
-        # layers above base allocate
         from . import chain
 
-        limit = chain.depth_of(self.source, self.base) if self.base is not None else 2
+        if self.sync == "full":
+            tgt = self.target
+            # mirror_dirty_init: a target that can write zeroes by unmapping
+            # (qcow2 v3 opened with discard=unmap) is zeroed first, then only
+            # what some layer allocates is copied; otherwise everything is
+            if not (self.zero_target and tgt.driver == "qcow2" and tgt.discard_unmap
+                    and getattr(tgt, "version", 2) >= 3):
+                bm.set_dirty(0, length)
+                return
+            await tgt.write_zeroes(0, length, may_unmap=True)  # not counted as progress
+            limit = len(chain.chain(self.source)) + 1
+        else:
+            # top: only what the top layer allocates; active commit: what
+            # the layers above base allocate
+            limit = chain.depth_of(self.source, self.base) if self.base is not None else 2
         pos = 0
         while pos < length:
             st = await self.source.block_status(pos, length - pos)

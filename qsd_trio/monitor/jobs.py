@@ -141,7 +141,7 @@ def _launch(daemon, job, speed):
     manager.start(daemon, job)
 
 
-async def start_mirror(daemon, args, source, target, *, drive: bool = False):
+async def start_mirror(daemon, args, source, target, *, zero_target: bool = False):
     from ..jobs.blockjob import check_not_busy
     from ..jobs.mirror import MirrorJob, check_granularity
 
@@ -163,7 +163,7 @@ async def start_mirror(daemon, args, source, target, *, drive: bool = False):
                     on_source_error=_arg(args, "on_source_error", "report"),
                     on_target_error=_arg(args, "on_target_error", "report"),
                     replaces=replaces, filter_node_name=_arg(args, "filter_node_name"),
-                    **_common(args))
+                    zero_target=zero_target, **_common(args))
     manager.register(daemon, job, _arg(args, "speed", 0))
     try:
         await job.attach_nodes()
@@ -177,7 +177,9 @@ async def start_mirror(daemon, args, source, target, *, drive: bool = False):
 async def blockdev_mirror(daemon, args):
     source = _root_node(daemon, args.device)
     target = _lookup(daemon, args.target)
-    await start_mirror(daemon, args, source, target)
+    # qmp_blockdev_mirror: the target may hold anything
+    await start_mirror(daemon, args, source, target,
+                       zero_target=_arg(args, "sync") == "full")
 
 
 # -- backup and transaction (blockdev.c: the backup actions are transactions) -----------
@@ -621,7 +623,9 @@ async def drive_mirror(daemon, args):
         opts["backing"] = None
     target = await _open_implicit(daemon, opts)
     try:
-        await start_mirror(daemon, args, source, target)
+        # a new image reads as zeroes already (bdrv_has_zero_init)
+        await start_mirror(daemon, args, source, target,
+                           zero_target=sync == "full" and mode == "existing")
     except BaseException:
         if not target.parents:
             await _drop_node(daemon, target)

@@ -234,3 +234,31 @@ def test_copy_on_read_bottom(tmp_path):
             for e in json.loads(maps["trio"])] == strip
     qemu_img("compare", "-q", str(tmp_path / "qemu" / "top.qcow2"),
              str(tmp_path / "trio" / "top.qcow2"))
+
+
+def test_mirror_full_zeroes_a_target_that_can_unmap(tmp_path):
+    """sync=full to a target holding old data, opened with discard=unmap:
+    QEMU zeroes the target first and copies only what the chain allocates
+    (a job length below the disk size); the copy is right."""
+    discard = "unmap"
+    lens = {}
+    for kind in ("qemu", "trio"):
+        d = tmp_path / kind
+        d.mkdir()
+        args = images(d)[:-4]
+        args[args.index("driver=qcow2,node-name=dst,file=dst-f")] = \
+            f"driver=qcow2,node-name=dst,file=dst-f,discard={discard}"
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 9 0 {SIZE}",
+                        str(d / "dst.qcow2")], check=True, capture_output=True)
+        daemon = Daemon(kind, d, args).start()
+        c = Client(daemon.qmp())
+        c("blockdev-mirror", **{"job-id": "j", "device": "top", "target": "dst",
+                                "sync": "full"})
+        c.wait_event("BLOCK_JOB_READY")
+        lens[kind] = c.qmp.cmd_raw("query-block-jobs", {})["return"][0]["len"]
+        c("job-complete", id="j")
+        c.wait_event("JOB_STATUS_CHANGE", status="null")
+        daemon.stop()
+        qemu_img("check", "-q", str(d / "dst.qcow2"))
+        qemu_img("compare", "-q", str(d / "top.qcow2"), str(d / "dst.qcow2"))
+    assert lens["trio"] == lens["qemu"] < SIZE
