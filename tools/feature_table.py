@@ -60,10 +60,9 @@ NOTES: dict[str, str] = {
                        "x-debug-query-block-graph and query-named-block-nodes; "
                        "copy-mode=write-blocking writes each guest write to the target "
                        "before completing it (the aligned part; a dirty unaligned edge "
-                       "is left to the background copy, as QEMU); sync=full marks the "
-                       "whole source dirty, also where QEMU first zeroes a discard=unmap "
-                       "target and marks only allocated blocks (progress numbers differ "
-                       "there, the copy does not)",
+                       "is left to the background copy, as QEMU); sync=full zeroes a "
+                       "discard=unmap qcow2 target first and copies what the source "
+                       "allocates, else everything, as QEMU",
     "drive-mirror": "as blockdev-mirror",
     "blockdev-backup": "a copy-before-write filter above the source while the job runs "
                        "(filter-node-name, else #blockNNN), as QEMU 7.2 shows it in "
