@@ -206,7 +206,7 @@ class FileNode(BlockNode):
 
     # -- writes --------------------------------------------------------------------
     def _pwrite_all(self, mv: memoryview, offset: int, fua: bool) -> None:
-        done = 0
+        done = os.pwrite(self.fd, mv, offset) if len(mv) else 0
         while done < len(mv):
             done += os.pwritev(self.fd, [mv[done:]], offset + done)
         if fua:

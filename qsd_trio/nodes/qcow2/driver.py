@@ -320,6 +320,15 @@ class Qcow2Node(BlockNode):
                          *overlap.bitmap_directory(self.h.ext(EXT_BITMAPS)))
         return ix
 
+    def _overlap_clear(self, offset: int, size: int) -> bool:
+        """True when the overlap index is current and a data write of
+        ``size`` bytes at ``offset`` touches no metadata: the common case,
+        answered without a coroutine.  False means: ask _overlap_check (it
+        rebuilds the index, or raises)."""
+        ix = self._ol_index
+        return (ix is not None and self._layout() == self._ol_layout
+                and not ix.check(self.overlap_mask, offset, size))
+
     async def _overlap_check(self, ign: int, offset: int, size: int,
                              data_file: bool = False) -> None:
         """qcow2_pre_write_overlap_check: a write that would land on metadata
@@ -722,7 +731,7 @@ class Qcow2Node(BlockNode):
             host = self._data_host(offset, length, True) if self.crypto is None else -1
             if host >= 0:
                 # one cluster, found in the cache: no plan, no metadata, no lock
-                if self.overlap_mask:
+                if self.overlap_mask and not self._overlap_clear(host, length):
                     await self._overlap_check(0, host, length, True)
                 await self.data.write(host, data)
                 plan = ()
