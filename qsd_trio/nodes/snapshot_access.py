@@ -34,6 +34,11 @@ class SnapshotAccessNode(BlockNode):
     def child_perm(self, edge, perm, shared):
         return Perm(0), Perm.ALL
 
+    @property
+    def filename(self) -> str:
+        # snapshot_access_refresh_filename: the file child's filename
+        return self.file.node.filename
+
     def _length(self) -> int:
         return self.file.node.length
 

@@ -164,3 +164,37 @@ def test_backup_source_error_policies(daemon_factory, tmp_path, policy):
         t.cmd("query-jobs")
 
     run_both(daemon_factory, blkdebug_src(tmp_path), s)
+
+
+def test_fleecing_nodes_graph_and_errors(daemon_factory, tmp_path):
+    """blockdev-add of copy-before-write and snapshot-access: the graph they
+    make (a temporary overlay over the source as target) and the refusals."""
+    args = nulls("src", "other") + ["--blockdev", "null-co,node-name=tmp,size=67108864"]
+
+    def s(t):
+        t.cmd("block-dirty-bitmap-add", {"node": "src", "name": "bm"})
+        t.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "c0",
+                               "file": "src", "target": "nope"})
+        t.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "c0",
+                               "file": "src", "target": "tmp",
+                               "bitmap": {"node": "nope", "name": "bm"}})
+        t.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "c0",
+                               "file": "src", "target": "tmp",
+                               "bitmap": {"node": "src", "name": "nope"}})
+        t.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "c0",
+                               "file": "src", "target": "tmp", "on-cbw-error": "bad"})
+        t.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "fl-cbw",
+                               "file": "src", "target": "tmp",
+                               "bitmap": {"node": "src", "name": "bm"},
+                               "on-cbw-error": "break-snapshot", "cbw-timeout": 5})
+        t.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "fl-access",
+                               "file": "fl-cbw"})
+        queries(t)
+        t.cmd("blockdev-del", {"node-name": "fl-cbw"})
+        t.cmd("blockdev-del", {"node-name": "tmp"})
+        t.cmd("blockdev-del", {"node-name": "fl-access"})
+        t.cmd("blockdev-del", {"node-name": "fl-cbw"})
+        t.cmd("blockdev-del", {"node-name": "tmp"})
+        queries(t)
+
+    run_both(daemon_factory, args, s)
