@@ -4,8 +4,8 @@ exported over NBD.  The guest writes through the filter (an NBD export of
 it here); readers of the snapshot-access export see the disk as it was when
 the filter was added, before, during and after those writes.
 
-The bitmap test runs against both daemons (same commands, clients and
-model).  The main test runs against qsd-trio only: qemu-storage-daemon 7.2
+The bitmap and cbw-timeout tests run against both daemons (same commands,
+clients and model).  The main test runs against qsd-trio only: qemu-storage-daemon 7.2
 reads the right data there, but its snapshot-access block status reports
 clusters that copy-before-write saved from a guest zero write as holes
 (nbdinfo --map shows them as "hole,zero"), so nbdcopy and qemu-img compare,
@@ -134,3 +134,45 @@ def test_fleecing_bitmap_limits_what_may_be_read(daemon_factory, tmp_path, disk,
     qemu_img("check", "-q", str(src))
     assert raw_bytes(src, "qcow2", tmp_path) == bytes(model.data)
     assert start[4 * MiB:6 * MiB] == bytes([0x44]) * 2 * MiB
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["break-guest-write", "break-snapshot"])
+def test_cbw_timeout_breaks_the_write_or_the_snapshot(daemon_factory, tmp_path, kind, mode):
+    """A target throttled to 16 KiB/s cannot take a 64 KiB cluster within
+    cbw-timeout=1: the guest write fails (break-guest-write), or goes through
+    and the snapshot can no longer be read (break-snapshot)."""
+    img = tmp_path / "disk.raw"
+    qemu_img("create", "-q", "-f", "raw", str(img), str(SIZE))
+    qemu_io_write(str(img), "raw", [(0, 2 * MiB, 0x11)])
+    sock = tmp_path / "nbd.sock"
+    d = daemon_factory(kind, [
+        "--object", "throttle-group,id=tg0,x-bps-write=16384",
+        "--blockdev", f"driver=file,node-name=src,filename={img}",
+        "--blockdev", f"null-co,node-name=tmpn,size={SIZE}",
+        "--blockdev", "driver=throttle,node-name=tmp,throttle-group=tg0,file=tmpn",
+        "--blockdev", f"driver=copy-before-write,node-name=fl-cbw,file=src,target=tmp,"
+                      f"on-cbw-error={mode},cbw-timeout=1",
+        "--blockdev", "driver=snapshot-access,node-name=fl-access,file=fl-cbw",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=guest,node-name=fl-cbw,name=guest,writable=on",
+        "--export", "type=nbd,id=fleece,node-name=fl-access,name=fleece",
+    ])
+    guest, fleece = nbd_uri(sock, "guest"), nbd_uri(sock, "fleece")
+    # the throttle lets a first request through at once; the next waits ~4 s
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 65536", guest)
+    w = run("qemu-io", "-f", "raw", "-c", f"write -P 0x33 {MiB} 65536", guest, check=False)
+    r = run("qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x11 {MiB} 65536", fleece,
+            check=False)
+    if mode == "break-guest-write":
+        assert w.stdout == "write failed: Invalid argument\n", w  # ETIMEDOUT over NBD
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r
+    else:
+        assert w.returncode == 0 and "wrote 65536/65536" in w.stdout, w
+        assert r.stdout == "read failed: Invalid argument\n", r  # EACCES over NBD
+    d.stop()
+    model = bytearray([0x11]) * (2 * MiB)
+    model[:65536] = bytes([0x22]) * 65536
+    if mode == "break-snapshot":
+        model[MiB:MiB + 65536] = bytes([0x33]) * 65536
+    assert img.read_bytes()[:2 * MiB] == model
