@@ -26,6 +26,7 @@ Released by :meth:`BlockCopyState.release` (drops the bitmap).
 from __future__ import annotations
 
 import itertools
+import sys
 
 import trio
 
@@ -44,6 +45,12 @@ def cluster_size_for(target: BlockNode) -> int:
     least 64 KiB, so that a copied cluster never half-fills a target cluster
     (which would then read its other half from a backing file or as zeroes)."""
     cs = target.info_extra().get("cluster-size") if getattr(target, "has_info", True) else None
+    if not cs and "backing" not in target.children:
+        # QEMU's warn_report, word for word (stderr)
+        print("warning: The target block device doesn't provide information about the "
+              "block size and it doesn't have a backing file. The default block size of "
+              f"{CLUSTER_SIZE_DEFAULT} bytes is used. If the actual block size of the target "
+              "exceeds this default, the backup may be unusable", file=sys.stderr, flush=True)
     return max(CLUSTER_SIZE_DEFAULT, cs or 0)
 
 
