@@ -27,7 +27,9 @@ TIMER_TICK = 1.0  # seconds between calls of BlockNode.periodic
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
 # options a nested file/data-file child takes from its parent unless given
-_INHERITED = ("read-only", "auto-read-only", "discard")
+# options a nested child takes from its parent unless it sets them
+# (bdrv_inherited_options); a backing child defaults to read-only instead
+_INHERITED = ("read-only", "auto-read-only")
 
 
 def register_driver(cls: type[BlockNode]) -> type[BlockNode]:
@@ -165,14 +167,20 @@ class BlockGraph:
         else:
             copts = dict(val)
             if inherit:
+                if "force-share" in options:
+                    copts.setdefault("force-share", options["force-share"])
                 if role == "backing":
                     copts.setdefault("read-only", True)
+                    copts.setdefault("auto-read-only", False)
                 else:
                     for k in _INHERITED:
                         if k in options and k not in copts:
                             copts[k] = options[k]
                     if parent.read_only:
                         copts.setdefault("read-only", True)
+                # the parent applies its own discard policy; what it passes
+                # down (qcow2 freeing clusters, say) reaches the file
+                copts.setdefault("discard", "unmap")
                 if "cache" in options:
                     copts["cache"] = {**options["cache"], **copts.get("cache", {})}
             child = await self._open(copts)
