@@ -81,7 +81,8 @@ NOTES: dict[str, str] = {
                    "undone when a later action fails (the overlay leaves the chain, the "
                    "internal snapshot is deleted; a file blockdev-snapshot-sync created "
                    "stays on disk, as QEMU)",
-    "change-backing-file": "partial: the node's json: filename is not recomputed",
+    "change-backing-file": "the header names the new file; the node is then spelled out as "
+                           "json: (its backing node is no longer the one the header names), as QEMU",
     "mirror": "mirror_top filter, background and write-blocking copy modes; see "
               "blockdev-mirror",
     "backup": "copy-before-write filter, sync full/top/bitmap/incremental/none; see "

@@ -349,6 +349,7 @@ async def _write_header_names(image: BlockNode, backing_file: str, backing_fmt: 
     h = image.h
     old = (h.backing_file, h.ext(EXT_BACKING_FORMAT), list(h.extensions))
     h.backing_file = backing_file or None
+    image.auto_backing_file = backing_file or ""
     h.set_ext(EXT_BACKING_FORMAT, backing_fmt.encode() if backing_file else None)
     h.extensions.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)
     blob = h.pack()
@@ -370,6 +371,7 @@ async def _write_header_names(image: BlockNode, backing_file: str, backing_fmt: 
         await trio.to_thread.run_sync(write)
     except OSError:
         h.backing_file, h.extensions = old[0], old[2]
+        image.auto_backing_file = old[0] or ""
         raise
 
 

@@ -290,28 +290,68 @@ class BlockNode:
         if f is None:
             return ""
         below = f.node.filename
-        if below.startswith("json:") and not self.is_filter:
-            # a child without a plain file name makes QEMU spell this node
-            # out (bdrv_refresh_filename without an exact_filename); a filter
+        if (below.startswith("json:") or self.backing_overridden()) and not self.is_filter:
+            # a child without a plain file name, or a backing node other than
+            # the header names, makes QEMU spell this node out
+            # (bdrv_refresh_filename without an exact_filename); a filter
             # shows its child's name but still spells itself out to parents
-            return json_filename(self.full_open_options())
+            return json_filename(self._open_options_from_children())
         return below
+
+    # the backing file name as the node was opened or last told (QEMU's
+    # auto_backing_file); None for drivers whose images name no backing file
+    auto_backing_file: str | None = None
+
+    def backing_overridden(self) -> bool:
+        """bdrv_backing_overridden: the backing node is not the one the
+        image header names (given explicitly, null, or renamed since)."""
+        if self.auto_backing_file is None:
+            return False
+        edge = self.children.get("backing")
+        if edge is not None:
+            return self.auto_backing_file != edge.node.filename
+        return self.auto_backing_file != ""
+
+    def dirname(self) -> str | None:
+        """bdrv_dirname: the directory relative backing names resolve in,
+        None when the node has no plain file name to take it from."""
+        f = self.primary_child()
+        if f is not None:
+            return f.node.dirname()
+        name = self.filename
+        if not name or name.startswith("json:"):
+            return None
+        return name[:name.rfind("/") + 1]
+
+    def full_backing_filename(self, name: str) -> str | None:
+        """bdrv_make_absolute_filename for a backing file name: absolute
+        names and protocol names ("nbd:...", a ':' before any '/') stay."""
+        stop = next((c for c in name if c in ":/\\"), "")
+        if not name or name.startswith("/") or stop == ":":
+            return name
+        d = self.dirname()
+        return None if d is None else d + name
 
     def full_open_options(self) -> dict:
         """What a ``json:`` file name of a parent says about this node: its
-        own name when that is ``json:``, else its driver and its children
-        (QEMU's full_open_options; a backing file comes from the header)."""
-        if type(self).filename is not BlockNode.filename:
-            # a driver that names itself (file, null-co, throttle, ...)
+        own name when that is ``json:`` or plain, else its driver and its
+        children (QEMU's full_open_options)."""
+        if not (self.is_filter and type(self).filename is BlockNode.filename):
             name = self.filename
             if name.startswith("json:"):
                 return json.loads(name[5:])
             if self.primary_child() is None:
                 return {"driver": self.driver, "filename": name}
+        return self._open_options_from_children()
+
+    def _open_options_from_children(self) -> dict:
         opts: dict = {"driver": self.driver}
         for role, edge in self.children.items():
             if role != "backing":
                 opts[role] = edge.node.full_open_options()
+        if self.backing_overridden():
+            edge = self.children.get("backing")
+            opts["backing"] = edge.node.full_open_options() if edge else None
         return opts
 
     def primary_child(self) -> BdrvChild | None:

@@ -201,11 +201,22 @@ class Qcow2Node(BlockNode):
         # backing file
         self.backing_edge = None
         if "backing" in options:
-            if options["backing"] is not None:
+            if options["backing"] == "":
+                # QEMU still takes an empty reference for null (bdrv_open_inherit)
+                print('qsd-trio: warning: Use of "backing": "" is deprecated; '
+                      'use "backing": null instead', file=sys.stderr)
+            elif options["backing"] is not None:
                 self.backing_edge = await self.open_child(options, "backing")
         elif h.backing_file:
             await self._open_header_backing(h)
         self.backing: BlockNode | None = self.backing_edge.node if self.backing_edge else None
+        # QEMU's auto_backing_file: the opened node's name when the header
+        # chose it, else the header's own string (so a backing given
+        # explicitly or as null counts as overridden in file names)
+        if self.backing is not None and "backing" not in options:
+            self.auto_backing_file = self.backing.filename
+        else:
+            self.auto_backing_file = h.backing_file or ""
 
         if not self.read_only:
             await self._open_rw(h)
@@ -247,8 +258,11 @@ class Qcow2Node(BlockNode):
                 magic = b""
             fmt = "qcow2" if magic == b"QFI\xfb" else "raw"
         try:
+            # as a nested definition: it inherits force-share and cache modes
+            inherited = {k: self.options[k] for k in ("force-share", "cache")
+                         if k in self.options}
             self.backing_edge = await self.graph.open_child(
-                self, {"backing": {"driver": fmt, "file": spec}}, "backing")
+                self, {**inherited, "backing": {"driver": fmt, "file": spec}}, "backing")
         except GenericError as e:
             raise GenericError(f"Could not open backing file: {e.desc}") from None
 
@@ -400,6 +414,9 @@ class Qcow2Node(BlockNode):
             extra["encrypted"] = True
         if h.backing_file:
             extra["backing-filename"] = h.backing_file
+            full = self.full_backing_filename(h.backing_file)
+            if full is not None:
+                extra["full-backing-filename"] = full
             if h.backing_format:
                 extra["backing-filename-format"] = h.backing_format
         if self.snapshots:
@@ -1358,6 +1375,7 @@ class Qcow2Node(BlockNode):
             raise GenericError("Backing file name too long")
         async with self._lock:
             self.h.backing_file = backing_file or None
+            self.auto_backing_file = backing_file or ""
             self.h.set_ext(EXT_BACKING_FORMAT,
                            backing_fmt.encode() if backing_file and backing_fmt else None)
             # QEMU puts the backing format first among the extensions
