@@ -318,7 +318,8 @@ class NbdExport(BlockExport):
         return next(bm for bm in self.bitmaps if bm.name == name)
 
     def client_count(self) -> int:
-        return len(self.clients)
+        # clients that have said goodbye are only finishing their replies
+        return sum(not c.ending for c in self.clients)
 
     async def stop(self) -> None:
         """Stop taking requests, let those in flight finish (a few seconds at
@@ -638,6 +639,8 @@ class Connection:
         self._reader_scope = trio.CancelScope()
         self._closed = False
         self._handed_over = False
+        # it has sent DISC (or hung up): no longer a user of its export
+        self.ending = False
 
     async def _close(self) -> None:
         if self._closed:
@@ -873,6 +876,7 @@ class Connection:
                 for _ in range(MAX_REQUESTS):
                     nursery.start_soon(self._worker, receive)
                 await self._read_requests(nursery)
+                self.ending = True
                 # DISC or a fatal request: let what was read finish and its
                 # replies go out, then stop the writer
                 for _ in range(MAX_REQUESTS):

@@ -23,6 +23,7 @@ from ..qapi.errors import GenericError
 from .registry import command
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+_SETTLE_ROUNDS = 5
 
 
 def _lookup_node(daemon, name: str):
@@ -78,7 +79,17 @@ async def _request_delete(daemon, export_id: str, mode: str | None) -> None:
     if export.info()["shutting-down"]:
         raise GenericError(f"Export '{export_id}' is already shutting down")
     if (mode or "safe") == "safe" and export.client_count() > 0:
-        raise GenericError(f"export '{export_id}' still in use")
+        # A client that just hung up (NBD_CMD_DISC and EOF already in its
+        # socket) is not using the export.  QEMU's main loop reads that
+        # socket before the QMP command; trio may run this task first (it
+        # shuffles each batch), so give connections a few scheduler rounds
+        # to read what is waiting for them.
+        for _ in range(_SETTLE_ROUNDS):
+            await trio.lowlevel.checkpoint()
+            if export.client_count() == 0:
+                break
+        else:
+            raise GenericError(f"export '{export_id}' still in use")
     if export.client_count() == 0:
         # nothing to wait for: QEMU deletes it at once, so BLOCK_EXPORT_DELETED
         # goes out before the reply
