@@ -100,6 +100,8 @@ NOTES: dict[str, str] = {
                         "authz-simple/authz-list), tls-creds-psk and tls-creds-anon",
     "nbd": "export: all options and meta contexts, FAST_ZERO refused where QEMU refuses it; "
            "extended headers (NBD_OPT_EXTENDED_HEADERS, from QEMU 8.2) are offered too",
+    "host_device": "block and character devices (a file node with QEMU's device rules: "
+                   "cannot grow, no holes reported, actual-size 0)",
     "driver:nbd": "not implemented: the NBD client block driver (the sans-I/O codec in "
                   "qsd_trio/proto/nbd.py already has the client side)",
     "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",

@@ -41,7 +41,7 @@ def load_drivers() -> dict[str, type[BlockNode]]:
     """Import every driver module so that it registers itself."""
     import importlib
 
-    for mod in ("null", "file", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
+    for mod in ("null", "file", "host_device", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
                 "copy_before_write", "snapshot_access", "luks"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
