@@ -28,7 +28,10 @@ NOTES: dict[str, str] = {
     "-T, --trace": "patterns, events=, file=; our own trace events (-T help lists them)",
     "--export": "nbd and fuse; vhost-user-blk and vduse-blk are not implemented",
     "blockdev-reopen": "read-only, detect-zeroes, discard and the other reopenable "
-                       "options; a file node made writable reopens its descriptor",
+                       "options; a file node made writable reopens its descriptor; "
+                       "qcow2 cache sizes, l2-cache-entry-size, cache-clean-interval, "
+                       "overlap-check, lazy-refcounts and pass-discard-* (caches "
+                       "written back first, as QEMU); not encrypt.*",
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
     "aio=io_uring": "accepted, served by the worker threads like aio=threads",

@@ -48,7 +48,7 @@ async def blockdev_reopen(daemon, args):
         if o.get("driver") != node.driver:
             raise GenericError("Cannot change the option 'driver'")
         for key, val in o.items():
-            if key in _REOPENABLE:
+            if key in _REOPENABLE or key in getattr(node, "reopenable", ()):
                 continue
             old = node.options.get(key)
             if isinstance(val, str) and isinstance(old, dict):
@@ -94,6 +94,10 @@ def read_only_again(node: BlockNode) -> None:
 
 async def _reopen_one(node: BlockNode, o: dict) -> None:
     async with node.drained():
+        # the driver's own options (qcow2: caches, overlap-check): checked
+        # and the caches flushed first, applied once the rest succeeded
+        prepare = getattr(node, "reopen_prepare", None)
+        commit = await prepare(o) if prepare is not None else None
         old = (node.read_only, node.detect_zeroes, node.discard_unmap)
         ro = bool(o.get("read-only", False))
         if ro and not node.read_only:
@@ -110,6 +114,8 @@ async def _reopen_one(node: BlockNode, o: dict) -> None:
             with contextlib.suppress(Exception):
                 refresh(node)
             raise
+        if commit is not None:
+            commit()
         node.options = o
 
 

@@ -38,7 +38,7 @@ from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
 from . import crypt as qcrypt
-from . import overlap
+from . import overlap, reopen
 from . import snapshots as snapmod
 from .compress import CompressionError, compress, decompress
 from .header import (
@@ -384,6 +384,14 @@ class Qcow2Node(BlockNode):
             self.l2cache.clean_unused()
             self.refs.clean_unused()
             self._next_clean = now + self.cache_clean_interval
+
+    # -- blockdev-reopen (reopen.py) ----------------------------------------------
+    reopenable = reopen.REOPENABLE
+
+    async def reopen_prepare(self, options: dict):
+        """qcow2_reopen_prepare: check the new options, flush the caches;
+        returns the commit.  Raises GenericError with QEMU's texts."""
+        return await reopen.prepare(self, options)
 
     @property
     def filename(self) -> str:
