@@ -32,7 +32,7 @@ async def blockdev_del(daemon, args):
 
 
 _REOPENABLE = {"driver", "node-name", "read-only", "auto-read-only", "detect-zeroes",
-               "discard", "cache", "force-share"}
+               "discard", "cache"}
 
 
 @command("blockdev-reopen")
@@ -50,11 +50,18 @@ async def blockdev_reopen(daemon, args):
         for key, val in o.items():
             if key in _REOPENABLE or key in getattr(node, "reopenable", ()):
                 continue
+            if key == "force-share":
+                # QEMU 7.2 answers this to any force-share in blockdev-reopen,
+                # whatever the node's own value (differential test)
+                raise GenericError("Cannot change the option 'force-share'")
             old = node.options.get(key)
             if isinstance(val, str) and isinstance(old, dict):
                 continue  # a child given by name where it was defined inline
             if old != val:
                 raise GenericError(f"Cannot change the option '{key}'")
+        check = getattr(node, "reopen_check", None)
+        if check is not None:
+            check(o)  # every node's own options are checked before any changes
         plans.append((node, o))
     for node, o in plans:
         await _reopen_one(node, o)

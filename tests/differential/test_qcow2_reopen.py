@@ -1,6 +1,7 @@
 """blockdev-reopen of a qcow2 node with new cache, overlap-check,
 lazy-refcounts and pass-discard options (qcow2_reopen_prepare), on both
-daemons: the replies to good and bad values match, guest writes between
+daemons: the replies to good and bad values match (lazy refcounts on a v2
+image, a bad node among two, force-share), guest writes between
 the reopens land (the dirty caches are written before they are replaced),
 and both images end up clean and equal."""
 
@@ -37,7 +38,7 @@ STEPS = [
 ]
 
 
-def _run(kind, tmp_path, img):
+def _run(kind, tmp_path, img, v2_img):
     sock = tmp_path / f"nbd-{kind}.sock"
     replies = []
     with Daemon(kind, tmp_path) as d:
@@ -52,6 +53,19 @@ def _run(kind, tmp_path, img):
             replies.append(q.cmd_raw("blockdev-reopen", {"options": [{**BASE, **opts}]}))
             if io is not None:
                 run("qemu-io", "-f", "raw", "-c", io, f"nbd+unix:///d0?socket={sock}")
+        # a v2 image: no lazy refcounts, on open or on reopen
+        v2 = {"driver": "qcow2", "node-name": "v2", "read-only": True,
+              "file": {"driver": "file", "filename": str(v2_img), "read-only": True}}
+        replies.append(q.cmd_raw("blockdev-add", {**v2, "lazy-refcounts": True}))
+        replies.append(q.cmd_raw("blockdev-add", v2))
+        replies.append(q.cmd_raw("blockdev-reopen", {"options": [{**v2, "lazy-refcounts": True}]}))
+        # two nodes, the second refused: nothing is reopened
+        replies.append(q.cmd_raw("blockdev-reopen", {"options": [
+            {**BASE, "l2-cache-size": 1 << 20}, {**v2, "l2-cache-entry-size": 1000}]}))
+        # force-share is refused whatever its value
+        replies.append(q.cmd_raw("blockdev-reopen", {"options": [{**BASE, "force-share": False}]}))
+        replies.append(q.cmd_raw("blockdev-reopen", {"options": [{**v2, "force-share": True}]}))
+        replies.append(q.cmd_raw("blockdev-del", {"node-name": "v2"}))
         replies.append(q.cmd_raw("query-named-block-nodes", {"flat": True}))
     return replies
 
@@ -62,14 +76,19 @@ def test_reopen_cache_options_as_qemu(tmp_path):
         imgs[kind] = tmp_path / f"{kind}.qcow2"
         qemu_img("create", "-q", "-f", "qcow2", str(imgs[kind]), "64M")
         run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 16M 1M", str(imgs[kind]))
-    theirs = _run("qemu", tmp_path, imgs["qemu"])
-    ours = _run("trio", tmp_path, imgs["trio"])
-    for step, a, b in zip(STEPS + [("query", None)], ours, theirs, strict=True):
-        if step[0] == "query":
+    v2_img = tmp_path / "v2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(v2_img), "1M")
+    theirs = _run("qemu", tmp_path, imgs["qemu"], v2_img)
+    ours = _run("trio", tmp_path, imgs["trio"], v2_img)
+    names = [str(opts) for opts, _ in STEPS] + ["v2 lazy", "v2", "v2 reopen lazy",
+                                                 "two nodes", "force-share off",
+                                                 "force-share on", "del", "query"]
+    for step, a, b in zip(names, ours, theirs, strict=True):
+        if step == "query":
             for n in a["return"] + b["return"]:
                 n["image"].pop("actual-size", None)
                 n["file"] = n["image"]["filename"] = "IMG"
-        assert a == b, step[0]
+        assert a == b, step
     for img in imgs.values():
         assert "No errors were found" in qemu_img("check", str(img)).stdout
     qemu_img("compare", str(imgs["qemu"]), str(imgs["trio"]))

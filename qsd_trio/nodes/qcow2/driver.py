@@ -120,6 +120,9 @@ class Qcow2Node(BlockNode):
         self.request_alignment = 1
         self.lazy_refcounts = bool(options.get(
             "lazy-refcounts", bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)))
+        if self.lazy_refcounts and h.version < 3:
+            raise GenericError("Lazy refcounts require a qcow2 image with at least "
+                               "qemu 1.1 compatibility level")
         self.pass_discard = {
             "request": options.get("pass-discard-request", self.discard_unmap),
             "snapshot": options.get("pass-discard-snapshot", True),
@@ -392,6 +395,10 @@ class Qcow2Node(BlockNode):
         """qcow2_reopen_prepare: check the new options, flush the caches;
         returns the commit.  Raises GenericError with QEMU's texts."""
         return await reopen.prepare(self, options)
+
+    def reopen_check(self, options: dict) -> None:
+        """The checks of reopen_prepare alone, before any node changes."""
+        reopen.check(self, options)
 
     @property
     def filename(self) -> str:

@@ -30,27 +30,40 @@ REOPENABLE = frozenset({
 })
 
 
-async def prepare(node: Qcow2Node, options: dict) -> Callable[[], None]:
-    """Check ``options`` as qcow2_update_options_prepare does (QEMU's error
-    texts, raised as GenericError before anything changes), write the dirty
-    L2 slices and refcount blocks back (QEMU flushes both caches before it
-    replaces them), and return the commit that puts the new caches and
-    settings in place.  The caller holds the node drained."""
+def check(node: Qcow2Node, options: dict) -> dict:
+    """The settings ``options`` ask for, checked as
+    qcow2_update_options_prepare does; raises GenericError with QEMU's
+    texts.  blockdev-reopen calls it for every node before it changes any."""
     slices, slice_bytes, rc_blocks = read_cache_sizes(
         options, node.cs, node.size, 16 if node.extl2 else 8)
-    mask = overlap.parse_option(options.get("overlap-check"))
-    interval = options.get("cache-clean-interval", 600)
     lazy = bool(options.get("lazy-refcounts",
                             bool(node.h.compatible_features & COMPAT_LAZY_REFCOUNTS)))
     if lazy and node.version < 3:
         raise GenericError("Lazy refcounts require a qcow2 image with at least "
                            "qemu 1.1 compatibility level")
-    pass_discard = {
-        "request": options.get("pass-discard-request",
-                               options.get("discard", "ignore") == "unmap"),
-        "snapshot": options.get("pass-discard-snapshot", True),
-        "other": options.get("pass-discard-other", False),
+    return {
+        "slices": slices, "slice_bytes": slice_bytes, "rc_blocks": rc_blocks,
+        "mask": overlap.parse_option(options.get("overlap-check")),
+        "interval": options.get("cache-clean-interval", 600),
+        "lazy": lazy,
+        "pass_discard": {
+            "request": options.get("pass-discard-request",
+                                   options.get("discard", "ignore") == "unmap"),
+            "snapshot": options.get("pass-discard-snapshot", True),
+            "other": options.get("pass-discard-other", False),
+        },
     }
+
+
+async def prepare(node: Qcow2Node, options: dict) -> Callable[[], None]:
+    """Check ``options`` (:func:`check`; nothing has changed when it
+    raises), write the dirty L2 slices and refcount blocks back (QEMU
+    flushes both caches before it replaces them), and return the commit
+    that puts the new caches and settings in place.  The caller holds the
+    node drained."""
+    new = check(node, options)
+    slices, slice_bytes, rc_blocks = new["slices"], new["slice_bytes"], new["rc_blocks"]
+    lazy = new["lazy"]
     if not node._corrupt:
         async with node._lock:
             await node._writeback()
@@ -74,12 +87,12 @@ async def prepare(node: Qcow2Node, options: dict) -> Callable[[], None]:
                 break
             if b not in refs.dirty:  # written back above: none should be dirty
                 del refs.blocks[b]
-        node.cache_clean_interval = interval
+        node.cache_clean_interval = new["interval"]
         node._next_clean = None
-        node.overlap_mask = mask
+        node.overlap_mask = new["mask"]
         node._ol_index = None
         node._ol_layout = None
-        node.pass_discard = pass_discard
+        node.pass_discard = new["pass_discard"]
         node.lazy_refcounts = lazy
 
     return commit
