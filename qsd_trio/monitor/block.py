@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ..nodes import bitmaps
 from ..nodes.node import BlockNode, Perm
 from ..nodes.perms import perm_list, refresh
 from ..qapi.errors import GenericError
@@ -333,14 +334,7 @@ MAX_BITMAP_NAME = 1023
 
 
 def _bitmap(daemon, node_name: str, name: str):
-    """block_dirty_bitmap_lookup, with its own error for a missing node."""
-    node = daemon.graph.nodes.get(node_name)
-    if node is None:
-        raise GenericError(f"Node '{node_name}' not found")
-    bm = node.bitmaps.get(name)
-    if bm is None:
-        raise GenericError(f"Dirty bitmap '{name}' not found")
-    return node, bm
+    return bitmaps.lookup(daemon.graph, node_name, name)
 
 
 @command("block-dirty-bitmap-add")

@@ -218,3 +218,16 @@ class DirtyBitmap:
             raise GenericError(f"Bitmap '{self.name}' is readonly and cannot be modified")
         if self.inconsistent:
             raise GenericError(f"Bitmap '{self.name}' is inconsistent and cannot be used")
+
+
+def lookup(graph, node_name: str, name: str):
+    """block_dirty_bitmap_lookup: ``(node, bitmap)``, with QEMU's errors for
+    a missing node or bitmap (the bitmap commands and copy-before-write's
+    ``bitmap`` option share them)."""
+    node = graph.nodes.get(node_name)
+    if node is None:
+        raise GenericError(f"Node '{node_name}' not found")
+    bm = node.bitmaps.get(name)
+    if bm is None:
+        raise GenericError(f"Dirty bitmap '{name}' not found")
+    return node, bm

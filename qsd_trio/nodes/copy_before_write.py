@@ -32,7 +32,7 @@ import errno
 
 import trio
 
-from ..qapi.errors import GenericError
+from . import bitmaps
 from .bitmaps import DirtyBitmap
 from .block_copy import BlockCopyState
 from .graph import register_driver
@@ -70,17 +70,10 @@ class CopyBeforeWriteNode(BlockNode):
         self._frozen: list[tuple[int, int, trio.Event]] = []
 
     def _find_bitmap(self, spec) -> DirtyBitmap | None:
-        """cbw_parse_bitmap_option / block_dirty_bitmap_lookup."""
+        """cbw_parse_bitmap_option."""
         if spec is None:
             return None
-        node_name, name = spec["node"], spec["name"]
-        holder = self.graph.nodes.get(node_name)
-        if holder is None:
-            raise GenericError(f"Node '{node_name}' not found")
-        bm = holder.bitmaps.get(name)
-        if bm is None:
-            raise GenericError(f"Dirty bitmap '{name}' not found")
-        return bm
+        return bitmaps.lookup(self.graph, spec["node"], spec["name"])[1]
 
     def child_perm(self, edge, perm, shared):
         """cbw_child_perm."""
