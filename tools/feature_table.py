@@ -31,7 +31,8 @@ NOTES: dict[str, str] = {
                        "options; a file node made writable reopens its descriptor; "
                        "qcow2 cache sizes, l2-cache-entry-size, cache-clean-interval, "
                        "overlap-check, lazy-refcounts and pass-discard-* (caches "
-                       "written back first, as QEMU); not encrypt.*",
+                       "written back first, as QEMU); encrypt.* checked against the "
+                       "header, the open cipher kept, as QEMU",
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
     "aio=io_uring": "accepted, served by the worker threads like aio=threads",

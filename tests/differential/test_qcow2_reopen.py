@@ -96,3 +96,31 @@ def test_reopen_cache_options_as_qemu(tmp_path):
             "-c", "read -P 0x44 100k 4k", "-c", "read -P 0x55 63M 1M",
             "-c", "read -P 0x77 16M 1M", "-c", "read -P 0x22 8M 300k", str(imgs["trio"]))
     assert "Pattern verification failed" not in p.stdout, p.stdout
+
+
+def test_reopen_encrypt_options_as_qemu(tmp_path):
+    """encrypt.* on reopen: QEMU parses it and checks the format against the
+    header (any key-secret is taken, the open cipher stays), and refuses to
+    drop it."""
+    enc, plain = tmp_path / "e.qcow2", tmp_path / "p.qcow2"
+    secrets = ["--object", "secret,id=sec0,data=pw0", "--object", "secret,id=sec1,data=pw1"]
+    qemu_img("create", "-q", "-f", "qcow2", *secrets, "-o",
+             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", str(enc), "1M")
+    qemu_img("create", "-q", "-f", "qcow2", str(plain), "1M")
+    e = {"driver": "qcow2", "node-name": "e", "encrypt": {"format": "luks", "key-secret": "sec0"},
+         "file": {"driver": "file", "filename": str(enc)}}
+    p = {"driver": "qcow2", "node-name": "p", "file": {"driver": "file", "filename": str(plain)}}
+    no_encrypt = {k: v for k, v in e.items() if k != "encrypt"}
+    cases = [e, {**e, "encrypt": {"format": "luks", "key-secret": "sec1"}},
+             {**e, "encrypt": {"format": "luks", "key-secret": "nope"}},
+             {**e, "encrypt": {"format": "aes", "key-secret": "sec0"}}, no_encrypt,
+             {**p, "encrypt": {"format": "luks", "key-secret": "sec0"}}, e]
+    out = {}
+    for kind in ("qemu", "trio"):
+        with Daemon(kind, tmp_path, secrets) as d:
+            q = d.qmp()
+            assert q.cmd_raw("blockdev-add", e) == {"return": {}}
+            assert q.cmd_raw("blockdev-add", p) == {"return": {}}
+            out[kind] = [q.cmd_raw("blockdev-reopen", {"options": [o]}) for o in cases]
+    assert out["trio"] == out["qemu"]
+    assert out["trio"][1] == {"return": {}} and "error" in out["trio"][4]

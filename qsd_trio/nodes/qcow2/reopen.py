@@ -14,19 +14,22 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...qapi.errors import GenericError
+from ...qapi.ghash import qdict_order
 from . import overlap
+from .crypt import _NAMES
 from .header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY
 from .l2 import L2Cache, read_cache_sizes
 
 if TYPE_CHECKING:
     from .driver import Qcow2Node
 
-# the qcow2 options blockdev-reopen may change (qcow2_runtime_opts but
-# encrypt.*, which qsd-trio does not reopen)
+# the qcow2 options blockdev-reopen may change (qcow2_runtime_opts); encrypt.*
+# is only checked against the header, as QEMU parses it on reopen and
+# keeps using the cipher it opened with
 REOPENABLE = frozenset({
     "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-size",
     "cache-clean-interval", "overlap-check", "lazy-refcounts",
-    "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+    "pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "encrypt",
 })
 
 
@@ -41,6 +44,19 @@ def check(node: Qcow2Node, options: dict) -> dict:
     if lazy and node.version < 3:
         raise GenericError("Lazy refcounts require a qcow2 image with at least "
                            "qemu 1.1 compatibility level")
+    new_fmt = (options.get("encrypt") or {}).get("format")
+    old_enc = node.options.get("encrypt")
+    if isinstance(old_enc, dict) and options.get("encrypt") is None:
+        # bdrv_reset_options_allowed: encrypt.* is not among qcow2's mutable_opts
+        keys = qdict_order(f"encrypt.{k}" for k in old_enc)
+        raise GenericError(f"Option '{keys[0]}' cannot be reset to its default value")
+    header_fmt = _NAMES.get(node.h.crypt_method)
+    if new_fmt is not None and header_fmt is None:
+        raise GenericError(f"No encryption in image header, but options specified "
+                           f"format '{new_fmt}'")
+    if new_fmt is not None and new_fmt != header_fmt:
+        raise GenericError(f"Header reported '{header_fmt}' encryption format but options "
+                           f"specify '{new_fmt}'")
     return {
         "slices": slices, "slice_bytes": slice_bytes, "rc_blocks": rc_blocks,
         "mask": overlap.parse_option(options.get("overlap-check")),
