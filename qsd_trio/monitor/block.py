@@ -48,6 +48,17 @@ async def blockdev_reopen(daemon, args):
         node = graph.find_node(name)
         if o.get("driver") != node.driver:
             raise GenericError("Cannot change the option 'driver'")
+        # discard left out keeps the node's setting (QEMU starts from the
+        # node's open flags); detect-zeroes is checked against it, then the
+        # driver's own options (drv->bdrv_reopen_prepare), then changed
+        # options, for every node before any node changes
+        eff = _kept_discard(node, o)
+        if eff.get("detect-zeroes") == "unmap" and eff.get("discard") != "unmap":
+            raise GenericError("setting detect-zeroes to unmap is not allowed without "
+                               "setting discard operation to unmap")
+        check = getattr(node, "reopen_check", None)
+        if check is not None:
+            check(eff)
         for key, val in o.items():
             if key in _REOPENABLE or key in getattr(node, "reopenable", ()):
                 continue
@@ -60,9 +71,6 @@ async def blockdev_reopen(daemon, args):
                 continue  # a child given by name where it was defined inline
             if old != val:
                 raise GenericError(f"Cannot change the option '{key}'")
-        check = getattr(node, "reopen_check", None)
-        if check is not None:
-            check(o)  # every node's own options are checked before any changes
         plans.append((node, o))
     for node, o in plans:
         await _reopen_one(node, o)
@@ -100,7 +108,15 @@ def read_only_again(node: BlockNode) -> None:
                 refresh(n)
 
 
-async def _reopen_one(node: BlockNode, o: dict) -> None:
+def _kept_discard(node: BlockNode, o: dict) -> dict:
+    """``o`` as the node applies it: discard left out keeps the node's
+    setting, as QEMU's reopen starts from the node's open flags."""
+    return o if "discard" in o or not node.discard_unmap else {**o, "discard": "unmap"}
+
+
+async def _reopen_one(node: BlockNode, given: dict) -> None:
+    """Reopen ``node`` with the options ``given``, which it keeps as its own."""
+    o = _kept_discard(node, given)
     async with node.drained():
         # the driver's own options (qcow2: caches, overlap-check): checked
         # and the caches flushed first, applied once the rest succeeded
@@ -124,7 +140,7 @@ async def _reopen_one(node: BlockNode, o: dict) -> None:
             raise
         if commit is not None:
             commit()
-        node.options = o
+        node.options = given
 
 
 # -- queries -----------------------------------------------------------------------

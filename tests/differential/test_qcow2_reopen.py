@@ -34,6 +34,14 @@ STEPS = [
     ({"overlap-check": "bogus"}, None),
     ({"overlap-check": {"template": "bogus"}}, None),
     ({"lazy-refcounts": "yes"}, None),
+    # the qcow2 checks come before the changed-option and detect-zeroes ones
+    ({"l2-cache-entry-size": 1000, "force-share": False}, None),
+    ({"detect-zeroes": "unmap", "l2-cache-entry-size": 1000}, None),
+    ({"discard": "unmap", "detect-zeroes": "unmap"}, None),
+    # discard left out stays unmap: detect-zeroes=unmap is accepted
+    ({"detect-zeroes": "unmap", "l2-cache-entry-size": 1000}, None),
+    ({"detect-zeroes": "unmap"}, None),
+    ({"discard": "ignore"}, None),
     ({}, "write -P 0x55 63M 1M"),
 ]
 

@@ -37,6 +37,12 @@ def check(node: Qcow2Node, options: dict) -> dict:
     """The settings ``options`` ask for, checked as
     qcow2_update_options_prepare does; raises GenericError with QEMU's
     texts.  blockdev-reopen calls it for every node before it changes any."""
+    old_enc = node.options.get("encrypt")
+    if isinstance(old_enc, dict) and options.get("encrypt") is None:
+        # bdrv_reset_options_allowed, checked first: encrypt.* is not
+        # among qcow2's mutable_opts
+        keys = qdict_order(f"encrypt.{k}" for k in old_enc)
+        raise GenericError(f"Option '{keys[0]}' cannot be reset to its default value")
     slices, slice_bytes, rc_blocks = read_cache_sizes(
         options, node.cs, node.size, 16 if node.extl2 else 8)
     lazy = bool(options.get("lazy-refcounts",
@@ -45,11 +51,6 @@ def check(node: Qcow2Node, options: dict) -> dict:
         raise GenericError("Lazy refcounts require a qcow2 image with at least "
                            "qemu 1.1 compatibility level")
     new_fmt = (options.get("encrypt") or {}).get("format")
-    old_enc = node.options.get("encrypt")
-    if isinstance(old_enc, dict) and options.get("encrypt") is None:
-        # bdrv_reset_options_allowed: encrypt.* is not among qcow2's mutable_opts
-        keys = qdict_order(f"encrypt.{k}" for k in old_enc)
-        raise GenericError(f"Option '{keys[0]}' cannot be reset to its default value")
     header_fmt = _NAMES.get(node.h.crypt_method)
     if new_fmt is not None and header_fmt is None:
         raise GenericError(f"No encryption in image header, but options specified "
