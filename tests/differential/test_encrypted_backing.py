@@ -94,3 +94,28 @@ def test_encrypted_overlay_over_backing(chains, tmp_path, top):
         assert "Pattern verification failed" not in p.stdout, p.stdout
         views[kind] = _view(d, top, d / "after.raw")
     assert views["trio"] == views["qemu"]
+
+
+def test_backing_open_errors_as_qemu(chains, tmp_path):
+    """A backing file that cannot be opened, from the header or given
+    (nested or by name): QEMU's bdrv_open_backing_file prefixes the error."""
+    enc = _blockdev(chains, "enc")
+    nested = {"driver": "qcow2", "file": {"driver": "file", "filename": str(chains / "ebase.qcow2")}}
+    cases = [
+        {k: v for k, v in enc.items() if k != "backing"},  # from the header, no secret
+        {**enc, "backing": nested},
+        {**enc, "backing": {**nested, "file": {"driver": "file", "filename": "/nonexistent"}}},
+        {**enc, "backing": {**enc["backing"], "l2-cache-entry-size": 1000}},
+        {**enc, "backing": "nonode"},
+        {**enc, "backing": None, "read-only": True},
+    ]
+    out = {}
+    for kind in ("qemu", "trio"):
+        with Daemon(kind, tmp_path, SECRETS) as dm:
+            q = dm.qmp()
+            out[kind] = [q.cmd_raw("blockdev-add", {**c, "node-name": f"n{i}",
+                                                    "read-only": True,
+                                                    "file": {**c["file"], "read-only": True}})
+                         for i, c in enumerate(cases)]
+    assert out["trio"] == out["qemu"]
+    assert out["trio"][-1] == {"return": {}}

@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from ... import events
-from ...qapi.errors import GenericError
+from ...qapi.errors import GenericError, QapiError
 from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
@@ -209,7 +209,10 @@ class Qcow2Node(BlockNode):
                 print('qsd-trio: warning: Use of "backing": "" is deprecated; '
                       'use "backing": null instead', file=sys.stderr)
             elif options["backing"] is not None:
-                self.backing_edge = await self.open_child(options, "backing")
+                try:
+                    self.backing_edge = await self.open_child(options, "backing")
+                except QapiError as e:  # bdrv_open_backing_file, for either form
+                    raise e.prefixed("Could not open backing file: ") from None
         elif h.backing_file:
             await self._open_header_backing(h)
         self.backing: BlockNode | None = self.backing_edge.node if self.backing_edge else None
