@@ -25,9 +25,10 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# above the largest buffer a single request normally allocates (1 MiB FUSE,
-# 1 MiB jobs chunks, a few MiB NBD requests); larger ones still get mmap
-MMAP_THRESHOLD = 4 << 20
+# above the largest buffer a single request normally allocates (1 MiB FUSE
+# and backup chunks, 4 MiB stream/commit chunks, a few MiB NBD requests);
+# larger ones still get mmap
+MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 32 << 20
 
 
