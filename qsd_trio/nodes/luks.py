@@ -13,13 +13,11 @@ not a zero sector on the file).
 
 from __future__ import annotations
 
-import json
-
 from ..crypto.cipher import SECTOR
 from ..qapi.errors import GenericError
 from . import crypt
 from .graph import register_driver
-from .node import BlockNode
+from .node import BlockNode, json_filename
 
 
 @register_driver
@@ -45,10 +43,8 @@ class LuksNode(BlockNode):
 
     @property
     def filename(self) -> str:
-        from .throttle import full_open_options
-        return "json:" + json.dumps({"driver": "luks",
-                                     "file": full_open_options(self.file),
-                                     "key-secret": self.key_secret})
+        return json_filename({"driver": "luks", "file": self.file.full_open_options(),
+                              "key-secret": self.key_secret})
 
     def info_extra(self) -> dict:
         return {"format-specific": {"type": "luks", "data": self.header.info()},

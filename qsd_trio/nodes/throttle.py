@@ -19,11 +19,6 @@ from .node import BlockNode, json_filename
 from .throttle_group import ThrottleGroup, groups
 
 
-def full_open_options(node: BlockNode) -> dict:
-    """QEMU's full_open_options of ``node`` (see BlockNode.full_open_options)."""
-    return node.full_open_options()
-
-
 @register_driver
 class ThrottleNode(BlockNode):
     driver = "throttle"

@@ -21,7 +21,6 @@ around its data-cluster I/O; :func:`open_encryption` and
 
 from __future__ import annotations
 
-import json
 import struct
 
 from ...crypto import luks
@@ -29,6 +28,7 @@ from ...crypto import secrets as secretmod
 from ...crypto.cipher import SECTOR, SectorCipher
 from ...qapi.errors import GenericError
 from .. import crypt
+from ..node import json_filename
 from .header import EXT_CRYPTO
 
 CRYPT_AES = 1
@@ -89,9 +89,8 @@ class Qcow2Crypto:
 
     def json_filename(self, file_node) -> str:
         """QEMU spells the node out: the key secret is a strong option."""
-        from ..throttle import full_open_options
-        return "json:" + json.dumps({"encrypt.key-secret": self.key_secret, "driver": "qcow2",
-                                     "file": full_open_options(file_node)})
+        return json_filename({"driver": "qcow2", "file": file_node.full_open_options(),
+                              "encrypt.key-secret": self.key_secret})
 
 
 def _encrypt_opts(options: dict) -> tuple[str | None, str | None]:
