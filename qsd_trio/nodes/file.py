@@ -342,7 +342,12 @@ class FileNode(BlockNode):
         if data > offset:
             return BlockStatus(Status.ZERO | Status.ALLOCATED | Status.OFFSET_VALID,
                                min(data, end) - offset, offset=offset)
-        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENXIO):
+                raise
+            hole = end  # no SEEK_HOLE here (a device): QEMU pretends no holes
         return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
                            min(hole, end) - offset, offset=offset)
 

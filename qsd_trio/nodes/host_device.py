@@ -2,8 +2,10 @@
 
 This is a ``file`` node with the device rules of QEMU's file-posix
 host_device: the path must be a device, the size is the device's and cannot
-grow, the allocated file size is reported as 0, and zeroing or discarding
-goes to the device through fallocate (BLKZEROOUT/BLKDISCARD in the kernel).
+grow, block status reports no holes (FileNode's fallback when SEEK_HOLE
+fails), the allocated file size is reported as 0, and zeroing or
+discarding goes to the device through fallocate (BLKZEROOUT/BLKDISCARD in
+the kernel).
 CSI drivers and KubeVirt-style setups hand qemu-storage-daemon raw block
 volumes this way.
 """
@@ -18,7 +20,6 @@ import trio
 from ..qapi.errors import GenericError
 from .file import FileNode
 from .graph import register_driver
-from .node import BlockStatus, Status
 
 
 @register_driver
@@ -36,16 +37,6 @@ class HostDeviceNode(FileNode):
             raise GenericError(f"'host_device' driver requires '{path}' to be either "
                                "a character or block device")
         await super().open(options)
-
-    def _status(self, offset: int, length: int) -> BlockStatus:
-        # devices answer SEEK_DATA/SEEK_HOLE with EINVAL (or not at all);
-        # QEMU then pretends there are no holes
-        end = min(offset + length, self._size)
-        if offset >= end:
-            return BlockStatus(Status.ZERO | Status.ALLOCATED | Status.OFFSET_VALID, length,
-                               offset=offset)
-        return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
-                           end - offset, offset=offset)
 
     def actual_size(self) -> int | None:
         return 0  # a device has no allocated file size (QEMU reports 0)
