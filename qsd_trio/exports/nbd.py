@@ -6,11 +6,14 @@ once the client picks an export (``NBD_OPT_GO`` / ``NBD_OPT_EXPORT_NAME``)
 the connection moves into that export's nursery, so deleting an export ends
 exactly its clients and stopping the server ends everything.
 
-Per connection in transmission: one reader task parses requests and spawns
-one task per request (at most :data:`MAX_REQUESTS` in flight, which bounds
-the memory a client can make us hold); replies go out under a lock, header
-and data together with ``sendmsg`` so a 1 MiB read is never copied into a
-bigger buffer.
+Per connection in transmission: one reader task parses requests (at most
+:data:`MAX_REQUESTS` in flight, which bounds the memory a client can make
+us hold).  A READ or WRITE the node can serve without waiting (a cached
+read, a write into allocated space: BlockNode.read_now/write_now) is served
+by the reader itself; the rest go to a fixed pool of request tasks.
+Replies are queued and sent in batches, header and data together with one
+``sendmsg`` (a 1 MiB read is never copied into a bigger buffer): by the
+reader before it waits for the client, or by a writer task.
 
 Errors: a client that breaks the protocol or vanishes ends its own
 connection only; I/O errors become NBD error replies.
@@ -89,6 +92,12 @@ class Wire:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        # called when a raw receive would block, just before waiting: the
+        # connection sends the replies it queued meanwhile (see _flush_now)
+        self.before_wait = None
+
+    def buffered(self) -> int:
+        return self._end - self._start
 
     async def _recv_into(self, view) -> int:
         raw = self.raw
@@ -100,6 +109,8 @@ class Wire:
             try:
                 return raw.recv_into(view)
             except BlockingIOError:
+                if self.before_wait is not None:
+                    self.before_wait()
                 await trio.lowlevel.wait_readable(raw)
             except OSError as e:
                 raise trio.BrokenResourceError(e) from e
@@ -153,27 +164,40 @@ class Wire:
             self._start += take
             n -= take
 
+    def send_now(self, parts: list) -> list:
+        """Send what the socket takes now, without waiting (raw sockets
+        only); returns the rest, as memoryviews, for :meth:`send`."""
+        raw = self.raw
+        assert raw is not None
+        bufs = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
+        i = 0  # bufs[:i] are sent
+        while i < len(bufs):
+            batch = bufs[i:i + _IOV_BATCH]
+            try:
+                n = raw.sendmsg(batch)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise trio.BrokenResourceError(e) from e
+            for b in batch:
+                if n < len(b):
+                    bufs[i] = b[n:]
+                    return bufs[i:]
+                n -= len(b)
+                i += 1
+        return bufs[i:]
+
     async def send(self, *parts) -> None:
         raw = self.raw
         if raw is None:
             await self.stream.send_all(b"".join(parts))
             return
-        bufs = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
-        while bufs:
-            try:
-                n = raw.sendmsg(bufs)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(raw)
-                continue
-            except OSError as e:
-                raise trio.BrokenResourceError(e) from e
-            while n and bufs:
-                if n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                else:
-                    bufs[0] = bufs[0][n:]
-                    n = 0
+        bufs = list(parts)
+        while True:
+            bufs = self.send_now(bufs)
+            if not bufs:
+                return
+            await trio.lowlevel.wait_writable(raw)
 
     def detach_raw(self) -> None:
         """Stop using the socket directly (the stream is about to be wrapped)."""
@@ -634,6 +658,7 @@ class Connection:
         self._out: list = []
         self._out_done = 0
         self._out_ready = trio.Event()
+        self._sending = False  # the writer is part way through a send
         self._hangup = ""
         self._broken = False
         self._reader_scope = trio.CancelScope()
@@ -905,6 +930,34 @@ class Connection:
             self._out_done += 1
         self._out_ready.set()
 
+    def _queue_quiet(self, parts: tuple) -> None:
+        """Queue a reply from the reader task, without waking the writer:
+        the reader sends it itself before it next waits (_flush_now)."""
+        self._out.extend(parts)
+        self._out_done += 1
+
+    def _flush_now(self) -> None:
+        """Send the queued replies if the socket takes them now; whatever
+        it does not take is left to the writer task."""
+        if not self._out:
+            return
+        if self._sending or self._broken or self.wire.raw is None:
+            self._out_ready.set()
+            return
+        parts, self._out = self._out, []
+        try:
+            rest = self.wire.send_now(parts)
+        except trio.BrokenResourceError:
+            self._broken = True
+            rest = []
+        if rest:
+            self._out[:0] = rest  # ahead of anything queued later
+            self._out_ready.set()
+            return
+        done, self._out_done = self._out_done, 0
+        for _ in range(done):
+            self._slots.release()
+
     async def _writer(self) -> None:
         while True:
             await self._out_ready.wait()
@@ -913,13 +966,15 @@ class Connection:
                 parts, self._out = self._out, []
                 done, self._out_done = self._out_done, 0
                 if not self._broken:
+                    self._sending = True  # _flush_now must not interleave
                     try:
-                        for i in range(0, len(parts), _IOV_BATCH):
-                            await self.wire.send(*parts[i:i + _IOV_BATCH])
+                        await self.wire.send(*parts)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         # the client is gone: requests in flight still finish
                         # (a write is not cut in half), their replies are dropped
                         self._broken = True
+                    finally:
+                        self._sending = False
                 for _ in range(done):
                     self._slots.release()
 
@@ -930,14 +985,34 @@ class Connection:
         every way out, so serve() can count the requests still in flight.
         """
         wire = self.wire
-        size_fn = self.export.node._length
+        export = self.export
+        size_fn = export.node._length
         slots = self._slots
         extended = self.extended
+        # Requests the node can serve without waiting are served right here
+        # (_serve_now), their replies sent in a batch when the reader would
+        # otherwise wait; only the rest go to the worker tasks.  Over TLS the
+        # writer task sends them.
+        quiet = wire.raw is not None
+        if quiet:
+            wire.before_wait = self._flush_now
+        try:
+            await self._read_loop(wire, export, size_fn, slots, extended, quiet)
+        finally:
+            wire.before_wait = None
+            self._flush_now()  # serve() waits for these replies' slots
+
+    async def _read_loop(self, wire, export, size_fn, slots, extended, quiet) -> None:
         with self._reader_scope:
             while True:
                 try:
                     slots.acquire_nowait()
                 except trio.WouldBlock:
+                    # Replies served inline hold their slots until sent, so
+                    # this is reached at least every MAX_REQUESTS requests;
+                    # acquire() is a checkpoint even when the flush just gave
+                    # the slots back: a busy client cannot hold the loop.
+                    self._flush_now()
                     await slots.acquire()
                 handed_off = False
                 try:
@@ -977,7 +1052,10 @@ class Connection:
                         data = bytearray(req.length)
                         # a partial write (client gone, or stop_reading) is never applied
                         await wire.recv_into(memoryview(data))
-                    self._requests.send_nowait((req, data, size_fn()))
+                    size = size_fn()
+                    if not ((t == P.CMD_READ or t == P.CMD_WRITE) and req.length
+                            and self._serve_now(req, data, size, export, quiet)):
+                        self._requests.send_nowait((req, data, size))
                     handed_off = True
                 except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError) as e:
                     # stop reading; serve() lets what was already read finish
@@ -986,6 +1064,41 @@ class Connection:
                 finally:
                     if not handed_off:
                         slots.release()
+
+    def _serve_now(self, req: P.Request, data: bytearray | None, size: int,
+                   export: NbdExport, quiet: bool) -> bool:
+        """Serve a READ or WRITE synchronously if the node can
+        (BlockNode.read_now/write_now); False hands it to a worker."""
+        if self._validate(req, size) is not None:
+            return False  # the worker words the error
+        node = export.node
+        h = req.handle
+        if req.type == P.CMD_WRITE:
+            if req.flags & P.CMD_FLAG_FUA or export.writethrough:
+                return False
+            if not node.write_now(req.offset, memoryview(data)):
+                return False
+            reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
+        else:
+            off, ln = req.offset, req.length
+            if not self.structured:
+                buf = node.read_now(off, ln)
+                if buf is None:
+                    return False
+                reply = (P.simple_reply(h), buf)
+            else:
+                if not (req.flags & P.CMD_FLAG_DF or export.known_data(off, ln)):
+                    return False  # a sparse read asks the block status first
+                buf = node.read_now(off, ln)
+                if buf is None:
+                    return False
+                reply = (P.chunk_offset_data_header(h, off, ln, True,
+                                                    off if self.extended else None), buf)
+        if quiet:
+            self._queue_quiet(reply)
+        else:
+            self._queue(reply)
+        return True
 
     def stop_reading(self) -> None:
         """Take no new request; those in flight finish and reply, then the connection ends."""

@@ -188,6 +188,12 @@ class FileNode(BlockNode):
                               length=length - done)
         return buf
 
+    def _preadv_now(self, offset: int, length: int):
+        if self.cache_direct:
+            return None
+        buf = bytearray(length)
+        return buf if self._pread_nowait(buf, offset) == length else None
+
     def _pread_nowait(self, buf: bytearray, offset: int) -> int:
         """Read what the page cache holds without blocking (RWF_NOWAIT):
         the hot path for cached images skips the worker thread entirely.
@@ -227,6 +233,13 @@ class FileNode(BlockNode):
             self._pwrite_all(memoryview(buf), start, fua)
         finally:
             buf.close()
+
+    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+        if self.cache_direct or not self._inline.allowed(offset, len(mv)):
+            return False
+        self._inline.run(self._pwrite_all, mv, offset, False)
+        self._size = max(self._size, offset + len(mv))
+        return True
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         if self.cache_direct:

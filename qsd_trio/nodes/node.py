@@ -469,6 +469,59 @@ class BlockNode:
         stats["rd_bytes"] += length
         return data
 
+    # The synchronous fast path.  A request that can be served without
+    # waiting (a cached read, a page-cache write into an allocated cluster)
+    # is done here in one plain call chain: no coroutine frames, no task to
+    # hand it to.  An exporter tries it first and falls back to read()/write()
+    # on None/False, which redo the request in full (and report its error).
+    # Nothing here awaits, so no drain can start or end in between: the
+    # in-flight count and the drain gate need no updating, only checking.
+    def read_now(self, offset: int, length: int):
+        """The data, if the driver could read it without waiting; else None."""
+        if (self._quiesce or offset < 0 or length <= 0
+                or (not self.grows and offset + length > self._length())):
+            return None
+        try:
+            data = self._preadv_now(offset, length)
+        except OSError:
+            return None  # read() tries again, counts and reports the failure
+        if data is not None:
+            stats = self.stats
+            stats["rd_operations"] += 1
+            stats["rd_bytes"] += length
+        return data
+
+    def write_now(self, offset: int, mv: memoryview) -> bool:
+        """Write ``mv`` (bytes, not FUA) if the driver can do it without
+        waiting; False leaves nothing changed that write() would not redo."""
+        n = len(mv)
+        if (self._quiesce or self.read_only or self.before_write or self._debug_events
+                or self.detect_zeroes != "off" or offset < 0 or n <= 0
+                or (not self.grows and offset + n > self._length())):
+            return False
+        try:
+            if not self._pwritev_now(offset, mv):
+                return False
+        except OSError:
+            return False  # write() does it again, and reports what fails
+        if self.write_threshold:
+            self._check_threshold(offset, n)
+        if offset + n > self.wr_highest_offset:
+            self.wr_highest_offset = offset + n
+        if self.bitmaps:
+            self._mark_write(offset, n)
+        stats = self.stats
+        stats["wr_operations"] += 1
+        stats["wr_bytes"] += n
+        return True
+
+    # driver hooks for the fast path: by default nothing is done synchronously
+    def _preadv_now(self, offset: int, length: int):
+        return None
+
+    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+        return False
+
     async def write(self, offset: int, data, *, fua: bool = False) -> None:
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:

@@ -700,6 +700,22 @@ class Qcow2Node(BlockNode):
             return -1
         return host | (offset & (self.cs - 1))
 
+    # the fast path (BlockNode.read_now/write_now): one cluster mapped in the
+    # cache, data at a plain host offset; anything else goes the long way
+    def _preadv_now(self, offset: int, length: int):
+        if self.crypto is not None or self._corrupt:
+            return None
+        host = self._data_host(offset, length, False)
+        return None if host < 0 else self.data.read_now(host, length)
+
+    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+        if self.crypto is not None or self._corrupt:
+            return False
+        host = self._data_host(offset, len(mv), True)
+        if host < 0 or (self.overlap_mask and not self._overlap_clear(host, len(mv))):
+            return False
+        return self.data.write_now(host, mv)
+
     async def _co_preadv(self, offset: int, length: int):
         self._check_usable()
         if self.crypto is None:
