@@ -16,7 +16,11 @@ inline only when none of that can happen, as far as we can tell cheaply:
   that node's writes to threads for ``COOL_DOWN`` seconds.
 
 A write counts as blocked only if it took that long and the thread slept in
-the kernel meanwhile (a voluntary context switch, from getrusage).  A busy
+the kernel meanwhile (a voluntary context switch, from getrusage).  The
+getrusage calls cost as much as a quarter of the write itself, so only
+every ``WATCH_EVERY``-th inline write is watched that closely, and the one
+after any write that took too long: a node whose writes block keeps
+blocking, and is caught a write later.  A busy
 machine preempts the event loop anywhere, inside a write as often as outside
 one; on a shared 2-core box most 4 KiB writes that took over 2 ms had been
 preempted (involuntary switches), never slept.  Counting those as stalls
@@ -39,6 +43,7 @@ INLINE_MAX = 1024 * 1024
 STALL_NS = 2_000_000      # an inline write slower than this disables inlining ...
 COOL_DOWN = 1.0           # ... for this many seconds on that node
 YIELD_EVERY = 8           # inline writes/cached reads on a node between checkpoints
+WATCH_EVERY = 8           # inline writes checked for sleeping (see above)
 _REFRESH = 0.1            # seconds between reads of /proc/meminfo
 
 _last_check = -1.0
@@ -97,6 +102,7 @@ class InlineWrites:
         self.inline = 0   # statistics: writes done inline
         self.stalls = 0   # statistics: inline writes that were too slow
         self._since_yield = 0
+        self._until_watch = 0  # writes until the next watched one
 
     def allowed(self, offset: int, length: int) -> bool:
         return (0 < length <= INLINE_MAX and offset % PAGE == 0 and length % PAGE == 0
@@ -120,13 +126,19 @@ class InlineWrites:
 
     def run(self, fn, *args) -> None:
         """Run the write ``fn(*args)`` here, watching for a stall."""
-        switches = voluntary_switches()
+        watched = self._until_watch <= 0
+        if watched:
+            self._until_watch = WATCH_EVERY
+            switches = voluntary_switches()
+        self._until_watch -= 1
         t0 = time.perf_counter_ns()
         try:
             fn(*args)
         finally:
             self.inline += 1
-            if (time.perf_counter_ns() - t0 > STALL_NS
-                    and voluntary_switches() != switches):
-                self.stalls += 1
-                self.resume_at = time.monotonic() + COOL_DOWN
+            if time.perf_counter_ns() - t0 > STALL_NS:
+                if not watched:
+                    self._until_watch = 0  # slow, for some reason: watch the next one
+                elif voluntary_switches() != switches:
+                    self.stalls += 1
+                    self.resume_at = time.monotonic() + COOL_DOWN

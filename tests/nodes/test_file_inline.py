@@ -122,3 +122,20 @@ async def test_a_loop_of_cached_reads_lets_other_tasks_run(node):
             assert await node.read(0, PAGE) == b"\x09" * PAGE
         assert turns - before >= 3
         nursery.cancel_scope.cancel()
+
+
+async def test_stall_on_an_unwatched_write_is_caught_on_the_next(node, monkeypatch):
+    # only every WATCH_EVERY-th write pays for getrusage; a slow one in
+    # between makes the next one watched
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+    await node.write(0, b"\x01" * PAGE)  # watched, fast
+    monkeypatch.setattr(inline_io, "STALL_NS", -1)  # from now on every write is slow ...
+    slept = iter(range(1000))
+    monkeypatch.setattr(inline_io, "voluntary_switches", lambda: next(slept))  # ... and slept
+    for i in range(1, 5):
+        await node.write(i * PAGE, bytes([i + 1]) * PAGE)
+    # write 2 was slow but not watched, write 3 was watched and stalled: to threads
+    assert (node._inline.inline, node._inline.stalls) == (3, 1)
+    await node.flush()
+    data = on_disk(node)
+    assert all(data[i * PAGE:(i + 1) * PAGE] == bytes([i + 1]) * PAGE for i in range(5))
