@@ -274,7 +274,16 @@ class FuseExport(BlockExport):
                     # reads run concurrently: the kernel sends readahead alongside
                     # the reader's own request, and each may wait on a file thread
                     _fh, offset, size, _flags = fp.READ_IN.unpack_from(body)
-                    readers.start_soon(self._read, unique, offset, size)
+                    size = max(0, min(size, self.node.length - offset))
+                    data = self.node.read_now(offset, size) if size else None
+                    if data is None:
+                        readers.start_soon(self._read, unique, offset, size)
+                        continue
+                    # served from the cache without a task (BlockNode.read_now)
+                    self._send([fp.reply_header(unique, len(data)), data])
+                    served += 1
+                    if served % 64 == 0:
+                        await trio.lowlevel.checkpoint()
                     continue
                 if opcode in fp.NO_REPLY:
                     continue
@@ -394,10 +403,9 @@ class FuseExport(BlockExport):
         return fp.reply(unique, fp.statfs_out())
 
     async def _read(self, unique: int, offset: int, size: int) -> None:
-        """READ, as its own task: replies itself."""
+        """READ, as its own task: replies itself.  ``size`` is already cut
+        at the end of the export (short reads, as clients expect at EOF)."""
         try:
-            # short reads at the end of the export, as clients expect at EOF
-            size = max(0, min(size, self.node.length - offset))
             if size == 0:
                 out = fp.reply(unique)
             else:
@@ -420,7 +428,7 @@ class FuseExport(BlockExport):
                 # QEMU writes what fits and reports a short write
                 size = max(length - offset, 0)
                 data = data[:size]
-        if size:
+        if size and (self.writethrough or not self.node.write_now(offset, data)):
             await self.node.write(offset, data, fua=self.writethrough)
         return fp.reply(unique, fp.WRITE_OUT.pack(size, 0))
 
