@@ -191,3 +191,36 @@ def test_tables_in_use_are_not_evicted():
     del view
     s.put(4096, array("Q", bytes(4096)))
     assert 512 in s.dirty and 512 in s.tables
+
+
+async def test_l2_cache_covering_the_image_is_not_written_back_mid_copy(tmp_path):
+    """Two L2 tables (1 GiB with 64 KiB clusters is 2 tables; here 2 tables
+    of 4 KiB clusters): both dirty fill the default cache, which covers the
+    image, and no metadata is written until the flush."""
+    path = tmp_path / "c.qcow2"
+    size = 2 * 512 * 4096  # two L2 tables of 512 entries
+    create(path, size, "cluster_size=4096")
+    graph, node = await _open(path)
+    assert node.l2cache.capacity == 2
+    flushes = []
+    real_flush = node.file.flush
+
+    async def counting_flush():
+        flushes.append(1)
+        await real_flush()
+
+    node.file.flush = counting_flush
+    try:
+        model = bytearray(size)
+        for off in range(0, size, 64 * 1024):
+            data = bytes([off // 65536 % 250 + 1]) * (64 * 1024)
+            await node.write(off, data)
+            model[off:off + len(data)] = data
+        assert len(node.l2cache.dirty) == 2 and not flushes
+        await node.flush()
+        assert flushes
+    finally:
+        node.file.flush = real_flush
+        await graph.close_all()
+    check_clean(path)
+    assert dump(path, tmp_path) == model

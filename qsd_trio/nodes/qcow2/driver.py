@@ -865,7 +865,7 @@ class Qcow2Node(BlockNode):
                         for i in range(r.n):
                             del self._allocating[r.gc + i]
                     ev.set()
-                if len(self.l2cache.dirty) >= self.l2cache.capacity:
+                if self.l2cache.overfull():
                     await self._writeback()
         finally:
             if not linked:
@@ -1288,6 +1288,7 @@ class Qcow2Node(BlockNode):
                     await self._overlap_check(overlap.ACTIVE_L2, off, len(blob))
                 await self.file.write(off, blob)
             self.l2cache.dirty.clear()
+            self.l2cache.shrink()
             await self.file.flush()
         if self._l1_dirty:
             await self._write_l1()

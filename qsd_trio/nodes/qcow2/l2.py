@@ -163,6 +163,17 @@ class L2Cache:
             if refcount(t) <= 3:  # the cache, ``t`` and the argument
                 del tables[off]
 
+    def shrink(self) -> None:
+        """Back to the capacity once a writeback has made slices clean."""
+        self._evict()
+
+    def overfull(self) -> bool:
+        """Dirty slices keep the cache past its size: only a writeback lets
+        it evict again.  (QEMU writes a dirty entry back when it needs the
+        slot, qcow2_cache_do_get; a cache that holds every table of the
+        image, the default, never has to until a flush.)"""
+        return bool(self.dirty) and len(self.tables) > self.capacity
+
     def _touch(self, key: int, part: array) -> None:
         """A view changed slice ``key``: dirty, and cached again if evicted."""
         if self.tables.get(key) is not part:
