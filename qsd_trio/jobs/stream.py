@@ -24,6 +24,7 @@ import trio
 from ..nodes.node import BlockNode, Perm, Status
 from . import chain
 from .blockjob import BlockJob
+from .write_behind import WriteBehind
 
 # QEMU streams 512 KiB at a time; a bigger step halves our per-request overhead
 # (the drained section, block status, two thread hops) without changing results
@@ -102,24 +103,28 @@ class StreamJob(BlockJob):
         top = self.top
         length = top.length
         self.progress_total = length
+        # the header change below flushes top first: start its writeback early
+        write_behind = WriteBehind(top)
         pos = 0
-        while pos < length:
-            await self.pause_point()
-            n = min(CHUNK, length - pos)
-            try:
-                async with top.drained():
-                    need, n = await self._allocated_between(pos, n)
-                    if need:
-                        data = await top.read(pos, n)
-                        await top.write(pos, data)
-            except OSError as e:
-                action = self.error_action(self.on_error, True, e)
-                if action == "report":
-                    raise
-                continue  # ignore/stop: try the range again (after a resume)
-            pos += n
-            self.progress_current += n
-            await self.rate_limit(n if need else 0)
+        async with trio.open_nursery() as nursery:
+            while pos < length:
+                await self.pause_point()
+                n = min(CHUNK, length - pos)
+                try:
+                    async with top.drained():
+                        need, n = await self._allocated_between(pos, n)
+                        if need:
+                            data = await top.read(pos, n)
+                            await top.write(pos, data)
+                            write_behind.wrote(n, nursery)
+                except OSError as e:
+                    action = self.error_action(self.on_error, True, e)
+                    if action == "report":
+                        raise
+                    continue  # ignore/stop: try the range again (after a resume)
+                pos += n
+                self.progress_current += n
+                await self.rate_limit(n if need else 0)
         # QEMU rewires in prepare(); the header write is I/O, so it happens
         # here, at the same point in the event sequence (before "waiting")
         await self.pause_point()

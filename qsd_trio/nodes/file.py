@@ -41,6 +41,11 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
+_sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux only
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+SYNC_FILE_RANGE_WRITE = 2
 
 MAX_THREADS = 64
 BATCH_MAX_BYTES = 64 * 1024
@@ -74,6 +79,7 @@ class FileNode(BlockNode):
     grows = True
 
     fd: int | None = None
+    _writeback_error: OSError | None = None
 
     async def open(self, options: dict) -> None:
         self.path = options["filename"]
@@ -336,6 +342,34 @@ class FileNode(BlockNode):
 
     async def _co_flush(self):
         await self._run(os.fdatasync, self.fd)
+        err, self._writeback_error = self._writeback_error, None
+        if err is not None:
+            raise err  # reported to write_back(), which is not the flush's caller
+
+    def _write_back(self) -> None:
+        if not self.cache_direct and _sync_file_range is not None:
+            # the return value is ignored: fdatasync reports what failed
+            _sync_file_range(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            # the kernel reports a failed writeback once per descriptor: keep
+            # it for the next flush, which would otherwise succeed
+            self._writeback_error = e
+
+    async def write_back(self) -> None:
+        """Write the file's dirty pages to disk now (sync_file_range, then
+        fdatasync), on a worker thread: write-behind for long copies
+        (jobs/write_behind.py), so that the flush ending them finds little
+        left, on the host or in a virtual disk's own cache.
+
+        Not a flush request: no statistics, no ordering promise to anyone;
+        nothing for ``cache.no-flush``.  Raises nothing: an error is kept
+        and raised by the next flush (the kernel reports it only once).
+        """
+        if self.fd is None or self.read_only or self.cache_no_flush:
+            return
+        await self._run(self._write_back)
 
     # -- status and size -------------------------------------------------------------
     def _status(self, offset: int, length: int) -> BlockStatus:
