@@ -33,14 +33,16 @@ STEP = 64 << 20
 
 
 def _files_below(node: BlockNode) -> list:
-    """The nodes under ``node`` (itself included) that can write back."""
+    """The nodes that writes to ``node`` reach (itself included: its
+    children but not its backing chain, which writes never change) and
+    that can write back."""
     seen: dict[int, BlockNode] = {}
     todo = [node]
     while todo:
         n = todo.pop()
         if id(n) not in seen:
             seen[id(n)] = n
-            todo.extend(c.node for c in n.children.values())
+            todo.extend(c.node for role, c in n.children.items() if role != "backing")
     return [n for n in seen.values() if hasattr(n, "write_back")]
 
 

@@ -55,7 +55,7 @@ async def test_stream_writes_back_the_top(env, tmp_path, monkeypatch):
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
     qemu_io("-f", "qcow2", "-c", "write -P 0x22 1M 64k", str(top))
     paths = _count_rounds(monkeypatch)
-    await _add(env, "base", base, **{"read-only": True})
+    await _add(env, "base", base)  # writable, but not written: not written back
     await _add(env, "top", top, backing="base")
     await env.qmp("block-stream", job_id="s", device="top")
     ev = await env.wait_event("BLOCK_JOB_COMPLETED")
