@@ -37,7 +37,6 @@ from ...qapi.errors import GenericError, QapiError
 from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
-from . import crypt as qcrypt
 from . import overlap, reopen
 from . import snapshots as snapmod
 from .compress import CompressionError, compress, decompress
@@ -104,8 +103,13 @@ class Qcow2Node(BlockNode):
             raise GenericError(str(e)) from None
         self.h = h
         await self._check_header(h, options)
-        # encrypt.* (LUKS or legacy AES): every data cluster goes through it
-        self.crypto = await qcrypt.open_encryption(self, h, options)
+        # encrypt.* (LUKS or legacy AES): every data cluster goes through it.
+        # The crypto code (and the cryptography package) is imported only
+        # for an image that has or asks for it: ~50 ms of every start else.
+        self.crypto = None
+        if h.crypt_method or options.get("encrypt") is not None:
+            from . import crypt as qcrypt
+            self.crypto = await qcrypt.open_encryption(self, h, options)
         self.encrypted = self.crypto is not None
         cs = self.cs = h.cluster_size
         self.cb = h.cluster_bits
@@ -426,7 +430,8 @@ class Qcow2Node(BlockNode):
                     spec["data-file"] = h.data_file
                 spec["data-file-raw"] = self.data_file_raw
         if self.crypto is not None:
-            spec = qcrypt.with_encrypt_info(spec, self.crypto)
+            from .crypt import with_encrypt_info
+            spec = with_encrypt_info(spec, self.crypto)
         extra = {"cluster-size": self.cs, "format-specific": {"type": "qcow2", "data": spec}}
         if self.crypto is not None:
             extra["encrypted"] = True
