@@ -823,7 +823,16 @@ class Qcow2Node(BlockNode):
             self._lock.release()
 
     def _allocation_in(self, first: int, last: int) -> trio.Event | None:
-        for gc, ev in self._allocating.items():
+        allocating = self._allocating
+        if last - first < len(allocating):
+            # fewer clusters than in flight (64 backup workers of 1 MiB hold
+            # 1024): look the request's clusters up
+            for gc in range(first, last + 1):
+                ev = allocating.get(gc)
+                if ev is not None:
+                    return ev
+            return None
+        for gc, ev in allocating.items():
             if first <= gc <= last:
                 return ev
         return None
