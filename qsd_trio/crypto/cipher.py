@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 SECTOR = 512
 _BLOCK = 16
 
@@ -38,6 +36,10 @@ def hash_digest_len(alg: str) -> int:
 
 
 def _ecb(key: bytes):
+    # imported here: the cryptography package costs every start of the
+    # daemon ~20 ms, and only encrypted images need it
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     return Cipher(algorithms.AES(key), modes.ECB())
 
 
