@@ -1,6 +1,7 @@
 """Backup and stream write their target back while they copy (a round
 every write_behind.STEP bytes, here 1 MiB), and what they copy is still
-exactly the source, checked with qemu-img."""
+exactly the source, checked with qemu-img.  Stream's header change, which
+drops the backing file, is the last metadata write."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ async def test_stream_writes_back_the_top(env, tmp_path, monkeypatch):
                   "-c", f"read -P 0x11 {(1 << 20) + 65536} {SIZE - (1 << 20) - 65536}",
                   str(top)).stdout
     assert "verification failed" not in out
+
+
+async def test_metadata_is_on_disk_before_the_header_drops_the_backing_file(
+        env, tmp_path, monkeypatch):
+    """block-stream's header change comes after the copied data's L2 tables
+    and refcounts are written: the header is the last metadata write."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), str(SIZE))
+    qemu_io("-f", "qcow2", "-c", f"write -P 0x11 0 {SIZE}", str(base))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    await _add(env, "base", base)
+    await _add(env, "top", top, backing="base")
+    node = env.graph.nodes["top"]
+    seen = []
+    real = node.rewrite_header
+
+    async def rewrite_header():
+        seen.append((set(node.l2cache.dirty), bool(node.refs.dirty)))
+        await real()
+
+    monkeypatch.setattr(node, "rewrite_header", rewrite_header)
+    await env.qmp("block-stream", job_id="s", device="top")
+    ev = await env.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in ev
+    assert seen == [(set(), False)]
+    await env.graph.close_all()
+    qemu_img("check", "-q", str(top))

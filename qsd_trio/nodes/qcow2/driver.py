@@ -1423,6 +1423,14 @@ class Qcow2Node(BlockNode):
         if backing_file is not None and len(backing_file.encode()) > 1023:
             raise GenericError("Backing file name too long")
         async with self._lock:
+            # what the image holds (data, then the metadata pointing at it)
+            # is on disk before the header names another backing file:
+            # block-stream drops the backing file once the data is copied up,
+            # and a crash must not leave a header without it over L2 tables
+            # that do not point at the copy yet (QEMU's qcow2_update_header
+            # writes the header alone)
+            if not self._corrupt:
+                await self._writeback()
             self.h.backing_file = backing_file or None
             self.auto_backing_file = backing_file or ""
             self.h.set_ext(EXT_BACKING_FORMAT,
