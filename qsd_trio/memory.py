@@ -19,8 +19,9 @@ buffers in pools, so it never had this cost.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import platform
+import os
+
+from .libc import LIBC
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -34,11 +35,14 @@ TRIM_THRESHOLD = 32 << 20
 
 def tune_malloc() -> bool:
     """Apply the thresholds; False where the C library is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
+    # (platform.libc_ver() would read the whole python binary to find out)
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = LIBC.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

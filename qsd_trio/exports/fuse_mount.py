@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import array
 import ctypes
-import ctypes.util
 import os
 import socket
 import stat
 import subprocess
+
+from ..libc import LIBC
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -28,7 +29,7 @@ MNT_DETACH = 2
 # QEMU asks libfuse for these; max_read lifts the kernel's default read cap
 BASE_OPTIONS = "max_read=67108864,default_permissions"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = LIBC
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]

@@ -20,13 +20,13 @@ locks with it).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 
 import trio
 
+from ..libc import LIBC
 from ..qapi.errors import GenericError
 from . import locking
 from .batch import BatchExecutor
@@ -38,7 +38,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = LIBC
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 _sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux only
