@@ -336,14 +336,23 @@ class MirrorJob(BlockJob):
                     continue
             if cnt == 0 and self.in_flight == 0:
                 if not self.is_ready and not self.ready_reached:
+                    # READY promises a copy that survives a crash of the
+                    # host: what was copied is flushed first (mirror_flush)
+                    if not await self._flush_target():
+                        await self.sleep(SLICE)  # stopped, or retried after a while
+                        continue
                     self.set_ready()
                 if self.cancelled and self.is_ready:
                     return  # soft cancel after READY: a consistent copy, no pivot
                 if self.should_complete:
                     await self.hold_drain(self.source)
                     if bm.count() == 0:
-                        self.converged = True
-                        return
+                        if await self._flush_target():
+                            self.converged = True
+                            return
+                        self.release_drain()
+                        await self.sleep(SLICE)
+                        continue
                     self.release_drain()
                     continue
                 await self.sleep(SLICE)
@@ -354,6 +363,18 @@ class MirrorJob(BlockJob):
                     await self.yield_()
                 finally:
                     self.waiting_for_io = False
+
+    async def _flush_target(self) -> bool:
+        """mirror_flush: False if the flush failed (the error is handled by
+        on-target-error: reported, or the job stops, or it is retried)."""
+        try:
+            await self.target.flush()
+        except OSError as e:
+            if self.error_action(self.on_target_error, False, e) == "report":
+                if self.error is None:
+                    self.error = e
+            return False
+        return True
 
     def _next_chunk(self, bm: DirtyBitmap) -> tuple[int, int]:
         # Like QEMU's dirty iterator: carry on after the last copy and wrap

@@ -125,3 +125,15 @@ async def test_cancel_all_at_shutdown(env):
     assert env.statuses("j")[2:] == ["ready", "standby", "ready", "aborting", "concluded",
                                      "null"]
     assert "BLOCK_JOB_CANCELLED" in env.names()
+
+
+async def test_mirror_flushes_target_before_ready_and_pivot(env):
+    # mirror_flush: READY, and the pivot, come after what was copied is stable
+    await nulls(env, latency=0)
+    dst = env.graph.nodes["dst"]
+    await env.qmp("blockdev-mirror", job_id="j", device="src", target="dst", sync="full")
+    await env.wait_event("BLOCK_JOB_READY")
+    assert dst.stats["flush_operations"] == 1
+    await env.qmp("job-complete", id="j")
+    await env.wait_event("JOB_STATUS_CHANGE", status="null")
+    assert dst.stats["flush_operations"] == 2
