@@ -96,9 +96,6 @@ class Wire:
         # connection sends the replies it queued meanwhile (see _flush_now)
         self.before_wait = None
 
-    def buffered(self) -> int:
-        return self._end - self._start
-
     async def _recv_into(self, view) -> int:
         raw = self.raw
         if raw is None:
