@@ -36,14 +36,7 @@ def _files_below(node: BlockNode) -> list:
     """The nodes that writes to ``node`` reach (itself included: its
     children but not its backing chain, which writes never change) and
     that can write back."""
-    seen: dict[int, BlockNode] = {}
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if id(n) not in seen:
-            seen[id(n)] = n
-            todo.extend(c.node for role, c in n.children.items() if role != "backing")
-    return [n for n in seen.values() if hasattr(n, "write_back")]
+    return [n for n in node._subtree(backing=False) if hasattr(n, "write_back")]
 
 
 class WriteBehind:

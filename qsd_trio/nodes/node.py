@@ -682,14 +682,17 @@ class BlockNode:
             self._drained = trio.Event()  # made only when someone waits
         await self._drained.wait()
 
-    def _subtree(self) -> list[BlockNode]:
+    def _subtree(self, *, backing: bool = True) -> list[BlockNode]:
+        """This node and all below it; without ``backing``, not through
+        backing edges (the nodes a write to this one can reach)."""
         seen: dict[int, BlockNode] = {}
         todo = [self]
         while todo:
             n = todo.pop()
             if id(n) not in seen:
                 seen[id(n)] = n
-                todo.extend(c.node for c in n.children.values())
+                todo.extend(c.node for role, c in n.children.items()
+                            if backing or role != "backing")
         return list(seen.values())
 
     def _ancestors(self) -> list[BlockNode]:
