@@ -11,6 +11,7 @@ which fixtures call in their teardown.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import trio
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 QSD_TRIO = [sys.executable, "-m", "qsd_trio"]
@@ -148,3 +150,25 @@ def qemu_io(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def unused_path(tmp_path: Path, name: str) -> str:
     p = tmp_path / f"{name}-{os.getpid()}-{next(_counter)}"
     return str(p)
+
+
+class _Turns:
+    n = 0
+
+
+@contextlib.asynccontextmanager
+async def other_task_turns():
+    """Another task that counts its turns (``.n``) while the body runs: a
+    loop that never lets other tasks run shows as a count that stays put."""
+    turns = _Turns()
+
+    async def other():
+        while True:
+            turns.n += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()  # other() has its first turn
+        yield turns
+        nursery.cancel_scope.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
@@ -74,3 +75,11 @@ class RawClient:
         rest = await self.recv(P.reply_header_size(head) - 4)
         rep = P.parse_reply_header(head + rest)
         return rep, (await self.recv(rep.length) if rep.type is not None else b"")
+
+
+@pytest.fixture(autouse=True)
+async def raw_clients():
+    """Closes the raw clients a test opened; a module imports it to use it."""
+    yield
+    while RawClient.opened:
+        await RawClient.opened.pop().s.aclose()

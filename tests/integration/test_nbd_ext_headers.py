@@ -15,17 +15,10 @@ import trio
 
 from qsd_trio.proto import nbd as P
 
-from .nbd_raw import RawClient
+from .nbd_raw import RawClient, raw_clients  # noqa: F401 - autouse fixture
 
 GiB = 1 << 30
 SIZE = 6 * GiB
-
-
-@pytest.fixture(autouse=True)
-async def raw_clients():
-    yield
-    while RawClient.opened:
-        await RawClient.opened.pop().s.aclose()
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ import trio.testing
 from qsd_trio.exports import nbd as nbd_export
 from qsd_trio.monitor import exports as mx
 from qsd_trio.proto import nbd as P
+from tests.helpers import other_task_turns
 
 from .nbd_helpers import MemoryNode, make_daemon, ns
-from .nbd_raw import RawClient
+from .nbd_raw import RawClient, raw_clients  # noqa: F401 - autouse fixture
 
 
 class FastMemoryNode(MemoryNode):
@@ -37,13 +38,6 @@ class FastMemoryNode(MemoryNode):
         self.data[offset:offset + len(mv)] = mv
         self._mark(offset, len(mv), True)
         return True
-
-
-@pytest.fixture(autouse=True)
-async def raw_clients():
-    yield
-    while RawClient.opened:
-        await RawClient.opened.pop().s.aclose()
 
 
 @pytest.fixture
@@ -126,14 +120,6 @@ async def test_inline_and_task_requests_mixed(env):
 
 async def test_busy_client_lets_other_tasks_run(env):
     env.node.data[:1 << 20] = b"\x42" * (1 << 20)
-    turns = 0
-
-    async def other():
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
-
     c = await RawClient.connect(env.sock)
     await c.go("fast")
     # one-byte reads: the requests arrive in one receive and all the replies
@@ -142,13 +128,11 @@ async def test_busy_client_lets_other_tasks_run(env):
     n = 20 * nbd_export.MAX_REQUESTS
     reqs = [(P.CMD_READ, (i % 256) * 4096, 1, P.CMD_FLAG_DF, b"") for i in range(n)]
     blob = _blob(reqs)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
+    async with other_task_turns() as turns:
         await c.s.send_all(blob)
-        before = turns
+        before = turns.n
         for _ in reqs:
             rep, payload = await c.reply()
             assert payload[8:] == b"\x42"
         # the reader stopped for the rest at least once per MAX_REQUESTS requests
-        assert turns - before >= n // nbd_export.MAX_REQUESTS // 2
-        nursery.cancel_scope.cancel()
+        assert turns.n - before >= n // nbd_export.MAX_REQUESTS // 2

@@ -21,7 +21,7 @@ from qsd_trio.proto import nbd as P
 from qsd_trio.qapi.errors import QapiError
 
 from .nbd_helpers import make_daemon, ns
-from .nbd_raw import RawClient
+from .nbd_raw import RawClient, raw_clients  # noqa: F401 - autouse fixture
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/nbdinfo"), reason="needs libnbd tools")
 
@@ -33,13 +33,6 @@ async def run(*cmd, check=True, stdin=None):
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} failed {r.returncode}: {r.stderr.decode()}")
     return r
-
-
-@pytest.fixture(autouse=True)
-async def raw_clients():
-    yield
-    while RawClient.opened:
-        await RawClient.opened.pop().s.aclose()
 
 
 @pytest.fixture

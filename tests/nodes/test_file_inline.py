@@ -5,10 +5,10 @@ Either way the bytes on disk are what was written."""
 import time
 
 import pytest
-import trio
 
 from qsd_trio.nodes import inline_io
 from qsd_trio.nodes.graph import BlockGraph
+from tests.helpers import other_task_turns
 
 PAGE = inline_io.PAGE
 
@@ -85,43 +85,21 @@ def test_voluntary_switches_counts_sleeps():
 async def test_a_loop_of_inline_writes_lets_other_tasks_run(node, monkeypatch):
     # inline writes skip most checkpoints, but never more than YIELD_EVERY in a row
     monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
-    turns = 0
-
-    async def other():
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
-        await trio.lowlevel.checkpoint()  # other() runs its first turn
-        before = turns
+    async with other_task_turns() as turns:
+        before = turns.n
         for i in range(4 * inline_io.YIELD_EVERY):
             await node.write((i % 64) * PAGE, bytes([i % 251 + 1]) * PAGE)
-        assert turns - before >= 3
+        assert turns.n - before >= 3
         assert node._inline.inline == 4 * inline_io.YIELD_EVERY
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_loop_of_cached_reads_lets_other_tasks_run(node):
-    turns = 0
-
-    async def other():
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
-
     await node.write(0, b"\x09" * PAGE)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
-        await trio.lowlevel.checkpoint()
-        before = turns
+    async with other_task_turns() as turns:
+        before = turns.n
         for _ in range(4 * inline_io.YIELD_EVERY):
             assert await node.read(0, PAGE) == b"\x09" * PAGE
-        assert turns - before >= 3
-        nursery.cancel_scope.cancel()
+        assert turns.n - before >= 3
 
 
 async def test_stall_on_an_unwatched_write_is_caught_on_the_next(node, monkeypatch):
