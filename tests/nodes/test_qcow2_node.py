@@ -29,10 +29,9 @@ def dump(path, tmp_path) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("opts", [(), ("cluster_size=4096", "refcount_bits=8"),
-                                  ("extended_l2=on",), ("compat=0.10",)],
-                         ids=["default", "c4k", "extl2", "v2"])
-async def test_conformance(tmp_path, opts):
+def qcow2_factory(tmp_path, opts=(), file_opts=None):
+    """(factory, after_close) for check_block_node: a fresh qcow2 image made by
+    qemu-img with ``opts`` (-o), over a file node with ``file_opts``."""
     paths = []
 
     @contextlib.asynccontextmanager
@@ -44,7 +43,8 @@ async def test_conformance(tmp_path, opts):
         graph = BlockGraph()
         node = await graph.add({"driver": "qcow2", "node-name": "q", "read-only": read_only,
                                 "discard": "unmap",
-                                "file": {"driver": "file", "filename": str(paths[-1])}})
+                                "file": {"driver": "file", "filename": str(paths[-1]),
+                                         **(file_opts or {})}})
         try:
             yield node
         finally:
@@ -54,6 +54,14 @@ async def test_conformance(tmp_path, opts):
         check_clean(paths[-1])
         assert dump(paths[-1], tmp_path) == model
 
+    return factory, after_close
+
+
+@pytest.mark.parametrize("opts", [(), ("cluster_size=4096", "refcount_bits=8"),
+                                  ("extended_l2=on",), ("compat=0.10",)],
+                         ids=["default", "c4k", "extl2", "v2"])
+async def test_conformance(tmp_path, opts):
+    factory, after_close = qcow2_factory(tmp_path, opts)
     await check_block_node(factory, after_close=after_close)
 
 
@@ -97,6 +105,12 @@ OPS = st.lists(
 @given(ops=OPS, opts=st.sampled_from([(), ("cluster_size=4096",), ("extended_l2=on",),
                                       ("cluster_size=512", "refcount_bits=1")]))
 async def test_random_workload(tmp_path, ops, opts):
+    await run_random_workload(tmp_path, ops, opts)
+
+
+async def run_random_workload(tmp_path, ops, opts, file_opts=None):
+    """``ops`` on a fresh 1 MiB image (made with ``opts``) against a
+    bytearray model; qemu-img check and convert then agree with it."""
     path = tmp_path / f"r{next(_counter)}.qcow2"
     size = 1 << 20
     create(path, size, *opts)
@@ -104,7 +118,8 @@ async def test_random_workload(tmp_path, ops, opts):
     cs = 512 if "cluster_size=512" in opts else 4096 if "cluster_size=4096" in opts else 65536
     graph = BlockGraph()
     node = await graph.add({"driver": "qcow2", "node-name": "q", "discard": "unmap",
-                            "file": {"driver": "file", "filename": str(path)}})
+                            "file": {"driver": "file", "filename": str(path),
+                                     **(file_opts or {})}})
     try:
         for op, off, n, p in ops:
             size = len(model)

@@ -24,13 +24,15 @@ ops = st.lists(st.one_of(
 ), min_size=1, max_size=25)
 
 
-async def run_workload(path: Path, layered: bool, workload) -> bytearray:
+async def run_workload(path: Path, layered: bool, workload, file_opts=None) -> bytearray:
     model = bytearray(SIZE)
     graph = BlockGraph()
-    opts = {"driver": "file", "filename": str(path), "node-name": "f", "discard": "unmap"}
+    file_opts = file_opts or {}
+    opts = {"driver": "file", "filename": str(path), "node-name": "f", "discard": "unmap",
+            **file_opts}
     if layered:
         opts = {"driver": "raw", "node-name": "r", "discard": "unmap",
-                "file": {"driver": "file", "filename": str(path)}}
+                "file": {"driver": "file", "filename": str(path), **file_opts}}
     node = await graph.add(opts)
     try:
         for op, off, n, arg in workload:
@@ -65,10 +67,15 @@ async def run_workload(path: Path, layered: bool, workload) -> bytearray:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=ops, layered=st.booleans())
 def test_random_workload(workload, layered):
+    check_workload(workload, layered)
+
+
+def check_workload(workload, layered: bool, file_opts=None) -> None:
+    """Run ``workload`` on a fresh image; the real qemu-img finds the model in it."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "img.raw"
         path.write_bytes(bytes(SIZE))
-        model = trio.run(run_workload, path, layered, workload)
+        model = trio.run(run_workload, path, layered, workload, file_opts)
         ref = Path(d) / "model.raw"
         ref.write_bytes(bytes(model))
         r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(path), str(ref)],

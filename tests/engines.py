@@ -1,0 +1,41 @@
+"""The I/O engines of the ``file`` driver, as a user selects them (issue 11).
+
+``aio=threads``, ``aio=io_uring`` and ``aio=native``, each with and without
+``cache.direct`` (``native`` only with it: QEMU refuses it otherwise).  The
+tests reach an engine through these options only, so they run against
+whatever implements them.
+
+``ENGINES`` is meant for ``pytest.mark.parametrize("engine", ENGINES)``;
+``DIRECT_ENGINES`` holds the ones with O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    aio: str
+    direct: bool
+
+    def __str__(self) -> str:
+        return f"{self.aio}-{'direct' if self.direct else 'cached'}"
+
+    def options(self) -> dict:
+        """Options of a ``file`` (or ``host_device``) node, for blockdev-add."""
+        return {"aio": self.aio, "cache": {"direct": self.direct}}
+
+    def keyval(self, prefix: str = "") -> str:
+        """The same options in command-line syntax, each key under ``prefix``
+        (e.g. ``file.`` for the file child of a format node)."""
+        return (f",{prefix}aio={self.aio}"
+                f",{prefix}cache.direct={'on' if self.direct else 'off'}")
+
+
+ALL = [Engine("threads", False), Engine("threads", True), Engine("native", True),
+       Engine("io_uring", False), Engine("io_uring", True)]
+ENGINES = [pytest.param(e, id=str(e)) for e in ALL]
+DIRECT_ENGINES = [pytest.param(e, id=str(e)) for e in ALL if e.direct]
