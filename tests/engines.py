@@ -39,3 +39,12 @@ ALL = [Engine("threads", False), Engine("threads", True), Engine("native", True)
        Engine("io_uring", False), Engine("io_uring", True)]
 ENGINES = [pytest.param(e, id=str(e)) for e in ALL]
 DIRECT_ENGINES = [pytest.param(e, id=str(e)) for e in ALL if e.direct]
+
+
+def stop_clean(daemon) -> None:
+    """Stop a daemon (SIGTERM: flush and close) and check it ended well:
+    exit status 0 and no Python traceback on its stderr."""
+    daemon.stop()
+    err = daemon.stderr()
+    assert "Traceback" not in err, err[-4000:]
+    assert daemon.proc.returncode == 0, err[-4000:]

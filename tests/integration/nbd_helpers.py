@@ -7,6 +7,8 @@ clients wrote with an independent model without needing the file driver.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import types
 
 import trio
@@ -98,3 +100,18 @@ def make_pki(d) -> None:
              f"{who}.csr", "-subj", f"/C=GB/O=Example/CN={who}.example.com")
         ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
              "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", "ext.cnf")
+
+
+def fio_verify(uri: str, cwd, *, seed: str = "1", offset: int = 0, size: int = 16 << 20,
+               iodepth: int = 32, bs: str = "4k") -> None:
+    """fio's nbd engine: random writes at ``iodepth``, every block read back
+    and checksummed (crc32c); fails on any error or short run."""
+    r = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={uri}",
+                        f"--randseed={seed}", "--rw=randwrite", f"--bs={bs}",
+                        f"--iodepth={iodepth}", f"--offset={offset}", f"--size={size}",
+                        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--output-format=json"], capture_output=True, text=True,
+                       timeout=120, cwd=cwd)  # fio leaves a verify state file in its cwd
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] == size, job

@@ -12,7 +12,7 @@ import trio
 
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
 
-from .nbd_helpers import make_pki
+from .nbd_helpers import fio_verify, make_pki
 from .nbd_raw import RawClient
 
 
@@ -227,14 +227,6 @@ def test_fio_verify_over_nbd(daemon_factory, image, tmp_path):
     # clusters allocated a moment ago take the reader's fast path; the second
     # pass, another random order, overwrites allocated clusters only
     for seed in ("1", "2"):
-        r = subprocess.run(["fio", "--name=v", "--ioengine=nbd",
-                            f"--uri=nbd+unix:///disk?socket={sock}", f"--randseed={seed}",
-                            "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
-                            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                            "--output-format=json"], capture_output=True, text=True,
-                           timeout=120, cwd=tmp_path)  # fio leaves a verify state file in its cwd
-        assert r.returncode == 0, r.stderr
-        job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-        assert job["error"] == 0 and job["write"]["io_bytes"] == 16 << 20
+        fio_verify(f"nbd+unix:///disk?socket={sock}", tmp_path, seed=seed)
     d.stop()
     assert qemu_img("check", str(image)).returncode == 0
