@@ -172,3 +172,28 @@ async def other_task_turns():
         await trio.lowlevel.checkpoint()  # other() has its first turn
         yield turns
         nursery.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, sector_size: int = 512):
+    """``backing`` as a loop block device with ``sector_size``-byte logical
+    sectors (root only); yields its path and detaches it on the way out."""
+    dev = run("losetup", "--find", "--show", "--sector-size", str(sector_size),
+              str(backing)).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def mounted(where: Path, *mount_args: str):
+    """``mount *mount_args where`` for the body (root only); unmounted after,
+    lazily if something still holds it."""
+    where.mkdir(parents=True, exist_ok=True)
+    run("mount", *mount_args, str(where))
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)

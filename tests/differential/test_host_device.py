@@ -9,10 +9,10 @@ file against a model, and the map qemu-img reports.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
+from tests import helpers
 from tests.helpers import HAVE_QEMU, run
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
@@ -25,12 +25,8 @@ def loop_device(tmp_path):
     img = tmp_path / "backing.img"
     with open(img, "wb") as f:
         f.truncate(16 * MiB)
-    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    try:
+    with helpers.loop_device(img) as dev:
         yield dev, img
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def scenario(daemon_factory, kind, dev, img, tmp_path) -> list:
