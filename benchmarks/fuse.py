@@ -1,40 +1,49 @@
-"""FUSE export throughput: qsd-trio beside qemu-storage-daemon 7.2.
+"""FUSE export throughput, qsd-trio beside qemu-storage-daemon 7.2.
 
-Reads and writes SIZE (default 1 GiB) through the mounted export with dd,
-1 MiB and 4 KiB requests, alternating the daemons (A/B/A/B...) so that
-machine noise hits both alike, and prints a markdown table of the median
-MB/s and the ratio qsd-trio / qemu-storage-daemon (targets: >= 0.8 for
-1 MiB, >= 0.5 for 4 KiB).
+fio through the mounted export (``type=fuse``, writable) of a raw image and
+a fully allocated qcow2, on each place of common.PLACES that has FUSE rows
+(tmpfs, a disk file in the page cache, the same file cold, the same file
+with cache.direct=on and aio=io_uring), both daemons opening it with the same
+options: 4 KiB random read (psync, one request at a time) and 1 MiB
+sequential read and write (reads only on the cold place).  fio opens the
+mount with O_DIRECT, so every request reaches the daemon instead of the
+kernel's page cache for the mount (both daemons accept it).
 
-The image is a raw file in --dir (default /dev/shm, so the disk is not what
-is measured) behind a ``file`` node, or ``--driver null-co``.  Each dd opens
-the mount anew, which drops the kernel's page cache for it (neither daemon
-asks to keep it), and writes end with fsync so they reach the daemon's node.
+Per place and format, each daemon is started once per round and runs every
+workload (A, B, A, B).  The CPU columns are the daemon's utime + stime per
+fio request (the kernel may split a 1 MiB request into several FUSE
+requests).
 
-    .venv/bin/python benchmarks/fuse.py [--size-mib 1024] [--rounds 2]
+    .venv/bin/python benchmarks/fuse.py [--runtime 3] [--rounds 2] [--size 512]
+                                        [--only tmpfs,qcow2,fuse-randread,...]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-CASES = [
-    ("read 1 MiB", "read", "1M"),
-    ("read 4 KiB", "read", "4k"),
-    ("write 1 MiB", "write", "1M"),
-    ("write 4 KiB", "write", "4k"),
+sys.path.insert(0, os.path.dirname(__file__))
+import common as b  # noqa: E402
+
+# id, label, fio rw, block size
+WORKLOADS = [
+    ("fuse-randread", "4k randread (psync)", "randread", "4k"),
+    ("fuse-read-1m", "1M seq read (psync)", "read", "1M"),
+    ("fuse-write-1m", "1M seq write (psync)", "write", "1M"),
 ]
-TARGET = {"1M": 0.8, "4k": 0.5}
-DAEMONS = {"qemu": ["qemu-storage-daemon"], "trio": [sys.executable, "-m", "qsd_trio"]}
+
+
+def target(place: b.Place, bs: str) -> float | None:
+    if bs == "1M" or place.direct:
+        return 1.0
+    if place.key == "tmpfs":
+        return 0.8
+    return None
 
 
 def is_mounted(path: str) -> bool:
@@ -43,89 +52,88 @@ def is_mounted(path: str) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def start(kind: str, workdir: str, driver: str, size: int) -> tuple[subprocess.Popen, str]:
-    mp = os.path.join(workdir, f"mp-{kind}")
-    open(mp, "wb").close()
-    if driver == "file":
-        image = os.path.join(workdir, f"img-{kind}")
-        with open(image, "wb") as f:
-            f.truncate(size)
-        node = f"driver=file,node-name=n,filename={image}"
-    else:
-        node = f"driver=null-co,node-name=n,size={size}"
-    proc = subprocess.Popen(
-        DAEMONS[kind] + ["--blockdev", node, "--export",
-                         f"type=fuse,id=e,node-name=n,mountpoint={mp},writable=on"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start(kind: str, fmt: str, image: str, place: b.Place, mp: str, workdir: str) -> b.Started:
+    size = os.path.getsize(image) if fmt == "raw" else None
+    s = b.Started(kind, ["--blockdev", b.node(fmt, image, place, "disk"), "--export",
+                         f"type=fuse,id=e,node-name=disk,mountpoint={mp},writable=on"], workdir)
     deadline = time.monotonic() + 30
-    while not (is_mounted(mp) and os.path.getsize(mp) == size):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited: {proc.stderr.read().decode()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{kind} did not mount")
-        time.sleep(0.05)
-    return proc, mp
+    while not (is_mounted(mp) and os.path.getsize(mp) and (size is None
+                                                          or os.path.getsize(mp) == size)):
+        if s.proc.poll() is not None or time.monotonic() > deadline:
+            stop(s, mp)
+            raise RuntimeError(f"{kind} did not mount {mp}")
+        time.sleep(0.01)
+    return s
 
 
-def stop(proc: subprocess.Popen, mp: str) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop(s: b.Started, mp: str) -> None:
+    s.stop()
     if is_mounted(mp):
         subprocess.run(["umount", "-l", mp], check=False)
 
 
-def dd(op: str, mp: str, bs: str, size: int) -> float:
-    """MB/s of one dd run."""
-    count = size // (1 << 20 if bs == "1M" else 4096)
-    if op == "read":
-        argv = ["dd", f"if={mp}", "of=/dev/null", f"bs={bs}", f"count={count}"]
-    else:
-        argv = ["dd", "if=/dev/zero", f"of={mp}", f"bs={bs}", f"count={count}",
-                "conv=notrunc,fsync"]
-    t = time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, text=True, check=True)
-    elapsed = time.perf_counter() - t
-    m = re.search(r"^(\d+) bytes", r.stderr, re.M)
-    assert m and int(m.group(1)) == size, r.stderr
-    return size / elapsed / 1e6
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=2, help="A/B pairs")
-    ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    ap.add_argument("--driver", choices=["file", "null-co"], default="file")
+    ap = b.arguments(__doc__)
+    ap.add_argument("--size", type=int, default=512, help="image size in MiB (default 512)")
     opts = ap.parse_args()
-    size = opts.size_mib << 20
-    results: dict[tuple[str, str], list[float]] = {}
-    workdir = tempfile.mkdtemp(prefix="qsd-fuse-bench-", dir=opts.dir)
+    sel = b.Selection.parse(opts.only)
+    if shutil.which("fio") is None or shutil.which("qemu-storage-daemon") is None:
+        sys.exit("needs fio and qemu-storage-daemon")
+    ws = b.Workspace("qsd-bench-fuse-")
+    mnt = tempfile.mkdtemp(prefix="qsd-bench-fuse-mnt-")
+    rows: list[b.Row] = []
     try:
-        for rnd in range(opts.rounds):
-            for kind in ("qemu", "trio"):
-                proc, mp = start(kind, workdir, opts.driver, size)
-                try:
-                    for name, op, bs in CASES:
-                        mbs = dd(op, mp, bs, size)
-                        results.setdefault((kind, name), []).append(mbs)
-                        print(f"round {rnd + 1} {kind:5} {name:12} {mbs:8.1f} MB/s",
-                              file=sys.stderr)
-                finally:
-                    stop(proc, mp)
+        for place in b.PLACES:
+            if not sel.place(place, "fuse"):
+                continue
+            for fmt in b.FORMATS:
+                work = [w for w in WORKLOADS if sel.workload(w[0]) and sel.fmt(fmt)
+                        and not (place.cold and "write" in w[2])]
+                if not work:
+                    continue
+                image = ws.image(place.root, fmt, opts.size)
+                mine = {w[0]: b.Row(place.key, f"{fmt} FUSE {w[1]}",
+                                    "IOPS" if w[3] == "4k" else "MiB/s", target(place, w[3]))
+                        for w in work}
+                rows.extend(mine.values())
+
+                def one_round(kind: str, place=place, fmt=fmt, image=image, work=work,
+                              mine=mine) -> float:
+                    mp = os.path.join(mnt, f"mp-{kind}")
+                    open(mp, "wb").close()
+                    if place.warm:
+                        b.warm(image)
+                    try:
+                        s = start(kind, fmt, image, place, mp, mnt)
+                    except RuntimeError as e:
+                        for r in mine.values():
+                            r.fail(kind, e)
+                        return 0.0
+                    try:
+                        for wid, _label, rw, bs in work:
+                            b.prepare(place, [image], "read" in rw)
+                            try:
+                                res = b.fio([f"--filename={mp}", "--ioengine=psync",
+                                             "--direct=1"], s.pid, rw, bs, 1, opts.runtime,
+                                            time_based=not place.cold)
+                            except (RuntimeError, OSError) as e:
+                                mine[wid].fail(kind, e)
+                                continue
+                            mine[wid].add(kind, res.figure, res.cpu_us)
+                            b.log(f"fuse {place.key} {fmt} {kind:4} {wid:15} "
+                                  f"{res.figure:10.1f} {mine[wid].unit:5} "
+                                  f"{res.cpu_us:6.1f} µs/req")
+                    finally:
+                        stop(s, mp)
+                    return 0.0
+
+                b.alternate(one_round, opts.rounds)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nFUSE export, {opts.size_mib} MiB per run, {opts.driver} node, "
-          f"median of {opts.rounds} (A/B alternating), dd through the mount\n")
-    print("| case | qemu-storage-daemon MB/s | qsd-trio MB/s | ratio | target |")
-    print("|---|---:|---:|---:|---:|")
-    for name, _op, bs in CASES:
-        q = statistics.median(results[("qemu", name)])
-        t = statistics.median(results[("trio", name)])
-        print(f"| {name} | {q:.0f} | {t:.0f} | {t / q:.2f} | {TARGET[bs]} |")
+        ws.cleanup()
+        shutil.rmtree(mnt, ignore_errors=True)
+    b.finish(rows, opts, f"FUSE export (fio psync, O_DIRECT on the mount) on {b.machine()}; "
+                         f"{opts.size} MiB images; fio {opts.runtime:g} s per run, "
+                         f"{opts.rounds} rounds (A,B,A,B), medians")
 
 
 if __name__ == "__main__":

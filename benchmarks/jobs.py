@@ -1,133 +1,171 @@
-"""Block job throughput, qsd-trio against qemu-storage-daemon in the same run.
+"""Block job throughput, qsd-trio beside qemu-storage-daemon in the same run.
 
-    .venv/bin/python benchmarks/jobs.py [--size-mib 1024] [--rounds 2]
+    .venv/bin/python benchmarks/jobs.py [--size 1024] [--rounds 2]
+                                        [--only tmpfs,raw,mirror,...]
 
-Workloads on a fully allocated qcow2 image of ``--size-mib`` (default 1 GiB,
-the issue's figure): mirror (to READY, then complete), backup (full), stream
-(a 2-layer chain, the backing layer holding the data) and commit (active
-commit: the top layer holding the data, committed into its backing, READY
-then complete).  Each figure is MiB/s
-from the command to BLOCK_JOB_COMPLETED; the daemons alternate (A B A B) so
-that drift hits both.  Timing belongs here, never in a test.
+mirror (sync=full to READY, then complete), backup (sync=full), stream and
+commit of a fully allocated image of ``--size`` MiB (default 1 GiB, random
+data; qcow2 made with qemu-img convert), for a raw and a qcow2 image, on each
+place of common.PLACES that has job rows (tmpfs, a disk file in the page
+cache, the same file cold, the same file with cache.direct=on and
+aio=io_uring).  The job's source and target live on that place and every file
+node, source and target, gets the place's cache.direct and aio.
+
+- mirror, backup: source ``src.FMT`` (data) to a new empty ``tgt.FMT``;
+- stream: a new empty qcow2 top over ``src.FMT`` as its backing node;
+- commit: active commit of a qcow2 top holding the data (``src.qcow2``) into a
+  new empty base ``base.FMT`` (READY, then complete).
+
+Each figure is MiB/s from the QMP command to BLOCK_JOB_COMPLETED, with a
+daemon started for each job run; the daemons alternate (A B A B).  On the
+cached place the sources are read into the page cache before each run, on the
+cold place they are evicted from it.  Timing belongs here, never in a test.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
-import tempfile
+import sys
 import time
-from pathlib import Path
 
-from common import HEADER, Started, alternate, machine, row
-from qemu.qmp.legacy import QEMUMonitorProtocol
+sys.path.insert(0, os.path.dirname(__file__))
+import common as b  # noqa: E402
+from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
 
-MiB = 1 << 20
+JOBS = ("mirror", "backup", "stream", "commit")
+TARGET = 1.0
 
 
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
 
 
-def make_data_image(path: Path, size: int, fmt: str = "qcow2", backing: Path | None = None,
-                    data: bool = True) -> None:
-    b = ["-u", "-b", str(backing), "-F", "qcow2"] if backing else []
-    sh("qemu-img", "create", "-q", "-f", fmt, *b, str(path), str(size))
-    if data:
-        sh("qemu-io", "-f", fmt, "-c", f"write -P 0x5a 0 {size}", str(path))
+def empty_image(path: str, fmt: str, size: int) -> None:
+    if fmt == "raw":
+        with open(path, "wb") as f:
+            f.truncate(size)
+    else:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", path, str(size))
 
 
-def wait(qmp: QEMUMonitorProtocol, name: str, timeout: float = 600) -> dict:
+def wait(qmp: QEMUMonitorProtocol, name: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        ev = qmp.pull_event(wait=max(deadline - time.monotonic(), 0.01))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"no {name} within {timeout:.0f} s")
+        ev = qmp.pull_event(wait=left)
         if ev and ev["event"] == name:
             return ev
 
 
-def run_job(kind: str, workdir: Path, size: int, job: str, master: dict[str, Path]) -> float:
-    d = workdir / f"{kind}-{job}"
+def run_job(kind: str, place: b.Place, fmt: str, job: str, ws: b.Workspace, size_mib: int,
+            timeout: float) -> float:
+    """MiB/s of one job run in a fresh daemon."""
+    size = size_mib * b.MiB
+    src = ws.image(place.root, fmt, size_mib, "src")
+    d = os.path.join(ws.dir(place.root), f"{kind}-{job}")
     shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    for name, path in master.items():
-        shutil.copy(path, d / name)
-    sock = d / "qmp.sock"
+    os.mkdir(d)
+    sock = os.path.join(d, "qmp.sock")
     args = ["--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"]
     if job in ("mirror", "backup"):
-        sh("qemu-img", "create", "-q", "-f", "qcow2", str(d / "tgt.qcow2"), str(size))
-        args += ["--blockdev", f"driver=qcow2,node-name=src,file.driver=file,"
-                               f"file.filename={d / 'src.qcow2'}",
-                 "--blockdev", f"driver=qcow2,node-name=tgt,file.driver=file,"
-                               f"file.filename={d / 'tgt.qcow2'}"]
+        tgt = os.path.join(d, f"tgt.{fmt}")
+        empty_image(tgt, fmt, size)
+        sources = [src]
+        args += ["--blockdev", b.node(fmt, src, place, "src"),
+                 "--blockdev", b.node(fmt, tgt, place, "tgt")]
+    elif job == "stream":
+        top = os.path.join(d, "top.qcow2")
+        empty_image(top, "qcow2", size)
+        sources = [src]
+        args += ["--blockdev", b.node(fmt, src, place, "base", "read-only=on"),
+                 "--blockdev", b.node("qcow2", top, place, "top", "backing=base")]
     else:
-        args += ["--blockdev", f"driver=qcow2,node-name=base,read-only=off,file.driver=file,"
-                               f"file.filename={d / 'base.qcow2'}",
-                 "--blockdev", f"driver=qcow2,node-name=top,backing=base,file.driver=file,"
-                               f"file.filename={d / 'top.qcow2'}"]
-    daemon = Started(kind, args, str(d))
+        top = ws.image(place.root, "qcow2", size_mib, "src")
+        base = os.path.join(d, f"base.{fmt}")
+        empty_image(base, fmt, size)
+        sources = [top]
+        args += ["--blockdev", b.node(fmt, base, place, "base"),
+                 "--blockdev", b.node("qcow2", top, place, "top", "backing=base")]
+    if place.warm:
+        b.warm(*sources)
+    b.prepare(place, sources, True)
+    daemon = b.Started(kind, args, d)
     try:
-        qmp = QEMUMonitorProtocol(str(sock))
+        qmp = QEMUMonitorProtocol(sock)
         qmp.connect()
-        qmp.settimeout(600)
+        qmp.settimeout(timeout)
+
+        def cmd(name: str, arguments: dict) -> None:
+            r = qmp.cmd_raw(name, arguments)
+            if "error" in r:
+                raise RuntimeError(f"{name}: {r['error'].get('desc')}")
+
         t0 = time.perf_counter()
         if job == "mirror":
-            qmp.cmd_raw("blockdev-mirror", {"job-id": "j", "device": "src", "target": "tgt",
-                                            "sync": "full"})
-            wait(qmp, "BLOCK_JOB_READY")
-            qmp.cmd_raw("job-complete", {"id": "j"})
+            cmd("blockdev-mirror", {"job-id": "j", "device": "src", "target": "tgt",
+                                    "sync": "full"})
+            wait(qmp, "BLOCK_JOB_READY", timeout)
+            cmd("job-complete", {"id": "j"})
         elif job == "backup":
-            qmp.cmd_raw("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
-                                            "sync": "full"})
+            cmd("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
+                                    "sync": "full"})
         elif job == "stream":
-            qmp.cmd_raw("block-stream", {"job-id": "j", "device": "top"})
-        elif job == "commit":
+            cmd("block-stream", {"job-id": "j", "device": "top"})
+        else:
             # the top is the active layer: an active commit, READY then complete
-            qmp.cmd_raw("block-commit", {"job-id": "j", "device": "top", "base-node": "base"})
-            wait(qmp, "BLOCK_JOB_READY")
-            qmp.cmd_raw("job-complete", {"id": "j"})
-        ev = wait(qmp, "BLOCK_JOB_COMPLETED")
+            cmd("block-commit", {"job-id": "j", "device": "top", "base-node": "base"})
+            wait(qmp, "BLOCK_JOB_READY", timeout)
+            cmd("job-complete", {"id": "j"})
+        ev = wait(qmp, "BLOCK_JOB_COMPLETED", timeout)
         dt = time.perf_counter() - t0
         if "error" in ev.get("data", {}):
-            raise RuntimeError(f"{kind} {job}: {ev['data']['error']}")
+            raise RuntimeError(f"{job}: {ev['data']['error']}")
         qmp.close()
     finally:
         daemon.stop()
-    shutil.rmtree(d, ignore_errors=True)
-    return size / MiB / dt
+        shutil.rmtree(d, ignore_errors=True)  # unlinked before write-back: no disk time later
+    return size_mib / dt
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--jobs", default="mirror,backup,stream,commit")
+    ap = b.arguments(__doc__, runtime=False)
+    ap.add_argument("--size", type=int, default=1024, help="image size in MiB (default 1024)")
+    ap.add_argument("--timeout", type=float, default=180, help="seconds per job run")
     opts = ap.parse_args()
-    size = opts.size_mib * MiB
-    work = Path(tempfile.mkdtemp(prefix="bench-jobs-", dir=os.environ.get("TMPDIR")))
+    sel = b.Selection.parse(opts.only)
+    ws = b.Workspace("qsd-bench-jobs-")
+    rows: list[b.Row] = []
     try:
-        src = work / "src.qcow2"
-        make_data_image(src, size)
-        # stream: data in the backing layer; commit: data in the top layer
-        sbase, stop_ = work / "s-base.qcow2", work / "s-top.qcow2"
-        shutil.copy(src, sbase)
-        make_data_image(stop_, size, backing=Path("base.qcow2"), data=False)
-        cbase, ctop = work / "c-base.qcow2", work / "c-top.qcow2"
-        make_data_image(cbase, size, data=False)
-        make_data_image(ctop, size)
-        sh("qemu-img", "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", str(ctop))
-        masters = {"mirror": {"src.qcow2": src}, "backup": {"src.qcow2": src},
-                   "stream": {"base.qcow2": sbase, "top.qcow2": stop_},
-                   "commit": {"base.qcow2": cbase, "top.qcow2": ctop}}
-        print(f"{machine()}; image {opts.size_mib} MiB qcow2, fully allocated\n")
-        print(HEADER)
-        for job in opts.jobs.split(","):
-            res = alternate(lambda kind, job=job: run_job(kind, work, size, job, masters[job]),
-                            opts.rounds)
-            print(row(f"{job} ({opts.size_mib} MiB)", "MiB/s", res, target=0.9), flush=True)
+        for place in b.PLACES:
+            if not sel.place(place, "jobs"):
+                continue
+            for fmt in b.FORMATS:
+                for job in JOBS:
+                    if not (sel.fmt(fmt) and sel.workload(job)):
+                        continue
+                    r = b.Row(place.key, f"{fmt} {job} ({opts.size} MiB)", "MiB/s", TARGET)
+                    rows.append(r)
+
+                    def one(kind: str, place=place, fmt=fmt, job=job, r=r) -> float:
+                        try:
+                            mibs = run_job(kind, place, fmt, job, ws, opts.size, opts.timeout)
+                        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                            r.fail(kind, e)
+                            return 0.0
+                        r.add(kind, mibs)
+                        b.log(f"jobs {place.key} {fmt} {kind:4} {job:7} {mibs:8.1f} MiB/s")
+                        return mibs
+
+                    b.alternate(one, opts.rounds)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        ws.cleanup()
+    b.finish(rows, opts, f"Block jobs on {b.machine()}; {opts.size} MiB fully allocated "
+                         f"images; {opts.rounds} rounds (A,B,A,B), medians; MiB/s from the "
+                         f"command to BLOCK_JOB_COMPLETED")
 
 
 if __name__ == "__main__":
