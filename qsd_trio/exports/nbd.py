@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from ..nodes.engine import buffers
 from ..nodes.node import Perm, Status
 from ..proto import nbd as P
 from ..qapi.errors import GenericError, QapiError
@@ -1046,7 +1047,9 @@ class Connection:
                             handed_off = True  # the writer releases it with the reply
                             self._hangup = "oversized write"
                             return
-                        data = bytearray(req.length)
+                        # page-aligned and not zero-filled: the file driver
+                        # writes it as it is, even with O_DIRECT (no bounce)
+                        data = buffers.alloc(req.length)
                         # a partial write (client gone, or stop_reading) is never applied
                         await wire.recv_into(memoryview(data))
                     size = size_fn()
@@ -1062,7 +1065,7 @@ class Connection:
                     if not handed_off:
                         slots.release()
 
-    def _serve_now(self, req: P.Request, data: bytearray | None, size: int,
+    def _serve_now(self, req: P.Request, data: memoryview | None, size: int,
                    export: NbdExport, quiet: bool) -> bool:
         """Serve a READ or WRITE synchronously if the node can
         (BlockNode.read_now/write_now); False hands it to a worker."""
@@ -1143,7 +1146,7 @@ class Connection:
             return P.EINVAL, f"unsupported flags for command {P.CMD_NAMES[t]} (got 0x{req.flags:x})"
         return None
 
-    async def _handle(self, req: P.Request, data: bytearray | None, size: int) -> None:
+    async def _handle(self, req: P.Request, data: memoryview | None, size: int) -> None:
         bad = self._validate(req, size)
         if bad is not None:
             self._error_reply(req, *bad)

@@ -1,20 +1,25 @@
 """The ``file`` protocol driver: a regular file on the host.
 
-I/O runs on worker threads (``trio.to_thread``) under one capacity limiter per
-graph, one thread hop per request: the thread does the whole preadv/pwritev
-loop into a buffer allocated up front.  ``cache.direct=on`` opens with
-O_DIRECT and bounces through page-aligned (mmap) buffers, doing
-read-modify-write for requests that are not aligned to the device's logical
-block.  Zero writes and discards use fallocate (ZERO_RANGE / PUNCH_HOLE),
-allocation status uses SEEK_DATA/SEEK_HOLE, and the image is locked with
-QEMU's byte-range scheme (locking.py).
+Reads, writes and flushes go through the graph's I/O engine for the node's
+``aio`` option (engine/: worker threads, io_uring or Linux AIO), with no
+thread hop of trio's own.  ``cache.direct=on`` opens with O_DIRECT: buffers
+are page-aligned ones from the engine's pool (a write whose buffer is not
+aligned is copied into one), and a request that is not aligned to the
+device's logical block is read-modify-written, serialised against the
+writes it overlaps as QEMU's request padding is.
 
-``aio=threads`` is the implementation; ``aio=io_uring`` is accepted and served
-by the same threads (no io_uring binding in the standard library), and
-``aio=native`` is accepted with QEMU's cache.direct requirement.
+Two things skip the engine, both as QEMU's do not need to: a buffered read
+of data in the page cache (RWF_NOWAIT; on tmpfs, where the page cache *is*
+the storage and RWF_NOWAIT is refused, a plain read) and a small buffered
+write far from dirty-page throttling (inline_io.py) are done right here,
+because a few microseconds of syscall beat any round trip through an engine.
+Block status is an lseek (SEEK_DATA/SEEK_HOLE) done right here too, as
+QEMU's raw_co_block_status does.  Zero writes, discards and truncation use
+fallocate/ftruncate on the engine's worker threads.  The image is locked
+with QEMU's byte-range scheme (locking.py).
 
 Resources: one file descriptor, closed by ``close()`` (which drops the
-locks with it).
+locks with it), after the node layer has drained every request.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import trio
 from ..libc import LIBC
 from ..qapi.errors import GenericError
 from . import locking
-from .batch import BatchExecutor
+from .engine import buffers
 from .graph import register_driver
 from .inline_io import InlineWrites
 from .node import BlockNode, BlockStatus, Perm, Status
@@ -47,8 +52,10 @@ if _sync_file_range is not None:
     _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 
-MAX_THREADS = 64
-BATCH_MAX_BYTES = 64 * 1024
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
+# file systems whose pages are the storage: a read never waits for a device
+_MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -57,20 +64,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _limiter(graph) -> trio.CapacityLimiter:
-    lim = getattr(graph, "_file_limiter", None)
-    if lim is None:
-        lim = trio.CapacityLimiter(MAX_THREADS)
-        graph._file_limiter = lim
-    return lim
-
-
-def _batcher(graph) -> BatchExecutor:
-    # one per graph: small reads and writes of every file node share hops
-    ex = getattr(graph, "_file_batcher", None)
-    if ex is None:
-        ex = graph._file_batcher = BatchExecutor()
-    return ex
+def _fs_type(fd: int) -> int:
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type comes first
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value
 
 
 @register_driver
@@ -91,15 +89,16 @@ class FileNode(BlockNode):
         flags = os.O_CLOEXEC | (os.O_RDONLY if self.read_only else os.O_RDWR)
         if self.cache_direct:
             flags |= os.O_DIRECT
+        threads = self.graph.io.threads
         try:
-            self.fd = await trio.to_thread.run_sync(os.open, self.path, flags)
+            self.fd = await threads.call(os.open, self.path, flags)
         except OSError as e:
             if (not self.read_only and self.auto_read_only
                     and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)):
                 self.read_only = True
                 flags = (flags & ~os.O_RDWR) | os.O_RDONLY
                 try:
-                    self.fd = await trio.to_thread.run_sync(os.open, self.path, flags)
+                    self.fd = await threads.call(os.open, self.path, flags)
                 except OSError as e2:
                     raise GenericError(f"Could not open '{self.path}': {e2.strerror}") from e2
             elif e.errno == errno.EINVAL and self.cache_direct:
@@ -119,14 +118,24 @@ class FileNode(BlockNode):
             self.use_lock = mode != "off" and supported
             self.align = self._probe_alignment() if self.cache_direct else 1
             self.request_alignment = self.align
+            # QEMU sets the engine up after opening the file, so a missing
+            # file is reported before an engine that cannot be had
+            self.io = self.graph.io.get(aio)
         except BaseException:
             os.close(self.fd)
             self.fd = None
             raise
+        self.threads = threads
+        # read-modify-writes in progress, and the aligned writes they wait for
         self._rmw_lock = trio.Lock()
-        self._limit = _limiter(self.graph)
-        self._batch = _batcher(self.graph)
-        self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._rmw: list[tuple[int, int]] = []
+        self._rmw_done = trio.Event()
+        self._direct_writes: dict[object, tuple[int, int]] = {}
+        self._write_done: trio.Event | None = None
+        # reads that need not wait: RWF_NOWAIT from the page cache, or plain
+        # reads on a file system in memory (which refuses RWF_NOWAIT)
+        self._memory_fs = _fs_type(self.fd) in _MEMORY_FS
+        self._nowait = hasattr(os, "RWF_NOWAIT") and not self.cache_direct
         self._inline = InlineWrites()
 
     def _probe_alignment(self) -> int:
@@ -148,14 +157,8 @@ class FileNode(BlockNode):
         return self._size
 
     async def _run(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limit)
-
-    async def _run_small(self, fn, *args, length: int):
-        # small buffered transfers ride batched hops; large ones and syncs
-        # get a thread each, so they run in parallel
-        if length <= BATCH_MAX_BYTES:
-            return await self._batch.run(fn, *args)
-        return await self._run(fn, *args)
+        """A blocking call no engine submits (fallocate, ftruncate, ...)."""
+        return await self.threads.call(fn, *args)
 
     # -- reads ---------------------------------------------------------------------
     def _pread_into(self, buf, offset: int) -> None:
@@ -164,46 +167,54 @@ class FileNode(BlockNode):
         while done < len(mv):
             n = os.preadv(self.fd, [mv[done:]], offset + done)
             if n == 0:
-                break  # past EOF reads as zeroes (the buffer starts zeroed)
+                buffers.zero_tail(mv, done)  # past EOF reads as zeroes
+                break
             done += n
 
-    def _read_direct(self, offset: int, length: int) -> bytes:
+    async def _read_direct(self, offset: int, length: int) -> memoryview:
         a = self.align
         start = offset - offset % a
         end = -(-(offset + length) // a) * a
-        buf = mmap.mmap(-1, end - start)
-        try:
-            self._pread_into(buf, start)
-            return buf[offset - start:offset - start + length]
-        finally:
-            buf.close()
+        buf = buffers.alloc(end - start)
+        got = await self.io.read(self.fd, buf, start)
+        if got < end - start:
+            buffers.zero_tail(buf, got)
+        if start == offset and end == offset + length:
+            return buf
+        return buf[offset - start:offset - start + length]
 
     async def _co_preadv(self, offset: int, length: int):
         if self.cache_direct:
-            return await self._run(self._read_direct, offset, length)
-        buf = bytearray(length)
+            return await self._read_direct(offset, length)
+        buf = buffers.alloc(length)
         done = self._pread_nowait(buf, offset)
         if done == length:
-            # served from the page cache without a thread hop; a checkpoint
+            # served from the page cache without the engine; a checkpoint
             # now and then keeps a client streaming cached reads from
             # starving the others (see InlineWrites.should_yield)
             if self._inline.should_yield():
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return buf
-        await self._run_small(self._pread_into, memoryview(buf)[done:], offset + done,
-                              length=length - done)
+        got = await self.io.read(self.fd, buf[done:], offset + done)
+        if done + got < length:
+            buffers.zero_tail(buf, done + got)  # past EOF reads as zeroes
         return buf
 
     def _preadv_now(self, offset: int, length: int):
         if self.cache_direct:
             return None
-        buf = bytearray(length)
+        buf = buffers.alloc(length)
         return buf if self._pread_nowait(buf, offset) == length else None
 
-    def _pread_nowait(self, buf: bytearray, offset: int) -> int:
-        """Read what the page cache holds without blocking (RWF_NOWAIT):
-        the hot path for cached images skips the worker thread entirely.
-        Returns the bytes read; the rest goes to a thread."""
+    def _pread_nowait(self, buf: memoryview, offset: int) -> int:
+        """Read what can be read without waiting for a device: from the page
+        cache (RWF_NOWAIT), or anything on a file system in memory.  Returns
+        the bytes read; the caller hands the rest to the engine."""
+        if self._memory_fs:
+            try:
+                return os.preadv(self.fd, [buf], offset)
+            except OSError:
+                return 0  # the engine tries again and reports it
         if not self._nowait:
             return 0
         try:
@@ -224,21 +235,62 @@ class FileNode(BlockNode):
         if fua:
             os.fdatasync(self.fd)
 
-    def _write_direct(self, data: memoryview, offset: int, fua: bool) -> None:
+    async def _write_direct(self, data: memoryview, offset: int) -> None:
+        a = self.align
+        n = len(data)
+        if offset % a or n % a:
+            await self._write_padded(data, offset)
+            return
+        if data.readonly or buffers.address(data) % a:
+            buf = buffers.alloc(n)  # O_DIRECT wants the memory aligned too
+            buf[:] = data
+        else:
+            buf = data
+        if self._rmw:
+            # a read-modify-write of a block this overlaps must not read it
+            # before, and write it back after, this write
+            while any(s < offset + n and offset < e for s, e in self._rmw):
+                await self._rmw_done.wait()
+        key = object()
+        self._direct_writes[key] = (offset, offset + n)
+        try:
+            await self.io.write(self.fd, buf, offset)
+        finally:
+            del self._direct_writes[key]
+            if self._write_done is not None:
+                self._write_done.set()
+                self._write_done = None
+
+    async def _write_padded(self, data: memoryview, offset: int) -> None:
+        """An O_DIRECT write that is not block-aligned: read the partial
+        blocks at either end, merge, write whole blocks (QEMU's request
+        padding).  Serialised with other padded writes, and with aligned
+        writes in flight over the same blocks."""
         a = self.align
         start = offset - offset % a
         end = -(-(offset + len(data)) // a) * a
-        buf = mmap.mmap(-1, end - start)
-        try:
-            if start != offset or end != offset + len(data):
-                # read-modify-write of the partial blocks at either end
-                self._pread_into(memoryview(buf)[:a], start)
-                if end - a > start:
-                    self._pread_into(memoryview(buf)[end - a - start:], end - a)
-            buf[offset - start:offset - start + len(data)] = data
-            self._pwrite_all(memoryview(buf), start, fua)
-        finally:
-            buf.close()
+        async with self._rmw_lock:
+            rng = (start, end)
+            self._rmw.append(rng)
+            try:
+                while any(s < end and start < e for s, e in self._direct_writes.values()):
+                    if self._write_done is None:
+                        self._write_done = trio.Event()
+                    await self._write_done.wait()
+                buf = buffers.alloc(end - start)
+                if start != offset:
+                    got = await self.io.read(self.fd, buf[:a], start)
+                    buffers.zero_tail(buf[:a], got)
+                tail = end - a
+                if end != offset + len(data) and (tail > start or start == offset):
+                    got = await self.io.read(self.fd, buf[tail - start:], tail)
+                    buffers.zero_tail(buf[tail - start:], got)
+                buf[offset - start:offset - start + len(data)] = data
+                await self.io.write(self.fd, buf, start)
+            finally:
+                self._rmw.remove(rng)
+                self._rmw_done.set()
+                self._rmw_done = trio.Event()
 
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         if self.cache_direct or not self._inline.allowed(offset, len(mv)):
@@ -249,22 +301,17 @@ class FileNode(BlockNode):
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         if self.cache_direct:
-            a = self.align
-            if offset % a or len(data) % a:
-                async with self._rmw_lock:
-                    await self._run(self._write_direct, data, offset, fua)
-            else:
-                await self._run(self._write_direct, data, offset, fua)
-        elif fua:
-            await self._run(self._pwrite_all, data, offset, fua)
-        elif self._inline.allowed(offset, len(data)):
+            await self._write_direct(data, offset)
+        elif not fua and self._inline.allowed(offset, len(data)):
             # whole pages into the page cache, far from dirty throttling: a
-            # few microseconds here beat a thread hop (see inline_io.py)
+            # few microseconds here beat any engine (see inline_io.py)
             self._inline.run(self._pwrite_all, data, offset, False)
             if self._inline.should_yield():
                 await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await self._run_small(self._pwrite_all, data, offset, False, length=len(data))
+            await self.io.write(self.fd, memoryview(data), offset)
+        if fua:
+            await self.io.fdatasync(self.fd)
         self._size = max(self._size, offset + len(data))
 
     def _zero(self, offset: int, length: int, may_unmap: bool) -> bool:
@@ -341,7 +388,7 @@ class FileNode(BlockNode):
         self._discard_bytes += length
 
     async def _co_flush(self):
-        await self._run(os.fdatasync, self.fd)
+        await self.io.fdatasync(self.fd)
         err, self._writeback_error = self._writeback_error, None
         if err is not None:
             raise err  # reported to write_back(), which is not the flush's caller
@@ -399,7 +446,9 @@ class FileNode(BlockNode):
                            min(hole, end) - offset, offset=offset)
 
     async def _co_block_status(self, offset, length):
-        return await self._run(self._status, offset, length)
+        # an lseek on the event loop, as QEMU's raw_co_block_status does it
+        # in its coroutine: cheaper than any hop, and rarely waits for a device
+        return self._status(offset, length)
 
     def _truncate(self, size: int, prealloc: str) -> None:
         old = self._size
@@ -434,7 +483,7 @@ class FileNode(BlockNode):
         new one takes the current locks before the old one is closed."""
         flags = os.O_CLOEXEC | os.O_RDWR | (os.O_DIRECT if self.cache_direct else 0)
         try:
-            fd = await trio.to_thread.run_sync(os.open, self.path, flags)
+            fd = await self.threads.call(os.open, self.path, flags)
         except OSError as e:
             raise GenericError(f"Could not reopen file: {e.strerror}") from None
         if self.use_lock:

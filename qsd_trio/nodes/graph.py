@@ -19,6 +19,7 @@ import trio
 
 from .. import trace
 from ..qapi.errors import DeviceNotFound, GenericError
+from .engine import Engines
 from .node import BdrvChild, BlockNode, Perm
 
 DRIVERS: dict[str, type[BlockNode]] = {}
@@ -65,6 +66,7 @@ class BlockGraph:
         self.nodes: dict[str, BlockNode] = {}  # insertion order = creation order
         self._auto_names = itertools.count(0)
         self._tx: list[list[BlockNode]] = []  # nodes created by the add() in progress
+        self.io = Engines()  # the I/O engines file nodes submit to, made on first use
         load_drivers()
 
     def auto_name(self) -> str:
@@ -381,3 +383,4 @@ class BlockGraph:
                     pass
                 for edge in list(node.children.values()):
                     edge.detach()
+            await self.io.aclose()

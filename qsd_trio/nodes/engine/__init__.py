@@ -1,0 +1,72 @@
+"""The I/O engine under the file drivers: how reads, writes and syncs reach
+the kernel, chosen by the ``aio`` option as in QEMU.
+
+* ``threads`` (QEMU 7.2's default): a pool of long-lived worker threads
+  (threads.py);
+* ``io_uring``: one io_uring per graph (uring.py);
+* ``native``: one Linux AIO context per graph (linux_aio.py), O_DIRECT only.
+
+Every engine hands completions to trio through an eventfd that one reaper
+task waits on, many completions per wakeup, and batches submissions made in
+one scheduler pass (base.py).  Buffers come from buffers.py.
+
+The graph owns its engines (``BlockGraph.io``): they are created on first
+use by a node that asks for them, and closed after the last node.
+"""
+
+from __future__ import annotations
+
+from ...qapi.errors import GenericError
+from .base import Engine
+from .threads import ThreadPool
+
+
+class Engines:
+    """A graph's engines, each made on first use."""
+
+    def __init__(self) -> None:
+        self._threads: ThreadPool | None = None
+        self._uring = None
+        self._aio = None
+
+    @property
+    def threads(self) -> ThreadPool:
+        """The worker pool; also runs what no engine submits (fallocate, ...)."""
+        if self._threads is None:
+            self._threads = ThreadPool()
+        return self._threads
+
+    def get(self, aio: str) -> Engine:
+        """The engine for ``aio``; QEMU's refusal when it cannot be set up."""
+        if aio == "io_uring":
+            if self._uring is None:
+                from .uring import Uring
+                try:
+                    self._uring = Uring()
+                except OSError as e:
+                    # QEMU 7.2 prints a stale errno here (liburing leaves
+                    # errno alone); ours is the one the kernel returned
+                    raise GenericError("Unable to use io_uring: failed to init linux io_uring "
+                                       f"ring: {e.strerror}") from None
+            return self._uring
+        if aio == "native":
+            if self._aio is None:
+                from .linux_aio import LinuxAio
+                try:
+                    self._aio = LinuxAio(self.threads)
+                except OSError as e:
+                    raise GenericError("Unable to use native AIO: failed to create linux AIO "
+                                       f"context: {e.strerror}") from None
+            return self._aio
+        return self.threads
+
+    async def aclose(self) -> None:
+        """Wait for what is in flight on every engine, then close them."""
+        for name in ("_uring", "_aio", "_threads"):
+            eng = getattr(self, name)
+            if eng is not None:
+                setattr(self, name, None)
+                await eng.aclose()
+
+
+__all__ = ["Engine", "Engines", "ThreadPool"]

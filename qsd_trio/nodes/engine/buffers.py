@@ -1,0 +1,94 @@
+"""I/O buffers: page-aligned, never zero-filled, from a pool of mmap'd arenas.
+
+``alloc(n)`` returns a writable ``memoryview`` of ``n`` bytes whose address
+is aligned to 4 KiB, as O_DIRECT wants it (QEMU's qemu_blockalign).  Its
+contents are whatever the previous user left: a read fills it, and a read
+that ends at EOF zeroes only the tail it did not fill (``zero_tail``).
+
+When the memory goes back to the pool is decided by CPython's reference
+counting, not by a caller remembering to release it.  Each buffer is an
+instance of a ctypes array class with ``__del__``; every memoryview of it,
+and every slice of those views, keeps that instance alive.  So a slot is
+handed out again only when nobody holds a view any more: not the engine,
+which keeps the buffer of every request in flight until its completion
+arrives (so the kernel never writes into memory someone else was given),
+not a reply queued for ``sendmsg`` on a client that went away, not a job's
+chunk.  Nobody calls ``free``; there is nothing to forget.
+
+Sizes are rounded up to a power of two from 4 KiB; each size class carves
+its slots from arenas of at least 4 MiB that are mapped once and kept for
+the life of the process, so the pool grows to the peak of bytes in flight
+and stays there.  Requests above ``POOL_MAX`` get a mapping of their own
+(rare: NBD caps a request at 32 MiB, the copy jobs use at most 16 MiB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+PAGE = 4096
+ARENA = 4 << 20
+POOL_MAX = 16 << 20
+
+_addressof = ctypes.addressof
+
+
+class _SizeClass:
+    __slots__ = ("size", "free", "arenas", "buffer_type")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free: list[int] = []   # addresses of slots nobody holds
+        self.arenas: list[mmap.mmap] = []
+        give_back = self.free.append
+
+        class Buffer(ctypes.c_char * size):
+            __slots__ = ()
+
+            def __del__(self) -> None:
+                give_back(_addressof(self))
+
+        self.buffer_type = Buffer
+
+    def grow(self) -> None:
+        n = max(ARENA, self.size * 2)
+        arena = mmap.mmap(-1, n)
+        self.arenas.append(arena)
+        base = _addressof(ctypes.c_char.from_buffer(arena))
+        self.free.extend(range(base + n - self.size, base - 1, -self.size))
+
+
+_classes = [_SizeClass(PAGE << i) for i in range((POOL_MAX // PAGE).bit_length())]
+
+
+def alloc(n: int) -> memoryview:
+    """A writable, page-aligned, uninitialised buffer of ``n`` bytes."""
+    if n <= PAGE:
+        cls = _classes[0]
+    elif n > POOL_MAX:
+        # one mapping of its own, unmapped when the last view goes
+        return memoryview(mmap.mmap(-1, n))
+    else:
+        cls = _classes[((n - 1) // PAGE).bit_length()]
+    free = cls.free
+    if not free:
+        cls.grow()
+    return memoryview(cls.buffer_type.from_address(free.pop())).cast("B")[:n]
+
+
+def address(buf) -> int:
+    """The address of a writable buffer's first byte."""
+    return _addressof(ctypes.c_char.from_buffer(buf))
+
+
+def zero_tail(buf: memoryview, start: int) -> None:
+    """Zero ``buf[start:]`` (what a read past EOF did not fill)."""
+    n = len(buf) - start
+    if n > 0:
+        ctypes.memset(address(buf) + start, 0, n)
+
+
+def pooled_bytes() -> int:
+    """Bytes mapped by the pool's arenas (for tests and statistics)."""
+    return sum(len(a) for c in _classes for a in c.arenas)
