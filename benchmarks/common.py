@@ -50,19 +50,27 @@ class Started:
         self.kind = kind
         self.dir = workdir or tempfile.mkdtemp(prefix=f"bench-{kind}-")
         self.pidfile = os.path.join(self.dir, f"{kind}.pid")
+        # stderr to a file: a pipe nobody reads would stall a daemon that logs a lot
+        self.stderr = tempfile.TemporaryFile()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(command(kind) + args + ["--pidfile", self.pidfile],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, cwd=ROOT)
+                                     stderr=self.stderr, cwd=ROOT)
         deadline = time.monotonic() + 60
         while not (os.path.exists(self.pidfile) and os.path.getsize(self.pidfile)):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} failed: {self.proc.stderr.read().decode().strip()}")
+                raise RuntimeError(f"{kind} failed: {self.errors()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{kind} did not write its pidfile within 60 s")
             time.sleep(0.001)
         self.startup = time.perf_counter() - t0
+
+    def errors(self) -> str:
+        if self.stderr.closed:
+            return ""
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace").strip()[-1000:]
 
     @property
     def pid(self) -> int:
@@ -83,6 +91,7 @@ class Started:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.stderr.close()
 
 
 def alternate(run, rounds: int = 2) -> dict[str, list[float]]:
@@ -296,7 +305,10 @@ def fio(target: list[str], pid: int, rw: str, bs: str, depth: int, runtime: floa
              f"--iodepth={depth}", f"--runtime={runtime}", "--output-format=json"]
             + (["--time_based"] if time_based else []))
     c0 = cpu_seconds(pid)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"fio did not finish within {runtime + 120:g} s") from None
     c1 = cpu_seconds(pid)
     if r.returncode:
         raise RuntimeError(f"fio failed: {r.stderr.strip() or r.stdout.strip()}"[-800:])
@@ -406,8 +418,9 @@ class Row:
             getattr(self, f"cpu_{kind}").append(cpu_us)
 
     def fail(self, kind: str, err: Exception) -> None:
-        msg = f"{kind}: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
-        self.error = msg[:300] if not self.error else self.error
+        text = " ".join(str(err).split()) or repr(err)
+        msg = f"{type(err).__name__}: {text}"
+        self.error = self.error or msg[-300:]
         log(f"  FAILED {self.label}: {msg}")
 
 

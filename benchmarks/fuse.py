@@ -105,7 +105,7 @@ def main() -> None:
                         b.warm(image)
                     try:
                         s = start(kind, fmt, image, place, mp, mnt)
-                    except RuntimeError as e:
+                    except Exception as e:  # the rows show it; the run goes on
                         for r in mine.values():
                             r.fail(kind, e)
                         return 0.0
@@ -116,7 +116,7 @@ def main() -> None:
                                 res = b.fio([f"--filename={mp}", "--ioengine=psync",
                                              "--direct=1"], s.pid, rw, bs, 1, opts.runtime,
                                             time_based=not place.cold)
-                            except (RuntimeError, OSError) as e:
+                            except Exception as e:  # the row shows it; the run goes on
                                 mine[wid].fail(kind, e)
                                 continue
                             mine[wid].add(kind, res.figure, res.cpu_us)

@@ -153,7 +153,7 @@ def main() -> None:
                     def one(kind: str, place=place, fmt=fmt, job=job, r=r) -> float:
                         try:
                             mibs = run_job(kind, place, fmt, job, ws, opts.size, opts.timeout)
-                        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                        except Exception as e:  # the row shows it; the run goes on
                             r.fail(kind, e)
                             return 0.0
                         r.add(kind, mibs)

@@ -109,7 +109,7 @@ def main() -> None:
                         warm(image)
                     try:
                         s = Started(kind, daemon_args(fmt, image, place, sock), socks)
-                    except RuntimeError as e:
+                    except Exception as e:  # the rows show it; the run goes on
                         for r in mine.values():
                             r.fail(kind, e)
                         return 0.0
@@ -125,7 +125,7 @@ def main() -> None:
                                            f"--uri=nbd+unix:///disk?socket={sock}"],
                                           s.pid, rw, bs, depth, opts.runtime,
                                           time_based=not place.cold)
-                            except (RuntimeError, OSError) as e:
+                            except Exception as e:  # the row shows it; the run goes on
                                 mine[wid].fail(kind, e)
                                 continue
                             mine[wid].add(kind, res.figure, res.cpu_us)
