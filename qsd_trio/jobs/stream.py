@@ -1,10 +1,17 @@
 """block-stream: copy into the top what it reads from the chain above ``base``,
 then make ``base`` its backing file.
 
-Each chunk is copied inside a drained section of the top node, so no guest
-write to the same range can fall between our read and our write (QEMU gets
-the same from copy-on-read serialising requests).  Only ranges the top does
-not allocate itself are copied, and that is checked again under the drain.
+The copy goes in windows: each is a drained section of the top node in
+which up to 16 chunks of up to 4 MiB are in flight at once (chunked.py),
+until 64 MiB have been issued or 50 ms have passed, so no guest write to a
+range can fall between our read and our write (QEMU gets the same from
+copy-on-read serialising requests) and guest I/O waits at most one window.
+Only ranges the top does not allocate itself and an intermediate layer
+does are copied, and that is decided under the drain.  What an
+intermediate layer reads as zeroes (a zero cluster, or data that is all
+zero in a 512 KiB piece) is written as zeroes, without unmapping: QEMU's
+copy-on-read does the same (buffer_is_zero), so the top maps as QEMU's
+does.
 
 The graph, as QEMU 7.2's stream_start builds it: a ``copy-on-read`` filter
 (``filter-node-name``, else an automatic name; ``bottom`` is the layer above
@@ -22,13 +29,15 @@ from typing import Any
 import trio
 
 from ..nodes.node import BlockNode, Perm, Status
-from . import chain
+from . import chain, chunked
 from .blockjob import BlockJob
 from .write_behind import WriteBehind
 
-# QEMU streams 512 KiB at a time; a bigger step halves our per-request overhead
-# (the drained section, block status, two thread hops) without changing results
-CHUNK = 4 << 20
+CHUNK = 4 << 20         # one copy request at most (QEMU: 512 KiB, STREAM_CHUNK)
+WINDOW = 64 << 20       # bytes issued in one drained section at most
+WINDOW_SECONDS = 0.05   # ... and time spent in it
+PIECE = 512 << 10       # zero detection (QEMU's copy-on-read: per STREAM_CHUNK)
+_ZEROES = bytes(PIECE)
 
 
 class StreamJob(BlockJob):
@@ -45,6 +54,10 @@ class StreamJob(BlockJob):
         self.graph = top.graph
         self.filter_node_name = filter_node_name
         self.filter: BlockNode | None = None
+        self.copier: chunked.ChunkCopier | None = None
+        self._base_depth = 0
+        self._write_behind: WriteBehind | None = None
+        self._wb_nursery: trio.Nursery | None = None
 
     async def attach_nodes(self) -> None:
         """stream_start's graph changes; on failure nothing is left behind."""
@@ -84,14 +97,42 @@ class StreamJob(BlockJob):
                     self.graph.drop_filter(filt)
                 await filt.close()
 
-    async def _allocated_between(self, offset: int, n: int) -> tuple[bool, int]:
-        """(copy?, length): data in an intermediate layer (not top, not base or below)."""
+    async def _plan(self, offset: int, n: int) -> tuple[int, str | None]:
+        """(length, what): "zero" or "data" where an intermediate layer (not
+        top, not base or below) allocates the range, None elsewhere."""
         st = await self.top.block_status(offset, n)
         length = max(min(st.length, n), 1)
-        base_depth = chain.depth_of(self.top, self.base)
-        need = st.depth > 1 and st.depth < base_depth and bool(
-            st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED))
-        return need, length
+        if not (1 < st.depth < self._base_depth
+                and st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED)):
+            return length, None
+        if st.flags & Status.ZERO and not st.flags & Status.DATA:
+            return length, "zero"
+        return length, "data"
+
+    async def _copy(self, offset: int, n: int, what: str) -> None:
+        top = self.top
+        if what == "zero":
+            await top.write_zeroes(offset, n)
+            return
+        data = await top.read(offset, n)
+        mv = memoryview(data)
+        # runs of non-zero pieces are written as data, zero pieces as zeroes
+        pos = 0
+        while pos < n:
+            k = min(PIECE, n - pos)
+            zero = _ZEROES.startswith(mv[pos:pos + k])
+            end = pos + k
+            while end < n:
+                k = min(PIECE, n - end)
+                if _ZEROES.startswith(mv[end:end + k]) != zero:
+                    break
+                end += k
+            if zero:
+                await top.write_zeroes(offset + pos, end - pos)
+            else:
+                await top.write(offset + pos, mv[pos:end])
+                self._write_behind.wrote(end - pos, self._wb_nursery)
+            pos = end
 
     async def run(self) -> None:
         try:
@@ -103,28 +144,24 @@ class StreamJob(BlockJob):
         top = self.top
         length = top.length
         self.progress_total = length
+        self._base_depth = chain.depth_of(top, self.base)
         # the header change below flushes top first: start its writeback early
-        write_behind = WriteBehind(top)
-        pos = 0
+        self._write_behind = WriteBehind(top)
+        copier = self.copier = chunked.ChunkCopier(
+            self, length, self._plan, self._copy, chunk=CHUNK,
+            window_bytes=WINDOW, window_seconds=WINDOW_SECONDS)
         async with trio.open_nursery() as nursery:
-            while pos < length:
-                await self.pause_point()
-                n = min(CHUNK, length - pos)
-                try:
-                    async with top.drained():
-                        need, n = await self._allocated_between(pos, n)
-                        if need:
-                            data = await top.read(pos, n)
-                            await top.write(pos, data)
-                            write_behind.wrote(n, nursery)
-                except OSError as e:
-                    action = self.error_action(self.on_error, True, e)
-                    if action == "report":
-                        raise
-                    continue  # ignore/stop: try the range again (after a resume)
-                pos += n
-                self.progress_current += n
-                await self.rate_limit(n if need else 0)
+            self._wb_nursery = nursery
+            while not copier.done:
+                # pause, cancel and the speed limit take effect here, with
+                # none of our requests in flight and guest I/O going on
+                await self.sleep(self.limit.delay())
+                async with top.drained():
+                    err = await copier.window()
+                if err is not None:
+                    # ignore/stop: the range is tried again (after a resume)
+                    if self.error_action(self.on_error, True, err) == "report":
+                        raise err
         # QEMU rewires in prepare(); the header write is I/O, so it happens
         # here, at the same point in the event sequence (before "waiting")
         await self.pause_point()
