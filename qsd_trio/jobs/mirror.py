@@ -26,6 +26,17 @@ always ends holding that drain, like mirror_run), the pivot replaces the
 source by the target, and the filter is dropped so its users go back to
 whatever sits below it.
 
+Copying, as QEMU's mirror_iteration: from the dirty chunk after the last
+copy, contiguous dirty chunks are merged up to ``buf-size``; block status
+splits that into operations: data is copied (read, then written) in
+requests of at most max(buf-size / 16, 1 MiB), zeroes and holes become
+one zero write or discard each.  At most 16 operations are in flight, and
+the copies among them hold at most ``buf-size`` bytes.  A block status
+answer of "data" is kept for the extent it covers (QEMU's block status
+cache does the same below the format), until a write to the source
+touches it, so a fully allocated source costs one query per extent, not
+one per request; zeroes and holes are asked about again each time.
+
 copy-mode=write-blocking (active mirroring): once the initial dirtying is
 done, a write through the filter is also written to the target before it
 completes, for its granularity-aligned part (an unaligned head or tail stays
@@ -50,7 +61,9 @@ from ..qapi.errors import GenericError
 from .blockjob import BlockJob
 
 SLICE = 0.1           # BLOCK_JOB_SLICE_TIME: the poll period once READY
-MAX_CHUNK = 1 << 20   # one copy request at most (QEMU's MAX_IO_BYTES)
+MAX_IN_FLIGHT = 16    # operations in flight at once (QEMU's MAX_IN_FLIGHT)
+MAX_CHUNK = 1 << 20   # one copy request at most, for the default buf-size (MAX_IO_BYTES)
+STATUS_SPAN = 64 << 20  # what one block status query asks about at least
 
 
 @attrs.define(eq=False)
@@ -81,7 +94,11 @@ class MirrorJob(BlockJob):
         self.target = target
         self.sync = sync
         self.granularity = granularity or target.default_bitmap_granularity()
-        self.buf_size = buf_size or (16 << 20)
+        g = self.granularity
+        # mirror_start_job: a whole number of chunks
+        self.buf_size = -(-(buf_size or (16 << 20)) // g) * g
+        # mirror_iteration's max_io_bytes, in whole chunks
+        self.max_io = max(max(self.buf_size // MAX_IN_FLIGHT, MAX_CHUNK) // g * g, g)
         self.copy_mode = copy_mode
         self.unmap = unmap
         self.on_source_error = on_source_error
@@ -92,6 +109,9 @@ class MirrorJob(BlockJob):
         self.should_complete = False
         self.in_flight = 0
         self.in_flight_bytes = 0
+        self.buf_in_use = 0  # bytes of copies in flight (zero writes hold no buffer)
+        self.max_in_flight = 0  # statistics, for tests: the most operations at once
+        self._data_extent: tuple[int, int] | None = None  # known data: [start, end)
         self.bitmap: DirtyBitmap | None = None
         self._cursor = 0  # where the search for the next dirty chunk starts
         self._bitmap_key = f"\x00mirror:{job_id}"
@@ -145,7 +165,8 @@ class MirrorJob(BlockJob):
                 graph.drop_filter(filt)
             raise
         # the job's dirty bitmap exists from the start, as QEMU's
-        bm = DirtyBitmap(None, src.length, self.granularity)  # anonymous, as QEMU's
+        bm = _WatchedBitmap(None, src.length, self.granularity)  # anonymous, as QEMU's
+        bm.on_dirty = self._forget_status
         if self.copy_mode == "write-blocking":
             # the filter marks what it does not copy itself
             bm.enabled = False
@@ -252,6 +273,7 @@ class MirrorJob(BlockJob):
             try:
                 await do_write()
             finally:
+                self._forget_status(offset, length)
                 bm = self.bitmap
                 if bm is not None and not bm.enabled and not self.prepared:
                     bm.set_dirty(offset, length)  # write-blocking keeps it disabled
@@ -262,7 +284,10 @@ class MirrorJob(BlockJob):
             await other.done.wait()
         op = self._start_op(offset, length, True)
         try:
-            await do_write()
+            try:
+                await do_write()
+            finally:
+                self._forget_status(offset, length)
             if self._copy_to_target():
                 await self._sync_target_write(method, offset, length, data)
         finally:
@@ -314,7 +339,7 @@ class MirrorJob(BlockJob):
             self.progress_total = self.progress_current + cnt + self.in_flight_bytes
             if self.error is not None:
                 raise self.error
-            if cnt > 0 and self.in_flight_bytes < self.buf_size:
+            if cnt > 0 and self.in_flight < MAX_IN_FLIGHT and self.buf_in_use < self.buf_size:
                 offset, n = self._next_chunk(bm)
                 if n:
                     other = self._conflict(offset, 1)
@@ -325,11 +350,18 @@ class MirrorJob(BlockJob):
                     n = self._clip(offset, n)
                     op = self._start_op(offset, n, False)
                     method, n = await self._method(offset, n)
+                    if method == "copy":
+                        # one request, and no more than the free buffer
+                        g = self.granularity
+                        n = min(n, self.max_io,
+                                max((self.buf_size - self.buf_in_use) // g * g, g))
+                        self.buf_in_use += n
                     op.length = n
                     bm.reset_dirty(offset, n)
                     self._cursor = offset + n
                     self.in_flight += 1
                     self.in_flight_bytes += n
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
                     nursery.start_soon(self._copy, offset, n, method, op)
                     # only copied data counts against the speed (as QEMU's)
                     await self.rate_limit(n if method == "copy" else 0)
@@ -380,7 +412,8 @@ class MirrorJob(BlockJob):
         # Like QEMU's dirty iterator: carry on after the last copy and wrap
         # round at the end, so that each step is a search from the cursor
         # rather than a rescan of the clean front of the bitmap.
-        n = min(MAX_CHUNK, max(self.buf_size - self.in_flight_bytes, bm.granularity))
+        # contiguous dirty chunks, up to buf-size (mirror_iteration's nb_chunks)
+        n = self.buf_size
         area = bm.next_dirty_area(self._cursor, None, n)
         if area is None and self._cursor:
             area = bm.next_dirty_area(0, self._cursor, n)
@@ -398,13 +431,26 @@ class MirrorJob(BlockJob):
                 end = start
         return end - offset
 
+    def _forget_status(self, offset: int, length: int) -> None:
+        """A write to the source: what block status said there may be stale."""
+        ext = self._data_extent
+        if ext is not None and offset < ext[1] and ext[0] < offset + length:
+            self._data_extent = None
+
     async def _method(self, offset: int, n: int) -> tuple[str, int]:
         """copy, zero or discard, for as much of the range as has one status."""
+        g = self.granularity
+        ext = self._data_extent
+        if ext is not None and ext[0] <= offset < ext[1]:
+            known = ext[1] - offset
+            return "copy", (min(n, max(known // g * g, g)) if known < n else n)
+        src = self.source
         try:
-            st = await self.source.block_status(offset, n)
+            st = await src.block_status(offset, min(max(n, STATUS_SPAN), src.length - offset))
         except OSError:
             return "copy", n  # the read will report it
-        g = self.granularity
+        if st.flags & Status.DATA:
+            self._data_extent = (offset, offset + st.length)
         m = min(n, max(st.length // g * g, g)) if st.length < n else n
         if st.flags & Status.DATA:
             return "copy", m
@@ -444,6 +490,8 @@ class MirrorJob(BlockJob):
             self._end_op(op)
             self.in_flight -= 1
             self.in_flight_bytes -= n
+            if method == "copy":
+                self.buf_in_use -= n
             if self.waiting_for_io:
                 self.kick()
 
@@ -493,6 +541,18 @@ class MirrorJob(BlockJob):
         if not self.prepared:
             self._exit_common(abort=True)
         super().clean()
+
+
+class _WatchedBitmap(DirtyBitmap):
+    """The job's dirty bitmap, which also tells the job where the source
+    was written (its block status answers there may be stale)."""
+
+    on_dirty = None
+
+    def set_dirty(self, offset: int, length: int) -> None:
+        super().set_dirty(offset, length)
+        if self.on_dirty is not None:
+            self.on_dirty(offset, length)
 
 
 async def _close_filter(filt: BlockNode) -> None:

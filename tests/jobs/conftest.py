@@ -14,6 +14,7 @@ from qsd_trio.monitor.registry import COMMANDS
 from qsd_trio.nodes import null  # noqa: F401 - registers null-co
 from qsd_trio.nodes.graph import BlockGraph, register_driver
 from qsd_trio.nodes.node import BlockStatus, Status
+from qsd_trio.nodes.raw import RawNode
 
 
 @register_driver
@@ -40,6 +41,86 @@ class FailingNull(DataNull):
         self.budget -= len(data)
         if self.budget < 0:
             raise OSError(5, "Input/output error")
+
+
+@register_driver
+class CountingRaw(RawNode):
+    """raw over its file, counting what reaches it: requests in flight at
+    once (reads, writes and zero writes together), the bytes of data writes
+    in flight at once, the largest request, block status calls.  Each
+    request takes a little time (``delay``, seconds), so that requests a
+    job issues together are seen together; the synchronous fast path is
+    declined, so every request is counted.
+
+    ``fail-reads`` / ``fail-writes``: that many requests covering the byte
+    ``fail-at`` fail with EIO (ENOSPC for writes with ``enospc``)."""
+
+    driver = "x-test-counting"
+
+    async def open(self, options):
+        await super().open(options)
+        self.grows = self.file.node.grows  # qcow2 above writes past the end
+        self.delay = options.get("delay", 0.001)
+        self.fail_at = options.get("fail-at", -1)
+        self.fail_reads = options.get("fail-reads", 0)
+        self.fail_writes = options.get("fail-writes", 0)
+        self.enospc = options.get("enospc", False)
+        self.now = self.most = 0
+        self.write_bytes_now = self.most_write_bytes = 0
+        self.biggest = 0
+        self.status_calls = 0
+        self.data_written = 0
+        self.zeroes_written = 0
+        self.failed = 0
+
+    def _preadv_now(self, offset, length):
+        return None
+
+    def _pwritev_now(self, offset, mv):
+        return False
+
+    def _hits(self, offset, length):
+        return offset <= self.fail_at < offset + length
+
+    async def _counted(self, length, fn, *args):
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.biggest = max(self.biggest, length)
+        try:
+            await trio.sleep(self.delay)
+            return await fn(*args)
+        finally:
+            self.now -= 1
+
+    async def _co_preadv(self, offset, length):
+        if self.fail_reads and self._hits(offset, length):
+            self.fail_reads -= 1
+            self.failed += 1
+            raise OSError(5, "Input/output error")
+        return await self._counted(length, super()._co_preadv, offset, length)
+
+    async def _co_pwritev(self, offset, data, fua):
+        n = len(data)
+        if self.fail_writes and self._hits(offset, n):
+            self.fail_writes -= 1
+            self.failed += 1
+            raise OSError(28 if self.enospc else 5, "injected")
+        self.write_bytes_now += n
+        self.most_write_bytes = max(self.most_write_bytes, self.write_bytes_now)
+        try:
+            await self._counted(n, super()._co_pwritev, offset, data, fua)
+        finally:
+            self.write_bytes_now -= n
+        self.data_written += n
+
+    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+        await self._counted(0, super()._co_pwrite_zeroes, offset, length, may_unmap, fua,
+                            no_fallback)
+        self.zeroes_written += length
+
+    async def _co_block_status(self, offset, length):
+        self.status_calls += 1
+        return await super()._co_block_status(offset, length)
 
 
 class Env:
