@@ -76,6 +76,19 @@ class RawClient:
         rep = P.parse_reply_header(head + rest)
         return rep, (await self.recv(rep.length) if rep.type is not None else b"")
 
+    async def command(self, type, handle=1, offset=0, length=0, flags=0, data=b""):
+        """One request and its whole reply: a list of (handle, error, chunk
+        type, flags, payload); a simple read reply's data is its payload."""
+        await self.request(type, handle, offset, length, flags, data)
+        chunks = []
+        while True:
+            rep, payload = await self.reply()
+            if rep.type is None and type == P.CMD_READ and not rep.error:
+                payload = await self.recv(length)
+            chunks.append((rep.handle, rep.error, rep.type, rep.flags, payload))
+            if rep.done:
+                return chunks
+
 
 @pytest.fixture(autouse=True)
 async def raw_clients():
