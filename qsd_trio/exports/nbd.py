@@ -10,7 +10,10 @@ Per connection in transmission: one reader task parses requests (at most
 :data:`MAX_REQUESTS` in flight, which bounds the memory a client can make
 us hold).  A READ or WRITE the node can serve without waiting (a cached
 read, a write into allocated space: BlockNode.read_now/write_now) is served
-by the reader itself; the rest go to a fixed pool of request tasks.
+by the reader itself; one the node can hand to its I/O engine as it is (a
+raw file, a mapped qcow2 cluster: BlockNode.read_submit/write_submit) is
+started by the reader and replied to from the engine's completion, with no
+task of its own; the rest go to a fixed pool of request tasks.
 Replies are queued and sent in batches, header and data together with one
 ``sendmsg`` (a 1 MiB read is never copied into a bigger buffer): by the
 reader before it waits for the client, or by a writer task.
@@ -35,6 +38,7 @@ from typing import Any
 import trio
 
 from ..nodes.engine import buffers
+from ..nodes.engine.base import after_completions
 from ..nodes.node import Perm, Status
 from ..proto import nbd as P
 from ..qapi.errors import GenericError, QapiError
@@ -657,6 +661,7 @@ class Connection:
         self._out_done = 0
         self._out_ready = trio.Event()
         self._sending = False  # the writer is part way through a send
+        self._flush_deferred = False  # a reaper will send the queued replies
         self._hangup = ""
         self._broken = False
         self._reader_scope = trio.CancelScope()
@@ -1076,22 +1081,22 @@ class Connection:
         if req.type == P.CMD_WRITE:
             if req.flags & P.CMD_FLAG_FUA or export.writethrough:
                 return False
-            if not node.write_now(req.offset, memoryview(data)):
-                return False
+            if not node.write_now(req.offset, data):
+                return node.write_submit(req.offset, data, self._completion(req))
             reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
         else:
             off, ln = req.offset, req.length
             if not self.structured:
                 buf = node.read_now(off, ln)
                 if buf is None:
-                    return False
+                    return node.read_submit(off, ln, self._completion(req))
                 reply = (P.simple_reply(h), buf)
             else:
                 if not (req.flags & P.CMD_FLAG_DF or export.known_data(off, ln)):
                     return False  # a sparse read asks the block status first
                 buf = node.read_now(off, ln)
                 if buf is None:
-                    return False
+                    return node.read_submit(off, ln, self._completion(req))
                 reply = (P.chunk_offset_data_header(h, off, ln, True,
                                                     off if self.extended else None), buf)
         if quiet:
@@ -1099,6 +1104,37 @@ class Connection:
         else:
             self._queue(reply)
         return True
+
+    def _completion(self, req: P.Request):
+        """The reply to a READ or WRITE started with read_submit/write_submit,
+        queued by the engine's reaper when it completes.  The reaper sends
+        the replies of its whole batch of completions with one sendmsg once
+        it has handled them all (after_completions); what the socket does
+        not take goes to the writer task."""
+        def done(buf, err) -> None:
+            h = req.handle
+            if err is not None:
+                self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
+                return
+            if req.type == P.CMD_WRITE:
+                parts = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
+            elif not self.structured:
+                parts = (P.simple_reply(h), buf)
+            else:
+                parts = (P.chunk_offset_data_header(
+                    h, req.offset, req.length, True, req.offset if self.extended else None),
+                    buf)
+            self._queue_quiet(parts)
+            if not self._flush_deferred:
+                if after_completions(self._deferred_flush):
+                    self._flush_deferred = True
+                else:
+                    self._out_ready.set()
+        return done
+
+    def _deferred_flush(self) -> None:
+        self._flush_deferred = False
+        self._flush_now()
 
     def stop_reading(self) -> None:
         """Take no new request; those in flight finish and reply, then the connection ends."""

@@ -35,6 +35,7 @@ from ..libc import LIBC
 from ..qapi.errors import GenericError
 from . import locking
 from .engine import buffers
+from .engine.base import os_error as engine_error
 from .graph import register_driver
 from .inline_io import InlineWrites
 from .node import BlockNode, BlockStatus, Perm, Status
@@ -206,6 +207,30 @@ class FileNode(BlockNode):
         buf = buffers.alloc(length)
         return buf if self._pread_nowait(buf, offset) == length else None
 
+    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+        a = self.align
+        if offset % a or length % a:
+            return False  # padded reads take the general path
+        buf, addr = buffers.alloc_at(length)
+        fd = self.fd
+        io = self.io
+
+        def finished(res: int, got: int = 0) -> None:
+            if res < 0:
+                done(None, engine_error(res))
+                return
+            got += res
+            if got < length and res and offset + got < self._size:
+                # a short read inside the file: read the rest
+                io.submit_read(fd, buf[got:], offset + got, lambda r: finished(r, got))
+                return
+            if got < length:
+                buffers.zero_tail(buf, got)  # past EOF reads as zeroes
+            done(buf, None)
+
+        io.submit_read(fd, buf, offset, finished, addr)
+        return True
+
     def _pread_nowait(self, buf: memoryview, offset: int) -> int:
         """Read what can be read without waiting for a device: from the page
         cache (RWF_NOWAIT), or anything on a file system in memory.  Returns
@@ -297,6 +322,44 @@ class FileNode(BlockNode):
             return False
         self._inline.run(self._pwrite_all, mv, offset, False)
         self._size = max(self._size, offset + len(mv))
+        return True
+
+    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
+        n = len(mv)
+        if self.cache_direct:
+            a = self.align
+            if (offset % a or n % a or self._rmw or mv.readonly
+                    or buffers.address(mv) % a):
+                return False
+            key = object()
+            self._direct_writes[key] = (offset, offset + n)
+        elif mv.readonly:
+            return False
+        else:
+            key = None
+        fd = self.fd
+        io = self.io
+
+        def finished(res: int, put: int = 0) -> None:
+            if res == 0:
+                res = -errno.EIO  # a write that makes no progress
+            if res > 0:
+                put += res
+                if put < n:  # a short write: write the rest
+                    io.submit_write(fd, mv[put:], offset + put, lambda r: finished(r, put))
+                    return
+            if key is not None:
+                del self._direct_writes[key]
+                if self._write_done is not None:
+                    self._write_done.set()
+                    self._write_done = None
+            if res < 0:
+                done(None, engine_error(res))
+            else:
+                self._size = max(self._size, offset + n)
+                done(None, None)
+
+        io.submit_write(fd, mv, offset, finished)
         return True
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:

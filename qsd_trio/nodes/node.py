@@ -515,11 +515,79 @@ class BlockNode:
         stats["wr_bytes"] += n
         return True
 
+    # Requests started without a task.  Where the fast path cannot serve a
+    # request but the driver can hand it to the I/O engine as it is (a raw
+    # file, one mapped qcow2 cluster), an exporter starts it here and gets
+    # ``done(result, error)`` from the engine's reaper; the request counts
+    # as in flight (drains wait for it) until then.  False: nothing was
+    # started, and the caller uses read()/write().  Exactly one of result
+    # and error is None.
+    def read_submit(self, offset: int, length: int, done) -> bool:
+        """Start a read; ``done(buffer, None)`` or ``done(None, OSError)``."""
+        if (self._quiesce or offset < 0 or length <= 0
+                or (not self.grows and offset + length > self._length())):
+            return False
+
+        def finished(buf, err) -> None:
+            self._end()
+            stats = self.stats
+            if err is None:
+                stats["rd_operations"] += 1
+                stats["rd_bytes"] += length
+            else:
+                stats["failed_rd_operations"] += 1
+            done(buf, err)
+
+        self._in_flight += 1
+        if self._preadv_submit(offset, length, finished):
+            return True
+        self._in_flight -= 1  # nothing awaited: no drain can have seen it
+        return False
+
+    def write_submit(self, offset: int, mv: memoryview, done) -> bool:
+        """Start a write (not FUA) of ``mv``, which must stay unchanged until
+        ``done(None, None)`` or ``done(None, OSError)``; the same checks and
+        bookkeeping as write(), for the requests write_now() takes."""
+        n = len(mv)
+        if (self._quiesce or self.read_only or self.before_write or self._debug_events
+                or self.detect_zeroes != "off" or offset < 0 or n <= 0
+                or (not self.grows and offset + n > self._length())):
+            return False
+
+        def finished(_res, err) -> None:
+            if offset + n > self.wr_highest_offset:
+                self.wr_highest_offset = offset + n
+            if self.bitmaps:
+                self._mark_write(offset, n)
+            self._end()
+            stats = self.stats
+            if err is None:
+                stats["wr_operations"] += 1
+                stats["wr_bytes"] += n
+            else:
+                stats["failed_wr_operations"] += 1
+            done(None, err)
+
+        self._in_flight += 1
+        if self._pwritev_submit(offset, mv, finished):
+            if self.write_threshold:
+                self._check_threshold(offset, n)
+            return True
+        self._in_flight -= 1
+        return False
+
     # driver hooks for the fast path: by default nothing is done synchronously
     def _preadv_now(self, offset: int, length: int):
         return None
 
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+        return False
+
+    # driver hooks for requests without a task: by default none are taken
+    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+        return False
+
+    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
         return False
 
     async def write(self, offset: int, data, *, fua: bool = False) -> None:

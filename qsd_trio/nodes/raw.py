@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..qapi import qemuopts
 from ..qapi.errors import GenericError
 from . import perms
 from .graph import register_driver
@@ -16,6 +17,7 @@ class RawNode(BlockNode):
         self.offset = options.get("offset", 0)
         self.fixed_size = options.get("size")
         self.file = await self.open_child(options, "file")
+        qemuopts.absorb_sizes(self.driver, options)
         real = self.file.node.length
         if self.offset > real:
             raise GenericError(f"Offset ({self.offset}) cannot be greater than size of the "
@@ -60,6 +62,13 @@ class RawNode(BlockNode):
 
     def _pwritev_now(self, offset, mv):
         return self.file.node.write_now(self.offset + offset, mv)
+
+    def _preadv_submit(self, offset, length, done):
+        child = self.file.node
+        return not child._debug_events and child.read_submit(self.offset + offset, length, done)
+
+    def _pwritev_submit(self, offset, mv, done):
+        return self.file.node.write_submit(self.offset + offset, mv, done)
 
     async def _co_preadv(self, offset, length):
         self.file.node.debug_event("read_aio")

@@ -7,6 +7,13 @@ on the engine's eventfd (``trio.lowlevel.wait_readable``); each wakeup takes
 every completion that has arrived and reschedules its task with the result.
 So a thousand completions cost one wakeup of the event loop, not one each.
 
+A request can also be submitted with a callback instead of a task
+(``submit_read``/``submit_write``): the reaper calls ``cb(result)`` with the
+byte count or a negative errno.  That is how an export serves a request
+straight from its reader task, with no task of its own to park and wake
+(BlockNode.read_submit).  A callback must not raise; one that does is
+logged, and the reaper goes on.
+
 A parked request cannot be cancelled: the kernel (or a worker thread) owns
 its buffer until the completion arrives, and a write must not be half done.
 A cancelled caller gets its ``Cancelled`` at its next checkpoint, after the
@@ -23,6 +30,7 @@ then stops the reaper.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import outcome
@@ -32,6 +40,24 @@ _Abort = trio.lowlevel.Abort
 _reschedule = trio.lowlevel.reschedule
 _wait = trio.lowlevel.wait_task_rescheduled
 _current_task = trio.lowlevel.current_task
+
+log = logging.getLogger(__name__)
+
+# calls deferred until the reaper has handled its current batch of
+# completions (after_completions); reapers run one at a time, on trio's thread
+_deferred: list = []
+_reaping = False
+
+
+def after_completions(fn) -> bool:
+    """From a completion callback: call ``fn()`` once the reaper has handled
+    every completion of this wakeup, so that, for example, an export sends
+    the replies of a whole batch with one ``sendmsg`` and no task wakeup.
+    False (and nothing deferred) outside a reaper."""
+    if not _reaping:
+        return False
+    _deferred.append(fn)
+    return True
 
 
 def _no_abort(raise_cancel) -> _Abort:
@@ -69,9 +95,23 @@ class Engine:
                     except BlockingIOError:
                         pass
                     self.wakeups += 1
-                    self._reap()
+                    self._reap_batch()
         finally:
             self._close_fds()
+
+    def _reap_batch(self) -> None:
+        global _reaping
+        _reaping = True
+        try:
+            self._reap()
+        finally:
+            _reaping = False
+            while _deferred:
+                fn = _deferred.pop()
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - as for callbacks
+                    log.exception("deferred I/O completion call failed")
 
     def _reap(self) -> None:
         """Reschedule the tasks of every completion that has arrived."""
@@ -87,9 +127,16 @@ class Engine:
         """Wait for this task's request; returns its result."""
         return await _wait(_no_abort)
 
-    def _finished(self, task, result) -> None:
-        _reschedule(task, outcome.Value(result))
+    def _finished(self, task, cb, result) -> None:
+        """One request is done: wake its task or call its callback."""
         self.in_flight -= 1
+        if cb is None:
+            _reschedule(task, outcome.Value(result))
+        else:
+            try:
+                cb(result)
+            except Exception:  # noqa: BLE001 - one request's bug, not the engine's
+                log.exception("I/O completion callback failed")
         if not self.in_flight and self._idle is not None:
             self._idle.set()
 
@@ -114,4 +161,14 @@ class Engine:
         raise NotImplementedError
 
     async def fdatasync(self, fd: int) -> None:
+        raise NotImplementedError
+
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        """Start one read into ``buf`` (at ``addr``, if the caller knows it);
+        ``cb(bytes read or -errno)`` later.
+        A short count is the caller's to handle (EOF, or read the rest)."""
+        raise NotImplementedError
+
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
+        """Start one write of ``buf`` (writable, pinned until ``cb`` runs)."""
         raise NotImplementedError

@@ -64,17 +64,25 @@ _classes = [_SizeClass(PAGE << i) for i in range((POOL_MAX // PAGE).bit_length()
 
 def alloc(n: int) -> memoryview:
     """A writable, page-aligned, uninitialised buffer of ``n`` bytes."""
+    return alloc_at(n)[0]
+
+
+def alloc_at(n: int) -> tuple[memoryview, int]:
+    """``alloc(n)`` and the buffer's address (for an engine's SQE/iocb)."""
     if n <= PAGE:
         cls = _classes[0]
     elif n > POOL_MAX:
         # one mapping of its own, unmapped when the last view goes
-        return memoryview(mmap.mmap(-1, n))
+        mv = memoryview(mmap.mmap(-1, n))
+        return mv, address(mv)
     else:
         cls = _classes[((n - 1) // PAGE).bit_length()]
     free = cls.free
     if not free:
         cls.grow()
-    return memoryview(cls.buffer_type.from_address(free.pop())).cast("B")[:n]
+    addr = free.pop()
+    mv = memoryview(cls.buffer_type.from_address(addr)).cast("B")
+    return (mv if n == cls.size else mv[:n]), addr
 
 
 def address(buf) -> int:

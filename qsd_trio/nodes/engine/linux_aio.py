@@ -41,11 +41,12 @@ MAX_EVENTS = 1024                  # QEMU's MAX_EVENTS
 
 
 class _Req:
-    __slots__ = ("task", "buf")
+    __slots__ = ("task", "buf", "cb")
 
-    def __init__(self, task, buf) -> None:
+    def __init__(self, task, buf, cb=None) -> None:
         self.task = task
-        self.buf = buf
+        self.buf = buf   # held until the completion: the kernel writes into it
+        self.cb = cb
 
 
 class LinuxAio(Engine):
@@ -115,7 +116,7 @@ class LinuxAio(Engine):
     def _fail(self, rid: int, res: int) -> None:
         req = self._reqs.pop(rid)
         req.buf = None
-        self._finished(req.task, res)
+        self._finished(req.task, req.cb, res)
 
     async def _flush_loop(self) -> None:
         with self._flush_scope:
@@ -140,7 +141,7 @@ class LinuxAio(Engine):
                 rid, _obj, res, _res2 = _EVENT.unpack_from(ev, i * _EVENT.size)
                 req = reqs.pop(rid)
                 req.buf = None
-                self._finished(req.task, res)
+                self._finished(req.task, req.cb, res)
             if n < MAX_EVENTS:
                 break
         if self._pending:
@@ -160,6 +161,14 @@ class LinuxAio(Engine):
         if res < 0:
             raise os_error(res)
         return res
+
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._queue(CMD_PREAD, fd, addr or buffers.address(buf), len(buf), offset,
+                    _Req(None, buf, cb))
+
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
+        self._queue(CMD_PWRITE, fd, buffers.address(buf), len(buf), offset,
+                    _Req(None, buf, cb))
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)

@@ -32,14 +32,22 @@ MAX_WORKERS = 64
 
 
 class _Call:
-    __slots__ = ("fn", "args", "task", "result", "error")
+    __slots__ = ("fn", "args", "task", "cb", "result", "error")
 
-    def __init__(self, fn, args, task) -> None:
+    def __init__(self, fn, args, task, cb=None) -> None:
         self.fn = fn
         self.args = args
         self.task = task
+        self.cb = cb
         self.result = None
         self.error: BaseException | None = None
+
+    def res(self) -> int:
+        """The result as an engine callback sees it: a count or -errno."""
+        e = self.error
+        if e is None:
+            return self.result
+        return -(e.errno or 5) if isinstance(e, OSError) else -5  # EIO
 
 
 def _read_all(fd: int, buf: memoryview, offset: int) -> int:
@@ -58,6 +66,11 @@ def _write_all(fd: int, buf: memoryview, offset: int) -> None:
     n = len(buf)
     while done < n:
         done += os.pwritev(fd, [buf[done:]], offset + done)
+
+
+def _write_all_count(fd: int, buf: memoryview, offset: int) -> int:
+    _write_all(fd, buf, offset)
+    return len(buf)
 
 
 class ThreadPool(Engine):
@@ -93,11 +106,12 @@ class ThreadPool(Engine):
         done = self._done
         while done:
             call = done.popleft()
-            self._finished(call.task, call)
+            if call.cb is None:
+                self._finished(call.task, None, call)
+            else:
+                self._finished(None, call.cb, call.res())
 
-    async def call(self, fn, *args):
-        """Run the blocking ``fn(*args)`` on a worker; its result or exception."""
-        call = _Call(fn, args, _current_task())
+    def _put(self, call: _Call) -> None:
         self.in_flight += 1
         self.submitted += 1
         if self.in_flight > len(self._threads) and len(self._threads) < self.max_workers:
@@ -105,6 +119,11 @@ class ThreadPool(Engine):
             self._threads.append(t)
             t.start()
         self._queue.put(call)
+
+    async def call(self, fn, *args):
+        """Run the blocking ``fn(*args)`` on a worker; its result or exception."""
+        call = _Call(fn, args, _current_task())
+        self._put(call)
         await self._park()
         if call.error is not None:
             raise call.error
@@ -118,6 +137,12 @@ class ThreadPool(Engine):
 
     async def fdatasync(self, fd: int) -> None:
         await self.call(os.fdatasync, fd)
+
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._put(_Call(_read_all, (fd, buf, offset), None, cb))
+
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
+        self._put(_Call(_write_all_count, (fd, buf, offset), None, cb))
 
     async def aclose(self) -> None:
         await super().aclose()

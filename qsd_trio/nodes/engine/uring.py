@@ -65,12 +65,12 @@ ENTRIES = 256
 
 
 class _Req:
-    __slots__ = ("task", "buf", "res")
+    __slots__ = ("task", "buf", "cb")
 
-    def __init__(self, task, buf) -> None:
+    def __init__(self, task, buf, cb=None) -> None:
         self.task = task
         self.buf = buf   # held until the completion: the kernel writes into it
-        self.res = 0
+        self.cb = cb
 
 
 class Uring(Engine):
@@ -194,9 +194,8 @@ class Uring(Engine):
             rid, res, _flags = _CQE.unpack_from(ring, off + (head & mask) * 16)
             head = (head + 1) & 0xFFFFFFFF
             req = reqs.pop(rid)
-            req.res = res
             req.buf = None
-            self._finished(req.task, res)
+            self._finished(req.task, req.cb, res)
         self.cq_head = head
         _U32.pack_into(ring, self.cq_head_off, head)
         waiting = self._waiting
@@ -220,6 +219,14 @@ class Uring(Engine):
         if res < 0:
             raise os_error(res)
         return res
+
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._queue(OP_READ, fd, addr or buffers.address(buf), len(buf), offset, 0,
+                    _Req(None, buf, cb))
+
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
+        self._queue(OP_WRITE, fd, buffers.address(buf), len(buf), offset, 0,
+                    _Req(None, buf, cb))
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)

@@ -713,6 +713,13 @@ class Qcow2Node(BlockNode):
         host = self._data_host(offset, length, False)
         return None if host < 0 else self.data.read_now(host, length)
 
+    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+        # as _co_preadv's first branch: one mapped cluster, read from the file
+        if self.crypto is not None or self._corrupt:
+            return False
+        host = self._data_host(offset, length, False)
+        return host >= 0 and self.data.read_submit(host, length, done)
+
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         if self.crypto is not None or self._corrupt:
             return False
@@ -1383,6 +1390,8 @@ class Qcow2Node(BlockNode):
                                            full=True, dtype="other")
                 self.size = size
             else:
+                if self._l1_needed(size) > (32 << 20) // 8:  # QCOW_MAX_L1_SIZE
+                    raise GenericError("Failed to grow the L1 table: File too large")
                 await self._grow_l1(self._l1_needed(size))
                 self.size = size
             self.h.size = size
