@@ -36,7 +36,8 @@ Errors: every failed chunk goes back on a list of ranges to plan again
 before the walk goes on (a retry after ``stop`` and a resume, or at once
 for ``ignore``); the window returns the first failure so the job decides
 what to do with it, once.  The others are not reported: they are tried
-again and report themselves if they fail again.
+again and report themselves if they fail again.  A job may give up the
+first failure's range instead (:meth:`ChunkCopier.skip_failed`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class ChunkCopier:
         self.window_seconds = window_seconds
         self.pos = 0
         self.retry: list[tuple[int, int]] = []  # failed ranges [start, end), in order
+        self.first_failed: tuple[int, int] | None = None  # of the last window's error
         # statistics, for tests: the most chunks that were in flight at once
         self.in_flight = 0
         self.in_flight_bytes = 0
@@ -157,4 +159,15 @@ class ChunkCopier:
             return None
         # planned again (first) when the job goes on
         self.retry[:0] = sorted((o, o + n) for o, n, _ in failed)
-        return failed[0][2]
+        offset, n, err = failed[0]
+        self.first_failed = (offset, offset + n)
+        return err
+
+    def skip_failed(self) -> None:
+        """Give up the range of the failure :meth:`window` returned: it
+        counts as done, and is not tried again (QEMU's stream with
+        on-error=ignore)."""
+        rng, self.first_failed = self.first_failed, None
+        if rng is not None:
+            self.retry.remove(rng)
+            self.job.progress_current += rng[1] - rng[0]

@@ -150,6 +150,7 @@ class StreamJob(BlockJob):
         copier = self.copier = chunked.ChunkCopier(
             self, length, self._plan, self._copy, chunk=CHUNK,
             window_bytes=WINDOW, window_seconds=WINDOW_SECONDS)
+        ignored: OSError | None = None
         async with trio.open_nursery() as nursery:
             self._wb_nursery = nursery
             while not copier.done:
@@ -158,10 +159,19 @@ class StreamJob(BlockJob):
                 await self.sleep(self.limit.delay())
                 async with top.drained():
                     err = await copier.window()
-                if err is not None:
-                    # ignore/stop: the range is tried again (after a resume)
-                    if self.error_action(self.on_error, True, err) == "report":
-                        raise err
+                if err is None:
+                    continue
+                action = self.error_action(self.on_error, True, err)
+                if action == "report":
+                    raise err
+                if action == "ignore":
+                    # stream_run: the chunk is left behind and the job goes
+                    # on, to fail at the end with the backing file kept
+                    copier.skip_failed()
+                    ignored = ignored or err
+                # stop: the range is tried again after the resume
+        if ignored is not None:
+            raise ignored
         # QEMU rewires in prepare(); the header write is I/O, so it happens
         # here, at the same point in the event sequence (before "waiting")
         await self.pause_point()
