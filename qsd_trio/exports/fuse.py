@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 import sys
@@ -136,6 +137,8 @@ class FuseExport(BlockExport):
         self.use_helper: bool | None = None  # None: fusermount3 only when not root
         self.edge = None
         self._fd = -1
+        self._submitted = 0  # READs started with read_submit, not yet answered
+        self._submitted_idle: trio.Event | None = None
         self._device: str | None = None
         self._target = self.mountpoint
         self._handlers = {
@@ -241,6 +244,10 @@ class FuseExport(BlockExport):
                                                use_helper=self.use_helper))
             except OSError:
                 pass  # already gone (unmounted from outside)
+        with trio.CancelScope(shield=True):
+            while self._submitted:
+                self._submitted_idle = trio.Event()
+                await self._submitted_idle.wait()
         trio.lowlevel.notify_closing(self._fd)
         os.close(self._fd)  # aborts requests still waiting on the connection
         self._fd = -1
@@ -277,7 +284,13 @@ class FuseExport(BlockExport):
                     size = max(0, min(size, self.node.length - offset))
                     data = self.node.read_now(offset, size) if size else None
                     if data is None:
-                        readers.start_soon(self._read, unique, offset, size)
+                        # started on the I/O engine and answered from its
+                        # completion, or else in a task of its own
+                        if size and self.node.read_submit(
+                                offset, size, functools.partial(self._read_done, unique)):
+                            self._submitted += 1
+                        else:
+                            readers.start_soon(self._read, unique, offset, size)
                         continue
                     # served from the cache without a task (BlockNode.read_now)
                     self._send([fp.reply_header(unique, len(data)), data])
@@ -414,6 +427,18 @@ class FuseExport(BlockExport):
         except Exception as e:  # noqa: BLE001 - a failed request, not a failed export
             out = fp.reply_error(unique, _error_number(e))
         self._send(out)
+
+    def _read_done(self, unique: int, data, err) -> None:
+        """A READ started with read_submit has completed: answer it.  The
+        session's descriptor stays open until every such read has answered
+        (_unmount waits), so the reply cannot reach a reused fd number."""
+        self._submitted -= 1
+        if err is not None:
+            self._send(fp.reply_error(unique, _error_number(err)))
+        else:
+            self._send([fp.reply_header(unique, len(data)), data])
+        if not self._submitted and self._submitted_idle is not None:
+            self._submitted_idle.set()
 
     async def _write(self, unique, body):
         _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)

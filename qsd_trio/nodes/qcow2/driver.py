@@ -720,6 +720,24 @@ class Qcow2Node(BlockNode):
         host = self._data_host(offset, length, False)
         return host >= 0 and self.data.read_submit(host, length, done)
 
+    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
+        # as _co_pwritev's first branch: in place, into one cluster we own
+        if self.crypto is not None or self._corrupt:
+            return False
+        host = self._data_host(offset, len(mv), True)
+        if host < 0 or (self.overlap_mask and not self._overlap_clear(host, len(mv))):
+            return False
+
+        def finished(res, err) -> None:
+            self._inplace -= 1
+            done(res, err)
+
+        self._inplace += 1  # frees wait for it (_apply_frees), as in _co_pwritev
+        if self.data.write_submit(host, mv, finished):
+            return True
+        self._inplace -= 1
+        return False
+
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         if self.crypto is not None or self._corrupt:
             return False
