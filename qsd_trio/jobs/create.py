@@ -52,6 +52,10 @@ def _create_file_sync(filename: str, size: int, prealloc: str) -> None:
 async def create_file(filename: str, size: int, prealloc: str = "off") -> None:
     if prealloc not in ("off", "falloc", "full"):
         raise GenericError(f"Unsupported preallocation mode '{prealloc}'")
+    # the QAPI size is a uint64 that QEMU's file driver keeps in an int64_t
+    # (off_t): 2^63 and above reach ftruncate() negative, which says EINVAL
+    if size >= 2**63:
+        size -= 2**64
     await trio.to_thread.run_sync(_create_file_sync, filename, size, prealloc)
 
 

@@ -17,6 +17,7 @@ import os
 
 import trio
 
+from ..qapi import qemuopts
 from ..qapi.errors import GenericError
 from .graph import register_driver
 from .node import BlockNode, BlockStatus
@@ -43,6 +44,7 @@ class BlkdebugNode(BlockNode):
     shows_filtered_child = True
 
     async def open(self, options: dict) -> None:
+        qemuopts.absorb_sizes(self.driver, options)
         if options.get("config"):
             raise GenericError("blkdebug config files are not supported by qsd-trio")
         self.state = 1

@@ -25,6 +25,9 @@ from .node import BdrvChild, BlockNode, Perm
 DRIVERS: dict[str, type[BlockNode]] = {}
 TIMER_TICK = 1.0  # seconds between calls of BlockNode.periodic
 
+# the largest image QEMU opens: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT
+BDRV_MAX_LENGTH = (2**63 - 1) & ~((1 << 30) - 1)
+
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
 # options a nested file/data-file child takes from its parent unless given
@@ -139,6 +142,9 @@ class BlockGraph:
             self._tx[-1].append(node)
         node.configure(options)
         await node.open(options)
+        # bdrv_open_driver -> bdrv_refresh_total_sectors, for every driver
+        if -(-node.length // 512) * 512 > BDRV_MAX_LENGTH:
+            raise GenericError("Could not refresh total sector count: File too large")
         self.nodes[node.node_name] = node
         return node
 

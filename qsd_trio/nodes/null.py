@@ -6,6 +6,8 @@ import errno
 
 import trio
 
+from ..qapi import qemuopts
+from ..qapi.errors import GenericError
 from .graph import register_driver
 from .node import BlockNode, BlockStatus, Status, json_filename
 
@@ -15,9 +17,12 @@ class NullNode(BlockNode):
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
     async def open(self, options: dict) -> None:
+        qemuopts.absorb_sizes(self.driver, options)
         self.size = options.get("size", 1 << 30)
         self.read_zeroes = options.get("read-zeroes", False)
         self.latency_ns = options.get("latency-ns", 0)
+        if self.latency_ns >= 2**63:
+            raise GenericError("latency-ns is invalid")
 
     def _length(self) -> int:
         return self.size

@@ -23,6 +23,7 @@ QAPI JSON (:func:`to_qmp`).
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 from collections.abc import Iterable
@@ -144,26 +145,36 @@ def _suffix_mul(c: str, unit: int = 1024) -> int:
 def strtosz(s: str) -> int | None:
     """qemu_strtosz(s, NULL): byte counts with B/K/M/G/T/P/E suffixes,
     fractions with a suffix ('1.5k'), hex without a fraction."""
+    val, err = strtosz_errno(s)
+    return None if err else val
+
+
+def strtosz_errno(s: str) -> tuple[int, int]:
+    """qemu_strtosz with its return code: (value, 0), or (0, EINVAL) for
+    text that is no size, or (0, ERANGE) for one of 2^64 or more -- which
+    QemuOpts reports differently ("Value '16E' is out of range ...")."""
     m = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)").match(s)
-    if not m or m.group(1) == "-":
-        return None
+    if not m:
+        return 0, errno.EINVAL
     val = int(m.group(2))
     if val >= 2**64:
-        return None
+        return 0, errno.ERANGE  # strtoull fails before the sign is looked at
+    if m.group(1) == "-":
+        return 0, errno.EINVAL
     end = m.end()
     valf = 0
     if val == 0 and s[end : end + 1] in ("x", "X"):
         hm = re.compile(r"[ \t\n\v\f\r]*\+?0[xX]([0-9a-fA-F]+)").match(s)
         if not hm:
-            return None
+            return 0, errno.EINVAL
         val = int(hm.group(1), 16)
         if val >= 2**64:
-            return None
+            return 0, errno.ERANGE
         end = hm.end()
         # 7.2 still takes a suffix after hex (it warns that this is
         # deprecated); only a fraction is refused
         if s[end : end + 1] == ".":
-            return None
+            return 0, errno.EINVAL
     elif s[end : end + 1] == ".":
         r = _strtod_prefix(s, end)
         if r is None:
@@ -171,7 +182,7 @@ def strtosz(s: str) -> int | None:
         else:
             frac, fend = r
             if "e" in s[end:fend].lower():
-                return None
+                return 0, errno.EINVAL
             valf = int(frac * 2**64)
             end = fend
     mul = _suffix_mul(s[end : end + 1])
@@ -181,15 +192,15 @@ def strtosz(s: str) -> int | None:
         mul = 1
     if mul == 1:
         if valf:
-            return None
+            return 0, errno.EINVAL
     else:
         low = valf * mul
         val = val * mul + (low >> 64) + ((low >> 63) & 1)
         if val >= 2**64:
-            return None
+            return 0, errno.ERANGE
     if end != len(s):
-        return None
-    return val
+        return 0, errno.EINVAL
+    return val, 0
 
 
 _TRUE = ("on", "yes", "true", "y")

@@ -91,6 +91,8 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
 
     _check(size, version, cluster_size, refcount_bits, lazy_refcounts, extended_l2,
            data_file_raw, data_file is not None, backing_file, compression_type, preallocation)
+    if size >= 2**63:
+        size -= 2**64  # the QAPI uint64 reaches blk_truncate() as an int64_t
     cs = cluster_size
     cbits = cs.bit_length() - 1
     order = refcount_bits.bit_length() - 1
@@ -139,7 +141,10 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
     node.configure(opts)
     try:
         await node.open(opts)
-        await node.truncate(size, prealloc=preallocation)
+        try:
+            await node.truncate(size, prealloc=preallocation)
+        except GenericError as e:
+            raise e.prefixed("Could not resize image: ") from None
         if encrypt is not None:
             from .crypt import setup_encryption
             await setup_encryption(node, encrypt)
