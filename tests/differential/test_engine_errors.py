@@ -107,12 +107,14 @@ def blkdebug_blockdev(img, engine, rules=RULES) -> str:
     return opts
 
 
-def blkdebug_requests(rules=RULES) -> list:
+def blkdebug_requests(rules=RULES, mid_sector=False) -> list:
     w = random.Random(1).randbytes(65536)
     R, W, Z = P.CMD_READ, P.CMD_WRITE, P.CMD_WRITE_ZEROES
     reqs = []
     for sector in sorted({r[2] for r in rules}):
         off = sector * 512
+        if mid_sector:  # starts after the rule's offset, inside its sector
+            reqs += [(R, off + 100, 1000, 0, b""), (W, off + 100, 1000, 0, w[:1000])]
         reqs += [(R, off, 4096, 0, b""), (R, off, 4096, 0, b""),  # once, or again
                  (R, off - 512, 1024, 0, b""), (W, off, 4096, 0, w[:4096]),
                  (W, off, 4096, 0, w[:4096]), (W, off - 4096, 8192, P.CMD_FLAG_FUA, w[:8192]),
@@ -121,7 +123,7 @@ def blkdebug_requests(rules=RULES) -> list:
                    (W, 65536, 65536, 0, w), (R, 65536, 65536, 0, b"")]
 
 
-async def blkdebug_same(tmp_path, engine, rules, structured) -> None:
+async def blkdebug_same(tmp_path, engine, rules, structured, mid_sector=False) -> None:
     seen = {}
     for kind in KINDS:
         img = tmp_path / f"{kind}.raw"
@@ -129,7 +131,7 @@ async def blkdebug_same(tmp_path, engine, rules, structured) -> None:
         sock = tmp_path / f"{kind}.sock"
         d = start(kind, tmp_path, blkdebug_blockdev(img, engine, rules), sock)
         try:
-            seen[kind] = await transcript(str(sock), blkdebug_requests(rules),
+            seen[kind] = await transcript(str(sock), blkdebug_requests(rules, mid_sector),
                                           structured=structured)
         finally:
             d.stop()
@@ -165,10 +167,11 @@ async def test_blkdebug_default_rules_same(tmp_path):
     """Rules without iotype (blkdebug's default set: read, write,
     write-zeroes, discard, flush; not block-status): a rule is armed by its
     event (read_aio, write_aio) and disarmed by the next event that has
-    rules, as QEMU's active_rules are; EDQUOT reaches NBD clients as
-    ENOSPC (QEMU's system_errno_to_nbd_errno)."""
+    rules, as QEMU's active_rules are; a rule's sector matches requests that
+    contain its first byte; EDQUOT reaches NBD clients as ENOSPC (QEMU's
+    system_errno_to_nbd_errno)."""
     rules = [r[:4] + ("",) for r in RULES] + [("write_aio", 122, 2048, "on", "")]
-    await blkdebug_same(tmp_path, ALL[0], rules, structured=False)
+    await blkdebug_same(tmp_path, ALL[0], rules, structured=False, mid_sector=True)
 
 
 # -- ENOSPC through NBD -----------------------------------------------------------------
