@@ -321,10 +321,10 @@ async def test_backup_workers_chunk_and_holes(env, raw_pair, workers, chunk):
     await env.qmp("blockdev-backup", job_id="j", device="src", target="dst", sync="full",
                   x_perf=perf)
     await _done(env)
-    d = _node(env, "dst")
-    assert 1 < d.most <= (workers or 64)
+    s, d = _node(env, "src"), _node(env, "dst")
+    assert 1 < d.most <= (workers or 64) and 1 < s.most <= (workers or 64)
     if workers is None:
-        assert d.most > 8  # many tasks at once
+        assert s.most > 8  # many tasks at once (20 read data)
     assert d.biggest == (chunk or MiB)
     assert d.data_written == 20 * MiB and d.zeroes_written == 12 * MiB
     await env.graph.close_all()
