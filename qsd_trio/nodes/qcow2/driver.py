@@ -67,7 +67,7 @@ from .l2 import (
     read_cache_sizes,
     unpack_table,
 )
-from .refcount import RefcountError, Refcounts
+from .refcount import RefcountError, Refcounts, write_batch
 
 # segment kinds of a mapped guest range
 DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
@@ -1321,11 +1321,13 @@ class Qcow2Node(BlockNode):
             await self.refs.write_dirty()
             await self.file.flush()
         if self.l2cache.dirty:
+            batch = []
             for off in sorted(self.l2cache.dirty):
                 blob = pack_table(self.l2cache.tables[off])
                 if self.overlap_mask:
                     await self._overlap_check(overlap.ACTIVE_L2, off, len(blob))
-                await self.file.write(off, blob)
+                batch.append((off, blob))
+            await write_batch(self.file.write, batch)
             self.l2cache.dirty.clear()
             self.l2cache.shrink()
             await self.file.flush()
