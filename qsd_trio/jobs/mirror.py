@@ -55,6 +55,7 @@ import trio
 
 from ..nodes import job_filters  # noqa: F401 - registers mirror_top
 from ..nodes.bitmaps import DirtyBitmap
+from ..nodes.block_copy import CountedBitmap
 from ..nodes.node import BlockNode, Perm, Status
 from ..nodes.perms import refresh
 from ..qapi.errors import GenericError
@@ -543,52 +544,16 @@ class MirrorJob(BlockJob):
         super().clean()
 
 
-class _WatchedBitmap(DirtyBitmap):
+class _WatchedBitmap(CountedBitmap):
     """The job's dirty bitmap, which also tells the job where the source
-    was written (its block status answers there may be stale), and keeps
-    its count up to date as bits change (QEMU's hbitmap does): the job
-    asks for it once per operation, and counting a whole bitmap each time
-    costs as much as its size (milliseconds for a TiB)."""
+    was written (its block status answers there may be stale)."""
 
     on_dirty = None
-    _bits_set: int | None = None  # None: count them again
-
-    def _set_bits(self, first: int, last: int, value: bool) -> None:
-        known = self._bits_set
-        if known is None:
-            super()._set_bits(first, last, value)
-            return
-        b0, b1 = first >> 3, (last >> 3) + 1
-        before = int.from_bytes(self.bits[b0:b1], "little").bit_count()
-        super()._set_bits(first, last, value)
-        self._bits_set = known + int.from_bytes(self.bits[b0:b1], "little").bit_count() - before
 
     def set_dirty(self, offset: int, length: int) -> None:
         super().set_dirty(offset, length)
         if self.on_dirty is not None:
             self.on_dirty(offset, length)
-
-    def count(self) -> int:
-        if self._bits_set is None:
-            self._bits_set = int.from_bytes(self.bits, "little").bit_count()
-        return min(self._bits_set << self.shift, self.size)
-
-    # every other change of the bits: count again next time
-    def resize(self, size: int) -> None:
-        self._bits_set = None
-        super().resize(size)
-
-    def clear(self) -> None:
-        self._bits_set = None
-        super().clear()
-
-    def merge_from(self, other: DirtyBitmap) -> None:
-        self._bits_set = None
-        super().merge_from(other)
-
-    def load_bytes(self, data: bytes) -> None:
-        self._bits_set = None
-        super().load_bytes(data)
 
 
 async def _close_filter(filt: BlockNode) -> None:

@@ -1,5 +1,5 @@
-"""The mirror's dirty bitmap keeps its count as bits change: always what
-counting the whole bitmap says."""
+"""The jobs' bitmaps (block_copy.CountedBitmap, the mirror's) keep their
+count as bits change: always what counting the whole bitmap says."""
 
 from __future__ import annotations
 
