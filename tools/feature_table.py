@@ -35,7 +35,6 @@ NOTES: dict[str, str] = {
                        "header, the open cipher kept, as QEMU",
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
-    "aio=io_uring": "accepted, served by the worker threads like aio=threads",
     "vhost-user-blk": "not implemented: needs a vhost-user device model and a guest to test",
     "vduse-blk": "not implemented: needs the VDUSE kernel module",
     "chardev-change": "refused for chardevs with a monitor, as QEMU does",
@@ -55,7 +54,9 @@ NOTES: dict[str, str] = {
             "volumes are refused; blockdev-create and x-blockdev-amend of key slots",
     "secret": "data or file, format raw or base64, keyid/iv decryption; loaded at creation",
     "blockdev-create": "drivers file, qcow2 (encryption included) and luks",
-    "file": "aio=io_uring is served by the worker threads",
+    "driver:file": "aio=threads (a pool of worker threads, the default), io_uring and "
+                   "native (Linux AIO, with cache.direct=on), as QEMU; cache.direct=on "
+                   "with QEMU's alignment probe and padded (read-modify-write) requests",
     "throttle": "queued requests go at once when the node is drained (blockdev-del of a "
                 "parent, graph changes, shutdown), as QEMU; a group serves its members in "
                 "FIFO order rather than round-robin",
