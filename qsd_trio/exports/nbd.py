@@ -1112,6 +1112,8 @@ class Connection:
         it has handled them all (after_completions); what the socket does
         not take goes to the writer task."""
         def done(buf, err) -> None:
+            if self._closed:
+                return  # the connection ended (export deleted): no one to answer
             h = req.handle
             if err is not None:
                 self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
