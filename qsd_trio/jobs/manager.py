@@ -42,7 +42,11 @@ def check_new_id(daemon: Any, job_id: str | None) -> str:
 
 
 def register(daemon: Any, job: Job, speed: int | None = None) -> None:
-    """Add ``job`` (CREATED; the speed is checked as QEMU does at creation)."""
+    """job_create: the id checks, then ``job`` is added (CREATED; the speed
+    is checked as QEMU does at creation).  Commands call it at the point of
+    their checks where QEMU creates the job, so that a client with several
+    mistakes at once sees QEMU's first error."""
+    check_new_id(daemon, job.id)
     daemon.jobs[job.id] = job
     try:
         job.create(speed)

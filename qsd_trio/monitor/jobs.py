@@ -136,26 +136,52 @@ def _lookup(daemon, name):
     return node
 
 
+def _job_id(args) -> str:
+    """The job id; without one block_job_create takes the device name, which
+    no node of a storage daemon has, so job_create checks ""."""
+    job_id = _arg(args, "job_id")
+    return "" if job_id is None else job_id
+
+
+def _skip_filters(node):
+    """bdrv_skip_filters: down through filters' filtered children."""
+    while (node.is_filter or node.driver == "throttle") and node.primary_child() is not None:
+        node = node.primary_child().node
+    return node
+
+
 def _launch(daemon, job, speed):
     manager.register(daemon, job, speed)
     manager.start(daemon, job)
 
 
 async def start_mirror(daemon, args, source, target, *, zero_target: bool = False):
+    """blockdev_mirror_common, mirror_start and mirror_start_job up to the
+    job's creation, each check where QEMU makes it."""
     from ..jobs.blockjob import check_not_busy
     from ..jobs.mirror import MirrorJob, check_granularity
+    from ..qapi.errors import GenericError
 
     sync = _arg(args, "sync")
+    check_granularity(_arg(args, "granularity"))
     check_not_busy(daemon, source)
     check_not_busy(daemon, target)
     if sync == "top" and "backing" not in source.children:
         sync = "full"
     replaces = None
     if _arg(args, "replaces") is not None:
-        replaces = _lookup(daemon, args.replaces)
-    check_granularity(_arg(args, "granularity"))
-    job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
-    job = MirrorJob(daemon, job_id, source, target, sync=sync,
+        replaces = daemon.graph.find_node(args.replaces)  # check_to_replace_node
+    # mirror_start
+    if sync in ("incremental", "bitmap"):
+        raise GenericError(f"Sync mode '{sync}' not supported")
+    # mirror_start_job: then the filter node, then job_create
+    if _arg(args, "buf_size", 0) < 0:
+        raise GenericError("Invalid parameter 'buf-size'")
+    if _skip_filters(source) is _skip_filters(target):
+        raise GenericError("Can't mirror node into itself")
+    if _arg(args, "filter_node_name") is not None:
+        daemon.graph.check_new_node_name(args.filter_node_name)
+    job = MirrorJob(daemon, _job_id(args), source, target, sync=sync,
                     granularity=_arg(args, "granularity", 0),
                     buf_size=_arg(args, "buf_size", 0),
                     copy_mode=_arg(args, "copy_mode", "background"),
@@ -191,23 +217,24 @@ async def _prepare_backup(daemon, args, source, target, txn):
     from ..nodes.block_copy import MAX_WORKERS
     from ..qapi.errors import GenericError
 
+    # do_backup_common
     sync = _arg(args, "sync")
     mode = _arg(args, "bitmap_mode")
     bitmap = None
     bname = _arg(args, "bitmap")
+    if sync in ("bitmap", "incremental") and bname is None:
+        raise GenericError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise GenericError(f"Bitmap sync mode must be 'on-success' when using sync "
+                               f"mode '{sync}'")
+        sync, mode = "bitmap", "on-success"
     if bname is not None:
         bitmap = source.bitmaps.get(bname)
         if bitmap is None:
             raise GenericError(f"Bitmap '{bname}' could not be found")
         if mode is None:
-            if sync != "incremental":
-                raise GenericError("Bitmap sync mode must be given when providing a bitmap")
-            mode = "on-success"
-        if sync == "incremental":
-            if mode != "on-success":
-                raise GenericError(f"Bitmap sync mode must be 'on-success' when using sync "
-                                   f"mode '{sync}'")
-            sync = "bitmap"
+            raise GenericError("Bitmap sync mode must be given when providing a bitmap")
         if bitmap.busy:
             raise GenericError(f"Bitmap '{bname}' is currently in use by another operation "
                                "and cannot be used")
@@ -218,15 +245,15 @@ async def _prepare_backup(daemon, args, source, target, txn):
                                f"combined with sync mode '{sync}'")
     elif mode is not None:
         raise GenericError("Cannot specify bitmap sync mode without a bitmap")
-    check_not_busy(daemon, source)
-    check_not_busy(daemon, target)
-    if sync in ("bitmap", "incremental") and bitmap is None:
-        raise GenericError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    # backup_job_create
     if source is target:
         raise GenericError("Source and target cannot be the same")
     compress = bool(_arg(args, "compress", False))
     if compress and not hasattr(target, "write_compressed"):
-        raise GenericError(f"Compression is not supported for this drive {target.node_name}")
+        # bdrv_get_device_name(target): nodes of a storage daemon have none
+        raise GenericError("Compression is not supported for this drive ")
+    check_not_busy(daemon, source)
+    check_not_busy(daemon, target)
     perf = _arg(args, "x_perf")
     workers = _arg(perf, "max_workers", MAX_WORKERS)
     chunk = _arg(perf, "max_chunk", 0)
@@ -236,8 +263,7 @@ async def _prepare_backup(daemon, args, source, target, txn):
         raise GenericError("max-chunk must be zero (which means no limit) or positive")
     if target.length != source.length:
         raise GenericError("Source and target image have different sizes")
-    job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
-    job = BackupJob(daemon, job_id, source, target, sync=sync, bitmap=bitmap,
+    job = BackupJob(daemon, _job_id(args), source, target, sync=sync, bitmap=bitmap,
                     bitmap_mode=mode or "on-success", compress=compress,
                     on_source_error=_arg(args, "on_source_error", "report"),
                     on_target_error=_arg(args, "on_target_error", "report"),
@@ -282,7 +308,10 @@ async def _action_prepare(daemon, kind, data, txn, undo, commits):
         await manager.drain_bounce(_jobs_on(daemon, source))
         return await _prepare_backup(daemon, data, source, target, txn)
     if kind == "drive-backup":
+        from ..jobs.blockjob import check_not_busy
         source = daemon.graph.lookup_bs(data.device)
+        await manager.drain_bounce(_jobs_on(daemon, source))
+        check_not_busy(daemon, source)  # early, to avoid creating the target
         target = await _open_drive_target(daemon, data, source)
         undo.append(lambda: daemon.root_nursery.start_soon(_drop_node, daemon, target))
         return await _prepare_backup(daemon, data, source, target, txn)
@@ -453,7 +482,7 @@ async def block_stream(daemon, args):
     from ..jobs.stream import StreamJob
     from ..qapi.errors import GenericError
 
-    top = daemon.graph.lookup_bs(args.device)
+    # qmp_block_stream: exclusive arguments, the nodes, op blockers, then stream_start
     base_name, base_node, bottom = (_arg(args, "base"), _arg(args, "base_node"),
                                     _arg(args, "bottom"))
     if base_name is not None and base_node is not None:
@@ -462,6 +491,7 @@ async def block_stream(daemon, args):
         raise GenericError("'base' and 'bottom' cannot be specified at the same time")
     if bottom is not None and base_node is not None:
         raise GenericError("'bottom' and 'base-node' cannot be specified at the same time")
+    top = daemon.graph.lookup_bs(args.device)
     base = None
     if base_name is not None:
         base = chain.find_backing_image(top, base_name)
@@ -471,20 +501,34 @@ async def block_stream(daemon, args):
         base = daemon.graph.lookup_bs(None, base_node)
         if base not in chain.chain(top)[1:]:
             raise GenericError(f"Node '{base_node}' is not a backing image of '{args.device}'")
+    c = chain.chain(top)
+    end = base
     if bottom is not None:
         b = daemon.graph.lookup_bs(None, bottom)
-        c = chain.chain(top)
-        if b not in c[1:]:
-            raise GenericError(f"Node '{bottom}' is not a backing image of '{args.device}'")
+        if b.is_filter:
+            raise GenericError(f"Node '{bottom}' is a filter, use a non-filter node as "
+                               "'bottom'")
+        if b not in c:
+            raise GenericError(f"Node '{bottom}' is not in a chain starting from "
+                               f"'{args.device}'")
         i = c.index(b)
-        base = c[i + 1] if i + 1 < len(c) else None
+        base = end = c[i + 1] if i + 1 < len(c) else None
+    for node in c[:c.index(end) if end in c else len(c)]:
+        check_not_busy(daemon, node)
     backing_file = _arg(args, "backing_file")
     if base is None and backing_file is not None:
         raise GenericError("backing file specified, but streaming the entire chain")
-    check_not_busy(daemon, top)
-    job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
+    # stream_start: read-write, the copy-on-read filter, then job_create
     writable = await _make_writable(daemon, top)
-    job = StreamJob(daemon, job_id, top, base, backing_file,
+    if _arg(args, "filter_node_name") is not None:
+        try:
+            daemon.graph.check_new_node_name(args.filter_node_name)
+        except GenericError as e:
+            if writable is not None:
+                from .block import read_only_again
+                read_only_again(writable)
+            raise e.prefixed("Could not create node: ") from None
+    job = StreamJob(daemon, _job_id(args), top, base, backing_file,
                     on_error=_arg(args, "on_error", "report"),
                     filter_node_name=_arg(args, "filter_node_name"), **_common(args))
     _read_only_after_run(daemon, job, writable)
@@ -508,15 +552,17 @@ async def block_commit(daemon, args):
     from ..jobs.mirror import MirrorJob
     from ..qapi.errors import DeviceNotFound, GenericError
 
+    # qmp_block_commit.  libvirt probes for the command with DeviceNotFound,
+    # so the device comes first
     device = daemon.graph.nodes.get(args.device)
     if device is None:
         raise DeviceNotFound(f"Device '{args.device}' not found")
-    if _arg(args, "base") is not None and _arg(args, "base_node") is not None:
-        raise GenericError("'base' and 'base-node' cannot be specified at the same time")
-    if _arg(args, "top") is not None and _arg(args, "top_node") is not None:
-        raise GenericError("'top' and 'top-node' cannot be specified at the same time")
+    device = _root_node(daemon, args.device)
+    check_not_busy(daemon, device)
     c = chain.chain(device)
     top = device
+    if _arg(args, "top") is not None and _arg(args, "top_node") is not None:
+        raise GenericError("'top-node' and 'top' are mutually exclusive")
     if _arg(args, "top_node") is not None:
         top = daemon.graph.lookup_bs(None, args.top_node)
         if top not in c:
@@ -525,39 +571,59 @@ async def block_commit(daemon, args):
         top = next((n for n in c if args.top in (n.filename, n.node_name)), None)
         if top is None:
             raise GenericError(f"Top image file {args.top} not found")
+    if _arg(args, "base") is not None and _arg(args, "base_node") is not None:
+        raise GenericError("'base-node' and 'base' are mutually exclusive")
+    below_top = c[c.index(top):]
     if _arg(args, "base_node") is not None:
         base = daemon.graph.lookup_bs(None, args.base_node)
-        if base not in c:
+        if base not in below_top:
             raise GenericError(f"'{args.base_node}' is not in this backing file chain")
     elif _arg(args, "base") is not None:
-        base = chain.find_backing_image(device, args.base)
+        base = chain.find_backing_image(top, args.base)
         if base is None:
             raise GenericError(f"Can't find '{args.base}' to use as base")
     else:
         base = c[-1]
+    for node in below_top[:below_top.index(base) + 1]:
+        check_not_busy(daemon, node)
     if top is base:
         raise GenericError("cannot commit an image into itself")
-    if c.index(base) < c.index(top):
-        raise GenericError(f"'{top.node_name}' is not in this backing file chain")
-    check_not_busy(daemon, device)
-    job_id = manager.check_new_id(daemon, _arg(args, "job_id"))
     backing_file = _arg(args, "backing_file")
     if top is device and backing_file is not None:
         raise GenericError("'backing-file' specified, but 'top' is the active layer")
-    writable = await _make_writable(daemon, base)
+    if top is not device:
+        check_not_busy(daemon, chain.overlay_of(device, top))
+    fnn = _arg(args, "filter_node_name")
     if top is device:
+        # commit_active_start: the base read-write, then mirror_start_job's
+        # filter node, then job_create
+        writable = await _make_writable(daemon, base)
+        if fnn is not None:
+            try:
+                daemon.graph.check_new_node_name(fnn)
+            except GenericError:
+                if writable is not None:
+                    from .block import read_only_again
+                    read_only_again(writable)
+                raise
         # active commit: the base becomes the active layer and stays writable
-        job = MirrorJob(daemon, job_id, device, base, sync="top", base=base,
+        job = MirrorJob(daemon, _job_id(args), device, base, sync="top", base=base,
                         on_source_error=_arg(args, "on_error", "report"),
                         on_target_error=_arg(args, "on_error", "report"),
-                        job_type="commit", filter_node_name=_arg(args, "filter_node_name"),
-                        **_common(args))
+                        job_type="commit", filter_node_name=fnn, **_common(args))
+        manager.register(daemon, job, _arg(args, "speed", 0))
     else:
-        job = CommitJob(daemon, job_id, device, top, base, backing_file,
+        # commit_start: job_create, then the base read-write and the filter
+        job = CommitJob(daemon, _job_id(args), device, top, base, backing_file,
                         on_error=_arg(args, "on_error", "report"),
-                        filter_node_name=_arg(args, "filter_node_name"), **_common(args))
+                        filter_node_name=fnn, **_common(args))
+        manager.register(daemon, job, _arg(args, "speed", 0))
+        try:
+            writable = await _make_writable(daemon, base)
+        except BaseException:
+            job.early_fail()
+            raise
         _read_only_after_run(daemon, job, writable)
-    manager.register(daemon, job, _arg(args, "speed", 0))
     try:
         await job.attach_nodes()
     except BaseException:
@@ -604,11 +670,17 @@ async def x_blockdev_amend(daemon, args):
 async def drive_mirror(daemon, args):
     from ..jobs import chain
     from ..jobs import create as create_mod
+    from ..jobs.blockjob import check_not_busy
+    from ..qapi.errors import GenericError
 
     source = _root_node(daemon, args.device)
+    check_not_busy(daemon, source)  # early, to avoid creating the target
     fmt = _arg(args, "format") or source.driver
     mode = _arg(args, "mode", "absolute-paths")
     sync = _arg(args, "sync")
+    if _arg(args, "replaces") is not None and _arg(args, "node_name") is None:
+        raise GenericError("a node-name must be provided when replacing a named node "
+                           "of the graph")
     if mode != "existing":
         backing = chain.backing_of(source) if sync == "top" else None
         await create_mod.create_image(daemon, args.target, fmt, source.length,

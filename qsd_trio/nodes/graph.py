@@ -55,13 +55,6 @@ def load_drivers() -> dict[str, type[BlockNode]]:
     return DRIVERS
 
 
-def check_node_name(name: str) -> None:
-    if not _NODE_NAME.match(name):
-        raise GenericError(f"Invalid node-name: '{name}'")
-    if len(name) >= 32:
-        raise GenericError("Node name too long")
-
-
 class BlockGraph:
     """All nodes of one daemon.  Released by :meth:`close_all`."""
 
@@ -126,12 +119,19 @@ class BlockGraph:
         trace.event("bdrv_open", node_name=node.node_name, driver=node.driver)
         return node
 
+    def check_new_node_name(self, name: str) -> None:
+        """bdrv_assign_node_name's checks for a node about to be created."""
+        if not _NODE_NAME.match(name):
+            raise GenericError(f"Invalid node-name: '{name}'")
+        if name in self.nodes:
+            raise GenericError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) >= 32:
+            raise GenericError("Node name too long")
+
     async def _open(self, options: dict) -> BlockNode:
         name = options.get("node-name")
         if name is not None:
-            check_node_name(name)
-            if name in self.nodes:
-                raise GenericError(f"Duplicate nodes with node-name='{name}'")
+            self.check_new_node_name(name)
         drv = options.get("driver")
         cls = DRIVERS.get(drv)
         if cls is None:
