@@ -17,7 +17,7 @@ callbacks:
   and an answer covers the whole extent it returns: the chunks cut from it
   in the same window reuse it without asking again.
 * ``copy(offset, n, what)``: copy those bytes; an ``OSError`` is the
-  chunk's failure.
+  chunk's failure (one from ``plan`` fails the chunk that starts there).
 
 Each call of :meth:`ChunkCopier.window` issues chunks of at most ``chunk``
 bytes until a stop: the end of the disk, the job told to pause or cancel,
@@ -136,7 +136,14 @@ class ChunkCopier:
                 if extent is not None and extent[0] <= offset < extent[1]:
                     n, what = min(extent[1], end) - offset, extent[2]
                 else:
-                    n, what = await self.plan(offset, end - offset)
+                    try:
+                        n, what = await self.plan(offset, end - offset)
+                    except OSError as e:
+                        # as a chunk that failed: tried again, or given up
+                        n = min(self.chunk, end - offset)
+                        self._advance(n)
+                        failed.append((offset, n, e))
+                        break
                     n = max(1, min(n, end - offset))
                     extent = (offset, offset + n, what)
                 if what is None:

@@ -26,13 +26,19 @@ class FakeJob:
 class Disk:
     """plan: data everywhere but holes; copy: takes 10 ms, may fail once at ``bad``."""
 
-    def __init__(self, holes=(), bad: int = -1) -> None:
+    def __init__(self, holes=(), bad: int = -1, bad_status: int = -1) -> None:
         self.holes = holes
         self.bad = bad
+        self.bad_status = bad_status
         self.copied: list[tuple[int, int]] = []
         self.issued: list[int] = []
 
     async def plan(self, offset, n):
+        if offset <= self.bad_status < offset + n:
+            n = self.bad_status - offset
+            if n == 0:
+                self.bad_status = -1
+                raise OSError(5, "Input/output error")
         for a, b in self.holes:
             if a <= offset < b:
                 return b - offset, None
@@ -113,3 +119,13 @@ async def test_pause_stops_issuing(autojump_clock):
     # the window ended with nothing in flight, short of the end
     assert copier.in_flight == 0 and 0 < job.progress_current < 64 * MiB
     assert job.progress_current == copier.pos
+
+
+async def test_a_failed_status_query_fails_its_chunk(autojump_clock):
+    job, disk = FakeJob(), Disk(bad_status=9 * MiB)
+    copier = ChunkCopier(job, 64 * MiB, disk.plan, disk.copy, chunk=MiB)
+    errors: list = []
+    await _run(copier, job, errors)
+    assert [e.errno for e in errors] == [5]
+    assert sorted(disk.copied) == [(o, MiB) for o in range(0, 64 * MiB, MiB)]
+    assert job.progress_current == 64 * MiB
