@@ -113,6 +113,7 @@ class MirrorJob(BlockJob):
         self.buf_in_use = 0  # bytes of copies in flight (zero writes hold no buffer)
         self.max_in_flight = 0  # statistics, for tests: the most operations at once
         self._data_extent: tuple[int, int] | None = None  # known data: [start, end)
+        self._after_data = True  # the last answer was data (or none yet)
         self.bitmap: DirtyBitmap | None = None
         self._cursor = 0  # where the search for the next dirty chunk starts
         self._bitmap_key = f"\x00mirror:{job_id}"
@@ -446,10 +447,15 @@ class MirrorJob(BlockJob):
             known = ext[1] - offset
             return "copy", (min(n, max(known // g * g, g)) if known < n else n)
         src = self.source
+        # after data, ask about the rest of the disk: one answer may cover
+        # it all (a file system's SEEK_HOLE costs the same either way)
+        span = src.length - offset if self._after_data else min(max(n, STATUS_SPAN),
+                                                                src.length - offset)
         try:
-            st = await src.block_status(offset, min(max(n, STATUS_SPAN), src.length - offset))
+            st = await src.block_status(offset, span)
         except OSError:
             return "copy", n  # the read will report it
+        self._after_data = bool(st.flags & Status.DATA)
         if st.flags & Status.DATA:
             self._data_extent = (offset, offset + st.length)
         m = min(n, max(st.length // g * g, g)) if st.length < n else n
