@@ -189,6 +189,7 @@ class Job:
         self.user_paused = False
         self.paused = False
         self.busy = False
+        self._parks = 0               # times the task stopped at one of its wait points
         self.cancelled = False        # cancel requested (soft or forced)
         self.force_cancel = False
         self.started = False
@@ -242,6 +243,29 @@ class Job:
         self._wake.set()
         self._wake = trio.Event()
 
+    def idle_mark(self) -> int | None:
+        """Before a verb: a mark if the task waits at one of its wait points
+        (QEMU's !job->busy), None if it is busy or not running."""
+        if self.started and not self.busy and not self.deferred:
+            return self._parks
+        return None
+
+    async def settle(self, mark: int | None) -> None:
+        """After job_start or a verb that kicked an idle job: QEMU's
+        job_enter runs the job's coroutine at once, up to its next wait, so
+        what the job does on the way (ready, paused, running, aborting,
+        concluded, ...) is emitted before the command's reply.  Let our task
+        take that step before the reply too: until it stops at a wait point
+        again or finishes.  A busy job (``mark`` None) sees the verb later,
+        as in QEMU, and a task that goes on working is not waited for long
+        (QEMU's coroutine would have yielded for its I/O)."""
+        if mark is None:
+            return
+        for _ in range(64):
+            if self.finished.is_set() or self._parks > mark:
+                return
+            await trio.lowlevel.checkpoint()
+
     # -- what run() calls -------------------------------------------------------------
     async def pause_point(self) -> None:
         """Stop here while paused; raise JobCancelled once force-cancelled."""
@@ -251,6 +275,7 @@ class Job:
             self.paused = True
             self.busy = False
             while self._should_pause():
+                self._parks += 1
                 await self._wake.wait()
             self.paused = False
             self.busy = True
@@ -262,6 +287,7 @@ class Job:
         """job_sleep_ns: sleep unless told to pause/cancel, then a pause point."""
         if not self._should_pause() and not self.is_cancelled and seconds > 0:
             self.busy = False
+            self._parks += 1
             with trio.move_on_after(seconds):
                 await self._wake.wait()
             self.busy = True
@@ -271,6 +297,7 @@ class Job:
         """job_yield: wait for a kick (new work, complete, cancel), then a pause point."""
         if not self._should_pause() and not self.is_cancelled:
             self.busy = False
+            self._parks += 1
             await self._wake.wait()
             self.busy = True
         await self.pause_point()

@@ -18,24 +18,43 @@ def _arg(args, name, default=None):
     return getattr(value, "value", value)  # enums from the schema layer
 
 
+async def _entered(job, verb, *args) -> None:
+    """Apply a verb that enters the job (job_enter): an idle job takes its
+    step before the reply, as QEMU's coroutine does (Job.settle)."""
+    mark = job.idle_mark()
+    verb(*args)
+    await job.settle(mark)
+
+
+async def _start(daemon, job) -> None:
+    """job_start: the coroutine runs up to its first wait before the reply."""
+    manager.start(daemon, job)
+    await job.settle(0)
+
+
 # -- job-* (job-qmp.c) ---------------------------------------------------------------
 @command("job-pause")
 async def job_pause(daemon, args):
-    manager.find_job(daemon, args.id).user_pause()
+    job = manager.find_job(daemon, args.id)
+    await _entered(job, job.user_pause)
 
 
 @command("job-resume")
 async def job_resume(daemon, args):
-    manager.find_job(daemon, args.id).user_resume()
+    job = manager.find_job(daemon, args.id)
+    await _entered(job, job.user_resume)
 
 
 @command("job-cancel")
 async def job_cancel(daemon, args):
-    manager.find_job(daemon, args.id).user_cancel(True)
+    job = manager.find_job(daemon, args.id)
+    await _entered(job, job.user_cancel, True)
 
 
 @command("job-complete")
 async def job_complete(daemon, args):
+    # not waited for: mirror's completion drains its source first, and
+    # QEMU's coroutine yields there, after the reply
     manager.find_job(daemon, args.id).complete()
 
 
@@ -67,7 +86,7 @@ async def block_job_cancel(daemon, args):
     force = bool(_arg(args, "force", False))
     if job.user_paused and not force:
         raise_paused(args.device)
-    job.user_cancel(force)
+    await _entered(job, job.user_cancel, force)
 
 
 def raise_paused(device: str) -> None:
@@ -78,12 +97,14 @@ def raise_paused(device: str) -> None:
 
 @command("block-job-pause")
 async def block_job_pause(daemon, args):
-    manager.find_block_job(daemon, args.device).user_pause()
+    job = manager.find_block_job(daemon, args.device)
+    await _entered(job, job.user_pause)
 
 
 @command("block-job-resume")
 async def block_job_resume(daemon, args):
-    manager.find_block_job(daemon, args.device).user_resume()
+    job = manager.find_block_job(daemon, args.device)
+    await _entered(job, job.user_resume)
 
 
 @command("block-job-complete")
@@ -196,7 +217,7 @@ async def start_mirror(daemon, args, source, target, *, zero_target: bool = Fals
     except BaseException:
         job.early_fail()
         raise
-    manager.start(daemon, job)
+    await _start(daemon, job)
 
 
 @command("blockdev-mirror")
@@ -541,7 +562,7 @@ async def block_stream(daemon, args):
             from .block import read_only_again
             read_only_again(writable)  # nothing was written yet
         raise
-    manager.start(daemon, job)
+    await _start(daemon, job)
 
 
 @command("block-commit")
@@ -632,7 +653,7 @@ async def block_commit(daemon, args):
             from .block import read_only_again
             read_only_again(writable)  # nothing was written yet
         raise
-    manager.start(daemon, job)
+    await _start(daemon, job)
 
 
 # -- blockdev-create, x-blockdev-amend, drive-mirror ------------------------------------
