@@ -6,11 +6,14 @@ the engine's ``aio=`` and ``cache.direct``.  On each export: nbdcopy writes
 a whole image in, qemu-img convert overwrites the start, qemu-io writes
 unaligned data and zeroes, fio writes at depth 32 and verifies every block;
 qemu-img compare and nbdcopy read it back.  After a clean shutdown the
-images on disk pass ``qemu-img check`` and equal the model.
+images on disk pass ``qemu-img check`` and equal the model.  The daemon
+must hold the kernel object of the engine asked for (an io_uring instance,
+a Linux AIO context).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -85,6 +88,23 @@ def clients_scenario(uri: str, tmp_path, name: str) -> bytearray:
     return model
 
 
+def kernel_engines(pid: int) -> set[str]:
+    """What the kernel shows a process holding: an io_uring instance (a file
+    descriptor on anon_inode:[io_uring]) and a Linux AIO context (a mapping
+    named [aio])."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]":
+                found.add("io_uring")
+        except OSError:
+            pass
+    with open(f"/proc/{pid}/maps") as f:
+        if any(line.split()[5:6] == ["/[aio]"] for line in f):
+            found.add("native")
+    return found
+
+
 def first_difference(a: bytes, b: bytes) -> str:
     i = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
     return f"first difference at {i}" if i is not None else "lengths differ"
@@ -107,6 +127,9 @@ def test_real_clients(daemon_factory, tmp_path, engine):
     models = {}
     for name in ("raw", "qcow2"):
         models[name] = clients_scenario(f"nbd+unix:///{name}?socket={sock}", tmp_path, name)
+    kernel = kernel_engines(d.proc.pid)
+    if engine.aio != "threads":
+        assert engine.aio in kernel, f"aio={engine.aio} asked for, the daemon holds {kernel}"
     stop_clean(d)
     qemu_img("check", str(q2))
     for name, path in (("raw", raw), ("qcow2", q2)):
