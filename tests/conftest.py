@@ -15,7 +15,9 @@ def daemon_factory(tmp_path):
 
     yield factory
     for d in started:
-        d.stop()
+        d.stop(check=False)
+    for d in started:  # every daemon stopped first, then any failure
+        d.check_stderr()
 
 
 @pytest.fixture

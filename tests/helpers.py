@@ -7,6 +7,13 @@ a unix socket and a pidfile; startup is complete when the pidfile exists
 ``qmp()`` returns a connected, negotiated ``qemu.qmp`` legacy client.
 Every daemon is stopped (quit, then SIGTERM, then SIGKILL) by ``stop()``,
 which fixtures call in their teardown.
+
+qsd-trio always runs in Python's development mode with every warning an
+error (``-X dev -W error``: unclosed files and sockets, un-awaited
+coroutines, async generators left to the garbage collector, ...), and a
+qsd-trio daemon may write nothing to stderr but what its test declares
+(``allow_stderr``, a regex each line must match): ``stop()`` fails the test
+otherwise, as QEMU prints nothing there either.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +32,8 @@ from pathlib import Path
 import trio
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-QSD_TRIO = [sys.executable, "-m", "qsd_trio"]
+# development mode, warnings are errors: for every qsd-trio the tests start
+QSD_TRIO = [sys.executable, "-X", "dev", "-W", "error", "-m", "qsd_trio"]
 QSD_QEMU = ["qemu-storage-daemon"]
 HAVE_QEMU = shutil.which("qemu-storage-daemon") is not None
 
@@ -50,8 +59,10 @@ def normalise_prog(text: str) -> str:
 
 class Daemon:
     def __init__(self, kind: str, tmp_path: Path, args: list[str] | None = None,
-                 *, qmp: bool = True, pidfile: bool = True):
+                 *, qmp: bool = True, pidfile: bool = True, allow_stderr: str | None = None):
         self.kind = kind
+        self.allow_stderr = allow_stderr
+        self._stderr_checked = False
         n = next(_counter)
         self.dir = Path(tmp_path)
         self.qmp_path = self.dir / f"qmp-{kind}-{n}.sock"
@@ -83,9 +94,11 @@ class Daemon:
             if self.pidfile is None and self.qmp_path.exists():
                 return self
             if self.proc.poll() is not None:
+                self._stderr_checked = True  # the error below carries it
                 raise RuntimeError(f"{self.kind} daemon exited {self.proc.returncode}: "
                                    f"{self.stderr()}")
             if time.monotonic() > deadline:
+                self._stderr_checked = True
                 raise TimeoutError(f"{self.kind} daemon did not start: {self.stderr()}")
             time.sleep(0.02)
 
@@ -106,14 +119,35 @@ class Daemon:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stop(self) -> None:
+    def unexpected_stderr(self) -> list[str]:
+        """The lines qsd-trio wrote to stderr that its test did not declare."""
+        if self.kind != "trio":
+            return []
+        return [ln for ln in self.stderr().splitlines()
+                if ln.strip() and not (self.allow_stderr and re.search(self.allow_stderr, ln))]
+
+    def check_stderr(self) -> None:
+        if self._stderr_checked or self.proc is None:
+            return
+        self._stderr_checked = True
+        bad = self.unexpected_stderr()
+        if bad:
+            raise AssertionError("qsd-trio wrote to stderr:\n" + "\n".join(bad))
+
+    def stop(self, check: bool = True) -> None:
+        """Stop the daemon; then (``check``) fail on unexpected stderr."""
+        self._stop()
+        if check:
+            self.check_stderr()
+
+    def _stop(self) -> None:
         for c in self._clients:
             try:
                 c.close()
             except Exception:  # noqa: BLE001 - teardown goes on regardless
                 pass
         self._clients.clear()
-        if self.proc is None:
+        if self.proc is None or self._stderr.closed:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -128,7 +162,7 @@ class Daemon:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(check=exc[0] is None)
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -145,6 +179,12 @@ def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def qemu_io(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run("qemu-io", *args, check=check)
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    """Where two byte strings first differ, for an assertion message."""
+    i = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+    return f"first difference at {i}" if i is not None else "lengths differ"
 
 
 def unused_path(tmp_path: Path, name: str) -> str:

@@ -3,7 +3,8 @@ stdio, ringbuf/memory, null, file.
 
 A chardev is created by ``chardev-add`` (and ``--chardev``, which goes
 through the same code).  A frontend (a QMP monitor) takes it with
-:meth:`Chardev.attach` and reads connections from :meth:`Chardev.connections`:
+:meth:`Chardev.attach` and reads connections from :meth:`Chardev.connections`
+(an async generator: its user closes it with ``contextlib.aclosing``):
 one client at a time, as QEMU's socket chardev serves one connection and lets
 the next wait in the listen backlog until that one leaves.
 

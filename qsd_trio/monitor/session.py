@@ -13,6 +13,7 @@ monitor nursery is cancelled; its event subscription ends with it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import traceback
@@ -43,14 +44,17 @@ class Monitor:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await self.daemon.accepting.wait()
-        async for stream in self.chardev.connections():
-            self.session = QmpSession(self.daemon, stream, self.pretty)
-            try:
-                await self.session.run()
-            except Exception:  # noqa: BLE001 - one broken session must not end the monitor
-                traceback.print_exc(file=sys.stderr)
-            finally:
-                self.session = None
+        # closed here, not by the garbage collector, when the monitor is
+        # cancelled at shutdown (which would warn under -W default)
+        async with contextlib.aclosing(self.chardev.connections()) as connections:
+            async for stream in connections:
+                self.session = QmpSession(self.daemon, stream, self.pretty)
+                try:
+                    await self.session.run()
+                except Exception:  # noqa: BLE001 - one broken session must not end the monitor
+                    traceback.print_exc(file=sys.stderr)
+                finally:
+                    self.session = None
 
     async def drain(self) -> None:
         if self.session is not None:
