@@ -24,7 +24,7 @@ import trio
 
 from qsd_trio.proto import nbd as P
 from tests.engines import DIRECT_ENGINES, stop_clean
-from tests.helpers import loop_device, mounted, qemu_img, qemu_io, run
+from tests.helpers import first_difference, loop_device, mounted, qemu_img, qemu_io, run
 
 from .nbd_raw import RawClient, raw_clients  # noqa: F401 - the fixture closes them
 
@@ -148,11 +148,6 @@ async def test_unaligned_rmw_host_device(daemon_factory, tmp_path, device, engin
     stop_clean(d)
     got = backing.read_bytes()
     assert got == model, first_difference(got, model)
-
-
-def first_difference(a: bytes, b: bytes) -> str:
-    i = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
-    return f"first difference at {i}" if i is not None else "lengths differ"
 
 
 @pytest.mark.parametrize("engine", DIRECT_ENGINES)

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 
 from tests.engines import ENGINES, stop_clean
-from tests.helpers import qemu_img, qemu_io
+from tests.helpers import first_difference, qemu_img, qemu_io
 
 from .nbd_helpers import fio_verify
 
@@ -103,11 +103,6 @@ def kernel_engines(pid: int) -> set[str]:
         if any(line.split()[5:6] == ["/[aio]"] for line in f):
             found.add("native")
     return found
-
-
-def first_difference(a: bytes, b: bytes) -> str:
-    i = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
-    return f"first difference at {i}" if i is not None else "lengths differ"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
