@@ -12,6 +12,7 @@ whatever implements them.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -48,3 +49,15 @@ def stop_clean(daemon) -> None:
     err = daemon.stderr()
     assert "Traceback" not in err, err[-4000:]
     assert daemon.proc.returncode == 0, err[-4000:]
+
+
+def drop_page_cache(path) -> None:
+    """Write ``path``'s dirty pages back and drop its pages from the page
+    cache, so that the next buffered reads of it (any process's) go to the
+    disk: through the engine, not the page-cache fast path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from tests.engines import ENGINES, stop_clean
+from tests.engines import ENGINES, drop_page_cache, stop_clean
 from tests.helpers import first_difference, qemu_img, qemu_io
 
 from .nbd_helpers import fio_verify
@@ -44,7 +44,7 @@ def source(seed: int, size: int) -> bytes:
     return bytes(data)
 
 
-def clients_scenario(uri: str, tmp_path, name: str) -> bytearray:
+def clients_scenario(uri: str, tmp_path, name: str, image) -> bytearray:
     """Every client in turn on one export; returns the model of the image."""
     src = tmp_path / f"{name}-in.raw"
     src.write_bytes(source(1, SIZE))
@@ -74,6 +74,7 @@ def clients_scenario(uri: str, tmp_path, name: str) -> bytearray:
 
     fio_verify(uri, tmp_path, offset=FIO_AT, size=FIO_SIZE)
 
+    drop_page_cache(image)  # read back through the engine, cached or not
     out = tmp_path / f"{name}-out.raw"
     subprocess.run(["nbdcopy", uri, str(out)], check=True, timeout=120)
     got = out.read_bytes()
@@ -120,8 +121,9 @@ def test_real_clients(daemon_factory, tmp_path, engine):
         "--export", "type=nbd,id=er,node-name=rawf,name=raw,writable=on",
         "--export", "type=nbd,id=eq,node-name=q,name=qcow2,writable=on"])
     models = {}
-    for name in ("raw", "qcow2"):
-        models[name] = clients_scenario(f"nbd+unix:///{name}?socket={sock}", tmp_path, name)
+    for name, image in (("raw", raw), ("qcow2", q2)):
+        models[name] = clients_scenario(f"nbd+unix:///{name}?socket={sock}", tmp_path, name,
+                                        image)
     kernel = kernel_engines(d.proc.pid)
     if engine.aio != "threads":
         assert engine.aio in kernel, f"aio={engine.aio} asked for, the daemon holds {kernel}"

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsd_trio.nodes.graph import BlockGraph
-from tests.engines import ENGINES
+from tests.engines import ENGINES, drop_page_cache
 
 from . import test_random_workload as raw_model
-from .conformance import check_block_node
+from .conformance import check_block_node, check_equal
 from .test_drivers import _make_factory
 from .test_qcow2_node import OPS as QCOW2_OPS
 from .test_qcow2_node import qcow2_factory, run_random_workload
@@ -32,13 +32,29 @@ async def test_conformance_raw(tmp_path, engine, layered):
     if layered:
         layers.append(lambda o, s: {"driver": "raw", "file": o})
     factory, after_close = _make_factory(tmp_path, layers)
-    await check_block_node(factory, after_close=after_close)
+    await check_block_node(factory, after_close=after_close,
+                           verify=reread(tmp_path / "img.raw"))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_conformance_qcow2(tmp_path, engine):
     factory, after_close = qcow2_factory(tmp_path, ("cluster_size=4096",), engine.options())
-    await check_block_node(factory, after_close=after_close)
+
+    async def verify(node, model):
+        for img in tmp_path.glob("img*.qcow2"):
+            drop_page_cache(img)
+        await check_equal(node, model)
+
+    await check_block_node(factory, after_close=after_close, verify=verify)
+
+
+def reread(path):
+    """A conformance ``verify``: everything read again with the image out of
+    the page cache, so that cached engines read through the engine too."""
+    async def verify(node, model):
+        drop_page_cache(path)
+        await check_equal(node, model)
+    return verify
 
 
 @pytest.mark.parametrize("engine", ENGINES)
