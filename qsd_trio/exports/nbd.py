@@ -1116,6 +1116,9 @@ class Connection:
                 return  # the connection ended (export deleted): no one to answer
             h = req.handle
             if err is not None:
+                if self._sparse_read(req):
+                    self._hang_up_on_read_error()
+                    return
                 self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
                 return
             if req.type == P.CMD_WRITE:
@@ -1133,6 +1136,18 @@ class Connection:
                 else:
                     self._out_ready.set()
         return done
+
+    def _sparse_read(self, req: P.Request) -> bool:
+        """A READ QEMU serves as a sparse read (structured replies, no DF)."""
+        return req.type == P.CMD_READ and self.structured and not req.flags & P.CMD_FLAG_DF
+
+    def _hang_up_on_read_error(self) -> None:
+        # QEMU 7.2's nbd_co_send_sparse_read reports a failed read as a
+        # failed send ("Failed to send reply: reading from file failed") and
+        # drops the client; with DF, or simple replies, it sends an error
+        self._hangup = "Failed to send reply: reading from file failed"
+        self.stop_reading()
+        self._slots.release()  # no reply will release the request's slot
 
     def _deferred_flush(self) -> None:
         self._flush_deferred = False
@@ -1225,6 +1240,9 @@ class Connection:
             else:
                 self._queue((P.simple_reply(req.handle),))
         except OSError as e:
+            if self._sparse_read(req) and req.length:
+                self._hang_up_on_read_error()
+                return
             self._error_reply(req, P.errno_to_nbd(e.errno), _FAILED[t])
         except QapiError:
             # e.g. a corrupt image refusing I/O: the client sees EIO

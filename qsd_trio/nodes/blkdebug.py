@@ -66,9 +66,16 @@ class BlkdebugNode(BlockNode):
 
     def debug_event(self, event: str) -> None:
         new_state = self.state
+        armed = False
         for r in list(self.rules):
-            if r.event == event and r.state in (0, self.state) and r not in self.active:
-                self.active.insert(0, r)
+            if r.event == event and r.state in (0, self.state):
+                if not armed:
+                    # an event with rules replaces the active set, as QEMU's
+                    # process_rule re-initialises active_rules
+                    self.active.clear()
+                    armed = True
+                if r not in self.active:
+                    self.active.insert(0, r)
         for t in self.transitions:
             if t["event"] == event and t.get("state", 0) in (0, self.state):
                 new_state = t["new_state"]
@@ -79,8 +86,10 @@ class BlkdebugNode(BlockNode):
             if iotype not in r.iotypes:
                 continue
             if r.sector >= 0:
+                # the request must contain the rule's first byte (QEMU's
+                # rule_check); a flush (no bytes) matches no sector rule
                 lo = r.sector * 512
-                if not (offset < lo + 512 and lo < offset + max(length, 1)):
+                if not (length and offset <= lo < offset + length):
                     continue
             if r.once:
                 self.active.remove(r)

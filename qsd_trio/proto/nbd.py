@@ -159,7 +159,9 @@ ENOTSUP = 95
 ESHUTDOWN = 108
 
 # host errno -> the protocol's small set (anything else is EINVAL, as QEMU does)
-_ERRNO_MAP = {1: EPERM, 30: EPERM, 5: EIO, 12: ENOMEM, 28: ENOSPC, 27: ENOSPC,
+# QEMU's system_errno_to_nbd_errno: EPERM, EROFS; EIO; ENOMEM; ENOSPC, EFBIG,
+# EDQUOT; EOVERFLOW; ENOTSUP; ESHUTDOWN; anything else is EINVAL
+_ERRNO_MAP = {1: EPERM, 30: EPERM, 5: EIO, 12: ENOMEM, 28: ENOSPC, 27: ENOSPC, 122: ENOSPC,
               75: EOVERFLOW, 95: ENOTSUP, 108: ESHUTDOWN, 22: EINVAL}
 
 
