@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
-from tests.engines import ENGINES, stop_clean
+from tests.engines import ENGINES, drop_page_cache, stop_clean
 from tests.helpers import qemu_img
 
 from .nbd_raw import RawClient, raw_clients  # noqa: F401 - the fixture closes them
@@ -132,6 +132,7 @@ async def test_clients_hang_up_with_requests_in_flight(daemon_factory, tmp_path,
         async with trio.open_nursery() as n:
             n.start_soon(verifier, sock, "q", model, stop)
             for r in range(rounds):
+                drop_page_cache(img)  # the reads go to the engine
                 await send_and_drop(sock, "q", r * 32)
             stop.set()
         # the daemon still serves, and every dropped write is whole or absent
@@ -153,6 +154,7 @@ async def test_hard_export_del_with_requests_in_flight(daemon_factory, tmp_path,
             stop = trio.Event()
             stop.set()  # a few verified writes and reads per round
             await verifier(sock, name, model, stop)
+            drop_page_cache(img)  # the reads go to the engine
             c = await RawClient.connect(sock)
             await c.go(name, structured=True)
             for i in range(32):
