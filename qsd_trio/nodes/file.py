@@ -197,6 +197,8 @@ class FileNode(BlockNode):
         return buf[offset - start:offset - start + length]
 
     async def _co_preadv(self, offset: int, length: int):
+        if not length:
+            return b""
         if self.cache_direct:
             return await self._read_direct(offset, length)
         buf = buffers.alloc(length)

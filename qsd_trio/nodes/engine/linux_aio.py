@@ -172,6 +172,8 @@ class LinuxAio(Engine):
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)
+        if not n:
+            return 0
         done = await self._rw(CMD_PREAD, fd, buf, offset)
         while done < n:
             got = await self._rw(CMD_PREAD, fd, buf[done:], offset + done)
@@ -186,6 +188,8 @@ class LinuxAio(Engine):
             copy[:] = buf
             buf = copy
         n = len(buf)
+        if not n:
+            return
         done = await self._rw(CMD_PWRITE, fd, buf, offset)
         while done < n:
             done += await self._rw(CMD_PWRITE, fd, buf[done:], offset + done)

@@ -230,6 +230,8 @@ class Uring(Engine):
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)
+        if not n:
+            return 0
         done = await self._rw(OP_READ, fd, buf, offset)
         while done < n:
             got = await self._rw(OP_READ, fd, buf[done:], offset + done)
@@ -244,6 +246,8 @@ class Uring(Engine):
             copy[:] = buf
             buf = copy
         n = len(buf)
+        if not n:
+            return
         done = await self._rw(OP_WRITE, fd, buf, offset)
         while done < n:
             done += await self._rw(OP_WRITE, fd, buf[done:], offset + done)
