@@ -159,6 +159,9 @@ class StreamJob(BlockJob):
                 await self.sleep(self.limit.delay())
                 async with top.drained():
                     err = await copier.window()
+                # the requests that waited for the window go first: they
+                # are in flight before the next window drains them
+                await trio.lowlevel.checkpoint()
                 if err is None:
                     continue
                 action = self.error_action(self.on_error, True, err)

@@ -11,6 +11,7 @@ raw copy of what the chain read before the job, made by qemu-img.
 from __future__ import annotations
 
 import json
+import random
 import types
 
 import pytest
@@ -151,6 +152,37 @@ async def test_stream_read_error_policies(env, stream_chain, policy):
     backing = json.loads(qemu_img("info", "--output=json", str(top)).stdout)
     # the backing file goes only when everything was copied
     assert ("backing-filename" in backing) == (policy != "stop")
+
+
+async def test_stream_with_guest_writes(env, stream_chain, tmp_path, monkeypatch):
+    """Writes to the top between the windows (each a drained section with
+    chunks in flight): none is lost or overwritten by the copy."""
+    monkeypatch.setattr(stream, "CHUNK", 256 << 10)
+    monkeypatch.setattr(stream, "WINDOW", 1 << 20)
+    base, top, model = stream_chain
+    await _add_qcow2(env, "base", base, counting="basef")
+    await _add_qcow2(env, "top", top, counting="topf", backing="base")
+    _node(env, "basef").delay = 0.003
+    expected = bytearray(model.read_bytes())
+    rnd = random.Random(7)
+    node = _node(env, "top")
+    await env.qmp("block-stream", job_id="j", device="top")
+    writes = 0
+    while not any(n == "BLOCK_JOB_COMPLETED" for n, _ in env.log):
+        off = rnd.randrange(0, SIZE - 256 * 1024) // 512 * 512
+        n = rnd.choice([512, 4096, 65536, 200 * 1024])
+        data = bytes([rnd.randrange(1, 256)]) * n
+        await node.write(off, data)
+        expected[off:off + n] = data
+        writes += 1
+        await trio.sleep(0.001)
+    await _done(env)
+    assert writes > 4  # between windows, not after the job (one window each at least)
+    await env.graph.close_all()
+    qemu_img("check", "-q", str(top))
+    want = tmp_path / "expected.raw"
+    want.write_bytes(expected)
+    qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", str(want), str(top))
 
 
 async def test_stream_pause_waits_for_chunks_in_flight_then_cancel(env, stream_chain):
