@@ -40,15 +40,6 @@ _EVENT = struct.Struct("<QQqq")   # data, obj, res, res2
 MAX_EVENTS = 1024                  # QEMU's MAX_EVENTS
 
 
-class _Req:
-    __slots__ = ("task", "buf", "cb")
-
-    def __init__(self, task, buf, cb=None) -> None:
-        self.task = task
-        self.buf = buf   # held until the completion: the kernel writes into it
-        self.cb = cb
-
-
 class LinuxAio(Engine):
     name = "native"
 
@@ -65,7 +56,9 @@ class LinuxAio(Engine):
         self._iocb_base = ctypes.addressof(self._iocbs)
         self._ptrs = (ctypes.c_uint64 * MAX_EVENTS)()
         self._events = ctypes.create_string_buffer(_EVENT.size * MAX_EVENTS)
-        self._reqs: dict[int, _Req] = {}
+        # id -> (task, callback, buffer): the buffer is held until the
+        # completion, as the kernel may write into it until then
+        self._reqs: dict[int, tuple] = {}
         self._next_id = 1
         self._pending: list[tuple] = []   # iocbs of this pass, not yet submitted
         self._flusher = None
@@ -74,7 +67,7 @@ class LinuxAio(Engine):
         super().__init__()
         trio.lowlevel.spawn_system_task(self._flush_loop, name="io-engine-native-submit")
 
-    def _queue(self, cmd: int, fd: int, addr: int, length: int, offset: int, req: _Req) -> None:
+    def _queue(self, cmd: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
         rid = self._next_id
         self._next_id = rid + 1
         self._reqs[rid] = req
@@ -114,9 +107,8 @@ class LinuxAio(Engine):
             del pending[:r]
 
     def _fail(self, rid: int, res: int) -> None:
-        req = self._reqs.pop(rid)
-        req.buf = None
-        self._finished(req.task, req.cb, res)
+        task, cb, _buf = self._reqs.pop(rid)
+        self._finished(task, cb, res)
 
     async def _flush_loop(self) -> None:
         with self._flush_scope:
@@ -139,9 +131,8 @@ class LinuxAio(Engine):
                 raise OSError(e, os.strerror(e))
             for i in range(n):
                 rid, _obj, res, _res2 = _EVENT.unpack_from(ev, i * _EVENT.size)
-                req = reqs.pop(rid)
-                req.buf = None
-                self._finished(req.task, req.cb, res)
+                task, cb, _buf = reqs.pop(rid)
+                self._finished(task, cb, res)
             if n < MAX_EVENTS:
                 break
         if self._pending:
@@ -156,7 +147,7 @@ class LinuxAio(Engine):
 
     async def _rw(self, cmd: int, fd: int, buf: memoryview, offset: int) -> int:
         self._queue(cmd, fd, buffers.address(buf), len(buf), offset,
-                    _Req(_current_task(), buf))
+                    (_current_task(), None, buf))
         res = await self._park()
         if res < 0:
             raise os_error(res)
@@ -164,11 +155,10 @@ class LinuxAio(Engine):
 
     def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
         self._queue(CMD_PREAD, fd, addr or buffers.address(buf), len(buf), offset,
-                    _Req(None, buf, cb))
+                    (None, cb, buf))
 
     def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
-        self._queue(CMD_PWRITE, fd, buffers.address(buf), len(buf), offset,
-                    _Req(None, buf, cb))
+        self._queue(CMD_PWRITE, fd, buffers.address(buf), len(buf), offset, (None, cb, buf))
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)
