@@ -459,14 +459,14 @@ def render_row(r: Row) -> tuple[str, bool | None]:
         verdict = f"failed: {r.error.replace('|', '/')}"
     cpu = [f"{c:.1f}" if c is not None else "" for c in (cq, ct)]
     line = (f"| {r.label} | {_fmt(q, r.unit)} | {_fmt(t, r.unit)} | "
-            f"{'' if ratio is None else f'{ratio:.2f}'} | {', '.join(targets)} | "
-            f"{cpu[0]} | {cpu[1]} | {verdict} |")
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {cpu[0]} | {cpu[1]} | "
+            f"{', '.join(targets)} | {verdict} |")
     return line, (False if r.error and targets else met)
 
 
-TABLE_HEAD = ("| workload | qemu-storage-daemon | qsd-trio | ratio | target | "
-              "CPU µs/req qemu | CPU µs/req qsd-trio | met |\n"
-              "|---|---:|---:|---:|---|---:|---:|---|")
+TABLE_HEAD = ("| workload | qemu-storage-daemon | qsd-trio | ratio | CPU µs/req qemu | "
+              "CPU µs/req qsd-trio | target | met |\n"
+              "|---|---:|---:|---:|---:|---:|---|---|")
 
 
 def render(rows: list[Row]) -> str:

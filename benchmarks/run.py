@@ -55,7 +55,22 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, help="seconds per fio run (scripts' default 3)")
     ap.add_argument("--rounds", type=int, help="A,B pairs (scripts' default)")
     ap.add_argument("--readme", action="store_true", help="rewrite README's benchmark section")
+    ap.add_argument("--render", metavar="JSON",
+                    help="print (and with --readme, write) the tables of a saved run, "
+                         "results/bench-*.json, instead of running anything")
     opts = ap.parse_args()
+    if opts.render:
+        saved = json.loads(Path(opts.render).read_text())
+        if isinstance(saved, list):  # rows only, as the first version wrote them
+            saved = {"rows": saved, "meta": {
+                "date": time.strftime("%Y-%m-%d", time.localtime(Path(opts.render).stat().st_mtime)),
+                "minutes": 0, "machine": b.machine(), "rounds": opts.rounds or 2,
+                "runtime": opts.runtime or 3, "notes": []}}
+        text = report([b.Row(**d) for d in saved["rows"]], **saved["meta"])
+        print(text)
+        if opts.readme:
+            write_readme(text)
+        return 0
     names = [s.removesuffix(".py") for s in opts.scripts]
     sel = b.Selection.parse(",".join(names + ([opts.only] if opts.only else [])))
     passed = (["--only", opts.only] if opts.only else []) + (
@@ -80,31 +95,44 @@ def main() -> int:
                              f"{r.stdout.strip()[-500:]}")
                 continue
             rows += b.load_rows(str(out))
-    minutes = (time.monotonic() - t0) / 60
-    about = ABOUT.format(rounds=opts.rounds or 2, runtime=f"{opts.runtime or 3:g}")
-    text = (f"Run on {time.strftime('%Y-%m-%d')} with `make bench` ({minutes:.0f} minutes) "
-            f"on {b.machine()}.\n\n{about}\n\n{b.render(rows)}\n")
-    if notes:
-        text += "\n" + "\n\n".join(notes) + "\n"
+    meta = {"date": time.strftime("%Y-%m-%d"), "minutes": (time.monotonic() - t0) / 60,
+            "machine": b.machine(), "rounds": opts.rounds or 2, "runtime": opts.runtime or 3,
+            "notes": notes}
+    text = report(rows, **meta)
     print(text)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "latest.md").write_text(text)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (results / f"bench-{stamp}.md").write_text(text)
-    (results / f"bench-{stamp}.json").write_text(json.dumps([r.__dict__ for r in rows],
-                                                            indent=1))
+    (results / f"bench-{stamp}.json").write_text(
+        json.dumps({"meta": meta, "rows": [r.__dict__ for r in rows]}, indent=1))
     if opts.readme:
-        readme = ROOT / "README.md"
-        body = readme.read_text()
-        block = f"{BEGIN}\n{text}{END}"
-        if BEGIN in body:
-            body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, body,
-                          flags=re.S)
-        else:
-            body = body.replace("BENCH_TABLE", block)
-        readme.write_text(body)
+        write_readme(text)
     return 1 if notes else 0
+
+
+def report(rows: list[b.Row], date: str, minutes: float, machine: str, rounds: int,
+           runtime: float, notes: list[str]) -> str:
+    about = ABOUT.format(rounds=rounds, runtime=f"{runtime:g}")
+    text = (f"Run on {date} with `make bench` ({minutes:.0f} minutes) on {machine}.\n\n"
+            f"{about}\n\n{b.render(rows)}\n")
+    if notes:
+        text += "\n" + "\n\n".join(notes) + "\n"
+    return text
+
+
+def write_readme(text: str) -> None:
+    """Replace the README's section between the bench-table markers."""
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    block = f"{BEGIN}\n{text}{END}"
+    if BEGIN in body:
+        body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, body,
+                      flags=re.S)
+    else:
+        body = body.replace("BENCH_TABLE", block)
+    readme.write_text(body)
 
 
 if __name__ == "__main__":
