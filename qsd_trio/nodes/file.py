@@ -138,6 +138,7 @@ class FileNode(BlockNode):
         # reads on a file system in memory (which refuses RWF_NOWAIT)
         self._memory_fs = _fs_type(self.fd) in _MEMORY_FS
         self._nowait = hasattr(os, "RWF_NOWAIT") and not self.cache_direct
+        self._nowait_skip = self._nowait_backoff = 0  # probes skipped after misses
         self._inline = InlineWrites()
 
     def _probe_alignment(self) -> int:
@@ -256,15 +257,28 @@ class FileNode(BlockNode):
                 return 0  # the engine tries again and reports it
         if not self._nowait:
             return 0
-        try:
-            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
+        if self._nowait_skip:
+            self._nowait_skip -= 1
             return 0
+        try:
+            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._nowait = False  # kernel or file system without it
                 return 0
             raise
+        if n:
+            self._nowait_backoff = 0
+        else:
+            # A miss costs: the kernel starts readahead from this thread and
+            # the request goes to the engine anyway.  On data that is mostly
+            # not cached (an image larger than RAM, cold data) probe less:
+            # after each miss in a row skip twice as many requests, up to 64.
+            self._nowait_backoff = min(max(1, self._nowait_backoff * 2), 64)
+            self._nowait_skip = self._nowait_backoff
+        return n
 
     # -- writes --------------------------------------------------------------------
     def _pwrite_all(self, mv: memoryview, offset: int, fua: bool) -> None:
