@@ -125,10 +125,12 @@ async def _reopen_one(node: BlockNode, given: dict) -> None:
         old = (node.read_only, node.detect_zeroes, node.discard_unmap)
         ro = bool(o.get("read-only", False))
         if ro and not node.read_only:
+            await node.prepare_read_only()
             await node.flush()
         reopen_fd = getattr(node, "reopen_rw", None)
         if not ro and node.read_only and reopen_fd is not None:
             await reopen_fd()
+        was_read_only = node.read_only
         node.read_only = ro
         try:
             node.configure(o)
@@ -141,6 +143,8 @@ async def _reopen_one(node: BlockNode, given: dict) -> None:
         if commit is not None:
             commit()
         node.options = given
+        if was_read_only and not ro:
+            await node.became_writable()
 
 
 # -- queries -----------------------------------------------------------------------

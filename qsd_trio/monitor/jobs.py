@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import trio
 
 from ..jobs import manager
 from ..nodes.node import BlockNode
+from ..qapi.errors import QapiError
 from .registry import command
 
 
@@ -483,6 +485,11 @@ def _read_only_after_run(daemon, job, node: BlockNode | None) -> None:
             with trio.CancelScope(shield=True):
                 for n in _data_nodes(node):
                     if daemon.graph.nodes.get(n.node_name) is n:
+                        # it goes back to read-only in the clean step: what
+                        # a read-only node cannot write (qcow2's persistent
+                        # bitmaps) is written now
+                        with contextlib.suppress(OSError, QapiError):
+                            await n.prepare_read_only()
                         await n.flush()
 
     def clean_then_read_only() -> None:

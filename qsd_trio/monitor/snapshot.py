@@ -36,7 +36,7 @@ import trio
 from ..nodes.graph import DRIVERS
 from ..nodes.node import BdrvChild, BlockNode, Perm
 from ..nodes.perms import refresh
-from ..qapi.errors import GenericError
+from ..qapi.errors import GenericError, QapiError
 from .registry import command
 
 # -- shared checks -----------------------------------------------------------------
@@ -161,6 +161,8 @@ async def reopen_read_only(node: BlockNode) -> None:
     for n in _inheriting_subtree(node):
         if n.read_only or n.cum_perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
             continue
+        with contextlib.suppress(OSError, QapiError):
+            await n.prepare_read_only()  # qcow2: persistent bitmaps are stored
         n.read_only = True
         if isinstance(n.options, dict):
             n.options = {**n.options, "read-only": True}

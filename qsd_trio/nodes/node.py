@@ -257,6 +257,16 @@ class BlockNode:
     async def _close(self) -> None:
         return None
 
+    async def prepare_read_only(self) -> None:
+        """The node is about to become read-only (blockdev-reopen, the old
+        top of a snapshot, a job's base going back): write out what the
+        driver keeps only while writable, as QEMU's reopen_prepare does
+        (qcow2 stores its persistent bitmaps).  The caller then flushes."""
+
+    async def became_writable(self) -> None:
+        """The node was reopened read-write (qcow2 marks its persistent
+        bitmaps in use again, as qcow2_reopen_bitmaps_rw)."""
+
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         """What this node takes on child ``edge`` given its parents' needs."""
         from . import perms

@@ -97,13 +97,25 @@ async def load(node: Qcow2Node) -> None:
         if node.read_only:
             bm.readonly = True
     if not node.read_only:
-        for e in entries:
-            e.flags |= FLAG_IN_USE
-        blob = b"".join(e.pack() for e in entries)
-        # rewritten in place: the directory itself is not an overlap (QEMU's in_place)
-        await node._overlap_check(overlap.BITMAP_DIRECTORY, doff, len(blob))
-        await node.file.write(doff, blob)
-        await node.file.flush()
+        await mark_in_use(node)
+
+
+async def mark_in_use(node: Qcow2Node) -> None:
+    """Flag the stored bitmaps in use on disk, before anything is written
+    that they would have to record: a crash then leaves them marked
+    inconsistent rather than stale (at open read-write, and on reopen)."""
+    entries = getattr(node, "qcow2_bitmaps", [])
+    ext = node.h.ext(EXT_BITMAPS)
+    if not entries or ext is None:
+        return
+    _, _, _, doff = EXT.unpack_from(ext)
+    for e in entries:
+        e.flags |= FLAG_IN_USE
+    blob = b"".join(e.pack() for e in entries)
+    # rewritten in place: the directory itself is not an overlap (QEMU's in_place)
+    await node._overlap_check(overlap.BITMAP_DIRECTORY, doff, len(blob))
+    await node.file.write(doff, blob)
+    await node.file.flush()
 
 
 def check_new(node: Qcow2Node, name: str, granularity: int) -> None:

@@ -1632,6 +1632,12 @@ class Qcow2Node(BlockNode):
 
     # -- closing --------------------------------------------------------------------
     async def _close(self) -> None:
+        await self._store_while_writable()
+
+    async def _store_while_writable(self) -> None:
+        """Metadata, persistent bitmaps, then a clean header: what a
+        writable image must leave on disk before it is closed or becomes
+        read-only."""
         if not hasattr(self, "refs") or self.read_only or self._corrupt:
             return
         async with self._lock:
@@ -1642,6 +1648,22 @@ class Qcow2Node(BlockNode):
             self.h.incompatible_features &= ~INCOMPAT_DIRTY
             await self._write_v3_features()
             self._dirty_set = False
+
+    async def prepare_read_only(self) -> None:
+        # qcow2_reopen_prepare going read-only: store the persistent bitmaps
+        # (else the image loses them: nothing stores them at close) and
+        # mark the image clean; the bitmaps stay, read-only
+        await self._store_while_writable()
+        for bm in self.bitmaps.values():
+            if bm.persistent:
+                bm.readonly = True
+
+    async def became_writable(self) -> None:
+        for bm in self.bitmaps.values():
+            if bm.persistent:
+                bm.readonly = False
+        if not self._corrupt:
+            await bitmapmod.mark_in_use(self)
 
 
 @attrs.define(eq=False)
