@@ -48,20 +48,6 @@ def qemu_create(path, fmt: str, size: int = SIZE, *opts: str) -> None:
 
 
 def _qemu_create(path, fmt: str, size: int, *opts: str) -> None:
-    # qemu-img 7.2 times PBKDF2 to pick an iteration count, and on a fast
-    # machine that can fail with "Unable to get accurate CPU usage" (QEMU's
-    # bug, fixed by "crypto: fix bogus error benchmarking pbkdf on fast
-    # machines" in 9.2.1); that, and only that, is tried again
-    for _ in range(4):
-        try:
-            return _qemu_create_once(path, fmt, size, *opts)
-        except AssertionError as e:
-            if "Unable to get accurate CPU usage" not in str(e):
-                raise
-    _qemu_create_once(path, fmt, size, *opts)
-
-
-def _qemu_create_once(path, fmt: str, size: int, *opts: str) -> None:
     if fmt == "luks":
         o = ["key-secret=sec0", "iter-time=10", *opts]
         qemu_img("create", "-q", *SECRET, "-f", "luks", "-o", ",".join(o), str(path), str(size))
