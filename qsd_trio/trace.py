@@ -8,6 +8,7 @@ enables it.  Patterns come from ``-T [enable=]PATTERN`` and ``events=FILE``
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import os
 import sys
@@ -54,12 +55,24 @@ def configure(optarg: str) -> None:
                 raise GenericError(f"Could not open '{value}': {e.strerror}") from None
         elif key == "file":
             try:
-                _out = open(value, "a", buffering=1)
+                out = open(value, "a", buffering=1)
             except OSError as e:
                 raise GenericError(f"Could not open '{value}': {e.strerror}") from None
+            close()  # a later file= replaces an earlier one
+            _out = out
+            atexit.register(close)
         else:
             raise GenericError(f"Invalid parameter '{key}'")
     _recompute()
+
+
+def close() -> None:
+    """Close the trace file (at exit, as QEMU's trace backend does)."""
+    global _out
+    if _out is not None:
+        _out.close()
+        _out = None
+    atexit.unregister(close)
 
 
 def _add(pattern: str) -> None:

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from tests.helpers import HAVE_QEMU
+from tests.helpers import BACKUP_BLOCK_SIZE_WARNING, HAVE_QEMU
 
 from .test_jobs import MiB, Transcript, blkdebug_src
 
@@ -53,7 +53,7 @@ def norm(obj):
 def run_both(daemon_factory, args, scenario):
     out = {}
     for kind in ("qemu", "trio"):
-        d = daemon_factory(kind, args)
+        d = daemon_factory(kind, args, allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
         t = Transcript(d.qmp())
         scenario(t)
         t.events()

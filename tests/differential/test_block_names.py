@@ -51,7 +51,8 @@ def test_backing_names_and_force_share(daemon_factory, tmp_path):
         work = tmp_path / kind
         shutil.copytree(src, work)
         f = f"file.driver=file,file.filename={work}"
-        d = daemon_factory(kind, [
+        d = daemon_factory(kind, allow_stderr=r'warning: Use of "backing": "" is deprecated',
+                           args=[
             "--blockdev", f"driver=qcow2,node-name=b,{f}/base.qcow2",
             "--blockdev", f"driver=qcow2,node-name=top,backing=b,{f}/top.qcow2",
             # the header's backing opened implicitly: a plain file name

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import HAVE_QEMU, qemu_img
+from tests.helpers import BACKUP_BLOCK_SIZE_WARNING, HAVE_QEMU, qemu_img
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -133,8 +133,8 @@ def _setup(tmp) -> list[str]:
             extra = ["-b", str(tmp / f"{prev}.qcow2"), "-F", "qcow2"] if prev else []
             qemu_img("create", "-q", "-f", "qcow2", *extra, str(img), "1M")
         args += ["--blockdev", f"driver=file,node-name={name}-f,filename={img}",
-                 "--blockdev", f"driver=qcow2,node-name={name},file={name}-f,"
-                 + (f"backing={prev}" if prev else "backing=")]
+                 "--blockdev", f"driver=qcow2,node-name={name},file={name}-f"
+                 + (f",backing={prev}" if prev else "")]
         prev = name
     for name, size in (("n1", MiB), ("n2", MiB), ("n3", 2 * MiB), ("b1", MiB), ("b2", MiB)):
         args += ["--blockdev", f"driver=null-co,node-name={name},size={size},read-zeroes=on"]
@@ -142,7 +142,7 @@ def _setup(tmp) -> list[str]:
 
 
 def _answers(daemon_factory, kind, tmp) -> list:
-    d = daemon_factory(kind, _setup(tmp))
+    d = daemon_factory(kind, _setup(tmp), allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
     q = d.qmp()
     q.cmd("blockdev-create", **{"job-id": "j", "options": {
         "driver": "file", "filename": str(tmp / f"j-{kind}.img"), "size": 0}})
@@ -150,8 +150,10 @@ def _answers(daemon_factory, kind, tmp) -> list:
     seen = set()
     while seen != {"j", "m"}:
         ev = q.pull_event(wait=30)
-        if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] in ("concluded", "ready"):
+        if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
             seen.add(ev["data"]["id"])
+        elif ev["event"] == "BLOCK_JOB_READY":  # after its JOB_STATUS_CHANGE
+            seen.add(ev["data"]["device"])
     q.clear_events()
     out = []
     for i, (name, args) in enumerate(_cases(str(tmp / kind))):

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.helpers import HAVE_QEMU, qemu_img
+from tests.helpers import BACKUP_BLOCK_SIZE_WARNING, HAVE_QEMU, qemu_img
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -77,7 +77,8 @@ def _transcript(daemon_factory, kind, tmp, scenario) -> list:
     img = tmp / f"src-{kind}.raw"
     qemu_img("create", "-q", "-f", "raw", str(img), str(64 * MiB))
     d = daemon_factory(kind, ["--blockdev", f"driver=file,node-name=src,filename={img}",
-                              "--blockdev", f"null-co,node-name=dst,size={64 * MiB}"])
+                              "--blockdev", f"null-co,node-name=dst,size={64 * MiB}"],
+                       allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
     q = RawQMP(d.qmp_path)
     try:
         scenario(q)

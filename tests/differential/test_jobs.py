@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import HAVE_QEMU, qemu_img, qemu_io
+from tests.helpers import BACKUP_BLOCK_SIZE_WARNING, HAVE_QEMU, qemu_img, qemu_io
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -66,7 +66,7 @@ class Transcript:
 def run_both(daemon_factory, args, scenario):
     out = {}
     for kind in ("qemu", "trio"):
-        d = daemon_factory(kind, args)
+        d = daemon_factory(kind, args, allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
         t = Transcript(d.qmp())
         scenario(t)
         time.sleep(0.1)

@@ -31,7 +31,8 @@ def _scenario(kind, tmp_path, crafted, overlap_opt):
             "--blockdev", f"driver=qcow2,node-name=q,file.driver=file,"
                           f"file.filename={img}{overlap_opt}",
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "type=nbd,id=e,node-name=q,name=d,writable=on"]) as d:
+            "--export", "type=nbd,id=e,node-name=q,name=d,writable=on"],
+            allow_stderr=r"^qcow2: Marking image as corrupt") as d:
         q = d.qmp()
         io = qemu_io("-f", "raw", "-c", "write -P 0x33 4096 4096",
                      "-c", "read -P 0x22 65536 512", f"nbd+unix:///d?socket={sock}",

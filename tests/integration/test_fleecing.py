@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import HAVE_QEMU, qemu_img, run
+from tests.helpers import BACKUP_BLOCK_SIZE_WARNING, HAVE_QEMU, qemu_img, run
 
 from .test_job_images import SIZE, MiB, Model, nbd_uri, qemu_io_write, raw_bytes
 
@@ -57,7 +57,7 @@ def test_fleecing_reads_point_in_time_while_guest_writes(daemon_factory, tmp_pat
     tmp = tmp_path / "fleece.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(SIZE))
     sock = tmp_path / "nbd.sock"
-    d = daemon_factory(kind, fleecing_args(src, tmp, sock))
+    d = daemon_factory(kind, fleecing_args(src, tmp, sock), allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
     guest, fleece = nbd_uri(sock, "guest"), nbd_uri(sock, "fleece")
 
     # writes before any read: whole clusters, partial ones, zeroes, unallocated space
@@ -121,7 +121,8 @@ def test_fleecing_bitmap_limits_what_may_be_read(daemon_factory, tmp_path, disk,
     start = bytes(model.data)
     with_bm.stop()
     d = daemon_factory(kind, fleecing_args(src, tmp, sock,
-                                           bitmap=",bitmap.node=src,bitmap.name=bm0"))
+                                           bitmap=",bitmap.node=src,bitmap.name=bm0"),
+                       allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
     guest, fleece = nbd_uri(sock, "guest"), nbd_uri(sock, "fleece")
     qemu_io_write(guest, "raw", [(4 * MiB, MiB, 0x55), (20 * MiB, MiB, 0x66)], model)
     ok = run("qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x44 {4 * MiB} {2 * MiB}", fleece)
@@ -157,7 +158,7 @@ def test_cbw_timeout_breaks_the_write_or_the_snapshot(daemon_factory, tmp_path, 
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "type=nbd,id=guest,node-name=fl-cbw,name=guest,writable=on",
         "--export", "type=nbd,id=fleece,node-name=fl-access,name=fleece",
-    ])
+    ], allow_stderr=BACKUP_BLOCK_SIZE_WARNING)
     guest, fleece = nbd_uri(sock, "guest"), nbd_uri(sock, "fleece")
     # the throttle lets a first request through at once; the next waits ~4 s
     run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 65536", guest)
