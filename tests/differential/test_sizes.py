@@ -158,3 +158,24 @@ def test_blockdev_create_sizes(tmp_path):
     theirs = _create_errors("qemu", tmp_path, creates)
     ours = _create_errors("trio", tmp_path, creates)
     assert ours == theirs
+
+
+def test_blockdev_add_sizes_over_qmp(daemon_factory, tmp_path):
+    """The same checks for blockdev-add over QMP (no hint there).  Not
+    null-co: qemu-storage-daemon 7.2 aborts on its negative size."""
+    qemu_img("create", "-f", "raw", str(tmp_path / "r.img"), "1M")
+    f = {"driver": "file", "filename": str(tmp_path / "r.img")}
+    adds = [{"driver": "raw", "node-name": "a", "file": f, "offset": -1},
+            {"driver": "raw", "node-name": "a", "file": f, "size": -512, "offset": -1},
+            {"driver": "blkdebug", "node-name": "a", "image": {"driver": "null-co"},
+             "max-discard": -1},
+            {"driver": "null-co", "node-name": "a", "size": 2**63 - 1},
+            {"driver": "null-co", "node-name": "a", "latency-ns": 2**63},
+            {"driver": "null-co", "node-name": "a", "size": "1k"}]
+    out = {}
+    for kind in ("qemu", "trio"):
+        q = daemon_factory(kind).qmp()
+        out[kind] = [q.cmd_raw("blockdev-add", a).get("error") for a in adds]
+        out[kind].append(q.cmd("query-named-block-nodes"))
+    assert out["trio"] == out["qemu"]
+    assert all(e is not None for e in out["trio"][:-1])
