@@ -180,12 +180,13 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # qemu-img 7.2 times PBKDF2 to choose a LUKS iteration count, and on a
-    # fast machine that fails now and then with "Unable to get accurate CPU
-    # usage" (QEMU's bug, fixed by "crypto: fix bogus error benchmarking
-    # pbkdf on fast machines" in 9.2.1): that failure, and only that, is
-    # tried again
-    for _ in range(4):
+    # qemu-img 7.2 times PBKDF2 to choose a LUKS iteration count and fails
+    # with "Unable to get accurate CPU usage" when its first round measures
+    # 0 ms of thread CPU time, which on a fast machine with tick-based CPU
+    # accounting happens often (QEMU's bug, fixed by "crypto: fix bogus
+    # error benchmarking pbkdf on fast machines" in 9.2.1): that failure,
+    # and only that, is tried again
+    for _ in range(20):
         p = run("qemu-img", *args, check=False)
         if "Unable to get accurate CPU usage" not in p.stderr:
             break
