@@ -173,6 +173,27 @@ def _skip_filters(node):
     return node
 
 
+def _check_to_replace(daemon, source, name):
+    """check_to_replace_node and the size check after it: only the source
+    or a node below it through filters may be replaced, so that completing
+    the mirror cannot change what that node's users see."""
+    from ..jobs.blockjob import check_not_busy
+    from ..qapi.errors import GenericError
+
+    node = daemon.graph.find_node(name)
+    check_not_busy(daemon, node)
+    n = source
+    while n is not node and (n.is_filter or n.driver == "throttle") and n.primary_child():
+        n = n.primary_child().node
+    if n is not node:
+        raise GenericError(f"Cannot replace '{name}' by a node mirrored from "
+                           f"'{source.node_name}', because it cannot be guaranteed that doing "
+                           "so would not lead to an abrupt change of visible data")
+    if node.length != source.length:
+        raise GenericError("cannot replace image with a mirror image of different size")
+    return node
+
+
 def _launch(daemon, job, speed):
     manager.register(daemon, job, speed)
     manager.start(daemon, job)
@@ -193,7 +214,7 @@ async def start_mirror(daemon, args, source, target, *, zero_target: bool = Fals
         sync = "full"
     replaces = None
     if _arg(args, "replaces") is not None:
-        replaces = daemon.graph.find_node(args.replaces)  # check_to_replace_node
+        replaces = _check_to_replace(daemon, source, args.replaces)
     # mirror_start
     if sync in ("incremental", "bitmap"):
         raise GenericError(f"Sync mode '{sync}' not supported")

@@ -47,6 +47,10 @@ def _cases(tmp: str) -> list[tuple[str, dict]]:
         ("blockdev-mirror", {**full, "device": "n1", "target": "nope2"}),
         ("blockdev-mirror", {**full, "device": "base-f", "target": "n2"}),
         ("blockdev-mirror", {**full, "device": "n1", "target": "n2", "replaces": "nope"}),
+        ("blockdev-mirror", {**full, "device": "n1", "target": "n2", "replaces": "n3"}),
+        ("blockdev-mirror", {**full, "device": "n1", "target": "n2", "replaces": "b2"}),
+        ("blockdev-mirror", {**full, "device": "top", "target": "n2", "replaces": "top-f"}),
+        ("blockdev-mirror", {**full, "device": "n1", "target": "n1", "replaces": "n1"}),
         ("blockdev-mirror", {**J, "sync": "bitmap", "device": "n1", "target": "n2"}),
         ("blockdev-mirror", {**J, "sync": "incremental", "device": "n1", "target": "n1"}),
         # drive-mirror: the early busy check, target creation, then as above
