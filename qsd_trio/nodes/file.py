@@ -28,6 +28,7 @@ import ctypes
 import errno
 import os
 import sys
+from functools import partial
 
 import trio
 
@@ -222,29 +223,33 @@ class FileNode(BlockNode):
         buf = buffers.alloc(length)
         return buf if self._pread_nowait(buf, offset) == length else None
 
+    # The completions of submitted requests are bound methods with their
+    # state in a partial, not closures: a closure that resubmits itself (a
+    # short read) refers to itself, and a reference cycle per request kept
+    # the cyclic garbage collector busy (~200k objects a second at 30k IOPS).
     def _preadv_submit(self, offset: int, length: int, done) -> bool:
         a = self.align
         if offset % a or length % a:
             return False  # padded reads take the general path
         buf, addr = buffers.alloc_at(length)
-        fd = self.fd
-        io = self.io
-
-        def finished(res: int, got: int = 0) -> None:
-            if res < 0:
-                done(None, engine_error(res))
-                return
-            got += res
-            if got < length and res and offset + got < self._size:
-                # a short read inside the file: read the rest
-                io.submit_read(fd, buf[got:], offset + got, lambda r: finished(r, got))
-                return
-            if got < length:
-                buffers.zero_tail(buf, got)  # past EOF reads as zeroes
-            done(buf, None)
-
-        io.submit_read(fd, buf, offset, finished, addr)
+        self.io.submit_read(self.fd, buf, offset,
+                            partial(self._read_finished, buf, offset, done, 0), addr)
         return True
+
+    def _read_finished(self, buf: memoryview, offset: int, done, got: int, res: int) -> None:
+        if res < 0:
+            done(None, engine_error(res))
+            return
+        got += res
+        length = len(buf)
+        if got < length and res and offset + got < self._size:
+            # a short read inside the file: read the rest
+            self.io.submit_read(self.fd, buf[got:], offset + got,
+                                partial(self._read_finished, buf, offset, done, got))
+            return
+        if got < length:
+            buffers.zero_tail(buf, got)  # past EOF reads as zeroes
+        done(buf, None)
 
     def _pread_nowait(self, buf: memoryview, offset: int) -> int:
         """Read what can be read without waiting for a device: from the page
@@ -365,30 +370,31 @@ class FileNode(BlockNode):
             return False
         else:
             key = None
-        fd = self.fd
-        io = self.io
-
-        def finished(res: int, put: int = 0) -> None:
-            if res == 0:
-                res = -errno.EIO  # a write that makes no progress
-            if res > 0:
-                put += res
-                if put < n:  # a short write: write the rest
-                    io.submit_write(fd, mv[put:], offset + put, lambda r: finished(r, put))
-                    return
-            if key is not None:
-                del self._direct_writes[key]
-                if self._write_done is not None:
-                    self._write_done.set()
-                    self._write_done = None
-            if res < 0:
-                done(None, engine_error(res))
-            else:
-                self._size = max(self._size, offset + n)
-                done(None, None)
-
-        io.submit_write(fd, mv, offset, finished)
+        self.io.submit_write(self.fd, mv, offset,
+                             partial(self._write_finished, mv, offset, done, key, 0))
         return True
+
+    def _write_finished(self, mv: memoryview, offset: int, done, key, put: int,
+                        res: int) -> None:
+        n = len(mv)
+        if res == 0:
+            res = -errno.EIO  # a write that makes no progress
+        if res > 0:
+            put += res
+            if put < n:  # a short write: write the rest
+                self.io.submit_write(self.fd, mv[put:], offset + put,
+                                     partial(self._write_finished, mv, offset, done, key, put))
+                return
+        if key is not None:
+            del self._direct_writes[key]
+            if self._write_done is not None:
+                self._write_done.set()
+                self._write_done = None
+        if res < 0:
+            done(None, engine_error(res))
+        else:
+            self._size = max(self._size, offset + n)
+            done(None, None)
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         if self.cache_direct:
