@@ -21,7 +21,7 @@ import trio
 
 from . import QEMU_VERSION, __version__, trace
 from .daemon import Action, Daemon, StartupError
-from .memory import tune_malloc
+from .memory import tune_gc, tune_malloc
 from .monitor import dispatch
 from .qapi import keyval, qemuopts, schema
 from .qapi.errors import GenericError, QapiError
@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = _daemonize() if daemonize else None
     tune_malloc()
+    tune_gc()
     daemon = Daemon()
     failure: list[StartupError] = []
     try:

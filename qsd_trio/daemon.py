@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from . import events
+from .memory import freeze_startup_objects
 from .nodes.graph import BlockGraph
 from .qapi.errors import QapiError
 from .qapi.ghash import HashSet
@@ -174,6 +175,7 @@ class Daemon:
                 root.cancel_scope.cancel()
                 raise
             self.accepting.set()
+            freeze_startup_objects()
             if on_started is not None:
                 on_started()
             try:
