@@ -1,22 +1,30 @@
-"""FUSE exports over each I/O engine (issue 11): a raw file and a qcow2
-image, each on a file node opened with the engine's ``aio=`` and
-``cache.direct``, read and written through the mounts with plain file I/O
-from several threads at once (reads the page cache cannot serve reach the
-engine), every read compared with a model; after a clean shutdown the
-images pass ``qemu-img check`` and equal the model.
+"""FUSE exports over each I/O engine (issue 11).
+
+A raw file and a qcow2 image, each on a file node opened with the engine's
+``aio=`` and ``cache.direct``, read and written through the mounts with
+plain file I/O from several threads at once (reads the page cache cannot
+serve reach the engine), every read compared with a model; after a clean
+shutdown the images pass ``qemu-img check`` and equal the model.  And an
+export deleted (mode=hard) while threads read the mount, in a loop.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.engines import ENGINES, drop_page_cache, stop_clean
 from tests.helpers import first_difference, qemu_img
-from tests.integration.fuse_helpers import fuse_tmp, make_mountpoint  # noqa: F401 - fixture
+from tests.integration.fuse_helpers import (  # noqa: F401 - fuse_tmp is a fixture
+    fuse_tmp,
+    make_mountpoint,
+    no_stale_mounts,
+)
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -94,3 +102,78 @@ def test_fuse_exports(daemon_factory, fuse_tmp, engine):  # noqa: F811
         ref.write_bytes(models[name])
         r = qemu_img("compare", "-f", fmt, "-F", "raw", str(path), str(ref), check=False)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+READER = r"""
+import os, sys, threading
+mp, model = sys.argv[1], open(sys.argv[2], "rb").read()
+size = len(model)
+fd = os.open(mp, os.O_RDONLY)
+reads, bad, started = [0], [], threading.Event()
+
+def loop(seed):
+    import random
+    rnd = random.Random(seed)
+    while True:
+        off = rnd.randrange(0, size - 65536)
+        try:
+            os.posix_fadvise(fd, off, 65536, os.POSIX_FADV_DONTNEED)
+            got = os.pread(fd, 65536, off)
+        except OSError:
+            return  # the export went away under us
+        if not got:
+            return  # or shows as empty while it goes
+        if got != model[off:off + len(got)]:
+            bad.append(off)
+            return
+        reads[0] += 1
+        started.set()
+
+threads = [threading.Thread(target=loop, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+started.wait(20)
+print("started", flush=True)
+for t in threads:
+    t.join()
+print(reads[0], bad, flush=True)
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fuse_export_deleted_with_reads_in_flight(daemon_factory, tmp_path, engine):
+    """FUSE: block-export-del mode=hard while four threads read the mount
+    (the page cache dropped before each read, so every read reaches the
+    daemon), then the export added again, in a loop; what was read before
+    the export went away is the image's."""
+    data = random.Random(4).randbytes(8 * MiB)
+    img = tmp_path / "disk.raw"
+    img.write_bytes(data)
+    model = tmp_path / "model.raw"
+    model.write_bytes(data)
+    with no_stale_mounts(tmp_path):
+        mp = make_mountpoint(tmp_path)
+        d = daemon_factory("trio", [
+            "--blockdev", f"driver=file,node-name=f,filename={img}" + engine.keyval()])
+        qmp = d.qmp()
+        for r in range(5):
+            assert qmp.cmd_raw("block-export-add", {
+                "type": "fuse", "id": f"e{r}", "node-name": "f", "mountpoint": mp}) == \
+                {"return": {}}
+            reader = subprocess.Popen([sys.executable, "-c", READER, mp, str(model)],
+                                      stdout=subprocess.PIPE, text=True)
+            try:
+                assert reader.stdout.readline().strip() == "started"
+                assert qmp.cmd_raw("block-export-del", {"id": f"e{r}", "mode": "hard"}) == \
+                    {"return": {}}
+                ev = qmp.pull_event(wait=30)
+                assert ev["event"] == "BLOCK_EXPORT_DELETED", ev
+                out, _ = reader.communicate(timeout=30)
+            finally:
+                if reader.poll() is None:
+                    reader.kill()
+                    reader.wait()
+            assert reader.returncode == 0, f"reads differ from the image: {out}"
+        stop_clean(d)
+    assert img.read_bytes() == data
