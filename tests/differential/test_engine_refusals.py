@@ -7,17 +7,22 @@ EPERM (a container profile that forbids it); the stderr text, the program
 name prefix aside, and the exit status must be the same, and so must the
 QMP error of a blockdev-add asking for the engine at run time.
 
-Note for whoever makes these pass: qemu-storage-daemon 7.2's io_uring
-message ends with the text of a stale errno, not io_uring_setup's (its
-luring_init hands the global errno to error_setg_errno, while liburing
-returns -errno and leaves errno alone).  On the command line here that is
-ENOENT ("No such file or directory", left by the failed stat of
-/etc/gnutls/config at startup); over QMP it is usually EINVAL.  Linux AIO's
-message carries io_setup's real errno.
+The one thing normalised: qemu-storage-daemon 7.2's io_uring message ends
+with the text of a stale errno, not io_uring_setup's (its luring_init hands
+the global errno to error_setg_errno, while liburing returns -errno and
+leaves errno alone).  On the command line here that is ENOENT ("No such file
+or directory", left by a failed stat of /etc/gnutls/config at startup), over
+QMP usually EINVAL, or none at all when errno happens to be 0 (a second
+blockdev-add: QEMU then prints no ": ..." part), under strace ENOTCONN: it
+depends on the machine and on what ran before, so
+qsd-trio prints the errno io_uring_setup returned and the tests compare the
+message up to it.  Linux AIO's message carries io_setup's real errno, on
+both sides, and is compared whole.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +36,19 @@ pytestmark = pytest.mark.skipif(not HAVE_QEMU or not seccomp_exec.available(),
                                 reason="needs qemu-storage-daemon and x86_64 seccomp")
 
 SECCOMP = [sys.executable, str(Path(seccomp_exec.__file__).resolve())]
+_STALE = re.compile(r"(failed to init linux io_uring ring)(: [^\n]*)?")
+
+
+def errno_dropped(value):
+    """``value`` (text, or a QMP reply) with the io_uring message's errno
+    text cut off (see the module docstring)."""
+    if isinstance(value, str):
+        return _STALE.sub(r"\1<: errno>", value)
+    if isinstance(value, dict):
+        return {k: errno_dropped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [errno_dropped(v) for v in value]
+    return value
 
 CASES = [  # the system call that fails, the node's options
     ("io_uring_setup", "aio=io_uring"),
@@ -54,7 +72,7 @@ def test_engine_refused_on_command_line_same(tmp_path, syscall, opts, err):
         p = subprocess.run(denied(syscall, err) + command(kind) + [
             "--blockdev", f"driver=file,filename={img},node-name=n,{opts}"],
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        seen[kind] = (p.returncode, normalise_prog(p.stderr))
+        seen[kind] = (p.returncode, errno_dropped(normalise_prog(p.stderr)))
     assert seen["qemu"][0] != 0  # the filter works: QEMU refuses
     assert seen["trio"] == seen["qemu"]
 
@@ -107,5 +125,6 @@ def test_engine_refused_by_blockdev_add_same(tmp_path, err):
             ]
         finally:
             d.stop()
+        seen[kind] = errno_dropped(seen[kind])
     assert "error" in seen["qemu"][0]  # the filter works: QEMU refuses
     assert seen["trio"] == seen["qemu"]
