@@ -474,16 +474,22 @@ async def _open_implicit(daemon, options):
 
 # -- stream and commit -----------------------------------------------------------------
 async def _make_writable(daemon, node) -> BlockNode | None:
-    """Reopen ``node`` read-write for a job that writes it, as QEMU does for
-    backing files it opened itself; a user's read-only=on node is refused.
-    Returns the node to make read-only again when the job's work is done."""
+    """Reopen ``node`` read-write for a job that writes it, as QEMU's
+    bdrv_reopen_set_read_only(base, false): the node itself is reopened
+    whatever it was opened with (a user's read-only=on too, or the old top a
+    snapshot made read-only), and the nodes below it that store its data
+    follow unless the user opened one of them read-only=on itself, which
+    keeps it so and refuses the job ("Block node is read-only", from the
+    permission the node then cannot grant).  Returns the node to make
+    read-only again when the job's work is done."""
     from ..qapi.errors import GenericError
-    from .block import set_read_only
+    from .block import _data_nodes, set_read_only
 
     if not node.read_only:
         return None
-    if not node.implicit_read_only:
-        raise GenericError("Block node is read-only")
+    for n in _data_nodes(node)[1:]:
+        if n.read_only and not n.implicit_read_only and n.options.get("read-only"):
+            raise GenericError("Block node is read-only")
     await set_read_only(node, False)
     return node
 

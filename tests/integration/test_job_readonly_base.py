@@ -97,3 +97,39 @@ def test_user_read_only_node_is_not_reopened(daemon_factory, tmp_path):
     assert replies["trio"] == replies["qemu"]
     assert replies["trio"][0] == {"error": {"class": "GenericError",
                                             "desc": "Block node is read-only"}}
+
+
+@pytest.mark.parametrize("command", ["block-commit", "block-stream"])
+def test_users_read_only_node_over_inheriting_children_is_reopened(daemon_factory, tmp_path,
+                                                                   command):
+    """A node the user opened read-only=on is reopened read-write for the job
+    when the nodes below it inherit that (no read-only=on of their own):
+    QEMU's reopen sets read-only=off on the node itself, and only a child's
+    own read-only=on refuses."""
+    seen = {}
+    for kind in ("qemu", "trio"):
+        base, mid, top = chain(tmp_path, kind)
+        d = daemon_factory(kind, [
+            "--blockdev", f"driver=qcow2,node-name=base,file.driver=file,"
+                          f"file.filename={base},read-only=on",
+            "--blockdev", f"driver=qcow2,node-name=mid,file.driver=file,"
+                          f"file.filename={mid},backing=base,read-only=on",
+            "--blockdev", f"driver=qcow2,node-name=top,file.driver=file,"
+                          f"file.filename={top},backing=mid"])
+        qmp = d.qmp()
+        if command == "block-commit":
+            args = {"job-id": "j", "device": "top", "top-node": "mid", "base-node": "base"}
+        else:
+            args = {"job-id": "j", "device": "mid", "base-node": "base"}
+        reply = qmp.cmd_raw(command, args)
+        events = ([e for e in wait_concluded(qmp, "j") if e[0] == "JOB_STATUS_CHANGE"]
+                  if reply == {"return": {}} else [])
+        seen[kind] = (reply, events, ro_flags(qmp))
+        d.stop()
+        for img in (base, mid, top):
+            assert qemu_img("check", str(img)).returncode == 0
+        r = qemu_io("-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 1M",
+                    "-c", "read -P 0x33 2M 1M", str(top))
+        assert "Pattern verification failed" not in r.stdout
+    assert seen["qemu"][0] == {"return": {}}
+    assert seen["trio"] == seen["qemu"]
