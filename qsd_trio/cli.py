@@ -24,7 +24,7 @@ from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
 from .monitor import dispatch
 from .qapi import keyval, qemuopts, schema
-from .qapi.errors import GenericError, QapiError
+from .qapi.errors import GenericError, QapiError, collect_warnings
 
 PROG = "qsd-trio"
 
@@ -372,15 +372,37 @@ def parse(argv: list[str]):
         if opt == "":
             raise UsageError(f"{value}: Unexpected argument")
     actions: list[tuple[str, str | None, Action]] = []
+    warned_before: list[str] = []  # printed if a later option fails to parse
     for opt, value in pairs:
         build = BUILDERS.get(opt)
         if build is None:
             continue
-        try:
-            actions.append((opt, value, build(value)))
-        except QapiError as e:
-            raise StartupError(opt, value, e.desc, e.hint) from None
+        with collect_warnings() as warned:
+            try:
+                action = build(value)
+            except QapiError as e:
+                _print_warnings(warned_before + [f"{opt} {value}: warning: {w}" for w in warned])
+                raise StartupError(opt, value, e.desc, e.hint) from None
+        if warned:
+            lines = [f"{opt} {value}: warning: {w}" for w in warned]
+            warned_before += lines
+            action = _warn_first(lines, action)
+        actions.append((opt, value, action))
     return actions, pidfile, daemonize
+
+
+def _print_warnings(lines: list[str]) -> None:
+    for line in lines:
+        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def _warn_first(lines: list[str], action: Action) -> Action:
+    """The option's parse warnings come out when it takes effect (QEMU
+    parses and applies each option in turn)."""
+    async def run(daemon: Daemon) -> None:
+        _print_warnings(lines)
+        await action(daemon)
+    return run
 
 
 def _daemonize() -> Callable[[bool], None]:

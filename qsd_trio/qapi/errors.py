@@ -9,6 +9,11 @@ each.  Code never formats QMP error dicts itself.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import sys
+from collections.abc import Iterator
+
 
 class QapiError(Exception):
     """An error a QMP client sees: ``{"class": ..., "desc": ...}``."""
@@ -45,3 +50,30 @@ class DeviceNotFound(QapiError):
 
 class DeviceNotActive(QapiError):
     error_class = "DeviceNotActive"
+
+
+# -- warnings --------------------------------------------------------------------
+_collected: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "qapi_warnings", default=None)
+
+
+def warn_report(msg: str) -> None:
+    """QEMU's warn_report: ``warning: msg`` on stderr.  While a command-line
+    option is parsed the warning is kept for it (:func:`collect_warnings`),
+    to be printed with the option's location when the option takes effect,
+    as QEMU parses and applies each option in turn."""
+    sink = _collected.get()
+    if sink is not None:
+        sink.append(msg)
+    else:
+        print(f"qsd-trio: warning: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    warned: list[str] = []
+    token = _collected.set(warned)
+    try:
+        yield warned
+    finally:
+        _collected.reset(token)

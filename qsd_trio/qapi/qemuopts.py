@@ -14,7 +14,7 @@ import errno
 
 from .errors import GenericError
 from .ghash import qdict_order
-from .schema import strtosz_errno
+from .schema import strtosz_warn
 
 
 def _split(text: str) -> list[str]:
@@ -62,7 +62,7 @@ def size_error(name: str) -> GenericError:
 
 def parse_size(name: str, text: str) -> int:
     """QEMU's parse_option_size: a QEMU_OPT_SIZE option's text to bytes."""
-    value, err = strtosz_errno(text)
+    value, err = strtosz_warn(text)
     if err == errno.ERANGE:
         raise GenericError(f"Value '{text}' is out of range for parameter '{name}'")
     if err:

@@ -34,7 +34,7 @@ import cattrs
 
 from . import qapi_types as T
 from .base import NULL, QapiEnum, QNull, c_name, py_field
-from .errors import CommandNotFound, GenericError
+from .errors import CommandNotFound, GenericError, warn_report
 from .ghash import first_unexpected
 
 
@@ -147,6 +147,15 @@ def strtosz(s: str) -> int | None:
     fractions with a suffix ('1.5k'), hex without a fraction."""
     val, err = strtosz_errno(s)
     return None if err else val
+
+
+def strtosz_warn(s: str) -> tuple[int, int]:
+    """strtosz_errno, and QEMU 7.2's deprecation warning for a hex number
+    with a suffix ('0x10k'), which it still takes."""
+    val, err = strtosz_errno(s)
+    if not err and re.match(r"[ \t\n\v\f\r]*\+?0[xX][0-9a-fA-F]+[bBkKmMgGtTpPeE]", s):
+        warn_report(f"Using a multiplier suffix on hex numbers is deprecated: {s}")
+    return val, err
 
 
 def strtosz_errno(s: str) -> tuple[int, int]:
@@ -376,8 +385,8 @@ class _Visitor:
             return v
         hi, cname = _UINT_RANGES[typ]
         if typ == "size":
-            v = strtosz(s)
-            if v is None:
+            v, err = strtosz_warn(s)
+            if err:
                 raise GenericError(f"Parameter '{path}' expects size")
             return v
         v = strtou64(s)

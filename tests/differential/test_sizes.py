@@ -11,6 +11,8 @@ Three ways a size reaches QEMU, each with its own errors:
   "Parameter 'size' expects a non-negative number below 2^64";
 * a QemuOpts size (``--chardev ringbuf,size=``), with its out-of-range text.
 
+Text sizes in hex with a suffix are still taken, with a deprecation warning.
+
 Normalised: the program name only.
 """
 
@@ -75,13 +77,18 @@ def cases(tmp) -> list[list[str]]:
         out.append(["--blockdev", json.dumps({"driver": "null-co", "node-name": "a",
                                               "size": v})] + DUP)
     # a QAPI 'size' member, keyval and JSON
-    for v in ("-1", "1k", "0x200", "1.5", "1.5k", "16E", "", "512", "1e3", "0x1.8"):
+    for v in ("-1", "1k", "0x200", "1.5", "1.5k", "16E", "", "512", "1e3", "0x1.8", "0x1k"):
         out.append(_vub(f"logical-block-size={v}"))
     for v in (-1, 1.5, 2**64, 2**64 - 1, "512"):
         out.append(_vub_json(v))
     # a QemuOpts size
-    for v in ("-1", "16E", "1x", "", "18446744073709551616", "1.5k", "64k"):
+    for v in ("-1", "16E", "1x", "", "18446744073709551616", "1.5k", "64k", "0x10k", "0x1M"):
         out.append(["--chardev", f"ringbuf,id=r,size={v}", "--chardev", "null,id=r"])
+    # a hex number with a suffix is taken with a warning, printed when the
+    # option takes effect: not for an option after the one that fails
+    out.append(["--chardev", "ringbuf,id=r,size=0x10k", "--chardev", "null,id=r",
+                "--chardev", "ringbuf,id=r2,size=0x1M"])
+    out.append(["--chardev", "ringbuf,id=r,size=0x10k", "--chardev", "ringbuf,id=r2,size=0x1.5M"])
     return out
 
 
