@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -1117,7 +1118,9 @@ class Connection:
             h = req.handle
             if err is not None:
                 if self._sparse_read(req):
-                    self._hang_up_on_read_error()
+                    # the worker reads again, and answers as QEMU would
+                    # (an error chunk if the block status fails, else a hangup)
+                    self._requests.send_nowait((req, None, self.export.size))
                     return
                 self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
                 return
@@ -1262,14 +1265,26 @@ class Connection:
             self._queue((P.chunk_none(h, xo),))
             return
         if req.flags & P.CMD_FLAG_DF or export.known_data(off, ln):
-            buf = await node.read(off, ln)
+            try:
+                buf = await node.read(off, ln)
+            except OSError:
+                # QEMU asks for the block status of every read without DF
+                # (it is known here): if that fails too, its error is what
+                # QEMU would have answered
+                if not req.flags & P.CMD_FLAG_DF and await self._holes_unknown(req, off, ln):
+                    return
+                raise
             self._queue((P.chunk_offset_data_header(h, off, ln, True, xo), buf))
             return
         # sparse read: holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks
         pos, end = off, off + ln
         while pos < end:
-            st = await node.block_status(pos, max(end - pos, min(_STATUS_LOOKAHEAD,
-                                                                  export.size - pos)))
+            try:
+                st = await node.block_status(pos, max(end - pos, min(_STATUS_LOOKAHEAD,
+                                                                      export.size - pos)))
+            except OSError as e:
+                self._holes_error(req, e)
+                return
             n = max(1, min(st.length, end - pos))
             last = pos + n >= end
             if st.flags & Status.ZERO:
@@ -1280,6 +1295,21 @@ class Connection:
                 self._queue((P.chunk_offset_data_header(h, pos, n, last, xo), buf),
                             done=last)
             pos += n
+
+    def _holes_error(self, req: P.Request, e: OSError) -> None:
+        # nbd_co_send_sparse_read answers a failed block status with an
+        # error chunk (a failed read of the data drops the client instead)
+        self._error_reply(req, P.errno_to_nbd(e.errno),
+                          f"unable to check for holes: {os.strerror(e.errno or errno.EIO)}")
+
+    async def _holes_unknown(self, req: P.Request, off: int, ln: int) -> bool:
+        """Whether the block status of a read's range fails (and was answered)."""
+        try:
+            await self.export.node.block_status(off, ln)
+        except OSError as e:
+            self._holes_error(req, e)
+            return True
+        return False
 
     async def _block_status(self, req: P.Request) -> None:
         if not self.meta_ids:
