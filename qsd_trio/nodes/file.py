@@ -54,6 +54,9 @@ if _sync_file_range is not None:
     _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 BLKSSZGET = 0x1268
+# reads of the page cache above this go to the engine too: a 32 MiB NBD read
+# would otherwise hold the event loop for milliseconds
+INLINE_READ_MAX = 1 << 20
 
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
@@ -255,6 +258,8 @@ class FileNode(BlockNode):
         """Read what can be read without waiting for a device: from the page
         cache (RWF_NOWAIT), or anything on a file system in memory.  Returns
         the bytes read; the caller hands the rest to the engine."""
+        if len(buf) > INLINE_READ_MAX:
+            return 0
         if self._memory_fs:
             try:
                 return os.preadv(self.fd, [buf], offset)
