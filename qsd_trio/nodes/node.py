@@ -457,8 +457,9 @@ class BlockNode:
             await hook(self, offset, length)
 
     # read() and write() are every request's path (an NBD request through
-    # qcow2 runs them twice), so what _check, _begin/_end, _check_threshold,
-    # _mark_write and debug_event do is written out inline here.
+    # qcow2 runs them twice), so what _check, _begin/_end, _check_threshold
+    # and debug_event do is written out inline here; what a write records
+    # once it is done is _written, shared with write_now and write_submit.
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if offset < 0 or length < 0 or (not self.grows and offset + length > self._length()):
             raise OSError(errno.EIO, "Input/output error")
@@ -501,13 +502,26 @@ class BlockNode:
             stats["rd_bytes"] += length
         return data
 
+    def _plain_write(self, offset: int, n: int) -> bool:
+        """Whether a write may skip write()'s general path (write_now,
+        write_submit): nothing to hold it back, check or do before it."""
+        return not (self._quiesce or self.read_only or self.before_write or self._debug_events
+                    or self.detect_zeroes != "off" or offset < 0 or n <= 0
+                    or (not self.grows and offset + n > self._length()))
+
+    def _written(self, offset: int, n: int) -> None:
+        """What every write path records once the driver has had a write:
+        the highest offset written and the dirty bitmaps."""
+        if offset + n > self.wr_highest_offset:
+            self.wr_highest_offset = offset + n
+        if self.bitmaps:
+            self._mark_write(offset, n)
+
     def write_now(self, offset: int, mv: memoryview) -> bool:
         """Write ``mv`` (bytes, not FUA) if the driver can do it without
         waiting; False leaves nothing changed that write() would not redo."""
         n = len(mv)
-        if (self._quiesce or self.read_only or self.before_write or self._debug_events
-                or self.detect_zeroes != "off" or offset < 0 or n <= 0
-                or (not self.grows and offset + n > self._length())):
+        if not self._plain_write(offset, n):
             return False
         try:
             if not self._pwritev_now(offset, mv):
@@ -516,10 +530,7 @@ class BlockNode:
             return False  # write() does it again, and reports what fails
         if self.write_threshold:
             self._check_threshold(offset, n)
-        if offset + n > self.wr_highest_offset:
-            self.wr_highest_offset = offset + n
-        if self.bitmaps:
-            self._mark_write(offset, n)
+        self._written(offset, n)
         stats = self.stats
         stats["wr_operations"] += 1
         stats["wr_bytes"] += n
@@ -559,16 +570,11 @@ class BlockNode:
         ``done(None, None)`` or ``done(None, OSError)``; the same checks and
         bookkeeping as write(), for the requests write_now() takes."""
         n = len(mv)
-        if (self._quiesce or self.read_only or self.before_write or self._debug_events
-                or self.detect_zeroes != "off" or offset < 0 or n <= 0
-                or (not self.grows and offset + n > self._length())):
+        if not self._plain_write(offset, n):
             return False
 
         def finished(_res, err) -> None:
-            if offset + n > self.wr_highest_offset:
-                self.wr_highest_offset = offset + n
-            if self.bitmaps:
-                self._mark_write(offset, n)
+            self._written(offset, n)
             self._end()
             stats = self.stats
             if err is None:
@@ -633,10 +639,7 @@ class BlockNode:
             self.stats["failed_wr_operations"] += 1
             raise
         finally:
-            if offset + n > self.wr_highest_offset:
-                self.wr_highest_offset = offset + n
-            if self.bitmaps:
-                self._mark_write(offset, n)
+            self._written(offset, n)
             self._end()
             _in_request.reset(token)
         stats = self.stats
