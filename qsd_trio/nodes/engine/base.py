@@ -36,6 +36,8 @@ import os
 import outcome
 import trio
 
+from . import buffers
+
 _Abort = trio.lowlevel.Abort
 _reschedule = trio.lowlevel.reschedule
 _wait = trio.lowlevel.wait_task_rescheduled
@@ -172,3 +174,54 @@ class Engine:
     def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
         """Start one write of ``buf`` (writable, pinned until ``cb`` runs)."""
         raise NotImplementedError
+
+
+class KernelEngine(Engine):
+    """An engine the kernel runs (io_uring, Linux AIO): a subclass names its
+    READ and WRITE operations and queues one with ``_start``; reads and
+    writes, parked or with a callback, are the same for both."""
+
+    READ = WRITE = 0
+
+    def _start(self, op: int, fd: int, addr: int, length: int, offset: int,
+               req: tuple) -> None:
+        """Queue one operation; ``req`` is (task, callback, buffer)."""
+        raise NotImplementedError
+
+    async def _rw(self, op: int, fd: int, buf: memoryview, offset: int) -> int:
+        self._start(op, fd, buffers.address(buf), len(buf), offset, (_current_task(), None, buf))
+        res = await self._park()
+        if res < 0:
+            raise os_error(res)
+        return res
+
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._start(self.READ, fd, addr or buffers.address(buf), len(buf), offset,
+                    (None, cb, buf))
+
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
+        self._start(self.WRITE, fd, buffers.address(buf), len(buf), offset, (None, cb, buf))
+
+    async def read(self, fd: int, buf: memoryview, offset: int) -> int:
+        n = len(buf)
+        if not n:
+            return 0
+        done = await self._rw(self.READ, fd, buf, offset)
+        while done < n:
+            got = await self._rw(self.READ, fd, buf[done:], offset + done)
+            if got == 0:
+                break
+            done += got
+        return done
+
+    async def write(self, fd: int, buf: memoryview, offset: int) -> None:
+        if buf.readonly:
+            copy = buffers.alloc(len(buf))
+            copy[:] = buf
+            buf = copy
+        n = len(buf)
+        if not n:
+            return
+        done = await self._rw(self.WRITE, fd, buf, offset)
+        while done < n:
+            done += await self._rw(self.WRITE, fd, buf[done:], offset + done)

@@ -23,8 +23,7 @@ import struct
 
 import trio
 
-from . import buffers
-from .base import Engine, _current_task, _reschedule, _wait, os_error
+from .base import KernelEngine, _reschedule, _wait
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -40,8 +39,9 @@ _EVENT = struct.Struct("<QQqq")   # data, obj, res, res2
 MAX_EVENTS = 1024                  # QEMU's MAX_EVENTS
 
 
-class LinuxAio(Engine):
+class LinuxAio(KernelEngine):
     name = "native"
+    READ, WRITE = CMD_PREAD, CMD_PWRITE
 
     def __init__(self, threads) -> None:
         ctx = ctypes.c_ulong(0)
@@ -145,44 +145,7 @@ class LinuxAio(Engine):
             _syscall(NR_IO_DESTROY, ctypes.c_ulong(self.ctx))
             self.ctx = 0
 
-    async def _rw(self, cmd: int, fd: int, buf: memoryview, offset: int) -> int:
-        self._queue(cmd, fd, buffers.address(buf), len(buf), offset,
-                    (_current_task(), None, buf))
-        res = await self._park()
-        if res < 0:
-            raise os_error(res)
-        return res
-
-    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
-        self._queue(CMD_PREAD, fd, addr or buffers.address(buf), len(buf), offset,
-                    (None, cb, buf))
-
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
-        self._queue(CMD_PWRITE, fd, buffers.address(buf), len(buf), offset, (None, cb, buf))
-
-    async def read(self, fd: int, buf: memoryview, offset: int) -> int:
-        n = len(buf)
-        if not n:
-            return 0
-        done = await self._rw(CMD_PREAD, fd, buf, offset)
-        while done < n:
-            got = await self._rw(CMD_PREAD, fd, buf[done:], offset + done)
-            if got == 0:
-                break
-            done += got
-        return done
-
-    async def write(self, fd: int, buf: memoryview, offset: int) -> None:
-        if buf.readonly:
-            copy = buffers.alloc(len(buf))
-            copy[:] = buf
-            buf = copy
-        n = len(buf)
-        if not n:
-            return
-        done = await self._rw(CMD_PWRITE, fd, buf, offset)
-        while done < n:
-            done += await self._rw(CMD_PWRITE, fd, buf[done:], offset + done)
+    _start = _queue
 
     async def fdatasync(self, fd: int) -> None:
         await self.threads.fdatasync(fd)

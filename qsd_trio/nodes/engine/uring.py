@@ -41,8 +41,7 @@ from collections import deque
 
 import trio
 
-from . import buffers
-from .base import Engine, _current_task, _reschedule, _wait, os_error
+from .base import KernelEngine, _current_task, _reschedule, _wait, os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -65,8 +64,9 @@ _U32 = struct.Struct("<I")
 ENTRIES = 256
 
 
-class Uring(Engine):
+class Uring(KernelEngine):
     name = "io_uring"
+    READ, WRITE = OP_READ, OP_WRITE
 
     def __init__(self, entries: int = ENTRIES) -> None:
         if platform.machine() not in ("x86_64", "AMD64"):
@@ -206,44 +206,8 @@ class Uring(Engine):
             self.ring_fd = -1
 
     # -- requests --------------------------------------------------------------
-    async def _rw(self, op: int, fd: int, buf: memoryview, offset: int) -> int:
-        self._queue(op, fd, buffers.address(buf), len(buf), offset, 0,
-                    (_current_task(), None, buf))
-        res = await self._park()
-        if res < 0:
-            raise os_error(res)
-        return res
-
-    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
-        self._queue(OP_READ, fd, addr or buffers.address(buf), len(buf), offset, 0,
-                    (None, cb, buf))
-
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
-        self._queue(OP_WRITE, fd, buffers.address(buf), len(buf), offset, 0, (None, cb, buf))
-
-    async def read(self, fd: int, buf: memoryview, offset: int) -> int:
-        n = len(buf)
-        if not n:
-            return 0
-        done = await self._rw(OP_READ, fd, buf, offset)
-        while done < n:
-            got = await self._rw(OP_READ, fd, buf[done:], offset + done)
-            if got == 0:
-                break
-            done += got
-        return done
-
-    async def write(self, fd: int, buf: memoryview, offset: int) -> None:
-        if buf.readonly:
-            copy = buffers.alloc(len(buf))
-            copy[:] = buf
-            buf = copy
-        n = len(buf)
-        if not n:
-            return
-        done = await self._rw(OP_WRITE, fd, buf, offset)
-        while done < n:
-            done += await self._rw(OP_WRITE, fd, buf[done:], offset + done)
+    def _start(self, op: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
+        self._queue(op, fd, addr, length, offset, 0, req)
 
     async def fdatasync(self, fd: int) -> None:
         self._queue(OP_FSYNC, fd, 0, 0, 0, FSYNC_DATASYNC, (_current_task(), None, None))
