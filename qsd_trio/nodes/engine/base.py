@@ -178,10 +178,47 @@ class Engine:
 
 class KernelEngine(Engine):
     """An engine the kernel runs (io_uring, Linux AIO): a subclass names its
-    READ and WRITE operations and queues one with ``_start``; reads and
-    writes, parked or with a callback, are the same for both."""
+    READ and WRITE operations, queues one with ``_start`` and hands what is
+    queued to the kernel with ``_submit_pending``; reads and writes, parked
+    or with a callback, and the batching of submissions are the same for
+    both.
+
+    Batching: the first request queued in a scheduler pass wakes a small
+    flusher task (``_flush_soon``); it runs in the next pass, once every
+    request of this one is queued, and submits them all with one system
+    call."""
 
     READ = WRITE = 0
+
+    def __init__(self) -> None:
+        self._flusher = None
+        self._flush_wanted = False
+        self._flush_scope = trio.CancelScope()
+        super().__init__()
+        trio.lowlevel.spawn_system_task(self._flush_loop, name=f"io-engine-{self.name}-submit")
+
+    def _submit_pending(self) -> None:
+        raise NotImplementedError
+
+    def _flush_soon(self) -> None:
+        if not self._flush_wanted:
+            self._flush_wanted = True
+            if self._flusher is not None:
+                _reschedule(self._flusher)
+                self._flusher = None
+
+    async def _flush_loop(self) -> None:
+        with self._flush_scope:
+            while True:
+                if not self._flush_wanted:
+                    self._flusher = _current_task()
+                    await _wait(lambda _: _Abort.SUCCEEDED)
+                self._flush_wanted = False
+                self._submit_pending()
+
+    def _close_fds(self) -> None:
+        self._flush_scope.cancel()
+        super()._close_fds()
 
     def _start(self, op: int, fd: int, addr: int, length: int, offset: int,
                req: tuple) -> None:

@@ -21,9 +21,7 @@ import errno
 import os
 import struct
 
-import trio
-
-from .base import KernelEngine, _reschedule, _wait
+from .base import KernelEngine
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -61,11 +59,7 @@ class LinuxAio(KernelEngine):
         self._reqs: dict[int, tuple] = {}
         self._next_id = 1
         self._pending: list[tuple] = []   # iocbs of this pass, not yet submitted
-        self._flusher = None
-        self._flush_wanted = False
-        self._flush_scope = trio.CancelScope()
         super().__init__()
-        trio.lowlevel.spawn_system_task(self._flush_loop, name="io-engine-native-submit")
 
     def _queue(self, cmd: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
         rid = self._next_id
@@ -76,11 +70,8 @@ class LinuxAio(KernelEngine):
         self._pending.append((rid, cmd, fd, addr, length, offset))
         if len(self._pending) >= MAX_EVENTS // 4 or self.in_flight == 1:
             self._submit()
-        elif not self._flush_wanted:
-            self._flush_wanted = True
-            if self._flusher is not None:
-                _reschedule(self._flusher)
-                self._flusher = None
+        else:
+            self._flush_soon()
 
     def _submit(self) -> None:
         pending = self._pending
@@ -110,15 +101,6 @@ class LinuxAio(KernelEngine):
         task, cb, _buf = self._reqs.pop(rid)
         self._finished(task, cb, res)
 
-    async def _flush_loop(self) -> None:
-        with self._flush_scope:
-            while True:
-                if not self._flush_wanted:
-                    self._flusher = trio.lowlevel.current_task()
-                    await _wait(lambda _: trio.lowlevel.Abort.SUCCEEDED)
-                self._flush_wanted = False
-                self._submit()
-
     def _reap(self) -> None:
         ev = self._events
         reqs = self._reqs
@@ -139,13 +121,13 @@ class LinuxAio(KernelEngine):
             self._submit()
 
     def _close_fds(self) -> None:
-        self._flush_scope.cancel()
         super()._close_fds()
         if self.ctx:
             _syscall(NR_IO_DESTROY, ctypes.c_ulong(self.ctx))
             self.ctx = 0
 
     _start = _queue
+    _submit_pending = _submit
 
     async def fdatasync(self, fd: int) -> None:
         await self.threads.fdatasync(fd)

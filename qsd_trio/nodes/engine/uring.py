@@ -39,9 +39,7 @@ import platform
 import struct
 from collections import deque
 
-import trio
-
-from .base import KernelEngine, _current_task, _reschedule, _wait, os_error
+from .base import KernelEngine, _current_task, os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -86,16 +84,12 @@ class Uring(KernelEngine):
         self._next_id = 1
         self._pending = 0          # SQEs written, not yet entered
         self._waiting: deque = deque()   # requests beyond the CQ ring's size
-        self._flusher = None
-        self._flush_wanted = False
-        self._flush_scope = trio.CancelScope()
         super().__init__()
         efd = ctypes.c_int32(self.efd)
         if _syscall(NR_REGISTER, fd, REGISTER_EVENTFD, ctypes.byref(efd), 1) < 0:
             e = ctypes.get_errno()
             self._close_fds()
             raise OSError(e, os.strerror(e))
-        trio.lowlevel.spawn_system_task(self._flush_loop, name="io-engine-io_uring-submit")
 
     def _map(self, p) -> None:
         sq_entries, cq_entries, features = p[0], p[1], p[5]
@@ -147,11 +141,8 @@ class Uring(KernelEngine):
         self._pending += 1
         if self._pending >= self.sq_entries or self.in_flight == 1:
             self._enter()   # the ring is full, or there is nothing to batch with
-        elif not self._flush_wanted:
-            self._flush_wanted = True
-            if self._flusher is not None:
-                _reschedule(self._flusher)
-                self._flusher = None
+        else:
+            self._flush_soon()
 
     def _enter(self) -> None:
         n = self._pending
@@ -167,15 +158,6 @@ class Uring(KernelEngine):
                 raise OSError(e, os.strerror(e))
             n -= r
         self._pending = 0
-
-    async def _flush_loop(self) -> None:
-        with self._flush_scope:
-            while True:
-                if not self._flush_wanted:
-                    self._flusher = trio.lowlevel.current_task()
-                    await _wait(lambda _: trio.lowlevel.Abort.SUCCEEDED)
-                self._flush_wanted = False
-                self._enter()
 
     # -- completion ------------------------------------------------------------
     def _reap(self) -> None:
@@ -197,7 +179,6 @@ class Uring(KernelEngine):
             self._queue(*waiting.popleft())
 
     def _close_fds(self) -> None:
-        self._flush_scope.cancel()
         super()._close_fds()
         if self.ring_fd >= 0:
             for m in {id(x): x for x in (self.sq_ring, self.cq_ring, self.sqes)}.values():
@@ -208,6 +189,9 @@ class Uring(KernelEngine):
     # -- requests --------------------------------------------------------------
     def _start(self, op: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
         self._queue(op, fd, addr, length, offset, 0, req)
+
+    def _submit_pending(self) -> None:
+        self._enter()
 
     async def fdatasync(self, fd: int) -> None:
         self._queue(OP_FSYNC, fd, 0, 0, 0, FSYNC_DATASYNC, (_current_task(), None, None))
