@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEBS   := qemu-utils qemu-system-common libnbd-bin python3-libnbd fio fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs mount
+DEBS   := qemu-utils qemu-system-common libnbd-bin python3-libnbd fio fuse3 python3-venv e2fsprogs mount
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test soak deps venv lint bench clean
