@@ -13,8 +13,8 @@ cancelled job leaves every image consistent (the daemon's last-resort
 ``CancelScope`` only ends a job that did not stop within its shutdown
 deadline).
 
-State machine and verb table: ../shared/ref/qapi-7.2/job.json (JobStatus,
-JobVerb) and QEMU's job.c.  Events, in QEMU's order:
+State machine and verb table: QAPI's job.json (tools/qapi-7.2/job.json:
+JobStatus, JobVerb) and QEMU's job.c.  Events, in QEMU's order:
 
     success   waiting, pending, [BLOCK_JOB_PENDING if not auto-finalize],
               BLOCK_JOB_COMPLETED, concluded, [null if auto-dismiss]
