@@ -364,19 +364,19 @@ class FileNode(BlockNode):
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
         n = len(mv)
+        if mv.readonly:
+            return False
+        addr = buffers.address(mv)
         if self.cache_direct:
             a = self.align
-            if (offset % a or n % a or self._rmw or mv.readonly
-                    or buffers.address(mv) % a):
+            if offset % a or n % a or self._rmw or addr % a:
                 return False
             key = object()
             self._direct_writes[key] = (offset, offset + n)
-        elif mv.readonly:
-            return False
         else:
             key = None
         self.io.submit_write(self.fd, mv, offset,
-                             partial(self._write_finished, mv, offset, done, key, 0))
+                             partial(self._write_finished, mv, offset, done, key, 0), addr)
         return True
 
     def _write_finished(self, mv: memoryview, offset: int, done, key, put: int,

@@ -79,8 +79,6 @@ class Engine:
     def __init__(self) -> None:
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.in_flight = 0
-        self.submitted = 0   # statistics: requests
-        self.wakeups = 0     # statistics: reaper wakeups
         self._idle: trio.Event | None = None
         self._reaper_scope = trio.CancelScope()
         self._closed = False
@@ -96,7 +94,6 @@ class Engine:
                         os.eventfd_read(efd)
                     except BlockingIOError:
                         pass
-                    self.wakeups += 1
                     self._reap_batch()
         finally:
             self._close_fds()
@@ -171,8 +168,9 @@ class Engine:
         A short count is the caller's to handle (EOF, or read the rest)."""
         raise NotImplementedError
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
-        """Start one write of ``buf`` (writable, pinned until ``cb`` runs)."""
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        """Start one write of ``buf`` (writable, pinned until ``cb`` runs;
+        at ``addr``, if the caller knows it)."""
         raise NotImplementedError
 
 
@@ -236,8 +234,9 @@ class KernelEngine(Engine):
         self._start(self.READ, fd, addr or buffers.address(buf), len(buf), offset,
                     (None, cb, buf))
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
-        self._start(self.WRITE, fd, buffers.address(buf), len(buf), offset, (None, cb, buf))
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._start(self.WRITE, fd, addr or buffers.address(buf), len(buf), offset,
+                    (None, cb, buf))
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)

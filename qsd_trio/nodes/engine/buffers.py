@@ -96,7 +96,3 @@ def zero_tail(buf: memoryview, start: int) -> None:
     if n > 0:
         ctypes.memset(address(buf) + start, 0, n)
 
-
-def pooled_bytes() -> int:
-    """Bytes mapped by the pool's arenas (for tests and statistics)."""
-    return sum(len(a) for c in _classes for a in c.arenas)

@@ -66,7 +66,6 @@ class LinuxAio(KernelEngine):
         self._next_id = rid + 1
         self._reqs[rid] = req
         self.in_flight += 1
-        self.submitted += 1
         self._pending.append((rid, cmd, fd, addr, length, offset))
         if len(self._pending) >= MAX_EVENTS // 4 or self.in_flight == 1:
             self._submit()

@@ -113,7 +113,6 @@ class ThreadPool(Engine):
 
     def _put(self, call: _Call) -> None:
         self.in_flight += 1
-        self.submitted += 1
         if self.in_flight > len(self._threads) and len(self._threads) < self.max_workers:
             t = threading.Thread(target=self._worker, name="qsd-io", daemon=True)
             self._threads.append(t)
@@ -141,7 +140,7 @@ class ThreadPool(Engine):
     def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
         self._put(_Call(_read_all, (fd, buf, offset), None, cb))
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb) -> None:
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
         self._put(_Call(_write_all_count, (fd, buf, offset), None, cb))
 
     async def aclose(self) -> None:

@@ -133,7 +133,6 @@ class Uring(KernelEngine):
         self._next_id = rid + 1
         self._reqs[rid] = req
         self.in_flight += 1
-        self.submitted += 1
         tail = self.sq_tail
         _SQE.pack_into(self.sqes, (tail & self.sq_mask) * 64, op, 0, 0, fd, offset, addr,
                        length, flags, rid)
