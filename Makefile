@@ -29,6 +29,7 @@ venv: deps $(VENV)/.stamp
 
 test: venv
 	$(PY) -m ruff check qsd_trio tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 soak: venv
