@@ -363,6 +363,8 @@ def parse(argv: list[str]):
         if opt == "--trace":
             try:
                 trace.configure(value)
+            except trace.HelpRequested:
+                raise EarlyExit(trace.help_text()) from None
             except QapiError as e:
                 raise StartupError("--trace", value, e.desc, e.hint) from None
         if opt == "--daemonize":

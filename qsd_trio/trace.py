@@ -3,7 +3,8 @@
 ``trace.event("nbd_request", handle=..., ...)`` writes one line
 ``<pid>@<time> nbd_request handle=...`` to stderr or ``file=`` when a pattern
 enables it.  Patterns come from ``-T [enable=]PATTERN`` and ``events=FILE``
-(one pattern per line, ``-`` prefix disables); ``-T help`` lists the events.
+(one pattern per line, ``-`` prefix disables); ``-T help`` lists the events
+(:class:`HelpRequested`, which the command line turns into its output).
 """
 
 from __future__ import annotations
@@ -25,12 +26,28 @@ EVENTS = (
     "bdrv_open",                # nodes/graph.py: blockdev-add opened a node
 )
 
+
+class HelpRequested(Exception):
+    """``-T help``: the caller prints :func:`help_text` and exits."""
+
+
+def help_text() -> str:
+    return "".join(f"{e}\n" for e in EVENTS)
+
+
 _patterns: list[tuple[bool, str]] = []
 _out: TextIO | None = None
 _enabled: set[str] = set()
 
 
 def configure(optarg: str) -> None:
+    """Apply one ``-T`` option.
+
+    Raises:
+        HelpRequested: the option asked for the list of events.
+        GenericError: a malformed option or a file that cannot be opened,
+            with QEMU's text.
+    """
     global _out
     items = [i for i in optarg.split(",") if i]
     for n, item in enumerate(items):
@@ -41,8 +58,7 @@ def configure(optarg: str) -> None:
             key, value = "enable", item
         if key == "enable":
             if value == "help":
-                from .cli import EarlyExit
-                raise EarlyExit("".join(f"{e}\n" for e in EVENTS))
+                raise HelpRequested
             _add(value)
         elif key == "events":
             try:
