@@ -23,6 +23,10 @@ from . import QEMU_VERSION, __version__, trace
 from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
 from .monitor import dispatch
+from .monitor.chardev import add_chardev
+from .monitor.objects import object_properties
+from .monitor.session import Monitor
+from .objects.qom import USER_CREATABLE
 from .qapi import keyval, qemuopts, schema
 from .qapi.errors import GenericError, QapiError, collect_warnings
 
@@ -209,13 +213,10 @@ def opt_nbd_server(value: str) -> Action:
 
 def opt_object(value: str) -> Action:
     if value == "help":
-        from .objects.qom import USER_CREATABLE
         raise EarlyExit("List of user creatable objects:\n"
                         + "".join(f"  {t}\n" for t in sorted(USER_CREATABLE)))
     kv = qemuopts.parse_flat(value, "qom-type") if not keyval.is_json(value) else None
     if kv is not None and ("help" in kv or "?" in kv) and "qom-type" in kv:
-        from .monitor.objects import object_properties
-        from .objects.qom import USER_CREATABLE
         t = kv["qom-type"]
         if t not in USER_CREATABLE:
             raise GenericError(f"invalid object type: {t}")
@@ -299,7 +300,6 @@ def opt_chardev(value: str) -> Action:
     id, backend = chardev_backend(value)
 
     async def action(daemon: Daemon) -> None:
-        from .monitor.chardev import add_chardev
         await add_chardev(daemon, id, backend)
     return action
 
@@ -321,7 +321,6 @@ def opt_monitor(value: str) -> Action:
         raise GenericError("Parameter 'chardev' is missing")
 
     async def action(daemon: Daemon) -> None:
-        from .monitor.session import Monitor
         chardev = daemon.chardevs.get(chardev_id)
         if chardev is None:
             raise GenericError(f'chardev "{chardev_id}" not found')

@@ -14,8 +14,9 @@ Startup carries out the command line in order through the QMP handlers
 opens the gate (:attr:`Daemon.accepting`) that lets monitors and the NBD
 server accept connections.
 
-Shutdown (:meth:`Daemon.shutdown`) runs once, shielded, in the order of
-DESIGN.md: exports, jobs, nodes, monitors, pidfile.  ``quit`` runs the first
+Shutdown (:meth:`Daemon.shutdown`) runs once, shielded, in this order:
+exports (no new requests), jobs (they write to nodes), nodes (drained,
+flushed, closed), monitors, pidfile; docs/design.md says why.  ``quit`` runs the first
 three steps before it replies, so its client sees BLOCK_EXPORT_DELETED and
 friends before the reply, as with qemu-storage-daemon.
 """
@@ -31,6 +32,7 @@ from typing import Any
 import trio
 
 from . import events
+from .jobs import manager
 from .memory import freeze_startup_objects
 from .nodes.graph import BlockGraph
 from .qapi.errors import QapiError
@@ -228,14 +230,9 @@ class Daemon:
         self.export_nursery.cancel_scope.cancel()
 
     async def _stop_jobs(self) -> None:
-        try:
-            from .jobs import manager
-        except ImportError:
-            manager = None
-        cancel_all = getattr(manager, "cancel_all", None)
-        if cancel_all is not None and self.jobs:
+        if self.jobs:
             with trio.move_on_after(60):
-                await cancel_all(self)
+                await manager.cancel_all(self)
         self.job_nursery.cancel_scope.cancel()
 
     async def _teardown(self) -> None:
