@@ -1,6 +1,6 @@
 """NBD wire format: a sans-I/O codec for both ends of the protocol.
 
-Pure functions over bytes, no sockets: the NBD export (exports/nbd.py) and
+Pure functions over bytes, no sockets: the NBD export (exports/nbd/) and
 the NBD client driver share it.  Names and numbers follow
 ``ref/nbd-proto.md`` ("Fixed newstyle negotiation", "Transmission phase",
 "Structured reply chunk message types") and QEMU's extensions in

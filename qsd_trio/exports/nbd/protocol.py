@@ -1,0 +1,582 @@
+"""The NBD transmission phase: requests in, replies out, for one connection.
+
+Per connection: one reader task parses requests (at most
+:data:`MAX_REQUESTS` in flight, which bounds the memory a client can make
+us hold).  A READ or WRITE the node can serve without waiting (a cached
+read, a write into allocated space: BlockNode.read_now/write_now) is served
+by the reader itself; one the node can hand to its I/O engine as it is (a
+raw file, a mapped qcow2 cluster: BlockNode.read_submit/write_submit) is
+started by the reader and replied to from the engine's completion, with no
+task of its own; the rest go to a fixed pool of request tasks.
+Replies are queued and sent in batches, header and data together with one
+``sendmsg`` (a 1 MiB read is never copied into a bigger buffer): by the
+reader before it waits for the client, or by a writer task.
+
+Errors: a client that breaks the protocol or vanishes ends its own
+connection only; I/O errors become NBD error replies with QEMU's messages.
+nbdkit's protocol.c has the same role.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from ...nodes.engine import buffers
+from ...nodes.engine.base import after_completions
+from ...nodes.node import Status
+from ...proto import nbd as P
+from ...qapi.errors import QapiError
+from .wire import Wire, _Disconnect
+
+if TYPE_CHECKING:
+    from .export import NbdExport
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS = 16  # in flight per connection, as QEMU's NBD_MAX_REQUESTS
+MAX_BLOCK_STATUS_EXTENTS = 1024 * 1024 // 8  # per reply chunk, QEMU's limit
+# sparse reads ask for the status of this much ahead, so one answer covers
+# the reads that follow (the extent is remembered, see NbdExport.known_data)
+_STATUS_LOOKAHEAD = 64 * 1024 * 1024
+
+
+# the message of an error reply when a command fails (QEMU's nbd_handle_request)
+_FAILED = {
+    P.CMD_READ: "reading from file failed",
+    P.CMD_WRITE: "writing to file failed",
+    P.CMD_WRITE_ZEROES: "writing to file failed",
+    P.CMD_FLUSH: "flush failed",
+    P.CMD_TRIM: "discard failed",
+    P.CMD_CACHE: "caching data failed",
+    P.CMD_BLOCK_STATUS: "can't get block status",
+}
+
+
+class Transmission:
+    """The transmission phase of one connection (the base of Connection).
+
+    The negotiation (connection.py) sets the attributes declared here
+    before :meth:`serve` runs; ``_close`` closes the connection's stream.
+    """
+
+    wire: Wire
+    structured: bool
+    extended: bool
+    meta_export: str | None
+    meta_ids: list[tuple[int, str]]
+    export: NbdExport | None
+    _closed: bool
+
+    def __init__(self) -> None:
+        self._slots = trio.Semaphore(MAX_REQUESTS)
+        self._out: list = []
+        self._out_done = 0
+        self._out_ready = trio.Event()
+        self._sending = False  # the writer is part way through a send
+        self._flush_deferred = False  # a reaper will send the queued replies
+        self._hangup = ""
+        self._broken = False
+        self._reader_scope = trio.CancelScope()
+        # it has sent DISC (or hung up): no longer a user of its export
+        self.ending = False
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def serve(self, export: NbdExport, last_reply: bytes = b"") -> None:
+        """Transmission phase, after sending ``last_reply`` (the option phase's end)."""
+        self.export = export
+        export.clients.add(self)
+        if self.meta_export != export.name:
+            self.meta_ids = []  # contexts were negotiated for another export
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.wire.send(last_reply)
+                nursery.start_soon(self._writer)
+                # a fixed pool of request tasks: handing a request to a parked
+                # task is cheaper than spawning one per request
+                send, receive = trio.open_memory_channel(MAX_REQUESTS)
+                self._requests = send
+                for _ in range(MAX_REQUESTS):
+                    nursery.start_soon(self._worker, receive)
+                await self._read_requests(nursery)
+                self.ending = True
+                # DISC or a fatal request: let what was read finish and its
+                # replies go out, then stop the writer
+                for _ in range(MAX_REQUESTS):
+                    await self._slots.acquire()
+                nursery.cancel_scope.cancel()
+                if self._hangup:
+                    raise _Disconnect(self._hangup)
+        except* (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
+                 trio.ClosedResourceError, OSError) as eg:
+            log.debug("nbd client of %s ended: %r", export.id, eg)
+        except* Exception:
+            # a bug serving one client must not take the daemon down
+            log.exception("nbd client of %s failed", export.id)
+        finally:
+            export.client_left(self)
+            with trio.CancelScope(shield=True):
+                await self._close()
+
+    # Replies: request tasks queue their parts; one writer task sends all that
+    # is queued with one sendmsg, so under load many replies share a syscall.
+    # A request's slot is released only once its reply is on the wire, which
+    # bounds what a client that does not read its replies can make us hold.
+    def _queue(self, parts: tuple, done: bool = True) -> None:
+        self._out.extend(parts)
+        if done:
+            self._out_done += 1
+        self._out_ready.set()
+
+    def _queue_quiet(self, parts: tuple) -> None:
+        """Queue a reply from the reader task, without waking the writer:
+        the reader sends it itself before it next waits (_flush_now)."""
+        self._out.extend(parts)
+        self._out_done += 1
+
+    def _flush_now(self) -> None:
+        """Send the queued replies if the socket takes them now; whatever
+        it does not take is left to the writer task."""
+        if not self._out:
+            return
+        if self._sending or self._broken or self.wire.raw is None:
+            self._out_ready.set()
+            return
+        parts, self._out = self._out, []
+        try:
+            rest = self.wire.send_now(parts)
+        except trio.BrokenResourceError:
+            self._broken = True
+            rest = []
+        if rest:
+            self._out[:0] = rest  # ahead of anything queued later
+            self._out_ready.set()
+            return
+        done, self._out_done = self._out_done, 0
+        for _ in range(done):
+            self._slots.release()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            while self._out:
+                parts, self._out = self._out, []
+                done, self._out_done = self._out_done, 0
+                if not self._broken:
+                    self._sending = True  # _flush_now must not interleave
+                    try:
+                        await self.wire.send(*parts)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        # the client is gone: requests in flight still finish
+                        # (a write is not cut in half), their replies are dropped
+                        self._broken = True
+                    finally:
+                        self._sending = False
+                for _ in range(done):
+                    self._slots.release()
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
+        """Read requests until DISC, EOF, a fatal request or stop_reading().
+
+        Holds at most one slot of its own at a time and gives it back on
+        every way out, so serve() can count the requests still in flight.
+        """
+        wire = self.wire
+        export = self.export
+        size_fn = export.node._length
+        slots = self._slots
+        extended = self.extended
+        # Requests the node can serve without waiting are served right here
+        # (_serve_now), their replies sent in a batch when the reader would
+        # otherwise wait; only the rest go to the worker tasks.  Over TLS the
+        # writer task sends them.
+        quiet = wire.raw is not None
+        if quiet:
+            wire.before_wait = self._flush_now
+        try:
+            await self._read_loop(wire, export, size_fn, slots, extended, quiet)
+        finally:
+            wire.before_wait = None
+            self._flush_now()  # serve() waits for these replies' slots
+
+    async def _read_loop(self, wire, export, size_fn, slots, extended, quiet) -> None:
+        with self._reader_scope:
+            while True:
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    # Replies served inline hold their slots until sent, so
+                    # this is reached at least every MAX_REQUESTS requests;
+                    # acquire() is a checkpoint even when the flush just gave
+                    # the slots back: a busy client cannot hold the loop.
+                    self._flush_now()
+                    await slots.acquire()
+                handed_off = False
+                try:
+                    if extended:
+                        req = P.parse_ext_request(await wire.recv_exactly(P.EXT_REQUEST_SIZE))
+                    else:
+                        req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+                    t = req.type
+                    if t == P.CMD_DISC:
+                        return
+                    data = None
+                    if extended and req.flags & P.CMD_FLAG_PAYLOAD_LEN and t != P.CMD_WRITE:
+                        # a payload no command of ours takes: consumed, then refused
+                        # (beyond the maximum payload the spec says hang up)
+                        if req.length > P.MAX_BUFFER_SIZE:
+                            self._hangup = "oversized payload"
+                            return
+                        await wire.skip(req.length)
+                        self._error_reply(req, P.EINVAL, "unexpected payload")
+                        handed_off = True  # the writer releases it with the reply
+                        continue
+                    if t == P.CMD_WRITE and extended and not req.flags & P.CMD_FLAG_PAYLOAD_LEN:
+                        # no payload follows: refused without reading any
+                        self._error_reply(req, P.EINVAL,
+                                          "extended header write without payload length")
+                        handed_off = True
+                        continue
+                    if t == P.CMD_WRITE:
+                        if req.length > P.MAX_BUFFER_SIZE:
+                            # the payload cannot be skipped safely: answer, then hang up
+                            self._error_reply(req, P.EINVAL,
+                                              f"len ({req.length} ) is larger than max len "
+                                              f"({P.MAX_BUFFER_SIZE})")
+                            handed_off = True  # the writer releases it with the reply
+                            self._hangup = "oversized write"
+                            return
+                        # page-aligned and not zero-filled: the file driver
+                        # writes it as it is, even with O_DIRECT (no bounce)
+                        data = buffers.alloc(req.length)
+                        # a partial write (client gone, or stop_reading) is never applied
+                        await wire.recv_into(memoryview(data))
+                    size = size_fn()
+                    if not ((t == P.CMD_READ or t == P.CMD_WRITE) and req.length
+                            and self._serve_now(req, data, size, export, quiet)):
+                        self._requests.send_nowait((req, data, size))
+                    handed_off = True
+                except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError) as e:
+                    # stop reading; serve() lets what was already read finish
+                    self._hangup = str(e) or type(e).__name__
+                    return
+                finally:
+                    if not handed_off:
+                        slots.release()
+
+    def _serve_now(self, req: P.Request, data: memoryview | None, size: int,
+                   export: NbdExport, quiet: bool) -> bool:
+        """Serve a READ or WRITE synchronously if the node can
+        (BlockNode.read_now/write_now); False hands it to a worker."""
+        if self._validate(req, size) is not None:
+            return False  # the worker words the error
+        node = export.node
+        h = req.handle
+        if req.type == P.CMD_WRITE:
+            if req.flags & P.CMD_FLAG_FUA or export.writethrough:
+                return False
+            if not node.write_now(req.offset, data):
+                return node.write_submit(req.offset, data, self._completion(req))
+            reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
+        else:
+            off, ln = req.offset, req.length
+            if not self.structured:
+                buf = node.read_now(off, ln)
+                if buf is None:
+                    return node.read_submit(off, ln, self._completion(req))
+                reply = (P.simple_reply(h), buf)
+            else:
+                if not (req.flags & P.CMD_FLAG_DF or export.known_data(off, ln)):
+                    return False  # a sparse read asks the block status first
+                buf = node.read_now(off, ln)
+                if buf is None:
+                    return node.read_submit(off, ln, self._completion(req))
+                reply = (P.chunk_offset_data_header(h, off, ln, True,
+                                                    off if self.extended else None), buf)
+        if quiet:
+            self._queue_quiet(reply)
+        else:
+            self._queue(reply)
+        return True
+
+    def _completion(self, req: P.Request):
+        """The reply to a READ or WRITE started with read_submit/write_submit,
+        queued by the engine's reaper when it completes.  The reaper sends
+        the replies of its whole batch of completions with one sendmsg once
+        it has handled them all (after_completions); what the socket does
+        not take goes to the writer task."""
+        def done(buf, err) -> None:
+            if self._closed:
+                return  # the connection ended (export deleted): no one to answer
+            h = req.handle
+            if err is not None:
+                if self._sparse_read(req):
+                    # the worker reads again, and answers as QEMU would
+                    # (an error chunk if the block status fails, else a hangup)
+                    self._requests.send_nowait((req, None, self.export.size))
+                    return
+                self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
+                return
+            if req.type == P.CMD_WRITE:
+                parts = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
+            elif not self.structured:
+                parts = (P.simple_reply(h), buf)
+            else:
+                parts = (P.chunk_offset_data_header(
+                    h, req.offset, req.length, True, req.offset if self.extended else None),
+                    buf)
+            self._queue_quiet(parts)
+            if not self._flush_deferred:
+                if after_completions(self._deferred_flush):
+                    self._flush_deferred = True
+                else:
+                    self._out_ready.set()
+        return done
+
+    def _sparse_read(self, req: P.Request) -> bool:
+        """A READ QEMU serves as a sparse read (structured replies, no DF)."""
+        return req.type == P.CMD_READ and self.structured and not req.flags & P.CMD_FLAG_DF
+
+    def _hang_up_on_read_error(self) -> None:
+        # QEMU 7.2's nbd_co_send_sparse_read reports a failed read as a
+        # failed send ("Failed to send reply: reading from file failed") and
+        # drops the client; with DF, or simple replies, it sends an error
+        self._hangup = "Failed to send reply: reading from file failed"
+        self.stop_reading()
+        self._slots.release()  # no reply will release the request's slot
+
+    def _deferred_flush(self) -> None:
+        self._flush_deferred = False
+        self._flush_now()
+
+    def stop_reading(self) -> None:
+        """Take no new request; those in flight finish and reply, then the connection ends."""
+        self._reader_scope.cancel()
+        self._hangup = self._hangup or "export shutting down"
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel) -> None:
+        # the slot semaphore guarantees a free buffer place for send_nowait
+        async for req, data, size in receive:
+            await self._handle(req, data, size)
+
+    def _error_reply(self, req: P.Request, err: int, message: str) -> None:
+        if self.extended:
+            self._queue((P.chunk_error(req.handle, err, message, ext_offset=req.offset),))
+        elif self.structured:
+            self._queue((P.chunk_error(req.handle, err, message),))
+        else:
+            self._queue((P.simple_reply(req.handle, err),))
+
+    def _validate(self, req: P.Request, size: int) -> tuple[int, str] | None:
+        t = req.type
+        export = self.export
+        if t in (P.CMD_READ, P.CMD_CACHE) and req.length > P.MAX_BUFFER_SIZE:
+            # (sic) QEMU's text has the stray space
+            return P.EINVAL, f"len ({req.length} ) is larger than max len ({P.MAX_BUFFER_SIZE})"
+        if t not in P.CMD_NAMES or t in (P.CMD_RESIZE,):
+            return P.EINVAL, f"invalid request type ({t}) received"
+        if not export.writable and t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
+            # QEMU answers EINVAL here, not EPERM
+            return P.EINVAL, "Export is read-only"
+        if req.offset > size or req.length > size - req.offset:
+            # QEMU 7.2 answers EINVAL even for writes (the spec suggests ENOSPC)
+            return P.EINVAL, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
+                         f"Size: {size}")
+        valid = P.CMD_FLAG_FUA
+        if t == P.CMD_READ and self.structured:
+            valid |= P.CMD_FLAG_DF
+        elif t == P.CMD_WRITE_ZEROES:
+            valid |= P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO
+        elif t == P.CMD_BLOCK_STATUS:
+            valid |= P.CMD_FLAG_REQ_ONE
+        if t == P.CMD_WRITE and self.extended:
+            valid |= P.CMD_FLAG_PAYLOAD_LEN
+        if req.flags & ~valid:
+            return P.EINVAL, f"unsupported flags for command {P.CMD_NAMES[t]} (got 0x{req.flags:x})"
+        return None
+
+    async def _handle(self, req: P.Request, data: memoryview | None, size: int) -> None:
+        bad = self._validate(req, size)
+        if bad is not None:
+            self._error_reply(req, *bad)
+            return
+        export = self.export
+        node = export.node
+        t = req.type
+        try:
+            if t == P.CMD_READ:
+                await self._read(req)
+                return
+            if t == P.CMD_WRITE:
+                await node.write(req.offset, data,
+                                 fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough)
+            elif t == P.CMD_FLUSH:
+                await node.flush()
+            elif t == P.CMD_TRIM:
+                export.forget_data(req.offset, req.length)
+                if req.length:
+                    await node.discard(req.offset, req.length)
+                if req.flags & P.CMD_FLAG_FUA:
+                    await node.flush()
+            elif t == P.CMD_WRITE_ZEROES:
+                export.forget_data(req.offset, req.length)
+                if req.length:
+                    await node.write_zeroes(
+                        req.offset, req.length,
+                        may_unmap=not req.flags & P.CMD_FLAG_NO_HOLE,
+                        fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough,
+                        no_fallback=bool(req.flags & P.CMD_FLAG_FAST_ZERO))
+            elif t == P.CMD_CACHE:
+                pass  # a hint; the page cache already holds what we read
+            elif t == P.CMD_BLOCK_STATUS:
+                await self._block_status(req)
+                return
+            if self.extended:  # no simple replies with extended headers
+                self._queue((P.chunk_none(req.handle, req.offset),))
+            else:
+                self._queue((P.simple_reply(req.handle),))
+        except OSError as e:
+            if self._sparse_read(req) and req.length:
+                self._hang_up_on_read_error()
+                return
+            self._error_reply(req, P.errno_to_nbd(e.errno), _FAILED[t])
+        except QapiError:
+            # e.g. a corrupt image refusing I/O: the client sees EIO
+            self._error_reply(req, P.EIO, _FAILED[t])
+
+    async def _read(self, req: P.Request) -> None:
+        export = self.export
+        node = export.node
+        h = req.handle
+        off, ln = req.offset, req.length
+        if not self.structured:
+            buf = await node.read(off, ln) if ln else b""
+            self._queue((P.simple_reply(h), buf))
+            return
+        xo = off if self.extended else None  # extended chunks echo the request's offset
+        if not ln:
+            self._queue((P.chunk_none(h, xo),))
+            return
+        if req.flags & P.CMD_FLAG_DF or export.known_data(off, ln):
+            try:
+                buf = await node.read(off, ln)
+            except OSError:
+                # QEMU asks for the block status of every read without DF
+                # (it is known here): if that fails too, its error is what
+                # QEMU would have answered
+                if not req.flags & P.CMD_FLAG_DF and await self._holes_unknown(req, off, ln):
+                    return
+                raise
+            self._queue((P.chunk_offset_data_header(h, off, ln, True, xo), buf))
+            return
+        # sparse read: holes as OFFSET_HOLE chunks, data as OFFSET_DATA chunks
+        pos, end = off, off + ln
+        while pos < end:
+            try:
+                st = await node.block_status(pos, max(end - pos, min(_STATUS_LOOKAHEAD,
+                                                                      export.size - pos)))
+            except OSError as e:
+                self._holes_error(req, e)
+                return
+            n = max(1, min(st.length, end - pos))
+            last = pos + n >= end
+            if st.flags & Status.ZERO:
+                self._queue((P.chunk_offset_hole(h, pos, n, last, xo),), done=last)
+            else:
+                export.note_data(pos, st.length)
+                buf = await node.read(pos, n)
+                self._queue((P.chunk_offset_data_header(h, pos, n, last, xo), buf),
+                            done=last)
+            pos += n
+
+    def _holes_error(self, req: P.Request, e: OSError) -> None:
+        # nbd_co_send_sparse_read answers a failed block status with an
+        # error chunk (a failed read of the data drops the client instead)
+        self._error_reply(req, P.errno_to_nbd(e.errno),
+                          f"unable to check for holes: {os.strerror(e.errno or errno.EIO)}")
+
+    async def _holes_unknown(self, req: P.Request, off: int, ln: int) -> bool:
+        """Whether the block status of a read's range fails (and was answered)."""
+        try:
+            await self.export.node.block_status(off, ln)
+        except OSError as e:
+            self._holes_error(req, e)
+            return True
+        return False
+
+    async def _block_status(self, req: P.Request) -> None:
+        if not self.meta_ids:
+            self._error_reply(req, P.EINVAL, "CMD_BLOCK_STATUS not negotiated")
+            return
+        if not req.length:
+            self._error_reply(req, P.EINVAL, "need non-zero length")
+            return
+        one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
+        # extents of extended replies have 64-bit lengths
+        limit = 1 << 64 if self.extended else 1 << 32
+        chunks = []
+        for cid, ctx in self.meta_ids:
+            if ctx == P.META_BASE_ALLOCATION:
+                ext = await self._alloc_extents(req.offset, req.length, one, False, limit)
+            elif ctx == P.META_ALLOCATION_DEPTH:
+                ext = await self._alloc_extents(req.offset, req.length, one, True, limit)
+            else:
+                bm = self.export.bitmap_for_context(ctx)
+                ext = _bitmap_extents(bm, req.offset, req.length, one, limit)
+            chunks.append((cid, ext))
+        last = len(chunks) - 1
+        if self.extended:
+            self._queue(tuple(P.chunk_block_status_ext(req.handle, req.offset, cid, ext, i == last)
+                              for i, (cid, ext) in enumerate(chunks)))
+        else:
+            self._queue(tuple(P.chunk_block_status(req.handle, cid, ext, i == last)
+                              for i, (cid, ext) in enumerate(chunks)))
+
+    async def _alloc_extents(self, offset: int, length: int, one: bool, depth: bool,
+                             limit: int = 1 << 32) -> list:
+        node = self.export.node
+        out: list[list[int]] = []
+        pos, end = offset, offset + length
+        while pos < end and len(out) < MAX_BLOCK_STATUS_EXTENTS:
+            st = await node.block_status(pos, end - pos)
+            n = max(1, min(st.length, end - pos))
+            if depth:
+                flags = st.depth
+            else:
+                flags = (0 if st.flags & Status.DATA else P.STATE_HOLE) | \
+                        (P.STATE_ZERO if st.flags & Status.ZERO else 0)
+            if one and out and out[-1][1] != flags:
+                break  # REQ_ONE: the first run of equal status, however many calls it took
+            _add_extent(out, n, flags, limit)
+            pos += n
+        return [tuple(e) for e in out]
+
+
+
+def _add_extent(out: list[list[int]], n: int, flags: int, limit: int = 1 << 32) -> None:
+    # merge runs with equal flags, as QEMU does, while the length fits the
+    # reply's field (32 bits, or 64 with extended headers)
+    if out and out[-1][1] == flags and out[-1][0] + n < limit:
+        out[-1][0] += n
+    else:
+        out.append([n, flags])
+
+
+def _bitmap_extents(bm, offset: int, length: int, one: bool,
+                    limit: int = 1 << 32) -> Sequence[tuple[int, int]]:
+    out: list[list[int]] = []
+    for _off, n, dirty in bm.dirty_extents(offset, length):
+        _add_extent(out, n, P.STATE_DIRTY if dirty else 0, limit)
+        if one or len(out) >= MAX_BLOCK_STATUS_EXTENTS:
+            break
+    if not out:  # past the bitmap's end: report clean
+        out.append([length, 0])
+    return [tuple(e) for e in out]

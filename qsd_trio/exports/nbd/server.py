@@ -1,0 +1,111 @@
+"""The NBD server: the daemon's one listener for NBD clients.
+
+:class:`NbdServer` is a service (``run(task_status)``) listening on one
+address.  Each accepted connection is negotiated in the server's nursery;
+once the client picks an export (``NBD_OPT_GO`` / ``NBD_OPT_EXPORT_NAME``)
+the connection moves into that export's nursery, so deleting an export ends
+exactly its clients and stopping the server ends everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from ...qapi.errors import GenericError
+from .connection import Connection
+from .sockets import _addr_dict, _open_listeners
+from .tls import _prop, _tls_server_context
+
+if TYPE_CHECKING:
+    from .export import NbdExport
+
+
+class NbdServer:
+    """The daemon's one NBD server (nbd-server-start / --nbd-server).
+
+    Resources: the listening sockets and the negotiating connections live in
+    :meth:`run`'s nursery and are closed when its cancel scope is cancelled
+    (:meth:`stop`); exports (and their clients) are separate tasks that
+    nbd-server-stop deletes first.
+    """
+
+    def __init__(self, daemon, addr, *, tls_creds: str | None = None,
+                 tls_authz: str | None = None, max_connections: int | None = None):
+        self.daemon = daemon
+        self.addr = _addr_dict(addr)
+        # ids, as daemon.object_users() looks them up; the objects are read
+        # when a client asks for TLS, so they always reflect what is defined
+        self.tls_creds = tls_creds
+        self.tls_x509 = False
+        if tls_creds is not None:
+            creds = getattr(daemon, "objects", {}).get(tls_creds)
+            if creds is None:
+                raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+            if not str(getattr(creds, "qom_type", "")).startswith("tls-creds"):
+                raise GenericError(f"Object with id '{tls_creds}' is not TLS credentials")
+            if _prop(creds, "endpoint", "client") != "server":
+                raise GenericError("Expected TLS credentials for a server endpoint")
+            self.tls_context = _tls_server_context(creds)
+            self.tls_x509 = creds.qom_type == "tls-creds-x509"
+        # looked up per client, as QEMU does: a missing object denies access
+        self.tls_authz = tls_authz
+        self.max_connections = max_connections or 0
+        self.exports: dict[str, NbdExport] = {}
+        self.connections = 0
+        self.cancel_scope = trio.CancelScope()
+        self.finished = trio.Event()
+        self._slots = trio.Semaphore(self.max_connections) if self.max_connections else None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.cancel_scope:
+                listeners = await _open_listeners(self.addr)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for lst in listeners:
+                            nursery.start_soon(self._accept_loop, lst, nursery)
+                        task_status.started()
+                finally:
+                    for lst in listeners:
+                        with trio.CancelScope(shield=True):
+                            await lst.aclose()
+                    if self.addr["type"] == "unix":
+                        # QEMU removes its socket file when the server stops
+                        with contextlib.suppress(OSError):
+                            os.unlink(self.addr["path"])
+        finally:
+            self.finished.set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        # the socket listens from the start, but clients are served only once
+        # startup is complete and the pidfile written (the man page's promise)
+        accepting = getattr(self.daemon, "accepting", None)
+        if accepting is not None:
+            await accepting.wait()
+        while True:
+            # at max-connections QEMU stops accepting: new clients wait in
+            # the listen backlog until someone leaves
+            if self._slots is not None:
+                await self._slots.acquire()
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                if self._slots is not None:
+                    self._slots.release()
+                raise
+            self.connections += 1
+            conn = Connection(self, stream)
+            nursery.start_soon(conn.negotiate)
+
+    def _connection_closed(self) -> None:
+        self.connections -= 1
+        if self._slots is not None:
+            self._slots.release()
+
+    async def stop(self) -> None:
+        self.cancel_scope.cancel()
+        await self.finished.wait()

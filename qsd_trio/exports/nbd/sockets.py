@@ -1,0 +1,76 @@
+"""Listening sockets of the NBD server, from a QAPI SocketAddress.
+
+``unix``, ``inet`` and ``fd`` addresses as qemu-storage-daemon takes them
+(``--nbd-server addr.type=...`` or nbd-server-start), with QEMU's error
+messages; nbdkit's sockets.c has the same role.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _stdsocket
+
+import trio
+
+from ...qapi.errors import GenericError
+
+
+def _addr_dict(addr) -> dict:
+    """SocketAddress or SocketAddressLegacy (attrs instance or dict) -> flat dict."""
+    if not isinstance(addr, dict):
+        # schema.to_qmp keeps union tags, which are class variables of the
+        # variant classes and so invisible to attrs.asdict
+        from ...qapi import schema
+
+        addr = schema.to_qmp(addr)
+    addr = {k.replace("_", "-"): v for k, v in addr.items() if v is not None}
+    data = addr.get("data")
+    if isinstance(data, dict):  # legacy form: {"type": ..., "data": {...}}
+        flat = {k.replace("_", "-"): v for k, v in data.items() if v is not None}
+        flat["type"] = addr["type"]
+        addr = flat
+    return addr
+
+
+async def _open_listeners(addr: dict) -> list[trio.SocketListener]:
+    kind = addr["type"]
+    if kind == "unix":
+        path = addr["path"]
+        sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        try:
+            # QEMU replaces a stale socket file
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            await sock.bind(path)
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            raise GenericError(f"Failed to bind socket to {path}: {e.strerror}") from None
+        return [trio.SocketListener(sock)]
+    if kind == "inet":
+        host = addr.get("host") or None
+        port = str(addr["port"])
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=_stdsocket.SOCK_STREAM,
+                                                  flags=_stdsocket.AI_PASSIVE)
+        except _stdsocket.gaierror as e:
+            raise GenericError(f"address resolution failed for {host or ''}:{port}: "
+                               f"{e.strerror}") from None
+        port_n = infos[0][4][1]
+        try:
+            return await trio.open_tcp_listeners(port_n, host=host)
+        except OSError as e:
+            raise GenericError(f"Failed to bind socket: {e.strerror}") from None
+    if kind == "fd":
+        fd_str = addr["str"]
+        if not fd_str.isdigit():
+            # there is no fd passing over QMP in qemu-storage-daemon
+            raise GenericError("only QEMU supports file descriptor passing")
+        try:
+            sock = trio.socket.from_stdlib_socket(_stdsocket.socket(fileno=int(fd_str)))
+        except OSError as e:
+            raise GenericError(f"Failed to use socket fd {fd_str}: {e.strerror}") from None
+        return [trio.SocketListener(sock)]
+    raise GenericError(f"Unsupported socket address type '{kind}'")

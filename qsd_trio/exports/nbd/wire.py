@@ -1,0 +1,165 @@
+"""Buffered exact reads and gathered writes over a connection's stream.
+
+The one place that touches a client's socket: the negotiation and the
+transmission phase read and write through :class:`Wire`, and it is replaced
+by a new one over the TLS stream after NBD_OPT_STARTTLS (as nbdkit's
+connections.c keeps the socket behind ``conn->recv``/``conn->send``).
+"""
+
+from __future__ import annotations
+
+import socket as _stdsocket
+
+import trio
+
+_RECV_CHUNK = 256 * 1024
+_IOV_BATCH = 512  # buffers per sendmsg, under the kernel's IOV_MAX
+
+
+class _Disconnect(Exception):
+    """End this connection now (the peer misbehaved or asked to)."""
+
+
+class Wire:
+    """Buffered exact reads and gathered writes over a trio stream.
+
+    For a plain socket stream it works on the socket directly: non-blocking
+    ``recv_into``/``sendmsg`` first, waiting for readiness only when the
+    kernel has nothing (the hot path takes no trip through the scheduler),
+    and payloads go straight into their own buffers.  Any other stream (TLS)
+    goes through ``receive_some``/``send_all``.  Closed by :meth:`aclose`;
+    the peer vanishing shows as :class:`_Disconnect` or
+    ``trio.BrokenResourceError``.
+    """
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        self.raw: _stdsocket.socket | None = None
+        if isinstance(stream, trio.SocketStream):
+            # a second socket object over the same fd, detached before close
+            self.raw = _stdsocket.socket(fileno=stream.socket.fileno())
+            self.raw.setblocking(False)
+        self._buf = bytearray(_RECV_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        # called when a raw receive would block, just before waiting: the
+        # connection sends the replies it queued meanwhile (see _flush_now)
+        self.before_wait = None
+
+    async def _recv_into(self, view) -> int:
+        raw = self.raw
+        if raw is None:
+            data = await self.stream.receive_some(len(view))
+            view[:len(data)] = data
+            return len(data)
+        while True:
+            try:
+                return raw.recv_into(view)
+            except BlockingIOError:
+                if self.before_wait is not None:
+                    self.before_wait()
+                await trio.lowlevel.wait_readable(raw)
+            except OSError as e:
+                raise trio.BrokenResourceError(e) from e
+
+    async def _fill(self, need: int) -> None:
+        """Make at least ``need`` bytes available at ``_start``."""
+        if self._start and len(self._buf) - self._start < need:
+            n = self._end - self._start
+            self._buf[:n] = self._view[self._start:self._end]
+            self._start, self._end = 0, n
+        while self._end - self._start < need:
+            n = await self._recv_into(self._view[self._end:])
+            if n == 0:
+                raise _Disconnect("client closed the connection")
+            self._end += n
+
+    async def recv_exactly(self, n: int) -> bytes:
+        if self._end - self._start < n:
+            if n > len(self._buf):
+                out = bytearray(n)
+                await self.recv_into(memoryview(out))
+                return bytes(out)
+            await self._fill(n)
+        out = bytes(self._view[self._start:self._start + n])
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    async def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely, straight from the socket past what is buffered."""
+        have = min(self._end - self._start, len(view))
+        view[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        if self._start == self._end:
+            self._start = self._end = 0
+        filled = have
+        while filled < len(view):
+            n = await self._recv_into(view[filled:])
+            if n == 0:
+                raise _Disconnect("client closed the connection mid-request")
+            filled += n
+
+    async def skip(self, n: int) -> None:
+        """Consume and drop ``n`` bytes without holding them."""
+        while n:
+            if self._end == self._start:
+                self._start = self._end = 0
+                await self._fill(1)
+            take = min(n, self._end - self._start)
+            self._start += take
+            n -= take
+
+    def send_now(self, parts: list) -> list:
+        """Send what the socket takes now, without waiting (raw sockets
+        only); returns the rest, as memoryviews, for :meth:`send`."""
+        raw = self.raw
+        assert raw is not None
+        bufs = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
+        i = 0  # bufs[:i] are sent
+        while i < len(bufs):
+            batch = bufs[i:i + _IOV_BATCH]
+            try:
+                n = raw.sendmsg(batch)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise trio.BrokenResourceError(e) from e
+            for b in batch:
+                if n < len(b):
+                    bufs[i] = b[n:]
+                    return bufs[i:]
+                n -= len(b)
+                i += 1
+        return bufs[i:]
+
+    async def send(self, *parts) -> None:
+        raw = self.raw
+        if raw is None:
+            await self.stream.send_all(b"".join(parts))
+            return
+        bufs = list(parts)
+        while True:
+            bufs = self.send_now(bufs)
+            if not bufs:
+                return
+            await trio.lowlevel.wait_writable(raw)
+
+    def detach_raw(self) -> None:
+        """Stop using the socket directly (the stream is about to be wrapped)."""
+        if self.raw is not None:
+            self.raw.detach()
+            self.raw = None
+
+    async def aclose(self) -> None:
+        if self.raw is not None:
+            self.raw.detach()  # the trio stream owns the fd and closes it
+            self.raw = None
+        with trio.move_on_after(1, shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
