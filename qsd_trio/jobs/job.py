@@ -28,6 +28,7 @@ import enum
 import errno
 import os
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import trio
@@ -204,6 +205,10 @@ class Job:
         self.completed_ev = trio.Event()  # reached waiting/pending/aborting or later
         self.finished = trio.Event()  # concluded (or null)
         self.cancel_scope = trio.CancelScope()
+        # added by the command that starts the job: steps after run(), however
+        # it ended, and after clean()
+        self.after_run: list[Callable[[], Awaitable[None]]] = []
+        self.after_clean: list[Callable[[], None]] = []
 
     # -- state ------------------------------------------------------------------
     def transition(self, new: JobStatus) -> None:
@@ -408,7 +413,11 @@ class Job:
     async def _run_flat(self) -> None:
         """run(), with a nursery's exception group reduced to the error that matters."""
         try:
-            await self.run()
+            try:
+                await self.run()
+            finally:
+                for step in self.after_run:
+                    await step()
         except BaseExceptionGroup as eg:
             leaves = list(_leaves(eg))
             for cls in (JobCancelled, OSError, QapiError):
@@ -500,7 +509,7 @@ class Job:
             else:
                 self.abort()
         finally:
-            self.clean()
+            self._clean()
         if self.started and self.is_block_job:
             if self.is_cancelled:
                 events.emit("BLOCK_JOB_CANCELLED", self.event_data())
@@ -515,6 +524,13 @@ class Job:
         self.finished.set()
         if self.auto_dismiss or not self.started:
             self._do_dismiss()
+
+    def _clean(self) -> None:
+        try:
+            self.clean()
+        finally:
+            for step in self.after_clean:
+                step()
 
     def _do_dismiss(self) -> None:
         if self.daemon.jobs.get(self.id) is self:

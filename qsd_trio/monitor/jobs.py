@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import trio
 
 from ..jobs import manager
+from ..jobs.job import Job
 from ..nodes.node import BlockNode
+from ..qapi import qapi_types as T
 from ..qapi.errors import QapiError
 from .registry import command
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+    from ..jobs.backup import BackupJob
+    from ..jobs.blockjob import BlockJob
+    from ..jobs.job import JobTxn
 
-def _arg(args, name, default=None):
-    value = getattr(args, name, None) if args is not None else None
-    if value is None:
-        return default
-    return getattr(value, "value", value)  # enums from the schema layer
+_V = TypeVar("_V")
 
 
-async def _entered(job, verb, *args) -> None:
+def _or(value: _V | None, default: _V) -> _V:
+    """An optional argument's value, ``default`` when it is absent."""
+    return default if value is None else value
+
+
+async def _entered(job: Job, verb: Callable[..., None], *args: Any) -> None:
     """Apply a verb that enters the job (job_enter): an idle job takes its
     step before the reply, as QEMU's coroutine does (Job.settle)."""
     mark = job.idle_mark()
@@ -28,7 +38,7 @@ async def _entered(job, verb, *args) -> None:
     await job.settle(mark)
 
 
-async def _start(daemon, job) -> None:
+async def _start(daemon: Daemon, job: Job) -> None:
     """job_start: the coroutine runs up to its first wait before the reply."""
     manager.start(daemon, job)
     await job.settle(0)
@@ -36,56 +46,56 @@ async def _start(daemon, job) -> None:
 
 # -- job-* (job-qmp.c) ---------------------------------------------------------------
 @command("job-pause")
-async def job_pause(daemon, args):
+async def job_pause(daemon: Daemon, args: Any) -> None:
     job = manager.find_job(daemon, args.id)
     await _entered(job, job.user_pause)
 
 
 @command("job-resume")
-async def job_resume(daemon, args):
+async def job_resume(daemon: Daemon, args: Any) -> None:
     job = manager.find_job(daemon, args.id)
     await _entered(job, job.user_resume)
 
 
 @command("job-cancel")
-async def job_cancel(daemon, args):
+async def job_cancel(daemon: Daemon, args: Any) -> None:
     job = manager.find_job(daemon, args.id)
     await _entered(job, job.user_cancel, True)
 
 
 @command("job-complete")
-async def job_complete(daemon, args):
+async def job_complete(daemon: Daemon, args: Any) -> None:
     # not waited for: mirror's completion drains its source first, and
     # QEMU's coroutine yields there, after the reply
     manager.find_job(daemon, args.id).complete()
 
 
 @command("job-finalize")
-async def job_finalize(daemon, args):
+async def job_finalize(daemon: Daemon, args: Any) -> None:
     manager.find_job(daemon, args.id).finalize()
 
 
 @command("job-dismiss")
-async def job_dismiss(daemon, args):
+async def job_dismiss(daemon: Daemon, args: Any) -> None:
     manager.find_job(daemon, args.id).dismiss()
 
 
 @command("query-jobs")
-async def query_jobs(daemon, args):
+async def query_jobs(daemon: Daemon, args: None) -> list[dict[str, Any]]:
     # QEMU keeps jobs in a list it inserts at the head: newest first
     return [job.job_info() for job in reversed(daemon.jobs.values())]
 
 
 # -- block-job-* (blockdev.c) ------------------------------------------------------------
 @command("block-job-set-speed")
-async def block_job_set_speed(daemon, args):
+async def block_job_set_speed(daemon: Daemon, args: Any) -> None:
     manager.find_block_job(daemon, args.device).set_speed(args.speed)
 
 
 @command("block-job-cancel")
-async def block_job_cancel(daemon, args):
+async def block_job_cancel(daemon: Daemon, args: Any) -> None:
     job = manager.find_block_job(daemon, args.device)
-    force = bool(_arg(args, "force", False))
+    force = bool(args.force)
     if job.user_paused and not force:
         raise_paused(args.device)
     await _entered(job, job.user_cancel, force)
@@ -98,58 +108,62 @@ def raise_paused(device: str) -> None:
 
 
 @command("block-job-pause")
-async def block_job_pause(daemon, args):
+async def block_job_pause(daemon: Daemon, args: Any) -> None:
     job = manager.find_block_job(daemon, args.device)
     await _entered(job, job.user_pause)
 
 
 @command("block-job-resume")
-async def block_job_resume(daemon, args):
+async def block_job_resume(daemon: Daemon, args: Any) -> None:
     job = manager.find_block_job(daemon, args.device)
     await _entered(job, job.user_resume)
 
 
 @command("block-job-complete")
-async def block_job_complete(daemon, args):
+async def block_job_complete(daemon: Daemon, args: Any) -> None:
     manager.find_block_job(daemon, args.device).complete()
 
 
 @command("block-job-finalize")
-async def block_job_finalize(daemon, args):
+async def block_job_finalize(daemon: Daemon, args: Any) -> None:
     manager.find_block_job(daemon, args.id).finalize()
 
 
 @command("block-job-dismiss")
-async def block_job_dismiss(daemon, args):
+async def block_job_dismiss(daemon: Daemon, args: Any) -> None:
     manager.find_block_job(daemon, args.id).dismiss()
 
 
 @command("query-block-jobs")
-async def query_block_jobs(daemon, args):
+async def query_block_jobs(daemon: Daemon, args: None) -> list[dict[str, Any]]:
     return [job.block_job_info() for job in reversed(daemon.jobs.values())
             if job.is_block_job]
 
 
 # -- starting jobs -----------------------------------------------------------------------
-def _common(args) -> dict:
-    return {"auto_finalize": _arg(args, "auto_finalize", True),
-            "auto_dismiss": _arg(args, "auto_dismiss", True)}
+class _Common(TypedDict):
+    auto_finalize: bool
+    auto_dismiss: bool
 
 
-def _root_node(daemon, name):
+def _common(args: Any) -> _Common:
+    return {"auto_finalize": _or(args.auto_finalize, True),
+            "auto_dismiss": _or(args.auto_dismiss, True)}
+
+
+def _root_node(daemon: Daemon, name: str) -> BlockNode:
     """qmp_get_root_bs: the node, which only BlockBackends (exports, a job's
     own) may use: not another node, not a block job (bdrv_is_root_node)."""
     from ..jobs.blockjob import BlockJob
-    from ..nodes.node import BlockNode
     from ..qapi.errors import GenericError
 
-    node = daemon.graph.lookup_bs(name) if hasattr(daemon.graph, "lookup_bs") else _lookup(daemon, name)
+    node = daemon.graph.lookup_bs(name)
     if any(isinstance(e.parent, (BlockNode, BlockJob)) for e in node.parents):
         raise GenericError("Need a root block node")
     return node
 
 
-def _lookup(daemon, name):
+def _lookup(daemon: Daemon, name: str) -> BlockNode:
     """bdrv_lookup_bs(name, name)."""
     from ..qapi.errors import GenericError
 
@@ -159,21 +173,29 @@ def _lookup(daemon, name):
     return node
 
 
-def _job_id(args) -> str:
+def _job_id(args: Any) -> str:
     """The job id; without one block_job_create takes the device name, which
     no node of a storage daemon has, so job_create checks ""."""
-    job_id = _arg(args, "job_id")
+    job_id: str | None = args.job_id
     return "" if job_id is None else job_id
 
 
-def _skip_filters(node):
+def _filtered(node: BlockNode) -> BlockNode | None:
+    """The child a filter passes everything to, None for other nodes."""
+    if not (node.is_filter or node.driver == "throttle"):
+        return None
+    child = node.primary_child()
+    return None if child is None else child.node
+
+
+def _skip_filters(node: BlockNode) -> BlockNode:
     """bdrv_skip_filters: down through filters' filtered children."""
-    while (node.is_filter or node.driver == "throttle") and node.primary_child() is not None:
-        node = node.primary_child().node
+    while (below := _filtered(node)) is not None:
+        node = below
     return node
 
 
-def _check_to_replace(daemon, source, name):
+def _check_to_replace(daemon: Daemon, source: BlockNode, name: str) -> BlockNode:
     """check_to_replace_node and the size check after it: only the source
     or a node below it through filters may be replaced, so that completing
     the mirror cannot change what that node's users see."""
@@ -182,9 +204,9 @@ def _check_to_replace(daemon, source, name):
 
     node = daemon.graph.find_node(name)
     check_not_busy(daemon, node)
-    n = source
-    while n is not node and (n.is_filter or n.driver == "throttle") and n.primary_child():
-        n = n.primary_child().node
+    n: BlockNode | None = source
+    while n is not None and n is not node:
+        n = _filtered(n)
     if n is not node:
         raise GenericError(f"Cannot replace '{name}' by a node mirrored from "
                            f"'{source.node_name}', because it cannot be guaranteed that doing "
@@ -194,47 +216,46 @@ def _check_to_replace(daemon, source, name):
     return node
 
 
-def _launch(daemon, job, speed):
-    manager.register(daemon, job, speed)
-    manager.start(daemon, job)
-
-
-async def start_mirror(daemon, args, source, target, *, zero_target: bool = False):
+async def start_mirror(daemon: Daemon, args: Any, source: BlockNode, target: BlockNode, *,
+                       zero_target: bool = False, unmap: bool = True,
+                       filter_node_name: str | None = None) -> None:
     """blockdev_mirror_common, mirror_start and mirror_start_job up to the
-    job's creation, each check where QEMU makes it."""
+    job's creation, each check where QEMU makes it.  ``args`` are
+    blockdev-mirror's or drive-mirror's; what only one of them has
+    (``unmap``, ``filter-node-name``) comes as a keyword."""
     from ..jobs.blockjob import check_not_busy
     from ..jobs.mirror import MirrorJob, check_granularity
     from ..qapi.errors import GenericError
 
-    sync = _arg(args, "sync")
-    check_granularity(_arg(args, "granularity"))
+    sync: str = args.sync
+    check_granularity(args.granularity)
     check_not_busy(daemon, source)
     check_not_busy(daemon, target)
     if sync == "top" and "backing" not in source.children:
         sync = "full"
     replaces = None
-    if _arg(args, "replaces") is not None:
+    if args.replaces is not None:
         replaces = _check_to_replace(daemon, source, args.replaces)
     # mirror_start
     if sync in ("incremental", "bitmap"):
         raise GenericError(f"Sync mode '{sync}' not supported")
     # mirror_start_job: then the filter node, then job_create
-    if _arg(args, "buf_size", 0) < 0:
+    if _or(args.buf_size, 0) < 0:
         raise GenericError("Invalid parameter 'buf-size'")
     if _skip_filters(source) is _skip_filters(target):
         raise GenericError("Can't mirror node into itself")
-    if _arg(args, "filter_node_name") is not None:
-        daemon.graph.check_new_node_name(args.filter_node_name)
+    if filter_node_name is not None:
+        daemon.graph.check_new_node_name(filter_node_name)
     job = MirrorJob(daemon, _job_id(args), source, target, sync=sync,
-                    granularity=_arg(args, "granularity", 0),
-                    buf_size=_arg(args, "buf_size", 0),
-                    copy_mode=_arg(args, "copy_mode", "background"),
-                    unmap=_arg(args, "unmap", True),
-                    on_source_error=_arg(args, "on_source_error", "report"),
-                    on_target_error=_arg(args, "on_target_error", "report"),
-                    replaces=replaces, filter_node_name=_arg(args, "filter_node_name"),
+                    granularity=_or(args.granularity, 0),
+                    buf_size=_or(args.buf_size, 0),
+                    copy_mode=_or(args.copy_mode, "background"),
+                    unmap=unmap,
+                    on_source_error=_or(args.on_source_error, "report"),
+                    on_target_error=_or(args.on_target_error, "report"),
+                    replaces=replaces, filter_node_name=filter_node_name,
                     zero_target=zero_target, **_common(args))
-    manager.register(daemon, job, _arg(args, "speed", 0))
+    manager.register(daemon, job, _or(args.speed, 0))
     try:
         await job.attach_nodes()
     except BaseException:
@@ -244,16 +265,18 @@ async def start_mirror(daemon, args, source, target, *, zero_target: bool = Fals
 
 
 @command("blockdev-mirror")
-async def blockdev_mirror(daemon, args):
+async def blockdev_mirror(daemon: Daemon, args: Any) -> None:
     source = _root_node(daemon, args.device)
     target = _lookup(daemon, args.target)
     # qmp_blockdev_mirror: the target may hold anything
     await start_mirror(daemon, args, source, target,
-                       zero_target=_arg(args, "sync") == "full")
+                       zero_target=args.sync == "full",
+                       filter_node_name=args.filter_node_name)
 
 
 # -- backup and transaction (blockdev.c: the backup actions are transactions) -----------
-async def _prepare_backup(daemon, args, source, target, txn):
+async def _prepare_backup(daemon: Daemon, args: Any, source: BlockNode, target: BlockNode,
+                          txn: JobTxn | None) -> BackupJob:
     """backup action prepare: checks, then a CREATED job (started at commit)
     with its copy-before-write filter in place above the source."""
     from ..jobs.backup import BackupJob
@@ -262,10 +285,10 @@ async def _prepare_backup(daemon, args, source, target, txn):
     from ..qapi.errors import GenericError
 
     # do_backup_common
-    sync = _arg(args, "sync")
-    mode = _arg(args, "bitmap_mode")
+    sync: str = args.sync
+    mode: str | None = args.bitmap_mode
     bitmap = None
-    bname = _arg(args, "bitmap")
+    bname: str | None = args.bitmap
     if sync in ("bitmap", "incremental") and bname is None:
         raise GenericError(f"must provide a valid bitmap name for '{sync}' sync mode")
     if sync == "incremental":
@@ -292,15 +315,15 @@ async def _prepare_backup(daemon, args, source, target, txn):
     # backup_job_create
     if source is target:
         raise GenericError("Source and target cannot be the same")
-    compress = bool(_arg(args, "compress", False))
+    compress = bool(args.compress)
     if compress and not hasattr(target, "write_compressed"):
         # bdrv_get_device_name(target): nodes of a storage daemon have none
         raise GenericError("Compression is not supported for this drive ")
     check_not_busy(daemon, source)
     check_not_busy(daemon, target)
-    perf = _arg(args, "x_perf")
-    workers = _arg(perf, "max_workers", MAX_WORKERS)
-    chunk = _arg(perf, "max_chunk", 0)
+    perf = args.x_perf
+    workers: int = MAX_WORKERS if perf is None else _or(perf.max_workers, MAX_WORKERS)
+    chunk: int = 0 if perf is None else _or(perf.max_chunk, 0)
     if not 1 <= workers <= 0x7FFFFFFF:
         raise GenericError(f"max-workers must be between 1 and {0x7FFFFFFF}")
     if chunk < 0:
@@ -309,14 +332,14 @@ async def _prepare_backup(daemon, args, source, target, txn):
         raise GenericError("Source and target image have different sizes")
     job = BackupJob(daemon, _job_id(args), source, target, sync=sync, bitmap=bitmap,
                     bitmap_mode=mode or "on-success", compress=compress,
-                    on_source_error=_arg(args, "on_source_error", "report"),
-                    on_target_error=_arg(args, "on_target_error", "report"),
-                    filter_node_name=_arg(args, "filter_node_name"),
+                    on_source_error=_or(args.on_source_error, "report"),
+                    on_target_error=_or(args.on_target_error, "report"),
+                    filter_node_name=args.filter_node_name,
                     max_workers=workers, max_chunk=chunk,
                     txn=txn, **_common(args))
     await job.insert_filter()
     try:
-        manager.register(daemon, job, _arg(args, "speed", 0))
+        manager.register(daemon, job, _or(args.speed, 0))
     except BaseException:
         job.clean()  # the filter goes again
         raise
@@ -324,7 +347,12 @@ async def _prepare_backup(daemon, args, source, target, txn):
     return job
 
 
-async def _action_prepare(daemon, kind, data, txn, undo, commits):
+Undo = Callable[[], object]  # may return an awaitable, which is awaited
+
+
+async def _action_prepare(daemon: Daemon, kind: str, data: Any, txn: JobTxn | None,
+                          undo: list[Undo],
+                          commits: list[Callable[[], Awaitable[None]]]) -> BackupJob | None:
     """Run one transaction action's prepare; push its undo (a function, maybe
     async) and its commit (async); return a job or None."""
     from ..qapi.errors import GenericError
@@ -363,7 +391,7 @@ async def _action_prepare(daemon, kind, data, txn, undo, commits):
         node = daemon.graph.lookup_bs(data.node)
         saved = {k: (bm, bytes(bm.bits), bm.enabled) for k, bm in node.bitmaps.items()}
 
-        def restore(node=node, saved=saved):
+        def restore(node: BlockNode = node, saved: dict[str, Any] = saved) -> None:
             node.bitmaps.clear()
             for k, (bm, bits, enabled) in saved.items():
                 bm.bits[:] = bits
@@ -380,7 +408,7 @@ async def _action_prepare(daemon, kind, data, txn, undo, commits):
     return None
 
 
-def _jobs_on(daemon, node):
+def _jobs_on(daemon: Daemon, node: BlockNode) -> list[Job]:
     """The jobs a drained section of ``node`` pauses: those on it or on a node
     above it (a backup's copy-before-write filter)."""
     from ..jobs.blockjob import BlockJob
@@ -390,27 +418,30 @@ def _jobs_on(daemon, node):
             if isinstance(j, BlockJob) and any(e.node in above for e in j.edges)]
 
 
-async def _drop_node(daemon, node):
+async def _drop_node(daemon: Daemon, node: BlockNode) -> None:
     if not node.parents and daemon.graph.nodes.get(node.node_name) is node:
         del daemon.graph.nodes[node.node_name]
         await node.close()
 
 
-async def run_transaction(daemon, actions, completion_mode="individual"):
+async def run_transaction(daemon: Daemon, actions: list[Any],
+                          completion_mode: str = "individual") -> None:
+    """``actions``: TransactionAction variants, as the schema builds them."""
     from ..jobs.job import JobTxn
 
     await manager.drain_bounce(list(daemon.jobs.values()))
     txn = JobTxn() if completion_mode == "grouped" else None
-    jobs, undo, commits = [], [], []
+    jobs: list[Job] = []
+    undo: list[Undo] = []
+    commits: list[Callable[[], Awaitable[None]]] = []
     try:
         for action in actions:
-            kind = _arg(action, "type")
-            job = await _action_prepare(daemon, kind, action.data, txn, undo, commits)
+            job = await _action_prepare(daemon, action.type, action.data, txn, undo, commits)
             if job is not None:
                 jobs.append(job)
     except BaseException:
-        for job in reversed(jobs):
-            job.cancel(True)  # not started: created -> aborting -> concluded -> null
+        for created in reversed(jobs):
+            created.cancel(True)  # not started: created -> aborting -> concluded -> null
         with trio.CancelScope(shield=True):
             # the last action prepared is undone first
             for fn in reversed(undo):
@@ -420,36 +451,30 @@ async def run_transaction(daemon, actions, completion_mode="individual"):
         raise
     for commit in commits:
         await commit()
-    for job in jobs:
-        manager.start(daemon, job)
+    for created in jobs:
+        manager.start(daemon, created)
     # the actions' drained sections end after the jobs started
     await manager.drain_bounce(jobs)
 
 
 @command("transaction")
-async def transaction(daemon, args):
-    props = _arg(args, "properties")
-    mode = _arg(props, "completion_mode", "individual") if props is not None else "individual"
+async def transaction(daemon: Daemon, args: Any) -> None:
+    props = args.properties
+    mode = "individual" if props is None else _or(props.completion_mode, "individual")
     await run_transaction(daemon, args.actions, mode)
 
 
-class _Action:
-    def __init__(self, kind, data):
-        self.type = kind
-        self.data = data
-
-
 @command("blockdev-backup")
-async def blockdev_backup(daemon, args):
-    await run_transaction(daemon, [_Action("blockdev-backup", args)])
+async def blockdev_backup(daemon: Daemon, args: Any) -> None:
+    await run_transaction(daemon, [T.TransactionAction_blockdev_backup(data=args)])
 
 
 @command("drive-backup")
-async def drive_backup(daemon, args):
-    await run_transaction(daemon, [_Action("drive-backup", args)])
+async def drive_backup(daemon: Daemon, args: Any) -> None:
+    await run_transaction(daemon, [T.TransactionAction_drive_backup(data=args)])
 
 
-async def _open_drive_target(daemon, args, source):
+async def _open_drive_target(daemon: Daemon, args: Any, source: BlockNode) -> BlockNode:
     """drive-backup/drive-mirror: open ``target`` (a file name) as a new node.
 
     mode=existing opens the image as it is; absolute-paths creates it first
@@ -457,15 +482,15 @@ async def _open_drive_target(daemon, args, source):
     """
     from ..jobs import create as create_mod
 
-    fmt = _arg(args, "format") or source.driver
-    mode = _arg(args, "mode", "absolute-paths")
+    fmt: str = args.format or source.driver
+    mode: str = _or(args.mode, "absolute-paths")
     if mode != "existing":
         await create_mod.create_image(daemon, args.target, fmt, source.length)
     return await _open_implicit(daemon, {"driver": fmt, "file": {"driver": "file",
                                                                  "filename": args.target}})
 
 
-async def _open_implicit(daemon, options):
+async def _open_implicit(daemon: Daemon, options: dict[str, Any]) -> BlockNode:
     """An implicit node ("#blockNNN", not monitor-owned) as drive-* targets are.
 
     It goes away when the job that uses it lets go (BlockJob.clean)."""
@@ -473,7 +498,7 @@ async def _open_implicit(daemon, options):
 
 
 # -- stream and commit -----------------------------------------------------------------
-async def _make_writable(daemon, node) -> BlockNode | None:
+async def _make_writable(daemon: Daemon, node: BlockNode) -> BlockNode | None:
     """Reopen ``node`` read-write for a job that writes it, as QEMU's
     bdrv_reopen_set_read_only(base, false): the node itself is reopened
     whatever it was opened with (a user's read-only=on too, or the old top a
@@ -494,7 +519,7 @@ async def _make_writable(daemon, node) -> BlockNode | None:
     return node
 
 
-def _read_only_after_run(daemon, job, node: BlockNode | None) -> None:
+def _read_only_after_run(daemon: Daemon, job: Job, node: BlockNode | None) -> None:
     """``node`` goes back to read-only when the job is cleaned up, as in
     QEMU.  Its data is flushed when the job's work ends (an async step), so
     the clean step (synchronous, after the job let go of its nodes) has no
@@ -503,43 +528,36 @@ def _read_only_after_run(daemon, job, node: BlockNode | None) -> None:
         return
     from .block import _data_nodes, read_only_again
 
-    run, clean = job.run, job.clean
+    async def flush() -> None:
+        with trio.CancelScope(shield=True):
+            for n in _data_nodes(node):
+                if daemon.graph.nodes.get(n.node_name) is n:
+                    # it goes back to read-only in the clean step: what
+                    # a read-only node cannot write (qcow2's persistent
+                    # bitmaps) is written now
+                    with contextlib.suppress(OSError, QapiError):
+                        await n.prepare_read_only()
+                    await n.flush()
 
-    async def run_then_flush() -> None:
-        try:
-            await run()
-        finally:
-            with trio.CancelScope(shield=True):
-                for n in _data_nodes(node):
-                    if daemon.graph.nodes.get(n.node_name) is n:
-                        # it goes back to read-only in the clean step: what
-                        # a read-only node cannot write (qcow2's persistent
-                        # bitmaps) is written now
-                        with contextlib.suppress(OSError, QapiError):
-                            await n.prepare_read_only()
-                        await n.flush()
+    def read_only() -> None:
+        if daemon.graph.nodes.get(node.node_name) is node:
+            read_only_again(node)
 
-    def clean_then_read_only() -> None:
-        try:
-            clean()
-        finally:
-            if daemon.graph.nodes.get(node.node_name) is node:
-                read_only_again(node)
-
-    job.run = run_then_flush
-    job.clean = clean_then_read_only
+    job.after_run.append(flush)
+    job.after_clean.append(read_only)
 
 
 @command("block-stream")
-async def block_stream(daemon, args):
+async def block_stream(daemon: Daemon, args: Any) -> None:
     from ..jobs import chain
     from ..jobs.blockjob import check_not_busy
     from ..jobs.stream import StreamJob
     from ..qapi.errors import GenericError
 
     # qmp_block_stream: exclusive arguments, the nodes, op blockers, then stream_start
-    base_name, base_node, bottom = (_arg(args, "base"), _arg(args, "base_node"),
-                                    _arg(args, "bottom"))
+    base_name: str | None = args.base
+    base_node: str | None = args.base_node
+    bottom: str | None = args.bottom
     if base_name is not None and base_node is not None:
         raise GenericError("'base' and 'base-node' cannot be specified at the same time")
     if base_name is not None and bottom is not None:
@@ -547,7 +565,7 @@ async def block_stream(daemon, args):
     if bottom is not None and base_node is not None:
         raise GenericError("'bottom' and 'base-node' cannot be specified at the same time")
     top = daemon.graph.lookup_bs(args.device)
-    base = None
+    base: BlockNode | None = None
     if base_name is not None:
         base = chain.find_backing_image(top, base_name)
         if base is None:
@@ -570,12 +588,12 @@ async def block_stream(daemon, args):
         base = end = c[i + 1] if i + 1 < len(c) else None
     for node in c[:c.index(end) if end in c else len(c)]:
         check_not_busy(daemon, node)
-    backing_file = _arg(args, "backing_file")
+    backing_file: str | None = args.backing_file
     if base is None and backing_file is not None:
         raise GenericError("backing file specified, but streaming the entire chain")
     # stream_start: read-write, the copy-on-read filter, then job_create
     writable = await _make_writable(daemon, top)
-    if _arg(args, "filter_node_name") is not None:
+    if args.filter_node_name is not None:
         try:
             daemon.graph.check_new_node_name(args.filter_node_name)
         except GenericError as e:
@@ -584,10 +602,10 @@ async def block_stream(daemon, args):
                 read_only_again(writable)
             raise e.prefixed("Could not create node: ") from None
     job = StreamJob(daemon, _job_id(args), top, base, backing_file,
-                    on_error=_arg(args, "on_error", "report"),
-                    filter_node_name=_arg(args, "filter_node_name"), **_common(args))
+                    on_error=_or(args.on_error, "report"),
+                    filter_node_name=args.filter_node_name, **_common(args))
     _read_only_after_run(daemon, job, writable)
-    manager.register(daemon, job, _arg(args, "speed", 0))
+    manager.register(daemon, job, _or(args.speed, 0))
     try:
         await job.attach_nodes()
     except BaseException:
@@ -600,7 +618,7 @@ async def block_stream(daemon, args):
 
 
 @command("block-commit")
-async def block_commit(daemon, args):
+async def block_commit(daemon: Daemon, args: Any) -> None:
     from ..jobs import chain
     from ..jobs.blockjob import check_not_busy
     from ..jobs.commit import CommitJob
@@ -609,31 +627,32 @@ async def block_commit(daemon, args):
 
     # qmp_block_commit.  libvirt probes for the command with DeviceNotFound,
     # so the device comes first
-    device = daemon.graph.nodes.get(args.device)
-    if device is None:
+    if daemon.graph.nodes.get(args.device) is None:
         raise DeviceNotFound(f"Device '{args.device}' not found")
     device = _root_node(daemon, args.device)
     check_not_busy(daemon, device)
     c = chain.chain(device)
-    top = device
-    if _arg(args, "top") is not None and _arg(args, "top_node") is not None:
+    top: BlockNode | None = device
+    if args.top is not None and args.top_node is not None:
         raise GenericError("'top-node' and 'top' are mutually exclusive")
-    if _arg(args, "top_node") is not None:
+    if args.top_node is not None:
         top = daemon.graph.lookup_bs(None, args.top_node)
         if top not in c:
             raise GenericError(f"'{args.top_node}' is not in this backing file chain")
-    elif _arg(args, "top") is not None:
+    elif args.top is not None:
         top = next((n for n in c if args.top in (n.filename, n.node_name)), None)
         if top is None:
             raise GenericError(f"Top image file {args.top} not found")
-    if _arg(args, "base") is not None and _arg(args, "base_node") is not None:
+    if args.base is not None and args.base_node is not None:
         raise GenericError("'base-node' and 'base' are mutually exclusive")
+    assert top is not None
     below_top = c[c.index(top):]
-    if _arg(args, "base_node") is not None:
+    base: BlockNode | None
+    if args.base_node is not None:
         base = daemon.graph.lookup_bs(None, args.base_node)
         if base not in below_top:
             raise GenericError(f"'{args.base_node}' is not in this backing file chain")
-    elif _arg(args, "base") is not None:
+    elif args.base is not None:
         base = chain.find_backing_image(top, args.base)
         if base is None:
             raise GenericError(f"Can't find '{args.base}' to use as base")
@@ -643,12 +662,15 @@ async def block_commit(daemon, args):
         check_not_busy(daemon, node)
     if top is base:
         raise GenericError("cannot commit an image into itself")
-    backing_file = _arg(args, "backing_file")
+    backing_file: str | None = args.backing_file
     if top is device and backing_file is not None:
         raise GenericError("'backing-file' specified, but 'top' is the active layer")
     if top is not device:
-        check_not_busy(daemon, chain.overlay_of(device, top))
-    fnn = _arg(args, "filter_node_name")
+        overlay = chain.overlay_of(device, top)
+        assert overlay is not None  # top is in the device's chain, below it
+        check_not_busy(daemon, overlay)
+    fnn: str | None = args.filter_node_name
+    job: BlockJob
     if top is device:
         # commit_active_start: the base read-write, then mirror_start_job's
         # filter node, then job_create
@@ -663,16 +685,16 @@ async def block_commit(daemon, args):
                 raise
         # active commit: the base becomes the active layer and stays writable
         job = MirrorJob(daemon, _job_id(args), device, base, sync="top", base=base,
-                        on_source_error=_arg(args, "on_error", "report"),
-                        on_target_error=_arg(args, "on_error", "report"),
+                        on_source_error=_or(args.on_error, "report"),
+                        on_target_error=_or(args.on_error, "report"),
                         job_type="commit", filter_node_name=fnn, **_common(args))
-        manager.register(daemon, job, _arg(args, "speed", 0))
+        manager.register(daemon, job, _or(args.speed, 0))
     else:
         # commit_start: job_create, then the base read-write and the filter
         job = CommitJob(daemon, _job_id(args), device, top, base, backing_file,
-                        on_error=_arg(args, "on_error", "report"),
+                        on_error=_or(args.on_error, "report"),
                         filter_node_name=fnn, **_common(args))
-        manager.register(daemon, job, _arg(args, "speed", 0))
+        manager.register(daemon, job, _or(args.speed, 0))
         try:
             writable = await _make_writable(daemon, base)
         except BaseException:
@@ -692,11 +714,11 @@ async def block_commit(daemon, args):
 
 # -- blockdev-create, x-blockdev-amend, drive-mirror ------------------------------------
 @command("blockdev-create")
-async def blockdev_create(daemon, args):
+async def blockdev_create(daemon: Daemon, args: Any) -> None:
     from ..jobs.create import CreateJob
     from ..qapi.errors import GenericError
 
-    driver = _arg(args.options, "driver")
+    driver: str = args.options.driver
     if driver not in ("file", "qcow2", "luks"):
         raise GenericError(f"Driver '{driver}' does not support blockdev-create in qsd-trio")
     job_id = manager.check_new_id(daemon, args.job_id)
@@ -706,12 +728,12 @@ async def blockdev_create(daemon, args):
 
 
 @command("x-blockdev-amend")
-async def x_blockdev_amend(daemon, args):
+async def x_blockdev_amend(daemon: Daemon, args: Any) -> None:
     from ..jobs.amend import AmendJob
     from ..qapi.errors import GenericError
 
     node = daemon.graph.lookup_bs(None, args.node_name)
-    if node.driver != _arg(args.options, "driver"):
+    if node.driver != args.options.driver:
         raise GenericError("x-blockdev-amend doesn't support changing the block driver")
     if node.driver not in ("qcow2", "luks"):
         raise GenericError(f"Driver {node.driver} does not support x-blockdev-amend")
@@ -722,7 +744,7 @@ async def x_blockdev_amend(daemon, args):
 
 
 @command("drive-mirror")
-async def drive_mirror(daemon, args):
+async def drive_mirror(daemon: Daemon, args: Any) -> None:
     from ..jobs import chain
     from ..jobs import create as create_mod
     from ..jobs.blockjob import check_not_busy
@@ -730,10 +752,10 @@ async def drive_mirror(daemon, args):
 
     source = _root_node(daemon, args.device)
     check_not_busy(daemon, source)  # early, to avoid creating the target
-    fmt = _arg(args, "format") or source.driver
-    mode = _arg(args, "mode", "absolute-paths")
-    sync = _arg(args, "sync")
-    if _arg(args, "replaces") is not None and _arg(args, "node_name") is None:
+    fmt: str = args.format or source.driver
+    mode: str = _or(args.mode, "absolute-paths")
+    sync: str = args.sync
+    if args.replaces is not None and args.node_name is None:
         raise GenericError("a node-name must be provided when replacing a named node "
                            "of the graph")
     if mode != "existing":
@@ -741,7 +763,7 @@ async def drive_mirror(daemon, args):
         await create_mod.create_image(daemon, args.target, fmt, source.length,
                                       backing_file=backing.filename if backing else None,
                                       backing_fmt=backing.driver if backing else None)
-    opts = {"driver": fmt, "file": {"driver": "file", "filename": args.target}}
+    opts: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": args.target}}
     if sync == "top" and fmt == "qcow2":
         backing = chain.backing_of(source)
         if backing is not None:
@@ -752,7 +774,8 @@ async def drive_mirror(daemon, args):
     try:
         # a new image reads as zeroes already (bdrv_has_zero_init)
         await start_mirror(daemon, args, source, target,
-                           zero_target=sync == "full" and mode == "existing")
+                           zero_target=sync == "full" and mode == "existing",
+                           unmap=_or(args.unmap, True))
     except BaseException:
         if not target.parents:
             await _drop_node(daemon, target)

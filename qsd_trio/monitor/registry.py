@@ -4,12 +4,14 @@ Each command group module (block.py, jobs.py, exports.py, objects.py,
 chardev.py, control.py) registers its handlers with :func:`command`::
 
     @command("blockdev-del")
-    async def blockdev_del(daemon, args):   # args: the typed arguments
+    async def blockdev_del(daemon: Daemon, args: Any) -> None:
         await daemon.graph.delete(args.node_name)
 
 ``args`` is the attrs instance the schema layer built from the QMP
 arguments (QAPI member names with ``-`` turned into ``_``), or ``None`` for
-a command without arguments.  The return value is what goes into
+a command without arguments.  The generated classes are made when first
+used (qapi/qapi_types.py), so statically ``args`` is ``Any``; tests build
+it through the schema too (``schema.parse_command``).  The return value is what goes into
 ``"return"``: None for ``{}``, JSON-able data, or attrs instances of the
 schema's return type (unstructured by the schema layer).  Errors are raised
 as ``QapiError``.  The argument and return types come from the schema, so
@@ -19,11 +21,14 @@ the registry holds only handlers.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-Handler = Callable[[Any, Any], Awaitable[Any]]
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+Handler = Callable[["Daemon", Any], Awaitable[Any]]
 
 
 @attrs.frozen

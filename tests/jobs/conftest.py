@@ -1,20 +1,22 @@
-"""In-process job tests: a minimal daemon (graph, jobs, job nursery) and an event log."""
+"""In-process job tests: a daemon whose nurseries are the test's, and an event log."""
 
 from __future__ import annotations
 
-import types
+from typing import Any
 
 import pytest
 import trio
 
 from qsd_trio import events
+from qsd_trio.daemon import Daemon
 from qsd_trio.monitor import block as qmp_block  # noqa: F401 - bitmap commands
 from qsd_trio.monitor import jobs as qmp_jobs  # noqa: F401 - registers the commands
 from qsd_trio.monitor.registry import COMMANDS
 from qsd_trio.nodes import null  # noqa: F401 - registers null-co
-from qsd_trio.nodes.graph import BlockGraph, register_driver
+from qsd_trio.nodes.graph import register_driver
 from qsd_trio.nodes.node import BlockStatus, Status
 from qsd_trio.nodes.raw import RawNode
+from qsd_trio.qapi import schema
 
 
 @register_driver
@@ -123,10 +125,21 @@ class CountingRaw(RawNode):
         return await super()._co_block_status(offset, length)
 
 
+def qmp_args(**kw: Any) -> dict[str, Any]:
+    """QMP arguments from keywords: ``job_id=`` is ``job-id``, None is absent.
+    Nested objects are written as QMP has them."""
+    return {k.replace("_", "-"): v for k, v in kw.items() if v is not None}
+
+
 class Env:
+    """A real :class:`Daemon` (the handlers' first argument) running its jobs
+    in the test's nursery, and the events it emitted."""
+
     def __init__(self, nursery: trio.Nursery):
-        self.graph = BlockGraph()
-        self.jobs: dict = {}
+        self.daemon = Daemon()
+        self.daemon.job_nursery = self.daemon.root_nursery = nursery
+        self.graph = self.daemon.graph
+        self.jobs = self.daemon.jobs
         self.job_nursery = nursery
         self.log: list[tuple[str, dict | None]] = []
         self._changed = trio.Event()
@@ -136,10 +149,11 @@ class Env:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def qmp(self, name: str, **kw):
-        """Run a QMP handler with the typed-args stand-in (attribute access)."""
-        args = types.SimpleNamespace(**{k: v for k, v in kw.items()})
-        return await COMMANDS[name].handler(self, args)
+    async def qmp(self, name: str, **kw: Any) -> Any:
+        """Run command ``name``'s handler on arguments the schema built, as
+        QMP dispatch does; errors and the result come back unchanged."""
+        args = schema.parse_command(name, qmp_args(**kw))
+        return await COMMANDS[name].handler(self.daemon, args)
 
     async def wait_event(self, name: str, **match) -> dict | None:
         """Wait until an event ``name`` whose data contains ``match`` has been logged."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import types
 
 import pytest
 import trio
@@ -349,7 +348,7 @@ async def test_backup_workers_chunk_and_holes(env, raw_pair, workers, chunk):
     src, dst = raw_pair
     await _add_raw(env, "src", src)
     await _add_raw(env, "dst", dst)
-    perf = types.SimpleNamespace(max_workers=workers, max_chunk=chunk, use_copy_range=None)
+    perf = {k: v for k, v in (("max-workers", workers), ("max-chunk", chunk)) if v is not None}
     await env.qmp("blockdev-backup", job_id="j", device="src", target="dst", sync="full",
                   x_perf=perf)
     await _done(env)

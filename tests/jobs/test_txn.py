@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from qsd_trio.qapi.errors import GenericError
@@ -12,7 +10,8 @@ SIZE = 8 << 20
 
 
 def action(kind, **data):
-    return types.SimpleNamespace(type=kind, data=types.SimpleNamespace(**data))
+    """A TransactionAction as QMP has it (``job_id=`` is ``job-id``)."""
+    return {"type": kind, "data": {k.replace("_", "-"): v for k, v in data.items()}}
 
 
 async def add(env, name, driver="x-test-data-null", **extra):
@@ -27,7 +26,7 @@ async def test_grouped_failure_cancels_partner(env):
         action("blockdev-backup", job_id="ja", device="a", target="ta", sync="full",
                speed=1 << 20),
         action("blockdev-backup", job_id="jb", device="b", target="tb", sync="full")],
-        properties=types.SimpleNamespace(completion_mode="grouped"))
+        properties={"completion-mode": "grouped"})
     await env.wait_event("JOB_STATUS_CHANGE", id="ja", status="null")
     await env.wait_event("JOB_STATUS_CHANGE", id="jb", status="null")
     cancelled = [d for n, d in env.log if n == "BLOCK_JOB_CANCELLED"]
@@ -61,8 +60,7 @@ async def test_abort_action_undoes_bitmap_and_job(env):
         await add(env, n)
     with pytest.raises(GenericError, match="^Transaction aborted using Abort action$"):
         await env.qmp("transaction", actions=[
-            action("block-dirty-bitmap-add", node="a", name="bm", granularity=None,
-                   persistent=None, disabled=None),
+            action("block-dirty-bitmap-add", node="a", name="bm"),
             action("blockdev-backup", job_id="j", device="a", target="ta", sync="full"),
             action("abort")], properties=None)
     assert env.statuses("j") == ["created", "aborting", "concluded", "null"]
