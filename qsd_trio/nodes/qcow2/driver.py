@@ -63,6 +63,8 @@ from .l2 import (
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
     L2Cache,
+    compressed_entry,
+    compressed_extent,
     pack_table,
     read_cache_sizes,
     unpack_table,
@@ -638,10 +640,7 @@ class Qcow2Node(BlockNode):
     async def _read_compressed(self, entry: int) -> bytes:
         if self._decomp_cache is not None and self._decomp_cache[0] == entry:
             return self._decomp_cache[1]
-        x = 62 - (self.cb - 8)
-        coff = entry & ((1 << x) - 1)
-        nsect = ((entry >> x) & ((1 << (62 - x)) - 1)) + 1
-        csize = nsect * 512 - (coff & 511)
+        coff, csize = compressed_extent(entry, self.cb)
         avail = max(0, self.file.length - coff)
         raw = await self.file.read(coff, min(csize, avail)) if avail else b""
         try:
@@ -959,11 +958,8 @@ class Qcow2Node(BlockNode):
     def _free_entry_host(self, e: int, dtype: str = "request") -> None:
         """Queue the host clusters an L2 entry holds for freeing (after the L2 is on disk)."""
         if e & QCOW_OFLAG_COMPRESSED:
-            x = 62 - (self.cb - 8)
-            coff = e & ((1 << x) - 1)
-            nsect = ((e >> x) & ((1 << (62 - x)) - 1)) + 1
-            start = coff & ~511
-            self._pending_free.append((start, nsect * 512, dtype))
+            coff, csize = compressed_extent(e, self.cb)
+            self._pending_free.append((coff, csize, dtype))
             return
         host = e & L2E_OFFSET_MASK
         if self.has_data_file:
@@ -1552,9 +1548,7 @@ class Qcow2Node(BlockNode):
                 if self.overlap_mask:
                     await self._overlap_check(0, coff, len(comp), True)
                 await self.file.write(coff, comp)
-                x = 62 - (self.cb - 8)
-                nsect = ((coff + len(comp) - 1) >> 9) - (coff >> 9)
-                e = QCOW_OFLAG_COMPRESSED | (nsect << x) | coff
+                e = compressed_entry(coff, len(comp), self.cb)
                 idx = gc & (self.l2_entries - 1)
                 if self.extl2:
                     table[2 * idx], table[2 * idx + 1] = e, 0
@@ -1616,10 +1610,7 @@ class Qcow2Node(BlockNode):
                 for i in range(0, len(t), step):
                     le = t[i]
                     if le & QCOW_OFLAG_COMPRESSED:
-                        x = 62 - (self.cb - 8)
-                        coff = le & ((1 << x) - 1)
-                        nsect = ((le >> x) & ((1 << (62 - x)) - 1)) + 1
-                        ref(coff & ~511, nsect * 512 - 0)
+                        ref(*compressed_extent(le, self.cb))
                     elif le & L2E_OFFSET_MASK and not self.has_data_file:
                         ref(le & L2E_OFFSET_MASK, cs)
         for c, n in sorted(counts.items()):

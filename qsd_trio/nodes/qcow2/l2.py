@@ -22,6 +22,35 @@ L2E_STD_RESERVED = 0x3F000000000001FE
 
 _SWAP = sys.byteorder == "little"
 
+# compressed L2 entries count their data in 512-byte sectors
+COMPRESSED_SECTOR = 512
+
+
+def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """The host offset and byte length of the compressed data a compressed
+    L2 entry points at (qcow2.rst, "Compressed Clusters Descriptor"; QEMU's
+    qcow2_parse_compressed_l2_entry).
+
+    Bits 0..x-1 (x = 62 - (cluster_bits - 8)) are the host offset, bits
+    x..61 the number of 512-byte sectors the data spans after the first.
+    The length runs from the offset to the end of the last sector, so
+    ``[offset, offset + length)`` is everything the entry holds: what is read
+    and decompressed, and the clusters whose refcounts it accounts for.
+    """
+    x = 62 - (cluster_bits - 8)
+    offset = entry & ((1 << x) - 1)
+    sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return offset, sectors * COMPRESSED_SECTOR - (offset & (COMPRESSED_SECTOR - 1))
+
+
+def compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
+    """The L2 entry for ``length`` bytes of compressed data at host
+    ``offset``: the inverse of :func:`compressed_extent` (which gives back
+    the length up to the end of the last sector)."""
+    x = 62 - (cluster_bits - 8)
+    sectors = ((offset + length - 1) >> 9) - (offset >> 9)
+    return QCOW_OFLAG_COMPRESSED | (sectors << x) | offset
+
 
 def unpack_table(buf: bytes | memoryview) -> array:
     a = array("Q")

@@ -22,6 +22,7 @@ from .l2 import (
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
+    compressed_extent,
     pack_table,
     unpack_table,
 )
@@ -113,7 +114,6 @@ async def _l2_entries(node: Qcow2Node, off: int):
 async def _adjust_tree(node: Qcow2Node, l1: list[int], delta: int) -> None:
     """Add ``delta`` to the refcount of every L2 table and cluster ``l1`` reaches."""
     step = 2 if node.extl2 else 1
-    x = 62 - (node.cb - 8)
     for e in l1:
         l2off = e & L1E_OFFSET_MASK
         if not l2off:
@@ -122,10 +122,9 @@ async def _adjust_tree(node: Qcow2Node, l1: list[int], delta: int) -> None:
         for i in range(0, len(t), step):
             le = t[i]
             if le & QCOW_OFLAG_COMPRESSED:
-                coff = le & ((1 << x) - 1)
-                nsect = ((le >> x) & ((1 << (62 - x)) - 1)) + 1
+                coff, csize = compressed_extent(le, node.cb)
                 first = coff >> node.cb
-                last = ((coff & ~511) + nsect * 512 - 1) >> node.cb
+                last = (coff + csize - 1) >> node.cb
                 for c in range(first, last + 1):
                     await node.refs.update(c, delta)
             elif le & L2E_OFFSET_MASK and not node.has_data_file:
