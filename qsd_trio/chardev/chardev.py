@@ -19,7 +19,7 @@ import base64
 import os
 import socket as pysocket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import trio
@@ -41,7 +41,7 @@ class Chardev:
     def filename(self) -> str:
         return self.backend
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {"frontend-open": self.frontend is not None, "filename": self.filename,
                 "label": self.id}
 
@@ -53,7 +53,7 @@ class Chardev:
             raise GenericError(f"chardev '{self.id}' is already in use")
         self.frontend = frontend
 
-    async def connections(self) -> AsyncIterator[trio.abc.Stream]:
+    async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
         """Yield a stream per client, one at a time, until the chardev closes."""
         return
         yield  # pragma: no cover
@@ -142,7 +142,7 @@ class StdioChardev(Chardev):
     def filename(self) -> str:
         return "stdio"
 
-    async def connections(self) -> AsyncIterator[trio.abc.Stream]:
+    async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
         stream = trio.StapledStream(
             trio.lowlevel.FdStream(os.dup(sys.stdout.fileno())),
             trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())),
@@ -156,7 +156,7 @@ class SocketChardev(Chardev):
 
     backend = "socket"
 
-    def __init__(self, id: str, addr: dict, server: bool, wait: bool, nodelay: bool):
+    def __init__(self, id: str, addr: dict[str, Any], server: bool, wait: bool, nodelay: bool):
         super().__init__(id)
         self.addr = addr          # SocketAddressLegacy in QMP form
         self.server = server
@@ -165,7 +165,7 @@ class SocketChardev(Chardev):
         self.listener: trio.socket.SocketType | None = None
         self.first: trio.SocketStream | None = None  # accepted during setup (wait=on)
         self._unlink: str | None = None
-        self.current: trio.abc.Stream | None = None  # the connected client
+        self.current: trio.SocketStream | None = None  # the connected client
 
     @property
     def filename(self) -> str:
@@ -182,8 +182,8 @@ class SocketChardev(Chardev):
             base = f"fd:{d.get('str')}{suffix}"
         if self.current is None:
             return f"disconnected:{base}"
-        sock = getattr(self.current, "socket", None)
-        if t == "inet" and sock is not None:
+        if t == "inet":
+            sock = self.current.socket
             try:
                 lh, lp = sock.getsockname()[:2]
                 ph, pp = sock.getpeername()[:2]
@@ -237,7 +237,7 @@ class SocketChardev(Chardev):
                   file=sys.stderr, flush=True)
             self.first = await self._accept()
 
-    async def _connect(self, t: str, d: dict) -> trio.SocketStream:
+    async def _connect(self, t: str, d: dict[str, Any]) -> trio.SocketStream:
         try:
             if t == "unix":
                 return await trio.open_unix_socket(d["path"])
@@ -258,7 +258,7 @@ class SocketChardev(Chardev):
             sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         return trio.SocketStream(sock)
 
-    async def connections(self) -> AsyncIterator[trio.abc.Stream]:
+    async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
         try:
             if self.first is not None:
                 self.current, self.first = self.first, None
@@ -319,7 +319,7 @@ def _inherited_listener(s: str) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(sock)
 
 
-def make_chardev(id: str, backend: dict) -> Chardev:
+def make_chardev(id: str, backend: dict[str, Any]) -> Chardev:
     """A chardev from a ChardevBackend in QMP form ({'type':..., 'data':{...}})."""
     t = backend["type"]
     d: dict[str, Any] = backend.get("data") or {}

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import base64
+from typing import TYPE_CHECKING, Any
 
-from ..chardev.chardev import BACKENDS, RingbufChardev, make_chardev
+from ..chardev.chardev import BACKENDS, Chardev, RingbufChardev, make_chardev
 from ..objects.qom import check_id
 from ..qapi import schema
 from ..qapi.errors import GenericError
 from .registry import command
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
-def _find(daemon, id: str):
+
+def _find(daemon: Daemon, id: str) -> Chardev:
     try:
-        return daemon.chardevs[id]
+        chr: Chardev = daemon.chardevs[id]
     except KeyError:
         raise GenericError(f"Chardev '{id}' not found") from None
+    return chr
 
 
-async def add_chardev(daemon, id: str, backend: dict):
+async def add_chardev(daemon: Daemon, id: str, backend: dict[str, Any]) -> Chardev:
     check_id(id)
     if id in daemon.chardevs:
         raise GenericError(f"attempt to add duplicate property '{id}' to object (type 'container')")
@@ -30,7 +35,7 @@ async def add_chardev(daemon, id: str, backend: dict):
 
 
 @command("chardev-add")
-async def chardev_add(daemon, args):
+async def chardev_add(daemon: Daemon, args: Any) -> dict[str, Any]:
     try:
         await add_chardev(daemon, args.id, schema.to_qmp(args.backend))
     except GenericError as e:
@@ -41,7 +46,7 @@ async def chardev_add(daemon, args):
 
 
 @command("chardev-remove")
-async def chardev_remove(daemon, args):
+async def chardev_remove(daemon: Daemon, args: Any) -> None:
     chr = _find(daemon, args.id)
     if chr.frontend is not None:
         raise GenericError(f"Chardev '{args.id}' is busy")
@@ -51,7 +56,7 @@ async def chardev_remove(daemon, args):
 
 
 @command("chardev-change")
-async def chardev_change(daemon, args):
+async def chardev_change(daemon: Daemon, args: Any) -> dict[str, Any]:
     old = _find(daemon, args.id)
     if old.frontend is not None:
         # QEMU lets only frontends that support hotswap change; a QMP monitor doesn't
@@ -67,22 +72,22 @@ async def chardev_change(daemon, args):
 
 
 @command("chardev-send-break")
-async def chardev_send_break(daemon, args):
+async def chardev_send_break(daemon: Daemon, args: Any) -> None:
     _find(daemon, args.id)
 
 
 @command("query-chardev")
-async def query_chardev(daemon, args):
+async def query_chardev(daemon: Daemon, args: None) -> list[dict[str, Any]]:
     # object_child_foreach over the container's table, each one prepended
     return [daemon.chardevs[id].info() for id in reversed(list(daemon.chardev_slots))]
 
 
 @command("query-chardev-backends")
-async def query_chardev_backends(daemon, args):
+async def query_chardev_backends(daemon: Daemon, args: None) -> list[dict[str, str]]:
     return [{"name": b} for b in BACKENDS]
 
 
-def _ringbuf(daemon, device: str) -> RingbufChardev:
+def _ringbuf(daemon: Daemon, device: str) -> RingbufChardev:
     try:
         chr = daemon.chardevs[device]
     except KeyError:
@@ -93,9 +98,9 @@ def _ringbuf(daemon, device: str) -> RingbufChardev:
 
 
 @command("ringbuf-write")
-async def ringbuf_write(daemon, args):
+async def ringbuf_write(daemon: Daemon, args: Any) -> None:
     chr = _ringbuf(daemon, args.device)
-    fmt = getattr(args.format, "value", args.format) or "utf8"
+    fmt: str = args.format or "utf8"
     if fmt == "base64":
         try:
             data = base64.b64decode(args.data, validate=True)
@@ -107,9 +112,9 @@ async def ringbuf_write(daemon, args):
 
 
 @command("ringbuf-read")
-async def ringbuf_read(daemon, args):
+async def ringbuf_read(daemon: Daemon, args: Any) -> str:
     chr = _ringbuf(daemon, args.device)
     if args.size < 0:
         raise GenericError("size must be greater than zero")
-    fmt = getattr(args.format, "value", args.format) or "utf8"
+    fmt: str = args.format or "utf8"
     return chr.read(args.size, fmt)

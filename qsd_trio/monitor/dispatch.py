@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextvars
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..qapi import schema
 from ..qapi.errors import CommandNotFound, GenericError, QapiError
 from .registry import Command, load_all
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+    from .session import QmpSession
+
 # the session whose command is running (qmp_capabilities needs it)
-current_session: contextvars.ContextVar[Any] = contextvars.ContextVar("current_session",
-                                                                       default=None)
+current_session: contextvars.ContextVar[QmpSession | None] = contextvars.ContextVar(
+    "current_session", default=None)
 
 
 def commands() -> dict[str, Command]:
@@ -32,7 +36,8 @@ def lookup(name: str) -> Command:
     return cmd
 
 
-async def call(daemon: Any, cmd: Command, arguments: dict | None, *, session: Any = None) -> Any:
+async def call(daemon: Daemon, cmd: Command, arguments: dict[str, Any] | None, *,
+               session: QmpSession | None = None) -> Any:
     args = schema.parse_command(cmd.name, arguments)
     token = current_session.set(session)
     try:

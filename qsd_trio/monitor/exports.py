@@ -10,7 +10,7 @@ leaves ``daemon.exports`` and ``BLOCK_EXPORT_DELETED`` is emitted.
 from __future__ import annotations
 
 import re
-import types
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -19,21 +19,27 @@ from ..exports import fuse as _fuse  # noqa: F401 - registers the fuse export ty
 from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
 from ..exports.base import EXPORT_TYPES, BlockExport
 from ..exports.nbd import NbdExport, NbdServer
+from ..nodes.node import BlockNode
+from ..qapi import qapi_types as T
 from ..qapi.errors import GenericError
 from .registry import command
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _SETTLE_ROUNDS = 5
 
 
-def _lookup_node(daemon, name: str):
+def _lookup_node(daemon: Daemon, name: str) -> BlockNode:
     node = daemon.graph.nodes.get(name)
     if node is None:
         raise GenericError(f"Cannot find device='' nor node-name='{name}'")
     return node
 
 
-async def _serve_export(daemon, export: BlockExport, *, task_status=trio.TASK_STATUS_IGNORED):
+async def _serve_export(daemon: Daemon, export: BlockExport, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     try:
         await export.run(task_status=task_status)
     finally:
@@ -44,8 +50,10 @@ async def _serve_export(daemon, export: BlockExport, *, task_status=trio.TASK_ST
         export.deleted.set()
 
 
-async def add_export(daemon, args) -> BlockExport:
-    """block-export-add: the checks in QEMU's order, then start the export."""
+async def add_export(daemon: Daemon, args: Any) -> BlockExport:
+    """block-export-add: the checks in QEMU's order, then start the export.
+
+    ``args``: a BlockExportOptions variant."""
     if not _ID_RE.match(args.id):
         raise GenericError("Invalid block export id")
     if args.id in daemon.exports:
@@ -54,12 +62,12 @@ async def add_export(daemon, args) -> BlockExport:
     if cls is None:
         raise GenericError("No driver found for the requested export type")
     node = _lookup_node(daemon, args.node_name)
-    iothread = getattr(args, "iothread", None)
+    iothread: str | None = args.iothread
     if iothread is not None:
         obj = daemon.objects.get(iothread)
-        if obj is None or getattr(obj, "qom_type", "iothread") != "iothread":
+        if obj is None or obj.qom_type != "iothread":
             raise GenericError(f'iothread "{iothread}" not found')
-    if getattr(args, "writable", False) and node.read_only:
+    if args.writable and node.read_only:
         raise GenericError("Cannot export read-only node as writable")
     export = cls(daemon, args, node)
     await daemon.export_nursery.start(_serve_export, daemon, export)
@@ -68,11 +76,11 @@ async def add_export(daemon, args) -> BlockExport:
 
 
 @command("block-export-add")
-async def block_export_add(daemon, args) -> None:
+async def block_export_add(daemon: Daemon, args: Any) -> None:
     await add_export(daemon, args)
 
 
-async def _request_delete(daemon, export_id: str, mode: str | None) -> None:
+async def _request_delete(daemon: Daemon, export_id: str, mode: str | None) -> None:
     export = daemon.exports.get(export_id)
     if export is None:
         raise GenericError(f"Export '{export_id}' is not found")
@@ -102,29 +110,28 @@ async def _request_delete(daemon, export_id: str, mode: str | None) -> None:
 
 
 @command("block-export-del")
-async def block_export_del(daemon, args) -> None:
-    await _request_delete(daemon, args.id, getattr(args, "mode", None))
+async def block_export_del(daemon: Daemon, args: Any) -> None:
+    await _request_delete(daemon, args.id, args.mode)
 
 
 @command("query-block-exports")
-async def query_block_exports(daemon, args) -> list:
+async def query_block_exports(daemon: Daemon, args: None) -> list[dict[str, Any]]:
     # QEMU lists the newest export first
     return [e.info() for e in reversed(list(daemon.exports.values()))]
 
 
 @command("nbd-server-start")
-async def nbd_server_start(daemon, args) -> None:
+async def nbd_server_start(daemon: Daemon, args: Any) -> None:
     if daemon.nbd_server is not None:
         raise GenericError("NBD server already running")
-    server = NbdServer(daemon, args.addr, tls_creds=getattr(args, "tls_creds", None),
-                       tls_authz=getattr(args, "tls_authz", None),
-                       max_connections=getattr(args, "max_connections", None))
+    server = NbdServer(daemon, args.addr, tls_creds=args.tls_creds, tls_authz=args.tls_authz,
+                       max_connections=args.max_connections)
     await daemon.export_nursery.start(server.run)
     daemon.nbd_server = server
 
 
 @command("nbd-server-stop")
-async def nbd_server_stop(daemon, args) -> None:
+async def nbd_server_stop(daemon: Daemon, args: None) -> None:
     server = daemon.nbd_server
     if server is None:
         raise GenericError("NBD server not running")
@@ -138,24 +145,23 @@ async def nbd_server_stop(daemon, args) -> None:
 
 
 @command("nbd-server-add")
-async def nbd_server_add(daemon, args) -> None:
+async def nbd_server_add(daemon: Daemon, args: Any) -> None:
     name = args.name if args.name is not None else args.device
     writable = bool(args.writable)
     node = daemon.graph.nodes.get(args.device)
     if node is not None and node.read_only:
         writable = False  # QEMU downgrades silently rather than refuse
-    opts = types.SimpleNamespace(
-        type="nbd", id=name, node_name=args.device, writable=writable, writethrough=None,
-        iothread=None, fixed_iothread=None, name=name,
-        description=getattr(args, "description", None),
-        bitmaps=[args.bitmap] if getattr(args, "bitmap", None) is not None else None,
-        allocation_depth=None)
+    # what block-export-add would have been given
+    opts = T.BlockExportOptions_nbd(
+        id=name, node_name=args.device, writable=writable, name=name,
+        description=args.description,
+        bitmaps=[args.bitmap] if args.bitmap is not None else None)
     await add_export(daemon, opts)
 
 
 @command("nbd-server-remove")
-async def nbd_server_remove(daemon, args) -> None:
+async def nbd_server_remove(daemon: Daemon, args: Any) -> None:
     export = daemon.exports.get(args.name)
     if export is not None and export.type != "nbd":
         raise GenericError(f"Block export '{args.name}' is not an NBD export")
-    await _request_delete(daemon, args.name, getattr(args, "mode", None))
+    await _request_delete(daemon, args.name, args.mode)

@@ -2,61 +2,32 @@
 
 from __future__ import annotations
 
-import functools
+from typing import TYPE_CHECKING, Any
 
-from ..objects.qom import USER_CREATABLE, UserObject, check_id, resolve
+from ..objects.qom import USER_CREATABLE, UserObject, check_id, object_properties, resolve
 from ..qapi import schema
 from ..qapi.errors import DeviceNotFound, GenericError
 from .registry import command
 
-_BUILTIN_QOM = {"str": "string", "int": "int", "uint64": "uint64", "size": "size",
-                "bool": "bool", "number": "number", "int64": "int", "uint32": "uint32",
-                "uint16": "uint16", "uint8": "uint8", "int32": "int32"}
-
-
-@functools.cache
-def object_properties(qom_type: str) -> tuple[tuple[str, str], ...]:
-    """(name, QOM type) of a user-creatable type, from the schema's
-    ObjectOptions variant for it (the one declaration of its properties)."""
-    info = {e["name"]: e for e in schema.introspect(["object-add"])}
-    arg = info[info["object-add"]["arg-type"]]
-    variant = next((v for v in arg.get("variants", []) if v["case"] == qom_type), None)
-    members = [m for m in arg["members"] if m["name"] not in ("qom-type", "id")]
-    if variant is not None:
-        members += info[variant["type"]]["members"]
-    out = [("type", "string")]
-    for m in members:
-        t = m["type"]
-        tinfo = info.get(t, {})
-        if t in _BUILTIN_QOM:
-            qt = _BUILTIN_QOM[t]
-        elif tinfo.get("meta-type") == "enum":
-            qt = "string"
-        elif tinfo.get("meta-type") == "array":
-            qt = "list"
-        elif (qom_type, m["name"]) == ("throttle-group", "limits"):
-            qt = "ThrottleLimits"  # introspection hides struct names; QOM shows it
-        else:
-            qt = "string"
-        out.append((m["name"], qt))
-    return tuple(out)
-
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 @command("object-add")
-async def object_add(daemon, args):
+async def object_add(daemon: Daemon, args: Any) -> None:
     props = schema.to_qmp(args)
     qom_type = props.pop("qom-type")
     id = props.pop("id")
     await add_object(daemon, qom_type, id, props)
 
 
-async def add_object(daemon, qom_type: str, id: str, props: dict) -> None:
+async def add_object(daemon: Daemon, qom_type: str, id: str, props: dict[str, Any]) -> None:
     check_id(id)
     if id in daemon.objects:
         raise GenericError(
             f"attempt to add duplicate property '{id}' to object (type 'container')")
     if qom_type not in USER_CREATABLE:
         raise GenericError(f"object type '{qom_type}' isn't supported by object-add")
+    obj: UserObject
     if qom_type == "throttle-group":
         # a live limiter shared by throttle nodes, not just properties
         from ..objects import throttle_group
@@ -75,19 +46,17 @@ async def add_object(daemon, qom_type: str, id: str, props: dict) -> None:
 
 
 @command("object-del")
-async def object_del(daemon, args):
+async def object_del(daemon: Daemon, args: Any) -> None:
     if args.id not in daemon.objects:
         raise GenericError(f"object '{args.id}' not found")
     if daemon.object_users(args.id):
         raise GenericError(f"object '{args.id}' is in use, can not be deleted")
-    obj = daemon.objects.pop(args.id)
-    delete = getattr(obj, "on_delete", None)
-    if delete is not None:
-        delete()
+    obj: UserObject = daemon.objects.pop(args.id)
+    obj.on_delete()
 
 
 @command("qom-list-types")
-async def qom_list_types(daemon, args):
+async def qom_list_types(daemon: Daemon, args: Any) -> list[dict[str, str]]:
     implements = args.implements if args else None
     abstract = bool(args.abstract) if args and args.abstract is not None else False
     types = dict(USER_CREATABLE)
@@ -98,7 +67,7 @@ async def qom_list_types(daemon, args):
 
 
 @command("qom-list")
-async def qom_list(daemon, args):
+async def qom_list(daemon: Daemon, args: Any) -> list[dict[str, str]]:
     kind, thing = resolve(daemon, args.path)
     out = [{"name": "type", "type": "string"}]
     if kind == "root":
@@ -116,35 +85,28 @@ async def qom_list(daemon, args):
 
 
 @command("qom-get")
-async def qom_get(daemon, args):
+async def qom_get(daemon: Daemon, args: Any) -> Any:
     kind, thing = resolve(daemon, args.path)
     if kind == "object":
         return thing.get(args.property)
     if args.property == "type":
         return {"root": "container", "container": "container",
-                "chardev": f"chardev-{getattr(thing, 'backend', '')}"}[kind]
+                "chardev": f"chardev-{thing.backend}"}[kind]
     tname = "container" if kind in ("root", "container") else f"chardev-{thing.backend}"
     raise GenericError(f"Property '{tname}.{args.property}' not found")
 
 
 @command("qom-set")
-async def qom_set(daemon, args):
+async def qom_set(daemon: Daemon, args: Any) -> None:
     kind, thing = resolve(daemon, args.path)
     if kind != "object":
         tname = "container" if kind in ("root", "container") else f"chardev-{thing.backend}"
         raise GenericError(f"Property '{tname}.{args.property}' not found")
-    setter = getattr(thing, "qom_set", None)
-    if setter is not None:  # objects with behaviour check and apply their own
-        setter(args.property, args.value)
-        return
-    names = dict(object_properties(thing.qom_type))
-    if args.property not in names or args.property == "type":
-        raise GenericError(f"Property '{thing.qom_type}.{args.property}' not found")
-    thing.props[args.property] = args.value
+    thing.qom_set(args.property, args.value)
 
 
 @command("qom-list-properties")
-async def qom_list_properties(daemon, args):
+async def qom_list_properties(daemon: Daemon, args: Any) -> list[dict[str, str]]:
     if args.typename not in USER_CREATABLE:
         raise DeviceNotFound(f"Class '{args.typename}' not found")
     return [{"name": n, "type": t} for n, t in object_properties(args.typename)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from typing import Any
 
 import attrs
 
@@ -255,14 +256,14 @@ def _unquote(text: str) -> str:
     return "".join(out)
 
 
-def parse_tokens(tokens: list[Token]):
+def parse_tokens(tokens: list[Token]) -> Any:
     """Parse one complete message; raises _ParseError with QEMU's wording."""
     pos = 0
 
-    def peek():
+    def peek() -> Token | None:
         return tokens[pos] if pos < len(tokens) else None
 
-    def value(depth: int):
+    def value(depth: int) -> Any:
         nonlocal pos
         if depth > MAX_NESTING:
             raise _ParseError("nesting too deep")
@@ -271,8 +272,8 @@ def parse_tokens(tokens: list[Token]):
             raise _ParseError("premature EOI")
         pos += 1
         if tok.kind is Tok.LCURLY:
-            obj: dict = {}
-            if peek() is not None and peek().kind is Tok.RCURLY:
+            obj: dict[str, Any] = {}
+            if (nxt := peek()) is not None and nxt.kind is Tok.RCURLY:
                 pos += 1
                 return obj
             while True:
@@ -296,8 +297,8 @@ def parse_tokens(tokens: list[Token]):
                 if sep.kind is not Tok.COMMA:
                     raise _ParseError("expected separator in dict")
         if tok.kind is Tok.LSQUARE:
-            arr: list = []
-            if peek() is not None and peek().kind is Tok.RSQUARE:
+            arr: list[Any] = []
+            if (nxt := peek()) is not None and nxt.kind is Tok.RSQUARE:
                 pos += 1
                 return arr
             while True:
@@ -344,7 +345,7 @@ class JsonStreamer:
         self.bracket = 0
         self._pending = b""
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Any]:
         # keep a partial UTF-8 sequence for the next read
         data = self._pending + data
         try:
@@ -357,8 +358,8 @@ class JsonStreamer:
                 text, self._pending = data.decode(errors="replace"), b""
         return self._process(self.lexer.feed(text))
 
-    def _process(self, toks: list[Token]) -> list:
-        results: list = []
+    def _process(self, toks: list[Token]) -> list[Any]:
+        results: list[Any] = []
         for tok in toks:
             if tok.kind is Tok.ERROR:
                 results.append(JsonError(f"JSON parse error, stray '{tok.text}'"))
@@ -435,7 +436,7 @@ def _key_order(keys: tuple[str, ...]) -> list[str]:
     return qdict_order(keys)
 
 
-def to_json(obj, pretty: bool = False, level: int = 0) -> str:
+def to_json(obj: Any, pretty: bool = False, level: int = 0) -> str:
     """Serialise as QEMU does (compact: ', ' and ': '; pretty: 4-space
     indent, where an empty object or array still spans two lines)."""
     if obj is None:
@@ -468,6 +469,6 @@ def _container(op: str, cl: str, items: list[str], pretty: bool, level: int) -> 
     return op + inner + "\n" + ind * level + cl
 
 
-def encode_message(obj, pretty: bool = False) -> bytes:
+def encode_message(obj: Any, pretty: bool = False) -> bytes:
     """One QMP message on the wire (QEMU's monitor turns '\\n' into '\\r\\n')."""
     return (to_json(obj, pretty) + "\n").replace("\n", "\r\n").encode()

@@ -17,7 +17,7 @@ import contextlib
 import math
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,8 +26,12 @@ from ..qapi.errors import CommandNotFound, GenericError, QapiError
 from . import dispatch
 from .qmp_json import JsonError, JsonStreamer, encode_message
 
+if TYPE_CHECKING:
+    from ..chardev.chardev import Chardev
+    from ..daemon import Daemon
 
-def version_info() -> dict:
+
+def version_info() -> dict[str, Any]:
     major, minor, micro = QEMU_VERSION
     return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}
 
@@ -35,13 +39,13 @@ def version_info() -> dict:
 class Monitor:
     """``--monitor chardev=ID``: QMP on a chardev."""
 
-    def __init__(self, daemon: Any, chardev: Any, pretty: bool):
+    def __init__(self, daemon: Daemon, chardev: Chardev, pretty: bool):
         self.daemon = daemon
         self.chardev = chardev
         self.pretty = pretty
         self.session: QmpSession | None = None
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await self.daemon.accepting.wait()
         # closed here, not by the garbage collector, when the monitor is
@@ -62,19 +66,19 @@ class Monitor:
 
 
 class QmpSession:
-    def __init__(self, daemon: Any, stream: trio.abc.Stream, pretty: bool):
+    def __init__(self, daemon: Daemon, stream: trio.abc.Stream, pretty: bool):
         self.daemon = daemon
         self.stream = stream
         self.pretty = pretty
         self.negotiated = False
         self.oob = False
-        self._send, self._recv = trio.open_memory_channel[bytes | None](math.inf)
+        self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
         self._pending = 0
         self._idle = trio.Event()
         self._idle.set()
 
     # -- output ----------------------------------------------------------------
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         self._pending += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
@@ -126,14 +130,14 @@ class QmpSession:
                 return
             if not data:
                 return
-            for msg in streamer.feed(data):
+            for msg in streamer.feed(bytes(data)):
                 await self.handle(msg)
 
     async def handle(self, msg: Any) -> None:
         if isinstance(msg, JsonError):
             self.send({"error": {"class": "GenericError", "desc": msg.desc}})
             return
-        reply: dict = {}
+        reply: dict[str, Any] = {}
         if isinstance(msg, dict) and "id" in msg:
             reply["id"] = msg["id"]
         if isinstance(msg, dict) and trace.enabled("monitor_qmp_cmd_in_band"):
@@ -144,7 +148,7 @@ class QmpSession:
         except QapiError as e:
             reply["error"] = e.to_qmp()
         # QEMU puts "return"/"error" before "id"
-        out = {k: reply[k] for k in ("return", "error") if k in reply}
+        out: dict[str, Any] = {k: reply[k] for k in ("return", "error") if k in reply}
         if "id" in reply:
             out["id"] = reply["id"]
         trace.event("monitor_qmp_respond", error="error" in out)

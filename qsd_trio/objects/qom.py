@@ -13,11 +13,16 @@ matching ``ObjectOptions`` variant in the schema.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ..qapi import schema
 from ..qapi.errors import DeviceNotFound, GenericError
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 # qom-type -> QOM parent type, as qemu-storage-daemon 7.2 lists them
 USER_CREATABLE = {
@@ -47,8 +52,44 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+_BUILTIN_QOM = {"str": "string", "int": "int", "uint64": "uint64", "size": "size",
+                "bool": "bool", "number": "number", "int64": "int", "uint32": "uint32",
+                "uint16": "uint16", "uint8": "uint8", "int32": "int32"}
+
+
+@functools.cache
+def object_properties(qom_type: str) -> tuple[tuple[str, str], ...]:
+    """(name, QOM type) of a user-creatable type, from the schema's
+    ObjectOptions variant for it (the one declaration of its properties)."""
+    info = {e["name"]: e for e in schema.introspect(["object-add"])}
+    arg = info[info["object-add"]["arg-type"]]
+    variant = next((v for v in arg.get("variants", []) if v["case"] == qom_type), None)
+    members = [m for m in arg["members"] if m["name"] not in ("qom-type", "id")]
+    if variant is not None:
+        members += info[variant["type"]]["members"]
+    out = [("type", "string")]
+    for m in members:
+        t = m["type"]
+        tinfo = info.get(t, {})
+        if t in _BUILTIN_QOM:
+            qt = _BUILTIN_QOM[t]
+        elif tinfo.get("meta-type") == "enum":
+            qt = "string"
+        elif tinfo.get("meta-type") == "array":
+            qt = "list"
+        elif (qom_type, m["name"]) == ("throttle-group", "limits"):
+            qt = "ThrottleLimits"  # introspection hides struct names; QOM shows it
+        else:
+            qt = "string"
+        out.append((m["name"], qt))
+    return tuple(out)
+
+
 @attrs.define
 class UserObject:
+    """An object's properties.  Objects with behaviour subclass it and
+    override the hooks: ``qom_set``, ``qom_users``, ``on_delete``."""
+
     id: str
     qom_type: str
     props: dict[str, Any]
@@ -62,6 +103,19 @@ class UserObject:
             return DEFAULTS[self.qom_type][prop]
         raise GenericError(f"Property '{self.qom_type}.{prop}' not found")
 
+    def qom_set(self, prop: str, value: Any) -> None:
+        """qom-set: a plain object takes any of its type's properties."""
+        if prop not in dict(object_properties(self.qom_type)) or prop == "type":
+            raise GenericError(f"Property '{self.qom_type}.{prop}' not found")
+        self.props[prop] = value
+
+    def qom_users(self) -> list[str]:
+        """Who uses the object besides the NBD server (object-del refuses then)."""
+        return []
+
+    def on_delete(self) -> None:
+        """object-del, once no one uses it."""
+
 
 def check_id(id: str) -> None:
     # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'
@@ -71,7 +125,7 @@ def check_id(id: str) -> None:
             "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."))
 
 
-def resolve(daemon: Any, path: str) -> tuple[str, Any]:
+def resolve(daemon: Daemon, path: str) -> tuple[str, Any]:
     """Find a QOM path: ('root'|'container'|'object'|'chardev', thing)."""
     parts = [p for p in path.split("/") if p]
     if not path.startswith("/"):
