@@ -13,7 +13,7 @@ import types
 
 import trio
 
-from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.daemon import Daemon
 from qsd_trio.nodes.node import BlockNode, BlockStatus, Status
 
 CLUSTER = 64 * 1024
@@ -66,13 +66,16 @@ class MemoryNode(BlockNode):
         return BlockStatus(Status.ZERO, n, depth=0)
 
 
-async def make_daemon(nursery: trio.Nursery, size: int = 64 << 20):
-    graph = BlockGraph()
-    node = MemoryNode(graph, "mem")
+async def make_daemon(nursery: trio.Nursery, size: int = 64 << 20) -> Daemon:
+    """A daemon with a memory node "mem", accepting clients, whose exports
+    run in ``nursery``."""
+    daemon = Daemon()
+    node = MemoryNode(daemon.graph, "mem")
     await node.open({"size": size})
-    graph.nodes["mem"] = node
-    return types.SimpleNamespace(graph=graph, objects={}, exports={}, nbd_server=None,
-                                 export_nursery=nursery, jobs={}, chardevs={})
+    daemon.graph.nodes["mem"] = node
+    daemon.export_nursery = nursery
+    daemon.accepting.set()
+    return daemon
 
 
 def ns(**kw):

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ...nodes.node import Perm
+from ...nodes.node import BlockNode, Perm
 from ...proto import nbd as P
 from ...qapi.errors import GenericError
 from ..base import BlockExport, register_export
 
 if TYPE_CHECKING:
+    from ...daemon import Daemon
+    from ...nodes.bitmaps import DirtyBitmap
     from .connection import Connection
     from .server import NbdServer
 
@@ -26,25 +28,25 @@ _MAX_DATA_EXTENTS = 4096
 _DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when an export stops
 
 
-def _find_bitmap(node, spec) -> Any:
-    """The dirty bitmap named by a BlockDirtyBitmapOrStr (name, or {node, name})."""
+def _find_bitmap(node: BlockNode, spec: Any) -> DirtyBitmap:
+    """The dirty bitmap named by a BlockDirtyBitmapOrStr (a name, or a
+    BlockDirtyBitmap: node and name)."""
     if isinstance(spec, str):
         # a bare name is looked for down the chain of filters and backing
         # files, as QEMU does (bdrv_filter_or_cow_bs)
-        name, holder = spec, node
+        name = spec
+        holder: BlockNode | None = node
         while holder is not None:
-            bm = getattr(holder, "bitmaps", {}).get(name)
+            bm = holder.bitmaps.get(name)
             if bm is not None:
                 return bm
             edge = holder.children.get("backing")
-            if edge is None and getattr(holder, "is_filter", False):
+            if edge is None and holder.is_filter:
                 edge = holder.children.get("file")
             holder = edge.node if edge is not None else None
         raise GenericError(f"Bitmap '{name}' is not found")
-    name = getattr(spec, "name", None) or spec["name"]
-    node_name = getattr(spec, "node", None) or spec["node"]
-    holder = node.graph.lookup(node_name)
-    bm = getattr(holder, "bitmaps", {}).get(name)
+    name = spec.name
+    bm = node.graph.lookup(spec.node).bitmaps.get(name)
     if bm is None:
         raise GenericError(f"Bitmap '{name}' is not found")
     return bm
@@ -56,14 +58,14 @@ class NbdExport(BlockExport):
 
     type = "nbd"
 
-    def __init__(self, daemon, args, node):
+    def __init__(self, daemon: Daemon, args: Any, node: BlockNode):
         super().__init__(daemon, args, node)
         server: NbdServer | None = daemon.nbd_server
         if server is None:
             raise GenericError("NBD server not running")
         self.server = server
-        self.name: str = args.name if getattr(args, "name", None) is not None else args.node_name
-        self.description: str | None = getattr(args, "description", None)
+        self.name: str = args.name if args.name is not None else args.node_name
+        self.description: str | None = args.description
         if len(self.name.encode()) > P.MAX_STRING_SIZE:
             raise GenericError(f"export name '{self.name}' too long")
         if self.description is not None and len(self.description.encode()) > P.MAX_STRING_SIZE:
@@ -71,14 +73,13 @@ class NbdExport(BlockExport):
         if self.name in server.exports:
             raise GenericError(f"NBD server already has export named '{self.name}'")
         # writethrough: every write is made stable before it is acknowledged
-        self.writethrough = bool(getattr(args, "writethrough", False))
-        self.allocation_depth = bool(getattr(args, "allocation_depth", False))
-        self.bitmaps = []
-        for spec in getattr(args, "bitmaps", None) or []:
+        self.writethrough = bool(args.writethrough)
+        self.allocation_depth = bool(args.allocation_depth)
+        self.bitmaps: list[DirtyBitmap] = []
+        for spec in args.bitmaps or []:
             bm = _find_bitmap(node, spec)
-            if hasattr(bm, "check"):
-                bm.check(allow_ro=True)
-            if not self.writable and not node.read_only and getattr(bm, "enabled", False):
+            bm.check(allow_ro=True)
+            if not self.writable and not node.read_only and bm.enabled:
                 raise GenericError(f"Enabled bitmap '{bm.name}' incompatible with readonly export")
             self.bitmaps.append(bm)
         self.clients: set[Connection] = set()
@@ -105,6 +106,11 @@ class NbdExport(BlockExport):
     @property
     def size(self) -> int:
         return self.node.length
+
+    @property
+    def block_alignment(self) -> int:
+        """The minimum block size NBD_INFO_BLOCK_SIZE announces: the node's."""
+        return max(self.node.request_alignment, 1)
 
     def meta_contexts(self) -> list[str]:
         ctx = [P.META_BASE_ALLOCATION]

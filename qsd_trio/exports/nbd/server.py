@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING
+import ssl
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ...objects.qom import UserObject
 from ...qapi.errors import GenericError
 from .connection import Connection
-from .sockets import _addr_dict, _open_listeners
-from .tls import _prop, _tls_server_context
+from .sockets import addr_dict, open_listeners
+from .tls import prop, server_context
 
 if TYPE_CHECKING:
+    from ...daemon import Daemon
     from .export import NbdExport
 
 
@@ -33,23 +36,25 @@ class NbdServer:
     nbd-server-stop deletes first.
     """
 
-    def __init__(self, daemon, addr, *, tls_creds: str | None = None,
+    def __init__(self, daemon: Daemon, addr: Any, *, tls_creds: str | None = None,
                  tls_authz: str | None = None, max_connections: int | None = None):
         self.daemon = daemon
-        self.addr = _addr_dict(addr)
+        self.addr = addr_dict(addr)
         # ids, as daemon.object_users() looks them up; the objects are read
         # when a client asks for TLS, so they always reflect what is defined
         self.tls_creds = tls_creds
         self.tls_x509 = False
+        # an SSLContext, or for PSK the keys file (see tls.server_context)
+        self.tls_context: ssl.SSLContext | str | None = None
         if tls_creds is not None:
-            creds = getattr(daemon, "objects", {}).get(tls_creds)
+            creds = daemon.objects.get(tls_creds)
             if creds is None:
                 raise GenericError(f"No TLS credentials with id '{tls_creds}'")
-            if not str(getattr(creds, "qom_type", "")).startswith("tls-creds"):
+            if not (isinstance(creds, UserObject) and creds.qom_type.startswith("tls-creds")):
                 raise GenericError(f"Object with id '{tls_creds}' is not TLS credentials")
-            if _prop(creds, "endpoint", "client") != "server":
+            if prop(creds, "endpoint", "client") != "server":
                 raise GenericError("Expected TLS credentials for a server endpoint")
-            self.tls_context = _tls_server_context(creds)
+            self.tls_context = server_context(creds)
             self.tls_x509 = creds.qom_type == "tls-creds-x509"
         # looked up per client, as QEMU does: a missing object denies access
         self.tls_authz = tls_authz
@@ -60,10 +65,10 @@ class NbdServer:
         self.finished = trio.Event()
         self._slots = trio.Semaphore(self.max_connections) if self.max_connections else None
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with self.cancel_scope:
-                listeners = await _open_listeners(self.addr)
+                listeners = await open_listeners(self.addr)
                 try:
                     async with trio.open_nursery() as nursery:
                         for lst in listeners:
@@ -83,9 +88,7 @@ class NbdServer:
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         # the socket listens from the start, but clients are served only once
         # startup is complete and the pidfile written (the man page's promise)
-        accepting = getattr(self.daemon, "accepting", None)
-        if accepting is not None:
-            await accepting.wait()
+        await self.daemon.accepting.wait()
         while True:
             # at max-connections QEMU stops accepting: new clients wait in
             # the listen backlog until someone leaves
@@ -101,11 +104,13 @@ class NbdServer:
             conn = Connection(self, stream)
             nursery.start_soon(conn.negotiate)
 
-    def _connection_closed(self) -> None:
+    def connection_closed(self) -> None:
+        """A connection closed its stream: its slot is free for the next client."""
         self.connections -= 1
         if self._slots is not None:
             self._slots.release()
 
     async def stop(self) -> None:
+        """Stop listening and end the connections still negotiating."""
         self.cancel_scope.cancel()
         await self.finished.wait()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import socket as _stdsocket
+from typing import Any
 
 import trio
 
 from ...qapi.errors import GenericError
 
 
-def _addr_dict(addr) -> dict:
+def addr_dict(addr: Any) -> dict[str, Any]:
     """SocketAddress or SocketAddressLegacy (attrs instance or dict) -> flat dict."""
     if not isinstance(addr, dict):
         # schema.to_qmp keeps union tags, which are class variables of the
@@ -32,7 +33,12 @@ def _addr_dict(addr) -> dict:
     return addr
 
 
-async def _open_listeners(addr: dict) -> list[trio.SocketListener]:
+async def open_listeners(addr: dict[str, Any]) -> list[trio.SocketListener]:
+    """Listening sockets for a flat address (see :func:`addr_dict`).
+
+    Raises:
+        GenericError: with QEMU's message, when it cannot bind or resolve.
+    """
     kind = addr["type"]
     if kind == "unix":
         path = addr["path"]

@@ -14,22 +14,28 @@ import fnmatch
 import json
 import os
 import ssl
+from typing import Any
 
+import attrs
+
+from ...objects.qom import UserObject
 from ...qapi.errors import GenericError
 
 
-def _prop(obj, name: str, default=None):
-    props = getattr(obj, "props", None)
-    if isinstance(props, dict):
-        return props.get(name, default)
-    return getattr(obj, name.replace("-", "_"), default)
+def prop(obj: UserObject, name: str, default: Any = None) -> Any:
+    """A property of a user-created object as it was given, else ``default``."""
+    return obj.props.get(name, default)
 
 
-def _tls_server_context(creds) -> ssl.SSLContext | str:
+def server_context(creds: UserObject) -> ssl.SSLContext | str:
     """How to serve TLS with a credentials object: an SSLContext from a
     tls-creds-x509 object's directory (QEMU's file names), or for
-    tls-creds-psk the path of its keys file (see tls_psk.py)."""
-    d = _prop(creds, "dir", ".")
+    tls-creds-psk the path of its keys file (see tls_psk.py).
+
+    Raises:
+        GenericError: with QEMU's message, when the files do not load.
+    """
+    d = prop(creds, "dir", ".")
     if creds.qom_type == "tls-creds-psk":
         from ...objects.tls_creds import psk_key_file
         from .. import tls_psk  # noqa: F401 - pyOpenSSL loaded now, not by the first client
@@ -40,7 +46,7 @@ def _tls_server_context(creds) -> ssl.SSLContext | str:
 
         ctx = anon_server_context()
         params = os.path.join(d, "dh-params.pem")
-        if _prop(creds, "dir") is not None and os.path.exists(params):
+        if prop(creds, "dir") is not None and os.path.exists(params):
             try:
                 ctx.load_dh_params(params)
             except (OSError, ssl.SSLError) as e:
@@ -51,7 +57,7 @@ def _tls_server_context(creds) -> ssl.SSLContext | str:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(os.path.join(d, "server-cert.pem"), os.path.join(d, "server-key.pem"))
-        if _prop(creds, "verify-peer", True):
+        if prop(creds, "verify-peer", True):
             ctx.load_verify_locations(os.path.join(d, "ca-cert.pem"))
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
@@ -65,38 +71,41 @@ _DN_NAMES = {"countryName": "C", "organizationName": "O", "organizationalUnitNam
              "emailAddress": "EMAIL", "domainComponent": "DC"}
 
 
-def _peer_dn(cert: dict | None) -> str | None:
+def peer_dn(cert: dict[str, Any] | None) -> str | None:
     """The client certificate's DN as QEMU prints it (C=GB,O=Example,CN=name)."""
     if not cert or "subject" not in cert:
         return None
     return ",".join(f"{_DN_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn)
 
 
-def _authz_allows(authz, identity: str) -> bool:
-    kind = getattr(authz, "qom_type", "")
+def authz_allows(authz: object, identity: str) -> bool:
+    """Whether an authz-simple/-list/-list-file object lets ``identity`` in;
+    any other object denies, as does an authz-list-file that cannot be read."""
+    if not isinstance(authz, UserObject):
+        return False
+    kind = authz.qom_type
     if kind == "authz-simple":
-        return _prop(authz, "identity") == identity
+        return bool(prop(authz, "identity") == identity)
     if kind in ("authz-list", "authz-list-file"):
-        rules = _prop(authz, "rules", []) or []
-        policy = _prop(authz, "policy", "deny")
+        rules = prop(authz, "rules", []) or []
+        policy = prop(authz, "policy", "deny")
         if kind == "authz-list-file":
             try:
-                with open(_prop(authz, "filename")) as f:
+                with open(prop(authz, "filename")) as f:
                     data = json.load(f)
                 rules, policy = data.get("rules", []), data.get("policy", "deny")
             except (OSError, ValueError):
                 return False
         for rule in rules:
-            rule = rule if isinstance(rule, dict) else attrs_to_dict(rule)
+            rule = rule if isinstance(rule, dict) else _attrs_to_dict(rule)
             pattern = rule.get("match", "")
             if (fnmatch.fnmatchcase(identity, pattern) if rule.get("format") == "glob"
                     else identity == pattern):
-                return rule.get("policy") == "allow"
-        return policy == "allow"
+                return bool(rule.get("policy") == "allow")
+        return bool(policy == "allow")
     return False
 
 
-def attrs_to_dict(obj) -> dict:
-    import attrs
-
+def _attrs_to_dict(obj: Any) -> dict[str, Any]:
+    """A typed QAPI rule (QAuthZListRule) with QEMU's member names."""
     return {k.replace("_", "-"): v for k, v in attrs.asdict(obj).items()}

@@ -88,6 +88,20 @@ class Wire:
             self._start = self._end = 0
         return out
 
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """At least one and at most ``max_bytes`` bytes: what is buffered,
+        else what one receive brings (negotiation reads this way, never
+        past what it asked for)."""
+        if self._end == self._start:
+            self._start = self._end = 0
+            await self._fill(1)
+        n = min(max_bytes, self._end - self._start)
+        out = bytes(self._view[self._start:self._start + n])
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
     async def recv_into(self, view: memoryview) -> None:
         """Fill ``view`` completely, straight from the socket past what is buffered."""
         have = min(self._end - self._start, len(view))
