@@ -1,11 +1,15 @@
 """What every engine shares: requests parked on their task, completions
-reaped from an eventfd in batches.
+reaped in batches from one file descriptor that becomes readable.
 
 A request is submitted from the task that wants it, which then parks with
 ``trio.lowlevel.wait_task_rescheduled``.  One reaper task per engine waits
-on the engine's eventfd (``trio.lowlevel.wait_readable``); each wakeup takes
-every completion that has arrived and reschedules its task with the result.
-So a thousand completions cost one wakeup of the event loop, not one each.
+for the engine's wakeup descriptor to become readable
+(``trio.lowlevel.wait_readable``): an eventfd that worker threads or Linux
+AIO signal, or, for io_uring, the ring's own descriptor, which polls
+readable while its completion queue holds entries (no eventfd to signal and
+read).  Each wakeup takes every completion that has arrived and reschedules
+its task with the result.  So a thousand completions cost one wakeup of the
+event loop, not one each.
 
 A request can also be submitted with a callback instead of a task
 (``submit_read``/``submit_write``): the reaper calls ``cb(result)`` with the
@@ -75,9 +79,15 @@ class Engine:
     """Base class: an eventfd, a reaper task, parked requests."""
 
     name = ""
+    # the descriptor the reaper waits on; -1: the engine's eventfd (efd)
+    wake_fd = -1
 
     def __init__(self) -> None:
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.wake_fd = self.efd
+        else:
+            self.efd = -1  # the engine's own descriptor wakes the reaper
         self.in_flight = 0
         self._idle: trio.Event | None = None
         self._reaper_scope = trio.CancelScope()
@@ -87,13 +97,15 @@ class Engine:
     async def _reaper(self) -> None:
         try:
             with self._reaper_scope:
+                fd = self.wake_fd
                 efd = self.efd
                 while True:
-                    await trio.lowlevel.wait_readable(efd)
-                    try:
-                        os.eventfd_read(efd)
-                    except BlockingIOError:
-                        pass
+                    await trio.lowlevel.wait_readable(fd)
+                    if efd >= 0:
+                        try:
+                            os.eventfd_read(efd)
+                        except BlockingIOError:
+                            pass
                     self._reap_batch()
         finally:
             self._close_fds()
@@ -120,7 +132,7 @@ class Engine:
         if self.efd >= 0:
             trio.lowlevel.notify_closing(self.efd)
             os.close(self.efd)
-            self.efd = -1
+        self.efd = self.wake_fd = -1
 
     async def _park(self):
         """Wait for this task's request; returns its result."""

@@ -20,9 +20,11 @@ nothing else is in flight is submitted at once instead: at queue depth 1
 there is nothing to batch with, and the flusher's task switch would be
 pure latency.
 
-The eventfd registered on the ring (IORING_REGISTER_EVENTFD) is signalled
-for every completion; the reaper (base.py) reads the CQ ring between its
-head and tail.  Ring memory ordering: the kernel reads the SQ tail with
+The reaper (base.py) waits for the ring's own descriptor to poll readable,
+which it does while the CQ ring holds completions, and reads the CQ ring
+between its head and tail; advancing the head makes it unreadable again.
+No eventfd is registered: it would cost the kernel a signal per batch of
+completions and the reaper a read() per wakeup, for the same information.  Ring memory ordering: the kernel reads the SQ tail with
 acquire semantics and publishes the CQ tail with release semantics; on
 x86-64 (TSO) plain stores and loads from Python are ordered enough, as
 liburing's own x86 barriers are compiler barriers only.  Other
@@ -39,15 +41,17 @@ import platform
 import struct
 from collections import deque
 
-from .base import KernelEngine, _current_task, os_error
+import outcome
+import trio
+
+from . import buffers
+from .base import KernelEngine, _current_task, _reschedule, log, os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
-NR_SETUP, NR_ENTER, NR_REGISTER = 425, 426, 427
-ENTER_GETEVENTS = 1
-REGISTER_EVENTFD = 4
+NR_SETUP, NR_ENTER = 425, 426
 FEAT_SINGLE_MMAP = 1
 OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
 OP_FSYNC, OP_READ, OP_WRITE = 3, 22, 23
@@ -57,6 +61,7 @@ FSYNC_DATASYNC = 1
 # user_data, then 24 bytes we leave zero (buf_index, personality, ...)
 _SQE = struct.Struct("<BBHiQQIIQ24x")
 _CQE = struct.Struct("<QiI")
+_Value = outcome.Value
 _U32 = struct.Struct("<I")
 
 ENTRIES = 256
@@ -84,12 +89,8 @@ class Uring(KernelEngine):
         self._next_id = 1
         self._pending = 0          # SQEs written, not yet entered
         self._waiting: deque = deque()   # requests beyond the CQ ring's size
+        self.wake_fd = fd
         super().__init__()
-        efd = ctypes.c_int32(self.efd)
-        if _syscall(NR_REGISTER, fd, REGISTER_EVENTFD, ctypes.byref(efd), 1) < 0:
-            e = ctypes.get_errno()
-            self._close_fds()
-            raise OSError(e, os.strerror(e))
 
     def _map(self, p) -> None:
         sq_entries, cq_entries, features = p[0], p[1], p[5]
@@ -160,26 +161,45 @@ class Uring(KernelEngine):
 
     # -- completion ------------------------------------------------------------
     def _reap(self) -> None:
+        # Engine._finished written out: this loop runs once per request.
+        # The head is published before any callback runs, so a callback
+        # that submits (and enters) sees the ring as it is.
         ring = self.cq_ring
         head = self.cq_head
         tail = _U32.unpack_from(ring, self.cq_tail_off)[0]
+        if head == tail:
+            return
         mask = self.cq_mask
         off = self.cqes_off
         reqs = self._reqs
+        done = []
         while head != tail:
             rid, res, _flags = _CQE.unpack_from(ring, off + (head & mask) * 16)
             head = (head + 1) & 0xFFFFFFFF
-            task, cb, _buf = reqs.pop(rid)
-            self._finished(task, cb, res)
+            done.append((reqs.pop(rid), res))
         self.cq_head = head
         _U32.pack_into(ring, self.cq_head_off, head)
+        for (task, cb, _buf), res in done:
+            # counted out one by one: a callback that submits must see the
+            # others still in flight, or its request is entered alone
+            self.in_flight -= 1
+            if cb is None:
+                _reschedule(task, _Value(res))
+            else:
+                try:
+                    cb(res)
+                except Exception:  # noqa: BLE001 - one request's bug, not the engine's
+                    log.exception("I/O completion callback failed")
         waiting = self._waiting
         while waiting and self.in_flight < self.cq_entries:
             self._queue(*waiting.popleft())
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
 
     def _close_fds(self) -> None:
         super()._close_fds()
         if self.ring_fd >= 0:
+            trio.lowlevel.notify_closing(self.ring_fd)
             for m in {id(x): x for x in (self.sq_ring, self.cq_ring, self.sqes)}.values():
                 m.close()
             os.close(self.ring_fd)
@@ -188,6 +208,15 @@ class Uring(KernelEngine):
     # -- requests --------------------------------------------------------------
     def _start(self, op: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
         self._queue(op, fd, addr, length, offset, 0, req)
+
+    # KernelEngine's, one call shorter: these run once per exported request
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._queue(OP_READ, fd, addr or buffers.address(buf), len(buf), offset, 0,
+                    (None, cb, buf))
+
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+        self._queue(OP_WRITE, fd, addr or buffers.address(buf), len(buf), offset, 0,
+                    (None, cb, buf))
 
     def _submit_pending(self) -> None:
         self._enter()
