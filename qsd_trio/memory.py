@@ -5,11 +5,9 @@ Every NBD or FUSE read allocates its payload buffer (up to 1 MiB for FUSE,
 thread) and frees it once the reply is sent.  glibc serves allocations above
 its mmap threshold (128 KiB at start, raised dynamically only in some
 free patterns) with a fresh ``mmap`` and returns them with ``munmap``, so
-each 1 MiB read paid 256 page faults plus the kernel zeroing the pages:
-py-spy put a third of the loop thread's samples of a FUSE read benchmark on
-``bytearray(length)``.  A fixed threshold above our request sizes keeps
-those buffers in the heap, where freed memory is reused at once; sequential
-1 MiB FUSE reads from a tmpfs image went from about 0.5 to 1.4 GB/s.
+each 1 MiB read would pay 256 page faults plus the kernel zeroing the
+pages.  A fixed threshold above our request sizes keeps those buffers in
+the heap, where freed memory is reused at once (docs/io-engine.md).
 
 The trim threshold bounds what an idle daemon keeps: free memory at the top
 of the heap beyond it goes back to the kernel.  QEMU keeps its own bounce

@@ -10,41 +10,15 @@ qemu-storage-daemon serves any number of FUSE exports from one process.
 pyfuse3 keeps its session in module globals (one mount per process), so the
 choices were (a) speak the kernel protocol on ``/dev/fuse`` ourselves, one
 session object per export, or (b) one pyfuse3 process per export forwarding
-each request to the daemon over a socket pair.  Measured on this machine
-(2 cores, null-co node, dd through the mount, MB/s):
-
-=========================  =======  ======  ========  =======
-server                     read 1M  read 4K  write 1M  write 4K
-=========================  =======  ======  ========  =======
-(a) raw /dev/fuse, trio        449     866       794        76
-pyfuse3, in-process            224     787      1000        39
-qemu-storage-daemon 7.2        339     487       613       124
-=========================  =======  ======  ========  =======
-
-pyfuse3 alone (no forwarding yet, so an upper bound for (b)) already halves
-4 KiB write throughput against (a): libfuse's request dispatch plus pyfuse3's
-Cython-to-trio hop cost about 50 us more per request.  The forwarding hop of
-(b) comes on top: a 4 KiB request/reply round trip over a trio socket pair
-measured 560 us, a 1 MiB one 6.9 ms, on this loaded machine (load ~4).
-(A quick pyfuse3 + socket pair prototype hung before giving numbers and was
-not debugged further; the round trip above stands in for its hop cost.)
-
-(a) wins: every request is one ``read()`` and one ``writev()`` of the device
-in the daemon's own event loop, with no serialisation and no second process;
-(b) pays pyfuse3's per-request overhead plus a socket round trip that copies
-each payload twice more, and needs a process per export to supervise.  (a)
-needs only the dozen opcodes a one-file file system receives
+each request to the daemon over a socket pair.  (a) is the faster by far
+(docs/io-engine.md has the measurements): pyfuse3 alone adds libfuse's
+dispatch and a Cython-to-trio hop to every request, and (b) adds a socket
+round trip that copies each payload twice more.  With (a) every request is
+one ``read()`` and one ``writev()`` of the device in the daemon's own event
+loop, with no serialisation and no second process to supervise; it needs
+only the dozen opcodes a one-file file system receives
 (:mod:`qsd_trio.proto.fuse`) and scales to any number of mounts: each export
 is one task waiting on its own fd.
-
-With (a) in place, ``benchmarks/fuse.py`` (1 GiB, dd, A/B/A/B beside
-qemu-storage-daemon, median MB/s, ratio) gave on a null-co node: read 1 MiB
-1851 vs 723 (2.6), read 4 KiB 1152 vs 727 (1.6), write 1 MiB 935 vs 1033
-(0.91), write 4 KiB 98 vs 158 (0.62); on a file node in /dev/shm: read 1 MiB
-0.89, read 4 KiB 0.50, write 1 MiB 0.49, write 4 KiB 0.19.  The file-node
-write gap is the file driver's worker-thread hop (trio.to_thread ~120-180 us
-here against ~1 us for an inline 4 KiB pwrite), paid once per request by a
-sequential writer; the export's own cost is what the null-co row shows.
 
 Requests other than READ are handled one at a time in that task, in arrival
 order, reusing one receive buffer (write payloads are views into it,
@@ -108,8 +82,7 @@ def _raise_readahead(device: str) -> None:
     """Let the kernel read ahead up to max_write per request instead of 128 KiB.
 
     Each request costs a fixed amount of Python time, so fewer, larger reads
-    matter here more than in QEMU (which keeps the default): sequential reads
-    measured 1.5x faster for 1 MiB and 3x for 4 KiB requests.  Best effort:
+    matter here more than in QEMU (which keeps the default).  Best effort:
     only root may write the mount's bdi setting.
     """
     try:

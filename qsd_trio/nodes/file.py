@@ -228,8 +228,8 @@ class FileNode(BlockNode):
 
     # The completions of submitted requests are bound methods with their
     # state in a partial, not closures: a closure that resubmits itself (a
-    # short read) refers to itself, and a reference cycle per request kept
-    # the cyclic garbage collector busy (~200k objects a second at 30k IOPS).
+    # short read) refers to itself, and a reference cycle per request would
+    # keep the cyclic garbage collector busy.
     def _preadv_submit(self, offset: int, length: int, done) -> bool:
         a = self.align
         if offset % a or length % a:

@@ -20,12 +20,10 @@ the kernel meanwhile (a voluntary context switch, from getrusage).  The
 getrusage calls cost as much as a quarter of the write itself, so only
 every ``WATCH_EVERY``-th inline write is watched that closely, and the one
 after any write that took too long: a node whose writes block keeps
-blocking, and is caught a write later.  A busy
-machine preempts the event loop anywhere, inside a write as often as outside
-one; on a shared 2-core box most 4 KiB writes that took over 2 ms had been
-preempted (involuntary switches), never slept.  Counting those as stalls
-kept inlining off nearly all the time, and a thread hop would not have made
-the CPU any less busy.
+blocking, and is caught a write later.  A busy machine preempts the event
+loop anywhere, inside a write as often as outside one (involuntary
+switches); those are not stalls, and a thread hop would not make the CPU
+any less busy.
 
 Everything else, and every write with FUA, goes to worker threads.
 """
@@ -37,12 +35,9 @@ import resource
 import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-# Larger writes go to the I/O engine: a 1 MiB copy into the page cache holds
-# the event loop for 0.1-0.3 ms, and on the engine's worker threads several
-# such copies run on the other cores at once while the loop goes on (tmpfs,
-# 1 GiB: NBD 1 MiB writes at QD8 1.6 -> 2.1x qemu-storage-daemon, mirror
-# 0.91 -> 1.16, commit 0.85 -> 1.18, backup 1.24; FUSE 1 MiB writes, one at
-# a time, stay about as they were)
+# Larger writes go to the I/O engine: a large copy into the page cache holds
+# the event loop, while on the engine's worker threads several such copies
+# run on the other cores at once and the loop goes on
 INLINE_MAX = 256 * 1024
 STALL_NS = 2_000_000      # an inline write slower than this disables inlining ...
 COOL_DOWN = 1.0           # ... for this many seconds on that node

@@ -6,9 +6,11 @@ the kernel, chosen by the ``aio`` option as in QEMU.
 * ``io_uring``: one io_uring per graph (uring.py);
 * ``native``: one Linux AIO context per graph (linux_aio.py), O_DIRECT only.
 
-Every engine hands completions to trio through an eventfd that one reaper
-task waits on, many completions per wakeup, and batches submissions made in
-one scheduler pass (base.py).  Buffers come from buffers.py.
+Every engine hands completions to trio through one descriptor that a reaper
+task waits on (an eventfd, or the io_uring's own), many completions per
+wakeup, and batches submissions made in one scheduler pass (base.py).
+Buffers come from buffers.py; the measurements behind these choices are in
+docs/io-engine.md.
 
 The graph owns its engines (``BlockGraph.io``): they are created on first
 use by a node that asks for them, and closed after the last node.

@@ -1,16 +1,11 @@
 """``aio=io_uring``: reads, writes and fdatasync through an io_uring.
 
-The binding is a small layer over the kernel ABI (io_uring_setup/enter/
-register through ``syscall``, the rings through ``mmap``, SQEs written with
+The binding is a small layer over the kernel ABI (io_uring_setup and
+io_uring_enter through ``syscall``, the rings through ``mmap``, SQEs written with
 ``struct.pack_into``), not the ``liburing`` package from PyPI (2026.3, a
-compiled wrapper of liburing's C helpers).  Measured here, 32 reads of
-4 KiB from tmpfs per io_uring_enter: liburing's own loop (get_sqe,
-prep_read, set_data64, submit, wait_cqe, cq_advance) costs 1.08 µs per
-read, the same loop over this layer's ring access 1.28 µs, and a read
-through this engine with its request table and completion callback
-3.9 µs.  The difference liburing could make is a few percent of the
-~25 µs an NBD request costs end to end, not worth a compiled dependency;
-what costs is the bookkeeping around the ring, which any binding needs.
+compiled wrapper of liburing's C helpers): what costs per request is the
+bookkeeping around the ring, which any binding needs, not the ring access
+(docs/io-engine.md has the comparison).
 
 Submissions are batched: a request writes its SQE and, if none is pending
 yet, wakes a small flusher task; by the time the flusher runs (the next
