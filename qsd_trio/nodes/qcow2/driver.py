@@ -32,13 +32,13 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from ... import events
 from ...qapi.errors import GenericError, QapiError
 from ..graph import register_driver
 from ..node import BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
 from . import overlap, reopen
 from . import snapshots as snapmod
+from .check import Corruption, repair_refcounts, signal_corruption
 from .compress import CompressionError, compress, decompress
 from .header import (
     AUTOCLEAR_BITMAPS,
@@ -79,12 +79,6 @@ ALL_ALLOC = 0xFFFFFFFF
 _MAP_BITS = L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 ALL_ZERO = 0xFFFFFFFF << 32
 
-
-
-class Corruption(Exception):
-    def __init__(self, msg: str, offset: int | None = None, size: int | None = None):
-        super().__init__(msg)
-        self.msg, self.offset, self.size = msg, offset, size
 
 
 @register_driver
@@ -285,7 +279,7 @@ class Qcow2Node(BlockNode):
             h.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS
             changed = True
         if h.incompatible_features & INCOMPAT_DIRTY:
-            await self._repair_refcounts()
+            await repair_refcounts(self)
             h.incompatible_features &= ~INCOMPAT_DIRTY
             changed = True
         if changed:
@@ -369,8 +363,8 @@ class Qcow2Node(BlockNode):
             self._ol_layout = layout
         bit = self._ol_index.check(mask, offset, size)
         if bit:
-            raise await self._signal_corruption(
-                Corruption(overlap.message(bit), offset, size)) from None
+            raise await signal_corruption(
+                self, Corruption(overlap.message(bit), offset, size)) from None
 
     async def _reftable_moved(self, offset: int, clusters: int) -> None:
         self.h.refcount_table_offset, self.h.refcount_table_clusters = offset, clusters
@@ -448,32 +442,7 @@ class Qcow2Node(BlockNode):
             extra["snapshots"] = [s.info() for s in self.snapshots]
         return extra
 
-    # -- corruption ---------------------------------------------------------------
-    async def _signal_corruption(self, c: Corruption, fatal: bool = True) -> OSError:
-        """QEMU's qcow2_signal_corruption: event once, corrupt bit, node unusable."""
-        if not self._signaled:
-            msg = ("Marking image as corrupt: " if fatal else "Image is corrupt: ") + c.msg
-            print(f"qcow2: {msg}; further {'' if fatal else 'non-fatal '}corruption "
-                  "events will be suppressed", file=sys.stderr)
-            data: dict = {"device": "", "node-name": self.node_name, "msg": c.msg}
-            if c.offset is not None:
-                data["offset"] = c.offset
-            if c.size is not None:
-                data["size"] = c.size
-            data["fatal"] = fatal
-            events.emit("BLOCK_IMAGE_CORRUPTED", data)
-            self._signaled = True
-        if fatal:
-            self._corrupt = True
-            if not self.read_only and self.h.version >= 3:
-                self.h.incompatible_features |= INCOMPAT_CORRUPT
-                try:
-                    with trio.CancelScope(shield=True):
-                        await self._write_v3_features()
-                except OSError:
-                    pass
-        return OSError(errno.EIO, "Input/output error")
-
+    # -- corruption (check.py) ------------------------------------------------------
     @property
     def ejected(self) -> bool:
         """QEMU drops the driver of a fatally corrupt node (bs->drv = NULL)."""
@@ -634,7 +603,7 @@ class Qcow2Node(BlockNode):
         try:
             return await self._map(offset, length, **kw)
         except Corruption as c:
-            raise await self._signal_corruption(c) from None
+            raise await signal_corruption(self, c) from None
 
     # -- reads ---------------------------------------------------------------------
     async def _read_compressed(self, entry: int) -> bytes:
@@ -877,7 +846,7 @@ class Qcow2Node(BlockNode):
                 await self._write_locked(offset, data, runs)
             except Corruption as c:
                 self._drop_runs(runs)
-                raise await self._signal_corruption(c) from None
+                raise await signal_corruption(self, c) from None
             except BaseException:
                 self._drop_runs(runs)
                 raise
@@ -897,7 +866,7 @@ class Qcow2Node(BlockNode):
                         await self._link_run(r)
                     linked = True
                 except Corruption as c:
-                    raise await self._signal_corruption(c) from None
+                    raise await signal_corruption(self, c) from None
                 finally:
                     for r in runs:
                         for i in range(r.n):
@@ -1149,7 +1118,7 @@ class Qcow2Node(BlockNode):
                     try:
                         await self._zero_locked(a, b, may_unmap)
                     except Corruption as c:
-                        raise await self._signal_corruption(c) from None
+                        raise await signal_corruption(self, c) from None
                     if self.data_file_raw:
                         # the raw data file must read the same as the image
                         await self.data.write_zeroes(a, b - a, may_unmap=may_unmap,
@@ -1181,7 +1150,7 @@ class Qcow2Node(BlockNode):
                     else:
                         done = False
                 except Corruption as c:
-                    raise await self._signal_corruption(c) from None
+                    raise await signal_corruption(self, c) from None
                 if done and self.data_file_raw:
                     await self.data.write_zeroes(start, stop - start, may_unmap=may_unmap,
                                                  no_fallback=no_fallback)
@@ -1258,7 +1227,7 @@ class Qcow2Node(BlockNode):
             try:
                 await self._discard_locked(a, b, full=False, dtype="request")
             except Corruption as c:
-                raise await self._signal_corruption(c) from None
+                raise await signal_corruption(self, c) from None
             if self.has_data_file and (self.data_file_raw or self.pass_discard["request"]):
                 # data-file clusters are not refcounted: discard goes straight down
                 await self.data.discard(a, min(b, self.data.length) - a) \
@@ -1356,7 +1325,7 @@ class Qcow2Node(BlockNode):
                     if await self.refs.update(c, -1) == 0 and self.pass_discard.get(dtype):
                         discards.append(c << self.cb)
                 except RefcountError as e:
-                    raise await self._signal_corruption(Corruption(str(e), c << self.cb, cs)) \
+                    raise await signal_corruption(self, Corruption(str(e), c << self.cb, cs)) \
                         from None
         await self.refs.write_dirty()
         for off in discards:
@@ -1576,50 +1545,6 @@ class Qcow2Node(BlockNode):
         off = await self.refs.alloc(clusters)
         self._free_byte = off + n
         return off
-
-    # -- dirty images ------------------------------------------------------------------------
-    async def _repair_refcounts(self) -> None:
-        """A dirty (lazy-refcounts) image: raise refcounts to what the tables reference."""
-        counts: dict[int, int] = {}
-
-        def ref(off: int, nbytes: int) -> None:
-            for c in range(off >> self.cb, ((off + nbytes - 1) >> self.cb) + 1):
-                counts[c] = counts.get(c, 0) + 1
-
-        cs = self.cs
-        ref(0, cs)
-        ref(self.h.refcount_table_offset, self.h.refcount_table_clusters * cs)
-        for e in self.refs.table:
-            if e & ~0x1FF:
-                ref(e & ~0x1FF, cs)
-        if self.h.nb_snapshots:
-            ref(self.h.snapshots_offset, snapmod.table_size(self.snapshots))
-        l1s = [(self.l1_offset, self.l1)] + [
-            (s.l1_table_offset, list(unpack_table(await self._read_meta(
-                s.l1_table_offset, s.l1_size * 8)))) for s in self.snapshots]
-        for l1off, l1 in l1s:
-            if l1:
-                ref(l1off, len(l1) * 8)
-            for e in l1:
-                off = e & L1E_OFFSET_MASK
-                if not off:
-                    continue
-                ref(off, cs)
-                t = unpack_table(await self.file.read(off, cs))
-                step = 2 if self.extl2 else 1
-                for i in range(0, len(t), step):
-                    le = t[i]
-                    if le & QCOW_OFLAG_COMPRESSED:
-                        ref(*compressed_extent(le, self.cb))
-                    elif le & L2E_OFFSET_MASK and not self.has_data_file:
-                        ref(le & L2E_OFFSET_MASK, cs)
-        for c, n in sorted(counts.items()):
-            have = await self.refs.get(c)
-            if have < n:
-                await self.refs.update(c, n - have)
-        self.refs.free_hint = 0
-        await self.refs.write_dirty()
-        await self.file.flush()
 
     # -- closing --------------------------------------------------------------------
     async def _close(self) -> None:
