@@ -1,11 +1,14 @@
-"""NBD wire format: a sans-I/O codec for both ends of the protocol.
+"""NBD wire format: a sans-I/O codec of the server's side of the protocol.
 
-Pure functions over bytes, no sockets: the NBD export (exports/nbd/) and
-the NBD client driver share it.  Names and numbers follow
-``ref/nbd-proto.md`` ("Fixed newstyle negotiation", "Transmission phase",
-"Structured reply chunk message types") and QEMU's extensions in
-``ref/qemu-docs/qemu-nbd-extensions.rst`` (``qemu:allocation-depth``,
-``qemu:dirty-bitmap:NAME``).
+Pure functions over bytes, no sockets, used by the NBD export
+(exports/nbd/): the constants, decoders of what a client sends and encoders
+of what a server answers.  The client's side (encoding options and
+requests, decoding replies) is in the tests (tests/nbd_client.py), the only
+NBD clients so far.  Names and numbers follow the NBD protocol
+specification (doc/proto.md of the NBD project: "Fixed newstyle
+negotiation", "Transmission phase", "Structured reply chunk message types",
+and the extended headers extension) and QEMU's extensions in its
+docs/interop/nbd.rst (``qemu:allocation-depth``, ``qemu:dirty-bitmap:NAME``).
 
 Decoders take exactly the bytes of one fixed-size header (the caller knows
 how many to read) and raise :class:`NbdProtocolError` on a wrong magic;
@@ -16,7 +19,7 @@ the server should answer with.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import attrs
@@ -28,7 +31,7 @@ REPLY_MAGIC_OPT = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
-# extended headers (ref/nbd-proto-extended-headers.md, "Request message",
+# extended headers (the NBD specification's extension: "Request message",
 # "Extended reply chunk message")
 EXTENDED_REQUEST_MAGIC = 0x21E41C71
 EXTENDED_REPLY_MAGIC = 0x6E8A278C
@@ -204,24 +207,9 @@ def server_greeting() -> bytes:
 GREETING_SIZE = _GREETING.size
 
 
-def parse_server_greeting(data: bytes) -> int:
-    magic, opt_magic, flags = _GREETING.unpack(data)
-    if magic != NBDMAGIC or opt_magic != IHAVEOPT:
-        raise NbdProtocolError("not a newstyle NBD server")
-    return flags
-
-
-def client_flags(flags: int = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) -> bytes:
-    return struct.pack(">I", flags)
-
-
 # -- options: the client's request, the server's reply ------------------------------
 _OPT_HDR = struct.Struct(">QII")
 OPTION_HEADER_SIZE = _OPT_HDR.size
-
-
-def encode_option(option: int, data: bytes = b"") -> bytes:
-    return _OPT_HDR.pack(IHAVEOPT, option, len(data)) + data
 
 
 def parse_option_header(data: bytes) -> tuple[int, int]:
@@ -242,14 +230,6 @@ def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
 
 def option_error(option: int, err: OptionError) -> bytes:
     return option_reply(option, err.reply, err.message.encode())
-
-
-def parse_option_reply_header(data: bytes) -> tuple[int, int, int]:
-    """(option, reply type, payload length) of a server option reply."""
-    magic, option, reply, length = _OPT_REP.unpack(data)
-    if magic != REPLY_MAGIC_OPT:
-        raise NbdProtocolError(f"Bad option reply magic 0x{magic:x}")
-    return option, reply, length
 
 
 def export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
@@ -300,12 +280,6 @@ def _take_string(data: bytes, pos: int, opt_name: str, *, name: bool) -> tuple[s
     return data[pos:pos + n].decode(errors="replace"), pos + n
 
 
-def encode_info_request(name: str, infos: Sequence[int] = ()) -> bytes:
-    n = name.encode()
-    return (struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos))
-            + b"".join(struct.pack(">H", i) for i in infos))
-
-
 def parse_info_request(data: bytes, opt_name: str = "info") -> tuple[str, list[int]]:
     """NBD_OPT_INFO / NBD_OPT_GO payload: (export name, requested info types)."""
     name, pos = _take_string(data, 0, opt_name, name=True)
@@ -317,13 +291,6 @@ def parse_info_request(data: bytes, opt_name: str = "info") -> tuple[str, list[i
         raise _inconsistent(opt_name)
     infos = list(struct.unpack_from(f">{count}H", data, pos))
     return name, infos
-
-
-def encode_meta_request(name: str, queries: Iterable[str]) -> bytes:
-    n = name.encode()
-    qs = [q.encode() for q in queries]
-    return (struct.pack(">I", len(n)) + n + struct.pack(">I", len(qs))
-            + b"".join(struct.pack(">I", len(q)) + q for q in qs))
 
 
 def parse_meta_request(data: bytes, opt_name: str = "set meta context") -> tuple[str, list[str]]:
@@ -388,10 +355,6 @@ class Request(NamedTuple):
     length: int
 
 
-def encode_request(type: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
-    return _REQ.pack(REQUEST_MAGIC, flags, type, handle, offset, length)
-
-
 def parse_request(data: bytes | bytearray | memoryview) -> Request:
     magic, flags, type_, handle, offset, length = _REQ.unpack(data)
     if magic != REQUEST_MAGIC:
@@ -406,11 +369,6 @@ _new_request = tuple.__new__
 # otherwise
 _EXT_REQ = struct.Struct(">IHHQQQ")
 EXT_REQUEST_SIZE = _EXT_REQ.size  # 32
-
-
-def encode_ext_request(type: int, handle: int, offset: int = 0, length: int = 0,
-                       flags: int = 0) -> bytes:
-    return _EXT_REQ.pack(EXTENDED_REQUEST_MAGIC, flags, type, handle, offset, length)
 
 
 def parse_ext_request(data: bytes | bytearray | memoryview) -> Request:
@@ -486,66 +444,3 @@ def chunk_block_status_ext(handle: int, ext_offset: int, context_id: int,
     return chunk_header(handle, REPLY_TYPE_BLOCK_STATUS_EXT, len(body),
                         REPLY_FLAG_DONE if done else 0, ext_offset) + body
 
-
-@attrs.frozen
-class Reply:
-    """A decoded reply header: simple (``type`` None) or a structured chunk."""
-
-    handle: int
-    error: int = 0
-    type: int | None = None
-    flags: int = 0
-    length: int = 0
-    offset: int | None = None  # extended replies echo the request's offset
-
-    @property
-    def done(self) -> bool:
-        return self.type is None or bool(self.flags & REPLY_FLAG_DONE)
-
-
-REPLY_MAGIC_SIZE = 4
-
-
-def reply_header_size(magic_bytes: bytes) -> int:
-    """How long the header is, given its first four bytes."""
-    (magic,) = struct.unpack(">I", magic_bytes)
-    if magic == SIMPLE_REPLY_MAGIC:
-        return SIMPLE_REPLY_SIZE
-    if magic == STRUCTURED_REPLY_MAGIC:
-        return CHUNK_HEADER_SIZE
-    if magic == EXTENDED_REPLY_MAGIC:
-        return EXT_CHUNK_HEADER_SIZE
-    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
-
-
-def parse_reply_header(data: bytes) -> Reply:
-    (magic,) = struct.unpack_from(">I", data)
-    if magic == SIMPLE_REPLY_MAGIC:
-        _, error, handle = _SIMPLE.unpack(data)
-        return Reply(handle, error)
-    if magic == STRUCTURED_REPLY_MAGIC:
-        _, flags, type_, handle, length = _CHUNK.unpack(data)
-        return Reply(handle, 0, type_, flags, length)
-    if magic == EXTENDED_REPLY_MAGIC:
-        _, flags, type_, handle, offset, length = _EXT_CHUNK.unpack(data)
-        return Reply(handle, 0, type_, flags, length, offset)
-    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
-
-
-def parse_error_chunk(payload: bytes) -> tuple[int, str]:
-    error, n = struct.unpack_from(">IH", payload)
-    return error, payload[6:6 + n].decode(errors="replace")
-
-
-def parse_block_status_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
-    (ctx,) = struct.unpack_from(">I", payload)
-    ext = [struct.unpack_from(">II", payload, p) for p in range(4, len(payload), 8)]
-    return ctx, ext
-
-
-def parse_block_status_ext_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
-    """(context id, [(length, flags)]) of a BLOCK_STATUS_EXT payload."""
-    ctx, count = struct.unpack_from(">II", payload)
-    if len(payload) != 8 + 16 * count or not count:
-        raise NbdProtocolError(f"bad BLOCK_STATUS_EXT payload length {len(payload)}")
-    return ctx, [struct.unpack_from(">QQ", payload, 8 + 16 * i) for i in range(count)]

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
 from tests.integration.nbd_helpers import make_pki
 from tests.integration.nbd_raw import RawClient
@@ -126,20 +127,20 @@ async def _transcript(sock: str) -> list:
         for opt, data in [
             (99, b"junk"),
             (P.OPT_LIST, b"x"),
-            (P.OPT_INFO, P.encode_info_request("nope", [])),
+            (P.OPT_INFO, C.encode_info_request("nope", [])),
             (P.OPT_INFO, b"\0\0\0\x09short"),
-            (P.OPT_SET_META_CONTEXT, P.encode_meta_request("x", ["base:allocation"])),
+            (P.OPT_SET_META_CONTEXT, C.encode_meta_request("x", ["base:allocation"])),
             (P.OPT_STARTTLS, b""),
             (P.OPT_PEEK_EXPORT, b""),
             (P.OPT_STRUCTURED_REPLY, b"x"),
             (P.OPT_STRUCTURED_REPLY, b""),
             (P.OPT_STRUCTURED_REPLY, b""),
-            (P.OPT_LIST_META_CONTEXT, P.encode_meta_request("x", [])),
-            (P.OPT_LIST_META_CONTEXT, P.encode_meta_request("x", ["qemu:"])),
-            (P.OPT_LIST_META_CONTEXT, P.encode_meta_request("nope", [])),
-            (P.OPT_SET_META_CONTEXT, P.encode_meta_request("x", ["base:allocation", "qemu:"])),
-            (P.OPT_INFO, P.encode_info_request("x", [P.INFO_NAME, P.INFO_BLOCK_SIZE, 77])),
-            (P.OPT_GO, P.encode_info_request("x", [])),
+            (P.OPT_LIST_META_CONTEXT, C.encode_meta_request("x", [])),
+            (P.OPT_LIST_META_CONTEXT, C.encode_meta_request("x", ["qemu:"])),
+            (P.OPT_LIST_META_CONTEXT, C.encode_meta_request("nope", [])),
+            (P.OPT_SET_META_CONTEXT, C.encode_meta_request("x", ["base:allocation", "qemu:"])),
+            (P.OPT_INFO, C.encode_info_request("x", [P.INFO_NAME, P.INFO_BLOCK_SIZE, 77])),
+            (P.OPT_GO, C.encode_info_request("x", [])),
         ]:
             out.append(("opt", opt, await c.option(opt, data)))
         for t, off, ln, fl, data in [
@@ -192,9 +193,9 @@ async def test_protocol_transcript_same(pair):
 @pytest.mark.parametrize("garbage", [
     b"\xff\xff\xff\xff",
     b"\0\0\0\x03" + b"NOTMAGIC" + bytes(8),
-    b"\0\0\0\x03" + P.encode_option(P.OPT_EXPORT_NAME, b"nope"),
-    b"\0\0\0\x03" + P.encode_option(P.OPT_ABORT),
-    b"\0\0\0\x01" + P.encode_option(99),
+    b"\0\0\0\x03" + C.encode_option(P.OPT_EXPORT_NAME, b"nope"),
+    b"\0\0\0\x03" + C.encode_option(P.OPT_ABORT),
+    b"\0\0\0\x01" + C.encode_option(99),
 ])
 async def test_bad_handshakes_same(pair, garbage):
     p = pair(["type=nbd,id=e,node-name={node},name=x"])
@@ -322,9 +323,9 @@ async def _transcript_rw(sock: str) -> list:
         await c.handshake()
         await c.option(P.OPT_STRUCTURED_REPLY)
         out.append(await c.option(P.OPT_SET_META_CONTEXT,
-                                  P.encode_meta_request("x", ["base:allocation",
+                                  C.encode_meta_request("x", ["base:allocation",
                                                              "qemu:allocation-depth"])))
-        out.append(await c.option(P.OPT_GO, P.encode_info_request("x", [P.INFO_BLOCK_SIZE])))
+        out.append(await c.option(P.OPT_GO, C.encode_info_request("x", [P.INFO_BLOCK_SIZE])))
         for t, off, ln, fl, data in [
             (P.CMD_WRITE, 4096, 4096, P.CMD_FLAG_FUA, b"w" * 4096),
             (P.CMD_WRITE, (64 << 20) - 2, 4, 0, b"over"),
@@ -389,10 +390,10 @@ async def test_tls_required_transcript_same(tmp_path):
             with trio.fail_after(10):
                 await c.handshake()
                 try:
-                    for opt, data in [(P.OPT_LIST, b""), (P.OPT_GO, P.encode_info_request("x")),
+                    for opt, data in [(P.OPT_LIST, b""), (P.OPT_GO, C.encode_info_request("x")),
                                       (P.OPT_STRUCTURED_REPLY, b""), (P.OPT_STARTTLS, b"x")]:
                         out.append(await c.option(opt, data))
-                    await c.s.send_all(P.encode_option(P.OPT_EXPORT_NAME, b"x"))
+                    await c.s.send_all(C.encode_option(P.OPT_EXPORT_NAME, b"x"))
                     out.append("closed" if await c.closed() else "open")
                 except (trio.BrokenResourceError, EOFError):
                     out.append("closed")  # a reset rather than a clean close: same to a client

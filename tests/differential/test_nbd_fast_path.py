@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
 from tests.integration.nbd_raw import RawClient
 
@@ -86,7 +87,7 @@ async def _burst(sock: str, reqs: list[tuple], structured: bool) -> dict:
     c = await RawClient.connect(sock)
     try:
         await c.go("x", structured=structured)
-        blob = b"".join(P.encode_request(t, h, off, ln, fl) + data
+        blob = b"".join(C.encode_request(t, h, off, ln, fl) + data
                         for h, (t, off, ln, fl, data) in enumerate(reqs))
         async with trio.open_nursery() as n:
             n.start_soon(c.s.send_all, blob)  # replies are read while it sends

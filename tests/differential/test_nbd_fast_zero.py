@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 from tests.helpers import HAVE_QEMU, Daemon, qemu_img, qemu_io
 from tests.integration.nbd_raw import RawClient
 
@@ -107,7 +108,7 @@ async def _run_cases(sock: str) -> list:
             await c.go(name)
             await c.request(P.CMD_WRITE_ZEROES, 7, off, ln, flags)
             rep, payload = await c.reply()
-            err = P.parse_error_chunk(payload) if rep.type == P.REPLY_TYPE_ERROR else (0, "")
+            err = C.parse_error_chunk(payload) if rep.type == P.REPLY_TYPE_ERROR else (0, "")
             # the connection goes on: a read after the refusal is served
             await c.request(P.CMD_READ, 8, off, 512, P.CMD_FLAG_DF)
             rep2, _ = await c.reply()

@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 
 
 class RawClient:
@@ -42,14 +43,14 @@ class RawClient:
         return False
 
     async def handshake(self):
-        assert P.parse_server_greeting(await self.recv(18)) == 3
-        await self.s.send_all(P.client_flags())
+        assert C.parse_server_greeting(await self.recv(18)) == 3
+        await self.s.send_all(C.client_flags())
 
     async def option(self, opt, data=b""):
-        await self.s.send_all(P.encode_option(opt, data))
+        await self.s.send_all(C.encode_option(opt, data))
         replies = []
         while True:
-            o, rep, n = P.parse_option_reply_header(await self.recv(20))
+            o, rep, n = C.parse_option_reply_header(await self.recv(20))
             assert o == opt
             payload = await self.recv(n)
             replies.append((rep, payload))
@@ -61,19 +62,19 @@ class RawClient:
             await self.handshake()
         if structured:
             assert (await self.option(P.OPT_STRUCTURED_REPLY))[-1][0] == P.REP_ACK
-        r = await self.option(P.OPT_GO, P.encode_info_request(name, [P.INFO_BLOCK_SIZE]))
+        r = await self.option(P.OPT_GO, C.encode_info_request(name, [P.INFO_BLOCK_SIZE]))
         assert r[-1][0] == P.REP_ACK, r
         return r
 
     async def request(self, type, handle=1, offset=0, length=0, flags=0, data=b""):
-        encode = P.encode_ext_request if self.extended else P.encode_request
+        encode = C.encode_ext_request if self.extended else C.encode_request
         await self.s.send_all(encode(type, handle, offset, length, flags) + data)
 
     async def reply(self):
         """(Reply, payload) of the next simple reply or chunk."""
         head = await self.recv(4)
-        rest = await self.recv(P.reply_header_size(head) - 4)
-        rep = P.parse_reply_header(head + rest)
+        rest = await self.recv(C.reply_header_size(head) - 4)
+        rep = C.parse_reply_header(head + rest)
         return rep, (await self.recv(rep.length) if rep.type is not None else b"")
 
     async def command(self, type, handle=1, offset=0, length=0, flags=0, data=b""):

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 
 from .nbd_raw import RawClient, raw_clients  # noqa: F401 - autouse fixture
 
@@ -40,9 +41,9 @@ async def negotiate(sock: str) -> RawClient:
     await c.handshake()
     assert (await c.option(P.OPT_EXTENDED_HEADERS))[-1][0] == P.REP_ACK
     c.extended = True
-    r = await c.option(P.OPT_SET_META_CONTEXT, P.encode_meta_request("x", ["base:allocation"]))
+    r = await c.option(P.OPT_SET_META_CONTEXT, C.encode_meta_request("x", ["base:allocation"]))
     assert [rep for rep, _ in r] == [P.REP_META_CONTEXT, P.REP_ACK]
-    r = await c.option(P.OPT_GO, P.encode_info_request("x", [P.INFO_BLOCK_SIZE]))
+    r = await c.option(P.OPT_GO, C.encode_info_request("x", [P.INFO_BLOCK_SIZE]))
     assert r[-1][0] == P.REP_ACK
     return c
 
@@ -65,7 +66,7 @@ async def test_option_haggling(served):
         seen = []
         for opt, data in [(P.OPT_EXTENDED_HEADERS, b"x"), (P.OPT_EXTENDED_HEADERS, b""),
                           (P.OPT_EXTENDED_HEADERS, b""), (P.OPT_STRUCTURED_REPLY, b""),
-                          (P.OPT_LIST_META_CONTEXT, P.encode_meta_request("x", []))]:
+                          (P.OPT_LIST_META_CONTEXT, C.encode_meta_request("x", []))]:
             seen.append([(rep, payload) for rep, payload in await c.option(opt, data)])
         assert seen == [
             [(P.REP_ERR_INVALID, b"option 'extended headers' has unexpected length")],
@@ -76,7 +77,7 @@ async def test_option_haggling(served):
             [(P.REP_META_CONTEXT, P.meta_context_reply(0, "base:allocation")), (P.REP_ACK, b"")],
         ]
         # NBD_OPT_EXPORT_NAME is not allowed any more: the server hangs up
-        await c.s.send_all(P.encode_option(P.OPT_EXPORT_NAME, b"x"))
+        await c.s.send_all(C.encode_option(P.OPT_EXPORT_NAME, b"x"))
         assert await c.closed()
 
 
@@ -100,7 +101,7 @@ async def test_transmission_with_64_bit_lengths(served):
         await c.request(P.CMD_BLOCK_STATUS, 3, 0, SIZE)
         [(rep, payload)] = await replies(c)
         assert (rep.type, rep.offset) == (P.REPLY_TYPE_BLOCK_STATUS_EXT, 0)
-        ctx, ext = P.parse_block_status_ext_chunk(payload)
+        ctx, ext = C.parse_block_status_ext_chunk(payload)
         assert ctx == 0
         assert ext[0] == (at, P.STATE_HOLE | P.STATE_ZERO) and ext[0][0] > 1 << 32
         assert ext[1][1] == 0 and sum(n for n, _ in ext) == SIZE
@@ -117,7 +118,7 @@ async def test_transmission_with_64_bit_lengths(served):
             await c.request(t, handle, off, ln, flags, data)
             [(rep, payload)] = await replies(c)
             assert (rep.handle, rep.type, rep.offset) == (handle, P.REPLY_TYPE_ERROR, off)
-            assert P.parse_error_chunk(payload)[0] == P.EINVAL
+            assert C.parse_error_chunk(payload)[0] == P.EINVAL
         await c.request(P.CMD_FLUSH, 20)
         [(rep, _)] = await replies(c)
         assert (rep.handle, rep.type) == (20, P.REPLY_TYPE_NONE)

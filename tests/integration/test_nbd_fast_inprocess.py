@@ -16,6 +16,7 @@ import trio.testing
 from qsd_trio.exports import nbd as nbd_export
 from qsd_trio.monitor import exports as mx
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 from tests.helpers import other_task_turns
 
 from .nbd_helpers import MemoryNode, make_daemon, ns
@@ -56,7 +57,7 @@ async def env(nursery, tmp_path):
 
 
 def _blob(reqs) -> bytes:
-    return b"".join(P.encode_request(t, h, off, ln, fl) + data
+    return b"".join(C.encode_request(t, h, off, ln, fl) + data
                     for h, (t, off, ln, fl, data) in enumerate(reqs, 1))
 
 
@@ -67,7 +68,7 @@ async def test_replies_before_disc_are_sent(env):
     reqs = [(P.CMD_READ, i * 4096, 4096, P.CMD_FLAG_DF, b"") for i in range(40)]
     # 53 requests: with MAX_REQUESTS (16) slots, 5 replies are still queued at DISC
     reqs += [(P.CMD_WRITE, (2 << 20) + i * 4096, 4096, 0, bytes([i]) * 4096) for i in range(13)]
-    await c.s.send_all(_blob(reqs) + P.encode_request(P.CMD_DISC, 0))
+    await c.s.send_all(_blob(reqs) + C.encode_request(P.CMD_DISC, 0))
     got = {}
     for _ in reqs:
         rep, payload = await c.reply()

@@ -19,6 +19,7 @@ from qsd_trio import events
 from qsd_trio.monitor import exports as mx
 from qsd_trio.proto import nbd as P
 from qsd_trio.qapi.errors import QapiError
+from tests import nbd_client as C
 
 from .nbd_helpers import make_daemon, ns
 from .nbd_raw import RawClient, raw_clients  # noqa: F401 - autouse fixture
@@ -141,9 +142,9 @@ async def test_info_go_and_commands(env):
     await mx.block_export_add(env, ns(id="e", node_name="mem", writable=True, description="dd"))
     c = await RawClient.connect(env.sock)
     await c.handshake()
-    (rep, msg), = await c.option(P.OPT_INFO, P.encode_info_request("nope", []))
+    (rep, msg), = await c.option(P.OPT_INFO, C.encode_info_request("nope", []))
     assert rep == P.REP_ERR_UNKNOWN and msg == b"export 'nope' not present"
-    r = await c.option(P.OPT_INFO, P.encode_info_request("mem", [P.INFO_NAME]))
+    r = await c.option(P.OPT_INFO, C.encode_info_request("mem", [P.INFO_NAME]))
     assert r == [(P.REP_INFO, P.info_name("mem")), (P.REP_INFO, P.info_description("dd")),
                  (P.REP_INFO, P.info_block_size(1, 4096, 32 << 20)),
                  (P.REP_INFO, P.info_export(64 << 20, 0xDED)), (P.REP_ACK, b"")]
@@ -152,9 +153,9 @@ async def test_info_go_and_commands(env):
     assert rep == P.REP_ERR_INVALID and msg == b"structured reply already negotiated"
     (rep, msg), = await c.option(P.OPT_STARTTLS)
     assert rep == P.REP_ERR_POLICY
-    r = await c.option(P.OPT_LIST_META_CONTEXT, P.encode_meta_request("mem", []))
+    r = await c.option(P.OPT_LIST_META_CONTEXT, C.encode_meta_request("mem", []))
     assert r == [(P.REP_META_CONTEXT, b"\0\0\0\0base:allocation"), (P.REP_ACK, b"")]
-    assert (await c.option(P.OPT_GO, P.encode_info_request("mem")))[-1][0] == P.REP_ACK
+    assert (await c.option(P.OPT_GO, C.encode_info_request("mem")))[-1][0] == P.REP_ACK
     ops = [
         (P.CMD_WRITE, 1, 8192, 4096, P.CMD_FLAG_FUA, b"x" * 4096),
         (P.CMD_WRITE_ZEROES, 2, 8192, 2048, P.CMD_FLAG_FAST_ZERO, b""),
@@ -170,7 +171,7 @@ async def test_info_go_and_commands(env):
     assert env.graph.nodes["mem"].data[8192:8192 + 4096] == bytes(2048) + b"x" * 2048
     await c.request(P.CMD_READ, handle=7, offset=(64 << 20) - 256, length=512)
     rep, payload = await c.reply()
-    assert rep.type == P.REPLY_TYPE_ERROR and P.parse_error_chunk(payload)[0] == P.EINVAL
+    assert rep.type == P.REPLY_TYPE_ERROR and C.parse_error_chunk(payload)[0] == P.EINVAL
     # a zero-length read is one NONE chunk
     await c.request(P.CMD_READ, handle=8, offset=0, length=0)
     rep, _ = await c.reply()
@@ -187,32 +188,32 @@ async def test_raw_unknown_option_and_command(env):
     assert rep == P.REP_ERR_UNSUP and msg == b"Unsupported option 99 (<unknown>)"
     (rep, _), = await c.option(P.OPT_LIST, b"x")
     assert rep == P.REP_ERR_INVALID
-    r = await c.option(P.OPT_SET_META_CONTEXT, P.encode_meta_request("mem", ["base:allocation"]))
+    r = await c.option(P.OPT_SET_META_CONTEXT, C.encode_meta_request("mem", ["base:allocation"]))
     assert r[-1][0] == P.REP_ERR_INVALID  # structured replies not negotiated yet
     await c.option(P.OPT_STRUCTURED_REPLY)
     r = await c.option(P.OPT_SET_META_CONTEXT,
-                       P.encode_meta_request("mem", ["base:allocation", "qemu:nothing"]))
+                       C.encode_meta_request("mem", ["base:allocation", "qemu:nothing"]))
     assert r == [(P.REP_META_CONTEXT, b"\0\0\0\0base:allocation"), (P.REP_ACK, b"")]
     await c.go(structured=False, handshake=False)
     # unknown command: error chunk, connection goes on
     await c.request(42, handle=5)
     rep, payload = await c.reply()
     assert rep.handle == 5 and rep.type == P.REPLY_TYPE_ERROR
-    assert P.parse_error_chunk(payload)[0] == P.EINVAL
+    assert C.parse_error_chunk(payload)[0] == P.EINVAL
     # write to a read-only export: EPERM, payload consumed, still in sync
     await c.request(P.CMD_WRITE, handle=6, offset=0, length=4, data=b"abcd")
     rep, payload = await c.reply()
-    assert rep.handle == 6 and P.parse_error_chunk(payload)[0] == P.EINVAL  # as QEMU
+    assert rep.handle == 6 and C.parse_error_chunk(payload)[0] == P.EINVAL  # as QEMU
     # unsupported flag
     await c.request(P.CMD_FLUSH, handle=7, flags=P.CMD_FLAG_DF)
     rep, payload = await c.reply()
-    assert P.parse_error_chunk(payload)[0] == P.EINVAL
+    assert C.parse_error_chunk(payload)[0] == P.EINVAL
     # block status, one extent only
     await c.request(P.CMD_BLOCK_STATUS, handle=8, offset=0, length=1 << 20,
                     flags=P.CMD_FLAG_REQ_ONE)
     rep, payload = await c.reply()
     assert rep.type == P.REPLY_TYPE_BLOCK_STATUS and rep.done
-    assert P.parse_block_status_chunk(payload) == (0, [(1 << 20, 3)])
+    assert C.parse_block_status_chunk(payload) == (0, [(1 << 20, 3)])
     # sparse read: one hole chunk
     await c.request(P.CMD_READ, handle=9, offset=0, length=8192)
     rep, payload = await c.reply()
@@ -251,8 +252,8 @@ async def test_raw_simple_replies_and_oversized_write(env):
 @pytest.mark.parametrize("garbage", [
     b"\xff" * 4,                                   # unknown client flags
     b"\0\0\0\x03" + b"NOTMAGIC" + bytes(8),        # bad option magic
-    b"\0\0\0\x03" + P.encode_option(P.OPT_EXPORT_NAME, b"nope"),  # unknown export
-    b"\0\0\0\x03" + P.encode_option(P.OPT_GO)[:10],              # truncated option
+    b"\0\0\0\x03" + C.encode_option(P.OPT_EXPORT_NAME, b"nope"),  # unknown export
+    b"\0\0\0\x03" + C.encode_option(P.OPT_GO)[:10],              # truncated option
 ])
 async def test_garbage_handshake_disconnects_only_that_client(env, garbage):
     await mx.block_export_add(env, ns(id="e", node_name="mem"))
@@ -313,7 +314,7 @@ async def test_max_connections_queue(nursery, tmp_path):
     assert cs.cancelled_caught
     await first.request(P.CMD_DISC)
     with trio.fail_after(5):
-        assert P.parse_server_greeting(await second.recv(18)) == 3
+        assert C.parse_server_greeting(await second.recv(18)) == 3
     await mx.nbd_server_stop(d, None)
 
 

@@ -21,6 +21,7 @@ from qsd_trio.exports.nbd.handshake import (
     StartTls,
 )
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 
 FLAGS = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH
 
@@ -49,7 +50,7 @@ def start(exports: dict[str, Export] | None = None, *, tls: bool = False,
     assert hs.next_event() is NEED_DATA
     assert hs.data_to_send() == P.server_greeting()
     assert hs.bytes_wanted == 4
-    hs.receive_data(P.client_flags(flags))
+    hs.receive_data(C.client_flags(flags))
     return hs
 
 
@@ -57,7 +58,7 @@ def replies(data: bytes) -> list[tuple[int, int, bytes]]:
     """(option, reply type, payload) of each option reply in ``data``."""
     out = []
     while data:
-        option, reply, n = P.parse_option_reply_header(data[:P.OPTION_REPLY_HEADER_SIZE])
+        option, reply, n = C.parse_option_reply_header(data[:P.OPTION_REPLY_HEADER_SIZE])
         body = data[P.OPTION_REPLY_HEADER_SIZE:P.OPTION_REPLY_HEADER_SIZE + n]
         out.append((option, reply, body))
         data = data[P.OPTION_REPLY_HEADER_SIZE + n:]
@@ -65,7 +66,7 @@ def replies(data: bytes) -> list[tuple[int, int, bytes]]:
 
 
 def option(hs: Handshake[Export], opt: int, payload: bytes = b""):
-    hs.receive_data(P.encode_option(opt, payload))
+    hs.receive_data(C.encode_option(opt, payload))
     event = hs.next_event()
     return event, replies(hs.data_to_send())
 
@@ -75,7 +76,7 @@ def error(opt: int, reply: int, message: str) -> tuple[int, int, bytes]:
 
 
 def info_request(name: str, *infos: int) -> bytes:
-    return P.encode_info_request(name, infos)
+    return C.encode_info_request(name, infos)
 
 
 # -- the start ------------------------------------------------------------------
@@ -91,7 +92,7 @@ def test_greeting_then_options():
 def test_unknown_client_flags_hang_up():
     hs = Handshake({"disk": DISK})
     hs.next_event()
-    hs.receive_data(P.client_flags(P.FLAG_C_FIXED_NEWSTYLE | 4))
+    hs.receive_data(C.client_flags(P.FLAG_C_FIXED_NEWSTYLE | 4))
     assert hs.next_event() == Closed("Unknown client flags 0x5 received")
     with pytest.raises(RuntimeError):
         hs.next_event()
@@ -107,8 +108,8 @@ def test_bad_option_magic_is_a_protocol_error():
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_any_split_of_the_bytes_gives_the_same_exchange(step):
     hs = Handshake({"disk": DISK})
-    data = (P.client_flags() + P.encode_option(P.OPT_STRUCTURED_REPLY)
-            + P.encode_option(P.OPT_GO, info_request("disk")))
+    data = (C.client_flags() + C.encode_option(P.OPT_STRUCTURED_REPLY)
+            + C.encode_option(P.OPT_GO, info_request("disk")))
     out, events = b"", []
     for i in range(0, len(data), step):
         hs.receive_data(data[i:i + step])
@@ -268,7 +269,7 @@ def test_extended_headers_imply_structured_replies():
 
 @pytest.mark.parametrize("opt", [P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT])
 def test_meta_contexts_need_structured_replies(opt):
-    event, sent = option(start(), opt, P.encode_meta_request("disk", []))
+    event, sent = option(start(), opt, C.encode_meta_request("disk", []))
     assert event is NEED_DATA
     assert sent == [error(opt, P.REP_ERR_INVALID,
                           f"request option '{P.OPT_NAMES[opt]}' when structured reply "
@@ -278,7 +279,7 @@ def test_meta_contexts_need_structured_replies(opt):
 def test_list_meta_context_lists_with_id_0():
     hs = start()
     option(hs, P.OPT_STRUCTURED_REPLY)
-    _, sent = option(hs, P.OPT_LIST_META_CONTEXT, P.encode_meta_request("disk", []))
+    _, sent = option(hs, P.OPT_LIST_META_CONTEXT, C.encode_meta_request("disk", []))
     assert sent == [(P.OPT_LIST_META_CONTEXT, P.REP_META_CONTEXT,
                      P.meta_context_reply(0, P.META_BASE_ALLOCATION)),
                     (P.OPT_LIST_META_CONTEXT, P.REP_META_CONTEXT,
@@ -291,7 +292,7 @@ def test_set_meta_context_numbers_the_contexts():
     hs = start()
     option(hs, P.OPT_STRUCTURED_REPLY)
     _, sent = option(hs, P.OPT_SET_META_CONTEXT,
-                     P.encode_meta_request("disk", [P.META_ALLOCATION_DEPTH]))
+                     C.encode_meta_request("disk", [P.META_ALLOCATION_DEPTH]))
     assert sent == [(P.OPT_SET_META_CONTEXT, P.REP_META_CONTEXT,
                      P.meta_context_reply(1, P.META_ALLOCATION_DEPTH)),
                     (P.OPT_SET_META_CONTEXT, P.REP_ACK, b"")]
@@ -301,7 +302,7 @@ def test_set_meta_context_numbers_the_contexts():
 def test_meta_context_of_a_missing_export():
     hs = start()
     option(hs, P.OPT_STRUCTURED_REPLY)
-    _, sent = option(hs, P.OPT_SET_META_CONTEXT, P.encode_meta_request("nope", []))
+    _, sent = option(hs, P.OPT_SET_META_CONTEXT, C.encode_meta_request("nope", []))
     assert sent == [error(P.OPT_SET_META_CONTEXT, P.REP_ERR_UNKNOWN, "export 'nope' not present")]
 
 
@@ -400,7 +401,7 @@ def test_an_overlong_option_is_dropped_as_it_arrives_then_refused(opt):
 
 def test_the_handshake_never_wants_the_first_request():
     hs = start()
-    hs.receive_data(P.encode_option(P.OPT_GO, info_request("disk")))
+    hs.receive_data(C.encode_option(P.OPT_GO, info_request("disk")))
     assert isinstance(hs.next_event(), ExportChosen)
     assert hs.bytes_wanted == 0
     with pytest.raises(RuntimeError):

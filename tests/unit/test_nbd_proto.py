@@ -1,4 +1,4 @@
-"""The NBD codec over bytes: layouts checked against ref/nbd-proto.md."""
+"""The NBD codec over bytes: layouts checked against the NBD protocol specification."""
 
 import struct
 
@@ -7,18 +7,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qsd_trio.proto import nbd as P
+from tests import nbd_client as C
 
 
 def test_greeting_is_fixed_newstyle_without_zeroes():
     g = P.server_greeting()
     assert g == b"NBDMAGIC" + b"IHAVEOPT" + b"\x00\x03"
-    assert P.parse_server_greeting(g) == P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
+    assert C.parse_server_greeting(g) == P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
     with pytest.raises(P.NbdProtocolError):
-        P.parse_server_greeting(b"NBDMAGIX" + g[8:])
+        C.parse_server_greeting(b"NBDMAGIX" + g[8:])
 
 
 def test_option_header_roundtrip_and_bad_magic():
-    msg = P.encode_option(P.OPT_GO, b"abc")
+    msg = C.encode_option(P.OPT_GO, b"abc")
     assert msg[:8] == b"IHAVEOPT" and len(msg) == 16 + 3
     assert P.parse_option_header(msg[:16]) == (P.OPT_GO, 3)
     with pytest.raises(P.NbdProtocolError, match="Bad magic"):
@@ -30,7 +31,7 @@ def test_option_reply_layout():
     magic, opt, rep, ln = struct.unpack(">QIII", r[:20])
     assert (magic, opt, rep) == (0x3E889045565A9, 3, 2)
     assert r[20:] == b"\0\0\0\x04disk" + b"desc" and ln == 12
-    assert P.parse_option_reply_header(r[:20]) == (3, 2, 12)
+    assert C.parse_option_reply_header(r[:20]) == (3, 2, 12)
     err = P.option_error(7, P.OptionError(P.REP_ERR_UNKNOWN, "export 'x' not present"))
     assert struct.unpack(">I", err[12:16])[0] == 0x80000006
     assert err[20:] == b"export 'x' not present"
@@ -47,7 +48,7 @@ def test_info_payloads():
 
 @given(st.text(max_size=50), st.lists(st.integers(0, 0xFFFF), max_size=10))
 def test_info_request_roundtrip(name, infos):
-    assert P.parse_info_request(P.encode_info_request(name, infos)) == (name, infos)
+    assert P.parse_info_request(C.encode_info_request(name, infos)) == (name, infos)
 
 
 @pytest.mark.parametrize("payload", [
@@ -65,17 +66,17 @@ def test_info_request_malformed_is_invalid(payload):
 
 def test_info_request_name_too_long():
     with pytest.raises(P.OptionError, match="Invalid name length: 4097"):
-        P.parse_info_request(P.encode_info_request("x" * 4097, []))
+        P.parse_info_request(C.encode_info_request("x" * 4097, []))
 
 
 @given(st.text(max_size=20), st.lists(st.text(max_size=30), max_size=5))
 def test_meta_request_roundtrip(name, queries):
-    assert P.parse_meta_request(P.encode_meta_request(name, queries)) == (name, queries)
+    assert P.parse_meta_request(C.encode_meta_request(name, queries)) == (name, queries)
 
 
 def test_meta_request_trailing_bytes_invalid():
     with pytest.raises(P.OptionError):
-        P.parse_meta_request(P.encode_meta_request("e", ["base:allocation"]) + b"x")
+        P.parse_meta_request(C.encode_meta_request("e", ["base:allocation"]) + b"x")
 
 
 AVAIL = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]
@@ -97,7 +98,7 @@ def test_match_meta_contexts(queries, listing, expect):
 
 
 def test_request_roundtrip_and_bad_magic():
-    raw = P.encode_request(P.CMD_WRITE, 0xDEADBEEF, 4096, 512, P.CMD_FLAG_FUA)
+    raw = C.encode_request(P.CMD_WRITE, 0xDEADBEEF, 4096, 512, P.CMD_FLAG_FUA)
     assert len(raw) == 28 and raw[:4] == b"\x25\x60\x95\x13"
     assert P.parse_request(raw) == P.Request(P.CMD_FLAG_FUA, P.CMD_WRITE, 0xDEADBEEF, 4096, 512)
     with pytest.raises(P.NbdProtocolError, match="invalid magic"):
@@ -107,37 +108,37 @@ def test_request_roundtrip_and_bad_magic():
 def test_simple_reply():
     r = P.simple_reply(7, P.EIO)
     assert r == b"\x67\x44\x66\x98" + b"\0\0\0\x05" + (7).to_bytes(8, "big")
-    assert P.reply_header_size(r[:4]) == 16
-    rep = P.parse_reply_header(r)
+    assert C.reply_header_size(r[:4]) == 16
+    rep = C.parse_reply_header(r)
     assert (rep.handle, rep.error, rep.type, rep.done) == (7, 5, None, True)
 
 
 def test_structured_chunks():
     h = P.chunk_offset_data_header(9, 4096, 100, done=True)
-    assert P.reply_header_size(h[:4]) == 20
-    rep = P.parse_reply_header(h[:20])
+    assert C.reply_header_size(h[:4]) == 20
+    rep = C.parse_reply_header(h[:20])
     assert (rep.handle, rep.type, rep.length, rep.done) == (9, P.REPLY_TYPE_OFFSET_DATA, 108, True)
     assert h[20:] == (4096).to_bytes(8, "big")
 
     hole = P.chunk_offset_hole(9, 0, 65536, done=False)
-    rep = P.parse_reply_header(hole[:20])
+    rep = C.parse_reply_header(hole[:20])
     assert (rep.type, rep.length, rep.done) == (P.REPLY_TYPE_OFFSET_HOLE, 12, False)
     assert struct.unpack(">QI", hole[20:]) == (0, 65536)
 
     err = P.chunk_error(9, P.EINVAL, "bad")
-    rep = P.parse_reply_header(err[:20])
+    rep = C.parse_reply_header(err[:20])
     assert rep.type == 0x8001 and rep.done
-    assert P.parse_error_chunk(err[20:]) == (P.EINVAL, "bad")
+    assert C.parse_error_chunk(err[20:]) == (P.EINVAL, "bad")
 
     bs = P.chunk_block_status(9, 2, [(4096, 3), (8192, 0)], done=True)
-    rep = P.parse_reply_header(bs[:20])
+    rep = C.parse_reply_header(bs[:20])
     assert rep.length == 4 + 16
-    assert P.parse_block_status_chunk(bs[20:]) == (2, [(4096, 3), (8192, 0)])
+    assert C.parse_block_status_chunk(bs[20:]) == (2, [(4096, 3), (8192, 0)])
 
     none = P.chunk_none(5)
-    assert P.parse_reply_header(none).type == P.REPLY_TYPE_NONE
+    assert C.parse_reply_header(none).type == P.REPLY_TYPE_NONE
     with pytest.raises(P.NbdProtocolError):
-        P.reply_header_size(b"\0\0\0\0")
+        C.reply_header_size(b"\0\0\0\0")
 
 
 @pytest.mark.parametrize("host,wire", [(1, 1), (30, 1), (5, 5), (12, 12), (28, 28), (27, 28),
