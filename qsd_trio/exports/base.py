@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import trio
 
-from ..nodes.node import BlockNode
+from ..nodes.node import BdrvChild, BlockNode, BlockParent
 
 EXPORT_TYPES: dict[str, type[BlockExport]] = {}
 
@@ -26,7 +26,7 @@ def register_export(cls: type[BlockExport]) -> type[BlockExport]:
     return cls
 
 
-class BlockExport:
+class BlockExport(BlockParent):
     """One export.  ``args`` is the typed BlockExportOptions variant."""
 
     type: ClassVar[str] = ""
@@ -41,6 +41,10 @@ class BlockExport:
         self.finished = trio.Event()
         # set once the export is off the list and BLOCK_EXPORT_DELETED is out
         self.deleted = trio.Event()
+
+    def child_attached(self, edge: BdrvChild) -> None:
+        # the export's node follows its edge (a filter inserted above it, a pivot)
+        self.node = edge.node
 
     def client_count(self) -> int:
         """Connected clients (block-export-del mode=safe refuses while > 0)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from ..nodes.node import BdrvChild, BlockNode, Perm
+from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm
 from ..qapi.errors import GenericError
 from .job import Job
 
@@ -27,7 +27,7 @@ def check_not_busy(daemon: Any, node: BlockNode) -> None:
                                f"by block job: {job.job_type}")
 
 
-class BlockJob(Job):
+class BlockJob(Job, BlockParent):
     """A job on block nodes."""
 
     # a filter inserted above a node the job uses leaves the job's edge where
@@ -44,6 +44,10 @@ class BlockJob(Job):
     @property
     def perm_desc(self) -> str:
         return f"{self.job_type} job '{self.id}'"
+
+    @property
+    def block_job_type(self) -> str | None:
+        return self.job_type
 
     def blocked_nodes(self) -> list[BlockNode]:
         """Nodes whose operations this job blocks (QEMU's op blockers)."""
@@ -113,7 +117,7 @@ class BlockJob(Job):
             self._drain_release = None
 
 
-class JobBackend:
+class JobBackend(BlockParent):
     """The anonymous BlockBackend a job writes through (shown by
     x-debug-query-block-graph as an unnamed block-backend)."""
 
@@ -124,28 +128,5 @@ class JobBackend:
 async def _close_implicit(graph, node: BlockNode) -> None:
     # shielded: a close cut short by shutdown would leave metadata half-written
     with trio.CancelScope(shield=True):
-        await graph._unref(node)
+        await graph.unref(node)
 
-
-def replace_node(old: BlockNode, new: BlockNode, keep: list[BdrvChild]) -> None:
-    """Make every parent of ``old`` (except edges in ``keep``) use ``new``.
-
-    This is the pivot of mirror's completion (bdrv_replace_node).  Exports
-    hold their node as ``.node``; that reference moves with the edge.
-    Called only while ``old`` is drained, so no request is in flight.
-    """
-    from ..nodes.perms import refresh
-
-    moved = [e for e in old.parents if e not in keep and e.parent is not new]
-    for edge in moved:
-        old.parents.remove(edge)
-        edge.node = new
-        new.parents.insert(0, edge)
-        parent = edge.parent
-        if not isinstance(parent, BlockNode) and getattr(parent, "node", None) is old:
-            parent.node = new
-    for node in (new, old):
-        try:
-            refresh(node)
-        except GenericError:
-            pass  # the new node cannot refuse what the old one granted: same users

@@ -58,19 +58,13 @@ async def set_backing(graph, node: BlockNode, new: BlockNode | None,
     await change_backing_file(node, backing_file, new.driver if new is not None else None)
     old_edge = node.children.get("backing")
     old = old_edge.node if old_edge else None
+    # the driver's child hooks keep its cached backing node right
     if old_edge is not None:
         old_edge.detach()
     if new is not None:
-        edge = graph.link(node, new, "backing")
-    else:
-        edge = None
-    # the qcow2 driver keeps direct references for its read path
-    if hasattr(node, "backing_edge"):
-        node.backing_edge = edge
-    if hasattr(node, "backing"):
-        node.backing = new
+        graph.link(node, new, "backing")
     if old is not None:
-        await graph._unref(old)
+        await graph.unref(old)
 
 
 async def change_backing_file(node: BlockNode, backing_file: str | None,

@@ -124,7 +124,7 @@ async def create_image(daemon: Any, filename: str, fmt: str, size: int,
         raise GenericError(f"qsd-trio cannot create '{fmt}' images")
     await create_file(filename, size if fmt == "raw" else 0)
     if fmt == "qcow2":
-        node = await daemon.graph._open({"driver": "file", "filename": filename})
+        node = await daemon.graph.open_node({"driver": "file", "filename": filename})
         try:
             await create_qcow2(node, size, backing_file=backing_file, backing_fmt=backing_fmt)
         finally:

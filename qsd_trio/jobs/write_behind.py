@@ -36,7 +36,7 @@ def _files_below(node: BlockNode) -> list:
     """The nodes that writes to ``node`` reach (itself included: its
     children but not its backing chain, which writes never change) and
     that can write back."""
-    return [n for n in node._subtree(backing=False) if hasattr(n, "write_back")]
+    return [n for n in node.subtree(backing=False) if hasattr(n, "write_back")]
 
 
 class WriteBehind:

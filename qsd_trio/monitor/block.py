@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 from ..nodes import bitmaps
-from ..nodes.node import BlockNode, Perm
+from ..nodes.node import BlockNode, BlockParent, Perm
 from ..nodes.perms import perm_list, refresh
 from ..qapi.errors import GenericError
 from ..qapi.schema import to_qmp
@@ -302,7 +302,7 @@ async def x_debug_query_block_graph(daemon, args):
                              "shared-perm": perm_list(e.shared)})
 
     for u in backends:
-        add(u, getattr(u, "xdbg_type", "block-backend"), getattr(u, "xdbg_name", ""))
+        add(u, "block-backend", "")
         for n in daemon.graph.nodes.values():
             for e in n.parents:
                 if e.parent is u:
@@ -321,7 +321,7 @@ async def x_debug_query_block_graph(daemon, args):
 # -- resize and write threshold ------------------------------------------------------
 
 
-class _ResizeUser:
+class _ResizeUser(BlockParent):
     """The temporary BlockBackend block_resize opens (shown as QEMU shows it)."""
 
 

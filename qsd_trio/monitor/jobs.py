@@ -494,7 +494,7 @@ async def _open_implicit(daemon: Daemon, options: dict[str, Any]) -> BlockNode:
     """An implicit node ("#blockNNN", not monitor-owned) as drive-* targets are.
 
     It goes away when the job that uses it lets go (BlockJob.clean)."""
-    return await daemon.graph._open(dict(options))
+    return await daemon.graph.open_node(dict(options))
 
 
 # -- stream and commit -----------------------------------------------------------------

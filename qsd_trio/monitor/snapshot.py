@@ -97,50 +97,17 @@ def _chain(top: BlockNode) -> list[BlockNode]:
 # -- external snapshots ---------------------------------------------------------------
 
 
-def _set_backing(overlay: BlockNode, edge: BdrvChild | None) -> None:
-    # the qcow2 driver keeps direct references for its read path
-    if hasattr(overlay, "backing_edge"):
-        overlay.backing_edge = edge
-    if hasattr(overlay, "backing"):
-        overlay.backing = edge.node if edge is not None else None
-
-
-def _move_parents(edges: list[BdrvChild], old: BlockNode, new: BlockNode) -> None:
-    for edge in edges:
-        old.parents.remove(edge)
-        edge.node = new
-        new.parents.insert(0, edge)
-        parent = edge.parent
-        if isinstance(parent, BlockNode):
-            # format drivers may hold the child node itself (qcow2's .file)
-            for attr in ("file", "data", "backing"):
-                if getattr(parent, attr, None) is old:
-                    setattr(parent, attr, new)
-        elif getattr(parent, "node", None) is old:
-            parent.node = new  # exports and jobs hold their node as .node
-
-
 def append(graph, overlay: BlockNode, old: BlockNode) -> None:
     """bdrv_append: ``old`` becomes overlay's backing; old's users move up.
 
     Raises GenericError (a cycle, a permission conflict) with nothing changed.
     """
     edge = graph.link(overlay, old, "backing")
-    _set_backing(overlay, edge)
-    moved = [e for e in old.parents if e is not edge]
-    _move_parents(moved, old, overlay)
     try:
-        refresh(overlay)
+        graph.replace_node(old, overlay, keep=[edge])
     except BaseException:
-        _move_parents(moved, overlay, old)
         edge.detach()
-        _set_backing(overlay, None)
-        with contextlib.suppress(Exception):
-            refresh(overlay)
-            refresh(old)
         raise
-    with contextlib.suppress(Exception):  # only shrinks
-        refresh(old)
 
 
 def _inheriting_subtree(node: BlockNode) -> list[BlockNode]:
@@ -210,7 +177,7 @@ async def _create_overlay_file(graph, path: str, fmt: str, size: int, backing_fi
         await trio.to_thread.run_sync(make)
     except OSError as e:
         raise GenericError(f"Could not create '{path}': {e.strerror}") from None
-    file = await graph._open({"driver": "file", "filename": path})
+    file = await graph.open_node({"driver": "file", "filename": path})
     try:
         await create_qcow2(file, size, backing_file=backing_file, backing_fmt=backing_fmt)
     except OSError as e:
@@ -240,8 +207,7 @@ class ExternalSnapshot:
             backing = _backing_edge(overlay)
             if backing is not None:
                 backing.detach()
-                _set_backing(overlay, None)
-            await self.graph._unref(overlay)
+            await self.graph.unref(overlay)
 
     async def abort(self) -> None:
         """external_snapshot_abort + clean: the overlay's users go back to
@@ -254,9 +220,8 @@ class ExternalSnapshot:
                 backing = _backing_edge(overlay)
                 if backing is not None:
                     backing.detach()
-                    _set_backing(overlay, None)
             if self.created:
-                await self.graph._unref(overlay)  # the image file stays
+                await self.graph.unref(overlay)  # the image file stays
 
 
 async def external_snapshot(daemon, *, device: str | None, node_name: str | None,
@@ -307,7 +272,7 @@ async def external_snapshot_prepare(daemon, *, device: str | None, node_name: st
                 opts["node-name"] = snap_name
                 overlay = await graph.add(opts)
             else:
-                overlay = await graph._open(opts)
+                overlay = await graph.open_node(opts)
             overlay.monitor_owned = False  # owned by its users, not the monitor
             created = True
         else:
@@ -318,7 +283,7 @@ async def external_snapshot_prepare(daemon, *, device: str | None, node_name: st
         except BaseException:
             if created:
                 with trio.CancelScope(shield=True):
-                    await graph._unref(overlay)
+                    await graph.unref(overlay)
             raise
     return ExternalSnapshot(graph, old, overlay, created)
 

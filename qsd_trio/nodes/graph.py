@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+from collections.abc import Iterable
 
 import trio
 
 from .. import trace
 from ..qapi.errors import DeviceNotFound, GenericError
 from .engine import Engines
-from .node import BdrvChild, BlockNode, Perm
+from .node import BdrvChild, BlockNode, BlockParent, Perm
 
 DRIVERS: dict[str, type[BlockNode]] = {}
 TIMER_TICK = 1.0  # seconds between calls of BlockNode.periodic
@@ -47,11 +48,7 @@ def load_drivers() -> dict[str, type[BlockNode]]:
 
     for mod in ("null", "file", "host_device", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
                 "copy_before_write", "snapshot_access", "luks"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
+        importlib.import_module(f"{__package__}.{mod}")
     return DRIVERS
 
 
@@ -109,7 +106,7 @@ class BlockGraph:
         created: list[BlockNode] = []
         self._tx.append(created)
         try:
-            node = await self._open(options)
+            node = await self.open_node(options)
         except BaseException:
             await self._rollback(created)
             raise
@@ -128,7 +125,11 @@ class BlockGraph:
         if len(name) >= 32:
             raise GenericError("Node name too long")
 
-    async def _open(self, options: dict) -> BlockNode:
+    async def open_node(self, options: dict) -> BlockNode:
+        """Open a node (and its nested children) from ``options`` without
+        making it monitor-owned: an implicit node (``#blockNNN`` unless named)
+        that lives as long as its users; inside :meth:`add` a failure closes
+        every node it made.  Raises GenericError with QEMU's text."""
         name = options.get("node-name")
         if name is not None:
             self.check_new_node_name(name)
@@ -191,7 +192,7 @@ class BlockGraph:
                 copts.setdefault("discard", "unmap")
                 if "cache" in options:
                     copts["cache"] = {**options["cache"], **copts.get("cache", {})}
-            child = await self._open(copts)
+            child = await self.open_node(copts)
             # read-only because it was inherited, not asked for: jobs may
             # reopen it read-write (QEMU refuses for a user's read-only=on)
             child.implicit_read_only = child.read_only and "read-only" not in val
@@ -200,7 +201,7 @@ class BlockGraph:
     def link(self, parent: BlockNode, child: BlockNode, role: str) -> BdrvChild:
         """Make ``child`` parent's ``role`` child with the permissions it needs."""
         from .perms import refresh
-        if child is parent or parent in child._subtree():
+        if child is parent or parent in child.subtree():
             raise GenericError("Making '%s' a %s child of '%s' would create a cycle"
                                % (child.node_name, role, parent.node_name))
         edge = BdrvChild(role, child, parent, Perm(0), Perm.ALL)
@@ -217,6 +218,7 @@ class BlockGraph:
             with contextlib.suppress(Exception):
                 refresh(child)
             raise
+        parent.child_attached(edge)
         return edge
 
     # -- filters inserted and dropped by jobs ------------------------------------------
@@ -234,7 +236,7 @@ class BlockGraph:
         created: list[BlockNode] = []
         self._tx.append(created)
         try:
-            filt = await self._open(options)
+            filt = await self.open_node(options)
         except GenericError as e:
             await self._rollback(created)
             raise GenericError(f"Could not create node: {e.desc}") from None
@@ -273,42 +275,30 @@ class BlockGraph:
         with contextlib.suppress(GenericError):
             self.replace_node(filt, below)
 
-    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
-        """bdrv_replace_node: every parent of ``old`` (except ``new`` and users
-        with ``stay_at_node``) uses ``new`` instead.
+    def replace_node(self, old: BlockNode, new: BlockNode, *,
+                     keep: Iterable[BdrvChild] = ()) -> None:
+        """bdrv_replace_node: every parent of ``old`` uses ``new`` instead,
+        except ``new`` itself, users with ``stay_at_node`` (block jobs) and
+        the edges in ``keep``.
 
-        Exports follow: their ``node`` attribute moves with the edge.  On a
-        permission conflict every edge goes back and GenericError is raised.
+        Each moved edge becomes the newest parent of ``new`` and its parent's
+        ``child_attached`` hook runs (an export's ``node``, qcow2's cached
+        child nodes follow).  Then the permissions of both nodes are worked
+        out again; on a conflict every edge goes back, and GenericError is
+        raised with nothing changed.  Callers drain ``old`` first.
         """
         from .perms import refresh
 
+        skip = set(map(id, keep))
         moved = [e for e in old.parents
-                 if e.parent is not new and not getattr(e.parent, "stay_at_node", False)]
-
-        def move(edges: list[BdrvChild], a: BlockNode, b: BlockNode) -> None:
-            for e in edges:
-                a.parents.remove(e)
-                e.node = b
-                if isinstance(e.parent, BlockNode):
-                    # format drivers may hold the child node itself (qcow2's
-                    # .file, .data and .backing)
-                    for attr in ("file", "data", "backing"):
-                        if getattr(e.parent, attr, None) is a:
-                            setattr(e.parent, attr, b)
-                    # bdrv_child_cb_detach/attach: the edge is now the
-                    # parent's newest child
-                    e.parent.children[e.name] = e.parent.children.pop(e.name)
-                elif getattr(e.parent, "node", None) is a:
-                    e.parent.node = b
-                # each moved edge becomes the node's newest parent
-                b.parents.insert(0, e)
-
-        move(moved, old, new)
+                 if e.parent is not new and id(e) not in skip
+                 and not (isinstance(e.parent, BlockParent) and e.parent.stay_at_node)]
+        _move_edges(moved, old, new)
         try:
             refresh(new)
             refresh(old)
         except BaseException:
-            move(moved[::-1], new, old)
+            _move_edges(moved[::-1], new, old)
             for n in (new, old):
                 with contextlib.suppress(Exception):
                     refresh(n)
@@ -320,14 +310,13 @@ class BlockGraph:
         node = self.find_node(name)
         # QEMU's order: a BlockBackend (export) on it, op blockers, monitor
         # ownership, other references
-        if any(not isinstance(e.parent, BlockNode) and not hasattr(e.parent, "job_type")
-               for e in node.parents):
+        users = [e.parent for e in node.parents if isinstance(e.parent, BlockParent)]
+        if any(u.block_job_type is None for u in users):
             raise GenericError(f"Node {name} is in use")
-        for e in node.parents:
+        if users:
             # the op blocker of a block job on each of its nodes
-            if hasattr(e.parent, "job_type"):
-                raise GenericError(f"Node '{name}' is busy: block device is in use by "
-                                   f"block job: {e.parent.job_type}")
+            raise GenericError(f"Node '{name}' is busy: block device is in use by "
+                               f"block job: {users[0].block_job_type}")
         for e in node.parents:
             # QEMU's op blocker on backing files names the overlay
             if isinstance(e.parent, BlockNode) and e.name == "backing":
@@ -338,10 +327,11 @@ class BlockGraph:
         if node.parents:
             raise GenericError(f"Block device {name} is in use")
         node.monitor_owned = False
-        await self._unref(node)
+        await self.unref(node)
 
-    async def _unref(self, node: BlockNode) -> None:
-        """Close ``node`` and then the implicit children nobody else uses."""
+    async def unref(self, node: BlockNode) -> None:
+        """bdrv_unref: close ``node`` if nobody uses it any more (no parent,
+        not monitor-owned), and then the children nobody else uses."""
         if node.parents or node.monitor_owned or self.nodes.get(node.node_name) is not node:
             return
         del self.nodes[node.node_name]
@@ -352,7 +342,7 @@ class BlockGraph:
             for edge in list(node.children.values()):
                 edge.detach()
             for child in children:
-                await self._unref(child)
+                await self.unref(child)
 
     async def run_timers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The graph's one timer task: about once a second, each node's
@@ -390,3 +380,17 @@ class BlockGraph:
                 for edge in list(node.children.values()):
                     edge.detach()
             await self.io.aclose()
+
+
+def _move_edges(edges: list[BdrvChild], a: BlockNode, b: BlockNode) -> None:
+    """Point ``edges`` (parents of ``a``) at ``b``; each becomes b's newest
+    parent and, for a node parent, that parent's newest child, as
+    bdrv_replace_child_noperm's detach and attach leave them."""
+    for e in edges:
+        a.parents.remove(e)
+        e.node = b
+        b.parents.insert(0, e)
+        parent = e.parent
+        if isinstance(parent, BlockNode):
+            parent.children[e.name] = parent.children.pop(e.name)
+        parent.child_attached(e)

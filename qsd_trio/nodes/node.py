@@ -78,14 +78,43 @@ class BlockStatus:
     offset: int | None = None  # host offset when OFFSET_VALID
 
 
-def parent_desc(parent: object) -> str:
+def parent_desc(parent: BlockNode | BlockParent) -> str:
     """How QEMU names a parent in permission errors (bdrv_child_user_desc)."""
     if isinstance(parent, BlockNode):
         return f"node '{parent.node_name}'"
-    desc = getattr(parent, "perm_desc", None)  # e.g. "mirror job 'job0'"
-    if desc:
-        return desc
-    return "an unnamed block device"
+    return parent.perm_desc
+
+
+class BlockParent:
+    """A user of a node that is not a node: an export, a block job, a job's
+    BlockBackend (QEMU's BdrvChildClass for child_root and child_job).
+
+    Every edge's parent is a :class:`BlockNode` or one of these; subclasses
+    override what differs from a plain BlockBackend.
+    """
+
+    # bdrv_replace_node leaves this user's edges where they are (child_job)
+    stay_at_node: ClassVar[bool] = False
+
+    @property
+    def perm_desc(self) -> str:
+        """How permission errors name it (bdrv_child_user_desc): "mirror job
+        'j0'"; a BlockBackend without a device is "an unnamed block device"."""
+        return "an unnamed block device"
+
+    @property
+    def block_job_type(self) -> str | None:
+        """The job type if this user is a block job, whose op blocker refuses
+        blockdev-del ("block device is in use by block job: mirror")."""
+        return None
+
+    def child_attached(self, edge: BdrvChild) -> None:
+        """``edge`` now points at ``edge.node`` (attached, or moved there by
+        :meth:`BlockGraph.replace_node`): a user that keeps its node beside
+        the edge updates it here (BdrvChildClass.attach)."""
+
+    def child_detached(self, edge: BdrvChild) -> None:
+        """``edge`` was dropped (BdrvChildClass.detach)."""
 
 
 _EDGE_SEQ = itertools.count()
@@ -95,15 +124,15 @@ _EDGE_SEQ = itertools.count()
 class BdrvChild:
     """An edge: ``parent`` uses ``node`` in role ``name`` with permissions.
 
-    ``parent`` is a BlockNode or any object naming a user (export, job).  A
-    non-node parent may set ``perm_desc`` ("mirror job 'j0'") for messages and
-    ``xdbg_type``/``xdbg_name`` for x-debug-query-block-graph; without them it
-    is shown as QEMU shows an export's BlockBackend.
+    ``parent`` is a BlockNode or a :class:`BlockParent` (export, job); the
+    parent's ``child_attached``/``child_detached`` hooks run when the edge
+    points at a new node and when it is dropped, so a parent that keeps the
+    node beside the edge (qcow2's ``backing``) stays right.
     """
 
     name: str
     node: BlockNode
-    parent: object
+    parent: BlockNode | BlockParent
     perm: Perm
     shared: Perm
     # creation order: x-debug-query-block-graph lists BlockBackends (users
@@ -114,10 +143,10 @@ class BdrvChild:
         """Drop this edge; the node's permissions (and file locks) shrink."""
         if self in self.node.parents:
             self.node.parents.remove(self)
-            if isinstance(self.parent, BlockNode):
-                for role, e in list(self.parent.children.items()):
-                    if e is self:
-                        del self.parent.children[role]
+            parent = self.parent
+            if isinstance(parent, BlockNode) and parent.children.get(self.name) is self:
+                del parent.children[self.name]
+            parent.child_detached(self)
             from .perms import refresh
             with contextlib.suppress(Exception):  # shrinking cannot conflict
                 refresh(self.node)
@@ -282,6 +311,18 @@ class BlockNode:
             return perms.storage_perms(perm, shared, writable=not self.read_only,
                                        data="data-file" not in self.children)
         return perms.filter_perms(perm, shared)
+
+    def child_attached(self, edge: BdrvChild) -> None:
+        """Child ``edge`` now points at ``edge.node``: linked, or moved there
+        by :meth:`BlockGraph.replace_node` (BdrvChildClass.attach).  A driver
+        that keeps a child's node beside the edge for its request path (qcow2's
+        ``file``, ``data``, ``backing``) updates it here; one that keeps only
+        the edge has nothing to do."""
+
+    def child_detached(self, edge: BdrvChild) -> None:
+        """Child ``edge`` was dropped (BdrvChildClass.detach): the backing
+        child of a commit, stream or snapshot, or any child once the node is
+        closed."""
 
     def debug_event(self, event: str) -> None:
         """A BLKDBG_EVENT ("read_aio", "l2_update", ...) aimed at this node.
@@ -763,7 +804,7 @@ class BlockNode:
             self._drained = trio.Event()  # made only when someone waits
         await self._drained.wait()
 
-    def _subtree(self, *, backing: bool = True) -> list[BlockNode]:
+    def subtree(self, *, backing: bool = True) -> list[BlockNode]:
         """This node and all below it; without ``backing``, not through
         backing edges (the nodes a write to this one can reach)."""
         seen: dict[int, BlockNode] = {}
@@ -795,7 +836,7 @@ class BlockNode:
         first.  The task that holds the section may still issue requests.
         """
         gated = self._ancestors()
-        involved = gated + [n for n in self._subtree() if n is not self]
+        involved = gated + [n for n in self.subtree() if n is not self]
         for n in gated:
             if n._quiesce == 0:
                 n._resume = trio.Event()
@@ -829,7 +870,7 @@ class BlockNode:
 
         The nodes below are drained too (their requests may be this node's),
         so a throttle filter under a closing node lets its queue through."""
-        below = self._subtree()
+        below = self.subtree()
         for n in below:
             n.drain_begin()
         try:
@@ -842,7 +883,8 @@ class BlockNode:
                 n.drain_end()
 
     # -- graph edges -----------------------------------------------------------
-    def attach(self, name: str, parent: object, perm: Perm, shared: Perm = Perm.ALL) -> BdrvChild:
+    def attach(self, name: str, parent: BlockParent, perm: Perm,
+               shared: Perm = Perm.ALL) -> BdrvChild:
         """Add ``parent`` as a user of this node.  Callers detach() when done.
 
         Raises GenericError with QEMU's text on a permission conflict (with
@@ -860,6 +902,7 @@ class BlockNode:
             with contextlib.suppress(Exception):
                 refresh(self)
             raise
+        parent.child_attached(edge)
         return edge
 
     # -- dirty bitmaps (QMP checks are in monitor/block.py) --------------------

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from qsd_trio.nodes.graph import BlockGraph
-from qsd_trio.nodes.node import Perm
+from qsd_trio.nodes.node import BlockParent, Perm
 from qsd_trio.qapi.errors import GenericError
 
 
@@ -29,7 +29,7 @@ async def graph():
         await g.close_all()
 
 
-class User:
+class User(BlockParent):
     """A non-node parent, shown as an export's BlockBackend is."""
 
 
@@ -213,6 +213,9 @@ class Export(User):
 
     def __init__(self, node):
         self.node = node
+
+    def child_attached(self, edge):
+        self.node = edge.node
 
 
 class Job(User):

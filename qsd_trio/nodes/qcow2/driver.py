@@ -34,7 +34,7 @@ import trio
 
 from ...qapi.errors import GenericError, QapiError
 from ..graph import register_driver
-from ..node import BlockNode, BlockStatus, Status
+from ..node import BdrvChild, BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
 from . import overlap, reopen
 from . import snapshots as snapmod
@@ -87,6 +87,24 @@ class Qcow2Node(BlockNode):
 
     driver = "qcow2"
     supports_persistent_bitmaps = True
+    data_edge: BdrvChild | None = None
+
+    def child_attached(self, edge: BdrvChild) -> None:
+        # the request path uses the child nodes directly: keep them right
+        # when the graph links or moves an edge (a filter inserted, a pivot,
+        # a new backing node); without a data-file, data lives in ``file``
+        if edge.name == "file":
+            if self.data_edge is None:
+                self.data = edge.node
+            self.file_edge, self.file = edge, edge.node
+        elif edge.name == "data-file":
+            self.data_edge, self.data = edge, edge.node
+        elif edge.name == "backing":
+            self.backing_edge, self.backing = edge, edge.node
+
+    def child_detached(self, edge: BdrvChild) -> None:
+        if edge.name == "backing":
+            self.backing_edge, self.backing = None, None
 
     # -- opening ---------------------------------------------------------------
     async def open(self, options: dict) -> None:
