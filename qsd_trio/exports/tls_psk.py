@@ -20,6 +20,8 @@ TLS 1.2 ECDHE-PSK / DHE-PSK / PSK suites.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
@@ -89,8 +91,10 @@ class PskTlsStream(trio.abc.Stream):
         self._closed = False
         self._offered: str | None = None  # identity whose key the callback gave
 
-    def _psk_client(self, ssl, hint, identity, max_identity, psk, max_psk) -> int:
+    def _psk_client(self, ssl: Any, hint: Any, identity: Any, max_identity: int, psk: Any,
+                    max_psk: int) -> int:
         try:
+            assert self._client is not None
             name, key = self._client
             raw = name.encode()
             if len(raw) >= max_identity or len(key) > max_psk:
@@ -102,7 +106,7 @@ class PskTlsStream(trio.abc.Stream):
         except Exception:  # noqa: BLE001 - an exception cannot cross OpenSSL's C frames
             return 0
 
-    def _psk(self, ssl, identity, psk, max_len) -> int:
+    def _psk(self, ssl: Any, identity: Any, psk: Any, max_len: int) -> int:
         # runs inside OpenSSL during the handshake; must not raise
         try:
             name = _ffi.string(identity).decode(errors="replace") if identity else ""
@@ -115,10 +119,10 @@ class PskTlsStream(trio.abc.Stream):
         except Exception:  # noqa: BLE001 - an exception cannot cross OpenSSL's C frames
             return 0
 
-    def _pending(self, bio) -> int:
+    def _pending(self, bio: Any) -> int:
         # bytes waiting in a memory BIO (BIO_get_mem_data with no pointer):
         # asking first is much cheaper than a WantReadError from an empty one
-        return _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
 
     async def _flush(self) -> None:
         """Send what the TLS engine has produced, in order."""
@@ -187,7 +191,7 @@ class PskTlsStream(trio.abc.Stream):
             await self._flush()  # a record the engine sent back (ticket, key update)
             return data
 
-    async def send_all(self, data) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError
         view = memoryview(data)

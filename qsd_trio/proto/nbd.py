@@ -263,6 +263,13 @@ def _inconsistent(opt_name: str) -> OptionError:
     return OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {opt_name}")
 
 
+def _take_name(data: bytes, pos: int, opt_name: str) -> tuple[str, int]:
+    """The export name that starts an option payload, and where it ends."""
+    s, pos = _take_string(data, pos, opt_name, name=True)
+    assert s is not None  # an over-long name is refused, not skipped
+    return s, pos
+
+
 def _take_string(data: bytes, pos: int, opt_name: str, *, name: bool) -> tuple[str | None, int]:
     """A length-prefixed string at ``pos``; (None, next) for an over-long query."""
     if len(data) - pos < 4:
@@ -282,7 +289,7 @@ def _take_string(data: bytes, pos: int, opt_name: str, *, name: bool) -> tuple[s
 
 def parse_info_request(data: bytes, opt_name: str = "info") -> tuple[str, list[int]]:
     """NBD_OPT_INFO / NBD_OPT_GO payload: (export name, requested info types)."""
-    name, pos = _take_string(data, 0, opt_name, name=True)
+    name, pos = _take_name(data, 0, opt_name)
     if len(data) - pos < 2:
         raise _inconsistent(opt_name)
     (count,) = struct.unpack_from(">H", data, pos)
@@ -295,7 +302,7 @@ def parse_info_request(data: bytes, opt_name: str = "info") -> tuple[str, list[i
 
 def parse_meta_request(data: bytes, opt_name: str = "set meta context") -> tuple[str, list[str]]:
     """LIST/SET_META_CONTEXT payload: (export name, queries)."""
-    name, pos = _take_string(data, 0, opt_name, name=True)
+    name, pos = _take_name(data, 0, opt_name)
     if len(data) - pos < 4:
         raise _inconsistent(opt_name)
     (count,) = struct.unpack_from(">I", data, pos)

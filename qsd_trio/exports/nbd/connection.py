@@ -112,6 +112,7 @@ class Connection(Transmission):
         """The TLS handshake after NBD_OPT_STARTTLS's ACK, then the authz check."""
         self.wire.detach_raw()
         context = self.server.tls_context
+        assert context is not None  # the handshake asks for TLS only when configured
         tls: PskTlsStream | trio.SSLStream[trio.abc.Stream]
         if isinstance(context, str):
             from ..tls_psk import PskTlsStream  # pyOpenSSL, loaded with PSK credentials

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ...nodes.node import BlockNode, Perm
+from ...nodes.node import BdrvChild, BlockNode, Perm
 from ...proto import nbd as P
 from ...qapi.errors import GenericError
 from ..base import BlockExport, register_export
@@ -88,7 +88,7 @@ class NbdExport(BlockExport):
         self._data_starts: list[int] = []
         self._data_ends: list[int] = []
         self.nursery: trio.Nursery | None = None
-        self.edge = None
+        self.edge: BdrvChild | None = None
 
     # transmission flags this export announces (QEMU 7.2 sets multi-conn and
     # cache always: every connection goes through the same node, so a flush
@@ -148,7 +148,7 @@ class NbdExport(BlockExport):
             self._data_starts.clear()
             self._data_ends.clear()
 
-    def bitmap_for_context(self, ctx: str):
+    def bitmap_for_context(self, ctx: str) -> DirtyBitmap:
         name = ctx[len(P.META_DIRTY_BITMAP):]
         return next(bm for bm in self.bitmaps if bm.name == name)
 
@@ -170,21 +170,21 @@ class NbdExport(BlockExport):
         self.cancel_scope.cancel()
         await self.finished.wait()
 
-    def client_left(self, conn) -> None:
+    def client_left(self, conn: Connection) -> None:
         self.clients.discard(conn)
         self._clients_changed.set()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         d = super().info()
         d["shutting-down"] = d["shutting-down"] or self.stopping
         return d
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else 0)
         # QEMU's NBD export does not let anyone resize the node under its
         # clients (they were told the size at negotiation)
-        self.edge = self.node.attach("root", self, Perm(perm),
-                                     Perm.ALL & ~Perm.RESIZE)
+        self.edge = edge = self.node.attach("root", self, Perm(perm),
+                                            Perm.ALL & ~Perm.RESIZE)
         # exported bitmaps are busy: no job or QMP command may change them
         for bm in self.bitmaps:
             bm.busy = True
@@ -200,5 +200,5 @@ class NbdExport(BlockExport):
                 del self.server.exports[self.name]
             for bm in self.bitmaps:
                 bm.busy = False
-            self.edge.detach()
+            edge.detach()
             self.finished.set()

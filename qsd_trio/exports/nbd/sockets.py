@@ -24,13 +24,14 @@ def addr_dict(addr: Any) -> dict[str, Any]:
         from ...qapi import schema
 
         addr = schema.to_qmp(addr)
-    addr = {k.replace("_", "-"): v for k, v in addr.items() if v is not None}
-    data = addr.get("data")
+    assert isinstance(addr, dict)
+    flat: dict[str, Any] = {k.replace("_", "-"): v for k, v in addr.items() if v is not None}
+    data = flat.get("data")
     if isinstance(data, dict):  # legacy form: {"type": ..., "data": {...}}
-        flat = {k.replace("_", "-"): v for k, v in data.items() if v is not None}
-        flat["type"] = addr["type"]
-        addr = flat
-    return addr
+        legacy = {k.replace("_", "-"): v for k, v in data.items() if v is not None}
+        legacy["type"] = flat["type"]
+        return legacy
+    return flat
 
 
 async def open_listeners(addr: dict[str, Any]) -> list[trio.SocketListener]:
@@ -64,7 +65,7 @@ async def open_listeners(addr: dict[str, Any]) -> list[trio.SocketListener]:
         except _stdsocket.gaierror as e:
             raise GenericError(f"address resolution failed for {host or ''}:{port}: "
                                f"{e.strerror}") from None
-        port_n = infos[0][4][1]
+        port_n = int(infos[0][4][1])
         try:
             return await trio.open_tcp_listeners(port_n, host=host)
         except OSError as e:

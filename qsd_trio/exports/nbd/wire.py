@@ -9,8 +9,12 @@ connections.c keeps the socket behind ``conn->recv``/``conn->send``).
 from __future__ import annotations
 
 import socket as _stdsocket
+from collections.abc import Callable, Sequence
 
 import trio
+
+# what a reply is made of: headers (bytes) and data (bytearray, memoryview)
+Buffer = bytes | bytearray | memoryview
 
 _RECV_CHUNK = 256 * 1024
 _IOV_BATCH = 512  # buffers per sendmsg, under the kernel's IOV_MAX
@@ -45,9 +49,9 @@ class Wire:
         self._end = 0
         # called when a raw receive would block, just before waiting: the
         # connection sends the replies it queued meanwhile (see _flush_now)
-        self.before_wait = None
+        self.before_wait: Callable[[], None] | None = None
 
-    async def _recv_into(self, view) -> int:
+    async def _recv_into(self, view: memoryview) -> int:
         raw = self.raw
         if raw is None:
             data = await self.stream.receive_some(len(view))
@@ -78,9 +82,9 @@ class Wire:
     async def recv_exactly(self, n: int) -> bytes:
         if self._end - self._start < n:
             if n > len(self._buf):
-                out = bytearray(n)
-                await self.recv_into(memoryview(out))
-                return bytes(out)
+                big = bytearray(n)
+                await self.recv_into(memoryview(big))
+                return bytes(big)
             await self._fill(n)
         out = bytes(self._view[self._start:self._start + n])
         self._start += n
@@ -126,7 +130,7 @@ class Wire:
             self._start += take
             n -= take
 
-    def send_now(self, parts: list) -> list:
+    def send_now(self, parts: Sequence[Buffer]) -> list[memoryview]:
         """Send what the socket takes now, without waiting (raw sockets
         only); returns the rest, as memoryviews, for :meth:`send`."""
         raw = self.raw
@@ -149,12 +153,12 @@ class Wire:
                 i += 1
         return bufs[i:]
 
-    async def send(self, *parts) -> None:
+    async def send(self, *parts: Buffer) -> None:
         raw = self.raw
         if raw is None:
             await self.stream.send_all(b"".join(parts))
             return
-        bufs = list(parts)
+        bufs: Sequence[Buffer] = parts
         while True:
             bufs = self.send_now(bufs)
             if not bufs:
