@@ -1,0 +1,300 @@
+"""Split virtqueues, the device's side, over :class:`GuestMemory`.
+
+Layout and rules from the virtio specification, "Split Virtqueues"
+(split-ring.tex): a descriptor table of 16-byte entries, the driver's
+available ring and the device's used ring, indirect descriptor tables
+(VIRTIO_F_INDIRECT_DESC) and event index notification suppression
+(VIRTIO_F_EVENT_IDX).  No I/O here: the transport (vhost-user, VDUSE)
+waits for kicks and signals calls; this module reads what the driver made
+available and writes what the device used.
+
+The driver is not trusted.  Whatever it puts in the rings, :meth:`pop`
+either returns a chain whose every buffer lies inside guest memory or
+raises :class:`VirtqueueError`: a head or ``next`` index beyond the table,
+a chain that loops or is longer than its table, an indirect table of a
+size that is not a multiple of 16 or one inside another, a device-readable
+buffer after a device-writable one, a buffer outside guest memory, an
+available index that moved by more than the ring size.  Those are the
+conditions under which libvhost-user calls ``vu_panic``: the transport
+marks the device broken and stops processing it.  Guest memory is only
+touched through bounds-checked region accessors.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+
+from .memory import GuestMemory, GuestMemoryError, MappedRegion, Segment
+
+# descriptor flags (split-ring.tex "The Virtqueue Descriptor Table")
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+# ring flags
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+# feature bits (content.tex "Reserved Feature Bits")
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+# the largest split queue the specification allows
+MAX_QUEUE_SIZE = 32768
+# the most buffers one chain may have, direct and indirect together
+# (VIRTQUEUE_MAX_SIZE in libvhost-user)
+MAX_CHAIN_BUFFERS = 1024
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueError(Exception):
+    """The driver broke the ring; the device should stop using it."""
+
+
+@attrs.frozen
+class Chain:
+    """One available descriptor chain, translated.
+
+    ``head`` is the index to return in the used ring; ``readable`` are the
+    device-readable buffers (the driver's request), ``writable`` the
+    device-writable ones (where the answer goes), in order, as segments of
+    mapped guest memory.
+    """
+
+    head: int
+    readable: tuple[Segment, ...]
+    writable: tuple[Segment, ...]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, _, n in self.writable)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """Whether moving an index from ``old_idx`` to ``new_idx`` crosses
+    ``event_idx`` (split-ring.tex, "Used Buffer Notification Suppression")."""
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+class SplitQueue:
+    """The device's view of one split virtqueue.
+
+    ``desc_addr``, ``avail_addr`` and ``used_addr`` are front-end (user)
+    addresses as SET_VRING_ADDR gives them; ``last_avail_idx`` is
+    SET_VRING_BASE's.  The next used index is read from the used ring, as
+    the specification of SET_VRING_BASE says.
+
+    Raises (constructor and :meth:`remap`):
+        VirtqueueError: a size that is not a power of two up to 32768, or
+            a ring that does not lie inside one memory region.
+    """
+
+    def __init__(self, mem: GuestMemory, *, size: int, desc_addr: int, avail_addr: int,
+                 used_addr: int, last_avail_idx: int = 0, event_idx: bool = False,
+                 indirect: bool = True, notify_on_empty: bool = False):
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtqueueError(f"invalid queue size {size}")
+        self.mem = mem
+        self.size = size
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.notify_on_empty = notify_on_empty
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        # chains popped and not yet pushed
+        self.inuse = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.remap()
+        try:
+            self.used_idx: int = self._used.unpack_from(_U16, self._used_off + 2)[0]
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+
+    def remap(self) -> None:
+        """Translate the ring addresses again (after the memory table
+        changed)."""
+        n = self.size
+        try:
+            self._desc, self._desc_off = self.mem.uva_region(self.desc_addr, 16 * n)
+            self._avail, self._avail_off = self.mem.uva_region(self.avail_addr, 6 + 2 * n)
+            self._used, self._used_off = self.mem.uva_region(self.used_addr, 6 + 8 * n)
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"invalid vring address: {e}") from None
+
+    # -- ring fields -----------------------------------------------------------------
+    def _avail_u16(self, pos: int) -> int:
+        return int(self._avail.unpack_from(_U16, self._avail_off + pos)[0])
+
+    def avail_idx(self) -> int:
+        return self._avail_u16(2)
+
+    def avail_flags(self) -> int:
+        return self._avail_u16(0)
+
+    def used_event(self) -> int:
+        return self._avail_u16(4 + 2 * self.size)
+
+    def _set_avail_event(self, value: int) -> None:
+        self._used.pack_into(_U16, self._used_off + 4 + 8 * self.size, value)
+
+    def is_empty(self) -> bool:
+        try:
+            return self.avail_idx() == self.last_avail_idx
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+
+    def set_notification(self, enable: bool) -> None:
+        """Ask the driver to kick (or not) when it adds buffers: with event
+        index, by publishing the next index we will read; without, with the
+        used ring's NO_NOTIFY flag."""
+        try:
+            if self.event_idx:
+                if enable:
+                    self._set_avail_event(self.avail_idx())
+            else:
+                flags = self._used.unpack_from(_U16, self._used_off)[0]
+                flags = flags & ~VRING_USED_F_NO_NOTIFY if enable else flags | VRING_USED_F_NO_NOTIFY
+                self._used.pack_into(_U16, self._used_off, flags)
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+
+    # -- popping ---------------------------------------------------------------------------
+    def pop(self) -> Chain | None:
+        """The next available chain, or None when the ring is empty.
+
+        Raises:
+            VirtqueueError: the driver broke the ring (see the module's
+                docstring); the queue's state is then unspecified.
+        """
+        try:
+            avail = self.avail_idx()
+            pending = (avail - self.last_avail_idx) & 0xFFFF
+            if pending > self.size:
+                raise VirtqueueError(
+                    f"guest moved the available index from {self.last_avail_idx} to {avail}")
+            if pending == 0:
+                if self.event_idx:
+                    self._set_avail_event(self.last_avail_idx)
+                return None
+            slot = self.last_avail_idx % self.size
+            head = self._avail_u16(4 + 2 * slot)
+            if head >= self.size:
+                raise VirtqueueError(f"guest says index {head} is available (queue size {self.size})")
+            chain = self._walk(head)
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            if self.event_idx:
+                self._set_avail_event(self.last_avail_idx)
+            self.inuse += 1
+            return chain
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+
+    def _walk(self, head: int) -> Chain:
+        table: MappedRegion = self._desc
+        table_off = self._desc_off
+        limit = self.size
+        i = head
+        addr, length, flags, nxt = table.unpack_from(_DESC, table_off + 16 * i)
+        if flags & VRING_DESC_F_INDIRECT:
+            if not self.indirect:
+                raise VirtqueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+            if flags & VRING_DESC_F_NEXT:
+                raise VirtqueueError("indirect descriptor with the NEXT flag")
+            if length == 0 or length % 16:
+                raise VirtqueueError(f"invalid size {length} for an indirect table")
+            limit = length // 16
+            if limit > 0xFFFF + 1:
+                raise VirtqueueError(f"indirect table of {limit} descriptors")
+            try:
+                table, table_off = self.mem.gpa_region(addr, length)
+            except GuestMemoryError as e:
+                raise VirtqueueError(f"indirect table: {e}") from None
+            i = 0
+            addr, length, flags, nxt = table.unpack_from(_DESC, table_off)
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        seen = 0
+        while True:
+            seen += 1
+            if seen > limit:
+                raise VirtqueueError("looped descriptor chain")
+            if flags & VRING_DESC_F_INDIRECT:
+                raise VirtqueueError("indirect descriptor inside a chain or an indirect table")
+            if length:
+                try:
+                    segs = self.mem.gpa_segments(addr, length)
+                except GuestMemoryError as e:
+                    raise VirtqueueError(f"invalid address for buffers: {e}") from None
+                if flags & VRING_DESC_F_WRITE:
+                    writable.extend(segs)
+                else:
+                    if writable:
+                        raise VirtqueueError("device-readable descriptor after a device-writable one")
+                    readable.extend(segs)
+                if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
+                    raise VirtqueueError(f"more than {MAX_CHAIN_BUFFERS} buffers in a chain")
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if nxt >= limit:
+                raise VirtqueueError(f"descriptor next index {nxt} beyond {limit}")
+            i = nxt
+            addr, length, flags, nxt = table.unpack_from(_DESC, table_off + 16 * i)
+        return Chain(head, tuple(readable), tuple(writable))
+
+    # -- pushing ---------------------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver with ``written`` bytes written
+        into its device-writable buffers, and publish the new used index.
+
+        Raises:
+            VirtqueueError: a head outside the table, or the ring's memory
+                is gone.
+        """
+        if not 0 <= head < self.size:
+            raise VirtqueueError(f"used head {head} beyond queue size {self.size}")
+        try:
+            slot = self.used_idx % self.size
+            self._used.pack_into(_USED_ELEM, self._used_off + 4 + 8 * slot, head, written)
+            # the element is in memory before the index that publishes it
+            # (stores are not reordered with other stores on x86-64; the
+            # index store is a separate later write)
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
+            self._used.pack_into(_U16, self._used_off + 2, self.used_idx)
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+        self.inuse = max(0, self.inuse - 1)
+
+    def notify_needed(self) -> bool:
+        """Whether the driver wants a used-buffer notification (the call
+        eventfd) now, given what was pushed since the last one.  Call it
+        after a batch of :meth:`push`; it records that the driver was
+        notified up to the current used index.
+
+        Raises:
+            VirtqueueError: the ring's memory is gone.
+        """
+        try:
+            if self.notify_on_empty and self.inuse == 0 and self.is_empty():
+                return True
+            if not self.event_idx:
+                return not self.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT
+            valid = self.signalled_used_valid
+            old = self.signalled_used
+            new = self.signalled_used = self.used_idx
+            self.signalled_used_valid = True
+            return not valid or vring_need_event(self.used_event(), new, old)
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None

@@ -1,0 +1,447 @@
+"""Split virtqueues and guest memory: rings built in a memfd as a driver
+would (the layout written here with struct from the virtio specification),
+walked by the device side; and fuzzed with random descriptor tables."""
+
+import mmap
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qsd_trio.exports.virtio import memory as M
+from qsd_trio.exports.virtio import virtqueue as Q
+from qsd_trio.proto.vhost_user import MemRegion
+
+GUEST_BASE = 0x100000
+USER_BASE = 0x7F0000000000
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+
+class GuestRam:
+    """A memfd standing for guest RAM, mapped here as the front-end maps it.
+    ``pad`` bytes before and after the region stay in the file but outside
+    the region the device is given."""
+
+    def __init__(self, size=256 * 1024, pad=0):
+        self.size = size
+        self.pad = pad
+        self.fd = os.memfd_create("guest-ram")
+        os.ftruncate(self.fd, size + 2 * pad)
+        self.mm = mmap.mmap(self.fd, size + 2 * pad)
+        self.mm[:] = b"\xa5" * len(self.mm)
+        self.mm[pad:pad + size] = bytes(size)
+        self.region = MemRegion(GUEST_BASE, size, USER_BASE, pad)
+
+    def memory(self):
+        mem = M.GuestMemory()
+        mem.set_table([self.region], [self.fd])
+        return mem
+
+    def gpa(self, off):
+        return GUEST_BASE + off
+
+    def uva(self, off):
+        return USER_BASE + off
+
+    def put(self, off, data):
+        self.mm[self.pad + off:self.pad + off + len(data)] = data
+
+    def get(self, off, n):
+        return bytes(self.mm[self.pad + off:self.pad + off + n])
+
+    def outside_untouched(self):
+        p = self.pad
+        return self.mm[:p] == b"\xa5" * p and self.mm[p + self.size:] == b"\xa5" * p
+
+    def close(self):
+        self.mm.close()
+        os.close(self.fd)
+
+
+class Driver:
+    """The driver's side of one split ring in GuestRam: descriptor table at
+    0, available ring after it, used ring 4-aligned after that, and a bump
+    allocator for buffers from ``data_start``."""
+
+    def __init__(self, ram, size=8, data_start=0x4000):
+        self.ram = ram
+        self.size = size
+        self.desc = 0
+        self.avail = 16 * size
+        self.used = (self.avail + 6 + 2 * size + 3) & ~3
+        assert self.used + 6 + 8 * size <= data_start
+        self.next_data = data_start
+        self.next_desc = 0
+        self.avail_idx = 0
+
+    def queue(self, mem, **kw):
+        return Q.SplitQueue(mem, size=self.size, desc_addr=self.ram.uva(self.desc),
+                            avail_addr=self.ram.uva(self.avail),
+                            used_addr=self.ram.uva(self.used), **kw)
+
+    def alloc(self, n):
+        off = self.next_data
+        self.next_data += (n + 15) & ~15
+        return off
+
+    def write_desc(self, table_off, i, addr, length, flags, nxt):
+        self.ram.put(table_off + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    def buffers(self, bufs):
+        """(data bytes, writable) or (length, writable) -> [(gpa, len, flags, off)]"""
+        out = []
+        for data, writable in bufs:
+            n = data if isinstance(data, int) else len(data)
+            off = self.alloc(n)
+            if not isinstance(data, int):
+                self.ram.put(off, data)
+            out.append((self.ram.gpa(off), n, WRITE if writable else 0, off))
+        return out
+
+    def add(self, bufs, *, indirect=False):
+        """Make a chain available; returns (head, [buffer offsets])."""
+        descs = self.buffers(bufs)
+        head = self.next_desc
+        if indirect:
+            table = self.alloc(16 * len(descs))
+            for i, (addr, n, flags, _) in enumerate(descs):
+                last = i == len(descs) - 1
+                self.write_desc(table, i, addr, n, flags | (0 if last else NEXT), 0 if last else i + 1)
+            self.write_desc(self.desc, head, self.ram.gpa(table), 16 * len(descs), INDIRECT, 0)
+            self.next_desc = (self.next_desc + 1) % self.size
+        else:
+            for i, (addr, n, flags, _) in enumerate(descs):
+                idx = (head + i) % self.size
+                last = i == len(descs) - 1
+                self.write_desc(self.desc, idx, addr, n, flags | (0 if last else NEXT),
+                                0 if last else (idx + 1) % self.size)
+            self.next_desc = (self.next_desc + len(descs)) % self.size
+        self.publish(head)
+        return head, [d[3] for d in descs]
+
+    def publish(self, head):
+        self.ram.put(self.avail + 4 + 2 * (self.avail_idx % self.size), struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.ram.put(self.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def used_idx(self):
+        return struct.unpack("<H", self.ram.get(self.used + 2, 2))[0]
+
+    def used_elem(self, i):
+        return struct.unpack("<II", self.ram.get(self.used + 4 + 8 * (i % self.size), 8))
+
+    def avail_event(self):
+        return struct.unpack("<H", self.ram.get(self.used + 4 + 8 * self.size, 2))[0]
+
+    def set_used_event(self, v):
+        self.ram.put(self.avail + 4 + 2 * self.size, struct.pack("<H", v))
+
+    def set_avail_flags(self, v):
+        self.ram.put(self.avail, struct.pack("<H", v))
+
+
+@pytest.fixture
+def ram():
+    r = GuestRam(pad=4096)
+    yield r
+    r.close()
+
+
+def data_of(chain, which):
+    return b"".join(r.read(off, n) for r, off, n in getattr(chain, which))
+
+
+def test_pop_direct_chain_and_push(ram):
+    mem = ram.memory()
+    drv = Driver(ram)
+    q = drv.queue(mem)
+    assert q.pop() is None
+    head, offs = drv.add([(b"request!", False), (b"more", False), (512, True), (1, True)])
+    chain = q.pop()
+    assert chain.head == head
+    assert data_of(chain, "readable") == b"request!more"
+    assert chain.writable_len == 513
+    # write into the device-writable buffers: they are the driver's buffers
+    r, off, n = chain.writable[0]
+    r.write(off, b"x" * n)
+    assert ram.get(offs[2], 512) == b"x" * 512
+    assert q.pop() is None
+    q.push(chain.head, 513)
+    assert drv.used_idx() == 1 and drv.used_elem(0) == (head, 513)
+    assert ram.outside_untouched()
+    mem.close()
+
+
+def test_indirect_chain(ram):
+    mem = ram.memory()
+    drv = Driver(ram)
+    q = drv.queue(mem)
+    head, _ = drv.add([(b"hdr", False), (b"data", False), (16, True)], indirect=True)
+    chain = q.pop()
+    assert chain.head == head
+    assert data_of(chain, "readable") == b"hdrdata" and chain.writable_len == 16
+    q2 = drv.queue(mem, indirect=False, last_avail_idx=0)
+    with pytest.raises(Q.VirtqueueError, match="INDIRECT_DESC"):
+        q2.pop()
+    mem.close()
+
+
+def test_used_index_and_base_come_from_the_ring(ram):
+    mem = ram.memory()
+    drv = Driver(ram)
+    for _ in range(3):
+        drv.add([(b"a", False), (1, True)])
+    ram.put(drv.used + 2, struct.pack("<H", 2))
+    q = drv.queue(mem, last_avail_idx=2)
+    assert q.used_idx == 2
+    chain = q.pop()
+    assert chain is not None and q.pop() is None
+    q.push(chain.head, 1)
+    assert drv.used_idx() == 3 and drv.used_elem(2)[0] == chain.head
+    mem.close()
+
+
+def test_wraparound_of_free_running_indices(ram):
+    mem = ram.memory()
+    drv = Driver(ram, size=4)
+    drv.avail_idx = 0xFFFE
+    ram.put(drv.avail + 2, struct.pack("<H", 0xFFFE))
+    ram.put(drv.used + 2, struct.pack("<H", 0xFFFE))
+    q = drv.queue(mem, last_avail_idx=0xFFFE)
+    heads = [drv.add([(b"r", False), (1, True)])[0] for _ in range(4)]
+    got = []
+    while (c := q.pop()) is not None:
+        got.append(c.head)
+        q.push(c.head, 1)
+    assert got == heads and drv.used_idx() == 2
+    mem.close()
+
+
+def test_event_idx_publishes_avail_event_and_decides_calls(ram):
+    mem = ram.memory()
+    drv = Driver(ram)
+    q = drv.queue(mem, event_idx=True)
+    assert q.pop() is None and drv.avail_event() == 0
+    drv.add([(b"a", False), (1, True)])
+    drv.add([(b"b", False), (1, True)])
+    c1 = q.pop()
+    assert drv.avail_event() == 1
+    c2 = q.pop()
+    assert drv.avail_event() == 2
+    drv.set_used_event(0)
+    q.push(c1.head, 1)
+    assert q.notify_needed()  # first notification always goes out
+    q.push(c2.head, 1)
+    # the driver asked to be told once entry 0 is used: used went 1 -> 2
+    assert not q.notify_needed()
+    drv.add([(b"c", False), (1, True)])
+    c3 = q.pop()
+    drv.set_used_event(2)
+    q.push(c3.head, 1)
+    assert q.notify_needed()
+    mem.close()
+
+
+def test_no_interrupt_flag_without_event_idx(ram):
+    mem = ram.memory()
+    drv = Driver(ram)
+    q = drv.queue(mem)
+    drv.add([(b"a", False), (1, True)])
+    c = q.pop()
+    q.push(c.head, 1)
+    assert q.notify_needed()
+    drv.set_avail_flags(Q.VRING_AVAIL_F_NO_INTERRUPT)
+    assert not q.notify_needed()
+    q.set_notification(False)
+    assert struct.unpack("<H", ram.get(drv.used, 2))[0] == Q.VRING_USED_F_NO_NOTIFY
+    q.set_notification(True)
+    assert struct.unpack("<H", ram.get(drv.used, 2))[0] == 0
+    mem.close()
+
+
+def test_vring_need_event():
+    assert Q.vring_need_event(0, 1, 0)
+    assert not Q.vring_need_event(5, 3, 2)
+    assert Q.vring_need_event(0xFFFF, 0, 0xFFFE)
+    assert Q.vring_need_event(4, 10, 2)
+
+
+@pytest.mark.parametrize(("case", "match"), [
+    ("loop", "looped"), ("next-beyond", "next index 8 beyond 8"),
+    ("head-beyond", "index 9 is available"), ("avail-jump", "from 0 to 9"),
+    ("outside", "invalid address for buffers"), ("indirect-size", "invalid size 24"),
+    ("nested-indirect", "indirect descriptor inside"), ("indirect-next", "NEXT flag"),
+    ("order", "readable descriptor after a device-writable"),
+    ("indirect-outside", "indirect table: guest range"),
+    ("partly-outside", "invalid address for buffers"),
+])
+def test_broken_rings_are_virtqueue_errors(ram, case, match):
+    mem = ram.memory()
+    drv = Driver(ram, size=8)
+    q = drv.queue(mem)
+    gpa = ram.gpa(0x8000)
+    w = drv.write_desc
+    if case == "loop":
+        w(0, 0, gpa, 4, NEXT, 1)
+        w(0, 1, gpa, 4, NEXT, 0)
+        drv.publish(0)
+    elif case == "next-beyond":
+        w(0, 0, gpa, 4, NEXT, 8)
+        drv.publish(0)
+    elif case == "head-beyond":
+        drv.publish(9)
+    elif case == "avail-jump":
+        ram.put(drv.avail + 2, struct.pack("<H", 9))
+    elif case == "outside":
+        w(0, 0, GUEST_BASE + ram.size, 1, 0, 0)
+        drv.publish(0)
+    elif case == "partly-outside":
+        w(0, 0, GUEST_BASE + ram.size - 10, 11, WRITE, 0)
+        drv.publish(0)
+    elif case == "indirect-size":
+        w(0, 0, gpa, 24, INDIRECT, 0)
+        drv.publish(0)
+    elif case == "nested-indirect":
+        table = 0x9000
+        w(table, 0, gpa, 16, INDIRECT, 0)
+        w(0, 0, ram.gpa(table), 16, INDIRECT, 0)
+        drv.publish(0)
+    elif case == "indirect-next":
+        w(0, 0, ram.gpa(0x9000), 16, INDIRECT | NEXT, 1)
+        drv.publish(0)
+    elif case == "order":
+        w(0, 0, gpa, 4, WRITE | NEXT, 1)
+        w(0, 1, gpa, 4, 0, 0)
+        drv.publish(0)
+    elif case == "indirect-outside":
+        w(0, 0, GUEST_BASE + ram.size - 16, 32, INDIRECT, 0)
+        drv.publish(0)
+    with pytest.raises(Q.VirtqueueError, match=match):
+        q.pop()
+    assert ram.outside_untouched()
+    mem.close()
+
+
+def test_bad_ring_addresses_and_sizes(ram):
+    mem = ram.memory()
+    with pytest.raises(Q.VirtqueueError, match="queue size"):
+        Q.SplitQueue(mem, size=6, desc_addr=USER_BASE, avail_addr=USER_BASE, used_addr=USER_BASE)
+    with pytest.raises(Q.VirtqueueError, match="vring address"):
+        Q.SplitQueue(mem, size=8, desc_addr=USER_BASE + ram.size - 64, avail_addr=USER_BASE,
+                     used_addr=USER_BASE)
+    with pytest.raises(Q.VirtqueueError, match="vring address"):
+        Q.SplitQueue(mem, size=8, desc_addr=GUEST_BASE, avail_addr=USER_BASE, used_addr=USER_BASE)
+    with pytest.raises(Q.VirtqueueError, match="head 8"):
+        Driver(ram).queue(mem).push(8, 0)
+    mem.close()
+
+
+def test_buffer_across_adjacent_regions():
+    a, b = GuestRam(size=0x10000), GuestRam(size=0x10000)
+    mem = M.GuestMemory()
+    mem.set_table([MemRegion(GUEST_BASE, 0x10000, USER_BASE, 0),
+                   MemRegion(GUEST_BASE + 0x10000, 0x10000, USER_BASE + 0x10000, 0)], [a.fd, b.fd])
+    a.put(0x10000 - 3, b"abc")
+    b.put(0, b"def")
+    segs = mem.gpa_segments(GUEST_BASE + 0x10000 - 3, 6)
+    assert len(segs) == 2
+    assert mem.read_gpa(GUEST_BASE + 0x10000 - 3, 6) == b"abcdef"
+    mem.write_gpa(GUEST_BASE + 0x10000 - 1, b"XY")
+    assert a.get(0x10000 - 1, 1) == b"X" and b.get(0, 1) == b"Y"
+    with pytest.raises(M.GuestMemoryError):
+        mem.read_gpa(GUEST_BASE + 0x20000 - 1, 2)
+    # a ring may not cross regions
+    with pytest.raises(M.GuestMemoryError):
+        mem.uva_region(USER_BASE + 0x10000 - 8, 16)
+    mem.close()
+    a.close()
+    b.close()
+
+
+def test_memory_table_checks():
+    ram = GuestRam(size=0x10000)
+    mem = M.GuestMemory(max_regions=2)
+    # a region beyond the end of its file is refused (touching it would fault)
+    with pytest.raises(M.GuestMemoryError, match="beyond its file"):
+        mem.set_table([MemRegion(0, 0x20000, USER_BASE, 0)], [ram.fd])
+    with pytest.raises(M.GuestMemoryError, match="beyond its file"):
+        mem.add_region(MemRegion(0, 0x10000, USER_BASE, 4096), ram.fd)
+    r, w = os.pipe()
+    with pytest.raises(M.GuestMemoryError, match="regular file"):
+        mem.add_region(MemRegion(0, 0x1000, USER_BASE, 0), r)
+    os.close(r)
+    os.close(w)
+    with pytest.raises(M.GuestMemoryError, match="overlaps"):
+        mem.set_table([MemRegion(0, 0x8000, USER_BASE, 0), MemRegion(0x4000, 0x1000, USER_BASE, 0)],
+                      [ram.fd, ram.fd])
+    mem.add_region(MemRegion(0, 0x8000, USER_BASE, 0), ram.fd)
+    mem.add_region(MemRegion(0x8000, 0x8000, USER_BASE + 0x8000, 0x8000), ram.fd)
+    with pytest.raises(M.GuestMemoryError, match="no free memory slot"):
+        mem.add_region(MemRegion(0x10000, 0x1000, USER_BASE, 0), ram.fd)
+    region, off = mem.gpa_region(0x8010, 4)
+    mem.remove_region(MemRegion(0x8000, 0x8000, USER_BASE + 0x8000, 0))
+    with pytest.raises(M.GuestMemoryError, match="unmapped"):
+        region.read(off, 4)
+    with pytest.raises(M.GuestMemoryError):
+        mem.read_gpa(0x8010, 4)
+    with pytest.raises(M.GuestMemoryError, match="no memory region"):
+        mem.remove_region(MemRegion(0x8000, 0x8000, USER_BASE + 0x8000, 0))
+    # a view held while the region goes away: unmapped once released
+    region, off = mem.gpa_region(0, 16)
+    view = region.view(off, 16)
+    mem.close()
+    view[:4] = b"live"
+    view.release()
+    assert ram.get(0, 4) == b"live"
+    ram.close()
+
+
+# -- fuzzing ------------------------------------------------------------------------
+_desc = st.tuples(
+    st.one_of(st.integers(0, 2**64 - 1), st.integers(GUEST_BASE - 64, GUEST_BASE + 0x20000)),
+    st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 4096), st.sampled_from([16, 32, 48, 160])),
+    st.integers(0, 7),
+    st.integers(0, 20),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(descs=st.lists(_desc, min_size=8, max_size=8),
+       indirect_table=st.lists(_desc, min_size=0, max_size=10),
+       heads=st.lists(st.integers(0, 10), min_size=1, max_size=8),
+       avail_idx=st.one_of(st.integers(0, 9), st.integers(0, 0xFFFF)),
+       event_idx=st.booleans())
+def test_fuzz_ring_walker(descs, indirect_table, heads, avail_idx, event_idx):
+    ram = GuestRam(size=0x20000, pad=4096)
+    try:
+        mem = ram.memory()
+        drv = Driver(ram, size=8)
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            drv.write_desc(0, i, addr, length, flags, nxt)
+        # an indirect table the descriptors may point at (GUEST_BASE + 0x8000)
+        for i, (addr, length, flags, nxt) in enumerate(indirect_table):
+            drv.write_desc(0x8000, i, addr, length, flags, nxt)
+        for i, h in enumerate(heads):
+            ram.put(drv.avail + 4 + 2 * i, struct.pack("<H", h))
+        ram.put(drv.avail + 2, struct.pack("<H", avail_idx))
+        q = drv.queue(mem, event_idx=event_idx)
+        for _ in range(10):
+            try:
+                chain = q.pop()
+            except Q.VirtqueueError:
+                break
+            if chain is None:
+                break
+            for r, off, n in chain.readable + chain.writable:
+                assert 0 <= off and n > 0 and off + n <= r.size
+            # the device writes all it may, then returns the chain
+            for r, off, n in chain.writable:
+                r.write(off, b"\xee" * n)
+            q.push(chain.head, chain.writable_len)
+            q.notify_needed()
+        assert ram.outside_untouched()
+        mem.close()
+    finally:
+        ram.close()
