@@ -207,7 +207,7 @@ class FileNode(BlockNode):
         if self.cache_direct:
             return await self._read_direct(offset, length)
         buf = buffers.alloc(length)
-        done = self._pread_nowait(buf, offset)
+        done = self._pread_nowait(buf, offset) if self._may_read_now(length) else 0
         if done == length:
             # served from the page cache without the engine; a checkpoint
             # now and then keeps a client streaming cached reads from
@@ -221,8 +221,8 @@ class FileNode(BlockNode):
         return buf
 
     def _preadv_now(self, offset: int, length: int):
-        if self.cache_direct:
-            return None
+        if self.cache_direct or not self._may_read_now(length):
+            return None  # before any buffer is taken: the engine path takes its own
         buf = buffers.alloc(length)
         return buf if self._pread_nowait(buf, offset) == length else None
 
@@ -254,22 +254,31 @@ class FileNode(BlockNode):
             buffers.zero_tail(buf, got)  # past EOF reads as zeroes
         done(buf, None)
 
+    def _may_read_now(self, length: int) -> bool:
+        """Whether a read of ``length`` bytes is worth trying without the
+        engine (_pread_nowait): not too large, and on a file system in memory
+        or with RWF_NOWAIT, unless recent misses say to skip this one."""
+        if length > INLINE_READ_MAX:
+            return False
+        if self._memory_fs:
+            return True
+        if not self._nowait:
+            return False
+        if self._nowait_skip:
+            self._nowait_skip -= 1
+            return False
+        return True
+
     def _pread_nowait(self, buf: memoryview, offset: int) -> int:
         """Read what can be read without waiting for a device: from the page
         cache (RWF_NOWAIT), or anything on a file system in memory.  Returns
-        the bytes read; the caller hands the rest to the engine."""
-        if len(buf) > INLINE_READ_MAX:
-            return 0
+        the bytes read; the caller hands the rest to the engine.  Only after
+        _may_read_now said yes."""
         if self._memory_fs:
             try:
                 return os.preadv(self.fd, [buf], offset)
             except OSError:
                 return 0  # the engine tries again and reports it
-        if not self._nowait:
-            return 0
-        if self._nowait_skip:
-            self._nowait_skip -= 1
-            return 0
         try:
             n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
         except BlockingIOError:
