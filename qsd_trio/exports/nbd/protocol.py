@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,50 @@ _FAILED = {
 }
 
 
+# The header of a READ's one OFFSET_DATA chunk (structured replies, not
+# extended) in one pack: P.chunk_offset_data_header builds the same bytes
+# from two, and this runs once per request.
+_pack_offset_data = struct.Struct(">IHHQIQ").pack
+
+
+def _offset_data_header(handle: int, offset: int, length: int, extended: bool) -> bytes:
+    """P.chunk_offset_data_header(handle, offset, length, True, ...) of a READ."""
+    if extended:
+        return P.chunk_offset_data_header(handle, offset, length, True, offset)
+    return _pack_offset_data(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                             P.REPLY_TYPE_OFFSET_DATA, handle, 8 + length, offset)
+
+
+class _Slots:
+    """The requests a connection may have in flight: a count the reader
+    takes one from per request and the reply path gives back, a batch of
+    replies at a time, once they are on the wire.  As trio.Semaphore, but a
+    batch is one call and the reader's fast path no method call at all:
+    this runs once per request."""
+
+    __slots__ = ("value", "_freed")
+
+    def __init__(self, n: int) -> None:
+        self.value = n
+        self._freed: trio.Event | None = None
+
+    def release(self, n: int = 1) -> None:
+        self.value += n
+        freed = self._freed
+        if freed is not None:
+            self._freed = None
+            freed.set()
+
+    async def acquire(self) -> None:
+        """Take one, waiting until one is free; a checkpoint either way."""
+        await trio.lowlevel.checkpoint()
+        while not self.value:
+            if self._freed is None:
+                self._freed = trio.Event()
+            await self._freed.wait()
+        self.value -= 1
+
+
 class Transmission:
     """The transmission phase of one connection (the base of Connection).
 
@@ -74,12 +119,14 @@ class Transmission:
     _closed: bool
 
     def __init__(self) -> None:
-        self._slots = trio.Semaphore(MAX_REQUESTS)
+        self._slots = _Slots(MAX_REQUESTS)
         self._out: list = []
         self._out_done = 0
         self._out_ready = trio.Event()
         self._sending = False  # the writer is part way through a send
         self._flush_deferred = False  # a reaper will send the queued replies
+        # the flags a READ/WRITE served by the reader may carry (_read_requests)
+        self._read_flags = self._write_flags = P.CMD_FLAG_FUA
         self._hangup = ""
         self._broken = False
         self._reader_scope = trio.CancelScope()
@@ -160,8 +207,7 @@ class Transmission:
             self._out_ready.set()
             return
         done, self._out_done = self._out_done, 0
-        for _ in range(done):
-            self._slots.release()
+        self._slots.release(done)
 
     async def _writer(self) -> None:
         while True:
@@ -180,8 +226,7 @@ class Transmission:
                         self._broken = True
                     finally:
                         self._sending = False
-                for _ in range(done):
-                    self._slots.release()
+                self._slots.release(done)
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         """Read requests until DISC, EOF, a fatal request or stop_reading().
@@ -199,6 +244,10 @@ class Transmission:
         # otherwise wait; only the rest go to the worker tasks.  Over TLS the
         # writer task sends them.
         quiet = wire.raw is not None
+        # the flags _validate lets through for a READ or WRITE served by the
+        # reader (_serve_now); anything else goes to a worker, which words the error
+        self._read_flags = P.CMD_FLAG_FUA | (P.CMD_FLAG_DF if self.structured else 0)
+        self._write_flags = P.CMD_FLAG_FUA | (P.CMD_FLAG_PAYLOAD_LEN if extended else 0)
         if quiet:
             wire.before_wait = self._flush_now
         try:
@@ -210,9 +259,9 @@ class Transmission:
     async def _read_loop(self, wire, export, size_fn, slots, extended, quiet) -> None:
         with self._reader_scope:
             while True:
-                try:
-                    slots.acquire_nowait()
-                except trio.WouldBlock:
+                if slots.value:
+                    slots.value -= 1
+                else:
                     # Replies served inline hold their slots until sent, so
                     # this is reached at least every MAX_REQUESTS requests;
                     # acquire() is a checkpoint even when the flush just gave
@@ -276,31 +325,36 @@ class Transmission:
                    export: NbdExport, quiet: bool) -> bool:
         """Serve a READ or WRITE synchronously if the node can
         (BlockNode.read_now/write_now); False hands it to a worker."""
-        if self._validate(req, size) is not None:
-            return False  # the worker words the error
+        # what _validate checks of a READ or WRITE, written out (a WRITE
+        # above the maximum was refused before its payload was read); a
+        # request that fails any of it goes to a worker, which words the error
+        off, ln, flags = req.offset, req.length, req.flags
+        if off > size or ln > size - off:
+            return False
         node = export.node
         h = req.handle
         if req.type == P.CMD_WRITE:
-            if req.flags & P.CMD_FLAG_FUA or export.writethrough:
+            if (flags & (P.CMD_FLAG_FUA | ~self._write_flags) or export.writethrough
+                    or not export.writable):
                 return False
             if not node.write_now(req.offset, data):
                 return node.write_submit(req.offset, data, self._completion(req))
             reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
         else:
-            off, ln = req.offset, req.length
+            if ln > P.MAX_BUFFER_SIZE or flags & ~self._read_flags:
+                return False
             if not self.structured:
                 buf = node.read_now(off, ln)
                 if buf is None:
                     return node.read_submit(off, ln, self._completion(req))
                 reply = (P.simple_reply(h), buf)
             else:
-                if not (req.flags & P.CMD_FLAG_DF or export.known_data(off, ln)):
+                if not (flags & P.CMD_FLAG_DF or export.known_data(off, ln)):
                     return False  # a sparse read asks the block status first
                 buf = node.read_now(off, ln)
                 if buf is None:
                     return node.read_submit(off, ln, self._completion(req))
-                reply = (P.chunk_offset_data_header(h, off, ln, True,
-                                                    off if self.extended else None), buf)
+                reply = (_offset_data_header(h, off, ln, self.extended), buf)
         if quiet:
             self._queue_quiet(reply)
         else:
@@ -330,9 +384,7 @@ class Transmission:
             elif not self.structured:
                 parts = (P.simple_reply(h), buf)
             else:
-                parts = (P.chunk_offset_data_header(
-                    h, req.offset, req.length, True, req.offset if self.extended else None),
-                    buf)
+                parts = (_offset_data_header(h, req.offset, req.length, self.extended), buf)
             self._queue_quiet(parts)
             if not self._flush_deferred:
                 if after_completions(self._deferred_flush):
