@@ -95,17 +95,24 @@ async def set_read_only(node: BlockNode, ro: bool) -> None:
             await _reopen_one(n, {**n.options, "read-only": ro})
 
 
+async def prepare_read_only_again(node: BlockNode) -> None:
+    """The I/O half of a job's read-write reopen ending, when its work ends:
+    the node and the nodes that store its data write out what only a
+    writable node can and are flushed (BlockGraph.prepare_read_only)."""
+    graph = node.graph
+    for n in _data_nodes(node):
+        if graph.nodes.get(n.node_name) is n and not n.read_only:
+            await graph.prepare_read_only(n, keep_going=True)
+
+
 def read_only_again(node: BlockNode) -> None:
     """The synchronous end of a job's read-write reopen, for its clean step:
     the job flushed the nodes when its work ended and has let go of them, so
-    no I/O is left to do, only the flag, the options and the permissions
-    (which drop the write lock)."""
+    no I/O is left to do, only the graph half (BlockGraph.commit_read_only:
+    the flag, the options and the permissions, which drop the write lock)."""
     for n in _data_nodes(node):
         if not n.read_only:
-            n.read_only = True
-            n.options = {**n.options, "read-only": True}
-            with contextlib.suppress(Exception):
-                refresh(n)
+            node.graph.commit_read_only(n)
 
 
 def _kept_discard(node: BlockNode, o: dict) -> dict:
@@ -125,8 +132,7 @@ async def _reopen_one(node: BlockNode, given: dict) -> None:
         old = (node.read_only, node.detect_zeroes, node.discard_unmap)
         ro = bool(o.get("read-only", False))
         if ro and not node.read_only:
-            await node.prepare_read_only()
-            await node.flush()
+            await node.graph.prepare_read_only(node)
         reopen_fd = getattr(node, "reopen_rw", None)
         if not ro and node.read_only and reopen_fd is not None:
             await reopen_fd()

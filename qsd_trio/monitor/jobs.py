@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -13,7 +12,6 @@ from ..jobs import manager
 from ..jobs.job import Job
 from ..nodes.node import BlockNode
 from ..qapi import qapi_types as T
-from ..qapi.errors import QapiError
 from .registry import command
 
 if TYPE_CHECKING:
@@ -526,18 +524,11 @@ def _read_only_after_run(daemon: Daemon, job: Job, node: BlockNode | None) -> No
     I/O left to do."""
     if node is None:
         return
-    from .block import _data_nodes, read_only_again
+    from .block import prepare_read_only_again, read_only_again
 
     async def flush() -> None:
         with trio.CancelScope(shield=True):
-            for n in _data_nodes(node):
-                if daemon.graph.nodes.get(n.node_name) is n:
-                    # it goes back to read-only in the clean step: what
-                    # a read-only node cannot write (qcow2's persistent
-                    # bitmaps) is written now
-                    with contextlib.suppress(OSError, QapiError):
-                        await n.prepare_read_only()
-                    await n.flush()
+            await prepare_read_only_again(node)
 
     def read_only() -> None:
         if daemon.graph.nodes.get(node.node_name) is node:

@@ -35,8 +35,7 @@ import trio
 
 from ..nodes.graph import DRIVERS
 from ..nodes.node import BdrvChild, BlockNode, Perm
-from ..nodes.perms import refresh
-from ..qapi.errors import GenericError, QapiError
+from ..qapi.errors import GenericError
 from .registry import command
 
 # -- shared checks -----------------------------------------------------------------
@@ -119,22 +118,18 @@ def _inheriting_subtree(node: BlockNode) -> list[BlockNode]:
     return out
 
 
-async def reopen_read_only(node: BlockNode) -> None:
-    """bdrv_reopen_set_read_only(bs, true): best effort, as QEMU ignores errors."""
+async def reopen_read_only(graph, node: BlockNode) -> None:
+    """bdrv_reopen_set_read_only(bs, true) for the old top of a snapshot and
+    the children it opened: best effort, as QEMU ignores the errors.  A child
+    another user still writes through stays writable."""
     if node.read_only:
         return
-    with contextlib.suppress(OSError):
-        await node.flush()
     for n in _inheriting_subtree(node):
         if n.read_only or n.cum_perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
             continue
-        with contextlib.suppress(OSError, QapiError):
-            await n.prepare_read_only()  # qcow2: persistent bitmaps are stored
-        n.read_only = True
-        if isinstance(n.options, dict):
-            n.options = {**n.options, "read-only": True}
-        with contextlib.suppress(Exception):
-            refresh(n)
+        with contextlib.suppress(OSError):
+            await graph.prepare_read_only(n, keep_going=True)
+        graph.commit_read_only(n)
 
 
 def _check_overlay(overlay: BlockNode) -> None:
@@ -201,7 +196,7 @@ class ExternalSnapshot:
     async def commit(self) -> None:
         """external_snapshot_commit + clean: the node below is only read from
         now on; a new overlay nobody uses is dropped (QEMU's last unref)."""
-        await reopen_read_only(self.old)
+        await reopen_read_only(self.graph, self.old)
         overlay = self.overlay
         if self.created and not overlay.parents:
             backing = _backing_edge(overlay)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import trio
 
 from .. import trace
-from ..qapi.errors import DeviceNotFound, GenericError
+from ..qapi.errors import DeviceNotFound, GenericError, QapiError
 from .engine import Engines
 from .node import BdrvChild, BlockNode, BlockParent, Perm
 
@@ -303,6 +303,45 @@ class BlockGraph:
                 with contextlib.suppress(Exception):
                     refresh(n)
             raise
+
+    # -- read-only transitions ----------------------------------------------------------
+    # bdrv_reopen_set_read_only(bs, true) in two halves, because a job's
+    # clean step (synchronous) can only do the second: blockdev-reopen does
+    # the first inside its own reopen, a snapshot both for the old top and
+    # the children it opened, a job the first when its work ends and the
+    # second when it lets go of its nodes.
+    async def prepare_read_only(self, node: BlockNode, *, keep_going: bool = False) -> None:
+        """The I/O half: what the driver keeps only while writable is
+        written out (qcow2 stores its persistent bitmaps and marks the image
+        clean, as qcow2_reopen_prepare), then the node is flushed.
+
+        Raises what the driver or the flush raise; with ``keep_going`` a
+        driver that cannot store its state does not stop the flush (QEMU's
+        snapshot and job paths ignore the reopen's errors).
+        """
+        try:
+            await node.prepare_read_only()
+        except (OSError, QapiError):
+            if not keep_going:
+                raise
+        await node.flush()
+
+    def commit_read_only(self, node: BlockNode) -> None:
+        """The graph half: the node is read-only, says so in its options, and
+        takes (and locks) no more than a reader; shrinking never conflicts."""
+        from .perms import refresh
+
+        node.read_only = True
+        node.options = {**node.options, "read-only": True}
+        with contextlib.suppress(Exception):
+            refresh(node)
+
+    async def reopen_read_only(self, node: BlockNode, *, keep_going: bool = False) -> None:
+        """Both halves for ``node`` (nothing if it is read-only already)."""
+        if node.read_only:
+            return
+        await self.prepare_read_only(node, keep_going=keep_going)
+        self.commit_read_only(node)
 
     # -- deleting ------------------------------------------------------------------
     async def delete(self, name: str) -> None:

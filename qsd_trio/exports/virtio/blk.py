@@ -1,0 +1,312 @@
+"""virtio-blk: requests on descriptor chains and the config space.
+
+The device side of the virtio block device (device-types_blk_*.tex in the
+virtio specification), shared by the vhost-user-blk and VDUSE exports.
+Requests and their status bytes follow QEMU 7.2's
+block/export/virtio-blk-handler.c, which both of its exports use: IN, OUT,
+FLUSH, GET_ID, DISCARD and WRITE_ZEROES (with the UNMAP flag), anything
+else ``VIRTIO_BLK_S_UNSUPP``; a request out of range, misaligned, on a
+read-only export, or failing in the block layer ``VIRTIO_BLK_S_IOERR``.
+
+I/O goes through :class:`BlkBackend`, the few async methods a
+:class:`~qsd_trio.nodes.node.BlockNode` has, so the export hands its node
+over as it is and the unit tests can hand over a model.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Protocol
+
+from .memory import GuestMemoryError, Segment
+from .virtqueue import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    Chain,
+)
+
+# request types (device-types_blk_description.tex "Device Operation")
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_GET_LIFETIME = 10
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_T_SECURE_ERASE = 14
+VIRTIO_BLK_T_BARRIER = 0x80000000  # legacy flag, ignored
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+# feature bits
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+SECTOR_BITS = 9
+SECTOR_SIZE = 1 << SECTOR_BITS
+# QEMU's limits: one discard / write-zeroes segment of at most 32768
+# sectors, at most 128 - 2 data segments per request (a request header
+# and a status byte take the other two of 128), and BDRV_REQUEST_MAX_BYTES
+# (INT_MAX rounded down to a sector) for reads and writes
+MAX_DISCARD_SECTORS = 32768
+MAX_WRITE_ZEROES_SECTORS = 32768
+SEG_MAX = 128 - 2
+REQUEST_MAX_SECTORS = (0x7FFFFFFF & ~(SECTOR_SIZE - 1)) >> SECTOR_BITS
+
+# struct virtio_blk_config (60 bytes, little-endian), offsets of the fields
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+CONFIG_SIZE = CONFIG.size
+CONFIG_WCE_OFFSET = 32
+
+_OUTHDR = struct.Struct("<IIQ")
+_DWZ = struct.Struct("<QII")
+
+
+class BlkBackend(Protocol):
+    """The block I/O an export does for its virtio-blk device.  A
+    BlockNode is one; every method raises OSError on failure."""
+
+    def length(self) -> int: ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                    fua: bool = False) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None: ...
+
+
+def device_features(*, writable: bool) -> int:
+    """The virtio feature bits QEMU 7.2's vhost-user-blk export offers for
+    the device and its rings (the transport adds its own)."""
+    bits = (1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_TOPOLOGY | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES | 1 << VIRTIO_BLK_F_CONFIG_WCE
+            | 1 << VIRTIO_BLK_F_MQ | 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX)
+    if not writable:
+        bits |= 1 << VIRTIO_BLK_F_RO
+    return bits
+
+
+def _take(segments: tuple[Segment, ...] | list[Segment], n: int) -> tuple[list[Segment], list[Segment]]:
+    """Split a segment list after its first ``n`` bytes."""
+    head: list[Segment] = []
+    rest: list[Segment] = []
+    for r, off, length in segments:
+        if n <= 0:
+            rest.append((r, off, length))
+        elif length <= n:
+            head.append((r, off, length))
+            n -= length
+        else:
+            head.append((r, off, n))
+            rest.append((r, off + n, length - n))
+            n = 0
+    return head, rest
+
+
+def _gather(segments: list[Segment]) -> bytes:
+    return b"".join(r.read(off, n) for r, off, n in segments)
+
+
+def _scatter(segments: list[Segment], data: bytes | bytearray | memoryview) -> None:
+    mv = memoryview(data).cast("B")
+    pos = 0
+    for r, off, n in segments:
+        if pos >= len(mv):
+            break
+        chunk = mv[pos:pos + n]
+        r.write(off, chunk)
+        pos += len(chunk)
+
+
+class BlkHandler:
+    """One virtio-blk device: its config space and its request handling.
+
+    ``serial`` is what GET_ID answers (QEMU's vhost-user-blk export answers
+    ``vhost_user_blk``; VDUSE's has a ``serial`` option).  ``writethrough``
+    makes every write a FUA write; the driver toggles it through the config
+    space's ``writeback`` byte (SET_CONFIG).
+    """
+
+    def __init__(self, backend: BlkBackend, *, writable: bool, logical_block_size: int = 512,
+                 num_queues: int = 1, serial: str = "vhost_user_blk", writethrough: bool = False):
+        self.backend = backend
+        self.writable = writable
+        self.logical_block_size = logical_block_size
+        self.num_queues = num_queues
+        self.serial = serial.encode()
+        self.writethrough = writethrough
+        # the config space's writeback byte; QEMU 7.2 starts it at 0
+        # whatever the export's cache mode is
+        self.wce = 0
+
+    # -- config space ---------------------------------------------------------------
+    def features(self) -> int:
+        return device_features(writable=self.writable)
+
+    def config(self) -> bytes:
+        """struct virtio_blk_config as QEMU 7.2 fills it: capacity in
+        sectors, blk_size from logical-block-size, seg_max 126, min_io_size
+        and opt_io_size 1, num_queues, one discard and one write-zeroes
+        segment of up to 32768 sectors aligned to the block size."""
+        bs = self.logical_block_size
+        return CONFIG.pack(
+            self.backend.length() >> SECTOR_BITS,  # capacity
+            0,  # size_max
+            SEG_MAX,
+            0, 0, 0,  # geometry: cylinders, heads, sectors
+            bs,  # blk_size
+            0, 0, 1, 1,  # physical_block_exp, alignment_offset, min_io_size, opt_io_size
+            self.wce, 0,  # writeback, unused0
+            self.num_queues,
+            MAX_DISCARD_SECTORS, 1, bs >> SECTOR_BITS,
+            MAX_WRITE_ZEROES_SECTORS, 1, 0,  # ..., write_zeroes_may_unmap
+        )
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG: the first ``size`` bytes of the config space (QEMU
+        ignores the offset); b"" (the error answer) when ``size`` is larger
+        than the config space."""
+        del offset
+        if size > CONFIG_SIZE:
+            return b""
+        return self.config()[:size]
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> bool:
+        """SET_CONFIG: only the writeback byte may be written, and not for
+        migration (flags must be 0); False when refused."""
+        if flags != 0 or offset != CONFIG_WCE_OFFSET or len(data) != 1:
+            return False
+        self.wce = data[0]
+        self.writethrough = not self.wce
+        return True
+
+    # -- requests --------------------------------------------------------------------
+    def _range_ok(self, sector: int, size: int) -> bool:
+        if size % SECTOR_SIZE:
+            return False
+        nb_sectors = size >> SECTOR_BITS
+        if nb_sectors > REQUEST_MAX_SECTORS:
+            return False
+        if ((sector << SECTOR_BITS) & 0xFFFFFFFFFFFFFFFF) % self.logical_block_size:
+            return False
+        total = self.backend.length() >> SECTOR_BITS
+        return not (sector > total or nb_sectors > total - sector)
+
+    async def process(self, chain: Chain) -> int:
+        """Carry out the request in ``chain`` and write its status byte.
+
+        Returns the used length to push: every device-writable byte of the
+        chain, as QEMU counts it.  A chain without a device-writable byte
+        has nowhere to put a status; it is returned with length 0 and
+        nothing done.  Errors of the backend (OSError) and of guest memory
+        that went away become ``VIRTIO_BLK_S_IOERR``; nothing else is
+        caught.
+        """
+        in_len = chain.writable_len
+        if in_len == 0:
+            return 0
+        data_in, status_seg = _take(chain.writable, in_len - 1)
+        try:
+            status = await self._execute(chain, data_in)
+        except (OSError, GuestMemoryError):
+            status = VIRTIO_BLK_S_IOERR
+        r, off, _ = status_seg[0]
+        try:
+            r.write(off, bytes([status]))
+        except GuestMemoryError:
+            return 0
+        return in_len
+
+    async def _execute(self, chain: Chain, data_in: list[Segment]) -> int:
+        if chain.readable_len < _OUTHDR.size:
+            # QEMU leaves such a request unanswered; it is failed here
+            return VIRTIO_BLK_S_IOERR
+        hdr, data_out = _take(chain.readable, _OUTHDR.size)
+        rtype, _reserved, sector = _OUTHDR.unpack(_gather(hdr))
+        kind = rtype & ~VIRTIO_BLK_T_BARRIER
+        backend = self.backend
+        if kind in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+            is_write = bool(rtype & VIRTIO_BLK_T_OUT)
+            if is_write and not self.writable:
+                return VIRTIO_BLK_S_IOERR
+            segs = data_out if is_write else data_in
+            size = sum(n for _, _, n in segs)
+            if not self._range_ok(sector, size):
+                return VIRTIO_BLK_S_IOERR
+            offset = sector << SECTOR_BITS
+            if is_write:
+                if len(segs) == 1:
+                    r, off, n = segs[0]
+                    with r.view(off, n) as view:
+                        await backend.write(offset, view, fua=self.writethrough)
+                else:
+                    await backend.write(offset, _gather(segs), fua=self.writethrough)
+            else:
+                data = await backend.read(offset, size)
+                if len(data) != size:
+                    raise OSError(errno.EIO, "short read")
+                _scatter(segs, data)
+            return VIRTIO_BLK_S_OK
+        if kind == VIRTIO_BLK_T_FLUSH:
+            await backend.flush()
+            return VIRTIO_BLK_S_OK
+        if kind == VIRTIO_BLK_T_GET_ID:
+            size = min(len(self.serial) + 1, sum(n for _, _, n in data_in), VIRTIO_BLK_ID_BYTES)
+            _scatter(data_in, (self.serial + b"\0")[:size])
+            return VIRTIO_BLK_S_OK
+        if kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            if not self.writable:
+                return VIRTIO_BLK_S_IOERR
+            return await self._discard_write_zeroes(kind, data_out)
+        return VIRTIO_BLK_S_UNSUPP
+
+    async def _discard_write_zeroes(self, kind: int, data_out: list[Segment]) -> int:
+        size = sum(n for _, _, n in data_out)
+        # one segment only, as QEMU
+        if size > _DWZ.size:
+            return VIRTIO_BLK_S_UNSUPP
+        if size != _DWZ.size:
+            return VIRTIO_BLK_S_IOERR
+        sector, num_sectors, flags = _DWZ.unpack(_gather(data_out))
+        max_sectors = (MAX_WRITE_ZEROES_SECTORS if kind == VIRTIO_BLK_T_WRITE_ZEROES
+                       else MAX_DISCARD_SECTORS)
+        if num_sectors > max_sectors:
+            return VIRTIO_BLK_S_IOERR
+        nbytes = num_sectors << SECTOR_BITS
+        if not self._range_ok(sector, nbytes):
+            return VIRTIO_BLK_S_IOERR
+        if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+            return VIRTIO_BLK_S_UNSUPP
+        offset = sector << SECTOR_BITS
+        if kind == VIRTIO_BLK_T_WRITE_ZEROES:
+            await self.backend.write_zeroes(
+                offset, nbytes, may_unmap=bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+            return VIRTIO_BLK_S_OK
+        if flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+            return VIRTIO_BLK_S_UNSUPP
+        await self.backend.discard(offset, nbytes)
+        return VIRTIO_BLK_S_OK
