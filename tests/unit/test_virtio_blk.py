@@ -24,6 +24,7 @@ class ModelDisk:
         self.calls = []
         self.fail = None
 
+    @property
     def length(self):
         return len(self.data)
 

@@ -82,6 +82,7 @@ class BlkBackend(Protocol):
     """The block I/O an export does for its virtio-blk device.  A
     BlockNode is one; every method raises OSError on failure."""
 
+    @property
     def length(self) -> int: ...
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
@@ -174,7 +175,7 @@ class BlkHandler:
         segment of up to 32768 sectors aligned to the block size."""
         bs = self.logical_block_size
         return CONFIG.pack(
-            self.backend.length() >> SECTOR_BITS,  # capacity
+            self.backend.length >> SECTOR_BITS,  # capacity
             0,  # size_max
             SEG_MAX,
             0, 0, 0,  # geometry: cylinders, heads, sectors
@@ -213,7 +214,7 @@ class BlkHandler:
             return False
         if ((sector << SECTOR_BITS) & 0xFFFFFFFFFFFFFFFF) % self.logical_block_size:
             return False
-        total = self.backend.length() >> SECTOR_BITS
+        total = self.backend.length >> SECTOR_BITS
         return not (sector > total or nb_sectors > total - sector)
 
     async def process(self, chain: Chain) -> int:
