@@ -17,6 +17,7 @@ import contextlib
 import pytest
 
 from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.nodes.qcow2.cluster import l2_table
 from qsd_trio.nodes.qcow2.l2 import TableView, read_cache_sizes
 from qsd_trio.qapi.errors import GenericError
 
@@ -90,7 +91,7 @@ async def test_slices_are_read_and_kept_within_bounds(tmp_path):
         # 8 clusters per 512-byte slice, 64 clusters apart: each read needs a new slice
         assert len(l2_reads) == size // (64 * 4096)
         # a whole table's view: iterating and slicing see every slice
-        table = await node._l2_table(0)
+        table = await l2_table(node, 0)
         assert isinstance(table, TableView) and len(table) == 512
         assert list(table)[::64] == table[0:512:64] != [0] * 8
     finally:

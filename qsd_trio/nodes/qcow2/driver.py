@@ -6,6 +6,14 @@ flag) go straight to the host cluster, concurrently; everything else
 (allocation, copy-on-write from a backing file, a shared or compressed
 cluster, zero flags, discard) runs under one metadata lock.
 
+The driver holds the node's state and its entry points (open, the request
+hooks, flush and writeback, resize, close).  Beside it: ``cluster.py`` maps
+guest offsets to host clusters and allocates clusters, subclusters and L2
+tables; ``check.py`` signals corruption and repairs a dirty image's
+refcounts; ``l2.py``, ``refcount.py`` and ``header.py`` are the on-disk
+structures; ``snapshots.py``, ``bitmaps.py``, ``crypt.py``, ``reopen.py``
+and ``create.py`` the features they are named after.
+
 Crash safety: changed metadata stays in memory (dirty refcount blocks, L2
 tables, L1 entries) until a flush, which writes it in dependency order:
 data -> flush -> refcount blocks -> flush -> L2 tables -> flush -> L1 ->
@@ -27,9 +35,7 @@ import os.path
 import struct
 import sys
 from array import array
-from contextlib import asynccontextmanager
 
-import attrs
 import trio
 
 from ...qapi.errors import GenericError, QapiError
@@ -39,6 +45,26 @@ from . import bitmaps as bitmapmod
 from . import overlap, reopen
 from . import snapshots as snapmod
 from .check import Corruption, repair_refcounts, signal_corruption
+from .cluster import (
+    COMPRESSED,
+    DATA,
+    UNALLOC,
+    ZERO,
+    alloc_bytes,
+    data_host,
+    discard_clusters,
+    free_entry_host,
+    grow_l1,
+    inplace_plan,
+    l2_entry,
+    l2_for_write,
+    locked,
+    map_range,
+    mapped,
+    preallocate,
+    write_allocating,
+    zero_clusters,
+)
 from .compress import CompressionError, compress, decompress
 from .header import (
     AUTOCLEAR_BITMAPS,
@@ -60,8 +86,6 @@ from .l2 import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
-    QCOW_OFLAG_COPIED,
-    QCOW_OFLAG_ZERO,
     L2Cache,
     compressed_entry,
     compressed_extent,
@@ -70,15 +94,6 @@ from .l2 import (
     unpack_table,
 )
 from .refcount import RefcountError, Refcounts, write_batch
-
-# segment kinds of a mapped guest range
-DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
-
-ALL_ALLOC = 0xFFFFFFFF
-# the L2 entry bits that decide how a cluster reads (not COPIED)
-_MAP_BITS = L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
-ALL_ZERO = 0xFFFFFFFF << 32
-
 
 
 @register_driver
@@ -471,158 +486,6 @@ class Qcow2Node(BlockNode):
             # QEMU drops the driver of a fatally corrupt node: no medium
             raise OSError(errno.ENOMEDIUM, "No medium found")
 
-    # -- L2 access ------------------------------------------------------------------
-    async def _l2_table(self, l1i: int, first: int = 0, stop: int | None = None):
-        """The L2 table for L1 index ``l1i`` (array or view) or None when
-        unallocated; with ``first``/``stop``, only entries first..stop-1 are
-        needed (with sliced caching only their slices are read)."""
-        if l1i >= len(self.l1):
-            return None
-        e = self.l1[l1i]
-        off = e & L1E_OFFSET_MASK
-        if not off:
-            return None
-        t = self.l2cache.get(off)
-        if t is not None:
-            return t
-        if off & (self.cs - 1):
-            raise Corruption(f"L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})",
-                             off, self.cs)
-        return await self.l2cache.fetch(off, self.file.read, first, stop)
-
-    async def _l2_for_write(self, l1i: int):
-        """An L2 table this image owns alone, allocated or copied as needed."""
-        e = self.l1[l1i]
-        off = e & L1E_OFFSET_MASK
-        if off and e & QCOW_OFLAG_COPIED:
-            return await self._l2_table(l1i)
-        if off:
-            old = await self._l2_table(l1i)
-            t = array("Q", old)  # copy-on-write of a table shared with a snapshot
-        else:
-            t = unpack_table(bytes(self.cs))
-        await self._set_dirty()
-        new = await self.refs.alloc(1)
-        t = self.l2cache.put(new, t, dirty=True)
-        self.l1[l1i] = new | QCOW_OFLAG_COPIED
-        self._l1_gen += 1
-        self._l1_dirty = True
-        if off:
-            self._pending_free.append((off, self.cs, "other"))
-        return t
-
-    # -- mapping ------------------------------------------------------------------
-    async def _map(self, offset: int, length: int, *, merge_compressed: bool = False):
-        """Segments [kind, guest offset, length, host] covering the range."""
-        segs: list[list[int]] = []
-        cb, cs = self.cb, self.cs
-        pos, end = offset, offset + length
-        l2_span_bits = self.l2_bits + cb
-        l2_mask = self.l2_entries - 1
-        extl2 = self.extl2
-        df = self.has_data_file
-        v3 = self.version >= 3
-
-        def add(kind, start, n, host):
-            if segs:
-                last = segs[-1]
-                if (last[0] == kind and last[1] + last[2] == start
-                        and (kind in (ZERO, UNALLOC)
-                             or (kind == DATA and last[3] + last[2] == host)
-                             or (kind == COMPRESSED and merge_compressed))):
-                    last[2] += n
-                    return
-            segs.append([kind, start, n, host])
-
-        step = 2 if extl2 else 1
-        while pos < end:
-            l1i = pos >> l2_span_bits
-            tend = min(end, (l1i + 1) << l2_span_bits)
-            table = await self._l2_table(l1i, step * ((pos >> cb) & l2_mask),
-                                         step * ((((tend - 1) >> cb) & l2_mask) + 1))
-            if table is None:
-                add(UNALLOC, pos, tend - pos, 0)
-                pos = tend
-                continue
-            while pos < tend:
-                gc = pos >> cb
-                in_cl = pos & (cs - 1)
-                cl_end = min(tend, (gc + 1) << cb)
-                idx = gc & l2_mask
-                if not extl2:
-                    e = table[idx]
-                    if e & QCOW_OFLAG_COMPRESSED:
-                        add(COMPRESSED, pos, cl_end - pos, e)
-                        pos = cl_end
-                        continue
-                    # extend over the following clusters of the same kind in
-                    # one step (contiguous hosts for data): one segment per
-                    # run, not one Python round per cluster
-                    last = min(((tend - 1) >> cb) & l2_mask, l2_mask)
-                    j = idx + 1
-                    if e & QCOW_OFLAG_ZERO and v3:
-                        kind, host = ZERO, 0
-                        while j <= last and table[j] == e:
-                            j += 1
-                    else:
-                        host = e & L2E_OFFSET_MASK
-                        if host or (df and e & QCOW_OFLAG_COPIED):
-                            if host & (cs - 1):
-                                raise Corruption(
-                                    f"Cluster allocation offset {host:#x} unaligned "
-                                    f"(L2 offset: {self.l1[l1i] & L1E_OFFSET_MASK:#x}, "
-                                    f"L2 index: {idx:#x})", host, cs)
-                            kind = DATA
-                            if host:
-                                want = host + cs
-                                while j <= last and table[j] & _MAP_BITS == want:
-                                    j += 1
-                                    want += cs
-                            host += in_cl
-                        else:
-                            kind = UNALLOC
-                            while j <= last and table[j] == e:
-                                j += 1
-                    run_end = min(tend, (gc + j - idx) << cb)
-                    add(kind, pos, run_end - pos, host)
-                    pos = run_end
-                    continue
-                e = table[2 * idx]
-                bm = table[2 * idx + 1]
-                if e & QCOW_OFLAG_COMPRESSED:
-                    add(COMPRESSED, pos, cl_end - pos, e)
-                    pos = cl_end
-                    continue
-                host = e & L2E_OFFSET_MASK
-                if bm & (bm >> 32) & ALL_ALLOC or (bm & ALL_ALLOC and not host and not df):
-                    raise Corruption(
-                        f"Invalid cluster entry found  (L2 offset: "
-                        f"{self.l1[l1i] & L1E_OFFSET_MASK:#x}, L2 index: {idx:#x})")
-                if host & (cs - 1):
-                    raise Corruption(
-                        f"Cluster allocation offset {host:#x} unaligned "
-                        f"(L2 offset: {self.l1[l1i] & L1E_OFFSET_MASK:#x}, "
-                        f"L2 index: {idx:#x})", host, cs)
-                base = gc << cb
-                sb = self.sc_bits
-                while pos < cl_end:
-                    sc = (pos - base) >> sb
-                    sc_end = min(cl_end, base + ((sc + 1) << sb))
-                    if bm >> sc & 1:
-                        add(DATA, pos, sc_end - pos, host + (pos - base))
-                    elif bm >> (32 + sc) & 1:
-                        add(ZERO, pos, sc_end - pos, 0)
-                    else:
-                        add(UNALLOC, pos, sc_end - pos, 0)
-                    pos = sc_end
-        return segs
-
-    async def _mapped(self, offset: int, length: int, **kw):
-        try:
-            return await self._map(offset, length, **kw)
-        except Corruption as c:
-            raise await signal_corruption(self, c) from None
-
     # -- reads ---------------------------------------------------------------------
     async def _read_compressed(self, entry: int) -> bytes:
         if self._decomp_cache is not None and self._decomp_cache[0] == entry:
@@ -660,57 +523,26 @@ class Qcow2Node(BlockNode):
             buf = self.crypto.encrypt(goff, host, buf)
         await self.data.write(host, buf)
 
-    def _data_host(self, offset: int, length: int, owned: bool) -> int:
-        """The host offset of a guest range that lies in one standard data
-        cluster of this image, found in the cached L2 table without a wait;
-        with ``owned``, only if the cluster may be written in place (COPIED:
-        refcount 1).  -1 when the range needs the general path (several
-        clusters, extended L2, an L2 table not cached, any other kind of
-        cluster, an entry that looks corrupt: _map reports those).
-
-        This is the hot path of 4 KiB random I/O on an allocated image: one
-        dict lookup and a few bit tests instead of a mapping pass."""
-        cb = self.cb
-        gc = offset >> cb
-        if self.extl2 or (offset + length - 1) >> cb != gc or length <= 0:
-            return -1
-        l1i = gc >> self.l2_bits
-        l1 = self.l1
-        if l1i >= len(l1):
-            return -1
-        l2off = l1[l1i] & L1E_OFFSET_MASK
-        if not l2off:
-            return -1
-        table = self.l2cache.get(l2off)
-        if table is None:
-            return -1
-        e = table[gc & (self.l2_entries - 1)]
-        host = e & L2E_OFFSET_MASK
-        if (not host or host & (self.cs - 1) or e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
-                or (owned and not e & QCOW_OFLAG_COPIED)):
-            return -1
-        return host | (offset & (self.cs - 1))
-
     # the fast path (BlockNode.read_now/write_now): one cluster mapped in the
     # cache, data at a plain host offset; anything else goes the long way
     def _preadv_now(self, offset: int, length: int):
         if self.crypto is not None or self._corrupt:
             return None
-        host = self._data_host(offset, length, False)
+        host = data_host(self, offset, length, False)
         return None if host < 0 else self.data.read_now(host, length)
 
     def _preadv_submit(self, offset: int, length: int, done) -> bool:
         # as _co_preadv's first branch: one mapped cluster, read from the file
         if self.crypto is not None or self._corrupt:
             return False
-        host = self._data_host(offset, length, False)
+        host = data_host(self, offset, length, False)
         return host >= 0 and self.data.read_submit(host, length, done)
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
         # as _co_pwritev's first branch: in place, into one cluster we own
         if self.crypto is not None or self._corrupt:
             return False
-        host = self._data_host(offset, len(mv), True)
+        host = data_host(self, offset, len(mv), True)
         if host < 0 or (self.overlap_mask and not self._overlap_clear(host, len(mv))):
             return False
 
@@ -727,7 +559,7 @@ class Qcow2Node(BlockNode):
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         if self.crypto is not None or self._corrupt:
             return False
-        host = self._data_host(offset, len(mv), True)
+        host = data_host(self, offset, len(mv), True)
         if host < 0 or (self.overlap_mask and not self._overlap_clear(host, len(mv))):
             return False
         return self.data.write_now(host, mv)
@@ -735,10 +567,10 @@ class Qcow2Node(BlockNode):
     async def _co_preadv(self, offset: int, length: int):
         self._check_usable()
         if self.crypto is None:
-            host = self._data_host(offset, length, False)
+            host = data_host(self, offset, length, False)
             if host >= 0:
                 return await self.data.read(host, length)
-        segs = await self._mapped(offset, length)
+        segs = await mapped(self, offset, length)
         if len(segs) == 1:
             # one run: hand the child's buffer up as it is (no second buffer, no copy)
             kind, _, _, host = segs[0]
@@ -771,7 +603,7 @@ class Qcow2Node(BlockNode):
         buf = bytearray(length)
         n = min(length, max(0, self.size - offset))
         if n:
-            await self._fill(await self._mapped(offset, n, merge_compressed=False), offset, buf)
+            await self._fill(await mapped(self, offset, n, merge_compressed=False), offset, buf)
         return buf
 
     # -- writes ------------------------------------------------------------------------
@@ -795,7 +627,7 @@ class Qcow2Node(BlockNode):
         # (counted before planning: frees must not land between plan and write)
         self._inplace += 1
         try:
-            host = self._data_host(offset, length, True) if self.crypto is None else -1
+            host = data_host(self, offset, length, True) if self.crypto is None else -1
             if host >= 0:
                 # one cluster, found in the cache: no plan, no metadata, no lock
                 if self.overlap_mask and not self._overlap_clear(host, length):
@@ -803,7 +635,7 @@ class Qcow2Node(BlockNode):
                 await self.data.write(host, data)
                 plan = ()
             else:
-                plan = await self._inplace_plan(offset, length)
+                plan = await inplace_plan(self, offset, length)
             if plan is not None:
                 for goff, n, host in plan:
                     if self.overlap_mask:
@@ -812,308 +644,9 @@ class Qcow2Node(BlockNode):
         finally:
             self._inplace -= 1
         if plan is None:
-            await self._write_allocating(offset, data)
+            await write_allocating(self, offset, data)
         if fua:
             await self._co_flush()
-
-    @asynccontextmanager
-    async def _locked(self, offset: int, length: int):
-        """The metadata lock, taken once no allocating write in flight overlaps
-        the guest range (their clusters are not linked into L2 yet)."""
-        first, last = offset >> self.cb, (offset + max(length, 1) - 1) >> self.cb
-        while True:
-            await self._lock.acquire()
-            ev = self._allocation_in(first, last)
-            if ev is None:
-                break
-            self._lock.release()
-            await ev.wait()
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-    def _allocation_in(self, first: int, last: int) -> trio.Event | None:
-        allocating = self._allocating
-        if last - first < len(allocating):
-            # fewer clusters than in flight (64 backup workers of 1 MiB hold
-            # 1024): look the request's clusters up
-            for gc in range(first, last + 1):
-                ev = allocating.get(gc)
-                if ev is not None:
-                    return ev
-            return None
-        for gc, ev in allocating.items():
-            if first <= gc <= last:
-                return ev
-        return None
-
-    async def _write_allocating(self, offset: int, data: memoryview) -> None:
-        """A write that needs new clusters: allocate and copy-on-write under the
-        lock, write the data with the lock released (so allocating writes run
-        in parallel, as in QEMU), then link the clusters into L2 under the lock.
-
-        The L2 entries change only after their data is written, so a flush in
-        between never puts an entry on disk that points at unwritten data; a
-        failed or cancelled data write gives its clusters back (they were
-        never referenced, at worst their refcount leaks on a crash).
-        """
-        runs: list[_NewRun] = []
-        async with self._locked(offset, len(data)):
-            try:
-                await self._write_locked(offset, data, runs)
-            except Corruption as c:
-                self._drop_runs(runs)
-                raise await signal_corruption(self, c) from None
-            except BaseException:
-                self._drop_runs(runs)
-                raise
-            if not runs:
-                return
-            ev = trio.Event()
-            for r in runs:
-                for i in range(r.n):
-                    self._allocating[r.gc + i] = ev
-        linked = False
-        try:
-            for r in runs:
-                await self._data_write(r.gc << self.cb, r.host, r.payload)
-            async with self._lock:
-                try:
-                    for r in runs:
-                        await self._link_run(r)
-                    linked = True
-                except Corruption as c:
-                    raise await signal_corruption(self, c) from None
-                finally:
-                    for r in runs:
-                        for i in range(r.n):
-                            del self._allocating[r.gc + i]
-                    ev.set()
-                if self.l2cache.overfull():
-                    await self._writeback()
-        finally:
-            if not linked:
-                self._drop_runs(runs)
-                for r in runs:
-                    for i in range(r.n):
-                        if self._allocating.get(r.gc + i) is ev:
-                            del self._allocating[r.gc + i]
-                ev.set()
-
-    def _drop_runs(self, runs: list[_NewRun]) -> None:
-        """Give back the clusters of runs that were never linked."""
-        if not self.has_data_file:
-            for r in runs:
-                if not r.linked:
-                    self._pending_free.append((r.host, r.n * self.cs, "other"))
-                    r.linked = True  # given back once
-
-    async def _inplace_plan(self, offset: int, length: int):
-        """[(guest, n, host)] when the whole range is owned data; else None."""
-        segs = await self._mapped(offset, length)
-        plan = []
-        for kind, goff, n, host in segs:
-            if kind != DATA:
-                return None
-            plan.append((goff, n, host))
-        # DATA in a standard cluster also needs COPIED (refcount 1); _map
-        # loaded every table of the range, so this reads the cache only
-        gc, last = offset >> self.cb, (offset + length - 1) >> self.cb
-        step = 2 if self.extl2 else 1
-        mask = self.l2_entries - 1
-        while gc <= last:
-            stop = min(last, gc | mask)
-            table = await self._l2_table(gc >> self.l2_bits, step * (gc & mask),
-                                         step * ((stop & mask) + 1))
-            if table is None:
-                return None
-            for i in range(step * (gc & mask), step * ((stop & mask) + 1), step):
-                if not table[i] & QCOW_OFLAG_COPIED:
-                    return None
-            gc = stop + 1
-        return plan
-
-    async def _entry(self, gc: int) -> int:
-        idx = gc & (self.l2_entries - 1)
-        i = 2 * idx if self.extl2 else idx
-        t = await self._l2_table(gc >> self.l2_bits, i, i + 1)
-        if t is None:
-            return 0
-        return t[i]
-
-    def _free_entry_host(self, e: int, dtype: str = "request") -> None:
-        """Queue the host clusters an L2 entry holds for freeing (after the L2 is on disk)."""
-        if e & QCOW_OFLAG_COMPRESSED:
-            coff, csize = compressed_extent(e, self.cb)
-            self._pending_free.append((coff, csize, dtype))
-            return
-        host = e & L2E_OFFSET_MASK
-        if self.has_data_file:
-            return  # data-file clusters are not refcounted
-        if host:
-            self._pending_free.append((host, self.cs, dtype))
-
-    async def _write_locked(self, offset: int, data: memoryview,
-                            runs: list[_NewRun] | None = None) -> None:
-        """Write under the lock; with ``runs``, fresh clusters are only
-        prepared (allocated, edges copied) and left for the caller to write
-        and link."""
-        cb = self.cb
-        end = offset + len(data)
-        pos = offset
-        while pos < end:
-            gc = pos >> cb
-            # gather a run of clusters that all need a new host cluster
-            e = await self._entry(gc)
-            if self._owned(e):
-                cl_end = min(end, (gc + 1) << cb)
-                await self._write_owned(gc, e, pos, data[pos - offset:cl_end - offset])
-                pos = cl_end
-                continue
-            # a run must fit between refblocks (small clusters, wide refcounts)
-            # and stay inside one L2 table
-            max_run = min(2048, max(1, (1 << self.refs.block_bits) // 2),
-                          ((end - 1) >> cb) - gc + 1,
-                          self.l2_entries - (gc & (self.l2_entries - 1)))
-            table = await self._l2_table(gc >> self.l2_bits)
-            if table is None:
-                n = max_run
-            else:
-                step = 2 if self.extl2 else 1
-                i = step * (gc & (self.l2_entries - 1))
-                n = 1
-                owned = self._owned
-                while n < max_run and not owned(table[i + step * n]):
-                    n += 1
-            run_end = min(end, (gc + n) << cb)
-            r = await self._write_new(gc, n, pos, data[pos - offset:run_end - offset])
-            if runs is None:
-                await self._data_write(r.gc << self.cb, r.host, r.payload)
-                await self._link_run(r)
-            else:
-                runs.append(r)
-            pos = run_end
-
-    def _owned(self, e: int) -> bool:
-        """A standard cluster with a host offset and refcount 1 (may be written in place)."""
-        if e & QCOW_OFLAG_COMPRESSED or not e & QCOW_OFLAG_COPIED:
-            return False
-        if not self.extl2 and e & QCOW_OFLAG_ZERO:
-            return False
-        return bool(e & L2E_OFFSET_MASK) or self.has_data_file
-
-    async def _write_owned(self, gc: int, e: int, pos: int, chunk: memoryview) -> None:
-        """Write into a cluster we own; with subclusters, allocate the touched ones."""
-        base = gc << self.cb
-        host = e & L2E_OFFSET_MASK
-        if self.overlap_mask:
-            await self._overlap_check(0, host + (pos - base), len(chunk), True)
-        if not self.extl2:
-            await self._data_write(pos, host + (pos - base), chunk)
-            return
-        table = await self._l2_for_write(gc >> self.l2_bits)
-        idx = gc & (self.l2_entries - 1)
-        bm = table[2 * idx + 1]
-        sb = self.sc_bits
-        a, b = pos - base, pos - base + len(chunk)
-        s0, s1 = a >> sb, (b - 1) >> sb
-        touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
-        if bm & touched == touched:
-            await self._data_write(base + a, host + a, chunk)
-            return
-        # fill the partial subclusters at the edges from the current view
-        ra, rb = s0 << sb, min((s1 + 1) << sb, self.cs)
-        buf = await self._view(base + ra, rb - ra)
-        buf[a - ra:b - ra] = chunk
-        await self._data_write(base + ra, host + ra, buf)
-        table[2 * idx + 1] = (bm | touched) & ~(touched << 32)
-        self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
-
-    async def _alloc_data(self, gc: int, n: int) -> int:
-        if self.has_data_file:
-            return gc << self.cb  # guest offset == host offset in a data file
-        await self._set_dirty()
-        return await self.refs.alloc(n)
-
-    async def _write_new(self, gc: int, n: int, pos: int, chunk: memoryview) -> _NewRun:
-        """Prepare ``chunk`` for ``n`` fresh host clusters (copy-on-write at the
-        edges): allocate them; the caller writes the payload and links the run."""
-        cb, cs = self.cb, self.cs
-        base = gc << cb
-        a = pos - base
-        b = a + len(chunk)
-        table = await self._l2_table(gc >> self.l2_bits)
-        if table is None:
-            olds = [0] * n
-        else:
-            first = gc & (self.l2_entries - 1)
-            olds = list(table[2 * first:2 * (first + n):2] if self.extl2
-                        else table[first:first + n])
-        if self.extl2:
-            sb = self.sc_bits
-            lo = (a >> sb) << sb
-            hi = min(((b - 1) >> sb) + 1 << sb, n * cs)
-            # copy the rest of the cluster if its old data must move along
-            for i in (0, n - 1):
-                e = olds[i]
-                if e & QCOW_OFLAG_COMPRESSED or e & L2E_OFFSET_MASK:
-                    if i == 0:
-                        lo = 0
-                    if i == n - 1:
-                        hi = n * cs
-        else:
-            lo, hi = 0, n * cs
-        if (a, b) != (0, n * cs):
-            buf = bytearray(n * cs)
-            if lo < a:
-                buf[lo:a] = await self._view(base + lo, a - lo)
-            if b < hi:
-                buf[b:hi] = await self._view(base + b, hi - b)
-            buf[a:b] = chunk
-            payload = memoryview(buf)
-        else:
-            payload = chunk
-        await self._l2_for_write(gc >> self.l2_bits)
-        host = await self._alloc_data(gc, n)
-        if self.overlap_mask:
-            try:
-                await self._overlap_check(0, host + a, b - a, True)
-            except OSError:
-                if not self.has_data_file:
-                    self._pending_free.append((host, n * cs, "other"))
-                raise
-        return _NewRun(gc, n, a, b, olds, host, payload)
-
-    async def _link_run(self, r: _NewRun) -> None:
-        """Point the L2 entries of a written run at its new clusters."""
-        cs = self.cs
-        table = await self._l2_for_write(r.gc >> self.l2_bits)
-        a, b, host = r.a, r.b, r.host
-        first = r.gc & (self.l2_entries - 1)
-        for i in range(r.n):
-            idx = first + i
-            e = r.olds[i]
-            new_e = (host + i * cs) | QCOW_OFLAG_COPIED
-            if self.extl2:
-                old_bm = table[2 * idx + 1] if not e & QCOW_OFLAG_COMPRESSED else 0
-                ca, cb_ = max(a - i * cs, 0), min(b - i * cs, cs)
-                s0, s1 = ca >> self.sc_bits, (cb_ - 1) >> self.sc_bits
-                touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
-                if e & QCOW_OFLAG_COMPRESSED:
-                    bm = ALL_ALLOC
-                else:
-                    bm = (old_bm | touched) & ~(touched << 32)
-                    if e & L2E_OFFSET_MASK:
-                        bm |= old_bm & ALL_ALLOC
-                table[2 * idx] = new_e
-                table[2 * idx + 1] = bm
-            else:
-                table[idx] = new_e
-            if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
-                self._free_entry_host(e)
-        r.linked = True
-        self.l2cache.mark_dirty(self.l1[r.gc >> self.l2_bits] & L1E_OFFSET_MASK)
 
     # -- zero writes and discard ---------------------------------------------------
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
@@ -1132,9 +665,9 @@ class Qcow2Node(BlockNode):
             if offset < a:
                 await self._zero_partial(offset, a - offset, may_unmap, no_fallback)
             if a < b:
-                async with self._locked(a, b - a):
+                async with locked(self, a, b - a):
                     try:
-                        await self._zero_locked(a, b, may_unmap)
+                        await zero_clusters(self, a, b, may_unmap)
                     except Corruption as c:
                         raise await signal_corruption(self, c) from None
                     if self.data_file_raw:
@@ -1158,12 +691,12 @@ class Qcow2Node(BlockNode):
         stop = min(start + unit, self.size)
         end = offset + length
         if await self._reads_zero(start, offset - start) and await self._reads_zero(end, stop - end):
-            async with self._locked(start, stop - start):
+            async with locked(self, start, stop - start):
                 # checked again under the lock: a write may have come in between
                 try:
-                    segs = await self._map(start, stop - start)
+                    segs = await map_range(self, start, stop - start)
                     if all(kind in (ZERO, UNALLOC) for kind, *_ in segs):
-                        await self._zero_locked(start, stop, may_unmap)
+                        await zero_clusters(self, start, stop, may_unmap)
                         done = True
                     else:
                         done = False
@@ -1191,48 +724,6 @@ class Qcow2Node(BlockNode):
     async def _zero_explicit(self, offset: int, length: int, fua: bool) -> None:
         await self._co_pwritev(offset, memoryview(bytes(length)), fua)
 
-    async def _zero_locked(self, a: int, b: int, may_unmap: bool) -> None:
-        cb, cs = self.cb, self.cs
-        pos = a
-        while pos < b:
-            gc = pos >> cb
-            base = gc << cb
-            cl_end = min(b, base + cs)
-            full = pos == base and (cl_end == base + cs or cl_end == self.size)
-            table = await self._l2_for_write(gc >> self.l2_bits)
-            idx = gc & (self.l2_entries - 1)
-            l2_off = self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK
-            if not self.extl2:
-                e = table[idx]
-                if self.has_data_file:
-                    # the data file keeps its fixed mapping; only the flag changes
-                    new = (e | QCOW_OFLAG_ZERO) if e & QCOW_OFLAG_COPIED else QCOW_OFLAG_ZERO
-                elif may_unmap or not self._owned(e & ~QCOW_OFLAG_ZERO):
-                    if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
-                        self._free_entry_host(e)
-                    new = QCOW_OFLAG_ZERO
-                else:
-                    new = e | QCOW_OFLAG_ZERO  # keep the preallocated cluster
-                table[idx] = new
-            else:
-                e, bm = table[2 * idx], table[2 * idx + 1]
-                if full and (may_unmap or e & QCOW_OFLAG_COMPRESSED
-                             or not e & QCOW_OFLAG_COPIED):
-                    if e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
-                        self._free_entry_host(e)
-                    table[2 * idx], table[2 * idx + 1] = 0, ALL_ZERO
-                elif e & QCOW_OFLAG_COMPRESSED or (e & L2E_OFFSET_MASK
-                                                   and not e & QCOW_OFLAG_COPIED):
-                    # a partial zero in a shared/compressed cluster: write it out
-                    await self._write_locked(pos, memoryview(bytes(cl_end - pos)))
-                else:
-                    sb = self.sc_bits
-                    s0, s1 = (pos - base) >> sb, (cl_end - base - 1) >> sb
-                    touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
-                    table[2 * idx + 1] = (bm & ~touched) | (touched << 32)
-            self.l2cache.mark_dirty(l2_off)
-            pos = cl_end
-
     async def _co_pdiscard(self, offset: int, length: int) -> None:
         self._check_usable()
         cs = self.cs
@@ -1241,47 +732,15 @@ class Qcow2Node(BlockNode):
         b = end if end == self.size else (end // cs) * cs
         if a >= b:
             return
-        async with self._locked(a, b - a):
+        async with locked(self, a, b - a):
             try:
-                await self._discard_locked(a, b, full=False, dtype="request")
+                await discard_clusters(self, a, b, full=False, dtype="request")
             except Corruption as c:
                 raise await signal_corruption(self, c) from None
             if self.has_data_file and (self.data_file_raw or self.pass_discard["request"]):
                 # data-file clusters are not refcounted: discard goes straight down
                 await self.data.discard(a, min(b, self.data.length) - a) \
                     if a < self.data.length else None
-
-    async def _discard_locked(self, a: int, b: int, *, full: bool, dtype: str) -> None:
-        cb = self.cb
-        gc = a >> cb
-        while (gc << cb) < b:
-            l1i = gc >> self.l2_bits
-            if await self._l2_table(l1i) is None and (full or self.backing is None):
-                gc = (l1i + 1) << self.l2_bits
-                continue
-            table = await self._l2_for_write(l1i)
-            idx = gc & (self.l2_entries - 1)
-            i = 2 * idx if self.extl2 else idx
-            e = table[i]
-            allocated = bool(e & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK)) or (
-                self.has_data_file and e & QCOW_OFLAG_COPIED)
-            if full:
-                new, bm = 0, 0
-            elif self.backing is not None or allocated:
-                if self.extl2:
-                    new, bm = 0, ALL_ZERO
-                else:
-                    new, bm = (QCOW_OFLAG_ZERO if self.version >= 3 else 0), 0
-            else:
-                gc += 1
-                continue
-            if allocated and not (self.has_data_file and not e & QCOW_OFLAG_COMPRESSED):
-                self._free_entry_host(e, dtype)
-            table[i] = new
-            if self.extl2:
-                table[i + 1] = bm
-            self.l2cache.mark_dirty(self.l1[l1i] & L1E_OFFSET_MASK)
-            gc += 1
 
     # -- flush and metadata writeback ------------------------------------------------------
     async def _co_flush(self) -> None:
@@ -1323,7 +782,7 @@ class Qcow2Node(BlockNode):
         if self.l1:
             if self.overlap_mask:
                 await self._overlap_check(overlap.ACTIVE_L1, self.l1_offset, len(self.l1) * 8)
-            await self.file.write(self.l1_offset, pack_table(_arr(self.l1)))
+            await self.file.write(self.l1_offset, pack_table(array("Q", self.l1)))
         self._l1_dirty = False
 
     async def _apply_frees(self) -> None:
@@ -1355,7 +814,7 @@ class Qcow2Node(BlockNode):
     # -- block status --------------------------------------------------------------------
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_usable()
-        segs = await self._mapped(offset, length, merge_compressed=True)
+        segs = await mapped(self, offset, length, merge_compressed=True)
         kind, _, n, host = segs[0]
         if kind == DATA:
             return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID, n, 1, host)
@@ -1385,17 +844,17 @@ class Qcow2Node(BlockNode):
             raise GenericError("Can't shrink an image which has snapshots") \
                 if self.version >= 3 else GenericError(
                     "Can't resize a v2 image which has snapshots")
-        async with self._locked(0, max(self.size, size)):
+        async with locked(self, 0, max(self.size, size)):
             old = self.size
             if size < old:
-                await self._discard_locked(-(-size // self.cs) * self.cs,
-                                           -(-old // self.cs) * self.cs,
-                                           full=True, dtype="other")
+                await discard_clusters(self, -(-size // self.cs) * self.cs,
+                                       -(-old // self.cs) * self.cs,
+                                       full=True, dtype="other")
                 self.size = size
             else:
                 if self._l1_needed(size) > (32 << 20) // 8:  # QCOW_MAX_L1_SIZE
                     raise GenericError("Failed to grow the L1 table: File too large")
-                await self._grow_l1(self._l1_needed(size))
+                await grow_l1(self, self._l1_needed(size))
                 self.size = size
             self.h.size = size
             await self._writeback()
@@ -1409,7 +868,7 @@ class Qcow2Node(BlockNode):
             if z_end > old:
                 await self._co_pwrite_zeroes(old, z_end - old, False, False)
             if prealloc != "off":
-                await self._preallocate(old, size, prealloc)
+                await preallocate(self, old, size, prealloc)
 
     # -- persistent bitmaps (monitor/block.py calls these) ---------------------------
     def check_persistent_bitmap(self, name: str, granularity: int) -> None:
@@ -1452,62 +911,6 @@ class Qcow2Node(BlockNode):
             exts.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)
             await self.rewrite_header()
 
-    async def _grow_l1(self, need: int) -> None:
-        if need <= len(self.l1):
-            return
-        await self._writeback()
-        new_l1 = self.l1 + [0] * (need - len(self.l1))
-        nbytes = need * 8
-        clusters = -(-nbytes // self.cs)
-        off = await self.refs.alloc(clusters)
-        await self.refs.write_dirty()
-        if self.overlap_mask:
-            await self._overlap_check(0, off, nbytes)
-        await self.file.write(off, pack_table(_arr(new_l1)))
-        await self.file.flush()
-        old_off, old_n = self.l1_offset, len(self.l1)
-        self.h.l1_table_offset, self.h.l1_size = off, need
-        await self.file.write(36, struct.pack(">IQ", need, off))
-        await self.file.flush()
-        self.l1, self.l1_offset = new_l1, off
-        if old_n and old_off:
-            self._pending_free.append((old_off, old_n * 8, "other"))
-
-    async def _preallocate(self, start: int, end: int, mode: str) -> None:
-        """preallocation=metadata/falloc/full: give every cluster in range a host cluster."""
-        cs = self.cs
-        pos = (start // cs) * cs
-        last = 0
-        async with self._locked(start, end - start):
-            while pos < end:
-                gc = pos >> self.cb
-                e = await self._entry(gc)
-                if not e & L2E_OFFSET_MASK:
-                    table = await self._l2_for_write(gc >> self.l2_bits)
-                    host = await self._alloc_data(gc, 1)
-                    idx = gc & (self.l2_entries - 1)
-                    if mode == "full":
-                        if self.overlap_mask:
-                            await self._overlap_check(0, host, cs, True)
-                        await self.data.write(host, bytes(cs))
-                    if self.extl2:
-                        # the clusters read as zeroes without being written
-                        table[2 * idx] = host | QCOW_OFLAG_COPIED
-                        table[2 * idx + 1] = ALL_ZERO
-                    else:
-                        table[idx] = host | QCOW_OFLAG_COPIED
-                    last = max(last, host + cs)
-                    self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
-                pos += cs
-            if last > self.data.length:
-                # a sparse file that covers every preallocated cluster (reads zero)
-                try:
-                    await self.data.truncate(last, exact=False,
-                                             prealloc="falloc" if mode == "falloc" else "off")
-                except (OSError, GenericError):
-                    await self.data.write(last - 1, b"\0")
-            await self._writeback()
-
     # -- compressed writes (qemu-img convert -c, backup compress=on) ---------------------
     async def write_compressed(self, offset: int, data) -> None:
         """Write one whole cluster compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED)."""
@@ -1526,12 +929,12 @@ class Qcow2Node(BlockNode):
             return
         self._begin()
         try:
-            async with self._locked(offset, len(mv)):
+            async with locked(self, offset, len(mv)):
                 gc = offset >> self.cb
-                old = await self._entry(gc)
-                table = await self._l2_for_write(gc >> self.l2_bits)
+                old = await l2_entry(self, gc)
+                table = await l2_for_write(self, gc >> self.l2_bits)
                 await self._set_dirty()
-                coff = await self._alloc_bytes(len(comp))
+                coff = await alloc_bytes(self, len(comp))
                 if self.overlap_mask:
                     await self._overlap_check(0, coff, len(comp), True)
                 await self.file.write(coff, comp)
@@ -1542,27 +945,11 @@ class Qcow2Node(BlockNode):
                 else:
                     table[idx] = e
                 if old & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
-                    self._free_entry_host(old)
+                    free_entry_host(self, old)
                 self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
             self._mark_write(offset, len(mv))
         finally:
             self._end()
-
-    async def _alloc_bytes(self, n: int) -> int:
-        """Byte-granular allocation for compressed data (QEMU's free_byte_offset)."""
-        cs = self.cs
-        fb = getattr(self, "_free_byte", 0)
-        if fb and (fb & (cs - 1)) and (fb & (cs - 1)) + n <= cs:
-            await self.refs.update(fb >> self.cb, 1)
-            self._free_byte = fb + n
-            return fb
-        clusters = -(-n // cs)
-        if fb and fb & (cs - 1):
-            # continue into fresh clusters right after the partial one when free
-            pass
-        off = await self.refs.alloc(clusters)
-        self._free_byte = off + n
-        return off
 
     # -- closing --------------------------------------------------------------------
     async def _close(self) -> None:
@@ -1600,24 +987,6 @@ class Qcow2Node(BlockNode):
             await bitmapmod.mark_in_use(self)
 
 
-@attrs.define(eq=False)
-class _NewRun:
-    """Fresh host clusters for guest clusters gc..gc+n-1: the bytes a..b of the
-    run are the request's, ``payload`` is what goes to ``host``."""
-
-    gc: int
-    n: int
-    a: int
-    b: int
-    olds: list[int]  # the L2 entries the run replaces
-    host: int
-    payload: memoryview
-    linked: bool = False
-
-
-def _arr(values: list[int]):
-    from array import array
-    return array("Q", values)
 
 
 __all__ = ["Qcow2Node", "EXT_BITMAPS", "AUTOCLEAR_BITMAPS"]
