@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -17,14 +18,15 @@ import attrs
 @attrs.frozen
 class Event:
     name: str
-    data: dict | None
+    data: dict[str, Any] | None
     seconds: int
     microseconds: int
 
-    def to_qmp(self) -> dict:
+    def to_qmp(self) -> dict[str, Any]:
         # QEMU's member order: timestamp, event, data
-        msg: dict = {"timestamp": {"seconds": self.seconds, "microseconds": self.microseconds},
-                     "event": self.name}
+        msg: dict[str, Any] = {
+            "timestamp": {"seconds": self.seconds, "microseconds": self.microseconds},
+            "event": self.name}
         if self.data is not None:
             msg["data"] = self.data
         return msg
@@ -46,7 +48,7 @@ def subscribe(callback: Callable[[Event], None]) -> Callable[[], None]:
     return unsubscribe
 
 
-def emit(name: str, data: dict | None = None) -> None:
+def emit(name: str, data: dict[str, Any] | None = None) -> None:
     """Publish event ``name`` (e.g. ``BLOCK_JOB_READY``) to every subscriber now."""
     # leaf modules, imported late to keep this one dependency-free
     from . import trace

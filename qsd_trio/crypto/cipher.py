@@ -19,6 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+# what sectors arrive as: the caller's buffer, not copied
+Data = bytes | bytearray | memoryview
 
 SECTOR = 512
 _BLOCK = 16
@@ -35,7 +42,7 @@ def hash_digest_len(alg: str) -> int:
     return hashlib.new(alg).digest_size
 
 
-def _ecb(key: bytes):
+def _ecb(key: bytes) -> Cipher[modes.ECB]:
     # imported here: the cryptography package costs every start of the
     # daemon ~20 ms, and only encrypted images need it
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -48,7 +55,7 @@ def _lanes(n: int, lane_bits: int, value: int) -> int:
     return int.from_bytes(value.to_bytes(lane_bits // 8, "little") * n, "little")
 
 
-def _xor(a, b) -> bytes:
+def _xor(a: Data, b: Data) -> bytes:
     n = len(a)
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
 
@@ -118,7 +125,7 @@ class SectorCipher:
         return bytes(out)
 
     # -- the interface -----------------------------------------------------
-    def encrypt(self, sector: int, data) -> bytes:
+    def encrypt(self, sector: int, data: Data) -> bytes:
         """``data`` (a whole number of sectors) encrypted, first sector ``sector``."""
         n = len(data) // SECTOR
         if not n:
@@ -128,7 +135,7 @@ class SectorCipher:
             return _xor(self._data.encryptor().update(_xor(data, t)), t)
         return self._cbc_encrypt(sector, n, data)
 
-    def decrypt(self, sector: int, data) -> bytes:
+    def decrypt(self, sector: int, data: Data) -> bytes:
         n = len(data) // SECTOR
         if not n:
             return b""
@@ -145,7 +152,7 @@ class SectorCipher:
         pv[1::stride] = iv[1::2]
         return _xor(self._data.decryptor().update(bytes(data)), prev)
 
-    def _cbc_encrypt(self, sector: int, n: int, data) -> bytes:
+    def _cbc_encrypt(self, sector: int, n: int, data: Data) -> bytes:
         # column by column: block j of every sector depends on block j-1
         src = memoryview(bytes(data)).cast("Q")
         out = bytearray(len(data))

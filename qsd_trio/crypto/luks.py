@@ -26,6 +26,7 @@ import struct
 import time
 import uuid as uuidmod
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 
@@ -117,9 +118,9 @@ class LuksHeader:
             out += _SLOT.pack(s.active, s.iterations, s.salt, s.key_offset, s.stripes)
         return bytes(out)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """QCryptoBlockInfoLUKS members, in QEMU's order."""
-        d: dict = {"ivgen-alg": self.ivgen}
+        d: dict[str, Any] = {"ivgen-alg": self.ivgen}
         if self.ivgen_hash is not None:
             d["ivgen-hash-alg"] = self.ivgen_hash
         d.update({"hash-alg": self.hash_spec, "cipher-alg": self.cipher_alg,

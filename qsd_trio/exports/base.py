@@ -50,7 +50,7 @@ class BlockExport(BlockParent):
         """Connected clients (block-export-del mode=safe refuses while > 0)."""
         return 0
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raise NotImplementedError
 
     async def stop(self) -> None:
@@ -58,7 +58,7 @@ class BlockExport(BlockParent):
         self.cancel_scope.cancel()
         await self.finished.wait()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """query-block-exports entry."""
         return {
             "id": self.id,

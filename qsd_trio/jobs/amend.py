@@ -8,16 +8,19 @@ without ``encrypt`` changes nothing and succeeds, as QEMU's does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .job import Job
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 
 class AmendJob(Job):
     job_type = "amend"
     is_block_job = False
 
-    def __init__(self, daemon: Any, job_id: str, node: Any, options: Any,
+    def __init__(self, daemon: Daemon, job_id: str, node: Any, options: Any,
                  force: bool = False) -> None:
         super().__init__(daemon, job_id, auto_finalize=True, auto_dismiss=False)
         self.node = node
@@ -29,7 +32,7 @@ class AmendJob(Job):
         try:
             if self.node.driver == "luks":
                 await self.node.amend(self.options, self.force)
-            elif getattr(self.options, "encrypt", None) is not None:
+            elif self.options.encrypt is not None:
                 from ..nodes.qcow2.crypt import amend_encryption
                 await amend_encryption(self.node, self.options.encrypt, self.force)
         finally:

@@ -35,23 +35,27 @@ clusters not copied; otherwise it keeps every bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..nodes.bitmaps import DirtyBitmap
 from ..nodes.block_copy import MAX_WORKERS, BlockCopyState, Task
+from ..nodes.copy_before_write import CopyBeforeWriteNode
 from ..nodes.node import BlockNode, Perm
 from ..qapi.errors import GenericError
 from .blockjob import BlockJob
-from .job import JobCancelled
+from .job import JobCancelled, failed_reading
 from .write_behind import WriteBehind
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 
 class BackupJob(BlockJob):
     job_type = "backup"
 
-    def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *,
+    def __init__(self, daemon: Daemon, job_id: str, source: BlockNode, target: BlockNode, *,
                  sync: str = "full", bitmap: DirtyBitmap | None = None,
                  bitmap_mode: str = "on-success", compress: bool = False,
                  on_source_error: str = "report", on_target_error: str = "report",
@@ -69,7 +73,7 @@ class BackupJob(BlockJob):
         self.filter_node_name = filter_node_name
         self.max_workers = max_workers
         self.max_chunk = max_chunk
-        self.cbw: BlockNode | None = None
+        self.cbw: CopyBeforeWriteNode | None = None
         self.bcs: BlockCopyState | None = None
         self.successor: DirtyBitmap | None = None
         self._succ_key = f"\x00backup-successor:{job_id}"
@@ -95,8 +99,10 @@ class BackupJob(BlockJob):
         if self.filter_node_name is not None:
             opts["node-name"] = self.filter_node_name
         try:
-            self.cbw = await self.source.graph.insert_filter(self.source, opts)
-            self.bcs = self.cbw.bcs
+            cbw = await self.source.graph.insert_filter(self.source, opts)
+            assert isinstance(cbw, CopyBeforeWriteNode)
+            self.cbw = cbw
+            self.bcs = cbw.bcs
             cs = self.bcs.cluster_size
             if self.max_chunk and self.max_chunk < cs:
                 raise GenericError(f"Required max-chunk ({self.max_chunk}) is less than "
@@ -107,13 +113,14 @@ class BackupJob(BlockJob):
 
     def attach_nodes(self) -> None:
         """The job's edges (after its creation): "main node" and "target"."""
+        assert self.cbw is not None  # insert_filter() came first
         self.use(self.cbw, "main node", Perm(0), Perm.ALL)
         self.use(self.target, "target", Perm(0), Perm.ALL)
         self._init_copy_bitmap()
 
     def _init_copy_bitmap(self) -> None:
         """backup_init_bcs_bitmap: what is left to copy, fixed at creation."""
-        bcs = self.bcs
+        bcs = self._bcs()
         bcs.compress = self.compress
         bcs.on_done = self._progress_done
         bcs.on_remaining = self._progress_remaining
@@ -136,8 +143,13 @@ class BackupJob(BlockJob):
         return [e.node for e in self.edges]
 
     # -- running ---------------------------------------------------------------------------
+    def _bcs(self) -> BlockCopyState:
+        """The filter's copy state (set by insert_filter(), before the job runs)."""
+        assert self.bcs is not None
+        return self.bcs
+
     async def run(self) -> None:
-        bcs = self.bcs
+        bcs = self._bcs()
         self.write_behind = WriteBehind(self.target)
         if self.sync == "top":
             pos = 0
@@ -155,8 +167,9 @@ class BackupJob(BlockJob):
             if err is None:
                 break
             # the pass stopped at an error: report, or pause (stop) / retry
-            policy = self.on_source_error if err.is_read else self.on_target_error
-            action = self.error_action(policy, err.is_read, err)
+            is_read = failed_reading(err)
+            policy = self.on_source_error if is_read else self.on_target_error
+            action = self.error_action(policy, is_read, err)
             if action == "report":
                 raise err
             await self.pause_point()
@@ -166,7 +179,7 @@ class BackupJob(BlockJob):
     async def _copy_all(self) -> OSError | None:
         """block_copy_common over the whole disk: passes until nothing is
         dirty or in flight; the first error of a pass ends it."""
-        bcs = self.bcs
+        bcs = self._bcs()
         while True:
             self._error = None
             cancelled: JobCancelled | None = None
@@ -204,8 +217,9 @@ class BackupJob(BlockJob):
     async def _worker(self, workers: trio.Semaphore, task: Task,
                       nursery: trio.Nursery) -> None:
         try:
-            await self.bcs.run_task(task)
+            await self._bcs().run_task(task)
             if not task.zeroes:
+                assert self.write_behind is not None  # run() made it
                 self.write_behind.wrote(task.nbytes, nursery)
         except OSError as e:
             if self._error is None:

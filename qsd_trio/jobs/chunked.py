@@ -44,9 +44,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from .job import Job
 
 Plan = Callable[[int, int], Awaitable[tuple[int, Any]]]
 Copy = Callable[[int, int, Any], Awaitable[None]]
@@ -56,7 +59,7 @@ MAX_BYTES = 16 << 20     # bytes in flight at once (QEMU's mirror: buf-size)
 
 
 class ChunkCopier:
-    def __init__(self, job: Any, length: int, plan: Plan, copy: Copy, *, chunk: int,
+    def __init__(self, job: Job, length: int, plan: Plan, copy: Copy, *, chunk: int,
                  max_tasks: int = MAX_TASKS, max_bytes: int = MAX_BYTES,
                  window_bytes: int | None = None,
                  window_seconds: float | None = None) -> None:

@@ -22,7 +22,7 @@ inside a drained section, before the chain is rewired.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -30,6 +30,10 @@ from ..nodes import job_filters  # noqa: F401 - registers commit_top
 from ..nodes.node import BlockNode, Perm, Status
 from . import chain, chunked
 from .blockjob import BlockJob
+from .job import failed_reading, failed_side
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 CHUNK = 4 << 20  # one copy request at most (QEMU: 512 KiB, COMMIT_BUFFER_SIZE)
 
@@ -37,7 +41,7 @@ CHUNK = 4 << 20  # one copy request at most (QEMU: 512 KiB, COMMIT_BUFFER_SIZE)
 class CommitJob(BlockJob):
     job_type = "commit"
 
-    def __init__(self, daemon: Any, job_id: str, device: BlockNode, top: BlockNode,
+    def __init__(self, daemon: Daemon, job_id: str, device: BlockNode, top: BlockNode,
                  base: BlockNode, backing_file: str | None, *, on_error: str = "report",
                  filter_node_name: str | None = None, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
@@ -49,7 +53,9 @@ class CommitJob(BlockJob):
         self.graph = top.graph
         self.filter_node_name = filter_node_name
         self.filter: BlockNode | None = None
-        self.overlay = chain.overlay_of(device, top)
+        overlay = chain.overlay_of(device, top)
+        assert overlay is not None  # block-commit checked: top is below the device
+        self.overlay = overlay
         self.copier: chunked.ChunkCopier | None = None
         self._base_depth = 0
 
@@ -59,7 +65,8 @@ class CommitJob(BlockJob):
         self.use(self.device, "main node", Perm(0), Perm.ALL)
         try:
             # opened read-only, as QEMU opens it (its parent only reads)
-            opts: dict = {"driver": "commit_top", "backing": top.node_name, "read-only": True}
+            opts: dict[str, Any] = {"driver": "commit_top", "backing": top.node_name,
+                                    "read-only": True}
             if self.filter_node_name is not None:
                 opts["node-name"] = self.filter_node_name
             self.filter = await self.graph.insert_filter(top, opts)
@@ -110,7 +117,7 @@ class CommitJob(BlockJob):
                 is_read = False
                 await self.base.write(offset, data)
         except OSError as e:
-            e.is_read = is_read  # which policy: QEMU's error_in_source
+            failed_side(e, is_read)
             raise
 
     async def _run(self) -> None:
@@ -128,7 +135,7 @@ class CommitJob(BlockJob):
             await self.sleep(self.limit.delay())
             err = await copier.window()
             if err is not None and self.error_action(
-                    self.on_error, getattr(err, "is_read", True), err) == "report":
+                    self.on_error, failed_reading(err), err) == "report":
                 raise err
         await self.pause_point()
         # QEMU's commit_prepare: the overlay of top now uses base

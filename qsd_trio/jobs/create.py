@@ -14,18 +14,29 @@ LUKS encryption included) and ``luks`` (a LUKS1 volume on an existing node).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from ..qapi.errors import GenericError
 from .job import Job
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+    from ..nodes.node import BlockNode
 
-def _v(value: Any, default: Any = None) -> Any:
-    if value is None:
-        return default
-    return getattr(value, "value", value)
+
+_V = TypeVar("_V")
+
+
+def _or(value: _V | None, default: _V) -> _V:
+    """An optional member's value, ``default`` when it is absent."""
+    return default if value is None else value
+
+
+def _str(value: str | None, default: str | None = None) -> str | None:
+    """An optional enum (a QapiEnum, a str) member as a plain str."""
+    return default if value is None else str(value)
 
 
 def _create_file_sync(filename: str, size: int, prealloc: str) -> None:
@@ -59,30 +70,30 @@ async def create_file(filename: str, size: int, prealloc: str = "off") -> None:
     await trio.to_thread.run_sync(_create_file_sync, filename, size, prealloc)
 
 
-async def create_qcow2_on(daemon: Any, o: Any) -> None:
+async def create_qcow2_on(daemon: Daemon, o: Any) -> None:
     from ..nodes.qcow2.create import create_qcow2
 
     file = _node(daemon, o.file)
     data_file = None
-    if getattr(o, "data_file", None) is not None:
+    if o.data_file is not None:
         data_file = _node(daemon, o.data_file)
-    version = {"v2": 2, "v3": 3}[_v(o.version, "v3")]
+    version = {"v2": 2, "v3": 3}[str(_or(o.version, "v3"))]
     await create_qcow2(
         file, o.size, version=version,
-        cluster_size=_v(o.cluster_size, 65536),
-        refcount_bits=_v(o.refcount_bits, 16),
-        lazy_refcounts=bool(_v(o.lazy_refcounts, False)),
-        extended_l2=bool(_v(o.extended_l2, False)),
-        compression_type=_v(o.compression_type, "zlib"),
-        backing_file=_v(o.backing_file), backing_fmt=_v(o.backing_fmt),
+        cluster_size=_or(o.cluster_size, 65536),
+        refcount_bits=_or(o.refcount_bits, 16),
+        lazy_refcounts=bool(o.lazy_refcounts),
+        extended_l2=bool(o.extended_l2),
+        compression_type=str(_or(o.compression_type, "zlib")),
+        backing_file=o.backing_file, backing_fmt=_str(o.backing_fmt),
         data_file=data_file,
         data_file_name=data_file.filename if data_file is not None else None,
-        data_file_raw=bool(_v(o.data_file_raw, False)),
-        preallocation=_v(o.preallocation, "off"),
-        encrypt=getattr(o, "encrypt", None))
+        data_file_raw=bool(o.data_file_raw),
+        preallocation=str(_or(o.preallocation, "off")),
+        encrypt=o.encrypt)
 
 
-def _node(daemon: Any, ref: Any):
+def _node(daemon: Daemon, ref: Any) -> BlockNode:
     if isinstance(ref, str):
         return daemon.graph.lookup_bs(ref)
     raise GenericError("qsd-trio: blockdev-create needs an existing node name for 'file'")
@@ -92,18 +103,18 @@ class CreateJob(Job):
     job_type = "create"
     is_block_job = False
 
-    def __init__(self, daemon: Any, job_id: str, options: Any) -> None:
+    def __init__(self, daemon: Daemon, job_id: str, options: Any) -> None:
         # blockdev-create jobs must be dismissed by the client (JOB_MANUAL_DISMISS)
         super().__init__(daemon, job_id, auto_finalize=True, auto_dismiss=False)
         self.options = options
 
     async def run(self) -> None:
         o = self.options
-        driver = _v(o.driver)
+        driver = str(o.driver)
         self.progress_total = 1
         try:
             if driver == "file":
-                await create_file(o.filename, o.size, _v(o.preallocation, "off"))
+                await create_file(o.filename, o.size, str(_or(o.preallocation, "off")))
             elif driver == "qcow2":
                 await create_qcow2_on(self.daemon, o)
             elif driver == "luks":
@@ -115,7 +126,7 @@ class CreateJob(Job):
             self.progress_current = 1
 
 
-async def create_image(daemon: Any, filename: str, fmt: str, size: int,
+async def create_image(daemon: Daemon, filename: str, fmt: str, size: int,
                        backing_file: str | None = None, backing_fmt: str | None = None) -> None:
     """drive-backup/drive-mirror mode=absolute-paths: make the target image."""
     from ..nodes.qcow2.create import create_qcow2

@@ -28,13 +28,16 @@ import enum
 import errno
 import os
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from .. import events
 from ..qapi.errors import GenericError, QapiError
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 
 class JobStatus(enum.StrEnum):
@@ -115,7 +118,7 @@ class RateLimit:
     def __init__(self) -> None:
         self.speed = 0
         self.slice_end = 0.0
-        self.dispatched = 0
+        self.dispatched: float = 0  # bytes; what carries over a slice is a fraction
 
     def set_speed(self, speed: int) -> None:
         self.speed = speed
@@ -149,7 +152,19 @@ def strerror(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _leaves(eg: BaseExceptionGroup):
+def failed_side(e: OSError, is_read: bool) -> None:
+    """Mark a copy's I/O error with the side that failed (QEMU's
+    error_in_source), which picks on-source-error or on-target-error."""
+    e.is_read = is_read  # type: ignore[attr-defined]
+
+
+def failed_reading(e: OSError) -> bool:
+    """The side :func:`failed_side` marked (the copy-before-write layer
+    marks its errors the same way); unmarked errors count as reads."""
+    return bool(getattr(e, "is_read", True))
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
     for e in eg.exceptions:
         if isinstance(e, BaseExceptionGroup):
             yield from _leaves(e)
@@ -168,10 +183,10 @@ class Job:
     subclass releases it in ``clean``, which runs once on every path.
     """
 
-    job_type: ClassVar[str] = ""
+    job_type: str = ""  # an active commit is a mirror job of type "commit"
     is_block_job: ClassVar[bool] = True
 
-    def __init__(self, daemon: Any, job_id: str, *, auto_finalize: bool = True,
+    def __init__(self, daemon: Daemon, job_id: str, *, auto_finalize: bool = True,
                  auto_dismiss: bool = True, txn: JobTxn | None = None) -> None:
         self.daemon = daemon
         self.id = job_id
@@ -612,25 +627,26 @@ class Job:
         self.kick()
 
     # -- queries ---------------------------------------------------------------------
-    def event_data(self) -> dict:
+    def event_data(self) -> dict[str, Any]:
         return {"device": self.id, "len": self.progress_total,
                 "offset": self.progress_current, "speed": self.speed, "type": self.job_type}
 
-    def job_info(self) -> dict:
-        info: dict = {"current-progress": self.progress_current, "status": str(self.status),
-                      "total-progress": self.progress_total, "type": self.job_type,
-                      "id": self.id}
+    def job_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "current-progress": self.progress_current, "status": str(self.status),
+            "total-progress": self.progress_total, "type": self.job_type, "id": self.id}
         if self.ret:
             info["error"] = self.err
         return info
 
-    def block_job_info(self) -> dict:
-        info: dict = {"auto-finalize": self.auto_finalize, "io-status": self.io_status,
-                      "device": self.id, "auto-dismiss": self.auto_dismiss,
-                      "busy": self.busy, "len": self.progress_total,
-                      "offset": self.progress_current, "status": str(self.status),
-                      "paused": self.pause_count > 0, "speed": self.speed,
-                      "ready": self.is_ready, "type": self.job_type}
+    def block_job_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "auto-finalize": self.auto_finalize, "io-status": self.io_status,
+            "device": self.id, "auto-dismiss": self.auto_dismiss,
+            "busy": self.busy, "len": self.progress_total,
+            "offset": self.progress_current, "status": str(self.status),
+            "paused": self.pause_count > 0, "speed": self.speed,
+            "ready": self.is_ready, "type": self.job_type}
         if self.ret:
             info["error"] = self.err
         return info

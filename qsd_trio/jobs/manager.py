@@ -7,31 +7,34 @@ dismissed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..qapi.errors import DeviceNotActive, GenericError
 from .job import Job, JobStatus, check_job_id
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
-def find_job(daemon: Any, job_id: str) -> Job:
+
+def find_job(daemon: Daemon, job_id: str) -> Job:
     """find_job_locked (job-qmp.c)."""
-    job = daemon.jobs.get(job_id)
+    job: Job | None = daemon.jobs.get(job_id)
     if job is None:
         raise GenericError("Job not found")
     return job
 
 
-def find_block_job(daemon: Any, job_id: str) -> Job:
+def find_block_job(daemon: Daemon, job_id: str) -> Job:
     """find_block_job_locked (blockdev.c): block-job-* commands."""
-    job = daemon.jobs.get(job_id)
+    job: Job | None = daemon.jobs.get(job_id)
     if job is None or not job.is_block_job:
         raise DeviceNotActive(f"Block job '{job_id}' not found")
     return job
 
 
-def check_new_id(daemon: Any, job_id: str | None) -> str:
+def check_new_id(daemon: Daemon, job_id: str | None) -> str:
     """job_create's id checks; a missing id means the device name, "" here."""
     if job_id is None:
         job_id = ""  # nodes of a storage daemon have no BlockBackend name
@@ -41,7 +44,7 @@ def check_new_id(daemon: Any, job_id: str | None) -> str:
     return job_id
 
 
-def register(daemon: Any, job: Job, speed: int | None = None) -> None:
+def register(daemon: Daemon, job: Job, speed: int | None = None) -> None:
     """job_create: the id checks, then ``job`` is added (CREATED; the speed
     is checked as QEMU does at creation).  Commands call it at the point of
     their checks where QEMU creates the job, so that a client with several
@@ -55,7 +58,7 @@ def register(daemon: Any, job: Job, speed: int | None = None) -> None:
         raise
 
 
-def start(daemon: Any, job: Job) -> None:
+def start(daemon: Daemon, job: Job) -> None:
     job.start(daemon.job_nursery)
 
 
@@ -86,7 +89,7 @@ async def drain_bounce(jobs: list[Job]) -> None:
                 await job.changed.wait()
 
 
-async def cancel_all(daemon: Any) -> None:
+async def cancel_all(daemon: Daemon) -> None:
     """Shutdown: force-cancel every job and wait until each has concluded.
 
     Like QEMU's job_cancel_sync_all: concluded jobs are dismissed, the rest

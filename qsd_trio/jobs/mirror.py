@@ -48,7 +48,8 @@ Writes and background copies of overlapping chunks wait for each other
 from __future__ import annotations
 
 import errno
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -60,6 +61,9 @@ from ..nodes.node import BlockNode, Perm, Status
 from ..nodes.perms import refresh
 from ..qapi.errors import GenericError
 from .blockjob import BlockJob
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 SLICE = 0.1           # BLOCK_JOB_SLICE_TIME: the poll period once READY
 MAX_IN_FLIGHT = 16    # operations in flight at once (QEMU's MAX_IN_FLIGHT)
@@ -80,7 +84,7 @@ class MirrorOp:
 class MirrorJob(BlockJob):
     job_type = "mirror"
 
-    def __init__(self, daemon: Any, job_id: str, source: BlockNode, target: BlockNode, *,
+    def __init__(self, daemon: Daemon, job_id: str, source: BlockNode, target: BlockNode, *,
                  sync: str = "full", granularity: int = 0, buf_size: int = 0,
                  copy_mode: str = "background", unmap: bool = True,
                  on_source_error: str = "report", on_target_error: str = "report",
@@ -90,7 +94,7 @@ class MirrorJob(BlockJob):
                  **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
         if job_type:
-            self.job_type = job_type  # active commit is a mirror named "commit"
+            self.job_type = job_type
         self.source = source
         self.target = target
         self.sync = sync
@@ -134,11 +138,13 @@ class MirrorJob(BlockJob):
         src, tgt = self.source, self.target
         graph = src.graph
         is_commit = tgt in chain.chain(src)[1:]
-        opts: dict = {"driver": "mirror_top", "backing": src.node_name,
-                      "x-is-commit": is_commit}
+        opts: dict[str, Any] = {"driver": "mirror_top", "backing": src.node_name,
+                                "x-is-commit": is_commit}
         if self.filter_node_name is not None:
             opts["node-name"] = self.filter_node_name
-        self.filter = filt = await graph.insert_filter(src, opts)
+        filt = await graph.insert_filter(src, opts)
+        assert isinstance(filt, job_filters.MirrorTopNode)
+        self.filter = filt
         filt.active = self._active_write
         try:
             self.use(filt, "main node", Perm.CONSISTENT_READ,
@@ -268,8 +274,8 @@ class MirrorJob(BlockJob):
         return (self.copy_mode == "write-blocking" and self.active_ready
                 and self.error is None and not self.is_cancelled and not self.prepared)
 
-    async def _active_write(self, method: str, offset: int, length: int, data, fua: bool,
-                            do_write) -> None:
+    async def _active_write(self, method: str, offset: int, length: int, data: Any, fua: bool,
+                            do_write: Callable[[], Awaitable[None]]) -> None:
         """A guest write through mirror_top (bdrv_mirror_top_do_write)."""
         if not self._copy_to_target():
             try:
@@ -295,7 +301,8 @@ class MirrorJob(BlockJob):
         finally:
             self._end_op(op)
 
-    async def _sync_target_write(self, method: str, offset: int, length: int, data) -> None:
+    async def _sync_target_write(self, method: str, offset: int, length: int,
+                                 data: bytes | None) -> None:
         """do_sync_target_write: the aligned part goes to the target now; a
         dirty unaligned head or tail is left to the background copy."""
         bm = self.bitmap
@@ -319,6 +326,7 @@ class MirrorJob(BlockJob):
         self.progress_total += length
         try:
             if method == "copy":
+                assert data is not None  # a copy carries the guest's data
                 await self.target.write(offset, memoryview(data)[skip:skip + length])
             elif method == "zero":
                 await self.target.write_zeroes(offset, length, may_unmap=self.unmap)
@@ -554,7 +562,7 @@ class _WatchedBitmap(CountedBitmap):
     """The job's dirty bitmap, which also tells the job where the source
     was written (its block status answers there may be stale)."""
 
-    on_dirty = None
+    on_dirty: Callable[[int, int], None] | None = None
 
     def set_dirty(self, offset: int, length: int) -> None:
         super().set_dirty(offset, length)

@@ -24,7 +24,7 @@ section, when the work ends on every path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,6 +32,9 @@ from ..nodes.node import BlockNode, Perm, Status
 from . import chain, chunked
 from .blockjob import BlockJob
 from .write_behind import WriteBehind
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 CHUNK = 4 << 20         # one copy request at most (QEMU: 512 KiB, STREAM_CHUNK)
 WINDOW = 64 << 20       # bytes issued in one drained section at most
@@ -43,7 +46,7 @@ _ZEROES = bytes(PIECE)
 class StreamJob(BlockJob):
     job_type = "stream"
 
-    def __init__(self, daemon: Any, job_id: str, top: BlockNode, base: BlockNode | None,
+    def __init__(self, daemon: Daemon, job_id: str, top: BlockNode, base: BlockNode | None,
                  backing_file: str | None, *, on_error: str = "report",
                  filter_node_name: str | None = None, **kw: Any) -> None:
         super().__init__(daemon, job_id, **kw)
@@ -64,7 +67,7 @@ class StreamJob(BlockJob):
         top = self.top
         c = chain.chain(top)
         below = c[1:c.index(self.base)] if self.base is not None else c[1:]
-        opts: dict = {"driver": "copy-on-read", "file": top.node_name}
+        opts: dict[str, Any] = {"driver": "copy-on-read", "file": top.node_name}
         if below:
             opts["bottom"] = below[-1].node_name
         if self.filter_node_name is not None:
@@ -131,6 +134,8 @@ class StreamJob(BlockJob):
                 await top.write_zeroes(offset + pos, end - pos)
             else:
                 await top.write(offset + pos, mv[pos:end])
+                # copies run only inside _run's nursery, which set both
+                assert self._write_behind is not None and self._wb_nursery is not None
                 self._write_behind.wrote(end - pos, self._wb_nursery)
             pos = end
 

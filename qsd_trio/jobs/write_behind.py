@@ -32,7 +32,7 @@ from ..nodes.node import BlockNode
 STEP = 64 << 20
 
 
-def _files_below(node: BlockNode) -> list:
+def _files_below(node: BlockNode) -> list[BlockNode]:
     """The nodes that writes to ``node`` reach (itself included: its
     children but not its backing chain, which writes never change) and
     that can write back."""

@@ -16,11 +16,14 @@ from __future__ import annotations
 import base64
 import binascii
 import string
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..crypto import secrets
 from ..qapi.errors import GenericError
 from .qom import UserObject
+
+if TYPE_CHECKING:
+    from ..nodes.graph import BlockGraph
 
 _B64 = set(string.ascii_letters + string.digits + "+/=")
 
@@ -41,12 +44,13 @@ class SecretObject(UserObject):
     """A loaded secret; ``value`` is its bytes."""
 
     value: bytes
+    graph: BlockGraph
 
     def on_delete(self) -> None:
         secrets.unregister(self.graph, self.id)
 
 
-def _load(props: dict, graph: Any) -> bytes:
+def _load(props: dict[str, Any], graph: Any) -> bytes:
     data, file = props.get("data"), props.get("file")
     if data is not None and file is not None:
         raise GenericError("'file' and 'data' are mutually exclusive")
@@ -60,6 +64,7 @@ def _load(props: dict, graph: Any) -> bytes:
             raise GenericError(f"Unable to read {file}: Failed to open file \u201c{file}\u201d: "
                                f"{e.strerror}") from None
     else:
+        assert data is not None
         raw = data.encode()
     fmt = props.get("format", "raw")
     keyid = props.get("keyid")
@@ -88,7 +93,7 @@ def _load(props: dict, graph: Any) -> bytes:
     return raw
 
 
-def create(graph: Any, id: str, props: dict) -> SecretObject:
+def create(graph: Any, id: str, props: dict[str, Any]) -> SecretObject:
     obj = SecretObject(id, "secret", props)
     obj.value = _load(props, graph)
     obj.graph = graph

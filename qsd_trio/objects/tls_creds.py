@@ -9,9 +9,12 @@ handshake (exports/tls_psk.py), as gnutls does.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..qapi.errors import GenericError
+
+if TYPE_CHECKING:
+    import ssl
 
 PSK_FILE = "keys.psk"
 
@@ -50,7 +53,7 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 """
 
 
-def anon_server_context():
+def anon_server_context() -> ssl.SSLContext:
     """An ssl.SSLContext for tls-creds-anon: anonymous Diffie-Hellman, as
     QEMU's gnutls priority "NORMAL:+ANON-DH" offers it (TLS 1.2, no
     certificates; OpenSSL allows aNULL suites at security level 0 only)."""

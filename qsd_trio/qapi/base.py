@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import keyword
 import re
-from typing import Any
+from typing import Any, cast
 
 
 class QapiEnum(enum.StrEnum):
@@ -64,7 +64,7 @@ def variant_class_name(union: str, case: str) -> str:
     return f"{c_name(union)}_{c_name(case)}"
 
 
-def _members(ent: list[dict]) -> tuple[tuple[str, str, str, bool], ...]:
+def _members(ent: list[dict[str, Any]]) -> tuple[tuple[str, str, str, bool], ...]:
     return tuple((m["name"], py_field(m["name"]), m["type"], m["optional"])
                  for m in ent if not m.get("off"))
 
@@ -72,13 +72,13 @@ def _members(ent: list[dict]) -> tuple[tuple[str, str, str, bool], ...]:
 def make_class(ns: dict[str, Any], pyname: str) -> type:
     """Build generated class ``pyname`` in module namespace ``ns`` (once) and
     attach its QAPI declaration (see the module docstring)."""
-    cls = ns.get(pyname)
-    if cls is not None:
-        return cls
+    made = ns.get(pyname)
+    if made is not None:
+        return cast(type, made)
     factory, qapi_name, case = ns["_FACTORIES"][pyname]
-    cls = factory()
+    cls: Any = factory()
     cls.__qualname__ = pyname
-    schema: dict[str, dict] = ns["SCHEMA"]
+    schema: dict[str, dict[str, Any]] = ns["SCHEMA"]
     cls.__qapi_name__ = qapi_name
     ent = schema.get(qapi_name)
     if ent is None:  # q_empty
@@ -99,4 +99,4 @@ def make_class(ns: dict[str, Any], pyname: str) -> type:
         cls.__qapi_members__ = _members(ent["members"]) + extra
         cls.__qapi_branch__ = branch_type
     ns[pyname] = cls
-    return cls
+    return cast(type, cls)

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 
 class QapiError(Exception):
@@ -28,7 +29,7 @@ class QapiError(Exception):
         if error_class is not None:
             self.error_class = error_class
 
-    def to_qmp(self) -> dict:
+    def to_qmp(self) -> dict[str, Any]:
         return {"class": self.error_class, "desc": self.desc}
 
     def prefixed(self, prefix: str) -> QapiError:

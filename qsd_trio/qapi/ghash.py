@@ -10,7 +10,7 @@ qobject/qdict.c) for the few keys of one object.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 _M32 = 0xFFFFFFFF
 _QDICT_BUCKETS = 512
@@ -148,9 +148,9 @@ class HashSet:
             del self.keys[self.size:]
         self.noccupied = self.nnodes
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         """Keys in GHashTableIter order (slot order)."""
-        return (k for h, k in zip(self.hashes, self.keys, strict=True) if h >= 2)
+        return (k for h, k in zip(self.hashes, self.keys, strict=True) if h >= 2 and k is not None)
 
     def first(self) -> str | None:
         for h, k in zip(self.hashes, self.keys, strict=True):

@@ -52,7 +52,7 @@ class _Introspector:
             return "[" + self.use(typ[1:-1]) + "]"
         return self.name(typ)
 
-    def member(self, m: dict) -> dict | None:
+    def member(self, m: dict[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {"name": m["name"], "type": self.use(m["type"])}
         if m["optional"]:
             out["default"] = None
@@ -60,20 +60,21 @@ class _Introspector:
             out["features"] = list(m["features"])
         return None if m.get("off") else out
 
-    def tree(self, obj: dict, name: str, meta: str, features: list[str]) -> dict:
+    def tree(self, obj: dict[str, Any], name: str, meta: str,
+             features: list[str]) -> dict[str, Any]:
         obj["name"] = name
         obj["meta-type"] = meta
         if features:
             obj["features"] = list(features)
         return obj
 
-    def entity(self, name: str) -> dict:
+    def entity(self, name: str) -> dict[str, Any]:
         ent = SCHEMA[name]
         meta = ent["meta"]
         feats = ent.get("features", [])
         if meta == "command":
-            obj = {"arg-type": self.use(ent["arg"] or "q_empty"),
-                   "ret-type": self.use(ent["ret"] or "q_empty")}
+            obj: dict[str, Any] = {"arg-type": self.use(ent["arg"] or "q_empty"),
+                                   "ret-type": self.use(ent["ret"] or "q_empty")}
             if ent["allow-oob"]:
                 obj["allow-oob"] = True
             return self.tree(obj, name, "command", feats)
@@ -82,7 +83,7 @@ class _Introspector:
             return self.tree(obj, name, "event", feats)
         raise AssertionError(meta)
 
-    def type_entry(self, typ: str) -> dict:
+    def type_entry(self, typ: str) -> dict[str, Any]:
         if typ in _BUILTIN_JSON:
             return self.tree({"json-type": _BUILTIN_JSON[typ]}, typ, "builtin", [])
         if typ.startswith("["):
@@ -107,8 +108,8 @@ class _Introspector:
             alts = [({"type": self.use(a["type"])}, a) for a in ent["alternatives"]]
             obj = {"members": [m for m, a in alts if not a.get("off")]}
             return self.tree(obj, self.name(typ), "alternate", feats)
-        members = [self.member(m) for m in ent["members"]]
-        obj = {"members": [m for m in members if m is not None]}
+        declared = [self.member(m) for m in ent["members"]]
+        obj = {"members": [m for m in declared if m is not None]}
         if meta == "union":
             obj["tag"] = ent["tag"]
             variants = [({"case": v["case"], "type": self.use(v["type"])}, v)
@@ -117,7 +118,7 @@ class _Introspector:
         return self.tree(obj, self.name(typ), "object", feats)
 
 
-def introspect(commands: Iterable[str]) -> list[dict]:
+def introspect(commands: Iterable[str]) -> list[dict[str, Any]]:
     """The ``query-qmp-schema`` reply for a daemon implementing ``commands``.
 
     Lists those commands and all events, then every type reachable from them.

@@ -47,7 +47,7 @@ def _index(key: str) -> int | None:
     return min(int(key), 2**31 - 1)
 
 
-def _put(cur: dict, key_in_cur: str, value: str | None, key: str, key_end: int) -> Any:
+def _put(cur: dict[str, Any], key_in_cur: str, value: str | None, key: str, key_end: int) -> Any:
     """keyval_parse_put(): value None means "descend into a dict"."""
     old = cur.get(key_in_cur)
     if old is not None:
@@ -60,7 +60,8 @@ def _put(cur: dict, key_in_cur: str, value: str | None, key: str, key_end: int) 
     return new
 
 
-def _parse_one(out: dict, params: str, pos: int, implied_key: str | None) -> tuple[int, bool]:
+def _parse_one(out: dict[str, Any], params: str, pos: int,
+               implied_key: str | None) -> tuple[int, bool]:
     """Parse one key=value at ``params[pos:]``; return (next pos, was help)."""
     rest = params[pos:]
     m = re.match(r"[^=,]*", rest)
@@ -128,7 +129,7 @@ def _parse_one(out: dict, params: str, pos: int, implied_key: str | None) -> tup
     return nxt, False
 
 
-def _listify(cur: dict, key_of_cur: list[str]) -> Any:
+def _listify(cur: dict[str, Any], key_of_cur: list[str]) -> Any:
     """keyval_listify(): dicts whose keys are all indices become lists."""
     has_index = has_member = False
     for k, v in list(cur.items()):
@@ -156,9 +157,9 @@ def _listify(cur: dict, key_of_cur: list[str]) -> Any:
     return out
 
 
-def parse_with_help(params: str, implied_key: str | None = None) -> tuple[dict, bool]:
+def parse_with_help(params: str, implied_key: str | None = None) -> tuple[dict[str, Any], bool]:
     """Parse ``params``; return (options, whether 'help' or '?' was given)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     pos = 0
     want_help = False
     while pos < len(params):
@@ -168,7 +169,7 @@ def parse_with_help(params: str, implied_key: str | None = None) -> tuple[dict, 
     return _listify(out, []), want_help
 
 
-def parse(params: str, implied_key: str | None = None) -> dict:
+def parse(params: str, implied_key: str | None = None) -> dict[str, Any]:
     """Parse keyval ``params`` into nested dicts/lists of strings.
 
     Raises GenericError (QEMU's text), including for ``help``, which only

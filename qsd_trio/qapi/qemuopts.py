@@ -11,6 +11,7 @@ options through QemuOpts (:func:`absorb_sizes`).
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from .errors import GenericError
 from .ghash import qdict_order
@@ -85,7 +86,7 @@ DRIVER_SIZE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def absorb_sizes(driver: str, options: dict) -> None:
+def absorb_sizes(driver: str, options: dict[str, Any]) -> None:
     """qemu_opts_absorb_qdict for ``driver``'s size options: the first
     (in QDict order, as QEMU walks it) that is no size raises its error."""
     names = DRIVER_SIZE_OPTIONS.get(driver, ())

@@ -38,7 +38,7 @@ from .errors import CommandNotFound, GenericError, warn_report
 from .ghash import first_unexpected
 
 
-def _enabled(schema: dict[str, dict]) -> dict[str, dict]:
+def _enabled(schema: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The declarations without the parts this build leaves out ('off')."""
     out = {}
     for name, ent in schema.items():
@@ -251,7 +251,7 @@ class _Visitor:
             return self.visit_object(typ, value, path)
         raise AssertionError(f"cannot visit {typ}")
 
-    def visit_list(self, elem: str, value: Any, path: str) -> list:
+    def visit_list(self, elem: str, value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.type_error(path, "array")
         fmt = "{}.{}" if self.keyval else "{}[{}]"
@@ -280,8 +280,8 @@ class _Visitor:
             raise _unexpected(value, consumed, path)
         return cls(**kwargs)
 
-    def visit_members(self, members: list[dict], remaining: dict, consumed: list[str],
-                      path: str) -> dict:
+    def visit_members(self, members: list[dict[str, Any]], remaining: dict[str, Any],
+                      consumed: list[str], path: str) -> dict[str, Any]:
         out = {}
         for m in members:
             mname = m["name"]
@@ -295,9 +295,9 @@ class _Visitor:
             )
         return out
 
-    def visit_enum(self, ent: dict, value: Any, path: str, name: str | None) -> QapiEnum:
+    def visit_enum(self, ent: dict[str, Any], value: Any, path: str, name: str | None) -> QapiEnum:
         s = self.get_string(value, path)
-        cls = getattr(T, c_name(ent["name"]))
+        cls: type[QapiEnum] = getattr(T, c_name(ent["name"]))
         try:
             return cls(s)
         except ValueError:
@@ -305,7 +305,7 @@ class _Visitor:
                 f"Parameter '{name or 'null'}' does not accept value '{s}'"
             ) from None
 
-    def visit_alternate(self, ent: dict, value: Any, path: str, name: str | None) -> Any:
+    def visit_alternate(self, ent: dict[str, Any], value: Any, path: str, name: str | None) -> Any:
         want = _json_kind(value)
         for alt in ent["alternatives"]:
             if want in _accepts(alt["type"]):
@@ -397,7 +397,7 @@ class _Visitor:
         return v
 
 
-def _unexpected(value: dict, consumed: list[str], path: str) -> GenericError:
+def _unexpected(value: dict[str, Any], consumed: list[str], path: str) -> GenericError:
     # with several extra keys QEMU names the first in its hash table's order
     key = first_unexpected(value, consumed)
     assert key is not None
@@ -471,7 +471,7 @@ def command_info(name: str) -> CommandInfo:
                        tuple(ent["features"]))
 
 
-def parse_command(name: str, arguments: dict | None) -> Any:
+def parse_command(name: str, arguments: dict[str, Any] | None) -> Any:
     """QMP ``arguments`` of command ``name`` -> its typed argument instance.
 
     Returns None for commands that take no arguments.  Raises GenericError
@@ -494,7 +494,7 @@ def parse_json(type_name: str, data: Any) -> Any:
     return _Visitor(keyval=False).visit(type_name, data, "", None)
 
 
-def parse_keyval(type_name: str, data: dict) -> Any:
+def parse_keyval(type_name: str, data: dict[str, Any]) -> Any:
     """Keyval input (all leaves strings) for a schema type, e.g. the dict
     :func:`qsd_trio.qapi.keyval.parse` made of ``--blockdev driver=...``."""
     return _Visitor(keyval=True).visit(type_name, data, "", None)
@@ -510,7 +510,7 @@ def lookup_type(type_name: str) -> Any:
 converter = cattrs.Converter()
 
 
-def _unstructure_qapi(obj: Any) -> dict:
+def _unstructure_qapi(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cls = type(obj)
     tag = getattr(cls, "__qapi_tag__", None)
@@ -540,12 +540,14 @@ def to_qmp(value: Any) -> Any:
     return converter.unstructure(value)
 
 
-def _object_members(typ: str, value: dict) -> list[dict] | None:
+def _object_members(typ: str, value: dict[str, Any]) -> list[dict[str, Any]] | None:
     ent = SCHEMA.get(typ)
     if ent is None:
         return None
+    members: list[dict[str, Any]]
     if ent["meta"] == "struct":
-        return ent["members"]
+        members = ent["members"]
+        return members
     if ent["meta"] == "union":
         members = list(SCHEMA[ent["base"]]["members"])
         for v in ent["variants"]:
@@ -589,7 +591,7 @@ def declared_order(value: Any, typ: str | None) -> Any:
     return out
 
 
-def introspect(commands: Iterable[str]) -> list[dict]:
+def introspect(commands: Iterable[str]) -> list[dict[str, Any]]:
     from .introspect import introspect as _introspect
 
     return _introspect(commands)
