@@ -14,6 +14,9 @@ from typing import Any
 
 import attrs
 
+from . import trace
+from .qapi import schema
+
 
 @attrs.frozen
 class Event:
@@ -50,10 +53,6 @@ def subscribe(callback: Callable[[Event], None]) -> Callable[[], None]:
 
 def emit(name: str, data: dict[str, Any] | None = None) -> None:
     """Publish event ``name`` (e.g. ``BLOCK_JOB_READY``) to every subscriber now."""
-    # leaf modules, imported late to keep this one dependency-free
-    from . import trace
-    from .qapi import schema
-
     trace.event("qmp_event", name=name)
     if data:
         # members in declaration order, as QEMU's event marshaller puts them

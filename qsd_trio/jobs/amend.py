@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..nodes.qcow2.crypt import amend_encryption
 from .job import Job
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ class AmendJob(Job):
             if self.node.driver == "luks":
                 await self.node.amend(self.options, self.force)
             elif self.options.encrypt is not None:
-                from ..nodes.qcow2.crypt import amend_encryption
                 await amend_encryption(self.node, self.options.encrypt, self.force)
         finally:
             self.progress_current = 1

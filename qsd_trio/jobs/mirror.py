@@ -60,6 +60,7 @@ from ..nodes.block_copy import CountedBitmap
 from ..nodes.node import BlockNode, Perm, Status
 from ..nodes.perms import refresh
 from ..qapi.errors import GenericError
+from . import chain
 from .blockjob import BlockJob
 
 if TYPE_CHECKING:
@@ -133,8 +134,6 @@ class MirrorJob(BlockJob):
 
     async def attach_nodes(self) -> None:
         """mirror_start_job's graph changes; on failure nothing is left behind."""
-        from . import chain
-
         src, tgt = self.source, self.target
         graph = src.graph
         is_commit = tgt in chain.chain(src)[1:]
@@ -218,8 +217,6 @@ class MirrorJob(BlockJob):
         assert bm is not None
         if self.sync == "none":
             return
-        from . import chain
-
         if self.sync == "full":
             tgt = self.target
             # mirror_dirty_init: a target that can write zeroes by unmapping
@@ -577,8 +574,6 @@ async def _close_filter(filt: BlockNode) -> None:
 
 
 def check_granularity(granularity: int | None) -> None:
-    from ..qapi.errors import GenericError
-
     if granularity is None:
         return
     if granularity < 512 or granularity > 64 << 20:

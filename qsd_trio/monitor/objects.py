@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..objects import secret, throttle_group, tls_creds
 from ..objects.qom import USER_CREATABLE, UserObject, check_id, object_properties, resolve
 from ..qapi import schema
 from ..qapi.errors import DeviceNotFound, GenericError
@@ -30,15 +31,12 @@ async def add_object(daemon: Daemon, qom_type: str, id: str, props: dict[str, An
     obj: UserObject
     if qom_type == "throttle-group":
         # a live limiter shared by throttle nodes, not just properties
-        from ..objects import throttle_group
         obj = throttle_group.create(daemon.graph, id, props)
     elif qom_type == "secret":
         # loaded now (data, file, base64, keyid), as QEMU loads it
-        from ..objects import secret
         obj = secret.create(daemon.graph, id, props)
     else:
         if qom_type.startswith("tls-creds"):
-            from ..objects import tls_creds
             tls_creds.check(qom_type, props)
         obj = UserObject(id, qom_type, props)
     daemon.objects[id] = obj

@@ -10,7 +10,8 @@ same conflicts (and the same file locks, hence the same interop with qemu-img).
 
 from __future__ import annotations
 
-from .node import Perm
+from ..qapi.errors import GenericError
+from .node import Perm, parent_desc
 
 # BLK_PERM_* names as bdrv_perm_names() prints them in conflict messages
 PERM_TEXT = {
@@ -75,7 +76,6 @@ def cow_perms(perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
 
 def _conflict(node, a, b) -> str | None:
     """bdrv_a_allow_b: does edge ``a`` share what edge ``b`` takes?"""
-    from .node import parent_desc
     missing = b.perm & ~a.shared
     if not missing:
         return None
@@ -87,7 +87,6 @@ def _conflict(node, a, b) -> str | None:
 
 
 def _update(node, tx: list) -> None:
-    from ..qapi.errors import GenericError
     for a in node.parents:
         for b in node.parents:
             if a is not b:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..nodes.throttle_group import BUCKETS, UINT_MAX, ThrottleConfig, ThrottleGroup, groups
+from ..qapi import schema
 from ..qapi.errors import GenericError
 from .qom import UserObject
 
@@ -71,7 +72,6 @@ class ThrottleGroupObject(UserObject):
             raise GenericError("Property cannot be set after initialization")
         if prop != "limits":
             raise GenericError(f"Property '{self.qom_type}.{prop}' not found")
-        from ..qapi import schema
         # the QObject input visitor, rooted at the property name, gives
         # QEMU's texts ("Parameter 'limits.bogus' is unexpected")
         limits = schema.to_qmp(schema._Visitor(keyval=False).visit(

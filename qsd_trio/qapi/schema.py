@@ -36,6 +36,7 @@ from . import qapi_types as T
 from .base import NULL, QapiEnum, QNull, c_name, py_field
 from .errors import CommandNotFound, GenericError, warn_report
 from .ghash import first_unexpected
+from .introspect import introspect as _introspect
 
 
 def _enabled(schema: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -592,6 +593,4 @@ def declared_order(value: Any, typ: str | None) -> Any:
 
 
 def introspect(commands: Iterable[str]) -> list[dict[str, Any]]:
-    from .introspect import introspect as _introspect
-
     return _introspect(commands)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from ...qapi.errors import GenericError
 from .base import Engine
+from .linux_aio import LinuxAio
 from .threads import ThreadPool
+from .uring import Uring
 
 
 class Engines:
@@ -42,7 +44,6 @@ class Engines:
         """The engine for ``aio``; QEMU's refusal when it cannot be set up."""
         if aio == "io_uring":
             if self._uring is None:
-                from .uring import Uring
                 try:
                     self._uring = Uring()
                 except OSError as e:
@@ -53,7 +54,6 @@ class Engines:
             return self._uring
         if aio == "native":
             if self._aio is None:
-                from .linux_aio import LinuxAio
                 try:
                     self._aio = LinuxAio(self.threads)
                 except OSError as e:

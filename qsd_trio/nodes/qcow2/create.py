@@ -14,6 +14,8 @@ import struct
 
 from ...qapi.errors import GenericError
 from ..node import BlockNode
+from .crypt import setup_encryption
+from .driver import Qcow2Node
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -87,8 +89,6 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
     table, as QEMU lays it out (:mod:`.crypt`).  Errors are
     ``GenericError`` with QEMU's text; I/O errors are ``OSError``.
     """
-    from .driver import Qcow2Node  # the driver imports nothing from here
-
     _check(size, version, cluster_size, refcount_bits, lazy_refcounts, extended_l2,
            data_file_raw, data_file is not None, backing_file, compression_type, preallocation)
     if size >= 2**63:
@@ -146,7 +146,6 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
         except GenericError as e:
             raise e.prefixed("Could not resize image: ") from None
         if encrypt is not None:
-            from .crypt import setup_encryption
             await setup_encryption(node, encrypt)
         if backing_file or (data_file is not None and data_file_name is None):
             await node.set_header_names(backing_file=backing_file, backing_fmt=backing_fmt)

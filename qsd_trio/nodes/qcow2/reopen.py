@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ...qapi.errors import GenericError
 from ...qapi.ghash import qdict_order
 from . import overlap
+from .crypt import _NAMES
 from .header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY
 from .l2 import L2Cache, read_cache_sizes
 
@@ -50,7 +51,6 @@ def check(node: Qcow2Node, options: dict) -> dict:
         raise GenericError("Lazy refcounts require a qcow2 image with at least "
                            "qemu 1.1 compatibility level")
     new_fmt = (options.get("encrypt") or {}).get("format")
-    from .crypt import _NAMES  # here: the crypto code costs every start ~50 ms
     header_fmt = _NAMES.get(node.h.crypt_method)
     if new_fmt is not None and header_fmt is None:
         raise GenericError(f"No encryption in image header, but options specified "
