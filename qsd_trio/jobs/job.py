@@ -27,13 +27,13 @@ from __future__ import annotations
 import enum
 import errno
 import os
-import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from .. import events
+from ..ids import id_wellformed
 from ..qapi.errors import GenericError, QapiError
 
 if TYPE_CHECKING:
@@ -89,12 +89,10 @@ VERBS: dict[str, frozenset[JobStatus]] = {
     "dismiss": frozenset((S.CONCLUDED,)),
 }
 
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
-
 
 def check_job_id(job_id: str) -> None:
     """QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'."""
-    if not _ID_RE.match(job_id):
+    if not id_wellformed(job_id):
         raise GenericError(f"Invalid job ID '{job_id}'")
 
 

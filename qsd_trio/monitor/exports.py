@@ -9,7 +9,6 @@ leaves ``daemon.exports`` and ``BLOCK_EXPORT_DELETED`` is emitted.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -19,6 +18,7 @@ from ..exports import fuse as _fuse  # noqa: F401 - registers the fuse export ty
 from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
 from ..exports.base import EXPORT_TYPES, BlockExport
 from ..exports.nbd import NbdExport, NbdServer
+from ..ids import id_wellformed
 from ..nodes.node import BlockNode
 from ..qapi import qapi_types as T
 from ..qapi.errors import GenericError
@@ -27,7 +27,6 @@ from .registry import command
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _SETTLE_ROUNDS = 5
 
 
@@ -54,7 +53,7 @@ async def add_export(daemon: Daemon, args: Any) -> BlockExport:
     """block-export-add: the checks in QEMU's order, then start the export.
 
     ``args``: a BlockExportOptions variant."""
-    if not _ID_RE.match(args.id):
+    if not id_wellformed(args.id):
         raise GenericError("Invalid block export id")
     if args.id in daemon.exports:
         raise GenericError(f"Block export id '{args.id}' is already in use")

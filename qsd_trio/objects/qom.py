@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ..ids import id_wellformed
 from ..qapi import schema
 from ..qapi.errors import DeviceNotFound, GenericError
 
@@ -118,9 +119,7 @@ class UserObject:
 
 
 def check_id(id: str) -> None:
-    # QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'
-    if not id or not id[0].isascii() or not id[0].isalpha() or not all(
-            c.isascii() and (c.isalnum() or c in "-._") for c in id):
+    if not id_wellformed(id):
         raise GenericError("Parameter 'id' expects an identifier", hint=(
             "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."))
 
