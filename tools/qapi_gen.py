@@ -31,7 +31,8 @@ import re
 import sys
 
 # What a Linux build of qemu-storage-daemon 7.2 (Debian 12) has; checked
-# against ref/qsd-7.2-qmp-schema.json: everything but libblkio is built in.
+# against tests/data/qsd-7.2-qmp-schema.json (qemu-storage-daemon 7.2's own
+# query-qmp-schema reply): everything but libblkio is built in.
 CONFIG = {
     "CONFIG_BLKIO": False,
 }
