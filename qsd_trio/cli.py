@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import trio
 
@@ -24,9 +25,8 @@ from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
 from .monitor import dispatch
 from .monitor.chardev import add_chardev
-from .monitor.objects import object_properties
 from .monitor.session import Monitor
-from .objects.qom import USER_CREATABLE
+from .objects.qom import USER_CREATABLE, object_properties
 from .qapi import keyval, qemuopts, schema
 from .qapi.errors import GenericError, QapiError, collect_warnings
 
@@ -121,12 +121,10 @@ def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
     """getopt_long with argument permutation off, as QEMU's "-hT:V" with a
     leading '-': returns ('--name', value) pairs and ('', arg) for operands."""
     out: list[tuple[str, str | None]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
+    rest = iter(argv)
+    for arg in rest:
         if arg == "--":
-            out += [("", a) for a in argv[i:]]
+            out += [("", a) for a in rest]
             break
         if arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
@@ -139,10 +137,7 @@ def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
             opt = matches[0]
             if LONG_OPTS[opt]:
                 if not eq:
-                    if i >= len(argv):
-                        raise UsageError(f"option '--{opt}' requires an argument")
-                    value = argv[i]
-                    i += 1
+                    value = _next_arg(rest, f"option '--{opt}' requires an argument")
                 out.append((f"--{opt}", value))
             else:
                 if eq:
@@ -157,12 +152,8 @@ def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
                     raise UsageError(f"invalid option -- '{ch}'")
                 opt = SHORT_OPTS[ch]
                 if LONG_OPTS[opt]:
-                    value = arg[j:]
-                    if not value:
-                        if i >= len(argv):
-                            raise UsageError(f"option requires an argument -- '{ch}'")
-                        value = argv[i]
-                        i += 1
+                    value = arg[j:] or _next_arg(
+                        rest, f"option requires an argument -- '{ch}'")
                     out.append((f"--{opt}", value))
                     break
                 out.append((f"--{opt}", None))
@@ -171,18 +162,26 @@ def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def _typed(type_name: str, value: str, implied: str | None):
+def _next_arg(rest: Iterator[str], missing: str) -> str:
+    """The argument after an option that takes one, as its value."""
+    value = next(rest, None)
+    if value is None:
+        raise UsageError(missing)
+    return value
+
+
+def _typed(type_name: str, value: str, implied: str | None) -> Any:
     """keyval or JSON option text -> typed schema value."""
     if keyval.is_json(value):
         try:
             data = json.loads(value)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise GenericError(f"JSON parse error, {e.msg}") from None
         return schema.parse_json(type_name, data)
     return schema.parse_keyval(type_name, keyval.parse(value, implied))
 
 
-def _call(name: str, args) -> Callable[[Daemon], object]:
+def _call(name: str, args: Any) -> Action:
     async def action(daemon: Daemon) -> None:
         await dispatch.lookup(name).handler(daemon, args)
     return action
@@ -226,7 +225,7 @@ def opt_object(value: str) -> Action:
     return _call("object-add", _typed("ObjectOptions", value, "qom-type"))
 
 
-def chardev_backend(value: str) -> tuple[str, dict]:
+def chardev_backend(value: str) -> tuple[str, dict[str, Any]]:
     """QEMU's legacy -chardev syntax -> (id, ChardevBackend in QMP form)."""
     opts = qemuopts.parse_flat(value, "backend")
     backend = opts.pop("backend", None)
@@ -237,16 +236,9 @@ def chardev_backend(value: str) -> tuple[str, dict]:
         raise GenericError("Parameter 'id' is missing")
 
     def flag(key: str, default: bool) -> bool:
-        v = opts.pop(key, None)
-        if v is None:
-            return default
-        if v in ("on", "yes", "true", ""):
-            return True
-        if v in ("off", "no", "false"):
-            return False
-        raise GenericError(f"Parameter '{key}' expects 'on' or 'off'")
+        return _on_off(key, opts.pop(key, None), default)
 
-    data: dict = {}
+    data: dict[str, Any] = {}
     if backend == "socket":
         path, host, port, fd = (opts.pop(k, None) for k in ("path", "host", "port", "fd"))
         server = flag("server", False)
@@ -296,6 +288,17 @@ def chardev_backend(value: str) -> tuple[str, dict]:
     return id, {"type": backend, "data": data}
 
 
+def _on_off(key: str, value: str | None, default: bool) -> bool:
+    """A QemuOpts boolean: on/yes/true or the bare key, off/no/false."""
+    if value is None:
+        return default
+    if value in ("on", "yes", "true", ""):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise GenericError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
 def opt_chardev(value: str) -> Action:
     id, backend = chardev_backend(value)
 
@@ -307,16 +310,14 @@ def opt_chardev(value: str) -> Action:
 def opt_monitor(value: str) -> Action:
     opts = qemuopts.parse_flat(value, "chardev")
     mode = opts.pop("mode", "control")
-    pretty_s = opts.pop("pretty", "off")
+    pretty_s = opts.pop("pretty", None)
     chardev_id = opts.pop("chardev", None)
     opts.pop("id", None)
     if opts:
         raise GenericError(f"Invalid parameter '{next(iter(opts))}'")
     if mode != "control":
         raise GenericError("Only QMP is supported")
-    if pretty_s not in ("on", "off", "yes", "no", "true", "false", ""):
-        raise GenericError("Parameter 'pretty' expects 'on' or 'off'")
-    pretty = pretty_s in ("on", "yes", "true", "")
+    pretty = _on_off("pretty", pretty_s, False)
     if chardev_id is None:
         raise GenericError("Parameter 'chardev' is missing")
 
@@ -347,7 +348,7 @@ def version_text() -> str:
             "qemu-storage-daemon rebuilt in Python on trio\n")
 
 
-def parse(argv: list[str]):
+def parse(argv: list[str]) -> tuple[list[tuple[str, str | None, Action]], str | None, bool]:
     """argv -> (actions, pidfile, daemonize); raises UsageError/EarlyExit/
     StartupError.  Like QEMU, --help/--version/--trace act in a first pass,
     everything else in order in a second."""
@@ -360,6 +361,7 @@ def parse(argv: list[str]):
         if opt == "--version":
             raise EarlyExit(version_text())
         if opt == "--trace":
+            assert value is not None  # split_argv gives it the argument it takes
             try:
                 trace.configure(value)
             except trace.HelpRequested:
@@ -378,6 +380,7 @@ def parse(argv: list[str]):
         build = BUILDERS.get(opt)
         if build is None:
             continue
+        assert value is not None  # every option of BUILDERS takes an argument
         with collect_warnings() as warned:
             try:
                 action = build(value)
@@ -439,6 +442,11 @@ def _daemonize() -> Callable[[bool], None]:
     return report
 
 
+def _first(eg: BaseExceptionGroup[StartupError]) -> StartupError:
+    exc = eg.exceptions[0]
+    return exc if isinstance(exc, StartupError) else _first(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(daemon.run, actions, pidfile,
                  (lambda: report(True)) if report else None)
     except* StartupError as eg:
-        failure.append(eg.exceptions[0])
+        failure.append(_first(eg))
     except* KeyboardInterrupt:
         pass
     if failure:

@@ -134,7 +134,8 @@ class Daemon:
         return users
 
     # -- the tree ------------------------------------------------------------------
-    async def _hold(self, attr: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _hold(self, attr: str, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             setattr(self, attr, nursery)
             task_status.started()
@@ -189,7 +190,8 @@ class Daemon:
                     self.pidfile.remove()
             root.cancel_scope.cancel()
 
-    async def _signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _signals(self, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
             task_status.started()
             async for _ in sigs:

@@ -36,7 +36,7 @@ class BlockExport(BlockParent):
         self.args = args
         self.id: str = args.id
         self.node = node
-        self.writable = bool(getattr(args, "writable", False))
+        self.writable = bool(args.writable)
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
         # set once the export is off the list and BLOCK_EXPORT_DELETED is out

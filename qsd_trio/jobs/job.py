@@ -150,6 +150,11 @@ def strerror(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _errno(e: OSError | QapiError) -> int:
+    """The errno a job that failed with ``e`` reports (EIO for QAPI errors)."""
+    return (e.errno if isinstance(e, OSError) else None) or errno.EIO
+
+
 def failed_side(e: OSError, is_read: bool) -> None:
     """Mark a copy's I/O error with the side that failed (QEMU's
     error_in_source), which picks on-source-error or on-target-error."""
@@ -418,7 +423,7 @@ class Job:
                 self._exit()
                 raise
             except (OSError, QapiError) as e:
-                self.ret = -(getattr(e, "errno", None) or errno.EIO)
+                self.ret = -_errno(e)
                 self.err = strerror(e)
         if self.status not in (S.CONCLUDED, S.NULL):
             self._exit()
@@ -505,7 +510,7 @@ class Job:
                 try:
                     j.prepare()
                 except (OSError, QapiError) as e:
-                    j.ret = -(getattr(e, "errno", None) or errno.EIO)
+                    j.ret = -_errno(e)
                     j.err = strerror(e)
                 j._update_rc()
                 if j.ret:

@@ -23,8 +23,7 @@ from .registry import command
 
 @command("blockdev-add")
 async def blockdev_add(daemon, args):
-    options = args if isinstance(args, dict) else to_qmp(args)
-    await daemon.graph.add(options)
+    await daemon.graph.add(to_qmp(args))
 
 
 @command("blockdev-del")
@@ -41,7 +40,7 @@ async def blockdev_reopen(daemon, args):
     graph = daemon.graph
     plans = []
     for opts in args.options:
-        o = opts if isinstance(opts, dict) else to_qmp(opts)
+        o = to_qmp(opts)
         name = o.get("node-name")
         if name is None:
             raise GenericError("node-name not specified")
@@ -429,7 +428,7 @@ async def block_dirty_bitmap_merge(daemon, args):
         if isinstance(src, str):
             sources.append(_bitmap(daemon, args.node, src)[1])
         else:
-            s = src if isinstance(src, dict) else to_qmp(src)
+            s = to_qmp(src)
             sources.append(_bitmap(daemon, s["node"], s["name"])[1])
     for s in sources:
         s.check(allow_ro=True)

@@ -8,8 +8,9 @@ declaration:
 * ``cls.__qapi_members__``: ``(qapi_name, attr_name, type, optional)`` for
   every member, base members first, in declaration order (the order QEMU's
   visitors walk them, so errors come out in the same order);
-* unions: ``cls.__qapi_tag__`` (the discriminator's QAPI name) and
-  ``cls.__qapi_variants__`` (discriminator value -> variant class name).  A variant
+* ``cls.__qapi_tag__``: a union's discriminator (its QAPI name), None for
+  other classes;
+* unions: ``cls.__qapi_variants__`` (discriminator value -> variant class name).  A variant
   class subclasses its union and carries the discriminator value as a class
   variable, so ``args.driver == 'file'`` works on every instance.
 """
@@ -83,8 +84,10 @@ def make_class(ns: dict[str, Any], pyname: str) -> type:
     ent = schema.get(qapi_name)
     if ent is None:  # q_empty
         cls.__qapi_members__ = ()
+        cls.__qapi_tag__ = None
     elif case is None:
         cls.__qapi_members__ = _members(ent["members"])
+        cls.__qapi_tag__ = None
         if ent["meta"] == "union":
             cls.__qapi_tag__ = ent["tag"]
             # discriminator value -> variant class name (made on first use)

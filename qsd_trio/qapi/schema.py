@@ -514,7 +514,7 @@ converter = cattrs.Converter()
 def _unstructure_qapi(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cls = type(obj)
-    tag = getattr(cls, "__qapi_tag__", None)
+    tag = cls.__qapi_tag__
     for qname, attr, _typ, optional in cls.__qapi_members__:
         if qname == tag:
             out[qname] = converter.unstructure(getattr(cls, attr))

@@ -12,14 +12,15 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import types
 
 import pytest
 import trio
 
 import qsd_trio.nodes.null  # noqa: F401 - registers null-co
+from qsd_trio.daemon import Daemon
 from qsd_trio.exports.fuse import FuseExport
 from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.qapi import schema
 from qsd_trio.qapi.errors import GenericError
 from tests.integration.fuse_helpers import (  # noqa: F401 - fuse_tmp is a fixture
     fuse_tmp,
@@ -30,11 +31,19 @@ from tests.integration.fuse_helpers import (  # noqa: F401 - fuse_tmp is a fixtu
 SIZE = 4 << 20
 
 
-def export_args(mp: str, export_id: str = "e", **kw) -> types.SimpleNamespace:
-    base = dict(type="fuse", id=export_id, node_name="n", writable=True, writethrough=None,
-                mountpoint=mp, growable=None, allow_other=None)
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+def export_args(mp: str, export_id: str = "e", **kw):
+    """block-export-add's arguments for a FUSE export, built by the schema
+    (``node_name=`` is ``node-name``)."""
+    args = {"type": "fuse", "id": export_id, "node-name": "n", "writable": True,
+            "mountpoint": mp}
+    args.update({k.replace("_", "-"): v for k, v in kw.items()})
+    return schema.parse_json("BlockExportOptions", args)
+
+
+@pytest.fixture
+def daemon() -> Daemon:
+    """The daemon the exports belong to; their nodes are in its graph."""
+    return Daemon()
 
 
 async def null_node(graph: BlockGraph, name: str = "n", **opts):
@@ -47,11 +56,11 @@ def read_all(path: str) -> bytes:
         return f.read()
 
 
-async def test_mount_through_fusermount3_helper(fuse_tmp):  # noqa: F811
+async def test_mount_through_fusermount3_helper(fuse_tmp, daemon):  # noqa: F811
     """The non-root path: fusermount3 mounts and passes the fd back (_FUSE_COMMFD)."""
     mp = make_mountpoint(fuse_tmp)
-    node = await null_node(BlockGraph())
-    exp = FuseExport(None, export_args(mp), node)
+    node = await null_node(daemon.graph)
+    exp = FuseExport(daemon, export_args(mp), node)
     exp.use_helper = True
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -64,10 +73,10 @@ async def test_mount_through_fusermount3_helper(fuse_tmp):  # noqa: F811
     assert node.parents == []  # the export's edge is gone
 
 
-async def test_external_unmount_returns_normally(fuse_tmp):  # noqa: F811
+async def test_external_unmount_returns_normally(fuse_tmp, daemon):  # noqa: F811
     mp = make_mountpoint(fuse_tmp)
-    node = await null_node(BlockGraph())
-    exp = FuseExport(None, export_args(mp), node)
+    node = await null_node(daemon.graph)
+    exp = FuseExport(daemon, export_args(mp), node)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(exp.run)
@@ -78,14 +87,14 @@ async def test_external_unmount_returns_normally(fuse_tmp):  # noqa: F811
     assert not is_mounted(mp)
 
 
-async def test_stacked_export_through_a_symlink_does_not_deadlock(fuse_tmp):  # noqa: F811
+async def test_stacked_export_through_a_symlink_does_not_deadlock(fuse_tmp, daemon):  # noqa: F811
     """Exporting on a path that is itself our mount (via another string) stats it in a thread."""
     mp = make_mountpoint(fuse_tmp)
     link = str(fuse_tmp / "link")
     os.symlink(mp, link)
-    graph = BlockGraph()
-    a = FuseExport(None, export_args(mp, "a"), await null_node(graph, "n"))
-    b = FuseExport(None, export_args(link, "b", writable=False),
+    graph = daemon.graph
+    a = FuseExport(daemon, export_args(mp, "a"), await null_node(graph, "n"))
+    b = FuseExport(daemon, export_args(link, "b", writable=False),
                    await null_node(graph, "m", size=SIZE // 2))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -99,12 +108,12 @@ async def test_stacked_export_through_a_symlink_does_not_deadlock(fuse_tmp):  # 
     assert not is_mounted(mp)
 
 
-async def test_same_mountpoint_string_twice_is_refused(fuse_tmp):  # noqa: F811
+async def test_same_mountpoint_string_twice_is_refused(fuse_tmp, daemon):  # noqa: F811
     mp = make_mountpoint(fuse_tmp)
-    graph = BlockGraph()
+    graph = daemon.graph
     node = await null_node(graph)
-    a = FuseExport(None, export_args(mp, "a"), node)
-    b = FuseExport(None, export_args(mp, "b"), node)
+    a = FuseExport(daemon, export_args(mp, "a"), node)
+    b = FuseExport(daemon, export_args(mp, "b"), node)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(a.run)
@@ -114,11 +123,11 @@ async def test_same_mountpoint_string_twice_is_refused(fuse_tmp):  # noqa: F811
     assert node.parents == []
 
 
-async def test_stop_while_a_client_waits_on_a_slow_node(fuse_tmp):  # noqa: F811
+async def test_stop_while_a_client_waits_on_a_slow_node(fuse_tmp, daemon):  # noqa: F811
     """Deletion does not wait for the node: the blocked client gets an error, no hang."""
     mp = make_mountpoint(fuse_tmp)
-    node = await null_node(BlockGraph(), **{"latency-ns": 60 * 10**9})
-    exp = FuseExport(None, export_args(mp), node)
+    node = await null_node(daemon.graph, **{"latency-ns": 60 * 10**9})
+    exp = FuseExport(daemon, export_args(mp), node)
     outcome = {}
 
     def client():
@@ -144,13 +153,13 @@ async def test_stop_while_a_client_waits_on_a_slow_node(fuse_tmp):  # noqa: F811
     assert not is_mounted(mp)
 
 
-async def test_mountpoint_checks(fuse_tmp):  # noqa: F811
+async def test_mountpoint_checks(fuse_tmp, daemon):  # noqa: F811
     (fuse_tmp / "dir").mkdir()
-    node = await null_node(BlockGraph())
+    node = await null_node(daemon.graph)
     for mp, text in [(str(fuse_tmp / "missing"),
                       f"Failed to stat '{fuse_tmp / 'missing'}': No such file or directory"),
                      (str(fuse_tmp / "dir"), f"'{fuse_tmp / 'dir'}' is not a regular file")]:
-        exp = FuseExport(None, export_args(mp), node)
+        exp = FuseExport(daemon, export_args(mp), node)
         async with trio.open_nursery() as nursery:
             with pytest.raises(GenericError) as info:
                 await nursery.start(exp.run)
@@ -159,9 +168,9 @@ async def test_mountpoint_checks(fuse_tmp):  # noqa: F811
     assert node.parents == []
 
 
-async def test_a_driver_bug_fails_the_request_not_the_export(fuse_tmp):  # noqa: F811
+async def test_a_driver_bug_fails_the_request_not_the_export(fuse_tmp, daemon):  # noqa: F811
     mp = make_mountpoint(fuse_tmp)
-    node = await null_node(BlockGraph())
+    node = await null_node(daemon.graph)
     calls = []
 
     async def broken_preadv(offset, length):
@@ -169,7 +178,7 @@ async def test_a_driver_bug_fails_the_request_not_the_export(fuse_tmp):  # noqa:
         raise RuntimeError("driver bug")
 
     node._co_preadv = broken_preadv
-    exp = FuseExport(None, export_args(mp), node)
+    exp = FuseExport(daemon, export_args(mp), node)
 
     def client():
         fd = os.open(mp, os.O_RDWR | os.O_DIRECT)
