@@ -445,3 +445,25 @@ def test_fuzz_ring_walker(descs, indirect_table, heads, avail_idx, event_idx):
         mem.close()
     finally:
         ram.close()
+
+
+def test_entry_published_while_the_ring_looks_empty_is_not_lost(ram):
+    # the driver makes a chain available after the device saw the ring
+    # empty but before it published avail_event: the device must look again
+    # (the driver, seeing the old avail_event, may not kick)
+    mem = ram.memory()
+    drv = Driver(ram)
+    q = drv.queue(mem, event_idx=True)
+    publish_event = q._set_avail_event
+    added = []
+
+    def racing_driver(value):
+        if not added:
+            added.append(drv.add([(b"late", False), (1, True)])[0])
+        publish_event(value)
+
+    q._set_avail_event = racing_driver
+    chain = q.pop()
+    assert chain is not None and chain.head == added[0]
+    assert drv.avail_event() == 1
+    mem.close()

@@ -23,6 +23,7 @@ touched through bounds-checked region accessors.
 from __future__ import annotations
 
 import struct
+import threading
 
 import attrs
 
@@ -51,6 +52,19 @@ MAX_CHAIN_BUFFERS = 1024
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+
+
+_FENCE = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier between a store to a ring and a load from the
+    other side's ring (the specification's "memory barrier" where both
+    parties suppress notifications).  Taking a lock is a locked
+    read-modify-write, which orders stores before later loads on x86-64
+    and is a full barrier on other architectures' pthread mutexes."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class VirtqueueError(Exception):
@@ -186,9 +200,20 @@ class SplitQueue:
                 raise VirtqueueError(
                     f"guest moved the available index from {self.last_avail_idx} to {avail}")
             if pending == 0:
-                if self.event_idx:
-                    self._set_avail_event(self.last_avail_idx)
-                return None
+                if not self.event_idx:
+                    return None
+                # ask for a kick at the next entry, then look again: an
+                # entry made available before the driver could see our
+                # request would otherwise wait for a kick that never comes
+                self._set_avail_event(self.last_avail_idx)
+                _fence()
+                avail = self.avail_idx()
+                pending = (avail - self.last_avail_idx) & 0xFFFF
+                if pending == 0:
+                    return None
+                if pending > self.size:
+                    raise VirtqueueError(
+                        f"guest moved the available index from {self.last_avail_idx} to {avail}")
             slot = self.last_avail_idx % self.size
             head = self._avail_u16(4 + 2 * slot)
             if head >= self.size:
@@ -286,6 +311,7 @@ class SplitQueue:
         Raises:
             VirtqueueError: the ring's memory is gone.
         """
+        _fence()  # the used index is out before the driver's flags are read
         try:
             if self.notify_on_empty and self.inuse == 0 and self.is_empty():
                 return True
