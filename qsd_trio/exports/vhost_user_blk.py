@@ -1,0 +1,522 @@
+"""The vhost-user-blk export: a virtio-blk device served to a VM's front-end.
+
+QEMU (the front-end) connects to a unix socket, shares guest memory and the
+virtqueues over the vhost-user protocol (proto/vhost_user.py), and kicks
+eventfds when the guest adds requests; this back-end runs the requests
+(exports/virtio/) on the export's node and signals the call eventfds.
+Options are QEMU 7.2's BlockExportOptionsVhostUserBlk: ``addr`` (``unix``
+or ``fd``), ``logical-block-size``, ``num-queues``, plus the common
+``writable`` and ``writethrough``.
+
+Tasks: :meth:`VhostUserBlkExport.run` owns the listener and serves one
+front-end at a time, as QEMU does (others wait in the listen backlog).
+A connection (:class:`FrontEnd`) is a nursery holding the message loop and
+one task per started virtqueue, which waits on the kick eventfd with
+``trio.lowlevel.wait_readable`` and starts a task per request.  A front-end
+that breaks the protocol or a ring is answered as libvhost-user's
+``vu_panic`` answers it: a ``vu_panic:`` line on stderr and the connection
+dropped; the export listens on for the next front-end.
+
+Resources: every descriptor a message brings is closed when the
+connection ends (or earlier, when replaced); guest memory is unmapped once
+the ring tasks are gone; the socket file is removed when the export ends.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket as _stdsocket
+import sys
+from typing import Any
+
+import trio
+
+from ..nodes.node import BdrvChild, BlockNode, Perm
+from ..nodes.perms import refresh
+from ..proto import vhost_user as vu
+from ..qapi.errors import GenericError
+from .base import BlockExport, register_export
+from .virtio import memory as vmem
+from .virtio.blk import BlkHandler
+from .virtio.virtqueue import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    Chain,
+    SplitQueue,
+    VirtqueueError,
+)
+
+PF = vu.ProtocolFeature
+# what this back-end implements of QEMU 7.2's offer (which also has
+# LOG_SHMFD, PAGEFAULT, HOST_NOTIFIER and BACKEND_SEND_FD)
+PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
+                     | 1 << PF.CONFIG | 1 << PF.CONFIGURE_MEM_SLOTS)
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 2 * 1024 * 1024
+_FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = _stdsocket.CMSG_SPACE(vu.MAX_FDS * _FD_SIZE)
+_ONE = (1).to_bytes(8, "little")
+
+
+class VuPanic(Exception):
+    """The front-end broke the protocol: the device is broken."""
+
+
+def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _check_block_size(export_id: str, value: int) -> None:
+    # QEMU's check_block_size; 0 means "not set"
+    if value and not MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE:
+        raise GenericError(
+            f"Property {export_id}.logical-block-size doesn't take value {value} "
+            f"(minimum: {MIN_BLOCK_SIZE}, maximum: {MAX_BLOCK_SIZE})")
+    if value & (value - 1):
+        raise GenericError(
+            f"Property {export_id}.logical-block-size doesn't take value '{value}', "
+            f"it's not a power of 2")
+
+
+class Vring:
+    """One virtqueue's vhost-user state: what the front-end set, and the
+    task that processes it once started."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.size = 0
+        self.base = 0
+        self.addr: vu.VringAddr | None = None
+        self.kick_fd = -1
+        self.call_fd = -1
+        self.enabled = False
+        self.queue: SplitQueue | None = None
+        self.pop_scope: trio.CancelScope | None = None
+        self.done: trio.Event | None = None
+
+    def signal(self) -> None:
+        """Write the call eventfd (a full counter is still a pending call)."""
+        if self.call_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.call_fd, _ONE)
+
+    def set_call(self, fd: int) -> None:
+        old, self.call_fd = self.call_fd, fd
+        if old >= 0:
+            _close_fds([old])
+
+    def close_kick(self) -> None:
+        fd, self.kick_fd = self.kick_fd, -1
+        if fd >= 0:
+            trio.lowlevel.notify_closing(fd)
+            _close_fds([fd])
+
+
+class FrontEnd:
+    """One connected front-end: the message loop and the virtqueues.
+
+    :meth:`serve` returns when the front-end hangs up or is dropped for a
+    protocol error (after printing ``vu_panic: ...``); every descriptor it
+    sent is closed and guest memory unmapped by then.
+    """
+
+    def __init__(self, export: VhostUserBlkExport, sock: trio.socket.SocketType):
+        self.export = export
+        self.sock = sock
+        self.features = 0
+        self.protocol_features = 0
+        self.mem = vmem.GuestMemory()
+        self.vrings = [Vring(i) for i in range(export.num_queues)]
+        self.backend_fd = -1
+        self._nursery: trio.Nursery | None = None
+        self.broken = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._message_loop()
+                except VuPanic as e:
+                    self.panic(str(e))
+                nursery.cancel_scope.cancel()
+        finally:
+            for vring in self.vrings:
+                vring.close_kick()
+                vring.set_call(-1)
+            if self.backend_fd >= 0:
+                _close_fds([self.backend_fd])
+                self.backend_fd = -1
+            self.mem.close()
+            self.sock.close()
+
+    def panic(self, text: str) -> None:
+        """libvhost-user's vu_panic: report, mark broken, drop the front-end."""
+        if not self.broken:
+            self.broken = True
+            print(f"qsd-trio: vu_panic: {text}", file=sys.stderr, flush=True)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- the socket -----------------------------------------------------------------------
+    async def _recv_exactly(self, n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            more = await self.sock.recv(n - len(data))
+            if not more:
+                return None
+            data += more
+        return data
+
+    async def _recv_message(self) -> vu.Message | None:
+        """The next message with its descriptors, None at EOF.
+
+        Raises:
+            VuPanic: a malformed message (its descriptors are closed).
+        """
+        data, ancdata, msg_flags, _ = await self.sock.recvmsg(
+            vu.HEADER_SIZE, _ANC_SIZE, _stdsocket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, cdata in ancdata:
+            if level == _stdsocket.SOL_SOCKET and kind == _stdsocket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(cdata[:len(cdata) - len(cdata) % _FD_SIZE])
+                fds.extend(arr)
+        try:
+            if not data:
+                _close_fds(fds)
+                return None
+            if msg_flags & _stdsocket.MSG_CTRUNC:
+                raise VuPanic("too many file descriptors with a message")
+            if len(data) < vu.HEADER_SIZE:
+                rest = await self._recv_exactly(vu.HEADER_SIZE - len(data))
+                if rest is None:
+                    _close_fds(fds)
+                    return None
+                data += rest
+            header = vu.decode_header(data)
+            payload = await self._recv_exactly(header.size) if header.size else b""
+            if payload is None:
+                _close_fds(fds)
+                return None
+            message = vu.decode_message(header, payload, fds)
+        except vu.MessageError as e:
+            _close_fds(fds)
+            raise VuPanic(str(e)) from None
+        except BaseException:
+            _close_fds(fds)
+            raise
+        _close_fds(message.unused_fds)
+        return message
+
+    async def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = await self.sock.send(view)
+            view = view[n:]
+
+    # -- messages -------------------------------------------------------------------------
+    async def _message_loop(self) -> None:
+        while True:
+            message = await self._recv_message()
+            if message is None:
+                return
+            try:
+                reply = await self._handle(message)
+            except BaseException:
+                _close_fds(message.fds)
+                raise
+            if reply is None and message.need_reply:
+                # REPLY_ACK: libvhost-user acknowledges any message that
+                # asks, whether or not the feature was negotiated
+                reply = vu.reply_u64(message.request, 0)
+            if reply is not None:
+                await self._send(reply)
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise VuPanic(f"Invalid queue index: {index}")
+        return self.vrings[index]
+
+    async def _handle(self, m: vu.Message) -> bytes | None:
+        R = vu.Request
+        req = m.request
+        p = m.payload
+        handler = self.export.handler
+        if req == R.GET_FEATURES:
+            features = (handler.features() | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+                        | 1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+            return vu.reply_u64(req, features)
+        if req == R.SET_FEATURES:
+            assert isinstance(p, int)
+            self.features = p
+            if not p & 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES:
+                for vring in self.vrings:
+                    vring.enabled = True
+            return None
+        if req == R.GET_PROTOCOL_FEATURES:
+            return vu.reply_u64(req, PROTOCOL_FEATURES)
+        if req == R.SET_PROTOCOL_FEATURES:
+            assert isinstance(p, int)
+            self.protocol_features = p & PROTOCOL_FEATURES
+            return None
+        if req == R.SET_OWNER:
+            return None
+        if req == R.RESET_OWNER:
+            for vring in self.vrings:
+                await self._stop_ring(vring)
+            return None
+        if req == R.GET_QUEUE_NUM:
+            return vu.reply_u64(req, len(self.vrings))
+        if req == R.GET_MAX_MEM_SLOTS:
+            return vu.reply_u64(req, vmem.MAX_MEM_SLOTS)
+        if req == R.SET_MEM_TABLE:
+            assert isinstance(p, vu.MemTable)
+            try:
+                self.mem.set_table(p.regions, m.fds)
+            except vmem.GuestMemoryError as e:
+                raise VuPanic(f"SET_MEM_TABLE: {e}") from None
+            finally:
+                _close_fds(m.fds)
+            self._remap()
+            return None
+        if req == R.ADD_MEM_REG:
+            assert isinstance(p, vu.MemRegion)
+            try:
+                self.mem.add_region(p, m.fds[0])
+            except vmem.GuestMemoryError as e:
+                raise VuPanic(f"ADD_MEM_REG: {e}") from None
+            finally:
+                _close_fds(m.fds)
+            return None
+        if req == R.REM_MEM_REG:
+            assert isinstance(p, vu.MemRegion)
+            try:
+                self.mem.remove_region(p)
+            except vmem.GuestMemoryError as e:
+                raise VuPanic(f"REM_MEM_REG: {e}") from None
+            return None
+        if req == R.SET_VRING_NUM:
+            assert isinstance(p, vu.VringState)
+            self._vring(p.index).size = p.num
+            return None
+        if req == R.SET_VRING_ADDR:
+            assert isinstance(p, vu.VringAddr)
+            self._vring(p.index).addr = p
+            return None
+        if req == R.SET_VRING_BASE:
+            assert isinstance(p, vu.VringState)
+            self._vring(p.index).base = p.num & 0xFFFF
+            return None
+        if req == R.GET_VRING_BASE:
+            assert isinstance(p, vu.VringState)
+            vring = self._vring(p.index)
+            await self._stop_ring(vring)
+            vring.set_call(-1)
+            return vu.reply_vring_state(req, vring.index, vring.base)
+        if req == R.SET_VRING_KICK:
+            assert isinstance(p, vu.VringFile)
+            vring = self._vring(p.index)
+            if p.nofd:
+                raise VuPanic(f"queue {p.index}: polling (no kick descriptor) is not supported")
+            await self._stop_ring(vring)
+            vring.kick_fd = m.fds[0]
+            await self._start_ring(vring)
+            return None
+        if req == R.SET_VRING_CALL:
+            assert isinstance(p, vu.VringFile)
+            vring = self._vring(p.index)
+            vring.set_call(-1 if p.nofd else m.fds[0])
+            return None
+        if req == R.SET_VRING_ERR:
+            assert isinstance(p, vu.VringFile)
+            self._vring(p.index)
+            # errors are never signalled: the descriptor is not kept
+            _close_fds(m.fds)
+            return None
+        if req == R.SET_VRING_ENABLE:
+            assert isinstance(p, vu.VringState)
+            # tracked; a started ring is processed either way, as
+            # libvhost-user's block device does
+            self._vring(p.index).enabled = bool(p.num)
+            return None
+        if req == R.GET_CONFIG:
+            assert isinstance(p, vu.ConfigSpace)
+            return vu.reply_config(p, handler.read_config(p.offset, p.size))
+        if req == R.SET_CONFIG:
+            assert isinstance(p, vu.ConfigSpace)
+            ok = handler.write_config(p.offset, p.data, p.flags)
+            if m.need_reply:
+                return vu.reply_u64(req, 0 if ok else 1)
+            return None
+        if req == R.SET_BACKEND_REQ_FD:
+            if self.backend_fd >= 0:
+                _close_fds([self.backend_fd])
+            self.backend_fd = m.fds[0]
+            return None
+        _close_fds(m.fds)
+        raise VuPanic(f"Unhandled request: {req}")
+
+    # -- virtqueues --------------------------------------------------------------------
+    def _remap(self) -> None:
+        for vring in self.vrings:
+            if vring.queue is not None:
+                try:
+                    vring.queue.remap()
+                except VirtqueueError as e:
+                    raise VuPanic(f"queue {vring.index}: {e}") from None
+
+    async def _start_ring(self, vring: Vring) -> None:
+        if vring.addr is None:
+            raise VuPanic(f"queue {vring.index} kicked before its addresses were set")
+        try:
+            vring.queue = SplitQueue(
+                self.mem, size=vring.size, desc_addr=vring.addr.desc,
+                avail_addr=vring.addr.avail, used_addr=vring.addr.used,
+                last_avail_idx=vring.base,
+                event_idx=bool(self.features & 1 << VIRTIO_F_EVENT_IDX),
+                indirect=bool(self.features & 1 << VIRTIO_F_INDIRECT_DESC),
+                notify_on_empty=bool(self.features & 1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+        except VirtqueueError as e:
+            raise VuPanic(f"queue {vring.index}: {e}") from None
+        assert self._nursery is not None
+        await self._nursery.start(self._ring_task, vring)
+
+    async def _stop_ring(self, vring: Vring) -> None:
+        """Stop taking requests from the ring, let those in flight finish,
+        and keep where it stopped as the ring's base."""
+        if vring.pop_scope is not None:
+            vring.pop_scope.cancel()
+        if vring.done is not None:
+            await vring.done.wait()
+        if vring.queue is not None:
+            vring.base = vring.queue.last_avail_idx
+            vring.queue = None
+        vring.close_kick()
+
+    async def _ring_task(self, vring: Vring, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        queue = vring.queue
+        assert queue is not None
+        kick = vring.kick_fd
+        done = vring.done = trio.Event()
+        try:
+            async with trio.open_nursery() as requests:
+                with trio.CancelScope() as vring.pop_scope:
+                    task_status.started()
+                    try:
+                        while True:
+                            while (chain := queue.pop()) is not None:
+                                requests.start_soon(self._request, vring, queue, chain)
+                            await trio.lowlevel.wait_readable(kick)
+                            with contextlib.suppress(BlockingIOError, InterruptedError):
+                                os.read(kick, 8)
+                    except VirtqueueError as e:
+                        self.panic(f"queue {vring.index}: {e}")
+                # popping stopped; the nursery lets requests in flight finish
+        finally:
+            vring.pop_scope = None
+            done.set()
+
+    async def _request(self, vring: Vring, queue: SplitQueue, chain: Chain) -> None:
+        used = await self.export.handler.process(chain)
+        try:
+            queue.push(chain.head, used)
+            if queue.notify_needed():
+                vring.signal()
+        except VirtqueueError as e:
+            self.panic(f"queue {vring.index}: {e}")
+
+
+@register_export
+class VhostUserBlkExport(BlockExport):
+    type = "vhost-user-blk"
+
+    def __init__(self, daemon: Any, args: Any, node: BlockNode):
+        super().__init__(daemon, args, node)
+        addr = args.addr
+        kind: str = addr.type.value
+        if kind not in ("unix", "fd"):
+            raise GenericError("Only socket address types 'unix' and 'fd' are supported")
+        self.addr_type = kind
+        self.path: str | None = addr.path if kind == "unix" else None
+        self.fd_str: str | None = addr.str if kind == "fd" else None
+        block_size = args.logical_block_size
+        if block_size is not None:
+            _check_block_size(self.id, block_size)
+        num_queues = args.num_queues if args.num_queues is not None else 1
+        if num_queues == 0:
+            raise GenericError("num-queues must be greater than 0")
+        self.num_queues = num_queues
+        self.handler = BlkHandler(node, writable=self.writable,
+                                  logical_block_size=block_size or MIN_BLOCK_SIZE,
+                                  num_queues=num_queues, serial="vhost_user_blk",
+                                  writethrough=bool(args.writethrough))
+        self.edge: BdrvChild | None = None
+        self.frontend: FrontEnd | None = None
+
+    def child_attached(self, edge: BdrvChild) -> None:
+        super().child_attached(edge)
+        self.handler.backend = edge.node
+
+    def _listen(self) -> trio.socket.SocketType:
+        if self.path is not None:
+            sock = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                sock.bind(self.path)
+                sock.listen(1)
+            except OSError as e:
+                sock.close()
+                raise GenericError(f"Failed to bind socket to {self.path}: {e.strerror}") from None
+        else:
+            assert self.fd_str is not None
+            try:
+                fd = int(self.fd_str)
+            except ValueError:
+                raise GenericError(f"Unable to parse FD number {self.fd_str}") from None
+            try:
+                sock = _stdsocket.socket(fileno=fd)
+            except OSError:
+                raise GenericError(f"File descriptor '{fd}' is not open") from None
+        sock.setblocking(False)
+        return trio.socket.from_stdlib_socket(sock)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, report started, serve front-ends one at a time until
+        cancelled (block-export-del, quit)."""
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
+        self.edge = self.node.attach("root", self, perm)
+        listener: trio.socket.SocketType | None = None
+        try:
+            with self.cancel_scope:
+                listener = self._listen()
+                task_status.started()
+                await self.daemon.accepting.wait()
+                while True:
+                    sock, _ = await listener.accept()
+                    self.frontend = FrontEnd(self, sock)
+                    try:
+                        await self.frontend.serve()
+                    except Exception as e:  # noqa: BLE001 - one front-end fails, the daemon lives
+                        print(f"qsd-trio: vhost-user-blk export '{self.id}' front-end failed: {e!r}",
+                              file=sys.stderr, flush=True)
+                    finally:
+                        self.frontend = None
+        finally:
+            if listener is not None:
+                listener.close()
+                if self.path is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path)
+            self.edge.detach()
+            with contextlib.suppress(Exception):
+                refresh(self.node)
+            self.finished.set()

@@ -1,0 +1,415 @@
+"""The vhost-user-blk export against a small front-end written here: the
+vhost-user messages packed with struct, descriptors sent with SCM_RIGHTS,
+guest RAM a memfd, rings laid out as a driver would (tests/unit's Driver),
+eventfds for kick and call.  The same scenario runs against
+qemu-storage-daemon as a differential (config space, status bytes, data)."""
+
+import array
+import errno
+import os
+import random
+import socket
+import struct
+
+import pytest
+import trio
+
+from tests.helpers import HAVE_QEMU, qemu_img, qemu_io
+from tests.unit.test_virtqueue import GUEST_BASE, Driver, GuestRam
+
+GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+SET_VRING_KICK, SET_VRING_CALL = 12, 13
+GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
+GET_CONFIG = 24
+F_VERSION_1, F_INDIRECT, F_EVENT_IDX, F_PROTOCOL = 32, 28, 29, 30
+PF_MQ, PF_REPLY_ACK, PF_CONFIG = 0, 3, 9
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+NEED_REPLY = 8
+IMAGE_SIZE = 4 << 20
+
+kinds = ["trio"] + (["qemu"] if HAVE_QEMU else [])
+
+
+class FrontEnd:
+    """A vhost-user front-end over a trio unix socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fds = []
+
+    @classmethod
+    async def connect(cls, path):
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(str(path))
+        return cls(sock)
+
+    async def send(self, request, payload=b"", fds=(), flags=1):
+        data = struct.pack("<III", request, flags, len(payload)) + payload
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        await self.sock.sendmsg([data], anc)
+
+    async def recv_exactly(self, n):
+        data = b""
+        while len(data) < n:
+            more = await self.sock.recv(n - len(data))
+            if not more:
+                raise EOFError
+            data += more
+        return data
+
+    async def reply(self, request):
+        req, flags, size = struct.unpack("<III", await self.recv_exactly(12))
+        assert req == request and flags == 5
+        return await self.recv_exactly(size) if size else b""
+
+    async def get_u64(self, request):
+        await self.send(request)
+        return struct.unpack("<Q", await self.reply(request))[0]
+
+    async def ack(self, request, payload=b"", fds=()):
+        await self.send(request, payload, fds, flags=1 | NEED_REPLY)
+        return struct.unpack("<Q", await self.reply(request))[0]
+
+    async def negotiate(self):
+        features = await self.get_u64(GET_FEATURES)
+        want = features & (1 << F_VERSION_1 | 1 << F_INDIRECT | 1 << F_EVENT_IDX | 1 << F_PROTOCOL
+                           | 0x7E66)
+        await self.send(SET_FEATURES, struct.pack("<Q", want))
+        protocol = await self.get_u64(GET_PROTOCOL_FEATURES)
+        await self.send(SET_PROTOCOL_FEATURES,
+                        struct.pack("<Q", protocol & (1 << PF_MQ | 1 << PF_REPLY_ACK | 1 << PF_CONFIG)))
+        assert await self.ack(SET_OWNER) == 0
+        return features, protocol
+
+    async def config(self, size=60):
+        await self.send(GET_CONFIG, struct.pack("<III", 0, size, 0) + bytes(size))
+        body = await self.reply(GET_CONFIG)
+        return body[12:]
+
+    async def set_mem_table(self, ram):
+        r = ram.region
+        await self.send(SET_MEM_TABLE, struct.pack("<II", 1, 0) + struct.pack(
+            "<QQQQ", r.guest_addr, r.size, r.user_addr, r.mmap_offset), [ram.fd])
+
+    async def start_queue(self, drv, index=0, base=0):
+        """Ring setup as QEMU does it; returns (kick, call) eventfds."""
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fds += [kick, call]
+        ram = drv.ram
+        await self.send(SET_VRING_NUM, struct.pack("<II", index, drv.size))
+        await self.send(SET_VRING_BASE, struct.pack("<II", index, base))
+        await self.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, ram.uva(drv.desc),
+                                                    ram.uva(drv.used), ram.uva(drv.avail), 0))
+        await self.send(SET_VRING_KICK, struct.pack("<Q", index), [kick])
+        await self.send(SET_VRING_CALL, struct.pack("<Q", index), [call])
+        assert await self.ack(SET_VRING_ENABLE, struct.pack("<II", index, 1)) == 0
+        return kick, call
+
+    async def stop_queue(self, index=0):
+        await self.send(GET_VRING_BASE, struct.pack("<II", index, 0))
+        return struct.unpack("<II", await self.reply(GET_VRING_BASE))
+
+    def close(self):
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+
+
+async def complete(drv, kick, call, bufs, *, indirect=False):
+    """Make one request available, kick, wait for its used entry; returns
+    (used length, [buffer offsets])."""
+    before = drv.used_idx()
+    # with event index: a call once the entry at the current used index is used
+    drv.set_used_event(before)
+    _, offs = drv.add(bufs, indirect=indirect)
+    os.eventfd_write(kick, 1)
+    with trio.fail_after(20):
+        while drv.used_idx() == before:
+            await trio.lowlevel.wait_readable(call)
+            try:
+                os.eventfd_read(call)
+            except BlockingIOError:
+                pass
+    return drv.used_elem(before)[1], offs
+
+
+def outhdr(rtype, sector=0):
+    return struct.pack("<IIQ", rtype, 0, sector)
+
+
+def start(daemon_factory, kind, tmp_path, image, extra="", **kw):
+    sock = tmp_path / f"vu-{kind}.sock"
+    d = daemon_factory(kind, [
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--export", f"vhost-user-blk,id=vu0,node-name=file0,addr.type=unix,addr.path={sock}{extra}",
+    ], **kw)
+    return d, sock
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    qemu_img("create", "-f", "raw", str(path), str(IMAGE_SIZE))
+    with open(path, "r+b") as f:
+        f.write(b"\x11" * 8192)
+    return path
+
+
+@pytest.mark.parametrize("kind", kinds)
+async def test_requests_through_a_front_end(daemon_factory, tmp_path, image, kind):
+    d, path = start(daemon_factory, kind, tmp_path, image,
+                    ",writable=on,num-queues=2,logical-block-size=4096")
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        features, protocol = await fe.negotiate()
+        assert features & 0x1_7000_7E66 == 0x1_7000_7E46  # no RO bit: writable
+        assert protocol & (1 << PF_MQ | 1 << PF_REPLY_ACK | 1 << PF_CONFIG) == 0x209
+        assert await fe.get_u64(GET_QUEUE_NUM) == 2
+        cfg = await fe.config()
+        capacity, blk_size, num_queues = struct.unpack_from("<Q", cfg)[0], cfg[20:24], cfg[34:36]
+        assert capacity == IMAGE_SIZE // 512
+        assert struct.unpack("<I", blk_size)[0] == 4096 and struct.unpack("<H", num_queues)[0] == 2
+        await fe.set_mem_table(ram)
+        drv = Driver(ram, size=16)
+        kick, call = await fe.start_queue(drv)
+
+        payload = os.urandom(8192)
+        used, offs = await complete(drv, kick, call, [
+            (outhdr(T_OUT, 16), False), (payload[:4096], False), (payload[4096:], False), (1, True)])
+        assert used == 1 and ram.get(offs[-1], 1) == b"\0"
+        used, offs = await complete(drv, kick, call, [
+            (outhdr(T_IN, 16), False), (8192, True), (1, True)], indirect=True)
+        assert used == 8193 and ram.get(offs[1], 8192) == payload and ram.get(offs[2], 1) == b"\0"
+        used, offs = await complete(drv, kick, call, [(outhdr(T_FLUSH), False), (1, True)])
+        assert ram.get(offs[-1], 1) == b"\0"
+        used, offs = await complete(drv, kick, call, [(outhdr(T_GET_ID), False), (20, True), (1, True)])
+        assert ram.get(offs[1], 20).rstrip(b"\0") == b"vhost_user_blk"
+        # misaligned for a 4096-byte block, beyond the end, unknown type
+        for bufs, status in (
+                ([(outhdr(T_IN, 1), False), (512, True), (1, True)], 1),
+                ([(outhdr(T_IN, IMAGE_SIZE // 512), False), (4096, True), (1, True)], 1),
+                ([(outhdr(T_WRITE_ZEROES), False), (struct.pack("<QII", 0, 16, 4), False), (1, True)], 2),
+                ([(outhdr(99), False), (1, True)], 2)):
+            _, offs = await complete(drv, kick, call, bufs)
+            assert ram.get(offs[-1], 1) == bytes([status])
+        _, offs = await complete(drv, kick, call, [
+            (outhdr(T_WRITE_ZEROES), False), (struct.pack("<QII", 0, 8, 1), False), (1, True)])
+        assert ram.get(offs[-1], 1) == b"\0"
+        _, offs = await complete(drv, kick, call, [
+            (outhdr(T_DISCARD), False), (struct.pack("<QII", 8, 8, 0), False), (1, True)])
+        assert ram.get(offs[-1], 1) == b"\0"
+        assert await fe.stop_queue() == (0, drv.avail_idx)
+    finally:
+        fe.close()
+        ram.close()
+    d.stop()
+    data = image.read_bytes()
+    assert data[:4096] == bytes(4096)
+    assert data[8192:16384] == payload
+
+
+async def test_read_only_export_and_reconnect(daemon_factory, tmp_path, image):
+    d, path = start(daemon_factory, "trio", tmp_path, image)
+    for _ in range(2):
+        # a front-end that leaves and the next one that takes the disk
+        ram = GuestRam(size=0x40000)
+        fe = await FrontEnd.connect(path)
+        try:
+            features, _ = await fe.negotiate()
+            assert features & 1 << 5  # VIRTIO_BLK_F_RO
+            await fe.set_mem_table(ram)
+            drv = Driver(ram, size=8)
+            kick, call = await fe.start_queue(drv)
+            _, offs = await complete(drv, kick, call, [
+                (outhdr(T_OUT, 0), False), (b"w" * 512, False), (1, True)])
+            assert ram.get(offs[-1], 1) == b"\1"
+            _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (512, True), (1, True)])
+            assert ram.get(offs[1], 512) == b"\x11" * 512 and ram.get(offs[2], 1) == b"\0"
+        finally:
+            fe.close()
+            ram.close()
+    assert image.read_bytes()[:512] == b"\x11" * 512
+
+
+@pytest.mark.parametrize("bad", ["version", "size", "missing-fd", "unknown", "ring", "loop"])
+async def test_broken_front_end_is_dropped_and_the_next_one_served(daemon_factory, tmp_path, image, bad):
+    d, path = start(daemon_factory, "trio", tmp_path, image, allow_stderr=r"^qsd-trio: vu_panic: ")
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        if bad == "version":
+            await fe.send(GET_FEATURES, flags=2)
+        elif bad == "size":
+            await fe.send(SET_VRING_NUM, b"\0" * 7)
+        elif bad == "missing-fd":
+            await fe.send(SET_VRING_KICK, struct.pack("<Q", 0))
+        elif bad == "unknown":
+            await fe.send(99)
+        else:
+            await fe.set_mem_table(ram)
+            drv = Driver(ram, size=8)
+            kick, call = await fe.start_queue(drv)
+            if bad == "ring":
+                drv.write_desc(0, 0, 0x10, 512, 0, 0)  # outside guest memory
+            else:
+                drv.write_desc(0, 0, ram.gpa(0x8000), 16, 1, 1)
+                drv.write_desc(0, 1, ram.gpa(0x8000), 16, 1, 0)
+            drv.publish(0)
+            os.eventfd_write(kick, 1)
+        with trio.fail_after(20):
+            while await fe.sock.recv(4096):
+                pass
+    except OSError as e:
+        assert e.errno == errno.ECONNRESET
+    finally:
+        fe.close()
+        ram.close()
+    assert "vu_panic" in d.stderr()
+    # the daemon lives and serves the next front-end
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        with trio.fail_after(20):
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            drv = Driver(ram, size=8)
+            kick, call = await fe.start_queue(drv)
+            _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (512, True), (1, True)])
+        assert ram.get(offs[1], 512) == b"\x11" * 512
+    finally:
+        fe.close()
+        ram.close()
+
+
+async def test_options_and_errors(daemon_factory, tmp_path, image):
+    d = daemon_factory("trio", ["--blockdev", f"file,node-name=file0,filename={image}"])
+    qmp = d.qmp()
+    sock = tmp_path / "vu.sock"
+
+    def add(**kw):
+        args = {"type": "vhost-user-blk", "id": "vu0", "node-name": "file0",
+                "addr": {"type": "unix", "path": str(sock)}}
+        args.update(kw)
+        return qmp.cmd_raw("block-export-add", args)
+
+    for kw, text in (
+            ({"logical-block-size": 256},
+             "Property vu0.logical-block-size doesn't take value 256 (minimum: 512, maximum: 2097152)"),
+            ({"logical-block-size": 1000},
+             "Property vu0.logical-block-size doesn't take value '1000', it's not a power of 2"),
+            ({"num-queues": 0}, "num-queues must be greater than 0"),
+            ({"addr": {"type": "inet", "host": "127.0.0.1", "port": "0"}},
+             "Only socket address types 'unix' and 'fd' are supported"),
+            ({"addr": {"type": "unix", "path": str(tmp_path / "no" / "x.sock")}},
+             f"Failed to bind socket to {tmp_path}/no/x.sock: No such file or directory")):
+        r = add(**kw)
+        assert r["error"]["desc"] == text, kw
+    assert add()["return"] == {}
+    assert sock.exists()
+    # a connected but idle front-end does not keep block-export-del (safe) waiting
+    fe = await FrontEnd.connect(sock)
+    try:
+        await fe.negotiate()
+        assert qmp.cmd_raw("block-export-del", {"id": "vu0"})["return"] == {}
+        ev = qmp.pull_event(wait=10)
+        assert ev["event"] == "BLOCK_EXPORT_DELETED" and ev["data"] == {"id": "vu0"}
+        with trio.fail_after(20):
+            while await fe.sock.recv(4096):
+                pass
+    except OSError as e:
+        assert e.errno == errno.ECONNRESET
+    finally:
+        fe.close()
+    assert not sock.exists()
+    assert qmp.cmd_raw("query-block-exports", {})["return"] == []
+
+
+async def test_quit_with_a_front_end_connected(daemon_factory, tmp_path, image):
+    d, path = start(daemon_factory, "trio", tmp_path, image, ",writable=on")
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        drv = Driver(ram, size=8)
+        kick, call = await fe.start_queue(drv)
+        _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (512, True), (1, True)])
+        qmp = d.qmp()
+        qmp.cmd_raw("quit", {})
+        assert d.wait(20) == 0
+    finally:
+        fe.close()
+        ram.close()
+    assert not path.exists()
+
+
+async def test_random_front_ends_leave_the_daemon_serving(daemon_factory, tmp_path, image):
+    """Random messages and random rings from many front-ends; afterwards an
+    NBD client of the same node and a well-behaved front-end are served."""
+    nbd = tmp_path / "nbd.sock"
+    path = tmp_path / "vu.sock"
+    daemon_factory("trio", [
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--export", f"vhost-user-blk,id=vu0,node-name=file0,addr.type=unix,addr.path={path}",
+        "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+        "--export", "nbd,id=n0,node-name=file0",
+    ], allow_stderr=r"^qsd-trio: vu_panic: ")
+    rng = random.Random(14)
+    for _ in range(60):
+        ram = GuestRam(size=0x40000)
+        fe = await FrontEnd.connect(path)
+        extra = []
+        try:
+            with trio.fail_after(20):
+                if rng.random() < 0.5:
+                    await fe.negotiate()
+                    await fe.set_mem_table(ram)
+                    drv = Driver(ram, size=8)
+                    kick, _call = await fe.start_queue(drv)
+                    ram.put(0, rng.randbytes(0x4000))  # descriptors, avail and used rings
+                    if rng.random() < 0.8:
+                        ram.put(drv.avail + 2, struct.pack("<H", rng.randrange(9)))
+                    if rng.random() < 0.5:
+                        # plausible descriptors: inside guest memory or just outside
+                        for i in range(8):
+                            drv.write_desc(0, i, GUEST_BASE + rng.randrange(-64, 0x40040),
+                                           rng.choice([1, 16, 512, 4096, rng.randrange(1 << 32)]),
+                                           rng.randrange(8), rng.randrange(10))
+                    os.eventfd_write(kick, 1)
+                for _ in range(rng.randrange(1, 6)):
+                    request = rng.choice([rng.randrange(45), 5, 8, 9, 10, 11, 12, 24, 25, 37, 38])
+                    flags = rng.choice([1, 1, 9, rng.randrange(1 << 32)])
+                    payload = rng.randbytes(rng.choice([0, 8, 12, 20, 40, 72, rng.randrange(300)]))
+                    fds = [os.eventfd(0) if rng.random() < 0.5 else os.dup(ram.fd)
+                           for _ in range(rng.choice([0, 0, 1, 2]))]
+                    extra += fds
+                    await fe.send(request, payload, fds, flags)
+                await trio.sleep(0.01)
+        except OSError:
+            pass  # dropped by the daemon while we were still sending
+        finally:
+            fe.close()
+            ram.close()
+            for fd in extra:
+                os.close(fd)
+    # the daemon is alive and serves an NBD client of the same node ...
+    out = qemu_io("-f", "raw", "-r", "-c", "read -P 0x11 0 8k", f"nbd+unix:///file0?socket={nbd}")
+    assert "read 8192/8192" in out.stdout
+    # ... and a well-behaved front-end
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        with trio.fail_after(20):
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            drv = Driver(ram, size=8)
+            kick, call = await fe.start_queue(drv)
+            _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (512, True), (1, True)])
+        assert ram.get(offs[1], 512) == b"\x11" * 512
+    finally:
+        fe.close()
+        ram.close()
