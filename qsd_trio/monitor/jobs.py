@@ -8,17 +8,26 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import trio
 
-from ..jobs import manager
-from ..jobs.job import Job
+from ..jobs import chain, manager
+from ..jobs import create as create_mod
+from ..jobs.amend import AmendJob
+from ..jobs.backup import BackupJob
+from ..jobs.blockjob import BlockJob, check_not_busy
+from ..jobs.commit import CommitJob
+from ..jobs.create import CreateJob
+from ..jobs.job import Job, JobTxn
+from ..jobs.mirror import MirrorJob, check_granularity
+from ..jobs.stream import StreamJob
+from ..nodes.block_copy import MAX_WORKERS
 from ..nodes.node import BlockNode
 from ..qapi import qapi_types as T
-from .registry import command
+from ..qapi.errors import DeviceNotFound, GenericError
+from . import snapshot
+from .block import _data_nodes, prepare_read_only_again, read_only_again, set_read_only
+from .registry import COMMANDS, command
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
-    from ..jobs.backup import BackupJob
-    from ..jobs.blockjob import BlockJob
-    from ..jobs.job import JobTxn
 
 _V = TypeVar("_V")
 
@@ -100,8 +109,6 @@ async def block_job_cancel(daemon: Daemon, args: Any) -> None:
 
 
 def raise_paused(device: str) -> None:
-    from ..qapi.errors import GenericError
-
     raise GenericError(f"The block job for device '{device}' is currently paused")
 
 
@@ -152,9 +159,6 @@ def _common(args: Any) -> _Common:
 def _root_node(daemon: Daemon, name: str) -> BlockNode:
     """qmp_get_root_bs: the node, which only BlockBackends (exports, a job's
     own) may use: not another node, not a block job (bdrv_is_root_node)."""
-    from ..jobs.blockjob import BlockJob
-    from ..qapi.errors import GenericError
-
     node = daemon.graph.lookup_bs(name)
     if any(isinstance(e.parent, (BlockNode, BlockJob)) for e in node.parents):
         raise GenericError("Need a root block node")
@@ -163,8 +167,6 @@ def _root_node(daemon: Daemon, name: str) -> BlockNode:
 
 def _lookup(daemon: Daemon, name: str) -> BlockNode:
     """bdrv_lookup_bs(name, name)."""
-    from ..qapi.errors import GenericError
-
     node = daemon.graph.nodes.get(name)
     if node is None:
         raise GenericError(f"Cannot find device='{name}' nor node-name='{name}'")
@@ -197,9 +199,6 @@ def _check_to_replace(daemon: Daemon, source: BlockNode, name: str) -> BlockNode
     """check_to_replace_node and the size check after it: only the source
     or a node below it through filters may be replaced, so that completing
     the mirror cannot change what that node's users see."""
-    from ..jobs.blockjob import check_not_busy
-    from ..qapi.errors import GenericError
-
     node = daemon.graph.find_node(name)
     check_not_busy(daemon, node)
     n: BlockNode | None = source
@@ -221,10 +220,6 @@ async def start_mirror(daemon: Daemon, args: Any, source: BlockNode, target: Blo
     job's creation, each check where QEMU makes it.  ``args`` are
     blockdev-mirror's or drive-mirror's; what only one of them has
     (``unmap``, ``filter-node-name``) comes as a keyword."""
-    from ..jobs.blockjob import check_not_busy
-    from ..jobs.mirror import MirrorJob, check_granularity
-    from ..qapi.errors import GenericError
-
     sync: str = args.sync
     check_granularity(args.granularity)
     check_not_busy(daemon, source)
@@ -277,11 +272,6 @@ async def _prepare_backup(daemon: Daemon, args: Any, source: BlockNode, target: 
                           txn: JobTxn | None) -> BackupJob:
     """backup action prepare: checks, then a CREATED job (started at commit)
     with its copy-before-write filter in place above the source."""
-    from ..jobs.backup import BackupJob
-    from ..jobs.blockjob import check_not_busy
-    from ..nodes.block_copy import MAX_WORKERS
-    from ..qapi.errors import GenericError
-
     # do_backup_common
     sync: str = args.sync
     mode: str | None = args.bitmap_mode
@@ -353,10 +343,6 @@ async def _action_prepare(daemon: Daemon, kind: str, data: Any, txn: JobTxn | No
                           commits: list[Callable[[], Awaitable[None]]]) -> BackupJob | None:
     """Run one transaction action's prepare; push its undo (a function, maybe
     async) and its commit (async); return a job or None."""
-    from ..qapi.errors import GenericError
-    from . import snapshot
-    from .registry import COMMANDS
-
     if kind == "abort":
         raise GenericError("Transaction aborted using Abort action")
     if kind in ("blockdev-snapshot", "blockdev-snapshot-sync"):
@@ -378,7 +364,6 @@ async def _action_prepare(daemon: Daemon, kind: str, data: Any, txn: JobTxn | No
         await manager.drain_bounce(_jobs_on(daemon, source))
         return await _prepare_backup(daemon, data, source, target, txn)
     if kind == "drive-backup":
-        from ..jobs.blockjob import check_not_busy
         source = daemon.graph.lookup_bs(data.device)
         await manager.drain_bounce(_jobs_on(daemon, source))
         check_not_busy(daemon, source)  # early, to avoid creating the target
@@ -409,8 +394,6 @@ async def _action_prepare(daemon: Daemon, kind: str, data: Any, txn: JobTxn | No
 def _jobs_on(daemon: Daemon, node: BlockNode) -> list[Job]:
     """The jobs a drained section of ``node`` pauses: those on it or on a node
     above it (a backup's copy-before-write filter)."""
-    from ..jobs.blockjob import BlockJob
-
     above = node._ancestors()
     return [j for j in daemon.jobs.values()
             if isinstance(j, BlockJob) and any(e.node in above for e in j.edges)]
@@ -425,8 +408,6 @@ async def _drop_node(daemon: Daemon, node: BlockNode) -> None:
 async def run_transaction(daemon: Daemon, actions: list[Any],
                           completion_mode: str = "individual") -> None:
     """``actions``: TransactionAction variants, as the schema builds them."""
-    from ..jobs.job import JobTxn
-
     await manager.drain_bounce(list(daemon.jobs.values()))
     txn = JobTxn() if completion_mode == "grouped" else None
     jobs: list[Job] = []
@@ -478,8 +459,6 @@ async def _open_drive_target(daemon: Daemon, args: Any, source: BlockNode) -> Bl
     mode=existing opens the image as it is; absolute-paths creates it first
     (format of ``format``, else the source's), as qemu-img create would.
     """
-    from ..jobs import create as create_mod
-
     fmt: str = args.format or source.driver
     mode: str = _or(args.mode, "absolute-paths")
     if mode != "existing":
@@ -505,9 +484,6 @@ async def _make_writable(daemon: Daemon, node: BlockNode) -> BlockNode | None:
     keeps it so and refuses the job ("Block node is read-only", from the
     permission the node then cannot grant).  Returns the node to make
     read-only again when the job's work is done."""
-    from ..qapi.errors import GenericError
-    from .block import _data_nodes, set_read_only
-
     if not node.read_only:
         return None
     for n in _data_nodes(node)[1:]:
@@ -524,7 +500,6 @@ def _read_only_after_run(daemon: Daemon, job: Job, node: BlockNode | None) -> No
     I/O left to do."""
     if node is None:
         return
-    from .block import prepare_read_only_again, read_only_again
 
     async def flush() -> None:
         with trio.CancelScope(shield=True):
@@ -540,11 +515,6 @@ def _read_only_after_run(daemon: Daemon, job: Job, node: BlockNode | None) -> No
 
 @command("block-stream")
 async def block_stream(daemon: Daemon, args: Any) -> None:
-    from ..jobs import chain
-    from ..jobs.blockjob import check_not_busy
-    from ..jobs.stream import StreamJob
-    from ..qapi.errors import GenericError
-
     # qmp_block_stream: exclusive arguments, the nodes, op blockers, then stream_start
     base_name: str | None = args.base
     base_node: str | None = args.base_node
@@ -589,7 +559,6 @@ async def block_stream(daemon: Daemon, args: Any) -> None:
             daemon.graph.check_new_node_name(args.filter_node_name)
         except GenericError as e:
             if writable is not None:
-                from .block import read_only_again
                 read_only_again(writable)
             raise e.prefixed("Could not create node: ") from None
     job = StreamJob(daemon, _job_id(args), top, base, backing_file,
@@ -602,7 +571,6 @@ async def block_stream(daemon: Daemon, args: Any) -> None:
     except BaseException:
         job.early_fail()
         if writable is not None:
-            from .block import read_only_again
             read_only_again(writable)  # nothing was written yet
         raise
     await _start(daemon, job)
@@ -610,12 +578,6 @@ async def block_stream(daemon: Daemon, args: Any) -> None:
 
 @command("block-commit")
 async def block_commit(daemon: Daemon, args: Any) -> None:
-    from ..jobs import chain
-    from ..jobs.blockjob import check_not_busy
-    from ..jobs.commit import CommitJob
-    from ..jobs.mirror import MirrorJob
-    from ..qapi.errors import DeviceNotFound, GenericError
-
     # qmp_block_commit.  libvirt probes for the command with DeviceNotFound,
     # so the device comes first
     if daemon.graph.nodes.get(args.device) is None:
@@ -671,7 +633,6 @@ async def block_commit(daemon: Daemon, args: Any) -> None:
                 daemon.graph.check_new_node_name(fnn)
             except GenericError:
                 if writable is not None:
-                    from .block import read_only_again
                     read_only_again(writable)
                 raise
         # active commit: the base becomes the active layer and stays writable
@@ -697,7 +658,6 @@ async def block_commit(daemon: Daemon, args: Any) -> None:
     except BaseException:
         job.early_fail()
         if writable is not None:
-            from .block import read_only_again
             read_only_again(writable)  # nothing was written yet
         raise
     await _start(daemon, job)
@@ -706,9 +666,6 @@ async def block_commit(daemon: Daemon, args: Any) -> None:
 # -- blockdev-create, x-blockdev-amend, drive-mirror ------------------------------------
 @command("blockdev-create")
 async def blockdev_create(daemon: Daemon, args: Any) -> None:
-    from ..jobs.create import CreateJob
-    from ..qapi.errors import GenericError
-
     driver: str = args.options.driver
     if driver not in ("file", "qcow2", "luks"):
         raise GenericError(f"Driver '{driver}' does not support blockdev-create in qsd-trio")
@@ -720,9 +677,6 @@ async def blockdev_create(daemon: Daemon, args: Any) -> None:
 
 @command("x-blockdev-amend")
 async def x_blockdev_amend(daemon: Daemon, args: Any) -> None:
-    from ..jobs.amend import AmendJob
-    from ..qapi.errors import GenericError
-
     node = daemon.graph.lookup_bs(None, args.node_name)
     if node.driver != args.options.driver:
         raise GenericError("x-blockdev-amend doesn't support changing the block driver")
@@ -736,11 +690,6 @@ async def x_blockdev_amend(daemon: Daemon, args: Any) -> None:
 
 @command("drive-mirror")
 async def drive_mirror(daemon: Daemon, args: Any) -> None:
-    from ..jobs import chain
-    from ..jobs import create as create_mod
-    from ..jobs.blockjob import check_not_busy
-    from ..qapi.errors import GenericError
-
     source = _root_node(daemon, args.device)
     check_not_busy(daemon, source)  # early, to avoid creating the target
     fmt: str = args.format or source.driver

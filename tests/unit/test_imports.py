@@ -26,7 +26,6 @@ PENDING = {
     "qsd_trio/exports/nbd/tls.py",
     "qsd_trio/jobs/create.py",
     "qsd_trio/monitor/block.py",
-    "qsd_trio/monitor/jobs.py",
     "qsd_trio/monitor/snapshot.py",
     "qsd_trio/nodes/graph.py",
     "qsd_trio/nodes/node.py",
