@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from ..nodes.luks import create_luks_on
+from ..nodes.qcow2.create import create_qcow2
 from ..qapi.errors import GenericError
 from .job import Job
 
@@ -71,8 +73,6 @@ async def create_file(filename: str, size: int, prealloc: str = "off") -> None:
 
 
 async def create_qcow2_on(daemon: Daemon, o: Any) -> None:
-    from ..nodes.qcow2.create import create_qcow2
-
     file = _node(daemon, o.file)
     data_file = None
     if o.data_file is not None:
@@ -118,7 +118,6 @@ class CreateJob(Job):
             elif driver == "qcow2":
                 await create_qcow2_on(self.daemon, o)
             elif driver == "luks":
-                from ..nodes.luks import create_luks_on
                 await create_luks_on(self.daemon, _node(self.daemon, o.file), o)
             else:
                 raise GenericError(f"Driver '{driver}' does not support blockdev-create")
@@ -129,8 +128,6 @@ class CreateJob(Job):
 async def create_image(daemon: Daemon, filename: str, fmt: str, size: int,
                        backing_file: str | None = None, backing_fmt: str | None = None) -> None:
     """drive-backup/drive-mirror mode=absolute-paths: make the target image."""
-    from ..nodes.qcow2.create import create_qcow2
-
     if fmt not in ("raw", "qcow2"):
         raise GenericError(f"qsd-trio cannot create '{fmt}' images")
     await create_file(filename, size if fmt == "raw" else 0)

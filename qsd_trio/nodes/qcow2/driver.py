@@ -42,6 +42,7 @@ from ...qapi.errors import GenericError, QapiError
 from ..graph import register_driver
 from ..node import BdrvChild, BlockNode, BlockStatus, Status
 from . import bitmaps as bitmapmod
+from . import crypt as qcrypt
 from . import overlap, reopen
 from . import snapshots as snapmod
 from .check import Corruption, repair_refcounts, signal_corruption
@@ -132,12 +133,10 @@ class Qcow2Node(BlockNode):
             raise GenericError(str(e)) from None
         self.h = h
         await self._check_header(h, options)
-        # encrypt.* (LUKS or legacy AES): every data cluster goes through it.
-        # The crypto code (and the cryptography package) is imported only
-        # for an image that has or asks for it: ~50 ms of every start else.
+        # encrypt.* (LUKS or legacy AES): every data cluster goes through it
+        # (the cryptography package is loaded then, by crypto/cipher.py)
         self.crypto = None
         if h.crypt_method or options.get("encrypt") is not None:
-            from . import crypt as qcrypt
             self.crypto = await qcrypt.open_encryption(self, h, options)
         self.encrypted = self.crypto is not None
         cs = self.cs = h.cluster_size
@@ -459,8 +458,7 @@ class Qcow2Node(BlockNode):
                     spec["data-file"] = h.data_file
                 spec["data-file-raw"] = self.data_file_raw
         if self.crypto is not None:
-            from .crypt import with_encrypt_info
-            spec = with_encrypt_info(spec, self.crypto)
+            spec = qcrypt.with_encrypt_info(spec, self.crypto)
         extra = {"cluster-size": self.cs, "format-specific": {"type": "qcow2", "data": spec}}
         if self.crypto is not None:
             extra["encrypted"] = True

@@ -12,6 +12,9 @@ import sys
 from array import array
 from collections import OrderedDict
 
+from ...qapi import qemuopts
+from ...qapi.errors import GenericError
+
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 QCOW_OFLAG_COPIED = 1 << 63
@@ -284,9 +287,6 @@ def read_cache_sizes(options: dict, cluster_size: int, virtual_size: int,
     """QEMU's read_cache_sizes and the checks after it in
     qcow2_update_options_prepare, with their messages: (L2 cache slices,
     slice size in bytes, refcount cache blocks).  Raises GenericError."""
-    from ...qapi import qemuopts
-    from ...qapi.errors import GenericError
-
     qemuopts.absorb_sizes("qcow2", options)
     combined = options.get("cache-size")
     l2_set = options.get("l2-cache-size")
