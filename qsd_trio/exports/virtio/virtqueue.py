@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
 import attrs
 
@@ -100,6 +101,91 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
 
 
+def inflight_queue_size(queue_size: int) -> int:
+    """Bytes of one queue's region in an inflight buffer, as libvhost-user
+    lays them out (its vu_inflight_queue_size), so a buffer a front-end
+    kept from another back-end reads the same."""
+    return (16 * queue_size + 2 + 63) & ~63
+
+
+class InflightSplit:
+    """One split queue's region of the inflight buffer (vhost-user.rst
+    "Inflight I/O tracking"): a 16-byte header (features, version,
+    desc_num, last_batch_head, used_idx) and a 16-byte DescStateSplit
+    (inflight, next, counter) per descriptor, in a shared mapping that
+    outlives the back-end.  Batches are of one entry, as libvhost-user's.
+
+    Raises (constructor):
+        VirtqueueError: the region does not fit in the buffer.
+    """
+
+    HEADER = struct.Struct("<QHHHH")
+    _VERSION = 8
+    _LAST_BATCH_HEAD = 12
+    _USED_IDX = 14
+    _FLAG = struct.Struct("<B")
+    _COUNTER = struct.Struct("<Q")
+
+    def __init__(self, buf: Any, offset: int, desc_num: int):
+        if offset < 0 or offset + 16 + 16 * desc_num > len(buf):
+            raise VirtqueueError(f"inflight region of {desc_num} descriptors beyond the buffer")
+        self.buf = buf
+        self.offset = offset
+        self.desc_num = desc_num
+
+    def _u16(self, pos: int) -> int:
+        return int(_U16.unpack_from(self.buf, self.offset + pos)[0])
+
+    def _set_u16(self, pos: int, value: int) -> None:
+        _U16.pack_into(self.buf, self.offset + pos, value)
+
+    @property
+    def version(self) -> int:
+        return self._u16(self._VERSION)
+
+    @property
+    def used_idx(self) -> int:
+        return self._u16(self._USED_IDX)
+
+    def is_inflight(self, head: int) -> bool:
+        return bool(self.buf[self.offset + 16 + 16 * head])
+
+    def counter(self, head: int) -> int:
+        return int(self._COUNTER.unpack_from(self.buf, self.offset + 16 + 16 * head + 8)[0])
+
+    def get(self, head: int, counter: int) -> None:
+        """A chain was taken from the available ring."""
+        base = self.offset + 16 + 16 * head
+        self._COUNTER.pack_into(self.buf, base + 8, counter)
+        self.buf[base] = 1
+
+    def pre_put(self, head: int) -> None:
+        """Chain ``head`` is about to be put in the used ring."""
+        self._set_u16(self._LAST_BATCH_HEAD, head)
+
+    def post_put(self, head: int, used_idx: int) -> None:
+        """Chain ``head`` is in the used ring, published at ``used_idx``."""
+        self.buf[self.offset + 16 + 16 * head] = 0
+        _fence()
+        self._set_u16(self._USED_IDX, used_idx)
+
+    def recover(self, used_idx: int) -> list[int]:
+        """At start: the heads still in flight, oldest first.  A fresh
+        region (version 0) is initialised and has none; a put that was cut
+        short (the region's used_idx behind the ring's) is completed."""
+        if self.version == 0:
+            self._set_u16(self._VERSION, 1)
+            self._set_u16(2 + 8, self.desc_num)  # desc_num
+            return []
+        if self.used_idx != used_idx:
+            self.buf[self.offset + 16 + 16 * self._u16(self._LAST_BATCH_HEAD)] = 0
+            _fence()
+            self._set_u16(self._USED_IDX, used_idx)
+        heads = [i for i in range(self.desc_num) if self.is_inflight(i)]
+        heads.sort(key=self.counter)
+        return heads
+
+
 class SplitQueue:
     """The device's view of one split virtqueue.
 
@@ -131,6 +217,9 @@ class SplitQueue:
         self.inuse = 0
         self.signalled_used = 0
         self.signalled_used_valid = False
+        self.inflight: InflightSplit | None = None
+        # order of chains taken, kept in the inflight region
+        self.counter = 0
         self.remap()
         try:
             self.used_idx: int = self._used.unpack_from(_U16, self._used_off + 2)[0]
@@ -219,6 +308,9 @@ class SplitQueue:
             if head >= self.size:
                 raise VirtqueueError(f"guest says index {head} is available (queue size {self.size})")
             chain = self._walk(head)
+            if self.inflight is not None:
+                self.inflight.get(head, self.counter)
+                self.counter += 1
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
             if self.event_idx:
                 self._set_avail_event(self.last_avail_idx)
@@ -290,6 +382,9 @@ class SplitQueue:
         """
         if not 0 <= head < self.size:
             raise VirtqueueError(f"used head {head} beyond queue size {self.size}")
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.pre_put(head)
         try:
             slot = self.used_idx % self.size
             self._used.pack_into(_USED_ELEM, self._used_off + 4 + 8 * slot, head, written)
@@ -300,7 +395,44 @@ class SplitQueue:
             self._used.pack_into(_U16, self._used_off + 2, self.used_idx)
         except GuestMemoryError as e:
             raise VirtqueueError(str(e)) from None
+        if inflight is not None:
+            inflight.post_put(head, self.used_idx)
         self.inuse = max(0, self.inuse - 1)
+
+    def attach_inflight(self, inflight: InflightSplit) -> list[Chain]:
+        """Track chains in ``inflight`` from now on, and return the chains
+        a previous back-end took and never used, oldest first, to be
+        processed again.  The next chain to take is then the one after
+        them (the used index plus their number), whatever SET_VRING_BASE
+        said: a front-end that lost its back-end sets the base to the used
+        index.
+
+        Raises:
+            VirtqueueError: a recorded head beyond the queue, or a chain
+                that no longer walks.
+        """
+        try:
+            self.used_idx = self._used.unpack_from(_U16, self._used_off + 2)[0]
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+        fresh = inflight.version == 0
+        heads = inflight.recover(self.used_idx)
+        self.inflight = inflight
+        if fresh:
+            return []
+        chains = []
+        for head in heads:
+            if head >= self.size:
+                raise VirtqueueError(f"inflight head {head} beyond queue size {self.size}")
+            try:
+                chains.append(self._walk(head))
+            except GuestMemoryError as e:
+                raise VirtqueueError(str(e)) from None
+        if heads:
+            self.counter = inflight.counter(heads[-1]) + 1
+        self.last_avail_idx = (self.used_idx + len(heads)) & 0xFFFF
+        self.inuse = len(heads)
+        return chains
 
     def notify_needed(self) -> bool:
         """Whether the driver wants a used-buffer notification (the call
