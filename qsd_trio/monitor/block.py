@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ..jobs.blockjob import BlockJob
 from ..nodes import bitmaps
 from ..nodes.node import BlockNode, BlockParent, Perm
 from ..nodes.perms import perm_list, refresh
@@ -271,8 +272,6 @@ async def x_debug_query_block_graph(daemon, args):
     first), then nodes in creation order, each followed by its edges (newest
     first); an object is numbered when first seen, as a node or as an edge's
     child; both lists are built by prepending."""
-    from ..jobs.blockjob import BlockJob
-
     ids: dict[int, int] = {}
     nodes: list[dict] = []
     edges: list[dict] = []

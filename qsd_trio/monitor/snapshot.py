@@ -33,8 +33,12 @@ import time
 
 import trio
 
+from ..jobs.blockjob import BlockJob, check_not_busy
 from ..nodes.graph import DRIVERS
 from ..nodes.node import BdrvChild, BlockNode, Perm
+from ..nodes.qcow2 import snapshots
+from ..nodes.qcow2.create import create_qcow2
+from ..nodes.qcow2.header import EXT_BACKING_FORMAT
 from ..qapi.errors import GenericError
 from .registry import command
 
@@ -42,7 +46,6 @@ from .registry import command
 
 
 def _is_job(parent: object) -> bool:
-    from ..jobs.blockjob import BlockJob
     return isinstance(parent, BlockJob)
 
 
@@ -57,7 +60,6 @@ def root_bs(daemon, name: str) -> BlockNode:
 def check_op_blockers(daemon, node: BlockNode) -> None:
     """bdrv_op_is_blocked for snapshot and change operations: a block job on
     the node, or the node being some other node's backing file."""
-    from ..jobs.blockjob import check_not_busy
     for e in reversed(node.parents):  # the oldest blocker is reported
         if e.name == "backing" and isinstance(e.parent, BlockNode):
             raise GenericError(f"Node '{node.node_name}' is busy: node is used as "
@@ -155,8 +157,6 @@ _NO_CREATE = {"throttle", "copy-on-read", "blkdebug", "blkverify", "null-co", "n
 async def _create_overlay_file(graph, path: str, fmt: str, size: int, backing_file: str,
                                backing_fmt: str) -> None:
     """bdrv_img_create for blockdev-snapshot-sync: a qcow2 file naming its backing."""
-    from ..nodes.qcow2.create import create_qcow2
-
     if fmt not in DRIVERS and fmt not in _NO_BACKING and fmt not in _NO_CREATE:
         raise GenericError(f"Unknown file format '{fmt}'")
     if fmt in _NO_CREATE or (fmt in DRIVERS and fmt != "qcow2" and fmt not in _NO_BACKING):
@@ -303,8 +303,6 @@ async def _write_header_names(image: BlockNode, backing_file: str, backing_fmt: 
     A read-only image (a backing file) is written through a short-lived
     descriptor of its own, as QEMU reopens it read-write for the update.
     """
-    from ..nodes.qcow2.header import EXT_BACKING_FORMAT
-
     if not image.read_only and not image.file.read_only:
         await image.set_header_names(backing_file=backing_file, backing_fmt=backing_fmt)
         return
@@ -391,8 +389,6 @@ class InternalSnapshot:
 
     async def abort(self) -> None:
         """internal_snapshot_abort: delete it (errors are only reported)."""
-        from ..nodes.qcow2 import snapshots
-
         with trio.CancelScope(shield=True):
             async with self.bs.drained():
                 with contextlib.suppress(OSError):
@@ -401,8 +397,6 @@ class InternalSnapshot:
 
 async def internal_snapshot_prepare(daemon, args) -> InternalSnapshot:
     """internal_snapshot_prepare: QEMU's checks, then the snapshot."""
-    from ..nodes.qcow2 import snapshots
-
     device, name = args.device, args.name
     bs = root_bs(daemon, device)
     async with bs.drained():
@@ -434,8 +428,6 @@ async def internal_snapshot_prepare(daemon, args) -> InternalSnapshot:
 
 @command("blockdev-snapshot-delete-internal-sync")
 async def blockdev_snapshot_delete_internal_sync(daemon, args):
-    from ..nodes.qcow2 import snapshots
-
     device, sid, name = args.device, args.id, args.name
     bs = root_bs(daemon, device)
     if sid is None and name is None:
