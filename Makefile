@@ -1,41 +1,59 @@
 # Two commands for a newcomer on a fresh Debian 12 machine:
-#   make run   - install everything, start qsd-trio on a demo image
-#   make test  - install what the tests need, run the whole suite
+#   make run   - install what running needs, start qsd-trio on a demo image
+#   make test  - install what the tests need too, run the whole suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEBS   := qemu-utils qemu-system-common libnbd-bin python3-libnbd fio fuse3 python3-venv e2fsprogs mount
+# running: the venv, and qemu-img for the demo image
+RUN_DEBS  := python3-venv qemu-utils
+# the tests: the reference qemu-storage-daemon (in qemu-system-common), the
+# NBD clients, fio, FUSE mounts, ext4 loop images
+TEST_DEBS := qemu-system-common libnbd-bin python3-libnbd fio fuse3 e2fsprogs mount
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test soak deps venv lint bench clean
+.PHONY: run test soak deps test-deps venv test-venv lint bench clean
 
-deps:
-	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# apt-get install those of the Debian packages $(1) that are missing
+define install_debs
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
+endef
+
+deps:
+	$(call install_debs,$(RUN_DEBS))
+
+test-deps: deps
+	$(call install_debs,$(TEST_DEBS))
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	# byte-compile once: the generated schema module is large, and an
 	# environment with PYTHONDONTWRITEBYTECODE would recompile it every start
 	$(PY) -m compileall -q qsd_trio
 	touch $@
 
+$(VENV)/.test-stamp: $(VENV)/.stamp
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
 venv: deps $(VENV)/.stamp
 
-test: venv
+test-venv: test-deps venv $(VENV)/.test-stamp
+
+test: test-venv
 	$(PY) -m ruff check qsd_trio tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
-soak: venv
+soak: test-venv
 	$(PY) -m pytest -q -m soak
 
-bench: venv
+bench: test-venv
 	$(PY) benchmarks/run.py
 
 run: venv
