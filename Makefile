@@ -7,11 +7,11 @@ PY     := $(VENV)/bin/python
 # running: the venv, and qemu-img for the demo image
 RUN_DEBS  := python3-venv qemu-utils
 # the tests: the reference qemu-storage-daemon (in qemu-system-common), the
-# NBD clients, fio, FUSE mounts, ext4 loop images
-TEST_DEBS := qemu-system-common libnbd-bin python3-libnbd fio fuse3 e2fsprogs mount
+# NBD clients, fio, FUSE mounts, ext4 loop images, QEMU guests
+TEST_DEBS := qemu-system-common libnbd-bin python3-libnbd fio fuse3 e2fsprogs mount qemu-system-x86 iproute2
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test soak deps test-deps venv test-venv lint bench clean
+.PHONY: run test soak guest deps test-deps venv test-venv lint bench clean
 
 # apt-get install those of the Debian packages $(1) that are missing
 define install_debs
@@ -52,6 +52,11 @@ test: test-venv
 
 soak: test-venv
 	$(PY) -m pytest -q -m soak
+
+# every QEMU-guest test (make test runs only the smoke ones); tests/guest
+guest: test-venv
+	$(PY) -m pytest -q -p no:cacheprovider -m 'not soak' \
+	  tests/integration/test_vhost_user_guest.py tests/integration/test_vduse_guest.py
 
 bench: test-venv
 	$(PY) benchmarks/run.py
