@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
+import mmap
 import os
 import socket as _stdsocket
+import stat
 import sys
 from typing import Any
 
@@ -45,15 +48,18 @@ from .virtio.virtqueue import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_NOTIFY_ON_EMPTY,
     Chain,
+    InflightSplit,
     SplitQueue,
     VirtqueueError,
+    inflight_queue_size,
 )
 
 PF = vu.ProtocolFeature
 # what this back-end implements of QEMU 7.2's offer (which also has
-# LOG_SHMFD, PAGEFAULT, HOST_NOTIFIER and BACKEND_SEND_FD)
+# LOG_SHMFD, PAGEFAULT, HOST_NOTIFIER and BACKEND_SEND_FD), and
+# INFLIGHT_SHMFD, which QEMU 7.2's export does not offer
 PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
-                     | 1 << PF.CONFIG | 1 << PF.CONFIGURE_MEM_SLOTS)
+                     | 1 << PF.CONFIG | 1 << PF.CONFIGURE_MEM_SLOTS | 1 << PF.INFLIGHT_SHMFD)
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 2 * 1024 * 1024
 _FD_SIZE = array.array("i").itemsize
@@ -133,6 +139,12 @@ class FrontEnd:
         self.mem = vmem.GuestMemory()
         self.vrings = [Vring(i) for i in range(export.num_queues)]
         self.backend_fd = -1
+        # the inflight buffer (SET_INFLIGHT_FD): mapping, where the queue
+        # regions start, how many and of what queue size
+        self.inflight: mmap.mmap | None = None
+        self.inflight_offset = 0
+        self.inflight_queues = 0
+        self.inflight_queue_size = 0
         self._nursery: trio.Nursery | None = None
         self.broken = False
 
@@ -153,6 +165,9 @@ class FrontEnd:
             if self.backend_fd >= 0:
                 _close_fds([self.backend_fd])
                 self.backend_fd = -1
+            if self.inflight is not None:
+                self.inflight.close()
+                self.inflight = None
             self.mem.close()
             self.sock.close()
 
@@ -215,8 +230,13 @@ class FrontEnd:
         _close_fds(message.unused_fds)
         return message
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, fd: int = -1) -> None:
         view = memoryview(data)
+        if fd >= 0:
+            # the descriptor goes with the first byte of the message
+            anc = [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS, array.array("i", [fd]))]
+            n = await self.sock.sendmsg([view], anc)
+            view = view[n:]
         while view:
             n = await self.sock.send(view)
             view = view[n:]
@@ -355,6 +375,17 @@ class FrontEnd:
             if m.need_reply:
                 return vu.reply_u64(req, 0 if ok else 1)
             return None
+        if req == R.GET_INFLIGHT_FD:
+            assert isinstance(p, vu.Inflight)
+            await self._get_inflight_fd(p)
+            return None
+        if req == R.SET_INFLIGHT_FD:
+            assert isinstance(p, vu.Inflight)
+            try:
+                self._set_inflight_fd(p, m.fds[0])
+            finally:
+                _close_fds(m.fds)
+            return None
         if req == R.SET_BACKEND_REQ_FD:
             if self.backend_fd >= 0:
                 _close_fds([self.backend_fd])
@@ -362,6 +393,47 @@ class FrontEnd:
             return None
         _close_fds(m.fds)
         raise VuPanic(f"Unhandled request: {req}")
+
+    # -- inflight I/O tracking ---------------------------------------------------------
+    def _check_inflight_shape(self, p: vu.Inflight) -> int:
+        qs = p.queue_size
+        if not 1 <= p.num_queues <= len(self.vrings) or not 0 < qs <= 32768 or qs & (qs - 1):
+            raise VuPanic(f"invalid inflight buffer: {p.num_queues} queues of size {qs}")
+        return inflight_queue_size(qs) * p.num_queues
+
+    async def _get_inflight_fd(self, p: vu.Inflight) -> None:
+        """GET_INFLIGHT_FD: a zeroed memfd for the front-end to keep and
+        give back (SET_INFLIGHT_FD), sealed against resizing."""
+        size = self._check_inflight_shape(p)
+        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            reply = vu.reply_inflight(vu.Inflight(size, 0, p.num_queues, p.queue_size))
+            await self._send(reply, fd)
+        finally:
+            os.close(fd)
+
+    def _set_inflight_fd(self, p: vu.Inflight, fd: int) -> None:
+        need = self._check_inflight_shape(p)
+        if p.mmap_size < need:
+            raise VuPanic(f"inflight buffer of {p.mmap_size} bytes, {need} needed")
+        st = os.fstat(fd)
+        end = p.mmap_offset + p.mmap_size
+        if not stat.S_ISREG(st.st_mode) or st.st_size < end:
+            raise VuPanic("inflight buffer descriptor is not a file of its size")
+        try:
+            mapping = mmap.mmap(fd, end, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise VuPanic(f"cannot map the inflight buffer: {e}") from None
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = mapping
+        self.inflight_offset = p.mmap_offset
+        self.inflight_queues = p.num_queues
+        self.inflight_queue_size = p.queue_size
 
     # -- virtqueues --------------------------------------------------------------------
     def _remap(self) -> None:
@@ -383,10 +455,16 @@ class FrontEnd:
                 event_idx=bool(self.features & 1 << VIRTIO_F_EVENT_IDX),
                 indirect=bool(self.features & 1 << VIRTIO_F_INDIRECT_DESC),
                 notify_on_empty=bool(self.features & 1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+            resubmit: list[Chain] = []
+            if self.inflight is not None and vring.index < self.inflight_queues:
+                qs = self.inflight_queue_size
+                region = InflightSplit(
+                    self.inflight, self.inflight_offset + vring.index * inflight_queue_size(qs), qs)
+                resubmit = vring.queue.attach_inflight(region)
         except VirtqueueError as e:
             raise VuPanic(f"queue {vring.index}: {e}") from None
         assert self._nursery is not None
-        await self._nursery.start(self._ring_task, vring)
+        await self._nursery.start(self._ring_task, vring, resubmit)
 
     async def _stop_ring(self, vring: Vring) -> None:
         """Stop taking requests from the ring, let those in flight finish,
@@ -400,7 +478,7 @@ class FrontEnd:
             vring.queue = None
         vring.close_kick()
 
-    async def _ring_task(self, vring: Vring, *,
+    async def _ring_task(self, vring: Vring, resubmit: list[Chain], *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         queue = vring.queue
         assert queue is not None
@@ -410,6 +488,9 @@ class FrontEnd:
             async with trio.open_nursery() as requests:
                 with trio.CancelScope() as vring.pop_scope:
                     task_status.started()
+                    # chains a previous back-end took and never answered
+                    for old in resubmit:
+                        requests.start_soon(self._request, vring, queue, old)
                     try:
                         while True:
                             while (chain := queue.pop()) is not None:

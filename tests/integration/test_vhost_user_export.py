@@ -413,3 +413,122 @@ async def test_random_front_ends_leave_the_daemon_serving(daemon_factory, tmp_pa
     finally:
         fe.close()
         ram.close()
+
+
+GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
+PF_INFLIGHT_SHMFD = 12
+
+
+async def get_inflight_fd(fe, num_queues, queue_size):
+    await fe.send(GET_INFLIGHT_FD, struct.pack("<QQHH", 0, 0, num_queues, queue_size) + bytes(4))
+    data, anc, _, _ = await fe.sock.recvmsg(12, socket.CMSG_SPACE(4))
+    fds = [array.array("i", c[2][:4])[0] for c in anc if c[1] == socket.SCM_RIGHTS]
+    assert struct.unpack("<III", data) == (GET_INFLIGHT_FD, 5, 24) and len(fds) == 1
+    size, offset, nq, qs = struct.unpack("<QQHH", (await fe.recv_exactly(24))[:20])
+    assert (offset, nq, qs) == (0, num_queues, queue_size)
+    return fds[0], size
+
+
+async def set_inflight_fd(fe, fd, size, num_queues, queue_size):
+    await fe.send(SET_INFLIGHT_FD, struct.pack("<QQHH", size, 0, num_queues, queue_size) + bytes(4), [fd])
+
+
+async def test_inflight_buffer_tracks_requests(daemon_factory, tmp_path, image):
+    d, path = start(daemon_factory, "trio", tmp_path, image, ",writable=on")
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        _, protocol = await fe.negotiate()
+        assert protocol & 1 << PF_INFLIGHT_SHMFD
+        fd, size = await get_inflight_fd(fe, 1, 16)
+        fe.fds.append(fd)
+        assert size == 320 == os.fstat(fd).st_size  # libvhost-user's layout: 16 * 16 + 2, 64-aligned
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)  # sealed
+        await set_inflight_fd(fe, fd, size, 1, 16)
+        await fe.set_mem_table(ram)
+        drv = Driver(ram, size=16)
+        kick, call = await fe.start_queue(drv)
+        for i in range(3):
+            _, offs = await complete(drv, kick, call, [(outhdr(T_IN, i), False), (512, True), (1, True)])
+        region = os.pread(fd, size, 0)
+        features, version, desc_num, last_batch_head, used_idx = struct.unpack_from("<QHHHH", region)
+        assert (version, desc_num, used_idx) == (1, 16, 3)
+        assert not any(region[16 + 16 * i] for i in range(16))
+        counters = [struct.unpack_from("<Q", region, 16 + 16 * h + 8)[0] for h in (0, 3, 6)]  # 3 descriptors a chain
+        assert counters == [0, 1, 2]
+    finally:
+        fe.close()
+        ram.close()
+
+
+async def test_restart_resubmits_requests_in_flight(daemon_factory, tmp_path, image):
+    """SIGKILL with a write in flight; a new daemon on the same socket, given
+    the front-end's inflight buffer, carries the write out."""
+    path = tmp_path / "vu.sock"
+    # the throttle lets the first write through and holds the second
+    slow = daemon_factory("trio", [
+        "--object", "throttle-group,id=tg0,x-bps-write=4096",
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--blockdev", "throttle,node-name=t0,throttle-group=tg0,file=file0",
+        "--export", f"vhost-user-blk,id=vu0,node-name=t0,addr.type=unix,addr.path={path},writable=on",
+    ])
+    ram = GuestRam(size=0x60000)
+    drv = Driver(ram, size=16)
+    payload = os.urandom(128 * 1024)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        fd, size = await get_inflight_fd(fe, 1, 16)
+        await set_inflight_fd(fe, fd, size, 1, 16)
+        await fe.set_mem_table(ram)
+        kick, call = await fe.start_queue(drv)
+        drv.set_used_event(0)
+        first, offs1 = drv.add([(outhdr(T_OUT, 64), False), (payload[:65536], False), (1, True)])
+        second, offs2 = drv.add([(outhdr(T_OUT, 192), False), (payload[65536:], False), (1, True)])
+        os.eventfd_write(kick, 1)
+        # the daemon answered one write and holds the other (the inflight
+        # buffer says so); which one goes first is up to the throttle
+
+        def held():
+            if drv.used_idx() < 1:
+                return None
+            other = second if drv.used_elem(0)[0] == first else first
+            return other if os.pread(fd, 1, 16 + 16 * other)[0] else None
+
+        # both were taken before either ran: the call for the first one
+        # finds the other one marked in flight
+        with trio.fail_after(20):
+            await trio.lowlevel.wait_readable(call)
+        assert held() is not None
+        slow.proc.kill()
+        slow.proc.wait()
+    finally:
+        fe.close()
+    assert drv.used_idx() == 1
+    pending = held()
+    daemon_factory("trio", [
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--export", f"vhost-user-blk,id=vu0,node-name=file0,addr.type=unix,addr.path={path},writable=on",
+    ])
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        await set_inflight_fd(fe, fd, size, 1, 16)
+        await fe.set_mem_table(ram)
+        # a front-end that lost its back-end restarts the ring at the used index
+        kick, call = await fe.start_queue(drv, base=drv.used_idx())
+        with trio.fail_after(20):
+            while drv.used_idx() < 2:
+                await trio.lowlevel.wait_readable(call)
+                os.eventfd_read(call)
+        assert drv.used_elem(1) == (pending, 1)
+        assert ram.get(offs1[-1], 1) == ram.get(offs2[-1], 1) == b"\0"
+        assert not os.pread(fd, 1, 16 + 16 * pending)[0]
+    finally:
+        fe.close()
+        os.close(fd)
+        ram.close()
+    data = image.read_bytes()
+    assert data[64 * 512:64 * 512 + 65536] == payload[:65536]
+    assert data[192 * 512:192 * 512 + 65536] == payload[65536:]
