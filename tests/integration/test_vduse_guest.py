@@ -74,7 +74,10 @@ stop_daemon() {{
   wait $qsd; echo $? > $W/status
 }}
 trap 'vdpa dev del {name} 2>/dev/null; stop_daemon' EXIT
-wait_for 180 test -e /dev/vduse/{name} || {{ echo "no /dev/vduse/{name}"; cat $W/stderr; exit 81; }}
+# the pidfile is written once every export is set up (the man page's contract)
+up() {{ test -s /run/{name}/pid || gone $qsd; }}
+wait_for 180 up && ! gone $qsd || {{ echo "the daemon did not start"; cat $W/stderr; exit 81; }}
+test -c /dev/vduse/{name} || {{ echo "no /dev/vduse/{name}"; exit 81; }}
 vdpa dev add name {name} mgmtdev vduse || exit 82
 {find_disk(f"/sys/bus/vdpa/devices/{name}/virtio*/block/*")}
 {body}
