@@ -3,35 +3,31 @@ drivers find a ``key-secret`` without knowing about QOM objects."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..qapi.errors import GenericError
 
-
-def _registry(graph: Any) -> dict[str, bytes]:
-    reg = getattr(graph, "secrets", None)
-    if reg is None:
-        reg = graph.secrets = {}
-    return reg
+if TYPE_CHECKING:
+    from ..nodes.graph import BlockGraph
 
 
-def register(graph: Any, id: str, value: bytes) -> None:
-    _registry(graph)[id] = value
+def register(graph: BlockGraph, id: str, value: bytes) -> None:
+    graph.secrets[id] = value
 
 
-def unregister(graph: Any, id: str) -> None:
-    _registry(graph).pop(id, None)
+def unregister(graph: BlockGraph, id: str) -> None:
+    graph.secrets.pop(id, None)
 
 
-def lookup(graph: Any, id: str) -> bytes:
+def lookup(graph: BlockGraph, id: str) -> bytes:
     """The bytes of secret ``id`` (QEMU's qcrypto_secret_lookup)."""
     try:
-        return _registry(graph)[id]
+        return graph.secrets[id]
     except KeyError:
         raise GenericError(f"No secret with id '{id}'") from None
 
 
-def lookup_utf8(graph: Any, id: str) -> bytes:
+def lookup_utf8(graph: BlockGraph, id: str) -> bytes:
     """qcrypto_secret_lookup_as_utf8: the secret, which must be UTF-8 text."""
     value = lookup(graph, id)
     try:

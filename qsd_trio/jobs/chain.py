@@ -69,8 +69,6 @@ async def set_backing(graph, node: BlockNode, new: BlockNode | None,
 
 async def change_backing_file(node: BlockNode, backing_file: str | None,
                               backing_fmt: str | None) -> None:
-    """bdrv_change_backing_file for qcow2: the name (and format) in the header."""
-    setter = getattr(node, "set_header_names", None)
-    if setter is None:
-        return  # raw & co. record no backing file
-    await setter(backing_file=backing_file, backing_fmt=backing_fmt)
+    """bdrv_change_backing_file: the name (and format) in the image header
+    (qcow2; raw & co. record no backing file)."""
+    await node.set_header_names(backing_file=backing_file, backing_fmt=backing_fmt)

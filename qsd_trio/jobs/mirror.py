@@ -222,8 +222,7 @@ class MirrorJob(BlockJob):
             # mirror_dirty_init: a target that can write zeroes by unmapping
             # (qcow2 v3 opened with discard=unmap) is zeroed first, then only
             # what some layer allocates is copied; otherwise everything is
-            if not (self.zero_target and tgt.driver == "qcow2" and tgt.discard_unmap
-                    and getattr(tgt, "version", 2) >= 3):
+            if not (self.zero_target and tgt.can_write_zeroes_with_unmap()):
                 bm.set_dirty(0, length)
                 return
             await tgt.write_zeroes(0, length, may_unmap=True)  # not counted as progress

@@ -34,9 +34,9 @@ STEP = 64 << 20
 
 def _files_below(node: BlockNode) -> list[BlockNode]:
     """The nodes that writes to ``node`` reach (itself included: its
-    children but not its backing chain, which writes never change) and
-    that can write back."""
-    return [n for n in node.subtree(backing=False) if hasattr(n, "write_back")]
+    children but not its backing chain, which writes never change); those
+    that keep no page-cache data write back nothing."""
+    return node.subtree(backing=False)
 
 
 class WriteBehind:

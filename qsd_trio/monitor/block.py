@@ -56,11 +56,9 @@ async def blockdev_reopen(daemon, args):
         if eff.get("detect-zeroes") == "unmap" and eff.get("discard") != "unmap":
             raise GenericError("setting detect-zeroes to unmap is not allowed without "
                                "setting discard operation to unmap")
-        check = getattr(node, "reopen_check", None)
-        if check is not None:
-            check(eff)
+        node.reopen_check(eff)
         for key, val in o.items():
-            if key in _REOPENABLE or key in getattr(node, "reopenable", ()):
+            if key in _REOPENABLE or key in node.reopenable:
                 continue
             if key == "force-share":
                 # QEMU 7.2 answers this to any force-share in blockdev-reopen,
@@ -127,15 +125,13 @@ async def _reopen_one(node: BlockNode, given: dict) -> None:
     async with node.drained():
         # the driver's own options (qcow2: caches, overlap-check): checked
         # and the caches flushed first, applied once the rest succeeded
-        prepare = getattr(node, "reopen_prepare", None)
-        commit = await prepare(o) if prepare is not None else None
+        commit = await node.reopen_prepare(o)
         old = (node.read_only, node.detect_zeroes, node.discard_unmap)
         ro = bool(o.get("read-only", False))
         if ro and not node.read_only:
             await node.graph.prepare_read_only(node)
-        reopen_fd = getattr(node, "reopen_rw", None)
-        if not ro and node.read_only and reopen_fd is not None:
-            await reopen_fd()
+        if not ro and node.read_only:
+            await node.reopen_rw()
         was_read_only = node.read_only
         node.read_only = ro
         try:
@@ -176,7 +172,7 @@ def image_info(node: BlockNode, flat: bool) -> dict:
     size = node.actual_size()
     if size is not None:
         info["actual-size"] = size
-    if getattr(node, "has_info", True):
+    if node.has_info:
         info["dirty-flag"] = False
     info.update(node.info_extra())
     if not flat:
@@ -187,7 +183,7 @@ def image_info(node: BlockNode, flat: bool) -> dict:
 
 
 def block_device_info(node: BlockNode, flat: bool) -> dict:
-    if getattr(node, "ejected", False):
+    if node.ejected:
         raise GenericError(f"Block device {node.node_name} is ejected")
     # bdrv_block_device_info counts the levels of "backing-image" it nests,
     # filters included, and nothing with flat=true
@@ -203,7 +199,7 @@ def block_device_info(node: BlockNode, flat: bool) -> dict:
         "ro": node.read_only,
         "drv": node.driver,
         "backing_file_depth": depth,
-        "encrypted": bool(getattr(node, "encrypted", False)),
+        "encrypted": node.encrypted,
         "detect_zeroes": node.detect_zeroes,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "image": image_info(node, flat),
@@ -378,11 +374,10 @@ async def block_dirty_bitmap_add(daemon, args):
         raise GenericError(f"Bitmap already exists: {name}")
     persistent = bool(args.persistent)
     if persistent:
-        check = getattr(node, "check_persistent_bitmap", None)
-        if check is None or not node.supports_persistent_bitmaps:
+        if not node.supports_persistent_bitmaps:
             raise GenericError(f"Can't store persistent bitmaps to {node.node_name}: "
                                "Operation not supported")
-        check(name, gran)
+        node.check_persistent_bitmap(name, gran)
     node.add_bitmap(name, gran, persistent=persistent, enabled=not args.disabled)
 
 
@@ -391,9 +386,7 @@ async def block_dirty_bitmap_remove(daemon, args):
     node, bm = _bitmap(daemon, args.node, args.name)
     bm.check()
     if bm.persistent:
-        remove = getattr(node, "remove_persistent_bitmap", None)
-        if remove is not None:
-            await remove(bm.name)
+        await node.remove_persistent_bitmap(bm.name)
     del node.bitmaps[bm.name]
 
 

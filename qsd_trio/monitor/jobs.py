@@ -304,7 +304,7 @@ async def _prepare_backup(daemon: Daemon, args: Any, source: BlockNode, target: 
     if source is target:
         raise GenericError("Source and target cannot be the same")
     compress = bool(args.compress)
-    if compress and not hasattr(target, "write_compressed"):
+    if compress and not target.supports_compressed_writes:
         # bdrv_get_device_name(target): nodes of a storage daemon have none
         raise GenericError("Compression is not supported for this drive ")
     check_not_busy(daemon, source)

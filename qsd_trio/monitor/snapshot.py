@@ -34,10 +34,12 @@ import time
 import trio
 
 from ..jobs.blockjob import BlockJob, check_not_busy
+from ..nodes.file import FileNode
 from ..nodes.graph import DRIVERS
 from ..nodes.node import BdrvChild, BlockNode, Perm
 from ..nodes.qcow2 import snapshots
 from ..nodes.qcow2.create import create_qcow2
+from ..nodes.qcow2.driver import Qcow2Node
 from ..nodes.qcow2.header import EXT_BACKING_FORMAT
 from ..qapi.errors import GenericError
 from .registry import command
@@ -297,7 +299,7 @@ async def blockdev_snapshot_sync(daemon, args):
 # -- change-backing-file --------------------------------------------------------------
 
 
-async def _write_header_names(image: BlockNode, backing_file: str, backing_fmt: str) -> None:
+async def _write_header_names(image: Qcow2Node, backing_file: str, backing_fmt: str) -> None:
     """qcow2_change_backing_file: the name and format in the image header.
 
     A read-only image (a backing file) is written through a short-lived
@@ -313,7 +315,8 @@ async def _write_header_names(image: BlockNode, backing_file: str, backing_fmt: 
     h.set_ext(EXT_BACKING_FORMAT, backing_fmt.encode() if backing_file else None)
     h.extensions.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)
     blob = h.pack()
-    path = getattr(image.file, "path", None)
+    # written through a descriptor of its own: only a file has a path
+    path = image.file.path if isinstance(image.file, FileNode) else None
     if len(blob) > image.cs or path is None:
         h.backing_file, h.extensions = old[0], old[2]
         raise OSError(errno.EINVAL if path else errno.ENOTSUP, os.strerror(
@@ -348,9 +351,9 @@ async def change_backing_file(daemon, args):
         raise GenericError(f"'{args.device}' and image file are not in the same chain")
     name = args.backing_file
     try:
-        if image.driver != "qcow2":
+        if not isinstance(image, Qcow2Node):
             raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-        if name and (len(name.encode()) > 1023 or getattr(image, "data_file_raw", False)):
+        if name and (len(name.encode()) > 1023 or image.data_file_raw):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         # QEMU 7.2 records the image's own format as the backing format
         await _write_header_names(image, name, image.driver)

@@ -44,7 +44,7 @@ def cluster_size_for(target: BlockNode) -> int:
     """block_copy_calculate_cluster_size: the target's cluster size, at
     least 64 KiB, so that a copied cluster never half-fills a target cluster
     (which would then read its other half from a backing file or as zeroes)."""
-    cs = target.info_extra().get("cluster-size") if getattr(target, "has_info", True) else None
+    cs = target.info_extra().get("cluster-size") if target.has_info else None
     if not cs and "backing" not in target.children:
         # QEMU's warn_report, word for word (stderr)
         print("warning: The target block device doesn't provide information about the "

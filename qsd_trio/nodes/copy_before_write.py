@@ -45,6 +45,7 @@ class CopyBeforeWriteNode(BlockNode):
     driver = "copy-before-write"
     is_filter = True
     shows_filtered_child = True  # image info lists the source as backing-image
+    supports_snapshot_access = True
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
     async def open(self, options: dict) -> None:

@@ -22,6 +22,7 @@ from .. import trace
 from ..qapi.errors import DeviceNotFound, GenericError, QapiError
 from .engine import Engines
 from .node import BdrvChild, BlockNode, BlockParent, Perm
+from .throttle_group import ThrottleGroup
 
 DRIVERS: dict[str, type[BlockNode]] = {}
 TIMER_TICK = 1.0  # seconds between calls of BlockNode.periodic
@@ -60,6 +61,11 @@ class BlockGraph:
         self._auto_names = itertools.count(0)
         self._tx: list[list[BlockNode]] = []  # nodes created by the add() in progress
         self.io = Engines()  # the I/O engines file nodes submit to, made on first use
+        # the daemon's services that drivers use, by id, so that they need
+        # not know about QOM objects: ``secret`` objects' bytes (key-secret)
+        # and throttle groups (the throttle filter's throttle-group)
+        self.secrets: dict[str, bytes] = {}
+        self.throttle_groups: dict[str, ThrottleGroup] = {}
         load_drivers()
 
     def auto_name(self) -> str:

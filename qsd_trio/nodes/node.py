@@ -23,6 +23,7 @@ Permissions: users take them with :meth:`BlockNode.attach` (exports, jobs) or
 Errors: I/O failures are raised as ``OSError`` with an errno (exports turn it
 into the protocol's error code); misuse that a QMP client can cause is a
 ``QapiError``.
+
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import enum
 import errno
 import itertools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
@@ -201,9 +202,19 @@ class BlockNode:
     grows: ClassVar[bool] = False
     # filters (copy-on-read, blkdebug, raw without offset/size) pass perms through
     is_filter: ClassVar[bool] = False
-    supports_persistent_bitmaps: ClassVar[bool] = False
     # filters whose child query-named-block-nodes shows as "backing-image"
     shows_filtered_child: ClassVar[bool] = False
+    # What a driver can do beyond the I/O hooks, declared here with QEMU's
+    # defaults (its BlockDriver table; nbdkit's can_* queries), so that the
+    # graph, the jobs and the monitor ask the node instead of probing it.
+    # Each has its hook below, under "optional driver operations".
+    supports_persistent_bitmaps: ClassVar[bool] = False  # check/remove_persistent_bitmap
+    supports_compressed_writes: ClassVar[bool] = False  # write_compressed
+    supports_snapshot_access: ClassVar[bool] = False  # preadv_snapshot & co (copy-before-write)
+    # blockdev-reopen options the driver takes beyond the common ones
+    reopenable: ClassVar[Collection[str]] = frozenset()
+    # query-block's "encrypted"
+    encrypted: bool = False
 
     # whether debug_event does anything (only blkdebug's does): the request
     # path skips the calls otherwise
@@ -323,6 +334,74 @@ class BlockNode:
         """Child ``edge`` was dropped (BdrvChildClass.detach): the backing
         child of a commit, stream or snapshot, or any child once the node is
         closed."""
+
+    # -- optional driver operations, with their defaults ----------------------
+    @property
+    def has_info(self) -> bool:
+        """Whether the driver answers bdrv_get_info (query shows a dirty-flag)."""
+        return True
+
+    @property
+    def ejected(self) -> bool:
+        """QEMU drops the driver of a fatally corrupt node (bs->drv = NULL):
+        queries then refuse it."""
+        return False
+
+    def can_write_zeroes_with_unmap(self) -> bool:
+        """bdrv_can_write_zeroes_with_unmap: opened with discard=unmap and
+        zeroing by unmapping reads back zeroes (mirror zeroes such a target
+        first instead of copying every zero)."""
+        return False
+
+    def reopen_check(self, options: dict) -> None:
+        """blockdev-reopen: check the driver's own options (``reopenable``)
+        before any node changes; raise GenericError to refuse."""
+
+    async def reopen_prepare(self, options: dict) -> Callable[[], None] | None:
+        """blockdev-reopen, inside the drained section: prepare the driver's
+        own options (qcow2 flushes its caches) and return what applies them
+        once the common options succeeded, or None."""
+        return None
+
+    async def reopen_rw(self) -> None:
+        """blockdev-reopen from read-only to read-write: what the driver must
+        redo to write (file opens a read-write descriptor)."""
+
+    def check_persistent_bitmap(self, name: str, granularity: int) -> None:
+        """block-dirty-bitmap-add persistent=on: whether the image can store
+        it (only called when ``supports_persistent_bitmaps``)."""
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        """block-dirty-bitmap-remove of a persistent bitmap."""
+
+    async def set_header_names(self, *, backing_file: str | None,
+                               backing_fmt: str | None) -> None:
+        """bdrv_change_backing_file: record the backing file name (and
+        format) in the image; drivers whose images name none ignore it."""
+
+    async def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write one whole cluster compressed (BDRV_REQ_WRITE_COMPRESSED);
+        only called when ``supports_compressed_writes``."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def write_back(self) -> None:
+        """Write the node's dirty page-cache data to disk now (write-behind:
+        jobs call it on the nodes below what they write, so the flush that
+        ends them finds little left).  Not a flush request; raises nothing.
+        Only the file driver keeps such data."""
+
+    async def preadv_snapshot(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """snapshot-access: read the point-in-time view (copy-before-write);
+        only called when ``supports_snapshot_access``."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def snapshot_block_status(self, offset: int, length: int) -> BlockStatus:
+        """snapshot-access: block status of the point-in-time view."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def pdiscard_snapshot(self, offset: int, length: int) -> None:
+        """snapshot-access: the view no longer needs this range."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
 
     def debug_event(self, event: str) -> None:
         """A BLKDBG_EVENT ("read_aio", "l2_update", ...) aimed at this node.

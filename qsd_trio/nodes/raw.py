@@ -33,7 +33,7 @@ class RawNode(BlockNode):
     @property
     def has_info(self) -> bool:
         # raw_get_info asks the child: over null-co there is no dirty-flag
-        return getattr(self.file.node, "has_info", True)
+        return self.file.node.has_info
 
     def _window(self) -> bool:
         return bool(self.offset) or self.fixed_size is not None

@@ -44,7 +44,7 @@ class SnapshotAccessNode(BlockNode):
 
     def _snapshot_api(self):
         node = self.file.node
-        if not hasattr(node, "preadv_snapshot"):
+        if not node.supports_snapshot_access:
             raise _not_supported()
         return node
 

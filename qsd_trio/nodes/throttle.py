@@ -50,9 +50,10 @@ class ThrottleNode(BlockNode):
         self.io_limits_disabled -= 1
 
     async def _close(self) -> None:
-        group = getattr(self, "group", None)
-        if group is not None and self in group.members:
-            group.members.remove(self)
+        # leave the group it joined, if its open got that far
+        for group in self.graph.throttle_groups.values():
+            if self in group.members:
+                group.members.remove(self)
 
     @property
     def filename(self) -> str:

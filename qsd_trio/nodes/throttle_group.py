@@ -21,11 +21,16 @@ name, so nodes find them without knowing about QOM objects.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ..qapi.errors import GenericError
+
+if TYPE_CHECKING:
+    from .graph import BlockGraph
+    from .throttle import ThrottleNode
 
 # throttle.h: THROTTLE_VALUE_MAX
 VALUE_MAX = 1_000_000_000_000_000
@@ -164,7 +169,7 @@ class ThrottleGroup:
         self._previous_leak = trio.current_time()
         self._locks = {False: trio.Lock(), True: trio.Lock()}
         self._changed = trio.Event()
-        self.members: list[object] = []  # throttle nodes using the group
+        self.members: list[ThrottleNode] = []  # throttle nodes using the group
 
     def configure(self, config: ThrottleConfig) -> None:
         """Install new limits (throttle_config): levels restart from zero and
@@ -247,9 +252,6 @@ class ThrottleGroup:
             scope.cancel()
 
 
-def groups(graph) -> dict[str, ThrottleGroup]:
+def groups(graph: BlockGraph) -> dict[str, ThrottleGroup]:
     """The throttle groups of ``graph``'s daemon, by name."""
-    reg = getattr(graph, "throttle_groups", None)
-    if reg is None:
-        reg = graph.throttle_groups = {}
-    return reg
+    return graph.throttle_groups

@@ -57,7 +57,7 @@ class ThrottleGroupObject(UserObject):
     group: ThrottleGroup
 
     def qom_users(self) -> list[str]:
-        return [getattr(n, "node_name", "?") for n in self.group.members]
+        return [n.node_name for n in self.group.members]
 
     def get(self, prop: str) -> Any:
         if prop == "limits":

@@ -103,6 +103,7 @@ class Qcow2Node(BlockNode):
 
     driver = "qcow2"
     supports_persistent_bitmaps = True
+    supports_compressed_writes = True
     data_edge: BdrvChild | None = None
 
     def child_attached(self, edge: BdrvChild) -> None:
@@ -121,6 +122,10 @@ class Qcow2Node(BlockNode):
     def child_detached(self, edge: BdrvChild) -> None:
         if edge.name == "backing":
             self.backing_edge, self.backing = None, None
+
+    def can_write_zeroes_with_unmap(self) -> bool:
+        # qcow2 v3 zero clusters read back as zeroes once unmapped
+        return self.discard_unmap and self.version >= 3
 
     # -- opening ---------------------------------------------------------------
     async def open(self, options: dict) -> None:
