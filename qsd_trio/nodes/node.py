@@ -24,6 +24,15 @@ Errors: I/O failures are raised as ``OSError`` with an errno (exports turn it
 into the protocol's error code); misuse that a QMP client can cause is a
 ``QapiError``.
 
+A request's origin (from outside: an export or a job; or from a parent node
+serving a request) is ambient, the ``_in_request`` contextvar, not an
+argument: a drained section lets through what a driver asks of its children
+and what the draining task does, and ``write_zeroes`` drops ``may_unmap`` for
+a parent's request to a node without discard=unmap.  An explicit argument
+would have to be passed on every driver's every child call, and one missed
+would hang a drained section; the pass belongs to a task (the drainer), and
+tasks a request spawns inherit it.  The fast paths never read it: they refuse
+on a quiesced node.  docs/block-layer.md has the reasoning.
 """
 
 from __future__ import annotations
