@@ -60,6 +60,7 @@ PF = vu.ProtocolFeature
 # INFLIGHT_SHMFD, which QEMU 7.2's export does not offer
 PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
                      | 1 << PF.CONFIG | 1 << PF.CONFIGURE_MEM_SLOTS | 1 << PF.INFLIGHT_SHMFD)
+_DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when the export stops
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 2 * 1024 * 1024
 _FD_SIZE = array.array("i").itemsize
@@ -178,6 +179,15 @@ class FrontEnd:
             print(f"qsd-trio: vu_panic: {text}", file=sys.stderr, flush=True)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def quiesce(self) -> None:
+        """Stop taking requests from every ring and wait for those in flight."""
+        for vring in self.vrings:
+            if vring.pop_scope is not None:
+                vring.pop_scope.cancel()
+        for vring in self.vrings:
+            if vring.done is not None:
+                await vring.done.wait()
 
     # -- the socket -----------------------------------------------------------------------
     async def _recv_exactly(self, n: int) -> bytes | None:
@@ -541,10 +551,28 @@ class VhostUserBlkExport(BlockExport):
                                   writethrough=bool(args.writethrough))
         self.edge: BdrvChild | None = None
         self.frontend: FrontEnd | None = None
+        self.stopping = False
 
     def child_attached(self, edge: BdrvChild) -> None:
         super().child_attached(edge)
         self.handler.backend = edge.node
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        d["shutting-down"] = d["shutting-down"] or self.stopping
+        return d
+
+    async def stop(self) -> None:
+        """Stop taking requests, let those in flight finish (a few seconds
+        at most), then end the front-end and the export."""
+        if not self.stopping:
+            self.stopping = True
+            frontend = self.frontend
+            if frontend is not None:
+                with trio.move_on_after(_DRAIN_DEADLINE):
+                    await frontend.quiesce()
+        self.cancel_scope.cancel()
+        await self.finished.wait()
 
     def _listen(self) -> trio.socket.SocketType:
         if self.path is not None:

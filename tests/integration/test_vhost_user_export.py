@@ -532,3 +532,45 @@ async def test_restart_resubmits_requests_in_flight(daemon_factory, tmp_path, im
     data = image.read_bytes()
     assert data[64 * 512:64 * 512 + 65536] == payload[:65536]
     assert data[192 * 512:192 * 512 + 65536] == payload[65536:]
+
+
+@pytest.mark.parametrize("how", ["quit", "block-export-del"])
+async def test_stop_lets_requests_in_flight_finish(daemon_factory, tmp_path, image, how):
+    path = tmp_path / "vu.sock"
+    # the throttle lets the first write through and holds the second for
+    # about a second
+    d = daemon_factory("trio", [
+        "--object", "throttle-group,id=tg0,x-bps-write=32768",
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--blockdev", "throttle,node-name=t0,throttle-group=tg0,file=file0",
+        "--export", f"vhost-user-blk,id=vu0,node-name=t0,addr.type=unix,addr.path={path},writable=on",
+    ])
+    qmp = d.qmp()
+    ram = GuestRam(size=0x60000)
+    drv = Driver(ram, size=16)
+    payload = os.urandom(128 * 1024)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        kick, call = await fe.start_queue(drv)
+        drv.set_used_event(0)
+        drv.add([(outhdr(T_OUT, 64), False), (payload[:65536], False), (1, True)])
+        drv.add([(outhdr(T_OUT, 192), False), (payload[65536:], False), (1, True)])
+        os.eventfd_write(kick, 1)
+        with trio.fail_after(20):
+            await trio.lowlevel.wait_readable(call)
+        assert drv.used_idx() == 1
+        if how == "quit":
+            qmp.cmd_raw("quit", {})
+            assert d.wait(20) == 0
+        else:
+            assert qmp.cmd_raw("block-export-del", {"id": "vu0"})["return"] == {}
+            assert qmp.pull_event(wait=20)["event"] == "BLOCK_EXPORT_DELETED"
+        # the held write was carried out before the front-end was dropped
+        assert drv.used_idx() == 2
+    finally:
+        fe.close()
+        ram.close()
+    data = image.read_bytes()
+    assert data[192 * 512:192 * 512 + 65536] == payload[65536:]
