@@ -104,7 +104,7 @@ async def mark_in_use(node: Qcow2Node) -> None:
     """Flag the stored bitmaps in use on disk, before anything is written
     that they would have to record: a crash then leaves them marked
     inconsistent rather than stale (at open read-write, and on reopen)."""
-    entries = getattr(node, "qcow2_bitmaps", [])
+    entries = node.qcow2_bitmaps
     ext = node.h.ext(EXT_BITMAPS)
     if not entries or ext is None:
         return
@@ -132,7 +132,7 @@ def check_new(node: Qcow2Node, name: str, granularity: int) -> None:
 
 async def store(node: Qcow2Node) -> None:
     """Write every persistent bitmap and a new directory; free the old ones."""
-    old = getattr(node, "qcow2_bitmaps", [])
+    old = node.qcow2_bitmaps
     persistent = [bm for bm in node.bitmaps.values() if bm.persistent]
     if not old and not persistent:
         return

@@ -732,15 +732,11 @@ async def preallocate(node: Qcow2Node, start: int, end: int, mode: str) -> None:
 async def alloc_bytes(node: Qcow2Node, n: int) -> int:
     """Byte-granular allocation for compressed data (QEMU's free_byte_offset)."""
     cs = node.cs
-    fb = getattr(node, "_free_byte", 0)
+    fb = node._free_byte
     if fb and (fb & (cs - 1)) and (fb & (cs - 1)) + n <= cs:
         await node.refs.update(fb >> node.cb, 1)
         node._free_byte = fb + n
         return fb
-    clusters = -(-n // cs)
-    if fb and fb & (cs - 1):
-        # continue into fresh clusters right after the partial one when free
-        pass
-    off = await node.refs.alloc(clusters)
+    off = await node.refs.alloc(-(-n // cs))
     node._free_byte = off + n
     return off

@@ -97,9 +97,8 @@ def _encrypt_opts(options: dict) -> tuple[str | None, str | None]:
     enc = options.get("encrypt")
     if enc is None:
         return None, None
-    if not isinstance(enc, dict):
-        fmt = getattr(getattr(enc, "format", None), "value", getattr(enc, "format", None))
-        return fmt, getattr(enc, "key_secret", None)
+    if not isinstance(enc, dict):  # a BlockdevQcow2Encryption variant
+        return enc.format.value, enc.key_secret
     return enc.get("format"), enc.get("key-secret")
 
 
@@ -144,9 +143,10 @@ async def open_encryption(node, h, options: dict) -> Qcow2Crypto | None:
 async def setup_encryption(node, o) -> None:
     """blockdev-create: give the freshly created image ``node`` (open, empty)
     a LUKS header in new clusters, as QEMU's qcow2_set_up_encryption does."""
-    fmt = getattr(getattr(o, "format", None), "value", None) or (
-        o.get("format") if isinstance(o, dict) else None)
-    secret_id = o.get("key-secret") if isinstance(o, dict) else o.key_secret
+    if isinstance(o, dict):
+        fmt, secret_id = o.get("format"), o.get("key-secret")
+    else:  # a QCryptoBlockCreateOptions variant
+        fmt, secret_id = o.format.value, o.key_secret
     if fmt == "qcow":
         # legacy AES: only the header says so (qemu-img creates these;
         # qemu-storage-daemon 7.2 aborts on an assertion instead)

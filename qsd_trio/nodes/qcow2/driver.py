@@ -104,6 +104,8 @@ class Qcow2Node(BlockNode):
     driver = "qcow2"
     supports_persistent_bitmaps = True
     supports_compressed_writes = True
+    # open() got as far as the refcounts: closing has metadata to store
+    _metadata_loaded = False
     data_edge: BdrvChild | None = None
 
     def child_attached(self, edge: BdrvChild) -> None:
@@ -176,6 +178,11 @@ class Qcow2Node(BlockNode):
         self._l1_dirty = False
         self._dirty_set = False
         self._decomp_cache: tuple[int, bytes] | None = None
+        # where the next compressed cluster may start inside a partly filled
+        # host cluster (QEMU's free_byte_offset); 0 when none is
+        self._free_byte = 0
+        # the bitmap directory as stored (bitmaps.py)
+        self.qcow2_bitmaps: list[bitmapmod.DirEntry] = []
         # overlap-check: the structures checked, and the index of where they lie
         self.overlap_mask = overlap.parse_option(options.get("overlap-check"))
         self._l1_gen = 0  # bumped when an L1 entry points at a new L2 table
@@ -228,6 +235,7 @@ class Qcow2Node(BlockNode):
             table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
             read=self._read_meta, write=self._write_meta, flush=self.file.flush,
             on_table_moved=self._reftable_moved, cache_blocks=refcount_blocks)
+        self._metadata_loaded = True
 
         # L2 cache: by default it covers the whole image, up to 32 MiB
         self.l2cache = L2Cache(l2_slices, table_bytes=cs, slice_bytes=l2_slice_bytes)
@@ -284,7 +292,7 @@ class Qcow2Node(BlockNode):
 
     def _implicit_file(self, name: str) -> dict:
         """A nested file node for a name stored in the image (relative to it)."""
-        base = getattr(self.file, "filename", "") or ""
+        base = self.file.filename
         if not os.path.isabs(name) and base and "://" not in name:
             name = os.path.join(os.path.dirname(base), name)
         return {"driver": "file", "filename": name}
@@ -962,7 +970,7 @@ class Qcow2Node(BlockNode):
         """Metadata, persistent bitmaps, then a clean header: what a
         writable image must leave on disk before it is closed or becomes
         read-only."""
-        if not hasattr(self, "refs") or self.read_only or self._corrupt:
+        if not self._metadata_loaded or self.read_only or self._corrupt:
             return
         async with self._lock:
             await self._writeback()
