@@ -24,6 +24,7 @@ import subprocess
 import threading
 
 import pytest
+from qemu.qmp import ExecInterruptedError
 
 from tests.helpers import Daemon, qemu_img
 
@@ -162,8 +163,10 @@ def trial(tmp_path, rnd: random.Random, n: int, image_type: str, workload: str,
             model.acknowledged(effects, r.returncode == 0
                                and "failed" not in r.stdout + r.stderr)
             batches += 1
-    except (OSError, EOFError, ConnectionError):
-        pass  # the monitor went with the daemon
+    except (OSError, EOFError, ConnectionError, ExecInterruptedError):
+        # the monitor went with the daemon (ExecInterruptedError: killed
+        # while a command, such as drive-mirror, waited for its reply)
+        pass
     finally:
         timer.cancel()
         d.proc.kill()
