@@ -46,8 +46,9 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    ok: bool = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    trim: bool = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return trim and ok
 
 
 # The cyclic garbage collector runs a young-generation pass whenever the

@@ -49,10 +49,12 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
-from ..nodes.node import Perm, Status
+from ..nodes.node import BdrvChild, BlockNode, Perm, Status
 from ..nodes.perms import refresh
 from ..proto import fuse as fp
 from ..qapi.errors import GenericError, QapiError
@@ -92,11 +94,16 @@ def _raise_readahead(device: str) -> None:
         pass
 
 
+# a reply: one buffer, or a header and data for one writev()
+Reply = bytes | list[Any]
+Handler = Callable[[int, memoryview], Awaitable[Reply]]
+
+
 @register_export
 class FuseExport(BlockExport):
     type = "fuse"
 
-    def __init__(self, daemon, args, node):
+    def __init__(self, daemon: Any, args: Any, node: BlockNode) -> None:
         super().__init__(daemon, args, node)
         self.mountpoint: str = args.mountpoint
         self.growable = bool(args.growable)
@@ -108,13 +115,13 @@ class FuseExport(BlockExport):
         self.st_gid = os.getgid()
         self.startup_time = int(time.time())
         self.use_helper: bool | None = None  # None: fusermount3 only when not root
-        self.edge = None
+        self.edge: BdrvChild | None = None
         self._fd = -1
         self._submitted = 0  # READs started with read_submit, not yet answered
         self._submitted_idle: trio.Event | None = None
         self._device: str | None = None
         self._target = self.mountpoint
-        self._handlers = {
+        self._handlers: dict[int, Handler] = {
             fp.INIT: self._init,
             fp.LOOKUP: self._lookup,
             fp.GETATTR: self._getattr,
@@ -131,7 +138,8 @@ class FuseExport(BlockExport):
         }
 
     # -- lifecycle -------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Mount, report started, serve until cancelled or unmounted.
 
         Ending because the mount went away is a normal return: the caller
@@ -274,6 +282,7 @@ class FuseExport(BlockExport):
                 if opcode in fp.NO_REPLY:
                     continue
                 handler = handlers.get(opcode)
+                out: Reply
                 if handler is None:
                     out = fp.reply_error(unique, errno.ENOSYS)
                 else:
@@ -291,7 +300,7 @@ class FuseExport(BlockExport):
                     # handlers that never await would otherwise starve other tasks
                     await trio.lowlevel.checkpoint()
 
-    def _send(self, out) -> None:
+    def _send(self, out: Reply) -> None:
         try:
             if isinstance(out, list):
                 os.writev(self._fd, out)
@@ -304,7 +313,7 @@ class FuseExport(BlockExport):
                 raise
 
     # -- handlers: each returns the reply as bytes or a list of buffers --------
-    async def _init(self, unique, body):
+    async def _init(self, unique: int, body: memoryview) -> Reply:
         major, minor, max_readahead, flags = fp.INIT_IN.unpack_from(body)
         if major != fp.KERNEL_VERSION:
             # the kernel retries with our major when it can speak it
@@ -314,7 +323,7 @@ class FuseExport(BlockExport):
             max_readahead=max_readahead, flags=flags & WANTED_INIT_FLAGS,
             max_write=MAX_WRITE, max_pages=MAX_PAGES))
 
-    async def _lookup(self, unique, body):
+    async def _lookup(self, unique: int, body: memoryview) -> Reply:
         # the root is a file: it has no directory entries
         return fp.reply_error(unique, errno.ENOENT)
 
@@ -332,10 +341,10 @@ class FuseExport(BlockExport):
         """Bytes the node's image file takes on disk (QEMU's allocated file size)."""
         return await trio.to_thread.run_sync(self.node.actual_size)
 
-    async def _getattr(self, unique, body):
+    async def _getattr(self, unique: int, body: memoryview) -> Reply:
         return fp.reply(unique, fp.attr_out(await self._attr(), ATTR_TIMEOUT))
 
-    async def _setattr(self, unique, body):
+    async def _setattr(self, unique: int, body: memoryview) -> Reply:
         req = fp.parse_setattr(body)
         supported = fp.FATTR_SIZE | fp.FATTR_MODE
         if self.allow_other:
@@ -363,34 +372,37 @@ class FuseExport(BlockExport):
 
     async def _truncate(self, size: int, prealloc: str = "off") -> None:
         # a writable export that is not growable takes RESIZE just for this
-        borrow = not self.edge.perm & Perm.RESIZE
+        edge = self.edge
+        assert edge is not None  # attached while the export runs
+        borrow = not edge.perm & Perm.RESIZE
         try:
             if borrow:
-                self.edge.perm |= Perm.RESIZE
+                edge.perm |= Perm.RESIZE
                 refresh(self.node)
             await self.node.truncate(size, exact=True, prealloc=prealloc)
         except QapiError:
             raise OSError(errno.ENOTSUP, "cannot resize") from None
         finally:
             if borrow:
-                self.edge.perm &= ~Perm.RESIZE
+                edge.perm &= ~Perm.RESIZE
                 with contextlib.suppress(Exception):
                     refresh(self.node)
 
-    async def _open(self, unique, body):
+    async def _open(self, unique: int, body: memoryview) -> Reply:
         # no direct_io/keep_cache flags: the kernel's page cache serves re-reads
         # within one open and is dropped on the next open, as with QEMU
         return fp.reply(unique, fp.OPEN_OUT.pack(0, 0, 0))
 
-    async def _empty(self, unique, body):
+    async def _empty(self, unique: int, body: memoryview) -> Reply:
         return fp.reply(unique)
 
-    async def _statfs(self, unique, body):
+    async def _statfs(self, unique: int, body: memoryview) -> Reply:
         return fp.reply(unique, fp.statfs_out())
 
     async def _read(self, unique: int, offset: int, size: int) -> None:
         """READ, as its own task: replies itself.  ``size`` is already cut
         at the end of the export (short reads, as clients expect at EOF)."""
+        out: Reply
         try:
             if size == 0:
                 out = fp.reply(unique)
@@ -401,7 +413,7 @@ class FuseExport(BlockExport):
             out = fp.reply_error(unique, _error_number(e))
         self._send(out)
 
-    def _read_done(self, unique: int, data, err) -> None:
+    def _read_done(self, unique: int, data: Any, err: OSError | None) -> None:
         """A READ started with read_submit has completed: answer it.  The
         session's descriptor stays open until every such read has answered
         (_unmount waits), so the reply cannot reach a reused fd number."""
@@ -413,7 +425,7 @@ class FuseExport(BlockExport):
         if not self._submitted and self._submitted_idle is not None:
             self._submitted_idle.set()
 
-    async def _write(self, unique, body):
+    async def _write(self, unique: int, body: memoryview) -> Reply:
         _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)
         data = body[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
         if not self.writable:
@@ -430,11 +442,11 @@ class FuseExport(BlockExport):
             await self.node.write(offset, data, fua=self.writethrough)
         return fp.reply(unique, fp.WRITE_OUT.pack(size, 0))
 
-    async def _flush(self, unique, body):
+    async def _flush(self, unique: int, body: memoryview) -> Reply:
         await self.node.flush()
         return fp.reply(unique)
 
-    async def _fallocate(self, unique, body):
+    async def _fallocate(self, unique: int, body: memoryview) -> Reply:
         _fh, offset, length, mode, _pad = fp.FALLOCATE_IN.unpack_from(body)
         if not self.writable:
             raise OSError(errno.EACCES, "read-only export")
@@ -462,7 +474,7 @@ class FuseExport(BlockExport):
             raise OSError(errno.EOPNOTSUPP, "fallocate mode")
         return fp.reply(unique)
 
-    async def _lseek(self, unique, body):
+    async def _lseek(self, unique: int, body: memoryview) -> Reply:
         _fh, offset, whence, _pad = fp.LSEEK_IN.unpack_from(body)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise OSError(errno.EINVAL, "whence")

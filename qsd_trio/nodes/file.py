@@ -28,7 +28,9 @@ import ctypes
 import errno
 import os
 import sys
+from collections.abc import Callable
 from functools import partial
+from typing import Any, TypeVar
 
 import trio
 
@@ -40,6 +42,10 @@ from .engine.base import os_error as engine_error
 from .graph import register_driver
 from .inline_io import InlineWrites
 from .node import BlockNode, BlockStatus, Perm, Status
+
+T = TypeVar("T")
+# what a request started without a task calls: (data or None, error or None)
+Done = Callable[[Any, "OSError | None"], None]
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -82,11 +88,11 @@ class FileNode(BlockNode):
     driver = "file"
     grows = True
 
-    fd: int | None = None
+    fd = -1  # the descriptor while open
     _writeback_error: OSError | None = None
 
-    async def open(self, options: dict) -> None:
-        self.path = options["filename"]
+    async def open(self, options: dict[str, Any]) -> None:
+        self.path: str = options["filename"]
         self._discard_ok = self._discard_failed = self._discard_bytes = 0
         aio = options.get("aio", "threads")
         if aio == "native" and not self.cache_direct:
@@ -129,7 +135,7 @@ class FileNode(BlockNode):
             self.io = self.graph.io.get(aio)
         except BaseException:
             os.close(self.fd)
-            self.fd = None
+            self.fd = -1
             raise
         self.threads = threads
         # read-modify-writes in progress, and the aligned writes they wait for
@@ -174,12 +180,12 @@ class FileNode(BlockNode):
     def _length(self) -> int:
         return self._size
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking call no engine submits (fallocate, ftruncate, ...)."""
         return await self.threads.call(fn, *args)
 
     # -- reads ---------------------------------------------------------------------
-    def _pread_into(self, buf, offset: int) -> None:
+    def _pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
         mv = memoryview(buf)
         done = 0
         while done < len(mv):
@@ -201,7 +207,7 @@ class FileNode(BlockNode):
             return buf
         return buf[offset - start:offset - start + length]
 
-    async def _co_preadv(self, offset: int, length: int):
+    async def _co_preadv(self, offset: int, length: int) -> bytes | memoryview:
         if not length:
             return b""
         if self.cache_direct:
@@ -220,7 +226,7 @@ class FileNode(BlockNode):
             buffers.zero_tail(buf, done + got)  # past EOF reads as zeroes
         return buf
 
-    def _preadv_now(self, offset: int, length: int):
+    def _preadv_now(self, offset: int, length: int) -> memoryview | None:
         if self.cache_direct or not self._may_read_now(length):
             return None  # before any buffer is taken: the engine path takes its own
         buf = buffers.alloc(length)
@@ -230,7 +236,7 @@ class FileNode(BlockNode):
     # state in a partial, not closures: a closure that resubmits itself (a
     # short read) refers to itself, and a reference cycle per request would
     # keep the cyclic garbage collector busy.
-    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+    def _preadv_submit(self, offset: int, length: int, done: Done) -> bool:
         a = self.align
         if offset % a or length % a:
             return False  # padded reads take the general path
@@ -239,7 +245,8 @@ class FileNode(BlockNode):
                             partial(self._read_finished, buf, offset, done, 0), addr)
         return True
 
-    def _read_finished(self, buf: memoryview, offset: int, done, got: int, res: int) -> None:
+    def _read_finished(self, buf: memoryview, offset: int, done: Done, got: int,
+                       res: int) -> None:
         if res < 0:
             done(None, engine_error(res))
             return
@@ -371,7 +378,7 @@ class FileNode(BlockNode):
         self._size = max(self._size, offset + len(mv))
         return True
 
-    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
+    def _pwritev_submit(self, offset: int, mv: memoryview, done: Done) -> bool:
         n = len(mv)
         if mv.readonly:
             return False
@@ -380,7 +387,7 @@ class FileNode(BlockNode):
             a = self.align
             if offset % a or n % a or self._rmw or addr % a:
                 return False
-            key = object()
+            key: object | None = object()
             self._direct_writes[key] = (offset, offset + n)
         else:
             key = None
@@ -388,8 +395,8 @@ class FileNode(BlockNode):
                              partial(self._write_finished, mv, offset, done, key, 0), addr)
         return True
 
-    def _write_finished(self, mv: memoryview, offset: int, done, key, put: int,
-                        res: int) -> None:
+    def _write_finished(self, mv: memoryview, offset: int, done: Done, key: object | None,
+                        put: int, res: int) -> None:
         n = len(mv)
         if res == 0:
             res = -errno.EIO  # a write that makes no progress
@@ -456,7 +463,8 @@ class FileNode(BlockNode):
                 raise
         return False
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         end = offset + length
         if self.cache_direct and (offset % self.align or end % self.align):
             # O_DIRECT: the partial blocks at the edges are written as data
@@ -483,7 +491,7 @@ class FileNode(BlockNode):
         if fua:
             await self._run(os.fdatasync, self.fd)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         length = min(offset + length, self._size) - offset
         if length <= 0:
             return
@@ -498,7 +506,7 @@ class FileNode(BlockNode):
         self._discard_ok += 1
         self._discard_bytes += length
 
-    async def _co_flush(self):
+    async def _co_flush(self) -> None:
         await self.io.fdatasync(self.fd)
         err, self._writeback_error = self._writeback_error, None
         if err is not None:
@@ -525,7 +533,7 @@ class FileNode(BlockNode):
         nothing for ``cache.no-flush``.  Raises nothing: an error is kept
         and raised by the next flush (the kernel reports it only once).
         """
-        if self.fd is None or self.read_only or self.cache_no_flush:
+        if self.fd < 0 or self.read_only or self.cache_no_flush:
             return
         await self._run(self._write_back)
 
@@ -556,7 +564,7 @@ class FileNode(BlockNode):
         return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
                            min(hole, end) - offset, offset=offset)
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         # an lseek on the event loop, as QEMU's raw_co_block_status does it
         # in its coroutine: cheaper than any hop, and rarely waits for a device
         return self._status(offset, length)
@@ -574,7 +582,7 @@ class FileNode(BlockNode):
                 self._pwrite_all(memoryview(chunk)[:n], pos, False)
                 pos += n
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         if prealloc not in ("off", "falloc", "full"):
             raise GenericError(f"Unsupported preallocation mode '{prealloc}'")
         try:
@@ -584,7 +592,7 @@ class FileNode(BlockNode):
         self._size = size
 
     def _set_perm(self, perm: Perm, shared: Perm) -> None:
-        if self.use_lock and self.fd is not None:
+        if self.use_lock and self.fd >= 0:
             locking.set_perm_locks(self.fd, (self.cum_perm, self.cum_shared),
                                    (perm, shared), self.path)
 
@@ -604,12 +612,12 @@ class FileNode(BlockNode):
                 os.close(fd)
                 raise GenericError(f"Failed to lock byte: {e.strerror}") from None
         old, self.fd = self.fd, fd
-        if old is not None:
+        if old >= 0:
             os.close(old)
 
     async def _close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
             os.close(fd)  # drops the OFD locks with it
 
     # -- information -------------------------------------------------------------------
@@ -619,12 +627,12 @@ class FileNode(BlockNode):
 
     def actual_size(self) -> int | None:
         try:
-            return os.stat(self.path).st_blocks * 512 if self.fd is None else \
+            return os.stat(self.path).st_blocks * 512 if self.fd < 0 else \
                 os.fstat(self.fd).st_blocks * 512
         except OSError:
             return None
 
-    def driver_stats(self) -> dict | None:
+    def driver_stats(self) -> dict[str, Any] | None:
         return {"driver": "file", "discard-nb-ok": self._discard_ok,
                 "discard-nb-failed": self._discard_failed,
                 "discard-bytes-ok": self._discard_bytes}

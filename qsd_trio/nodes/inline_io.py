@@ -33,6 +33,8 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
+from typing import Any
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Larger writes go to the I/O engine: a large copy into the page cache holds
@@ -123,7 +125,7 @@ class InlineWrites:
             return True
         return False
 
-    def run(self, fn, *args) -> None:
+    def run(self, fn: Callable[..., object], *args: Any) -> None:
         """Run the write ``fn(*args)`` here, watching for a stall."""
         watched = self._until_watch <= 0
         if watched:

@@ -114,7 +114,7 @@ class Header:
     pid: int
 
 
-def parse_header(buf) -> Header:
+def parse_header(buf: bytes | bytearray | memoryview) -> Header:
     length, opcode, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(buf)
     return Header(length, opcode, unique, nodeid, uid, gid, pid)
 
@@ -149,7 +149,7 @@ class SetattrIn:
     gid: int
 
 
-def parse_setattr(body) -> SetattrIn:
+def parse_setattr(body: bytes | bytearray | memoryview) -> SetattrIn:
     (valid, _pad, fh, size, _lock, _at, _mt, _ct, _atn, _mtn, _ctn, mode, _u4, uid, gid,
      _u5) = SETATTR_IN.unpack_from(body)
     return SetattrIn(valid, fh, size, mode, uid, gid)
@@ -160,7 +160,7 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return whole, int((seconds - whole) * 1e9)
 
 
-def reply(unique: int, body=b"") -> bytes:
+def reply(unique: int, body: bytes = b"") -> bytes:
     """A successful reply (header + body) as one buffer."""
     return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, unique) + body
 

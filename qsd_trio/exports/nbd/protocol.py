@@ -23,8 +23,8 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -36,7 +36,13 @@ from ...qapi.errors import QapiError
 from .wire import Wire, _Disconnect
 
 if TYPE_CHECKING:
+    from ...nodes.bitmaps import DirtyBitmap
+    from .connection import Connection
     from .export import NbdExport
+
+# what the reader hands a request task: the request, a WRITE's payload, and
+# the export's size when it was read
+Work = tuple[P.Request, "memoryview | None", int]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +126,7 @@ class Transmission:
 
     def __init__(self) -> None:
         self._slots = _Slots(MAX_REQUESTS)
-        self._out: list = []
+        self._out: list[Any] = []  # buffers of the replies queued, in order
         self._out_done = 0
         self._out_ready = trio.Event()
         self._sending = False  # the writer is part way through a send
@@ -136,10 +142,18 @@ class Transmission:
     async def _close(self) -> None:
         raise NotImplementedError
 
+    @property
+    def _live_export(self) -> NbdExport:
+        """The export, in the transmission phase (serve() sets it)."""
+        export = self.export
+        assert export is not None
+        return export
+
     async def serve(self, export: NbdExport, last_reply: bytes = b"") -> None:
         """Transmission phase, after sending ``last_reply`` (the option phase's end)."""
         self.export = export
-        export.clients.add(self)
+        conn = cast("Connection", self)  # the only kind of Transmission
+        export.clients.add(conn)
         if self.meta_export != export.name:
             self.meta_ids = []  # contexts were negotiated for another export
         try:
@@ -168,7 +182,7 @@ class Transmission:
             # a bug serving one client must not take the daemon down
             log.exception("nbd client of %s failed", export.id)
         finally:
-            export.client_left(self)
+            export.client_left(conn)
             with trio.CancelScope(shield=True):
                 await self._close()
 
@@ -176,13 +190,13 @@ class Transmission:
     # is queued with one sendmsg, so under load many replies share a syscall.
     # A request's slot is released only once its reply is on the wire, which
     # bounds what a client that does not read its replies can make us hold.
-    def _queue(self, parts: tuple, done: bool = True) -> None:
+    def _queue(self, parts: tuple[Any, ...], done: bool = True) -> None:
         self._out.extend(parts)
         if done:
             self._out_done += 1
         self._out_ready.set()
 
-    def _queue_quiet(self, parts: tuple) -> None:
+    def _queue_quiet(self, parts: tuple[Any, ...]) -> None:
         """Queue a reply from the reader task, without waking the writer:
         the reader sends it itself before it next waits (_flush_now)."""
         self._out.extend(parts)
@@ -235,7 +249,7 @@ class Transmission:
         every way out, so serve() can count the requests still in flight.
         """
         wire = self.wire
-        export = self.export
+        export = self._live_export
         size_fn = export.node._length
         slots = self._slots
         extended = self.extended
@@ -256,7 +270,8 @@ class Transmission:
             wire.before_wait = None
             self._flush_now()  # serve() waits for these replies' slots
 
-    async def _read_loop(self, wire, export, size_fn, slots, extended, quiet) -> None:
+    async def _read_loop(self, wire: Wire, export: NbdExport, size_fn: Callable[[], int],
+                         slots: _Slots, extended: bool, quiet: bool) -> None:
         with self._reader_scope:
             while True:
                 if slots.value:
@@ -333,10 +348,12 @@ class Transmission:
             return False
         node = export.node
         h = req.handle
+        reply: tuple[Any, ...]
         if req.type == P.CMD_WRITE:
             if (flags & (P.CMD_FLAG_FUA | ~self._write_flags) or export.writethrough
                     or not export.writable):
                 return False
+            assert data is not None  # a WRITE's payload, read with it
             if not node.write_now(req.offset, data):
                 return node.write_submit(req.offset, data, self._completion(req))
             reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
@@ -361,13 +378,13 @@ class Transmission:
             self._queue(reply)
         return True
 
-    def _completion(self, req: P.Request):
+    def _completion(self, req: P.Request) -> Callable[[Any, OSError | None], None]:
         """The reply to a READ or WRITE started with read_submit/write_submit,
         queued by the engine's reaper when it completes.  The reaper sends
         the replies of its whole batch of completions with one sendmsg once
         it has handled them all (after_completions); what the socket does
         not take goes to the writer task."""
-        def done(buf, err) -> None:
+        def done(buf: Any, err: OSError | None) -> None:
             if self._closed:
                 return  # the connection ended (export deleted): no one to answer
             h = req.handle
@@ -375,10 +392,11 @@ class Transmission:
                 if self._sparse_read(req):
                     # the worker reads again, and answers as QEMU would
                     # (an error chunk if the block status fails, else a hangup)
-                    self._requests.send_nowait((req, None, self.export.size))
+                    self._requests.send_nowait((req, None, self._live_export.size))
                     return
                 self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
                 return
+            parts: tuple[Any, ...]
             if req.type == P.CMD_WRITE:
                 parts = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
             elif not self.structured:
@@ -414,7 +432,7 @@ class Transmission:
         self._reader_scope.cancel()
         self._hangup = self._hangup or "export shutting down"
 
-    async def _worker(self, receive: trio.MemoryReceiveChannel) -> None:
+    async def _worker(self, receive: trio.MemoryReceiveChannel[Work]) -> None:
         # the slot semaphore guarantees a free buffer place for send_nowait
         async for req, data, size in receive:
             await self._handle(req, data, size)
@@ -429,7 +447,7 @@ class Transmission:
 
     def _validate(self, req: P.Request, size: int) -> tuple[int, str] | None:
         t = req.type
-        export = self.export
+        export = self._live_export
         if t in (P.CMD_READ, P.CMD_CACHE) and req.length > P.MAX_BUFFER_SIZE:
             # (sic) QEMU's text has the stray space
             return P.EINVAL, f"len ({req.length} ) is larger than max len ({P.MAX_BUFFER_SIZE})"
@@ -460,7 +478,7 @@ class Transmission:
         if bad is not None:
             self._error_reply(req, *bad)
             return
-        export = self.export
+        export = self._live_export
         node = export.node
         t = req.type
         try:
@@ -468,6 +486,7 @@ class Transmission:
                 await self._read(req)
                 return
             if t == P.CMD_WRITE:
+                assert data is not None  # a WRITE's payload, read with it
                 await node.write(req.offset, data,
                                  fua=bool(req.flags & P.CMD_FLAG_FUA) or export.writethrough)
             elif t == P.CMD_FLUSH:
@@ -505,7 +524,7 @@ class Transmission:
             self._error_reply(req, P.EIO, _FAILED[t])
 
     async def _read(self, req: P.Request) -> None:
-        export = self.export
+        export = self._live_export
         node = export.node
         h = req.handle
         off, ln = req.offset, req.length
@@ -558,7 +577,7 @@ class Transmission:
     async def _holes_unknown(self, req: P.Request, off: int, ln: int) -> bool:
         """Whether the block status of a read's range fails (and was answered)."""
         try:
-            await self.export.node.block_status(off, ln)
+            await self._live_export.node.block_status(off, ln)
         except OSError as e:
             self._holes_error(req, e)
             return True
@@ -574,14 +593,15 @@ class Transmission:
         one = bool(req.flags & P.CMD_FLAG_REQ_ONE)
         # extents of extended replies have 64-bit lengths
         limit = 1 << 64 if self.extended else 1 << 32
-        chunks = []
+        chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
         for cid, ctx in self.meta_ids:
+            ext: Sequence[tuple[int, int]]
             if ctx == P.META_BASE_ALLOCATION:
                 ext = await self._alloc_extents(req.offset, req.length, one, False, limit)
             elif ctx == P.META_ALLOCATION_DEPTH:
                 ext = await self._alloc_extents(req.offset, req.length, one, True, limit)
             else:
-                bm = self.export.bitmap_for_context(ctx)
+                bm = self._live_export.bitmap_for_context(ctx)
                 ext = _bitmap_extents(bm, req.offset, req.length, one, limit)
             chunks.append((cid, ext))
         last = len(chunks) - 1
@@ -593,8 +613,8 @@ class Transmission:
                               for i, (cid, ext) in enumerate(chunks)))
 
     async def _alloc_extents(self, offset: int, length: int, one: bool, depth: bool,
-                             limit: int = 1 << 32) -> list:
-        node = self.export.node
+                             limit: int = 1 << 32) -> list[tuple[int, int]]:
+        node = self._live_export.node
         out: list[list[int]] = []
         pos, end = offset, offset + length
         while pos < end and len(out) < MAX_BLOCK_STATUS_EXTENTS:
@@ -609,7 +629,7 @@ class Transmission:
                 break  # REQ_ONE: the first run of equal status, however many calls it took
             _add_extent(out, n, flags, limit)
             pos += n
-        return [tuple(e) for e in out]
+        return [(e[0], e[1]) for e in out]
 
 
 
@@ -622,7 +642,7 @@ def _add_extent(out: list[list[int]], n: int, flags: int, limit: int = 1 << 32) 
         out.append([n, flags])
 
 
-def _bitmap_extents(bm, offset: int, length: int, one: bool,
+def _bitmap_extents(bm: DirtyBitmap, offset: int, length: int, one: bool,
                     limit: int = 1 << 32) -> Sequence[tuple[int, int]]:
     out: list[list[int]] = []
     for _off, n, dirty in bm.dirty_extents(offset, length):
@@ -631,4 +651,4 @@ def _bitmap_extents(bm, offset: int, length: int, one: bool,
             break
     if not out:  # past the bitmap's end: report clean
         out.append([length, 0])
-    return [tuple(e) for e in out]
+    return [(e[0], e[1]) for e in out]

@@ -30,8 +30,8 @@ class Engines:
 
     def __init__(self) -> None:
         self._threads: ThreadPool | None = None
-        self._uring = None
-        self._aio = None
+        self._uring: Engine | None = None
+        self._aio: Engine | None = None
 
     @property
     def threads(self) -> ThreadPool:

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import outcome
 import trio
@@ -51,11 +53,18 @@ log = logging.getLogger(__name__)
 
 # calls deferred until the reaper has handled its current batch of
 # completions (after_completions); reapers run one at a time, on trio's thread
-_deferred: list = []
+_deferred: list[Callable[[], None]] = []
 _reaping = False
 
 
-def after_completions(fn) -> bool:
+# what a submitted request calls when it completes: bytes done, or -errno
+Callback = Callable[[int], None]
+# a request in an engine's table: the parked task or the callback (one of
+# them is None), and the buffer, held until the completion arrives
+Request = tuple["trio.lowlevel.Task | None", "Callback | None", Any]
+
+
+def after_completions(fn: Callable[[], None]) -> bool:
     """From a completion callback: call ``fn()`` once the reaper has handled
     every completion of this wakeup, so that, for example, an export sends
     the replies of a whole batch with one ``sendmsg`` and no task wakeup.
@@ -66,7 +75,7 @@ def after_completions(fn) -> bool:
     return True
 
 
-def _no_abort(raise_cancel) -> _Abort:
+def _no_abort(raise_cancel: object) -> _Abort:
     return _Abort.FAILED
 
 
@@ -134,14 +143,16 @@ class Engine:
             os.close(self.efd)
         self.efd = self.wake_fd = -1
 
-    async def _park(self):
+    async def _park(self) -> Any:
         """Wait for this task's request; returns its result."""
         return await _wait(_no_abort)
 
-    def _finished(self, task, cb, result) -> None:
+    def _finished(self, task: trio.lowlevel.Task | None, cb: Callback | None,
+                  result: Any) -> None:
         """One request is done: wake its task or call its callback."""
         self.in_flight -= 1
         if cb is None:
+            assert task is not None
             _reschedule(task, outcome.Value(result))
         else:
             try:
@@ -174,13 +185,15 @@ class Engine:
     async def fdatasync(self, fd: int) -> None:
         raise NotImplementedError
 
-    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         """Start one read into ``buf`` (at ``addr``, if the caller knows it);
         ``cb(bytes read or -errno)`` later.
         A short count is the caller's to handle (EOF, or read the rest)."""
         raise NotImplementedError
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         """Start one write of ``buf`` (writable, pinned until ``cb`` runs;
         at ``addr``, if the caller knows it)."""
         raise NotImplementedError
@@ -201,7 +214,7 @@ class KernelEngine(Engine):
     READ = WRITE = 0
 
     def __init__(self) -> None:
-        self._flusher = None
+        self._flusher: trio.lowlevel.Task | None = None
         self._flush_wanted = False
         self._flush_scope = trio.CancelScope()
         super().__init__()
@@ -231,22 +244,24 @@ class KernelEngine(Engine):
         super()._close_fds()
 
     def _start(self, op: int, fd: int, addr: int, length: int, offset: int,
-               req: tuple) -> None:
+               req: Request) -> None:
         """Queue one operation; ``req`` is (task, callback, buffer)."""
         raise NotImplementedError
 
     async def _rw(self, op: int, fd: int, buf: memoryview, offset: int) -> int:
         self._start(op, fd, buffers.address(buf), len(buf), offset, (_current_task(), None, buf))
-        res = await self._park()
+        res: int = await self._park()
         if res < 0:
             raise os_error(res)
         return res
 
-    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         self._start(self.READ, fd, addr or buffers.address(buf), len(buf), offset,
                     (None, cb, buf))
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         self._start(self.WRITE, fd, addr or buffers.address(buf), len(buf), offset,
                     (None, cb, buf))
 

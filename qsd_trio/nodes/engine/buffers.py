@@ -43,7 +43,8 @@ class _SizeClass:
         self.arenas: list[mmap.mmap] = []
         give_back = self.free.append
 
-        class Buffer(ctypes.c_char * size):
+        # a class per size (ctypes arrays have their length in the type)
+        class Buffer(ctypes.c_char * size):  # type: ignore[misc]
             __slots__ = ()
 
             def __del__(self) -> None:
@@ -85,7 +86,7 @@ def alloc_at(n: int) -> tuple[memoryview, int]:
     return (mv if n == cls.size else mv[:n]), addr
 
 
-def address(buf) -> int:
+def address(buf: memoryview | bytearray | mmap.mmap) -> int:
     """The address of a writable buffer's first byte."""
     return _addressof(ctypes.c_char.from_buffer(buf))
 

@@ -21,7 +21,8 @@ import errno
 import os
 import struct
 
-from .base import KernelEngine
+from .base import KernelEngine, Request
+from .threads import ThreadPool
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -41,7 +42,7 @@ class LinuxAio(KernelEngine):
     name = "native"
     READ, WRITE = CMD_PREAD, CMD_PWRITE
 
-    def __init__(self, threads) -> None:
+    def __init__(self, threads: ThreadPool) -> None:
         ctx = ctypes.c_ulong(0)
         if _syscall(NR_IO_SETUP, MAX_EVENTS, ctypes.byref(ctx)) < 0:
             e = ctypes.get_errno()
@@ -56,17 +57,19 @@ class LinuxAio(KernelEngine):
         self._events = ctypes.create_string_buffer(_EVENT.size * MAX_EVENTS)
         # id -> (task, callback, buffer): the buffer is held until the
         # completion, as the kernel may write into it until then
-        self._reqs: dict[int, tuple] = {}
+        self._reqs: dict[int, Request] = {}
         self._next_id = 1
-        self._pending: list[tuple] = []   # iocbs of this pass, not yet submitted
+        # iocbs of this pass, not yet submitted: (id, cmd, fd, addr, length, offset)
+        self._pending: list[tuple[int, int, int, int, int, int]] = []
         super().__init__()
 
-    def _queue(self, cmd: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
+    def _start(self, op: int, fd: int, addr: int, length: int, offset: int,
+               req: Request) -> None:
         rid = self._next_id
         self._next_id = rid + 1
         self._reqs[rid] = req
         self.in_flight += 1
-        self._pending.append((rid, cmd, fd, addr, length, offset))
+        self._pending.append((rid, op, fd, addr, length, offset))
         if len(self._pending) >= MAX_EVENTS // 4 or self.in_flight == 1:
             self._submit()
         else:
@@ -125,7 +128,6 @@ class LinuxAio(KernelEngine):
             _syscall(NR_IO_DESTROY, ctypes.c_ulong(self.ctx))
             self.ctx = 0
 
-    _start = _queue
     _submit_pending = _submit
 
     async def fdatasync(self, fd: int) -> None:

@@ -24,8 +24,14 @@ import os
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from .base import Engine, _current_task, os_error
+import trio
+
+from .base import Callback, Engine, _current_task, os_error
+
+T = TypeVar("T")
 
 MAX_WORKERS = 64
 
@@ -33,19 +39,20 @@ MAX_WORKERS = 64
 class _Call:
     __slots__ = ("fn", "args", "task", "cb", "result", "error")
 
-    def __init__(self, fn, args, task, cb=None) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                 task: trio.lowlevel.Task | None, cb: Callback | None = None) -> None:
         self.fn = fn
         self.args = args
         self.task = task
         self.cb = cb
-        self.result = None
+        self.result: Any = None
         self.error: BaseException | None = None
 
     def res(self) -> int:
         """The result as an engine callback sees it: a count or -errno."""
         e = self.error
         if e is None:
-            return self.result
+            return int(self.result)
         return -(e.errno or 5) if isinstance(e, OSError) else -5  # EIO
 
 
@@ -118,14 +125,15 @@ class ThreadPool(Engine):
             t.start()
         self._queue.put(call)
 
-    async def call(self, fn, *args):
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the blocking ``fn(*args)`` on a worker; its result or exception."""
         call = _Call(fn, args, _current_task())
         self._put(call)
         await self._park()
         if call.error is not None:
             raise call.error
-        return call.result
+        result: T = call.result
+        return result
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         return await self.call(_read_all, fd, buf, offset)
@@ -136,10 +144,12 @@ class ThreadPool(Engine):
     async def fdatasync(self, fd: int) -> None:
         await self.call(os.fdatasync, fd)
 
-    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         self._put(_Call(_read_all, (fd, buf, offset), None, cb))
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         self._put(_Call(_write_all_count, (fd, buf, offset), None, cb))
 
     async def aclose(self) -> None:

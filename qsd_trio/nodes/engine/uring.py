@@ -40,7 +40,7 @@ import outcome
 import trio
 
 from . import buffers
-from .base import KernelEngine, _current_task, _reschedule, log, os_error
+from .base import Callback, KernelEngine, Request, _current_task, _reschedule, log, os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -80,14 +80,15 @@ class Uring(KernelEngine):
         except BaseException:
             os.close(fd)
             raise
-        self._reqs: dict[int, tuple] = {}
+        self._reqs: dict[int, Request] = {}
         self._next_id = 1
         self._pending = 0          # SQEs written, not yet entered
-        self._waiting: deque = deque()   # requests beyond the CQ ring's size
+        # requests beyond the CQ ring's size: _queue's arguments
+        self._waiting: deque[tuple[int, int, int, int, int, int, Request]] = deque()
         self.wake_fd = fd
         super().__init__()
 
-    def _map(self, p) -> None:
+    def _map(self, p: ctypes.Array[ctypes.c_uint32]) -> None:
         sq_entries, cq_entries, features = p[0], p[1], p[5]
         sq_off, cq_off = p[10:20], p[20:30]
         sq_size = sq_off[6] + sq_entries * 4
@@ -117,7 +118,7 @@ class Uring(KernelEngine):
 
     # -- submission ------------------------------------------------------------
     def _queue(self, op: int, fd: int, addr: int, length: int, offset: int, flags: int,
-               req: tuple) -> None:
+               req: Request) -> None:
         """Write one SQE; ``req`` is (task, callback, buffer), kept in the
         table of requests in flight until the completion (the buffer with
         it: the kernel may write into it until then)."""
@@ -179,6 +180,7 @@ class Uring(KernelEngine):
             # others still in flight, or its request is entered alone
             self.in_flight -= 1
             if cb is None:
+                assert task is not None
                 _reschedule(task, _Value(res))
             else:
                 try:
@@ -201,15 +203,18 @@ class Uring(KernelEngine):
             self.ring_fd = -1
 
     # -- requests --------------------------------------------------------------
-    def _start(self, op: int, fd: int, addr: int, length: int, offset: int, req: tuple) -> None:
+    def _start(self, op: int, fd: int, addr: int, length: int, offset: int,
+               req: Request) -> None:
         self._queue(op, fd, addr, length, offset, 0, req)
 
     # KernelEngine's, one call shorter: these run once per exported request
-    def submit_read(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_read(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         self._queue(OP_READ, fd, addr or buffers.address(buf), len(buf), offset, 0,
                     (None, cb, buf))
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, cb, addr: int = 0) -> None:
+    def submit_write(self, fd: int, buf: memoryview, offset: int, cb: Callback,
+                    addr: int = 0) -> None:
         self._queue(OP_WRITE, fd, addr or buffers.address(buf), len(buf), offset, 0,
                     (None, cb, buf))
 
@@ -218,6 +223,6 @@ class Uring(KernelEngine):
 
     async def fdatasync(self, fd: int) -> None:
         self._queue(OP_FSYNC, fd, 0, 0, 0, FSYNC_DATASYNC, (_current_task(), None, None))
-        res = await self._park()
+        res: int = await self._park()
         if res < 0:
             raise os_error(res)
