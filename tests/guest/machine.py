@@ -30,6 +30,7 @@ directory; it never raises.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import shlex
@@ -214,7 +215,8 @@ class Guest:
         start = time.monotonic()
         deadline = start + timeout
         log = open(self.dir / "qemu.log", "w")
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                      preexec_fn=_die_with_parent)
         log.close()
         try:
             while self._ctl is None or self._qmp is None:
@@ -416,6 +418,13 @@ class Guest:
         except GuestError as e:
             raise self._fail(f"{disk.device_id} not unplugged: {e}") from e
         self.qmp("chardev-remove", timeout=timeout, id=disk.chardev_id)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL QEMU when the test process dies,
+    however it dies, so no guest outlives its pytest."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 _shared: dict[str, Guest] = {}
