@@ -592,9 +592,12 @@ class VhostUserBlkExport(BlockExport):
             except ValueError:
                 raise GenericError(f"Unable to parse FD number {self.fd_str}") from None
             try:
-                sock = _stdsocket.socket(fileno=fd)
+                is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
             except OSError:
-                raise GenericError(f"File descriptor '{fd}' is not open") from None
+                is_socket = False
+            if not is_socket:
+                raise GenericError(f"File descriptor '{fd}' is not a socket")
+            sock = _stdsocket.socket(fileno=fd)
         sock.setblocking(False)
         return trio.socket.from_stdlib_socket(sock)
 

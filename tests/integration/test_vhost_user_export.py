@@ -10,11 +10,12 @@ import os
 import random
 import socket
 import struct
+import subprocess
 
 import pytest
 import trio
 
-from tests.helpers import HAVE_QEMU, qemu_img, qemu_io
+from tests.helpers import HAVE_QEMU, QSD_TRIO, qemu_img, qemu_io
 from tests.unit.test_virtqueue import GUEST_BASE, Driver, GuestRam
 
 GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
@@ -574,3 +575,50 @@ async def test_stop_lets_requests_in_flight_finish(daemon_factory, tmp_path, ima
         ram.close()
     data = image.read_bytes()
     assert data[192 * 512:192 * 512 + 65536] == payload[65536:]
+
+
+def spawn_with_fd(argv, fd):
+    # the Daemon helper passes no descriptors: the daemon inherits this one
+    return subprocess.Popen(argv, pass_fds=[fd], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def test_listening_socket_passed_as_fd(tmp_path, image):
+    path = tmp_path / "passed.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    fd = listener.fileno()
+    proc = spawn_with_fd(QSD_TRIO + [
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--export", f"vhost-user-blk,id=vu0,node-name=file0,addr.type=fd,addr.str={fd}"], fd)
+    listener.close()
+    ram = GuestRam(size=0x40000)
+    fe = None
+    try:
+        fe = await FrontEnd.connect(path)
+        with trio.fail_after(20):
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            drv = Driver(ram, size=8)
+            kick, call = await fe.start_queue(drv)
+            _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (512, True), (1, True)])
+        assert ram.get(offs[1], 512) == b"\x11" * 512
+    finally:
+        if fe is not None:
+            fe.close()
+        ram.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert err == b""
+
+
+async def test_fd_address_errors(daemon_factory, tmp_path, image):
+    d = daemon_factory("trio", ["--blockdev", f"file,node-name=file0,filename={image}"])
+    qmp = d.qmp()
+    for fd, text in (("nosuch", "Unable to parse FD number nosuch"),
+                     ("99", "File descriptor '99' is not a socket"),
+                     ("0", "File descriptor '0' is not a socket")):
+        r = qmp.cmd_raw("block-export-add", {"type": "vhost-user-blk", "id": "vu0", "node-name": "file0",
+                                             "addr": {"type": "fd", "str": fd}})
+        assert r["error"]["desc"] == text
