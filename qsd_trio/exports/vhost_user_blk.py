@@ -510,6 +510,9 @@ class FrontEnd:
                                 os.read(kick, 8)
                     except VirtqueueError as e:
                         self.panic(f"queue {vring.index}: {e}")
+                    except OSError as e:
+                        # a kick descriptor that cannot be polled or read
+                        self.panic(f"queue {vring.index}: kick descriptor: {e}")
                 # popping stopped; the nursery lets requests in flight finish
         finally:
             vring.pop_scope = None

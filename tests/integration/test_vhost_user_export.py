@@ -622,3 +622,27 @@ async def test_fd_address_errors(daemon_factory, tmp_path, image):
         r = qmp.cmd_raw("block-export-add", {"type": "vhost-user-blk", "id": "vu0", "node-name": "file0",
                                              "addr": {"type": "fd", "str": fd}})
         assert r["error"]["desc"] == text
+
+
+async def test_kick_descriptor_that_cannot_be_polled(daemon_factory, tmp_path, image):
+    d, path = start(daemon_factory, "trio", tmp_path, image, allow_stderr=r"^qsd-trio: vu_panic: ")
+    ram = GuestRam(size=0x40000)
+    drv = Driver(ram, size=8)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        await fe.send(SET_VRING_NUM, struct.pack("<II", 0, drv.size))
+        await fe.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, ram.uva(drv.desc),
+                                                  ram.uva(drv.used), ram.uva(drv.avail), 0))
+        # a regular file as the kick "eventfd": epoll refuses it
+        await fe.send(SET_VRING_KICK, struct.pack("<Q", 0), [ram.fd])
+        with trio.fail_after(20):
+            while await fe.sock.recv(4096):
+                pass
+    except OSError as e:
+        assert e.errno == errno.ECONNRESET
+    finally:
+        fe.close()
+        ram.close()
+    assert "vu_panic: queue 0: kick descriptor" in d.stderr()
