@@ -1,10 +1,10 @@
 """NBD wire format: a sans-I/O codec of the server's side of the protocol.
 
-Pure functions over bytes, no sockets, used by the NBD export
-(exports/nbd/): the constants, decoders of what a client sends and encoders
-of what a server answers.  The client's side (encoding options and
-requests, decoding replies) is in the tests (tests/nbd_client.py), the only
-NBD clients so far.  Names and numbers follow the NBD protocol
+Pure functions over bytes, no sockets, shared by the NBD export
+(exports/nbd/) and the NBD client driver (nodes/nbd.py): the constants,
+decoders of what a client sends and encoders of what a server answers, and
+the client's side (encoding options and requests, decoding option replies,
+reply headers and chunk payloads).  Names and numbers follow the NBD protocol
 specification (doc/proto.md of the NBD project: "Fixed newstyle
 negotiation", "Transmission phase", "Structured reply chunk message types",
 and the extended headers extension) and QEMU's extensions in its
@@ -19,7 +19,7 @@ the server should answer with.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import attrs
@@ -451,3 +451,169 @@ def chunk_block_status_ext(handle: int, ext_offset: int, context_id: int,
     return chunk_header(handle, REPLY_TYPE_BLOCK_STATUS_EXT, len(body),
                         REPLY_FLAG_DONE if done else 0, ext_offset) + body
 
+
+
+# -- the client's side -------------------------------------------------------------
+# What a client sends (the greeting's answer, options, requests) and decoders
+# of what a server answers.  Decoders raise NbdProtocolError on anything a
+# correct server cannot send, so a client drops the connection.
+_OPT_REQ = struct.Struct(">QII")
+
+
+def parse_server_greeting(data: bytes) -> int:
+    """The handshake flags of the server's 18-byte greeting."""
+    magic, opt_magic, flags = _GREETING.unpack(data)
+    if magic != NBDMAGIC:
+        raise NbdProtocolError("Bad initial magic received")
+    if opt_magic != IHAVEOPT:
+        # QEMU's client speaks only newstyle (oldstyle magic 0x00420281861253)
+        raise NbdProtocolError("Bad server magic received")
+    return int(flags)
+
+
+def client_flags(flags: int = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) -> bytes:
+    return struct.pack(">I", flags)
+
+
+def encode_option(option: int, data: bytes = b"") -> bytes:
+    return _OPT_REQ.pack(IHAVEOPT, option, len(data)) + data
+
+
+def parse_option_reply_header(data: bytes) -> tuple[int, int, int]:
+    """(option, reply type, payload length) of a server option reply."""
+    magic, option, reply, length = _OPT_REP.unpack(data)
+    if magic != REPLY_MAGIC_OPT:
+        raise NbdProtocolError(f"Bad option reply magic 0x{magic:x}")
+    return int(option), int(reply), int(length)
+
+
+def encode_info_request(name: str, infos: Sequence[int] = ()) -> bytes:
+    """NBD_OPT_INFO / NBD_OPT_GO payload."""
+    n = name.encode()
+    return (struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos))
+            + b"".join(struct.pack(">H", i) for i in infos))
+
+
+def encode_meta_request(name: str, queries: Iterable[str]) -> bytes:
+    """LIST/SET_META_CONTEXT payload."""
+    n = name.encode()
+    qs = [q.encode() for q in queries]
+    return (struct.pack(">I", len(n)) + n + struct.pack(">I", len(qs))
+            + b"".join(struct.pack(">I", len(q)) + q for q in qs))
+
+
+def parse_info_reply(payload: bytes) -> tuple[int, bytes]:
+    """(info type, rest) of an NBD_REP_INFO payload."""
+    if len(payload) < 2:
+        raise NbdProtocolError(f"Invalid length {len(payload)} for info reply")
+    (info,) = struct.unpack_from(">H", payload)
+    return int(info), payload[2:]
+
+
+def parse_info_export(rest: bytes) -> tuple[int, int]:
+    """(size, transmission flags) of NBD_INFO_EXPORT (after its type)."""
+    if len(rest) != 10:
+        raise NbdProtocolError(f"Invalid length {len(rest) + 2} for info export")
+    size, flags = struct.unpack(">QH", rest)
+    return int(size), int(flags)
+
+
+def parse_info_block_size(rest: bytes) -> tuple[int, int, int]:
+    """(minimum, preferred, maximum) of NBD_INFO_BLOCK_SIZE (after its type)."""
+    if len(rest) != 12:
+        raise NbdProtocolError(f"Invalid length {len(rest) + 2} for info block size")
+    lo, pref, hi = struct.unpack(">III", rest)
+    return int(lo), int(pref), int(hi)
+
+
+def parse_meta_context_reply(payload: bytes) -> tuple[int, str]:
+    """(context id, name) of an NBD_REP_META_CONTEXT payload."""
+    if len(payload) < 4 or len(payload) > 4 + MAX_STRING_SIZE:
+        raise NbdProtocolError(f"Invalid length {len(payload)} for meta context reply")
+    (ctx,) = struct.unpack_from(">I", payload)
+    return int(ctx), payload[4:].decode(errors="replace")
+
+
+def encode_request(type: int, handle: int, offset: int = 0, length: int = 0,
+                   flags: int = 0) -> bytes:
+    return _REQ.pack(REQUEST_MAGIC, flags, type, handle, offset, length)
+
+
+def encode_ext_request(type: int, handle: int, offset: int = 0, length: int = 0,
+                       flags: int = 0) -> bytes:
+    return _EXT_REQ.pack(EXTENDED_REQUEST_MAGIC, flags, type, handle, offset, length)
+
+
+@attrs.frozen
+class Reply:
+    """A decoded reply header: simple (``type`` None) or a structured chunk."""
+
+    handle: int
+    error: int = 0
+    type: int | None = None
+    flags: int = 0
+    length: int = 0
+    offset: int | None = None  # extended replies echo the request's offset
+
+    @property
+    def done(self) -> bool:
+        return self.type is None or bool(self.flags & REPLY_FLAG_DONE)
+
+
+REPLY_MAGIC_SIZE = 4
+
+
+def reply_header_size(magic_bytes: bytes) -> int:
+    """How long the header is, given its first four bytes."""
+    (magic,) = struct.unpack(">I", magic_bytes)
+    if magic == SIMPLE_REPLY_MAGIC:
+        return SIMPLE_REPLY_SIZE
+    if magic == STRUCTURED_REPLY_MAGIC:
+        return CHUNK_HEADER_SIZE
+    if magic == EXTENDED_REPLY_MAGIC:
+        return EXT_CHUNK_HEADER_SIZE
+    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
+
+
+def parse_reply_header(data: bytes) -> Reply:
+    (magic,) = struct.unpack_from(">I", data)
+    if magic == SIMPLE_REPLY_MAGIC:
+        _, error, handle = _SIMPLE.unpack(data)
+        return Reply(handle, error)
+    if magic == STRUCTURED_REPLY_MAGIC:
+        _, flags, type_, handle, length = _CHUNK.unpack(data)
+        return Reply(handle, 0, type_, flags, length)
+    if magic == EXTENDED_REPLY_MAGIC:
+        _, flags, type_, handle, offset, length = _EXT_CHUNK.unpack(data)
+        return Reply(handle, 0, type_, flags, length, offset)
+    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
+
+
+def parse_error_chunk(payload: bytes) -> tuple[int, str]:
+    """(error, message) of an ERROR / ERROR_OFFSET chunk payload."""
+    if len(payload) < 6:
+        raise NbdProtocolError("Protocol error: invalid payload for NBD_REPLY_TYPE_ERROR")
+    error, n = struct.unpack_from(">IH", payload)
+    if 6 + n > len(payload):
+        raise NbdProtocolError("Protocol error: server sent too long error message")
+    return int(error), payload[6:6 + n].decode(errors="replace")
+
+
+def parse_block_status_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """(context id, [(length, flags)]) of a BLOCK_STATUS payload."""
+    if len(payload) < 12 or (len(payload) - 4) % 8:
+        raise NbdProtocolError("Protocol error: invalid payload for NBD_REPLY_TYPE_BLOCK_STATUS")
+    (ctx,) = struct.unpack_from(">I", payload)
+    ext = [struct.unpack_from(">II", payload, p) for p in range(4, len(payload), 8)]
+    return int(ctx), [(int(n), int(f)) for n, f in ext]
+
+
+def parse_block_status_ext_chunk(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """(context id, [(length, flags)]) of a BLOCK_STATUS_EXT payload."""
+    if len(payload) < 8:
+        raise NbdProtocolError(f"bad BLOCK_STATUS_EXT payload length {len(payload)}")
+    ctx, count = struct.unpack_from(">II", payload)
+    if len(payload) != 8 + 16 * count or not count:
+        raise NbdProtocolError(f"bad BLOCK_STATUS_EXT payload length {len(payload)}")
+    ext = [struct.unpack_from(">QQ", payload, 8 + 16 * i) for i in range(count)]
+    return int(ctx), [(int(n), int(f)) for n, f in ext]
