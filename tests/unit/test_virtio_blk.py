@@ -46,6 +46,8 @@ class ModelDisk:
 
     async def flush(self):
         self._check("flush", 0, 0)
+        if self.fail == "bug":
+            raise RuntimeError("a bug in the block layer")
 
     async def discard(self, offset, length):
         self._check("discard", offset, length)
@@ -175,7 +177,8 @@ async def test_backend_errors_are_ioerr(env):
     h = B.BlkHandler(disk, writable=True)
     for op, bufs in (("read", [(outhdr(B.VIRTIO_BLK_T_IN), False), (512, True), (1, True)]),
                      ("write", [(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"z" * 512, False), (1, True)]),
-                     ("flush", [(outhdr(B.VIRTIO_BLK_T_FLUSH), False), (1, True)])):
+                     ("flush", [(outhdr(B.VIRTIO_BLK_T_FLUSH), False), (1, True)]),
+                     ("bug", [(outhdr(B.VIRTIO_BLK_T_FLUSH), False), (1, True)])):
         disk.fail = op
         _, offs = drv.add(bufs)
         await run(q, h)

@@ -223,9 +223,9 @@ class BlkHandler:
         Returns the used length to push: every device-writable byte of the
         chain, as QEMU counts it.  A chain without a device-writable byte
         has nowhere to put a status; it is returned with length 0 and
-        nothing done.  Errors of the backend (OSError) and of guest memory
-        that went away become ``VIRTIO_BLK_S_IOERR``; nothing else is
-        caught.
+        nothing done.  Errors of the backend (OSError, or any other
+        Exception, as the FUSE export treats them) and of guest memory that
+        went away become ``VIRTIO_BLK_S_IOERR``; cancellation is not caught.
         """
         in_len = chain.writable_len
         if in_len == 0:
@@ -234,6 +234,8 @@ class BlkHandler:
         try:
             status = await self._execute(chain, data_in)
         except (OSError, GuestMemoryError):
+            status = VIRTIO_BLK_S_IOERR
+        except Exception:  # noqa: BLE001 - a failed request, not a failed device
             status = VIRTIO_BLK_S_IOERR
         r, off, _ = status_seg[0]
         try:
