@@ -131,6 +131,7 @@ async def _transcript(sock: str) -> list:
             (P.OPT_INFO, b"\0\0\0\x09short"),
             (P.OPT_SET_META_CONTEXT, C.encode_meta_request("x", ["base:allocation"])),
             (P.OPT_STARTTLS, b""),
+            (P.OPT_STARTTLS, b"x"),
             (P.OPT_PEEK_EXPORT, b""),
             (P.OPT_STRUCTURED_REPLY, b"x"),
             (P.OPT_STRUCTURED_REPLY, b""),
@@ -390,8 +391,11 @@ async def test_tls_required_transcript_same(tmp_path):
             with trio.fail_after(10):
                 await c.handshake()
                 try:
+                    # a STARTTLS with a payload, then an option that would get
+                    # an answer: whether the connection survives it shows
                     for opt, data in [(P.OPT_LIST, b""), (P.OPT_GO, C.encode_info_request("x")),
-                                      (P.OPT_STRUCTURED_REPLY, b""), (P.OPT_STARTTLS, b"x")]:
+                                      (P.OPT_STRUCTURED_REPLY, b""), (P.OPT_STARTTLS, b"x"),
+                                      (P.OPT_LIST, b"")]:
                         out.append(await c.option(opt, data))
                     await c.s.send_all(C.encode_option(P.OPT_EXPORT_NAME, b"x"))
                     out.append("closed" if await c.closed() else "open")

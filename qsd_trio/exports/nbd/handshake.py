@@ -227,8 +227,10 @@ class Handshake(Generic[E]):
     def _before_tls(self, option: int, length: int) -> Event[E] | None:
         if option == P.OPT_STARTTLS:
             if length:
+                # QEMU answers, then hangs up: a client that cannot start
+                # TLS correctly gets no second try (nbd_reject_length, fatal)
                 self._error(option, P.REP_ERR_INVALID, "option 'starttls' has unexpected length")
-                return None
+                return Closed("option 'starttls' has unexpected length")
             self._reply(option, P.REP_ACK)
             return StartTls()
         if option in (P.OPT_EXPORT_NAME, P.OPT_ABORT):
@@ -357,7 +359,9 @@ class Handshake(Generic[E]):
 
     def _starttls(self, length: int) -> None:
         # with TLS configured, STARTTLS is handled by _before_tls until it
-        # succeeds; here its length is not checked
+        # succeeds; here, as in QEMU, a payload is refused before anything else
+        if self._refuse_length(P.OPT_STARTTLS, length):
+            return
         if self.tls_done:
             self._error(P.OPT_STARTTLS, P.REP_ERR_INVALID, "TLS already enabled")
         else:
