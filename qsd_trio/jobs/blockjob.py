@@ -10,13 +10,16 @@ once on every path (success, failure, cancel).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm
 from ..qapi.errors import GenericError
 from .job import Job
+
+if TYPE_CHECKING:
+    from ..nodes.graph import BlockGraph
 
 
 def check_not_busy(daemon: Any, node: BlockNode) -> None:
@@ -86,8 +89,8 @@ class BlockJob(Job, BlockParent):
         self.detach_all()
         nodes, self._used = list(dict.fromkeys(self._used)), []
         # implicit nodes (drive-backup/drive-mirror targets) close with their last user
-        graph = nodes[0].graph if nodes else None
         for node in nodes:
+            graph = node.graph
             if not node.monitor_owned and not node.parents and \
                     graph.nodes.get(node.node_name) is node:
                 self.daemon.job_nursery.start_soon(_close_implicit, graph, node)
@@ -103,7 +106,8 @@ class BlockJob(Job, BlockParent):
         """
         release = self._drain_release = trio.Event()
 
-        async def holder(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async def holder(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
             with trio.CancelScope(shield=False):
                 async with node.drained():
                     task_status.started()
@@ -125,7 +129,7 @@ class JobBackend(BlockParent):
         self.job = job
 
 
-async def _close_implicit(graph, node: BlockNode) -> None:
+async def _close_implicit(graph: BlockGraph, node: BlockNode) -> None:
     # shielded: a close cut short by shutdown would leave metadata half-written
     with trio.CancelScope(shield=True):
         await graph.unref(node)

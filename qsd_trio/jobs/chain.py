@@ -6,7 +6,12 @@ Only called while the nodes concerned are drained, from a job's completion.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..nodes.node import BlockNode
+
+if TYPE_CHECKING:
+    from ..nodes.graph import BlockGraph
 
 
 def backing_of(node: BlockNode) -> BlockNode | None:
@@ -16,7 +21,8 @@ def backing_of(node: BlockNode) -> BlockNode | None:
 
 def chain(top: BlockNode) -> list[BlockNode]:
     """top, its backing, its backing's backing, ..."""
-    out, n = [], top
+    out: list[BlockNode] = []
+    n: BlockNode | None = top
     while n is not None:
         out.append(n)
         n = backing_of(n)
@@ -47,7 +53,7 @@ def overlay_of(top: BlockNode, node: BlockNode) -> BlockNode | None:
     return None
 
 
-async def set_backing(graph, node: BlockNode, new: BlockNode | None,
+async def set_backing(graph: BlockGraph, node: BlockNode, new: BlockNode | None,
                       backing_file: str | None) -> None:
     """Make ``new`` the backing node of ``node`` and record it in the image.
 

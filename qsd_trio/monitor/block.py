@@ -10,25 +10,30 @@ counters on BlockBackends.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 from ..jobs.blockjob import BlockJob
 from ..nodes import bitmaps
-from ..nodes.node import BlockNode, BlockParent, Perm
+from ..nodes.bitmaps import DirtyBitmap
+from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm
 from ..nodes.perms import perm_list, refresh
 from ..qapi.errors import GenericError
 from ..qapi.schema import to_qmp
 from .registry import command
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
 # -- blockdev-add / -del / -reopen ------------------------------------------------
 
 
 @command("blockdev-add")
-async def blockdev_add(daemon, args):
+async def blockdev_add(daemon: Daemon, args: Any) -> Any:
     await daemon.graph.add(to_qmp(args))
 
 
 @command("blockdev-del")
-async def blockdev_del(daemon, args):
+async def blockdev_del(daemon: Daemon, args: Any) -> Any:
     await daemon.graph.delete(args.node_name)
 
 
@@ -37,7 +42,7 @@ _REOPENABLE = {"driver", "node-name", "read-only", "auto-read-only", "detect-zer
 
 
 @command("blockdev-reopen")
-async def blockdev_reopen(daemon, args):
+async def blockdev_reopen(daemon: Daemon, args: Any) -> Any:
     graph = daemon.graph
     plans = []
     for opts in args.options:
@@ -113,13 +118,13 @@ def read_only_again(node: BlockNode) -> None:
             node.graph.commit_read_only(n)
 
 
-def _kept_discard(node: BlockNode, o: dict) -> dict:
+def _kept_discard(node: BlockNode, o: dict[str, Any]) -> dict[str, Any]:
     """``o`` as the node applies it: discard left out keeps the node's
     setting, as QEMU's reopen starts from the node's open flags."""
     return o if "discard" in o or not node.discard_unmap else {**o, "discard": "unmap"}
 
 
-async def _reopen_one(node: BlockNode, given: dict) -> None:
+async def _reopen_one(node: BlockNode, given: dict[str, Any]) -> None:
     """Reopen ``node`` with the options ``given``, which it keeps as its own."""
     o = _kept_discard(node, given)
     async with node.drained():
@@ -166,8 +171,8 @@ def _filter_or_cow(node: BlockNode) -> BlockNode | None:
     return below
 
 
-def image_info(node: BlockNode, flat: bool) -> dict:
-    info: dict = {"virtual-size": node.length, "filename": node.filename,
+def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
+    info: dict[str, Any] = {"virtual-size": node.length, "filename": node.filename,
                   "format": node.driver}
     size = node.actual_size()
     if size is not None:
@@ -182,7 +187,7 @@ def image_info(node: BlockNode, flat: bool) -> dict:
     return info
 
 
-def block_device_info(node: BlockNode, flat: bool) -> dict:
+def block_device_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     if node.ejected:
         raise GenericError(f"Block device {node.node_name} is ejected")
     # bdrv_block_device_info counts the levels of "backing-image" it nests,
@@ -218,18 +223,18 @@ def block_device_info(node: BlockNode, flat: bool) -> dict:
 
 
 @command("query-named-block-nodes")
-async def query_named_block_nodes(daemon, args):
+async def query_named_block_nodes(daemon: Daemon, args: Any) -> Any:
     flat = bool(args and args.flat)
     return [block_device_info(n, flat) for n in daemon.graph.newest_first()]
 
 
 @command("query-block")
-async def query_block(daemon, args):
+async def query_block(daemon: Daemon, args: Any) -> Any:
     return []  # no BlockBackends with a name or device in a storage daemon
 
 
-def _stats(node: BlockNode) -> dict:
-    s = {k: 0 for k in (
+def _stats(node: BlockNode) -> dict[str, Any]:
+    s: dict[str, Any] = {k: 0 for k in (
         "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
         "unmap_operations", "flush_operations", "rd_total_time_ns", "wr_total_time_ns",
         "unmap_total_time_ns", "flush_total_time_ns", "rd_merged", "wr_merged",
@@ -241,8 +246,8 @@ def _stats(node: BlockNode) -> dict:
     return s
 
 
-def _node_stats(node: BlockNode) -> dict:
-    d: dict = {"node-name": node.node_name, "stats": _stats(node)}
+def _node_stats(node: BlockNode) -> dict[str, Any]:
+    d: dict[str, Any] = {"node-name": node.node_name, "stats": _stats(node)}
     ds = node.driver_stats()
     if ds is not None:
         d["driver-specific"] = ds
@@ -256,21 +261,21 @@ def _node_stats(node: BlockNode) -> dict:
 
 
 @command("query-blockstats")
-async def query_blockstats(daemon, args):
+async def query_blockstats(daemon: Daemon, args: Any) -> Any:
     if not (args and args.query_nodes):
         return []
     return [_node_stats(n) for n in daemon.graph.nodes.values()]
 
 
 @command("x-debug-query-block-graph")
-async def x_debug_query_block_graph(daemon, args):
+async def x_debug_query_block_graph(daemon: Daemon, args: Any) -> Any:
     """bdrv_get_xdbg_block_graph: BlockBackends, then block jobs (newest
     first), then nodes in creation order, each followed by its edges (newest
     first); an object is numbered when first seen, as a node or as an edge's
     child; both lists are built by prepending."""
     ids: dict[int, int] = {}
-    nodes: list[dict] = []
-    edges: list[dict] = []
+    nodes: list[dict[str, Any]] = []
+    edges: list[dict[str, Any]] = []
     graph_nodes = {id(n) for n in daemon.graph.nodes.values()}
     backends: list[object] = []
     for n in daemon.graph.nodes.values():
@@ -287,15 +292,15 @@ async def x_debug_query_block_graph(daemon, args):
     backends.sort(key=lambda u: created[id(u)])
     jobs = [j for j in reversed(daemon.jobs.values()) if isinstance(j, BlockJob)]
 
-    def num(obj) -> int:
+    def num(obj: object) -> int:
         if id(obj) not in ids:
             ids[id(obj)] = len(ids) + 1
         return ids[id(obj)]
 
-    def add(obj, typ, name):
+    def add(obj: object, typ: str, name: str) -> None:
         nodes.insert(0, {"id": num(obj), "type": typ, "name": name})
 
-    def edge(parent, e):
+    def edge(parent: object, e: BdrvChild) -> None:
         if id(e.node) in graph_nodes:
             edges.insert(0, {"parent": num(parent), "child": num(e.node),
                              "name": e.name, "perm": perm_list(e.perm),
@@ -326,7 +331,7 @@ class _ResizeUser(BlockParent):
 
 
 @command("block_resize")
-async def block_resize(daemon, args):
+async def block_resize(daemon: Daemon, args: Any) -> Any:
     node = daemon.graph.lookup_bs(args.device, args.node_name)
     if args.size < 0:
         raise GenericError("Parameter 'size' expects a >0 size")
@@ -341,7 +346,7 @@ async def block_resize(daemon, args):
 
 
 @command("block-set-write-threshold")
-async def block_set_write_threshold(daemon, args):
+async def block_set_write_threshold(daemon: Daemon, args: Any) -> Any:
     node = daemon.graph.nodes.get(args.node_name)
     if node is None:
         raise GenericError(f"Device '{args.node_name}' not found")
@@ -353,12 +358,12 @@ async def block_set_write_threshold(daemon, args):
 MAX_BITMAP_NAME = 1023
 
 
-def _bitmap(daemon, node_name: str, name: str):
+def _bitmap(daemon: Daemon, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
     return bitmaps.lookup(daemon.graph, node_name, name)
 
 
 @command("block-dirty-bitmap-add")
-async def block_dirty_bitmap_add(daemon, args):
+async def block_dirty_bitmap_add(daemon: Daemon, args: Any) -> Any:
     node = daemon.graph.lookup_bs(args.node)
     name = args.name
     if not name:
@@ -382,37 +387,37 @@ async def block_dirty_bitmap_add(daemon, args):
 
 
 @command("block-dirty-bitmap-remove")
-async def block_dirty_bitmap_remove(daemon, args):
+async def block_dirty_bitmap_remove(daemon: Daemon, args: Any) -> Any:
     node, bm = _bitmap(daemon, args.node, args.name)
     bm.check()
     if bm.persistent:
-        await node.remove_persistent_bitmap(bm.name)
-    del node.bitmaps[bm.name]
+        await node.remove_persistent_bitmap(args.name)
+    del node.bitmaps[args.name]
 
 
 @command("block-dirty-bitmap-clear")
-async def block_dirty_bitmap_clear(daemon, args):
+async def block_dirty_bitmap_clear(daemon: Daemon, args: Any) -> Any:
     _node, bm = _bitmap(daemon, args.node, args.name)
     bm.check()
     bm.clear()
 
 
 @command("block-dirty-bitmap-enable")
-async def block_dirty_bitmap_enable(daemon, args):
+async def block_dirty_bitmap_enable(daemon: Daemon, args: Any) -> Any:
     _node, bm = _bitmap(daemon, args.node, args.name)
     bm.check(allow_ro=True)
     bm.enabled = True
 
 
 @command("block-dirty-bitmap-disable")
-async def block_dirty_bitmap_disable(daemon, args):
+async def block_dirty_bitmap_disable(daemon: Daemon, args: Any) -> Any:
     _node, bm = _bitmap(daemon, args.node, args.name)
     bm.check(allow_ro=True)
     bm.enabled = False
 
 
 @command("block-dirty-bitmap-merge")
-async def block_dirty_bitmap_merge(daemon, args):
+async def block_dirty_bitmap_merge(daemon: Daemon, args: Any) -> Any:
     _node, target = _bitmap(daemon, args.node, args.target)
     target.check()
     sources = []
@@ -432,6 +437,6 @@ async def block_dirty_bitmap_merge(daemon, args):
 
 
 @command("x-debug-block-dirty-bitmap-sha256")
-async def x_debug_block_dirty_bitmap_sha256(daemon, args):
+async def x_debug_block_dirty_bitmap_sha256(daemon: Daemon, args: Any) -> Any:
     _node, bm = _bitmap(daemon, args.node, args.name)
     return {"sha256": bm.sha256()}

@@ -30,12 +30,13 @@ import contextlib
 import errno
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..jobs.blockjob import BlockJob, check_not_busy
 from ..nodes.file import FileNode
-from ..nodes.graph import DRIVERS
+from ..nodes.graph import DRIVERS, BlockGraph
 from ..nodes.node import BdrvChild, BlockNode, Perm
 from ..nodes.qcow2 import snapshots
 from ..nodes.qcow2.create import create_qcow2
@@ -44,6 +45,9 @@ from ..nodes.qcow2.header import EXT_BACKING_FORMAT
 from ..qapi.errors import GenericError
 from .registry import command
 
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
 # -- shared checks -----------------------------------------------------------------
 
 
@@ -51,15 +55,15 @@ def _is_job(parent: object) -> bool:
     return isinstance(parent, BlockJob)
 
 
-def root_bs(daemon, name: str) -> BlockNode:
+def root_bs(daemon: Daemon, name: str) -> BlockNode:
     """qmp_get_root_bs: a node no other node (or job) uses."""
-    node = daemon.graph.lookup_bs(name, name)
+    node: BlockNode = daemon.graph.lookup_bs(name, name)
     if any(isinstance(e.parent, BlockNode) or _is_job(e.parent) for e in node.parents):
         raise GenericError("Need a root block node")
     return node
 
 
-def check_op_blockers(daemon, node: BlockNode) -> None:
+def check_op_blockers(daemon: Daemon, node: BlockNode) -> None:
     """bdrv_op_is_blocked for snapshot and change operations: a block job on
     the node, or the node being some other node's backing file."""
     for e in reversed(node.parents):  # the oldest blocker is reported
@@ -84,23 +88,19 @@ def _skip_filters(node: BlockNode) -> BlockNode:
 
 def _chain(top: BlockNode) -> list[BlockNode]:
     """``top`` and everything below it through filtered and backing children."""
-    out, n = [], top
+    out: list[BlockNode] = []
+    n: BlockNode | None = top
     while n is not None and n not in out:
         out.append(n)
-        b = _backing_edge(n)
-        if b is not None:
-            n = b.node
-        elif n.is_filter and n.primary_child() is not None:
-            n = n.primary_child().node
-        else:
-            n = None
+        b = _backing_edge(n) or (n.primary_child() if n.is_filter else None)
+        n = b.node if b is not None else None
     return out
 
 
 # -- external snapshots ---------------------------------------------------------------
 
 
-def append(graph, overlay: BlockNode, old: BlockNode) -> None:
+def append(graph: BlockGraph, overlay: BlockNode, old: BlockNode) -> None:
     """bdrv_append: ``old`` becomes overlay's backing; old's users move up.
 
     Raises GenericError (a cycle, a permission conflict) with nothing changed.
@@ -122,7 +122,7 @@ def _inheriting_subtree(node: BlockNode) -> list[BlockNode]:
     return out
 
 
-async def reopen_read_only(graph, node: BlockNode) -> None:
+async def reopen_read_only(graph: BlockGraph, node: BlockNode) -> None:
     """bdrv_reopen_set_read_only(bs, true) for the old top of a snapshot and
     the children it opened: best effort, as QEMU ignores the errors.  A child
     another user still writes through stays writable."""
@@ -156,7 +156,7 @@ _NO_CREATE = {"throttle", "copy-on-read", "blkdebug", "blkverify", "null-co", "n
               "iscsi", "rbd", "nvme"}
 
 
-async def _create_overlay_file(graph, path: str, fmt: str, size: int, backing_file: str,
+async def _create_overlay_file(graph: BlockGraph, path: str, fmt: str, size: int, backing_file: str,
                                backing_fmt: str) -> None:
     """bdrv_img_create for blockdev-snapshot-sync: a qcow2 file naming its backing."""
     if fmt not in DRIVERS and fmt not in _NO_BACKING and fmt not in _NO_CREATE:
@@ -182,8 +182,8 @@ async def _create_overlay_file(graph, path: str, fmt: str, size: int, backing_fi
     finally:
         with trio.CancelScope(shield=True):
             graph.nodes.pop(file.node_name, None)
-            for e in list(file.parents):
-                e.detach()
+            for edge in list(file.parents):
+                edge.detach()
             with contextlib.suppress(Exception):
                 await file.close()
 
@@ -192,7 +192,8 @@ class ExternalSnapshot:
     """A prepared external snapshot: ``overlay`` is appended above ``old``.
     Exactly one of :meth:`commit` and :meth:`abort` finishes it."""
 
-    def __init__(self, graph, old: BlockNode, overlay: BlockNode, created: bool) -> None:
+    def __init__(self, graph: BlockGraph, old: BlockNode, overlay: BlockNode,
+                 created: bool) -> None:
         self.graph, self.old, self.overlay, self.created = graph, old, overlay, created
 
     async def commit(self) -> None:
@@ -221,17 +222,17 @@ class ExternalSnapshot:
                 await self.graph.unref(overlay)  # the image file stays
 
 
-async def external_snapshot(daemon, *, device: str | None, node_name: str | None,
-                            overlay_ref: str | None = None, sync=None) -> None:
+async def external_snapshot(daemon: Daemon, *, device: str | None, node_name: str | None,
+                            overlay_ref: str | None = None, sync: Any = None) -> None:
     """external_snapshot_prepare + commit + clean for one action."""
     state = await external_snapshot_prepare(daemon, device=device, node_name=node_name,
                                             overlay_ref=overlay_ref, sync=sync)
     await state.commit()
 
 
-async def external_snapshot_prepare(daemon, *, device: str | None, node_name: str | None,
-                                    overlay_ref: str | None = None,
-                                    sync=None) -> ExternalSnapshot:
+async def external_snapshot_prepare(daemon: Daemon, *, device: str | None,
+                                    node_name: str | None, overlay_ref: str | None = None,
+                                    sync: Any = None) -> ExternalSnapshot:
     """external_snapshot_prepare: checks, the new overlay, the append.
 
     Raises (QEMU's errors) with nothing changed but a created image file."""
@@ -286,13 +287,13 @@ async def external_snapshot_prepare(daemon, *, device: str | None, node_name: st
 
 
 @command("blockdev-snapshot")
-async def blockdev_snapshot(daemon, args):
+async def blockdev_snapshot(daemon: Daemon, args: Any) -> Any:
     await external_snapshot(daemon, device=args.node, node_name=args.node,
                             overlay_ref=args.overlay)
 
 
 @command("blockdev-snapshot-sync")
-async def blockdev_snapshot_sync(daemon, args):
+async def blockdev_snapshot_sync(daemon: Daemon, args: Any) -> Any:
     await external_snapshot(daemon, device=args.device, node_name=args.node_name, sync=args)
 
 
@@ -339,7 +340,7 @@ async def _write_header_names(image: Qcow2Node, backing_file: str, backing_fmt: 
 
 
 @command("change-backing-file")
-async def change_backing_file(daemon, args):
+async def change_backing_file(daemon: Daemon, args: Any) -> Any:
     graph = daemon.graph
     bs = root_bs(daemon, args.device)
     image = graph.lookup_bs(None, args.image_node_name)
@@ -359,15 +360,15 @@ async def change_backing_file(daemon, args):
         await _write_header_names(image, name, image.driver)
     except OSError as e:
         raise GenericError(f"Could not change backing file to '{name}': "
-                           f"{os.strerror(e.errno)}") from None
+                           f"{os.strerror(e.errno or 0)}") from None
 
 
 # -- internal snapshots -------------------------------------------------------------
 
 
-def _snapshot_target(node: BlockNode) -> BlockNode | None:
+def _snapshot_target(node: BlockNode) -> Qcow2Node | None:
     """The qcow2 node that holds ``node``'s snapshots (bdrv_snapshot_fallback)."""
-    while node.driver != "qcow2":
+    while not isinstance(node, Qcow2Node):
         prim = node.primary_child()
         if prim is None:
             return None
@@ -380,14 +381,14 @@ def _snapshot_target(node: BlockNode) -> BlockNode | None:
 
 
 @command("blockdev-snapshot-internal-sync")
-async def blockdev_snapshot_internal_sync(daemon, args):
+async def blockdev_snapshot_internal_sync(daemon: Daemon, args: Any) -> Any:
     await internal_snapshot_prepare(daemon, args)
 
 
 class InternalSnapshot:
     """A snapshot taken by a transaction's action, deleted again on abort."""
 
-    def __init__(self, bs: BlockNode, target: BlockNode, snap) -> None:
+    def __init__(self, bs: BlockNode, target: Qcow2Node, snap: Any) -> None:
         self.bs, self.target, self.snap = bs, target, snap
 
     async def abort(self) -> None:
@@ -398,7 +399,7 @@ class InternalSnapshot:
                     await snapshots.delete(self.target, self.snap)
 
 
-async def internal_snapshot_prepare(daemon, args) -> InternalSnapshot:
+async def internal_snapshot_prepare(daemon: Daemon, args: Any) -> InternalSnapshot:
     """internal_snapshot_prepare: QEMU's checks, then the snapshot."""
     device, name = args.device, args.name
     bs = root_bs(daemon, device)
@@ -425,12 +426,12 @@ async def internal_snapshot_prepare(daemon, args) -> InternalSnapshot:
             snap = await snapshots.create(target, name, vm_clock_nsec=date_ns, date_ns=date_ns)
         except OSError as e:
             raise GenericError(f"Failed to create snapshot '{name}' on device '{device}': "
-                               f"{os.strerror(e.errno)}") from None
+                               f"{os.strerror(e.errno or 0)}") from None
     return InternalSnapshot(bs, target, snap)
 
 
 @command("blockdev-snapshot-delete-internal-sync")
-async def blockdev_snapshot_delete_internal_sync(daemon, args):
+async def blockdev_snapshot_delete_internal_sync(daemon: Daemon, args: Any) -> Any:
     device, sid, name = args.device, args.id, args.name
     bs = root_bs(daemon, device)
     if sid is None and name is None:
@@ -453,5 +454,5 @@ async def blockdev_snapshot_delete_internal_sync(daemon, args):
             await snapshots.delete(target, snap)
         except OSError as e:
             raise GenericError(f"Failed to remove snapshot from snapshot list: "
-                               f"{os.strerror(e.errno)}") from None
+                               f"{os.strerror(e.errno or 0)}") from None
     return info

@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..qapi.errors import GenericError
+
+if TYPE_CHECKING:
+    from .graph import BlockGraph
+    from .node import BlockNode
 
 # The first byte with any bit set / any bit clear: the regex engine scans in C,
 # straight over the bytearray (no copy), so finding the next dirty or clean
@@ -27,8 +33,8 @@ _ANY_CLEAR = re.compile(rb"[^\xff]")
 
 
 class DirtyBitmap:
-    def __init__(self, name: str, size: int, granularity: int, *, persistent: bool = False,
-                 enabled: bool = True):
+    def __init__(self, name: str | None, size: int, granularity: int, *,
+                 persistent: bool = False, enabled: bool = True):
         self.name = name
         self.granularity = granularity
         self.shift = granularity.bit_length() - 1
@@ -165,7 +171,8 @@ class DirtyBitmap:
         stop = self.next_clean(start, end - start)
         return start, (end if stop is None else stop) - start
 
-    def dirty_extents(self, offset: int = 0, length: int | None = None):
+    def dirty_extents(self, offset: int = 0,
+                      length: int | None = None) -> Iterator[tuple[int, int, bool]]:
         """Yield (offset, length, dirty) runs covering [offset, offset+length)."""
         pos, end = self._span(offset, length)
         dirty = pos < end and self.get(pos)
@@ -196,8 +203,8 @@ class DirtyBitmap:
         words = (len(self.bits) + 7) // 8
         return hashlib.sha256(bytes(self.bits).ljust(words * 8, b"\0")).hexdigest()
 
-    def info(self) -> dict:
-        d = {} if self.name is None else {"name": self.name}  # anonymous: no name
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {} if self.name is None else {"name": self.name}  # anonymous: no name
         d |= {
             "recording": self.enabled,
             "persistent": self.persistent,
@@ -220,7 +227,7 @@ class DirtyBitmap:
             raise GenericError(f"Bitmap '{self.name}' is inconsistent and cannot be used")
 
 
-def lookup(graph, node_name: str, name: str):
+def lookup(graph: BlockGraph, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
     """block_dirty_bitmap_lookup: ``(node, bitmap)``, with QEMU's errors for
     a missing node or bitmap (the bitmap commands and copy-before-write's
     ``bitmap`` option share them)."""

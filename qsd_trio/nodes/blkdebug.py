@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+from typing import Any
 
 import trio
 
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError
 from .graph import register_driver
-from .node import BlockNode, BlockStatus
+from .node import BlockNode, BlockStatus, Buffer
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 
 
 class _Rule:
-    def __init__(self, opts: dict):
+    def __init__(self, opts: dict[str, Any]):
         self.event = opts["event"]
         self.state = opts.get("state", 0)  # 0 = any state
         iot = opts.get("iotype")
@@ -43,7 +44,7 @@ class BlkdebugNode(BlockNode):
     is_filter = True
     shows_filtered_child = True
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         qemuopts.absorb_sizes(self.driver, options)
         if options.get("config"):
             raise GenericError("blkdebug config files are not supported by qsd-trio")
@@ -101,31 +102,32 @@ class BlkdebugNode(BlockNode):
     def _length(self) -> int:
         return self.file.node.length
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         await self._rule_check(offset, length, "read")
         return await self.file.node.read(offset, length)
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._rule_check(offset, len(data), "write")
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         await self._rule_check(offset, length, "write-zeroes")
         await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                           no_fallback=no_fallback)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self._rule_check(offset, length, "discard")
         await self.file.node.discard(offset, length)
 
-    async def _co_flush(self):
+    async def _co_flush(self) -> None:
         await self._rule_check(0, 0, "flush")
         await self.file.node.flush()
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         await self._rule_check(offset, length, "block-status")
         st = await self.file.node.block_status(offset, length)
         return BlockStatus(st.flags, st.length, st.depth, st.offset)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

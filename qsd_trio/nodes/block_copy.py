@@ -31,7 +31,7 @@ import sys
 import trio
 
 from .bitmaps import DirtyBitmap
-from .node import BlockNode, BlockStatus, Status
+from .node import BlockNode, BlockStatus, Buffer, Status
 
 CLUSTER_SIZE_DEFAULT = 1 << 16   # BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 MAX_BUFFER = 1 << 20             # BLOCK_COPY_MAX_BUFFER: one read + write
@@ -286,13 +286,13 @@ class BlockCopyState:
             try:
                 await target.write_zeroes(offset, nbytes)
             except OSError as e:
-                e.is_read = False
+                e.is_read = False  # type: ignore[attr-defined]  # for the job's on-error
                 raise
             return
         try:
             data = await self.source.read(offset, nbytes)
         except OSError as e:
-            e.is_read = True
+            e.is_read = True  # type: ignore[attr-defined]
             raise
         try:
             if self.compress:
@@ -300,10 +300,10 @@ class BlockCopyState:
             else:
                 await target.write(offset, data)
         except OSError as e:
-            e.is_read = False
+            e.is_read = False  # type: ignore[attr-defined]
             raise
 
-    async def _write_compressed(self, offset: int, data) -> None:
+    async def _write_compressed(self, offset: int, data: Buffer) -> None:
         c = self.cluster_size
         mv = memoryview(data)
         for i in range(0, len(mv), c):

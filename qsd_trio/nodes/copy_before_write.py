@@ -29,6 +29,7 @@ close.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import trio
 
@@ -36,8 +37,11 @@ from . import bitmaps
 from .bitmaps import DirtyBitmap
 from .block_copy import BlockCopyState
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Perm, Status
+from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, Status
 from .perms import filter_perms
+
+# a range a snapshot read holds against copy-before-write: offset, bytes, released
+_Frozen = tuple[int, int, trio.Event]
 
 
 @register_driver
@@ -48,7 +52,7 @@ class CopyBeforeWriteNode(BlockNode):
     supports_snapshot_access = True
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         self.file = await self.open_child(options, "file")
         self.target = await self.open_child(options, "target")
         bitmap = self._find_bitmap(options.get("bitmap"))
@@ -68,15 +72,15 @@ class CopyBeforeWriteNode(BlockNode):
         self.bitmaps["\x00cbw-access"] = self.access_bitmap
         self.snapshot_error = 0
         self.dropped = False
-        self._frozen: list[tuple[int, int, trio.Event]] = []
+        self._frozen: list[_Frozen] = []
 
-    def _find_bitmap(self, spec) -> DirtyBitmap | None:
+    def _find_bitmap(self, spec: dict[str, Any] | None) -> DirtyBitmap | None:
         """cbw_parse_bitmap_option."""
         if spec is None:
             return None
         return bitmaps.lookup(self.graph, spec["node"], spec["name"])[1]
 
-    def child_perm(self, edge, perm, shared):
+    def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         """cbw_child_perm."""
         if edge.name == "target":
             # share write: the guest's own disk may be in the target's
@@ -124,33 +128,34 @@ class CopyBeforeWriteNode(BlockNode):
                 break
             await ev.wait()
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         return await self.file.node.read(offset, length)
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._copy_before_write(offset, len(data))
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         await self._copy_before_write(offset, length)
         await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                           no_fallback=no_fallback)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self._copy_before_write(offset, length)
         await self.file.node.discard(offset, length)
 
-    async def _co_flush(self):
+    async def _co_flush(self) -> None:
         await self.file.node.flush()
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         return await self.file.node.block_status(offset, length)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.file.node.truncate(size, exact=exact, prealloc=prealloc)
 
     # -- the snapshot API (snapshot-access reads through it) ---------------------------------
-    def _snapshot_lock(self, offset: int, length: int):
+    def _snapshot_lock(self, offset: int, length: int) -> tuple[BlockNode, int, _Frozen | None]:
         """cbw_snapshot_read_lock: (node to read, bytes, frozen entry or None)."""
         if self.snapshot_error:
             raise OSError(errno.EACCES, "Permission denied")
@@ -166,14 +171,14 @@ class CopyBeforeWriteNode(BlockNode):
         self._frozen.append(entry)
         return self.file.node, n, entry
 
-    def _snapshot_unlock(self, entry) -> None:
+    def _snapshot_unlock(self, entry: _Frozen | None) -> None:
         if entry is not None:
             self._frozen.remove(entry)
             entry[2].set()
 
-    async def preadv_snapshot(self, offset: int, length: int):
+    async def preadv_snapshot(self, offset: int, length: int) -> Buffer:
         """cbw_co_preadv_snapshot: the image as it was when the filter opened."""
-        parts = []
+        parts: list[Buffer] = []
         pos, end = offset, offset + length
         while pos < end:
             node, n, entry = self._snapshot_lock(pos, end - pos)

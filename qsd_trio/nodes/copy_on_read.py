@@ -7,8 +7,10 @@ layers down to ``bottom`` is copied; what lies below it, or nowhere, is not.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .graph import register_driver
-from .node import BlockNode, Perm, Status
+from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, Status
 
 
 @register_driver
@@ -17,12 +19,12 @@ class CopyOnReadNode(BlockNode):
     is_filter = True
     shows_filtered_child = True
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         self.file = await self.open_child(options, "file")
         self.bottom = options.get("bottom")
         self.request_alignment = self.file.node.request_alignment
 
-    def child_perm(self, edge, perm, shared):
+    def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # the filter writes back unchanged data, hence write-unchanged
         return Perm(perm | Perm.WRITE_UNCHANGED), Perm(shared)
 
@@ -33,7 +35,8 @@ class CopyOnReadNode(BlockNode):
         """How many layers down ``bottom`` is (1: the child itself)."""
         if self.bottom is None:
             return None
-        node, depth = self.file.node, 1
+        node: BlockNode | None = self.file.node
+        depth = 1
         while node is not None:
             if node.node_name == self.bottom:
                 return depth
@@ -41,7 +44,7 @@ class CopyOnReadNode(BlockNode):
             node, depth = (edge.node if edge else None), depth + 1
         return None
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         child = self.file.node
         bottom = self._bottom_depth()
         out = bytearray()
@@ -62,18 +65,19 @@ class CopyOnReadNode(BlockNode):
             pos += n
         return out
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                           no_fallback=no_fallback)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self.file.node.discard(offset, length)
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         return await self.file.node.block_status(offset, length)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

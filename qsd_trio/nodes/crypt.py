@@ -10,8 +10,9 @@ sector ranges overlap (QEMU makes such requests serialising).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -19,6 +20,9 @@ from ..crypto import luks
 from ..crypto import secrets as secretmod
 from ..crypto.cipher import SECTOR, SectorCipher
 from ..qapi.errors import GenericError
+
+if TYPE_CHECKING:
+    from .graph import BlockGraph
 
 
 def align_down(x: int) -> int:
@@ -36,7 +40,7 @@ class SectorWrites:
         self._inflight: list[tuple[int, int, trio.Event]] = []
 
     @asynccontextmanager
-    async def hold(self, start: int, end: int):
+    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
         while True:
             for a, b, ev in self._inflight:
                 if a < end and start < b:
@@ -57,7 +61,7 @@ ReadPlain = Callable[[int, int], Awaitable[bytes | bytearray | memoryview]]
 WritePlain = Callable[[int, bytes | bytearray | memoryview], Awaitable[None]]
 
 
-async def write_sectors(writes: SectorWrites, offset: int, data, read: ReadPlain,
+async def write_sectors(writes: SectorWrites, offset: int, data: memoryview, read: ReadPlain,
                         write: WritePlain, limit: int) -> None:
     """Write ``data`` at ``offset`` as whole sectors: the partial edge
     sectors are read back (as plaintext, through ``read``) and merged.
@@ -78,11 +82,19 @@ async def write_sectors(writes: SectorWrites, offset: int, data, read: ReadPlain
         await write(a, buf)
 
 
-def _pad(d) -> bytes:
+def _as_bytes(read: ReadPlain) -> Callable[[int, int], Awaitable[bytes]]:
+    """``read`` for the header code, which takes bytes (key material is
+    read at open and amend only)."""
+    async def read_bytes(off: int, n: int) -> bytes:
+        return bytes(await read(off, n))
+    return read_bytes
+
+
+def _pad(d: bytes | bytearray | memoryview) -> bytes:
     return bytes(d).ljust(SECTOR, b"\0")
 
 
-async def open_luks(graph, secret_id: str | None, read: ReadPlain, *,
+async def open_luks(graph: BlockGraph, secret_id: str | None, read: ReadPlain, *,
                     prefix: str = "") -> tuple[luks.LuksHeader, SectorCipher]:
     """Unlock a LUKS volume whose header ``read`` reads (offset 0 = its start).
 
@@ -94,16 +106,16 @@ async def open_luks(graph, secret_id: str | None, read: ReadPlain, *,
     password = secretmod.lookup_utf8(graph, secret_id)
     try:
         hdr = luks.parse_header(bytes(await read(0, luks.HEADER_SIZE)))
-        key = await luks.unlock(hdr, password, read)
+        key = await luks.unlock(hdr, password, _as_bytes(read))
         return hdr, hdr.sector_cipher(key)
     except luks.LuksError as e:
         raise GenericError(str(e)) from None
 
 
-def create_options(o) -> luks.CreateOptions:
+def create_options(o: Any) -> luks.CreateOptions:
     """luks.CreateOptions from a QCryptoBlockCreateOptionsLUKS-shaped object
     (QAPI attrs or a dict with hyphenated keys)."""
-    def get(name: str):
+    def get(name: str) -> Any:
         if isinstance(o, dict):
             v = o.get(name.replace("_", "-"))
         else:
@@ -119,7 +131,8 @@ def create_options(o) -> luks.CreateOptions:
     return d
 
 
-async def create_luks(graph, o, prefix: str = ""):
+async def create_luks(graph: BlockGraph, o: Any,
+                      prefix: str = "") -> tuple[luks.LuksHeader, list[tuple[int, bytes]], bytes]:
     """A new LUKS header for blockdev-create options ``o``: (header,
     [(offset, bytes)] to write, master key).  PBKDF2 runs in a thread."""
     secret_id = o.get("key-secret") if isinstance(o, dict) else getattr(o, "key_secret", None)
@@ -133,12 +146,13 @@ async def create_luks(graph, o, prefix: str = ""):
         raise GenericError(str(e)) from None
 
 
-async def amend_luks(graph, hdr: luks.LuksHeader, read: ReadPlain, o, *, open_secret: str,
+async def amend_luks(graph: BlockGraph, hdr: luks.LuksHeader, read: ReadPlain, o: Any, *,
+                     open_secret: str,
                      force: bool) -> list[tuple[int, bytes]]:
     """x-blockdev-amend of a LUKS header (QCryptoBlockAmendOptionsLUKS ``o``,
     QAPI attrs or a dict): the checks and texts of QEMU, then
     :func:`luks.amend`.  Returns the writes to make, offsets from the header."""
-    def get(name: str):
+    def get(name: str) -> Any:
         v = o.get(name.replace("_", "-")) if isinstance(o, dict) else getattr(o, name, None)
         return getattr(v, "value", v)
 
@@ -158,7 +172,7 @@ async def amend_luks(graph, hdr: luks.LuksHeader, read: ReadPlain, o, *, open_se
     unlock_id = get("secret") or open_secret
     try:
         return await luks.amend(
-            hdr, read, active=active,
+            hdr, _as_bytes(read), active=active,
             unlock_password=secretmod.lookup_utf8(graph, unlock_id) if active else b"",
             new_password=secretmod.lookup_utf8(graph, new) if new is not None else None,
             old_password=secretmod.lookup_utf8(graph, old) if old is not None else None,

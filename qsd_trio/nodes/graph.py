@@ -12,9 +12,11 @@ closed and forgotten and every edge it made is dropped.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import trio
 
@@ -22,6 +24,7 @@ from .. import trace
 from ..qapi.errors import DeviceNotFound, GenericError, QapiError
 from .engine import Engines
 from .node import BdrvChild, BlockNode, BlockParent, Perm
+from .perms import refresh
 from .throttle_group import ThrottleGroup
 
 DRIVERS: dict[str, type[BlockNode]] = {}
@@ -45,8 +48,6 @@ def register_driver(cls: type[BlockNode]) -> type[BlockNode]:
 
 def load_drivers() -> dict[str, type[BlockNode]]:
     """Import every driver module so that it registers itself."""
-    import importlib
-
     for mod in ("null", "file", "host_device", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
                 "copy_before_write", "snapshot_access", "luks"):
         importlib.import_module(f"{__package__}.{mod}")
@@ -105,7 +106,7 @@ class BlockGraph:
         return list(reversed(self.nodes.values()))
 
     # -- opening -----------------------------------------------------------------
-    async def add(self, options: dict) -> BlockNode:
+    async def add(self, options: dict[str, Any]) -> BlockNode:
         """blockdev-add: open a node (and nested children) from ``options``."""
         if options.get("node-name") is None:
             raise GenericError("'node-name' must be specified for the root node")
@@ -131,7 +132,7 @@ class BlockGraph:
         if len(name) >= 32:
             raise GenericError("Node name too long")
 
-    async def open_node(self, options: dict) -> BlockNode:
+    async def open_node(self, options: dict[str, Any]) -> BlockNode:
         """Open a node (and its nested children) from ``options`` without
         making it monitor-owned: an implicit node (``#blockNNN`` unless named)
         that lives as long as its users; inside :meth:`add` a failure closes
@@ -140,7 +141,7 @@ class BlockGraph:
         if name is not None:
             self.check_new_node_name(name)
         drv = options.get("driver")
-        cls = DRIVERS.get(drv)
+        cls = DRIVERS.get(drv) if isinstance(drv, str) else None
         if cls is None:
             raise GenericError(f"Unknown driver '{drv}'")
         node = cls(self, name or self.auto_name(), read_only=bool(options.get("read-only", False)))
@@ -167,7 +168,7 @@ class BlockGraph:
                 with contextlib.suppress(Exception):
                     await node._close()
 
-    async def open_child(self, parent: BlockNode, options: dict, role: str, *,
+    async def open_child(self, parent: BlockNode, options: dict[str, Any], role: str, *,
                          required: bool = True, inherit: bool = True) -> BdrvChild | None:
         """Open (nested dict) or find (node name) child ``role`` and attach it."""
         val = options.get(role)
@@ -206,7 +207,6 @@ class BlockGraph:
 
     def link(self, parent: BlockNode, child: BlockNode, role: str) -> BdrvChild:
         """Make ``child`` parent's ``role`` child with the permissions it needs."""
-        from .perms import refresh
         if child is parent or parent in child.subtree():
             raise GenericError("Making '%s' a %s child of '%s' would create a cycle"
                                % (child.node_name, role, parent.node_name))
@@ -228,7 +228,7 @@ class BlockGraph:
         return edge
 
     # -- filters inserted and dropped by jobs ------------------------------------------
-    async def insert_filter(self, below: BlockNode, options: dict) -> BlockNode:
+    async def insert_filter(self, below: BlockNode, options: dict[str, Any]) -> BlockNode:
         """bdrv_insert_node: open a filter from ``options`` (whose filtered
         child names ``below``) and move every parent of ``below`` to it.
 
@@ -293,8 +293,6 @@ class BlockGraph:
         out again; on a conflict every edge goes back, and GenericError is
         raised with nothing changed.  Callers drain ``old`` first.
         """
-        from .perms import refresh
-
         skip = set(map(id, keep))
         moved = [e for e in old.parents
                  if e.parent is not new and id(e) not in skip
@@ -335,8 +333,6 @@ class BlockGraph:
     def commit_read_only(self, node: BlockNode) -> None:
         """The graph half: the node is read-only, says so in its options, and
         takes (and locks) no more than a reader; shrinking never conflicts."""
-        from .perms import refresh
-
         node.read_only = True
         node.options = {**node.options, "read-only": True}
         with contextlib.suppress(Exception):
@@ -389,7 +385,8 @@ class BlockGraph:
             for child in children:
                 await self.unref(child)
 
-    async def run_timers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_timers(self, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The graph's one timer task: about once a second, each node's
         ``periodic`` (qcow2's cache-clean-interval).  Runs until cancelled."""
         task_status.started()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import trio
 
@@ -27,7 +28,7 @@ class HostDeviceNode(FileNode):
     driver = "host_device"
     grows = False
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         path = options["filename"]
         try:
             st = await trio.to_thread.run_sync(os.stat, path)
@@ -41,7 +42,7 @@ class HostDeviceNode(FileNode):
     def actual_size(self) -> int | None:
         return 0  # a device has no allocated file size (QEMU reports 0)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         # raw_co_truncate for a non-regular file
         if prealloc != "off":
             raise GenericError(f"Preallocation mode '{prealloc}' unsupported for this "

@@ -24,9 +24,10 @@ the node below, which the child edge still names.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Perm
+from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm
 from .perms import filter_perms
 
 ActiveWrite = Callable[[str, int, int, object, bool, Callable[[], Awaitable[None]]],
@@ -38,11 +39,11 @@ class _JobFilter(BlockNode):
     shows_filtered_child = True
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         self.backing = await self.open_child(options, "backing", inherit=False)
         self.request_alignment = self.backing.node.request_alignment
 
-    def primary_child(self):
+    def primary_child(self) -> BdrvChild | None:
         return self.children.get("backing")
 
     @property
@@ -56,7 +57,7 @@ class _JobFilter(BlockNode):
     def _length(self) -> int:
         return self.below.length
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         return await self.below.read(offset, length)
 
     async def _co_flush(self) -> None:
@@ -67,7 +68,7 @@ class _JobFilter(BlockNode):
         # the filter adds a layer: data found n layers below is n+1 down here
         return BlockStatus(st.flags, st.length, st.depth + 1 if st.depth else 0, st.offset)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.below.truncate(size, exact=exact, prealloc=prealloc)
 
 
@@ -77,11 +78,11 @@ class MirrorTopNode(_JobFilter):
     stop = False  # the job is over: take nothing of the node below
     active: ActiveWrite | None = None
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         self.is_commit = bool(options.get("x-is-commit", False))
         await super().open(options)
 
-    def child_perm(self, edge, perm, shared):
+    def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         if self.stop:
             return Perm(0), Perm.ALL
         perm, shared = filter_perms(perm, shared)
@@ -90,7 +91,7 @@ class MirrorTopNode(_JobFilter):
             shared |= Perm.WRITE
         return Perm(perm), Perm(shared)
 
-    async def _write(self, method: str, offset: int, length: int, data, fua: bool,
+    async def _write(self, method: str, offset: int, length: int, data: Buffer | None, fua: bool,
                      do_write: Callable[[], Awaitable[None]]) -> None:
         active = self.active
         if active is None:
@@ -98,7 +99,7 @@ class MirrorTopNode(_JobFilter):
         else:
             await active(method, offset, length, data, fua, do_write)
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         below = self.below
 
         async def do_write() -> None:
@@ -106,7 +107,8 @@ class MirrorTopNode(_JobFilter):
 
         await self._write("copy", offset, len(data), data, fua, do_write)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         below = self.below
 
         async def do_write() -> None:
@@ -115,7 +117,7 @@ class MirrorTopNode(_JobFilter):
 
         await self._write("zero", offset, length, None, fua, do_write)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         below = self.below
 
         async def do_write() -> None:
@@ -131,15 +133,16 @@ class CommitTopNode(_JobFilter):
 
     driver = "commit_top"
 
-    def child_perm(self, edge, perm, shared):
+    def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         return Perm(0), Perm.ALL
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self.below.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         await self.below.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                       no_fallback=no_fallback)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self.below.discard(offset, length)

@@ -47,7 +47,7 @@ def _setlk(fd: int, start: int, ltype: int) -> None:
 
 def _locked_by_other(fd: int, start: int) -> bool:
     res = fcntl.fcntl(fd, F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, 1, 0))
-    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+    return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
 
 def ofd_supported(fd: int) -> bool:
@@ -95,7 +95,7 @@ def set_perm_locks(fd: int, old: tuple[Perm, Perm], new: tuple[Perm, Perm],
         check_lock_bytes(fd, new[0], new[1], filename)
     except OSError as e:
         apply_lock_bytes(fd, *old)
-        raise GenericError(f"Failed to lock byte: {os.strerror(e.errno)}") from e
+        raise GenericError(f"Failed to lock byte: {os.strerror(e.errno or 0)}") from e
     except GenericError:
         apply_lock_bytes(fd, *old)
         raise

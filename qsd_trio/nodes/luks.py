@@ -13,11 +13,13 @@ not a zero sector on the file).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..crypto.cipher import SECTOR
 from ..qapi.errors import GenericError
 from . import crypt
 from .graph import register_driver
-from .node import BlockNode, json_filename
+from .node import BlockNode, Buffer, json_filename
 
 
 @register_driver
@@ -25,12 +27,12 @@ class LuksNode(BlockNode):
     driver = "luks"
     encrypted = True
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         self.file_edge = await self.open_child(options, "file")
         self.file: BlockNode = self.file_edge.node
-        self.key_secret = options.get("key-secret")
+        self.key_secret: str | None = options.get("key-secret")
 
-        async def read(off: int, n: int):
+        async def read(off: int, n: int) -> Buffer:
             return await self.file.read(off, max(0, min(n, self.file.length - off)))
 
         self.header, self.cipher = await crypt.open_luks(self.graph, self.key_secret, read)
@@ -46,14 +48,14 @@ class LuksNode(BlockNode):
         return json_filename({"driver": "luks", "file": self.file.full_open_options(),
                               "key-secret": self.key_secret})
 
-    def info_extra(self) -> dict:
+    def info_extra(self) -> dict[str, Any]:
         return {"format-specific": {"type": "luks", "data": self.header.info()},
                 "encrypted": True}
 
     def _length(self) -> int:
         return max(0, self.file.length - self.payload)
 
-    async def _co_preadv(self, offset: int, length: int):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         a, b = crypt.align_down(offset), crypt.align_up(offset + length)
         avail = min(b, self._length()) - a
         raw = bytes(await self.file.read(self.payload + a, avail))
@@ -61,12 +63,12 @@ class LuksNode(BlockNode):
         plain = self.cipher.decrypt(a // SECTOR, raw)
         return plain[offset - a:offset - a + length]
 
-    async def _write_aligned(self, a: int, buf) -> None:
+    async def _write_aligned(self, a: int, buf: Buffer) -> None:
         enc = self.cipher.encrypt(a // SECTOR, buf)
         # a file whose size is not a whole number of sectors: not past its end
         await self.file.write(self.payload + a, enc[:max(0, self._length() - a)])
 
-    async def _co_pwritev(self, offset: int, data, fua: bool) -> None:
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await crypt.write_sectors(self._writes, offset, data, self._co_preadv,
                                   self._write_aligned, self._length())
         if fua:
@@ -75,19 +77,19 @@ class LuksNode(BlockNode):
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.file.truncate(self.payload + size, exact=exact, prealloc=prealloc)
 
-    async def amend(self, options, force: bool) -> None:
+    async def amend(self, options: Any, force: bool) -> None:
         """x-blockdev-amend: add or erase key slots (BlockdevAmendOptionsLUKS)."""
-        async def read(off: int, n: int):
+        async def read(off: int, n: int) -> Buffer:
             return await self.file.read(off, n)
 
         writes = await crypt.amend_luks(self.graph, self.header, read, options,
-                                        open_secret=self.key_secret, force=force)
+                                        open_secret=self.key_secret or "", force=force)
         for off, data in writes:
             await self.file.write(off, data)
         await self.file.flush()
 
 
-async def create_luks_on(daemon, file: BlockNode, o) -> None:
+async def create_luks_on(daemon: Any, file: BlockNode, o: Any) -> None:
     """blockdev-create driver=luks: header and key slot 0 on ``file``, which
     is then sized to the payload offset plus ``size``."""
     prealloc = getattr(getattr(o, "preallocation", None), "value", None) or "off"

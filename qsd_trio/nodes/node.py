@@ -43,8 +43,8 @@ import enum
 import errno
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast, overload
 
 import attrs
 import trio
@@ -52,9 +52,9 @@ import trio
 from .. import events
 from ..qapi.errors import GenericError
 from ..qapi.ghash import qdict_order
+from .bitmaps import DirtyBitmap
 
 if TYPE_CHECKING:
-    from .bitmaps import DirtyBitmap
     from .graph import BlockGraph
 
 
@@ -157,13 +157,13 @@ class BdrvChild:
             if isinstance(parent, BlockNode) and parent.children.get(self.name) is self:
                 del parent.children[self.name]
             parent.child_detached(self)
-            from .perms import refresh
+            from .perms import refresh  # perms imports this module
             with contextlib.suppress(Exception):  # shrinking cannot conflict
                 refresh(self.node)
 
     def set_perm(self, perm: Perm, shared: Perm) -> None:
         """Change this edge's permissions (bdrv_child_try_set_perm); may raise."""
-        from .perms import refresh
+        from .perms import refresh  # perms imports this module
         old = (self.perm, self.shared)
         self.perm, self.shared = Perm(perm), Perm(shared)
         try:
@@ -180,6 +180,14 @@ class BdrvChild:
 # gate; only new requests from outside wait.
 _in_request: contextvars.ContextVar[bool] = contextvars.ContextVar("_in_request", default=False)
 
+# what requests carry and return: any buffer (bytes, bytearray, memoryview)
+Buffer = bytes | bytearray | memoryview
+# the completion of a request started without a task (read_submit,
+# write_submit): done(result, error), exactly one of them None; a write's
+# result is always None
+ReadDone = Callable[[Any, OSError | None], None]
+WriteDone = ReadDone
+
 # before-write hook: await hook(node, offset, length) before data changes
 BeforeWrite = Callable[["BlockNode", int, int], Awaitable[None]]
 
@@ -189,13 +197,13 @@ STAT_KEYS = ("rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operati
              "zone_append_bytes")
 
 
-def _qdict_ordered(value):
+def _qdict_ordered(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _qdict_ordered(value[k]) for k in qdict_order(value)}
     return value
 
 
-def json_filename(options: dict) -> str:
+def json_filename(options: dict[str, Any]) -> str:
     """A ``json:{...}`` file name as QEMU prints it: its QDict of options in
     bucket order at every level (insert keys in QEMU's order: ``driver`` first)."""
     return "json:" + json.dumps(_qdict_ordered(options))
@@ -229,7 +237,7 @@ class BlockNode:
     # path skips the calls otherwise
     _debug_events: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._debug_events = cls.debug_event is not BlockNode.debug_event
 
@@ -239,7 +247,7 @@ class BlockNode:
         self.read_only = read_only
         self.children: dict[str, BdrvChild] = {}  # role -> edge
         self.parents: list[BdrvChild] = []  # newest first, as QEMU lists them
-        self.options: dict = {}  # the validated options it was opened with
+        self.options: dict[str, Any] = {}  # the validated options it was opened with
         self._in_flight = 0
         self._drained: trio.Event | None = None  # set by the request that ends the last
         self._quiesce = 0
@@ -265,7 +273,7 @@ class BlockNode:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
 
     # -- what drivers implement ------------------------------------------
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         """Open with validated options (QAPI names, hyphenated keys)."""
 
     def _length(self) -> int:
@@ -318,7 +326,7 @@ class BlockNode:
 
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         """What this node takes on child ``edge`` given its parents' needs."""
-        from . import perms
+        from . import perms  # perms imports this module
         if self.is_filter:
             return perms.filter_perms(perm, shared)
         if edge.name == "backing":
@@ -362,11 +370,11 @@ class BlockNode:
         first instead of copying every zero)."""
         return False
 
-    def reopen_check(self, options: dict) -> None:
+    def reopen_check(self, options: dict[str, Any]) -> None:
         """blockdev-reopen: check the driver's own options (``reopenable``)
         before any node changes; raise GenericError to refuse."""
 
-    async def reopen_prepare(self, options: dict) -> Callable[[], None] | None:
+    async def reopen_prepare(self, options: dict[str, Any]) -> Callable[[], None] | None:
         """blockdev-reopen, inside the drained section: prepare the driver's
         own options (qcow2 flushes its caches) and return what applies them
         once the common options succeeded, or None."""
@@ -471,26 +479,26 @@ class BlockNode:
         d = self.dirname()
         return None if d is None else d + name
 
-    def full_open_options(self) -> dict:
+    def full_open_options(self) -> dict[str, Any]:
         """What a ``json:`` file name of a parent says about this node: its
         own name when that is ``json:`` or plain, else its driver and its
         children (QEMU's full_open_options)."""
         if not (self.is_filter and type(self).filename is BlockNode.filename):
             name = self.filename
             if name.startswith("json:"):
-                return json.loads(name[5:])
+                return cast("dict[str, Any]", json.loads(name[5:]))
             if self.primary_child() is None:
                 return {"driver": self.driver, "filename": name}
         return self._open_options_from_children()
 
-    def _open_options_from_children(self) -> dict:
-        opts: dict = {"driver": self.driver}
+    def _open_options_from_children(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"driver": self.driver}
         for role, edge in self.children.items():
             if role != "backing":
                 opts[role] = edge.node.full_open_options()
         if self.backing_overridden():
-            edge = self.children.get("backing")
-            opts["backing"] = edge.node.full_open_options() if edge else None
+            back = self.children.get("backing")
+            opts["backing"] = back.node.full_open_options() if back else None
         return opts
 
     def primary_child(self) -> BdrvChild | None:
@@ -505,16 +513,16 @@ class BlockNode:
         """Timer work (cache cleaning); the graph calls it about once a second
         from one task, so nodes stay plain objects."""
 
-    def info_extra(self) -> dict:
+    def info_extra(self) -> dict[str, Any]:
         """Extra ImageInfo members (cluster-size, format-specific, ...)."""
         return {}
 
-    def driver_stats(self) -> dict | None:
+    def driver_stats(self) -> dict[str, Any] | None:
         """query-blockstats driver-specific member."""
         return None
 
     # -- common options ----------------------------------------------------
-    def configure(self, options: dict) -> None:
+    def configure(self, options: dict[str, Any]) -> None:
         """Apply the options every driver shares (BlockdevOptions base)."""
         self.auto_read_only = bool(options.get("auto-read-only", False))
         self.force_share = bool(options.get("force-share", False))
@@ -530,9 +538,18 @@ class BlockNode:
         self.cache_direct = bool(cache.get("direct", False))
         self.cache_no_flush = bool(cache.get("no-flush", False))
 
-    async def open_child(self, options: dict, role: str, *, required: bool = True,
+    @overload
+    async def open_child(self, options: dict[str, Any], role: str, *,
+                         required: Literal[True] = True, inherit: bool = True) -> BdrvChild: ...
+
+    @overload
+    async def open_child(self, options: dict[str, Any], role: str, *, required: bool,
+                         inherit: bool = True) -> BdrvChild | None: ...
+
+    async def open_child(self, options: dict[str, Any], role: str, *, required: bool = True,
                          inherit: bool = True) -> BdrvChild | None:
-        """Open or look up child ``role`` (nested dict or node name) and attach it."""
+        """Open or look up child ``role`` (nested dict or node name) and attach
+        it; None only for a child that is not ``required`` and not given."""
         return await self.graph.open_child(self, options, role, required=required,
                                            inherit=inherit)
 
@@ -616,7 +633,7 @@ class BlockNode:
     # on None/False, which redo the request in full (and report its error).
     # Nothing here awaits, so no drain can start or end in between: the
     # in-flight count and the drain gate need no updating, only checking.
-    def read_now(self, offset: int, length: int):
+    def read_now(self, offset: int, length: int) -> Buffer | None:
         """The data, if the driver could read it without waiting; else None."""
         if (self._quiesce or offset < 0 or length <= 0
                 or (not self.grows and offset + length > self._length())):
@@ -672,13 +689,13 @@ class BlockNode:
     # as in flight (drains wait for it) until then.  False: nothing was
     # started, and the caller uses read()/write().  Exactly one of result
     # and error is None.
-    def read_submit(self, offset: int, length: int, done) -> bool:
+    def read_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         """Start a read; ``done(buffer, None)`` or ``done(None, OSError)``."""
         if (self._quiesce or offset < 0 or length <= 0
                 or (not self.grows and offset + length > self._length())):
             return False
 
-        def finished(buf, err) -> None:
+        def finished(buf: Buffer | None, err: OSError | None) -> None:
             self._end()
             stats = self.stats
             if err is None:
@@ -694,7 +711,7 @@ class BlockNode:
         self._in_flight -= 1  # nothing awaited: no drain can have seen it
         return False
 
-    def write_submit(self, offset: int, mv: memoryview, done) -> bool:
+    def write_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         """Start a write (not FUA) of ``mv``, which must stay unchanged until
         ``done(None, None)`` or ``done(None, OSError)``; the same checks and
         bookkeeping as write(), for the requests write_now() takes."""
@@ -702,7 +719,7 @@ class BlockNode:
         if not self._plain_write(offset, n):
             return False
 
-        def finished(_res, err) -> None:
+        def finished(_res: object, err: OSError | None) -> None:
             self._written(offset, n)
             self._end()
             stats = self.stats
@@ -722,20 +739,20 @@ class BlockNode:
         return False
 
     # driver hooks for the fast path: by default nothing is done synchronously
-    def _preadv_now(self, offset: int, length: int):
+    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         return None
 
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         return False
 
     # driver hooks for requests without a task: by default none are taken
-    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+    def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         return False
 
-    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
+    def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return False
 
-    async def write(self, offset: int, data, *, fua: bool = False) -> None:
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -916,7 +933,7 @@ class BlockNode:
         return list(seen.values())
 
     @contextlib.asynccontextmanager
-    async def drained(self):
+    async def drained(self) -> AsyncIterator[None]:
         """A drained section (bdrv_drained_begin/end) for graph changes.
 
         New requests from outside to this node and its ancestors wait until the
@@ -978,7 +995,7 @@ class BlockNode:
         Raises GenericError with QEMU's text on a permission conflict (with
         another parent, or with another process holding the image's locks).
         """
-        from .perms import refresh
+        from .perms import refresh  # perms imports this module
         edge = BdrvChild(name, self, parent, Perm(perm), Perm(shared))
         if self.force_share:
             edge.shared = Perm.ALL
@@ -996,7 +1013,6 @@ class BlockNode:
     # -- dirty bitmaps (QMP checks are in monitor/block.py) --------------------
     def add_bitmap(self, name: str, granularity: int, *, persistent: bool = False,
                    enabled: bool = True) -> DirtyBitmap:
-        from .bitmaps import DirtyBitmap
         bm = DirtyBitmap(name, self._length(), granularity, persistent=persistent,
                          enabled=enabled)
         self.bitmaps[name] = bm
@@ -1006,7 +1022,7 @@ class BlockNode:
         # bdrv_get_default_bitmap_granularity: the cluster size within [4k, 64k]
         cs = self.info_extra().get("cluster-size")
         if cs:
-            return min(65536, max(4096, cs))
+            return min(65536, max(4096, int(cs)))
         return 65536
 
 

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import trio
 
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Status, json_filename
+from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
 
 
 class NullNode(BlockNode):
     driver = "null-co"
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         qemuopts.absorb_sizes(self.driver, options)
-        self.size = options.get("size", 1 << 30)
+        self.size: int = options.get("size", 1 << 30)
         self.read_zeroes = options.get("read-zeroes", False)
         self.latency_ns = options.get("latency-ns", 0)
         if self.latency_ns >= 2**63:
@@ -43,25 +44,26 @@ class NullNode(BlockNode):
         if self.latency_ns:
             await trio.sleep(self.latency_ns / 1e9)
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         await self._delay()
         # without read-zeroes QEMU leaves the buffer untouched; we return zeroes
         return bytes(length)
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._delay()
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         if no_fallback:
             # QEMU's null driver has no zero-write of its own (supported_zero_flags
             # is 0), so BDRV_REQ_NO_FALLBACK is refused before it is called
             raise OSError(errno.ENOTSUP, "Operation not supported")
         await self._delay()
 
-    async def _co_flush(self):
+    async def _co_flush(self) -> None:
         await self._delay()
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         if self.read_zeroes:
             return BlockStatus(Status.ZERO | Status.OFFSET_VALID, length, offset=offset)
         return BlockStatus(Status.OFFSET_VALID, length, offset=offset)

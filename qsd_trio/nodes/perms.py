@@ -10,8 +10,14 @@ same conflicts (and the same file locks, hence the same interop with qemu-img).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..qapi.errors import GenericError
-from .node import Perm, parent_desc
+from .node import BdrvChild, BlockNode, Perm, parent_desc
+
+# what refresh() changed, to undo on a conflict: ("node", node, old cumulative
+# permissions) or ("edge", edge, old permissions)
+_Tx = list[tuple[str, Any, tuple[Perm, Perm]]]
 
 # BLK_PERM_* names as bdrv_perm_names() prints them in conflict messages
 PERM_TEXT = {
@@ -74,7 +80,7 @@ def cow_perms(perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
     return perm, Perm(new_shared)
 
 
-def _conflict(node, a, b) -> str | None:
+def _conflict(node: BlockNode, a: BdrvChild, b: BdrvChild) -> str | None:
     """bdrv_a_allow_b: does edge ``a`` share what edge ``b`` takes?"""
     missing = b.perm & ~a.shared
     if not missing:
@@ -86,7 +92,7 @@ def _conflict(node, a, b) -> str | None:
             f"'{n}' as '{a.name}' child).")
 
 
-def _update(node, tx: list) -> None:
+def _update(node: BlockNode, tx: _Tx) -> None:
     for a in node.parents:
         for b in node.parents:
             if a is not b:
@@ -114,9 +120,9 @@ def _update(node, tx: list) -> None:
             _update(edge.node, tx)
 
 
-def refresh(node) -> None:
+def refresh(node: BlockNode) -> None:
     """Recompute permissions from ``node`` down; on a conflict undo and raise."""
-    tx: list = []
+    tx: _Tx = []
     try:
         _update(node, tx)
     except BaseException:

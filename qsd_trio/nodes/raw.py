@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError
 from . import perms
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Perm
+from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, ReadDone, WriteDone
 
 
 @register_driver
 class RawNode(BlockNode):
     driver = "raw"
 
-    async def open(self, options: dict) -> None:
-        self.offset = options.get("offset", 0)
-        self.fixed_size = options.get("size")
+    async def open(self, options: dict[str, Any]) -> None:
+        self.offset: int = options.get("offset", 0)
+        self.fixed_size: int | None = options.get("size")
         self.file = await self.open_child(options, "file")
         qemuopts.absorb_sizes(self.driver, options)
         real = self.file.node.length
@@ -38,7 +40,7 @@ class RawNode(BlockNode):
     def _window(self) -> bool:
         return bool(self.offset) or self.fixed_size is not None
 
-    def child_perm(self, edge, perm, shared):
+    def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # raw_child_perm: a window is DATA storage, otherwise a filter; only
         # take write/resize when a parent needs them
         if self._window():
@@ -56,40 +58,41 @@ class RawNode(BlockNode):
 
     # the fast path (BlockNode.read_now) passes straight through, unless
     # blkdebug-style events are wanted on the child
-    def _preadv_now(self, offset, length):
+    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         child = self.file.node
         return None if child._debug_events else child.read_now(self.offset + offset, length)
 
-    def _pwritev_now(self, offset, mv):
+    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         return self.file.node.write_now(self.offset + offset, mv)
 
-    def _preadv_submit(self, offset, length, done):
+    def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         child = self.file.node
         return not child._debug_events and child.read_submit(self.offset + offset, length, done)
 
-    def _pwritev_submit(self, offset, mv, done):
+    def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return self.file.node.write_submit(self.offset + offset, mv, done)
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         self.file.node.debug_event("read_aio")
         return await self.file.node.read(self.offset + offset, length)
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         self.file.node.debug_event("write_aio")
         await self.file.node.write(self.offset + offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         await self.file.node.write_zeroes(self.offset + offset, length, may_unmap=may_unmap,
                                           fua=fua, no_fallback=no_fallback)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self.file.node.discard(self.offset + offset, length)
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         st = await self.file.node.block_status(self.offset + offset, length)
         return BlockStatus(st.flags, min(st.length, length), st.depth, st.offset)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         if self.fixed_size is not None:
             raise GenericError("Cannot resize fixed-size raw disks")
         if self.offset:

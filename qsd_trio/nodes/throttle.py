@@ -11,11 +11,13 @@ is refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from ..qapi.errors import GenericError
 from .graph import register_driver
-from .node import BlockNode, json_filename
+from .node import BlockNode, BlockStatus, Buffer, json_filename
 from .throttle_group import ThrottleGroup, groups
 
 
@@ -25,7 +27,7 @@ class ThrottleNode(BlockNode):
     is_filter = True
     shows_filtered_child = True
 
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         name = options.get("throttle-group")
         if name is None:
             raise GenericError("Please specify a throttle group")
@@ -64,25 +66,26 @@ class ThrottleNode(BlockNode):
     def _length(self) -> int:
         return self.file.node.length
 
-    async def _co_preadv(self, offset, length):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         await self.group.intercept(False, length, self)
         return await self.file.node.read(offset, length)
 
-    async def _co_pwritev(self, offset, data, fua):
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self.group.intercept(True, len(data), self)
         await self.file.node.write(offset, data, fua=fua)
 
-    async def _co_pwrite_zeroes(self, offset, length, may_unmap, fua, no_fallback=False):
+    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                                no_fallback: bool = False) -> None:
         await self.group.intercept(True, length, self)
         await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                           no_fallback=no_fallback)
 
-    async def _co_pdiscard(self, offset, length):
+    async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self.group.intercept(True, length, self)
         await self.file.node.discard(offset, length)
 
-    async def _co_block_status(self, offset, length):
+    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
         return await self.file.node.block_status(offset, length)
 
-    async def _co_truncate(self, size, exact, prealloc):
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

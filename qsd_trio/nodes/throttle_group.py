@@ -21,7 +21,7 @@ name, so nodes find them without knowing about QOM objects.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -124,7 +124,7 @@ class ThrottleConfig:
                 raise GenericError("bps_max/iops_max cannot be lower than bps/iops")
 
     # -- ThrottleLimits (block-core.json) <-> config -------------------------------
-    def apply_limits(self, limits: dict) -> None:
+    def apply_limits(self, limits: dict[str, Any]) -> None:
         """throttle_limits_to_config: members given in ``limits`` (QAPI names)
         replace the current values; then the whole config is validated.
 
@@ -148,9 +148,9 @@ class ThrottleConfig:
             self.op_size = limits["iops-size"] & U64
         self.validate()
 
-    def to_limits(self) -> dict:
+    def to_limits(self) -> dict[str, Any]:
         """throttle_config_to_limits: every ThrottleLimits member."""
-        out: dict = {}
+        out: dict[str, Any] = {}
         for name in BUCKETS:
             b = self.buckets[name]
             out[name] = b.avg
@@ -204,7 +204,7 @@ class ThrottleGroup:
             if b.burst_length > 1:
                 b.burst_level += amount
 
-    async def intercept(self, write: bool, nbytes: int, member=None) -> None:
+    async def intercept(self, write: bool, nbytes: int, member: ThrottleNode | None = None) -> None:
         """Wait until the group's limits admit a request, then account it.
 
         ``member`` is the throttle node the request comes through: while it
@@ -246,7 +246,7 @@ class ThrottleGroup:
         self._account(write, nbytes)
 
     @staticmethod
-    def restart(member) -> None:
+    def restart(member: ThrottleNode) -> None:
         """throttle_group_restart_tgm: every request ``member`` holds back goes."""
         for scope in list(member.throttled):
             scope.cancel()

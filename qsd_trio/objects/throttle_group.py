@@ -12,12 +12,15 @@ refuses while a throttle node uses it (:meth:`ThrottleGroupObject.qom_users`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..nodes.throttle_group import BUCKETS, UINT_MAX, ThrottleConfig, ThrottleGroup, groups
 from ..qapi import schema
 from ..qapi.errors import GenericError
 from .qom import UserObject
+
+if TYPE_CHECKING:
+    from ..nodes.graph import BlockGraph
 
 # x-<bucket>, x-<bucket>-max, x-<bucket>-max-length and x-iops-size
 X_PROPS: dict[str, tuple[str, str]] = {}
@@ -48,13 +51,14 @@ def _get_x(cfg: ThrottleConfig, prop: str) -> int:
     bucket, field = X_PROPS[prop]
     if field == "op_size":
         return cfg.op_size
-    return getattr(cfg.buckets[bucket], field)
+    return int(getattr(cfg.buckets[bucket], field))
 
 
 class ThrottleGroupObject(UserObject):
     """A throttle-group object; ``group`` is the live, shared limiter."""
 
     group: ThrottleGroup
+    graph: BlockGraph
 
     def qom_users(self) -> list[str]:
         return [n.node_name for n in self.group.members]
@@ -88,7 +92,7 @@ class ThrottleGroupObject(UserObject):
             del reg[self.id]
 
 
-def create(graph, id: str, props: dict) -> ThrottleGroupObject:
+def create(graph: BlockGraph, id: str, props: dict[str, Any]) -> ThrottleGroupObject:
     """object-add of a throttle-group: configure, validate, register."""
     if id in groups(graph):
         raise GenericError("A group with this name already exists")

@@ -116,7 +116,7 @@ class NbdExport(BlockExport):
         ctx = [P.META_BASE_ALLOCATION]
         if self.allocation_depth:
             ctx.append(P.META_ALLOCATION_DEPTH)
-        ctx += [P.META_DIRTY_BITMAP + bm.name for bm in self.bitmaps]
+        ctx += [P.META_DIRTY_BITMAP + (bm.name or "") for bm in self.bitmaps]  # all named
         return ctx
 
     # Ranges known to hold data, so a sparse READ can skip asking the block
