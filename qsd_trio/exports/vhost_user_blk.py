@@ -426,6 +426,9 @@ class FrontEnd:
             os.close(fd)
 
     def _set_inflight_fd(self, p: vu.Inflight, fd: int) -> None:
+        if any(vring.queue is not None for vring in self.vrings):
+            # the running rings write to the buffer being replaced
+            raise VuPanic("SET_INFLIGHT_FD while a ring is running")
         need = self._check_inflight_shape(p)
         if p.mmap_size < need:
             raise VuPanic(f"inflight buffer of {p.mmap_size} bytes, {need} needed")

@@ -646,3 +646,27 @@ async def test_kick_descriptor_that_cannot_be_polled(daemon_factory, tmp_path, i
         fe.close()
         ram.close()
     assert "vu_panic: queue 0: kick descriptor" in d.stderr()
+
+
+async def test_inflight_buffer_replaced_under_a_running_ring(daemon_factory, tmp_path, image):
+    d, path = start(daemon_factory, "trio", tmp_path, image, allow_stderr=r"^qsd-trio: vu_panic: ")
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        fd, size = await get_inflight_fd(fe, 1, 8)
+        fe.fds.append(fd)
+        await set_inflight_fd(fe, fd, size, 1, 8)
+        await fe.set_mem_table(ram)
+        drv = Driver(ram, size=8)
+        kick, call = await fe.start_queue(drv)
+        await set_inflight_fd(fe, fd, size, 1, 8)
+        with trio.fail_after(20):
+            while await fe.sock.recv(4096):
+                pass
+    except OSError as e:
+        assert e.errno == errno.ECONNRESET
+    finally:
+        fe.close()
+        ram.close()
+    assert "vu_panic: SET_INFLIGHT_FD while a ring is running" in d.stderr()
