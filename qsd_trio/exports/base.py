@@ -12,11 +12,14 @@ monitor/exports.py) looks up ``EXPORT_TYPES[args.type]``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from ..nodes.node import BdrvChild, BlockNode, BlockParent
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 EXPORT_TYPES: dict[str, type[BlockExport]] = {}
 
@@ -31,7 +34,7 @@ class BlockExport(BlockParent):
 
     type: ClassVar[str] = ""
 
-    def __init__(self, daemon: Any, args: Any, node: BlockNode):
+    def __init__(self, daemon: Daemon, args: Any, node: BlockNode) -> None:
         self.daemon = daemon
         self.args = args
         self.id: str = args.id
