@@ -16,6 +16,7 @@ import trio
 from .. import events
 from ..exports import fuse as _fuse  # noqa: F401 - registers the fuse export type
 from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
+from ..exports import vduse_blk as _vduse_blk  # noqa: F401 - registers vduse-blk
 from ..exports import vhost_user_blk as _vhost_user_blk  # noqa: F401 - registers vhost-user-blk
 from ..exports.base import EXPORT_TYPES, BlockExport
 from ..exports.nbd import NbdExport, NbdServer

@@ -22,7 +22,7 @@ import pytest
 from tests.helpers import QSD_TRIO
 
 # export types qsd-trio does not have yet; remove a line when its export lands
-MISSING_EXPORTS = {"vduse-blk"}
+MISSING_EXPORTS: set[str] = set()
 NO_DRIVER = "No driver found for the requested export type"
 
 # parameter id -> tests.helpers.Daemon kind

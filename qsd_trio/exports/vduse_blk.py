@@ -1,0 +1,599 @@
+"""The vduse-blk export: a virtio-blk device on the kernel's vDPA bus.
+
+VDUSE (vDPA Device in Userspace) lets a process be a virtio device: the
+export creates the device through ``/dev/vduse/control`` (VDUSE_CREATE_DEV
+with its features and config space), opens ``/dev/vduse/<name>``, and
+answers the kernel's messages on it (GET_VQ_STATE, SET_STATUS,
+UPDATE_IOTLB); ``vdpa dev add name <name> mgmtdev vduse`` then attaches it,
+and a driver (virtio_vdpa: a /dev/vdX) uses it. Options are QEMU 7.2's
+BlockExportOptionsVduseBlk: ``name``, ``num-queues``, ``queue-size``,
+``logical-block-size``, ``serial``, plus the common ``writable`` and
+``writethrough``; the config space and features are those of QEMU's
+block/export/vduse-blk.c (no CONFIG_WCE, seg_max = queue-size - 2).
+
+Guest memory is what the driver mapped for DMA, in I/O virtual addresses
+(IOVA). :class:`IotlbMemory` maps a range the first time a ring or buffer
+touches it (VDUSE_IOTLB_GET_FD gives a descriptor, its offset and the
+range's permissions) and forgets ranges an UPDATE_IOTLB message removes,
+as libvduse does. The rings themselves are the shared split virtqueues of
+exports/virtio/, and the requests the shared virtio-blk handler.
+
+Tasks: :meth:`VduseBlkExport.run` owns the device and waits on its
+descriptor for messages; SET_STATUS with DRIVER_OK starts a task per ready
+virtqueue, waiting on its kick eventfd (VDUSE_VQ_SETUP_KICKFD) and starting
+a task per request; a completed request is signalled with
+VDUSE_VQ_INJECT_IRQ. A reset (status 0) stops the rings after their
+requests in flight and drops every mapping.
+
+Resources: the device is destroyed (VDUSE_DESTROY_DEV) and every
+descriptor and mapping closed when the export ends; the kernel refuses
+the destruction while the device is still on the vDPA bus, as it does
+qemu-storage-daemon's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import sys
+from typing import Any
+
+import trio
+
+from ..nodes.node import BdrvChild, BlockNode, Perm
+from ..nodes.perms import refresh
+from ..proto.vhost_user import MemRegion
+from ..qapi.errors import GenericError
+from .base import BlockExport, register_export
+from .vhost_user_blk import _check_block_size
+from .virtio import memory as vmem
+from .virtio.blk import (
+    CONFIG,
+    MAX_DISCARD_SECTORS,
+    MAX_WRITE_ZEROES_SECTORS,
+    SECTOR_BITS,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    BlkHandler,
+)
+from .virtio.virtqueue import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_VERSION_1,
+    Chain,
+    SplitQueue,
+    VirtqueueError,
+)
+
+# include/uapi/linux/vduse.h
+_VDUSE_BASE = 0x81
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return direction << 30 | size << 16 | _VDUSE_BASE << 8 | nr
+
+
+_W, _R = 1, 2
+VDUSE_API_VERSION = 0
+VDUSE_SET_API_VERSION = _ioc(_W, 0x01, 8)
+VDUSE_CREATE_DEV = _ioc(_W, 0x02, 336)
+VDUSE_DESTROY_DEV = _ioc(_W, 0x03, 256)
+VDUSE_IOTLB_GET_FD = _ioc(_W | _R, 0x10, 32)
+VDUSE_DEV_GET_FEATURES = _ioc(_R, 0x11, 8)
+VDUSE_DEV_SET_CONFIG = _ioc(_W, 0x12, 8)
+VDUSE_DEV_INJECT_CONFIG_IRQ = _ioc(0, 0x13, 0)
+VDUSE_VQ_SETUP = _ioc(_W, 0x14, 32)
+VDUSE_VQ_GET_INFO = _ioc(_W | _R, 0x15, 48)
+VDUSE_VQ_SETUP_KICKFD = _ioc(_W, 0x16, 8)
+VDUSE_VQ_INJECT_IRQ = _ioc(_W, 0x17, 4)
+VDUSE_NAME_MAX = 256
+VDUSE_EVENTFD_DEASSIGN = -1
+VDUSE_ACCESS_WO = 2
+# message types (enum vduse_req_type) and results
+VDUSE_GET_VQ_STATE, VDUSE_SET_STATUS, VDUSE_UPDATE_IOTLB = 0, 1, 2
+VDUSE_REQ_RESULT_OK, VDUSE_REQ_RESULT_FAILED = 0, 1
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_ID_BLOCK = 2
+# struct vduse_dev_config without its config[]: name, vendor_id,
+# device_id, features, vq_num, vq_align, reserved[13], config_size
+_DEV_CONFIG = struct.Struct("<256sIIQII52xI")
+_IOTLB_ENTRY = struct.Struct("<QQQB7x")
+_VQ_INFO = struct.Struct("<IIQQQH6xB7x")
+_VQ_EVENTFD = struct.Struct("<Ii")
+_VQ_CONFIG = struct.Struct("<IH26x")
+# struct vduse_dev_request / vduse_dev_response: 152 bytes each
+_MSG_SIZE = 152
+_REQ_HEAD = struct.Struct("<II16x")
+_RESP_HEAD = struct.Struct("<II16x")
+_U32 = struct.Struct("<I")
+_IOVA_RANGE = struct.Struct("<QQ")
+_VQ_STATE = struct.Struct("<IH")
+
+VDUSE_VQ_ALIGN = 4096
+DEFAULT_QUEUE_SIZE = 256
+VIRTQUEUE_MAX_SIZE = 1024
+MAX_IOVA_REGIONS = 256
+_DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when the export stops
+_ONE = (1).to_bytes(8, "little")
+
+
+def virtio_features() -> int:
+    """The transport features libvduse offers (vduse_get_virtio_features)."""
+    return (1 << VIRTIO_F_ACCESS_PLATFORM | 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_NOTIFY_ON_EMPTY | 1 << VIRTIO_F_EVENT_IDX
+            | 1 << VIRTIO_F_INDIRECT_DESC)
+
+
+def device_features(*, num_queues: int, writable: bool) -> int:
+    """The feature bits QEMU 7.2's vduse-blk export creates its device with."""
+    bits = (virtio_features() | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES)
+    if num_queues > 1:
+        bits |= 1 << VIRTIO_BLK_F_MQ
+    if not writable:
+        bits |= 1 << VIRTIO_BLK_F_RO
+    return bits
+
+
+def config_space(*, capacity_bytes: int, queue_size: int, num_queues: int,
+                 logical_block_size: int) -> bytes:
+    """struct virtio_blk_config as QEMU 7.2's vduse-blk export fills it."""
+    bs = logical_block_size
+    return CONFIG.pack(
+        capacity_bytes >> SECTOR_BITS, 0, queue_size - 2,
+        0, 0, 0,  # geometry
+        bs, 0, 0, 1, 1,  # blk_size, physical_block_exp, alignment_offset, min/opt io size
+        0, 0, num_queues,  # writeback, unused0, num_queues
+        MAX_DISCARD_SECTORS, 1, bs >> SECTOR_BITS,
+        MAX_WRITE_ZEROES_SECTORS, 1, 0)
+
+
+def _name_invalid(name: str) -> bool:
+    # libvduse's vduse_name_is_invalid
+    return len(name.encode()) >= VDUSE_NAME_MAX or ".." in name
+
+
+class IotlbRegion(vmem.MappedRegion):
+    """One IOTLB range, mapped with the permissions the kernel gave it; a
+    write to a range the device may only read is refused."""
+
+    __slots__ = ("writable",)
+
+    def __init__(self, fd: int, offset: int, start: int, last: int, perm: int):
+        self.guest_addr = self.user_addr = start
+        self.size = last - start + 1
+        self.mmap_offset = offset
+        self.writable = bool(perm & VDUSE_ACCESS_WO)
+        # readable either way: x86 has no write-only pages
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+        try:
+            self._map = mmap.mmap(fd, offset + self.size, flags=mmap.MAP_SHARED, prot=prot)
+        except (OSError, ValueError, OverflowError) as e:
+            raise vmem.GuestMemoryError(f"cannot map IOVA range {start:#x}-{last:#x}: {e}") from None
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.writable:
+            raise vmem.GuestMemoryError("write to an IOVA range the device may only read")
+        super().write(offset, data)
+
+    def pack_into(self, fmt: struct.Struct, offset: int, *values: Any) -> None:
+        if not self.writable:
+            raise vmem.GuestMemoryError("write to an IOVA range the device may only read")
+        super().pack_into(fmt, offset, *values)
+
+
+class IotlbMemory(vmem.GuestMemory):
+    """The device's view of DMA memory: IOVA ranges mapped on first use
+    (VDUSE_IOTLB_GET_FD). IOVAs stand for both kinds of address the
+    virtqueue code translates (guest-physical and front-end)."""
+
+    def __init__(self, dev_fd: int):
+        super().__init__(max_regions=MAX_IOVA_REGIONS)
+        self.dev_fd = dev_fd
+
+    def _fault(self, iova: int) -> bool:
+        """Map the IOTLB range holding ``iova``; False if there is none."""
+        buf = bytearray(_IOTLB_ENTRY.pack(0, iova, iova + 1, 0))
+        try:
+            fd = fcntl.ioctl(self.dev_fd, VDUSE_IOTLB_GET_FD, buf, True)
+        except OSError:
+            return False
+        try:
+            offset, start, last, perm = _IOTLB_ENTRY.unpack(buf)
+            if not start <= iova <= last or len(self.regions) >= self.max_regions:
+                return False
+            for r in self.regions:
+                if start < r.guest_addr + r.size and r.guest_addr <= last:
+                    return False
+            self.regions.append(IotlbRegion(fd, offset, start, last, perm))
+            return True
+        finally:
+            os.close(fd)
+
+    def _covered(self, addr: int) -> bool:
+        return any(0 <= addr - r.guest_addr < r.size for r in self.regions)
+
+    def gpa_segments(self, addr: int, length: int) -> list[vmem.Segment]:
+        pos, end = addr, addr + length
+        while pos < end:
+            if not self._covered(pos) and not self._fault(pos):
+                raise vmem.GuestMemoryError(f"IOVA {pos:#x} is not mapped")
+            r = next(r for r in self.regions if 0 <= pos - r.guest_addr < r.size)
+            pos = r.guest_addr + r.size
+        return super().gpa_segments(addr, length)
+
+    def gpa_region(self, addr: int, length: int) -> tuple[vmem.MappedRegion, int]:
+        if not self._covered(addr):
+            self._fault(addr)
+        return super().gpa_region(addr, length)
+
+    def uva_region(self, addr: int, length: int) -> tuple[vmem.MappedRegion, int]:
+        return self.gpa_region(addr, length)
+
+    def forget(self, start: int, last: int) -> None:
+        """UPDATE_IOTLB: unmap the ranges inside [start, last]; they are
+        looked up again on their next use."""
+        if start == last:
+            return
+        keep = []
+        for r in self.regions:
+            if start <= r.guest_addr and r.guest_addr + r.size - 1 <= last:
+                r.close()
+            else:
+                keep.append(r)
+        self.regions = keep
+
+    def add_region(self, desc: MemRegion, fd: int) -> None:
+        raise vmem.GuestMemoryError("VDUSE memory comes from the IOTLB only")
+
+
+class Ring:
+    """One virtqueue of the device once the driver made it ready."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.queue: SplitQueue | None = None
+        self.kick_fd = -1
+        self.pop_scope: trio.CancelScope | None = None
+        self.done: trio.Event | None = None
+        self.last_avail_idx = 0
+
+
+class VduseDevice:
+    """The kernel's side: ``/dev/vduse/<name>``, its messages and rings."""
+
+    def __init__(self, export: VduseBlkExport, fd: int):
+        self.export = export
+        self.fd = fd
+        self.mem = IotlbMemory(fd)
+        self.rings = [Ring(i) for i in range(export.num_queues)]
+        self.features = 0
+        self.nursery: trio.Nursery | None = None
+
+    # -- messages ----------------------------------------------------------------------
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                while True:
+                    await trio.lowlevel.wait_readable(self.fd)
+                    try:
+                        msg = os.read(self.fd, _MSG_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    if len(msg) != _MSG_SIZE:
+                        print(f"Read request error [{len(msg)}]", file=sys.stderr, flush=True)
+                        continue
+                    reply = await self._handle(msg)
+                    try:
+                        os.write(self.fd, reply)
+                    except OSError as e:
+                        print(f"Write request error: {e.strerror}", file=sys.stderr, flush=True)
+        finally:
+            for ring in self.rings:
+                self._close_kick(ring)
+            self.mem.close()
+
+    async def _handle(self, msg: bytes) -> bytes:
+        kind, request_id = _REQ_HEAD.unpack_from(msg)
+        body = msg[_REQ_HEAD.size:]
+        result = VDUSE_REQ_RESULT_OK
+        state = b""
+        if kind == VDUSE_GET_VQ_STATE:
+            index = _U32.unpack_from(body)[0]
+            if index < len(self.rings):
+                ring = self.rings[index]
+                idx = ring.queue.last_avail_idx if ring.queue is not None else ring.last_avail_idx
+                state = _VQ_STATE.pack(index, idx)
+            else:
+                result = VDUSE_REQ_RESULT_FAILED
+        elif kind == VDUSE_SET_STATUS:
+            status = body[0]
+            if status & VIRTIO_CONFIG_S_DRIVER_OK:
+                await self._start()
+            elif status == 0:
+                await self._stop()
+        elif kind == VDUSE_UPDATE_IOTLB:
+            start, last = _IOVA_RANGE.unpack_from(body)
+            self.mem.forget(start, last)
+            for ring in self.rings:
+                if ring.queue is not None:
+                    try:
+                        ring.queue.remap()
+                    except VirtqueueError as e:
+                        print(f"Failed to update vring for vq[{ring.index}]: {e}",
+                              file=sys.stderr, flush=True)
+        else:
+            result = VDUSE_REQ_RESULT_FAILED
+        return (_RESP_HEAD.pack(request_id, result) + state).ljust(_MSG_SIZE, b"\0")
+
+    # -- the dataplane -------------------------------------------------------------------
+    async def _start(self) -> None:
+        buf = bytearray(8)
+        fcntl.ioctl(self.fd, VDUSE_DEV_GET_FEATURES, buf, True)
+        self.features = int.from_bytes(buf, "little")
+        for ring in self.rings:
+            if ring.queue is None:
+                await self._enable(ring)
+
+    async def _enable(self, ring: Ring) -> None:
+        info = bytearray(_VQ_INFO.size)
+        _U32.pack_into(info, 0, ring.index)
+        try:
+            fcntl.ioctl(self.fd, VDUSE_VQ_GET_INFO, info, True)
+        except OSError as e:
+            print(f"Failed to get vq[{ring.index}] info: {e.strerror}", file=sys.stderr, flush=True)
+            return
+        _, num, desc, driver, device, avail_idx, ready = _VQ_INFO.unpack(info)
+        if not ready:
+            return
+        f = self.features
+        try:
+            queue = SplitQueue(self.mem, size=num, desc_addr=desc, avail_addr=driver,
+                               used_addr=device, last_avail_idx=avail_idx,
+                               event_idx=bool(f & 1 << VIRTIO_F_EVENT_IDX),
+                               indirect=bool(f & 1 << VIRTIO_F_INDIRECT_DESC),
+                               notify_on_empty=bool(f & 1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+        except VirtqueueError as e:
+            print(f"Failed to update vring for vq[{ring.index}]: {e}", file=sys.stderr, flush=True)
+            return
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD, _VQ_EVENTFD.pack(ring.index, kick))
+        except OSError as e:
+            os.close(kick)
+            print(f"Failed to setup kick fd for vq[{ring.index}]: {e.strerror}",
+                  file=sys.stderr, flush=True)
+            return
+        ring.queue = queue
+        ring.kick_fd = kick
+        # a kick that came before the descriptor was set up is not lost
+        os.write(kick, _ONE)
+        assert self.nursery is not None
+        await self.nursery.start(self._ring_task, ring)
+
+    async def _stop(self) -> None:
+        """A reset: stop every ring after its requests in flight, forget
+        every mapping."""
+        for ring in self.rings:
+            if ring.pop_scope is not None:
+                ring.pop_scope.cancel()
+        for ring in self.rings:
+            if ring.done is not None:
+                await ring.done.wait()
+            if ring.queue is not None:
+                ring.last_avail_idx = ring.queue.last_avail_idx
+                ring.queue = None
+            self._close_kick(ring, deassign=True)
+        self.features = 0
+        self.mem.close()
+
+    async def quiesce(self) -> None:
+        """Stop taking requests from every ring and wait for those in flight."""
+        for ring in self.rings:
+            if ring.pop_scope is not None:
+                ring.pop_scope.cancel()
+        for ring in self.rings:
+            if ring.done is not None:
+                await ring.done.wait()
+
+    def _close_kick(self, ring: Ring, deassign: bool = False) -> None:
+        fd, ring.kick_fd = ring.kick_fd, -1
+        if fd < 0:
+            return
+        if deassign:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD,
+                            _VQ_EVENTFD.pack(ring.index, VDUSE_EVENTFD_DEASSIGN))
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
+
+    def _panic(self, ring: Ring, text: str) -> None:
+        # libvduse prints and stops using the element; the ring stops here
+        print(f"qsd-trio: vduse-blk export '{self.export.id}': queue {ring.index}: {text}",
+              file=sys.stderr, flush=True)
+
+    async def _ring_task(self, ring: Ring, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        queue = ring.queue
+        assert queue is not None
+        kick = ring.kick_fd
+        done = ring.done = trio.Event()
+        try:
+            async with trio.open_nursery() as requests:
+                with trio.CancelScope() as ring.pop_scope:
+                    task_status.started()
+                    try:
+                        while True:
+                            await trio.lowlevel.wait_readable(kick)
+                            with contextlib.suppress(BlockingIOError, InterruptedError):
+                                os.read(kick, 8)
+                            while (chain := queue.pop()) is not None:
+                                requests.start_soon(self._request, ring, queue, chain)
+                    except VirtqueueError as e:
+                        self._panic(ring, str(e))
+        finally:
+            ring.pop_scope = None
+            done.set()
+
+    async def _request(self, ring: Ring, queue: SplitQueue, chain: Chain) -> None:
+        used = await self.export.handler.process(chain)
+        try:
+            queue.push(chain.head, used)
+            if queue.notify_needed():
+                fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, _U32.pack(ring.index))
+        except VirtqueueError as e:
+            self._panic(ring, str(e))
+        except OSError as e:
+            print(f"Error inject irq for vq {ring.index}: {e.strerror}", file=sys.stderr, flush=True)
+
+
+@register_export
+class VduseBlkExport(BlockExport):
+    type = "vduse-blk"
+
+    def __init__(self, daemon: Any, args: Any, node: BlockNode):
+        super().__init__(daemon, args, node)
+        num_queues = 1
+        if args.num_queues is not None:
+            num_queues = args.num_queues
+            if num_queues == 0:
+                raise GenericError("num-queues must be greater than 0")
+        queue_size = DEFAULT_QUEUE_SIZE
+        if args.queue_size is not None:
+            queue_size = args.queue_size
+            if queue_size <= 2 or queue_size & (queue_size - 1) or queue_size > VIRTQUEUE_MAX_SIZE:
+                raise GenericError("queue-size is invalid")
+        block_size = 512
+        if args.logical_block_size is not None:
+            block_size = args.logical_block_size
+            _check_block_size(self.id, block_size)
+        self.name: str = args.name
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.logical_block_size = block_size
+        self.handler = BlkHandler(node, writable=self.writable, logical_block_size=block_size,
+                                  num_queues=num_queues,
+                                  serial=args.serial if args.serial is not None else "",
+                                  writethrough=bool(args.writethrough))
+        self.edge: BdrvChild | None = None
+        self.device: VduseDevice | None = None
+        self.stopping = False
+
+    def child_attached(self, edge: BdrvChild) -> None:
+        super().child_attached(edge)
+        self.handler.backend = edge.node
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        d["shutting-down"] = d["shutting-down"] or self.stopping
+        return d
+
+    async def stop(self) -> None:
+        """Stop taking requests, let those in flight finish (a few seconds
+        at most), then end the device and the export."""
+        if not self.stopping:
+            self.stopping = True
+            if self.device is not None:
+                with trio.move_on_after(_DRAIN_DEADLINE):
+                    await self.device.quiesce()
+        self.cancel_scope.cancel()
+        await self.finished.wait()
+
+    def _create(self) -> tuple[int, int]:
+        """VDUSE_CREATE_DEV and open the device, as libvduse's
+        vduse_dev_create; its messages go to stderr as libvduse prints
+        them, and the error is QEMU's.
+
+        Returns the control and device descriptors.
+        """
+        failed = GenericError("failed to create vduse device")
+        name = self.name
+        if _name_invalid(name):
+            print("Invalid parameter for vduse", file=sys.stderr, flush=True)
+            raise failed
+        try:
+            ctrl = os.open("/dev/vduse/control", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            print(f"Failed to open /dev/vduse/control: {e.strerror}", file=sys.stderr, flush=True)
+            raise failed from None
+        dev = -1
+        try:
+            try:
+                fcntl.ioctl(ctrl, VDUSE_SET_API_VERSION, VDUSE_API_VERSION.to_bytes(8, "little"))
+            except OSError as e:
+                print(f"Failed to set api version {VDUSE_API_VERSION}: {e.strerror}",
+                      file=sys.stderr, flush=True)
+                raise failed from None
+            config = config_space(capacity_bytes=self.node.length, queue_size=self.queue_size,
+                                  num_queues=self.num_queues,
+                                  logical_block_size=self.logical_block_size)
+            features = device_features(num_queues=self.num_queues, writable=self.writable)
+            head = _DEV_CONFIG.pack(name.encode(), 0, VIRTIO_ID_BLOCK, features,
+                                    self.num_queues, VDUSE_VQ_ALIGN, len(config))
+            try:
+                fcntl.ioctl(ctrl, VDUSE_CREATE_DEV, head + config)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    print(f"Failed to create vduse device {name}: {e.strerror}",
+                          file=sys.stderr, flush=True)
+                    raise failed from None
+            try:
+                dev = os.open(f"/dev/vduse/{name}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                fcntl.ioctl(dev, VDUSE_DEV_GET_FEATURES, bytearray(8), True)
+                for i in range(self.num_queues):
+                    fcntl.ioctl(dev, VDUSE_VQ_SETUP, _VQ_CONFIG.pack(i, self.queue_size))
+            except OSError as e:
+                print(f"Failed to init vduse device {name}: {e.strerror}",
+                      file=sys.stderr, flush=True)
+                if dev >= 0:
+                    os.close(dev)
+                self._destroy(ctrl)
+                raise failed from None
+        except BaseException:
+            os.close(ctrl)
+            raise
+        return ctrl, dev
+
+    def _destroy(self, ctrl: int) -> None:
+        # refused (EBUSY) while the device is still on the vDPA bus
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(ctrl, VDUSE_DESTROY_DEV, self.name.encode().ljust(VDUSE_NAME_MAX, b"\0"))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the device, report started, answer its messages until
+        cancelled (block-export-del, quit)."""
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
+        self.edge = self.node.attach("root", self, perm)
+        ctrl = dev = -1
+        try:
+            with self.cancel_scope:
+                ctrl, dev = self._create()
+                self.device = VduseDevice(self, dev)
+                task_status.started()
+                await self.device.serve()
+        finally:
+            self.device = None
+            if dev >= 0:
+                trio.lowlevel.notify_closing(dev)
+                os.close(dev)
+            if ctrl >= 0:
+                self._destroy(ctrl)
+                os.close(ctrl)
+            self.edge.detach()
+            with contextlib.suppress(Exception):
+                refresh(self.node)
+            self.finished.set()
