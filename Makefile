@@ -31,7 +31,7 @@ test-deps: deps
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[qmp]'
 	# byte-compile once: the generated schema module is large, and an
 	# environment with PYTHONDONTWRITEBYTECODE would recompile it every start
 	$(PY) -m compileall -q qsd_trio
@@ -66,8 +66,7 @@ run: venv
 	@[ -f demo/disk.qcow2 ] || qemu-img create -q -f qcow2 demo/disk.qcow2 1G
 	@echo "qsd-trio: demo image demo/disk.qcow2"
 	@echo "  QMP:  $(PY) -m qemu.qmp.qmp_shell $(CURDIR)/demo/qmp.sock"
-	@echo "  NBD:  nbdinfo 'nbd+unix:///disk?socket=$(CURDIR)/demo/nbd.sock'"
-	@echo "        qemu-img info 'nbd+unix:///disk?socket=$(CURDIR)/demo/nbd.sock'"
+	@echo "  NBD:  qemu-img info 'nbd+unix:///disk?socket=$(CURDIR)/demo/nbd.sock'"
 	@echo "  stop: Ctrl-C, or the QMP command quit"
 	$(VENV)/bin/qsd-trio \
 	  --blockdev driver=file,node-name=file0,filename=demo/disk.qcow2 \
