@@ -107,8 +107,9 @@ NOTES: dict[str, str] = {
            "extended headers (NBD_OPT_EXTENDED_HEADERS, from QEMU 8.2) are offered too",
     "host_device": "block and character devices (a file node with QEMU's device rules: "
                    "cannot grow, no holes reported, actual-size 0)",
-    "driver:nbd": "not implemented: the NBD client block driver (the sans-I/O codec in "
-                  "qsd_trio/proto/nbd.py already has the client side)",
+    "driver:nbd": "server unix, inet or fd; export, x-dirty-bitmap, reconnect-delay, "
+                  "open-timeout; structured replies and base:allocation; TLS (tls-creds), "
+                  "extended headers and multi-conn are not implemented",
     "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",
     "tls-creds-psk": "NBD server: keys.psk read per handshake, TLS 1.3/1.2 PSK via pyOpenSSL "
                      "(Python's ssl has no PSK before 3.13); tls-authz not applied, as QEMU 7.2",
