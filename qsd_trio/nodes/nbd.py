@@ -275,6 +275,11 @@ def describe(server: dict[str, Any]) -> str:
     return str(server.get("str", ""))
 
 
+def _strerror(e: OSError) -> str:
+    # trio's connect puts the address into strerror; QEMU prints the errno's text
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 async def open_socket(server: dict[str, Any]) -> trio.SocketStream:
     """Connect to a flat SocketAddress; ConnectError with QEMU's text."""
     kind = server["type"]
@@ -285,7 +290,7 @@ async def open_socket(server: dict[str, Any]) -> trio.SocketStream:
         except OSError as e:
             sock.close()
             raise ConnectError(f"Failed to connect to '{describe(server)}': "
-                               f"{e.strerror}") from None
+                               f"{_strerror(e)}") from None
         return trio.SocketStream(sock)
     if kind == "inet":
         host, port = server["host"], str(server["port"])
@@ -305,7 +310,7 @@ async def open_socket(server: dict[str, Any]) -> trio.SocketStream:
                 continue
             return trio.SocketStream(sock)
         assert err is not None
-        raise ConnectError(f"Failed to connect to '{describe(server)}': {err.strerror}")
+        raise ConnectError(f"Failed to connect to '{describe(server)}': {_strerror(err)}")
     if kind == "fd":
         fd = server["str"]
         if not fd.isdigit():
