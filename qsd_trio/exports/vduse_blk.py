@@ -40,7 +40,7 @@ import mmap
 import os
 import struct
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -75,6 +75,9 @@ from .virtio.virtqueue import (
     SplitQueue,
     VirtqueueError,
 )
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
 
 # include/uapi/linux/vduse.h
 _VDUSE_BASE = 0x81
@@ -465,7 +468,7 @@ class VduseDevice:
 class VduseBlkExport(BlockExport):
     type = "vduse-blk"
 
-    def __init__(self, daemon: Any, args: Any, node: BlockNode):
+    def __init__(self, daemon: Daemon, args: Any, node: BlockNode) -> None:
         super().__init__(daemon, args, node)
         num_queues = 1
         if args.num_queues is not None:
