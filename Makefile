@@ -56,7 +56,8 @@ soak: test-venv
 # every QEMU-guest test (make test runs only the smoke ones); tests/guest
 guest: test-venv
 	$(PY) -m pytest -q -p no:cacheprovider -m 'not soak' \
-	  tests/integration/test_vhost_user_guest.py tests/integration/test_vduse_guest.py
+	  tests/integration/test_vhost_user_guest.py tests/integration/test_vhost_user_restart.py \
+	  tests/integration/test_vduse_guest.py
 
 bench: test-venv
 	$(PY) benchmarks/run.py
