@@ -47,8 +47,9 @@ class DirEntry:
         return b + bytes(-len(b) % 8)
 
 
-def parse_directory(buf: bytes, count: int) -> list[DirEntry]:
-    out, pos = [], 0
+def parse_directory(buf: bytes | bytearray | memoryview, count: int) -> list[DirEntry]:
+    out: list[DirEntry] = []
+    pos = 0
     for _ in range(count):
         to, ts, flags, typ, gb, nl, el = ENTRY.unpack_from(buf, pos)
         pos += ENTRY.size
@@ -139,6 +140,9 @@ async def store(node: Qcow2Node) -> None:
     cs = node.cs
     entries = []
     for bm in persistent:
+        name = bm.name
+        if name is None:  # persistent bitmaps are named (block-dirty-bitmap-add)
+            continue
         data = bm.to_bytes()
         nclusters = -(-len(data) // cs) if data else 0
         table = [0] * nclusters
@@ -157,7 +161,7 @@ async def store(node: Qcow2Node) -> None:
             await node._overlap_check(0, toff, len(table) * 8)
             await node.file.write(toff, pack_table(array("Q", table)))
         flags = FLAG_AUTO if bm.enabled else 0
-        entries.append(DirEntry(toff, len(table), flags, 1, bm.shift, bm.name, b""))
+        entries.append(DirEntry(toff, len(table), flags, 1, bm.shift, name, b""))
     doff, blob = 0, b"".join(e.pack() for e in entries)
     if entries:
         doff = await node.refs.alloc(-(-len(blob) // cs))

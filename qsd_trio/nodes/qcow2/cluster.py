@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from .l2 import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    L2Table,
     compressed_extent,
     pack_table,
     unpack_table,
@@ -54,16 +56,22 @@ ALL_ZERO = 0xFFFFFFFF << 32
 
 
 # -- L2 tables ---------------------------------------------------------------
-async def l2_table(node: Qcow2Node, l1i: int, first: int = 0, stop: int | None = None):
+async def l2_table(node: Qcow2Node, l1i: int, first: int = 0,
+                   stop: int | None = None) -> L2Table | None:
     """The L2 table for L1 index ``l1i`` (array or view) or None when
     unallocated; with ``first``/``stop``, only entries first..stop-1 are
     needed (with sliced caching only their slices are read)."""
     if l1i >= len(node.l1):
         return None
-    e = node.l1[l1i]
-    off = e & L1E_OFFSET_MASK
+    off = node.l1[l1i] & L1E_OFFSET_MASK
     if not off:
         return None
+    return await _l2_at(node, l1i, off, first, stop)
+
+
+async def _l2_at(node: Qcow2Node, l1i: int, off: int, first: int = 0,
+                 stop: int | None = None) -> L2Table:
+    """The L2 table at host offset ``off`` that L1 entry ``l1i`` points at."""
     t = node.l2cache.get(off)
     if t is not None:
         return t
@@ -73,20 +81,20 @@ async def l2_table(node: Qcow2Node, l1i: int, first: int = 0, stop: int | None =
     return await node.l2cache.fetch(off, node.file.read, first, stop)
 
 
-async def l2_for_write(node: Qcow2Node, l1i: int):
+async def l2_for_write(node: Qcow2Node, l1i: int) -> L2Table:
     """An L2 table this image owns alone, allocated or copied as needed."""
     e = node.l1[l1i]
     off = e & L1E_OFFSET_MASK
     if off and e & QCOW_OFLAG_COPIED:
-        return await l2_table(node, l1i)
+        return await _l2_at(node, l1i, off)
     if off:
-        old = await l2_table(node, l1i)
-        t = array("Q", old)  # copy-on-write of a table shared with a snapshot
+        old = await _l2_at(node, l1i, off)
+        fresh = array("Q", old)  # copy-on-write of a table shared with a snapshot
     else:
-        t = unpack_table(bytes(node.cs))
+        fresh = unpack_table(bytes(node.cs))
     await node._set_dirty()
     new = await node.refs.alloc(1)
-    t = node.l2cache.put(new, t, dirty=True)
+    t = node.l2cache.put(new, fresh, dirty=True)
     node.l1[l1i] = new | QCOW_OFLAG_COPIED
     node._l1_gen += 1
     node._l1_dirty = True
@@ -106,8 +114,12 @@ async def l2_entry(node: Qcow2Node, gc: int) -> int:
 
 
 # -- mapping -----------------------------------------------------------------
-async def map_range(node: Qcow2Node, offset: int, length: int, *, merge_compressed: bool = False):
-    """Segments [kind, guest offset, length, host] covering the range."""
+async def map_range(node: Qcow2Node, offset: int, length: int, *,
+                    merge_compressed: bool = False) -> list[list[int]]:
+    """Segments [kind, guest offset, length, host] covering the range: DATA
+    (host is the offset of the first byte), ZERO, UNALLOC (host 0) or
+    COMPRESSED (host is the L2 entry; a segment per cluster unless
+    ``merge_compressed``)."""
     segs: list[list[int]] = []
     cb, cs = node.cb, node.cs
     pos, end = offset, offset + length
@@ -117,7 +129,7 @@ async def map_range(node: Qcow2Node, offset: int, length: int, *, merge_compress
     df = node.has_data_file
     v3 = node.version >= 3
 
-    def add(kind, start, n, host):
+    def add(kind: int, start: int, n: int, host: int) -> None:
         if segs:
             last = segs[-1]
             if (last[0] == kind and last[1] + last[2] == start
@@ -212,11 +224,12 @@ async def map_range(node: Qcow2Node, offset: int, length: int, *, merge_compress
     return segs
 
 
-async def mapped(node: Qcow2Node, offset: int, length: int, **kw):
+async def mapped(node: Qcow2Node, offset: int, length: int, *,
+                 merge_compressed: bool = False) -> list[list[int]]:
     """:func:`map_range`, with corruption it finds signalled (the node
     becomes unusable and the error raised is EIO)."""
     try:
-        return await map_range(node, offset, length, **kw)
+        return await map_range(node, offset, length, merge_compressed=merge_compressed)
     except Corruption as c:
         raise await signal_corruption(node, c) from None
 
@@ -262,7 +275,8 @@ def owned(node: Qcow2Node, e: int) -> bool:
     return bool(e & L2E_OFFSET_MASK) or node.has_data_file
 
 
-async def inplace_plan(node: Qcow2Node, offset: int, length: int):
+async def inplace_plan(node: Qcow2Node, offset: int,
+                       length: int) -> list[tuple[int, int, int]] | None:
     """[(guest, n, host)] when the whole range is owned data; else None."""
     segs = await mapped(node, offset, length)
     plan = []
@@ -290,7 +304,7 @@ async def inplace_plan(node: Qcow2Node, offset: int, length: int):
 
 # -- allocating writes -------------------------------------------------------
 @asynccontextmanager
-async def locked(node: Qcow2Node, offset: int, length: int):
+async def locked(node: Qcow2Node, offset: int, length: int) -> AsyncIterator[None]:
     """The metadata lock, taken once no allocating write in flight overlaps
     the guest range (their clusters are not linked into L2 yet)."""
     first, last = offset >> node.cb, (offset + max(length, 1) - 1) >> node.cb

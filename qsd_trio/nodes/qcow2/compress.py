@@ -8,36 +8,27 @@ from __future__ import annotations
 
 import zlib
 
-from .header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+import zstandard
 
-try:
-    import zstandard
-except ImportError:  # pragma: no cover - zstandard is a dependency
-    zstandard = None
+from .header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 
 class CompressionError(Exception):
-    pass
+    """Compressed data that does not decode to a whole cluster."""
 
 
-def decompress(data: bytes | memoryview, cluster_size: int, ctype: int) -> bytes:
+def decompress(data: bytes | bytearray | memoryview, cluster_size: int, ctype: int) -> bytes:
     """One cluster of output from ``data``; raises CompressionError when short/bad."""
     try:
         if ctype == COMPRESSION_ZLIB:
             out = zlib.decompressobj(-12).decompress(bytes(data), cluster_size)
         elif ctype == COMPRESSION_ZSTD:
-            if zstandard is None:
-                raise CompressionError("zstd support is not available")
             # QEMU writes one frame per cluster; stop at the frame's end
             out = zstandard.ZstdDecompressor().decompressobj().decompress(bytes(data))
         else:
             raise CompressionError(f"unknown compression type {ctype}")
-    except (zlib.error, ValueError) as e:
+    except (zlib.error, ValueError, zstandard.ZstdError) as e:
         raise CompressionError(str(e)) from e
-    except Exception as e:
-        if zstandard is not None and isinstance(e, zstandard.ZstdError):
-            raise CompressionError(str(e)) from e
-        raise
     if len(out) < cluster_size:
         raise CompressionError("short compressed cluster")
     return out[:cluster_size]
@@ -49,7 +40,5 @@ def compress(data: bytes | memoryview, ctype: int) -> bytes:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         return c.compress(bytes(data)) + c.flush()
     if ctype == COMPRESSION_ZSTD:
-        if zstandard is None:
-            raise CompressionError("zstd support is not available")
         return zstandard.ZstdCompressor(write_content_size=False).compress(bytes(data))
     raise CompressionError(f"unknown compression type {ctype}")

@@ -11,6 +11,7 @@ blockdev-snapshot-sync.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from ...qapi.errors import GenericError
 from ..node import BlockNode
@@ -80,7 +81,7 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
                        compression_type: str = "zlib", backing_file: str | None = None,
                        backing_fmt: str | None = None, data_file: BlockNode | None = None,
                        data_file_name: str | None = None, data_file_raw: bool = False,
-                       preallocation: str = "off", encrypt=None) -> None:
+                       preallocation: str = "off", encrypt: Any = None) -> None:
     """Format ``file`` (a writable node, any protocol) as a qcow2 image of ``size`` bytes.
 
     ``data_file`` is the node holding the guest data (external data file) and
@@ -133,7 +134,7 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
     # grow it with our own driver (L1 table, preallocation, header names)
     graph = file.graph
     node = Qcow2Node(graph, graph.auto_name(), read_only=False)
-    opts: dict = {"driver": "qcow2", "node-name": node.node_name, "file": file.node_name,
+    opts: dict[str, Any] = {"driver": "qcow2", "node-name": node.node_name, "file": file.node_name,
                   "backing": None}
     if data_file is not None:
         opts["data-file"] = data_file.node_name

@@ -22,6 +22,7 @@ around its data-cluster I/O; :func:`open_encryption` and
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, Any
 
 from ...crypto import luks
 from ...crypto import secrets as secretmod
@@ -29,7 +30,11 @@ from ...crypto.cipher import SECTOR, SectorCipher
 from ...qapi.errors import GenericError
 from .. import crypt
 from ..node import json_filename
-from .header import EXT_CRYPTO
+from .header import EXT_CRYPTO, Header
+
+if TYPE_CHECKING:
+    from ..node import BlockNode
+    from .driver import Qcow2Node
 
 CRYPT_AES = 1
 CRYPT_LUKS = 2
@@ -48,14 +53,15 @@ class Qcow2Crypto:
         self.physical = method == CRYPT_LUKS
         self.writes = crypt.SectorWrites()
 
-    def decrypt(self, goff: int, host: int, data) -> bytes:
+    def decrypt(self, goff: int, host: int, data: bytes | bytearray | memoryview) -> bytes:
         """Plaintext of whole sectors read from ``host`` for guest ``goff``."""
         return self.cipher.decrypt((host if self.physical else goff) // SECTOR, data)
 
-    def encrypt(self, goff: int, host: int, data) -> bytes:
+    def encrypt(self, goff: int, host: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Ciphertext of whole sectors to be written at ``host`` for guest ``goff``."""
         return self.cipher.encrypt((host if self.physical else goff) // SECTOR, data)
 
-    async def read(self, data_node, goff: int, host: int, n: int) -> bytes:
+    async def read(self, data_node: BlockNode, goff: int, host: int, n: int) -> bytes:
         """Plaintext of guest ``goff``..``goff+n``, stored contiguously from
         ``host`` (clusters are sector-aligned in both spaces): the whole
         sectors around it are read and decrypted."""
@@ -65,35 +71,35 @@ class Qcow2Crypto:
         raw += bytes(-len(raw) % SECTOR)
         return self.decrypt(a, host - delta, raw)[delta:delta + n]
 
-    async def pwritev(self, node, offset: int, data, fua: bool) -> None:
+    async def pwritev(self, node: Qcow2Node, offset: int, data: memoryview, fua: bool) -> None:
         """A guest write as whole sectors (the node's own write path, which
         encrypts each piece where it lands)."""
-        async def write(a: int, buf) -> None:
+        async def write(a: int, buf: bytes | bytearray | memoryview) -> None:
             await node._co_pwritev(a, memoryview(buf), False, _sectors=True)
 
         await crypt.write_sectors(self.writes, offset, data, node._co_preadv, write, node.size)
         if fua:
             await node._co_flush()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """ImageInfoSpecificQCow2's ``encrypt`` member."""
         if self.header is None:
             return {"format": "aes"}
         d = self.header.info()
-        out: dict = {}
+        out: dict[str, Any] = {}
         for k, v in d.items():
             out[k] = v
             if k == "uuid":
                 out["format"] = "luks"  # where QEMU's visitor puts the tag
         return out
 
-    def json_filename(self, file_node) -> str:
+    def json_filename(self, file_node: BlockNode) -> str:
         """QEMU spells the node out: the key secret is a strong option."""
         return json_filename({"driver": "qcow2", "file": file_node.full_open_options(),
                               "encrypt.key-secret": self.key_secret})
 
 
-def _encrypt_opts(options: dict) -> tuple[str | None, str | None]:
+def _encrypt_opts(options: dict[str, Any]) -> tuple[str | None, str | None]:
     enc = options.get("encrypt")
     if enc is None:
         return None, None
@@ -102,7 +108,8 @@ def _encrypt_opts(options: dict) -> tuple[str | None, str | None]:
     return enc.get("format"), enc.get("key-secret")
 
 
-async def open_encryption(node, h, options: dict) -> Qcow2Crypto | None:
+async def open_encryption(node: Qcow2Node, h: Header,
+                          options: dict[str, Any]) -> Qcow2Crypto | None:
     """The image's encryption, unlocked with ``encrypt.key-secret``; None for
     an unencrypted image.  Errors carry QEMU's texts."""
     fmt, secret_id = _encrypt_opts(options)
@@ -131,16 +138,18 @@ async def open_encryption(node, h, options: dict) -> Qcow2Crypto | None:
     off, length = struct.unpack_from(">QQ", ext)
     file = node.file
 
-    async def read(o: int, n: int):
+    async def read(o: int, n: int) -> bytes | bytearray | memoryview:
         if o + n > length:
             raise GenericError("Request for data outside of extension header")
         return await file.read(off + o, n)
 
+    if secret_id is None:
+        raise GenericError("Parameter 'encrypt.key-secret' is required for cipher")
     hdr, cipher = await crypt.open_luks(node.graph, secret_id, read, prefix="encrypt.")
     return Qcow2Crypto(method, cipher, secret_id, hdr)
 
 
-async def setup_encryption(node, o) -> None:
+async def setup_encryption(node: Qcow2Node, o: Any) -> None:
     """blockdev-create: give the freshly created image ``node`` (open, empty)
     a LUKS header in new clusters, as QEMU's qcow2_set_up_encryption does."""
     if isinstance(o, dict):
@@ -161,6 +170,8 @@ async def setup_encryption(node, o) -> None:
         return
     if fmt != "luks":
         raise GenericError(f"Unsupported encryption format '{fmt}'")
+    if secret_id is None:
+        raise GenericError("Parameter 'encrypt.key-secret' is required for cipher")
     hdr, pieces, key = await crypt.create_luks(node.graph, o, prefix="encrypt.")
     size = hdr.payload_offset * SECTOR
     clusters = -(-size // node.cs)
@@ -176,7 +187,7 @@ async def setup_encryption(node, o) -> None:
     node.encrypted = True
 
 
-async def amend_encryption(node, o, force: bool) -> None:
+async def amend_encryption(node: Qcow2Node, o: Any, force: bool) -> None:
     """x-blockdev-amend with ``encrypt`` (QCryptoBlockAmendOptions): add or
     erase key slots of the LUKS header in the image file."""
     c = node.crypto
@@ -185,9 +196,12 @@ async def amend_encryption(node, o, force: bool) -> None:
     if c.header is None:
         raise GenericError("Only LUKS encryption options can be amended for qcow2 with "
                            "blockdev-amend")
-    off, length = struct.unpack_from(">QQ", node.h.ext(EXT_CRYPTO))
+    ext = node.h.ext(EXT_CRYPTO)
+    if ext is None:  # opened as LUKS: the header has it
+        raise GenericError("Missing CRYPTO header for crypt method 2")
+    off, length = struct.unpack_from(">QQ", ext)
 
-    async def read(o_: int, n: int):
+    async def read(o_: int, n: int) -> bytes | bytearray | memoryview:
         return await node.file.read(off + o_, n)
 
     writes = await crypt.amend_luks(node.graph, c.header, read, o,
@@ -200,10 +214,10 @@ async def amend_encryption(node, o, force: bool) -> None:
     await node.file.flush()
 
 
-def with_encrypt_info(spec: dict, c: Qcow2Crypto) -> dict:
+def with_encrypt_info(spec: dict[str, Any], c: Qcow2Crypto) -> dict[str, Any]:
     """ImageInfoSpecificQCow2 with ``encrypt`` where QEMU lists it (after
     ``refcount-bits``)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for k, v in spec.items():
         out[k] = v
         if k == "refcount-bits":

@@ -35,12 +35,14 @@ import os.path
 import struct
 import sys
 from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
 from ...qapi.errors import GenericError, QapiError
 from ..graph import register_driver
-from ..node import BdrvChild, BlockNode, BlockStatus, Status
+from ..node import BdrvChild, BlockNode, BlockStatus, Buffer, ReadDone, Status, WriteDone
 from . import bitmaps as bitmapmod
 from . import crypt as qcrypt
 from . import overlap, reopen
@@ -106,7 +108,12 @@ class Qcow2Node(BlockNode):
     supports_compressed_writes = True
     # open() got as far as the refcounts: closing has metadata to store
     _metadata_loaded = False
+    file_edge: BdrvChild
+    file: BlockNode
     data_edge: BdrvChild | None = None
+    data: BlockNode  # where data clusters live: ``file``, or the data file
+    backing_edge: BdrvChild | None
+    backing: BlockNode | None
 
     def child_attached(self, edge: BdrvChild) -> None:
         # the request path uses the child nodes directly: keep them right
@@ -130,9 +137,9 @@ class Qcow2Node(BlockNode):
         return self.discard_unmap and self.version >= 3
 
     # -- opening ---------------------------------------------------------------
-    async def open(self, options: dict) -> None:
+    async def open(self, options: dict[str, Any]) -> None:
         self.file_edge = await self.open_child(options, "file")
-        self.file: BlockNode = self.file_edge.node
+        self.file = self.file_edge.node
         try:
             hdr_buf = await self.file.read(0, min(max(self.file.length, 0), 1 << 21) or 0)
             h = parse_header(hdr_buf)
@@ -186,24 +193,26 @@ class Qcow2Node(BlockNode):
         # overlap-check: the structures checked, and the index of where they lie
         self.overlap_mask = overlap.parse_option(options.get("overlap-check"))
         self._l1_gen = 0  # bumped when an L1 entry points at a new L2 table
-        self._ol_layout: tuple | None = None
+        self._ol_layout: tuple[object, ...] | None = None
         self._ol_index: overlap.OverlapIndex | None = None
 
         # data file: external clusters live there, not in `file`
         self.data_edge = None
-        self.data: BlockNode = self.file
+        self.data = self.file
         self.has_data_file = bool(h.incompatible_features & INCOMPAT_DATA_FILE)
         self.data_file_raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
         if self.has_data_file:
+            edge: BdrvChild | None
             if options.get("data-file") is not None:
-                self.data_edge = await self.open_child(options, "data-file")
+                edge = await self.open_child(options, "data-file")
             elif h.data_file:
-                self.data_edge = await self.graph.open_child(
+                edge = await self.graph.open_child(
                     self, {"data-file": self._implicit_file(h.data_file),
                            "read-only": self.read_only}, "data-file")
             else:
                 raise GenericError("Missing data_file option")
-            self.data = self.data_edge.node
+            assert edge is not None  # a required child: open_child raises
+            self.data_edge, self.data = edge, edge.node
         elif options.get("data-file") is not None:
             raise GenericError("'data-file' can only be set for images with an "
                                "external data file")
@@ -259,8 +268,8 @@ class Qcow2Node(BlockNode):
                 except QapiError as e:  # bdrv_open_backing_file, for either form
                     raise e.prefixed("Could not open backing file: ") from None
         elif h.backing_file:
-            await self._open_header_backing(h)
-        self.backing: BlockNode | None = self.backing_edge.node if self.backing_edge else None
+            await self._open_header_backing(h, h.backing_file)
+        self.backing = self.backing_edge.node if self.backing_edge else None
         # QEMU's auto_backing_file: the opened node's name when the header
         # chose it, else the header's own string (so a backing given
         # explicitly or as null counts as overridden in file names)
@@ -273,7 +282,7 @@ class Qcow2Node(BlockNode):
             await self._open_rw(h)
         await bitmapmod.load(self)
 
-    async def _check_header(self, h: Header, options: dict) -> None:
+    async def _check_header(self, h: Header, options: dict[str, Any]) -> None:
         if h.incompatible_features & ~INCOMPAT_KNOWN:
             unknown = h.incompatible_features & ~INCOMPAT_KNOWN
             bits = ", ".join(f"Unknown incompatible feature: {1 << i:x}"
@@ -290,15 +299,17 @@ class Qcow2Node(BlockNode):
             raise GenericError("Compression type incompatible feature bit must be set "
                                "for non-zlib compression")
 
-    def _implicit_file(self, name: str) -> dict:
+    def _implicit_file(self, name: str) -> dict[str, Any]:
         """A nested file node for a name stored in the image (relative to it)."""
         base = self.file.filename
         if not os.path.isabs(name) and base and "://" not in name:
             name = os.path.join(os.path.dirname(base), name)
         return {"driver": "file", "filename": name}
 
-    async def _open_header_backing(self, h: Header) -> None:
-        spec = self._implicit_file(h.backing_file)
+    async def _open_header_backing(self, h: Header, name: str) -> None:
+        """Open the backing file the header names (``name``), with the format
+        it records, else the one its first bytes show."""
+        spec = self._implicit_file(name)
         fmt = h.backing_format
         if fmt is None:
             # no format recorded: probe as QEMU does (qcow2 magic, else raw)
@@ -310,8 +321,8 @@ class Qcow2Node(BlockNode):
             fmt = "qcow2" if magic == b"QFI\xfb" else "raw"
         try:
             # as a nested definition: it inherits force-share and cache modes
-            inherited = {k: self.options[k] for k in ("force-share", "cache")
-                         if k in self.options}
+            inherited: dict[str, Any] = {k: self.options[k] for k in ("force-share", "cache")
+                                         if k in self.options}
             self.backing_edge = await self.graph.open_child(
                 self, {**inherited, "backing": {"driver": fmt, "file": spec}}, "backing")
         except GenericError as e:
@@ -350,7 +361,7 @@ class Qcow2Node(BlockNode):
         await self.file.write(offset, data)
 
     # -- overlap checks (overlap.py) --------------------------------------------
-    def _layout(self) -> tuple:
+    def _layout(self) -> tuple[object, ...]:
         """What the metadata layout depends on; the index is rebuilt when it
         changes (the lists compare by identity first, then by content)."""
         h, refs = self.h, self.refs
@@ -403,10 +414,11 @@ class Qcow2Node(BlockNode):
         if not mask or not size or (data_file and self.has_data_file):
             return
         layout = self._layout()
-        if layout != self._ol_layout:
-            self._ol_index = await self._overlap_index()
+        ix = self._ol_index
+        if ix is None or layout != self._ol_layout:
+            ix = self._ol_index = await self._overlap_index()
             self._ol_layout = layout
-        bit = self._ol_index.check(mask, offset, size)
+        bit = ix.check(mask, offset, size)
         if bit:
             raise await signal_corruption(
                 self, Corruption(overlap.message(bit), offset, size)) from None
@@ -439,12 +451,12 @@ class Qcow2Node(BlockNode):
     # -- blockdev-reopen (reopen.py) ----------------------------------------------
     reopenable = reopen.REOPENABLE
 
-    async def reopen_prepare(self, options: dict):
+    async def reopen_prepare(self, options: dict[str, Any]) -> Callable[[], None]:
         """qcow2_reopen_prepare: check the new options, flush the caches;
         returns the commit.  Raises GenericError with QEMU's texts."""
         return await reopen.prepare(self, options)
 
-    def reopen_check(self, options: dict) -> None:
+    def reopen_check(self, options: dict[str, Any]) -> None:
         """The checks of reopen_prepare alone, before any node changes."""
         reopen.check(self, options)
 
@@ -454,9 +466,9 @@ class Qcow2Node(BlockNode):
             return self.crypto.json_filename(self.file)
         return super().filename
 
-    def info_extra(self) -> dict:
+    def info_extra(self) -> dict[str, Any]:
         h = self.h
-        spec: dict
+        spec: dict[str, Any]
         if h.version == 2:
             spec = {"compat": "0.10", "refcount-bits": 1 << h.refcount_order}
         else:
@@ -521,13 +533,13 @@ class Qcow2Node(BlockNode):
         m = min(n, blen - offset)
         buf[at:at + m] = await b.read(offset, m)
 
-    async def _data_read(self, goff: int, host: int, n: int):
+    async def _data_read(self, goff: int, host: int, n: int) -> Buffer:
         """Guest bytes ``goff``..``goff+n`` of a data cluster at ``host``."""
         if self.crypto is not None:
             return await self.crypto.read(self.data, goff, host, n)
         return await self.data.read(host, n)
 
-    async def _data_write(self, goff: int, host: int, buf) -> None:
+    async def _data_write(self, goff: int, host: int, buf: Buffer) -> None:
         """Guest bytes at ``goff`` into a data cluster at ``host`` (encrypted
         images: whole sectors)."""
         if self.crypto is not None:
@@ -536,20 +548,20 @@ class Qcow2Node(BlockNode):
 
     # the fast path (BlockNode.read_now/write_now): one cluster mapped in the
     # cache, data at a plain host offset; anything else goes the long way
-    def _preadv_now(self, offset: int, length: int):
+    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         if self.crypto is not None or self._corrupt:
             return None
         host = data_host(self, offset, length, False)
         return None if host < 0 else self.data.read_now(host, length)
 
-    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+    def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         # as _co_preadv's first branch: one mapped cluster, read from the file
         if self.crypto is not None or self._corrupt:
             return False
         host = data_host(self, offset, length, False)
         return host >= 0 and self.data.read_submit(host, length, done)
 
-    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
+    def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         # as _co_pwritev's first branch: in place, into one cluster we own
         if self.crypto is not None or self._corrupt:
             return False
@@ -557,7 +569,7 @@ class Qcow2Node(BlockNode):
         if host < 0 or (self.overlap_mask and not self._overlap_clear(host, len(mv))):
             return False
 
-        def finished(res, err) -> None:
+        def finished(res: Any, err: OSError | None) -> None:
             self._inplace -= 1
             done(res, err)
 
@@ -575,7 +587,7 @@ class Qcow2Node(BlockNode):
             return False
         return self.data.write_now(host, mv)
 
-    async def _co_preadv(self, offset: int, length: int):
+    async def _co_preadv(self, offset: int, length: int) -> Buffer:
         self._check_usable()
         if self.crypto is None:
             host = data_host(self, offset, length, False)
@@ -596,7 +608,7 @@ class Qcow2Node(BlockNode):
         await self._fill(segs, offset, buf)
         return buf
 
-    async def _fill(self, segs, offset: int, buf: bytearray) -> None:
+    async def _fill(self, segs: list[list[int]], offset: int, buf: bytearray) -> None:
         for kind, goff, n, host in segs:
             at = goff - offset
             if kind == DATA:
@@ -644,7 +656,7 @@ class Qcow2Node(BlockNode):
                 if self.overlap_mask and not self._overlap_clear(host, length):
                     await self._overlap_check(0, host, length, True)
                 await self.data.write(host, data)
-                plan = ()
+                plan: Sequence[tuple[int, int, int]] | None = ()
             else:
                 plan = await inplace_plan(self, offset, length)
             if plan is not None:
@@ -661,7 +673,7 @@ class Qcow2Node(BlockNode):
 
     # -- zero writes and discard ---------------------------------------------------
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
-                                no_fallback: bool = False):
+                                no_fallback: bool = False) -> None:
         self._check_usable()
         unit = self.sc_size
         end = offset + length
@@ -923,7 +935,7 @@ class Qcow2Node(BlockNode):
             await self.rewrite_header()
 
     # -- compressed writes (qemu-img convert -c, backup compress=on) ---------------------
-    async def write_compressed(self, offset: int, data) -> None:
+    async def write_compressed(self, offset: int, data: Buffer) -> None:
         """Write one whole cluster compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED)."""
         self._check_writable()
         self._check_usable()

@@ -149,7 +149,7 @@ class Header:
         return bytes(head)
 
 
-def parse_header(buf: bytes | memoryview) -> Header:
+def parse_header(buf: bytes | bytearray | memoryview) -> Header:
     """Parse the first cluster (or more) of an image.  Raises HeaderError."""
     buf = bytes(buf)
     if len(buf) < V2_HEADER.size or buf[:4] != MAGIC:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeAlias, overload
 
 from ...qapi import qemuopts
 from ...qapi.errors import GenericError
@@ -55,7 +57,7 @@ def compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
     return QCOW_OFLAG_COMPRESSED | (sectors << x) | offset
 
 
-def unpack_table(buf: bytes | memoryview) -> array:
+def unpack_table(buf: bytes | bytearray | memoryview) -> array[int]:
     a = array("Q")
     a.frombytes(buf)
     if _SWAP:
@@ -63,7 +65,7 @@ def unpack_table(buf: bytes | memoryview) -> array:
     return a
 
 
-def pack_table(a: array) -> bytes:
+def pack_table(a: array[int]) -> bytes:
     if _SWAP:
         b = array("Q", a)
         b.byteswap()
@@ -91,12 +93,12 @@ class L2Cache:
         self.slice_bytes = slice_bytes or table_bytes
         self.sliced = bool(table_bytes) and self.slice_bytes < table_bytes
         self.slice_words = self.slice_bytes // 8
-        self.tables: OrderedDict[int, array] = OrderedDict()  # slices, by host offset
+        self.tables: OrderedDict[int, array[int]] = OrderedDict()  # slices, by host offset
         self.dirty: set[int] = set()
         self.used: set[int] = set()  # looked up since the last clean_unused()
 
     # -- whole tables (slice == table) and views -------------------------------
-    def get(self, offset: int):
+    def get(self, offset: int) -> array[int] | None:
         """The cached table at ``offset`` when a slice is a whole table, else
         None (sliced tables are looked up with :meth:`fetch`, which touches
         only the slices a request needs)."""
@@ -108,7 +110,7 @@ class L2Cache:
             self.used.add(offset)
         return t
 
-    def put(self, offset: int, table: array, *, dirty: bool = False):
+    def put(self, offset: int, table: array[int], *, dirty: bool = False) -> L2Table:
         """Cache a whole table read from disk (or a new one); returns what the
         driver must index from now on (the array, or a view of its slices).
         Slices already cached (possibly changed) are kept, not replaced."""
@@ -121,7 +123,7 @@ class L2Cache:
             self._evict()
             return table
         w = self.slice_words
-        parts = []
+        parts: list[array[int] | None] = []
         for i, key in enumerate(range(offset, offset + self.table_bytes, self.slice_bytes)):
             t = self.tables.get(key)
             if t is None:
@@ -135,20 +137,21 @@ class L2Cache:
         self._evict()
         return TableView(self, offset, parts)
 
-    async def fetch(self, offset: int, read, first: int = 0, stop: int | None = None):
+    async def fetch(self, offset: int, read: ReadFn, first: int = 0,
+                    stop: int | None = None) -> L2Table:
         """The table at ``offset``, reading the slices that are not cached
         (only those covering entries ``first``..``stop-1`` when given; the
         view then holds only those) with ``await read(offset, length)``."""
         if not self.sliced:
             t = self.get(offset)
-            if t is None:
-                t = self.put(offset, unpack_table(await read(offset, self.table_bytes)))
-            return t
+            if t is not None:
+                return t
+            return self.put(offset, unpack_table(await read(offset, self.table_bytes)))
         w = self.slice_words
         nslices = self.table_bytes // self.slice_bytes
         s0 = first // w
         s1 = nslices if stop is None else -(-stop // w)
-        parts: list[array | None] = [None] * nslices
+        parts: list[array[int] | None] = [None] * nslices
         si = s0
         while si < s1:
             key = offset + si * self.slice_bytes
@@ -206,7 +209,7 @@ class L2Cache:
         image, the default, never has to until a flush.)"""
         return bool(self.dirty) and len(self.tables) > self.capacity
 
-    def _touch(self, key: int, part: array) -> None:
+    def _touch(self, key: int, part: array[int]) -> None:
         """A view changed slice ``key``: dirty, and cached again if evicted."""
         if self.tables.get(key) is not part:
             self.tables[key] = part
@@ -247,7 +250,7 @@ class TableView:
 
     __slots__ = ("cache", "offset", "parts", "shift", "mask", "words")
 
-    def __init__(self, cache: L2Cache, offset: int, parts: list):
+    def __init__(self, cache: L2Cache, offset: int, parts: list[array[int] | None]):
         self.cache, self.offset, self.parts = cache, offset, parts
         self.words = cache.slice_words
         self.shift = self.words.bit_length() - 1
@@ -256,22 +259,38 @@ class TableView:
     def __len__(self) -> int:
         return len(self.parts) * self.words
 
-    def __getitem__(self, i):
+    def _part(self, si: int) -> array[int]:
+        part = self.parts[si]
+        if part is None:
+            raise IndexError("L2 entry outside the slices of this view")
+        return part
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: int | slice) -> int | list[int]:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
-        return self.parts[i >> self.shift][i & self.mask]
+        return self._part(i >> self.shift)[i & self.mask]
 
     def __setitem__(self, i: int, value: int) -> None:
         si = i >> self.shift
-        part = self.parts[si]
+        part = self._part(si)
         part[i & self.mask] = value
         self.cache._touch(self.offset + si * self.cache.slice_bytes, part)
 
-    def __iter__(self):
-        for part in self.parts:
-            yield from part
+    def __iter__(self) -> Iterator[int]:
+        for si in range(len(self.parts)):
+            yield from self._part(si)
+
+
+# what the cache hands the driver: the table's array, or a view of its slices
+L2Table: TypeAlias = "array[int] | TableView"
+# reads ``length`` bytes at ``offset`` of the image file
+ReadFn: TypeAlias = Callable[[int, int], Awaitable[bytes | bytearray | memoryview]]
 
 
 # qcow2.h: at least this many L2 slices and refcount blocks are cached
@@ -282,7 +301,7 @@ INT_MAX = (1 << 31) - 1
 UINT_MAX = (1 << 32) - 1
 
 
-def read_cache_sizes(options: dict, cluster_size: int, virtual_size: int,
+def read_cache_sizes(options: dict[str, Any], cluster_size: int, virtual_size: int,
                      l2_entry_bytes: int) -> tuple[int, int, int]:
     """QEMU's read_cache_sizes and the checks after it in
     qcow2_update_options_prepare, with their messages: (L2 cache slices,

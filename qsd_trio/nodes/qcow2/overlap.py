@@ -15,6 +15,7 @@ the write path is a dictionary lookup per cluster written.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 # QCOW2_OL_*_BITNR, in QEMU's order (also the order checks are made in,
 # except that QEMU tests L2 tables and refcount blocks after the inactive L1)
@@ -64,7 +65,7 @@ _ORDER = (MAIN_HEADER, ACTIVE_L1, REFCOUNT_TABLE, SNAPSHOT_TABLE, INACTIVE_L1,
           ACTIVE_L2, REFCOUNT_BLOCK, INACTIVE_L2, BITMAP_DIRECTORY)
 
 
-def parse_option(value) -> int:
+def parse_option(value: str | dict[str, Any] | None) -> int:
     """The bit mask an ``overlap-check`` option selects (default "cached")."""
     if value is None:
         return CACHED

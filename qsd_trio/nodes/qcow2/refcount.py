@@ -165,6 +165,8 @@ class Refcounts:
                 raise RefcountError(f"refcount underflow for cluster {cluster:#x}")
             await self._new_block(bidx)
             blk = await self._block(bidx)
+            if blk is None:  # created just now: cannot happen
+                raise RefcountError(f"refcount block {bidx:#x} missing after creation")
         idx = cluster & ((1 << self.block_bits) - 1)
         value = get_entry(blk, idx, self.order) + delta
         if value < 0:
@@ -273,12 +275,13 @@ class Refcounts:
             start = await self._find_free_run(n)
             # every refblock covering the run must exist before we count on it
             missing = None
-            blks = {}
+            blks: dict[int, bytearray] = {}
             for b in range(start >> self.block_bits, ((start + n - 1) >> self.block_bits) + 1):
-                blk = blks[b] = await self._block(b)
+                blk = await self._block(b)
                 if blk is None:
                     missing = b
                     break
+                blks[b] = blk
             if missing is None:
                 break
             await self._new_block(missing)

@@ -11,7 +11,7 @@ blockdev-reopen does not keep old options.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...qapi.errors import GenericError
 from ...qapi.ghash import qdict_order
@@ -33,7 +33,7 @@ REOPENABLE = frozenset({
 })
 
 
-def check(node: Qcow2Node, options: dict) -> dict:
+def check(node: Qcow2Node, options: dict[str, Any]) -> dict[str, Any]:
     """The settings ``options`` ask for, checked as
     qcow2_update_options_prepare does; raises GenericError with QEMU's
     texts.  blockdev-reopen calls it for every node before it changes any."""
@@ -72,7 +72,7 @@ def check(node: Qcow2Node, options: dict) -> dict:
     }
 
 
-async def prepare(node: Qcow2Node, options: dict) -> Callable[[], None]:
+async def prepare(node: Qcow2Node, options: dict[str, Any]) -> Callable[[], None]:
     """Check ``options`` (:func:`check`; nothing has changed when it
     raises), write the dirty L2 slices and refcount blocks back (QEMU
     flushes both caches before it replaces them), and return the commit

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ...qapi.errors import GenericError
+from .header import Header
 from .l2 import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
+    L2Table,
     compressed_extent,
     pack_table,
     unpack_table,
@@ -47,12 +50,13 @@ class Snapshot:
     disk_size: int | None = None
     icount: int | None = None
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """SnapshotInfo as query-named-block-nodes shows it."""
-        d = {"id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
-             "date-sec": self.date_sec, "date-nsec": self.date_nsec,
-             "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-             "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000}
+        d: dict[str, Any] = {
+            "id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec, "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000}
         if self.icount is not None and self.icount != 0xFFFFFFFFFFFFFFFF:
             d["icount"] = self.icount
         return d
@@ -94,7 +98,8 @@ def table_size(snaps: list[Snapshot]) -> int:
     return sum(len(s.pack()) for s in snaps)
 
 
-async def read_snapshots(read, h) -> list[Snapshot]:
+async def read_snapshots(read: Callable[[int, int], Awaitable[bytes]],
+                         h: Header) -> list[Snapshot]:
     # each entry is at most 40 + 64K extra + 64K id + 64K name; read generously
     # but stay within what the table can hold
     n = h.nb_snapshots
@@ -107,7 +112,7 @@ async def read_snapshots(read, h) -> list[Snapshot]:
         return parse_table(buf, n)
 
 
-async def _l2_entries(node: Qcow2Node, off: int):
+async def _l2_entries(node: Qcow2Node, off: int) -> L2Table:
     return await node.l2cache.fetch(off, node.file.read)
 
 
