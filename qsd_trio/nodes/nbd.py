@@ -7,8 +7,8 @@ with the codec in qsd_trio/proto/nbd.py and hands each reply to the request
 waiting on its handle, so many requests are in flight at once.
 
 Negotiation (the NBD specification's "Fixed newstyle negotiation"):
-structured replies, one meta context (``base:allocation``, or
-``qemu:dirty-bitmap:NAME`` with ``x-dirty-bitmap``, whose dirty bit QEMU
+structured replies, one meta context (``base:allocation``, or the one
+``x-dirty-bitmap`` names, ``qemu:dirty-bitmap:NAME``, whose dirty bit QEMU
 reads as "hole"), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.  Extended
 headers and multi-conn are not asked for; TLS is not implemented (a
 ``tls-creds`` naming no object is refused with QEMU's text, any other is
@@ -501,8 +501,9 @@ class NbdNode(BlockNode):
             # no TLS client yet: QEMU's text for an id no object has
             raise GenericError(f"No TLS credentials with id '{options['tls-creds']}'")
         self.bitmap: str | None = options.get("x-dirty-bitmap")
-        self.meta = (P.META_DIRTY_BITMAP + self.bitmap if self.bitmap is not None
-                     else P.META_BASE_ALLOCATION)
+        # the whole context name ("qemu:dirty-bitmap:NAME"), asked for instead
+        # of base:allocation, as QEMU does
+        self.meta = self.bitmap if self.bitmap is not None else P.META_BASE_ALLOCATION
         self.reconnect_delay: int = options.get("reconnect-delay") or 0
         open_timeout: int = options.get("open-timeout") or 0
         self._handles = iter(range(1, 1 << 64))

@@ -75,3 +75,89 @@ def test_query_named_block_nodes_match(daemon_factory, nbd_server, extra):
         assert qmp.cmd_raw("blockdev-add", args) == {"return": {}}
         got.append(qmp.cmd_raw("query-named-block-nodes")["return"])
     assert got[1] == got[0]
+
+
+def qemu_io_lines(uri: str, *cmds: str) -> list[list[str]]:
+    """Each command's failure lines (timings differ, failures must not)."""
+    from tests.helpers import qemu_io
+
+    out = []
+    for c in cmds:
+        p = qemu_io("-f", "raw", "-c", c, uri, check=False)
+        out.append([ln for ln in (p.stdout + p.stderr).splitlines() if "failed" in ln])
+    return out
+
+
+def test_x_dirty_bitmap_block_status_matches(daemon_factory, tmp_path):
+    """A qsd-trio server exports a node with a dirty bitmap; a client of each
+    kind opens it with x-dirty-bitmap and re-exports it: qemu-img map of the
+    re-export shows the dirty ranges (QEMU reads "dirty" as "hole") alike."""
+    img = tmp_path / "src.img"
+    qemu_img("create", "-q", "-f", "raw", str(img), str(4 * MiB))
+    srv_sock = tmp_path / "srv.sock"
+    srv = daemon_factory("trio", [
+        "--blockdev", f"driver=file,node-name=f,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={srv_sock}",
+    ])
+    q = srv.qmp()
+    q.cmd_raw("block-dirty-bitmap-add", {"node": "f", "name": "b", "granularity": 65536})
+    from tests.helpers import qemu_io
+    q.cmd_raw("block-export-add", {"type": "nbd", "id": "w", "node-name": "f", "name": "w",
+                                   "writable": True})
+    qemu_io("-f", "raw", "-c", "write -P 1 64k 64k", "-c", "write -P 2 1M 192k",
+            f"nbd+unix:///w?socket={srv_sock}")
+    q.cmd_raw("block-dirty-bitmap-disable", {"node": "f", "name": "b"})
+    r = q.cmd_raw("block-export-add", {"type": "nbd", "id": "e", "node-name": "f",
+                                       "name": "disk", "bitmaps": ["b"]})
+    assert r == {"return": {}}
+    maps = []
+    for kind in ("qemu", "trio"):
+        sock = tmp_path / f"client-{kind}.sock"
+        d = daemon_factory(kind, [
+            "--blockdev", f"driver=nbd,node-name=n,server.type=unix,server.path={srv_sock},"
+                          "export=disk,x-dirty-bitmap=qemu:dirty-bitmap:b,read-only=on",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=re,node-name=n,name=re",
+        ])
+        maps.append(qemu_img("map", "--output=json", "-f", "raw",
+                             f"nbd+unix:///re?socket={sock}").stdout)
+        d.stop()
+    assert '"data": false' in maps[0]  # the dirty ranges are visible
+    assert maps[1] == maps[0]
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_server_gone_errors_match(daemon_factory, tmp_path, delay):
+    """The server is killed and does not come back: qemu-io through a
+    re-export of the nbd node fails as it does through qemu-storage-daemon."""
+    img = tmp_path / "d.img"
+    qemu_img("create", "-q", "-f", "raw", str(img), str(4 * MiB))
+    outs = []
+    for kind in ("qemu", "trio"):
+        srv_sock = tmp_path / f"srv-{kind}.sock"
+        srv = subprocess.Popen(["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-x", "disk",
+                                "-k", str(srv_sock), str(img)], stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not srv_sock.exists():
+                assert time.monotonic() < deadline, "qemu-nbd did not start"
+                time.sleep(0.02)
+            sock = tmp_path / f"client-{kind}.sock"
+            d = daemon_factory(kind, [
+                "--blockdev", f"driver=nbd,node-name=n,server.type=unix,"
+                              f"server.path={srv_sock},export=disk,reconnect-delay={delay}",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "type=nbd,id=re,node-name=n,name=re,writable=on",
+            ])
+            uri = f"nbd+unix:///re?socket={sock}"
+            before = qemu_io_lines(uri, "write -P 1 0 64k")
+        finally:
+            srv.kill()
+            srv.wait()
+        after = qemu_io_lines(uri, "read -P 1 0 4k", "write -P 2 0 4k", "flush",
+                              "read 0 4k")
+        outs.append((before, after))
+        d.stop()
+    assert outs[0][0] == [[]]
+    assert any(outs[0][1])
+    assert outs[1] == outs[0]
