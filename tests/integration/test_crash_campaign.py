@@ -18,6 +18,7 @@ type); the ordinary suite runs 10 per image type.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -196,8 +197,14 @@ CASES = [(i, w) for i in IMAGE_TYPES for w in WORKLOADS]
 
 @pytest.mark.parametrize("image_type,workload", CASES)
 def test_sigkill(tmp_path, image_type, workload):
-    campaign(tmp_path, image_type, workload, WORKLOADS[workload],
-             seed=hash((image_type, workload)) & 0xFFFF)
+    # a new seed each run, so that CI runs cover more schedules; a failure
+    # names it, and QSD_CRASH_SEED=<seed> replays that run
+    seed = int(os.environ.get("QSD_CRASH_SEED", random.randrange(1 << 32)))
+    try:
+        campaign(tmp_path, image_type, workload, WORKLOADS[workload], seed=seed)
+    except BaseException as e:
+        e.add_note(f"replay: QSD_CRASH_SEED={seed}")
+        raise
 
 
 @pytest.mark.soak

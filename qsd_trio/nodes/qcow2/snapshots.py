@@ -211,9 +211,9 @@ async def create(node: Qcow2Node, name: str, *, vm_clock_nsec: int = 0,
             await node.file.write(l1_off, pack_table(array("Q", node.l1)))
         await node.file.flush()
         now = time.time_ns() if date_ns is None else date_ns
-        extra = struct.pack(">QQ", 0, node.size)
-        if node.h.version >= 3 or True:
-            extra += struct.pack(">Q", 0xFFFFFFFFFFFFFFFF)
+        # QEMU writes all three extra fields (vm_state_size_large, disk_size,
+        # icount = -1) whatever the image version
+        extra = struct.pack(">QQQ", 0, node.size, 0xFFFFFFFFFFFFFFFF)
         snap = Snapshot(l1_off, len(node.l1), sid, name, now // 1_000_000_000,
                         now % 1_000_000_000, vm_clock_nsec, 0, extra, node.size,
                         0xFFFFFFFFFFFFFFFF)
