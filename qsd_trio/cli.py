@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from . import QEMU_VERSION, __version__, trace
+from . import QEMU_VERSION, __version__, activation, trace
 from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
 from .monitor import dispatch
@@ -257,10 +257,13 @@ def chardev_backend(value: str) -> tuple[str, dict[str, Any]]:
         else:
             if fd is None:
                 fd = ""
-            try:
-                int(fd)
-            except ValueError:
-                raise GenericError(f"Unable to parse FD number {fd}") from None
+            # a number, or the name of a socket-activated descriptor; an
+            # unknown name fails now, before any option takes effect
+            if not activation.known(fd):
+                try:
+                    int(fd)
+                except ValueError:
+                    activation.socket_fd(fd, f"Unable to parse FD number {fd}")
             addr = {"type": "fd", "data": {"str": fd}}
         data = {"addr": addr, "server": server, "nodelay": nodelay}
         if server:
@@ -449,6 +452,7 @@ def _first(eg: BaseExceptionGroup[StartupError]) -> StartupError:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    activation.claim()  # before --daemonize forks: LISTEN_PID names this process
     try:
         actions, pidfile, daemonize = parse(argv)
     except EarlyExit as e:

@@ -12,7 +12,10 @@
 Startup carries out the command line in order through the QMP handlers
 (``blockdev-add``, ``chardev-add``, ...), writes the pidfile, and only then
 opens the gate (:attr:`Daemon.accepting`) that lets monitors and the NBD
-server accept connections.
+server accept connections.  At that moment a service manager that set
+``NOTIFY_SOCKET`` is told ``READY=1`` (:mod:`.notify`), then ``STATUS=``
+lines as exports and jobs come and go, and ``STOPPING=1`` when shutdown
+begins.
 
 Shutdown (:meth:`Daemon.shutdown`) runs once, shielded, in this order:
 exports (no new requests), jobs (they write to nodes), nodes (drained,
@@ -35,6 +38,7 @@ from . import events
 from .jobs import manager
 from .memory import freeze_startup_objects
 from .nodes.graph import BlockGraph
+from .notify import Notifier
 from .qapi.errors import QapiError
 from .qapi.ghash import HashSet
 
@@ -95,6 +99,28 @@ class PidFile:
         self.fd = -1
 
 
+class _Watched(dict[str, Any]):
+    """A dict that calls ``changed()`` when a key is added or removed (the
+    daemon's exports and jobs, for the service manager's STATUS line)."""
+
+    def __init__(self, changed: Callable[[], None]):
+        super().__init__()
+        self._changed = changed
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        self._changed()
+        return value
+
+
 class Daemon:
     """All state of one qsd-trio process.  ``run`` owns every task."""
 
@@ -105,9 +131,11 @@ class Daemon:
         # the ids as QEMU's /chardevs container holds them: a GHashTable,
         # whose slot order (with its history of removals) is query-chardev's
         self.chardev_slots = HashSet()
-        self.exports: dict[str, Any] = {}
+        self.notifier = Notifier()
+        self._status_changed = trio.Event()
+        self.exports: dict[str, Any] = _Watched(self._mark_changed)
         self.nbd_server: Any = None
-        self.jobs: dict[str, Any] = {}
+        self.jobs: dict[str, Any] = _Watched(self._mark_changed)
         self.monitors: list[Any] = []
         self.objects_root = False  # QEMU creates /objects with the first object
         self.pidfile: PidFile | None = None
@@ -175,9 +203,14 @@ class Daemon:
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._teardown()
+                self.notifier.close()
                 root.cancel_scope.cancel()
                 raise
             self.accepting.set()
+            self.notifier.ready()
+            if self.notifier.active:
+                root.start_soon(self.notifier.run_watchdog)
+                root.start_soon(self._report_status)
             freeze_startup_objects()
             if on_started is not None:
                 on_started()
@@ -188,6 +221,7 @@ class Daemon:
                 # leave a pidfile naming a dead process
                 if self.pidfile is not None:
                     self.pidfile.remove()
+                self.notifier.close()
             root.cancel_scope.cancel()
 
     async def _signals(self, *,
@@ -199,6 +233,32 @@ class Daemon:
                 # that protect data are shielded and run to the end
                 self.root_nursery.start_soon(self.shutdown)
 
+    def status_text(self) -> str:
+        """The service manager's STATUS line: exports and running jobs."""
+        running = [id for id, job in self.jobs.items()
+                   if getattr(job.status, "value", job.status) in ("running", "ready")]
+
+        def part(ids: list[str], one: str, many: str) -> str:
+            word = one if len(ids) == 1 else many
+            return f"{len(ids)} {word}" + (f" ({', '.join(ids)})" if ids else "")
+        return (f"Serving {part(list(self.exports), 'export', 'exports')}, "
+                f"{part(running, 'job running', 'jobs running')}")
+
+    def _mark_changed(self) -> None:
+        self._status_changed.set()
+
+    async def _report_status(self) -> None:
+        """Send STATUS= whenever exports or jobs change (an export added or
+        deleted, a job created, dismissed, or changing state)."""
+        unsubscribe = events.subscribe(lambda event: self._mark_changed())
+        try:
+            while not self._shutdown_started:
+                self.notifier.status(self.status_text())
+                await self._status_changed.wait()
+                self._status_changed = trio.Event()
+        finally:
+            unsubscribe()
+
     # -- shutdown --------------------------------------------------------------------
     async def shutdown_blockers(self) -> None:
         """Steps 1-3: exports, jobs, nodes.  Idempotent; shielded."""
@@ -206,6 +266,8 @@ class Daemon:
             await self._blockers_done.wait()
             return
         self._shutdown_started = True
+        if self.accepting.is_set():  # a failed startup was never READY
+            self.notifier.stopping()
         with trio.CancelScope(shield=True):
             self.graph.drain_all_begin()
             await self._stop_exports()

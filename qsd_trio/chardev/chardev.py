@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from .. import activation
 from ..qapi.errors import GenericError
 
 BACKENDS = ("serial", "mux", "pipe", "parallel", "null", "ringbuf", "stdio", "socket",
@@ -298,10 +299,8 @@ def _unlink_stale(path: str) -> None:
 
 
 def _fd_number(s: str) -> int:
-    try:
-        fd = int(s)
-    except ValueError:
-        raise GenericError(f"Unable to parse FD number {s}") from None
+    # a number, or the name of a socket-activated descriptor
+    fd = activation.socket_fd(s, f"Unable to parse FD number {s}")
     try:
         os.fstat(fd)
     except OSError:

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from .. import activation
 from ..nodes.node import BdrvChild, BlockNode, Perm
 from ..nodes.perms import refresh
 from ..proto import vhost_user as vu
@@ -593,10 +594,8 @@ class VhostUserBlkExport(BlockExport):
                 raise GenericError(f"Failed to bind socket to {self.path}: {e.strerror}") from None
         else:
             assert self.fd_str is not None
-            try:
-                fd = int(self.fd_str)
-            except ValueError:
-                raise GenericError(f"Unable to parse FD number {self.fd_str}") from None
+            # a number, or the name of a socket-activated descriptor
+            fd = activation.socket_fd(self.fd_str, f"Unable to parse FD number {self.fd_str}")
             try:
                 is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
             except OSError:

@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from ... import activation
 from ...qapi.errors import GenericError
 
 
@@ -72,11 +73,11 @@ async def open_listeners(addr: dict[str, Any]) -> list[trio.SocketListener]:
             raise GenericError(f"Failed to bind socket: {e.strerror}") from None
     if kind == "fd":
         fd_str = addr["str"]
-        if not fd_str.isdigit():
-            # there is no fd passing over QMP in qemu-storage-daemon
-            raise GenericError("only QEMU supports file descriptor passing")
+        # a number, or the name of a socket-activated descriptor; there is
+        # no fd passing over QMP in qemu-storage-daemon, hence QEMU's error
+        fd = activation.socket_fd(fd_str, "only QEMU supports file descriptor passing")
         try:
-            sock = trio.socket.from_stdlib_socket(_stdsocket.socket(fileno=int(fd_str)))
+            sock = trio.socket.from_stdlib_socket(_stdsocket.socket(fileno=fd))
         except OSError as e:
             raise GenericError(f"Failed to use socket fd {fd_str}: {e.strerror}") from None
         return [trio.SocketListener(sock)]
