@@ -405,3 +405,90 @@ def test_daemonize_failure_reports_the_childs_error(tmp_path, notify):
     notify.sock.settimeout(0)
     with pytest.raises(BlockingIOError):
         notify.next()
+
+
+# -- the shipped units ------------------------------------------------------------
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+
+
+def unit_settings(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a unit file, continuation lines joined."""
+    text = path.read_text().replace("\\\n", " ")
+    out = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is not installed")
+def test_systemd_units_as_shipped(tmp_path, notify):
+    """The service's ExecStart under the sockets its .socket units name."""
+    service = unit_settings(CONTRIB / "systemd" / "qsd-trio@.service")
+    qmp_unit = unit_settings(CONTRIB / "systemd" / "qsd-trio@.socket")
+    nbd_unit = unit_settings(CONTRIB / "systemd" / "qsd-trio-nbd@.socket")
+    assert service["Type"] == "notify"
+    run = str(tmp_path)
+
+    def expand(value: str) -> str:
+        return value.replace("%i", "vol0").replace("/run/qsd-trio", run)
+
+    qmp_path, nbd_path = expand(qmp_unit["ListenStream"]), expand(nbd_unit["ListenStream"])
+    exec_start = expand(service["ExecStart"]).split()
+    assert exec_start[0] == "/usr/bin/qsd-trio" and exec_start[-1] == "$QSD_TRIO_ARGS"
+    argv = command("trio") + exec_start[1:-1] + [
+        "--blockdev", "null-co,node-name=disk", "--export", "nbd,id=e0,node-name=disk,name=vol0"]
+    proc = subprocess.Popen([
+        "systemd-socket-activate", "-l", qmp_path, "-l", nbd_path,
+        f"--fdname={qmp_unit['FileDescriptorName']}:{nbd_unit['FileDescriptorName']}",
+        "-E", f"NOTIFY_SOCKET={notify.env}", *argv],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(1500):
+            if os.path.exists(nbd_path):
+                break
+            assert proc.poll() is None
+            time.sleep(0.02)
+        # the first NBD client starts the daemon
+        assert nbd_size(Path(nbd_path), "vol0") == NULL_SIZE
+        notify.until("READY")
+        assert (tmp_path / "vol0.pid").read_text() == f"{proc.pid}\n"
+        qmp = QEMUMonitorProtocol(qmp_path)
+        qmp.connect()
+        qmp.settimeout(30)
+        assert qmp.cmd_raw("query-block-exports")["return"][0]["id"] == "e0"
+        qmp.close()
+        proc.send_signal(signal.SIGTERM)
+        notify.until("STOPPING")
+        assert proc.wait(30) == 0
+    finally:
+        err = stop(proc).decode()
+    assert "qsd-trio" not in err, err
+
+
+def test_openrc_script_command_line(tmp_path):
+    """The OpenRC script's command and arguments, run as start-stop-daemon
+    would: --daemonize returns once the daemon serves."""
+    script = CONTRIB / "openrc" / "qsd-trio"
+    env = dict(os.environ, RC_SVCNAME="qsd-trio.vol0", QSD_TRIO=" ".join(command("trio")),
+               QSD_TRIO_RUNDIR=str(tmp_path),
+               QSD_TRIO_ARGS=f"--blockdev null-co,node-name=disk "
+                             f"--nbd-server addr.type=unix,addr.path={tmp_path}/vol0.nbd "
+                             f"--export nbd,id=e0,node-name=disk,name=vol0")
+    r = subprocess.run(["sh", "-c", '. "$0"; exec $command $command_args', str(script)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
+    pid = int((tmp_path / "vol0.pid").read_text())
+    try:
+        assert nbd_size(tmp_path / "vol0.nbd", "vol0") == NULL_SIZE
+        assert (tmp_path / "vol0.qmp").exists()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    for _ in range(1500):  # it removes its pidfile last
+        if not (tmp_path / "vol0.pid").exists():
+            break
+        time.sleep(0.02)
+    assert not (tmp_path / "vol0.pid").exists()
