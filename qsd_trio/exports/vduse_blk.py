@@ -297,10 +297,20 @@ class VduseDevice:
                         msg = os.read(self.fd, _MSG_SIZE)
                     except (BlockingIOError, InterruptedError):
                         continue
+                    except OSError as e:
+                        # the device is unusable; it stays until the export ends
+                        print(f"Read request error: {e.strerror}", file=sys.stderr, flush=True)
+                        await trio.sleep_forever()
                     if len(msg) != _MSG_SIZE:
                         print(f"Read request error [{len(msg)}]", file=sys.stderr, flush=True)
                         continue
-                    reply = await self._handle(msg)
+                    try:
+                        reply = await self._handle(msg)
+                    except OSError as e:
+                        # an ioctl the kernel refused: the request fails
+                        print(f"vduse request failed: {e.strerror}", file=sys.stderr, flush=True)
+                        reply = (_RESP_HEAD.pack(_REQ_HEAD.unpack_from(msg)[1],
+                                                 VDUSE_REQ_RESULT_FAILED).ljust(_MSG_SIZE, b"\0"))
                     try:
                         os.write(self.fd, reply)
                     except OSError as e:
