@@ -26,7 +26,7 @@ OPTIONS = ["-h, --help", "-V, --version", "-T, --trace", "--blockdev", "--charde
 # export type, chardev backend or object type names
 NOTES: dict[str, str] = {
     "-T, --trace": "patterns, events=, file=; our own trace events (-T help lists them)",
-    "--export": "nbd, fuse and vhost-user-blk; vduse-blk is not implemented",
+    "--export": "nbd, fuse, vhost-user-blk and vduse-blk",
     "blockdev-reopen": "read-only, detect-zeroes, discard and the other reopenable "
                        "options; a file node made writable reopens its descriptor; "
                        "qcow2 cache sizes, l2-cache-entry-size, cache-clean-interval, "
@@ -36,7 +36,8 @@ NOTES: dict[str, str] = {
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
     "vhost-user-blk": "addr unix or fd; one front-end at a time, as QEMU",
-    "vduse-blk": "not implemented: needs the VDUSE kernel module",
+    "vduse-blk": "every option of QEMU 7.2; needs the vduse kernel module (tested in a guest), "
+                 "no reconnect log (docs/vduse.md)",
     "chardev-change": "refused for chardevs with a monitor, as QEMU does",
     "x-blockdev-change": "not implemented (quorum only)",
     "x-blockdev-set-iothread": "not implemented: one trio event loop, iothread objects "
