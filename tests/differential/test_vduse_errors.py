@@ -26,16 +26,13 @@ NODE = ["--blockdev", "driver=null-co,node-name=n"]
 CASES = [
     "name=x",
     "name=x,num-queues=4,queue-size=128,logical-block-size=4096,serial=s1,writable=on",
-    "name=x,writethrough=on",
     "name=a..b",
     "name=" + "x" * 256,
     "name=x,num-queues=0",
-    "name=x,queue-size=2",
     "name=x,queue-size=3",
     "name=x,queue-size=2048",
     "name=x,logical-block-size=256",
     "name=x,logical-block-size=1000",
-    "name=x,logical-block-size=4194304",
     "name=x,bogus=1",
     "num-queues=1",
 ]
