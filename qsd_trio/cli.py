@@ -12,6 +12,7 @@ child's verdict (startup complete, or failed) and exits with its status.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import trio
 from . import QEMU_VERSION, __version__, activation, trace
 from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
-from .monitor import dispatch
+from .monitor import dispatch, registry
 from .monitor.chardev import add_chardev
 from .monitor.session import Monitor
 from .objects.qom import USER_CREATABLE, object_properties
@@ -181,9 +182,25 @@ def _typed(type_name: str, value: str, implied: str | None) -> Any:
     return schema.parse_keyval(type_name, keyval.parse(value, implied))
 
 
+def _command(name: str) -> registry.Command:
+    """The command ``name``, importing the command groups in their order
+    only until one has registered it.
+
+    A command line that adds nodes and a monitor then never imports the
+    export, job and snapshot groups (and through them NBD, FUSE, vhost-user,
+    TLS, crypto and every job): they cost a third of the startup.  The first
+    command a QMP client sends loads them all (``dispatch.lookup``).
+    """
+    for group in registry.GROUPS:
+        if name in registry.COMMANDS:
+            return registry.COMMANDS[name]
+        importlib.import_module(f"{registry.__package__}.{group}")
+    return dispatch.lookup(name)
+
+
 def _call(name: str, args: Any) -> Action:
     async def action(daemon: Daemon) -> None:
-        await dispatch.lookup(name).handler(daemon, args)
+        await _command(name).handler(daemon, args)
     return action
 
 
@@ -206,7 +223,7 @@ def opt_nbd_server(value: str) -> Action:
     opts["addr"] = {"type": kind, "data": addr}
 
     async def action(daemon: Daemon) -> None:
-        await dispatch.call(daemon, dispatch.lookup("nbd-server-start"), opts)
+        await dispatch.call(daemon, _command("nbd-server-start"), opts)
     return action
 
 
