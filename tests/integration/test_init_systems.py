@@ -5,7 +5,8 @@ The notify socket is a real SOCK_DGRAM socket bound and read by the test;
 descriptors are passed the way systemd passes them (listening sockets at
 3, 4, ... with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES), by the test
 itself and by ``systemd-socket-activate``; QMP and NBD clients then talk
-to the daemon through those sockets.
+to the daemon through those sockets (and a vhost-user front-end to a
+vhost-user-blk export).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -258,6 +260,35 @@ def test_qmp_and_nbd_through_passed_sockets(tmp_path, notify):
             qmp.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+    finally:
+        err = stop(proc)
+    assert err == b""
+
+
+def test_vhost_user_blk_through_a_passed_socket(tmp_path):
+    vu_path = tmp_path / "vu.sock"
+    pidfile = tmp_path / "d.pid"
+    socks = [listening_unix(vu_path)]
+    proc = spawn_activated(command("trio") + [
+        "--blockdev", "null-co,node-name=n0",
+        "--export", "vhost-user-blk,id=vu0,node-name=n0,addr.type=fd,addr.str=vhost",
+        "--pidfile", str(pidfile)], socks, ["vhost"], {})
+    try:
+        socks[0].close()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(vu_path))
+            # VHOST_USER_GET_FEATURES (1), version 1; the reply carries the
+            # reply flag (0x4) and a u64
+            s.sendall(struct.pack("<III", 1, 1, 0))
+            reply = b""
+            while len(reply) < 20:
+                chunk = s.recv(20 - len(reply))
+                assert chunk
+                reply += chunk
+        request, flags, size, features = struct.unpack("<IIIQ", reply)
+        assert (request, flags & 0x4, size) == (1, 0x4, 8)
+        assert features & (1 << 30)  # VHOST_USER_F_PROTOCOL_FEATURES
     finally:
         err = stop(proc)
     assert err == b""
