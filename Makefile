@@ -7,8 +7,9 @@ PY     := $(VENV)/bin/python
 # running: the venv, and qemu-img for the demo image
 RUN_DEBS  := python3-venv qemu-utils
 # the tests: the reference qemu-storage-daemon (in qemu-system-common), the
-# NBD clients, fio, FUSE mounts, ext4 loop images, QEMU guests
-TEST_DEBS := qemu-system-common libnbd-bin python3-libnbd fio fuse3 e2fsprogs mount qemu-system-x86 iproute2 nbdkit
+# NBD clients, fio, FUSE mounts, ext4 loop images, QEMU guests, a one-node
+# Ceph cluster and QEMU's rbd driver (tests/ceph/)
+TEST_DEBS := qemu-system-common libnbd-bin python3-libnbd fio fuse3 e2fsprogs mount qemu-system-x86 iproute2 nbdkit ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test soak guest deps test-deps venv test-venv lint bench clean

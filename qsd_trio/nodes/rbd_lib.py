@@ -1,0 +1,346 @@
+"""A thin ctypes layer over librados/librbd's stable C API, for driver=rbd.
+
+Why ctypes and not the Ceph project's Python bindings (python3-rbd,
+python3-rados): those are Debian extension modules built for Debian's own
+CPython, and the project's venv is made from a CPython that is not Debian's,
+so they do not import there (a venv made with ``--system-site-packages``
+does not see them either).  Building the venv from /usr/bin/python3 would
+tie every driver to Debian's interpreter for one optional driver.  The C API
+of librbd.so.1 / librados.so.2 is stable (same symbols since Luminous), needs
+nothing but the shared libraries (Debian's librbd1), and gives what the
+driver wants: asynchronous requests (``rbd_aio_*``) whose completion callback
+runs on a librbd thread.  The bindings' own aio calls complete the same way;
+ctypes adds no thread of its own.
+
+Completions: every request gets an ``rbd_completion_t`` whose callback (one
+ctypes function for the whole process) appends the request's id to a queue
+and writes the owning :class:`Reaper`'s eventfd.  The reaper is a trio
+system task that waits on the eventfd and wakes the waiting tasks, many
+completions per wakeup: no thread per request, no polling.
+
+If librbd is not installed, :func:`load` raises :class:`RbdUnavailable`
+with a clear message; nothing is loaded before a node of driver=rbd opens,
+so the daemon and every other driver work without Ceph.
+
+Resources: a :class:`Cluster` owns a rados handle and an I/O context, an
+:class:`Image` an rbd image handle; both have ``close()``.  Errors are
+raised as ``OSError(errno, strerror)`` from the negative return codes.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import itertools
+import os
+import threading
+from typing import Any
+
+import trio
+
+_c_void_p = ctypes.c_void_p
+_u64 = ctypes.c_uint64
+_size_t = ctypes.c_size_t
+
+RBD_FEATURE_FAST_DIFF = 1 << 4
+RBD_FLAG_FAST_DIFF_INVALID = 1 << 1
+# rbd_aio_write_zeroes' zero_flags: allocate the zeroes instead of a hole
+RBD_WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0
+
+
+class RbdUnavailable(Exception):
+    """librbd/librados could not be loaded."""
+
+
+class _Lib:
+    rados: Any = None
+    rbd: Any = None
+
+
+_lib = _Lib()
+
+RBD_CALLBACK = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
+DIFF_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, _u64, _size_t, ctypes.c_int, _c_void_p)
+
+
+class _ImageInfo(ctypes.Structure):
+    _fields_ = [("size", _u64), ("obj_size", _u64), ("num_objs", _u64), ("order", ctypes.c_int),
+                ("block_name_prefix", ctypes.c_char * 24), ("parent_pool", ctypes.c_int64),
+                ("parent_name", ctypes.c_char * 96)]
+
+
+def _open_lib(name: str, soname: str) -> Any:
+    try:
+        return ctypes.CDLL(soname)
+    except OSError:
+        found = ctypes.util.find_library(name)
+        if not found:
+            raise RbdUnavailable(
+                f"Ceph's {soname} is not installed (driver=rbd needs the packages librbd1 and librados2)"
+            ) from None
+        return ctypes.CDLL(found)
+
+
+def load() -> None:
+    """Load librados and librbd and declare the functions used."""
+    if _lib.rbd is not None:
+        return
+    rados = _open_lib("rados", "librados.so.2")
+    rbd = _open_lib("rbd", "librbd.so.1")
+    P = ctypes.POINTER
+    sigs: list[tuple[Any, str, Any, list[Any]]] = [
+        (rados, "rados_create", ctypes.c_int, [P(_c_void_p), ctypes.c_char_p]),
+        (rados, "rados_conf_read_file", ctypes.c_int, [_c_void_p, ctypes.c_char_p]),
+        (rados, "rados_conf_set", ctypes.c_int, [_c_void_p, ctypes.c_char_p, ctypes.c_char_p]),
+        (rados, "rados_connect", ctypes.c_int, [_c_void_p]),
+        (rados, "rados_shutdown", None, [_c_void_p]),
+        (rados, "rados_ioctx_create", ctypes.c_int, [_c_void_p, ctypes.c_char_p, P(_c_void_p)]),
+        (rados, "rados_ioctx_destroy", None, [_c_void_p]),
+        (rados, "rados_ioctx_set_namespace", None, [_c_void_p, ctypes.c_char_p]),
+        (rbd, "rbd_namespace_exists", ctypes.c_int, [_c_void_p, ctypes.c_char_p, P(ctypes.c_bool)]),
+        (rbd, "rbd_open", ctypes.c_int, [_c_void_p, ctypes.c_char_p, P(_c_void_p), ctypes.c_char_p]),
+        (rbd, "rbd_open_read_only", ctypes.c_int,
+         [_c_void_p, ctypes.c_char_p, P(_c_void_p), ctypes.c_char_p]),
+        (rbd, "rbd_close", ctypes.c_int, [_c_void_p]),
+        (rbd, "rbd_stat", ctypes.c_int, [_c_void_p, P(_ImageInfo), _size_t]),
+        (rbd, "rbd_get_size", ctypes.c_int, [_c_void_p, P(_u64)]),
+        (rbd, "rbd_get_features", ctypes.c_int, [_c_void_p, P(_u64)]),
+        (rbd, "rbd_get_flags", ctypes.c_int, [_c_void_p, P(_u64)]),
+        (rbd, "rbd_snap_set", ctypes.c_int, [_c_void_p, ctypes.c_char_p]),
+        (rbd, "rbd_resize", ctypes.c_int, [_c_void_p, _u64]),
+        (rbd, "rbd_create", ctypes.c_int, [_c_void_p, ctypes.c_char_p, _u64, P(ctypes.c_int)]),
+        (rbd, "rbd_aio_create_completion", ctypes.c_int, [_c_void_p, RBD_CALLBACK, P(_c_void_p)]),
+        (rbd, "rbd_aio_get_return_value", ctypes.c_ssize_t, [_c_void_p]),
+        (rbd, "rbd_aio_release", None, [_c_void_p]),
+        (rbd, "rbd_aio_read", ctypes.c_int, [_c_void_p, _u64, _size_t, _c_void_p, _c_void_p]),
+        (rbd, "rbd_aio_write", ctypes.c_int, [_c_void_p, _u64, _size_t, _c_void_p, _c_void_p]),
+        (rbd, "rbd_aio_discard", ctypes.c_int, [_c_void_p, _u64, _u64, _c_void_p]),
+        (rbd, "rbd_aio_write_zeroes", ctypes.c_int,
+         [_c_void_p, _u64, _size_t, _c_void_p, ctypes.c_int, ctypes.c_int]),
+        (rbd, "rbd_aio_flush", ctypes.c_int, [_c_void_p, _c_void_p]),
+        (rbd, "rbd_diff_iterate2", ctypes.c_int,
+         [_c_void_p, ctypes.c_char_p, _u64, _u64, ctypes.c_uint8, ctypes.c_uint8, DIFF_CALLBACK,
+          _c_void_p]),
+    ]
+    for lib, fname, res, args in sigs:
+        try:
+            fn = getattr(lib, fname)
+        except AttributeError:
+            raise RbdUnavailable(f"librbd/librados lack {fname}: too old") from None
+        fn.restype = res
+        fn.argtypes = args
+    _lib.rados, _lib.rbd = rados, rbd
+
+
+def _check(r: int) -> int:
+    if r < 0:
+        raise OSError(-r, os.strerror(-r))
+    return r
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else s.encode()
+
+
+class Cluster:
+    """A connected rados handle and an I/O context on one pool.
+
+    Each step is a separate method, so that the caller can word each
+    failure as QEMU does; ``close()`` releases what was made."""
+
+    def __init__(self, user: str | None) -> None:
+        load()
+        self.handle = _c_void_p()
+        self.ioctx = _c_void_p()
+        _check(_lib.rados.rados_create(ctypes.byref(self.handle), _b(user)))
+
+    def read_conf(self, path: str | None) -> int:
+        return int(_lib.rados.rados_conf_read_file(self.handle, _b(path)))
+
+    def conf_set(self, key: str, value: str) -> None:
+        _check(_lib.rados.rados_conf_set(self.handle, key.encode(), value.encode()))
+
+    def connect(self) -> None:
+        _check(_lib.rados.rados_connect(self.handle))
+
+    def open_pool(self, pool: str, namespace: str) -> None:
+        _check(_lib.rados.rados_ioctx_create(self.handle, pool.encode(), ctypes.byref(self.ioctx)))
+        _lib.rados.rados_ioctx_set_namespace(self.ioctx, namespace.encode())
+
+    def namespace_exists(self, namespace: str) -> bool:
+        v = ctypes.c_bool()
+        _check(_lib.rbd.rbd_namespace_exists(self.ioctx, namespace.encode(), ctypes.byref(v)))
+        return bool(v.value)
+
+    def create_image(self, name: str, size: int, order: int) -> None:
+        o = ctypes.c_int(order)
+        _check(_lib.rbd.rbd_create(self.ioctx, name.encode(), size, ctypes.byref(o)))
+
+    def close(self) -> None:
+        if self.ioctx:
+            _lib.rados.rados_ioctx_destroy(self.ioctx)
+            self.ioctx = _c_void_p()
+        if self.handle:
+            _lib.rados.rados_shutdown(self.handle)
+            self.handle = _c_void_p()
+
+
+class Reaper:
+    """An eventfd and the trio system task that hands completions to tasks.
+
+    ``close()`` cancels the task and closes the eventfd; call it only once
+    no request is in flight."""
+
+    def __init__(self) -> None:
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.waiting: dict[int, tuple[trio.lowlevel.Task | None, list[int]]] = {}
+        self.scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._run, name="rbd-completions")
+
+    async def _run(self) -> None:
+        with self.scope:
+            while True:
+                await trio.lowlevel.wait_readable(self.efd)
+                try:
+                    os.eventfd_read(self.efd)
+                except BlockingIOError:
+                    pass
+                while _done:
+                    rid, value = _done.popleft()
+                    entry = _owners.pop(rid, None)
+                    if entry is None:
+                        continue
+                    entry.value = value
+                    entry.event.set()
+
+    def close(self) -> None:
+        self.scope.cancel()
+        os.close(self.efd)
+
+
+class _Entry:
+    __slots__ = ("event", "value", "efd")
+
+    def __init__(self, efd: int) -> None:
+        self.event = trio.Event()
+        self.value = 0
+        self.efd = efd
+
+
+# request id -> its entry; completions queued by librbd threads
+_owners: dict[int, _Entry] = {}
+_done: collections.deque[tuple[int, int]] = collections.deque()
+_ids = itertools.count(1)
+_lock = threading.Lock()
+
+
+def _complete(comp: int | None, arg: int | None) -> None:
+    """Runs on a librbd thread: record the result, wake the reaper."""
+    value = int(_lib.rbd.rbd_aio_get_return_value(comp))
+    _lib.rbd.rbd_aio_release(comp)
+    rid = int(arg or 0)
+    _done.append((rid, value))
+    entry = _owners.get(rid)
+    if entry is not None:
+        try:
+            os.eventfd_write(entry.efd, 1)
+        except OSError:
+            pass
+
+
+_complete_cb = RBD_CALLBACK(_complete)
+
+
+class Image:
+    """An open rbd image and its asynchronous requests."""
+
+    def __init__(self, cluster: Cluster, name: str, snap: str | None) -> None:
+        self.handle = _c_void_p()
+        _check(_lib.rbd.rbd_open(cluster.ioctx, name.encode(), ctypes.byref(self.handle), _b(snap)))
+        self.reaper: Reaper | None = None
+
+    def stat(self) -> tuple[int, int]:
+        """(size, object size)."""
+        info = _ImageInfo()
+        _check(_lib.rbd.rbd_stat(self.handle, ctypes.byref(info), ctypes.sizeof(info)))
+        return int(info.size), int(info.obj_size)
+
+    def size(self) -> int:
+        v = _u64()
+        _check(_lib.rbd.rbd_get_size(self.handle, ctypes.byref(v)))
+        return int(v.value)
+
+    def features(self) -> int:
+        v = _u64()
+        _check(_lib.rbd.rbd_get_features(self.handle, ctypes.byref(v)))
+        return int(v.value)
+
+    def flags(self) -> int:
+        v = _u64()
+        _check(_lib.rbd.rbd_get_flags(self.handle, ctypes.byref(v)))
+        return int(v.value)
+
+    def snap_set(self, name: str) -> None:
+        _check(_lib.rbd.rbd_snap_set(self.handle, name.encode()))
+
+    def resize(self, size: int) -> None:
+        _check(_lib.rbd.rbd_resize(self.handle, size))
+
+    def diff_iterate(self, offset: int, length: int, cb: Any) -> int:
+        """rbd_diff_iterate2 from the image's start, whole objects, with the
+        parent; ``cb(offset, length, exists) -> int`` (non-zero stops)."""
+        def c_cb(off: int, ln: int, exists: int, _arg: int | None) -> int:
+            return int(cb(off, ln, exists))
+        fn = DIFF_CALLBACK(c_cb)
+        return int(_lib.rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, 1, fn, None))
+
+    async def _submit(self, start: Any, *args: Any) -> int:
+        if self.reaper is None:
+            self.reaper = Reaper()
+        entry = _Entry(self.reaper.efd)
+        rid = next(_ids)
+        comp = _c_void_p()
+        _check(_lib.rbd.rbd_aio_create_completion(rid, _complete_cb, ctypes.byref(comp)))
+        _owners[rid] = entry
+        r = start(self.handle, *args, comp)
+        if r < 0:
+            _owners.pop(rid, None)
+            _lib.rbd.rbd_aio_release(comp)
+            raise OSError(-r, os.strerror(-r))
+        # the request cannot be taken back: wait for it even when cancelled,
+        # since librbd still uses the buffers
+        with trio.CancelScope(shield=True):
+            await entry.event.wait()
+        return _check(entry.value)
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        cbuf = (ctypes.c_char * length).from_buffer(buf)
+        r = await self._submit(_lib.rbd.rbd_aio_read, offset, length, cbuf)
+        if r < length:
+            buf[r:] = bytes(length - r)
+        return buf
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raw = bytes(data)
+        await self._submit(_lib.rbd.rbd_aio_write, offset, len(raw), raw)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._submit(_lib.rbd.rbd_aio_discard, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, zero_flags: int) -> None:
+        def start(h: Any, off: int, ln: int, comp: Any) -> int:
+            return int(_lib.rbd.rbd_aio_write_zeroes(h, off, ln, comp, zero_flags, 0))
+        await self._submit(start, offset, length)
+
+    async def flush(self) -> None:
+        await self._submit(_lib.rbd.rbd_aio_flush)
+
+    def close(self) -> None:
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None
+        if self.handle:
+            _lib.rbd.rbd_close(self.handle)
+            self.handle = _c_void_p()
