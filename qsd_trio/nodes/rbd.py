@@ -246,7 +246,19 @@ class RbdNode(BlockNode):
 
     def info_extra(self) -> dict[str, Any]:
         # qemu_rbd_get_specific_info: type rbd, no encryption format
-        return {"cluster-size": self.object_size, "format-specific": {"type": "rbd", "data": {}}}
+        extra: dict[str, Any] = {"cluster-size": self.object_size,
+                                 "format-specific": {"type": "rbd", "data": {}}}
+        try:
+            snaps = self.image.snap_list()
+        except OSError:
+            snaps = []
+        if snaps:
+            # qemu_rbd_snap_list: the name is also the id; no dates or clocks
+            extra["snapshots"] = [
+                {"id": name, "name": name, "vm-state-size": size, "date-sec": 0,
+                 "date-nsec": 0, "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0}
+                for name, size in snaps]
+        return extra
 
     @property
     def filename(self) -> str:

@@ -1,16 +1,20 @@
 """A thin ctypes layer over librados/librbd's stable C API, for driver=rbd.
 
 Why ctypes and not the Ceph project's Python bindings (python3-rbd,
-python3-rados): those are Debian extension modules built for Debian's own
-CPython, and the project's venv is made from a CPython that is not Debian's,
-so they do not import there (a venv made with ``--system-site-packages``
-does not see them either).  Building the venv from /usr/bin/python3 would
-tie every driver to Debian's interpreter for one optional driver.  The C API
-of librbd.so.1 / librados.so.2 is stable (same symbols since Luminous), needs
-nothing but the shared libraries (Debian's librbd1), and gives what the
-driver wants: asynchronous requests (``rbd_aio_*``) whose completion callback
-runs on a librbd thread.  The bindings' own aio calls complete the same way;
-ctypes adds no thread of its own.
+python3-rados): those are Debian extension modules in Debian's
+dist-packages, built for Debian's CPython 3.11 ABI.  The project's venv is
+made from a CPython that is not Debian's, so they are not on its path, and
+``--system-site-packages`` does not add them (it adds the base
+interpreter's site-packages, not Debian's).  They do import once that
+folder is put on the path (checked with the venv's 3.11), but that needs a
+link step in the venv that breaks as soon as the venv's Python is not 3.11,
+and recreating the venv from /usr/bin/python3 would tie every driver to
+Debian's interpreter for one optional driver.  The C API of librbd.so.1 /
+librados.so.2 is stable (the symbols used here exist since Luminous), needs
+nothing but the shared libraries (Debian's librbd1, which qemu-block-extra
+already pulls in), and gives what the driver wants: asynchronous requests
+(``rbd_aio_*``) whose completion callback runs on a librbd thread.  The
+bindings' own aio calls complete the same way, so they would save nothing.
 
 Completions: every request gets an ``rbd_completion_t`` whose callback (one
 ctypes function for the whole process) appends the request's id to a queue
@@ -70,6 +74,10 @@ class _ImageInfo(ctypes.Structure):
                 ("parent_name", ctypes.c_char * 96)]
 
 
+class _SnapInfo(ctypes.Structure):
+    _fields_ = [("id", _u64), ("size", _u64), ("name", ctypes.c_char_p)]
+
+
 def _open_lib(name: str, soname: str) -> Any:
     try:
         return ctypes.CDLL(soname)
@@ -107,6 +115,8 @@ def load() -> None:
         (rbd, "rbd_get_size", ctypes.c_int, [_c_void_p, P(_u64)]),
         (rbd, "rbd_get_features", ctypes.c_int, [_c_void_p, P(_u64)]),
         (rbd, "rbd_get_flags", ctypes.c_int, [_c_void_p, P(_u64)]),
+        (rbd, "rbd_snap_list", ctypes.c_int, [_c_void_p, P(_SnapInfo), P(ctypes.c_int)]),
+        (rbd, "rbd_snap_list_end", None, [P(_SnapInfo)]),
         (rbd, "rbd_snap_set", ctypes.c_int, [_c_void_p, ctypes.c_char_p]),
         (rbd, "rbd_resize", ctypes.c_int, [_c_void_p, _u64]),
         (rbd, "rbd_create", ctypes.c_int, [_c_void_p, ctypes.c_char_p, _u64, P(ctypes.c_int)]),
@@ -280,6 +290,23 @@ class Image:
         v = _u64()
         _check(_lib.rbd.rbd_get_flags(self.handle, ctypes.byref(v)))
         return int(v.value)
+
+    def snap_list(self) -> list[tuple[str, int]]:
+        """The image's snapshots: (name, size), as rbd_snap_list gives them."""
+        n = 16
+        while True:
+            arr = (_SnapInfo * n)()
+            count = ctypes.c_int(n)
+            r = int(_lib.rbd.rbd_snap_list(self.handle, arr, ctypes.byref(count)))
+            if r == -34:  # ERANGE: count holds the number needed
+                n = max(count.value, n * 2)
+                continue
+            _check(r)
+            out = [((arr[i].name or b"").decode(errors="replace"), int(arr[i].size))
+                   for i in range(r)]
+            if r > 0:
+                _lib.rbd.rbd_snap_list_end(arr)
+            return out
 
     def snap_set(self, name: str) -> None:
         _check(_lib.rbd.rbd_snap_set(self.handle, name.encode()))
