@@ -32,7 +32,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -41,6 +42,9 @@ from ..qapi.errors import GenericError
 from . import rbd_lib
 from .graph import register_driver
 from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
+
+if TYPE_CHECKING:
+    from .graph import BlockGraph
 
 # qemu_rbd_diff_iterate_cb's "stop here" return value
 _EXIT_DIFF_ITERATE2 = -9000
@@ -131,87 +135,142 @@ def _err(exc: OSError, text: str) -> GenericError:
     return GenericError(f"{text}: {exc.strerror}")
 
 
+def _connector(graph: BlockGraph, options: dict[str, Any], *,
+               cache_direct: bool) -> Callable[[], rbd_lib.Cluster]:
+    """qemu_rbd_connect for ``options`` (BlockdevOptionsRbd): what can be
+    checked here is (librbd loaded, the key secret); the returned function
+    does the blocking steps (for a worker thread) and returns the connected
+    cluster with its pool open, or raises GenericError with QEMU's text."""
+    try:
+        rbd_lib.load()
+    except rbd_lib.RbdUnavailable as e:
+        raise GenericError(f"Unknown driver 'rbd' ({e})") from None
+    pool: str = options["pool"]
+    namespace: str = options.get("namespace", "")
+    conf = options.get("conf")
+    user = options.get("user")
+    pairs: list[str] = json.loads(options.get("=keyvalue-pairs", "[]"))
+    settings: list[tuple[str, str]] = []
+    for i in range(0, len(pairs), 2):
+        settings.append((pairs[i], pairs[i + 1]))
+    settings.append(("rbd_cache", "false" if cache_direct else "true"))
+    auth: list[tuple[str, str]] = []
+    if "key-secret" in options:
+        key = secrets.lookup(graph, options["key-secret"])
+        auth.append(("key", base64.b64encode(key).decode()))
+    if "auth-client-required" in options:
+        auth.append(("auth_client_required", ";".join(options["auth-client-required"])))
+    mon_host = _mon_host(options["server"]) if options.get("server") else None
+
+    def connect() -> rbd_lib.Cluster:
+        try:
+            cluster = rbd_lib.Cluster(user)
+        except OSError as e:
+            raise _err(e, "error initializing") from None
+        try:
+            r = cluster.read_conf(conf)
+            if conf is not None and r < 0:
+                raise _err(OSError(-r, os.strerror(-r)), f"error reading conf file {conf}")
+            if mon_host is not None:
+                try:
+                    cluster.conf_set("mon_host", mon_host)
+                except OSError as e:
+                    raise _err(e, "Could not set 'mon_host'") from None
+            for k, v in settings:
+                try:
+                    cluster.conf_set(k, v)
+                except OSError as e:
+                    if k == "rbd_cache":
+                        continue
+                    raise _err(e, f"invalid conf option {k}") from None
+            for k, v in auth:
+                try:
+                    cluster.conf_set(k, v)
+                except OSError as e:
+                    raise _err(e, f"Could not set '{k}'") from None
+            try:
+                cluster.connect()
+            except OSError as e:
+                raise _err(e, "error connecting") from None
+            try:
+                cluster.open_pool(pool, namespace)
+            except OSError as e:
+                raise _err(e, f"error opening pool {pool}") from None
+            if namespace:
+                try:
+                    exists = cluster.namespace_exists(namespace)
+                except OSError as e:
+                    raise _err(e, "error checking namespace") from None
+                if not exists:
+                    raise GenericError(f"namespace '{namespace}' does not exist")
+        except BaseException:
+            cluster.close()
+            raise
+        return cluster
+
+    return connect
+
+
+async def create(graph: BlockGraph, location: dict[str, Any], size: int,
+                 cluster_size: int | None = None, encrypt: dict[str, Any] | None = None) -> None:
+    """blockdev-create for rbd (qemu_rbd_co_create / qemu_rbd_do_create):
+    a new image of ``size`` bytes and object size ``cluster_size`` at
+    ``location`` (BlockdevOptionsRbd as a dict)."""
+    if "snapshot" in location:
+        raise GenericError("Can't use snapshot name for image creation")
+    order = 0  # librbd's default object size
+    if cluster_size is not None:
+        if (cluster_size - 1) & cluster_size:
+            raise GenericError("obj size needs to be power of 2")
+        if cluster_size < 4096:
+            raise GenericError("obj size too small")
+        order = cluster_size.bit_length() - 1
+    if encrypt is not None:
+        # QEMU looks the secret up (after creating the image, which it
+        # removes again on failure); librbd encryption is not implemented
+        if "key-secret" in encrypt:
+            secrets.lookup(graph, encrypt["key-secret"])
+        raise GenericError("RBD library does not support image encryption")
+    connect = _connector(graph, location, cache_direct=False)
+    image = location["image"]
+
+    def run() -> None:
+        cluster = connect()
+        try:
+            cluster.create_image(image, size, order)
+        except OSError as e:
+            raise _err(e, "error rbd create") from None
+        finally:
+            cluster.close()
+
+    await trio.to_thread.run_sync(run)
+
+
 @register_driver
 class RbdNode(BlockNode):
     driver = "rbd"
 
     async def open(self, options: dict[str, Any]) -> None:
-        try:
-            rbd_lib.load()
-        except rbd_lib.RbdUnavailable as e:
-            raise GenericError(f"Unknown driver 'rbd' ({e})") from None
         self.pool: str = options["pool"]
         self.namespace: str = options.get("namespace", "")
         self.image_name: str = options["image"]
         self.snap: str | None = options.get("snapshot")
-        conf = options.get("conf")
-        user = options.get("user")
-        pairs: list[str] = json.loads(options.get("=keyvalue-pairs", "[]"))
-        settings: list[tuple[str, str]] = []
-        for i in range(0, len(pairs), 2):
-            settings.append((pairs[i], pairs[i + 1]))
-        settings.append(("rbd_cache", "false" if self.cache_direct else "true"))
-        auth: list[tuple[str, str]] = []
-        if "key-secret" in options:
-            key = secrets.lookup(self.graph, options["key-secret"])
-            auth.append(("key", base64.b64encode(key).decode()))
-        if "auth-client-required" in options:
-            auth.append(("auth_client_required", ";".join(options["auth-client-required"])))
-        mon_host = _mon_host(options["server"]) if options.get("server") else None
+        connect = _connector(self.graph, options, cache_direct=self.cache_direct)
 
-        def connect() -> tuple[rbd_lib.Cluster, rbd_lib.Image]:
+        def connect_and_open() -> tuple[rbd_lib.Cluster, rbd_lib.Image]:
+            cluster = connect()
             try:
-                cluster = rbd_lib.Cluster(user)
+                # as QEMU: opened read-write, at the snapshot if one is named
+                image = rbd_lib.Image(cluster, self.image_name, self.snap)
             except OSError as e:
-                raise _err(e, "error initializing") from None
-            try:
-                r = cluster.read_conf(conf)
-                if conf is not None and r < 0:
-                    raise _err(OSError(-r, os.strerror(-r)),
-                               f"error reading conf file {conf}")
-                if mon_host is not None:
-                    try:
-                        cluster.conf_set("mon_host", mon_host)
-                    except OSError as e:
-                        raise _err(e, "Could not set 'mon_host'") from None
-                for k, v in settings:
-                    try:
-                        cluster.conf_set(k, v)
-                    except OSError as e:
-                        if k == "rbd_cache":
-                            continue
-                        raise _err(e, f"invalid conf option {k}") from None
-                for k, v in auth:
-                    try:
-                        cluster.conf_set(k, v)
-                    except OSError as e:
-                        raise _err(e, f"Could not set '{k}'") from None
-                try:
-                    cluster.connect()
-                except OSError as e:
-                    raise _err(e, "error connecting") from None
-                try:
-                    cluster.open_pool(self.pool, self.namespace)
-                except OSError as e:
-                    raise _err(e, f"error opening pool {self.pool}") from None
-                if self.namespace:
-                    try:
-                        exists = cluster.namespace_exists(self.namespace)
-                    except OSError as e:
-                        raise _err(e, "error checking namespace") from None
-                    if not exists:
-                        raise GenericError(f"namespace '{self.namespace}' does not exist")
-                try:
-                    # as QEMU: opened read-write, at the snapshot if one is named
-                    image = rbd_lib.Image(cluster, self.image_name, self.snap)
-                except OSError as e:
-                    raise _err(e, f"error reading header from {self.image_name}") from None
+                cluster.close()
+                raise _err(e, f"error reading header from {self.image_name}") from None
             except BaseException:
                 cluster.close()
                 raise
             return cluster, image
 
-        self.cluster, self.image = await trio.to_thread.run_sync(connect)
+        self.cluster, self.image = await trio.to_thread.run_sync(connect_and_open)
         try:
             try:
                 self.image_size, self.object_size = self.image.stat()
@@ -351,4 +410,4 @@ class RbdNode(BlockNode):
             self.cluster.close()
 
 
-__all__ = ["RbdNode", "parse_filename"]
+__all__ = ["RbdNode", "create", "parse_filename"]
