@@ -38,7 +38,6 @@ import ctypes
 import ctypes.util
 import itertools
 import os
-import threading
 from typing import Any
 
 import trio
@@ -216,8 +215,12 @@ class Reaper:
                     os.eventfd_read(self.efd)
                 except BlockingIOError:
                     pass
+                # completions queued from here on signal again
+                _signalled.discard(self.efd)
                 while _done:
-                    rid, value = _done.popleft()
+                    rid, comp = _done.popleft()
+                    value = int(_lib.rbd.rbd_aio_get_return_value(comp))
+                    _lib.rbd.rbd_aio_release(comp)
                     entry = _owners.pop(rid, None)
                     if entry is None:
                         continue
@@ -226,6 +229,8 @@ class Reaper:
 
     def close(self) -> None:
         self.scope.cancel()
+        trio.lowlevel.notify_closing(self.efd)
+        _signalled.discard(self.efd)
         os.close(self.efd)
 
 
@@ -240,19 +245,21 @@ class _Entry:
 
 # request id -> its entry; completions queued by librbd threads
 _owners: dict[int, _Entry] = {}
-_done: collections.deque[tuple[int, int]] = collections.deque()
+_done: collections.deque[tuple[int, int | None]] = collections.deque()
 _ids = itertools.count(1)
-_lock = threading.Lock()
+# the eventfds written and not yet read by their reaper: one write per batch
+_signalled: set[int] = set()
 
 
 def _complete(comp: int | None, arg: int | None) -> None:
-    """Runs on a librbd thread: record the result, wake the reaper."""
-    value = int(_lib.rbd.rbd_aio_get_return_value(comp))
-    _lib.rbd.rbd_aio_release(comp)
+    """Runs on a librbd thread: queue the completion and wake the reaper if
+    it has not been woken yet; the reaper reads the result and releases
+    the completion (fewer calls while holding the GIL on librbd's thread)."""
     rid = int(arg or 0)
-    _done.append((rid, value))
+    _done.append((rid, comp))
     entry = _owners.get(rid)
-    if entry is not None:
+    if entry is not None and entry.efd not in _signalled:
+        _signalled.add(entry.efd)
         try:
             os.eventfd_write(entry.efd, 1)
         except OSError:
