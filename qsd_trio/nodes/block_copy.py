@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Callable
 
 import trio
 
@@ -135,8 +136,8 @@ class BlockCopyState:
         self.chunk = max(MAX_BUFFER, self.cluster_size)
         self._extent: tuple[int, int, Status, int] | None = None  # last block status
         # progress meter (the backup job's): work done, and what remains
-        self.on_done = None
-        self.on_remaining = None
+        self.on_done: Callable[[int], None] | None = None
+        self.on_remaining: Callable[[int], None] | None = None
 
     def release(self) -> None:
         """Drop the copy bitmap from the source (block_copy_state_free)."""
