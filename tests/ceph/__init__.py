@@ -9,6 +9,7 @@ Tests are skipped when the Ceph daemons or librbd are not installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +27,15 @@ class Cluster:
     dir: Path
     conf: Path
 
+    def osd_pid(self) -> int:
+        return int((self.dir / "run" / "osd.0.pid").read_text())
+
+    def restart_osd(self) -> None:
+        """Start osd.0 again (after it was killed); returns once it has
+        daemonized."""
+        subprocess.run(["ceph-osd", "-c", str(self.conf), "-i", "0"], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+
     def rbd(self, *args: str) -> str:
         """Run the rbd command line tool on this cluster; its stdout."""
         out = subprocess.run(["rbd", "-c", str(self.conf), *args], check=True,
@@ -33,13 +43,16 @@ class Cluster:
         return out.stdout
 
 
-def start() -> Iterator[Cluster]:
+def start(objectstore: str = "memstore") -> Iterator[Cluster]:
     """Start a cluster in a short temporary directory (admin sockets must
-    fit the 107-byte unix socket limit); stop it when the generator ends."""
+    fit the 107-byte unix socket limit); stop it when the generator ends.
+    ``bluestore`` keeps the data across an OSD restart (a sparse file in
+    the directory), ``memstore`` only in the OSD's memory."""
     d = Path(tempfile.mkdtemp(prefix="qsd-ceph-"))
     try:
         subprocess.run([str(HERE / "start.sh"), str(d / "c")], check=True,
-                       stdout=subprocess.DEVNULL, timeout=180)
+                       stdout=subprocess.DEVNULL, timeout=180,
+                       env={**os.environ, "CEPH_OBJECTSTORE": objectstore})
         yield Cluster(d / "c", d / "c" / "ceph.conf")
     finally:
         subprocess.run([str(HERE / "stop.sh"), str(d / "c")], check=False, timeout=60)
