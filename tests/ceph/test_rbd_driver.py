@@ -4,6 +4,7 @@ and written by qemu-io, block status, resize, snapshots, open errors."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -102,3 +103,17 @@ def test_open_errors(qsd, ceph_cluster, rbd_image, extra, err):
     r = q.cmd_raw("blockdev-add", rbd_node(ceph_cluster, rbd_image) | extra)
     assert r["error"] == {"class": "GenericError", "desc": err}
     assert q.cmd("query-named-block-nodes") == []
+
+
+def test_fio_verifies_through_export(qsd, ceph_cluster, rbd_image, tmp_path):
+    """fio writes random 4 KiB blocks with checksums through the export, then
+    reads every one back and checks it."""
+    q = qsd.qmp()
+    q.cmd("blockdev-add", **rbd_node(ceph_cluster, rbd_image))
+    url = export(q, tmp_path)
+    p = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={url}", "--rw=randwrite",
+                        "--bs=4k", "--iodepth=16", "--size=8M", "--verify=crc32c",
+                        "--do_verify=1", "--verify_fatal=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verify" not in p.stderr
