@@ -113,7 +113,7 @@ def test_fio_verifies_through_export(qsd, ceph_cluster, rbd_image, tmp_path):
     url = export(q, tmp_path)
     p = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={url}", "--rw=randwrite",
                         "--bs=4k", "--iodepth=16", "--size=8M", "--verify=crc32c",
-                        "--do_verify=1", "--verify_fatal=1"],
-                       capture_output=True, text=True, timeout=120)
+                        "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "verify" not in p.stderr
