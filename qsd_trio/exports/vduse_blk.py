@@ -121,6 +121,9 @@ _MSG_SIZE = 152
 _REQ_HEAD = struct.Struct("<II16x")
 _RESP_HEAD = struct.Struct("<II16x")
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+# struct vduse_config_data without its buffer[]: offset, length
+_CONFIG_DATA = struct.Struct("<II")
 _IOVA_RANGE = struct.Struct("<QQ")
 _VQ_STATE = struct.Struct("<IH")
 
@@ -509,6 +512,23 @@ class VduseBlkExport(BlockExport):
     def child_attached(self, edge: BdrvChild) -> None:
         super().child_attached(edge)
         self.handler.backend = edge.node
+
+    def child_resized(self, edge: BdrvChild) -> None:
+        """block_resize (vduse_blk_resize): the config space's capacity is
+        rewritten with VDUSE_DEV_SET_CONFIG and the driver told with
+        VDUSE_DEV_INJECT_CONFIG_IRQ (libvduse's vduse_dev_update_config);
+        a refused ioctl is reported on stderr, the resize stands."""
+        device = self.device
+        if device is None:
+            return
+        capacity = _U64.pack(edge.node.length >> SECTOR_BITS)
+        try:
+            fcntl.ioctl(device.fd, VDUSE_DEV_SET_CONFIG,
+                        _CONFIG_DATA.pack(0, len(capacity)) + capacity)
+            fcntl.ioctl(device.fd, VDUSE_DEV_INJECT_CONFIG_IRQ)
+        except OSError as e:
+            print(f"Failed to update vduse device {self.name} config: {e.strerror}",
+                  file=sys.stderr, flush=True)
 
     def info(self) -> dict[str, Any]:
         d = super().info()

@@ -401,9 +401,42 @@ class FrontEnd:
             if self.backend_fd >= 0:
                 _close_fds([self.backend_fd])
             self.backend_fd = m.fds[0]
+            try:
+                os.set_blocking(self.backend_fd, False)
+            except OSError as e:
+                raise VuPanic(f"SET_BACKEND_REQ_FD: {e}") from None
             return None
         _close_fds(m.fds)
         raise VuPanic(f"Unhandled request: {req}")
+
+    # -- the back-end channel -----------------------------------------------------------
+    def config_changed(self) -> None:
+        """Tell the front-end the config space changed (libvhost-user's
+        vu_config_change_msg): CONFIG_CHANGE_MSG on the back-end channel
+        (SET_BACKEND_REQ_FD), without asking for a reply; nothing without
+        that channel."""
+        if self.backend_fd < 0 or self._nursery is None:
+            return
+        msg = vu.encode_backend_request(vu.BackendRequest.CONFIG_CHANGE_MSG)
+        self._nursery.start_soon(self._send_backend, self.backend_fd, msg)
+
+    async def _send_backend(self, fd: int, msg: bytes) -> None:
+        view = memoryview(msg)
+        while view:
+            if fd != self.backend_fd:
+                return  # replaced or closed meanwhile
+            try:
+                n = os.write(fd, view)
+            except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            except OSError as e:
+                # the front-end closed its end: it learns of the new size
+                # from GET_CONFIG when it asks again
+                print(f"qsd-trio: vhost-user-blk: CONFIG_CHANGE_MSG not sent: {e.strerror}",
+                      file=sys.stderr, flush=True)
+                return
+            view = view[n:]
 
     # -- inflight I/O tracking ---------------------------------------------------------
     def _check_inflight_shape(self, p: vu.Inflight) -> int:
@@ -563,6 +596,12 @@ class VhostUserBlkExport(BlockExport):
     def child_attached(self, edge: BdrvChild) -> None:
         super().child_attached(edge)
         self.handler.backend = edge.node
+
+    def child_resized(self, edge: BdrvChild) -> None:
+        """block_resize (vu_blk_exp_resize): GET_CONFIG answers the new
+        capacity from the node's length; the front-end is told to ask."""
+        if self.frontend is not None:
+            self.frontend.config_changed()
 
     def info(self) -> dict[str, Any]:
         d = super().info()

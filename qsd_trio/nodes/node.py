@@ -126,6 +126,10 @@ class BlockParent:
     def child_detached(self, edge: BdrvChild) -> None:
         """``edge`` was dropped (BdrvChildClass.detach)."""
 
+    def child_resized(self, edge: BdrvChild) -> None:
+        """``edge.node`` changed its length (a successful truncate:
+        BdrvChildClass.resize); an export tells its client here."""
+
 
 _EDGE_SEQ = itertools.count()
 
@@ -351,6 +355,10 @@ class BlockNode:
         """Child ``edge`` was dropped (BdrvChildClass.detach): the backing
         child of a commit, stream or snapshot, or any child once the node is
         closed."""
+
+    def child_resized(self, edge: BdrvChild) -> None:
+        """Child ``edge``'s node changed its length (BdrvChildClass.resize);
+        nodes have nothing to do."""
 
     # -- optional driver operations, with their defaults ----------------------
     @property
@@ -898,6 +906,9 @@ class BlockNode:
             _in_request.reset(token)
         for bm in self.bitmaps.values():
             bm.resize(self._length())
+        # bdrv_parent_cb_resize: the parents learn of the new length
+        for edge in list(self.parents):
+            edge.parent.child_resized(edge)
 
     async def drain(self) -> None:
         """Wait until no request is in flight on this node (the count reaches

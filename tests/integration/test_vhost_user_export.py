@@ -670,3 +670,43 @@ async def test_inflight_buffer_replaced_under_a_running_ring(daemon_factory, tmp
         fe.close()
         ram.close()
     assert "vu_panic: SET_INFLIGHT_FD while a ring is running" in d.stderr()
+
+
+SET_BACKEND_REQ_FD, BACKEND_CONFIG_CHANGE_MSG, PF_BACKEND_REQ = 21, 2, 5
+
+
+async def test_resize_notifies_the_front_end(daemon_factory, tmp_path, image):
+    """block_resize sends CONFIG_CHANGE_MSG on the back-end channel and
+    GET_CONFIG then answers the new capacity, as QEMU's vu_blk_exp_resize
+    does.  Not a differential: qemu-storage-daemon 7.2 keeps answering the
+    old capacity and sends nothing (checked by hand with this front-end)."""
+    d, path = start(daemon_factory, "trio", tmp_path, image, ",writable=on")
+    fe = await FrontEnd.connect(path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend = trio.socket.from_stdlib_socket(ours)
+    try:
+        await fe.negotiate()
+        protocol = await fe.get_u64(GET_PROTOCOL_FEATURES)
+        assert protocol & 1 << PF_BACKEND_REQ
+        await fe.send(SET_PROTOCOL_FEATURES, struct.pack(
+            "<Q", protocol & (1 << PF_MQ | 1 << PF_REPLY_ACK | 1 << PF_CONFIG | 1 << PF_BACKEND_REQ)))
+        assert await fe.ack(SET_BACKEND_REQ_FD, b"", [theirs.fileno()]) == 0
+        theirs.close()
+        assert struct.unpack_from("<Q", await fe.config())[0] == IMAGE_SIZE // 512
+        qmp = d.qmp()
+        new_size = IMAGE_SIZE + (1 << 20)
+        assert qmp.cmd_raw("block_resize", {"node-name": "file0", "size": new_size})["return"] == {}
+        with trio.fail_after(20):
+            header = b""
+            while len(header) < 12:
+                more = await backend.recv(12 - len(header))
+                assert more
+                header += more
+        # no reply asked for (flags: version 1 only), no payload
+        assert struct.unpack("<III", header) == (BACKEND_CONFIG_CHANGE_MSG, 1, 0)
+        assert struct.unpack_from("<Q", await fe.config())[0] == new_size // 512
+    finally:
+        fe.close()
+        backend.close()
+    d.stop()
+    assert image.stat().st_size == IMAGE_SIZE + (1 << 20)
