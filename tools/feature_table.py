@@ -54,7 +54,7 @@ NOTES: dict[str, str] = {
             "cbc-plain64 and cbc-essiv; hashes md5, sha1, sha224, sha256, sha384, sha512; serpent, twofish, cast5 and des "
             "volumes are refused; blockdev-create and x-blockdev-amend of key slots",
     "secret": "data or file, format raw or base64, keyid/iv decryption; loaded at creation",
-    "blockdev-create": "drivers file, qcow2 (encryption included) and luks",
+    "blockdev-create": "drivers file, qcow2 (encryption included), luks and rbd",
     "driver:file": "aio=threads (a pool of worker threads, the default), io_uring and "
                    "native (Linux AIO, with cache.direct=on), as QEMU; cache.direct=on "
                    "with QEMU's alignment probe and padded (read-modify-write) requests",

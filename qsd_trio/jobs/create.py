@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from ..nodes import rbd
 from ..nodes.luks import create_luks_on
 from ..nodes.qcow2.create import create_qcow2
 from ..qapi.errors import GenericError
+from ..qapi.schema import to_qmp
 from .job import Job
 
 if TYPE_CHECKING:
@@ -119,6 +121,9 @@ class CreateJob(Job):
                 await create_qcow2_on(self.daemon, o)
             elif driver == "luks":
                 await create_luks_on(self.daemon, _node(self.daemon, o.file), o)
+            elif driver == "rbd":
+                await rbd.create(self.daemon.graph, to_qmp(o.location), o.size,
+                                 o.cluster_size, None if o.encrypt is None else to_qmp(o.encrypt))
             else:
                 raise GenericError(f"Driver '{driver}' does not support blockdev-create")
         finally:
