@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from . import events
+from . import events, tasks
 from .jobs import manager
 from .memory import freeze_startup_objects
 from .nodes.graph import BlockGraph
@@ -207,6 +207,7 @@ class Daemon:
                 root.cancel_scope.cancel()
                 raise
             self.accepting.set()
+            await root.start(tasks.print_on_sigusr1)
             self.notifier.ready()
             if self.notifier.active:
                 root.start_soon(self.notifier.run_watchdog)

@@ -191,11 +191,13 @@ class Schema:
         return name
 
 
-def load(path: str) -> Schema:
+def load(path: str, extra: tuple[str, ...] = ()) -> Schema:
+    """QEMU's declarations from ``path``, then qsd-trio's own from ``extra``."""
     schema = Schema()
     main = os.path.normpath(path)
     schema.modules[main] = []
-    for module, expr in read_exprs(path):
+    exprs = [e for p in (path, *extra) for e in read_exprs(p)]
+    for module, expr in exprs:
         if "include" in expr:
             schema.modules.setdefault(expr["include"], [])
             continue
@@ -481,7 +483,10 @@ def main(argv: list[str]) -> int:
     ref = argv[1] if len(argv) > 1 else os.path.join(here, "qapi-7.2")
     target = argv[2] if len(argv) > 2 else os.path.join(
         here, "..", "qsd_trio", "qapi", "qapi_types.py")
-    schema = load(os.path.join(ref, "storage-daemon-qapi-schema.json"))
+    # qsd-trio's own commands come last, so QEMU's masked type names keep
+    # their numbers in query-qmp-schema
+    schema = load(os.path.join(ref, "storage-daemon-qapi-schema.json"),
+                  (os.path.join(here, "qapi-qsd", "qsd-trio.json"),))
     text = emit(schema)
     with open(target, "w", encoding="utf-8") as f:
         f.write(text)

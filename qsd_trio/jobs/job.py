@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
-from .. import events
+from .. import events, tasks
 from ..ids import id_wellformed
 from ..qapi.errors import GenericError, QapiError
 
@@ -405,7 +405,9 @@ class Job:
         nursery.start_soon(self._main, name=f"job {self.id}")
 
     async def _main(self) -> None:
-        with self.cancel_scope:
+        with self.cancel_scope, tasks.serving(
+                "job", f"{self.job_type} job {self.id}", cancel_scope=self.cancel_scope,
+                moved=lambda: self.progress_current, job_id=self.id):
             try:
                 await self.pause_point()
                 await self._run_flat()

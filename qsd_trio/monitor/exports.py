@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .. import events
+from .. import events, tasks
 from ..exports import fuse as _fuse  # noqa: F401 - registers the fuse export type
 from ..exports import nbd as _nbd  # noqa: F401 - registers the nbd export type
 from ..exports import vduse_blk as _vduse_blk  # noqa: F401 - registers vduse-blk
@@ -42,7 +42,11 @@ def _lookup_node(daemon: Daemon, name: str) -> BlockNode:
 async def _serve_export(daemon: Daemon, export: BlockExport, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     try:
-        await export.run(task_status=task_status)
+        with tasks.serving("export", f"{export.type} export {export.id}",
+                           cancel_scope=export.cancel_scope,
+                           export_id=export.id,
+                           node_names=lambda: [export.node.node_name]):
+            await export.run(task_status=task_status)
     finally:
         # only an export that was listed (it started) is announced as deleted
         if daemon.exports.get(export.id) is export:

@@ -41,7 +41,8 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # modules that register commands; imported by load_all()
-GROUPS = ("control", "objects", "chardev", "block", "exports", "jobs", "snapshot")
+GROUPS = ("control", "objects", "chardev", "block", "exports", "jobs", "snapshot",
+          "tasks")
 
 
 def command(name: str, *, allow_oob: bool = False) -> Callable[[Handler], Handler]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .. import PACKAGE, QEMU_VERSION, events, trace
+from .. import PACKAGE, QEMU_VERSION, events, tasks, trace
 from ..qapi.errors import CommandNotFound, GenericError, QapiError
 from . import dispatch
 from .qmp_json import JsonError, JsonStreamer, encode_message
@@ -54,7 +54,9 @@ class Monitor:
             async for stream in connections:
                 self.session = QmpSession(self.daemon, stream, self.pretty)
                 try:
-                    await self.session.run()
+                    with tasks.serving("monitor-session", f"QMP on {self.chardev.id}",
+                                       client=tasks.peer_name(stream)):
+                        await self.session.run()
                 except Exception:  # noqa: BLE001 - one broken session must not end the monitor
                     traceback.print_exc(file=sys.stderr)
                 finally:

@@ -673,6 +673,24 @@ class TransactionActionKind(QapiEnum):
     DRIVE_BACKUP = 'drive-backup'
 
 
+class XTaskKind(QapiEnum):
+    TASK = 'task'
+    NURSERY = 'nursery'
+    MONITOR_SESSION = 'monitor-session'
+    EXPORT = 'export'
+    CLIENT_CONNECTION = 'client-connection'
+    JOB = 'job'
+    TIMER = 'timer'
+    ENGINE = 'engine'
+    METRICS = 'metrics'
+
+
+class XTaskState(QapiEnum):
+    RUNNING = 'running'
+    DRAINING = 'draining'
+    CANCELLING = 'cancelling'
+
+
 def _make_q_empty() -> type:
     @attrs.define(kw_only=True)
     class q_empty:
@@ -3536,6 +3554,23 @@ def _make_q_obj_transaction_arg() -> type:
         actions: list[TransactionAction]
         properties: TransactionProperties | None = None
     return q_obj_transaction_arg
+
+
+def _make_XTaskInfo() -> type:
+    @attrs.define(kw_only=True)
+    class XTaskInfo:
+        kind: XTaskKind
+        name: str
+        export_id: str | None = None
+        client: str | None = None
+        job_id: str | None = None
+        node_names: list[str] | None = None
+        started: float
+        state: XTaskState
+        in_flight: int | None = None
+        bytes: int | None = None
+        children: list[XTaskInfo]
+    return XTaskInfo
 
 
 def _make_QCryptoBlockOpenOptions() -> type:
@@ -6715,6 +6750,7 @@ _FACTORIES: dict[str, tuple[Any, str, str | None]] = {
     'q_obj_TransactionAction_base': (_make_q_obj_TransactionAction_base, 'q_obj_TransactionAction-base', None),
     'TransactionProperties': (_make_TransactionProperties, 'TransactionProperties', None),
     'q_obj_transaction_arg': (_make_q_obj_transaction_arg, 'q_obj_transaction-arg', None),
+    'XTaskInfo': (_make_XTaskInfo, 'XTaskInfo', None),
     'QCryptoBlockOpenOptions': (_make_QCryptoBlockOpenOptions, 'QCryptoBlockOpenOptions', None),
     'QCryptoBlockOpenOptions_qcow': (_make_QCryptoBlockOpenOptions_qcow, 'QCryptoBlockOpenOptions', 'qcow'),
     'QCryptoBlockOpenOptions_luks': (_make_QCryptoBlockOpenOptions_luks, 'QCryptoBlockOpenOptions', 'luks'),
@@ -7547,7 +7583,11 @@ SCHEMA: dict[str, dict] = json.loads(r"""{
 "TransactionAction": {"meta": "union", "name": "TransactionAction", "base": "q_obj_TransactionAction-base", "tag": "type", "variants": [{"case": "abort", "type": "AbortWrapper"}, {"case": "block-dirty-bitmap-add", "type": "BlockDirtyBitmapAddWrapper"}, {"case": "block-dirty-bitmap-remove", "type": "BlockDirtyBitmapWrapper"}, {"case": "block-dirty-bitmap-clear", "type": "BlockDirtyBitmapWrapper"}, {"case": "block-dirty-bitmap-enable", "type": "BlockDirtyBitmapWrapper"}, {"case": "block-dirty-bitmap-disable", "type": "BlockDirtyBitmapWrapper"}, {"case": "block-dirty-bitmap-merge", "type": "BlockDirtyBitmapMergeWrapper"}, {"case": "blockdev-backup", "type": "BlockdevBackupWrapper"}, {"case": "blockdev-snapshot", "type": "BlockdevSnapshotWrapper"}, {"case": "blockdev-snapshot-internal-sync", "type": "BlockdevSnapshotInternalWrapper"}, {"case": "blockdev-snapshot-sync", "type": "BlockdevSnapshotSyncWrapper"}, {"case": "drive-backup", "type": "DriveBackupWrapper"}], "features": [], "members": [{"name": "type", "type": "TransactionActionKind", "optional": false, "features": []}]},
 "TransactionProperties": {"meta": "struct", "name": "TransactionProperties", "members": [{"name": "completion-mode", "type": "ActionCompletionMode", "optional": true, "features": []}], "features": []},
 "q_obj_transaction-arg": {"meta": "struct", "name": "q_obj_transaction-arg", "members": [{"name": "actions", "type": "[TransactionAction]", "optional": false, "features": []}, {"name": "properties", "type": "TransactionProperties", "optional": true, "features": []}], "features": []},
-"transaction": {"meta": "command", "name": "transaction", "arg": "q_obj_transaction-arg", "ret": null, "boxed": false, "allow-oob": false, "features": []}
+"transaction": {"meta": "command", "name": "transaction", "arg": "q_obj_transaction-arg", "ret": null, "boxed": false, "allow-oob": false, "features": []},
+"XTaskKind": {"meta": "enum", "name": "XTaskKind", "values": [{"name": "task", "features": []}, {"name": "nursery", "features": []}, {"name": "monitor-session", "features": []}, {"name": "export", "features": []}, {"name": "client-connection", "features": []}, {"name": "job", "features": []}, {"name": "timer", "features": []}, {"name": "engine", "features": []}, {"name": "metrics", "features": []}], "features": []},
+"XTaskState": {"meta": "enum", "name": "XTaskState", "values": [{"name": "running", "features": []}, {"name": "draining", "features": []}, {"name": "cancelling", "features": []}], "features": []},
+"XTaskInfo": {"meta": "struct", "name": "XTaskInfo", "members": [{"name": "kind", "type": "XTaskKind", "optional": false, "features": []}, {"name": "name", "type": "str", "optional": false, "features": []}, {"name": "export-id", "type": "str", "optional": true, "features": []}, {"name": "client", "type": "str", "optional": true, "features": []}, {"name": "job-id", "type": "str", "optional": true, "features": []}, {"name": "node-names", "type": "[str]", "optional": true, "features": []}, {"name": "started", "type": "number", "optional": false, "features": []}, {"name": "state", "type": "XTaskState", "optional": false, "features": []}, {"name": "in-flight", "type": "int", "optional": true, "features": []}, {"name": "bytes", "type": "int", "optional": true, "features": []}, {"name": "children", "type": "[XTaskInfo]", "optional": false, "features": []}], "features": []},
+"x-query-tasks": {"meta": "command", "name": "x-query-tasks", "arg": null, "ret": "XTaskInfo", "boxed": false, "allow-oob": false, "features": []}
 }""")
 
 VISIT_ORDER: list[str] = [
@@ -7638,4 +7678,5 @@ VISIT_ORDER: list[str] = [
     'object-add',
     'object-del',
     'transaction',
+    'x-query-tasks',
 ]

@@ -128,7 +128,7 @@ def test_unknown_command():
 
 def test_command_names():
     names = schema.command_names()
-    assert len(names) == 74
+    assert len(names) == 74 + 1  # qemu-storage-daemon 7.2's and x-query-tasks
     for n in ("blockdev-add", "object-add", "chardev-add", "nbd-server-start",
               "block-export-add", "query-version", "qmp_capabilities", "transaction"):
         assert n in names
@@ -331,5 +331,6 @@ def test_command_names_in_definition_order():
     # qemu-storage-daemon 7.2's query-commands is exactly this, reversed
     names = schema.command_names()
     assert names[:3] == ["query-block", "query-blockstats", "query-block-jobs"]
-    assert names[-3:] == ["object-add", "object-del", "transaction"]
+    # qsd-trio's own commands come after QEMU's
+    assert names[-4:] == ["object-add", "object-del", "transaction", "x-query-tasks"]
     assert names.index("job-pause") > names.index("blockdev-add")

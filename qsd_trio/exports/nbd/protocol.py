@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
+from ... import tasks
 from ...nodes.engine import buffers
 from ...nodes.engine.base import after_completions
 from ...nodes.node import BlockNode, Status
@@ -164,24 +165,32 @@ class Transmission:
         if self.meta_export != export.name:
             self.meta_ids = []  # contexts were negotiated for another export
         try:
-            async with trio.open_nursery() as nursery:
-                await self.wire.send(last_reply)
-                nursery.start_soon(self._writer)
-                # a fixed pool of request tasks: handing a request to a parked
-                # task is cheaper than spawning one per request
-                send, receive = trio.open_memory_channel(MAX_REQUESTS)
-                self._requests = send
-                for _ in range(MAX_REQUESTS):
-                    nursery.start_soon(self._worker, receive)
-                await self._read_requests(nursery)
-                self.ending = True
-                # DISC or a fatal request: let what was read finish and its
-                # replies go out, then stop the writer
-                for _ in range(MAX_REQUESTS):
-                    await self._slots.acquire()
-                nursery.cancel_scope.cancel()
-                if self._hangup:
-                    raise _Disconnect(self._hangup)
+            with tasks.serving("client-connection", f"nbd client of {export.id}",
+                               cancel_scope=export.cancel_scope,
+                               draining=lambda: self.ending,
+                               # the reader holds one slot while it reads the next request
+                               in_flight=lambda: max(0, MAX_REQUESTS - self._slots.value
+                                                     - (not self.ending)),
+                               export_id=export.id, client=tasks.peer_name(self.wire.stream),
+                               node_names=lambda: [export.node.node_name]):
+                async with trio.open_nursery() as nursery:
+                    await self.wire.send(last_reply)
+                    nursery.start_soon(self._writer)
+                    # a fixed pool of request tasks: handing a request to a parked
+                    # task is cheaper than spawning one per request
+                    send, receive = trio.open_memory_channel(MAX_REQUESTS)
+                    self._requests = send
+                    for _ in range(MAX_REQUESTS):
+                        nursery.start_soon(self._worker, receive)
+                    await self._read_requests(nursery)
+                    self.ending = True
+                    # DISC or a fatal request: let what was read finish and its
+                    # replies go out, then stop the writer
+                    for _ in range(MAX_REQUESTS):
+                        await self._slots.acquire()
+                    nursery.cancel_scope.cancel()
+                    if self._hangup:
+                        raise _Disconnect(self._hangup)
         except* (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError,
                  trio.ClosedResourceError, OSError) as eg:
             log.debug("nbd client of %s ended: %r", export.id, eg)
