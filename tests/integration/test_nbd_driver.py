@@ -244,3 +244,33 @@ def test_server_gone_gives_eio(daemon_factory, tmp_path, servers):
     info = c.qmp().cmd_raw("query-named-block-nodes")["return"]
     assert [n["node-name"] for n in info] == ["n"]
     c.stop()
+
+
+def test_open_timeout_waits_for_the_server(daemon_factory, tmp_path, servers):
+    """--blockdev with open-timeout retries the connect: a server that comes up
+    after the client started is found, and the node opens."""
+    import threading
+
+    img = tmp_path / "remote.img"
+    qemu_img("create", "-q", "-f", "raw", str(img), str(SIZE))
+    srv = Server("qemu-nbd", daemon_factory, tmp_path, img)
+    servers.append(srv)
+    # started once the client is already connecting (the socket does not exist)
+    timer = threading.Timer(3, srv.start)
+    timer.start()
+    try:
+        c = daemon_factory("trio", ["--blockdev", nbd_node(srv.sock, **{"open-timeout": 60})])
+    finally:
+        timer.join()
+    info = c.qmp().cmd_raw("query-named-block-nodes")["return"]
+    assert info[0]["image"]["virtual-size"] == SIZE
+    c.stop()
+
+
+def test_open_timeout_expires_with_the_connect_error(daemon_factory, tmp_path):
+    d = daemon_factory("trio")
+    r = d.qmp().cmd_raw("blockdev-add", {
+        "driver": "nbd", "node-name": "n", "open-timeout": 1,
+        "server": {"type": "unix", "path": str(tmp_path / "none.sock")}})
+    assert r["error"]["desc"] == f"Failed to connect to '{tmp_path / 'none.sock'}': " \
+                                 "No such file or directory"
