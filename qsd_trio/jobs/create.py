@@ -8,7 +8,8 @@ aborting, concluded with the driver's error in query-jobs.  Its progress is
 Drivers: ``file`` (created, emptied, then sized with the preallocation
 asked for), ``qcow2`` (on an existing node, through the qcow2 driver's
 ``create_qcow2``, which lays images out byte for byte as qemu-img does,
-LUKS encryption included) and ``luks`` (a LUKS1 volume on an existing node).
+LUKS encryption included), ``luks`` (a LUKS1 volume on an existing node)
+and ``vpc`` (``create_vpc``, on an existing node).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import trio
 from ..nodes import rbd
 from ..nodes.luks import create_luks_on
 from ..nodes.qcow2.create import create_qcow2
+from ..nodes.vpc import create_vpc
 from ..qapi.errors import GenericError
 from ..qapi.schema import to_qmp
 from .job import Job
@@ -121,6 +123,9 @@ class CreateJob(Job):
                 await create_qcow2_on(self.daemon, o)
             elif driver == "luks":
                 await create_luks_on(self.daemon, _node(self.daemon, o.file), o)
+            elif driver == "vpc":
+                await create_vpc(_node(self.daemon, o.file), o.size, str(_or(o.subformat, "dynamic")),
+                                 bool(o.force_size))
             elif driver == "rbd":
                 await rbd.create(self.daemon.graph, to_qmp(o.location), o.size,
                                  o.cluster_size, None if o.encrypt is None else to_qmp(o.encrypt))

@@ -49,7 +49,7 @@ def register_driver(cls: type[BlockNode]) -> type[BlockNode]:
 def load_drivers() -> dict[str, type[BlockNode]]:
     """Import every driver module so that it registers itself."""
     for mod in ("null", "file", "host_device", "raw", "blkdebug", "copy_on_read", "throttle", "qcow2",
-                "copy_before_write", "snapshot_access", "luks", "nbd", "rbd", "vdi"):
+                "copy_before_write", "snapshot_access", "luks", "nbd", "rbd", "vdi", "vpc"):
         importlib.import_module(f"{__package__}.{mod}")
     return DRIVERS
 
