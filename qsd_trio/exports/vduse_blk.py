@@ -276,6 +276,9 @@ class Ring:
         self.pop_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None
         self.last_avail_idx = 0
+        # a completed request will inject the interrupt for those pushed
+        # before it does
+        self.notify_pending = False
 
 
 class VduseDevice:
@@ -469,6 +472,16 @@ class VduseDevice:
         used = await self.export.handler.process(chain)
         try:
             queue.push(chain.head, used)
+        except VirtqueueError as e:
+            self._panic(ring, str(e))
+            return
+        if ring.notify_pending:
+            return  # the request that set it injects for the batch
+        # one interrupt for the requests that complete in this scheduler pass
+        ring.notify_pending = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        ring.notify_pending = False
+        try:
             if queue.notify_needed():
                 fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, _U32.pack(ring.index))
         except VirtqueueError as e:

@@ -106,6 +106,9 @@ class Vring:
         self.queue: SplitQueue | None = None
         self.pop_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None
+        # a completed request will signal the call eventfd for those
+        # pushed before it does
+        self.notify_pending = False
 
     def signal(self) -> None:
         """Write the call eventfd (a full counter is still a pending call)."""
@@ -559,6 +562,18 @@ class FrontEnd:
         used = await self.export.handler.process(chain)
         try:
             queue.push(chain.head, used)
+        except VirtqueueError as e:
+            self.panic(f"queue {vring.index}: {e}")
+            return
+        if vring.notify_pending:
+            return  # the request that set it signals for the batch
+        # one call for the batch: the requests that complete in this
+        # scheduler pass push theirs first (a call wakes the front-end's
+        # thread, costing far more than a push)
+        vring.notify_pending = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        vring.notify_pending = False
+        try:
             if queue.notify_needed():
                 vring.signal()
         except VirtqueueError as e:

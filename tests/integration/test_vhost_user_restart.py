@@ -37,12 +37,7 @@ CHUNKS = 4
 SIZE = CHUNK * CHUNKS
 
 
-def daemon(tmp_path: Path, img: Path, fmt: str, sock: Path) -> Daemon:
-    # qcow2 keeps its L2 and refcount updates in memory until a flush, so
-    # a completed write survives a SIGKILL only in write-through mode (the
-    # guest sees the write cache off and sends no flushes); raw writes are
-    # in the host's page cache once they complete
-    wt = ",writethrough=on" if fmt == "qcow2" else ""
+def daemon(tmp_path: Path, img: Path, fmt: str, sock: Path, wt: str) -> Daemon:
     d = Daemon("trio", tmp_path, [
         "--blockdev", f"driver=file,node-name=file0,filename={img}",
         "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
@@ -64,13 +59,22 @@ def wait_for(what: str, cond, timeout: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_writes_survive_sigkill_and_restart(fmt, tmp_path, pytestconfig):
+@pytest.mark.parametrize(("fmt", "wt"), [("raw", ""), ("qcow2", ""), ("qcow2", ",writethrough=on")])
+def test_writes_survive_sigkill_and_restart(fmt, wt, tmp_path, pytestconfig):
+    """With the write cache on (the default), the guest sees it on and
+    flushes after each chunk (``conv=fsync``) before it records the chunk
+    as done: what it flushed before the kill survives, though qcow2 keeps
+    its L2 and refcount updates in memory until a flush.  A write the
+    killed daemon acknowledged and the guest had not yet flushed can be
+    lost on qcow2 (the guest's later flush reaches the new daemon, which
+    never had it): the chunk being written at the kill is therefore
+    checked only with writethrough=on, or on raw, whose writes are in the
+    host's page cache once they complete."""
     require_export("qsd-trio", "vhost-user-blk")
     img = tmp_path / f"disk.{fmt}"
     qemu_img("create", "-q", "-f", fmt, str(img), str(SIZE))
     sock = tmp_path / "vu.sock"
-    first = daemon(tmp_path, img, fmt, sock)
+    first = daemon(tmp_path, img, fmt, sock, wt)
     second: Daemon | None = None
     guest = shared_guest(pytestconfig)
     disk = guest.attach_vhost_user_blk(sock, reconnect=1)
@@ -85,7 +89,7 @@ def test_writes_survive_sigkill_and_restart(fmt, tmp_path, pytestconfig):
                 model[i * CHUNK:(i + 1) * CHUNK] = data
                 (work / f"data-{i}").write_bytes(data)
                 lines.append(f"dd if={work}/data-{i} of=$DEV bs=256k seek={i * CHUNK} "
-                             f"oflag=direct,seek_bytes status=none || exit 90\n"
+                             f"oflag=direct,seek_bytes conv=fsync status=none || exit 90\n"
                              f"echo {i + 1} > {progress}")
             script = (find_disk(disk.sysfs) + "\n".join(lines)
                       + f"\nsync $DEV || exit 91\n"
@@ -99,15 +103,21 @@ def test_writes_survive_sigkill_and_restart(fmt, tmp_path, pytestconfig):
             first.proc.wait(30)
             done_at_kill = int(progress.read_text().strip())
             assert done_at_kill < CHUNKS, "the guest finished writing before the kill"
-            second = daemon(tmp_path, img, fmt, sock)
+            second = daemon(tmp_path, img, fmt, sock, wt)
             result = guest.wait(job, timeout=300)
             assert result.rc == 0, result.output
-            assert_same((work / "readback").read_bytes(), model, "the guest's read-back")
+            readback = bytearray((work / "readback").read_bytes())
         guest.detach(disk)
     finally:
         first.stop(check=False)
         if second is not None:
             second.stop()
+    image = bytearray(image_bytes(img, fmt))
     if fmt == "qcow2":
         qemu_img_check(img, fmt)
-    assert_same(image_bytes(img, fmt), model, "the image")
+        if not wt:
+            # the chunk unflushed at the kill: not promised (see above)
+            at_kill = slice(done_at_kill * CHUNK, (done_at_kill + 1) * CHUNK)
+            readback[at_kill] = image[at_kill] = model[at_kill]
+    assert_same(bytes(readback), model, "the guest's read-back")
+    assert_same(bytes(image), model, "the image")

@@ -104,8 +104,13 @@ async def test_write_then_read_back(env):
 
 async def test_writethrough_and_the_config_writeback_byte(env):
     ram, drv, q, disk = env
+    # the writeback byte says what the cache mode is, so the driver flushes
+    assert B.BlkHandler(disk, writable=True, writethrough=True).config()[B.CONFIG_WCE_OFFSET] == 0
     h = B.BlkHandler(disk, writable=True)
-    assert h.config()[B.CONFIG_WCE_OFFSET] == 0
+    assert h.config()[B.CONFIG_WCE_OFFSET] == 1
+    drv.add([(outhdr(B.VIRTIO_BLK_T_OUT, 0), False), (b"x" * 512, False), (1, True)])
+    await run(q, h)
+    assert disk.calls[-1] == ("write", 0, 512, False)
     assert not h.write_config(B.CONFIG_WCE_OFFSET, b"\0", 1)  # migration flag: refused
     assert not h.write_config(0, b"\0" * 8, 0)  # capacity is read-only
     assert h.write_config(B.CONFIG_WCE_OFFSET, b"\0", 0)
@@ -252,10 +257,11 @@ def test_config_space_layout():
     cfg = h.config()
     assert len(cfg) == 60
     # what QEMU 7.2's qemu-storage-daemon answers for a 64 MiB image with
-    # num-queues=2 and logical-block-size=4096
+    # num-queues=2 and logical-block-size=4096, but for the writeback byte
+    # (offset 32): 1 here, the write cache being on; QEMU answers 0
     assert cfg.hex() == (
         "0000020000000000" "00000000" "7e000000" "00000000" "00100000" "00" "00" "0100" "01000000"
-        "00" "00" "0200" "00800000" "01000000" "08000000" "00800000" "01000000" "00" "000000")
+        "01" "00" "0200" "00800000" "01000000" "08000000" "00800000" "01000000" "00" "000000")
     assert h.read_config(0, 8) == cfg[:8]
     assert h.read_config(0, 61) == b""
     assert h.features() == 0x100007e66 | 1 << B.VIRTIO_BLK_F_RO | 1 << 28 | 1 << 29
