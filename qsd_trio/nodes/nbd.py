@@ -40,9 +40,9 @@ from typing import Any
 import attrs
 import trio
 
-from ..exports.nbd.sockets import addr_dict
 from ..proto import nbd as P
 from ..qapi.errors import GenericError
+from ..sockets import addr_dict
 from .graph import register_driver
 from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
 

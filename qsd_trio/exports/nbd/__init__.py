@@ -1,6 +1,5 @@
 """The NBD server and NBD block exports, split as nbdkit's server/ is (see docs/nbd.md).
 
-- :mod:`.sockets`: listening sockets from a SocketAddress (sockets.c).
 - :mod:`.wire`: buffered reads and gathered writes on a client's stream.
 - :mod:`.tls`: TLS contexts from tls-creds objects, authz checks (crypto.c).
 - :mod:`.handshake`: option negotiation, a sans-I/O state machine

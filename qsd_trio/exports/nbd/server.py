@@ -18,8 +18,8 @@ import trio
 
 from ...objects.qom import UserObject
 from ...qapi.errors import GenericError
+from ...sockets import addr_dict, open_listeners
 from .connection import Connection
-from .sockets import addr_dict, open_listeners
 from .tls import prop, server_context
 
 if TYPE_CHECKING:

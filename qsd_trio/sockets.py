@@ -1,8 +1,9 @@
-"""Listening sockets of the NBD server, from a QAPI SocketAddress.
+"""Listening sockets from a QAPI SocketAddress.
 
 ``unix``, ``inet`` and ``fd`` addresses as qemu-storage-daemon takes them
 (``--nbd-server addr.type=...`` or nbd-server-start), with QEMU's error
-messages; nbdkit's sockets.c has the same role.
+messages; nbdkit's sockets.c has the same role.  The NBD server and the
+``--metrics`` endpoint listen through it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 import trio
 
-from ... import activation
-from ...qapi.errors import GenericError
+from . import activation
+from .qapi.errors import GenericError
 
 
 def addr_dict(addr: Any) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def addr_dict(addr: Any) -> dict[str, Any]:
     if not isinstance(addr, dict):
         # schema.to_qmp keeps union tags, which are class variables of the
         # variant classes and so invisible to attrs.asdict
-        from ...qapi import schema
+        from .qapi import schema
 
         addr = schema.to_qmp(addr)
     assert isinstance(addr, dict)
