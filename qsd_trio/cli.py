@@ -24,6 +24,7 @@ import trio
 from . import QEMU_VERSION, __version__, activation, trace
 from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
+from .metrics import opt_metrics
 from .monitor import dispatch, registry
 from .monitor.chardev import add_chardev
 from .monitor.session import Monitor
@@ -78,6 +79,11 @@ QEMU storage daemon
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
 
+  --metrics addr.type=inet,addr.host=<host>,addr.port=<port>
+  --metrics addr.type=unix,addr.path=<path>
+                         serve OpenMetrics/Prometheus text at /metrics
+                         over HTTP (qsd-trio only)
+
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
                [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
   --nbd-server addr.type=unix,addr.path=<path>
@@ -101,7 +107,7 @@ qsd-trio is qemu-storage-daemon rebuilt in Python on trio.
 # long option -> takes an argument
 LONG_OPTS = {
     "help": False, "version": False, "trace": True, "blockdev": True, "chardev": True,
-    "daemonize": False, "export": True, "monitor": True, "nbd-server": True,
+    "daemonize": False, "export": True, "metrics": True, "monitor": True, "nbd-server": True,
     "object": True, "pidfile": True,
 }
 SHORT_OPTS = {"h": "help", "V": "version", "T": "trace"}
@@ -356,6 +362,7 @@ BUILDERS: dict[str, Callable[[str], Action]] = {
     "--blockdev": opt_blockdev,
     "--chardev": opt_chardev,
     "--export": opt_export,
+    "--metrics": opt_metrics,
     "--monitor": opt_monitor,
     "--nbd-server": opt_nbd_server,
     "--object": opt_object,

@@ -135,6 +135,12 @@ def _registry():
     return commands, load_drivers(), EXPORT_TYPES
 
 
+def _additions() -> set[str]:
+    """The commands qsd-trio declares beside QEMU's."""
+    text = (ROOT / "tools" / "qapi-qsd" / "qsd-trio.json").read_text()
+    return set(re.findall(r"'command':\s*'([^']+)'", text))
+
+
 def _enum_values(name: str) -> list[str]:
     from qsd_trio.qapi import qapi_types as T
 
@@ -160,14 +166,20 @@ def table() -> str:
     from qsd_trio.qapi import schema
 
     commands, drivers, exports = _registry()
-    have_cmds = set(implemented())
+    ours = _additions()
+    have_cmds = set(implemented()) - ours
+    qemu_cmds = sorted(set(schema.command_names()) - ours)
     out = ["### Command-line options", "", "| option | status | notes |", "|---|---|---|"]
     out += [_row(o, True) for o in OPTIONS]
+    out += ["", "qsd-trio's own option: `--metrics` (an OpenMetrics endpoint, see "
+            "Watching it)."]
     out += ["", "### QMP commands", "",
-            f"{len(have_cmds)} of the {len(schema.command_names())} commands of "
+            f"{len(have_cmds)} of the {len(qemu_cmds)} commands of "
             "qemu-storage-daemon 7.2.", "",
             "| command | status | notes |", "|---|---|---|"]
-    out += [_row(c, c in have_cmds) for c in sorted(schema.command_names())]
+    out += [_row(c, c in have_cmds) for c in qemu_cmds]
+    out += ["", "qsd-trio's own commands (tools/qapi-qsd/qsd-trio.json), also in "
+            "`query-qmp-schema`: " + ", ".join(f"`{c}`" for c in sorted(ours)) + "."]
     out += ["", "### Block drivers", "", "| driver | status | notes |", "|---|---|---|"]
     out += [_row(d, d in drivers, "driver") for d in sorted(_enum_values("BlockdevDriver"))]
     out += ["", "### Export types", "", "| type | status | notes |", "|---|---|---|"]

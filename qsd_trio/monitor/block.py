@@ -13,7 +13,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..jobs.blockjob import BlockJob
-from ..nodes import bitmaps
+from ..nodes import bitmaps, latency
 from ..nodes.bitmaps import DirtyBitmap
 from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm
 from ..nodes.perms import perm_list, refresh
@@ -233,30 +233,48 @@ async def query_block(daemon: Daemon, args: Any) -> Any:
     return []  # no BlockBackends with a name or device in a storage daemon
 
 
-def _stats(node: BlockNode) -> dict[str, Any]:
-    s: dict[str, Any] = {k: 0 for k in (
-        "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
-        "unmap_operations", "flush_operations", "rd_total_time_ns", "wr_total_time_ns",
-        "unmap_total_time_ns", "flush_total_time_ns", "rd_merged", "wr_merged",
-        "unmap_merged", "failed_rd_operations", "failed_wr_operations",
-        "failed_unmap_operations", "failed_flush_operations", "invalid_rd_operations",
-        "invalid_wr_operations", "invalid_unmap_operations", "invalid_flush_operations")}
+_COUNTERS = ("rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+             "unmap_operations", "flush_operations", "rd_total_time_ns", "wr_total_time_ns",
+             "unmap_total_time_ns", "flush_total_time_ns", "rd_merged", "wr_merged",
+             "unmap_merged", "failed_rd_operations", "failed_wr_operations",
+             "failed_unmap_operations", "failed_flush_operations", "invalid_rd_operations",
+             "invalid_wr_operations", "invalid_unmap_operations", "invalid_flush_operations")
+# BlockDeviceStats's total-time counter and histogram per latency operation
+_TIMED = {"read": ("rd_total_time_ns", "rd_latency_histogram"),
+          "write": ("wr_total_time_ns", "wr_latency_histogram"),
+          "discard": ("unmap_total_time_ns", None),
+          "flush": ("flush_total_time_ns", "flush_latency_histogram")}
+
+
+def _stats(node: BlockNode, counted: bool) -> dict[str, Any]:
+    """BlockDeviceStats; zeros but for wr_highest_offset unless ``counted``
+    (QEMU counts requests in BlockBackends, never in nodes)."""
+    s: dict[str, Any] = dict.fromkeys(_COUNTERS, 0)
+    if counted:
+        for k in _COUNTERS:
+            s[k] = node.stats.get(k, 0)
+        if node.latency is not None:
+            for op, (total, hist) in _TIMED.items():
+                lat = node.latency[op]
+                s[total] = lat.total_ns
+                if hist is not None:
+                    s[hist] = {"boundaries": list(latency.BOUNDS_NS), "bins": list(lat.counts)}
     s.update({"wr_highest_offset": node.wr_highest_offset, "timed_stats": [],
               "account_invalid": False, "account_failed": False})
     return s
 
 
-def _node_stats(node: BlockNode) -> dict[str, Any]:
-    d: dict[str, Any] = {"node-name": node.node_name, "stats": _stats(node)}
+def _node_stats(node: BlockNode, counted: bool = False) -> dict[str, Any]:
+    d: dict[str, Any] = {"node-name": node.node_name, "stats": _stats(node, counted)}
     ds = node.driver_stats()
     if ds is not None:
         d["driver-specific"] = ds
     f = node.children.get("file")
     if f is not None:
-        d["parent"] = _node_stats(f.node)
+        d["parent"] = _node_stats(f.node, counted)
     b = node.children.get("backing")
     if b is not None:
-        d["backing"] = _node_stats(b.node)
+        d["backing"] = _node_stats(b.node, counted)
     return d
 
 
@@ -265,6 +283,12 @@ async def query_blockstats(daemon: Daemon, args: Any) -> Any:
     if not (args and args.query_nodes):
         return []
     return [_node_stats(n) for n in daemon.graph.nodes.values()]
+
+
+@command("x-query-node-stats")
+async def x_query_node_stats(daemon: Daemon, args: None) -> Any:
+    """query-blockstats's node entries with the counters kept (qsd-trio)."""
+    return [_node_stats(n, counted=True) for n in daemon.graph.nodes.values()]
 
 
 @command("x-debug-query-block-graph")

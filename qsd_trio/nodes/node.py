@@ -44,6 +44,7 @@ import errno
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast, overload
 
 import attrs
@@ -52,6 +53,7 @@ import trio
 from .. import events
 from ..qapi.errors import GenericError
 from ..qapi.ghash import qdict_order
+from . import latency as _latency
 from .bitmaps import DirtyBitmap
 
 if TYPE_CHECKING:
@@ -275,6 +277,8 @@ class BlockNode:
         self.write_threshold = 0
         self.wr_highest_offset = 0
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        # per-operation latency while --metrics asks for it (nodes/latency.py)
+        self.latency = _latency.new()
 
     # -- what drivers implement ------------------------------------------
     async def open(self, options: dict[str, Any]) -> None:
@@ -619,6 +623,8 @@ class BlockNode:
             raise OSError(errno.EIO, "Input/output error")
         if self._quiesce:
             await self._gate()
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
         token = _in_request.set(True)
         self._in_flight += 1
         try:
@@ -632,6 +638,8 @@ class BlockNode:
         stats = self.stats
         stats["rd_operations"] += 1
         stats["rd_bytes"] += length
+        if lat is not None:
+            lat["read"].add(perf_counter_ns() - t0)
         return data
 
     # The synchronous fast path.  A request that can be served without
@@ -646,6 +654,8 @@ class BlockNode:
         if (self._quiesce or offset < 0 or length <= 0
                 or (not self.grows and offset + length > self._length())):
             return None
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
         try:
             data = self._preadv_now(offset, length)
         except OSError:
@@ -654,6 +664,8 @@ class BlockNode:
             stats = self.stats
             stats["rd_operations"] += 1
             stats["rd_bytes"] += length
+            if lat is not None:
+                lat["read"].add(perf_counter_ns() - t0)
         return data
 
     def _plain_write(self, offset: int, n: int) -> bool:
@@ -677,6 +689,8 @@ class BlockNode:
         n = len(mv)
         if not self._plain_write(offset, n):
             return False
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
         try:
             if not self._pwritev_now(offset, mv):
                 return False
@@ -688,6 +702,8 @@ class BlockNode:
         stats = self.stats
         stats["wr_operations"] += 1
         stats["wr_bytes"] += n
+        if lat is not None:
+            lat["write"].add(perf_counter_ns() - t0)
         return True
 
     # Requests started without a task.  Where the fast path cannot serve a
@@ -703,12 +719,17 @@ class BlockNode:
                 or (not self.grows and offset + length > self._length())):
             return False
 
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
+
         def finished(buf: Buffer | None, err: OSError | None) -> None:
             self._end()
             stats = self.stats
             if err is None:
                 stats["rd_operations"] += 1
                 stats["rd_bytes"] += length
+                if lat is not None:
+                    lat["read"].add(perf_counter_ns() - t0)
             else:
                 stats["failed_rd_operations"] += 1
             done(buf, err)
@@ -727,6 +748,9 @@ class BlockNode:
         if not self._plain_write(offset, n):
             return False
 
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
+
         def finished(_res: object, err: OSError | None) -> None:
             self._written(offset, n)
             self._end()
@@ -734,6 +758,8 @@ class BlockNode:
             if err is None:
                 stats["wr_operations"] += 1
                 stats["wr_bytes"] += n
+                if lat is not None:
+                    lat["write"].add(perf_counter_ns() - t0)
             else:
                 stats["failed_wr_operations"] += 1
             done(None, err)
@@ -771,6 +797,8 @@ class BlockNode:
             raise OSError(errno.EIO, "Input/output error")
         if self._quiesce:
             await self._gate()
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
         token = _in_request.set(True)
         self._in_flight += 1
         debug = self._debug_events
@@ -799,6 +827,8 @@ class BlockNode:
         stats = self.stats
         stats["wr_operations"] += 1
         stats["wr_bytes"] += n
+        if lat is not None:
+            lat["write"].add(perf_counter_ns() - t0)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
                            fua: bool = False, no_fallback: bool = False) -> None:
@@ -823,6 +853,7 @@ class BlockNode:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         if self._quiesce:
             await self._gate()
+        t0 = perf_counter_ns()
         token = _in_request.set(True)
         self._begin()
         try:
@@ -841,6 +872,8 @@ class BlockNode:
             _in_request.reset(token)
         self.stats["wr_operations"] += 1
         self.stats["wr_bytes"] += length
+        if self.latency is not None:
+            self.latency["write"].add(perf_counter_ns() - t0)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
@@ -849,6 +882,7 @@ class BlockNode:
             return  # discard=ignore (QEMU drops the request before tracking it)
         if self._quiesce:
             await self._gate()
+        t0 = perf_counter_ns()
         token = _in_request.set(True)
         self._begin()
         try:
@@ -864,10 +898,13 @@ class BlockNode:
             _in_request.reset(token)
         self.stats["unmap_operations"] += 1
         self.stats["unmap_bytes"] += length
+        if self.latency is not None:
+            self.latency["discard"].add(perf_counter_ns() - t0)
 
     async def flush(self) -> None:
         if self._quiesce:
             await self._gate()
+        t0 = perf_counter_ns()
         token = _in_request.set(True)
         self._begin()
         try:
@@ -884,6 +921,8 @@ class BlockNode:
             self._end()
             _in_request.reset(token)
         self.stats["flush_operations"] += 1
+        if self.latency is not None:
+            self.latency["flush"].add(perf_counter_ns() - t0)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         self._check(offset, length)

@@ -7587,7 +7587,8 @@ SCHEMA: dict[str, dict] = json.loads(r"""{
 "XTaskKind": {"meta": "enum", "name": "XTaskKind", "values": [{"name": "task", "features": []}, {"name": "nursery", "features": []}, {"name": "monitor-session", "features": []}, {"name": "export", "features": []}, {"name": "client-connection", "features": []}, {"name": "job", "features": []}, {"name": "timer", "features": []}, {"name": "engine", "features": []}, {"name": "metrics", "features": []}], "features": []},
 "XTaskState": {"meta": "enum", "name": "XTaskState", "values": [{"name": "running", "features": []}, {"name": "draining", "features": []}, {"name": "cancelling", "features": []}], "features": []},
 "XTaskInfo": {"meta": "struct", "name": "XTaskInfo", "members": [{"name": "kind", "type": "XTaskKind", "optional": false, "features": []}, {"name": "name", "type": "str", "optional": false, "features": []}, {"name": "export-id", "type": "str", "optional": true, "features": []}, {"name": "client", "type": "str", "optional": true, "features": []}, {"name": "job-id", "type": "str", "optional": true, "features": []}, {"name": "node-names", "type": "[str]", "optional": true, "features": []}, {"name": "started", "type": "number", "optional": false, "features": []}, {"name": "state", "type": "XTaskState", "optional": false, "features": []}, {"name": "in-flight", "type": "int", "optional": true, "features": []}, {"name": "bytes", "type": "int", "optional": true, "features": []}, {"name": "children", "type": "[XTaskInfo]", "optional": false, "features": []}], "features": []},
-"x-query-tasks": {"meta": "command", "name": "x-query-tasks", "arg": null, "ret": "XTaskInfo", "boxed": false, "allow-oob": false, "features": []}
+"x-query-tasks": {"meta": "command", "name": "x-query-tasks", "arg": null, "ret": "XTaskInfo", "boxed": false, "allow-oob": false, "features": []},
+"x-query-node-stats": {"meta": "command", "name": "x-query-node-stats", "arg": null, "ret": "[BlockStats]", "boxed": false, "allow-oob": false, "features": []}
 }""")
 
 VISIT_ORDER: list[str] = [
@@ -7679,4 +7680,5 @@ VISIT_ORDER: list[str] = [
     'object-del',
     'transaction',
     'x-query-tasks',
+    'x-query-node-stats',
 ]

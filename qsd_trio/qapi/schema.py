@@ -495,10 +495,12 @@ def parse_json(type_name: str, data: Any) -> Any:
     return _Visitor(keyval=False).visit(type_name, data, "", None)
 
 
-def parse_keyval(type_name: str, data: dict[str, Any]) -> Any:
+def parse_keyval(type_name: str, data: dict[str, Any], path: str = "") -> Any:
     """Keyval input (all leaves strings) for a schema type, e.g. the dict
-    :func:`qsd_trio.qapi.keyval.parse` made of ``--blockdev driver=...``."""
-    return _Visitor(keyval=True).visit(type_name, data, "", None)
+    :func:`qsd_trio.qapi.keyval.parse` made of ``--blockdev driver=...``;
+    ``path`` names where ``data`` sits in the option (errors name
+    ``addr.port``)."""
+    return _Visitor(keyval=True).visit(type_name, data, path, None)
 
 
 def lookup_type(type_name: str) -> Any:

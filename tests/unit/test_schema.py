@@ -128,7 +128,8 @@ def test_unknown_command():
 
 def test_command_names():
     names = schema.command_names()
-    assert len(names) == 74 + 1  # qemu-storage-daemon 7.2's and x-query-tasks
+    # qemu-storage-daemon 7.2's, x-query-tasks and x-query-node-stats
+    assert len(names) == 74 + 2
     for n in ("blockdev-add", "object-add", "chardev-add", "nbd-server-start",
               "block-export-add", "query-version", "qmp_capabilities", "transaction"):
         assert n in names
@@ -332,5 +333,6 @@ def test_command_names_in_definition_order():
     names = schema.command_names()
     assert names[:3] == ["query-block", "query-blockstats", "query-block-jobs"]
     # qsd-trio's own commands come after QEMU's
-    assert names[-4:] == ["object-add", "object-del", "transaction", "x-query-tasks"]
+    assert names[-5:] == ["object-add", "object-del", "transaction", "x-query-tasks",
+                          "x-query-node-stats"]
     assert names.index("job-pause") > names.index("blockdev-add")
