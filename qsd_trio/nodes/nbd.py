@@ -51,6 +51,12 @@ NBD_DEFAULT_PORT = 10809
 # NBD_MAX_MALLOC_PAYLOAD is about 1000 + its status limit; a status reply
 # for one extent is 12 bytes)
 MAX_META_PAYLOAD = 64 * 1024
+# the reader's receive buffer: many reply headers and short payloads per recv
+RECV_BUFFER = 256 * 1024
+# read data at least this long is received straight into the request's buffer
+DIRECT_MIN = 32 * 1024
+# replies the reader decodes without blocking before it lets other tasks run
+YIELD_EVERY = 16
 # retries of a reconnect start here and double up to the maximum (QEMU's
 # connect thread waits 1 s doubling to 16 s; shorter here so that a server
 # back within reconnect-delay is found quickly)
@@ -77,11 +83,23 @@ class _Pending:
 
 
 class _Connection:
-    """One negotiated NBD connection and its reader task."""
+    """One negotiated NBD connection and its reader task.
+
+    On a socket (every connection ``open_socket`` makes) the reader and the
+    senders use the socket itself, without trio's stream layer: replies land
+    in a receive buffer that one ``recv_into`` fills with as many headers and
+    small payloads as have arrived, and read data of at least ``DIRECT_MIN``
+    bytes goes straight from the socket into the request's buffer; a request
+    and its payload leave in one ``sendmsg``.  Each call that would block
+    waits with ``trio.lowlevel.wait_readable`` / ``wait_writable``.  Any
+    other stream (tests) goes through ``receive_some`` / ``send_all``.
+    """
 
     def __init__(self, stream: trio.abc.Stream, size: int, flags: int, ctx_id: int | None,
-                 structured: bool, block: tuple[int, int, int]):
+                 structured: bool, block: tuple[int, int, int],
+                 sock: _stdsocket.socket | None = None):
         self.stream = stream
+        self.sock = sock
         self.size = size
         self.flags = flags
         self.ctx_id = ctx_id
@@ -91,33 +109,85 @@ class _Connection:
         self.send_lock = trio.Lock()
         self.broken = False
         self.scope = trio.CancelScope()
-        self._buf = bytearray()
+        # received bytes not decoded yet: self._rbuf[self._rpos:self._rend]
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = 0
+        self._rend = 0
+        self._unyielded = 0  # replies decoded since the reader last let others run
         self.dead = trio.Event()
 
+    def feed(self, data: bytes) -> None:
+        """Bytes the negotiation read past its end: the first replies' start."""
+        self._compact(len(data))
+        self._rbuf[self._rend:self._rend + len(data)] = data
+        self._rend += len(data)
+
     # -- reading ---------------------------------------------------------------
+    def _compact(self, need: int) -> None:
+        """Make room for at least ``need`` more bytes after what is buffered
+        (and for a useful ``recv_into``: a quarter of the buffer at least)."""
+        room = len(self._rbuf) - self._rend
+        if room >= need and room >= len(self._rbuf) // 4:
+            return
+        n = self._rend - self._rpos
+        if n + need > len(self._rbuf):
+            # a new buffer: the old one may still be exported by a view
+            new = bytearray(n + need)
+            new[:n] = self._rview[self._rpos:self._rend]
+            self._rbuf, self._rview = new, memoryview(new)
+        else:
+            self._rbuf[:n] = self._rview[self._rpos:self._rend]
+        self._rpos, self._rend = 0, n
+
+    async def _recv_some_into(self, mv: memoryview) -> int:
+        """Receive at least one byte into ``mv``; BrokenResourceError at EOF."""
+        sock = self.sock
+        if sock is None:
+            data = await self.stream.receive_some(len(mv))
+            n = len(data)
+            mv[:n] = data
+        else:
+            while True:
+                try:
+                    n = sock.recv_into(mv)
+                    break
+                except BlockingIOError:
+                    self._unyielded = 0
+                    await trio.lowlevel.wait_readable(sock)
+        if not n:
+            raise trio.BrokenResourceError("server closed the connection")
+        return n
+
+    async def _fill(self, n: int) -> None:
+        """Buffer at least ``n`` bytes."""
+        have = self._rend - self._rpos
+        if have >= n:
+            return
+        self._compact(n - have)
+        while self._rend - self._rpos < n:
+            self._rend += await self._recv_some_into(self._rview[self._rend:])
+
     async def _recv(self, n: int) -> bytes:
-        buf = self._buf
-        while len(buf) < n:
-            data = await self.stream.receive_some(max(65536, n - len(buf)))
-            if not data:
-                raise trio.BrokenResourceError("server closed the connection")
-            buf += data
-        out = bytes(buf[:n])
-        del buf[:n]
+        await self._fill(n)
+        out = bytes(self._rview[self._rpos:self._rpos + n])
+        self._rpos += n
         return out
 
     async def _recv_into(self, mv: memoryview) -> None:
-        buf = self._buf
-        k = min(len(buf), len(mv))
-        mv[:k] = buf[:k]
-        del buf[:k]
+        """Fill ``mv``: first from the buffer, then, for a long rest, from the
+        socket directly; a short rest is read with whatever follows it."""
+        k = min(self._rend - self._rpos, len(mv))
+        mv[:k] = self._rview[self._rpos:self._rpos + k]
+        self._rpos += k
         pos = k
-        while pos < len(mv):
-            data = await self.stream.receive_some(len(mv) - pos)
-            if not data:
-                raise trio.BrokenResourceError("server closed the connection")
-            mv[pos:pos + len(data)] = data
-            pos += len(data)
+        while len(mv) - pos >= DIRECT_MIN:
+            pos += await self._recv_some_into(mv[pos:])
+        if pos < len(mv):
+            rest = len(mv) - pos
+            await self._fill(rest)
+            mv[pos:] = self._rview[self._rpos:self._rpos + rest]
+            self._rpos += rest
 
     async def reader(self) -> None:
         """Decode replies until the connection ends; then every request still
@@ -126,6 +196,12 @@ class _Connection:
             with self.scope:
                 while True:
                     await self._one_reply()
+                    # a server that keeps the socket full never makes the
+                    # reader wait: let the requests it woke run now and then
+                    self._unyielded += 1
+                    if self._unyielded >= YIELD_EVERY:
+                        self._unyielded = 0
+                        await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                 P.NbdProtocolError, struct.error):
             pass
@@ -140,9 +216,10 @@ class _Connection:
             self.dead.set()
 
     async def _one_reply(self) -> None:
-        head = await self._recv(P.REPLY_MAGIC_SIZE)
-        size = P.reply_header_size(head)
-        rep = P.parse_reply_header(head + await self._recv(size - P.REPLY_MAGIC_SIZE))
+        await self._fill(P.REPLY_MAGIC_SIZE)
+        pos = self._rpos
+        size = P.reply_header_size(bytes(self._rview[pos:pos + P.REPLY_MAGIC_SIZE]))
+        rep = P.parse_reply_header(await self._recv(size))
         req = self.pending.get(rep.handle)
         if req is None:
             raise P.NbdProtocolError(f"Protocol error: unexpected handle {rep.handle}")
@@ -234,18 +311,58 @@ class _Connection:
             req.lost = True
             return
         self.pending[handle] = req
+        head = P.encode_request(req.type, handle, req.offset, req.length, flags)
         try:
-            async with self.send_lock:
-                await self.stream.send_all(P.encode_request(req.type, handle, req.offset,
-                                                            req.length, flags))
-                if data is not None:
-                    await self.stream.send_all(data)
+            if self.send_lock.locked():
+                async with self.send_lock:
+                    await self._send(head, data)
+            else:
+                # nobody is sending: no scheduler round trip for the lock
+                self.send_lock.acquire_nowait()
+                try:
+                    await self._send(head, data)
+                finally:
+                    self.send_lock.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.pending.pop(handle, None)
             req.lost = True
             self.kill()
             return
         await req.done.wait()
+
+    async def _send(self, head: bytes, data: Buffer | None) -> None:
+        """Send a request header and its payload (one ``sendmsg`` on a socket).
+        Cancelled after part of it went out, the connection is killed: the
+        server would take what follows for the rest of this request."""
+        sock = self.sock
+        if sock is None:
+            await self.stream.send_all(head)
+            if data is not None:
+                await self.stream.send_all(data)
+            return
+        parts: list[Buffer] = [head]
+        if data is not None:
+            parts.append(data if isinstance(data, bytes) else memoryview(data).cast("B"))
+        total = sum(len(x) for x in parts)
+        sent = 0
+        try:
+            while True:
+                try:
+                    n = sock.sendmsg(parts)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                sent += n
+                if sent == total:
+                    return
+                while n >= len(parts[0]):
+                    n -= len(parts.pop(0))
+                parts[0] = memoryview(parts[0])[n:]
+                await trio.lowlevel.wait_writable(sock)
+        except BaseException:
+            if 0 < sent < total:
+                self.kill()
+            raise
 
     def kill(self) -> None:
         """Break the connection: the reader ends and fails what is waiting."""
@@ -280,18 +397,26 @@ def _strerror(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-async def open_socket(server: dict[str, Any]) -> trio.SocketStream:
-    """Connect to a flat SocketAddress; ConnectError with QEMU's text."""
+def _wrap(std: _stdsocket.socket) -> tuple[trio.socket.SocketType, _stdsocket.socket]:
+    """A trio socket over ``std``, and ``std`` itself, which the connection's
+    reader and senders use directly (trio's socket wraps this very object)."""
+    return trio.socket.from_stdlib_socket(std), std
+
+
+async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdsocket.socket]:
+    """Connect to a flat SocketAddress: the stream and its (non-blocking)
+    stdlib socket, which closing the stream closes.  ConnectError with
+    QEMU's text."""
     kind = server["type"]
     if kind == "unix":
-        sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        sock, std = _wrap(_stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM))
         try:
             await sock.connect(server["path"])
         except OSError as e:
             sock.close()
             raise ConnectError(f"Failed to connect to '{describe(server)}': "
                                f"{_strerror(e)}") from None
-        return trio.SocketStream(sock)
+        return trio.SocketStream(sock), std
     if kind == "inet":
         host, port = server["host"], str(server["port"])
         try:
@@ -301,14 +426,14 @@ async def open_socket(server: dict[str, Any]) -> trio.SocketStream:
                                f"{e.strerror}") from None
         err: OSError | None = None
         for family, type_, proto, _canon, addr in infos:
-            sock = trio.socket.socket(family, type_, proto)
+            sock, std = _wrap(_stdsocket.socket(family, type_, proto))
             try:
                 await sock.connect(addr)
             except OSError as e:
                 sock.close()
                 err = e
                 continue
-            return trio.SocketStream(sock)
+            return trio.SocketStream(sock), std
         assert err is not None
         raise ConnectError(f"Failed to connect to '{describe(server)}': {_strerror(err)}")
     if kind == "fd":
@@ -319,7 +444,8 @@ async def open_socket(server: dict[str, Any]) -> trio.SocketStream:
             std = _stdsocket.socket(fileno=int(fd))
         except OSError as e:
             raise ConnectError(f"Failed to use socket fd {fd}: {e.strerror}") from None
-        return trio.SocketStream(trio.socket.from_stdlib_socket(std))
+        sock, std = _wrap(std)
+        return trio.SocketStream(sock), std
     raise ConnectError(f"Unsupported socket address type '{kind}'")
 
 
@@ -536,7 +662,7 @@ class NbdNode(BlockNode):
         self._use(conn)
 
     async def _connect(self) -> _Connection:
-        stream = await open_socket(self.server)
+        stream, sock = await open_socket(self.server)
         try:
             conn, rest = await _Negotiation(stream).run(self.export, self.meta)
         except P.NbdProtocolError as e:
@@ -548,7 +674,8 @@ class NbdNode(BlockNode):
         except (trio.BrokenResourceError, OSError) as e:
             await stream.aclose()
             raise ConnectError(f"Failed to read initial magic: {e}") from None
-        conn._buf += rest
+        conn.sock = sock
+        conn.feed(rest)
         return conn
 
     def _use(self, conn: _Connection) -> None:

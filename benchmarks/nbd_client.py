@@ -1,0 +1,250 @@
+"""The NBD client driver (driver=nbd), qsd-trio beside qemu-storage-daemon.
+
+One qemu-nbd server exports a raw image of random data on tmpfs (``-e 16``,
+``--cache=writeback``); the daemon under test, qemu-storage-daemon or
+qsd-trio, opens it with driver=nbd over a unix socket or TCP on localhost.
+The same server serves both daemons (A, B, A, B), so the ratio compares only
+the clients.
+
+- ``client-mirror-read``: blockdev-mirror (sync=full) from the nbd node to a
+  null-co node of the same size, from the command to BLOCK_JOB_READY: the
+  client's read throughput;
+- ``client-mirror-write``: blockdev-mirror from a raw file on tmpfs to the nbd
+  node: its write throughput (the figure docs/nbd-client.md first gave, there
+  against a qsd-trio server);
+- ``client-fio-*``: the daemon re-exports the nbd node over NBD on a unix
+  socket and fio --ioengine=nbd runs 4 KiB random read and write at QD32 and
+  1 MiB sequential read and write at QD8 against that export; the daemon's
+  own NBD export is in the path too.
+
+Beside MiB/s or IOPS and the ratio qsd-trio/qemu, each row gives the daemon's
+CPU time (utime + stime, /proc/PID/stat): per request fio completed for the
+fio rows, per MiB copied for the mirror rows.
+
+    .venv/bin/python benchmarks/nbd_client.py [--size 512] [--rounds 2] [--runtime 3]
+                                              [--only unix,tcp,mirror,fio,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common as b  # noqa: E402
+from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+
+TRANSPORTS = ("unix", "tcp")
+# id, label, fio rw, block size, iodepth (None: a mirror)
+WORKLOADS = [
+    ("client-mirror-read", "mirror nbd -> null-co", None, None, 0),
+    ("client-mirror-write", "mirror file -> nbd", None, None, 0),
+    ("client-fio-randread", "re-export 4k randread QD32", "randread", "4k", 32),
+    ("client-fio-randwrite", "re-export 4k randwrite QD32", "randwrite", "4k", 32),
+    ("client-fio-read-1m", "re-export 1M seq read QD8", "read", "1M", 8),
+    ("client-fio-write-1m", "re-export 1M seq write QD8", "write", "1M", 8),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NbdServer:
+    """qemu-nbd serving ``image`` as export ``disk`` on a unix socket or TCP."""
+
+    def __init__(self, image: str, transport: str, workdir: str):
+        self.transport = transport
+        if transport == "unix":
+            self.path = os.path.join(workdir, "server.sock")
+            where = ["-k", self.path]
+            self.server = f"server.type=unix,server.path={self.path}"
+        else:
+            self.port = free_port()
+            where = ["-b", "127.0.0.1", "-p", str(self.port)]
+            self.server = f"server.type=inet,server.host=127.0.0.1,server.port={self.port}"
+        self.proc = subprocess.Popen(
+            ["qemu-nbd", "-t", "-e", "16", "-f", "raw", "-x", "disk", "--cache=writeback",
+             *where, image], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("qemu-nbd did not start")
+            time.sleep(0.02)
+
+    def _ready(self) -> bool:
+        if self.transport == "unix":
+            return os.path.exists(self.path)
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def wait(qmp: QEMUMonitorProtocol, name: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"no {name} within {timeout:.0f} s")
+        ev = qmp.pull_event(wait=left)
+        if ev and ev["event"] == name:
+            if "error" in ev.get("data", {}):
+                raise RuntimeError(f"{name}: {ev['data']['error']}")
+            return ev
+
+
+def nbd_node(server: NbdServer, name: str = "n") -> str:
+    return f"driver=nbd,node-name={name},{server.server},export=disk"
+
+
+def run_mirror(kind: str, wid: str, server: NbdServer, local: str, size_mib: int, d: str,
+               timeout: float) -> tuple[float, float]:
+    """MiB/s of one mirror to READY in a fresh daemon, and its CPU µs per MiB."""
+    qsock = os.path.join(d, f"{kind}-qmp.sock")
+    args = ["--chardev", f"socket,id=m,path={qsock},server=on,wait=off", "--monitor", "chardev=m",
+            "--blockdev", nbd_node(server)]
+    if wid == "client-mirror-read":
+        args += ["--blockdev", f"driver=null-co,node-name=l,size={size_mib * b.MiB}"]
+        src, tgt = "n", "l"
+    else:
+        args += ["--blockdev", f"driver=file,node-name=l,filename={local}"]
+        src, tgt = "l", "n"
+    daemon = b.Started(kind, args, d)
+    try:
+        qmp = QEMUMonitorProtocol(qsock)
+        qmp.connect()
+        qmp.settimeout(timeout)
+        c0 = b.cpu_seconds(daemon.pid)
+        t0 = time.perf_counter()
+        r = qmp.cmd_raw("blockdev-mirror", {"job-id": "j", "device": src, "target": tgt,
+                                            "sync": "full"})
+        if "error" in r:
+            raise RuntimeError(f"blockdev-mirror: {r['error'].get('desc')}")
+        wait(qmp, "BLOCK_JOB_READY", timeout)
+        dt = time.perf_counter() - t0
+        c1 = b.cpu_seconds(daemon.pid)
+        qmp.cmd_raw("block-job-cancel", {"device": "j"})
+        wait(qmp, "BLOCK_JOB_COMPLETED", timeout)
+        qmp.close()
+    finally:
+        daemon.stop()
+    return size_mib / dt, (c1 - c0) * 1e6 / size_mib
+
+
+def run_fio(kind: str, server: NbdServer, d: str, work: list, rows: dict[str, b.Row],
+            runtime: float) -> None:
+    sock = os.path.join(d, f"{kind}-export.sock")
+    args = ["--blockdev", nbd_node(server),
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e,node-name=n,name=re,writable=on"]
+    daemon = b.Started(kind, args, d)
+    try:
+        for wid, _label, rw, bs, depth in work:
+            try:
+                res = b.fio(["--ioengine=nbd", f"--uri=nbd+unix:///re?socket={sock}"],
+                            daemon.pid, rw, bs, depth, runtime)
+            except Exception as e:  # the row shows it; the run goes on
+                rows[wid].fail(kind, e)
+                continue
+            rows[wid].add(kind, res.figure, res.cpu_us)
+            b.log(f"nbd-client {server.transport} {kind:4} {wid:22} {res.figure:10.1f} "
+                  f"{rows[wid].unit:5} {res.cpu_us:7.1f} µs/req")
+    finally:
+        daemon.stop()
+
+
+def selected(only: str | None, wid: str, transport: str) -> bool:
+    words = [w.strip() for w in (only or "").split(",") if w.strip()]
+    transports = [w for w in words if w in TRANSPORTS]
+    others = [w for w in words if w not in TRANSPORTS]
+    short = wid.removeprefix("client-")
+    return ((not transports or transport in transports)
+            and (not others or any(short == w or short.startswith(w) for w in others)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="unix, tcp and workloads (mirror-read, mirror-write, "
+                                   "fio-randread, ..., or a prefix: mirror, fio)")
+    ap.add_argument("--rounds", type=int, default=2, help="A,B pairs (default 2)")
+    ap.add_argument("--runtime", type=float, default=3, help="seconds per fio run (default 3)")
+    ap.add_argument("--size", type=int, default=512, help="image size in MiB (default 512)")
+    ap.add_argument("--timeout", type=float, default=180, help="seconds per mirror")
+    ap.add_argument("--json", help="also write the rows to this file")
+    opts = ap.parse_args()
+    for tool in ("fio", "qemu-nbd", "qemu-storage-daemon"):
+        if shutil.which(tool) is None:
+            sys.exit(f"needs {tool}")
+    ws = b.Workspace("qsd-bench-nbd-client-")
+    d = tempfile.mkdtemp(prefix="qsd-bench-nbdc-")
+    rows: list[b.Row] = []
+    try:
+        remote = ws.image("shm", "raw", opts.size, "remote")
+        local = ws.image("shm", "raw", opts.size, "local")
+        for transport in TRANSPORTS:
+            work = [w for w in WORKLOADS if selected(opts.only, w[0], transport)]
+            if not work:
+                continue
+            mine = {}
+            for wid, label, rw, bs, _depth in work:
+                if rw is None:
+                    unit, cpu = "MiB/s", "µs/MiB"
+                else:
+                    unit, cpu = ("IOPS" if bs == "4k" else "MiB/s"), "µs/req"
+                mine[wid] = b.Row("tmpfs", f"{transport} {label} (CPU {cpu})", unit, 1.0)
+            rows.extend(mine.values())
+            server = NbdServer(remote, transport, d)
+            try:
+                def one(kind: str, transport=transport, work=work, mine=mine,
+                        server=server) -> float:
+                    for wid, _label, rw, _bs, _depth in work:
+                        if rw is not None:
+                            continue
+                        try:
+                            mibs, cpu = run_mirror(kind, wid, server, local, opts.size, d,
+                                                   opts.timeout)
+                        except Exception as e:  # the row shows it; the run goes on
+                            mine[wid].fail(kind, e)
+                            continue
+                        mine[wid].add(kind, mibs, cpu)
+                        b.log(f"nbd-client {transport} {kind:4} {wid:22} {mibs:10.1f} MiB/s "
+                              f"{cpu:7.1f} µs/MiB")
+                    fio_work = [w for w in work if w[2] is not None]
+                    if fio_work:
+                        try:
+                            run_fio(kind, server, d, fio_work, mine, opts.runtime)
+                        except Exception as e:
+                            for w in fio_work:
+                                mine[w[0]].fail(kind, e)
+                    return 0.0
+
+                b.alternate(one, opts.rounds)
+            finally:
+                server.stop()
+    finally:
+        ws.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+    b.finish(rows, opts, f"NBD client driver (driver=nbd against qemu-nbd, raw image on "
+                         f"tmpfs) on {b.machine()}; {opts.size} MiB image; fio "
+                         f"{opts.runtime:g} s per run; {opts.rounds} rounds (A,B,A,B), medians")
+
+
+if __name__ == "__main__":
+    main()
