@@ -70,7 +70,11 @@ class ConnectError(Exception):
 
 @attrs.define(eq=False)
 class _Pending:
-    """One request waiting for its reply."""
+    """One request waiting for its reply.
+
+    The requesting task parks itself (``wait``) and the reader reschedules it
+    (``complete``): what a ``trio.Event`` does, without an Event and its
+    parking lot per request."""
 
     type: int
     offset: int
@@ -79,7 +83,26 @@ class _Pending:
     status: tuple[int, int] | None = None  # first extent: (length, flags)
     error: int = 0
     lost: bool = False  # the connection broke before the reply was complete
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: bool = False
+    _task: trio.lowlevel.Task | None = None
+
+    def complete(self) -> None:
+        self.done = True
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Until ``complete``; cancelled, the reply still lands (and is dropped)."""
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _Connection:
@@ -209,7 +232,7 @@ class _Connection:
             self.broken = True
             for req in self.pending.values():
                 req.lost = True
-                req.done.set()
+                req.complete()
             self.pending.clear()
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
@@ -240,7 +263,7 @@ class _Connection:
 
     def _finish(self, handle: int, req: _Pending) -> None:
         del self.pending[handle]
-        req.done.set()
+        req.complete()
 
     async def _chunk(self, rep: P.Reply, req: _Pending) -> None:
         """One structured chunk (the NBD specification's "Structured reply
@@ -328,7 +351,7 @@ class _Connection:
             req.lost = True
             self.kill()
             return
-        await req.done.wait()
+        await req.wait()
 
     async def _send(self, head: bytes, data: Buffer | None) -> None:
         """Send a request header and its payload (one ``sendmsg`` on a socket).
