@@ -36,7 +36,7 @@ import trio
 
 from ..jobs.blockjob import BlockJob, check_not_busy
 from ..nodes.file import FileNode
-from ..nodes.graph import DRIVERS, BlockGraph
+from ..nodes.graph import DRIVER_MODULES, BlockGraph
 from ..nodes.node import BdrvChild, BlockNode, Perm
 from ..nodes.qcow2 import snapshots
 from ..nodes.qcow2.create import create_qcow2
@@ -159,9 +159,9 @@ _NO_CREATE = {"throttle", "copy-on-read", "blkdebug", "blkverify", "null-co", "n
 async def _create_overlay_file(graph: BlockGraph, path: str, fmt: str, size: int, backing_file: str,
                                backing_fmt: str) -> None:
     """bdrv_img_create for blockdev-snapshot-sync: a qcow2 file naming its backing."""
-    if fmt not in DRIVERS and fmt not in _NO_BACKING and fmt not in _NO_CREATE:
+    if fmt not in DRIVER_MODULES and fmt not in _NO_BACKING and fmt not in _NO_CREATE:
         raise GenericError(f"Unknown file format '{fmt}'")
-    if fmt in _NO_CREATE or (fmt in DRIVERS and fmt != "qcow2" and fmt not in _NO_BACKING):
+    if fmt in _NO_CREATE or (fmt in DRIVER_MODULES and fmt != "qcow2" and fmt not in _NO_BACKING):
         raise GenericError(f"Format driver '{fmt}' does not support image creation")
     if fmt != "qcow2":
         raise GenericError(f"Backing file not supported for file format '{fmt}'")

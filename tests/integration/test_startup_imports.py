@@ -14,7 +14,11 @@ import time
 
 LAZY = ("qsd_trio.monitor.exports", "qsd_trio.monitor.jobs", "qsd_trio.monitor.snapshot",
         "qsd_trio.jobs.mirror", "qsd_trio.jobs.backup", "qsd_trio.exports.fuse",
-        "qsd_trio.exports.vhost_user_blk", "qsd_trio.exports.vduse_blk")
+        "qsd_trio.exports.vhost_user_blk", "qsd_trio.exports.vduse_blk",
+        # drivers load when a node of theirs opens
+        "qsd_trio.nodes.qcow2.driver", "qsd_trio.nodes.luks", "qsd_trio.nodes.nbd",
+        "qsd_trio.nodes.rbd", "qsd_trio.nodes.vdi", "qsd_trio.nodes.vpc", "qsd_trio.nodes.file",
+        "qsd_trio.crypto.luks", "zstandard", "prometheus_client", "h11")
 
 
 # the daemon's own main(), which writes the modules it imported to a file
@@ -55,7 +59,17 @@ def test_monitor_and_node_import_no_export_or_job_code(tmp_path):
         "--chardev", f"socket,id=m,path={tmp_path}/qmp.sock,server=on,wait=off",
         "--monitor", "chardev=m", "--blockdev", "null-co,node-name=n0"])
     assert "qsd_trio.monitor.block" in mods  # blockdev-add's group did load
+    assert "qsd_trio.nodes.null" in mods
     assert sorted(m for m in LAZY if m in mods) == []
+
+
+def test_a_qcow2_node_loads_its_driver(tmp_path):
+    img = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    mods = imported_by(tmp_path, ["--blockdev", f"driver=qcow2,node-name=d,file.driver=file,"
+                                                f"file.filename={img}"])
+    assert {"qsd_trio.nodes.qcow2.driver", "qsd_trio.nodes.file"} <= mods
+    assert "qsd_trio.nodes.vpc" not in mods
 
 
 def test_an_export_loads_its_group(tmp_path):
