@@ -30,7 +30,7 @@ import fcntl
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -42,7 +42,15 @@ from .notify import Notifier
 from .qapi.errors import QapiError
 from .qapi.ghash import HashSet
 
+if TYPE_CHECKING:
+    # the export, job and NBD server modules load on demand (startup cost)
+    from .exports.base import BlockExport
+    from .exports.nbd.server import NbdServer
+    from .jobs.job import Job
+    from .objects.qom import UserObject
+
 Action = Callable[["Daemon"], Awaitable[None]]
+_V = TypeVar("_V")
 
 
 class StartupError(Exception):
@@ -99,7 +107,7 @@ class PidFile:
         self.fd = -1
 
 
-class _Watched(dict[str, Any]):
+class _Watched(dict[str, _V]):
     """A dict that calls ``changed()`` when a key is added or removed (the
     daemon's exports and jobs, for the service manager's STATUS line)."""
 
@@ -107,7 +115,7 @@ class _Watched(dict[str, Any]):
         super().__init__()
         self._changed = changed
 
-    def __setitem__(self, key: str, value: Any) -> None:
+    def __setitem__(self, key: str, value: _V) -> None:
         super().__setitem__(key, value)
         self._changed()
 
@@ -126,16 +134,16 @@ class Daemon:
 
     def __init__(self) -> None:
         self.graph = BlockGraph()
-        self.objects: dict[str, Any] = {}
+        self.objects: dict[str, UserObject] = {}
         self.chardevs: dict[str, Any] = {}
         # the ids as QEMU's /chardevs container holds them: a GHashTable,
         # whose slot order (with its history of removals) is query-chardev's
         self.chardev_slots = HashSet()
         self.notifier = Notifier()
         self._status_changed = trio.Event()
-        self.exports: dict[str, Any] = _Watched(self._mark_changed)
-        self.nbd_server: Any = None
-        self.jobs: dict[str, Any] = _Watched(self._mark_changed)
+        self.exports: dict[str, BlockExport] = _Watched(self._mark_changed)
+        self.nbd_server: NbdServer | None = None
+        self.jobs: dict[str, Job] = _Watched(self._mark_changed)
         self.monitors: list[Any] = []
         self.objects_root = False  # QEMU creates /objects with the first object
         self.pidfile: PidFile | None = None
@@ -153,12 +161,11 @@ class Daemon:
         """Who refers to object ``id`` (object-del refuses while any does)."""
         users = []
         server = self.nbd_server
-        if server is not None and id in (getattr(server, "tls_creds", None),
-                                         getattr(server, "tls_authz", None)):
+        if server is not None and id in (server.tls_creds, server.tls_authz):
             users.append("nbd-server")
-        obj_users = getattr(self.objects.get(id), "qom_users", None)
-        if obj_users is not None:  # e.g. throttle nodes of a throttle-group
-            users += obj_users()
+        obj = self.objects.get(id)
+        if obj is not None:  # e.g. throttle nodes of a throttle-group
+            users += obj.qom_users()
         return users
 
     # -- the tree ------------------------------------------------------------------
@@ -237,7 +244,7 @@ class Daemon:
     def status_text(self) -> str:
         """The service manager's STATUS line: exports and running jobs."""
         running = [id for id, job in self.jobs.items()
-                   if getattr(job.status, "value", job.status) in ("running", "ready")]
+                   if job.status in ("running", "ready")]
 
         def part(ids: list[str], one: str, many: str) -> str:
             word = one if len(ids) == 1 else many

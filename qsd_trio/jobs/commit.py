@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..nodes import job_filters  # noqa: F401 - registers commit_top
+from ..nodes.block_copy import CopyError
 from ..nodes.node import BlockNode, Perm, Status
 from . import chain, chunked
 from .blockjob import BlockJob
-from .job import failed_reading, failed_side
+from .job import failed_reading
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -117,8 +118,7 @@ class CommitJob(BlockJob):
                 is_read = False
                 await self.base.write(offset, data)
         except OSError as e:
-            failed_side(e, is_read)
-            raise
+            raise CopyError(e, is_read=is_read) from e
 
     async def _run(self) -> None:
         top, base = self.top, self.base

@@ -122,7 +122,7 @@ class CreateJob(Job):
             elif driver == "qcow2":
                 await create_qcow2_on(self.daemon, o)
             elif driver == "luks":
-                await create_luks_on(self.daemon, _node(self.daemon, o.file), o)
+                await create_luks_on(self.daemon.graph, _node(self.daemon, o.file), o)
             elif driver == "vpc":
                 await create_vpc(_node(self.daemon, o.file), o.size, str(_or(o.subformat, "dynamic")),
                                  bool(o.force_size))

@@ -34,6 +34,7 @@ import trio
 
 from .. import events, tasks
 from ..ids import id_wellformed
+from ..nodes.block_copy import CopyError
 from ..qapi.errors import GenericError, QapiError
 
 if TYPE_CHECKING:
@@ -155,16 +156,10 @@ def _errno(e: OSError | QapiError) -> int:
     return (e.errno if isinstance(e, OSError) else None) or errno.EIO
 
 
-def failed_side(e: OSError, is_read: bool) -> None:
-    """Mark a copy's I/O error with the side that failed (QEMU's
-    error_in_source), which picks on-source-error or on-target-error."""
-    e.is_read = is_read  # type: ignore[attr-defined]
-
-
 def failed_reading(e: OSError) -> bool:
-    """The side :func:`failed_side` marked (the copy-before-write layer
-    marks its errors the same way); unmarked errors count as reads."""
-    return bool(getattr(e, "is_read", True))
+    """Whether a copy failed on its source side: a CopyError says which
+    side; other errors count as reads."""
+    return not isinstance(e, CopyError) or e.is_read
 
 
 def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

@@ -55,6 +55,16 @@ def cluster_size_for(target: BlockNode) -> int:
     return max(CLUSTER_SIZE_DEFAULT, cs or 0)
 
 
+class CopyError(OSError):
+    """An I/O error of a copy, with the side that failed (QEMU's
+    error_in_source), which picks a job's on-source-error or
+    on-target-error.  Same errno and text as the error it stands for."""
+
+    def __init__(self, cause: OSError, *, is_read: bool) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.is_read = is_read
+
+
 class CountedBitmap(DirtyBitmap):
     """A dirty bitmap that keeps its count as its bits change, as QEMU's
     hbitmap does.  The jobs ask for the count once per request or extent;
@@ -270,7 +280,7 @@ class BlockCopyState:
             return task
 
     async def run_task(self, task: Task) -> None:
-        """block_copy_task_entry: copy ``task``; raise OSError (``is_read``)."""
+        """block_copy_task_entry: copy ``task``; raise CopyError."""
         ok = False
         try:
             await self._do_copy(task.offset, min(task.end, self.len) - task.offset,
@@ -287,22 +297,19 @@ class BlockCopyState:
             try:
                 await target.write_zeroes(offset, nbytes)
             except OSError as e:
-                e.is_read = False  # type: ignore[attr-defined]  # for the job's on-error
-                raise
+                raise CopyError(e, is_read=False) from e
             return
         try:
             data = await self.source.read(offset, nbytes)
         except OSError as e:
-            e.is_read = True  # type: ignore[attr-defined]
-            raise
+            raise CopyError(e, is_read=True) from e
         try:
             if self.compress:
                 await self._write_compressed(offset, data)
             else:
                 await target.write(offset, data)
         except OSError as e:
-            e.is_read = False  # type: ignore[attr-defined]
-            raise
+            raise CopyError(e, is_read=False) from e
 
     async def _write_compressed(self, offset: int, data: Buffer) -> None:
         c = self.cluster_size

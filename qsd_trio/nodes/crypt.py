@@ -10,6 +10,7 @@ sector ranges overlap (QEMU makes such requests serialising).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -112,22 +113,21 @@ async def open_luks(graph: BlockGraph, secret_id: str | None, read: ReadPlain, *
         raise GenericError(str(e)) from None
 
 
-def create_options(o: Any) -> luks.CreateOptions:
-    """luks.CreateOptions from a QCryptoBlockCreateOptionsLUKS-shaped object
-    (QAPI attrs or a dict with hyphenated keys)."""
-    def get(name: str) -> Any:
-        if isinstance(o, dict):
-            v = o.get(name.replace("_", "-"))
-        else:
-            v = getattr(o, name, None)
-        return getattr(v, "value", v)
+def _value(v: Any) -> Any:
+    """A QAPI member's plain value (an enum member's string)."""
+    return v.value if isinstance(v, enum.Enum) else v
 
+
+def create_options(o: Any) -> luks.CreateOptions:
+    """luks.CreateOptions from a QCryptoBlockCreateOptionsLUKS (or a type
+    that extends it, such as BlockdevCreateOptionsLUKS)."""
     d = luks.CreateOptions()
-    for name in ("cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg", "hash_alg",
-                 "iter_time"):
-        v = get(name)
+    given = {"cipher_alg": o.cipher_alg, "cipher_mode": o.cipher_mode,
+             "ivgen_alg": o.ivgen_alg, "ivgen_hash_alg": o.ivgen_hash_alg,
+             "hash_alg": o.hash_alg, "iter_time": o.iter_time}
+    for name, v in given.items():
         if v is not None:
-            setattr(d, name, v)
+            setattr(d, name, _value(v))
     return d
 
 
@@ -135,7 +135,7 @@ async def create_luks(graph: BlockGraph, o: Any,
                       prefix: str = "") -> tuple[luks.LuksHeader, list[tuple[int, bytes]], bytes]:
     """A new LUKS header for blockdev-create options ``o``: (header,
     [(offset, bytes)] to write, master key).  PBKDF2 runs in a thread."""
-    secret_id = o.get("key-secret") if isinstance(o, dict) else getattr(o, "key_secret", None)
+    secret_id = o.key_secret
     if secret_id is None:
         raise GenericError(f"Parameter '{prefix}key-secret' is required for cipher")
     password = secretmod.lookup_utf8(graph, secret_id)
@@ -149,16 +149,12 @@ async def create_luks(graph: BlockGraph, o: Any,
 async def amend_luks(graph: BlockGraph, hdr: luks.LuksHeader, read: ReadPlain, o: Any, *,
                      open_secret: str,
                      force: bool) -> list[tuple[int, bytes]]:
-    """x-blockdev-amend of a LUKS header (QCryptoBlockAmendOptionsLUKS ``o``,
-    QAPI attrs or a dict): the checks and texts of QEMU, then
-    :func:`luks.amend`.  Returns the writes to make, offsets from the header."""
-    def get(name: str) -> Any:
-        v = o.get(name.replace("_", "-")) if isinstance(o, dict) else getattr(o, name, None)
-        return getattr(v, "value", v)
-
-    active = get("state") == "active"
-    new, old = get("new_secret"), get("old_secret")
-    iter_time = get("iter_time")
+    """x-blockdev-amend of a LUKS header (a QCryptoBlockAmendOptionsLUKS
+    ``o``): the checks and texts of QEMU, then :func:`luks.amend`.  Returns
+    the writes to make, offsets from the header."""
+    active = _value(o.state) == "active"
+    new, old = o.new_secret, o.old_secret
+    iter_time = o.iter_time
     if active:
         if new is None:
             raise GenericError("'new-secret' is required to activate a keyslot")
@@ -169,14 +165,14 @@ async def amend_luks(graph: BlockGraph, hdr: luks.LuksHeader, read: ReadPlain, o
             raise GenericError("'new-secret' must not be given when erasing keyslots")
         if iter_time is not None:
             raise GenericError("'iter-time' must not be given when erasing keyslots")
-    unlock_id = get("secret") or open_secret
+    unlock_id = o.secret or open_secret
     try:
         return await luks.amend(
             hdr, _as_bytes(read), active=active,
             unlock_password=secretmod.lookup_utf8(graph, unlock_id) if active else b"",
             new_password=secretmod.lookup_utf8(graph, new) if new is not None else None,
             old_password=secretmod.lookup_utf8(graph, old) if old is not None else None,
-            keyslot=get("keyslot"), iter_time=iter_time if iter_time is not None else 2000,
+            keyslot=o.keyslot, iter_time=iter_time if iter_time is not None else 2000,
             force=force)
     except luks.LuksError as e:
         raise GenericError(str(e)) from None

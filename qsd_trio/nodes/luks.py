@@ -13,13 +13,16 @@ not a zero sector on the file).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..crypto.cipher import SECTOR
 from ..qapi.errors import GenericError
 from . import crypt
 from .graph import register_driver
 from .node import BlockNode, Buffer, json_filename
+
+if TYPE_CHECKING:
+    from .graph import BlockGraph
 
 
 @register_driver
@@ -89,11 +92,11 @@ class LuksNode(BlockNode):
         await self.file.flush()
 
 
-async def create_luks_on(daemon: Any, file: BlockNode, o: Any) -> None:
+async def create_luks_on(graph: BlockGraph, file: BlockNode, o: Any) -> None:
     """blockdev-create driver=luks: header and key slot 0 on ``file``, which
     is then sized to the payload offset plus ``size``."""
-    prealloc = getattr(getattr(o, "preallocation", None), "value", None) or "off"
-    hdr, pieces, _key = await crypt.create_luks(daemon.graph, o)
+    prealloc = o.preallocation.value if o.preallocation is not None else "off"
+    hdr, pieces, _key = await crypt.create_luks(graph, o)
     payload = hdr.payload_offset * SECTOR
     if file.length:
         await file.truncate(0, exact=True)

@@ -249,6 +249,10 @@ async def create(graph: BlockGraph, location: dict[str, Any], size: int,
 @register_driver
 class RbdNode(BlockNode):
     driver = "rbd"
+    image: rbd_lib.Image
+    cluster: rbd_lib.Cluster
+    # open() connected and opened the image: _close has both to close
+    _connected = False
 
     async def open(self, options: dict[str, Any]) -> None:
         self.pool: str = options["pool"]
@@ -271,6 +275,7 @@ class RbdNode(BlockNode):
             return cluster, image
 
         self.cluster, self.image = await trio.to_thread.run_sync(connect_and_open)
+        self._connected = True
         try:
             try:
                 self.image_size, self.object_size = self.image.stat()
@@ -289,6 +294,7 @@ class RbdNode(BlockNode):
                         raise GenericError("rbd snapshots are read-only")
                     self.read_only = True
         except BaseException:
+            self._connected = False
             self.image.close()
             self.cluster.close()
             raise
@@ -404,9 +410,8 @@ class RbdNode(BlockNode):
         return BlockStatus(st, min(got, total) - head, offset=offset)
 
     async def _close(self) -> None:
-        image = getattr(self, "image", None)
-        if image is not None:
-            image.close()
+        if self._connected:
+            self.image.close()
             self.cluster.close()
 
 

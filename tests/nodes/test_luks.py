@@ -13,6 +13,7 @@ from qsd_trio.crypto import secrets
 from qsd_trio.nodes.graph import BlockGraph
 from qsd_trio.nodes.luks import create_luks_on
 from qsd_trio.nodes.qcow2.create import create_qcow2
+from qsd_trio.qapi import schema
 from qsd_trio.qapi.errors import GenericError
 
 from .conformance import check_block_node, pattern
@@ -189,7 +190,8 @@ async def test_luks_cipher_variants_both_ways(tmp_path, alg, mode, ivgen, ivhash
                   "ivgen-alg": ivgen, "hash-alg": hash_, "iter-time": 10}
         if ivhash:
             create["ivgen-hash-alg"] = ivhash
-        await create_luks_on(_Daemon(graph), file, _Opts(create, 1 << 20))
+        await create_luks_on(graph, file, schema.parse_json(
+            "BlockdevCreateOptionsLUKS", {**create, "file": "f", "size": 1 << 20}))
         node = await graph.add({"driver": "luks", "node-name": "l", "file": "f",
                                 "key-secret": "sec0"})
         assert node.length == 1 << 20
@@ -202,19 +204,9 @@ async def test_luks_cipher_variants_both_ways(tmp_path, alg, mode, ivgen, ivhash
     assert f"cipher alg: {alg}" in info and f"ivgen alg: {ivgen}" in info
 
 
-class _Daemon:
-    def __init__(self, graph):
-        self.graph = graph
-
-
-class _Opts:
-    """blockdev-create options as the schema hands them over (attributes)."""
-
-    def __init__(self, d: dict, size: int):
-        for k, v in d.items():
-            setattr(self, k.replace("-", "_"), v)
-        self.size = size
-        self.preallocation = None
+def create_encrypt(d: dict):
+    """blockdev-create's encrypt member as the schema hands it over."""
+    return schema.parse_json("QCryptoBlockCreateOptions", d)
 
 
 async def test_encrypted_qcow2_create_reads_in_qemu(tmp_path):
@@ -224,8 +216,8 @@ async def test_encrypted_qcow2_create_reads_in_qemu(tmp_path):
     secrets.register(graph, "sec0", PW.encode())
     try:
         file = await graph.add({"driver": "file", "node-name": "f", "filename": str(img)})
-        await create_qcow2(file, 8 << 20, encrypt={"format": "luks", "key-secret": "sec0",
-                                                   "iter-time": 10})
+        encrypt = create_encrypt({"format": "luks", "key-secret": "sec0", "iter-time": 10})
+        await create_qcow2(file, 8 << 20, encrypt=encrypt)
         node = await graph.add({"driver": "qcow2", "node-name": "q", "file": "f",
                                 "encrypt": {"format": "luks", "key-secret": "sec0"}})
         await node.write(0, b"\x71" * 65536)
@@ -285,7 +277,8 @@ async def test_aes_qcow2_create(tmp_path):
     secrets.register(graph, "sec0", PW.encode())
     try:
         file = await graph.add({"driver": "file", "node-name": "f", "filename": str(img)})
-        await create_qcow2(file, 1 << 20, encrypt={"format": "qcow", "key-secret": "sec0"})
+        await create_qcow2(file, 1 << 20,
+                           encrypt=create_encrypt({"format": "qcow", "key-secret": "sec0"}))
         node = await graph.add({"driver": "qcow2", "node-name": "q", "file": "f",
                                 "encrypt": {"format": "aes", "key-secret": "sec0"}})
         await node.write(4096, b"\x72" * 5000)

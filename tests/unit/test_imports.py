@@ -19,13 +19,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qsd_trio"
 
-# function-level imports without a comment, in files whose owners have not
-# yet said why they wait (or moved them to module level); shrink it, never
-# grow it
-PENDING = {
-    "qsd_trio/exports/nbd/tls.py",
-}
-
 
 def modules(package: Path) -> dict[str, tuple[Path, bool]]:
     """Module name -> (path, is a package) for every .py under ``package``."""
@@ -149,8 +142,6 @@ def test_lazy_imports_say_why():
     silent = []
     for path, lineno in lazy_imports:
         rel = str(path.relative_to(PACKAGE.parent))
-        if rel in PENDING:
-            continue
         if not has_reason(path.read_text().splitlines(), lineno):
             silent.append(f"{rel}:{lineno}")
     assert not silent, "function-level imports without a reason: " + ", ".join(silent)

@@ -52,6 +52,12 @@ class ModelDisk:
     async def discard(self, offset, length):
         self._check("discard", offset, length)
 
+    def read_now(self, offset, length):
+        return None  # no fast path: every request takes read()/write()
+
+    def write_now(self, offset, mv):
+        return False
+
     async def write_zeroes(self, offset, length, *, may_unmap=False):
         self._check("write_zeroes", offset, length)
         self.calls[-1] = ("write_zeroes", offset, length, may_unmap)

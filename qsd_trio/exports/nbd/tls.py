@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from ...objects.qom import UserObject
+from ...objects.tls_creds import anon_server_context, psk_key_file
 from ...qapi.errors import GenericError
 
 
@@ -37,13 +38,10 @@ def server_context(creds: UserObject) -> ssl.SSLContext | str:
     """
     d = prop(creds, "dir", ".")
     if creds.qom_type == "tls-creds-psk":
-        from ...objects.tls_creds import psk_key_file
         from .. import tls_psk  # noqa: F401 - pyOpenSSL loaded now, not by the first client
 
         return psk_key_file({"dir": d})
     if creds.qom_type == "tls-creds-anon":
-        from ...objects.tls_creds import anon_server_context
-
         ctx = anon_server_context()
         params = os.path.join(d, "dh-params.pem")
         if prop(creds, "dir") is not None and os.path.exists(params):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
 from typing import Protocol
 
 from .memory import GuestMemoryError, Segment
@@ -101,6 +100,12 @@ class BlkBackend(Protocol):
     async def discard(self, offset: int, length: int) -> None: ...
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None: ...
+
+    # the synchronous fast path (BlockNode.read_now/write_now): None/False
+    # when the request needs the full path above
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None: ...
+
+    def write_now(self, offset: int, mv: memoryview) -> bool: ...
 
 
 def device_features(*, writable: bool) -> int:
@@ -308,13 +313,10 @@ class BlkHandler:
         driver serves without waiting, no task or thread), unless recent
         reads say it will not serve this one either (an image opened with
         O_DIRECT never can; see READ_NOW_MISSES).  None: read() it."""
-        read_now = self._node_read_now
-        if read_now is None:
-            return None
         if self._now_skip:
             self._now_skip -= 1
             return None
-        data = read_now(offset, size)
+        data = self.backend.read_now(offset, size)
         if data is not None:
             self._now_misses = 0
             return data
@@ -327,15 +329,9 @@ class BlkHandler:
     async def _write(self, offset: int, view: memoryview) -> None:
         """A write, through the node's synchronous fast path when it takes
         it (BlockNode.write_now: not FUA, into allocated space)."""
-        if not self.writethrough:
-            write_now = getattr(self.backend, "write_now", None)
-            if write_now is not None and write_now(offset, view):
-                return
+        if not self.writethrough and self.backend.write_now(offset, view):
+            return
         await self.backend.write(offset, view, fua=self.writethrough)
-
-    @property
-    def _node_read_now(self) -> Callable[[int, int], bytes | bytearray | memoryview | None] | None:
-        return getattr(self.backend, "read_now", None)
 
     async def _discard_write_zeroes(self, kind: int, data_out: list[Segment]) -> int:
         size = sum(n for _, _, n in data_out)

@@ -152,10 +152,7 @@ async def open_encryption(node: Qcow2Node, h: Header,
 async def setup_encryption(node: Qcow2Node, o: Any) -> None:
     """blockdev-create: give the freshly created image ``node`` (open, empty)
     a LUKS header in new clusters, as QEMU's qcow2_set_up_encryption does."""
-    if isinstance(o, dict):
-        fmt, secret_id = o.get("format"), o.get("key-secret")
-    else:  # a QCryptoBlockCreateOptions variant
-        fmt, secret_id = o.format.value, o.key_secret
+    fmt, secret_id = o.format.value, o.key_secret  # a QCryptoBlockCreateOptions
     if fmt == "qcow":
         # legacy AES: only the header says so (qemu-img creates these;
         # qemu-storage-daemon 7.2 aborts on an assertion instead)
