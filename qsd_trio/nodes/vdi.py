@@ -35,6 +35,7 @@ import trio
 from ..qapi.errors import GenericError
 from .graph import register_driver
 from .node import BlockNode, BlockStatus, Buffer, Status
+from .packed import Packed
 
 SECTOR = 512
 BLOCK_SIZE = 1 << 20  # DEFAULT_CLUSTER_SIZE
@@ -67,20 +68,11 @@ def is_allocated(entry: int) -> bool:
     return entry < VDI_DISCARDED
 
 
-class VdiHeader:
-    """The header's fields by QEMU's names, packed back by :meth:`pack`."""
+class VdiHeader(Packed):
+    """The header's fields by QEMU's names."""
 
-    def __init__(self, raw: bytes) -> None:
-        self.fields: dict[str, Any] = dict(zip(_FIELDS, _HEADER.unpack(raw), strict=True))
-
-    def __getitem__(self, name: str) -> Any:
-        return self.fields[name]
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        self.fields[name] = value
-
-    def pack(self) -> bytes:
-        return _HEADER.pack(*(self.fields[f] for f in _FIELDS))
+    STRUCT = _HEADER
+    FIELDS = _FIELDS
 
 
 def validate_header(h: VdiHeader) -> int:

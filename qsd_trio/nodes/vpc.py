@@ -46,6 +46,7 @@ import trio
 from ..qapi.errors import GenericError
 from .graph import BDRV_MAX_LENGTH, register_driver
 from .node import BlockNode, BlockStatus, Buffer, Status
+from .packed import Packed
 
 SECTOR = 512
 VHD_FIXED = 2
@@ -88,20 +89,11 @@ def _read_error(offset: int, length: int) -> bool:
     return offset < 0 or offset + length > BDRV_MAX_LENGTH
 
 
-class Footer:
-    """The footer's fields by QEMU's names, packed back by :meth:`pack`."""
+class Footer(Packed):
+    """The footer's fields by QEMU's names."""
 
-    def __init__(self, raw: bytes) -> None:
-        self.fields: dict[str, Any] = dict(zip(_FIELDS, _FOOTER.unpack(raw), strict=True))
-
-    def __getitem__(self, name: str) -> Any:
-        return self.fields[name]
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        self.fields[name] = value
-
-    def pack(self) -> bytes:
-        return _FOOTER.pack(*(self.fields[f] for f in _FIELDS))
+    STRUCT = _FOOTER
+    FIELDS = _FIELDS
 
 
 def calculate_geometry(total_sectors: int) -> tuple[int, int, int]:
