@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from . import tasks
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
@@ -279,22 +281,10 @@ def cmd_commit(qmp: QEMUMonitorProtocol, console: Console, args: argparse.Namesp
 
 # -- tree, exports, stats -----------------------------------------------------
 
-_IDS = ("export-id", "client", "job-id", "node-names")
-
-
 def _label(node: dict[str, Any], now: float) -> str:
-    parts = [f"{node['kind']} [bold]{node['name']}[/bold]"]
-    for key in _IDS:
-        if key in node:
-            val = node[key]
-            parts.append(f"{key}={','.join(val) if isinstance(val, list) else val}")
-    parts.append(node["state"])
-    for key in ("in-flight", "bytes"):
-        if key in node:
-            parts.append(f"{key}={node[key]}")
-    parts.append(f"up {now - node['started']:.1f}s")
     from rich.markup import escape
-    return " ".join(p if i == 0 else escape(p) for i, p in enumerate(parts))
+    return " ".join([f"{node['kind']} [bold]{escape(node['name'])}[/bold]",
+                     *(escape(p) for p in tasks.describe(node, now))])
 
 
 def cmd_tree(qmp: QEMUMonitorProtocol, console: Console, args: argparse.Namespace) -> int:

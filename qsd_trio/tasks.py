@@ -148,23 +148,30 @@ def tree() -> dict[str, Any]:
 _IDS = ("export-id", "client", "job-id", "node-names")
 
 
+def describe(n: dict[str, Any], now: float) -> list[str]:
+    """What one node of the tree says after its kind and name: the ids it
+    serves, its state, requests in flight, bytes and age (SIGUSR1's lines,
+    qsd-trio-ctl's tree)."""
+    parts = []
+    for key in _IDS:
+        if key in n:
+            val = n[key]
+            parts.append(f"{key}={','.join(val) if isinstance(val, list) else val}")
+    parts.append(n["state"])
+    for key in ("in-flight", "bytes"):
+        if key in n:
+            parts.append(f"{key}={n[key]}")
+    parts.append(f"up {now - n['started']:.1f}s")
+    return parts
+
+
 def format_tree(node: dict[str, Any], now: float | None = None) -> str:
     """The tree as indented text, one line per node."""
     now = time.time() if now is None else now
     lines: list[str] = []
 
     def line(n: dict[str, Any], depth: int) -> None:
-        parts = [f"{'  ' * depth}{n['kind']} {n['name']!r}"]
-        for key in _IDS:
-            if key in n:
-                val = n[key]
-                parts.append(f"{key}={','.join(val) if isinstance(val, list) else val}")
-        parts.append(n["state"])
-        for key in ("in-flight", "bytes"):
-            if key in n:
-                parts.append(f"{key}={n[key]}")
-        parts.append(f"up {now - n['started']:.1f}s")
-        lines.append(" ".join(parts))
+        lines.append(" ".join([f"{'  ' * depth}{n['kind']} {n['name']!r}", *describe(n, now)]))
         for child in n["children"]:
             line(child, depth + 1)
 
