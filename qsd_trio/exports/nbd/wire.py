@@ -8,6 +8,7 @@ connections.c keeps the socket behind ``conn->recv``/``conn->send``).
 
 from __future__ import annotations
 
+import mmap
 import socket as _stdsocket
 from collections.abc import Callable, Sequence
 
@@ -43,7 +44,10 @@ class Wire:
             # a second socket object over the same fd, detached before close
             self.raw = _stdsocket.socket(fileno=stream.socket.fileno())
             self.raw.setblocking(False)
-        self._buf = bytearray(_RECV_CHUNK)
+        # anonymous memory, not a bytearray: its pages become resident only
+        # once data reaches them, so an idle client costs one page, not
+        # 256 KiB (a bytearray is zero-filled, every page touched)
+        self._buf = mmap.mmap(-1, _RECV_CHUNK)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -71,7 +75,7 @@ class Wire:
         """Make at least ``need`` bytes available at ``_start``."""
         if self._start and len(self._buf) - self._start < need:
             n = self._end - self._start
-            self._buf[:n] = self._view[self._start:self._end]
+            self._buf.move(0, self._start, n)  # memmove: the ranges may overlap
             self._start, self._end = 0, n
         while self._end - self._start < need:
             n = await self._recv_into(self._view[self._end:])
