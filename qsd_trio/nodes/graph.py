@@ -56,6 +56,7 @@ DRIVER_MODULES = {
     "qcow2": "qcow2", "copy-before-write": "copy_before_write",
     "snapshot-access": "snapshot_access", "luks": "luks", "nbd": "nbd", "rbd": "rbd",
     "vdi": "vdi", "vpc": "vpc",
+    "qed": "qed",
 }
 
 
