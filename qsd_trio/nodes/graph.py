@@ -57,6 +57,8 @@ DRIVER_MODULES = {
     "snapshot-access": "snapshot_access", "luks": "luks", "nbd": "nbd", "rbd": "rbd",
     "vdi": "vdi", "vpc": "vpc",
     "qed": "qed",
+    "bochs": "bochs",
+    "cloop": "cloop",
 }
 
 
