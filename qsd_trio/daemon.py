@@ -39,7 +39,7 @@ from .jobs import manager
 from .memory import freeze_startup_objects
 from .nodes.graph import BlockGraph
 from .notify import Notifier
-from .qapi.errors import QapiError
+from .qapi.errors import QapiError, report_location
 from .qapi.ghash import HashSet
 
 if TYPE_CHECKING:
@@ -195,7 +195,8 @@ class Daemon:
             try:
                 for option, value, action in actions:
                     try:
-                        await action(self)
+                        with report_location(f"{option} {value}" if value else str(option)):
+                            await action(self)
                     except QapiError as e:
                         raise StartupError(option, value, e.desc, e.hint) from None
                 if pidfile is not None:

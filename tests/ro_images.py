@@ -97,7 +97,7 @@ def make_cloop(data: bytes, block_size: int = 65536, level: int = 9) -> bytes:
 
 # -- dmg (UDIF) --------------------------------------------------------------
 UDZE, UDRW, UDIG = 0, 1, 2
-UDZO, UDBZ, ULFO = 0x80000005, 0x80000006, 0x80000007
+UDCO, UDZO, UDBZ, ULFO = 0x80000004, 0x80000005, 0x80000006, 0x80000007
 UDCM, UDLE = 0x7FFFFFFE, 0xFFFFFFFF
 
 

@@ -59,6 +59,7 @@ DRIVER_MODULES = {
     "qed": "qed",
     "bochs": "bochs",
     "cloop": "cloop",
+    "dmg": "dmg",
 }
 
 

@@ -67,7 +67,35 @@ def warn_report(msg: str) -> None:
     if sink is not None:
         sink.append(msg)
     else:
-        print(f"qsd-trio: warning: {msg}", file=sys.stderr, flush=True)
+        print(f"qsd-trio: {_where()}warning: {msg}", file=sys.stderr, flush=True)
+
+
+# QEMU's location stack while a command-line option takes effect; a plain
+# global as in QEMU, not a context variable, so that the tasks an option
+# starts (a monitor, an export) do not keep it once the option is applied
+_location: list[str] = []
+
+
+def _where() -> str:
+    return f"{_location[-1]}: " if _location else ""
+
+
+def error_report(msg: str) -> None:
+    """QEMU's error_report: ``msg`` on stderr, after the command-line option
+    being applied (:func:`report_location`), if any."""
+    print(f"qsd-trio: {_where()}{msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def report_location(where: str) -> Iterator[None]:
+    """While a command-line option takes effect, error_report and
+    warn_report name it (``--blockdev VALUE: ...``), as QEMU's location
+    stack does; QMP commands run without one."""
+    _location.append(where)
+    try:
+        yield
+    finally:
+        _location.pop()
 
 
 @contextlib.contextmanager
