@@ -117,6 +117,10 @@ NOTES: dict[str, str] = {
     "tls-creds-anon": "NBD server: anonymous DH, TLS 1.2 (as gnutls' ANON-DH)",
     "tls-cipher-suites": "accepted and listed; properties stored",
     "authz-list-file": "accepted; the rules file is read",
+    "bochs": "read-only, as QEMU (growing images, v1 and v2)",
+    "cloop": "read-only, as QEMU (V2.0)",
+    "dmg": "read-only, as QEMU: zlib, bzip2, raw, zero and ignore chunks; lzfse as QEMU "
+           "without its dmg-lzfse module (warning, EIO on read)",
 }
 
 
