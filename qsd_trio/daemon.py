@@ -293,7 +293,11 @@ class Daemon:
 
     async def _stop_exports(self) -> None:
         for export_id in list(self.exports):
-            export = self.exports.pop(export_id)
+            # an export whose task ended meanwhile (a FUSE mount unmounted
+            # from outside while an earlier export stopped) took itself out
+            export = self.exports.pop(export_id, None)
+            if export is None:
+                continue
             with trio.move_on_after(30):
                 await export.stop()
             events.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
