@@ -222,12 +222,7 @@ class GuestMemory:
         Raises:
             GuestMemoryError: the range is not inside a single region.
         """
-        for r in self.regions:
-            off = addr - r.guest_addr
-            if 0 <= off and off + length <= r.size:
-                return r, off
-        raise GuestMemoryError(
-            f"guest range {addr:#x}+{length:#x} is not inside one memory region")
+        return self._region(addr, length, "guest_addr", "guest")
 
     def uva_region(self, addr: int, length: int) -> tuple[MappedRegion, int]:
         """Like :meth:`gpa_region` for a front-end (user) address, the kind
@@ -236,12 +231,16 @@ class GuestMemory:
         Raises:
             GuestMemoryError: the range is not inside a single region.
         """
+        return self._region(addr, length, "user_addr", "front-end")
+
+    def _region(self, addr: int, length: int, base: str,
+                what: str) -> tuple[MappedRegion, int]:
         for r in self.regions:
-            off = addr - r.user_addr
+            off = addr - (r.guest_addr if base == "guest_addr" else r.user_addr)
             if 0 <= off and off + length <= r.size:
                 return r, off
         raise GuestMemoryError(
-            f"front-end range {addr:#x}+{length:#x} is not inside one memory region")
+            f"{what} range {addr:#x}+{length:#x} is not inside one memory region")
 
     def read_gpa(self, addr: int, length: int) -> bytes:
         """Copy a guest-physical range out.
