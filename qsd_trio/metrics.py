@@ -14,7 +14,9 @@ I/O path):
   flush, discard), and ``qsd_node_latency_seconds``, a histogram per node
   and operation (request timing is turned on when the endpoint starts:
   nodes/latency.py);
-* per export: ``qsd_export_clients``, and from the task registry
+* per export: ``qsd_export_clients``, ``qsd_export_bytes_total`` (the
+  bytes of its clients' read and write requests; NBD and FUSE count them,
+  vhost-user-blk and VDUSE not yet), and from the task registry
   (qsd_trio/tasks.py) ``qsd_export_requests_in_flight``;
 * per job: ``qsd_job_progress_bytes``, ``qsd_job_total_bytes``,
   ``qsd_job_speed_bytes`` (the limit, 0 for none) and ``qsd_job_state``;
@@ -136,11 +138,16 @@ class DaemonCollector:
         flight = GaugeMetricFamily("qsd_export_requests_in_flight",
                                    "Requests of an export's clients being served",
                                    labels=["export", "type", "node"])
+        moved = CounterMetricFamily("qsd_export_bytes",
+                                    "Bytes of the read and write requests of an export's clients",
+                                    labels=["export", "type", "op"])
         for eid, export in self.daemon.exports.items():
             labels = [eid, export.type, export.node.node_name]
             clients.add_metric(labels, export.client_count())
             flight.add_metric(labels, in_flight.get(eid, 0))
-        yield from (clients, flight)
+            moved.add_metric([eid, export.type, "read"], export.read_bytes)
+            moved.add_metric([eid, export.type, "write"], export.written_bytes)
+        yield from (clients, flight, moved)
 
         progress = GaugeMetricFamily("qsd_job_progress_bytes", "Work done by a job",
                                      labels=["job", "type"])

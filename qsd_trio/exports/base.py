@@ -44,6 +44,9 @@ class BlockExport(BlockParent):
         self.finished = trio.Event()
         # set once the export is off the list and BLOCK_EXPORT_DELETED is out
         self.deleted = trio.Event()
+        # bytes of the read and write requests its clients sent (metrics)
+        self.read_bytes = 0
+        self.written_bytes = 0
 
     def child_attached(self, edge: BdrvChild) -> None:
         # the export's node follows its edge (a filter inserted above it, a pivot)

@@ -263,6 +263,7 @@ class FuseExport(BlockExport):
                     # the reader's own request, and each may wait on a file thread
                     _fh, offset, size, _flags = fp.READ_IN.unpack_from(body)
                     size = max(0, min(size, self.node.length - offset))
+                    self.read_bytes += size
                     data = self.node.read_now(offset, size) if size else None
                     if data is None:
                         # started on the I/O engine and answered from its
@@ -438,6 +439,7 @@ class FuseExport(BlockExport):
                 # QEMU writes what fits and reports a short write
                 size = max(length - offset, 0)
                 data = data[:size]
+        self.written_bytes += size
         if size and (self.writethrough or not self.node.write_now(offset, data)):
             await self.node.write(offset, data, fua=self.writethrough)
         return fp.reply(unique, fp.WRITE_OUT.pack(size, 0))

@@ -101,6 +101,9 @@ def test_write_bytes_follow_a_known_workload(metrics_daemon):
     assert stats["disk"]["wr_bytes"] == 0 and stats["disk"]["wr_highest_offset"] == 2 * MiB + 65536
     q.close()
 
+    ops = {op: after[("qsd_export_bytes_total", (("export", "e0"), ("op", op), ("type", "nbd")))]
+           for op in ("read", "write")}
+    assert ops == {"read": 131072, "write": 3 * 65536}
     labels = (("export", "e0"), ("node", "disk"), ("type", "nbd"))
     assert after[("qsd_export_clients", labels)] == 0
     assert after[("qsd_export_requests_in_flight", labels)] == 0

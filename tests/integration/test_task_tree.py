@@ -63,6 +63,9 @@ def busy_daemon(daemon_factory, fuse_tmp):  # noqa: F811 - fixture
     clients = [subprocess.Popen(["qemu-io", "-r", "-f", "raw", f"nbd+unix:///src?socket={sock}"],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL) for _ in range(2)]
+    # one of them reads 64 KiB: its connection shows the bytes moved
+    clients[0].stdin.write(b"read 0 64k\n")
+    clients[0].stdin.flush()
     try:
         yield d, q
     finally:
@@ -80,7 +83,8 @@ def test_tree_shows_clients_exports_job_and_session(busy_daemon):
         assert "return" in r, r
         return r["return"]
 
-    _wait(lambda: len(_by_kind(tree(), "client-connection")) == 2, "two NBD clients")
+    _wait(lambda: sorted(c["bytes"] for c, _ in _by_kind(tree(), "client-connection"))
+          == [0, 65536], "two NBD clients, one having read 64 KiB")
     t = tree()
     assert t["kind"] == "task" and t["state"] == "running"
     # every task's children are nurseries, every nursery's children tasks

@@ -139,6 +139,7 @@ class Transmission:
         self._flush_deferred = False  # a reaper will send the queued replies
         # the flags a READ/WRITE served by the reader may carry (_read_requests)
         self._read_flags = self._write_flags = P.CMD_FLAG_FUA
+        self.moved = 0  # bytes of this client's READ and WRITE requests
         self._now_misses = 0  # READs in a row read_now did not serve
         self._now_skip = 0    # READs still to start without asking read_now
         self._hangup = ""
@@ -171,6 +172,7 @@ class Transmission:
                                # the reader holds one slot while it reads the next request
                                in_flight=lambda: max(0, MAX_REQUESTS - self._slots.value
                                                      - (not self.ending)),
+                               moved=lambda: self.moved,
                                export_id=export.id, client=tasks.peer_name(self.wire.stream),
                                node_names=lambda: [export.node.node_name]):
                 async with trio.open_nursery() as nursery:
@@ -339,6 +341,12 @@ class Transmission:
                         data = buffers.alloc(req.length)
                         # a partial write (client gone, or stop_reading) is never applied
                         await wire.recv_into(memoryview(data))
+                    if t == P.CMD_READ:
+                        self.moved += req.length
+                        export.read_bytes += req.length
+                    elif t == P.CMD_WRITE:
+                        self.moved += req.length
+                        export.written_bytes += req.length
                     size = size_fn()
                     if not ((t == P.CMD_READ or t == P.CMD_WRITE) and req.length
                             and self._serve_now(req, data, size, export, quiet)):
