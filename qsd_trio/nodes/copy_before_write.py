@@ -227,8 +227,12 @@ class CopyBeforeWriteNode(BlockNode):
     # -- teardown --------------------------------------------------------------------------
     def stop_copying(self) -> None:
         """Before the filter is dropped: copy nothing more (the target may be
-        closed next); requests still inside finish without copying."""
+        closed next); requests still inside finish without copying.  The
+        copy bitmap leaves the source now, as bdrv_cbw_drop frees the block
+        copy state before the job's BLOCK_JOB_COMPLETED: a query right after
+        the event must not list it."""
         self.dropped = True
+        self.bcs.release()
 
     async def _close(self) -> None:
         self.dropped = True
