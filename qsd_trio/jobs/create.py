@@ -9,8 +9,9 @@ Drivers: ``file`` (created, emptied, then sized with the preallocation
 asked for), ``qcow2`` (on an existing node, through the qcow2 driver's
 ``create_qcow2``, which lays images out byte for byte as qemu-img does,
 LUKS encryption included), ``luks`` (a LUKS1 volume on an existing node),
-``vpc`` (``create_vpc``, on an existing node) and ``qed`` (``create_qed``,
-on an existing node).
+``vpc`` (``create_vpc``, on an existing node), ``qed`` (``create_qed``,
+on an existing node) and ``parallels`` (``create_parallels``, on an
+existing node).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 
 from ..nodes import rbd
 from ..nodes.luks import create_luks_on
+from ..nodes.parallels import create_parallels
 from ..nodes.qcow2.create import create_qcow2
 from ..nodes.qed import create_qed
 from ..nodes.vpc import create_vpc
@@ -132,6 +134,8 @@ class CreateJob(Job):
                 await create_qed(_node(self.daemon, o.file), o.size, backing_file=o.backing_file,
                                  backing_fmt=_str(o.backing_fmt), cluster_size=o.cluster_size,
                                  table_size=o.table_size)
+            elif driver == "parallels":
+                await create_parallels(_node(self.daemon, o.file), o.size, o.cluster_size)
             elif driver == "rbd":
                 await rbd.create(self.daemon.graph, to_qmp(o.location), o.size,
                                  o.cluster_size, None if o.encrypt is None else to_qmp(o.encrypt))

@@ -57,6 +57,7 @@ DRIVER_MODULES = {
     "snapshot-access": "snapshot_access", "luks": "luks", "nbd": "nbd", "rbd": "rbd",
     "vdi": "vdi", "vpc": "vpc",
     "qed": "qed",
+    "parallels": "parallels",
     "bochs": "bochs",
     "cloop": "cloop",
     "dmg": "dmg",

@@ -1,0 +1,201 @@
+"""driver=parallels on both daemons: the same image copies opened by
+qemu-storage-daemon and qsd-trio give the same query-named-block-nodes, the
+same data and block status over NBD, and the same image file after the same
+writes over NBD (and the same file length while open: the preallocation);
+corrupt images fail to open with the same message; blockdev-create with
+driver=parallels gives the same job results and the same files.
+
+Normalised: the image path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+
+from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, qemu_img, qemu_io, run_cli
+
+pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    src = tmp_path_factory.mktemp("parallels-src")
+    raw = src / "data.raw"
+    data = bytearray(6 * MiB + 512)
+    data[4096:300000] = bytes(range(256)) * ((300000 - 4096) // 256) + bytes(
+        (300000 - 4096) % 256)
+    data[4 * MiB + 5:4 * MiB + 9000] = b"\x5a" * 8995
+    raw.write_bytes(data)
+    qemu_img("convert", "-f", "raw", "-O", "parallels", str(raw), str(src / "1m.img"))
+    qemu_img("convert", "-f", "raw", "-O", "parallels", "-o", "cluster_size=4096", str(raw),
+             str(src / "4k.img"))
+    qemu_img("create", "-q", "-f", "parallels", str(src / "empty.img"), "3M")
+    old = bytearray((src / "4k.img").read_bytes())
+    old[0:16] = b"WithoutFreeSpace"  # entries count sectors: 8 per 4 KiB cluster
+    bat = struct.unpack_from(f"<{(6 * MiB + 512 + 4095) // 4096}I", old, 64)
+    struct.pack_into(f"<{len(bat)}I", old, 64, *(e * 8 for e in bat))
+    (src / "old.img").write_bytes(old)
+    return src
+
+
+def _export_and_probe(kind, tmp_path, img, writes) -> dict:
+    sock = tmp_path / f"{kind}.sock"
+    args = ["--blockdev", f"driver=file,node-name=f,filename={img}",
+            "--blockdev", "driver=parallels,node-name=p,file=f",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e,node-name=p,writable=on"]
+    url = f"nbd+unix:///p?socket={sock}"
+    with Daemon(kind, tmp_path, args) as d:
+        q = d.qmp()
+        info = q.cmd_raw("query-named-block-nodes", {})["return"]
+        inuse = struct.unpack_from("<I", img.read_bytes(), 44)[0]
+        for cmd in writes:
+            qemu_io("-f", "raw", "-c", cmd, url)
+        length_open = img.stat().st_size
+        out = tmp_path / f"{kind}.raw"
+        qemu_img("convert", "-f", "raw", "-O", "raw", url, str(out))
+        mapping = json.loads(qemu_img("map", "--output=json", "-f", "raw", url).stdout)
+        after = q.cmd_raw("query-named-block-nodes", {})["return"]
+    for n in after:  # the host's allocation of the preallocated space
+        n["image"].pop("actual-size", None)
+    return {"info": json.loads(json.dumps(info).replace(str(img), "IMG")),
+            "after": json.loads(json.dumps(after).replace(str(img), "IMG")),
+            "data": out.read_bytes(), "map": mapping, "inuse": inuse,
+            "length-open": length_open}
+
+
+@pytest.mark.parametrize("name", ["1m.img", "4k.img", "empty.img", "old.img"])
+def test_open_read_write_as_qemu(images, tmp_path, name):
+    writes = ["write -P 0x11 0 512", "write -P 0x22 1048000 3000",
+              "write -P 0x33 2097152 65536", "write -z 2500000 10000",
+              "write -P 0x44 1500000 1400000"]
+    seen = {}
+    files = {}
+    for kind in ("qemu", "trio"):
+        img = tmp_path / f"{kind}-{name}"
+        shutil.copyfile(images / name, img)
+        seen[kind] = _export_and_probe(kind, tmp_path, img, writes)
+        files[kind] = img.read_bytes()
+        check = qemu_img("check", "-f", "parallels", str(img), check=False)
+        assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout
+    for key in ("info", "after", "data", "map", "inuse", "length-open"):
+        assert seen["trio"][key] == seen["qemu"][key], key
+    top = seen["trio"]["info"][0]
+    assert top["drv"] == "parallels" and "cluster-size" not in top["image"]
+    assert seen["trio"]["inuse"] == 0x746F6E59
+    assert files["trio"] == files["qemu"]
+
+
+def _patched(images, tmp_path, name, offset, fmt, value):
+    img = tmp_path / f"bad-{name}"
+    shutil.copyfile(images / "4k.img", img)
+    with img.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(fmt, value))
+    return img
+
+
+BAD = {
+    "magic": (3, "<B", 0),
+    "version": (16, "<I", 1),
+    "zero-tracks": (28, "<I", 0),
+    "big-cluster": (28, "<I", 1 << 30),
+    "catalog": (32, "<I", 0x7FFFFFFF),
+    "inuse": (44, "<I", 0x746F6E59),
+    "extension-rw": (56, "<Q", 8),  # a warning on both, then the same data
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_open_errors_match(images, tmp_path, case):
+    img = _patched(images, tmp_path, case, *BAD[case])
+    seen = {}
+    for kind in ("qemu", "trio"):
+        copy = tmp_path / f"{kind}.img"  # the same name: the messages hold it
+        shutil.copyfile(img, copy)
+        args = ["--blockdev",
+                f"driver=parallels,node-name=p,file.driver=file,file.filename={img}"]
+        if case == "extension-rw":
+            # the node opens with a warning; a second node of the same name
+            # then stops the daemon
+            args += ["--blockdev", "driver=null-co,node-name=p"]
+        r = run_cli(kind, args)
+        seen[kind] = (r.returncode, normalise_prog(r.stderr), img.read_bytes())
+        img.write_bytes(copy.read_bytes())
+    assert "Traceback" not in seen["trio"][1]
+    assert seen["qemu"][0] == 1
+    assert seen["trio"][:2] == seen["qemu"][:2]
+    ours, theirs = seen["trio"][2], seen["qemu"][2]
+    if case == "extension-rw":
+        # qemu-storage-daemon exits without closing the node, leaving the
+        # image marked in use; qsd-trio closes what it opened
+        assert struct.unpack_from("<I", theirs, 44)[0] == 0x746F6E59
+        assert struct.unpack_from("<I", ours, 44)[0] == 0
+        theirs = theirs[:44] + bytes(4) + theirs[48:]
+    assert ours == theirs
+
+
+def test_read_only_extension_error(images, tmp_path):
+    img = _patched(images, tmp_path, "ext", 56, "<Q", 8)
+    args = ["--blockdev", f"driver=parallels,node-name=p,read-only=on,"
+                          f"file.driver=file,file.filename={img}"]
+    theirs = run_cli("qemu", args)
+    ours = run_cli("trio", args)
+    assert "Format Extension magic" in theirs.stderr
+    assert (ours.returncode, normalise_prog(ours.stderr)) == \
+        (theirs.returncode, normalise_prog(theirs.stderr))
+
+
+def _create(kind, tmp_path, creates) -> tuple[list, list[bytes]]:
+    """Run each blockdev-create on a file node (holding some old bytes); the
+    outcome of each and the file it left."""
+    files = [tmp_path / f"c{n}-{kind}.img" for n in range(len(creates))]
+    args = []
+    for n, f in enumerate(files):
+        f.write_bytes(b"\xee" * 3000)
+        args += ["--blockdev", f"driver=file,node-name=f{n},filename={f}"]
+    out = []
+    with Daemon(kind, tmp_path, args) as d:
+        q = d.qmp()
+        for n, opts in enumerate(creates):
+            r = q.cmd_raw("blockdev-create",
+                          {"job-id": f"j{n}", "options": {**opts, "file": f"f{n}"}})
+            if "error" in r:
+                out.append(("refused", r["error"]))
+                continue
+            while True:
+                ev = q.pull_event(wait=30)
+                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
+                    break
+            job = q.cmd("query-jobs")[0]
+            out.append(("job", job.get("error")))
+            q.cmd("job-dismiss", id=f"j{n}")
+    return out, [f.read_bytes() for f in files]
+
+
+def test_blockdev_create(tmp_path):
+    creates = [
+        {"driver": "parallels", "size": 10 * MiB},
+        {"driver": "parallels", "size": 10 * MiB, "cluster-size": 4096},
+        {"driver": "parallels", "size": 0},
+        {"driver": "parallels", "size": 1000},  # not whole sectors
+        {"driver": "parallels", "size": 1000, "cluster-size": 1000},
+        {"driver": "parallels", "size": 10 * MiB, "cluster-size": 1000},
+        {"driver": "parallels", "size": 10 * MiB, "cluster-size": 256},
+        {"driver": "parallels", "size": 10 * MiB, "cluster-size": 1536},
+        {"driver": "parallels", "size": 10 * MiB, "cluster-size": 0},
+        {"driver": "parallels", "size": -512, "cluster-size": 1000},
+        {"driver": "parallels", "size": 4096 << 32, "cluster-size": 4096},
+        {"driver": "parallels", "size": MiB, "cluster-size": 1 << 31},
+        {"driver": "parallels", "size": 3 << 40},
+        {"driver": "parallels", "size": -512},
+    ]
+    seen = {kind: _create(kind, tmp_path, creates) for kind in ("qemu", "trio")}
+    for n, opts in enumerate(creates):
+        assert seen["trio"][0][n] == seen["qemu"][0][n], opts
+        assert seen["trio"][1][n] == seen["qemu"][1][n], opts
