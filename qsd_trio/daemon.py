@@ -134,7 +134,7 @@ class Daemon:
 
     def __init__(self) -> None:
         self.graph = BlockGraph()
-        self.objects: dict[str, UserObject] = {}
+        self.objects: dict[str, UserObject] = self.graph.objects
         self.chardevs: dict[str, Any] = {}
         # the ids as QEMU's /chardevs container holds them: a GHashTable,
         # whose slot order (with its history of removals) is query-chardev's

@@ -109,8 +109,10 @@ NOTES: dict[str, str] = {
     "host_device": "block and character devices (a file node with QEMU's device rules: "
                    "cannot grow, no holes reported, actual-size 0)",
     "driver:nbd": "server unix, inet or fd; export, x-dirty-bitmap, reconnect-delay, "
-                  "open-timeout; structured replies and base:allocation; TLS (tls-creds), "
-                  "extended headers and multi-conn are not implemented",
+                  "open-timeout; structured replies and base:allocation; TLS with "
+                  "tls-creds (x509, psk, anon; endpoint=client) and tls-hostname, "
+                  "STARTTLS first and on every reconnect, QEMU's errors; extended headers "
+                  "and multi-conn are not implemented",
     "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",
     "tls-creds-psk": "NBD server: keys.psk read per handshake, TLS 1.3/1.2 PSK via pyOpenSSL "
                      "(Python's ssl has no PSK before 3.13); tls-authz not applied, as QEMU 7.2",

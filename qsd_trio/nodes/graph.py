@@ -95,6 +95,9 @@ class BlockGraph:
         # and throttle groups (the throttle filter's throttle-group)
         self.secrets: dict[str, bytes] = {}
         self.throttle_groups: dict[str, ThrottleGroup] = {}
+        # the daemon's QOM objects by id (the same dict as Daemon.objects):
+        # driver=nbd reads its tls-creds object
+        self.objects: dict[str, Any] = {}
 
     def auto_name(self) -> str:
         # QEMU names implicitly created nodes "#blockNNN"

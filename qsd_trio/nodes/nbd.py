@@ -10,9 +10,10 @@ Negotiation (the NBD specification's "Fixed newstyle negotiation"):
 structured replies, one meta context (``base:allocation``, or the one
 ``x-dirty-bitmap`` names, ``qemu:dirty-bitmap:NAME``, whose dirty bit QEMU
 reads as "hole"), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.  Extended
-headers and multi-conn are not asked for; TLS is not implemented (a
-``tls-creds`` naming no object is refused with QEMU's text, any other is
-refused as unsupported).
+headers and multi-conn are not asked for.  With ``tls-creds`` (an object
+with endpoint=client: x509, psk or anon) NBD_OPT_STARTTLS comes first and
+everything after it goes through the TLS session (nbd_tls.py), on every
+reconnect too.
 
 Reconnect, as QEMU 7.2: when the connection breaks (the peer closed it, or
 sent something a correct server cannot send: a protocol error drops the
@@ -44,6 +45,7 @@ from ..proto import nbd as P
 from ..qapi.errors import GenericError
 from ..sockets import addr_dict
 from .graph import register_driver
+from .nbd_tls import ClientTls, TlsError, client_tls, start_client
 from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
 
 NBD_DEFAULT_PORT = 10809
@@ -472,16 +474,40 @@ async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdso
     raise ConnectError(f"Unsupported socket address type '{kind}'")
 
 
+_TLS_READ = "Failed to read option reply: Cannot read from TLS channel: "
+
+
+def _tls_read_error(e: BaseException) -> str:
+    """QEMU's text when the TLS channel fails while it waits for an option
+    reply: GnuTLS reads a close without close_notify as ECONNABORTED (the
+    empty read, see ``_recv_tls``) and anything else as EIO.  A server that
+    refuses our certificate after the handshake resets the connection, as
+    QEMU's client sees it from qemu-nbd and qemu-storage-daemon (its option
+    arrives before the server closes); this client's first option may go out
+    later, after the server's close, and fail on the send with EPIPE: that
+    is reported as QEMU reports the reset."""
+    del e
+    return _TLS_READ + "Input/output error"
+
+
 class _Negotiation:
-    """The client's side of fixed newstyle negotiation over a stream."""
+    """The client's side of fixed newstyle negotiation over a stream.
+
+    After NBD_OPT_STARTTLS ``stream`` is the TLS session, which the
+    connection then uses (and closes)."""
 
     def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
         self.buf = bytearray()
+        self.tls = False
 
     async def recv(self, n: int) -> bytes:
         while len(self.buf) < n:
-            data = await self.stream.receive_some(65536)
+            data: bytes | bytearray
+            if self.tls:
+                data = await self._recv_tls()
+            else:
+                data = await self.stream.receive_some(65536)
             if not data:
                 raise ConnectError("Failed to read initial magic: Unexpected end-of-file "
                                    "before all data were read")
@@ -490,8 +516,46 @@ class _Negotiation:
         del self.buf[:n]
         return out
 
+    async def _recv_tls(self) -> bytes | bytearray:
+        # QEMU's texts for a TLS channel that fails (qio_channel_tls_readv):
+        # a server that drops the connection without close_notify (as one
+        # that refused our certificate does) is ECONNABORTED, any other
+        # failure (an alert, a reset) EIO
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, OSError) as e:
+            raise ConnectError(_tls_read_error(e)) from None
+        if not data:
+            raise ConnectError(_TLS_READ + "Software caused connection abort")
+        return data
+
+    async def starttls(self, tls: ClientTls) -> None:
+        """NBD_OPT_STARTTLS, then the TLS handshake (nbd_receive_starttls)."""
+        await self.option(P.OPT_STARTTLS)
+        rep, payload = await self.reply(P.OPT_STARTTLS)
+        if rep != P.REP_ACK:
+            if rep & (1 << 31):
+                raise ConnectError(_option_error(rep, payload, P.OPT_STARTTLS))
+            raise P.NbdProtocolError(f"Server answered option {P.OPT_STARTTLS} (starttls) "
+                                     f"with unexpected reply {rep}")
+        if self.buf:
+            raise P.NbdProtocolError("Unexpected data after NBD_OPT_STARTTLS reply")
+        try:
+            self.stream = await start_client(tls, self.stream)
+        except TlsError as e:
+            raise ConnectError(str(e.args[0])) from None
+        self.tls = True
+
     async def option(self, option: int, data: bytes = b"") -> None:
-        await self.stream.send_all(P.encode_option(option, data))
+        try:
+            await self.stream.send_all(P.encode_option(option, data))
+        except (trio.BrokenResourceError, OSError) as e:
+            if not self.tls:
+                raise
+            # a server that refused our certificate drops the session right
+            # after the handshake: QEMU's client sees it when it reads the
+            # reply (its send got through), so say what it says
+            raise ConnectError(_tls_read_error(e)) from None
 
     async def reply(self, option: int) -> tuple[int, bytes]:
         opt, rep, n = P.parse_option_reply_header(await self.recv(P.OPTION_REPLY_HEADER_SIZE))
@@ -501,7 +565,8 @@ class _Negotiation:
             raise P.NbdProtocolError(f"server's option reply is too long ({n})")
         return rep, await self.recv(n)
 
-    async def run(self, export: str, meta: str) -> tuple[_Connection, bytes]:
+    async def run(self, export: str, meta: str,
+                  tls: ClientTls | None = None) -> tuple[_Connection, bytes]:
         flags = P.parse_server_greeting(await self.recv(P.GREETING_SIZE))
         if not flags & P.FLAG_FIXED_NEWSTYLE:
             raise ConnectError("Server does not support fixed newstyle negotiation")
@@ -509,6 +574,8 @@ class _Negotiation:
         if flags & P.FLAG_NO_ZEROES:
             cflags |= P.FLAG_C_NO_ZEROES
         await self.stream.send_all(P.client_flags(cflags))
+        if tls is not None:
+            await self.starttls(tls)
         await self.option(P.OPT_STRUCTURED_REPLY)
         rep, _ = await self.reply(P.OPT_STRUCTURED_REPLY)
         structured = rep == P.REP_ACK
@@ -538,7 +605,7 @@ class _Negotiation:
                     block = P.parse_info_block_size(rest)
                 continue
             if rep & (1 << 31):
-                raise ConnectError(_option_error(rep, payload))
+                raise ConnectError(_option_error(rep, payload, P.OPT_GO))
             raise P.NbdProtocolError(f"Unexpected reply type {rep} to NBD_OPT_GO")
         if size < 0:
             raise ConnectError("server sent no export information")
@@ -546,18 +613,19 @@ class _Negotiation:
         return conn, bytes(self.buf)
 
 
-def _option_error(rep: int, payload: bytes) -> str:
+def _option_error(rep: int, payload: bytes, option: int) -> str:
     """QEMU's text for an option's error reply (nbd_handle_reply_err)."""
+    opt = f"option {option} ({P.OPT_NAMES.get(option, '<unknown>')})"
     if rep == P.REP_ERR_UNKNOWN:
         return "Requested export not available"
     if rep == P.REP_ERR_TLS_REQD:
-        return "TLS negotiation required before option 7 (go)"
+        return f"TLS negotiation required before {opt}"
     if rep == P.REP_ERR_POLICY:
-        return "Denied by server for option 7 (go)"
+        return f"Denied by server for {opt}"
     if rep == P.REP_ERR_SHUTDOWN:
-        return "Server shutting down before option 7 (go)"
+        return f"Server shutting down before {opt}"
     msg = payload.decode(errors="replace")
-    return "Unknown error returned by server for option 7 (go)" + (f": {msg}" if msg else "")
+    return f"Unknown error returned by server for {opt}" + (f": {msg}" if msg else "")
 
 
 # -- legacy file names (QEMU's nbd_parse_uri / nbd_parse_filename) ---------------------
@@ -646,9 +714,14 @@ class NbdNode(BlockNode):
         self.server = addr_dict(options["server"])
         self.export: str = options.get("export") or ""
         self.has_export = options.get("export") is not None
+        self.tls: ClientTls | None = None
         if options.get("tls-creds") is not None:
-            # no TLS client yet: QEMU's text for an id no object has
-            raise GenericError(f"No TLS credentials with id '{options['tls-creds']}'")
+            # QEMU's nbd_process_options: the inet host is the default name
+            # the server's certificate must have
+            hostname = options.get("tls-hostname")
+            if hostname is None and self.server["type"] == "inet":
+                hostname = self.server["host"]
+            self.tls = client_tls(self.graph.objects, options["tls-creds"], hostname)
         self.bitmap: str | None = options.get("x-dirty-bitmap")
         # the whole context name ("qemu:dirty-bitmap:NAME"), asked for instead
         # of base:allocation, as QEMU does
@@ -686,18 +759,25 @@ class NbdNode(BlockNode):
 
     async def _connect(self) -> _Connection:
         stream, sock = await open_socket(self.server)
+        neg = _Negotiation(stream)
         try:
-            conn, rest = await _Negotiation(stream).run(self.export, self.meta)
+            conn, rest = await neg.run(self.export, self.meta, self.tls)
         except P.NbdProtocolError as e:
-            await stream.aclose()
+            await neg.stream.aclose()
             raise ConnectError(str(e)) from None
         except ConnectError:
-            await stream.aclose()
+            await neg.stream.aclose()
             raise
         except (trio.BrokenResourceError, OSError) as e:
-            await stream.aclose()
+            await neg.stream.aclose()
             raise ConnectError(f"Failed to read initial magic: {e}") from None
-        conn.sock = sock
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await neg.stream.aclose()
+            raise
+        if self.tls is None:
+            # the socket itself only without TLS: the session is a stream
+            conn.sock = sock
         conn.feed(rest)
         return conn
 
