@@ -69,6 +69,7 @@ run: venv
 	@echo "qsd-trio: demo image demo/disk.qcow2"
 	@echo "  QMP:  $(PY) -m qemu.qmp.qmp_shell $(CURDIR)/demo/qmp.sock"
 	@echo "  NBD:  qemu-img info 'nbd+unix:///disk?socket=$(CURDIR)/demo/nbd.sock'"
+	@echo "  ctl:  $(VENV)/bin/qsd-trio-ctl $(CURDIR)/demo/qmp.sock tree   (or exports, stats, jobs)"
 	@echo "  stop: Ctrl-C, or the QMP command quit"
 	$(VENV)/bin/qsd-trio \
 	  --blockdev driver=file,node-name=file0,filename=demo/disk.qcow2 \
