@@ -38,6 +38,7 @@ from ..libc import LIBC
 from ..qapi.errors import GenericError
 from . import locking
 from .engine import buffers
+from .engine.base import advance
 from .engine.base import os_error as engine_error
 from .graph import register_driver
 from .inline_io import InlineWrites
@@ -213,7 +214,7 @@ class FileNode(BlockNode):
         if self.cache_direct:
             return await self._read_direct(offset, length)
         buf = buffers.alloc(length)
-        done = self._pread_nowait(buf, offset) if self._may_read_now(length) else 0
+        done = self._pread_nowait([buf], offset) if self._may_read_now(length) else 0
         if done == length:
             # served from the page cache without the engine; a checkpoint
             # now and then keeps a client streaming cached reads from
@@ -230,7 +231,42 @@ class FileNode(BlockNode):
         if self.cache_direct or not self._may_read_now(length):
             return None  # before any buffer is taken: the engine path takes its own
         buf = buffers.alloc(length)
-        return buf if self._pread_nowait(buf, offset) == length else None
+        return buf if self._pread_nowait([buf], offset) == length else None
+
+    # Scatter reads (BlockNode.read_into): straight into the caller's views,
+    # with preadv (QEMU's raw_co_preadv with its QEMUIOVector).  O_DIRECT
+    # needs every view aligned in address and length; a request whose
+    # views are not is read into a pooled buffer and copied (the default).
+    def _direct_ok(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        a = self.align
+        if offset % a or length % a:
+            return False
+        address = buffers.address
+        return all(not (len(v) % a or address(v) % a) for v in views)
+
+    async def _co_preadv_into(self, offset: int, length: int, views: list[memoryview]) -> None:
+        if not length:
+            return
+        if self.cache_direct:
+            if not self._direct_ok(offset, length, views):
+                await super()._co_preadv_into(offset, length, views)
+                return
+            done = await self.io.readv(self.fd, views, offset)
+        else:
+            done = self._pread_nowait(views, offset) if self._may_read_now(length) else 0
+            if done == length:
+                if self._inline.should_yield():
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            done += await self.io.readv(self.fd, advance(views, done), offset + done)
+        if done < length:
+            for v in advance(views, done):  # past EOF reads as zeroes
+                buffers.zero_tail(v, 0)
+
+    def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        if self.cache_direct or not self._may_read_now(length):
+            return False
+        return self._pread_nowait(views, offset) == length
 
     # The completions of submitted requests are bound methods with their
     # state in a partial, not closures: a closure that resubmits itself (a
@@ -276,18 +312,18 @@ class FileNode(BlockNode):
             return False
         return True
 
-    def _pread_nowait(self, buf: memoryview, offset: int) -> int:
+    def _pread_nowait(self, bufs: list[memoryview], offset: int) -> int:
         """Read what can be read without waiting for a device: from the page
         cache (RWF_NOWAIT), or anything on a file system in memory.  Returns
         the bytes read; the caller hands the rest to the engine.  Only after
         _may_read_now said yes."""
         if self._memory_fs:
             try:
-                return os.preadv(self.fd, [buf], offset)
+                return os.preadv(self.fd, bufs, offset)
             except OSError:
                 return 0  # the engine tries again and reports it
         try:
-            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            n = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
         except BlockingIOError:
             n = 0
         except OSError as e:
@@ -325,20 +361,26 @@ class FileNode(BlockNode):
             buf[:] = data
         else:
             buf = data
-        if self._rmw:
-            # a read-modify-write of a block this overlaps must not read it
-            # before, and write it back after, this write
-            while any(s < offset + n and offset < e for s, e in self._rmw):
-                await self._rmw_done.wait()
+        await self._direct_wait(offset, n)
         key = object()
         self._direct_writes[key] = (offset, offset + n)
         try:
             await self.io.write(self.fd, buf, offset)
         finally:
-            del self._direct_writes[key]
-            if self._write_done is not None:
-                self._write_done.set()
-                self._write_done = None
+            self._direct_written(key)
+
+    async def _direct_wait(self, offset: int, n: int) -> None:
+        if self._rmw:
+            # a read-modify-write of a block this overlaps must not read it
+            # before, and write it back after, this write
+            while any(s < offset + n and offset < e for s, e in self._rmw):
+                await self._rmw_done.wait()
+
+    def _direct_written(self, key: object) -> None:
+        del self._direct_writes[key]
+        if self._write_done is not None:
+            self._write_done.set()
+            self._write_done = None
 
     async def _write_padded(self, data: memoryview, offset: int) -> None:
         """An O_DIRECT write that is not block-aligned: read the partial
@@ -370,6 +412,35 @@ class FileNode(BlockNode):
                 self._rmw.remove(rng)
                 self._rmw_done.set()
                 self._rmw_done = trio.Event()
+
+    def _pwritev_all(self, views: list[memoryview], offset: int) -> None:
+        n = sum(len(v) for v in views)
+        done = os.pwritev(self.fd, views, offset)
+        while done < n:
+            done += os.pwritev(self.fd, advance(views, done), offset + done)
+
+    async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
+                              fua: bool) -> None:
+        if self.cache_direct:
+            if not self._direct_ok(offset, length, views) or any(v.readonly for v in views):
+                await super()._co_pwritev_vec(offset, length, views, fua)  # gathered
+                return
+            await self._direct_wait(offset, length)
+            key = object()
+            self._direct_writes[key] = (offset, offset + length)
+            try:
+                await self.io.writev(self.fd, views, offset)
+            finally:
+                self._direct_written(key)
+        elif not fua and self._inline.allowed(offset, length):
+            self._inline.run(self._pwritev_all, views, offset)
+            if self._inline.should_yield():
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self.io.writev(self.fd, views, offset)
+        if fua:
+            await self.io.fdatasync(self.fd)
+        self._size = max(self._size, offset + length)
 
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         if self.cache_direct or not self._inline.allowed(offset, len(mv)):

@@ -55,6 +55,7 @@ from ..qapi.errors import GenericError
 from ..qapi.ghash import qdict_order
 from . import latency as _latency
 from .bitmaps import DirtyBitmap
+from .engine import buffers
 
 if TYPE_CHECKING:
     from .graph import BlockGraph
@@ -290,8 +291,26 @@ class BlockNode:
     async def _co_preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
 
+    async def _co_preadv_into(self, offset: int, length: int, views: list[memoryview]) -> None:
+        # a scatter read (read_into): by default read, then copy; drivers
+        # that can read straight into the views (file, raw) override it
+        data = memoryview(await self._co_preadv(offset, length)).cast("B")
+        if len(data) != length:
+            raise OSError(errno.EIO, "Input/output error")
+        pos = 0
+        for v in views:
+            n = len(v)
+            v[:] = data[pos:pos + n]
+            pos += n
+
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         raise OSError(95, "Operation not supported")
+
+    async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
+                              fua: bool) -> None:
+        # a gather write (writev): by default gathered into one buffer and
+        # written; drivers that take the views as they are (file, raw) override it
+        await self._co_pwritev(offset, gather(views, length), fua)
 
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
                                 no_fallback: bool = False) -> None:
@@ -642,6 +661,63 @@ class BlockNode:
             lat["read"].add(perf_counter_ns() - t0)
         return data
 
+    # Scatter reads: the data goes straight into the caller's buffers (a
+    # virtio-blk request's segments of guest memory, QEMU's QEMUIOVector)
+    # instead of a new buffer the caller copies out of.  The checks and the
+    # bookkeeping are read()'s and read_now()'s, line for line.
+    async def read_into(self, offset: int, views: list[memoryview]) -> None:
+        """Read ``sum(len(v) for v in views)`` bytes at ``offset`` into
+        ``views`` (writable, format "B"), in order; all of them or OSError
+        (the views' contents are then undefined)."""
+        length = 0
+        for v in views:
+            length += len(v)
+        if offset < 0 or (not self.grows and offset + length > self._length()):
+            raise OSError(errno.EIO, "Input/output error")
+        if self._quiesce:
+            await self._gate()
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
+        token = _in_request.set(True)
+        self._in_flight += 1
+        try:
+            await self._co_preadv_into(offset, length, views)
+        except OSError:
+            self.stats["failed_rd_operations"] += 1
+            raise
+        finally:
+            self._end()
+            _in_request.reset(token)
+        stats = self.stats
+        stats["rd_operations"] += 1
+        stats["rd_bytes"] += length
+        if lat is not None:
+            lat["read"].add(perf_counter_ns() - t0)
+
+    def read_into_now(self, offset: int, views: list[memoryview]) -> bool:
+        """read_now() into ``views``: True if the driver read all of it
+        without waiting; False leaves the views' contents undefined and
+        nothing counted (read_into() then does it in full)."""
+        length = 0
+        for v in views:
+            length += len(v)
+        if (self._quiesce or offset < 0 or length <= 0
+                or (not self.grows and offset + length > self._length())):
+            return False
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
+        try:
+            if not self._preadv_into_now(offset, length, views):
+                return False
+        except OSError:
+            return False  # read_into() tries again, counts and reports the failure
+        stats = self.stats
+        stats["rd_operations"] += 1
+        stats["rd_bytes"] += length
+        if lat is not None:
+            lat["read"].add(perf_counter_ns() - t0)
+        return True
+
     # The synchronous fast path.  A request that can be served without
     # waiting (a cached read, a page-cache write into an allocated cluster)
     # is done here in one plain call chain: no coroutine frames, no task to
@@ -776,6 +852,9 @@ class BlockNode:
     def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         return None
 
+    def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        return False
+
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         return False
 
@@ -815,6 +894,56 @@ class BlockNode:
                 if debug:
                     self.debug_event("pwritev")
                 await self._co_pwritev(offset, mv, fua)
+            if debug:
+                self.debug_event("pwritev_done")
+        except OSError:
+            self.stats["failed_wr_operations"] += 1
+            raise
+        finally:
+            self._written(offset, n)
+            self._end()
+            _in_request.reset(token)
+        stats = self.stats
+        stats["wr_operations"] += 1
+        stats["wr_bytes"] += n
+        if lat is not None:
+            lat["write"].add(perf_counter_ns() - t0)
+
+    async def writev(self, offset: int, views: list[memoryview], *, fua: bool = False) -> None:
+        """write() of the concatenation of ``views`` (format "B"), without
+        gathering them where the driver takes them as they are (a
+        virtio-blk request's segments of guest memory); the same checks and
+        bookkeeping as write(), line for line."""
+        if len(views) == 1:
+            await self.write(offset, views[0], fua=fua)
+            return
+        n = 0
+        for v in views:
+            n += len(v)
+        if self.read_only:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        if offset < 0 or (not self.grows and offset + n > self._length()):
+            raise OSError(errno.EIO, "Input/output error")
+        if self._quiesce:
+            await self._gate()
+        lat = self.latency
+        t0 = perf_counter_ns() if lat is not None else 0
+        token = _in_request.set(True)
+        self._in_flight += 1
+        debug = self._debug_events
+        try:
+            if self.write_threshold:
+                self._check_threshold(offset, n)
+            if self.before_write:
+                await self._before_write(offset, n)
+            if self.detect_zeroes != "off" and n and all(_is_zero(v) for v in views):
+                if debug:
+                    self.debug_event("pwritev_zero")
+                await self._co_pwrite_zeroes(offset, n, self.detect_zeroes == "unmap", fua)
+            else:
+                if debug:
+                    self.debug_event("pwritev")
+                await self._co_pwritev_vec(offset, n, views, fua)
             if debug:
                 self.debug_event("pwritev_done")
         except OSError:
@@ -1074,6 +1203,17 @@ class BlockNode:
         if cs:
             return min(65536, max(4096, int(cs)))
         return 65536
+
+
+def gather(views: list[memoryview], length: int) -> memoryview:
+    """The views' bytes in one pooled (page-aligned, writable) buffer."""
+    buf = buffers.alloc(length)
+    pos = 0
+    for v in views:
+        n = len(v)
+        buf[pos:pos + n] = v
+        pos += n
+    return buf
 
 
 def _is_zero(mv: memoryview) -> bool:

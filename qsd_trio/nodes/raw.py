@@ -62,6 +62,10 @@ class RawNode(BlockNode):
         child = self.file.node
         return None if child._debug_events else child.read_now(self.offset + offset, length)
 
+    def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        child = self.file.node
+        return not child._debug_events and child.read_into_now(self.offset + offset, views)
+
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         return self.file.node.write_now(self.offset + offset, mv)
 
@@ -75,6 +79,15 @@ class RawNode(BlockNode):
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
         self.file.node.debug_event("read_aio")
         return await self.file.node.read(self.offset + offset, length)
+
+    async def _co_preadv_into(self, offset: int, length: int, views: list[memoryview]) -> None:
+        self.file.node.debug_event("read_aio")
+        await self.file.node.read_into(self.offset + offset, views)
+
+    async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
+                              fua: bool) -> None:
+        self.file.node.debug_event("write_aio")
+        await self.file.node.writev(self.offset + offset, views, fua=fua)
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         self.file.node.debug_event("write_aio")

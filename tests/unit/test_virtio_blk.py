@@ -39,6 +39,16 @@ class ModelDisk:
         self._check("read", offset, length)
         return bytes(self.data[offset:offset + length])
 
+    async def read_into(self, offset, views):
+        data = await self.read(offset, sum(len(v) for v in views))
+        pos = 0
+        for v in views:
+            v[:] = data[pos:pos + len(v)]
+            pos += len(v)
+
+    async def writev(self, offset, views, *, fua=False):
+        await self.write(offset, b"".join(views), fua=fua)
+
     async def write(self, offset, data, *, fua=False):
         self._check("write", offset, len(data))
         self.calls[-1] = ("write", offset, len(data), fua)
@@ -52,8 +62,8 @@ class ModelDisk:
     async def discard(self, offset, length):
         self._check("discard", offset, length)
 
-    def read_now(self, offset, length):
-        return None  # no fast path: every request takes read()/write()
+    def read_into_now(self, offset, views):
+        return False  # no fast path: every request takes read_into()/write()
 
     def write_now(self, offset, mv):
         return False

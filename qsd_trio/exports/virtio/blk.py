@@ -15,7 +15,7 @@ over as it is and the unit tests can hand over a model.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import struct
 from typing import Protocol
 
@@ -90,10 +90,12 @@ class BlkBackend(Protocol):
     @property
     def length(self) -> int: ...
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
+    async def read_into(self, offset: int, views: list[memoryview]) -> None: ...
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *,
                     fua: bool = False) -> None: ...
+
+    async def writev(self, offset: int, views: list[memoryview], *, fua: bool = False) -> None: ...
 
     async def flush(self) -> None: ...
 
@@ -101,9 +103,9 @@ class BlkBackend(Protocol):
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None: ...
 
-    # the synchronous fast path (BlockNode.read_now/write_now): None/False
+    # the synchronous fast path (BlockNode.read_into_now/write_now): False
     # when the request needs the full path above
-    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None: ...
+    def read_into_now(self, offset: int, views: list[memoryview]) -> bool: ...
 
     def write_now(self, offset: int, mv: memoryview) -> bool: ...
 
@@ -280,20 +282,21 @@ class BlkHandler:
             if not self._range_ok(sector, size):
                 return VIRTIO_BLK_S_IOERR
             offset = sector << SECTOR_BITS
-            if is_write:
-                if len(segs) == 1:
-                    r, off, n = segs[0]
-                    with r.view(off, n) as view:
-                        await self._write(offset, view)
-                else:
-                    await self._write(offset, memoryview(_gather(segs)))
-            else:
-                data = self._read_now(offset, size) if size else None
-                if data is None:
-                    data = await backend.read(offset, size)
-                if len(data) != size:
-                    raise OSError(errno.EIO, "short read")
-                _scatter(segs, data)
+            # the node reads into, and writes from, the guest's buffers as
+            # they are (QEMU's preadv/pwritev on the request's iovecs)
+            views = [r.view(off, n) for r, off, n in segs]
+            try:
+                if is_write:
+                    if len(views) == 1:
+                        await self._write(offset, views[0])
+                    else:
+                        await backend.writev(offset, views, fua=self.writethrough)
+                elif not (size and self._read_now(offset, views)):
+                    await backend.read_into(offset, views)
+            finally:
+                for v in views:
+                    with contextlib.suppress(BufferError):
+                        v.release()
             return VIRTIO_BLK_S_OK
         if kind == VIRTIO_BLK_T_FLUSH:
             await backend.flush()
@@ -308,23 +311,22 @@ class BlkHandler:
             return await self._discard_write_zeroes(kind, data_out)
         return VIRTIO_BLK_S_UNSUPP
 
-    def _read_now(self, offset: int, size: int) -> bytes | bytearray | memoryview | None:
-        """The node's synchronous fast path (BlockNode.read_now: a read the
-        driver serves without waiting, no task or thread), unless recent
-        reads say it will not serve this one either (an image opened with
-        O_DIRECT never can; see READ_NOW_MISSES).  None: read() it."""
+    def _read_now(self, offset: int, views: list[memoryview]) -> bool:
+        """The node's synchronous fast path (BlockNode.read_into_now: a
+        read the driver serves without waiting, no task or thread), unless
+        recent reads say it will not serve this one either (an image opened
+        with O_DIRECT never can; see READ_NOW_MISSES).  False: read_into()."""
         if self._now_skip:
             self._now_skip -= 1
-            return None
-        data = self.backend.read_now(offset, size)
-        if data is not None:
+            return False
+        if self.backend.read_into_now(offset, views):
             self._now_misses = 0
-            return data
+            return True
         self._now_misses += 1
         if self._now_misses >= READ_NOW_MISSES:
             self._now_misses = 0
             self._now_skip = READ_NOW_SKIP
-        return None
+        return False
 
     async def _write(self, offset: int, view: memoryview) -> None:
         """A write, through the node's synchronous fast path when it takes

@@ -45,7 +45,7 @@ class MappedRegion:
     """One region and its mapping.  Offsets given to the accessors are
     relative to the region's first byte; they are checked against its size."""
 
-    __slots__ = ("guest_addr", "size", "user_addr", "mmap_offset", "_map")
+    __slots__ = ("guest_addr", "size", "user_addr", "mmap_offset", "_map", "_mv")
 
     def __init__(self, desc: MemRegion, fd: int):
         self.guest_addr = desc.guest_addr
@@ -70,6 +70,8 @@ class MappedRegion:
                 fd, end, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError, OverflowError) as e:
             raise GuestMemoryError(f"cannot map memory region: {e}") from None
+        # views of requests are slices of this one (a slice costs one object)
+        self._mv: memoryview | None = memoryview(self._map)
 
     def __repr__(self) -> str:
         return (f"MappedRegion(guest={self.guest_addr:#x}, size={self.size:#x}, "
@@ -102,9 +104,12 @@ class MappedRegion:
     def view(self, offset: int, length: int) -> memoryview:
         """A writable view of the range; the caller releases it
         (``with`` or ``.release()``) so the region can be unmapped."""
-        mm = self._mm(offset, length)
+        mv = self._mv
+        if mv is None or offset < 0 or length < 0 or offset + length > self.size:
+            self._mm(offset, length)  # raises
+        assert mv is not None
         start = self.mmap_offset + offset
-        return memoryview(mm)[start:start + length]
+        return mv[start:start + length]
 
     def unpack_from(self, fmt: struct.Struct, offset: int) -> tuple[Any, ...]:
         mm = self._mm(offset, fmt.size)
@@ -116,6 +121,9 @@ class MappedRegion:
 
     def close(self) -> None:
         mm, self._map = self._map, None
+        mv, self._mv = self._mv, None
+        if mv is not None:
+            mv.release()  # slices a request still holds keep the mapping
         if mm is not None:
             try:
                 mm.close()

@@ -34,6 +34,7 @@ then stops the reaper.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -182,6 +183,15 @@ class Engine:
         """Write all of ``buf`` at ``offset``."""
         raise NotImplementedError
 
+    async def readv(self, fd: int, views: list[memoryview], offset: int) -> int:
+        """Read into ``views`` in order at ``offset`` (preadv); the bytes
+        read (fewer at EOF)."""
+        raise NotImplementedError
+
+    async def writev(self, fd: int, views: list[memoryview], offset: int) -> None:
+        """Write all of ``views`` in order at ``offset`` (pwritev)."""
+        raise NotImplementedError
+
     async def fdatasync(self, fd: int) -> None:
         raise NotImplementedError
 
@@ -199,6 +209,28 @@ class Engine:
         raise NotImplementedError
 
 
+def advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``views`` after their first ``n`` bytes (a short
+    preadv or pwritev goes on from there)."""
+    for i, v in enumerate(views):
+        if n < len(v):
+            return [v[n:], *views[i + 1:]] if n else views[i:]
+        n -= len(v)
+    return []
+
+
+def iovecs(views: list[memoryview]) -> ctypes.Array[ctypes.c_uint64]:
+    """A struct iovec array for ``views`` (writable buffers), for an SQE or
+    iocb; the caller keeps it (and the views) until the completion."""
+    iov = (ctypes.c_uint64 * (2 * len(views)))()
+    i = 0
+    for v in views:
+        iov[i] = buffers.address(v)
+        iov[i + 1] = len(v)
+        i += 2
+    return iov
+
+
 class KernelEngine(Engine):
     """An engine the kernel runs (io_uring, Linux AIO): a subclass names its
     READ and WRITE operations, queues one with ``_start`` and hands what is
@@ -212,6 +244,8 @@ class KernelEngine(Engine):
     call."""
 
     READ = WRITE = 0
+    # the vectored operations: addr is a struct iovec array, length its count
+    READV = WRITEV = 0
 
     def __init__(self) -> None:
         self._flusher: trio.lowlevel.Task | None = None
@@ -277,6 +311,34 @@ class KernelEngine(Engine):
             done += got
         return done
 
+    async def _rwv(self, op: int, fd: int, views: list[memoryview], offset: int) -> int:
+        iov = iovecs(views)
+        self._start(op, fd, ctypes.addressof(iov), len(views), offset,
+                    (_current_task(), None, (iov, views)))
+        res: int = await self._park()
+        if res < 0:
+            raise os_error(res)
+        return res
+
+    async def readv(self, fd: int, views: list[memoryview], offset: int) -> int:
+        n = sum(len(v) for v in views)
+        done = 0
+        while done < n:
+            got = await self._rwv(self.READV, fd, advance(views, done), offset + done)
+            if got == 0:
+                break
+            done += got
+        return done
+
+    async def writev(self, fd: int, views: list[memoryview], offset: int) -> None:
+        if any(v.readonly for v in views):
+            await self.write(fd, gather(views), offset)
+            return
+        n = sum(len(v) for v in views)
+        done = 0
+        while done < n:
+            done += await self._rwv(self.WRITEV, fd, advance(views, done), offset + done)
+
     async def write(self, fd: int, buf: memoryview, offset: int) -> None:
         if buf.readonly:
             copy = buffers.alloc(len(buf))
@@ -288,3 +350,13 @@ class KernelEngine(Engine):
         done = await self._rw(self.WRITE, fd, buf, offset)
         while done < n:
             done += await self._rw(self.WRITE, fd, buf[done:], offset + done)
+
+
+def gather(views: list[memoryview]) -> memoryview:
+    """The views' bytes in one pooled buffer."""
+    buf = buffers.alloc(sum(len(v) for v in views))
+    pos = 0
+    for v in views:
+        buf[pos:pos + len(v)] = v
+        pos += len(v)
+    return buf

@@ -29,7 +29,7 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 NR_IO_SETUP, NR_IO_DESTROY, NR_IO_GETEVENTS, NR_IO_SUBMIT = 206, 207, 208, 209
 
-CMD_PREAD, CMD_PWRITE = 0, 1
+CMD_PREAD, CMD_PWRITE, CMD_PREADV, CMD_PWRITEV = 0, 1, 7, 8
 IOCB_FLAG_RESFD = 1
 # struct iocb: aio_data, aio_key, aio_rw_flags, aio_lio_opcode, aio_reqprio,
 # aio_fildes, aio_buf, aio_nbytes, aio_offset, aio_reserved2, aio_flags, aio_resfd
@@ -41,6 +41,7 @@ MAX_EVENTS = 1024                  # QEMU's MAX_EVENTS
 class LinuxAio(KernelEngine):
     name = "native"
     READ, WRITE = CMD_PREAD, CMD_PWRITE
+    READV, WRITEV = CMD_PREADV, CMD_PWRITEV
 
     def __init__(self, threads: ThreadPool) -> None:
         ctx = ctypes.c_ulong(0)

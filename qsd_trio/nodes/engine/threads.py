@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from .base import Callback, Engine, _current_task, os_error
+from .base import Callback, Engine, _current_task, advance, os_error
 
 T = TypeVar("T")
 
@@ -65,6 +65,24 @@ def _read_all(fd: int, buf: memoryview, offset: int) -> int:
             break
         done += got
     return done
+
+
+def _readv_all(fd: int, views: list[memoryview], offset: int) -> int:
+    n = sum(len(v) for v in views)
+    done = os.preadv(fd, views, offset)
+    while done < n:
+        got = os.preadv(fd, advance(views, done), offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _writev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    n = sum(len(v) for v in views)
+    done = os.pwritev(fd, views, offset)
+    while done < n:
+        done += os.pwritev(fd, advance(views, done), offset + done)
 
 
 def _write_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -140,6 +158,12 @@ class ThreadPool(Engine):
 
     async def write(self, fd: int, buf: memoryview, offset: int) -> None:
         await self.call(_write_all, fd, buf, offset)
+
+    async def readv(self, fd: int, views: list[memoryview], offset: int) -> int:
+        return await self.call(_readv_all, fd, views, offset)
+
+    async def writev(self, fd: int, views: list[memoryview], offset: int) -> None:
+        await self.call(_writev_all, fd, views, offset)
 
     async def fdatasync(self, fd: int) -> None:
         await self.call(os.fdatasync, fd)

@@ -49,7 +49,7 @@ _syscall.restype = ctypes.c_long
 NR_SETUP, NR_ENTER = 425, 426
 FEAT_SINGLE_MMAP = 1
 OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
-OP_FSYNC, OP_READ, OP_WRITE = 3, 22, 23
+OP_READV, OP_WRITEV, OP_FSYNC, OP_READ, OP_WRITE = 1, 2, 3, 22, 23
 FSYNC_DATASYNC = 1
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, rw_flags,
@@ -65,6 +65,7 @@ ENTRIES = 256
 class Uring(KernelEngine):
     name = "io_uring"
     READ, WRITE = OP_READ, OP_WRITE
+    READV, WRITEV = OP_READV, OP_WRITEV
 
     def __init__(self, entries: int = ENTRIES) -> None:
         if platform.machine() not in ("x86_64", "AMD64"):
