@@ -455,13 +455,31 @@ class VduseDevice:
             async with trio.open_nursery() as requests:
                 with trio.CancelScope() as ring.pop_scope:
                     task_status.started()
+                    handler = self.export.handler
                     try:
+                        served = 0
                         while True:
-                            await trio.lowlevel.wait_readable(kick)
-                            with contextlib.suppress(BlockingIOError, InterruptedError):
-                                os.read(kick, 8)
+                            if served < queue.size:
+                                await trio.lowlevel.wait_readable(kick)
+                                with contextlib.suppress(BlockingIOError, InterruptedError):
+                                    os.read(kick, 8)
+                            else:
+                                await trio.lowlevel.checkpoint()
+                            # what the page cache serves is done here, without
+                            # a task (BlkHandler.process_now); up to a ring's
+                            # worth, then the other tasks get a turn
+                            served = 0
                             while (chain := queue.pop()) is not None:
-                                requests.start_soon(self._request, ring, queue, chain)
+                                used = handler.process_now(chain)
+                                if used is None:
+                                    requests.start_soon(self._request, ring, queue, chain)
+                                    continue
+                                queue.push(chain.head, used)
+                                served += 1
+                                if served >= queue.size:
+                                    break
+                            if served and not ring.notify_pending:
+                                self._inject(ring, queue)
                     except VirtqueueError as e:
                         self._panic(ring, str(e))
         finally:
@@ -481,6 +499,10 @@ class VduseDevice:
         ring.notify_pending = True
         await trio.lowlevel.cancel_shielded_checkpoint()
         ring.notify_pending = False
+        self._inject(ring, queue)
+
+    def _inject(self, ring: Ring, queue: SplitQueue) -> None:
+        """The used-buffer interrupt, if the driver wants one now."""
         try:
             if queue.notify_needed():
                 fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, _U32.pack(ring.index))

@@ -541,10 +541,28 @@ class FrontEnd:
                     # chains a previous back-end took and never answered
                     for old in resubmit:
                         requests.start_soon(self._request, vring, queue, old)
+                    handler = self.export.handler
                     try:
                         while True:
+                            # what the page cache serves is done here, without
+                            # a task (BlkHandler.process_now); up to a ring's
+                            # worth, then the other tasks get a turn
+                            served = 0
                             while (chain := queue.pop()) is not None:
-                                requests.start_soon(self._request, vring, queue, chain)
+                                used = handler.process_now(chain)
+                                if used is None:
+                                    requests.start_soon(self._request, vring, queue, chain)
+                                    continue
+                                queue.push(chain.head, used)
+                                served += 1
+                                if served >= queue.size:
+                                    break
+                            if served:
+                                if not vring.notify_pending and queue.notify_needed():
+                                    vring.signal()
+                                if served >= queue.size:
+                                    await trio.lowlevel.checkpoint()
+                                    continue
                             await trio.lowlevel.wait_readable(kick)
                             with contextlib.suppress(BlockingIOError, InterruptedError):
                                 os.read(kick, 8)

@@ -324,3 +324,65 @@ async def test_fuzz_requests_keep_the_model(rtype, sector, body, indirect, writa
     finally:
         mem.close()
         ram.close()
+
+
+class CachedDisk(ModelDisk):
+    """A model whose fast paths serve everything (the page cache)."""
+
+    def read_into_now(self, offset, views):
+        self.calls.append(("read_into_now", offset, sum(len(v) for v in views)))
+        pos = offset
+        for v in views:
+            v[:] = self.data[pos:pos + len(v)]
+            pos += len(v)
+        return True
+
+    def write_now(self, offset, mv):
+        self.calls.append(("write_now", offset, len(mv)))
+        self.data[offset:offset + len(mv)] = mv
+        return True
+
+
+async def test_process_now_serves_cached_reads_and_writes(env):
+    ram, drv, q, _ = env
+    disk = CachedDisk()
+    h = B.BlkHandler(disk, writable=True)
+    payload = bytes(range(256)) * 8
+    # a write in one buffer after the header, and one sharing the header's
+    for bufs in ([(outhdr(B.VIRTIO_BLK_T_OUT, 8), False), (payload, False), (1, True)],
+                 [(outhdr(B.VIRTIO_BLK_T_OUT, 8) + payload, False), (1, True)]):
+        _, offs = drv.add(bufs)
+        chain = q.pop()
+        assert h.process_now(chain) == 1
+        q.push(chain.head, 1)
+        assert ram.get(offs[-1], 1) == b"\0"
+        assert disk.data[4096:4096 + len(payload)] == payload
+    assert [c[0] for c in disk.calls] == ["write_now", "write_now"]
+    _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (1000, True), (1048, True),
+                       (1, True)])
+    chain = q.pop()
+    assert h.process_now(chain) == 2049
+    assert ram.get(offs[1], 1000) + ram.get(offs[2], 1048) == payload
+    assert ram.get(offs[3], 1) == b"\0"
+    q.push(chain.head, 2049)
+    # what it leaves to process(): errors, other types, writethrough, read-only
+    cases = [
+        ([(outhdr(B.VIRTIO_BLK_T_IN, DISK // 512), False), (512, True), (1, True)], {}),
+        ([(outhdr(B.VIRTIO_BLK_T_FLUSH), False), (1, True)], {}),
+        ([(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"x" * 512, False), (1, True)],
+         {"writethrough": True}),
+        ([(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"x" * 512, False), (1, True)],
+         {"writable": False}),
+        ([(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"x" * 512, False), (b"y" * 512, False),
+          (1, True)], {}),
+        ([(outhdr(B.VIRTIO_BLK_T_IN)[:8], False), (outhdr(B.VIRTIO_BLK_T_IN)[8:], False),
+          (512, True), (1, True)], {}),
+    ]
+    for bufs, kw in cases:
+        hk = B.BlkHandler(disk, **{"writable": True, **kw})
+        drv.add(bufs)
+        chain = q.pop()
+        n = len(disk.calls)
+        assert hk.process_now(chain) is None, bufs
+        assert len(disk.calls) == n
+        q.push(chain.head, await hk.process(chain))
