@@ -26,6 +26,7 @@ friends before the reply, as with qemu-storage-daemon.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import signal
@@ -92,6 +93,9 @@ class PidFile:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        # an exit that skips the shutdown (QEMU's exit(1) of blkverify)
+        # still removes it, as qemu-storage-daemon's atexit handler does
+        atexit.register(self.remove)
 
     def remove(self) -> None:
         if self.fd < 0:

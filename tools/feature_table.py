@@ -55,6 +55,10 @@ NOTES: dict[str, str] = {
             "volumes are refused; blockdev-create and x-blockdev-amend of key slots",
     "secret": "data or file, format raw or base64, keyid/iv decryption; loaded at creation",
     "blockdev-create": "drivers file, qcow2 (encryption included), luks and rbd",
+    "preallocate": "prealloc-align, prealloc-size; the preallocation is cut at close "
+                   "(QEMU also when the filter loses write/resize permission)",
+    "compress": "over qcow2; partial clusters padded, no overwrite of a cluster, as QEMU",
+    "blkverify": "a mismatch prints QEMU's message and exits 1, as qemu-storage-daemon",
     "driver:file": "aio=threads (a pool of worker threads, the default), io_uring and "
                    "native (Linux AIO, with cache.direct=on), as QEMU; cache.direct=on "
                    "with QEMU's alignment probe and padded (read-modify-write) requests",

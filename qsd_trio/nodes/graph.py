@@ -61,6 +61,7 @@ DRIVER_MODULES = {
     "bochs": "bochs",
     "cloop": "cloop",
     "dmg": "dmg",
+    "preallocate": "preallocate", "compress": "compress", "blkverify": "blkverify",
 }
 
 

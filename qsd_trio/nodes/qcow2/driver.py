@@ -56,7 +56,6 @@ from .cluster import (
     alloc_bytes,
     data_host,
     discard_clusters,
-    free_entry_host,
     grow_l1,
     inplace_plan,
     l2_entry,
@@ -88,7 +87,6 @@ from .header import (
 from .l2 import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    QCOW_OFLAG_COMPRESSED,
     L2Cache,
     compressed_entry,
     compressed_extent,
@@ -955,6 +953,10 @@ class Qcow2Node(BlockNode):
             async with locked(self, offset, len(mv)):
                 gc = offset >> self.cb
                 old = await l2_entry(self, gc)
+                if old & L2E_OFFSET_MASK:
+                    # compression can't overwrite anything
+                    # (qcow2_alloc_compressed_cluster_offset)
+                    raise OSError(errno.EIO, "Input/output error")
                 table = await l2_for_write(self, gc >> self.l2_bits)
                 await self._set_dirty()
                 coff = await alloc_bytes(self, len(comp))
@@ -967,8 +969,6 @@ class Qcow2Node(BlockNode):
                     table[2 * idx], table[2 * idx + 1] = e, 0
                 else:
                     table[idx] = e
-                if old & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
-                    free_entry_host(self, old)
                 self.l2cache.mark_dirty(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
             self._mark_write(offset, len(mv))
         finally:
