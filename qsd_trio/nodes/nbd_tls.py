@@ -92,7 +92,10 @@ def client_tls(objects: dict[str, Any], creds_id: str, hostname: str | None) -> 
         if (err := _missing(path)) is not None:
             raise err
         username = props.get("username") or "qemu"
-        key = _psk_key(path, username)
+        # pyOpenSSL, loaded with PSK credentials (and the server's PSK file reader)
+        from ..exports.tls_psk import lookup_key
+
+        key = lookup_key(path, username)
         if key is None:
             raise GenericError(f"Username {username} not found in PSK file {path}")
         return ClientTls("psk", psk=(username, key), key_file=path)
@@ -115,23 +118,6 @@ def client_tls(objects: dict[str, Any], creds_id: str, hostname: str | None) -> 
         raise GenericError(f"Cannot load TLS credentials from '{d}': {e}") from None
     ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
     return ClientTls("x509", context=ctx, verify=verify, hostname=hostname)
-
-
-def _psk_key(path: str, identity: str) -> bytes | None:
-    """``identity``'s key in a GnuTLS PSK file (``identity:hexkey`` lines)."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        name, sep, hexkey = line.partition(":")
-        if sep and name == identity:
-            try:
-                return bytes.fromhex(hexkey.strip())
-            except ValueError:
-                return None
-    return None
 
 
 class TlsError(Exception):
