@@ -22,11 +22,12 @@ from typing import Any
 import trio
 
 from . import QEMU_VERSION, __version__, activation, trace
+from .chardev import options as chardev_options
 from .daemon import Action, Daemon, StartupError
 from .memory import tune_gc, tune_malloc
 from .metrics import opt_metrics
 from .monitor import dispatch, registry
-from .monitor.chardev import add_chardev
+from .monitor.chardev import add_chardev, remove_chardev
 from .monitor.session import Monitor
 from .objects.qom import USER_CREATABLE, object_properties
 from .qapi import keyval, qemuopts, schema
@@ -250,68 +251,8 @@ def opt_object(value: str) -> Action:
 
 def chardev_backend(value: str) -> tuple[str, dict[str, Any]]:
     """QEMU's legacy -chardev syntax -> (id, ChardevBackend in QMP form)."""
-    opts = qemuopts.parse_flat(value, "backend")
-    backend = opts.pop("backend", None)
-    id = opts.pop("id", None)
-    if backend is None:
-        raise GenericError("chardev: \"{}\" missing backend".format(id or ""))
-    if id is None:
-        raise GenericError("Parameter 'id' is missing")
-
-    def flag(key: str, default: bool) -> bool:
-        return _on_off(key, opts.pop(key, None), default)
-
-    data: dict[str, Any] = {}
-    if backend == "socket":
-        path, host, port, fd = (opts.pop(k, None) for k in ("path", "host", "port", "fd"))
-        server = flag("server", False)
-        wait = flag("wait", True)
-        nodelay = flag("nodelay", False)
-        opts.pop("delay", None)
-        for k in ("telnet", "tn3270", "websocket", "reconnect", "mux", "ipv4", "ipv6", "to",
-                  "logfile", "logappend", "tls-creds", "tls-authz", "abstract", "tight"):
-            opts.pop(k, None)
-        if path is not None:
-            addr = {"type": "unix", "data": {"path": path}}
-        elif host is not None or port is not None:
-            if port is None:
-                raise GenericError("chardev: socket: no port given")
-            addr = {"type": "inet", "data": {"host": host or "", "port": port}}
-        else:
-            if fd is None:
-                fd = ""
-            # a number, or the name of a socket-activated descriptor; an
-            # unknown name fails now, before any option takes effect
-            if not activation.known(fd):
-                try:
-                    int(fd)
-                except ValueError:
-                    activation.socket_fd(fd, f"Unable to parse FD number {fd}")
-            addr = {"type": "fd", "data": {"str": fd}}
-        data = {"addr": addr, "server": server, "nodelay": nodelay}
-        if server:
-            data["wait"] = wait
-    elif backend in ("ringbuf", "memory"):
-        if "size" in opts:
-            data["size"] = qemuopts.parse_size("size", opts.pop("size"))
-    elif backend == "file":
-        path = opts.pop("path", None)
-        if path is None:
-            raise GenericError("chardev: file: no filename given")
-        data = {"out": path, "append": flag("append", False)}
-        if "input-path" in opts:
-            data["in"] = opts.pop("input-path")
-    elif backend == "stdio":
-        flag("signal", True)
-    elif backend == "null":
-        pass
-    else:
-        raise GenericError(f"'{backend}' is not a valid char driver name")
-    for key in ("logfile", "logappend", "mux"):
-        opts.pop(key, None)
-    if opts:
-        raise GenericError(f"Invalid parameter '{next(iter(opts))}'")
-    return id, {"type": backend, "data": data}
+    id, backend, _mux = chardev_options.parse(value)
+    return id, backend
 
 
 def _on_off(key: str, value: str | None, default: bool) -> bool:
@@ -326,10 +267,20 @@ def _on_off(key: str, value: str | None, default: bool) -> bool:
 
 
 def opt_chardev(value: str) -> Action:
-    id, backend = chardev_backend(value)
+    id, backend, mux = chardev_options.parse(value)
 
     async def action(daemon: Daemon) -> None:
-        await add_chardev(daemon, id, backend)
+        if not mux:
+            await add_chardev(daemon, id, backend, announce=True)
+            return
+        # mux=on: the backend as ID-base, a mux named ID over it
+        # (qemu_chr_new_from_opts); the base goes again if the mux fails
+        await add_chardev(daemon, f"{id}-base", backend, announce=True)
+        try:
+            await add_chardev(daemon, id, {"type": "mux", "data": {"chardev": f"{id}-base"}})
+        except BaseException:
+            await remove_chardev(daemon, f"{id}-base")
+            raise
     return action
 
 

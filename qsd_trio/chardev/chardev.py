@@ -1,5 +1,6 @@
 """Character devices: socket (unix, inet, inherited fd; server or client),
-stdio, ringbuf/memory, null, file.
+stdio, ringbuf/memory, null, file here; pipe, serial, parallel and pty in
+:mod:`.fd`, udp in :mod:`.udp`, mux in :mod:`.mux`.
 
 A chardev is created by ``chardev-add`` (and ``--chardev``, which goes
 through the same code).  A frontend (a QMP monitor) takes it with
@@ -10,12 +11,15 @@ the next wait in the listen backlog until that one leaves.
 
 Resources: a socket chardev owns its listening socket, released by
 :meth:`Chardev.aclose` (``chardev-remove`` and shutdown); a unix socket path
-it created is unlinked then.
+it created is unlinked then.  Every backend may have a ``logfile`` (QEMU's
+ChardevCommon): what the chardev writes is copied there; it is opened
+before the backend (its error first) and closed by :meth:`Chardev.aclose`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket as pysocket
 import sys
@@ -37,33 +41,117 @@ class Chardev:
     def __init__(self, id: str):
         self.id = id
         self.frontend: object | None = None
+        self.logfile: str | None = None   # ChardevCommon
+        self.logappend = False
+        self.logfd = -1
 
     @property
     def filename(self) -> str:
         return self.backend
 
+    def frontend_open(self) -> bool:
+        # QEMU's be->fe_open: a mux opens its base only once a frontend of
+        # its own (a monitor) has set its handlers
+        fe = self.frontend
+        if isinstance(fe, Chardev):
+            return fe.frontend_open()
+        return fe is not None
+
+    def busy(self) -> bool:
+        """qemu_chr_is_busy: chardev-remove refuses a chardev in use."""
+        return self.frontend is not None
+
     def info(self) -> dict[str, Any]:
-        return {"frontend-open": self.frontend is not None, "filename": self.filename,
+        return {"frontend-open": self.frontend_open(), "filename": self.filename,
                 "label": self.id}
 
+    def common(self, data: dict[str, Any]) -> Chardev:
+        """Take ChardevCommon's members (logfile, logappend) from ``data``."""
+        self.logfile = data.get("logfile")
+        self.logappend = bool(data.get("logappend", False))
+        return self
+
+    def bind(self, daemon: Any) -> None:
+        """Learn about the daemon (a mux finds its base chardev there)."""
+
     async def setup(self) -> None:
+        """The log file, then the backend's resources; raises QapiError
+        (qemu_char_open's order)."""
+        if self.logfile is not None:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.logappend else os.O_TRUNC)
+            try:
+                self.logfd = os.open(self.logfile, flags, 0o666)
+            except OSError as e:
+                raise GenericError(f"Could not create '{self.logfile}': {e.strerror}") from None
+        try:
+            await self.open()
+        except BaseException:
+            self._close_log()
+            raise
+
+    async def open(self) -> None:
         """Create the backend's resources (bind, open); raises QapiError."""
 
     def attach(self, frontend: object) -> None:
         if self.frontend is not None:
-            raise GenericError(f"chardev '{self.id}' is already in use")
+            raise GenericError(f"Device '{self.id}' is in use")
         self.frontend = frontend
+
+    def detach(self, frontend: object) -> None:
+        if self.frontend is frontend:
+            self.frontend = None
 
     async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
         """Yield a stream per client, one at a time, until the chardev closes."""
         return
         yield  # pragma: no cover
 
+    async def connections_for(self, frontend: object) -> AsyncGenerator[trio.abc.Stream, None]:
+        """:meth:`connections` as ``frontend`` sees them (with the log file
+        copying what is written, when there is one)."""
+        async with contextlib.aclosing(self.connections()) as conns:
+            async for stream in conns:
+                yield stream if self.logfd < 0 else LoggedStream(stream, self)
+
+    def log(self, data: bytes) -> None:
+        if self.logfd >= 0 and data:
+            try:
+                os.write(self.logfd, data)
+            except OSError:
+                pass  # QEMU ignores a failing log write too
+
     async def write(self, data: bytes) -> None:
         """Write to the backend with no client (file, null, ringbuf)."""
+        self.log(data)
+
+    def _close_log(self) -> None:
+        if self.logfd >= 0:
+            os.close(self.logfd)
+            self.logfd = -1
 
     async def aclose(self) -> None:
-        return None
+        self._close_log()
+
+
+class LoggedStream(trio.abc.Stream):
+    """A chardev's stream whose writes are also copied to its log file."""
+
+    def __init__(self, stream: trio.abc.Stream, chardev: Chardev):
+        self.stream = stream
+        self.chardev = chardev
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+        self.chardev.log(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class NullChardev(Chardev):
@@ -92,6 +180,7 @@ class RingbufChardev(Chardev):
         return "ringbuf"
 
     async def write(self, data: bytes) -> None:
+        self.log(data)
         self.buf += data
         if len(self.buf) > self.size:
             del self.buf[: len(self.buf) - self.size]
@@ -120,7 +209,7 @@ class FileChardev(Chardev):
     def filename(self) -> str:
         return "file"
 
-    async def setup(self) -> None:
+    async def open(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.append else os.O_TRUNC)
         try:
             self.fd = os.open(self.out, flags, 0o666)
@@ -128,12 +217,14 @@ class FileChardev(Chardev):
             raise GenericError(f"Could not open '{self.out}': {e.strerror}") from None
 
     async def write(self, data: bytes) -> None:
+        self.log(data)
         os.write(self.fd, data)
 
     async def aclose(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        await super().aclose()
 
 
 class StdioChardev(Chardev):
@@ -193,7 +284,7 @@ class SocketChardev(Chardev):
                 pass
         return base
 
-    async def setup(self) -> None:
+    async def open(self) -> None:
         t = self.addr["type"]
         d = self.addr["data"]
         if not self.server:
@@ -286,6 +377,7 @@ class SocketChardev(Chardev):
             except OSError:
                 pass
             self._unlink = None
+        await super().aclose()
 
 
 def _unlink_stale(path: str) -> None:
@@ -320,18 +412,35 @@ def _inherited_listener(s: str) -> trio.socket.SocketType:
 
 def make_chardev(id: str, backend: dict[str, Any]) -> Chardev:
     """A chardev from a ChardevBackend in QMP form ({'type':..., 'data':{...}})."""
+    from . import fd, mux, udp
+
     t = backend["type"]
     d: dict[str, Any] = backend.get("data") or {}
+    chr: Chardev
     if t == "null":
-        return NullChardev(id)
-    if t in ("ringbuf", "memory"):
-        return RingbufChardev(id, d.get("size", 65536))
-    if t == "file":
-        return FileChardev(id, d["out"], d.get("append", False), d.get("in"))
-    if t == "stdio":
-        return StdioChardev(id)
-    if t == "socket":
+        chr = NullChardev(id)
+    elif t in ("ringbuf", "memory"):
+        chr = RingbufChardev(id, d.get("size", 65536))
+    elif t == "file":
+        chr = FileChardev(id, d["out"], d.get("append", False), d.get("in"))
+    elif t == "stdio":
+        chr = StdioChardev(id)
+    elif t == "socket":
         server = d.get("server", True)
-        return SocketChardev(id, d["addr"], server, d.get("wait", True) if server else False,
-                             d.get("nodelay", False))
-    raise GenericError(f"'{t}' is not a valid char driver name")
+        chr = SocketChardev(id, d["addr"], server, d.get("wait", True) if server else False,
+                            d.get("nodelay", False))
+    elif t == "pipe":
+        chr = fd.PipeChardev(id, d["device"])
+    elif t == "serial":
+        chr = fd.SerialChardev(id, d["device"])
+    elif t == "parallel":
+        chr = fd.ParallelChardev(id, d["device"])
+    elif t == "pty":
+        chr = fd.PtyChardev(id)
+    elif t == "udp":
+        chr = udp.UdpChardev(id, d["remote"], d.get("local"))
+    elif t == "mux":
+        chr = mux.MuxChardev(id, d["chardev"])
+    else:
+        raise GenericError(f"'{t}' is not a valid char driver name")
+    return chr.common(d)

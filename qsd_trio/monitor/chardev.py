@@ -6,6 +6,7 @@ import base64
 from typing import TYPE_CHECKING, Any
 
 from ..chardev.chardev import BACKENDS, Chardev, RingbufChardev, make_chardev
+from ..chardev.fd import PtyChardev
 from ..objects.qom import check_id
 from ..qapi import schema
 from ..qapi.errors import GenericError
@@ -23,36 +24,53 @@ def _find(daemon: Daemon, id: str) -> Chardev:
     return chr
 
 
-async def add_chardev(daemon: Daemon, id: str, backend: dict[str, Any]) -> Chardev:
+async def add_chardev(daemon: Daemon, id: str, backend: dict[str, Any],
+                      announce: bool = False) -> Chardev:
+    """Create, open and register a chardev.  ``announce``: print what QEMU
+    prints at startup (a pty's path), which a QMP command does not."""
     check_id(id)
     if id in daemon.chardevs:
         raise GenericError(f"attempt to add duplicate property '{id}' to object (type 'container')")
-    chr = make_chardev(id, backend)
+    chr = _new(daemon, id, backend, announce)
     await chr.setup()
     daemon.chardevs[id] = chr
     daemon.chardev_slots.insert(id)
     return chr
 
 
+def _new(daemon: Daemon, id: str, backend: dict[str, Any], announce: bool = False) -> Chardev:
+    chr = make_chardev(id, backend)
+    chr.bind(daemon)
+    if isinstance(chr, PtyChardev):
+        chr.announce = announce
+    return chr
+
+
+async def remove_chardev(daemon: Daemon, id: str) -> None:
+    chr = _find(daemon, id)
+    if chr.busy():
+        raise GenericError(f"Chardev '{id}' is busy")
+    del daemon.chardevs[id]
+    daemon.chardev_slots.remove(id)
+    await chr.aclose()
+
+
 @command("chardev-add")
 async def chardev_add(daemon: Daemon, args: Any) -> dict[str, Any]:
     try:
-        await add_chardev(daemon, args.id, schema.to_qmp(args.backend))
+        chr = await add_chardev(daemon, args.id, schema.to_qmp(args.backend))
     except GenericError as e:
         if e.desc.startswith("attempt to add duplicate"):
             raise
         raise e.prefixed(f"Failed to add chardev '{args.id}': ") from None
+    if isinstance(chr, PtyChardev):
+        return {"pty": chr.pty_name}
     return {}
 
 
 @command("chardev-remove")
 async def chardev_remove(daemon: Daemon, args: Any) -> None:
-    chr = _find(daemon, args.id)
-    if chr.frontend is not None:
-        raise GenericError(f"Chardev '{args.id}' is busy")
-    del daemon.chardevs[args.id]
-    daemon.chardev_slots.remove(args.id)
-    await chr.aclose()
+    await remove_chardev(daemon, args.id)
 
 
 @command("chardev-change")
@@ -61,7 +79,7 @@ async def chardev_change(daemon: Daemon, args: Any) -> dict[str, Any]:
     if old.frontend is not None:
         # QEMU lets only frontends that support hotswap change; a QMP monitor doesn't
         raise GenericError("Chardev user does not support chardev hotswap")
-    new = make_chardev(args.id, schema.to_qmp(args.backend))
+    new = _new(daemon, args.id, schema.to_qmp(args.backend))
     await new.setup()
     daemon.chardevs[args.id] = new
     # QEMU unparents the old chardev and adds the new one as a child anew

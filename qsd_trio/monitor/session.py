@@ -50,7 +50,7 @@ class Monitor:
         await self.daemon.accepting.wait()
         # closed here, not by the garbage collector, when the monitor is
         # cancelled at shutdown (which would warn under -W default)
-        async with contextlib.aclosing(self.chardev.connections()) as connections:
+        async with contextlib.aclosing(self.chardev.connections_for(self)) as connections:
             async for stream in connections:
                 self.session = QmpSession(self.daemon, stream, self.pretty)
                 try:

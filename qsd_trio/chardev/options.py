@@ -1,0 +1,175 @@
+"""``--chardev``: QEMU's legacy chardev options (qemu_chardev_opts, then
+each backend's ``parse`` hook in chardev/char-*.c) to a ChardevBackend in
+QMP form.
+
+The option names and types are checked first, for every backend, as
+QemuOpts does; then the backend's own parser picks the options it knows
+and ignores the rest (``pty,id=c,path=x`` is accepted, as in QEMU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import activation
+from ..qapi import qemuopts
+from ..qapi.errors import GenericError, warn_report
+
+# qemu_chardev_opts (chardev/char.c, 7.2): name -> type
+OPTS: dict[str, str] = {
+    "backend": "string", "path": "string", "input-path": "string", "host": "string",
+    "port": "string", "fd": "string", "localaddr": "string", "localport": "string",
+    "to": "number", "ipv4": "bool", "ipv6": "bool", "wait": "bool", "server": "bool",
+    "delay": "bool", "nodelay": "bool", "reconnect": "number", "telnet": "bool",
+    "tn3270": "bool", "tls-creds": "string", "tls-authz": "string", "websocket": "bool",
+    "width": "number", "height": "number", "cols": "number", "rows": "number",
+    "mux": "bool", "signal": "bool", "name": "string", "debug": "number", "size": "size",
+    "chardev": "string", "append": "bool", "logfile": "string", "logappend": "bool",
+    "mouse": "bool", "clipboard": "bool", "tight": "bool", "abstract": "bool",
+}
+
+# deprecated aliases (char_get_class)
+ALIASES = {"tty": "serial", "parport": "parallel"}
+
+BACKENDS_PARSED = ("socket", "ringbuf", "memory", "file", "stdio", "null", "pipe", "serial",
+                   "parallel", "pty", "udp", "mux")
+
+
+def on_off(key: str, value: str | None, default: bool) -> bool:
+    """A QemuOpts boolean: on/yes/true or the bare key, off/no/false."""
+    if value is None:
+        return default
+    if value in ("on", "yes", "true", ""):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise GenericError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def _check_types(opts: dict[str, str]) -> None:
+    for key, value in opts.items():
+        kind = OPTS.get(key)
+        if kind is None and key != "id":
+            raise GenericError(f"Invalid parameter '{key}'")
+        if kind == "bool":
+            on_off(key, value, False)
+        elif kind == "number":
+            try:
+                int(value, 0)
+            except ValueError:
+                raise GenericError(f"Parameter '{key}' expects a number") from None
+        elif kind == "size":
+            qemuopts.parse_size(key, value)
+
+
+def _common(opts: dict[str, str], data: dict[str, Any]) -> dict[str, Any]:
+    """qemu_chr_parse_common."""
+    if "logfile" in opts:
+        data["logfile"] = opts["logfile"]
+    if "logappend" in opts:
+        data["logappend"] = on_off("logappend", opts["logappend"], False)
+    return data
+
+
+def _hostdev(opts: dict[str, str], what: str) -> dict[str, Any]:
+    device = opts.get("path")
+    if device is None:
+        raise GenericError(f"chardev: {what}: no device path given")
+    return _common(opts, {"device": device})
+
+
+def parse(value: str) -> tuple[str, dict[str, Any], bool]:
+    """``--chardev VALUE`` -> (id, ChardevBackend in QMP form, mux=on)."""
+    opts = qemuopts.parse_flat(value, "backend")
+    _check_types(opts)
+    backend = opts.get("backend")
+    id = opts.get("id")
+    if backend is None:
+        raise GenericError("chardev: \"{}\" missing backend".format(id or ""))
+    if id is None:
+        raise GenericError("Parameter 'id' is missing")
+    if backend in ALIASES:
+        warn_report(f"The alias '{backend}' is deprecated, use '{ALIASES[backend]}' instead")
+        backend = ALIASES[backend]
+
+    def flag(key: str, default: bool) -> bool:
+        return on_off(key, opts.get(key), default)
+
+    data: dict[str, Any] = {}
+    if backend == "socket":
+        path, host, port, fd = (opts.get(k) for k in ("path", "host", "port", "fd"))
+        server = flag("server", False)
+        wait = flag("wait", True)
+        nodelay = flag("nodelay", False)
+        if path is not None:
+            addr = {"type": "unix", "data": {"path": path}}
+        elif host is not None or port is not None:
+            if port is None:
+                raise GenericError("chardev: socket: no port given")
+            addr = {"type": "inet", "data": {"host": host or "", "port": port}}
+        else:
+            if fd is None:
+                fd = ""
+            # a number, or the name of a socket-activated descriptor; an
+            # unknown name fails now, before any option takes effect
+            if not activation.known(fd):
+                try:
+                    int(fd)
+                except ValueError:
+                    activation.socket_fd(fd, f"Unable to parse FD number {fd}")
+            addr = {"type": "fd", "data": {"str": fd}}
+        data = {"addr": addr, "server": server, "nodelay": nodelay}
+        if server:
+            data["wait"] = wait
+        _common(opts, data)
+    elif backend in ("ringbuf", "memory"):
+        if "size" in opts:
+            data["size"] = qemuopts.parse_size("size", opts["size"])
+        _common(opts, data)
+    elif backend == "file":
+        path = opts.get("path")
+        if path is None:
+            raise GenericError("chardev: file: no filename given")
+        data = _common(opts, {"out": path, "append": flag("append", False)})
+        if "input-path" in opts:
+            data["in"] = opts["input-path"]
+    elif backend == "stdio":
+        flag("signal", True)
+        _common(opts, data)
+    elif backend in ("null", "pty"):
+        _common(opts, data)
+    elif backend == "pipe":
+        data = _hostdev(opts, "pipe")
+    elif backend == "serial":
+        data = _hostdev(opts, "serial/tty")
+    elif backend == "parallel":
+        data = _hostdev(opts, "parallel")
+    elif backend == "udp":
+        data = _udp(opts)
+    elif backend == "mux":
+        chardev = opts.get("chardev")
+        if chardev is None:
+            raise GenericError("chardev: mux: no chardev given")
+        data = _common(opts, {"chardev": chardev})
+    else:
+        raise GenericError(f"'{backend}' is not a valid char driver name")
+    return id, {"type": backend, "data": data}, flag("mux", False)
+
+
+def _udp(opts: dict[str, str]) -> dict[str, Any]:
+    """qemu_chr_parse_udp."""
+    host = opts.get("host") or "localhost"
+    port = opts.get("port")
+    if not port:
+        raise GenericError("chardev: udp: remote port not specified")
+    localport = opts.get("localport") or ""
+    localaddr = opts.get("localaddr") or ""
+    has_local = bool(localport or localaddr)
+    remote: dict[str, Any] = {"host": host, "port": port}
+    for k in ("ipv4", "ipv6"):
+        if k in opts:
+            remote[k] = on_off(k, opts[k], False)
+    data = _common(opts, {"remote": {"type": "inet", "data": remote}})
+    if has_local:
+        data["local"] = {"type": "inet", "data": {"host": localaddr, "port": localport or "0"}}
+    return data
