@@ -15,8 +15,9 @@ handler, the node layer, the driver and the I/O engine, plus the ring
 walking the export does.
 
 Workloads: 4 KiB random reads and writes at QD16 (one segment), 1 MiB
-sequential reads and writes at QD4 (SEGMENTS page-aligned segments of
-64 KiB, as a guest's scattered pages).  Places: ``null`` (null-co: the
+sequential reads and writes at QD4 (``--segments`` page-aligned data
+buffers, 16 of 64 KiB by default; a guest's scattered pages can make up to
+seg_max = 126).  Places: ``null`` (null-co: the
 fixed cost of the harness, the handler and the node layer), ``shm`` (a
 file on tmpfs), ``disk`` (a file on $QSD_BENCH_DISK or /var/tmp, read into
 the page cache first), ``direct`` (the same file, cache.direct=on) with
@@ -78,10 +79,11 @@ class Slots:
     """QD request slots in guest RAM, each a fixed indirect table: header,
     data segments, status byte."""
 
-    def __init__(self, depth: int, size: int):
-        nseg = 1 if size <= 4096 else SEGMENTS
-        seg = size // nseg
-        per_slot = 4096 + size  # table, header and status in a page, then data
+    def __init__(self, depth: int, size: int, segments: int):
+        nseg = 1 if size <= 4096 else segments
+        seg = size // nseg // 4096 * 4096
+        last = size - seg * (nseg - 1)
+        per_slot = 8192 + size  # two tables, header and status, then data
         self.ram = GuestRam(size=DATA0 + depth * per_slot)
         self.mem = self.ram.memory()
         self.drv = Driver(self.ram, size=RING, data_start=DATA0)
@@ -92,18 +94,19 @@ class Slots:
         self.read_table: list[int] = []
         for s in range(depth):
             base = DATA0 + s * per_slot
-            hdr, status, data = base + 2048, base + 2560, base + 4096
+            hdr, status, data = base + 4096, base + 4608, base + 8192
             self.hdr.append(hdr)
             bufs = ([(self.ram.gpa(hdr), 16, 0)]
-                    + [(self.ram.gpa(data + i * seg), seg, -1) for i in range(nseg)]
+                    + [(self.ram.gpa(data + i * seg), seg if i < nseg - 1 else last, -1)
+                       for i in range(nseg)]
                     + [(self.ram.gpa(status), 1, WRITE)])
-            for table, writable in ((base, WRITE), (base + 1024, 0)):
+            for table, writable in ((base, WRITE), (base + 2048, 0)):
                 # two tables per slot: data device-writable (reads) or not (writes)
                 for i, (addr, n, flags) in enumerate(bufs):
                     fl = (writable if flags < 0 else flags) | (NEXT if i < len(bufs) - 1 else 0)
                     self.drv.write_desc(table, i, addr, n, fl, i + 1)
             self.read_table.append(base)
-            self.write_table.append(base + 1024)
+            self.write_table.append(base + 2048)
         self.nbufs = nseg + 2
 
     def publish(self, slot: int, write: bool, sector: int) -> None:
@@ -119,11 +122,12 @@ class Slots:
 
 
 async def run_one(node_opts: dict[str, object], write: bool, size: int, depth: int,
-                  sequential: bool, seconds: float) -> tuple[float, float, float]:
+                  sequential: bool, seconds: float,
+                  segments: int = SEGMENTS) -> tuple[float, float, float]:
     """(user and system CPU µs per request, requests per second)"""
     graph = BlockGraph()
     node = await graph.add(node_opts)
-    slots = Slots(depth, size)
+    slots = Slots(depth, size, segments)
     try:
         h = B.BlkHandler(node, writable=True)
         nblocks = node.length // size
@@ -221,7 +225,8 @@ async def amain(opts: argparse.Namespace) -> None:
                     if p.get("direct"):
                         file_opts["cache"] = {"direct": True}
                 opts_ = {"driver": "raw", "node-name": "disk0", "file": file_opts}
-                user, system, rate = await run_one(opts_, write, size, depth, seq, opts.seconds)
+                user, system, rate = await run_one(opts_, write, size, depth, seq, opts.seconds,
+                                                   opts.segments)
                 print(f"| {pname} | {label} QD{depth} | {user + system:.1f} | {user:.1f} | "
                       f"{system:.1f} | {rate:.0f} | {rate * size / MiB:.0f} |", flush=True)
     finally:
@@ -233,6 +238,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per row")
+    ap.add_argument("--segments", type=int, default=SEGMENTS,
+                    help="data buffers per 1 MiB request (the guest's seg_max is 126)")
     ap.add_argument("--only", default="", help="comma-separated words a row must match "
                     "(place or workload names, e.g. shm,1m-read)")
     opts = ap.parse_args()

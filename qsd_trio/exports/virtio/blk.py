@@ -15,7 +15,6 @@ over as it is and the unit tests can hand over a model.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from typing import Protocol
 
@@ -294,14 +293,10 @@ class BlkHandler:
                 size = in_len - 1
                 if size <= 0 or not self._range_ok(sector, size):
                     return None
+                # (the views go with the list: slices of the region's view)
                 views = [r.view(o, k) for r, o, k in data_in]
-                try:
-                    if not self._read_now(sector << SECTOR_BITS, views):
-                        return None
-                finally:
-                    for v in views:
-                        with contextlib.suppress(BufferError):
-                            v.release()
+                if not self._read_now(sector << SECTOR_BITS, views):
+                    return None
             elif kind == VIRTIO_BLK_T_OUT:
                 if not self.writable or self.writethrough:
                     return None
@@ -345,19 +340,17 @@ class BlkHandler:
             offset = sector << SECTOR_BITS
             # the node reads into, and writes from, the guest's buffers as
             # they are (QEMU's preadv/pwritev on the request's iovecs)
+            # (no release(): the views are slices of the region's one view,
+            # and go, with the mapping if it was closed meanwhile, with the
+            # last reference; the engine holds them until its completion)
             views = [r.view(off, n) for r, off, n in segs]
-            try:
-                if is_write:
-                    if len(views) == 1:
-                        await self._write(offset, views[0])
-                    else:
-                        await backend.writev(offset, views, fua=self.writethrough)
-                elif not (size and self._read_now(offset, views)):
-                    await backend.read_into(offset, views)
-            finally:
-                for v in views:
-                    with contextlib.suppress(BufferError):
-                        v.release()
+            if is_write:
+                if len(views) == 1:
+                    await self._write(offset, views[0])
+                else:
+                    await backend.writev(offset, views, fua=self.writethrough)
+            elif not (size and self._read_now(offset, views)):
+                await backend.read_into(offset, views)
             return VIRTIO_BLK_S_OK
         if kind == VIRTIO_BLK_T_FLUSH:
             await backend.flush()

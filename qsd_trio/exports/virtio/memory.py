@@ -209,6 +209,11 @@ class GuestMemory:
         Raises:
             GuestMemoryError: any byte of the range is outside every region.
         """
+        for r in self.regions:
+            # the common case: all of it in one region
+            off = addr - r.guest_addr
+            if 0 <= off and off + length <= r.size:
+                return [(r, off, length)] if length > 0 else []
         out: list[Segment] = []
         while length > 0:
             for r in self.regions:

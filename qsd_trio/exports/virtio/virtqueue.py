@@ -339,8 +339,9 @@ class SplitQueue:
                 table, table_off = self.mem.gpa_region(addr, length)
             except GuestMemoryError as e:
                 raise VirtqueueError(f"indirect table: {e}") from None
-            i = 0
-            addr, length, flags, nxt = table.unpack_from(_DESC, table_off)
+            # the whole table in one read: one bounds check, not one per entry
+            descs = list(_DESC.iter_unpack(table.read(table_off, length)))
+            return self._walk_table(head, descs, limit)
         readable: list[Segment] = []
         writable: list[Segment] = []
         seen = 0
@@ -369,6 +370,41 @@ class SplitQueue:
                 raise VirtqueueError(f"descriptor next index {nxt} beyond {limit}")
             i = nxt
             addr, length, flags, nxt = table.unpack_from(_DESC, table_off + 16 * i)
+        return Chain(head, tuple(readable), tuple(writable))
+
+    def _walk_table(self, head: int, descs: list[tuple[int, int, int, int]],
+                    limit: int) -> Chain:
+        """_walk over an indirect table already read: the same checks."""
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        gpa_segments = self.mem.gpa_segments
+        i = 0
+        seen = 0
+        while True:
+            addr, length, flags, nxt = descs[i]
+            seen += 1
+            if seen > limit:
+                raise VirtqueueError("looped descriptor chain")
+            if flags & VRING_DESC_F_INDIRECT:
+                raise VirtqueueError("indirect descriptor inside a chain or an indirect table")
+            if length:
+                try:
+                    segs = gpa_segments(addr, length)
+                except GuestMemoryError as e:
+                    raise VirtqueueError(f"invalid address for buffers: {e}") from None
+                if flags & VRING_DESC_F_WRITE:
+                    writable.extend(segs)
+                else:
+                    if writable:
+                        raise VirtqueueError("device-readable descriptor after a device-writable one")
+                    readable.extend(segs)
+                if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
+                    raise VirtqueueError(f"more than {MAX_CHAIN_BUFFERS} buffers in a chain")
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if nxt >= limit:
+                raise VirtqueueError(f"descriptor next index {nxt} beyond {limit}")
+            i = nxt
         return Chain(head, tuple(readable), tuple(writable))
 
     # -- pushing ---------------------------------------------------------------------------
