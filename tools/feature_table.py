@@ -39,6 +39,12 @@ NOTES: dict[str, str] = {
     "vduse-blk": "every option of QEMU 7.2; needs the vduse kernel module (tested in a guest), "
                  "no reconnect log (docs/vduse.md)",
     "chardev-change": "refused for chardevs with a monitor, as QEMU does",
+    "chardev:pty": "path announced on stdout at startup and in chardev-add's reply; "
+                   "one QMP greeting on the first open (QEMU sends two)",
+    "chardev:udp": "QMP works over it (qemu-storage-daemon 7.2 crashes on the first command)",
+    "chardev:parallel": "Linux ppdev (PPCLAIM); no data flows, as in QEMU",
+    "chardev:mux": "up to 4 monitors; C-a h, c, t, x and C-a C-a as QEMU; C-a s does nothing "
+                   "(no -snapshot)",
     "x-blockdev-change": "not implemented (quorum only)",
     "x-blockdev-set-iothread": "not implemented: one trio event loop, iothread objects "
                                "are accepted but have no thread",
@@ -170,7 +176,7 @@ def _row(name: str, have: bool, table: str = "") -> str:
 
 
 def table() -> str:
-    from qsd_trio.chardev.chardev import BACKENDS
+    from qsd_trio.chardev.chardev import BACKENDS, implemented_backends
     from qsd_trio.monitor.control import implemented
     from qsd_trio.objects.qom import USER_CREATABLE
     from qsd_trio.qapi import schema
@@ -201,8 +207,8 @@ def table() -> str:
     out += [_row(j, c in have_cmds) for j, c in job_cmds.items()]
     out += ["", "### Character device backends", "", "| backend | status | notes |",
             "|---|---|---|"]
-    ours = {"socket", "stdio", "ringbuf", "memory", "null", "file"}
-    out += [_row(b, b in ours) for b in BACKENDS]
+    made = set(implemented_backends())
+    out += [_row(b, b in made, "chardev") for b in BACKENDS]
     out += ["", "### Object types (`--object`, `object-add`)", "",
             "| type | status | notes |", "|---|---|---|"]
     out += [_row(t, True) for t in sorted(USER_CREATABLE)]

@@ -23,7 +23,7 @@ import contextlib
 import os
 import socket as pysocket
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import trio
@@ -141,8 +141,10 @@ class LoggedStream(trio.abc.Stream):
         self.chardev = chardev
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        # logged as it is sent (QEMU: right after the write returns), so the
+        # log has a reply by the time the client has read it
         self.chardev.log(bytes(data))
+        await self.stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -410,37 +412,46 @@ def _inherited_listener(s: str) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(sock)
 
 
-def make_chardev(id: str, backend: dict[str, Any]) -> Chardev:
-    """A chardev from a ChardevBackend in QMP form ({'type':..., 'data':{...}})."""
+Factory = Callable[[str, dict[str, Any]], Chardev]
+
+
+def _factories() -> dict[str, Factory]:
+    """Each implemented backend's constructor from its ChardevBackend data."""
     from . import fd, mux, udp
 
+    def socket(id: str, d: dict[str, Any]) -> Chardev:
+        server = d.get("server", True)
+        return SocketChardev(id, d["addr"], server, d.get("wait", True) if server else False,
+                             d.get("nodelay", False))
+
+    return {
+        "null": lambda id, d: NullChardev(id),
+        "ringbuf": lambda id, d: RingbufChardev(id, d.get("size", 65536)),
+        "memory": lambda id, d: RingbufChardev(id, d.get("size", 65536)),
+        "file": lambda id, d: FileChardev(id, d["out"], d.get("append", False), d.get("in")),
+        "stdio": lambda id, d: StdioChardev(id),
+        "socket": socket,
+        "pipe": lambda id, d: fd.PipeChardev(id, d["device"]),
+        "serial": lambda id, d: fd.SerialChardev(id, d["device"]),
+        "parallel": lambda id, d: fd.ParallelChardev(id, d["device"]),
+        "pty": lambda id, d: fd.PtyChardev(id),
+        "udp": lambda id, d: udp.UdpChardev(id, d["remote"], d.get("local")),
+        "mux": lambda id, d: mux.MuxChardev(id, d["chardev"]),
+    }
+
+
+def implemented_backends() -> list[str]:
+    """The backends of :data:`BACKENDS` that :func:`make_chardev` builds
+    (the README's feature table reads them here)."""
+    made = _factories()
+    return [b for b in BACKENDS if b in made]
+
+
+def make_chardev(id: str, backend: dict[str, Any]) -> Chardev:
+    """A chardev from a ChardevBackend in QMP form ({'type':..., 'data':{...}})."""
     t = backend["type"]
     d: dict[str, Any] = backend.get("data") or {}
-    chr: Chardev
-    if t == "null":
-        chr = NullChardev(id)
-    elif t in ("ringbuf", "memory"):
-        chr = RingbufChardev(id, d.get("size", 65536))
-    elif t == "file":
-        chr = FileChardev(id, d["out"], d.get("append", False), d.get("in"))
-    elif t == "stdio":
-        chr = StdioChardev(id)
-    elif t == "socket":
-        server = d.get("server", True)
-        chr = SocketChardev(id, d["addr"], server, d.get("wait", True) if server else False,
-                            d.get("nodelay", False))
-    elif t == "pipe":
-        chr = fd.PipeChardev(id, d["device"])
-    elif t == "serial":
-        chr = fd.SerialChardev(id, d["device"])
-    elif t == "parallel":
-        chr = fd.ParallelChardev(id, d["device"])
-    elif t == "pty":
-        chr = fd.PtyChardev(id)
-    elif t == "udp":
-        chr = udp.UdpChardev(id, d["remote"], d.get("local"))
-    elif t == "mux":
-        chr = mux.MuxChardev(id, d["chardev"])
-    else:
+    factory = _factories().get(t)
+    if factory is None:
         raise GenericError(f"'{t}' is not a valid char driver name")
-    return chr.common(d)
+    return factory(id, d).common(d)

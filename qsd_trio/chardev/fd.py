@@ -240,16 +240,14 @@ class PtyChardev(Chardev):
         return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
     async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
-        # QEMU's first stream is handed out at once, slave or not: what is
-        # written then waits in the pty for the first process to open it
-        # (a monitor's greeting, so that process reads two), as with QEMU
-        first = True
+        # a process holds the slave open while the master reports no POLLHUP
+        # (after openpty the slave is closed: hung up until one opens it).
+        # QEMU also writes a monitor's greeting into the pty at startup, so
+        # the first process to open it reads two; here it reads one.
         while self.master >= 0:
-            if not first:
-                # no event says a process opened the slave: poll, as QEMU
-                while self._hung_up():  # noqa: ASYNC110
-                    await trio.sleep(self.POLL_INTERVAL)
-            first = False
+            # no event says a process opened the slave: poll, as QEMU
+            while self._hung_up():  # noqa: ASYNC110
+                await trio.sleep(self.POLL_INTERVAL)
             # reading the master fails with EIO once the slave is closed:
             # the stream ends there (QEMU's pty_chr_state(chr, 0))
             yield trio.lowlevel.FdStream(os.dup(self.master))
