@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..chardev.chardev import BACKENDS, Chardev, RingbufChardev, make_chardev
 from ..chardev.fd import PtyChardev
+from ..chardev.mux import MuxChardev
 from ..objects.qom import check_id
 from ..qapi import schema
 from ..qapi.errors import GenericError
@@ -75,18 +76,23 @@ async def chardev_remove(daemon: Daemon, args: Any) -> None:
 
 @command("chardev-change")
 async def chardev_change(daemon: Daemon, args: Any) -> dict[str, Any]:
-    old = _find(daemon, args.id)
+    # qmp_chardev_change
+    old = daemon.chardevs.get(args.id)
+    if old is None:
+        raise GenericError(f"Chardev '{args.id}' does not exist")
+    if isinstance(old, MuxChardev):
+        raise GenericError("Mux device hotswap not supported yet")
     if old.frontend is not None:
-        # QEMU lets only frontends that support hotswap change; a QMP monitor doesn't
+        # QEMU lets only frontends that support hotswap change; a QMP
+        # monitor or a mux doesn't
         raise GenericError("Chardev user does not support chardev hotswap")
-    new = _new(daemon, args.id, schema.to_qmp(args.backend))
-    await new.setup()
-    daemon.chardevs[args.id] = new
-    # QEMU unparents the old chardev and adds the new one as a child anew
+    # the easy case: the old one goes, then chardev-add (which, failing,
+    # leaves no chardev under that id, as in QEMU)
+    del daemon.chardevs[args.id]
     daemon.chardev_slots.remove(args.id)
-    daemon.chardev_slots.insert(args.id)
     await old.aclose()
-    return {}
+    reply: dict[str, Any] = await chardev_add(daemon, args)
+    return reply
 
 
 @command("chardev-send-break")

@@ -125,6 +125,12 @@ def add_transcript(d, tmp_path) -> list:
     for id in ("u", "m", "m4", "m", "u", "pty", "pi3", "s2"):
         out.append((id, q.cmd_raw("chardev-remove", {"id": id})))
     out.append(q.cmd_raw("query-chardev"))
+    q.cmd("chardev-add", id="n", backend={"type": "null", "data": {}})
+    for id, b in [("n", {"type": "pty", "data": {}}), ("zz", {"type": "null", "data": {}}),
+                  ("m", {"type": "null", "data": {}}), ("u", {"type": "null", "data": {}}),
+                  ("n", {"type": "serial", "data": {"device": "/nonexistent/tty"}})]:
+        out.append((id, q.cmd_raw("chardev-change", {"id": id, "backend": b})))
+    out.append(q.cmd_raw("query-chardev"))
     return json.loads(PTS.sub("X", json.dumps(out)))
 
 
