@@ -10,8 +10,8 @@ asked for), ``qcow2`` (on an existing node, through the qcow2 driver's
 ``create_qcow2``, which lays images out byte for byte as qemu-img does,
 LUKS encryption included), ``luks`` (a LUKS1 volume on an existing node),
 ``vpc`` (``create_vpc``, on an existing node), ``qed`` (``create_qed``,
-on an existing node) and ``parallels`` (``create_parallels``, on an
-existing node).
+on an existing node), ``parallels`` (``create_parallels``, on an
+existing node) and ``qcow`` (``create_qcow``, on an existing node).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import trio
 from ..nodes import rbd
 from ..nodes.luks import create_luks_on
 from ..nodes.parallels import create_parallels
+from ..nodes.qcow import create_qcow
 from ..nodes.qcow2.create import create_qcow2
 from ..nodes.qed import create_qed
 from ..nodes.vpc import create_vpc
@@ -136,6 +137,9 @@ class CreateJob(Job):
                                  table_size=o.table_size)
             elif driver == "parallels":
                 await create_parallels(_node(self.daemon, o.file), o.size, o.cluster_size)
+            elif driver == "qcow":
+                await create_qcow(_node(self.daemon, o.file), o.size, o.backing_file,
+                                  None if o.encrypt is None else to_qmp(o.encrypt))
             elif driver == "rbd":
                 await rbd.create(self.daemon.graph, to_qmp(o.location), o.size,
                                  o.cluster_size, None if o.encrypt is None else to_qmp(o.encrypt))

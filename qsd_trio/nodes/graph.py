@@ -58,6 +58,7 @@ DRIVER_MODULES = {
     "vdi": "vdi", "vpc": "vpc",
     "qed": "qed",
     "parallels": "parallels",
+    "qcow": "qcow",
     "bochs": "bochs",
     "cloop": "cloop",
     "dmg": "dmg",

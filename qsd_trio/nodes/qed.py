@@ -142,6 +142,11 @@ async def probe_format(filename: str) -> str:
         return "raw"
     if head[:4] == b"QFI\xfb" and len(head) >= 8 and struct.unpack_from(">I", head, 4)[0] >= 2:
         return "qcow2"
+    if head[:4] == b"QFI\xfb" and len(head) >= 8 and struct.unpack_from(">I", head, 4)[0] == 1:
+        return "qcow"
+    if head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") and \
+            len(head) >= 20 and struct.unpack_from("<I", head, 16)[0] == 2:
+        return "parallels"
     if head[:4] == b"QED\0":
         return "qed"
     if head[:8] == b"conectix":
