@@ -119,10 +119,12 @@ class UsageError(Exception):
 
 
 class EarlyExit(Exception):
-    """--help, --version, --object help: print and exit 0."""
+    """--help, --version, --object help, --chardev help: print and exit
+    (0, unless QEMU exits 1 there)."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, status: int = 0):
         self.text = text
+        self.status = status
 
 
 def split_argv(argv: list[str]) -> list[tuple[str, str | None]]:
@@ -267,7 +269,10 @@ def _on_off(key: str, value: str | None, default: bool) -> bool:
 
 
 def opt_chardev(value: str) -> Action:
-    id, backend, mux = chardev_options.parse(value)
+    try:
+        id, backend, mux = chardev_options.parse(value)
+    except chardev_options.Help as e:
+        raise EarlyExit(e.text, e.status) from None
 
     async def action(daemon: Daemon) -> None:
         if not mux:
@@ -365,6 +370,10 @@ def parse(argv: list[str]) -> tuple[list[tuple[str, str | None, Action]], str | 
             except QapiError as e:
                 _print_warnings(warned_before + [f"{opt} {value}: warning: {w}" for w in warned])
                 raise StartupError(opt, value, e.desc, e.hint) from None
+            except EarlyExit:
+                # --chardev ...,help: QEMU has printed the warnings as it parsed
+                _print_warnings(warned_before + [f"{opt} {value}: warning: {w}" for w in warned])
+                raise
         if warned:
             lines = [f"{opt} {value}: warning: {w}" for w in warned]
             warned_before += lines
@@ -432,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         actions, pidfile, daemonize = parse(argv)
     except EarlyExit as e:
         sys.stdout.write(e.text)
-        return 0
+        return e.status
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

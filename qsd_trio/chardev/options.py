@@ -17,7 +17,7 @@ from ..qapi.errors import GenericError, warn_report
 
 # qemu_chardev_opts (chardev/char.c, 7.2): name -> type
 OPTS: dict[str, str] = {
-    "backend": "string", "path": "string", "input-path": "string", "host": "string",
+    "backend": "string", "path": "string", "host": "string",
     "port": "string", "fd": "string", "localaddr": "string", "localport": "string",
     "to": "number", "ipv4": "bool", "ipv6": "bool", "wait": "bool", "server": "bool",
     "delay": "bool", "nodelay": "bool", "reconnect": "number", "telnet": "bool",
@@ -46,20 +46,20 @@ def on_off(key: str, value: str | None, default: bool) -> bool:
     raise GenericError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
-def _check_types(opts: dict[str, str]) -> None:
-    for key, value in opts.items():
-        kind = OPTS.get(key)
-        if kind is None and key != "id":
-            raise GenericError(f"Invalid parameter '{key}'")
-        if kind == "bool":
-            on_off(key, value, False)
-        elif kind == "number":
-            try:
-                int(value, 0)
-            except ValueError:
-                raise GenericError(f"Parameter '{key}' expects a number") from None
-        elif kind == "size":
-            qemuopts.parse_size(key, value)
+def _validate(key: str, value: str) -> None:
+    """opt_validate: the name is in the list, the value parses as its type."""
+    kind = OPTS.get(key)
+    if kind is None:
+        raise GenericError(f"Invalid parameter '{key}'")
+    if kind == "bool":
+        on_off(key, value, False)
+    elif kind == "number":
+        try:
+            int(value, 0)
+        except ValueError:
+            raise GenericError(f"Parameter '{key}' expects a number") from None
+    elif kind == "size":
+        qemuopts.parse_size(key, value)
 
 
 def _common(opts: dict[str, str], data: dict[str, Any]) -> dict[str, Any]:
@@ -78,12 +78,79 @@ def _hostdev(opts: dict[str, str], what: str) -> dict[str, Any]:
     return _common(opts, {"device": device})
 
 
+class Help(Exception):
+    """``--chardev help`` (status 0) or an option ``help`` (status 1, as
+    QEMU's qemu_opts_parse_noisily failing after it printed the list)."""
+
+    def __init__(self, text: str, status: int):
+        self.text = text
+        self.status = status
+
+
+TYPE_NAMES = {"string": "str", "bool": "bool (on/off)", "number": "num", "size": "size"}
+
+
+def _flat(value: str) -> tuple[dict[str, str], bool]:
+    """opts_do_parse: item by item (get_opt_name_value, then opt_validate,
+    so the first bad item fails and warnings stop there).  The first bare
+    item is the backend; a later bare ``key`` is key=on and ``nokey``
+    key=off, each with QEMU's deprecation warning; ``help``/``?`` stops the
+    parse and asks for the option list."""
+    opts: dict[str, str] = {}
+    help_wanted = False
+    for n, item in enumerate(qemuopts._split(value)):
+        if not item and n > 0:
+            continue
+        key, eq, val = item.partition("=")
+        if eq:
+            opts[key] = val
+        elif n == 0:
+            key, val = "backend", key
+            opts[key] = val
+        elif key in ("help", "?"):
+            help_wanted = True
+            break
+        else:
+            prefix = ""
+            if key.startswith("no"):
+                key, val, prefix = key[2:], "off", "no"
+            else:
+                val = "on"
+            if key == "delay":
+                hint = f"nodelay={'on' if prefix else 'off'}"
+            else:
+                hint = f"{key}={val}"
+            warn_report(f"short-form boolean option '{prefix}{key}' deprecated\n"
+                        f"Please use {hint} instead")
+            opts[key] = val
+        if key != "id":
+            _validate(key, opts[key])
+    return opts, help_wanted
+
+
+def options_help() -> str:
+    return "chardev options:\n" + "".join(f"  {name}=<{TYPE_NAMES[kind]}>\n"
+                                           for name, kind in sorted(OPTS.items()))
+
+
 def parse(value: str) -> tuple[str, dict[str, Any], bool]:
-    """``--chardev VALUE`` -> (id, ChardevBackend in QMP form, mux=on)."""
-    opts = qemuopts.parse_flat(value, "backend")
-    _check_types(opts)
+    """``--chardev VALUE`` -> (id, ChardevBackend in QMP form, mux=on).
+
+    Raises:
+        GenericError: QEMU's message for a bad option.
+        Help: help was asked for; its text goes to stdout.
+    """
+    from .chardev import BACKENDS
+
+    opts, help_wanted = _flat(value)
+    if help_wanted:
+        raise Help(options_help(), 1)
     backend = opts.get("backend")
     id = opts.get("id")
+    if backend in ("help", "?"):
+        # char.c's help_string_append over the registered types
+        raise Help("Available chardev backend types: \n"
+                   + "".join(f"  {b}\n" for b in reversed(BACKENDS)), 0)
     if backend is None:
         raise GenericError("chardev: \"{}\" missing backend".format(id or ""))
     if id is None:
@@ -100,7 +167,8 @@ def parse(value: str) -> tuple[str, dict[str, Any], bool]:
         path, host, port, fd = (opts.get(k) for k in ("path", "host", "port", "fd"))
         server = flag("server", False)
         wait = flag("wait", True)
-        nodelay = flag("nodelay", False)
+        # 'nodelay' or 'delay=off' (the short form 'nodelay' is delay=off)
+        nodelay = flag("nodelay", False) or not flag("delay", True)
         if path is not None:
             addr = {"type": "unix", "data": {"path": path}}
         elif host is not None or port is not None:
@@ -130,9 +198,8 @@ def parse(value: str) -> tuple[str, dict[str, Any], bool]:
         path = opts.get("path")
         if path is None:
             raise GenericError("chardev: file: no filename given")
+        # 7.2's option list has no input-path: ChardevFile's "in" is QMP-only
         data = _common(opts, {"out": path, "append": flag("append", False)})
-        if "input-path" in opts:
-            data["in"] = opts["input-path"]
     elif backend == "stdio":
         flag("signal", True)
         _common(opts, data)

@@ -57,6 +57,14 @@ CLI_CASES = [
     ["--chardev", "null,id=c-base", "--chardev", "null,id=c,mux=on"],
     ["--chardev", "null,id=c", "--chardev", "null,id=c,mux=on"],
     ["--chardev", "null,id=c", "--chardev", "mux,id=m,chardev=c", "--monitor", "c"],
+    ["--chardev", "null,id=c,server,nowait,delay,bogus=1,nodelay"],
+    ["--chardev", "null,id=c,bogus=1,help"],
+    ["--chardev", "null,id=c,server,help,bogus=1"],
+    ["--chardev", "help"],
+    ["--chardev", "?"],
+    ["--chardev", "file,id=c,path=/dev/null,input-path=/dev/null"],
+    ["--chardev", "null,id=c,width=0x10,size=1k,rows=1.5"],
+    ["--chardev", "socket,id=c,path=/nonexistent/s,server=on,wait=off,tight=maybe"],
 ]
 
 
@@ -67,8 +75,8 @@ def run_both(args: list[str]) -> dict[str, tuple[int, str]]:
              for kind in ("qemu", "trio")}
     out = {}
     for kind, proc in procs.items():
-        _, err = proc.communicate(timeout=30)
-        out[kind] = (proc.returncode, normalise_prog(err))
+        stdout, err = proc.communicate(timeout=30)
+        out[kind] = (proc.returncode, stdout, normalise_prog(err))
     return out
 
 
@@ -78,10 +86,10 @@ def test_cli_errors_match(args):
     # error (an assertion in qemu_chr_be_update_read_handlers): ask again
     for _ in range(5):
         got = run_both(args)
-        if got["qemu"][0] >= 0 and "Assertion" not in got["qemu"][1]:
+        if got["qemu"][0] >= 0 and "Assertion" not in got["qemu"][2]:
             break
     assert got["trio"] == got["qemu"]
-    assert "Traceback" not in got["trio"][1]
+    assert "Traceback" not in got["trio"][2]
 
 
 PTS = re.compile(r"/dev/pts/\d+|(qmp|mux)-(qemu|trio)(-\d+)?")
