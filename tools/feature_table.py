@@ -40,7 +40,7 @@ NOTES: dict[str, str] = {
                  "no reconnect log (docs/vduse.md)",
     "chardev-change": "refused for chardevs with a monitor, as QEMU does",
     "chardev:pty": "path announced on stdout at startup and in chardev-add's reply; "
-                   "one QMP greeting on the first open (QEMU sends two)",
+                   "one QMP greeting on the first open (QEMU may send two)",
     "chardev:udp": "QMP works over it (qemu-storage-daemon 7.2 crashes on the first command)",
     "chardev:parallel": "Linux ppdev (PPCLAIM); no data flows, as in QEMU",
     "chardev:mux": "up to 4 monitors; C-a h, c, t, x and C-a C-a as QEMU; C-a s does nothing "

@@ -242,8 +242,9 @@ class PtyChardev(Chardev):
     async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
         # a process holds the slave open while the master reports no POLLHUP
         # (after openpty the slave is closed: hung up until one opens it).
-        # QEMU also writes a monitor's greeting into the pty at startup, so
-        # the first process to open it reads two; here it reads one.
+        # QEMU may also write a monitor's greeting into the pty at startup
+        # (when its first read of the master came before any hang-up), so
+        # the first process to open it can read two; here it reads one.
         while self.master >= 0:
             # no event says a process opened the slave: poll, as QEMU
             while self._hung_up():  # noqa: ASYNC110
