@@ -20,8 +20,9 @@ import trio
 
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError
+from .filter import FileFilter
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Buffer
+from .node import BlockStatus, Buffer
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 
@@ -39,10 +40,8 @@ class _Rule:
 
 
 @register_driver
-class BlkdebugNode(BlockNode):
+class BlkdebugNode(FileFilter):
     driver = "blkdebug"
-    is_filter = True
-    shows_filtered_child = True
 
     async def open(self, options: dict[str, Any]) -> None:
         qemuopts.absorb_sizes(self.driver, options)
@@ -99,9 +98,6 @@ class BlkdebugNode(BlockNode):
                 await trio.lowlevel.checkpoint()
             raise OSError(r.errno, os.strerror(r.errno))
 
-    def _length(self) -> int:
-        return self.file.node.length
-
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
         await self._rule_check(offset, length, "read")
         return await self.file.node.read(offset, length)
@@ -129,5 +125,3 @@ class BlkdebugNode(BlockNode):
         st = await self.file.node.block_status(offset, length)
         return BlockStatus(st.flags, st.length, st.depth, st.offset)
 
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

@@ -23,15 +23,14 @@ from typing import Any
 import trio
 
 from ..qapi.errors import GenericError
+from .filter import FileFilter
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Buffer, json_filename
+from .node import json_filename
 
 
 @register_driver
-class CompressNode(BlockNode):
+class CompressNode(FileFilter):
     driver = "compress"
-    is_filter = True
-    shows_filtered_child = True
 
     async def open(self, options: dict[str, Any]) -> None:
         self.file = await self.open_child(options, "file")
@@ -55,12 +54,6 @@ class CompressNode(BlockNode):
         # bdrv_get_info of a filter without one is its child's (cluster size)
         cs = self.file.node.info_extra().get("cluster-size")
         return {"cluster-size": cs} if cs else {}
-
-    def _length(self) -> int:
-        return self.file.node.length
-
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        return await self.file.node.read(offset, length)
 
     async def _write_clusters(self, offset: int, data: memoryview) -> None:
         """Compressed writes of the whole clusters ``data`` covers from the
@@ -115,15 +108,3 @@ class CompressNode(BlockNode):
             if b < end:
                 await self._padded(b, None, end - b)
 
-    async def _co_pdiscard(self, offset: int, length: int) -> None:
-        await self.file.node.discard(offset, length)
-
-    async def _co_flush(self) -> None:
-        await self.file.node.flush()
-
-    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self.file.node.block_status(offset, length)
-
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        # no truncate of its own: bdrv_co_truncate passes a filter's on
-        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

@@ -36,6 +36,7 @@ import trio
 from . import bitmaps
 from .bitmaps import DirtyBitmap
 from .block_copy import BlockCopyState
+from .filter import FileFilter
 from .graph import register_driver
 from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, Status
 from .perms import filter_perms
@@ -45,10 +46,9 @@ _Frozen = tuple[int, int, trio.Event]
 
 
 @register_driver
-class CopyBeforeWriteNode(BlockNode):
+class CopyBeforeWriteNode(FileFilter):
     driver = "copy-before-write"
-    is_filter = True
-    shows_filtered_child = True  # image info lists the source as backing-image
+    # shows_filtered_child (FileFilter): image info lists the source as backing-image
     supports_snapshot_access = True
     has_info = False  # no bdrv_get_info: QEMU shows no dirty-flag
 
@@ -93,9 +93,6 @@ class CopyBeforeWriteNode(BlockNode):
             nshared &= ~(Perm.WRITE | Perm.RESIZE)
         return Perm(nperm), Perm(nshared)
 
-    def _length(self) -> int:
-        return self.file.node.length
-
     # -- I/O -------------------------------------------------------------------------------
     async def _copy_before_write(self, offset: int, length: int) -> None:
         """cbw_do_copy_before_write."""
@@ -128,9 +125,6 @@ class CopyBeforeWriteNode(BlockNode):
                 break
             await ev.wait()
 
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        return await self.file.node.read(offset, length)
-
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._copy_before_write(offset, len(data))
         await self.file.node.write(offset, data, fua=fua)
@@ -144,15 +138,6 @@ class CopyBeforeWriteNode(BlockNode):
     async def _co_pdiscard(self, offset: int, length: int) -> None:
         await self._copy_before_write(offset, length)
         await self.file.node.discard(offset, length)
-
-    async def _co_flush(self) -> None:
-        await self.file.node.flush()
-
-    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self.file.node.block_status(offset, length)
-
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)
 
     # -- the snapshot API (snapshot-access reads through it) ---------------------------------
     def _snapshot_lock(self, offset: int, length: int) -> tuple[BlockNode, int, _Frozen | None]:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .filter import FileFilter
 from .graph import register_driver
-from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, Status
+from .node import BdrvChild, BlockNode, Buffer, Perm, Status
 
 
 @register_driver
-class CopyOnReadNode(BlockNode):
+class CopyOnReadNode(FileFilter):
     driver = "copy-on-read"
-    is_filter = True
-    shows_filtered_child = True
 
     async def open(self, options: dict[str, Any]) -> None:
         self.file = await self.open_child(options, "file")
@@ -27,9 +26,6 @@ class CopyOnReadNode(BlockNode):
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # the filter writes back unchanged data, hence write-unchanged
         return Perm(perm | Perm.WRITE_UNCHANGED), Perm(shared)
-
-    def _length(self) -> int:
-        return self.file.node.length
 
     def _bottom_depth(self) -> int | None:
         """How many layers down ``bottom`` is (1: the child itself)."""
@@ -65,19 +61,3 @@ class CopyOnReadNode(BlockNode):
             pos += n
         return out
 
-    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
-        await self.file.node.write(offset, data, fua=fua)
-
-    async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
-                                no_fallback: bool = False) -> None:
-        await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
-                                          no_fallback=no_fallback)
-
-    async def _co_pdiscard(self, offset: int, length: int) -> None:
-        await self.file.node.discard(offset, length)
-
-    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self.file.node.block_status(offset, length)
-
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)

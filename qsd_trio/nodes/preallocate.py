@@ -25,8 +25,9 @@ from typing import Any
 from ..qapi.errors import GenericError, QapiError
 from ..qapi.ghash import qdict_order
 from ..qapi.qemuopts import parse_size
+from .filter import FileFilter
 from .graph import register_driver
-from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, json_filename
+from .node import BdrvChild, Perm, json_filename
 from .perms import filter_perms
 
 MiB = 1 << 20
@@ -60,10 +61,8 @@ def _align_up(n: int, a: int) -> int:
 
 
 @register_driver
-class PreallocateNode(BlockNode):
+class PreallocateNode(FileFilter):
     driver = "preallocate"
-    is_filter = True
-    shows_filtered_child = True
     # a format above writes past the end (QEMU checks no end on writes)
     grows = True
     reopenable = frozenset({"prealloc-align", "prealloc-size"})
@@ -172,9 +171,6 @@ class PreallocateNode(BlockNode):
         self.file_end = stop
         return want_merge_zero
 
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        return await self.file.node.read(offset, length)
-
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._handle_write(offset, len(data), False)
         await self.file.node.write(offset, data, fua=fua)
@@ -186,15 +182,6 @@ class PreallocateNode(BlockNode):
             return
         await self.file.node.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua,
                                           no_fallback=no_fallback)
-
-    async def _co_pdiscard(self, offset: int, length: int) -> None:
-        await self.file.node.discard(offset, length)
-
-    async def _co_flush(self) -> None:
-        await self.file.node.flush()
-
-    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self.file.node.block_status(offset, length)
 
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
         child = self.file.node

@@ -16,16 +16,15 @@ from typing import Any
 import trio
 
 from ..qapi.errors import GenericError
+from .filter import FileFilter
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Buffer, json_filename
+from .node import Buffer, json_filename
 from .throttle_group import ThrottleGroup, groups
 
 
 @register_driver
-class ThrottleNode(BlockNode):
+class ThrottleNode(FileFilter):
     driver = "throttle"
-    is_filter = True
-    shows_filtered_child = True
 
     async def open(self, options: dict[str, Any]) -> None:
         name = options.get("throttle-group")
@@ -63,9 +62,6 @@ class ThrottleNode(BlockNode):
         return json_filename({"driver": "throttle", "throttle-group": self.group.name,
                               "file": self.file.node.full_open_options()})
 
-    def _length(self) -> int:
-        return self.file.node.length
-
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
         await self.group.intercept(False, length, self)
         return await self.file.node.read(offset, length)
@@ -84,8 +80,3 @@ class ThrottleNode(BlockNode):
         await self.group.intercept(True, length, self)
         await self.file.node.discard(offset, length)
 
-    async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self.file.node.block_status(offset, length)
-
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        await self.file.node.truncate(size, exact=exact, prealloc=prealloc)
