@@ -417,7 +417,7 @@ Factory = Callable[[str, dict[str, Any]], Chardev]
 
 def _factories() -> dict[str, Factory]:
     """Each implemented backend's constructor from its ChardevBackend data."""
-    from . import fd, mux, udp
+    from . import fd, mux, udp  # they import this module (Chardev)
 
     def socket(id: str, d: dict[str, Any]) -> Chardev:
         server = d.get("server", True)

@@ -14,6 +14,8 @@ from typing import Any
 from .. import activation
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError, warn_report
+from ..qapi.schema import strtosz
+from .chardev import BACKENDS
 
 # qemu_chardev_opts (chardev/char.c, 7.2): name -> type
 OPTS: dict[str, str] = {
@@ -140,8 +142,6 @@ def parse(value: str) -> tuple[str, dict[str, Any], bool]:
         GenericError: QEMU's message for a bad option.
         Help: help was asked for; its text goes to stdout.
     """
-    from .chardev import BACKENDS
-
     opts, help_wanted = _flat(value)
     if help_wanted:
         raise Help(options_help(), 1)
@@ -192,7 +192,11 @@ def parse(value: str) -> tuple[str, dict[str, Any], bool]:
         _common(opts, data)
     elif backend in ("ringbuf", "memory"):
         if "size" in opts:
-            data["size"] = qemuopts.parse_size("size", opts["size"])
+            # validated (and warned about) by _validate: QEMU parses an
+            # option once, qemu_opt_get_size reads the value it kept
+            size = strtosz(opts["size"])
+            assert size is not None
+            data["size"] = size
         _common(opts, data)
     elif backend == "file":
         path = opts.get("path")
