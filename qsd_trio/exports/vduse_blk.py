@@ -189,6 +189,8 @@ class IotlbRegion(vmem.MappedRegion):
             self._map = mmap.mmap(fd, offset + self.size, flags=mmap.MAP_SHARED, prot=prot)
         except (OSError, ValueError, OverflowError) as e:
             raise vmem.GuestMemoryError(f"cannot map IOVA range {start:#x}-{last:#x}: {e}") from None
+        # MappedRegion.view slices this one (read-only where the range is)
+        self._mv = memoryview(self._map)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:

@@ -422,7 +422,7 @@ class FileNode(BlockNode):
     async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
                               fua: bool) -> None:
         if self.cache_direct:
-            if not self._direct_ok(offset, length, views) or any(v.readonly for v in views):
+            if any(v.readonly for v in views) or not self._direct_ok(offset, length, views):
                 await super()._co_pwritev_vec(offset, length, views, fua)  # gathered
                 return
             await self._direct_wait(offset, length)
