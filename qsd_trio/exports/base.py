@@ -33,6 +33,10 @@ class BlockExport(BlockParent):
     """One export.  ``args`` is the typed BlockExportOptions variant."""
 
     type: ClassVar[str] = ""
+    # bytes of the read and write requests its clients sent (metrics); an
+    # export type counts them itself or reads them from its handler
+    read_bytes: int = 0
+    written_bytes: int = 0
 
     def __init__(self, daemon: Daemon, args: Any, node: BlockNode) -> None:
         self.daemon = daemon
@@ -44,9 +48,6 @@ class BlockExport(BlockParent):
         self.finished = trio.Event()
         # set once the export is off the list and BLOCK_EXPORT_DELETED is out
         self.deleted = trio.Event()
-        # bytes of the read and write requests its clients sent (metrics)
-        self.read_bytes = 0
-        self.written_bytes = 0
 
     def child_attached(self, edge: BdrvChild) -> None:
         # the export's node follows its edge (a filter inserted above it, a pivot)

@@ -116,6 +116,8 @@ async def test_write_then_read_back(env):
     _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (513, True)], indirect=True)
     assert await run(q, h) == 513
     assert ram.get(offs[1], 513) == payload[:512] + b"\0"
+    # what the export's metrics read: the bytes of the requests
+    assert (h.read_bytes, h.written_bytes) == (1024 + 512, 1024)
 
 
 async def test_writethrough_and_the_config_writeback_byte(env):

@@ -181,6 +181,9 @@ class BlkHandler:
         self.writethrough = writethrough
         # the config space's writeback byte, kept equal to the cache mode
         self.wce = 0 if writethrough else 1
+        # bytes of the read and write requests the driver sent (metrics)
+        self.read_bytes = 0
+        self.written_bytes = 0
         self._now_misses = 0  # reads in a row read_now did not serve
         self._now_skip = 0  # reads still to do without asking read_now
 
@@ -297,6 +300,7 @@ class BlkHandler:
                 views = [r.view(o, k) for r, o, k in data_in]
                 if not self._read_now(sector << SECTOR_BITS, views):
                     return None
+                self.read_bytes += size
             elif kind == VIRTIO_BLK_T_OUT:
                 if not self.writable or self.writethrough:
                     return None
@@ -313,6 +317,7 @@ class BlkHandler:
                 with seg[0].view(seg[1], seg[2]) as view:
                     if not self.backend.write_now(sector << SECTOR_BITS, view):
                         return None
+                self.written_bytes += seg[2]
             else:
                 return None
             sr, soff, _ = status_seg[0]
@@ -338,6 +343,10 @@ class BlkHandler:
             if not self._range_ok(sector, size):
                 return VIRTIO_BLK_S_IOERR
             offset = sector << SECTOR_BITS
+            if is_write:
+                self.written_bytes += size
+            else:
+                self.read_bytes += size
             # the node reads into, and writes from, the guest's buffers as
             # they are (QEMU's preadv/pwritev on the request's iovecs)
             # (no release(): the views are slices of the region's one view,
