@@ -49,7 +49,7 @@ test-venv: test-deps venv $(VENV)/.test-stamp
 test: test-venv
 	$(PY) -m ruff check qsd_trio tests benchmarks
 	$(PY) -m mypy
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 soak: test-venv
 	$(PY) -m pytest -q -m soak

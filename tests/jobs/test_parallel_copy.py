@@ -355,7 +355,9 @@ async def test_backup_workers_chunk_and_holes(env, raw_pair, workers, chunk):
     s, d = _node(env, "src"), _node(env, "dst")
     assert 1 < d.most <= (workers or 64) and 1 < s.most <= (workers or 64)
     if workers is None:
-        assert s.most > 8  # many tasks at once (20 read data)
+        # many tasks at once (20 read data); how many overlap depends on
+        # how fast the file answers: 7 on a loaded machine, up to 20 idle
+        assert s.most > 4
     assert d.biggest == (chunk or MiB)
     assert d.data_written == 20 * MiB and d.zeroes_written == 12 * MiB
     await env.graph.close_all()

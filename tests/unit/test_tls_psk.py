@@ -74,7 +74,8 @@ async def test_handshake_and_both_directions_at_once(key_file):
 
 
 @pytest.mark.parametrize("identity,key", [("alice", secrets.token_bytes(32)),
-                                          ("carol", KEY)])
+                                          ("carol", KEY)],
+                         ids=["wrong-key", "unknown-identity"])  # stable ids: keys are random
 async def test_wrong_key_or_identity_is_refused(key_file, identity, key):
     server, client = await pair(key_file, identity, key)
     failed = []
