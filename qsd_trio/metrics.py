@@ -15,8 +15,7 @@ I/O path):
   and operation (request timing is turned on when the endpoint starts:
   nodes/latency.py);
 * per export: ``qsd_export_clients``, ``qsd_export_bytes_total`` (the
-  bytes of its clients' read and write requests; NBD and FUSE count them,
-  vhost-user-blk and VDUSE not yet), and from the task registry
+  bytes of its clients' read and write requests), and from the task registry
   (qsd_trio/tasks.py) ``qsd_export_requests_in_flight``;
 * per job: ``qsd_job_progress_bytes``, ``qsd_job_total_bytes``,
   ``qsd_job_speed_bytes`` (the limit, 0 for none) and ``qsd_job_state``;
