@@ -142,7 +142,7 @@ class DaemonCollector:
                                     labels=["export", "type", "op"])
         for eid, export in self.daemon.exports.items():
             labels = [eid, export.type, export.node.node_name]
-            clients.add_metric(labels, export.client_count())
+            clients.add_metric(labels, export.connected_clients())
             flight.add_metric(labels, in_flight.get(eid, 0))
             moved.add_metric([eid, export.type, "read"], export.read_bytes)
             moved.add_metric([eid, export.type, "write"], export.written_bytes)

@@ -546,6 +546,9 @@ class VduseBlkExport(BlockExport):
         self.device: VduseDevice | None = None
         self.stopping = False
 
+    def connected_clients(self) -> int:
+        return int(self.device is not None)
+
     # the handler counts them (one per export, whoever is connected)
     @property
     def read_bytes(self) -> int:  # type: ignore[override]

@@ -626,6 +626,9 @@ class VhostUserBlkExport(BlockExport):
         self.frontend: FrontEnd | None = None
         self.stopping = False
 
+    def connected_clients(self) -> int:
+        return int(self.frontend is not None)
+
     # the handler counts them (one per export, whoever is connected)
     @property
     def read_bytes(self) -> int:  # type: ignore[override]

@@ -176,3 +176,51 @@ def test_bad_option():
     assert "Parameter 'addr.port' is missing" in r.stderr
     r = run_cli("trio", ["--metrics", "port=9"])
     assert r.returncode == 1 and "Parameter 'port' is unexpected" in r.stderr
+
+
+async def test_vhost_user_front_end_counts_as_a_client(daemon_factory, tmp_path):
+    """A vhost-user-blk front-end is the export's client while it is
+    connected, and its requests' bytes count (an in-test front-end, as
+    tests/integration/test_vhost_user_export.py drives it)."""
+    import trio
+
+    from tests.integration.test_vhost_user_export import (
+        T_IN,
+        Driver,
+        FrontEnd,
+        GuestRam,
+        complete,
+        outhdr,
+    )
+
+    img, sock, port = tmp_path / "vu.raw", tmp_path / "vu.sock", _free_port()
+    img.write_bytes(b"")
+    os.truncate(img, 8 * MiB)
+    daemon_factory("trio", [
+        "--blockdev", f"file,node-name=f0,filename={img}",
+        "--export", f"vhost-user-blk,id=vu0,node-name=f0,addr.type=unix,addr.path={sock}",
+        "--metrics", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}"])
+
+    async def scrape() -> dict:
+        s = _samples((await trio.to_thread.run_sync(_scrape, port))[1])
+        labels = (("export", "vu0"), ("node", "f0"), ("type", "vhost-user-blk"))
+        reads = ("qsd_export_bytes_total",
+                 (("export", "vu0"), ("op", "read"), ("type", "vhost-user-blk")))
+        return {"clients": s[("qsd_export_clients", labels)], "read": s[reads]}
+
+    assert await scrape() == {"clients": 0, "read": 0}
+    ram = GuestRam(size=0x40000)
+    fe = await FrontEnd.connect(sock)
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        drv = Driver(ram, size=8)
+        kick, call = await fe.start_queue(drv)
+        await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (4096, True), (1, True)])
+        assert await scrape() == {"clients": 1, "read": 4096}
+    finally:
+        fe.close()
+        ram.close()
+    with trio.fail_after(10):
+        while (await scrape())["clients"]:  # noqa: ASYNC110 - polling the endpoint is the test
+            await trio.sleep(0.05)
