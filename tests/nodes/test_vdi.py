@@ -23,6 +23,7 @@ from qsd_trio.nodes.vdi import BLOCK_SIZE, create_vdi
 from qsd_trio.qapi.errors import GenericError
 
 from .conformance import check_block_node, pattern
+from .workload import run_workload
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,52 +95,12 @@ def test_random_workload(workload, static):
         tmp = Path(d)
         img = tmp / "w.vdi"
         make_image(img, SIZE, static=static)
-        model = bytearray(SIZE)
-
-        async def one(node, op, off, n, arg):
-            off = min(off, SIZE)
-            n = min(n, SIZE - off)
-            if not n:
-                return
-            if op == "write":
-                await node.write(off, bytes([arg]) * n)
-            elif op == "zero":
-                await node.write_zeroes(off, n, may_unmap=arg)
-            elif op == "discard":
-                await node.discard(off, n)
-            elif op == "flush":
-                await node.flush()
-
-        def apply(op, off, n, arg):
-            off = min(off, SIZE)
-            n = min(n, SIZE - off)
-            if op == "write":
-                model[off:off + n] = bytes([arg]) * n
-            elif op == "zero":
-                model[off:off + n] = bytes(n)
 
         async def main():
             async with opened(img) as node:
-                # pairs run concurrently when their ranges do not overlap
-                i = 0
-                while i < len(workload):
-                    a = workload[i]
-                    b = workload[i + 1] if i + 1 < len(workload) else None
-                    if b and (min(a[1], SIZE) + a[2] <= min(b[1], SIZE)
-                              or min(b[1], SIZE) + b[2] <= min(a[1], SIZE)):
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(one, node, *a)
-                            nursery.start_soon(one, node, *b)
-                        apply(*a)
-                        apply(*b)
-                        i += 2
-                    else:
-                        await one(node, *a)
-                        apply(*a)
-                        i += 1
-                assert bytes(await node.read(0, SIZE)) == bytes(model)
+                return await run_workload(node, workload, SIZE)
 
-        trio.run(main)
+        model = trio.run(main)
         check_against(img, model, tmp)
 
 

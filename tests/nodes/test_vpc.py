@@ -25,6 +25,7 @@ from qsd_trio.nodes.vpc import DEFAULT_BLOCK_SIZE, create_vpc, rounded_size, vpc
 from qsd_trio.qapi.errors import GenericError
 
 from .conformance import check_block_node, pattern
+from .workload import run_workload
 
 BLOCK = DEFAULT_BLOCK_SIZE
 
@@ -104,53 +105,16 @@ def test_random_workload(workload, fixed):
         tmp = Path(d)
         img = tmp / "w.vhd"
         make_image(img, SIZE, fixed=fixed)
-        model = bytearray(SIZE)
 
         def clip(off, n):
             off = min(off, SIZE)
             return off, min(n, SIZE - off)
 
-        async def one(node, op, off, n, arg):
-            off, n = clip(off, n)
-            if not n:
-                return
-            if op == "write":
-                await node.write(off, bytes([arg]) * n)
-            elif op == "zero":
-                await node.write_zeroes(off, n, may_unmap=arg)
-            elif op == "discard":
-                await node.discard(off, n)
-            elif op == "flush":
-                await node.flush()
-
-        def apply(op, off, n, arg):
-            off, n = clip(off, n)
-            if op == "write":
-                model[off:off + n] = bytes([arg]) * n
-            elif op == "zero":
-                model[off:off + n] = bytes(n)
-
         async def main():
             async with opened(img) as node:
-                i = 0
-                while i < len(workload):
-                    a = workload[i]
-                    b = workload[i + 1] if i + 1 < len(workload) else None
-                    if b and (min(a[1], SIZE) + a[2] <= min(b[1], SIZE)
-                              or min(b[1], SIZE) + b[2] <= min(a[1], SIZE)):
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(one, node, *a)
-                            nursery.start_soon(one, node, *b)
-                        apply(*a)
-                        apply(*b)
-                        i += 2
-                    else:
-                        await one(node, *a)
-                        apply(*a)
-                        i += 1
-                assert bytes(await node.read(0, SIZE)) == bytes(model)
+                return await run_workload(node, workload, SIZE)
 
-        trio.run(main)
+        model = trio.run(main)
         check_against(img, model, tmp)
 
 
