@@ -179,7 +179,11 @@ class FileNode(BlockNode):
         return 4096
 
     def _length(self) -> int:
-        return self._size
+        # the block layer counts whole 512-byte sectors (QEMU's
+        # bdrv_getlength is total_sectors * 512): a file of 1000 bytes is a
+        # 1024-byte disk whose tail reads as zeroes and grows the file when
+        # written
+        return -(-self._size // 512) * 512
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking call no engine submits (fallocate, ftruncate, ...)."""
