@@ -18,10 +18,12 @@ range's permissions) and forgets ranges an UPDATE_IOTLB message removes,
 as libvduse does. The rings themselves are the shared split virtqueues of
 exports/virtio/, and the requests the shared virtio-blk handler.
 
-Tasks: :meth:`VduseBlkExport.run` owns the device and waits on its
-descriptor for messages; SET_STATUS with DRIVER_OK starts a task per ready
-virtqueue, waiting on its kick eventfd (VDUSE_VQ_SETUP_KICKFD) and starting
-a task per request; a completed request is signalled with
+Tasks: :meth:`VduseBlkExport.serve` creates the device; its message loop
+(:class:`VduseDevice`) runs in a task of its own, the export's
+client-connection in the task tree (exports/virtio/export.py), waiting on
+the device's descriptor. SET_STATUS with DRIVER_OK starts a worker task per
+ready virtqueue (exports/virtio/dataplane.py) on its kick eventfd
+(VDUSE_VQ_SETUP_KICKFD); completions are signalled with
 VDUSE_VQ_INJECT_IRQ. A reset (status 0) stops the rings after their
 requests in flight and drops every mapping.
 
@@ -40,16 +42,15 @@ import mmap
 import os
 import struct
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..nodes.node import BdrvChild, BlockNode, Perm
-from ..nodes.perms import refresh
+from ..nodes.node import BdrvChild, BlockNode
 from ..proto.vhost_user import MemRegion
 from ..qapi.errors import GenericError
-from .base import BlockExport, register_export
-from .vhost_user_blk import _check_block_size
+from .base import register_export
 from .virtio import memory as vmem
 from .virtio.blk import (
     CONFIG,
@@ -64,14 +65,14 @@ from .virtio.blk import (
     VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES,
-    BlkHandler,
 )
+from .virtio.dataplane import Device
+from .virtio.export import VirtioBlkExport, check_block_size, check_num_queues
 from .virtio.virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_F_VERSION_1,
-    Chain,
     SplitQueue,
     VirtqueueError,
 )
@@ -131,7 +132,6 @@ VDUSE_VQ_ALIGN = 4096
 DEFAULT_QUEUE_SIZE = 256
 VIRTQUEUE_MAX_SIZE = 1024
 MAX_IOVA_REGIONS = 256
-_DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when the export stops
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -268,31 +268,18 @@ class IotlbMemory(vmem.GuestMemory):
         raise vmem.GuestMemoryError("VDUSE memory comes from the IOTLB only")
 
 
-class Ring:
-    """One virtqueue of the device once the driver made it ready."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.queue: SplitQueue | None = None
-        self.kick_fd = -1
-        self.pop_scope: trio.CancelScope | None = None
-        self.done: trio.Event | None = None
-        self.last_avail_idx = 0
-        # a completed request will inject the interrupt for those pushed
-        # before it does
-        self.notify_pending = False
-
-
-class VduseDevice:
+class VduseDevice(Device):
     """The kernel's side: ``/dev/vduse/<name>``, its messages and rings."""
 
     def __init__(self, export: VduseBlkExport, fd: int):
+        super().__init__(export.handler, export.num_queues)
         self.export = export
         self.fd = fd
         self.mem = IotlbMemory(fd)
-        self.rings = [Ring(i) for i in range(export.num_queues)]
+        self.kick_fds = [-1] * export.num_queues
+        # where each stopped ring is (GET_VQ_STATE)
+        self.last_avail_idx = [0] * export.num_queues
         self.features = 0
-        self.nursery: trio.Nursery | None = None
 
     # -- messages ----------------------------------------------------------------------
     async def serve(self) -> None:
@@ -324,8 +311,8 @@ class VduseDevice:
                     except OSError as e:
                         print(f"Write request error: {e.strerror}", file=sys.stderr, flush=True)
         finally:
-            for ring in self.rings:
-                self._close_kick(ring)
+            for index in range(len(self.kick_fds)):
+                self._close_kick(index)
             self.mem.close()
 
     async def _handle(self, msg: bytes) -> bytes:
@@ -335,9 +322,10 @@ class VduseDevice:
         state = b""
         if kind == VDUSE_GET_VQ_STATE:
             index = _U32.unpack_from(body)[0]
-            if index < len(self.rings):
-                ring = self.rings[index]
-                idx = ring.queue.last_avail_idx if ring.queue is not None else ring.last_avail_idx
+            if index < len(self.workers):
+                worker = self.workers[index]
+                idx = (worker.queue.last_avail_idx if worker is not None
+                       else self.last_avail_idx[index])
                 state = _VQ_STATE.pack(index, idx)
             else:
                 result = VDUSE_REQ_RESULT_FAILED
@@ -350,12 +338,12 @@ class VduseDevice:
         elif kind == VDUSE_UPDATE_IOTLB:
             start, last = _IOVA_RANGE.unpack_from(body)
             self.mem.forget(start, last)
-            for ring in self.rings:
-                if ring.queue is not None:
+            for worker in self.workers:
+                if worker is not None:
                     try:
-                        ring.queue.remap()
+                        worker.queue.remap()
                     except VirtqueueError as e:
-                        print(f"Failed to update vring for vq[{ring.index}]: {e}",
+                        print(f"Failed to update vring for vq[{worker.index}]: {e}",
                               file=sys.stderr, flush=True)
         else:
             result = VDUSE_REQ_RESULT_FAILED
@@ -366,17 +354,17 @@ class VduseDevice:
         buf = bytearray(8)
         fcntl.ioctl(self.fd, VDUSE_DEV_GET_FEATURES, buf, True)
         self.features = int.from_bytes(buf, "little")
-        for ring in self.rings:
-            if ring.queue is None:
-                await self._enable(ring)
+        for index, worker in enumerate(self.workers):
+            if worker is None:
+                await self._enable(index)
 
-    async def _enable(self, ring: Ring) -> None:
+    async def _enable(self, index: int) -> None:
         info = bytearray(_VQ_INFO.size)
-        _U32.pack_into(info, 0, ring.index)
+        _U32.pack_into(info, 0, index)
         try:
             fcntl.ioctl(self.fd, VDUSE_VQ_GET_INFO, info, True)
         except OSError as e:
-            print(f"Failed to get vq[{ring.index}] info: {e.strerror}", file=sys.stderr, flush=True)
+            print(f"Failed to get vq[{index}] info: {e.strerror}", file=sys.stderr, flush=True)
             return
         _, num, desc, driver, device, avail_idx, ready = _VQ_INFO.unpack(info)
         if not ready:
@@ -389,178 +377,75 @@ class VduseDevice:
                                indirect=bool(f & 1 << VIRTIO_F_INDIRECT_DESC),
                                notify_on_empty=bool(f & 1 << VIRTIO_F_NOTIFY_ON_EMPTY))
         except VirtqueueError as e:
-            print(f"Failed to update vring for vq[{ring.index}]: {e}", file=sys.stderr, flush=True)
+            print(f"Failed to update vring for vq[{index}]: {e}", file=sys.stderr, flush=True)
             return
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD, _VQ_EVENTFD.pack(ring.index, kick))
+            fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD, _VQ_EVENTFD.pack(index, kick))
         except OSError as e:
             os.close(kick)
-            print(f"Failed to setup kick fd for vq[{ring.index}]: {e.strerror}",
+            print(f"Failed to setup kick fd for vq[{index}]: {e.strerror}",
                   file=sys.stderr, flush=True)
             return
-        ring.queue = queue
-        ring.kick_fd = kick
+        self.kick_fds[index] = kick
         # a kick that came before the descriptor was set up is not lost
         os.write(kick, _ONE)
-        assert self.nursery is not None
-        await self.nursery.start(self._ring_task, ring)
+        await self.start_queue(index, queue, kick, signal=partial(self._inject, index))
 
     async def _stop(self) -> None:
         """A reset: stop every ring after its requests in flight, forget
         every mapping."""
-        for ring in self.rings:
-            if ring.pop_scope is not None:
-                ring.pop_scope.cancel()
-        for ring in self.rings:
-            if ring.done is not None:
-                await ring.done.wait()
-            if ring.queue is not None:
-                ring.last_avail_idx = ring.queue.last_avail_idx
-                ring.queue = None
-            self._close_kick(ring, deassign=True)
+        await self.quiesce()
+        for index in range(len(self.workers)):
+            base = await self.stop_queue(index)
+            if base is not None:
+                self.last_avail_idx[index] = base
+            self._close_kick(index, deassign=True)
         self.features = 0
         self.mem.close()
 
-    async def quiesce(self) -> None:
-        """Stop taking requests from every ring and wait for those in flight."""
-        for ring in self.rings:
-            if ring.pop_scope is not None:
-                ring.pop_scope.cancel()
-        for ring in self.rings:
-            if ring.done is not None:
-                await ring.done.wait()
-
-    def _close_kick(self, ring: Ring, deassign: bool = False) -> None:
-        fd, ring.kick_fd = ring.kick_fd, -1
+    def _close_kick(self, index: int, deassign: bool = False) -> None:
+        fd, self.kick_fds[index] = self.kick_fds[index], -1
         if fd < 0:
             return
         if deassign:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD,
-                            _VQ_EVENTFD.pack(ring.index, VDUSE_EVENTFD_DEASSIGN))
+                            _VQ_EVENTFD.pack(index, VDUSE_EVENTFD_DEASSIGN))
         trio.lowlevel.notify_closing(fd)
         os.close(fd)
 
-    def _panic(self, ring: Ring, text: str) -> None:
+    def panic(self, text: str) -> None:
         # libvduse prints and stops using the element; the ring stops here
-        print(f"qsd-trio: vduse-blk export '{self.export.id}': queue {ring.index}: {text}",
+        print(f"qsd-trio: vduse-blk export '{self.export.id}': {text}",
               file=sys.stderr, flush=True)
 
-    async def _ring_task(self, ring: Ring, *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        queue = ring.queue
-        assert queue is not None
-        kick = ring.kick_fd
-        done = ring.done = trio.Event()
+    def _inject(self, index: int) -> None:
+        """The used-buffer interrupt (the worker asks when the driver wants one)."""
         try:
-            async with trio.open_nursery() as requests:
-                with trio.CancelScope() as ring.pop_scope:
-                    task_status.started()
-                    handler = self.export.handler
-                    try:
-                        served = 0
-                        while True:
-                            if served < queue.size:
-                                await trio.lowlevel.wait_readable(kick)
-                                with contextlib.suppress(BlockingIOError, InterruptedError):
-                                    os.read(kick, 8)
-                            else:
-                                await trio.lowlevel.checkpoint()
-                            # what the page cache serves is done here, without
-                            # a task (BlkHandler.process_now); up to a ring's
-                            # worth, then the other tasks get a turn
-                            served = 0
-                            while (chain := queue.pop()) is not None:
-                                used = handler.process_now(chain)
-                                if used is None:
-                                    requests.start_soon(self._request, ring, queue, chain)
-                                    continue
-                                queue.push(chain.head, used)
-                                served += 1
-                                if served >= queue.size:
-                                    break
-                            if served and not ring.notify_pending:
-                                self._inject(ring, queue)
-                    except VirtqueueError as e:
-                        self._panic(ring, str(e))
-        finally:
-            ring.pop_scope = None
-            done.set()
-
-    async def _request(self, ring: Ring, queue: SplitQueue, chain: Chain) -> None:
-        used = await self.export.handler.process(chain)
-        try:
-            queue.push(chain.head, used)
-        except VirtqueueError as e:
-            self._panic(ring, str(e))
-            return
-        if ring.notify_pending:
-            return  # the request that set it injects for the batch
-        # one interrupt for the requests that complete in this scheduler pass
-        ring.notify_pending = True
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        ring.notify_pending = False
-        self._inject(ring, queue)
-
-    def _inject(self, ring: Ring, queue: SplitQueue) -> None:
-        """The used-buffer interrupt, if the driver wants one now."""
-        try:
-            if queue.notify_needed():
-                fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, _U32.pack(ring.index))
-        except VirtqueueError as e:
-            self._panic(ring, str(e))
+            fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, _U32.pack(index))
         except OSError as e:
-            print(f"Error inject irq for vq {ring.index}: {e.strerror}", file=sys.stderr, flush=True)
+            print(f"Error inject irq for vq {index}: {e.strerror}", file=sys.stderr, flush=True)
 
 
 @register_export
-class VduseBlkExport(BlockExport):
+class VduseBlkExport(VirtioBlkExport):
     type = "vduse-blk"
+    device: VduseDevice | None
 
     def __init__(self, daemon: Daemon, args: Any, node: BlockNode) -> None:
-        super().__init__(daemon, args, node)
-        num_queues = 1
-        if args.num_queues is not None:
-            num_queues = args.num_queues
-            if num_queues == 0:
-                raise GenericError("num-queues must be greater than 0")
+        # the option checks in QEMU's order
+        num_queues = check_num_queues(args.num_queues)
         queue_size = DEFAULT_QUEUE_SIZE
         if args.queue_size is not None:
             queue_size = args.queue_size
             if queue_size <= 2 or queue_size & (queue_size - 1) or queue_size > VIRTQUEUE_MAX_SIZE:
                 raise GenericError("queue-size is invalid")
-        block_size = 512
-        if args.logical_block_size is not None:
-            block_size = args.logical_block_size
-            _check_block_size(self.id, block_size)
+        block_size = check_block_size(args.id, args.logical_block_size)
+        super().__init__(daemon, args, node, num_queues=num_queues, logical_block_size=block_size,
+                         serial=args.serial if args.serial is not None else "")
         self.name: str = args.name
-        self.num_queues = num_queues
         self.queue_size = queue_size
-        self.logical_block_size = block_size
-        self.handler = BlkHandler(node, writable=self.writable, logical_block_size=block_size,
-                                  num_queues=num_queues,
-                                  serial=args.serial if args.serial is not None else "",
-                                  writethrough=bool(args.writethrough))
-        self.edge: BdrvChild | None = None
-        self.device: VduseDevice | None = None
-        self.stopping = False
-
-    def connected_clients(self) -> int:
-        return int(self.device is not None)
-
-    # the handler counts them (one per export, whoever is connected)
-    @property
-    def read_bytes(self) -> int:  # type: ignore[override]
-        return self.handler.read_bytes
-
-    @property
-    def written_bytes(self) -> int:  # type: ignore[override]
-        return self.handler.written_bytes
-
-    def child_attached(self, edge: BdrvChild) -> None:
-        super().child_attached(edge)
-        self.handler.backend = edge.node
 
     def child_resized(self, edge: BdrvChild) -> None:
         """block_resize (vduse_blk_resize): the config space's capacity is
@@ -578,22 +463,6 @@ class VduseBlkExport(BlockExport):
         except OSError as e:
             print(f"Failed to update vduse device {self.name} config: {e.strerror}",
                   file=sys.stderr, flush=True)
-
-    def info(self) -> dict[str, Any]:
-        d = super().info()
-        d["shutting-down"] = d["shutting-down"] or self.stopping
-        return d
-
-    async def stop(self) -> None:
-        """Stop taking requests, let those in flight finish (a few seconds
-        at most), then end the device and the export."""
-        if not self.stopping:
-            self.stopping = True
-            if self.device is not None:
-                with trio.move_on_after(_DRAIN_DEADLINE):
-                    await self.device.quiesce()
-        self.cancel_scope.cancel()
-        await self.finished.wait()
 
     def _create(self) -> tuple[int, int]:
         """VDUSE_CREATE_DEV and open the device, as libvduse's
@@ -655,27 +524,18 @@ class VduseBlkExport(BlockExport):
         with contextlib.suppress(OSError):
             fcntl.ioctl(ctrl, VDUSE_DESTROY_DEV, self.name.encode().ljust(VDUSE_NAME_MAX, b"\0"))
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
         """Create the device, report started, answer its messages until
-        cancelled (block-export-del, quit)."""
-        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
-        self.edge = self.node.attach("root", self, perm)
-        ctrl = dev = -1
+        cancelled (block-export-del, quit); a device whose descriptor
+        failed stays, unused, until then."""
+        ctrl, dev = self._create()
         try:
-            with self.cancel_scope:
-                ctrl, dev = self._create()
-                self.device = VduseDevice(self, dev)
-                task_status.started()
-                await self.device.serve()
+            device = VduseDevice(self, dev)
+            task_status.started()
+            await self.serve_device(device, f"/dev/vduse/{self.name}")
+            await trio.sleep_forever()
         finally:
-            self.device = None
-            if dev >= 0:
-                trio.lowlevel.notify_closing(dev)
-                os.close(dev)
-            if ctrl >= 0:
-                self._destroy(ctrl)
-                os.close(ctrl)
-            self.edge.detach()
-            with contextlib.suppress(Exception):
-                refresh(self.node)
-            self.finished.set()
+            trio.lowlevel.notify_closing(dev)
+            os.close(dev)
+            self._destroy(ctrl)
+            os.close(ctrl)

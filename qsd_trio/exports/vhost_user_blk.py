@@ -8,14 +8,15 @@ Options are QEMU 7.2's BlockExportOptionsVhostUserBlk: ``addr`` (``unix``
 or ``fd``), ``logical-block-size``, ``num-queues``, plus the common
 ``writable`` and ``writethrough``.
 
-Tasks: :meth:`VhostUserBlkExport.run` owns the listener and serves one
+Tasks: :meth:`VhostUserBlkExport.serve` owns the listener and serves one
 front-end at a time, as QEMU does (others wait in the listen backlog).
-A connection (:class:`FrontEnd`) is a nursery holding the message loop and
-one task per started virtqueue, which waits on the kick eventfd with
-``trio.lowlevel.wait_readable`` and starts a task per request.  A front-end
-that breaks the protocol or a ring is answered as libvhost-user's
-``vu_panic`` answers it: a ``vu_panic:`` line on stderr and the connection
-dropped; the export listens on for the next front-end.
+A connection (:class:`FrontEnd`) is a task of its own, the export's
+client-connection in the task tree (exports/virtio/export.py): the message
+loop, and a nursery with one task per started virtqueue
+(exports/virtio/dataplane.py).  A front-end that breaks the protocol or a
+ring is answered as libvhost-user's ``vu_panic`` answers it: a
+``vu_panic:`` line on stderr and the connection dropped; the export
+listens on for the next front-end.
 
 Resources: every descriptor a message brings is closed when the
 connection ends (or earlier, when replaced); guest memory is unmapped once
@@ -31,19 +32,20 @@ import mmap
 import os
 import socket as _stdsocket
 import stat
+import struct
 import sys
 from typing import Any
 
 import trio
 
 from .. import activation
-from ..nodes.node import BdrvChild, BlockNode, Perm
-from ..nodes.perms import refresh
+from ..nodes.node import BdrvChild, BlockNode
 from ..proto import vhost_user as vu
 from ..qapi.errors import GenericError
-from .base import BlockExport, register_export
+from .base import register_export
 from .virtio import memory as vmem
-from .virtio.blk import BlkHandler
+from .virtio.dataplane import Device
+from .virtio.export import VirtioBlkExport, check_block_size, check_num_queues
 from .virtio.virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -61,12 +63,10 @@ PF = vu.ProtocolFeature
 # INFLIGHT_SHMFD, which QEMU 7.2's export does not offer
 PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
                      | 1 << PF.CONFIG | 1 << PF.CONFIGURE_MEM_SLOTS | 1 << PF.INFLIGHT_SHMFD)
-_DRAIN_DEADLINE = 5.0  # seconds in-flight requests get when the export stops
-MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 2 * 1024 * 1024
 _FD_SIZE = array.array("i").itemsize
 _ANC_SIZE = _stdsocket.CMSG_SPACE(vu.MAX_FDS * _FD_SIZE)
 _ONE = (1).to_bytes(8, "little")
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class VuPanic(Exception):
@@ -79,21 +79,9 @@ def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
             os.close(fd)
 
 
-def _check_block_size(export_id: str, value: int) -> None:
-    # QEMU's check_block_size; 0 means "not set"
-    if value and not MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE:
-        raise GenericError(
-            f"Property {export_id}.logical-block-size doesn't take value {value} "
-            f"(minimum: {MIN_BLOCK_SIZE}, maximum: {MAX_BLOCK_SIZE})")
-    if value & (value - 1):
-        raise GenericError(
-            f"Property {export_id}.logical-block-size doesn't take value '{value}', "
-            f"it's not a power of 2")
-
-
 class Vring:
-    """One virtqueue's vhost-user state: what the front-end set, and the
-    task that processes it once started."""
+    """One virtqueue's vhost-user state: what the front-end set (the
+    device's worker serves it once started)."""
 
     def __init__(self, index: int):
         self.index = index
@@ -103,12 +91,6 @@ class Vring:
         self.kick_fd = -1
         self.call_fd = -1
         self.enabled = False
-        self.queue: SplitQueue | None = None
-        self.pop_scope: trio.CancelScope | None = None
-        self.done: trio.Event | None = None
-        # a completed request will signal the call eventfd for those
-        # pushed before it does
-        self.notify_pending = False
 
     def signal(self) -> None:
         """Write the call eventfd (a full counter is still a pending call)."""
@@ -128,7 +110,7 @@ class Vring:
             _close_fds([fd])
 
 
-class FrontEnd:
+class FrontEnd(Device):
     """One connected front-end: the message loop and the virtqueues.
 
     :meth:`serve` returns when the front-end hangs up or is dropped for a
@@ -137,6 +119,7 @@ class FrontEnd:
     """
 
     def __init__(self, export: VhostUserBlkExport, sock: trio.socket.SocketType):
+        super().__init__(export.handler, export.num_queues)
         self.export = export
         self.sock = sock
         self.features = 0
@@ -150,14 +133,13 @@ class FrontEnd:
         self.inflight_offset = 0
         self.inflight_queues = 0
         self.inflight_queue_size = 0
-        self._nursery: trio.Nursery | None = None
         self.broken = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def serve(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self.nursery = nursery
                 try:
                     await self._message_loop()
                 except VuPanic as e:
@@ -181,17 +163,8 @@ class FrontEnd:
         if not self.broken:
             self.broken = True
             print(f"qsd-trio: vu_panic: {text}", file=sys.stderr, flush=True)
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-
-    async def quiesce(self) -> None:
-        """Stop taking requests from every ring and wait for those in flight."""
-        for vring in self.vrings:
-            if vring.pop_scope is not None:
-                vring.pop_scope.cancel()
-        for vring in self.vrings:
-            if vring.done is not None:
-                await vring.done.wait()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     # -- the socket -----------------------------------------------------------------------
     async def _recv_exactly(self, n: int) -> bytes | None:
@@ -335,6 +308,7 @@ class FrontEnd:
                 self.mem.remove_region(p)
             except vmem.GuestMemoryError as e:
                 raise VuPanic(f"REM_MEM_REG: {e}") from None
+            self._remap()
             return None
         if req == R.SET_VRING_NUM:
             assert isinstance(p, vu.VringState)
@@ -418,10 +392,10 @@ class FrontEnd:
         vu_config_change_msg): CONFIG_CHANGE_MSG on the back-end channel
         (SET_BACKEND_REQ_FD), without asking for a reply; nothing without
         that channel."""
-        if self.backend_fd < 0 or self._nursery is None:
+        if self.backend_fd < 0 or self.nursery is None:
             return
         msg = vu.encode_backend_request(vu.BackendRequest.CONFIG_CHANGE_MSG)
-        self._nursery.start_soon(self._send_backend, self.backend_fd, msg)
+        self.nursery.start_soon(self._send_backend, self.backend_fd, msg)
 
     async def _send_backend(self, fd: int, msg: bytes) -> None:
         view = memoryview(msg)
@@ -463,7 +437,7 @@ class FrontEnd:
             os.close(fd)
 
     def _set_inflight_fd(self, p: vu.Inflight, fd: int) -> None:
-        if any(vring.queue is not None for vring in self.vrings):
+        if any(w is not None for w in self.workers):
             # the running rings write to the buffer being replaced
             raise VuPanic("SET_INFLIGHT_FD while a ring is running")
         need = self._check_inflight_shape(p)
@@ -487,18 +461,18 @@ class FrontEnd:
 
     # -- virtqueues --------------------------------------------------------------------
     def _remap(self) -> None:
-        for vring in self.vrings:
-            if vring.queue is not None:
+        for worker in self.workers:
+            if worker is not None:
                 try:
-                    vring.queue.remap()
+                    worker.queue.remap()
                 except VirtqueueError as e:
-                    raise VuPanic(f"queue {vring.index}: {e}") from None
+                    raise VuPanic(f"queue {worker.index}: {e}") from None
 
     async def _start_ring(self, vring: Vring) -> None:
         if vring.addr is None:
             raise VuPanic(f"queue {vring.index} kicked before its addresses were set")
         try:
-            vring.queue = SplitQueue(
+            queue = SplitQueue(
                 self.mem, size=vring.size, desc_addr=vring.addr.desc,
                 avail_addr=vring.addr.avail, used_addr=vring.addr.used,
                 last_avail_idx=vring.base,
@@ -510,160 +484,43 @@ class FrontEnd:
                 qs = self.inflight_queue_size
                 region = InflightSplit(
                     self.inflight, self.inflight_offset + vring.index * inflight_queue_size(qs), qs)
-                resubmit = vring.queue.attach_inflight(region)
+                resubmit = queue.attach_inflight(region)
         except VirtqueueError as e:
             raise VuPanic(f"queue {vring.index}: {e}") from None
-        assert self._nursery is not None
-        await self._nursery.start(self._ring_task, vring, resubmit)
+        await self.start_queue(vring.index, queue, vring.kick_fd, signal=vring.signal,
+                               resubmit=resubmit)
 
     async def _stop_ring(self, vring: Vring) -> None:
         """Stop taking requests from the ring, let those in flight finish,
         and keep where it stopped as the ring's base."""
-        if vring.pop_scope is not None:
-            vring.pop_scope.cancel()
-        if vring.done is not None:
-            await vring.done.wait()
-        if vring.queue is not None:
-            vring.base = vring.queue.last_avail_idx
-            vring.queue = None
+        base = await self.stop_queue(vring.index)
+        if base is not None:
+            vring.base = base
         vring.close_kick()
-
-    async def _ring_task(self, vring: Vring, resubmit: list[Chain], *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        queue = vring.queue
-        assert queue is not None
-        kick = vring.kick_fd
-        done = vring.done = trio.Event()
-        try:
-            async with trio.open_nursery() as requests:
-                with trio.CancelScope() as vring.pop_scope:
-                    task_status.started()
-                    # chains a previous back-end took and never answered
-                    for old in resubmit:
-                        requests.start_soon(self._request, vring, queue, old)
-                    handler = self.export.handler
-                    try:
-                        while True:
-                            # what the page cache serves is done here, without
-                            # a task (BlkHandler.process_now); up to a ring's
-                            # worth, then the other tasks get a turn
-                            served = 0
-                            while (chain := queue.pop()) is not None:
-                                used = handler.process_now(chain)
-                                if used is None:
-                                    requests.start_soon(self._request, vring, queue, chain)
-                                    continue
-                                queue.push(chain.head, used)
-                                served += 1
-                                if served >= queue.size:
-                                    break
-                            if served:
-                                if not vring.notify_pending and queue.notify_needed():
-                                    vring.signal()
-                                if served >= queue.size:
-                                    await trio.lowlevel.checkpoint()
-                                    continue
-                            await trio.lowlevel.wait_readable(kick)
-                            with contextlib.suppress(BlockingIOError, InterruptedError):
-                                os.read(kick, 8)
-                    except VirtqueueError as e:
-                        self.panic(f"queue {vring.index}: {e}")
-                    except OSError as e:
-                        # a kick descriptor that cannot be polled or read
-                        self.panic(f"queue {vring.index}: kick descriptor: {e}")
-                # popping stopped; the nursery lets requests in flight finish
-        finally:
-            vring.pop_scope = None
-            done.set()
-
-    async def _request(self, vring: Vring, queue: SplitQueue, chain: Chain) -> None:
-        used = await self.export.handler.process(chain)
-        try:
-            queue.push(chain.head, used)
-        except VirtqueueError as e:
-            self.panic(f"queue {vring.index}: {e}")
-            return
-        if vring.notify_pending:
-            return  # the request that set it signals for the batch
-        # one call for the batch: the requests that complete in this
-        # scheduler pass push theirs first (a call wakes the front-end's
-        # thread, costing far more than a push)
-        vring.notify_pending = True
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        vring.notify_pending = False
-        try:
-            if queue.notify_needed():
-                vring.signal()
-        except VirtqueueError as e:
-            self.panic(f"queue {vring.index}: {e}")
 
 
 @register_export
-class VhostUserBlkExport(BlockExport):
+class VhostUserBlkExport(VirtioBlkExport):
     type = "vhost-user-blk"
+    device: FrontEnd | None
 
     def __init__(self, daemon: Any, args: Any, node: BlockNode):
-        super().__init__(daemon, args, node)
         addr = args.addr
         kind: str = addr.type.value
         if kind not in ("unix", "fd"):
             raise GenericError("Only socket address types 'unix' and 'fd' are supported")
+        block_size = check_block_size(args.id, args.logical_block_size)
+        super().__init__(daemon, args, node, num_queues=check_num_queues(args.num_queues),
+                         logical_block_size=block_size, serial="vhost_user_blk")
         self.addr_type = kind
         self.path: str | None = addr.path if kind == "unix" else None
         self.fd_str: str | None = addr.str if kind == "fd" else None
-        block_size = args.logical_block_size
-        if block_size is not None:
-            _check_block_size(self.id, block_size)
-        num_queues = args.num_queues if args.num_queues is not None else 1
-        if num_queues == 0:
-            raise GenericError("num-queues must be greater than 0")
-        self.num_queues = num_queues
-        self.handler = BlkHandler(node, writable=self.writable,
-                                  logical_block_size=block_size or MIN_BLOCK_SIZE,
-                                  num_queues=num_queues, serial="vhost_user_blk",
-                                  writethrough=bool(args.writethrough))
-        self.edge: BdrvChild | None = None
-        self.frontend: FrontEnd | None = None
-        self.stopping = False
-
-    def connected_clients(self) -> int:
-        return int(self.frontend is not None)
-
-    # the handler counts them (one per export, whoever is connected)
-    @property
-    def read_bytes(self) -> int:  # type: ignore[override]
-        return self.handler.read_bytes
-
-    @property
-    def written_bytes(self) -> int:  # type: ignore[override]
-        return self.handler.written_bytes
-
-    def child_attached(self, edge: BdrvChild) -> None:
-        super().child_attached(edge)
-        self.handler.backend = edge.node
 
     def child_resized(self, edge: BdrvChild) -> None:
         """block_resize (vu_blk_exp_resize): GET_CONFIG answers the new
         capacity from the node's length; the front-end is told to ask."""
-        if self.frontend is not None:
-            self.frontend.config_changed()
-
-    def info(self) -> dict[str, Any]:
-        d = super().info()
-        d["shutting-down"] = d["shutting-down"] or self.stopping
-        return d
-
-    async def stop(self) -> None:
-        """Stop taking requests, let those in flight finish (a few seconds
-        at most), then end the front-end and the export."""
-        if not self.stopping:
-            self.stopping = True
-            frontend = self.frontend
-            if frontend is not None:
-                with trio.move_on_after(_DRAIN_DEADLINE):
-                    await frontend.quiesce()
-        self.cancel_scope.cancel()
-        await self.finished.wait()
+        if self.device is not None:
+            self.device.config_changed()
 
     def _listen(self) -> trio.socket.SocketType:
         if self.path is not None:
@@ -690,34 +547,29 @@ class VhostUserBlkExport(BlockExport):
         sock.setblocking(False)
         return trio.socket.from_stdlib_socket(sock)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
         """Listen, report started, serve front-ends one at a time until
         cancelled (block-export-del, quit)."""
-        perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
-        self.edge = self.node.attach("root", self, perm)
-        listener: trio.socket.SocketType | None = None
+        listener = self._listen()
         try:
-            with self.cancel_scope:
-                listener = self._listen()
-                task_status.started()
-                await self.daemon.accepting.wait()
-                while True:
-                    sock, _ = await listener.accept()
-                    self.frontend = FrontEnd(self, sock)
-                    try:
-                        await self.frontend.serve()
-                    except Exception as e:  # noqa: BLE001 - one front-end fails, the daemon lives
-                        print(f"qsd-trio: vhost-user-blk export '{self.id}' front-end failed: {e!r}",
-                              file=sys.stderr, flush=True)
-                    finally:
-                        self.frontend = None
+            task_status.started()
+            await self.daemon.accepting.wait()
+            while True:
+                sock, _ = await listener.accept()
+                await self.serve_device(FrontEnd(self, sock), _peer(sock))
         finally:
-            if listener is not None:
-                listener.close()
-                if self.path is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(self.path)
-            self.edge.detach()
-            with contextlib.suppress(Exception):
-                refresh(self.node)
-            self.finished.set()
+            listener.close()
+            if self.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+
+
+def _peer(sock: trio.socket.SocketType) -> str:
+    """The front-end, for the task tree: its process (SO_PEERCRED), as a
+    unix socket's peer has no address."""
+    try:
+        pid, _, _ = _UCRED.unpack(sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_PEERCRED,
+                                                  _UCRED.size))
+    except OSError:
+        return "unix"
+    return f"pid {pid}"

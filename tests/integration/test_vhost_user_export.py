@@ -8,6 +8,7 @@ import array
 import errno
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -147,6 +148,18 @@ def start(daemon_factory, kind, tmp_path, image, extra="", **kw):
         "--export", f"vhost-user-blk,id=vu0,node-name=file0,addr.type=unix,addr.path={sock}{extra}",
     ], **kw)
     return d, sock
+
+
+def start_throttled(daemon_factory, path, image, bps, **kw):
+    """qsd-trio exporting ``image`` writable at ``path`` through a throttle
+    of ``bps`` bytes of writes a second: it lets a first write through and
+    holds the next ones."""
+    return daemon_factory("trio", [
+        "--object", f"throttle-group,id=tg0,x-bps-write={bps}",
+        "--blockdev", f"file,node-name=file0,filename={image}",
+        "--blockdev", "throttle,node-name=t0,throttle-group=tg0,file=file0",
+        "--export", f"vhost-user-blk,id=vu0,node-name=t0,addr.type=unix,addr.path={path},writable=on",
+    ], **kw)
 
 
 @pytest.fixture
@@ -468,12 +481,7 @@ async def test_restart_resubmits_requests_in_flight(daemon_factory, tmp_path, im
     the front-end's inflight buffer, carries the write out."""
     path = tmp_path / "vu.sock"
     # the throttle lets the first write through and holds the second
-    slow = daemon_factory("trio", [
-        "--object", "throttle-group,id=tg0,x-bps-write=4096",
-        "--blockdev", f"file,node-name=file0,filename={image}",
-        "--blockdev", "throttle,node-name=t0,throttle-group=tg0,file=file0",
-        "--export", f"vhost-user-blk,id=vu0,node-name=t0,addr.type=unix,addr.path={path},writable=on",
-    ])
+    slow = start_throttled(daemon_factory, path, image, 4096)
     ram = GuestRam(size=0x60000)
     drv = Driver(ram, size=16)
     payload = os.urandom(128 * 1024)
@@ -540,12 +548,7 @@ async def test_stop_lets_requests_in_flight_finish(daemon_factory, tmp_path, ima
     path = tmp_path / "vu.sock"
     # the throttle lets the first write through and holds the second for
     # about a second
-    d = daemon_factory("trio", [
-        "--object", "throttle-group,id=tg0,x-bps-write=32768",
-        "--blockdev", f"file,node-name=file0,filename={image}",
-        "--blockdev", "throttle,node-name=t0,throttle-group=tg0,file=file0",
-        "--export", f"vhost-user-blk,id=vu0,node-name=t0,addr.type=unix,addr.path={path},writable=on",
-    ])
+    d = start_throttled(daemon_factory, path, image, 32768)
     qmp = d.qmp()
     ram = GuestRam(size=0x60000)
     drv = Driver(ram, size=16)
@@ -710,3 +713,66 @@ async def test_resize_notifies_the_front_end(daemon_factory, tmp_path, image):
         backend.close()
     d.stop()
     assert image.stat().st_size == IMAGE_SIZE + (1 << 20)
+
+
+def _tree_nodes(node, path=()):
+    yield node, path
+    for child in node["children"]:
+        yield from _tree_nodes(child, (*path, node))
+
+
+async def test_front_end_in_the_task_tree(daemon_factory, tmp_path, image):
+    """A connected front-end is the export's client-connection in
+    x-query-tasks and the SIGUSR1 dump, as an NBD client is: under the
+    export's task, with its process, its requests in flight and bytes
+    moved, and a task per started virtqueue under it; gone once it leaves."""
+    path = tmp_path / "vu.sock"
+    # the throttle lets the first write through and holds the second
+    d = start_throttled(daemon_factory, path, image, 4096, allow_stderr=(
+        r"^ *(task|nursery|monitor-session|export|client-connection) '.*' .*up [0-9.]+s$"))
+    qmp = d.qmp()
+
+    def connections():
+        tree = qmp.cmd_raw("x-query-tasks")["return"]
+        return [(n, p) for n, p in _tree_nodes(tree) if n["kind"] == "client-connection"]
+
+    assert connections() == []
+    ram = GuestRam(size=0x60000)
+    drv = Driver(ram, size=16)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        kick, call = await fe.start_queue(drv)
+        _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (4096, True), (1, True)])
+        drv.set_used_event(1)
+        drv.add([(outhdr(T_OUT, 128), False), (b"w" * 65536, False), (1, True)])
+        drv.add([(outhdr(T_OUT, 256), False), (b"v" * 65536, False), (1, True)])
+        os.eventfd_write(kick, 1)
+        with trio.fail_after(20):
+            while drv.used_idx() < 2:
+                await trio.lowlevel.wait_readable(call)
+                os.eventfd_read(call)
+        [(conn, above)] = connections()
+        assert conn["export-id"] == "vu0" and conn["node-names"] == ["t0"]
+        assert conn["client"] == f"pid {os.getpid()}"
+        assert conn["state"] == "running"
+        # one write held by the throttle; a read and a write done (the
+        # bytes count from a request's start)
+        assert conn["in-flight"] == 1 and conn["bytes"] == 4096 + 2 * 65536
+        assert any(n["kind"] == "export" and n["export-id"] == "vu0" for n in above)
+        rings = [n["name"] for child in conn["children"] for n in child["children"]]
+        assert rings == ["virtqueue 0"]
+        d.proc.send_signal(signal.SIGUSR1)
+        with trio.fail_after(20):
+            while "client-connection" not in d.stderr():  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
+        assert (f"client-connection 'vhost-user-blk client of vu0' export-id=vu0 "
+                f"client=pid {os.getpid()} node-names=t0 running in-flight=1 bytes=135168"
+                in d.stderr())
+    finally:
+        fe.close()
+        ram.close()
+    with trio.fail_after(20):
+        while connections():  # noqa: ASYNC110 - polling the daemon is the test
+            await trio.sleep(0.05)

@@ -81,28 +81,30 @@ class Driver:
                             avail_addr=self.ram.uva(self.avail),
                             used_addr=self.ram.uva(self.used), **kw)
 
-    def alloc(self, n):
+    def alloc(self, n, gap=0):
         off = self.next_data
-        self.next_data += (n + 15) & ~15
+        self.next_data += ((n + 15) & ~15) + gap
         return off
 
     def write_desc(self, table_off, i, addr, length, flags, nxt):
         self.ram.put(table_off + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
 
-    def buffers(self, bufs):
-        """(data bytes, writable) or (length, writable) -> [(gpa, len, flags, off)]"""
+    def buffers(self, bufs, gap=0):
+        """(data bytes, writable) or (length, writable) -> [(gpa, len, flags, off)],
+        each buffer 16-aligned right after the previous one, or ``gap``
+        bytes further."""
         out = []
         for data, writable in bufs:
             n = data if isinstance(data, int) else len(data)
-            off = self.alloc(n)
+            off = self.alloc(n, gap)
             if not isinstance(data, int):
                 self.ram.put(off, data)
             out.append((self.ram.gpa(off), n, WRITE if writable else 0, off))
         return out
 
-    def add(self, bufs, *, indirect=False):
+    def add(self, bufs, *, indirect=False, gap=0):
         """Make a chain available; returns (head, [buffer offsets])."""
-        descs = self.buffers(bufs)
+        descs = self.buffers(bufs, gap)
         head = self.next_desc
         if indirect:
             table = self.alloc(16 * len(descs))
@@ -185,6 +187,28 @@ def test_indirect_chain(ram):
     q2 = drv.queue(mem, indirect=False, last_avail_idx=0)
     with pytest.raises(Q.VirtqueueError, match="INDIRECT_DESC"):
         q2.pop()
+    mem.close()
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_buffers_that_continue_one_another_are_one_segment(ram, indirect):
+    """A guest's large buffer comes cut into descriptors (of at most its
+    max_segment_size); the walk gives it back as one segment, while the
+    device-readable and device-writable sides stay apart."""
+    mem = ram.memory()
+    drv = Driver(ram, size=16)
+    q = drv.queue(mem)
+    _, offs = drv.add([(b"h" * 16, False), (b"a" * 64, False), (b"b" * 64, False),
+                       (64, True), (64, True)], indirect=indirect)
+    chain = q.pop()
+    assert [(off, n) for _, off, n in chain.readable] == [(offs[0], 16 + 128)]
+    assert [(off, n) for _, off, n in chain.writable] == [(offs[3], 128)]
+    assert data_of(chain, "readable") == b"h" * 16 + b"a" * 64 + b"b" * 64
+    _, offs = drv.add([(b"h" * 16, False), (b"a" * 64, False), (64, True), (64, True)],
+                      indirect=indirect, gap=16)
+    chain = q.pop()
+    assert [(off, n) for _, off, n in chain.readable] == [(offs[0], 16), (offs[1], 64)]
+    assert [(off, n) for _, off, n in chain.writable] == [(offs[2], 64), (offs[3], 64)]
     mem.close()
 
 

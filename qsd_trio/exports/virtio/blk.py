@@ -16,7 +16,8 @@ over as it is and the unit tests can hand over a model.
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .memory import GuestMemoryError, Segment
 from .virtqueue import (
@@ -79,6 +80,13 @@ READ_NOW_MISSES = 16
 READ_NOW_SKIP = 256
 
 _OUTHDR = struct.Struct("<IIQ")
+_IOERR = bytes([VIRTIO_BLK_S_IOERR])
+
+# BlkHandler.start: the request was handed to the node and completes later
+STARTED = -1
+# what BlkHandler.start calls when a request it started completes: the
+# chain's head and its used length
+Completion = Callable[[int, int], None]
 _DWZ = struct.Struct("<QII")
 
 
@@ -107,6 +115,11 @@ class BlkBackend(Protocol):
     def read_into_now(self, offset: int, views: list[memoryview]) -> bool: ...
 
     def write_now(self, offset: int, mv: memoryview) -> bool: ...
+
+    # a write started without a task (BlockNode.write_submit): False when
+    # the node cannot take it that way; else done(None, None or OSError) later
+    def write_submit(self, offset: int, mv: memoryview,
+                     done: Callable[[Any, OSError | None], None]) -> bool: ...
 
 
 def device_features(*, writable: bool) -> int:
@@ -267,17 +280,25 @@ class BlkHandler:
             return 0
         return in_len
 
-    def process_now(self, chain: Chain) -> int | None:
-        """The request in ``chain`` done without waiting, if it is a read
-        or write the node serves that way (BlockNode.read_into_now, a
-        cached read; write_now, a write into the page cache): its status
-        byte written, and the used length returned as :meth:`process`
-        returns it.  None: nothing was done (anything written into the
-        chain's data buffers is rewritten by the full request), and the
-        caller runs :meth:`process`, which also words every error.
+    def start(self, chain: Chain, done: Completion | None = None) -> int | None:
+        """The request in ``chain`` done or started without a task, where
+        the node allows it; else nothing done, and the caller runs
+        :meth:`process`, which also words every error.
 
-        This spares an export a task per request for what the page cache
-        serves; it raises nothing.
+        * A read or write the node serves without waiting (BlockNode's
+          read_into_now, a cached read; write_now, a write into the page
+          cache): its status byte is written and the used length returned,
+          as :meth:`process` returns it.
+        * With ``done``, a write (not FUA) from one contiguous guest buffer
+          that the node hands to its I/O engine as it is
+          (BlockNode.write_submit): :data:`STARTED` is returned, and
+          ``done(chain.head, used length)`` is called once the status byte
+          is written, from the engine's completion (or at once).
+        * None: nothing was done (anything written into the chain's data
+          buffers is rewritten by the full request).
+
+        This spares an export a task per request for what the page cache or
+        the engine serves; it raises nothing.
         """
         readable = chain.readable
         if not readable:
@@ -311,13 +332,32 @@ class BlkHandler:
                 else:
                     return None
                 in_len = chain.writable_len
-                if in_len != 1 or not self._range_ok(sector, seg[2]):
+                size = seg[2]
+                if in_len != 1 or not self._range_ok(sector, size):
                     return None
                 status_seg = list(chain.writable)
-                with seg[0].view(seg[1], seg[2]) as view:
-                    if not self.backend.write_now(sector << SECTOR_BITS, view):
+                view = seg[0].view(seg[1], size)
+                backend = self.backend
+                if not backend.write_now(sector << SECTOR_BITS, view):
+                    if done is None:
                         return None
-                self.written_bytes += seg[2]
+                    sr, soff, _ = status_seg[0]
+                    head = chain.head
+
+                    def finished(_result: object, error: OSError | None) -> None:
+                        # the engine held ``view`` (guest memory) until now
+                        try:
+                            sr.write(soff, b"\0" if error is None else _IOERR)
+                        except GuestMemoryError:
+                            done(head, 0)
+                        else:
+                            done(head, 1)
+
+                    if not backend.write_submit(sector << SECTOR_BITS, view, finished):
+                        return None
+                    self.written_bytes += size
+                    return STARTED
+                self.written_bytes += size
             else:
                 return None
             sr, soff, _ = status_seg[0]

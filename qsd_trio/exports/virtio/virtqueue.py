@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from .memory import GuestMemory, GuestMemoryError, MappedRegion, Segment
+from .memory import GuestMemory, GuestMemoryError, Segment
 
 # descriptor flags (split-ring.tex "The Virtqueue Descriptor Table")
 VRING_DESC_F_NEXT = 1
@@ -51,6 +51,7 @@ MAX_QUEUE_SIZE = 32768
 MAX_CHAIN_BUFFERS = 1024
 
 _DESC = struct.Struct("<QIHH")
+_unpack_desc = _DESC.unpack_from
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -231,7 +232,10 @@ class SplitQueue:
         changed)."""
         n = self.size
         try:
-            self._desc, self._desc_off = self.mem.uva_region(self.desc_addr, 16 * n)
+            desc, desc_off = self.mem.uva_region(self.desc_addr, 16 * n)
+            # descriptors are read through this view; a mapping replaced
+            # meanwhile stays readable (the view holds it) until remap()
+            self._desc_table = desc.view(desc_off, 16 * n)
             self._avail, self._avail_off = self.mem.uva_region(self.avail_addr, 6 + 2 * n)
             self._used, self._used_off = self.mem.uva_region(self.used_addr, 6 + 8 * n)
         except GuestMemoryError as e:
@@ -320,11 +324,14 @@ class SplitQueue:
             raise VirtqueueError(str(e)) from None
 
     def _walk(self, head: int) -> Chain:
-        table: MappedRegion = self._desc
-        table_off = self._desc_off
+        """The chain starting at descriptor ``head`` of the ring's table,
+        or of the indirect table that descriptor points at.  Each
+        descriptor is read once, straight from guest memory through a view
+        (the table's bounds were checked when it was mapped); buffers that
+        continue one another in the same region are one segment."""
+        table = self._desc_table
         limit = self.size
-        i = head
-        addr, length, flags, nxt = table.unpack_from(_DESC, table_off + 16 * i)
+        addr, length, flags, nxt = _unpack_desc(table, 16 * head)
         if flags & VRING_DESC_F_INDIRECT:
             if not self.indirect:
                 raise VirtqueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -336,52 +343,16 @@ class SplitQueue:
             if limit > 0xFFFF + 1:
                 raise VirtqueueError(f"indirect table of {limit} descriptors")
             try:
-                table, table_off = self.mem.gpa_region(addr, length)
+                region, offset = self.mem.gpa_region(addr, length)
+                table = region.view(offset, length)
             except GuestMemoryError as e:
                 raise VirtqueueError(f"indirect table: {e}") from None
-            # the whole table in one read: one bounds check, not one per entry
-            descs = list(_DESC.iter_unpack(table.read(table_off, length)))
-            return self._walk_table(head, descs, limit)
-        readable: list[Segment] = []
-        writable: list[Segment] = []
-        seen = 0
-        while True:
-            seen += 1
-            if seen > limit:
-                raise VirtqueueError("looped descriptor chain")
-            if flags & VRING_DESC_F_INDIRECT:
-                raise VirtqueueError("indirect descriptor inside a chain or an indirect table")
-            if length:
-                try:
-                    segs = self.mem.gpa_segments(addr, length)
-                except GuestMemoryError as e:
-                    raise VirtqueueError(f"invalid address for buffers: {e}") from None
-                if flags & VRING_DESC_F_WRITE:
-                    writable.extend(segs)
-                else:
-                    if writable:
-                        raise VirtqueueError("device-readable descriptor after a device-writable one")
-                    readable.extend(segs)
-                if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
-                    raise VirtqueueError(f"more than {MAX_CHAIN_BUFFERS} buffers in a chain")
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            if nxt >= limit:
-                raise VirtqueueError(f"descriptor next index {nxt} beyond {limit}")
-            i = nxt
-            addr, length, flags, nxt = table.unpack_from(_DESC, table_off + 16 * i)
-        return Chain(head, tuple(readable), tuple(writable))
-
-    def _walk_table(self, head: int, descs: list[tuple[int, int, int, int]],
-                    limit: int) -> Chain:
-        """_walk over an indirect table already read: the same checks."""
+            addr, length, flags, nxt = _unpack_desc(table, 0)
         readable: list[Segment] = []
         writable: list[Segment] = []
         gpa_segments = self.mem.gpa_segments
-        i = 0
-        seen = 0
+        seen = buffers = 0
         while True:
-            addr, length, flags, nxt = descs[i]
             seen += 1
             if seen > limit:
                 raise VirtqueueError("looped descriptor chain")
@@ -393,18 +364,28 @@ class SplitQueue:
                 except GuestMemoryError as e:
                     raise VirtqueueError(f"invalid address for buffers: {e}") from None
                 if flags & VRING_DESC_F_WRITE:
-                    writable.extend(segs)
+                    out = writable
                 else:
                     if writable:
                         raise VirtqueueError("device-readable descriptor after a device-writable one")
-                    readable.extend(segs)
-                if len(readable) + len(writable) > MAX_CHAIN_BUFFERS:
+                    out = readable
+                buffers += len(segs)
+                if buffers > MAX_CHAIN_BUFFERS:
                     raise VirtqueueError(f"more than {MAX_CHAIN_BUFFERS} buffers in a chain")
+                for seg in segs:
+                    if out:
+                        r, off, n = out[-1]
+                        if r is seg[0] and off + n == seg[1]:
+                            # a guest's large buffer, cut into descriptors of
+                            # at most max_segment_size: one view, one iovec
+                            out[-1] = (r, off, n + seg[2])
+                            continue
+                    out.append(seg)
             if not flags & VRING_DESC_F_NEXT:
                 break
             if nxt >= limit:
                 raise VirtqueueError(f"descriptor next index {nxt} beyond {limit}")
-            i = nxt
+            addr, length, flags, nxt = _unpack_desc(table, 16 * nxt)
         return Chain(head, tuple(readable), tuple(writable))
 
     # -- pushing ---------------------------------------------------------------------------
