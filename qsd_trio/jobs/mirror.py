@@ -463,7 +463,10 @@ class MirrorJob(BlockJob):
         if st.flags & Status.DATA:
             self._data_extent = (offset, offset + st.length)
         m = min(n, max(st.length // g * g, g)) if st.length < n else n
-        if st.flags & Status.DATA:
+        if st.flags & Status.DATA or st.length < min(n, g):
+            # a status shorter than a chunk (a hole, then data in the same
+            # chunk) copies the chunk, as mirror_iteration does: zeroing it
+            # would lose the data after the hole
             return "copy", m
         if st.flags & Status.ZERO or not self.unmap:
             return "zero", m
