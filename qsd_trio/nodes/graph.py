@@ -59,6 +59,7 @@ DRIVER_MODULES = {
     "qed": "qed",
     "parallels": "parallels",
     "qcow": "qcow",
+    "vmdk": "vmdk",
     "bochs": "bochs",
     "cloop": "cloop",
     "dmg": "dmg",

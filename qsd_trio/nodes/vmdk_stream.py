@@ -1,0 +1,112 @@
+"""streamOptimized VMDK: compressed grains and the footer, as QEMU 7.2's
+block/vmdk.c (vmdk_read_extent, vmdk_write_extent, the footer part of
+vmdk_open_vmdk4).
+
+A compressed extent stores each grain as a *grain marker* (the grain's
+first guest sector, u64; the size of what follows, u32) and a zlib stream
+of the grain; the table entry gives the marker's sector.  QEMU reads two
+grains' worth at that sector (a marker and a grain that did not compress
+may take more than one), inflates at most one grain and refuses (EINVAL) a
+marker of size 0 or beyond those two grains, a stream that does not end or
+inflates to more than a grain, or a request past what it inflated to.
+
+QEMU writes a grain only once, whole (or the image's last, partial one):
+compressed with zlib's default level behind a marker, at
+``next_cluster_sector``, which then moves to the sector after it, so
+grains are packed sector by sector.  A write into a grain already written
+fails with EIO ("Could not write to allocated cluster for
+streamOptimized"); a partial grain with EINVAL.
+
+An image whose header has the grain directory "at the end" (VMware's
+streams) gives its real header in the footer, 1536 bytes before the end of
+the file: a footer marker, the magic and the header, and an end-of-stream
+marker.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from ..qapi.errors import GenericError
+from .node import BlockNode
+from .vmdk_extent import (
+    SECTOR,
+    U64,
+    VMDK4_MAGIC,
+    Extent,
+    Vmdk4Header,
+    einval,
+    pread,
+)
+
+MARKER_END_OF_STREAM = 0
+MARKER_GRAIN_TABLE = 1
+MARKER_GRAIN_DIRECTORY = 2
+MARKER_FOOTER = 3
+GRAIN_MARKER = struct.Struct("<QI")  # VmdkGrainMarker: lba, size
+_MARKER = struct.Struct("<QII")  # a metadata marker: val, size, type
+
+
+async def footer_header(file: BlockNode) -> Vmdk4Header:
+    """The header in the footer of ``file`` (QEMU's bs->file: for an extent
+    of a descriptor file it reads the descriptor's length)."""
+    at = -(-file.length // SECTOR) * SECTOR - 1536
+    try:
+        raw = bytes(await pread(file, at & U64, 1536))
+    except OSError as e:
+        raise GenericError(f"Failed to read footer: {e.strerror}") from None
+    _val, fsize, ftype = _MARKER.unpack_from(raw, 0)
+    eval_, esize, etype = _MARKER.unpack_from(raw, 1024)
+    if (raw[512:516] != VMDK4_MAGIC or fsize != 0 or ftype != MARKER_FOOTER
+            or eval_ != 0 or esize != 0 or etype != MARKER_END_OF_STREAM):
+        raise GenericError("Invalid footer")
+    return Vmdk4Header(raw[516:516 + Vmdk4Header.STRUCT.size])
+
+
+def inflate(data: bytes, limit: int) -> bytes | None:
+    """zlib's uncompress() into ``limit`` bytes: the data, or None where it
+    would not return Z_OK (a bad or unfinished stream, too much output)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error:
+        return None
+    return out if d.eof else None
+
+
+async def read_grain(ext: Extent, cluster_offset: int, in_cluster: int, n: int) -> bytes:
+    """vmdk_read_extent for a compressed extent: ``n`` bytes at
+    ``in_cluster`` of the grain whose marker is at ``cluster_offset``."""
+    cb = ext.cluster_bytes
+    ext.file.debug_event("read_compressed")
+    buf = bytes(await pread(ext.file, cluster_offset, cb * 2))
+    if ext.has_marker:
+        size = GRAIN_MARKER.unpack_from(buf, 0)[1]
+        data = buf[GRAIN_MARKER.size:GRAIN_MARKER.size + size]
+    else:
+        size = cb
+        data = buf[:cb]
+    if not size or size > cb * 2:
+        raise einval()
+    out = inflate(data, cb)
+    if out is None or in_cluster + n > len(out):
+        raise einval()
+    return out[in_cluster:in_cluster + n]
+
+
+def grain_record(ext: Extent, in_cluster: int, piece: bytes | bytearray | memoryview,
+                 offset: int) -> bytes:
+    """What vmdk_write_extent writes for a compressed extent: the marker and
+    the compressed grain for the write of ``piece`` at guest ``offset``;
+    EINVAL for a partial grain (but the image's last) or no markers."""
+    n = len(piece)
+    cb = ext.cluster_bytes
+    if in_cluster or n > cb or (n < cb and offset + n != ext.end_sector * SECTOR):
+        raise einval()
+    if not ext.has_marker:
+        raise einval()
+    payload = zlib.compress(bytes(piece))
+    if len(payload) > cb * 2:
+        raise einval()
+    return GRAIN_MARKER.pack(offset >> 9, len(payload)) + payload
