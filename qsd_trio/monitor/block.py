@@ -13,7 +13,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from ..jobs.blockjob import BlockJob
-from ..nodes import bitmaps, latency
+from ..nodes import bitmaps, child_change, latency
 from ..nodes.bitmaps import DirtyBitmap
 from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm
 from ..nodes.perms import perm_list, refresh
@@ -35,6 +35,26 @@ async def blockdev_add(daemon: Daemon, args: Any) -> Any:
 @command("blockdev-del")
 async def blockdev_del(daemon: Daemon, args: Any) -> Any:
     await daemon.graph.delete(args.node_name)
+
+
+@command("x-blockdev-change")
+async def x_blockdev_change(daemon: Daemon, args: Any) -> Any:
+    """qmp_x_blockdev_change: remove the parent's child named ``child``,
+    or add the node ``node`` as a new child (only quorum takes either)."""
+    parent = daemon.graph.lookup_bs(args.parent)
+    if (args.child is None) == (args.node is None):
+        raise GenericError("The parameters child and node are in conflict" if args.child
+                           else "Either child or node must be specified")
+    if args.child is not None:
+        edge = parent.children.get(args.child)
+        if edge is None:
+            raise GenericError(f"Node '{args.parent}' does not have child '{args.child}'")
+        await child_change.del_child(parent, edge)
+    else:
+        node = daemon.graph.nodes.get(args.node)
+        if node is None:
+            raise GenericError(f"Node '{args.node}' not found")
+        await child_change.add_child(parent, node)
 
 
 _REOPENABLE = {"driver", "node-name", "read-only", "auto-read-only", "detect-zeroes",

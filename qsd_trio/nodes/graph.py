@@ -64,6 +64,7 @@ DRIVER_MODULES = {
     "cloop": "cloop",
     "dmg": "dmg",
     "preallocate": "preallocate", "compress": "compress", "blkverify": "blkverify",
+    "quorum": "quorum",
 }
 
 
