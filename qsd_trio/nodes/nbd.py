@@ -7,10 +7,11 @@ with the codec in qsd_trio/proto/nbd.py and hands each reply to the request
 waiting on its handle, so many requests are in flight at once.
 
 Negotiation (the NBD specification's "Fixed newstyle negotiation"):
-structured replies, one meta context (``base:allocation``, or the one
+extended headers, or structured replies from a server without them (QEMU
+7.2's, nbdkit 1.32), one meta context (``base:allocation``, or the one
 ``x-dirty-bitmap`` names, ``qemu:dirty-bitmap:NAME``, whose dirty bit QEMU
-reads as "hole"), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.  Extended
-headers and multi-conn are not asked for.  With ``tls-creds`` (an object
+reads as "hole"), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.  Multi-conn is
+not asked for.  With ``tls-creds`` (an object
 with endpoint=client: x509, psk or anon) NBD_OPT_STARTTLS comes first and
 everything after it goes through the TLS session (nbd_tls.py), on every
 reconnect too.
@@ -44,6 +45,7 @@ import trio
 from ..proto import nbd as P
 from ..qapi.errors import GenericError
 from ..sockets import addr_dict
+from .engine import buffers
 from .graph import register_driver
 from .nbd_tls import ClientTls, TlsError, client_tls, start_client
 from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
@@ -64,6 +66,9 @@ YIELD_EVERY = 16
 # back within reconnect-delay is found quickly)
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+# commands whose length is a range of the export, not a payload: one request
+# may cover at most the connection's effect_limit
+_RANGED = frozenset({P.CMD_WRITE_ZEROES, P.CMD_TRIM, P.CMD_BLOCK_STATUS})
 
 
 class ConnectError(Exception):
@@ -76,17 +81,49 @@ class _Pending:
 
     The requesting task parks itself (``wait``) and the reader reschedules it
     (``complete``): what a ``trio.Event`` does, without an Event and its
-    parking lot per request."""
+    parking lot per request.
+
+    A read's data lands in ``buf``, a buffer of the pool in engine/buffers.py
+    (page-aligned and not zero-filled, so a 1 MiB read costs no memset and no
+    page faults).  A structured reply may fill it in any order and need not
+    cover it: ``cursor`` (how far chunks arrived in order) and ``spans`` (the
+    others) say what was filled, and ``seal`` zeroes the rest, which a
+    zero-filled buffer would have read as, instead of leaving what the
+    buffer's previous user wrote there."""
 
     type: int
     offset: int
     length: int
-    buf: bytearray | None = None  # read data lands here
+    buf: memoryview | None = None  # read data lands here
     status: tuple[int, int] | None = None  # first extent: (length, flags)
     error: int = 0
     lost: bool = False  # the connection broke before the reply was complete
     done: bool = False
+    cursor: int = 0  # buf[:cursor] is filled
+    spans: list[tuple[int, int]] | None = None  # (start, length) filled out of order
     _task: trio.lowlevel.Task | None = None
+
+    def filled(self, rel: int, n: int) -> None:
+        """``buf[rel:rel + n]`` holds data (or zeroes) from the server."""
+        if rel == self.cursor:
+            self.cursor += n
+        elif self.spans is None:
+            self.spans = [(rel, n)]
+        else:
+            self.spans.append((rel, n))
+
+    def seal(self) -> None:
+        """Zero what no chunk of a successful read filled."""
+        buf = self.buf
+        if buf is None or (self.cursor == self.length and self.spans is None):
+            return
+        pos = 0
+        for start, n in sorted([(0, self.cursor), *(self.spans or ())]):
+            if start > pos:
+                buffers.zero_tail(buf[pos:start], 0)
+            pos = max(pos, start + n)
+        if pos < self.length:
+            buffers.zero_tail(buf[pos:], 0)
 
     def complete(self) -> None:
         self.done = True
@@ -118,17 +155,25 @@ class _Connection:
     and its payload leave in one ``sendmsg``.  Each call that would block
     waits with ``trio.lowlevel.wait_readable`` / ``wait_writable``.  Any
     other stream (tests) goes through ``receive_some`` / ``send_all``.
+
+    ``extended``: NBD_OPT_EXTENDED_HEADERS was negotiated, so requests are
+    32-byte extended ones (64-bit lengths; a write says its payload length
+    with NBD_CMD_FLAG_PAYLOAD_LEN), every reply is an extended chunk that
+    echoes the request's offset, and block status comes as
+    NBD_REPLY_TYPE_BLOCK_STATUS_EXT (the specification's "Request message",
+    "Extended reply chunk message").
     """
 
     def __init__(self, stream: trio.abc.Stream, size: int, flags: int, ctx_id: int | None,
                  structured: bool, block: tuple[int, int, int],
-                 sock: _stdsocket.socket | None = None):
+                 sock: _stdsocket.socket | None = None, extended: bool = False):
         self.stream = stream
         self.sock = sock
         self.size = size
         self.flags = flags
         self.ctx_id = ctx_id
-        self.structured = structured
+        self.structured = structured or extended
+        self.extended = extended
         self.min_block, _pref, self.max_block = block
         self.pending: dict[int, _Pending] = {}
         self.send_lock = trio.Lock()
@@ -147,6 +192,16 @@ class _Connection:
         self._compact(len(data))
         self._rbuf[self._rend:self._rend + len(data)] = data
         self._rend += len(data)
+
+    def effect_limit(self, type_: int) -> int:
+        """The longest range one request of ``type_`` may cover (write zeroes,
+        trim, block status): a 64-bit effect length with extended headers,
+        else what the 32-bit field holds, kept aligned (QEMU 7.2's limits)."""
+        if self.extended:
+            return 1 << 63
+        if type_ == P.CMD_BLOCK_STATUS:
+            return (1 << 32) - max(1, self.min_block)
+        return 1 << 31
 
     # -- reading ---------------------------------------------------------------
     def _compact(self, need: int) -> None:
@@ -242,25 +297,36 @@ class _Connection:
 
     async def _one_reply(self) -> None:
         await self._fill(P.REPLY_MAGIC_SIZE)
-        pos = self._rpos
-        size = P.reply_header_size(bytes(self._rview[pos:pos + P.REPLY_MAGIC_SIZE]))
-        rep = P.parse_reply_header(await self._recv(size))
+        size = P.reply_header_size_at(self._rview, self._rpos, self.extended)
+        await self._fill(size)
+        rep = P.parse_reply_header_at(self._rview, self._rpos, size)
+        self._rpos += size
         req = self.pending.get(rep.handle)
         if req is None:
             raise P.NbdProtocolError(f"Protocol error: unexpected handle {rep.handle}")
         if rep.type is None:
             # a simple reply; a read's data follows it unless it failed
+            if self.structured and req.type in (P.CMD_READ, P.CMD_BLOCK_STATUS):
+                # QEMU's nbd_co_do_receive_one_chunk with only_structured
+                raise P.NbdProtocolError("Protocol error: simple reply when structured reply "
+                                         "chunk was expected")
             if rep.error:
                 req.error = rep.error
             elif req.type == P.CMD_READ:
                 assert req.buf is not None
-                await self._recv_into(memoryview(req.buf))
+                await self._recv_into(req.buf)
+                req.cursor = req.length
             self._finish(rep.handle, req)
             return
         if not self.structured:
             raise P.NbdProtocolError("Protocol error: structured reply without negotiation")
+        if rep.offset is not None and rep.offset != req.offset:
+            raise P.NbdProtocolError(f"Protocol error: extended reply for offset {rep.offset}, "
+                                     f"the request's is {req.offset}")
         await self._chunk(rep, req)
         if rep.done:
+            if not req.error:
+                req.seal()
             self._finish(rep.handle, req)
 
     def _finish(self, handle: int, req: _Pending) -> None:
@@ -282,7 +348,8 @@ class _Connection:
                 raise P.NbdProtocolError("Protocol error: server sent chunk exceeding "
                                          "requested region")
             assert req.buf is not None
-            await self._recv_into(memoryview(req.buf)[rel:rel + n])
+            await self._recv_into(req.buf[rel:rel + n])
+            req.filled(rel, n)
             return
         if rep.length > MAX_META_PAYLOAD:
             raise P.NbdProtocolError("Protocol error: server sent too long payload")
@@ -301,23 +368,10 @@ class _Connection:
                 raise P.NbdProtocolError("Protocol error: server sent hole exceeding "
                                          "requested region")
             assert req.buf is not None
-            req.buf[rel:rel + n] = bytes(n)
-        elif t == P.REPLY_TYPE_BLOCK_STATUS:
-            if req.type != P.CMD_BLOCK_STATUS:
-                raise P.NbdProtocolError("Protocol error: unexpected block status chunk")
-            ctx, extents = P.parse_block_status_chunk(payload)
-            if ctx != self.ctx_id:
-                raise P.NbdProtocolError(f"Protocol error: unexpected context id {ctx} for "
-                                         f"NBD_REPLY_TYPE_BLOCK_STATUS, expected {self.ctx_id}")
-            if req.status is not None:
-                raise P.NbdProtocolError("Protocol error: server sent status chunk more than "
-                                         "once")
-            n, f = extents[0]
-            if n == 0:
-                raise P.NbdProtocolError("Protocol error: server sent status chunk with "
-                                         "zero length")
-            # QEMU truncates an extent past the request and ignores the rest
-            req.status = (min(n, req.length), f)
+            buffers.zero_tail(req.buf[rel:rel + n], 0)
+            req.filled(rel, n)
+        elif t in (P.REPLY_TYPE_BLOCK_STATUS, P.REPLY_TYPE_BLOCK_STATUS_EXT):
+            self._status_chunk(t, payload, req)
         elif t in (P.REPLY_TYPE_ERROR, P.REPLY_TYPE_ERROR_OFFSET):
             err, _msg = P.parse_error_chunk(payload)
             if not err:
@@ -326,6 +380,35 @@ class _Connection:
             req.error = req.error or err
         else:
             raise P.NbdProtocolError(f"Protocol error: unknown chunk type {t}")
+
+    def _status_chunk(self, t: int, payload: bytes, req: _Pending) -> None:
+        """A block status chunk: BLOCK_STATUS (32-bit extents) without extended
+        headers, BLOCK_STATUS_EXT (64-bit extents) with them, never the other."""
+        if req.type != P.CMD_BLOCK_STATUS:
+            raise P.NbdProtocolError("Protocol error: unexpected block status chunk")
+        if (t == P.REPLY_TYPE_BLOCK_STATUS_EXT) != self.extended:
+            raise P.NbdProtocolError(f"Protocol error: block status chunk type {t} "
+                                     f"{'without' if self.extended else 'with'} "
+                                     f"extended headers")
+        if t == P.REPLY_TYPE_BLOCK_STATUS_EXT:
+            ctx, extents = P.parse_block_status_ext_chunk(payload)
+        else:
+            ctx, extents = P.parse_block_status_chunk(payload)
+        if ctx != self.ctx_id:
+            raise P.NbdProtocolError(f"Protocol error: unexpected context id {ctx} for "
+                                     f"NBD_REPLY_TYPE_BLOCK_STATUS, expected {self.ctx_id}")
+        if req.status is not None:
+            raise P.NbdProtocolError("Protocol error: server sent status chunk more than once")
+        n, f = extents[0]
+        if n == 0:
+            raise P.NbdProtocolError("Protocol error: server sent status chunk with zero length")
+        if f >> 32:
+            # the contexts asked for (base:allocation, qemu:dirty-bitmap:)
+            # have 32-bit flags: the high half must be zero
+            raise P.NbdProtocolError(f"Protocol error: server sent status flags 0x{f:x} "
+                                     f"beyond 32 bits")
+        # QEMU truncates an extent past the request and ignores the rest
+        req.status = (min(n, req.length), f)
 
     # -- requests ----------------------------------------------------------------
     async def request(self, handle: int, req: _Pending, flags: int = 0,
@@ -336,7 +419,12 @@ class _Connection:
             req.lost = True
             return
         self.pending[handle] = req
-        head = P.encode_request(req.type, handle, req.offset, req.length, flags)
+        if self.extended:
+            if data is not None:
+                flags |= P.CMD_FLAG_PAYLOAD_LEN
+            head = P.encode_ext_request(req.type, handle, req.offset, req.length, flags)
+        else:
+            head = P.encode_request(req.type, handle, req.offset, req.length, flags)
         try:
             if self.send_lock.locked():
                 async with self.send_lock:
@@ -400,7 +488,8 @@ class _Connection:
             if not self.broken:
                 try:
                     async with self.send_lock:
-                        await self.stream.send_all(P.encode_request(P.CMD_DISC, 0))
+                        encode = P.encode_ext_request if self.extended else P.encode_request
+                        await self.stream.send_all(encode(P.CMD_DISC, 0))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
             self.kill()
@@ -576,9 +665,18 @@ class _Negotiation:
         await self.stream.send_all(P.client_flags(cflags))
         if tls is not None:
             await self.starttls(tls)
-        await self.option(P.OPT_STRUCTURED_REPLY)
-        rep, _ = await self.reply(P.OPT_STRUCTURED_REPLY)
-        structured = rep == P.REP_ACK
+        # extended headers first; a server without them (QEMU 7.2's, nbdkit
+        # before 1.36) refuses the option and gets structured replies asked
+        # for instead, as QEMU 8.2's client does
+        await self.option(P.OPT_EXTENDED_HEADERS)
+        rep, _ = await self.reply(P.OPT_EXTENDED_HEADERS)
+        if rep != P.REP_ACK and not rep & (1 << 31):
+            raise P.NbdProtocolError(f"Unexpected reply type {rep} to NBD_OPT_EXTENDED_HEADERS")
+        extended = structured = rep == P.REP_ACK
+        if not extended:
+            await self.option(P.OPT_STRUCTURED_REPLY)
+            rep, _ = await self.reply(P.OPT_STRUCTURED_REPLY)
+            structured = rep == P.REP_ACK
         ctx_id: int | None = None
         if structured:
             await self.option(P.OPT_SET_META_CONTEXT, P.encode_meta_request(export, [meta]))
@@ -609,7 +707,8 @@ class _Negotiation:
             raise P.NbdProtocolError(f"Unexpected reply type {rep} to NBD_OPT_GO")
         if size < 0:
             raise ConnectError("server sent no export information")
-        conn = _Connection(self.stream, size, tflags, ctx_id, structured, block)
+        conn = _Connection(self.stream, size, tflags, ctx_id, structured, block,
+                           extended=extended)
         return conn, bytes(self.buf)
 
 
@@ -824,13 +923,20 @@ class NbdNode(BlockNode):
                 delay = min(delay * 2, RETRY_MAX)
 
     async def _request(self, type_: int, offset: int, length: int, flags: int = 0,
-                       data: Buffer | None = None) -> _Pending:
+                       data: Buffer | None = None, buf: memoryview | None = None) -> _Pending:
         """Send a request and return its completed record, sending it again on a
-        new connection when the old one broke within reconnect-delay."""
+        new connection when the old one broke within reconnect-delay.
+
+        A read's data goes to ``buf`` (by default a pool buffer of ``length``
+        bytes).  Write zeroes, trim and block status cover as much of the
+        range as one request on the connection may (``effect_limit``); the
+        record's ``length`` says how much that was."""
+        if type_ == P.CMD_READ and buf is None:
+            buf = buffers.alloc(length)
         while True:
             conn = await self._connected()
-            req = _Pending(type_, offset, length,
-                           bytearray(length) if type_ == P.CMD_READ else None)
+            n = min(length, conn.effect_limit(type_)) if type_ in _RANGED else length
+            req = _Pending(type_, offset, n, buf)
             await conn.request(next(self._handles), req, flags, data)
             if not req.lost:
                 if req.error:
@@ -840,6 +946,13 @@ class NbdNode(BlockNode):
                 self._broken_at = trio.current_time()
             if not self.reconnect_delay:
                 raise OSError(errno.EIO, "Input/output error")
+
+    async def _ranged(self, type_: int, offset: int, length: int, flags: int = 0) -> None:
+        """Write zeroes or trim ``length`` bytes, in as few requests as the
+        connection allows (one with extended headers)."""
+        pos, end = offset, offset + length
+        while pos < end:
+            pos += (await self._request(type_, pos, end - pos, flags)).length
 
     def _max(self) -> int:
         conn = self._conn
@@ -855,12 +968,10 @@ class NbdNode(BlockNode):
             req = await self._request(P.CMD_READ, offset, length)
             assert req.buf is not None
             return req.buf
-        out = bytearray()
-        for pos in range(offset, offset + length, step):
-            n = min(step, offset + length - pos)
-            req = await self._request(P.CMD_READ, pos, n)
-            assert req.buf is not None
-            out += req.buf
+        out = buffers.alloc(length)
+        for pos in range(0, length, step):
+            await self._request(P.CMD_READ, offset + pos, min(step, length - pos),
+                                buf=out[pos:pos + step])
         return out
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -886,16 +997,11 @@ class NbdNode(BlockNode):
             if not sflags & P.FLAG_SEND_FAST_ZERO:
                 raise OSError(errno.ENOTSUP, "Operation not supported")
             flags |= P.CMD_FLAG_FAST_ZERO
-        step = 1 << 31  # the request's 32-bit length, kept aligned
-        for pos in range(offset, offset + length, step):
-            await self._request(P.CMD_WRITE_ZEROES, pos, min(step, offset + length - pos), flags)
+        await self._ranged(P.CMD_WRITE_ZEROES, offset, length, flags)
 
     async def _co_pdiscard(self, offset: int, length: int) -> None:
-        if not self._flags() & P.FLAG_SEND_TRIM:
-            return
-        step = 1 << 31
-        for pos in range(offset, offset + length, step):
-            await self._request(P.CMD_TRIM, pos, min(step, offset + length - pos))
+        if self._flags() & P.FLAG_SEND_TRIM:
+            await self._ranged(P.CMD_TRIM, offset, length)
 
     async def _co_flush(self) -> None:
         if self._flags() & P.FLAG_SEND_FLUSH:
@@ -905,8 +1011,7 @@ class NbdNode(BlockNode):
         conn = self._conn
         if conn is None or conn.ctx_id is None:
             return BlockStatus(Status.DATA | Status.OFFSET_VALID, length, offset=offset)
-        n = min(length, (1 << 32) - max(1, self.request_alignment))
-        req = await self._request(P.CMD_BLOCK_STATUS, offset, n, P.CMD_FLAG_REQ_ONE)
+        req = await self._request(P.CMD_BLOCK_STATUS, offset, length, P.CMD_FLAG_REQ_ONE)
         if req.status is None:
             # a reply without the context's chunk (QEMU: "server did not reply
             # with any status extents")

@@ -617,3 +617,47 @@ def parse_block_status_ext_chunk(payload: bytes) -> tuple[int, list[tuple[int, i
         raise NbdProtocolError(f"bad BLOCK_STATUS_EXT payload length {len(payload)}")
     ext = [struct.unpack_from(">QQ", payload, 8 + 16 * i) for i in range(count)]
     return int(ctx), [(int(n), int(f)) for n, f in ext]
+
+
+# -- the client's hot path: reply headers decoded in place ------------------------------
+# The NBD client driver keeps received bytes in one buffer and decodes each
+# header where it lies (no bytes object per header).  With extended headers
+# negotiated every reply is an extended chunk; without, an extended one is
+# as wrong as a simple reply would be with them (the specification's
+# "Extended reply chunk message": "all server replies MUST use an extended
+# reply").
+_MAGIC = struct.Struct(">I")
+
+
+def reply_header_size_at(data: bytes | bytearray | memoryview, pos: int,
+                         extended: bool) -> int:
+    """The length of the reply header that starts at ``data[pos]`` (its
+    first four bytes must be there), for a client that did (``extended``)
+    or did not negotiate extended headers."""
+    (magic,) = _MAGIC.unpack_from(data, pos)
+    if extended:
+        if magic == EXTENDED_REPLY_MAGIC:
+            return EXT_CHUNK_HEADER_SIZE
+        if magic in (SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC):
+            raise NbdProtocolError("Protocol error: compact reply with extended headers "
+                                   f"negotiated (magic 0x{magic:x})")
+    elif magic == SIMPLE_REPLY_MAGIC:
+        return SIMPLE_REPLY_SIZE
+    elif magic == STRUCTURED_REPLY_MAGIC:
+        return CHUNK_HEADER_SIZE
+    elif magic == EXTENDED_REPLY_MAGIC:
+        raise NbdProtocolError("Protocol error: extended reply without extended headers")
+    raise NbdProtocolError(f"invalid reply magic 0x{magic:x}")
+
+
+def parse_reply_header_at(data: bytes | bytearray | memoryview, pos: int, size: int) -> Reply:
+    """The reply header of ``size`` bytes (from :func:`reply_header_size_at`)
+    at ``data[pos]``."""
+    if size == EXT_CHUNK_HEADER_SIZE:
+        _, flags, type_, handle, offset, length = _EXT_CHUNK.unpack_from(data, pos)
+        return Reply(handle, 0, type_, flags, length, offset)
+    if size == CHUNK_HEADER_SIZE:
+        _, flags, type_, handle, length = _CHUNK.unpack_from(data, pos)
+        return Reply(handle, 0, type_, flags, length)
+    _, error, handle = _SIMPLE.unpack_from(data, pos)
+    return Reply(handle, error)
