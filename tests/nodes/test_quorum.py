@@ -37,6 +37,16 @@ def _files(tmp_path, n, size, fill=b"\0"):
     return paths
 
 
+def _poke(path, offset, data, *, size=None):
+    """Write ``data`` straight into a child's file (a disk gone bad), first
+    setting its size to ``size`` when given."""
+    with open(path, "r+b") as f:
+        if size is not None:
+            f.truncate(size)
+        f.seek(offset)
+        f.write(data)
+
+
 def _child(path, rules=None, name=None):
     """A child as the tests give it: a file, under blkdebug when ``rules``."""
     f = {"driver": "file", "filename": str(path)}
@@ -97,9 +107,7 @@ async def test_resize_is_refused(tmp_path):
 
 async def test_outvoted_child_is_reported_and_the_majority_read(tmp_path):
     paths = _files(tmp_path, 3, MiB, b"\x11")
-    with open(paths[1], "r+b") as f:
-        f.seek(4096 + 100)
-        f.write(b"\x22" * 10)
+    _poke(paths[1], 4096 + 100, b"\x22" * 10)
     graph = BlockGraph()
     try:
         q = await _quorum(graph, paths, children=[
@@ -119,9 +127,7 @@ async def test_outvoted_child_is_reported_and_the_majority_read(tmp_path):
 
 async def test_rewrite_corrupted_repairs_the_outvoted(tmp_path):
     paths = _files(tmp_path, 3, MiB, b"\x11")
-    with open(paths[2], "r+b") as f:
-        f.seek(MiB - 512)
-        f.write(b"\x33" * 512)
+    _poke(paths[2], MiB - 512, b"\x33" * 512)
     graph = BlockGraph()
     try:
         q = await _quorum(graph, paths, **{"rewrite-corrupted": True})
@@ -138,8 +144,7 @@ async def test_rewrite_corrupted_repairs_the_outvoted(tmp_path):
 async def test_no_majority_fails_with_eio(tmp_path):
     paths = _files(tmp_path, 3, 65536, b"\x11")
     for i, byte in ((1, b"\x22"), (2, b"\x33")):
-        with open(paths[i], "r+b") as f:
-            f.write(byte * 512)
+        _poke(paths[i], 0, byte * 512)
     graph = BlockGraph()
     try:
         q = await _quorum(graph, paths, name="qx", **{"rewrite-corrupted": True})
@@ -297,15 +302,8 @@ async def test_block_status_zero_only_where_every_child_is(tmp_path):
     paths = [tmp_path / "a.raw", tmp_path / "b.raw"]
     for p in paths:
         p.write_bytes(b"")
-        p.touch()
-    with open(paths[0], "r+b") as f:
-        f.truncate(4 * MiB)
-        f.seek(MiB)
-        f.write(b"x" * 65536)
-    with open(paths[1], "r+b") as f:
-        f.truncate(4 * MiB)
-        f.seek(MiB)
-        f.write(b"x" * 131072)
+    _poke(paths[0], MiB, b"x" * 65536, size=4 * MiB)
+    _poke(paths[1], MiB, b"x" * 131072, size=4 * MiB)
     graph = BlockGraph()
     try:
         q = await _quorum(graph, paths, threshold=1)
