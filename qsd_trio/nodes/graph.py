@@ -65,6 +65,7 @@ DRIVER_MODULES = {
     "dmg": "dmg",
     "preallocate": "preallocate", "compress": "compress", "blkverify": "blkverify",
     "quorum": "quorum",
+    "blklogwrites": "blklogwrites",
 }
 
 
