@@ -91,6 +91,8 @@ class FileNode(BlockNode):
 
     fd = -1  # the descriptor while open
     _writeback_error: OSError | None = None
+    # open(2) flags a variant adds (raw_open_common's open_flags: host_cdrom's O_NONBLOCK)
+    extra_open_flags = 0
 
     async def open(self, options: dict[str, Any]) -> None:
         self.path: str = options["filename"]
@@ -99,7 +101,8 @@ class FileNode(BlockNode):
         if aio == "native" and not self.cache_direct:
             raise GenericError("aio=native was specified, but it requires cache.direct=on, "
                                "which was not specified.")
-        flags = os.O_CLOEXEC | (os.O_RDONLY if self.read_only else os.O_RDWR)
+        flags = os.O_CLOEXEC | self.extra_open_flags | (os.O_RDONLY if self.read_only
+                                                        else os.O_RDWR)
         if self.cache_direct:
             flags |= os.O_DIRECT
         threads = self.graph.io.threads
@@ -675,7 +678,8 @@ class FileNode(BlockNode):
         """blockdev-reopen with read-only=off: a new O_RDWR descriptor
         replaces the read-only one.  OFD locks belong to a descriptor, so the
         new one takes the current locks before the old one is closed."""
-        flags = os.O_CLOEXEC | os.O_RDWR | (os.O_DIRECT if self.cache_direct else 0)
+        flags = (os.O_CLOEXEC | os.O_RDWR | self.extra_open_flags
+                 | (os.O_DIRECT if self.cache_direct else 0))
         try:
             fd = await self.threads.call(os.open, self.path, flags)
         except OSError as e:

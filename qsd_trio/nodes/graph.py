@@ -66,6 +66,7 @@ DRIVER_MODULES = {
     "preallocate": "preallocate", "compress": "compress", "blkverify": "blkverify",
     "quorum": "quorum",
     "blklogwrites": "blklogwrites",
+    "host_cdrom": "host_device",
 }
 
 
