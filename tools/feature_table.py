@@ -45,7 +45,16 @@ NOTES: dict[str, str] = {
     "chardev:parallel": "Linux ppdev (PPCLAIM); no data flows, as in QEMU",
     "chardev:mux": "up to 4 monitors; C-a h, c, t, x and C-a C-a as QEMU; C-a s does nothing "
                    "(no -snapshot)",
-    "x-blockdev-change": "not implemented (quorum only)",
+    "x-blockdev-change": "quorum only, as QEMU: children.N names, never below vote-threshold",
+    "quorum": "vote by content (SHA-256 groups), fifo, rewrite-corrupted, blkverify=on "
+              "(a mismatch exits 1, as QEMU); QUORUM_FAILURE and QUORUM_REPORT_BAD "
+              "rate-limited to one a second, as QEMU's monitor",
+    "blklogwrites": "dm-log-writes log byte for byte as QEMU writes it (FUA as a flush, "
+                    "padding to log sectors), log-append; a discard not in whole log "
+                    "sectors is narrowed (QEMU 7.2 aborts)",
+    "host_cdrom": "a drive without a disc (or a device that is not a CD drive) opens and "
+                  "fails I/O with ENOMEDIUM, as QEMU; an export of it is made where QEMU "
+                  "refuses one; no eject or tray locking (no guest device)",
     "x-blockdev-set-iothread": "not implemented: one trio event loop, iothread objects "
                                "are accepted but have no thread",
     "iothread": "accepted and listed; requests run on the one trio loop",
