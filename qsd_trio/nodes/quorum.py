@@ -217,19 +217,9 @@ class QuorumNode(ChildChange):
         if self.fifo:
             return await self._read_fifo(offset, length)
         kids = list(self.kids)
-        got: list[memoryview | None] = [None] * len(kids)
-        failed: list[OSError | None] = [None] * len(kids)
-
-        async def read_one(i: int) -> None:
-            try:
-                got[i] = memoryview(await kids[i].node.read(offset, length)).cast("B")
-            except OSError as e:
-                failed[i] = e
-                report_bad("read", kids[i].node.node_name, offset, length, e)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(kids)):
-                nursery.start_soon(read_one, i)
+        results, failed = await self._on_every_child(
+            kids, "read", offset, length, lambda node: node.read(offset, length))
+        got = [None if r is None else memoryview(r).cast("B") for r in results]
         answered = [i for i, data in enumerate(got) if data is not None]
         if len(answered) < self.threshold:
             # quorum_has_too_much_io_failed
@@ -308,6 +298,28 @@ class QuorumNode(ChildChange):
                     raise
         raise AssertionError("quorum has children")
 
+    @staticmethod
+    async def _on_every_child(kids: list[BdrvChild], op_name: str, offset: int, length: int,
+                              op: Callable[[BlockNode], Awaitable[Any]],
+                              ) -> tuple[list[Any], list[OSError | None]]:
+        """``op`` on every child at once (QEMU's coroutine a child): what
+        each returned and how each failed, in child order; a child that
+        fails is reported as it fails."""
+        results: list[Any] = [None] * len(kids)
+        failed: list[OSError | None] = [None] * len(kids)
+
+        async def one(i: int) -> None:
+            try:
+                results[i] = await op(kids[i].node)
+            except OSError as e:
+                failed[i] = e
+                report_bad(op_name, kids[i].node.node_name, offset, length, e)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(kids)):
+                nursery.start_soon(one, i)
+        return results, failed
+
     def _report_failure(self, offset: int, length: int) -> None:
         num, count = _sectors(offset, length)
         events.emit("QUORUM_FAILURE", {"reference": self.node_name, "sector-num": num,
@@ -316,21 +328,9 @@ class QuorumNode(ChildChange):
     # -- writes ------------------------------------------------------------------------
     async def _write_all(self, offset: int, length: int,
                          op: Callable[[BlockNode], Awaitable[None]]) -> None:
-        """quorum_co_pwritev: ``op`` on every child at once; enough of
-        them must succeed."""
-        kids = list(self.kids)
-        failed: list[OSError | None] = [None] * len(kids)
-
-        async def write_one(i: int) -> None:
-            try:
-                await op(kids[i].node)
-            except OSError as e:
-                failed[i] = e
-                report_bad("write", kids[i].node.node_name, offset, length, e)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(kids)):
-                nursery.start_soon(write_one, i)
+        """quorum_co_pwritev: ``op`` on every child; enough of them must
+        succeed."""
+        _, failed = await self._on_every_child(list(self.kids), "write", offset, length, op)
         if failed.count(None) < self.threshold:
             self._report_failure(offset, length)
             raise _voted_error(failed)
