@@ -9,8 +9,12 @@ superblock update interval, larger log sectors, and log-append.
 from __future__ import annotations
 
 import contextlib
+import struct
+
+import pytest
 
 from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.qapi.errors import GenericError
 from tests import dm_log_writes as dmlog
 
 from .conformance import check_block_node
@@ -171,3 +175,39 @@ async def test_log_append_to_an_empty_log(tmp_path):
     finally:
         await graph.close_all()
     assert dmlog.marks(dmlog.parse(log.read_bytes())) == [("write", 0, 1), ("flush", 0, 0)]
+
+
+def _superblock(count: int) -> bytes:
+    return struct.pack("<QQQI", dmlog.MAGIC, 1, count, 512) + bytes(484)
+
+
+async def test_log_append_past_the_end_of_the_log(tmp_path):
+    # five entries counted, none there: each reads as an empty entry of
+    # one sector (QEMU's bdrv_pread past the end reads zeroes), so the
+    # next entry goes to sector 6
+    data, log = _files(tmp_path, MiB, _superblock(5))
+    graph = BlockGraph()
+    try:
+        b = await _node(graph, data, log, **{"log-append": True})
+        await b.write(0, b"\x03" * 512)
+    finally:
+        await graph.close_all()
+    raw = log.read_bytes()
+    assert struct.unpack_from("<QQQQ", raw, 6 * 512) == (0, 1, 0, 0)
+    assert raw[7 * 512:8 * 512] == b"\x03" * 512
+    assert struct.unpack_from("<QQQI", raw, 0)[2] == 7  # five, the write, the flush
+
+
+async def test_log_append_with_an_absurd_count_fails_at_once(tmp_path):
+    # QEMU would read zero entries one by one until their offset passes
+    # the largest it accepts; the result, not the wait, is what it gives
+    data, log = _files(tmp_path, MiB, _superblock(2**64 - 1))
+    graph = BlockGraph()
+    try:
+        with pytest.raises(GenericError) as e:
+            await _node(graph, data, log, **{"log-append": True})
+        assert e.value.desc == ("Failed to read log entry 18014398507384831: "
+                                "Input/output error")
+        assert not graph.nodes
+    finally:
+        await graph.close_all()
