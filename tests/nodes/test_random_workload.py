@@ -53,8 +53,10 @@ async def run_workload(path: Path, layered: bool, workload, file_opts=None) -> b
                 model[off:off + n] = got
             elif op == "resize":
                 await node.truncate(off)
+                # the file shrinks or grows to exactly ``off``; the node
+                # counts whole sectors (QEMU's bdrv_getlength), the tail zeroes
                 del model[off:]
-                model.extend(bytes(off - len(model)))
+                model.extend(bytes(-(-off // 512) * 512 - len(model)))
             elif op == "flush":
                 await node.flush()
             assert node.length == len(model)
