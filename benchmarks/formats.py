@@ -78,6 +78,8 @@ class Format:
 
 
 FORMATS = [
+    # the reference: the daemon and NBD without a format's mapping
+    Format("raw", "raw", ("-O", "raw"), "img"),
     Format("vmdk", "vmdk", ("-O", "vmdk", "-o", "subformat=monolithicSparse"), "vmdk"),
     Format("vmdk-flat", "vmdk", ("-O", "vmdk", "-o", "subformat=monolithicFlat"), "vmdk",
            ("-flat",)),

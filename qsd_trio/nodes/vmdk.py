@@ -435,6 +435,13 @@ class VmdkNode(BlockNode):
             return self.extents[i] if i < len(self.extents) else None
         return next((e for e in self.extents if sector < e.end_sector), None)
 
+    def _extent_at(self, offset: int) -> Extent:
+        """The extent of guest byte ``offset``; EIO past the last one."""
+        ext = self._find_extent(offset >> 9)
+        if ext is None:
+            raise eio()
+        return ext
+
     def _cid_valid(self) -> bool:
         """vmdk_is_cid_valid: the backing node is a vmdk image whose CID is
         the parentCID recorded here (checked once)."""
@@ -556,9 +563,7 @@ class VmdkNode(BlockNode):
         done = 0
         while done < length:
             pos = offset + done
-            ext = self._find_extent(pos >> 9)
-            if ext is None:
-                raise eio()
+            ext = self._extent_at(pos)
             kind, host, n = await self._run(ext, pos, length - done)
             if kind != VMDK_OK:
                 if self.backing is not None and kind != VMDK_ZEROED:
@@ -577,9 +582,7 @@ class VmdkNode(BlockNode):
 
     # -- block status (vmdk_co_block_status) ----------------------------------------------
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        ext = self._find_extent(offset >> 9)
-        if ext is None:
-            raise eio()
+        ext = self._extent_at(offset)
         kind, host, n = await self._run(ext, offset, length)
         if kind == VMDK_ERROR:
             raise eio()
@@ -599,10 +602,14 @@ class VmdkNode(BlockNode):
                 else:
                     flags |= Status.ZERO
             return BlockStatus(flags, n, 1, host)
-        # unallocated: zeroes without a backing node or past its end, else its status
+        # unallocated: zeroes without a backing node, else its status; past
+        # its end the backing layer is where the zeroes are (QEMU's
+        # bdrv_co_common_block_status_above: allocated at depth 2)
         b = self.backing
-        if b is None or offset >= b.length:
+        if b is None:
             return BlockStatus(Status.ZERO, n, 0)
+        if offset >= b.length:
+            return BlockStatus(Status.ZERO, n, 2)
         st = await b.block_status(offset, min(n, b.length - offset))
         depth = st.depth + 1 if st.depth else 0
         return BlockStatus(st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED),
@@ -633,9 +640,7 @@ class VmdkNode(BlockNode):
         done = 0
         while done < length:
             pos = offset + done
-            ext = self._find_extent(pos >> 9)
-            if ext is None:
-                raise eio()
+            ext = self._extent_at(pos)
             if ext.sesparse:
                 raise enotsup()
             if not ext.flat and not ext.usable():
@@ -768,6 +773,10 @@ class VmdkNode(BlockNode):
             raise einval()
         await self.file.write(self.desc_offset, new)
         await self.file.flush()
+
+    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
+        # vmdk has no bdrv_co_truncate: the generic layer refuses
+        raise GenericError("Image format driver does not support resize")
 
     # -- zero writes (bdrv_co_do_pwrite_zeroes over vmdk_co_pwrite_zeroes) ------------------
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,

@@ -303,6 +303,38 @@ async def test_vmware_stream(tmp_path):
         assert not st_.flags & Status.ALLOCATED
 
 
+async def test_write_without_grain_table(tmp_path):
+    """A grain whose grain table VMware left out (its directory entry is 0):
+    QEMU writes such a grain at an offset it never set; here the write
+    fails with EIO and the file stays as it was.  A grain in a table that
+    is there is written as qemu-io writes it: compressed, at the first
+    64 KiB boundary after the end of the file, so past the footer (which
+    then no longer ends the file: QEMU cannot open the image again)."""
+    img = tmp_path / "vmw.vmdk"
+    n_tables = 3  # 32 MiB per grain table
+    data = bytearray(n_tables * 32 * MiB)
+    data[100:200] = b"x" * 100
+    want = bytearray(vmdk_images.vmware_stream(img, bytes(data)))
+    before = img.read_bytes()
+    theirs = tmp_path / "theirs.vmdk"
+    theirs.write_bytes(before)
+    r = qemu_io("-f", "vmdk", "-c", f"write -P 0x7a {GRAIN} {GRAIN}", str(theirs))
+    assert r.returncode == 0, r.stdout + r.stderr
+    async with opened(img) as node:
+        with pytest.raises(OSError) as e:
+            await node.write(40 * MiB, b"y" * GRAIN)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            await node.write_zeroes(40 * MiB, GRAIN)
+        assert e.value.errno == errno.EIO
+        assert img.read_bytes() == before
+        await node.write(GRAIN, b"z" * GRAIN)
+        want[GRAIN:2 * GRAIN] = b"z" * GRAIN
+        assert bytes(await node.read(0, 4 * MiB)) == want[:4 * MiB]
+    assert norm_image(img.read_bytes()) == norm_image(theirs.read_bytes())
+    assert "Invalid footer" in qemu_open_error(theirs)
+
+
 async def test_sesparse(tmp_path):
     """An seSparse extent: allocated grains, zero and unmapped ones, and
     unallocated ones read as QEMU reads them; the node must be read-only
