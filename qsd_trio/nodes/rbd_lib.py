@@ -16,11 +16,16 @@ already pulls in), and gives what the driver wants: asynchronous requests
 (``rbd_aio_*``) whose completion callback runs on a librbd thread.  The
 bindings' own aio calls complete the same way, so they would save nothing.
 
-Completions: every request gets an ``rbd_completion_t`` whose callback (one
-ctypes function for the whole process) appends the request's id to a queue
-and writes the owning :class:`Reaper`'s eventfd.  The reaper is a trio
-system task that waits on the eventfd and wakes the waiting tasks, many
-completions per wakeup: no thread per request, no polling.
+Completions: each image hands its finished requests to an eventfd
+(librbd's ``rbd_set_image_notification``), and a trio system task, the
+image's :class:`Reaper`, waits on it and collects them with
+``rbd_poll_io_events``, many per wakeup, waking the tasks that wait for
+them.  The completions have no callback: no Python runs on librbd's
+threads, which would have to take the GIL from the event loop for every
+request.  No thread per request, no polling.  Write data is handed to
+librbd where it lies (a ``bytes`` object or a writable buffer, kept alive
+until the request completes), and reads land in pool buffers
+(engine/buffers.py), not in zero-filled new ones.
 
 If librbd is not installed, :func:`load` raises :class:`RbdUnavailable`
 with a clear message; nothing is loaded before a node of driver=rbd opens,
@@ -33,7 +38,6 @@ raised as ``OSError(errno, strerror)`` from the negative return codes.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import ctypes.util
 import itertools
@@ -41,6 +45,8 @@ import os
 from typing import Any
 
 import trio
+
+from .engine import buffers
 
 _c_void_p = ctypes.c_void_p
 _u64 = ctypes.c_uint64
@@ -50,6 +56,10 @@ RBD_FEATURE_FAST_DIFF = 1 << 4
 RBD_FLAG_FAST_DIFF_INVALID = 1 << 1
 # rbd_aio_write_zeroes' zero_flags: allocate the zeroes instead of a hole
 RBD_WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0
+# rbd_set_image_notification's type: the fd is an eventfd
+EVENT_TYPE_EVENTFD = 2
+# completions collected by one rbd_poll_io_events call
+POLL_BATCH = 64
 
 
 class RbdUnavailable(Exception):
@@ -63,7 +73,6 @@ class _Lib:
 
 _lib = _Lib()
 
-RBD_CALLBACK = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p)
 DIFF_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, _u64, _size_t, ctypes.c_int, _c_void_p)
 
 
@@ -119,9 +128,13 @@ def load() -> None:
         (rbd, "rbd_snap_set", ctypes.c_int, [_c_void_p, ctypes.c_char_p]),
         (rbd, "rbd_resize", ctypes.c_int, [_c_void_p, _u64]),
         (rbd, "rbd_create", ctypes.c_int, [_c_void_p, ctypes.c_char_p, _u64, P(ctypes.c_int)]),
-        (rbd, "rbd_aio_create_completion", ctypes.c_int, [_c_void_p, RBD_CALLBACK, P(_c_void_p)]),
+        # the callback is always NULL: completions are polled (see Reaper)
+        (rbd, "rbd_aio_create_completion", ctypes.c_int, [_c_void_p, _c_void_p, P(_c_void_p)]),
         (rbd, "rbd_aio_get_return_value", ctypes.c_ssize_t, [_c_void_p]),
+        (rbd, "rbd_aio_get_arg", _c_void_p, [_c_void_p]),
         (rbd, "rbd_aio_release", None, [_c_void_p]),
+        (rbd, "rbd_set_image_notification", ctypes.c_int, [_c_void_p, ctypes.c_int, ctypes.c_int]),
+        (rbd, "rbd_poll_io_events", ctypes.c_int, [_c_void_p, P(_c_void_p), ctypes.c_int]),
         (rbd, "rbd_aio_read", ctypes.c_int, [_c_void_p, _u64, _size_t, _c_void_p, _c_void_p]),
         (rbd, "rbd_aio_write", ctypes.c_int, [_c_void_p, _u64, _size_t, _c_void_p, _c_void_p]),
         (rbd, "rbd_aio_discard", ctypes.c_int, [_c_void_p, _u64, _u64, _c_void_p]),
@@ -195,19 +208,63 @@ class Cluster:
             self.handle = _c_void_p()
 
 
-class Reaper:
-    """An eventfd and the trio system task that hands completions to tasks.
+class _Waiter:
+    """One request in flight: the task waiting for it, and its result."""
 
-    ``close()`` cancels the task and closes the eventfd; call it only once
-    no request is in flight."""
+    __slots__ = ("task", "value", "done")
 
     def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.value = 0
+        self.done = False
+
+    def complete(self, value: int) -> None:
+        self.value = value
+        self.done = True
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> int:
+        """The request's return value.  Not cancellable (a cancellation is
+        delivered at the caller's next checkpoint): librbd still uses the
+        request's buffers until it completes."""
+        if not self.done:
+            self.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return self.value
+
+
+def _cannot_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+class Reaper:
+    """An image's eventfd, which librbd writes when a request of the image
+    completes, and the trio system task that collects the completions
+    (rbd_poll_io_events) and wakes the tasks waiting for them.
+
+    ``close()`` cancels the task and closes the eventfd; call it only once
+    no request is in flight (before rbd_close, which flushes)."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.waiting: dict[int, tuple[trio.lowlevel.Task | None, list[int]]] = {}
+        try:
+            _check(_lib.rbd.rbd_set_image_notification(image, self.efd, EVENT_TYPE_EVENTFD))
+        except OSError:
+            os.close(self.efd)
+            raise
+        self.waiting: dict[int, _Waiter] = {}
+        self._comps = (_c_void_p * POLL_BATCH)()
         self.scope = trio.CancelScope()
         trio.lowlevel.spawn_system_task(self._run, name="rbd-completions")
 
     async def _run(self) -> None:
+        rbd = _lib.rbd
+        comps = self._comps
         with self.scope:
             while True:
                 await trio.lowlevel.wait_readable(self.efd)
@@ -215,58 +272,40 @@ class Reaper:
                     os.eventfd_read(self.efd)
                 except BlockingIOError:
                     pass
-                # completions queued from here on signal again
-                _signalled.discard(self.efd)
-                while _done:
-                    rid, comp = _done.popleft()
-                    value = int(_lib.rbd.rbd_aio_get_return_value(comp))
-                    _lib.rbd.rbd_aio_release(comp)
-                    entry = _owners.pop(rid, None)
-                    if entry is None:
-                        continue
-                    entry.value = value
-                    entry.event.set()
+                # what completes from here on writes the eventfd again
+                while True:
+                    n = rbd.rbd_poll_io_events(self.image, comps, POLL_BATCH)
+                    for i in range(max(n, 0)):
+                        comp = comps[i]
+                        rid = rbd.rbd_aio_get_arg(comp) or 0
+                        value = int(rbd.rbd_aio_get_return_value(comp))
+                        rbd.rbd_aio_release(comp)
+                        waiter = self.waiting.pop(rid, None)
+                        if waiter is not None:
+                            waiter.complete(value)
+                    if n < POLL_BATCH:
+                        break
 
     def close(self) -> None:
         self.scope.cancel()
         trio.lowlevel.notify_closing(self.efd)
-        _signalled.discard(self.efd)
         os.close(self.efd)
 
 
-class _Entry:
-    __slots__ = ("event", "value", "efd")
-
-    def __init__(self, efd: int) -> None:
-        self.event = trio.Event()
-        self.value = 0
-        self.efd = efd
-
-
-# request id -> its entry; completions queued by librbd threads
-_owners: dict[int, _Entry] = {}
-_done: collections.deque[tuple[int, int | None]] = collections.deque()
+# request ids, the completions' argument (rbd_aio_get_arg)
 _ids = itertools.count(1)
-# the eventfds written and not yet read by their reaper: one write per batch
-_signalled: set[int] = set()
 
 
-def _complete(comp: int | None, arg: int | None) -> None:
-    """Runs on a librbd thread: queue the completion and wake the reaper if
-    it has not been woken yet; the reaper reads the result and releases
-    the completion (fewer calls while holding the GIL on librbd's thread)."""
-    rid = int(arg or 0)
-    _done.append((rid, comp))
-    entry = _owners.get(rid)
-    if entry is not None and entry.efd not in _signalled:
-        _signalled.add(entry.efd)
-        try:
-            os.eventfd_write(entry.efd, 1)
-        except OSError:
-            pass
-
-
-_complete_cb = RBD_CALLBACK(_complete)
+def _pointer(data: bytes | bytearray | memoryview) -> Any:
+    """What to hand librbd as a write's buffer: ``bytes`` as they are (ctypes
+    passes their address), a writable buffer through a ctypes view of it, and
+    only a read-only view of something else as a copy."""
+    if isinstance(data, bytes):
+        return data
+    mv = memoryview(data)
+    if not mv.readonly and mv.c_contiguous:
+        return (ctypes.c_char * mv.nbytes).from_buffer(mv.cast("B") if mv.format != "B" else mv)
+    return mv.tobytes()
 
 
 class Image:
@@ -330,35 +369,32 @@ class Image:
         return int(_lib.rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, 1, fn, None))
 
     async def _submit(self, start: Any, *args: Any) -> int:
-        if self.reaper is None:
-            self.reaper = Reaper()
-        entry = _Entry(self.reaper.efd)
+        reaper = self.reaper
+        if reaper is None:
+            reaper = self.reaper = Reaper(self.handle)
         rid = next(_ids)
         comp = _c_void_p()
-        _check(_lib.rbd.rbd_aio_create_completion(rid, _complete_cb, ctypes.byref(comp)))
-        _owners[rid] = entry
+        _check(_lib.rbd.rbd_aio_create_completion(rid, None, ctypes.byref(comp)))
+        waiter = reaper.waiting[rid] = _Waiter()
         r = start(self.handle, *args, comp)
         if r < 0:
-            _owners.pop(rid, None)
+            del reaper.waiting[rid]
             _lib.rbd.rbd_aio_release(comp)
             raise OSError(-r, os.strerror(-r))
-        # the request cannot be taken back: wait for it even when cancelled,
-        # since librbd still uses the buffers
-        with trio.CancelScope(shield=True):
-            await entry.event.wait()
-        return _check(entry.value)
+        return _check(await waiter.wait())
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        cbuf = (ctypes.c_char * length).from_buffer(buf)
-        r = await self._submit(_lib.rbd.rbd_aio_read, offset, length, cbuf)
+    async def read(self, offset: int, length: int) -> memoryview:
+        buf = buffers.alloc(length)
+        r = await self._submit(_lib.rbd.rbd_aio_read, offset, length,
+                               (ctypes.c_char * length).from_buffer(buf))
         if r < length:
-            buf[r:] = bytes(length - r)
+            buffers.zero_tail(buf, r)
         return buf
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        raw = bytes(data)
-        await self._submit(_lib.rbd.rbd_aio_write, offset, len(raw), raw)
+        # the pointer object keeps the data alive until the request completes
+        ptr = _pointer(data)
+        await self._submit(_lib.rbd.rbd_aio_write, offset, memoryview(data).nbytes, ptr)
 
     async def discard(self, offset: int, length: int) -> None:
         await self._submit(_lib.rbd.rbd_aio_discard, offset, length)
