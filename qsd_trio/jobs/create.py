@@ -9,7 +9,8 @@ Drivers: ``file`` (created, emptied, then sized with the preallocation
 asked for), ``qcow2`` (on an existing node, through the qcow2 driver's
 ``create_qcow2``, which lays images out byte for byte as qemu-img does,
 LUKS encryption included), ``luks`` (a LUKS1 volume on an existing node),
-``vpc`` (``create_vpc``, on an existing node), ``qed`` (``create_qed``,
+``vpc`` (``create_vpc``, on an existing node), ``vhdx`` (``create_vhdx``,
+on an existing node), ``qed`` (``create_qed``,
 on an existing node), ``parallels`` (``create_parallels``, on an
 existing node) and ``qcow`` (``create_qcow``, on an existing node).
 """
@@ -27,6 +28,7 @@ from ..nodes.parallels import create_parallels
 from ..nodes.qcow import create_qcow
 from ..nodes.qcow2.create import create_qcow2
 from ..nodes.qed import create_qed
+from ..nodes.vhdx_create import create_vhdx
 from ..nodes.vpc import create_vpc
 from ..qapi.errors import GenericError
 from ..qapi.schema import to_qmp
@@ -131,6 +133,10 @@ class CreateJob(Job):
             elif driver == "vpc":
                 await create_vpc(_node(self.daemon, o.file), o.size, str(_or(o.subformat, "dynamic")),
                                  bool(o.force_size))
+            elif driver == "vhdx":
+                await create_vhdx(_node(self.daemon, o.file), o.size, log_size=o.log_size,
+                                  block_size=o.block_size, subformat=_or(_str(o.subformat), "dynamic"),
+                                  block_state_zero=_or(o.block_state_zero, True))
             elif driver == "qed":
                 await create_qed(_node(self.daemon, o.file), o.size, backing_file=o.backing_file,
                                  backing_fmt=_str(o.backing_fmt), cluster_size=o.cluster_size,

@@ -667,7 +667,8 @@ async def block_commit(daemon: Daemon, args: Any) -> None:
 @command("blockdev-create")
 async def blockdev_create(daemon: Daemon, args: Any) -> None:
     driver: str = args.options.driver
-    if driver not in ("file", "qcow2", "luks", "rbd", "vpc", "qed", "parallels", "qcow"):
+    if driver not in ("file", "qcow2", "luks", "rbd", "vpc", "qed", "parallels", "qcow",
+                      "vhdx"):
         raise GenericError(f"Driver '{driver}' does not support blockdev-create in qsd-trio")
     job_id = manager.check_new_id(daemon, args.job_id)
     job = CreateJob(daemon, job_id, args.options)

@@ -55,7 +55,7 @@ DRIVER_MODULES = {
     "raw": "raw", "blkdebug": "blkdebug", "copy-on-read": "copy_on_read", "throttle": "throttle",
     "qcow2": "qcow2", "copy-before-write": "copy_before_write",
     "snapshot-access": "snapshot_access", "luks": "luks", "nbd": "nbd", "rbd": "rbd",
-    "vdi": "vdi", "vpc": "vpc",
+    "vdi": "vdi", "vpc": "vpc", "vhdx": "vhdx",
     "qed": "qed",
     "parallels": "parallels",
     "qcow": "qcow",
