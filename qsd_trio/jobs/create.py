@@ -12,7 +12,9 @@ LUKS encryption included), ``luks`` (a LUKS1 volume on an existing node),
 ``vpc`` (``create_vpc``, on an existing node), ``vhdx`` (``create_vhdx``,
 on an existing node), ``qed`` (``create_qed``,
 on an existing node), ``parallels`` (``create_parallels``, on an
-existing node) and ``qcow`` (``create_qcow``, on an existing node).
+existing node), ``qcow`` (``create_qcow``, on an existing node) and
+``vmdk`` (``create_vmdk_on``: the image or descriptor on an existing node,
+the extents on the nodes ``extents`` names).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..nodes.qcow import create_qcow
 from ..nodes.qcow2.create import create_qcow2
 from ..nodes.qed import create_qed
 from ..nodes.vhdx_create import create_vhdx
+from ..nodes.vmdk_create import create_vmdk_on
 from ..nodes.vpc import create_vpc
 from ..qapi.errors import GenericError
 from ..qapi.schema import to_qmp
@@ -146,6 +149,8 @@ class CreateJob(Job):
             elif driver == "qcow":
                 await create_qcow(_node(self.daemon, o.file), o.size, o.backing_file,
                                   None if o.encrypt is None else to_qmp(o.encrypt))
+            elif driver == "vmdk":
+                await create_vmdk_on(self.daemon.graph, o, lambda ref: _node(self.daemon, ref))
             elif driver == "rbd":
                 await rbd.create(self.daemon.graph, to_qmp(o.location), o.size,
                                  o.cluster_size, None if o.encrypt is None else to_qmp(o.encrypt))

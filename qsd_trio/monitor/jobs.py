@@ -668,7 +668,7 @@ async def block_commit(daemon: Daemon, args: Any) -> None:
 async def blockdev_create(daemon: Daemon, args: Any) -> None:
     driver: str = args.options.driver
     if driver not in ("file", "qcow2", "luks", "rbd", "vpc", "qed", "parallels", "qcow",
-                      "vhdx"):
+                      "vhdx", "vmdk"):
         raise GenericError(f"Driver '{driver}' does not support blockdev-create in qsd-trio")
     job_id = manager.check_new_id(daemon, args.job_id)
     job = CreateJob(daemon, job_id, args.options)

@@ -290,8 +290,6 @@ class VmdkNode(BlockNode):
                                            f"base directory for {self.file.driver} nodes")
                 path = base + line.fname
             flat = line.type in ("FLAT", "VMFS")
-            if line.type == "SESPARSE":
-                self._apply_auto_read_only("No write support for seSparse images available")
             role = self._extent_role()
             self.extent_roles[role] = flat
             try:
@@ -306,6 +304,8 @@ class VmdkNode(BlockNode):
                 ext.flat_start_offset = signed64(line.flat_offset << 9)
                 self._append(ext)
             elif line.type == "SESPARSE":
+                # the extent file is open (read-write if the node was) by now
+                self._apply_auto_read_only("No write support for seSparse images available")
                 self._append(await open_se_sparse(edge))
             else:
                 await self._open_sparse(edge, await self._read_desc(edge.node, 0), depth, options)
@@ -330,7 +330,9 @@ class VmdkNode(BlockNode):
             raise GenericError(message)
         self.read_only = True
         self.options = {**self.options, "read-only": True}
-        self.file_edge.set_perm(*self.child_perm(self.file_edge, self.cum_perm, self.cum_shared))
+        # what the node takes of its children shrinks with it
+        for edge in list(self.children.values()):
+            edge.set_perm(*self.child_perm(edge, self.cum_perm, self.cum_shared))
 
     def _append(self, ext: Extent) -> None:
         """The rest of vmdk_add_extent: the extent follows the previous one."""
