@@ -1,10 +1,13 @@
 """The NBD client driver (driver=nbd), qsd-trio beside qemu-storage-daemon.
 
-One qemu-nbd server exports a raw image of random data on tmpfs (``-e 16``,
-``--cache=writeback``); the daemon under test, qemu-storage-daemon or
-qsd-trio, opens it with driver=nbd over a unix socket or TCP on localhost.
-The same server serves both daemons (A, B, A, B), so the ratio compares only
-the clients.
+One server exports a raw image of random data on tmpfs: qemu-nbd (``-e 16``,
+``--cache=writeback``; the default), or with ``--server trio`` a qsd-trio
+(the issue's "mirror to a remote qsd-trio"), or ``--server qemu`` a
+qemu-storage-daemon, each with an NBD export of a file node.  The daemon
+under test, qemu-storage-daemon or qsd-trio, opens it with driver=nbd over a
+unix socket or TCP on localhost.  The same server serves both daemons (A, B,
+A, B), so the ratio compares only the clients (a qsd-trio server offers
+extended headers, which only qsd-trio's client asks for).
 
 - ``client-mirror-read``: blockdev-mirror (sync=full) from the nbd node to a
   null-co node of the same size, from the command to BLOCK_JOB_READY: the
@@ -21,7 +24,8 @@ Beside MiB/s or IOPS and the ratio qsd-trio/qemu, each row gives the daemon's
 CPU time (utime + stime, /proc/PID/stat): per request fio completed for the
 fio rows, per MiB copied for the mirror rows.
 
-    .venv/bin/python benchmarks/nbd_client.py [--size 512] [--rounds 2] [--runtime 3]
+    .venv/bin/python benchmarks/nbd_client.py [--size 1024] [--rounds 2] [--runtime 3]
+                                              [--server qemu-nbd|trio|qemu]
                                               [--only unix,tcp,mirror,fio,...]
 """
 
@@ -59,21 +63,38 @@ def free_port() -> int:
 
 
 class NbdServer:
-    """qemu-nbd serving ``image`` as export ``disk`` on a unix socket or TCP."""
+    """An NBD server of ``image`` as export ``disk`` on a unix socket or TCP:
+    qemu-nbd, or a qemu-storage-daemon or qsd-trio with an NBD export of a
+    file node ("qemu", "trio")."""
 
-    def __init__(self, image: str, transport: str, workdir: str):
+    def __init__(self, image: str, transport: str, workdir: str, kind: str = "qemu-nbd"):
         self.transport = transport
         if transport == "unix":
             self.path = os.path.join(workdir, "server.sock")
+            if os.path.exists(self.path):
+                os.unlink(self.path)
             where = ["-k", self.path]
+            addr = f"addr.type=unix,addr.path={self.path}"
             self.server = f"server.type=unix,server.path={self.path}"
         else:
             self.port = free_port()
             where = ["-b", "127.0.0.1", "-p", str(self.port)]
+            addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}"
             self.server = f"server.type=inet,server.host=127.0.0.1,server.port={self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.daemon: b.Started | None = None
+        if kind != "qemu-nbd":
+            self.daemon = b.Started(kind, [
+                "--blockdev", f"driver=file,node-name=f,filename={image}",
+                "--nbd-server", addr,
+                "--export", "type=nbd,id=e,node-name=f,name=disk,writable=on"],
+                tempfile.mkdtemp(prefix="qsd-bench-nbd-server-", dir=workdir))
+            self.pid = self.daemon.pid
+            return
         self.proc = subprocess.Popen(
             ["qemu-nbd", "-t", "-e", "16", "-f", "raw", "-x", "disk", "--cache=writeback",
              *where, image], stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
         deadline = time.monotonic() + 30
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -91,7 +112,9 @@ class NbdServer:
         return True
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.daemon is not None:
+            self.daemon.stop()
+        elif self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
 
@@ -130,7 +153,7 @@ def run_mirror(kind: str, wid: str, server: NbdServer, local: str, size_mib: int
         qmp = QEMUMonitorProtocol(qsock)
         qmp.connect()
         qmp.settimeout(timeout)
-        c0 = b.cpu_seconds(daemon.pid)
+        c0, s0 = b.cpu_seconds(daemon.pid), b.cpu_seconds(server.pid)
         t0 = time.perf_counter()
         r = qmp.cmd_raw("blockdev-mirror", {"job-id": "j", "device": src, "target": tgt,
                                             "sync": "full"})
@@ -138,7 +161,9 @@ def run_mirror(kind: str, wid: str, server: NbdServer, local: str, size_mib: int
             raise RuntimeError(f"blockdev-mirror: {r['error'].get('desc')}")
         wait(qmp, "BLOCK_JOB_READY", timeout)
         dt = time.perf_counter() - t0
-        c1 = b.cpu_seconds(daemon.pid)
+        c1, s1 = b.cpu_seconds(daemon.pid), b.cpu_seconds(server.pid)
+        b.log(f"  server CPU {(s1 - s0) * 1e6 / size_mib:.0f} µs/MiB ({(s1 - s0) / dt:.2f} "
+              f"core), client {(c1 - c0) / dt:.2f} core")
         qmp.cmd_raw("block-job-cancel", {"device": "j"})
         wait(qmp, "BLOCK_JOB_COMPLETED", timeout)
         qmp.close()
@@ -155,18 +180,25 @@ def run_fio(kind: str, server: NbdServer, d: str, work: list, rows: dict[str, b.
             "--export", "type=nbd,id=e,node-name=n,name=re,writable=on"]
     daemon = b.Started(kind, args, d)
     try:
-        for wid, _label, rw, bs, depth in work:
-            try:
-                res = b.fio(["--ioengine=nbd", f"--uri=nbd+unix:///re?socket={sock}"],
-                            daemon.pid, rw, bs, depth, runtime)
-            except Exception as e:  # the row shows it; the run goes on
-                rows[wid].fail(kind, e)
-                continue
-            rows[wid].add(kind, res.figure, res.cpu_us)
-            b.log(f"nbd-client {server.transport} {kind:4} {wid:22} {res.figure:10.1f} "
-                  f"{rows[wid].unit:5} {res.cpu_us:7.1f} µs/req")
+        fio_rows(kind, f"nbd-client {server.transport}", daemon.pid,
+                 ["--ioengine=nbd", f"--uri=nbd+unix:///re?socket={sock}"], work, rows, runtime)
     finally:
         daemon.stop()
+
+
+def fio_rows(kind: str, tag: str, pid: int, target: list[str], work: list,
+             rows: dict[str, b.Row], runtime: float) -> None:
+    """fio for each (id, label, rw, bs, depth) of ``work`` against ``target``,
+    each result (or failure) added to its row and logged."""
+    for wid, _label, rw, bs, depth in work:
+        try:
+            res = b.fio(target, pid, rw, bs, depth, runtime)
+        except Exception as e:  # the row shows it; the run goes on
+            rows[wid].fail(kind, e)
+            continue
+        rows[wid].add(kind, res.figure, res.cpu_us)
+        b.log(f"{tag} {kind:4} {wid:22} {res.figure:10.1f} {rows[wid].unit:5} "
+              f"{res.cpu_us:7.1f} µs/req")
 
 
 def selected(only: str | None, wid: str, transport: str) -> bool:
@@ -185,7 +217,9 @@ def main() -> None:
                                    "fio-randread, ..., or a prefix: mirror, fio)")
     ap.add_argument("--rounds", type=int, default=2, help="A,B pairs (default 2)")
     ap.add_argument("--runtime", type=float, default=3, help="seconds per fio run (default 3)")
-    ap.add_argument("--size", type=int, default=512, help="image size in MiB (default 512)")
+    ap.add_argument("--size", type=int, default=1024, help="image size in MiB (default 1024)")
+    ap.add_argument("--server", choices=("qemu-nbd", "trio", "qemu"), default="qemu-nbd",
+                    help="the NBD server both clients use (default qemu-nbd)")
     ap.add_argument("--timeout", type=float, default=180, help="seconds per mirror")
     ap.add_argument("--json", help="also write the rows to this file")
     opts = ap.parse_args()
@@ -210,7 +244,7 @@ def main() -> None:
                     unit, cpu = ("IOPS" if bs == "4k" else "MiB/s"), "µs/req"
                 mine[wid] = b.Row("tmpfs", f"{transport} {label} (CPU {cpu})", unit, 1.0)
             rows.extend(mine.values())
-            server = NbdServer(remote, transport, d)
+            server = NbdServer(remote, transport, d, opts.server)
             try:
                 def one(kind: str, transport=transport, work=work, mine=mine,
                         server=server) -> float:
@@ -241,7 +275,7 @@ def main() -> None:
     finally:
         ws.cleanup()
         shutil.rmtree(d, ignore_errors=True)
-    b.finish(rows, opts, f"NBD client driver (driver=nbd against qemu-nbd, raw image on "
+    b.finish(rows, opts, f"NBD client driver (driver=nbd against {opts.server}, raw image on "
                          f"tmpfs) on {b.machine()}; {opts.size} MiB image; fio "
                          f"{opts.runtime:g} s per run; {opts.rounds} rounds (A,B,A,B), medians")
 

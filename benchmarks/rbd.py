@@ -24,6 +24,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common as b  # noqa: E402
+from nbd_client import fio_rows  # noqa: E402
 
 # id, label, fio rw, block size, iodepth
 WORKLOADS = [
@@ -50,17 +51,9 @@ def run(kind: str, conf: str, size: int, work: list, rows: dict[str, b.Row], run
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "type=nbd,id=e,node-name=r,name=disk,writable=on"], d)
     try:
-        for wid, _label, rw, bs, depth in work:
-            try:
-                # writes first, so that the reads read written objects
-                res = b.fio(["--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}",
-                             f"--size={size}M"], daemon.pid, rw, bs, depth, runtime)
-            except Exception as e:  # the row shows it; the run goes on
-                rows[wid].fail(kind, e)
-                continue
-            rows[wid].add(kind, res.figure, res.cpu_us)
-            b.log(f"rbd {kind:4} {wid:14} {res.figure:10.1f} {rows[wid].unit:5} "
-                  f"{res.cpu_us:7.1f} µs/req")
+        # writes first (WORKLOADS' order), so that the reads read written objects
+        target = ["--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}", f"--size={size}M"]
+        fio_rows(kind, "rbd", daemon.pid, target, work, rows, runtime)
     finally:
         daemon.stop()
         rbd(conf, "rm", f"rbd/{image}")

@@ -49,6 +49,10 @@ def cases(sock, tmp_path):
         {"server": unix, "export": "disk", "bogus": 1},
         {"server": unix, "export": "disk", "reconnect-delay": -1},
         {"filename": f"nbd+unix:///disk?socket={sock}"},
+        # the TLS URLs came after 7.2 (and blockdev-add takes no filename)
+        {"filename": "nbds://localhost/disk"},
+        {"filename": f"nbds+unix:///disk?socket={sock}"},
+        {"server": unix, "filename": "nbds://localhost/disk"},
         {},
     ]
 
@@ -62,6 +66,20 @@ def test_blockdev_add_errors_match(daemon_factory, tmp_path, nbd_server):
         b = ours.cmd_raw("blockdev-add", args)
         assert "error" in a, (args, a)
         assert b == a, args
+
+
+@pytest.mark.parametrize("url", ["nbds://localhost/disk", "nbds+unix:///disk?socket=/s",
+                                 "nbd://localhost:1/disk"])
+def test_legacy_filename_on_the_command_line(tmp_path, url):
+    """--blockdev with a filename: both daemons refuse it before the driver
+    parses it, nbds:// (which QEMU 7.2 does not know) as nbd://."""
+    from tests.helpers import normalise_prog, run_cli
+
+    out = [run_cli(kind, ["--blockdev", f"driver=nbd,node-name=n,filename={url}"])
+           for kind in ("qemu", "trio")]
+    assert out[0].returncode == out[1].returncode == 1
+    assert normalise_prog(out[1].stderr) == normalise_prog(out[0].stderr)
+    assert "Parameter 'server' is missing" in out[0].stderr
 
 
 @pytest.mark.parametrize("extra", [{}, {"reconnect-delay": 5, "open-timeout": 3},

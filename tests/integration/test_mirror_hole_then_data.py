@@ -22,6 +22,17 @@ SIZE = 1024 * KiB + 8 * KiB  # the last chunk is 8 KiB long
 DATA = [(124 * KiB, 4 * KiB), (300 * KiB, 8 * KiB), (SIZE - 4 * KiB, 4 * KiB)]
 
 
+def mirror(qmp, device: str, target: str, finish: str, timeout: float = 120) -> None:
+    """blockdev-mirror sync=full to READY, then ``finish`` (job-complete, or
+    block-job-cancel for a copy without pivot) and BLOCK_JOB_COMPLETED."""
+    r = qmp.cmd_raw("blockdev-mirror", {"job-id": "j", "device": device, "target": target,
+                                        "sync": "full"})
+    assert "error" not in r, r
+    wait_event(qmp, "BLOCK_JOB_READY", timeout, device="j")
+    qmp.cmd_raw(finish, {"id": "j"} if finish == "job-complete" else {"device": "j"})
+    wait_event(qmp, "BLOCK_JOB_COMPLETED", timeout, device="j")
+
+
 @pytest.mark.parametrize("kind", ["trio", "qemu"])
 def test_data_after_a_short_hole_is_copied(daemon_factory, tmp_path, kind):
     src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
@@ -37,13 +48,7 @@ def test_data_after_a_short_hole_is_copied(daemon_factory, tmp_path, kind):
         "--blockdev", f"driver=file,node-name=s,filename={src}",
         "--blockdev", f"driver=file,node-name=t,filename={dst}",
     ])
-    qmp = d.qmp()
-    r = qmp.cmd_raw("blockdev-mirror", {"job-id": "j", "device": "s", "target": "t",
-                                        "sync": "full"})
-    assert "error" not in r, r
-    wait_event(qmp, "BLOCK_JOB_READY", 60, device="j")
-    qmp.cmd_raw("job-complete", {"id": "j"})
-    wait_event(qmp, "BLOCK_JOB_COMPLETED", 60, device="j")
+    mirror(d.qmp(), "s", "t", "job-complete")
     d.stop()
     expected = bytearray(SIZE)
     for i, (off, n) in enumerate(DATA):

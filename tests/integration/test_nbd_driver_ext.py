@@ -34,7 +34,7 @@ import pytest
 
 from qsd_trio.proto import nbd as P
 from tests.helpers import qemu_img, qemu_io
-from tests.integration.test_job_images import wait_event
+from tests.integration.test_mirror_hole_then_data import mirror
 from tests.integration.test_nbd_driver import Server, servers, wait_socket  # noqa: F401
 
 MiB = 1 << 20
@@ -225,13 +225,7 @@ def test_extended_headers_when_the_server_offers_them(daemon_factory, tmp_path, 
                                  for a in ("-c", f"read -P {pat} {off} {n}")], uri).stdout
     assert "Pattern verification failed" not in out and out.count("read ") == len(READS)
 
-    qmp = c.qmp()
-    r = qmp.cmd_raw("blockdev-mirror", {"job-id": "m", "device": "n", "target": "copy",
-                                        "sync": "full"})
-    assert "error" not in r, r
-    wait_event(qmp, "BLOCK_JOB_READY", 120, device="m")
-    qmp.cmd_raw("block-job-cancel", {"device": "m"})
-    wait_event(qmp, "BLOCK_JOB_COMPLETED", 60, device="m")
+    mirror(c.qmp(), "n", "copy", "block-job-cancel")
     c.stop()
     rec.close()  # the client's connection has ended: its bytes are all there
     stop_server()
