@@ -21,7 +21,6 @@ zeroes and reads beyond BDRV_MAX_LENGTH fail with EIO, as in QEMU.
 from __future__ import annotations
 
 import struct
-from array import array
 from typing import Any
 
 from ..qapi.errors import GenericError
@@ -56,11 +55,7 @@ class BochsNode(ReadOnlyFormatNode):
         total_sectors = disk // SECTOR
         if catalog > CATALOG_MAX:
             raise GenericError("Catalog size is too large")
-        raw = bytes(await self.pread(header, catalog * 4))
-        self.catalog = array("I")
-        self.catalog.frombytes(raw)
-        if struct.pack("=I", 1) != struct.pack("<I", 1):
-            self.catalog.byteswap()
+        self.catalog = await self.load_table(header, catalog, "<I")
         self.data_offset: int = (header + catalog * 4) & MASK32
         self.bitmap_blocks: int = (1 + ((bitmap - 1) & MASK32) // SECTOR) & MASK32
         self.extent_blocks: int = (1 + ((extent - 1) & MASK32) // SECTOR) & MASK32

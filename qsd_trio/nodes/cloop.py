@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from array import array
 from typing import Any
 
 import trio
@@ -69,16 +68,11 @@ class CloopNode(ReadOnlyFormatNode):
             # (n_blocks + 1) * 8 wrapped to 0 in 32 bits: g_try_malloc(0) is NULL
             raise GenericError("Could not allocate offsets table")
         # the entries the file holds; the rest are zeroes (pread pads)
-        present = min(offsets_size, max(0, self.file.length - 136))
-        raw = bytes(await self.pread(136, -(-present // 8) * 8))
-        self.offsets = array("Q")
-        self.offsets.frombytes(raw)
-        if struct.pack("=I", 1) == struct.pack("<I", 1):
-            self.offsets.byteswap()
+        self.offsets = await self.load_table(136, n_blocks + 1, ">Q")
         stored = len(self.offsets)
         for i in range(1, n_blocks + 1):
-            prev = self.offsets[i - 1] if i - 1 < stored else 0
-            cur = self.offsets[i] if i < stored else 0
+            prev = self.offsets[i - 1]
+            cur = self.offsets[i]
             if cur < prev:
                 raise GenericError(f"offsets not monotonically increasing at index {i}, "
                                    f"image file is corrupt")
@@ -96,15 +90,13 @@ class CloopNode(ReadOnlyFormatNode):
         self.lock = trio.Lock()
         self.set_total_sectors((n_blocks * self.sectors_per_block) & MASK32)
 
-    def _offset(self, i: int) -> int:
-        return self.offsets[i] if i < len(self.offsets) else 0
 
     async def _read_block(self, num: int) -> bytes:
         """cloop_read_block: block ``num``, inflated (or the one kept)."""
         if num == self.current_block:
             return self.block
-        start = self._offset(num)
-        size = (self._offset(num + 1) - start) & MASK32
+        start = self.offsets[num]
+        size = (self.offsets[num + 1] - start) & MASK32
         try:
             data = bytes(await self.pread(start, size))
         except OSError:

@@ -30,18 +30,17 @@ the file holds them.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import struct
-from array import array
 from typing import Any
 
 import trio
 
 from ..qapi.errors import GenericError, QapiError, warn_report
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Buffer, Status
+from .node import BlockNode, BlockStatus, Status
 from .packed import Packed
+from .table_format import ZEROES, PartialTable, Table, TableFormatNode, eio
 
 SECTOR = 512
 HEADER_MAGIC = b"WithoutFreeSpace"
@@ -54,7 +53,6 @@ DEFAULT_CLUSTER_SIZE = 1 << 20
 MAX_PARALLELS_IMAGE_FACTOR = 1 << 32
 INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
-BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 MEM_ALIGN = 4096  # bdrv_opt_mem_align of a file node (the host page)
 BAT_DIRTY_BLOCK = 4 * 4096  # s->bat_dirty_block: 4 host pages
 DEFAULT_PREALLOC_SIZE = 128 << 20
@@ -87,14 +85,13 @@ def _fail_format() -> GenericError:
 
 
 @register_driver
-class ParallelsNode(BlockNode):
+class ParallelsNode(TableFormatNode):
     driver = "parallels"
 
     async def open(self, options: dict[str, Any]) -> None:
-        self.file_edge = await self.open_child(options, "file")
-        self.file: BlockNode = self.file_edge.node
+        await self.open_file(options)
         self._opened = False
-        ph = ParallelsHeader(bytes(await self._pread(0, _HEADER.size)))
+        ph = ParallelsHeader(bytes(await self.pread(0, _HEADER.size)))
         total_sectors: int = ph["nb_sectors"]
         if ph["version"] != HEADER_VERSION:
             raise _fail_format()
@@ -123,19 +120,16 @@ class ParallelsNode(BlockNode):
             data_end = -(-size // SECTOR) * SECTOR
         if data_end < self.header_size:
             self.header_size = size
-        # the header and BAT as far as the file holds them; entries past the
-        # end of the file read as 0 (QEMU's pread pads), set ones go to _extra
+        # the header and BAT as far as the file holds them (the last entry
+        # the file cuts padded with zeroes, as QEMU's pread pads it); entries
+        # past that read as 0 and those set since are kept in the Table
         present = max(_HEADER.size, min(self.header_size, self.file.length))
-        self.hdr = bytearray(await self._pread(0, present))
-        self._extra: dict[int, int] = {}
-        n_present = max(0, min(self.bat_size, (present - _HEADER.size) // 4))
-        bat = array("I")
-        bat.frombytes(bytes(self.hdr[_HEADER.size:_HEADER.size + 4 * n_present]))
-        if struct.pack("=I", 1) != struct.pack("<I", 1):
-            bat.byteswap()
-        self.bat = bat
+        self.hdr = bytearray(await self.pread(0, present))
+        if present < bat_entry_off(self.bat_size):
+            self.hdr += bytes(-(present - _HEADER.size) % 4)
+        self.bat = Table.of("<I", self.bat_size, self.hdr[_HEADER.size:])
         mult, tracks = self.off_multiplier, self.tracks
-        for e in bat:
+        for e in self.bat:
             if e:
                 off = e * mult
                 if off >= data_end:
@@ -172,7 +166,7 @@ class ParallelsNode(BlockNode):
         magic, the MD5 of the rest of the cluster, then the features up to
         the end marker.  Dirty bitmaps are not loaded (see docs/formats.md)."""
         cs = self.tracks * SECTOR
-        buf = bytes(await self._pread(ext_off, cs))
+        buf = bytes(await self.pread(ext_off, cs))
         magic = struct.unpack_from("<Q", buf)[0]
         if magic != FORMAT_EXTENSION_MAGIC:
             raise GenericError(f"Wrong parallels Format Extension magic: {magic:#x}, "
@@ -190,17 +184,6 @@ class ParallelsNode(BlockNode):
         if fmagic != END_OF_FEATURES_MAGIC:
             raise GenericError(f"Unknown feature: {fmagic:#x}")
 
-    async def _pread(self, offset: int, length: int) -> Buffer:
-        """Read from the file, never past its end: the missing part reads as
-        zeroes, as QEMU's generic layer pads a read past the end of a file."""
-        if offset + length > BDRV_MAX_LENGTH:
-            raise OSError(errno.EIO, "Input/output error")
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
-
     def _set_header_u32(self, off: int, value: int) -> None:
         struct.pack_into("<I", self.hdr, off, value)
 
@@ -210,7 +193,8 @@ class ParallelsNode(BlockNode):
         out = bytearray(self.hdr[off:off + n])
         if len(out) < n:
             out += bytes(n - len(out))
-            for idx, value in self._extra.items():
+            extra = self.bat.extra if isinstance(self.bat, PartialTable) else {}
+            for idx, value in extra.items():
                 pos = bat_entry_off(idx) - off
                 if 0 <= pos < n:
                     struct.pack_into("<I", out, pos, value)
@@ -222,19 +206,13 @@ class ParallelsNode(BlockNode):
         await self.file.write(0, self._header_bytes(0, size))
         await self.file.flush()
 
-    def entry(self, idx: int) -> int:
-        if idx < len(self.bat):
-            return self.bat[idx]
-        return self._extra.get(idx, 0)
-
     def _set_entry(self, idx: int, value: int) -> None:
         """parallels_set_bat_entry: the entry, and its block marked dirty."""
-        if idx < len(self.bat):
-            self.bat[idx] = value
-            struct.pack_into("<I", self.hdr, bat_entry_off(idx), value)
-        else:
-            self._extra[idx] = value
-        self._dirty.add(bat_entry_off(idx) // BAT_DIRTY_BLOCK)
+        self.bat[idx] = value
+        off = bat_entry_off(idx)
+        if off < len(self.hdr):  # else _header_bytes takes it from the Table
+            struct.pack_into("<I", self.hdr, off, value)
+        self._dirty.add(off // BAT_DIRTY_BLOCK)
 
     @property
     def has_info(self) -> bool:
@@ -247,107 +225,61 @@ class ParallelsNode(BlockNode):
         index, offset = divmod(sector, self.tracks)
         if index >= self.bat_size:
             return -1
-        e = self.entry(index)
+        e = self.bat[index]
         if e == 0:
             return -1
         return e * self.off_multiplier + offset
 
-    def _block_status(self, sector: int, nb: int) -> tuple[int, int]:
-        """block_status: the host sector of ``sector`` (-1 unallocated) and
-        how many sectors from it are alike (contiguous on the host, or all
+    def _extent(self, pos: int, length: int) -> tuple[int, int]:
+        """block_status in bytes: the host offset of the guest bytes at
+        ``pos`` (or ZEROES) and how many of the ``length`` from there are
+        alike, cluster after cluster (contiguous on the host, or all
         unallocated)."""
-        start = prev_end = -2
-        pnum = 0
-        while nb > 0 or start == -2:
-            off = self._seek_to_sector(sector)
-            if start == -2:
-                start = prev_end = off
-            elif off != prev_end:
-                break
-            to_end = min(nb, self.tracks - sector % self.tracks)
-            nb -= to_end
-            sector += to_end
-            pnum += to_end
-            if off > 0:
-                prev_end += to_end
-        return start, pnum
-
-    # -- read ---------------------------------------------------------------------
-    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
-        sector = offset // SECTOR
-        nb = -(-(offset + length) // SECTOR) - sector
-        pos, n = self._block_status(sector, nb)
-        if n < nb:
-            return None
-        if pos < 0:
-            return bytearray(length)
-        host = pos * SECTOR + offset % SECTOR
-        if host + length > self.file.length:
-            return None
-        return self.file.read_now(host, length)
-
-    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
-        sector = offset // SECTOR
-        nb = -(-(offset + len(mv)) // SECTOR) - sector
-        pos, n = self._block_status(sector, nb)
-        if pos <= 0 or n < nb:
-            return False
-        host = pos * SECTOR + offset % SECTOR
-        return host + len(mv) <= self.file.length and self.file.write_now(host, mv)
-
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        out = bytearray(length)
-        done = 0
-        while done < length:
-            pos_b = offset + done
-            sector = pos_b // SECTOR
-            nb = -(-(offset + length) // SECTOR) - sector
-            pos, n = self._block_status(sector, nb)
-            n_bytes = min(length - done, n * SECTOR - pos_b % SECTOR)
-            if pos >= 0:
-                host = pos * SECTOR + pos_b % SECTOR
-                out[done:done + n_bytes] = await self._pread(host, n_bytes)
-            done += n_bytes
-        return out
+        tracks = self.tracks
+        first, within = divmod(pos, SECTOR)
+        end = -(-(pos + length) // SECTOR)
+        start = self._seek_to_sector(first)
+        sector = first + tracks - first % tracks  # the next cluster's first
+        expect = start + sector - first if start > 0 else start
+        while sector < end and self._seek_to_sector(sector) == expect:
+            sector += tracks
+            if start > 0:
+                expect += tracks
+        n = (sector - first) * SECTOR - within
+        if n > length:
+            n = length
+        return (start * SECTOR + within if start > 0 else ZEROES), n
 
     # -- write --------------------------------------------------------------------
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         length = len(data)
-        end = offset + length
         done = 0
         while done < length:
-            pos_b = offset + done
-            sector = pos_b // SECTOR
-            nb = -(-end // SECTOR) - sector
-            pos, n = self._block_status(sector, nb)
-            if pos > 0:
-                n_bytes = min(length - done, n * SECTOR - pos_b % SECTOR)
-                await self._write_host(pos * SECTOR + pos_b % SECTOR, data[done:done + n_bytes])
-                done += n_bytes
-                continue
-            async with self._lock:
-                pos, n = self._block_status(sector, nb)
-                n_bytes = min(length - done, n * SECTOR - pos_b % SECTOR)
-                if pos > 0:
-                    piece: Buffer = data[done:done + n_bytes]
-                    host = pos * SECTOR + pos_b % SECTOR
-                else:
-                    host = await self._allocate(sector, n)
-                    # the generic layer's padding: whole sectors, the new
-                    # clusters read as zeroes around the data
-                    head = pos_b % SECTOR
-                    tail = -(pos_b + n_bytes) % SECTOR
-                    buf = bytearray(head + n_bytes + tail)
-                    buf[head:head + n_bytes] = data[done:done + n_bytes]
-                    piece = buf
-                    await self._write_host(host, piece)
-                    self._publish()
-                    done += n_bytes
-                    continue
-            await self._write_host(host, piece)
-            done += n_bytes
+            pos = offset + done
+            host, n = self._extent(pos, length - done)
+            if host < 0:
+                async with self._lock:
+                    host, n = self._extent(pos, length - done)
+                    if host < 0:
+                        await self._write_new(pos, data[done:done + n])
+                        done += n
+                        continue
+            await self.pwrite(host, data[done:done + n])
+            done += n
         if fua:
             await self.file.flush()
+
+    async def _write_new(self, pos: int, piece: memoryview) -> None:
+        """``piece`` into unallocated clusters (under the lock): the
+        generic layer's padding makes it whole sectors, the new clusters
+        read as zeroes around the data."""
+        head = pos % SECTOR
+        tail = -(pos + len(piece)) % SECTOR
+        host = await self._allocate(pos // SECTOR, (head + len(piece) + tail) // SECTOR)
+        buf = bytearray(head + len(piece) + tail)
+        buf[head:head + len(piece)] = piece
+        await self.pwrite(host, buf)
+        self._publish()
 
     async def _allocate(self, sector: int, n: int) -> int:
         """allocate_clusters for ``n`` unallocated sectors from ``sector``
@@ -360,7 +292,7 @@ class ParallelsNode(BlockNode):
         to_allocate = -(-(sector + n) // self.tracks) - idx
         if idx + to_allocate > self.bat_size:
             # QEMU asserts here (an image larger than its BAT): an I/O error
-            raise OSError(errno.EIO, "Input/output error")
+            raise eio()
         space = to_allocate * self.tracks
         if self.data_end + space > self.file.length >> 9:
             space += self.prealloc_size
@@ -381,11 +313,6 @@ class ParallelsNode(BlockNode):
         for idx, value in self._pending:
             self._set_entry(idx, value)
         self._pending = []
-
-    async def _write_host(self, host: int, piece: Buffer) -> None:
-        if host + len(piece) > BDRV_MAX_LENGTH:
-            raise OSError(errno.EIO, "Input/output error")
-        await self.file.write(host, piece)
 
     # -- flush, close ---------------------------------------------------------------
     async def _flush_bat(self) -> None:
@@ -415,16 +342,14 @@ class ParallelsNode(BlockNode):
 
     # -- block status -----------------------------------------------------------------
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        sector = offset // SECTOR
-        nb = min(-(-(offset + length) // SECTOR) - sector, INT_MAX // SECTOR)
-        pos, n = self._block_status(sector, nb)
-        n_bytes = min(length, n * SECTOR - offset % SECTOR)
-        if pos < 0:
+        # at most INT_MAX bytes' sectors (QEMU's int nb_sectors)
+        host, n = self._extent(offset, min(length, INT_MAX // SECTOR * SECTOR
+                                           - offset % SECTOR))
+        if host < 0:
             # parallels_co_block_status says 0; without a backing file the
             # generic layer makes it ZERO
-            return BlockStatus(Status.ZERO, n_bytes, 0)
-        return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID, n_bytes, 1,
-                           pos * SECTOR + offset % SECTOR)
+            return BlockStatus(Status.ZERO, n, 0)
+        return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID, n, 1, host)
 
 
 async def create_parallels(file: BlockNode, size: int, cluster_size: int | None = None) -> None:

@@ -30,23 +30,20 @@ them), and here too.
 from __future__ import annotations
 
 import errno
-import os
 import struct
-import sys
 import zlib
-from array import array
-from collections import OrderedDict
 from typing import Any
 
 import trio
 
 from ..crypto import secrets as secretmod
 from ..crypto.cipher import SectorCipher
-from ..qapi.errors import GenericError, QapiError
+from ..qapi.errors import GenericError
+from .backing import backing_info, backing_status, open_backing, read_backing
 from .graph import register_driver
-from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Status, json_filename
+from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
 from .packed import Packed
-from .qed import probe_format
+from .table_format import ZEROES, Table, TableCache, TableFormatNode, eio, pieces
 
 SECTOR = 512
 QCOW_MAGIC = 0x514649FB
@@ -57,7 +54,6 @@ QCOW_OFLAG_COMPRESSED = 1 << 63
 L2_CACHE_SIZE = 16
 INT_MAX = (1 << 31) - 1
 U64 = (1 << 64) - 1
-BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 
 # QCowHeader: magic, version, backing_file_offset (u64), backing_file_size,
 # mtime, size (u64), cluster_bits, l2_bits, padding (u16), crypt_method,
@@ -75,21 +71,6 @@ class QcowHeader(Packed):
     FIELDS = _FIELDS
 
 
-def _table(raw: Buffer) -> array[int]:
-    t = array("Q")
-    t.frombytes(bytes(raw))
-    if sys.byteorder == "little":
-        t.byteswap()
-    return t
-
-
-def _be(t: array[int]) -> bytes:
-    t = array("Q", t)
-    if sys.byteorder == "little":
-        t.byteswap()
-    return t.tobytes()
-
-
 def _encrypt_opts(options: dict[str, Any]) -> tuple[str | None, str | None]:
     enc = options.get("encrypt")
     if enc is None:
@@ -102,32 +83,17 @@ def _encrypt_opts(options: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 @register_driver
-class QcowNode(BlockNode):
+class QcowNode(TableFormatNode):
     """qcow over a ``file`` child, with an optional ``backing`` child."""
 
     driver = "qcow"
-    file_edge: BdrvChild
-    file: BlockNode
-    backing_edge: BdrvChild | None = None
-    backing: BlockNode | None = None
     cipher: SectorCipher | None = None
     key_secret: str | None = None
 
-    def child_attached(self, edge: BdrvChild) -> None:
-        if edge.name == "file":
-            self.file_edge, self.file = edge, edge.node
-        elif edge.name == "backing":
-            self.backing_edge, self.backing = edge, edge.node
-
-    def child_detached(self, edge: BdrvChild) -> None:
-        if edge.name == "backing":
-            self.backing_edge, self.backing = None, None
-
     # -- qcow_open ------------------------------------------------------------------
     async def open(self, options: dict[str, Any]) -> None:
-        self.file_edge = await self.open_child(options, "file")
-        self.file = self.file_edge.node
-        h = QcowHeader(bytes(await self._pread(0, _HEADER.size)))
+        await self.open_file(options)
+        h = QcowHeader(bytes(await self.pread(0, _HEADER.size)))
         if h["magic"] != QCOW_MAGIC:
             raise GenericError("Image not in qcow format")
         if h["version"] != QCOW_VERSION:
@@ -162,7 +128,7 @@ class QcowNode(BlockNode):
         self.cluster_bits: int = h["cluster_bits"]
         self.cs = 1 << self.cluster_bits
         self.l2_bits: int = h["l2_bits"]
-        self.l2_size = 1 << self.l2_bits
+        self.l2_size: int = 1 << self.l2_bits
         self.size: int = h["size"] // SECTOR * SECTOR
         self.cluster_offset_mask = (1 << (63 - self.cluster_bits)) - 1
         shift = self.cluster_bits + self.l2_bits
@@ -173,12 +139,9 @@ class QcowNode(BlockNode):
             raise GenericError("Image too large")
         self.l1_size = l1_size
         self.l1_table_offset: int = h["l1_table_offset"]
-        # the L1 table as far as the file holds it (QEMU's pread pads the
-        # rest with zeroes; entries set there go to _l1_extra)
-        present = max(0, min(l1_size, (self.file.length - self.l1_table_offset) // 8))
-        self.l1 = _table(await self._pread(self.l1_table_offset, present * 8))
-        self._l1_extra: dict[int, int] = {}
-        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        # the L1 table, as far as the file holds it
+        self.l1 = await self.load_table(self.l1_table_offset, l1_size, ">Q")
+        self._l2_cache = TableCache(L2_CACHE_SIZE)
         self._cluster_cache: tuple[int, bytes] | None = None  # decompressed cluster
         self._lock = trio.Lock()  # s->lock
         self._rmw_lock = trio.Lock()  # the generic layer's serialised padding
@@ -187,56 +150,10 @@ class QcowNode(BlockNode):
             n = h["backing_file_size"]
             if n > 1023:
                 raise GenericError("Backing file name too long")
-            raw = bytes(await self._pread(h["backing_file_offset"], n))
+            raw = bytes(await self.pread(h["backing_file_offset"], n))
             self.backing_filename = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         self.request_alignment = SECTOR  # qcow_refresh_limits
-        # QEMU names the node before it opens the backing file
-        self.graph.nodes.setdefault(self.node_name, self)
-        try:
-            await self._open_backing(options)
-        except BaseException:
-            if self.graph.nodes.get(self.node_name) is self:
-                del self.graph.nodes[self.node_name]
-            raise
-
-    async def _open_backing(self, options: dict[str, Any]) -> None:
-        """bdrv_open_backing_file: the ``backing`` option, else the header's
-        name with a probed format."""
-        self.backing_edge = None
-        if "backing" in options:
-            if options["backing"] is not None and options["backing"] != "":
-                try:
-                    self.backing_edge = await self.open_child(options, "backing")
-                except QapiError as e:
-                    raise e.prefixed("Could not open backing file: ") from None
-        elif self.backing_filename:
-            name = self.backing_filename
-            base = self.file.filename
-            if not os.path.isabs(name) and base and "://" not in name:
-                name = os.path.join(os.path.dirname(base), name)
-            fmt = await probe_format(name)
-            inherited: dict[str, Any] = {k: self.options[k] for k in ("force-share", "cache")
-                                         if k in self.options}
-            try:
-                self.backing_edge = await self.graph.open_child(
-                    self, {**inherited, "backing": {
-                        "driver": fmt, "file": {"driver": "file", "filename": name}}},
-                    "backing")
-            except GenericError as e:
-                raise GenericError(f"Could not open backing file: {e.desc}") from None
-        self.backing = self.backing_edge.node if self.backing_edge else None
-
-    async def _pread(self, offset: int, length: int) -> Buffer:
-        """Read from the file, never past its end (the missing part reads as
-        zeroes, as QEMU's generic layer pads it); EIO beyond
-        BDRV_MAX_LENGTH, as bdrv_check_request."""
-        if offset + length > BDRV_MAX_LENGTH:
-            raise OSError(errno.EIO, "Input/output error")
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
+        await open_backing(self, options, self.backing_filename, None)
 
     @property
     def filename(self) -> str:
@@ -251,41 +168,42 @@ class QcowNode(BlockNode):
         extra: dict[str, Any] = {"cluster-size": self.cs}
         if self.cipher is not None:
             extra["encrypted"] = True
-        if self.backing_filename:
-            extra["backing-filename"] = self.backing_filename
-            full = self.full_backing_filename(self.backing_filename)
-            if full is not None:
-                extra["full-backing-filename"] = full
-        return extra
+        return extra | backing_info(self, self.backing_filename, None)
 
     def _length(self) -> int:
         return self.size
 
     # -- tables (get_cluster_offset) ----------------------------------------------
-    def _l1(self, i: int) -> int:
-        return int(self.l1[i]) if i < len(self.l1) else self._l1_extra.get(i, 0)
-
-    async def _l2_table(self, l2_offset: int) -> array[int]:
-        t = self._l2_cache.get(l2_offset)
-        if t is not None:
-            self._l2_cache.move_to_end(l2_offset)
-            return t
-        t = _table(await self._pread(l2_offset, self.l2_size * 8))
-        self._remember(l2_offset, t)
-        return t
-
-    def _remember(self, l2_offset: int, t: array[int]) -> None:
-        self._l2_cache[l2_offset] = t
-        while len(self._l2_cache) > L2_CACHE_SIZE:
-            self._l2_cache.popitem(last=False)
+    async def _l2_table(self, l2_offset: int) -> Table:
+        return await self.cached_table(self._l2_cache, l2_offset, self.l2_size, ">Q")
 
     async def _lookup(self, offset: int) -> int:
         """get_cluster_offset(allocate=0): the L2 entry of ``offset``'s cluster."""
-        l2_offset = self._l1(offset >> (self.l2_bits + self.cluster_bits))
+        l2_offset = self.l1[offset >> (self.l2_bits + self.cluster_bits)]
         if not l2_offset:
             return 0
         t = await self._l2_table(l2_offset)
-        return int(t[(offset >> self.cluster_bits) & (self.l2_size - 1)])
+        return t[(offset >> self.cluster_bits) & (self.l2_size - 1)]
+
+    def _host(self, offset: int, length: int) -> int | None:
+        # from the tables in memory: one plain cluster whose L2 table is cached
+        in_cluster = offset & (self.cs - 1)
+        if in_cluster + length > self.cs or self.cipher is not None:
+            return None
+        l2_offset = self.l1[offset >> (self.l2_bits + self.cluster_bits)]
+        if l2_offset:
+            t = self._l2_cache.get(l2_offset)
+            if t is None:
+                return None
+            entry = t[(offset >> self.cluster_bits) & (self.l2_size - 1)]
+        else:
+            entry = 0
+        if not entry:
+            return ZEROES if self.backing is None else None
+        if entry & (QCOW_OFLAG_COMPRESSED | 511):
+            return None
+        host = entry + in_cluster
+        return host if host + length <= self.file.length else None
 
     def _file_end(self) -> int:
         """bdrv_getlength of the file (whole sectors), rounded up to a cluster."""
@@ -298,31 +216,28 @@ class QcowNode(BlockNode):
         compressed one is decompressed into the new cluster when the write
         does not cover it)."""
         l1_index = offset >> (self.l2_bits + self.cluster_bits)
-        l2_offset = self._l1(l1_index)
+        l2_offset = self.l1[l1_index]
         new_l2 = False
         if not l2_offset:
             l2_offset = self._file_end()
-            if l1_index < len(self.l1):
-                self.l1[l1_index] = l2_offset
-            else:
-                self._l1_extra[l1_index] = l2_offset
-            await self._write_sync(self.l1_table_offset + l1_index * 8,
+            self.l1[l1_index] = l2_offset
+            await self.pwrite_sync(self.l1_table_offset + l1_index * 8,
                                    struct.pack(">Q", l2_offset))
             new_l2 = True
         if new_l2:
-            t = array("Q", bytes(self.l2_size * 8))
-            self._remember(l2_offset, t)
-            await self._write_sync(l2_offset, bytes(self.l2_size * 8))
+            t = Table.zeroed(">Q", self.l2_size)
+            self._l2_cache.put(l2_offset, t)
+            await self.pwrite_sync(l2_offset, bytes(self.l2_size * 8))
         else:
             t = await self._l2_table(l2_offset)
         l2_index = (offset >> self.cluster_bits) & (self.l2_size - 1)
-        cluster_offset = int(t[l2_index])
+        cluster_offset = t[l2_index]
         if cluster_offset and not cluster_offset & QCOW_OFLAG_COMPRESSED:
             return cluster_offset
         if cluster_offset & QCOW_OFLAG_COMPRESSED and n_end - n_start < self.cs:
             data = await self._decompress(cluster_offset)
             cluster_offset = self._file_end()
-            await self._pwrite(cluster_offset, data)
+            await self.pwrite(cluster_offset, data)
         else:
             cluster_offset = self._file_end()
             if cluster_offset + self.cs > (1 << 63) - 1:
@@ -333,22 +248,12 @@ class QcowNode(BlockNode):
                 start = offset & ~(self.cs - 1)
                 for i in range(0, self.cs, SECTOR):
                     if i < n_start or i >= n_end:
-                        await self._pwrite(cluster_offset + i,
+                        await self.pwrite(cluster_offset + i,
                                            self.cipher.encrypt((start + i) // SECTOR,
                                                                bytes(SECTOR)))
         t[l2_index] = cluster_offset
-        await self._write_sync(l2_offset + l2_index * 8, struct.pack(">Q", cluster_offset))
+        await self.pwrite_sync(l2_offset + l2_index * 8, struct.pack(">Q", cluster_offset))
         return cluster_offset
-
-    async def _pwrite(self, offset: int, data: Buffer) -> None:
-        if offset + len(data) > BDRV_MAX_LENGTH:
-            raise OSError(errno.EIO, "Input/output error")
-        await self.file.write(offset, data)
-
-    async def _write_sync(self, offset: int, data: bytes) -> None:
-        """bdrv_pwrite_sync."""
-        await self._pwrite(offset, data)
-        await self.file.flush()
 
     async def _decompress(self, entry: int) -> bytes:
         """decompress_cluster: raw deflate (window 2^12) that must give a
@@ -357,49 +262,42 @@ class QcowNode(BlockNode):
         if self._cluster_cache is not None and self._cluster_cache[0] == coffset:
             return self._cluster_cache[1]
         csize = (entry >> (63 - self.cluster_bits)) & (self.cs - 1)
-        raw = bytes(await self._pread(coffset, csize))
+        raw = bytes(await self.pread(coffset, csize))
         d = zlib.decompressobj(-12)
         try:
             out = d.decompress(raw, self.cs)
         except zlib.error:
-            raise OSError(errno.EIO, "Input/output error") from None
+            raise eio() from None
         if len(out) != self.cs:
-            raise OSError(errno.EIO, "Input/output error")
+            raise eio()
         self._cluster_cache = (coffset, out)
         return out
 
     # -- read -----------------------------------------------------------------------
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
         out = bytearray(length)
-        done = 0
-        while done < length:
-            pos = offset + done
+        for done, pos, n in pieces(offset, length, self.cs):
             in_cluster = pos & (self.cs - 1)
-            n = min(length - done, self.cs - in_cluster)
             async with self._lock:
                 entry = await self._lookup(pos)
             if not entry:
-                b = self.backing
-                if b is not None and pos < b.length:
-                    m = min(n, b.length - pos)
-                    out[done:done + m] = await b.read(pos, m)
+                await read_backing(self.backing, pos, n, out, done)
             elif entry & QCOW_OFLAG_COMPRESSED:
                 async with self._lock:
                     data = await self._decompress(entry)
                 out[done:done + n] = data[in_cluster:in_cluster + n]
             else:
                 if entry & 511:
-                    raise OSError(errno.EIO, "Input/output error")
+                    raise eio()
                 out[done:done + n] = await self._read_data(entry + in_cluster, pos, n)
-            done += n
         return out
 
     async def _read_data(self, host: int, pos: int, n: int) -> Buffer:
         if self.cipher is None:
-            return await self._pread(host, n)
+            return await self.pread(host, n)
         a = pos - pos % SECTOR
         end = -(-(pos + n) // SECTOR) * SECTOR
-        raw = bytes(await self._pread(host - (pos - a), end - a))
+        raw = bytes(await self.pread(host - (pos - a), end - a))
         return self.cipher.decrypt(a // SECTOR, raw)[pos - a:pos - a + n]
 
     # -- write ----------------------------------------------------------------------
@@ -426,21 +324,16 @@ class QcowNode(BlockNode):
     async def _write_sectors(self, offset: int, data: memoryview) -> None:
         """qcow_co_pwritev on whole sectors."""
         self._cluster_cache = None  # disable the compressed cache
-        length = len(data)
-        done = 0
-        while done < length:
-            pos = offset + done
+        for done, pos, n in pieces(offset, len(data), self.cs):
             in_cluster = pos & (self.cs - 1)
-            n = min(length - done, self.cs - in_cluster)
             async with self._lock:
                 host = await self._allocate(pos, in_cluster, in_cluster + n)
             if not host or host & 511:
-                raise OSError(errno.EIO, "Input/output error")
+                raise eio()
             piece: Buffer = data[done:done + n]
             if self.cipher is not None:
                 piece = self.cipher.encrypt(pos // SECTOR, piece)
-            await self._pwrite(host + in_cluster, piece)
-            done += n
+            await self.pwrite(host + in_cluster, piece)
 
     # -- block status -----------------------------------------------------------------
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
@@ -449,13 +342,7 @@ class QcowNode(BlockNode):
         in_cluster = offset & (self.cs - 1)
         n = min(length, self.cs - in_cluster)
         if not entry:
-            b = self.backing
-            if b is None or offset >= b.length:
-                return BlockStatus(Status.ZERO, n, 0)
-            st = await b.block_status(offset, min(n, b.length - offset))
-            depth = st.depth + 1 if st.depth else 0
-            return BlockStatus(st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED),
-                               st.length, depth)
+            return await backing_status(self.backing, offset, n)
         if entry & QCOW_OFLAG_COMPRESSED or self.cipher is not None:
             return BlockStatus(Status.DATA | Status.ALLOCATED, n, 1)
         return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID, n, 1,

@@ -33,18 +33,17 @@ the tables (invalid entries dropped), as QEMU does.
 from __future__ import annotations
 
 import errno
-import os
 import struct
-import sys
-from array import array
-from collections import OrderedDict
 from typing import Any
 
 import trio
 
-from ..qapi.errors import GenericError, QapiError
+from ..qapi.errors import GenericError
+from .backing import backing_info, backing_status, open_backing, read_backing
 from .graph import register_driver
-from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Status, _in_request
+from .node import BlockNode, BlockStatus, Status, _in_request
+from .packed import Packed
+from .table_format import BACKING, ZEROES, Table, TableCache, TableFormatNode
 
 SECTOR = 512
 QED_MAGIC = 0x00444551  # "QED\0"
@@ -75,24 +74,17 @@ assert _HEADER.size == 64
 _FIELDS = ("magic", "cluster_size", "table_size", "header_size", "features",
            "compat_features", "autoclear_features", "l1_table_offset", "image_size",
            "backing_filename_offset", "backing_filename_size")
-_LITTLE = sys.byteorder == "little"
 
 
-class QedHeader:
-    """The header's fields by QEMU's names, packed back by :meth:`pack`."""
+class QedHeader(Packed):
+    """The header's fields by QEMU's names (all integers)."""
 
-    def __init__(self, raw: bytes | None = None) -> None:
-        values = _HEADER.unpack(raw) if raw is not None else (0,) * len(_FIELDS)
-        self.fields: dict[str, int] = dict(zip(_FIELDS, values, strict=True))
+    STRUCT = _HEADER
+    FIELDS = _FIELDS
 
     def __getitem__(self, name: str) -> int:
-        return self.fields[name]
-
-    def __setitem__(self, name: str, value: int) -> None:
-        self.fields[name] = value
-
-    def pack(self) -> bytes:
-        return _HEADER.pack(*(self.fields[f] for f in _FIELDS))
+        value: int = self.fields[name]
+        return value
 
 
 def max_image_size(cluster_size: int, table_size: int) -> int:
@@ -115,76 +107,20 @@ def image_size_valid(size: int, cluster_size: int, table_size: int) -> bool:
     return size % SECTOR == 0 and size <= max_image_size(cluster_size, table_size)
 
 
-def _table(raw: Buffer) -> array[int]:
-    t = array("Q")
-    t.frombytes(raw)
-    if not _LITTLE:
-        t.byteswap()
-    return t
-
-
-def _table_bytes(t: array[int]) -> bytes:
-    if _LITTLE:
-        return t.tobytes()
-    c = array("Q", t)
-    c.byteswap()
-    return c.tobytes()
-
-
-async def probe_format(filename: str) -> str:
-    """The format QEMU's probing finds for a backing file named in the
-    header without QED_F_BACKING_FORMAT_NO_PROBE, among the formats qsd-trio
-    has (raw when nothing else matches, or the file cannot be read)."""
-    try:
-        async with await trio.open_file(filename, "rb") as f:
-            head = await f.read(SECTOR)
-    except OSError:
-        return "raw"
-    if head[:4] == b"QFI\xfb" and len(head) >= 8 and struct.unpack_from(">I", head, 4)[0] >= 2:
-        return "qcow2"
-    if head[:4] == b"QFI\xfb" and len(head) >= 8 and struct.unpack_from(">I", head, 4)[0] == 1:
-        return "qcow"
-    if head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") and \
-            len(head) >= 20 and struct.unpack_from("<I", head, 16)[0] == 2:
-        return "parallels"
-    if head[:4] == b"QED\0":
-        return "qed"
-    if head[:8] == b"conectix":
-        return "vpc"
-    if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
-        return "vdi"
-    return "raw"
-
-
 @register_driver
-class QedNode(BlockNode):
+class QedNode(TableFormatNode):
     """qed over a ``file`` child, with an optional ``backing`` child."""
 
     driver = "qed"
-    file_edge: BdrvChild
-    file: BlockNode
-    backing_edge: BdrvChild | None = None
-    backing: BlockNode | None = None
     # the need-check timer is armed; a clearing runs
     _need_check_armed = False
     _clearing = False
     _opened = False
 
-    def child_attached(self, edge: BdrvChild) -> None:
-        if edge.name == "file":
-            self.file_edge, self.file = edge, edge.node
-        elif edge.name == "backing":
-            self.backing_edge, self.backing = edge, edge.node
-
-    def child_detached(self, edge: BdrvChild) -> None:
-        if edge.name == "backing":
-            self.backing_edge, self.backing = None, None
-
     # -- opening (bdrv_qed_do_open) ---------------------------------------------
     async def open(self, options: dict[str, Any]) -> None:
-        self.file_edge = await self.open_child(options, "file")
-        self.file = self.file_edge.node
-        h = QedHeader(bytes(await self._pread(0, _HEADER.size)))
+        await self.open_file(options)
+        h = QedHeader(bytes(await self.pread(0, _HEADER.size)))
         if h["magic"] != QED_MAGIC:
             raise GenericError("Image not in QED format")
         if h["features"] & ~QED_FEATURE_MASK:
@@ -221,7 +157,7 @@ class QedNode(BlockNode):
                 raise GenericError("QED backing filename offset is invalid")
             if size >= PATH_MAX:  # qed_read_string: -EINVAL
                 raise GenericError("Failed to read backing filename")
-            raw = bytes(await self._pread(off, size))
+            raw = bytes(await self.pread(off, size))
             # a C string: it ends at the first NUL
             self.backing_filename = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
             if h["features"] & QED_F_BACKING_FORMAT_NO_PROBE:
@@ -233,8 +169,8 @@ class QedNode(BlockNode):
             await self._write_header()
             await self.file.flush()
 
-        self.l1 = _table(await self._pread(h["l1_table_offset"], cs * ts))
-        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        self.l1 = await self.load_table(h["l1_table_offset"], self.table_nelems, "<Q")
+        self._l2_cache = TableCache(MAX_L2_CACHE_SIZE)
         # QEMU's table_lock (lookups, table loads and updates) and its
         # allocating_acb / allocating_write_reqs (one allocating request at
         # a time, to its end; also taken by the need-check clearing)
@@ -253,63 +189,12 @@ class QedNode(BlockNode):
                 h["features"] &= ~QED_F_NEED_CHECK
                 await self._write_header()
 
-        # QEMU names the node (bdrv_open_common) before it opens the backing
-        # file, so query-named-block-nodes lists the backing nodes as newer
-        self.graph.nodes.setdefault(self.node_name, self)
-        try:
-            await self._open_backing(options)
-        except BaseException:
-            if self.graph.nodes.get(self.node_name) is self:
-                del self.graph.nodes[self.node_name]
-            raise
+        await open_backing(self, options, self.backing_filename, self.backing_format)
         self.request_alignment = SECTOR  # a sector-based driver in QEMU
         self._opened = True
         if h["features"] & QED_F_NEED_CHECK:
             # bdrv_qed_attach_aio_context starts the need-check timer
             self._need_check_armed = True
-
-    async def _open_backing(self, options: dict[str, Any]) -> None:
-        """bdrv_open_backing_file: the ``backing`` option, else the header's name."""
-        self.backing_edge = None
-        if "backing" in options:
-            if options["backing"] == "":
-                print('qsd-trio: warning: Use of "backing": "" is deprecated; '
-                      'use "backing": null instead', file=sys.stderr)
-            elif options["backing"] is not None:
-                try:
-                    self.backing_edge = await self.open_child(options, "backing")
-                except QapiError as e:
-                    raise e.prefixed("Could not open backing file: ") from None
-        elif self.backing_filename:
-            name = self.backing_filename
-            base = self.file.filename
-            if not os.path.isabs(name) and base and "://" not in name:
-                name = os.path.join(os.path.dirname(base), name)
-            fmt = self.backing_format or await probe_format(name)
-            inherited: dict[str, Any] = {k: self.options[k] for k in ("force-share", "cache") if k in self.options}
-            try:
-                self.backing_edge = await self.graph.open_child(
-                    self, {**inherited, "backing": {
-                        "driver": fmt, "file": {"driver": "file", "filename": name}}},
-                    "backing")
-            except GenericError as e:
-                raise GenericError(f"Could not open backing file: {e.desc}") from None
-        self.backing = self.backing_edge.node if self.backing_edge else None
-        if self.backing is not None and "backing" not in options:
-            self.auto_backing_file = self.backing.filename
-        else:
-            self.auto_backing_file = self.backing_filename or ""
-
-    async def _pread(self, offset: int, length: int) -> Buffer:
-        """Read from the file, the part past its end as zeroes (QEMU's
-        generic layer pads such reads).  Tables and clusters lie inside the
-        file by the offset checks, but for the zeroes that pad the file to
-        a whole sector (the file size QEMU goes by)."""
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
 
     async def _write_header(self) -> None:
         """qed_write_header(_sync): the 64 bytes of the header, in place
@@ -344,29 +229,17 @@ class QedNode(BlockNode):
         return offset
 
     # -- tables (qed-table.c, qed-l2-cache.c) -----------------------------------
-    async def _l2_table(self, offset: int) -> array[int]:
+    async def _l2_table(self, offset: int) -> Table:
         """The L2 table at ``offset`` from the cache, else read (under _table_lock)."""
-        t = self._l2_cache.get(offset)
-        if t is not None:
-            self._l2_cache.move_to_end(offset)
-            return t
-        t = _table(await self._pread(offset, self.cs * self.ts))
-        self._cache_l2(offset, t)
-        return t
+        return await self.cached_table(self._l2_cache, offset, self.table_nelems, "<Q")
 
-    def _cache_l2(self, offset: int, t: array[int]) -> None:
-        self._l2_cache[offset] = t
-        self._l2_cache.move_to_end(offset)
-        while len(self._l2_cache) > MAX_L2_CACHE_SIZE:
-            self._l2_cache.popitem(last=False)
-
-    async def _write_table(self, offset: int, t: array[int], index: int, n: int,
+    async def _write_table(self, offset: int, t: Table, index: int, n: int,
                            flush: bool = False) -> None:
         """qed_write_table: the sectors holding entries index..index+n."""
         per = SECTOR // 8
         start = index & ~(per - 1)
         end = (index + n + per - 1) & ~(per - 1)
-        await self.file.write(offset + start * 8, _table_bytes(t[start:end]))
+        await self.file.write(offset + start * 8, t.to_bytes(start, end - start))
         if flush:
             await self.file.flush()
 
@@ -414,77 +287,39 @@ class QedNode(BlockNode):
     def info_extra(self) -> dict[str, Any]:
         # bdrv_qed_get_info: the cluster size and NEED_CHECK as the dirty
         # flag; nothing format-specific (QEMU has no get_specific_info)
-        extra: dict[str, Any] = {"cluster-size": self.cs,
-                                 "dirty-flag": bool(self.h["features"] & QED_F_NEED_CHECK)}
-        if self.backing_filename:
-            extra["backing-filename"] = self.backing_filename
-            full = self.full_backing_filename(self.backing_filename)
-            if full is not None:
-                extra["full-backing-filename"] = full
-            if self.backing_format:
-                extra["backing-filename-format"] = self.backing_format
-        return extra
+        return {"cluster-size": self.cs,
+                "dirty-flag": bool(self.h["features"] & QED_F_NEED_CHECK),
+                **backing_info(self, self.backing_filename, self.backing_format)}
 
-    # -- reads ----------------------------------------------------------------------
-    async def _read_backing(self, pos: int, n: int, out: bytearray, at: int) -> None:
-        """qed_read_backing_file: zeroes past the backing file's end."""
-        b = self.backing
-        if b is None:
-            return
-        blen = b.length
-        if pos >= blen:
-            return
-        m = min(n, blen - pos)
-        out[at:at + m] = await b.read(pos, m)
+    # -- the mapping ----------------------------------------------------------------
+    async def _map(self, pos: int, length: int) -> tuple[int, int]:
+        async with self._table_lock:
+            kind, cluster, n = await self._find_cluster(pos, length)
+        if kind == QED_CLUSTER_FOUND:
+            return cluster + pos % self.cs, n
+        return (ZEROES if kind == QED_CLUSTER_ZERO else BACKING), n
 
-    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
+    def _host(self, offset: int, length: int) -> int | None:
+        # from the tables in memory: one cluster, its L2 table cached
         cs = self.cs
         if offset % cs + length > cs:
             return None
         l2_offset = self.l1[offset >> self.l1_shift]
-        if l2_offset == 0:
-            return bytearray(length) if self.backing is None else None
-        t = self._l2_cache.get(l2_offset)
-        if t is None:
-            return None
-        e = t[(offset >> self.l2_shift) & self.l2_mask]
+        if l2_offset:
+            t = self._l2_cache.get(l2_offset)
+            if t is None:
+                return None
+            e = t[(offset >> self.l2_shift) & self.l2_mask]
+        else:
+            e = 0
         if e == 1 or (e == 0 and self.backing is None):
-            return bytearray(length)
+            return ZEROES
         host = e + offset % cs
         if e == 0 or not self.check_cluster_offset(e) or host + length > self.file.length:
             return None
-        return self.file.read_now(host, length)
-
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        out = bytearray(length)
-        done = 0
-        while done < length:
-            pos = offset + done
-            async with self._table_lock:
-                kind, cluster, n = await self._find_cluster(pos, length - done)
-            if kind == QED_CLUSTER_FOUND:
-                out[done:done + n] = await self._pread(cluster + pos % self.cs, n)
-            elif kind != QED_CLUSTER_ZERO:
-                await self._read_backing(pos, n, out, done)
-            done += n
-        return out
+        return host
 
     # -- writes ---------------------------------------------------------------------
-    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
-        # in place only, into an allocated cluster whose table is cached
-        cs = self.cs
-        if offset % cs + len(mv) > cs:
-            return False
-        l2_offset = self.l1[offset >> self.l1_shift]
-        t = self._l2_cache.get(l2_offset) if l2_offset else None
-        if t is None:
-            return False
-        e = t[(offset >> self.l2_shift) & self.l2_mask]
-        host = e + offset % cs
-        if e <= 1 or not self.check_cluster_offset(e) or host + len(mv) > self.file.length:
-            return False
-        return self.file.write_now(host, mv)
-
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._request(offset, len(data), data)
         if fua:
@@ -564,7 +399,7 @@ class QedNode(BlockNode):
     async def _cow_bytes(self, pos: int, n: int, zero_cluster: bool) -> bytearray:
         buf = bytearray(n)
         if not zero_cluster:
-            await self._read_backing(pos, n, buf, 0)
+            await read_backing(self.backing, pos, n, buf, 0)
         return buf
 
     async def _l2_update(self, kind: int, pos: int, n: int, cluster: int) -> None:
@@ -574,7 +409,7 @@ class QedNode(BlockNode):
         index = (pos >> self.l2_shift) & self.l2_mask
         l1_index = pos >> self.l1_shift
         if kind == QED_CLUSTER_L1:
-            table = array("Q", bytes(self.cs * self.ts))
+            table = Table.zeroed("<Q", self.table_nelems)
             table_offset = self._alloc_clusters(self.ts)
         else:
             table_offset = self.l1[l1_index]
@@ -586,7 +421,7 @@ class QedNode(BlockNode):
                 cluster += self.cs
         if kind == QED_CLUSTER_L1:
             await self._write_table(table_offset, table, 0, self.table_nelems, flush=True)
-            self._cache_l2(table_offset, table)
+            self._l2_cache.put(table_offset, table)
             self.l1[l1_index] = table_offset
             await self._write_table(self.h["l1_table_offset"], self.l1, l1_index, 1)
         else:
@@ -734,18 +569,8 @@ class QedNode(BlockNode):
                                cluster + offset % self.cs)
         if kind == QED_CLUSTER_ZERO:
             return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 1)
-        # unallocated: the generic layer says zero without a backing file
-        # or past its end, else asks it
-        b = self.backing
-        if b is None:
-            return BlockStatus(Status.ZERO, n, 0)
-        blen = b.length
-        if offset >= blen:
-            return BlockStatus(Status.ZERO, n, 0)
-        st = await b.block_status(offset, min(n, blen - offset))
-        depth = st.depth + 1 if st.depth else 0
-        return BlockStatus(st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED),
-                           st.length, depth)
+        # unallocated: the generic layer asks the backing file
+        return await backing_status(self.backing, offset, n)
 
     # -- resize and header names -----------------------------------------------------
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
@@ -808,7 +633,7 @@ async def create_qed(file: BlockNode, size: int, *, backing_file: str | None = N
     if not image_size_valid(size, cs, ts):
         raise GenericError(f"QED image size must be a non-zero multiple of cluster size "
                            f"and less than {max_image_size(cs, ts)} bytes")
-    h = QedHeader()
+    h = QedHeader(bytes(_HEADER.size))
     h["magic"] = QED_MAGIC
     h["cluster_size"] = cs
     h["table_size"] = ts

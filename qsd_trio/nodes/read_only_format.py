@@ -15,25 +15,19 @@ and block status is ``DATA|ALLOCATED`` for the whole range asked.
 
 from __future__ import annotations
 
-import errno
 from typing import Any
 
 from ..qapi.errors import GenericError
 from .graph import BDRV_MAX_LENGTH
-from .node import BlockNode, Buffer
+from .table_format import SECTOR, TableFormatNode, eio
 
-SECTOR = 512
+__all__ = ["MASK32", "MASK64", "SECTOR", "ReadOnlyFormatNode", "eio"]
+
 MASK32 = (1 << 32) - 1
 MASK64 = (1 << 64) - 1
-# bdrv_check_request32: a request larger than this fails with -EIO
-BDRV_REQUEST_MAX_BYTES = (2**31 - 1) // SECTOR * SECTOR
 
 
-def eio() -> OSError:
-    return OSError(errno.EIO, "Input/output error")
-
-
-class ReadOnlyFormatNode(BlockNode):
+class ReadOnlyFormatNode(TableFormatNode):
     """A format node over a ``file`` child that QEMU only reads.
 
     Resources: the file child, released by the graph when the node closes;
@@ -50,26 +44,11 @@ class ReadOnlyFormatNode(BlockNode):
             self.read_only = True
             # the file child inherits the flags as they are now (no BDRV_O_RDWR)
             options = {**options, "read-only": True}
-        self.file_edge = await self.open_child(options, "file")
-        self.file: BlockNode = self.file_edge.node
+        await self.open_file(options)
         self.request_alignment = SECTOR
 
-    async def pread(self, offset: int, length: int) -> Buffer:
-        """bdrv_pread on the file: ``offset`` may be any 64-bit value the
-        image gives (read as signed, as QEMU's int64_t); beyond
-        BDRV_MAX_LENGTH it is -EIO, past the end of the file zeroes."""
-        if offset >= 1 << 63:
-            offset -= 1 << 64
-        if (offset < 0 or length > BDRV_REQUEST_MAX_BYTES or offset > BDRV_MAX_LENGTH
-                or length > BDRV_MAX_LENGTH - offset):
-            raise eio()
-        if not length:
-            return b""
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
+    def _host(self, offset: int, length: int) -> int | None:
+        return None  # no plain mapping: bitmaps, compressed blocks or chunks
 
     def set_total_sectors(self, total_sectors: int) -> None:
         """refresh_total_sectors after the driver's open: a size beyond

@@ -18,7 +18,7 @@ Reads of a block mapped beyond the end of the file return zeroes for the
 missing part, as QEMU's generic layer pads reads past the end of a file;
 nothing is read past the file.  Block maps that reach past the end of the
 file read as zero entries there (QEMU's pread pads the same way), and only
-the part present in the file is kept in memory.
+the part present in the file is kept in memory (table_format.Table).
 
 ``blockdev-create`` with ``driver=vdi`` is :func:`create_vdi`.
 """
@@ -34,8 +34,9 @@ import trio
 
 from ..qapi.errors import GenericError
 from .graph import register_driver
-from .node import BlockNode, BlockStatus, Buffer, Status
+from .node import BlockNode, BlockStatus, Status
 from .packed import Packed
+from .table_format import ZEROES, TableFormatNode, pack_entries, pieces
 
 SECTOR = 512
 BLOCK_SIZE = 1 << 20  # DEFAULT_CLUSTER_SIZE
@@ -116,51 +117,23 @@ def validate_header(h: VdiHeader) -> int:
 
 
 @register_driver
-class VdiNode(BlockNode):
+class VdiNode(TableFormatNode):
     driver = "vdi"
 
     async def open(self, options: dict[str, Any]) -> None:
-        self.file_edge = await self.open_child(options, "file")
-        self.file: BlockNode = self.file_edge.node
-        self.header = VdiHeader(bytes(await self._pread(0, SECTOR)))
+        await self.open_file(options)
+        self.header = VdiHeader(bytes(await self.pread(0, SECTOR)))
         self.disk_size = validate_header(self.header)
         self.header["disk_size"] = self.disk_size  # written back rounded, as QEMU
         self.offset_data: int = self.header["offset_data"]
         self.offset_bmap: int = self.header["offset_bmap"]
-        # the block map as far as the file holds it; entries past the end of
-        # the file read as 0 (QEMU's pread pads), changed ones go to _bmap_extra
-        n = self.header["blocks_in_image"]
-        present = max(0, min(n * 4, self.file.length - self.offset_bmap)) // 4
-        self.bmap = array("I")
-        self.bmap.frombytes(bytes(await self._pread(self.offset_bmap, present * 4)))
-        if struct.pack("=I", 1) != struct.pack("<I", 1):
-            self.bmap.byteswap()
-        self._bmap_extra: dict[int, int] = {}
+        # the block map, as far as the file holds it
+        self.bmap = await self.load_table(self.offset_bmap, self.header["blocks_in_image"], "<I")
         # vdi's bmap_lock: one allocation at a time; header and block map
         # are written back under _meta_lock so the newest state lands last
         self._alloc_lock = trio.Lock()
         self._meta_lock = trio.Lock()
         self.request_alignment = 1
-
-    async def _pread(self, offset: int, length: int) -> Buffer:
-        """Read from the file, never past its end: the missing part reads as
-        zeroes, as QEMU's generic layer pads a read past the end of a file."""
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
-
-    def entry(self, block: int) -> int:
-        if block < len(self.bmap):
-            return self.bmap[block]
-        return self._bmap_extra.get(block, 0)
-
-    def _set_entry(self, block: int, value: int) -> None:
-        if block < len(self.bmap):
-            self.bmap[block] = value
-        else:
-            self._bmap_extra[block] = value
 
     @property
     def has_info(self) -> bool:
@@ -173,59 +146,26 @@ class VdiNode(BlockNode):
     def _length(self) -> int:
         return self.disk_size
 
-    def _host(self, offset: int, length: int) -> int | None:
-        """The host offset of ``length`` bytes at ``offset`` when they lie in
-        one allocated block held wholly by the file, else None (-1 when
-        the block is unallocated)."""
-        block, in_block = divmod(offset, BLOCK_SIZE)
-        if in_block + length > BLOCK_SIZE:
-            return None
-        e = self.entry(block)
-        if not is_allocated(e):
-            return -1
-        host = self.offset_data + e * BLOCK_SIZE + in_block
-        return host if host + length <= self.file.length else None
-
-    # the fast path: a request inside one block goes straight to the file
-    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
-        host = self._host(offset, length)
-        if host is None:
-            return None
-        if host < 0:
-            return bytearray(length)
-        return self.file.read_now(host, length)
-
-    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
-        host = self._host(offset, len(mv))
-        return host is not None and host >= 0 and self.file.write_now(host, mv)
-
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        out = bytearray(length)
-        done = 0
-        while done < length:
-            pos = offset + done
-            block, in_block = divmod(pos, BLOCK_SIZE)
-            n = min(length - done, BLOCK_SIZE - in_block)
-            e = self.entry(block)
-            if is_allocated(e):
-                host = self.offset_data + e * BLOCK_SIZE + in_block
-                out[done:done + n] = await self._pread(host, n)
-            done += n
-        return out
+    def _extent(self, pos: int, length: int) -> tuple[int, int]:
+        # one block at a time: blocks need not follow each other in the file
+        block, in_block = divmod(pos, BLOCK_SIZE)
+        n = BLOCK_SIZE - in_block
+        if n > length:
+            n = length
+        e = self.bmap[block]
+        if e >= VDI_DISCARDED:  # not is_allocated
+            return ZEROES, n
+        return self.offset_data + e * BLOCK_SIZE + in_block, n
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         first = last = -1
-        done = 0
-        length = len(data)
-        while done < length:
-            pos = offset + done
-            block, in_block = divmod(pos, BLOCK_SIZE)
-            n = min(length - done, BLOCK_SIZE - in_block)
+        for done, pos, n in pieces(offset, len(data), BLOCK_SIZE):
             piece = data[done:done + n]
-            e = self.entry(block)
+            block, in_block = divmod(pos, BLOCK_SIZE)
+            e = self.bmap[block]
             if not is_allocated(e):
                 async with self._alloc_lock:
-                    e = self.entry(block)
+                    e = self.bmap[block]
                     if not is_allocated(e):
                         e = self.header["blocks_allocated"]
                         self.header["blocks_allocated"] = e + 1
@@ -234,13 +174,11 @@ class VdiNode(BlockNode):
                         await self.file.write(self.offset_data + e * BLOCK_SIZE, buf)
                         # mapped only once the block holds its data, so that
                         # a concurrent read sees zeroes rather than a hole
-                        self._set_entry(block, e)
+                        self.bmap[block] = e
                         first = block if first < 0 else first
                         last = block
-                        done += n
                         continue
             await self.file.write(self.offset_data + e * BLOCK_SIZE + in_block, piece)
-            done += n
         if first >= 0:
             await self._write_metadata(first, last)
         if fua:
@@ -253,29 +191,19 @@ class VdiNode(BlockNode):
             await self.file.write(0, self.header.pack())
             per = SECTOR // 4
             s0, s1 = first // per, last // per
-            sect = array("I", (self.entry(i) for i in range(s0 * per, (s1 + 1) * per)))
-            if struct.pack("=I", 1) != struct.pack("<I", 1):
-                sect.byteswap()
-            await self.file.write(self.offset_bmap + s0 * SECTOR, sect.tobytes())
+            await self.file.write(self.offset_bmap + s0 * SECTOR,
+                                  self.bmap.to_bytes(s0 * per, (s1 + 1 - s0) * per))
 
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        block, in_block = divmod(offset, BLOCK_SIZE)
-        n = min(length, BLOCK_SIZE - in_block)
-        e = self.entry(block)
-        if not is_allocated(e):
+        host, n = self._extent(offset, length)
+        if host < 0:
             # vdi_co_block_status says ZERO; the generic layer adds ALLOCATED
             return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 1)
-        host = self.offset_data + e * BLOCK_SIZE + in_block
         flags = Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID
         if self.header["image_type"] == VDI_TYPE_STATIC:
             # BDRV_BLOCK_RECURSE: a static image's blocks may be holes in the file
-            end = self.file.length
-            if host < end:
-                st = await self.file.block_status(host, min(n, end - host))
-                n = min(n, st.length)
-                flags |= st.flags & Status.ZERO
-            else:
-                flags |= Status.ZERO  # past the end of the file: reads as zeroes
+            zero, n = await self.recurse_status(host, n)
+            flags |= zero
         return BlockStatus(flags, n, 1, host)
 
 
@@ -315,9 +243,7 @@ async def create_vdi(file: BlockNode, size: int, preallocation: str = "off") -> 
         bmap = array("I", range(blocks)) if image_type == VDI_TYPE_STATIC \
             else array("I", [VDI_UNALLOCATED]) * blocks
         bmap.extend([0] * (bmap_size // 4 - blocks))
-        if struct.pack("=I", 1) != struct.pack("<I", 1):
-            bmap.byteswap()
-        await file.write(SECTOR, bmap.tobytes())
+        await file.write(SECTOR, pack_entries("<I", bmap))
     if image_type == VDI_TYPE_STATIC:
         try:
             await file.truncate(SECTOR + bmap_size + blocks * BLOCK_SIZE, exact=False)

@@ -38,15 +38,15 @@ import os
 import struct
 import time
 import uuid
-from array import array
 from typing import Any
 
 import trio
 
 from ..qapi.errors import GenericError
-from .graph import BDRV_MAX_LENGTH, register_driver
-from .node import BlockNode, BlockStatus, Buffer, Status
+from .graph import register_driver
+from .node import BlockNode, BlockStatus, Status
 from .packed import Packed
+from .table_format import ZEROES, Table, TableFormatNode, check_request, pieces
 
 SECTOR = 512
 VHD_FIXED = 2
@@ -86,7 +86,11 @@ def vpc_checksum(buf: bytes | bytearray) -> int:
 
 def _read_error(offset: int, length: int) -> bool:
     """Whether QEMU's generic layer refuses a read there (bdrv_check_request)."""
-    return offset < 0 or offset + length > BDRV_MAX_LENGTH
+    try:
+        check_request(offset, length)
+    except OSError:
+        return True
+    return False
 
 
 class Footer(Packed):
@@ -143,21 +147,20 @@ def rounded_size(size: int, force_size: bool) -> tuple[int, tuple[int, int, int]
 
 
 @register_driver
-class VpcNode(BlockNode):
+class VpcNode(TableFormatNode):
     driver = "vpc"
 
     async def open(self, options: dict[str, Any]) -> None:
-        self.file_edge = await self.open_child(options, "file")
-        self.file: BlockNode = self.file_edge.node
+        await self.open_file(options)
         # bdrv_getlength: the file's length in whole sectors, rounded up
         flen = -(-self.file.length // SECTOR) * SECTOR
-        raw = bytes(await self._pread(0, SECTOR))
+        raw = bytes(await self.pread(0, SECTOR))
         disk_type = VHD_DYNAMIC
         if raw[:8] != b"conectix":
             # a fixed image has its footer only at the end of the file
             if flen < SECTOR:
                 raise GenericError("File too small for a VHD header")
-            raw = bytes(await self._pread(flen - SECTOR, SECTOR))
+            raw = bytes(await self.pread(flen - SECTOR, SECTOR))
             if raw[:8] != b"conectix" or struct.unpack_from(">I", raw, 60)[0] != VHD_FIXED:
                 raise GenericError("invalid VPC image")
             disk_type = VHD_FIXED
@@ -170,6 +173,8 @@ class VpcNode(BlockNode):
         self.footer_raw = raw
         # the I/O paths go by the footer's type, as QEMU's
         self.fixed = footer["type"] == VHD_FIXED
+        # a dynamic image's write may rewrite its block's bitmap first
+        self.writes_in_place = self.fixed
 
         total: int = footer["cyls"] * footer["heads"] * footer["secs_per_cyl"]
         use_chs = footer["creator_app"] not in CURRENT_SIZE_CREATORS
@@ -184,7 +189,7 @@ class VpcNode(BlockNode):
         self.bitmap_size = 0
         self.max_table_entries = 0
         self.bat_offset = 0
-        self.pagetable = array("I")
+        self.pagetable = Table.zeroed(">I", 0)
         self.free_data_block_offset = 0
         self.last_bitmap_offset = -1
         if disk_type == VHD_DYNAMIC:
@@ -198,7 +203,7 @@ class VpcNode(BlockNode):
         at = footer["data_offset"]
         if _read_error(at, DYN_HEADER_SIZE):
             raise GenericError("Error reading dynamic VHD header")
-        dyn = bytes(await self._pread(at, DYN_HEADER_SIZE))
+        dyn = bytes(await self.pread(at, DYN_HEADER_SIZE))
         magic, _, table_offset, _, mte_raw, block_size, _ = _DYN.unpack_from(dyn)
         if magic != b"cxsparse":
             raise GenericError("Invalid header magic")
@@ -224,9 +229,7 @@ class VpcNode(BlockNode):
             # the whole table is in the file (else open fails below, before
             # anything is read: QEMU reads the missing part as zeroes, whose
             # blocks then lie past the end of the file as well)
-            self.pagetable.frombytes(bytes(await self._pread(table_offset, size)))
-            if struct.pack("=I", 1) != struct.pack(">I", 1):
-                self.pagetable.byteswap()
+            self.pagetable = await self.load_table(table_offset, mte, ">I")
             step = self.bitmap_size + block_size
             top = max((e for e in self.pagetable if e != UNALLOCATED), default=None)
             if top is not None:
@@ -235,15 +238,6 @@ class VpcNode(BlockNode):
             raise GenericError("block-vpc: free_data_block_offset points after the end "
                                "of file. The image has been truncated.")
         self.free_data_block_offset = free
-
-    async def _pread(self, offset: int, length: int) -> Buffer:
-        """Read from the file, never past its end: the missing part reads as
-        zeroes, as QEMU's generic layer pads a read past the end of a file."""
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
 
     @property
     def has_info(self) -> bool:
@@ -256,81 +250,37 @@ class VpcNode(BlockNode):
     def _length(self) -> int:
         return self.total_sectors * SECTOR
 
-    def _image_offset(self, offset: int) -> int:
-        """get_image_offset for a read: the host offset, -1 if unallocated."""
-        index, in_block = divmod(offset, self.block_size)
+    def _extent(self, pos: int, length: int) -> tuple[int, int]:
+        """get_image_offset: a fixed image is its data; a dynamic one goes
+        block by block (a bitmap lies between two blocks' data)."""
+        if self.fixed:
+            return pos, length
+        index, in_block = divmod(pos, self.block_size)
+        n = self.block_size - in_block
+        if n > length:
+            n = length
         if index >= self.max_table_entries:
-            return -1
+            return ZEROES, n
         e = self.pagetable[index]
         if e == UNALLOCATED:
-            return -1
-        return SECTOR * e + self.bitmap_size + in_block
-
-    # the fast path: a request inside one block goes straight to the file
-    def _host(self, offset: int, length: int) -> int | None:
-        if self.fixed:
-            host = offset
-        else:
-            if offset % self.block_size + length > self.block_size:
-                return None
-            host = self._image_offset(offset)
-            if host < 0:
-                return -1
-        return host if host + length <= self.file.length else None
-
-    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
-        host = self._host(offset, length)
-        if host is None:
-            return None
-        if host < 0:
-            return bytearray(length)
-        return self.file.read_now(host, length)
-
-    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
-        if not self.fixed:
-            return False  # writes may rewrite a bitmap first
-        host = self._host(offset, len(mv))
-        return host is not None and host >= 0 and self.file.write_now(host, mv)
-
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        if self.fixed:
-            return await self._pread(offset, length)
-        out = bytearray(length)
-        done = 0
-        while done < length:
-            pos = offset + done
-            n = min(length - done, self.block_size - pos % self.block_size)
-            host = self._image_offset(pos)
-            if host >= 0:
-                out[done:done + n] = await self._pread(host, n)
-            done += n
-        return out
-
-    async def _write_sync(self, offset: int, data: bytes | bytearray) -> None:
-        """bdrv_pwrite_sync: the write, then a flush of the file."""
-        await self.file.write(offset, data)
-        await self.file.flush()
+            return ZEROES, n
+        return SECTOR * e + self.bitmap_size + in_block, n
 
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         if self.fixed:
             await self.file.write(offset, data, fua=fua)
             return
-        done = 0
-        length = len(data)
-        while done < length:
-            pos = offset + done
-            n = min(length - done, self.block_size - pos % self.block_size)
+        for done, pos, n in pieces(offset, len(data), self.block_size):
             async with self._lock:
-                host = self._image_offset(pos)
+                host, _ = self._extent(pos, n)
                 if host >= 0:
                     bitmap_offset = host - pos % self.block_size - self.bitmap_size
                     if bitmap_offset != self.last_bitmap_offset:
                         self.last_bitmap_offset = bitmap_offset
-                        await self._write_sync(bitmap_offset, b"\xff" * self.bitmap_size)
+                        await self.pwrite_sync(bitmap_offset, b"\xff" * self.bitmap_size)
                 else:
                     host = await self._alloc_block(pos)
             await self.file.write(host, data[done:done + n])
-            done += n
         if fua:
             await self.file.flush()
 
@@ -339,38 +289,33 @@ class VpcNode(BlockNode):
         moves past it; then the BAT entry is written.  Called under _lock."""
         index = offset // self.block_size
         at = self.free_data_block_offset
-        await self._write_sync(at, b"\xff" * self.bitmap_size)
+        await self.pwrite_sync(at, b"\xff" * self.bitmap_size)
         end = at + self.bitmap_size + self.block_size
-        await self._write_sync(end, self.footer_raw)
+        await self.pwrite_sync(end, self.footer_raw)
         self.free_data_block_offset = end
-        await self._write_sync(self.bat_offset + 4 * index, struct.pack(">I", at // SECTOR))
+        await self.pwrite_sync(self.bat_offset + 4 * index, struct.pack(">I", at // SECTOR))
         # mapped once the file reaches past the block, so that a concurrent
         # read of it finds the (zero) data inside the file
         self.pagetable[index] = at // SECTOR
         return at + self.bitmap_size + offset % self.block_size
 
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
+        flags = Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID
         if self.fixed:
             # DATA | OFFSET_VALID | RECURSE: the file says where zeroes are
-            flags = Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID
-            n = length
-            end = self.file.length
-            if offset < end:
-                st = await self.file.block_status(offset, min(n, end - offset))
-                n = min(n, st.length)
-                flags |= st.flags & Status.ZERO
-            else:
-                flags |= Status.ZERO
-            return BlockStatus(flags, n, 1, offset)
-        host = self._image_offset(offset)
-        n = min(length, self.block_size - offset % self.block_size)
+            zero, n = await self.recurse_status(offset, length)
+            return BlockStatus(flags | zero, n, 1, offset)
+        host, n = self._extent(offset, length)
         if host >= 0:
             # one block at most: a bitmap lies between two blocks' data
-            return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID, n, 1, host)
+            return BlockStatus(flags, n, 1, host)
         # unallocated blocks in a row are one answer; the generic layer
         # adds ALLOCATED to vpc_co_block_status's ZERO
-        while n < length and self._image_offset(offset + n) < 0:
-            n = min(length, n + self.block_size)
+        while n < length:
+            host, m = self._extent(offset + n, length - n)
+            if host >= 0:
+                break
+            n += m
         return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 1)
 
 

@@ -133,6 +133,39 @@ def test_encrypted_open_errors_match(images, tmp_path, opts):
         (theirs.returncode, normalise_prog(theirs.stderr))
 
 
+def _backing_given(kind, tmp_path, img) -> tuple[list, str]:
+    """blockdev-add of the backed image three times: backing null, "" and a
+    node of its own; query-named-block-nodes after each, and stderr."""
+    raw = img.parent / "data.raw"
+    adds = [("q1", None), ("q2", ""), ("q3", "b")]
+    seen = []
+    with Daemon(kind, tmp_path, allow_stderr="deprecated") as d:
+        q = d.qmp()
+        q.cmd("blockdev-add", **{"driver": "raw", "node-name": "b", "read-only": True,
+                                 "file": {"driver": "file", "filename": str(raw)}})
+        for name, backing in adds:
+            q.cmd("blockdev-add", **{"driver": "qcow", "node-name": name, "read-only": True,
+                                     "backing": backing,
+                                     "file": {"driver": "file", "filename": str(img)}})
+            nodes = q.cmd("query-named-block-nodes", flat=True)
+            seen.append(json.loads(re.sub(r"#block\d+", "#blockN", json.dumps(nodes))))
+    return seen, normalise_prog(d.stderr())
+
+
+def test_backing_given_as_qemu(images, tmp_path):
+    """A backing node other than the header's (null, the deprecated "", a
+    node of the user's) spells the qcow node out in its file name, as
+    bdrv_refresh_filename; "" warns."""
+    seen = {kind: _backing_given(kind, tmp_path, images / "backed.qcow")
+            for kind in ("qemu", "trio")}
+    assert seen["trio"] == seen["qemu"]
+    names = {n["node-name"]: n["file"] for n in seen["trio"][0][-1]}
+    assert names["q3"].startswith("json:") and '"backing": {' in names["q3"]
+    assert names["q1"] == names["q2"]
+    assert '"backing": null' in names["q1"]
+    assert 'Use of "backing": "" is deprecated' in seen["trio"][1]
+
+
 def _create(kind, tmp_path, creates) -> tuple[list, list[bytes]]:
     files = [tmp_path / f"c{n}-{kind}.qcow" for n in range(len(creates))]
     args = list(SECRET)

@@ -154,14 +154,15 @@ async def test_reads_qemu_img_convert(tmp_path, fixed):
         assert allocated == {0, 3}
 
 
-@pytest.mark.parametrize("size", [0, 512, 10 << 20, 4212736, 1 << 30, 200 << 30])
-@pytest.mark.parametrize("sub", ["dynamic", "fixed"])
+# a fixed image of 200 GiB would be a large sparse file: dynamic covers that size
+@pytest.mark.parametrize(("size", "sub"), [
+    *((size, sub) for size in (0, 512, 10 << 20, 4212736, 1 << 30)
+      for sub in ("dynamic", "fixed")),
+    (200 << 30, "dynamic")])
 async def test_create_like_qemu_img(tmp_path, size, sub):
     """create_vpc lays the image out as qemu-img create does (all but the
     timestamp, the random UUID and the checksum that covers them), for a size
     qemu-img rounds to the geometry and then creates."""
-    if sub == "fixed" and size > 1 << 30:
-        pytest.skip("a fixed image of that size is a large sparse file; dynamic covers it")
     size = geometric(size)
     ours = tmp_path / "ours.vhd"
     ours.touch()

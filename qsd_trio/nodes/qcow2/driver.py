@@ -33,14 +33,14 @@ from __future__ import annotations
 import errno
 import os.path
 import struct
-import sys
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
-from ...qapi.errors import GenericError, QapiError
+from ...qapi.errors import GenericError
+from ..backing import backing_info, backing_status, open_backing_option, read_backing
 from ..graph import register_driver
 from ..node import BdrvChild, BlockNode, BlockStatus, Buffer, ReadDone, Status, WriteDone
 from . import bitmaps as bitmapmod
@@ -256,15 +256,7 @@ class Qcow2Node(BlockNode):
         # backing file
         self.backing_edge = None
         if "backing" in options:
-            if options["backing"] == "":
-                # QEMU still takes an empty reference for null (bdrv_open_inherit)
-                print('qsd-trio: warning: Use of "backing": "" is deprecated; '
-                      'use "backing": null instead', file=sys.stderr)
-            elif options["backing"] is not None:
-                try:
-                    self.backing_edge = await self.open_child(options, "backing")
-                except QapiError as e:  # bdrv_open_backing_file, for either form
-                    raise e.prefixed("Could not open backing file: ") from None
+            self.backing_edge = await open_backing_option(self, options)
         elif h.backing_file:
             await self._open_header_backing(h, h.backing_file)
         self.backing = self.backing_edge.node if self.backing_edge else None
@@ -485,13 +477,7 @@ class Qcow2Node(BlockNode):
         extra = {"cluster-size": self.cs, "format-specific": {"type": "qcow2", "data": spec}}
         if self.crypto is not None:
             extra["encrypted"] = True
-        if h.backing_file:
-            extra["backing-filename"] = h.backing_file
-            full = self.full_backing_filename(h.backing_file)
-            if full is not None:
-                extra["full-backing-filename"] = full
-            if h.backing_format:
-                extra["backing-filename-format"] = h.backing_format
+        extra |= backing_info(self, h.backing_file, h.backing_format)
         if self.snapshots:
             extra["snapshots"] = [s.info() for s in self.snapshots]
         return extra
@@ -520,16 +506,6 @@ class Qcow2Node(BlockNode):
             raise OSError(errno.EIO, "Input/output error") from None
         self._decomp_cache = (entry, data)
         return data
-
-    async def _read_backing(self, offset: int, n: int, buf: bytearray, at: int) -> None:
-        b = self.backing
-        if b is None:
-            return
-        blen = b.length
-        if offset >= blen:
-            return
-        m = min(n, blen - offset)
-        buf[at:at + m] = await b.read(offset, m)
 
     async def _data_read(self, goff: int, host: int, n: int) -> Buffer:
         """Guest bytes ``goff``..``goff+n`` of a data cluster at ``host``."""
@@ -612,7 +588,7 @@ class Qcow2Node(BlockNode):
             if kind == DATA:
                 buf[at:at + n] = await self._data_read(goff, host, n)
             elif kind == UNALLOC:
-                await self._read_backing(goff, n, buf, at)
+                await read_backing(self.backing, goff, n, buf, at)
             elif kind == COMPRESSED:
                 # unmerged: one segment never leaves its cluster
                 cl = await self._read_compressed(host)
@@ -843,16 +819,7 @@ class Qcow2Node(BlockNode):
             return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 1)
         if kind == COMPRESSED:
             return BlockStatus(Status.DATA | Status.ALLOCATED, n, 1)
-        b = self.backing
-        if b is None:
-            return BlockStatus(Status.ZERO, n, 0)
-        blen = b.length
-        if offset >= blen:
-            return BlockStatus(Status.ZERO, n, 0)
-        st = await b.block_status(offset, min(n, blen - offset))
-        depth = st.depth + 1 if st.depth else 0
-        flags = st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED)
-        return BlockStatus(flags, st.length, depth)
+        return await backing_status(self.backing, offset, n)
 
     # -- resize -------------------------------------------------------------------------
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
