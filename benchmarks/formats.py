@@ -84,6 +84,9 @@ FORMATS = [
     Format("vmdk-flat", "vmdk", ("-O", "vmdk", "-o", "subformat=monolithicFlat"), "vmdk",
            ("-flat",)),
     Format("vmdk-stream", "vmdk", ("-O", "vmdk", "-o", "subformat=streamOptimized"), "vmdk"),
+    Format("vhdx", "vhdx", ("-O", "vhdx"), "vhdx"),
+    Format("vhdx-fixed", "vhdx", ("-O", "vhdx", "-o", "subformat=fixed,block_state_zero=off"),
+           "vhdx"),
 ]
 FORMAT_BY_KEY = {f.key: f for f in FORMATS}
 

@@ -45,7 +45,7 @@ import trio
 
 from ..qapi.errors import GenericError, QapiError, error_report
 from .graph import BDRV_MAX_LENGTH, register_driver
-from .node import BlockNode, Buffer
+from .node import BlockNode, Buffer, ReadDone, WriteDone
 from .vhdx_format import (
     BAT_FILE_OFF_MASK,
     BAT_STATE_MASK,
@@ -439,11 +439,37 @@ class VhdxNode(BlockNode):
             return bytearray(length)
         return self.file.read_now(host, length)
 
-    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+    def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        host = self._host(offset, length)
+        if host is None:
+            return False
+        if host < 0:
+            for v in views:
+                v[:] = bytes(len(v))
+            return True
+        return self.file.read_into_now(host, views)
+
+    def _write_host(self, offset: int, length: int) -> int | None:
+        """Where a write may go straight to the file: inside one fully
+        present block, once the session's header update is done (QEMU's
+        writes wait for it on s->lock)."""
         if not self._headers_updated:
-            return False  # the headers are updated first
-        host = self._host(offset, len(mv))
-        return host is not None and host >= 0 and self.file.write_now(host, mv)
+            return None
+        host = self._host(offset, length)
+        return host if host is not None and host >= 0 else None
+
+    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+        host = self._write_host(offset, len(mv))
+        return host is not None and self.file.write_now(host, mv)
+
+    # requests handed to the file's I/O engine without a task (node.py)
+    def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
+        host = self._host(offset, length)
+        return host is not None and host >= 0 and self.file.read_submit(host, length, done)
+
+    def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
+        host = self._write_host(offset, len(mv))
+        return host is not None and self.file.write_submit(host, mv, done)
 
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
         out = bytearray(length)

@@ -538,3 +538,62 @@ async def test_huge_sparse_disk(tmp_path):
     assert "read 4096/4096" in r.stdout
     assert "No errors were found" in qemu_img("check", "-f", "vhdx", str(img)).stdout
 
+
+
+@pytest.mark.parametrize("file_opts", [{}, {"aio": "io_uring", "cache": {"direct": True}}],
+                         ids=["cached", "io_uring-direct"])
+async def test_paths_without_a_task(tmp_path, file_opts):
+    """read_now, read_into_now, read_submit, write_now and write_submit (the
+    exporters' paths) serve requests inside one fully present block; a
+    write takes them only after the session's header update (which the
+    first write() does); blocks without data read as zeroes without the
+    file; what they leave is what write() leaves."""
+    from qsd_trio.nodes.engine import buffers
+
+    img = tmp_path / "paths.vhdx"
+    make_image(img, 4 * MiB, "block_size=1M")
+    qemu_io("-f", "vhdx", "-c", "write -P 0x10 1M 1M", str(img))
+    graph = BlockGraph()
+    node = await graph.add({"driver": "vhdx", "node-name": "v",
+                            "file": {"driver": "file", "filename": str(img), **file_opts}})
+    done = trio.Event()
+    got: list = []
+
+    def finished(res, err) -> None:
+        got.append((res, err))
+        done.set()
+
+    try:
+        mv = buffers.alloc(4096)
+        mv[:] = b"\x21" * 4096
+        assert not node.write_now(MiB, mv)
+        assert not node.write_submit(MiB, mv, finished)
+        await node.write(MiB, mv)  # the header update, then in place
+        mv2 = buffers.alloc(4096)
+        mv2[:] = b"\x22" * 4096
+        if node.write_now(MiB + 4096, mv2):
+            taken = "now"
+        else:
+            assert node.write_submit(MiB + 4096, mv2, finished)
+            await done.wait()
+            assert got[-1][1] is None
+            taken = "submit"
+        assert not node.write_now(2 * MiB, mv2)  # no block yet: the log is needed
+        assert bytes(node.read_now(0, 4096) or b"") == bytes(4096)  # zeroes, no file read
+        views = [memoryview(bytearray(2048)), memoryview(bytearray(2048))]
+        assert node.read_into_now(3 * MiB, views)
+        assert all(bytes(v) == bytes(2048) for v in views)
+        data = node.read_now(MiB, 8192)
+        if data is None:
+            done = trio.Event()
+            assert node.read_submit(MiB, 8192, finished)
+            await done.wait()
+            data = got[-1][0]
+        assert bytes(data) == b"\x21" * 4096 + b"\x22" * 4096
+        assert taken == ("now" if not file_opts else "submit")
+    finally:
+        await graph.close_all()
+    model = bytearray(4 * MiB)
+    model[MiB:2 * MiB] = b"\x10" * MiB
+    model[MiB:MiB + 8192] = b"\x21" * 4096 + b"\x22" * 4096
+    check_against(img, model, tmp_path)

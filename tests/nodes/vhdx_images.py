@@ -78,8 +78,8 @@ def bat(b: bytes, n: int) -> list[int]:
 def normalise(data: bytes, *, created: bool = False) -> bytes:
     """Mask what two correct images differ in by chance: the headers'
     checksums and random file-write and data-write GUIDs, whether each
-    header names a log (not which log GUID), and each log entry's GUID and
-    checksum.  ``created``: also the creator (it names the QEMU version),
+    header names a log (not which log GUID), and each log entry's GUID,
+    checksum and the unused end of its descriptor sectors.  ``created``: also the creator (it names the QEMU version),
     the headers' random first sequence number and the page-83 GUID."""
     b = bytearray(data)
     for at in HEADERS:
@@ -92,6 +92,11 @@ def normalise(data: bytes, *, created: bool = False) -> bytes:
             if b[s:s + 4] == b"loge":
                 b[s + 4:s + 8] = bytes(4)
                 b[s + 32:s + 48] = bytes(16)
+                # QEMU leaves the rest of the descriptor sectors as its
+                # buffer held them (qemu_blockalign, not zeroed)
+                count = struct.unpack_from("<I", data, s + 24)[0]
+                end = s + -(-(count + 2) // 128) * LOG_SECTOR
+                b[s + 64 + 32 * count:end] = bytes(end - s - 64 - 32 * count)
     if created:
         b[8:8 + 512] = bytes(512)
         for at in HEADERS:
