@@ -64,7 +64,7 @@ async def footer_header(file: BlockNode) -> Vmdk4Header:
     return Vmdk4Header(raw[516:516 + Vmdk4Header.STRUCT.size])
 
 
-def inflate(data: bytes, limit: int) -> bytes | None:
+def inflate(data: bytes | memoryview, limit: int) -> bytes | None:
     """zlib's uncompress() into ``limit`` bytes: the data, or None where it
     would not return Z_OK (a bad or unfinished stream, too much output)."""
     d = zlib.decompressobj()
@@ -77,18 +77,29 @@ def inflate(data: bytes, limit: int) -> bytes | None:
 
 async def read_grain(ext: Extent, cluster_offset: int, in_cluster: int, n: int) -> bytes:
     """vmdk_read_extent for a compressed extent: ``n`` bytes at
-    ``in_cluster`` of the grain whose marker is at ``cluster_offset``."""
+    ``in_cluster`` of the grain whose marker is at ``cluster_offset``.
+
+    QEMU reads two grains' worth there; this reads a grain and a sector
+    first (a marker and a grain that did not compress: zlib's stored blocks
+    add a few bytes), and the rest of what the marker says only if it says
+    more."""
     cb = ext.cluster_bytes
+    limit = cb * 2
+    first = min(limit, cb + SECTOR)
     ext.file.debug_event("read_compressed")
-    buf = bytes(await pread(ext.file, cluster_offset, cb * 2))
+    buf = memoryview(await pread(ext.file, cluster_offset, first))
     if ext.has_marker:
         size = GRAIN_MARKER.unpack_from(buf, 0)[1]
-        data = buf[GRAIN_MARKER.size:GRAIN_MARKER.size + size]
+        if not size or size > limit:
+            raise einval()
+        # what the two grains QEMU read hold of the stream
+        end = min(GRAIN_MARKER.size + size, limit)
+        if end > first:
+            rest = await pread(ext.file, cluster_offset + first, end - first)
+            buf = memoryview(bytes(buf) + bytes(rest))
+        data = buf[GRAIN_MARKER.size:end]
     else:
-        size = cb
         data = buf[:cb]
-    if not size or size > cb * 2:
-        raise einval()
     out = inflate(data, cb)
     if out is None or in_cluster + n > len(out):
         raise einval()

@@ -523,6 +523,55 @@ async def test_corrupt(tmp_path, what):
     assert got == qemu_read(img, min(length, MiB), tmp_path)
 
 
+def _tables(img: Path) -> tuple[int, int]:
+    """The byte offsets of the first grain directory entry and of the first
+    grain table (both as the header's gd_offset names them)."""
+    b = img.read_bytes()
+    gd = struct.unpack_from("<Q", b, 56)[0] * 512
+    return gd, struct.unpack_from("<I", b, gd)[0] * 512
+
+
+# name -> (which table, entry index, value (None: grain table entry 0's),
+# whether to compare a write into grain 16 too)
+TABLES = {
+    # the table would be read (and its entry written) 2 TiB into the file
+    "gd-outside": ("gd", 0, 0xFFFFFFF0, False),
+    # no table: QEMU's write would go where an unset variable points
+    "gd-zero": ("gd", 0, 0, False),
+    "gt-outside": ("gt", 0, 0x7FFFFFF0, True),
+    "gt-alias": ("gt", 16, None, True),
+    "gt-descriptor": ("gt", 16, 1, True),
+}
+
+
+@pytest.mark.parametrize("what", list(TABLES))
+async def test_corrupt_tables(tmp_path, what):
+    """Table entries pointing outside the file or at the descriptor, two
+    entries at one grain: reads give what qemu-img reads (zeroes past the
+    end of the file), and a write into grain 16 leaves the file byte for
+    byte as qemu-io's same write leaves it."""
+    raw, _ = source(tmp_path, 2 * MiB)
+    img = tmp_path / "t.vmdk"
+    assert qemu_img("convert", "-f", "raw", "-O", "vmdk", str(raw), str(img)).returncode == 0
+    gd, gt = _tables(img)
+    table, index, value, write = TABLES[what]
+    b = bytearray(img.read_bytes())
+    if value is None:
+        value = struct.unpack_from("<I", b, gt)[0]
+    struct.pack_into("<I", b, (gd if table == "gd" else gt) + index * 4, value)
+    img.write_bytes(b)
+    theirs = tmp_path / "theirs.vmdk"
+    theirs.write_bytes(b)
+    async with opened(img) as node:
+        assert bytes(await node.read(0, MiB)) == qemu_read(theirs, MiB, tmp_path)
+        if write:
+            await node.write(16 * GRAIN + 100, b"\x77" * 3000)
+    if write:
+        r = qemu_io("-f", "vmdk", "-c", f"write -P 0x77 {16 * GRAIN + 100} 3000", str(theirs))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert norm_image(img.read_bytes()) == norm_image(theirs.read_bytes())
+
+
 DESCRIPTORS = {
     "no-create-type": lambda s: s.replace(b'createType="monolithicFlat"', b""),
     "create-type": lambda s: s.replace(b'"monolithicFlat"', b'"monolithicSparse"'),
@@ -570,6 +619,21 @@ async def test_bad_descriptor(tmp_path, what):
     assert theirs.returncode == 0, theirs.stderr
     assert qemu_size(img) == length
     assert got == qemu_read(img, min(length, MiB), tmp_path)
+
+
+async def test_no_extents(tmp_path):
+    """A descriptor without an extent line opens as an empty disk; its
+    information has no cluster size and no dirty flag (qemu-img info and
+    qemu-storage-daemon's query abort on an assertion there)."""
+    img = tmp_path / "none.vmdk"
+    img.write_bytes(vmdk_images.descriptor("monolithicFlat", []))
+    async with opened(img, read_only=True) as node:
+        assert node.length == 0
+        assert not node.has_info
+        info = node.info_extra()
+        assert "cluster-size" not in info
+        assert info["format-specific"]["data"]["extents"] == []
+    assert "Assertion" in qemu_img("info", str(img)).stderr
 
 
 @pytest.mark.parametrize("cut", [0, 3, 100, 600, 10 * 512, 300 * 512, -65536, -100])
