@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from array import array
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -45,7 +45,8 @@ import trio
 
 from ..qapi.errors import GenericError, QapiError, error_report
 from .graph import BDRV_MAX_LENGTH, register_driver
-from .node import BlockNode, Buffer, ReadDone, WriteDone
+from .node import WriteDone
+from .table_format import ZEROES, Table, TableFormatNode, check_request, eio, pieces
 from .vhdx_format import (
     BAT_FILE_OFF_MASK,
     BAT_STATE_MASK,
@@ -83,35 +84,20 @@ from .vhdx_format import (
 from .vhdx_log import LOG_SECTOR, Log, LogReader, build_entry, search, split_sectors
 
 SECTOR = 512
-# bdrv_check_request32: a single request larger than this is -EIO
-BDRV_REQUEST_MAX_BYTES = (2**31 - 1) // SECTOR * SECTOR
-_LITTLE = struct.pack("=H", 1) == struct.pack("<H", 1)
-
-
-def _eio() -> OSError:
-    return OSError(errno.EIO, "Input/output error")
-
-
-def _check_request(offset: int, length: int) -> None:
-    """bdrv_check_request32 for a 64-bit offset the image gives (read as
-    QEMU's int64_t): -EIO beyond BDRV_MAX_LENGTH or for a huge length."""
-    if offset >= 1 << 63:
-        offset -= 1 << 64
-    if (offset < 0 or length > BDRV_REQUEST_MAX_BYTES or offset > BDRV_MAX_LENGTH
-            or length > BDRV_MAX_LENGTH - offset):
-        raise _eio()
+_LITTLE = sys.byteorder == "little"
+# a BAT entry's low byte -> 1 if its state is FULLY_PRESENT, else 0
+_FULLY_PRESENT = bytes(int(b & BAT_STATE_MASK == PAYLOAD_BLOCK_FULLY_PRESENT) for b in range(256))
 
 
 @register_driver
-class VhdxNode(BlockNode):
+class VhdxNode(TableFormatNode):
     """A vhdx image over its ``file`` child.  Resources: the child, which
     the graph releases; the node holds no task or descriptor of its own."""
 
     driver = "vhdx"
 
     async def open(self, options: dict[str, Any]) -> None:
-        self.file_edge = await self.open_child(options, "file")
-        self.file: BlockNode = self.file_edge.node
+        await self.open_file(options)
         self.request_alignment = SECTOR  # a sector-based driver in QEMU
         # s->lock: header updates, allocations and the log, one at a time
         self._lock = trio.Lock()
@@ -132,32 +118,31 @@ class VhdxNode(BlockNode):
 
     async def _open(self) -> None:
         """vhdx_open's steps in its order."""
-        if bytes(await self._pread(0, 8)) != FILE_SIGNATURE:
+        if bytes(await self.pread(0, 8)) != FILE_SIGNATURE:
             raise VhdxInvalid()
-        self.headers, self.cur = parse_headers(bytes(await self._pread(HEADER1_OFFSET, HEADER_SIZE)),
-                                               bytes(await self._pread(HEADER2_OFFSET, HEADER_SIZE)))
+        self.headers, self.cur = parse_headers(bytes(await self.pread(HEADER1_OFFSET, HEADER_SIZE)),
+                                               bytes(await self.pread(HEADER2_OFFSET, HEADER_SIZE)))
         hdr = self.headers[self.cur]
         regions = Regions()
         regions.register(hdr["log_offset"], hdr["log_length"])
         self.log = Log(hdr["log_offset"], hdr["log_length"])
         await self._parse_log()
 
-        rt = bytes(await self._pread(REGION_TABLE_OFFSET, HEADER_BLOCK_SIZE))
+        rt = bytes(await self.pread(REGION_TABLE_OFFSET, HEADER_BLOCK_SIZE))
         (self.bat_offset, bat_length), (md_offset, _) = parse_region_table(rt, regions)
         await self._parse_metadata(md_offset)
         self.bat_entries = bat_entries(self.virtual_disk_size, self.block_size, self.chunk_ratio)
         if self.bat_entries > bat_length // 8:
             raise VhdxInvalid()
-        await self._read_bat(bat_length)
-        self._check_bat_entries(regions)
+        self._check_bat_entries(regions, await self._read_bat(bat_length))
 
     async def _parse_metadata(self, md_offset: int) -> None:
         """vhdx_parse_metadata: the items' values, the geometry checked."""
-        items = parse_metadata_table(bytes(await self._pread(md_offset, METADATA_TABLE_MAX_SIZE)))
+        items = parse_metadata_table(bytes(await self.pread(md_offset, METADATA_TABLE_MAX_SIZE)))
 
         async def item(guid: bytes, fmt: str) -> tuple[int, ...]:
             size = struct.calcsize(fmt)
-            raw = await self._pread((md_offset + items[guid]) & MASK64, size)
+            raw = await self.pread((md_offset + items[guid]) & MASK64, size)
             return struct.unpack(fmt, bytes(raw))
 
         self.block_size, data_bits = await item(FILE_PARAM_GUID, "<II")
@@ -172,28 +157,27 @@ class VhdxNode(BlockNode):
         self.chunk_bits = self.chunk_ratio.bit_length() - 1
         self.total_sectors = self.virtual_disk_size >> 9
 
-    async def _read_bat(self, bat_length: int) -> None:
-        """The BAT's entries as far as the file holds them; the rest read as
-        0 (not present), as QEMU's padded read gives them."""
-        _check_request(self.bat_offset, bat_length)
-        held = max(0, min(self.bat_entries * 8, self.file.length - self.bat_offset)) // 8
-        self.bat = array("Q")
-        if held:
-            self.bat.frombytes(bytes(await self._pread(self.bat_offset, held * 8)))
-            if not _LITTLE:
-                self.bat.byteswap()
-        self._bat_extra: dict[int, int] = {}
+    async def _read_bat(self, bat_length: int) -> bytes:
+        """The BAT (QEMU reads its whole region, whose size must pass
+        bdrv_check_request32); entries past the end of the file read as 0,
+        not present.  Returns each entry's low byte."""
+        check_request(self.bat_offset, bat_length)
+        self.bat: Table = await self.load_table(self.bat_offset, self.bat_entries, "<Q")
+        return bytes(memoryview(self.bat).cast("B")[0 if _LITTLE else 7::8])
 
-    def _check_bat_entries(self, regions: Regions) -> None:
+    def _check_bat_entries(self, regions: Regions, low: bytes) -> None:
         """vhdx_check_bat_entries at open: a fully present block must lie in
         the file, and (the first ``chunk_ratio`` of every ``chunk_ratio + 1``
-        such entries, as QEMU counts them) outside the log, BAT and metadata."""
+        such entries, as QEMU counts them) outside the log, BAT and metadata.
+        ``low``, the entries' low bytes, says which are fully present without
+        a look at every entry."""
         file_size = self.file.length
         disk_size = self.total_sectors * SECTOR
         payblocks = self.chunk_ratio
-        for i, e in enumerate(self.bat):
-            if e & BAT_STATE_MASK != PAYLOAD_BLOCK_FULLY_PRESENT:
-                continue
+        present = low.translate(_FULLY_PRESENT)
+        i = present.find(1)
+        while i >= 0:
+            e = self.bat[i]
             msg = bat_entry_error(i, e, self.block_size, disk_size, file_size)
             if msg is not None:
                 error_report(msg)
@@ -204,6 +188,7 @@ class VhdxNode(BlockNode):
                     raise VhdxInvalid()
             else:
                 payblocks = self.chunk_ratio
+            i = present.find(1, i + 1)
 
     # -- the log --------------------------------------------------------------------
     async def _parse_log(self) -> None:
@@ -229,7 +214,7 @@ class VhdxNode(BlockNode):
         self.log_replayed_on_open = True
 
     async def _log_pread(self, offset: int, length: int) -> bytes:
-        return bytes(await self._pread(offset, length))
+        return bytes(await self.pread(offset, length))
 
     async def _log_flush(self, log: Log, count: int) -> None:
         """vhdx_log_flush: write ``count`` entries from ``log.read`` to their
@@ -255,7 +240,7 @@ class VhdxNode(BlockNode):
                         "<I", data, LOG_SECTOR - 4)[0]
                     if (hi << 32 | lo) != d.sequence_number:
                         raise VhdxInvalid()
-                    await self._write_sync(d.file_offset, d.sector(data))
+                    await self.pwrite_sync(d.file_offset, d.sector(data))
                 elif d.zero_length:
                     await self.file.write_zeroes(d.file_offset, d.zero_length)
                     await self.file.flush()
@@ -296,7 +281,7 @@ class VhdxNode(BlockNode):
             if n == LOG_SECTOR:
                 content = data[pos:pos + n]
             else:
-                merged = bytearray(await self._pread(at, LOG_SECTOR))
+                merged = bytearray(await self.pread(at, LOG_SECTOR))
                 merged[start:start + n] = data[pos:pos + n]
                 content = bytes(merged)
             sectors.append((at, content))
@@ -333,7 +318,7 @@ class VhdxNode(BlockNode):
             inactive["data_write_guid"] = new_guid()
         if log_guid is not None:
             inactive["log_guid"] = log_guid
-        await self._write_sync(HEADER1_OFFSET if idx == 0 else HEADER2_OFFSET, inactive.packed())
+        await self.pwrite_sync(HEADER1_OFFSET if idx == 0 else HEADER2_OFFSET, inactive.packed())
         self.cur = idx
 
     async def _update_headers(self, generate_data_write_guid: bool,
@@ -359,21 +344,6 @@ class VhdxNode(BlockNode):
             self._headers_updated = True
 
     # -- file I/O -------------------------------------------------------------------
-    async def _pread(self, offset: int, length: int) -> Buffer:
-        """bdrv_pread on the file: -EIO beyond BDRV_MAX_LENGTH, zeroes for the
-        part past the end of the file (nothing is read there)."""
-        _check_request(offset, length)
-        have = max(0, min(length, self.file.length - offset))
-        data = await self.file.read(offset, have) if have else b""
-        if have == length:
-            return data
-        return bytes(data) + bytes(length - have)
-
-    async def _write_sync(self, offset: int, data: bytes) -> None:
-        """bdrv_pwrite_sync: the write, then a flush of the file."""
-        await self.file.write(offset, data)
-        await self.file.flush()
-
     async def _truncate_file(self, size: int) -> None:
         """bdrv_truncate of the file (growing it with zeroes), its errors as
         the errno a request fails with."""
@@ -381,24 +351,18 @@ class VhdxNode(BlockNode):
             await self.file.truncate(size, exact=False)
         except QapiError as e:
             cause = e.__cause__
-            raise cause if isinstance(cause, OSError) else _eio() from None
+            raise cause if isinstance(cause, OSError) else eio() from None
 
     # -- the BAT --------------------------------------------------------------------
     def _bat_index(self, block: int) -> int:
-        """vhdx_block_translate's BAT index (a uint32_t in QEMU)."""
+        """vhdx_block_translate's BAT index: a uint32_t in QEMU, which a disk
+        of more than 2**32 blocks (its block count wraps in QEMU's 32-bit
+        arithmetic) takes beyond its BAT, past QEMU's memory: EIO here."""
         idx = block & MASK32
-        return (idx + (idx >> self.chunk_bits)) & MASK32
-
-    def _entry(self, idx: int) -> int:
-        if idx < len(self.bat):
-            return self.bat[idx]
-        return self._bat_extra.get(idx, 0)
-
-    def _set_entry(self, idx: int, value: int) -> None:
-        if idx < len(self.bat):
-            self.bat[idx] = value
-        else:
-            self._bat_extra[idx] = value
+        idx = (idx + (idx >> self.chunk_bits)) & MASK32
+        if idx >= self.bat_entries:
+            raise eio()
+        return idx
 
     @staticmethod
     def _data_offset(entry: int, in_block: int) -> int:
@@ -416,28 +380,28 @@ class VhdxNode(BlockNode):
         return self.total_sectors * SECTOR
 
     # -- requests -------------------------------------------------------------------
-    def _host(self, offset: int, length: int) -> int | None:
-        """The host offset of a request inside one fully present block that
-        the file holds; -1 for a block without data; None otherwise (the
-        request goes the long way)."""
-        block, in_block = divmod(offset, self.block_size)
-        if in_block + length > self.block_size:
-            return None
-        e = self._entry(self._bat_index(block))
+    def _extent(self, pos: int, length: int) -> tuple[int, int]:
+        """vhdx_block_translate: a fully present block's data in the file (a
+        block at file offset 0 read from the file's start, as QEMU reads it),
+        zeroes for a block without data, EIO for a partially present
+        (differencing) block or an unknown state; at most to the block's end."""
+        block, in_block = divmod(pos, self.block_size)
+        n = min(length, self.block_size - in_block)
+        e = self.bat[self._bat_index(block)]
         state = e & BAT_STATE_MASK
         if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-            host = self._data_offset(e, in_block)
-            return host if host >= HEADER_SECTION_END and host + length <= self.file.length \
-                else None
-        return -1 if state in UNALLOCATED_STATES else None
+            return self._data_offset(e, in_block), n
+        if state in UNALLOCATED_STATES:
+            return ZEROES, n
+        raise eio()
 
-    def _preadv_now(self, offset: int, length: int) -> Buffer | None:
-        host = self._host(offset, length)
-        if host is None:
+    def _host(self, offset: int, length: int) -> int | None:
+        # the base's, but a block QEMU fails (EIO) goes the coroutine path,
+        # which reports it: the paths without a task raise nothing
+        try:
+            return super()._host(offset, length)
+        except OSError:
             return None
-        if host < 0:
-            return bytearray(length)
-        return self.file.read_now(host, length)
 
     def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
         host = self._host(offset, length)
@@ -451,53 +415,27 @@ class VhdxNode(BlockNode):
 
     def _write_host(self, offset: int, length: int) -> int | None:
         """Where a write may go straight to the file: inside one fully
-        present block, once the session's header update is done (QEMU's
-        writes wait for it on s->lock)."""
+        present block past the header section, once the session's header
+        update is done (QEMU's writes wait for it on s->lock)."""
         if not self._headers_updated:
             return None
         host = self._host(offset, length)
-        return host if host is not None and host >= 0 else None
+        return host if host is not None and host >= HEADER_SECTION_END else None
 
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         host = self._write_host(offset, len(mv))
         return host is not None and self.file.write_now(host, mv)
 
-    # requests handed to the file's I/O engine without a task (node.py)
-    def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
-        host = self._host(offset, length)
-        return host is not None and host >= 0 and self.file.read_submit(host, length, done)
-
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         host = self._write_host(offset, len(mv))
         return host is not None and self.file.write_submit(host, mv, done)
 
-    async def _co_preadv(self, offset: int, length: int) -> Buffer:
-        out = bytearray(length)
-        done = 0
-        while done < length:
-            pos = offset + done
-            block, in_block = divmod(pos, self.block_size)
-            n = min(length - done, self.block_size - in_block)
-            e = self._entry(self._bat_index(block))
-            state = e & BAT_STATE_MASK
-            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                out[done:done + n] = await self._pread(self._data_offset(e, in_block), n)
-            elif state not in UNALLOCATED_STATES:
-                raise _eio()  # partially present (differencing) or unknown
-            done += n
-        return out
-
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
         async with self._lock:
             await self._user_visible_write()
-        length = len(data)
-        done = 0
-        while done < length:
-            pos = offset + done
+        for done, pos, n in pieces(offset, len(data), self.block_size):
             block, in_block = divmod(pos, self.block_size)
-            n = min(length - done, self.block_size - in_block)
             await self._write_block(block, in_block, data[done:done + n])
-            done += n
         if fua:
             await self.file.flush()
 
@@ -505,28 +443,28 @@ class VhdxNode(BlockNode):
         """One block's part of vhdx_co_writev."""
         async with self._lock:
             idx = self._bat_index(block)
-            old = self._entry(idx)
+            old = self.bat[idx]
             state = old & BAT_STATE_MASK
             if state in UNALLOCATED_STATES:
                 base = await self._allocate_block()
                 new = base | PAYLOAD_BLOCK_FULLY_PRESENT
-                self._set_entry(idx, new)
+                self.bat[idx] = new
                 host = base + in_block
             elif state == PAYLOAD_BLOCK_FULLY_PRESENT:
                 new = None
                 host = self._data_offset(old, in_block)
             else:
-                raise _eio()
+                raise eio()
             if host < HEADER_SECTION_END:
                 # a block in the header section: refused (-EFAULT)
                 if new is not None:
-                    self._set_entry(idx, old)
+                    self.bat[idx] = old
                 raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
         try:
             await self.file.write(host, piece)
         except BaseException:
             if new is not None:
-                self._set_entry(idx, old)
+                self.bat[idx] = old
             raise
         if new is not None:
             async with self._lock:

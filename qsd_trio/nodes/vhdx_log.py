@@ -133,25 +133,26 @@ def descriptor_is_valid(desc: Descriptor, hdr: EntryHeader) -> bool:
 
 
 class LogReader:
-    """Reads the log's sectors for one pass over it; ``cached`` keeps a
-    window of the file so that the search, which looks at every sector,
-    reads the log in large pieces (nothing writes to it meanwhile)."""
+    """Reads the log's sectors for one pass over it; with ``cached_log`` (the
+    log's region) it keeps a window of it, so that the search, which looks
+    at every sector, reads the log in large pieces (nothing writes to it
+    meanwhile), never beyond the region."""
 
     WINDOW = 1 << 20
 
-    def __init__(self, pread: Pread, log_guid: bytes, *, cached: bool = False):
+    def __init__(self, pread: Pread, log_guid: bytes, *, cached_log: Log | None = None):
         self.pread = pread
         self.log_guid = log_guid
-        self.cached = cached
+        self.end = cached_log.offset + cached_log.length if cached_log else None
         self._at = -1
         self._buf = b""
 
     async def read(self, offset: int, length: int) -> bytes:
-        if not self.cached:
+        if self.end is None:
             return await self.pread(offset, length)
         if not (self._at <= offset and offset + length <= self._at + len(self._buf)):
             self._at = offset
-            self._buf = await self.pread(offset, max(length, self.WINDOW))
+            self._buf = await self.pread(offset, max(length, min(self.WINDOW, self.end - offset)))
         return self._buf[offset - self._at:offset - self._at + length]
 
     async def peek_header(self, log: Log) -> EntryHeader:
@@ -217,7 +218,7 @@ async def search(pread: Pread, log: Log, log_guid: bytes) -> Sequence | None:
     """vhdx_log_search: the whole log, sector by sector, for runs of valid
     entries; the run whose first entry has the highest sequence number, or
     None.  ``log.sequence`` becomes the number after it."""
-    reader = LogReader(pread, log_guid, cached=True)
+    reader = LogReader(pread, log_guid, cached_log=log)
     curr = replace(log, read=0, write=log.length)  # as if full
     candidate: Sequence | None = None
     while True:
