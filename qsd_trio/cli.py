@@ -257,17 +257,6 @@ def chardev_backend(value: str) -> tuple[str, dict[str, Any]]:
     return id, backend
 
 
-def _on_off(key: str, value: str | None, default: bool) -> bool:
-    """A QemuOpts boolean: on/yes/true or the bare key, off/no/false."""
-    if value is None:
-        return default
-    if value in ("on", "yes", "true", ""):
-        return True
-    if value in ("off", "no", "false"):
-        return False
-    raise GenericError(f"Parameter '{key}' expects 'on' or 'off'")
-
-
 def opt_chardev(value: str) -> Action:
     try:
         id, backend, mux = chardev_options.parse(value)
@@ -299,7 +288,7 @@ def opt_monitor(value: str) -> Action:
         raise GenericError(f"Invalid parameter '{next(iter(opts))}'")
     if mode != "control":
         raise GenericError("Only QMP is supported")
-    pretty = _on_off("pretty", pretty_s, False)
+    pretty = chardev_options.on_off("pretty", pretty_s, False)
     if chardev_id is None:
         raise GenericError("Parameter 'chardev' is missing")
 

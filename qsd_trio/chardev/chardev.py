@@ -297,15 +297,9 @@ class SocketChardev(Chardev):
         elif t == "unix":
             path = d["path"]
             sock = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
-            try:
-                _unlink_stale(path)
-                await sock.bind(path)
-                sock.listen(1)
-            except OSError as e:
-                sock.close()
-                raise GenericError(f"Failed to bind socket to {path}: {e.strerror}") from None
+            self.listener = await _listening(sock, path, f"Failed to bind socket to {path}",
+                                             unlink_stale=True)
             self._unlink = path
-            self.listener = sock
         elif t == "inet":
             host, port = d.get("host") or "0.0.0.0", d["port"]
             try:
@@ -316,13 +310,7 @@ class SocketChardev(Chardev):
             family, type_, proto, _, sockaddr = infos[0]
             sock = trio.socket.socket(family, type_, proto)
             sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
-            try:
-                await sock.bind(sockaddr)
-                sock.listen(1)
-            except OSError as e:
-                sock.close()
-                raise GenericError(f"Failed to bind socket: {e.strerror}") from None
-            self.listener = sock
+            self.listener = await _listening(sock, sockaddr, "Failed to bind socket")
         else:
             raise GenericError(f"Parameter 'addr.type' does not accept value '{t}'")
         if self.wait:
@@ -380,6 +368,23 @@ class SocketChardev(Chardev):
                 pass
             self._unlink = None
         await super().aclose()
+
+
+async def _listening(sock: trio.socket.SocketType, address: Any, failed: str, *,
+                     unlink_stale: bool = False) -> trio.socket.SocketType:
+    """``sock`` bound to ``address`` (a unix socket's path: with
+    ``unlink_stale``, whatever is there goes first) and listening for one
+    connection at a time; on failure it is closed and the error is
+    ``failed: strerror``."""
+    try:
+        if unlink_stale:
+            _unlink_stale(address)
+        await sock.bind(address)
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise GenericError(f"{failed}: {e.strerror}") from None
+    return sock
 
 
 def _unlink_stale(path: str) -> None:

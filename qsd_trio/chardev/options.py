@@ -38,7 +38,8 @@ BACKENDS_PARSED = ("socket", "ringbuf", "memory", "file", "stdio", "null", "pipe
 
 
 def on_off(key: str, value: str | None, default: bool) -> bool:
-    """A QemuOpts boolean: on/yes/true or the bare key, off/no/false."""
+    """A QemuOpts boolean: on/yes/true or the bare key, off/no/false (also
+    what cli.py's --monitor pretty= takes)."""
     if value is None:
         return default
     if value in ("on", "yes", "true", ""):

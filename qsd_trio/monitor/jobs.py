@@ -51,6 +51,21 @@ async def _start(daemon: Daemon, job: Job) -> None:
     await job.settle(0)
 
 
+async def _attach_and_start(daemon: Daemon, job: MirrorJob | StreamJob | CommitJob,
+                            writable: BlockNode | None = None) -> None:
+    """The job takes its nodes, then starts (_start).  If it cannot take
+    them it fails before it ran, and ``writable``, the node made read-write
+    for it (_make_writable), is read-only again: nothing was written yet."""
+    try:
+        await job.attach_nodes()
+    except BaseException:
+        job.early_fail()
+        if writable is not None:
+            read_only_again(writable)
+        raise
+    await _start(daemon, job)
+
+
 # -- job-* (job-qmp.c) ---------------------------------------------------------------
 @command("job-pause")
 async def job_pause(daemon: Daemon, args: Any) -> None:
@@ -249,12 +264,7 @@ async def start_mirror(daemon: Daemon, args: Any, source: BlockNode, target: Blo
                     replaces=replaces, filter_node_name=filter_node_name,
                     zero_target=zero_target, **_common(args))
     manager.register(daemon, job, _or(args.speed, 0))
-    try:
-        await job.attach_nodes()
-    except BaseException:
-        job.early_fail()
-        raise
-    await _start(daemon, job)
+    await _attach_and_start(daemon, job)
 
 
 @command("blockdev-mirror")
@@ -566,14 +576,7 @@ async def block_stream(daemon: Daemon, args: Any) -> None:
                     filter_node_name=args.filter_node_name, **_common(args))
     _read_only_after_run(daemon, job, writable)
     manager.register(daemon, job, _or(args.speed, 0))
-    try:
-        await job.attach_nodes()
-    except BaseException:
-        job.early_fail()
-        if writable is not None:
-            read_only_again(writable)  # nothing was written yet
-        raise
-    await _start(daemon, job)
+    await _attach_and_start(daemon, job, writable)
 
 
 @command("block-commit")
@@ -653,14 +656,7 @@ async def block_commit(daemon: Daemon, args: Any) -> None:
             job.early_fail()
             raise
         _read_only_after_run(daemon, job, writable)
-    try:
-        await job.attach_nodes()
-    except BaseException:
-        job.early_fail()
-        if writable is not None:
-            read_only_again(writable)  # nothing was written yet
-        raise
-    await _start(daemon, job)
+    await _attach_and_start(daemon, job, writable)
 
 
 # -- blockdev-create, x-blockdev-amend, drive-mirror ------------------------------------

@@ -263,6 +263,28 @@ def parse_tokens(tokens: list[Token]) -> Any:
     def peek() -> Token | None:
         return tokens[pos] if pos < len(tokens) else None
 
+    def at_close(close: Tok) -> bool:
+        """An empty object or array: its closing token comes first."""
+        nonlocal pos
+        if (nxt := peek()) is not None and nxt.kind is close:
+            pos += 1
+            return True
+        return False
+
+    def closed(close: Tok, what: str) -> bool:
+        """After an object's member or an array's element: True at the
+        closing token, False at a comma."""
+        nonlocal pos
+        sep = peek()
+        if sep is None:
+            raise _ParseError("premature EOI")
+        pos += 1
+        if sep.kind is close:
+            return True
+        if sep.kind is not Tok.COMMA:
+            raise _ParseError(f"expected separator in {what}")
+        return False
+
     def value(depth: int) -> Any:
         nonlocal pos
         if depth > MAX_NESTING:
@@ -273,8 +295,7 @@ def parse_tokens(tokens: list[Token]) -> Any:
         pos += 1
         if tok.kind is Tok.LCURLY:
             obj: dict[str, Any] = {}
-            if (nxt := peek()) is not None and nxt.kind is Tok.RCURLY:
-                pos += 1
+            if at_close(Tok.RCURLY):
                 return obj
             while True:
                 key = peek()
@@ -288,29 +309,16 @@ def parse_tokens(tokens: list[Token]) -> Any:
                     raise _ParseError("missing : in object pair")
                 pos += 1
                 obj[_unquote(key.text)] = value(depth + 1)
-                sep = peek()
-                if sep is None:
-                    raise _ParseError("premature EOI")
-                pos += 1
-                if sep.kind is Tok.RCURLY:
+                if closed(Tok.RCURLY, "dict"):
                     return obj
-                if sep.kind is not Tok.COMMA:
-                    raise _ParseError("expected separator in dict")
         if tok.kind is Tok.LSQUARE:
             arr: list[Any] = []
-            if (nxt := peek()) is not None and nxt.kind is Tok.RSQUARE:
-                pos += 1
+            if at_close(Tok.RSQUARE):
                 return arr
             while True:
                 arr.append(value(depth + 1))
-                sep = peek()
-                if sep is None:
-                    raise _ParseError("premature EOI")
-                pos += 1
-                if sep.kind is Tok.RSQUARE:
+                if closed(Tok.RSQUARE, "list"):
                     return arr
-                if sep.kind is not Tok.COMMA:
-                    raise _ParseError("expected separator in list")
         if tok.kind is Tok.STRING:
             return _unquote(tok.text)
         if tok.kind is Tok.INTEGER:

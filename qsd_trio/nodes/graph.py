@@ -248,19 +248,7 @@ class BlockGraph:
                                % (child.node_name, role, parent.node_name))
         edge = BdrvChild(role, child, parent, Perm(0), Perm.ALL)
         edge.perm, edge.shared = parent.child_perm(edge, parent.cum_perm, parent.cum_shared)
-        if child.force_share:
-            edge.shared = Perm.ALL
-        parent.children[role] = edge
-        child.parents.insert(0, edge)
-        try:
-            refresh(child)
-        except BaseException:
-            del parent.children[role]
-            child.parents.remove(edge)
-            with contextlib.suppress(Exception):
-                refresh(child)
-            raise
-        parent.child_attached(edge)
+        edge.attach()
         return edge
 
     # -- filters inserted and dropped by jobs ------------------------------------------

@@ -1,5 +1,7 @@
 """The write paths leave the same side effects (issue 13, item 3), and the
-read paths count what read() counts.
+read paths count what read() counts: every one of read(), read_now(),
+read_submit(), read_into(), read_into_now(), write(), write_now(),
+write_submit() and writev().
 
 An exporter writes through ``write()`` (a task per request), ``write_now()``
 (served synchronously, from the page cache), ``write_submit()`` (handed
@@ -12,7 +14,12 @@ bitmaps (enabled ones only), the BLOCK_WRITE_THRESHOLD event, and the bytes.
 Each case runs the same writes once per path, as an exporter drives them
 (a declined fast path falls back to ``write()``), and compares every
 result with an independent model, so a path that skips a piece of the
-bookkeeping, or does it twice, fails here.
+bookkeeping, or does it twice, fails here.  The real drivers (file, qcow2)
+show that the paths they take agree; a stub driver that serves every hook,
+and fails on demand, takes each path through requests that succeed, fail,
+fall outside the node, meet a read-only node or a before-write hook, and
+checks the rest of the books: latency timings, the in-flight count, the
+request mark, failures and refusals.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import pytest
 import trio
 
 from qsd_trio import events
-from qsd_trio.nodes import inline_io
+from qsd_trio.nodes import inline_io, latency
 from qsd_trio.nodes.engine import buffers
 from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.nodes.node import BlockNode, _in_request
 
 from ..helpers import mounted
 from .qcow2_helpers import check_clean, create, qemu_io
@@ -211,14 +219,7 @@ def _model(fmt: str) -> dict:
         stats.update({f"{who}.rd_operations": 0, f"{who}.rd_bytes": 0,
                       f"{who}.wr_operations": len(WRITES), f"{who}.wr_bytes": nbytes,
                       f"{who}.failed_wr_operations": 0, f"{who}.failed_rd_operations": 0})
-    dirty: list[tuple[int, int]] = []
-    for off, n, _ in sorted(WRITES):
-        start, end = off // GRAN * GRAN, -(-(off + n) // GRAN) * GRAN
-        if dirty and dirty[-1][0] + dirty[-1][1] >= start:
-            s, ln = dirty[-1]
-            dirty[-1] = (s, max(s + ln, end) - s)
-        else:
-            dirty.append((start, end - start))
+    dirty = _dirty([(off, n) for off, n, _ in WRITES])
     last_off, last_n, _ = WRITES[-1]
     content = bytearray(SIZE)
     for off, n, byte in WRITES:
@@ -235,11 +236,26 @@ def _model(fmt: str) -> dict:
     }
 
 
+def _dirty(writes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The extents an enabled bitmap of granularity GRAN has dirty after
+    these (offset, length) writes."""
+    dirty: list[tuple[int, int]] = []
+    for off, n in sorted(writes):
+        start, end = off // GRAN * GRAN, -(-(off + n) // GRAN) * GRAN
+        if dirty and dirty[-1][0] + dirty[-1][1] >= start:
+            s, ln = dirty[-1]
+            dirty[-1] = (s, max(s + ln, end) - s)
+        else:
+            dirty.append((start, end - start))
+    return dirty
+
+
 READS = [(0, 4096), (65536 + 8192, 8192), (MiB, 65536), (3 * MiB, 16384)]
 
 
-async def _read(node, path: str, offset: int, n: int) -> tuple[str, bytes]:
-    """Read as an exporter does; the path that took it, and the bytes."""
+async def _read(node, path: str, offset: int, n: int) -> tuple[str, bytes | int]:
+    """Read as an exporter does; the path that took it, and the bytes (the
+    errno it failed with, if it did)."""
     if path == "read_now":
         data = node.read_now(offset, n)
         if data is not None:
@@ -251,7 +267,10 @@ async def _read(node, path: str, offset: int, n: int) -> tuple[str, bytes]:
         views = [buf[i:i + step] for i in range(0, n, step)]
         if path == "read_into_now" and node.read_into_now(offset, views):
             return path, bytes(buf)
-        await node.read_into(offset, views)
+        try:
+            await node.read_into(offset, views)
+        except OSError as e:
+            return "read_into", e.errno
         return "read_into", bytes(buf)
     if path == "read_submit":
         done = trio.Event()
@@ -263,9 +282,12 @@ async def _read(node, path: str, offset: int, n: int) -> tuple[str, bytes]:
 
         if node.read_submit(offset, n, finished):
             await done.wait()
-            assert result[0][1] is None
-            return path, bytes(result[0][0])
-    return "read", bytes(await node.read(offset, n))
+            res, err = result[0]
+            return path, err.errno if err else bytes(res)
+    try:
+        return "read", bytes(await node.read(offset, n))
+    except OSError as e:
+        return "read", e.errno
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -309,3 +331,252 @@ async def test_every_read_path_counts_what_read_counts(tmp_path, case):
         assert got["stats"]["node.rd_bytes"] == nbytes, (path, got)
         assert got["stats"]["node.failed_rd_operations"] == 0, (path, got)
         assert got["stats"] == results["read"]["stats"], (path, got, results["read"])
+
+
+# -- every path, on a driver that serves every hook -----------------------------
+#
+# The cases above go through real drivers, which decline some paths (O_DIRECT
+# has no fast path) and cannot fail on demand.  _Stub serves every hook in
+# memory, so each path is the one taken, and fails with EIO while ``fail`` is
+# set; what it saw of the node while it had a request is kept in ``seen``.
+
+READ_PATHS = ("read", "read_now", "read_submit", "read_into", "read_into_now")
+WRITE_PATHS = ("write", "write_now", "write_submit", "writev")
+STUB_SIZE = 1 * MiB
+# the last write crosses STUB_THRESHOLD
+STUB_THRESHOLD = 512 * 1024 + 100
+STUB_OPS = [(0, 4096), (65536 + 8192, 8192), (512 * 1024, 4096)]
+
+
+class _Stub(BlockNode):
+    driver = "test-stub"
+
+    def __init__(self, graph: BlockGraph) -> None:
+        super().__init__(graph, "n")
+        self.data = bytearray(STUB_SIZE)
+        self.fail = False
+        # per request the driver had: the node's in-flight count and whether
+        # it was marked as inside a request (_in_request)
+        self.seen: list[tuple[int, bool]] = []
+
+    def _length(self) -> int:
+        return len(self.data)
+
+    def _take(self) -> None:
+        self.seen.append((self._in_flight, _in_request.get()))
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+
+    async def _co_preadv(self, offset: int, length: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        self._take()
+        return bytes(self.data[offset:offset + length])
+
+    async def _co_preadv_into(self, offset: int, length: int, views: list[memoryview]) -> None:
+        await trio.lowlevel.checkpoint()
+        self._take()
+        self._copy_out(offset, views)
+
+    async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self._take()
+        self.data[offset:offset + len(data)] = data
+
+    async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
+                              fua: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self._take()
+        self.data[offset:offset + length] = b"".join(views)
+
+    def _preadv_now(self, offset: int, length: int) -> bytes:
+        self._take()
+        return bytes(self.data[offset:offset + length])
+
+    def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        self._take()
+        self._copy_out(offset, views)
+        return True
+
+    def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
+        self._take()
+        self.data[offset:offset + len(mv)] = mv
+        return True
+
+    # submitted requests complete later, from the event loop, as the
+    # engine's reaper completes them
+    def _preadv_submit(self, offset: int, length: int, done) -> bool:
+        try:
+            self._take()
+        except OSError as e:
+            trio.lowlevel.current_trio_token().run_sync_soon(done, None, e)
+        else:
+            data = bytes(self.data[offset:offset + length])
+            trio.lowlevel.current_trio_token().run_sync_soon(done, data, None)
+        return True
+
+    def _pwritev_submit(self, offset: int, mv: memoryview, done) -> bool:
+        try:
+            self._take()
+        except OSError as e:
+            trio.lowlevel.current_trio_token().run_sync_soon(done, None, e)
+        else:
+            self.data[offset:offset + len(mv)] = mv
+            trio.lowlevel.current_trio_token().run_sync_soon(done, None, None)
+        return True
+
+    def _copy_out(self, offset: int, views: list[memoryview]) -> None:
+        for v in views:
+            v[:] = self.data[offset:offset + len(v)]
+            offset += len(v)
+
+
+# what each case does to the node before the requests, and where they go
+STUB_CASES = {
+    "served": {},
+    "failing": {"fail": True},
+    # each request crosses the end: refused before anything is counted
+    "out-of-bounds": {"offset": STUB_SIZE - 2048},
+    "read-only": {"read_only": True},
+    # hooks make the fast paths decline; write() runs them, once per write
+    "before-write-hook": {"hook": True},
+}
+
+
+@pytest.mark.parametrize("case", list(STUB_CASES))
+async def test_every_path_keeps_the_same_books(case):
+    """Every read path and every write path, with the same requests, leave
+    what read() and write() leave, and what a model says they must: the
+    statistics (failures counted once, refusals not at all), the latency
+    timings, the in-flight count (back to 0; 1 while the driver has a
+    request, except on the synchronous fast paths, which never count it),
+    the highest offset written, the dirty bitmaps, the write threshold and
+    its event, the before-write hooks (once per write, before the data
+    changes), and the errors."""
+    results = {path: await _stub_run(case, path) for path in READ_PATHS + WRITE_PATHS}
+    for path, got in results.items():
+        taken = got.pop("taken")
+        if case == "served":
+            assert taken == [path] * len(STUB_OPS), (path, taken)
+        model = _stub_model(case, path)
+        assert got == model, (path, got, model)
+        if path not in ("read", "write"):
+            # what differs from read()'s or write()'s is what the driver saw
+            # of the request (the fast paths never count one in flight)
+            family = results["read" if path.startswith("read") else "write"]
+            assert {k: v for k, v in got.items() if k != "driver saw"} == \
+                {k: v for k, v in family.items() if k != "driver saw"}, path
+
+
+async def _stub_run(case: str, path: str) -> dict:
+    opts = STUB_CASES[case]
+    graph = BlockGraph()
+    node = _Stub(graph)
+    node.data[:] = bytes([0x5a]) * STUB_SIZE
+    node.fail = opts.get("fail", False)
+    node.read_only = opts.get("read_only", False)
+    node.latency = {op: latency.Latency() for op in latency.OPS}
+    node.add_bitmap("on", GRAN)
+    node.add_bitmap("off", GRAN, enabled=False)
+    node.write_threshold = STUB_THRESHOLD
+    hooked: list[tuple[int, int, str]] = []
+    if opts.get("hook"):
+        async def hook(n: BlockNode, offset: int, length: int) -> None:
+            await trio.lowlevel.checkpoint()
+            # what the range holds when the hook runs: not yet the new data
+            hooked.append((offset, length, hashlib.sha256(node.data[offset:offset + length])
+                           .hexdigest()))
+        node.before_write.append(hook)
+    seen_events: list[events.Event] = []
+    unsubscribe = events.subscribe(seen_events.append)
+    taken, outcome = [], []
+    try:
+        for i, (off, n) in enumerate(STUB_OPS):
+            off += opts.get("offset", 0)
+            if path.startswith("read"):
+                p, got = await _read(node, path, off, n)
+                outcome.append(got if isinstance(got, int) else hashlib.sha256(got).hexdigest())
+            else:
+                p, err = await _write(node, path, off, _payload(n, 0x10 + i))
+                outcome.append(err)
+            taken.append(p)
+            assert node._in_flight == 0, (path, p)
+    finally:
+        unsubscribe()
+    lat = {op: sum(node.latency[op].counts) for op in ("read", "write")}
+    return {
+        "taken": taken,
+        "outcome": outcome,
+        "stats": {k: v for k, v in node.stats.items() if v},
+        "latency": lat,
+        "driver saw": [(in_flight, in_request) for in_flight, in_request in node.seen],
+        "highest": node.wr_highest_offset,
+        "bitmaps": {name: [(o, n) for o, n, d in bm.dirty_extents() if d]
+                    for name, bm in sorted(node.bitmaps.items())},
+        "threshold": node.write_threshold,
+        "events": [(e.name, e.data) for e in seen_events if e.name == "BLOCK_WRITE_THRESHOLD"],
+        "hooks": hooked,
+        "data": hashlib.sha256(node.data).hexdigest(),
+    }
+
+
+def _stub_model(case: str, path: str) -> dict:
+    """What the requests of STUB_OPS must leave on _Stub, from the case and
+    the path alone."""
+    opts = STUB_CASES[case]
+    reading = path.startswith("read")
+    shift = opts.get("offset", 0)
+    ops = [(off + shift, n) for off, n in STUB_OPS]
+    nbytes = sum(n for _, n in ops)
+    old = bytes([0x5a]) * STUB_SIZE
+    refused = shift > 0 or (opts.get("read_only", False) and not reading)
+    fail = opts.get("fail", False)
+    hook = opts.get("hook", False) and not reading
+    # what the driver sees of one request: the in-flight count and the
+    # request mark.  A task path counts it and marks it; a submitted one
+    # counts it (the engine's completion ends it); the synchronous fast
+    # path does neither.  A fast path declines on a hooked node, and one
+    # that fails is redone by read()/write().
+    task = (1, True)
+    first = {"read_now": (0, False), "read_into_now": (0, False), "write_now": (0, False),
+             "read_submit": (1, False), "write_submit": (1, False)}.get(path, task)
+    if hook:
+        first = task
+    per_request = [first, task] if fail and first == (0, False) else [first]
+    stats: dict[str, int] = {}
+    written = not reading and not refused
+    if not refused:
+        kind = "rd" if reading else "wr"
+        if fail:
+            stats[f"failed_{kind}_operations"] = len(ops)
+        else:
+            stats.update({f"{kind}_operations": len(ops), f"{kind}_bytes": nbytes})
+    timed = 0 if refused or fail else len(ops)
+    dirty = _dirty(ops) if written else []
+    content = bytearray(old)
+    if written and not fail:
+        for i, (off, n) in enumerate(ops):
+            content[off:off + n] = bytes([0x10 + i]) * n
+    last_off, last_n = ops[-1]
+    if refused:
+        outcome = [errno.EIO if shift else errno.EPERM] * len(ops)
+    elif fail:
+        outcome = [errno.EIO] * len(ops)
+    elif reading:
+        outcome = [hashlib.sha256(old[off:off + n]).hexdigest() for off, n in ops]
+    else:
+        outcome = [0] * len(ops)
+    return {
+        "outcome": outcome,
+        "stats": stats,
+        "latency": {"read": timed if reading else 0, "write": 0 if reading else timed},
+        "driver saw": [] if refused else per_request * len(ops),
+        "highest": max(off + n for off, n in ops) if written else 0,
+        "bitmaps": {"off": [], "on": dirty},
+        "threshold": 0 if written else STUB_THRESHOLD,
+        "events": [("BLOCK_WRITE_THRESHOLD", {
+            "node-name": "n", "amount-exceeded": last_off + last_n - STUB_THRESHOLD,
+            "write-threshold": STUB_THRESHOLD})] if written else [],
+        "hooks": [(off, n, hashlib.sha256(old[off:off + n]).hexdigest())
+                  for off, n in ops] if hook and written else [],
+        "data": hashlib.sha256(content).hexdigest(),
+    }
