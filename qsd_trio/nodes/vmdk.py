@@ -49,10 +49,12 @@ from typing import Any
 
 import trio
 
-from ..qapi.errors import GenericError, QapiError
+from ..qapi.errors import GenericError
+from .backing import backing_info, backing_status, open_backing, read_backing
 from .graph import BDRV_MAX_LENGTH, register_driver
 from .node import BdrvChild, BlockNode, BlockStatus, Buffer, ReadDone, Status, WriteDone
 from .perms import storage_perms
+from .table_format import TableFormatNode
 from .vmdk_descriptor import (
     DESC_SIZE,
     create_type,
@@ -106,9 +108,12 @@ def enotsup() -> OSError:
 
 
 @register_driver
-class VmdkNode(BlockNode):
+class VmdkNode(TableFormatNode):
     """vmdk over a ``file`` child (a sparse extent or a descriptor), with
     ``extents.N`` children and an optional ``backing`` child.
+
+    The table-mapped base holds the ``file`` and ``backing`` children; the
+    request paths are this driver's own, as the extents are several files.
 
     Resources: the children, released by the graph when the node closes;
     no descriptors or tasks of its own.
@@ -116,24 +121,10 @@ class VmdkNode(BlockNode):
 
     driver = "vmdk"
     supports_compressed_writes = True
-    file_edge: BdrvChild
-    file: BlockNode
-    backing_edge: BdrvChild | None = None
-    backing: BlockNode | None = None
     # the file child is a descriptor (it holds no guest data)
     descriptor_file = False
     # extents.N child role -> whether the extent is flat (set in open())
     extent_roles: dict[str, bool]
-
-    def child_attached(self, edge: BdrvChild) -> None:
-        if edge.name == "file":
-            self.file_edge, self.file = edge, edge.node
-        elif edge.name == "backing":
-            self.backing_edge, self.backing = edge, edge.node
-
-    def child_detached(self, edge: BdrvChild) -> None:
-        if edge.name == "backing":
-            self.backing_edge, self.backing = None, None
 
     def child_perm(self, edge: BdrvChild, perm: Any, shared: Any) -> Any:
         # bdrv_default_perms by role: a descriptor file holds only metadata,
@@ -159,8 +150,7 @@ class VmdkNode(BlockNode):
         self.cid_updated = False
         self.cid_checked = False
         self._lock = trio.Lock()  # QEMU's s->lock, taken by writes
-        self.file_edge = await self.open_child(options, "file")
-        self.file = self.file_edge.node
+        await self.open_file(options)
         # QEMU names the node (bdrv_open_common) before the driver opens the
         # extents and the backing file: query-named-block-nodes lists them as newer
         self.graph.nodes.setdefault(self.node_name, self)
@@ -205,7 +195,8 @@ class VmdkNode(BlockNode):
         size = self.total_sectors * SECTOR
         if not 0 <= size <= BDRV_MAX_LENGTH:
             raise GenericError("Could not refresh total sector count: File too large")
-        await self._open_backing(options)
+        # the parent is always opened as vmdk (vmdk_parent_open's backing_format)
+        await open_backing(self, options, hint, "vmdk")
 
     def _open_error(self, strerror: str) -> GenericError:
         """A bare -errno from vmdk_open, as bdrv_open_driver words it."""
@@ -344,39 +335,6 @@ class VmdkNode(BlockNode):
         self._ends.append(ext.end_sector)
         self.total_sectors = ext.end_sector
 
-    async def _open_backing(self, options: dict[str, Any]) -> None:
-        """bdrv_open_backing_file: the ``backing`` option, else the
-        descriptor's parentFileNameHint, opened with driver vmdk."""
-        self.backing_edge = None
-        if "backing" in options:
-            if options["backing"] == "":
-                print('qsd-trio: warning: Use of "backing": "" is deprecated; '
-                      'use "backing": null instead', file=sys.stderr)
-            elif options["backing"] is not None:
-                try:
-                    self.backing_edge = await self.open_child(options, "backing")
-                except QapiError as e:
-                    raise e.prefixed("Could not open backing file: ") from None
-        elif self.backing_filename:
-            name = self.backing_filename
-            base = self.file.filename
-            if not os.path.isabs(name) and base and "://" not in name:
-                name = os.path.join(os.path.dirname(base), name)
-            inherited: dict[str, Any] = {k: self.options[k] for k in ("force-share", "cache")
-                                         if k in self.options}
-            try:
-                self.backing_edge = await self.graph.open_child(
-                    self, {**inherited, "backing": {
-                        "driver": "vmdk", "file": {"driver": "file", "filename": name}}},
-                    "backing")
-            except GenericError as e:
-                raise GenericError(f"Could not open backing file: {e.desc}") from None
-        self.backing = self.backing_edge.node if self.backing_edge else None
-        if self.backing is not None and "backing" not in options:
-            self.auto_backing_file = self.backing.filename
-        else:
-            self.auto_backing_file = self.backing_filename or ""
-
     # -- information ----------------------------------------------------------------
     def _length(self) -> int:
         return self.total_sectors * SECTOR
@@ -408,12 +366,7 @@ class VmdkNode(BlockNode):
         extra["format-specific"] = {"type": "vmdk", "data": {
             "create-type": self.create_type or "", "cid": self.cid,
             "parent-cid": self.parent_cid, "extents": extents}}
-        if self.backing_filename:
-            extra["backing-filename"] = self.backing_filename
-            full = self.full_backing_filename(self.backing_filename)
-            if full is not None:
-                extra["full-backing-filename"] = full
-            extra["backing-filename-format"] = "vmdk"
+        extra.update(backing_info(self, self.backing_filename, "vmdk"))
         return extra
 
     def actual_size(self) -> int | None:
@@ -549,17 +502,6 @@ class VmdkNode(BlockNode):
             n = min(length, n + ext.cluster_bytes)
         return kind, host, n
 
-    async def _read_backing(self, offset: int, n: int, out: bytearray | memoryview,
-                            at: int) -> None:
-        """Guest bytes from the backing node: zeroes past its end."""
-        b = self.backing
-        assert b is not None
-        blen = b.length
-        if offset >= blen:
-            return
-        m = min(n, blen - offset)
-        out[at:at + m] = await b.read(offset, m)
-
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
         out = bytearray(length)
         done = 0
@@ -572,7 +514,7 @@ class VmdkNode(BlockNode):
                     if not self._cid_valid():
                         raise einval()
                     self.file.debug_event("read_backing_aio")
-                    await self._read_backing(pos, n, out, done)
+                    await read_backing(self.backing, pos, n, out, done)
             elif ext.compressed:
                 out[done:done + n] = await read_grain(ext, host - ext.offset_in_cluster(pos),
                                                       ext.offset_in_cluster(pos), n)
@@ -608,14 +550,9 @@ class VmdkNode(BlockNode):
         # its end the backing layer is where the zeroes are (QEMU's
         # bdrv_co_common_block_status_above: allocated at depth 2)
         b = self.backing
-        if b is None:
-            return BlockStatus(Status.ZERO, n, 0)
-        if offset >= b.length:
+        if b is not None and offset >= b.length:
             return BlockStatus(Status.ZERO, n, 2)
-        st = await b.block_status(offset, min(n, b.length - offset))
-        depth = st.depth + 1 if st.depth else 0
-        return BlockStatus(st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED),
-                           st.length, depth)
+        return await backing_status(b, offset, n)
 
     # -- writes (vmdk_pwritev) ---------------------------------------------------------------
     async def _co_pwritev(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -726,13 +663,14 @@ class VmdkNode(BlockNode):
             if skip_start > 0:
                 if copy:
                     ext.file.debug_event("cow_read")
-                    await self._read_backing(rel, skip_start, grain, 0)
+                    await read_backing(self.backing, rel, skip_start, grain, 0)
                 ext.file.debug_event("cow_write")
                 await ext.file.write(cluster_offset, memoryview(grain)[:skip_start])
             if skip_end < cb:
                 if copy:
                     ext.file.debug_event("cow_read")
-                    await self._read_backing(rel + skip_end, cb - skip_end, grain, skip_end)
+                    await read_backing(self.backing, rel + skip_end, cb - skip_end, grain,
+                                       skip_end)
                 ext.file.debug_event("cow_write")
                 await ext.file.write(cluster_offset + skip_end, memoryview(grain)[skip_end:])
         except OSError:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..qapi.errors import GenericError
+from .backing import probe_format
 from .graph import BlockGraph
 from .node import BlockNode
 from .vmdk import VmdkNode
@@ -38,11 +39,6 @@ from .vmdk_extent import (
     Vmdk4Header,
     round_up,
 )
-
-try:
-    from .backing import probe_format
-except ImportError:  # until the shared backing module is committed
-    from .qed import probe_format  # type: ignore[attr-defined,no-redef,unused-ignore]
 
 SPLIT_SIZE = 0x80000000  # twoGbMaxExtent*: 2 GiB per extent
 GRANULARITY = 128  # sectors per grain

@@ -23,24 +23,24 @@ sparse extents:
 
 Tables are read with ``bdrv_pread``: past the end of the file they read as
 zeroes and nothing is read there; an offset beyond BDRV_MAX_LENGTH is EIO.
-The directory is kept as far as the file holds it (the rest reads as zero
-entries), and grain tables in an LRU cache (QEMU keeps 16; more are kept
-here, which changes nothing but speed: tables are only changed through it).
+They are :mod:`.table_format`'s: the directory a :class:`~.table_format.Table`
+(a partial one when the file holds only part of it), grain tables in a
+:class:`~.table_format.TableCache` (QEMU keeps 16; more are kept here, which
+changes nothing but speed: tables are only changed through it).  Unlike the
+formats :class:`~.table_format.TableFormatNode` serves, an image's extents
+are several files, so each extent reads its own.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-import sys
-from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..qapi.errors import GenericError
-from .graph import BDRV_MAX_LENGTH
 from .node import BdrvChild, BlockNode, Buffer
 from .packed import Packed
+from .table_format import Table, TableCache, check_request
 
 SECTOR = 512
 U32 = (1 << 32) - 1
@@ -61,8 +61,6 @@ SESPARSE_VOLATILE_HEADER_MAGIC = 0x00000000CAFECAFE
 SESPARSE_VERSION = 0x0000000200000001
 MAX_L1_SIZE = 32 * 1024 * 1024
 MAX_CLUSTER_SECTORS = 0x200000  # 1 GiB
-BDRV_REQUEST_MAX_BYTES = (2**31 - 1) // SECTOR * SECTOR
-_LITTLE = sys.byteorder == "little"
 
 # get_cluster_offset's results
 VMDK_OK, VMDK_ERROR, VMDK_UNALLOC, VMDK_ZEROED = 0, -1, -2, -3
@@ -122,27 +120,15 @@ def round_up(n: int, d: int) -> int:
 
 
 async def pread(file: BlockNode, offset: int, length: int) -> Buffer:
-    """bdrv_pread: ``offset`` as a signed 64-bit value; EIO beyond
-    BDRV_MAX_LENGTH; past the end of the file zeroes, nothing read there."""
+    """bdrv_pread on one extent's ``file`` (TableFormatNode.pread reads its
+    one file): check_request's EIO, zeroes past the end of the file."""
+    check_request(offset, length)
     offset = signed64(offset)
-    if (offset < 0 or length > BDRV_REQUEST_MAX_BYTES or offset > BDRV_MAX_LENGTH
-            or length > BDRV_MAX_LENGTH - offset):
-        raise eio()
-    if not length:
-        return b""
     have = max(0, min(length, file.length - offset))
     data = await file.read(offset, have) if have else b""
     if have == length:
         return data
     return bytes(data) + bytes(length - have)
-
-
-def table_from(raw: Buffer, entry_size: int) -> array[int]:
-    t = array("I" if entry_size == 4 else "Q")
-    t.frombytes(raw)
-    if not _LITTLE:
-        t.byteswap()
-    return t
 
 
 @dataclass
@@ -152,7 +138,7 @@ class MetaData:
     l1_index: int = 0
     l2_index: int = 0
     l2_offset: int = 0
-    table: array[int] | None = None  # the cached table holding the entry
+    table: Table | None = None  # the cached table holding the entry
     new_allocation: bool = False
 
 
@@ -180,10 +166,9 @@ class Extent:
     entry_size: int = 4
     version: int = 0
     type: str | None = None  # the descriptor's word (FLAT, SPARSE, ...)
-    l1: array[int] = field(default_factory=lambda: array("I"))
-    l1_backup: array[int] | None = None
-    l2_cache: OrderedDict[int, array[int]] = field(default_factory=OrderedDict)
-    l2_cache_max: int = 16
+    l1: Table = field(default_factory=lambda: Table.of("<I", 0))
+    l1_backup: Table | None = None
+    l2_cache: TableCache = field(default_factory=lambda: TableCache(16))
 
     @property
     def file(self) -> BlockNode:
@@ -208,40 +193,40 @@ class Extent:
         return (offset - self.begin) % cb if cb else 0
 
     # -- tables ---------------------------------------------------------------------
+    @property
+    def fmt(self) -> str:
+        """The struct format of a table entry."""
+        return "<I" if self.entry_size == 4 else "<Q"
+
     async def init_tables(self) -> None:
         """vmdk_init_tables: the directory and its redundant copy, each as far
         as the file holds it (the rest reads as zero entries)."""
-        size = self.l1_size * self.entry_size
-        self.l1 = await self._read_dir(self.l1_table_offset, size, "l1 table")
+        self.l1 = await self._read_dir(self.l1_table_offset, "l1 table")
         if self.l1_backup_table_offset:
-            self.l1_backup = await self._read_dir(self.l1_backup_table_offset, size,
+            self.l1_backup = await self._read_dir(self.l1_backup_table_offset,
                                                   "l1 backup table")
         # as many tables as 1 MiB of entries holds, at least QEMU's 16
-        self.l2_cache_max = max(16, (1 << 20) // max(1, self.l2_size))
+        self.l2_cache = TableCache(max(16, (1 << 20) // max(1, self.l2_size)))
 
-    async def _read_dir(self, offset: int, size: int, what: str) -> array[int]:
+    async def _read_dir(self, offset: int, what: str) -> Table:
+        """A directory: the whole of it checked as bdrv_pread checks it,
+        then what the file holds of it read."""
         file = self.file
-        offset = signed64(offset)
+        size = self.l1_size * self.entry_size
         try:
-            # bdrv_pread's checks on the whole table, then only what is there
-            if (offset < 0 or size > BDRV_REQUEST_MAX_BYTES or offset > BDRV_MAX_LENGTH
-                    or size > BDRV_MAX_LENGTH - offset):
-                raise eio()
+            check_request(offset, size)
+            offset = signed64(offset)
             have = max(0, min(size, file.length - offset)) // self.entry_size * self.entry_size
             raw = await file.read(offset, have) if have else b""
         except OSError as e:
             raise GenericError(f"Could not read {what} from extent '{file.filename}': "
                                f"{e.strerror}") from None
-        return table_from(raw, self.entry_size)
-
-    @staticmethod
-    def entry(table: array[int], index: int) -> int:
-        return table[index] if index < len(table) else 0
+        return Table.of(self.fmt, self.l1_size, raw)
 
     def l2_offset_of(self, l1_index: int) -> int | None:
         """The grain table's sector for directory entry ``l1_index``; 0 for
         none, None when the entry is invalid (VMDK_ERROR)."""
-        e = self.entry(self.l1, l1_index)
+        e: int = self.l1[l1_index]
         if not self.sesparse:
             return e
         if e == 0:
@@ -252,22 +237,19 @@ class Extent:
         off = self.sesparse_l2_tables_offset + (e & U32) * self.l2_size * 8 // SECTOR
         return off if off <= U32 else None
 
-    async def l2_table(self, l2_offset: int) -> array[int] | None:
+    async def l2_table(self, l2_offset: int) -> Table | None:
         """The grain table at sector ``l2_offset``, from the cache or read;
         None when it cannot be read (VMDK_ERROR)."""
-        t = self.l2_cache.get(l2_offset)
+        t = self.l2_cache.lookup(l2_offset)
         if t is not None:
-            self.l2_cache.move_to_end(l2_offset)
             return t
         self.file.debug_event("l2_load")
         try:
             raw = await pread(self.file, l2_offset * SECTOR, self.l2_size * self.entry_size)
         except OSError:
             return None
-        t = table_from(raw, self.entry_size)
-        self.l2_cache[l2_offset] = t
-        while len(self.l2_cache) > self.l2_cache_max:
-            self.l2_cache.popitem(last=False)
+        t = Table.of(self.fmt, self.l2_size, raw)
+        self.l2_cache.put(l2_offset, t)
         return t
 
     def indexes(self, rel: int) -> tuple[int, int]:
@@ -329,7 +311,7 @@ class Extent:
             m.l1_index, m.l2_index, m.l2_offset, m.table = l1_index, l2_index, l2_offset, table
         return self.grain(table[l2_index])
 
-    def lookup_cached(self, offset: int) -> tuple[int, int, array[int] | None, int]:
+    def lookup_cached(self, offset: int) -> tuple[int, int, Table | None, int]:
         """:meth:`lookup` without waiting: (VMDK_*, grain sector, table,
         table index); VMDK_ERROR with table None also when the table is not
         cached (the caller then takes the long way)."""
@@ -357,7 +339,7 @@ class Extent:
         self.file.debug_event("l2_update")
         await self.file.write(m.l2_offset * SECTOR + m.l2_index * 4, raw)
         if self.l1_backup_table_offset:
-            backup = self.entry(self.l1_backup, m.l1_index) if self.l1_backup is not None else 0
+            backup = self.l1_backup[m.l1_index] if self.l1_backup is not None else 0
             await self.file.write(backup * SECTOR + m.l2_index * 4, raw)
         if m.table is not None:
             m.table[m.l2_index] = value & U32

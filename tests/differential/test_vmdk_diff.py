@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.differential.create_job import run_create
 from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, qemu_img, qemu_io, run_cli
 from tests.nodes import vmdk_images
 
@@ -395,18 +396,8 @@ def _create(kind: str, tmp_path: Path, creates: list[dict]) -> tuple[list, list[
             o = {"driver": "vmdk", "file": f"f{n}", **opts}
             if "extents" in o:
                 o["extents"] = [f"e{n}-{i}" for i in o["extents"]]
-            r = q.cmd_raw("blockdev-create", {"job-id": f"j{n}", "options": o})
-            if "error" in r:
-                out.append(("refused", r["error"]))
-                continue
-            while True:
-                ev = q.pull_event(wait=30)
-                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
-                    break
-            job = q.cmd("query-jobs")[0]
-            err = job.get("error")
-            out.append(("job", err.replace(str(d), "DIR") if err else None))
-            q.cmd("job-dismiss", id=f"j{n}")
+            how, err = run_create(q, f"j{n}", o)
+            out.append((how, err.replace(str(d), "DIR") if isinstance(err, str) else err))
     files = []
     for n in range(len(creates)):
         fs = {}
