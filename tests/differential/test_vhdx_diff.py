@@ -22,6 +22,7 @@ import struct
 
 import pytest
 
+from tests.differential.format_runs import export_and_probe, run_creates
 from tests.helpers import (
     HAVE_QEMU,
     Daemon,
@@ -62,31 +63,6 @@ def images(tmp_path_factory):
     return src
 
 
-def _norm(value, img) -> object:
-    return json.loads(json.dumps(value).replace(str(img.parent), "DIR"))
-
-
-def _export_and_probe(kind, tmp_path, img, writes) -> dict:
-    sock = tmp_path / f"{kind}.sock"
-    args = ["--blockdev", f"driver=file,node-name=f,filename={img}",
-            "--blockdev", "driver=vhdx,node-name=v,file=f",
-            "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", "type=nbd,id=e,node-name=v,writable=on"]
-    url = f"nbd+unix:///v?socket={sock}"
-    with Daemon(kind, tmp_path, args) as d:
-        q = d.qmp()
-        info = q.cmd_raw("query-named-block-nodes", {})["return"]
-        for cmd in writes:
-            qemu_io("-f", "raw", "-c", cmd, url)
-        after = q.cmd_raw("query-named-block-nodes", {})["return"]
-        out = tmp_path / f"{kind}.raw"
-        qemu_img("convert", "-f", "raw", "-O", "raw", url, str(out))
-        mapping = json.loads(qemu_img("map", "--output=json", "-f", "raw", url).stdout)
-        block_info = json.loads(qemu_img("info", "--output=json", "-f", "raw", url).stdout)
-    return {"info": _norm(info, img), "after": _norm(after, img), "data": out.read_bytes(),
-            "map": mapping, "nbd-size": block_info["virtual-size"]}
-
-
 NAMES = ["dynamic.vhdx", "small-blocks.vhdx", "fixed.vhdx", "fixed-zero.vhdx", "empty.vhdx"]
 
 
@@ -104,7 +80,7 @@ def test_open_read_write_as_qemu(images, tmp_path, name):
         d.mkdir()
         img = d / name
         shutil.copyfile(images / name, img)
-        seen[kind] = _export_and_probe(kind, d, img, writes)
+        seen[kind] = export_and_probe(kind, d, img, "vhdx", writes)
         files[kind] = img.read_bytes()
         check = qemu_img("check", "-f", "vhdx", str(img))
         assert "No errors were found on the image." in check.stdout, check.stdout
@@ -264,30 +240,10 @@ def test_failed_bat_update_then_kill(tmp_path):
         assert out.read_bytes() == bytes(model)
 
 
-def _create(kind, tmp_path, creates) -> tuple[list, list[bytes]]:
-    """Each blockdev-create on a fresh file node: its outcome, and the
-    first 12 MiB of the image it left (normalised)."""
-    files = [tmp_path / f"c{n}-{kind}.vhdx" for n in range(len(creates))]
-    args = []
-    for n, f in enumerate(files):
-        f.write_bytes(b"")
-        args += ["--blockdev", f"driver=file,node-name=f{n},filename={f}"]
-    out = []
-    with Daemon(kind, tmp_path, args) as d:
-        q = d.qmp()
-        for n, opts in enumerate(creates):
-            r = q.cmd_raw("blockdev-create",
-                          {"job-id": f"j{n}", "options": {**opts, "file": f"f{n}"}})
-            if "error" in r:
-                out.append(("refused", r["error"]))
-                continue
-            while True:
-                ev = q.pull_event(wait=60)
-                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
-                    break
-            job = q.cmd("query-jobs")[0]
-            out.append(("job", job.get("error")))
-            q.cmd("job-dismiss", id=f"j{n}")
+def _create(kind, tmp_path, creates) -> tuple[list, list[tuple[int, int, bytes]]]:
+    """run_creates, with each image's size, allocated blocks and first 12 MiB
+    (normalised when it is an image)."""
+    out, files = run_creates(kind, tmp_path, creates, "vhdx")
     images = []
     for f in files:
         with f.open("rb") as fh:
