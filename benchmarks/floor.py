@@ -8,7 +8,10 @@ the per-request CPU figures of nbd.py and fuse.py stand on.
   a server task that waits for a 28-byte request on a socket and sends a
   4 KiB reply, once with one scheduler wakeup per request (the socket) and
   once with two (the socket, then an eventfd standing for the I/O
-  engine's completion), against a client in another process.
+  engine's completion), against a client in another process; and the
+  same with qsd-trio's inline_wait (nodes/engine/inline_wait.py), which
+  waits for the socket and the completion itself while nothing else can
+  run.
 
     .venv/bin/python benchmarks/floor.py [--rounds 3]
 
@@ -59,10 +62,30 @@ def _client(fd: int) -> None:
             got += len(s.recv(65536))
 
 
-def trio_cpu(hops: int) -> float:
+class _Completion:
+    """An eventfd standing for an engine with one request in flight, as
+    inline_wait.py sees an engine; reaping it sends the reply, as the NBD
+    export's completion callback does."""
+
+    def __init__(self, reply) -> None:
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.in_flight = 0
+        self.reply = reply
+
+    def reap_now(self) -> None:
+        os.eventfd_read(self.wake_fd)
+        self.in_flight = 0
+        self.reply()
+
+
+def trio_cpu(hops: int, inline: bool = False) -> float:
     """CPU µs per request of a trio server that wakes ``hops`` times per
-    request (1: the socket; 2: the socket, then an eventfd)."""
+    request (1: the socket; 2: the socket, then an eventfd); ``inline``:
+    it waits through qsd-trio's inline_wait instead of parking in trio
+    whenever nothing else can run."""
     import trio
+
+    from qsd_trio.nodes.engine import inline_wait
 
     a, c = socket.socketpair()
     pid = os.fork()
@@ -75,18 +98,36 @@ def trio_cpu(hops: int) -> float:
     c.close()
     a.setblocking(False)
 
+    async def reaper(io: _Completion) -> None:
+        # the engine's reaper task: wakes on the completion, sends the reply
+        while True:
+            await trio.lowlevel.wait_readable(io.wake_fd)
+            if io.in_flight:
+                io.reap_now()
+
     async def serve() -> None:
-        reply = [b"h" * 16, bytes(4096)]
-        efd = os.eventfd(0, os.EFD_NONBLOCK)
-        for _ in range(REQUESTS):
-            await trio.lowlevel.wait_readable(a)
-            a.recv(4096)
-            if hops == 2:
-                os.eventfd_write(efd, 1)  # the engine's completion
-                await trio.lowlevel.wait_readable(efd)
-                os.eventfd_read(efd)
-            a.sendmsg(reply)
-        os.close(efd)
+        parts = [b"h" * 16, bytes(4096)]
+        io = _Completion(lambda: a.sendmsg(parts))
+        wait = inline_wait.make_waiter(lambda: [io]) if inline else None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reaper, io)
+            for _ in range(REQUESTS):
+                while True:
+                    try:
+                        a.recv(4096)
+                        break
+                    except BlockingIOError:
+                        if wait is None or not wait(a.fileno()):
+                            await trio.lowlevel.wait_readable(a)
+                if hops == 1:
+                    a.sendmsg(parts)
+                else:
+                    io.in_flight = 1
+                    os.eventfd_write(io.wake_fd, 1)  # the engine's completion
+            if io.in_flight:
+                io.reap_now()  # the last reply
+            nursery.cancel_scope.cancel()
+        os.close(io.wake_fd)
 
     t0 = time.thread_time()
     trio.run(serve)
@@ -119,6 +160,10 @@ def main() -> None:
                 lambda: (0.0, trio_cpu(1)),
             "trio: two wakeups per request (socket, eventfd), no I/O":
                 lambda: (0.0, trio_cpu(2)),
+            "trio + inline_wait: socket, no I/O":
+                lambda: (0.0, trio_cpu(1, inline=True)),
+            "trio + inline_wait: socket, eventfd, no I/O":
+                lambda: (0.0, trio_cpu(2, inline=True)),
         }
         for _ in range(opts.rounds):
             for name, fn in cases.items():

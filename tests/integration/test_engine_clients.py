@@ -134,3 +134,30 @@ def test_real_clients(daemon_factory, tmp_path, engine):
         assert ref.read_bytes() == models[name]
         r = qemu_img("compare", "-F", "raw", str(path), str(ref), check=False)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_concurrent_qd1_clients(daemon_factory, tmp_path, engine):
+    """Four clients at queue depth 1 at once, each on its own region of one
+    export, writing and verifying every block: a connection that waits for
+    its socket and its completions without the scheduler (inline_wait.py)
+    must hand over to the others whenever they have a request."""
+    raw = tmp_path / "disk.raw"
+    qemu_img("create", "-q", "-f", "raw", str(raw), str(16 * MiB))
+    sock = tmp_path / "nbd.sock"
+    d = daemon_factory("trio", [
+        "--blockdev", f"driver=file,node-name=f,filename={raw}" + engine.keyval(),
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e,node-name=f,writable=on"])
+    uri = f"nbd+unix:///f?socket={sock}"
+    procs = [subprocess.Popen(
+        ["fio", "--name=v", "--ioengine=nbd", f"--uri={uri}", f"--randseed={i + 1}",
+         "--rw=randwrite", "--bs=4k", "--iodepth=1", f"--offset={i * 4 * MiB}",
+         f"--size={4 * MiB}", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(4)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-2000:]
+        assert "err= 0" in out, out[-2000:]
+    stop_clean(d)

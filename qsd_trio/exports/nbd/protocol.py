@@ -282,10 +282,11 @@ class Transmission:
         self._write_flags = P.CMD_FLAG_FUA | (P.CMD_FLAG_PAYLOAD_LEN if extended else 0)
         if quiet:
             wire.before_wait = self._flush_now
+            wire.wait_inline = export.node.graph.io.inline_waiter()
         try:
             await self._read_loop(wire, export, size_fn, slots, extended, quiet)
         finally:
-            wire.before_wait = None
+            wire.before_wait = wire.wait_inline = None
             self._flush_now()  # serve() waits for these replies' slots
 
     async def _read_loop(self, wire: Wire, export: NbdExport, size_fn: Callable[[], int],

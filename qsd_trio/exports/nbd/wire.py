@@ -54,6 +54,10 @@ class Wire:
         # called when a raw receive would block, just before waiting: the
         # connection sends the replies it queued meanwhile (see _flush_now)
         self.before_wait: Callable[[], None] | None = None
+        # then, instead of parking in trio, a wait on the socket that reaps
+        # I/O completions meanwhile; False to park after all (nodes/engine/
+        # inline_wait.py)
+        self.wait_inline: Callable[[int], bool] | None = None
 
     async def _recv_into(self, view: memoryview) -> int:
         raw = self.raw
@@ -67,6 +71,8 @@ class Wire:
             except BlockingIOError:
                 if self.before_wait is not None:
                     self.before_wait()
+                if self.wait_inline is not None and self.wait_inline(raw.fileno()):
+                    continue
                 await trio.lowlevel.wait_readable(raw)
             except OSError as e:
                 raise trio.BrokenResourceError(e) from e

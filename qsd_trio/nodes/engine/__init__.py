@@ -18,8 +18,11 @@ use by a node that asks for them, and closed after the last node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ...qapi.errors import GenericError
 from .base import Engine
+from .inline_wait import make_waiter
 from .linux_aio import LinuxAio
 from .threads import ThreadPool
 from .uring import Uring
@@ -61,6 +64,16 @@ class Engines:
                                        f"context: {e.strerror}") from None
             return self._aio
         return self.threads
+
+    def started(self) -> list[Engine]:
+        """The engines made so far."""
+        return [e for e in (self._uring, self._aio, self._threads) if e is not None]
+
+    def inline_waiter(self) -> Callable[[int], bool] | None:
+        """A connection's way to wait for its socket without the scheduler
+        while nothing else can run (inline_wait.py); None where trio's
+        loop does not allow it."""
+        return make_waiter(self.started)
 
     async def aclose(self) -> None:
         """Wait for what is in flight on every engine, then close them."""

@@ -108,17 +108,21 @@ class Engine:
         try:
             with self._reaper_scope:
                 fd = self.wake_fd
-                efd = self.efd
                 while True:
                     await trio.lowlevel.wait_readable(fd)
-                    if efd >= 0:
-                        try:
-                            os.eventfd_read(efd)
-                        except BlockingIOError:
-                            pass
-                    self._reap_batch()
+                    self.reap_now()
         finally:
             self._close_fds()
+
+    def reap_now(self) -> None:
+        """What the reaper does once its descriptor is readable, for a
+        caller that saw it readable itself (inline_wait.py)."""
+        if self.efd >= 0:
+            try:
+                os.eventfd_read(self.efd)
+            except BlockingIOError:
+                pass
+        self._reap_batch()
 
     def _reap_batch(self) -> None:
         global _reaping

@@ -1,0 +1,100 @@
+"""Waiting for one connection without a trip through trio's scheduler.
+
+When a connection's reader finds its socket empty it parks in
+``trio.lowlevel.wait_readable``, and when the kernel completes the request
+it submitted, the engine's reaper task is woken in turn.  At queue depth 1
+that is two scheduler wakeups per request (an epoll_ctl, an epoll_wait and
+a task switch each): about 15 µs of CPU apiece on CPython, more than QEMU
+spends on the whole request (docs/io-engine.md has the measurements).
+
+:func:`wait_inline` does that wait itself when the rest of the process has
+nothing to do, i.e. no other task is runnable.  One ``select()`` covers the
+client's socket, the descriptors of the engines with requests in flight,
+and trio's own epoll descriptor, which polls readable as soon as anything
+else trio waits for is ready (another client, the monitor, a signal's
+wakeup socket).  Completions are reaped right there (their replies are
+sent by the reaper's deferred flush, as from the reaper task); a readable
+socket returns to the reader, which receives without having parked;
+anything else, or the time limit, returns to trio.  So no other client
+waits on this one: the only thing that can be late is a timer, by at most
+``MAX_WAIT`` (bounded further by trio's next deadline).
+
+This reads two attributes of trio's run loop that trio does not export:
+the run queue and the I/O manager's epoll object.  If a trio release
+moves them, :func:`supported` turns false and every connection waits the
+ordinary way (tests/nodes/test_inline_wait.py fails loudly first).
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable
+from typing import Any
+
+from .base import Engine
+
+# the longest one wait may hold the event loop: above a fast device's
+# latency (virtio, NVMe: 20-100 µs), far below anything a timer or a
+# person notices
+MAX_WAIT = 0.0005
+
+_select = select.select
+
+
+def _runner() -> Any:
+    from trio._core import _run  # the run loop's internals, see the docstring
+    return _run.GLOBAL_RUN_CONTEXT.runner
+
+
+def supported() -> bool:
+    """Whether this trio's run loop has what :func:`wait_inline` reads
+    (called inside ``trio.run``)."""
+    try:
+        runner = _runner()
+        return (hasattr(runner, "runq") and hasattr(runner, "deadlines")
+                and hasattr(runner.io_manager, "_epoll"))
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+def make_waiter(engines: Callable[[], list[Engine]]) -> Callable[[int], bool] | None:
+    """A ``wait_inline(fd)`` bound to this run loop, or None where the loop
+    lacks what it reads.  ``engines()`` lists the engines whose completions
+    it may reap."""
+    if not supported():
+        return None
+    runner = _runner()
+    runq = runner.runq
+    deadlines = runner.deadlines
+    epoll_fd = runner.io_manager._epoll.fileno()
+    clock = runner.clock
+
+    def wait_inline(fd: int) -> bool:
+        """Wait until ``fd`` is readable, reaping completions meanwhile;
+        True if it is, False to wait through trio instead."""
+        limit = clock.current_time() + MAX_WAIT
+        while not runq:
+            busy = [e for e in engines() if e.in_flight]
+            timeout = min(limit, deadlines.next_deadline()) - clock.current_time()
+            if timeout <= 0:
+                return False
+            fds = [fd, epoll_fd]
+            fds += [e.wake_fd for e in busy]
+            ready = _select(fds, (), (), timeout)[0]
+            if not ready:
+                return False
+            reaped = False
+            for e in busy:
+                if e.wake_fd in ready:
+                    e.reap_now()
+                    reaped = True
+            if fd in ready:
+                return True
+            if not reaped:
+                return False  # something else trio waits for is ready
+        return False
+
+    return wait_inline
+
+
+__all__ = ["MAX_WAIT", "make_waiter", "supported"]
