@@ -73,6 +73,7 @@ from .virtio.virtqueue import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_F_VERSION_1,
+    InflightSplit,
     SplitQueue,
     VirtqueueError,
 )
@@ -132,6 +133,10 @@ VDUSE_VQ_ALIGN = 4096
 DEFAULT_QUEUE_SIZE = 256
 VIRTQUEUE_MAX_SIZE = 1024
 MAX_IOVA_REGIONS = 256
+# libvduse's reconnect log: per queue, the inflight region of
+# VIRTQUEUE_MAX_SIZE descriptors (vhost-user's layout), 64-byte aligned
+LOG_QUEUE_SIZE = (16 + 16 * VIRTQUEUE_MAX_SIZE + 63) & ~63
+_DESC_NUM = struct.Struct("<H")
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -271,10 +276,11 @@ class IotlbMemory(vmem.GuestMemory):
 class VduseDevice(Device):
     """The kernel's side: ``/dev/vduse/<name>``, its messages and rings."""
 
-    def __init__(self, export: VduseBlkExport, fd: int):
+    def __init__(self, export: VduseBlkExport, fd: int, log: mmap.mmap):
         super().__init__(export.handler, export.num_queues)
         self.export = export
         self.fd = fd
+        self.log = log
         self.mem = IotlbMemory(fd)
         self.kick_fds = [-1] * export.num_queues
         # where each stopped ring is (GET_VQ_STATE)
@@ -286,6 +292,9 @@ class VduseDevice(Device):
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                # a device a previous daemon left running (reconnect): its
+                # ready rings go on from where the reconnect log says
+                await self._start()
                 while True:
                     await trio.lowlevel.wait_readable(self.fd)
                     try:
@@ -376,6 +385,10 @@ class VduseDevice(Device):
                                event_idx=bool(f & 1 << VIRTIO_F_EVENT_IDX),
                                indirect=bool(f & 1 << VIRTIO_F_INDIRECT_DESC),
                                notify_on_empty=bool(f & 1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+            # chains a previous daemon took and never answered (libvduse's
+            # vduse_queue_check_inflights), and the tracking of those taken now
+            resubmit = queue.attach_inflight(InflightSplit(
+                self.log, index * LOG_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE, versioned=False))
         except VirtqueueError as e:
             print(f"Failed to update vring for vq[{index}]: {e}", file=sys.stderr, flush=True)
             return
@@ -390,7 +403,8 @@ class VduseDevice(Device):
         self.kick_fds[index] = kick
         # a kick that came before the descriptor was set up is not lost
         os.write(kick, _ONE)
-        await self.start_queue(index, queue, kick, signal=partial(self._inject, index))
+        await self.start_queue(index, queue, kick, signal=partial(self._inject, index),
+                               resubmit=resubmit)
 
     async def _stop(self) -> None:
         """A reset: stop every ring after its requests in flight, forget
@@ -464,12 +478,13 @@ class VduseBlkExport(VirtioBlkExport):
             print(f"Failed to update vduse device {self.name} config: {e.strerror}",
                   file=sys.stderr, flush=True)
 
-    def _create(self) -> tuple[int, int]:
+    def _create(self) -> tuple[int, int, mmap.mmap]:
         """VDUSE_CREATE_DEV and open the device, as libvduse's
-        vduse_dev_create; its messages go to stderr as libvduse prints
-        them, and the error is QEMU's.
+        vduse_dev_create, then map the reconnect log; its messages go to
+        stderr as libvduse prints them, and the error is QEMU's.  A device
+        that exists already (a daemon before this one died) is taken over.
 
-        Returns the control and device descriptors.
+        Returns the control and device descriptors and the log.
         """
         failed = GenericError("failed to create vduse device")
         name = self.name
@@ -514,28 +529,65 @@ class VduseBlkExport(VirtioBlkExport):
                     os.close(dev)
                 self._destroy(ctrl)
                 raise failed from None
+            try:
+                log = self._open_log()
+            except OSError:
+                print("Failed to get vduse log", file=sys.stderr, flush=True)
+                os.close(dev)
+                self._destroy(ctrl)
+                raise GenericError("failed to set reconnect log file") from None
         except BaseException:
             os.close(ctrl)
             raise
-        return ctrl, dev
+        return ctrl, dev, log
 
-    def _destroy(self, ctrl: int) -> None:
-        # refused (EBUSY) while the device is still on the vDPA bus
-        with contextlib.suppress(OSError):
+    @property
+    def log_path(self) -> str:
+        """Where QEMU 7.2 keeps the device's reconnect log (g_get_tmp_dir)."""
+        return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"vduse-blk-{self.name}")
+
+    def _open_log(self) -> mmap.mmap:
+        """The reconnect log, as libvduse's vduse_set_reconnect_log_file:
+        the file created, or kept as a previous daemon left it, at its size
+        (every queue's region), mapped shared; each region's desc_num set.
+        qemu-storage-daemon and qsd-trio read each other's."""
+        fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = LOG_QUEUE_SIZE * self.num_queues
+            os.ftruncate(fd, size)
+            log = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        for i in range(self.num_queues):
+            _DESC_NUM.pack_into(log, i * LOG_QUEUE_SIZE + 10, VIRTQUEUE_MAX_SIZE)
+        return log
+
+    def _destroy(self, ctrl: int) -> bool:
+        """VDUSE_DESTROY_DEV; False when the kernel refused: EBUSY while
+        the device is still on the vDPA bus (it stays for the next daemon)."""
+        try:
             fcntl.ioctl(ctrl, VDUSE_DESTROY_DEV, self.name.encode().ljust(VDUSE_NAME_MAX, b"\0"))
+        except OSError as e:
+            return e.errno != errno.EBUSY
+        return True
 
     async def serve(self, task_status: trio.TaskStatus[None]) -> None:
         """Create the device, report started, answer its messages until
         cancelled (block-export-del, quit); a device whose descriptor
         failed stays, unused, until then."""
-        ctrl, dev = self._create()
+        ctrl, dev, log = self._create()
         try:
-            device = VduseDevice(self, dev)
+            device = VduseDevice(self, dev, log)
             task_status.started()
             await self.serve_device(device, f"/dev/vduse/{self.name}")
             await trio.sleep_forever()
         finally:
             trio.lowlevel.notify_closing(dev)
             os.close(dev)
-            self._destroy(ctrl)
+            if self._destroy(ctrl):
+                # the device is gone: nothing left to reconnect to (as QEMU)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.log_path)
+            with contextlib.suppress(BufferError):
+                log.close()
             os.close(ctrl)

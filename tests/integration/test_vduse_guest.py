@@ -227,3 +227,86 @@ def test_vduse_config_same_as_qemu(daemon, pytestconfig):
                 run_in_guest(guest, kind, work, script)
                 seen[kind] = read_config(work / "config")
         assert seen[daemon] == seen["qemu-storage-daemon"], opts
+
+
+def _argv(daemon: str) -> str:
+    return " ".join(shlex.quote(a) for a in (QSD_TRIO_GUEST if daemon == "qsd-trio" else QSD_QEMU))
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize(("first", "second"), [
+    ("qsd-trio", "qsd-trio"),
+    ("qemu-storage-daemon", "qsd-trio"),
+    ("qsd-trio", "qemu-storage-daemon"),
+    ("qemu-storage-daemon", "qemu-storage-daemon"),
+])
+def test_vduse_reconnect(first, second, pytestconfig):
+    """A daemon SIGKILLed with a write in flight (a throttle holds it) and
+    another started on the same device: the device stays on the vDPA bus,
+    the second daemon takes it over and the reconnect log QEMU 7.2 keeps in
+    $TMPDIR/vduse-blk-NAME (libvduse's inflight regions), runs again the
+    write the first one took and never answered, and the guest's writes all
+    land. Either daemon reads the other's log."""
+    for daemon in (first, second):
+        require_export(daemon, "vduse-blk")
+    guest = shared_guest(pytestconfig)
+    name = f"vduse{next(_names)}"
+    run = f"/run/{name}"
+    with guest.scratch() as work:
+        script = f"""
+W={shlex.quote(str(work))}
+mkdir -p {run}; img={run}/disk.raw; log=/tmp/vduse-blk-{name}
+rm -f $log
+qemu-img create -q -f raw $img 16M || exit 80
+dd if=/dev/urandom of={run}/data bs=64k count=16 status=none
+gone() {{ local s; read -r _ _ s _ 2>/dev/null < /proc/$1/stat || return 0; [ "$s" = Z ]; }}
+# start DAEMON... with $n (1 or 2), $node (what the export serves), $extra
+start() {{
+  rm -f {run}/pid
+  "$@" --blockdev driver=file,node-name=file0,filename=$img $extra \\
+    --export type=vduse-blk,id=vd0,node-name=$node,name={name},writable=on \\
+    --pidfile {run}/pid 2>> $W/stderr-$n &
+  qsd=$!
+  up() {{ test -s {run}/pid || gone $qsd; }}
+  wait_for 180 up && ! gone $qsd || {{ echo "daemon $n did not start"; cat $W/stderr-$n; exit 81; }}
+}}
+n=1 node=t0 extra="--object throttle-group,id=tg0,x-bps-write=16384 \\
+  --blockdev throttle,node-name=t0,throttle-group=tg0,file=file0" start {_argv(first)}
+trap 'vdpa dev del {name} 2>/dev/null; kill $qsd 2>/dev/null' EXIT
+vdpa dev add name {name} mgmtdev vduse || exit 82
+{find_disk(f"/sys/bus/vdpa/devices/{name}/virtio*/block/*")}
+( dd if={run}/data of=$DEV bs=64k count=16 oflag=direct status=none; echo $? > $W/dd ) &
+# a write the first daemon took and the throttle holds: marked in the log
+held() {{ od -A n -t u1 -w16 -j16 -v $log | awk '$1 == 1 {{ f = 1 }} END {{ exit !f }}'; }}
+wait_for 120 held || {{ echo "no write in flight"; exit 86; }}
+kill -9 $qsd; wait $qsd 2>/dev/null
+cp $log $W/log-at-kill
+test -c /dev/vduse/{name} || {{ echo "the device went with the daemon"; exit 87; }}
+n=2 node=file0 extra= start {_argv(second)}
+wait_for 300 test -s $W/dd || {{ echo "the writes did not finish"; exit 88; }}
+cmp -n $((16 * 65536)) {run}/data $DEV || exit 89
+vdpa dev del {name} || exit 83
+trap - EXIT
+kill $qsd; wait_for 120 gone $qsd || exit 84
+wait $qsd; echo $? > $W/status
+test -e $log && echo "log left behind" && exit 90
+cp {run}/data $W/data; cp $img $W/disk.raw
+"""
+        r = guest.run(script, timeout=600)
+        assert r.rc == 0, (f"guest script failed ({r.rc}):\n{r.output}\n"
+                           + "".join(f"daemon {i} stderr:\n{p.read_text()}\n"
+                                     for i, p in ((1, work / "stderr-1"), (2, work / "stderr-2"))
+                                     if p.exists()))
+        assert (work / "dd").read_text().strip() == "0"
+        assert (work / "status").read_text().strip() == "0"
+        # one write held in the log: its descriptor marked in flight
+        log = (work / "log-at-kill").read_bytes()
+        assert len(log) == 16448  # one queue: 16 + 16 * 1024 bytes, 64-aligned
+        flags = [log[16 + 16 * i] for i in range(1024)]
+        assert sum(flags) == 1
+        data = (work / "data").read_bytes()
+        assert (work / "disk.raw").read_bytes()[:len(data)] == data
+        for i, daemon in ((1, first), (2, second)):
+            stderr = work / f"stderr-{i}"
+            if daemon == "qsd-trio" and stderr.exists():
+                assert stderr.read_text() == ""

@@ -549,6 +549,33 @@ def test_inflight_put_cut_short_is_completed(ram):
     mem.close()
 
 
+def test_unversioned_region_is_recovered_whatever_its_version(ram):
+    """libvduse's reconnect log leaves the version at 0: a region read with
+    versioned=False is never taken for a fresh one, so what a dead daemon
+    took is run again (with versioned=True the same bytes read as fresh)."""
+    mem = ram.memory()
+    drv = Driver(ram, size=8)
+    buf = bytearray(16 + 16 * 1024)
+    q = drv.queue(mem)
+    assert q.attach_inflight(Q.InflightSplit(buf, 0, 1024, versioned=False)) == []
+    assert struct.unpack_from("<H", buf, 8)[0] == 0  # the version stays 0
+    h0 = drv.add([(b"a", False), (1, True)])[0]
+    h1 = drv.add([(b"b", False), (1, True)])[0]
+    c0, _ = q.pop(), q.pop()
+    q.push(c0.head, 1)
+    fresh_copy = bytearray(buf)
+    again = drv.queue(mem, last_avail_idx=0).attach_inflight(
+        Q.InflightSplit(buf, 0, 1024, versioned=False))
+    assert [c.head for c in again] == [h1] and h0 != h1
+    assert drv.queue(mem).attach_inflight(Q.InflightSplit(fresh_copy, 0, 1024)) == []
+    # a last batch head beyond the region is the log's fault, not a write
+    # out of it
+    struct.pack_into("<HH", buf, 12, 1024, 0)
+    with pytest.raises(Q.VirtqueueError, match="last batch head 1024"):
+        drv.queue(mem).attach_inflight(Q.InflightSplit(buf, 0, 1024, versioned=False))
+    mem.close()
+
+
 def test_inflight_bad_regions(ram):
     with pytest.raises(Q.VirtqueueError, match="beyond the buffer"):
         Q.InflightSplit(bytearray(100), 0, 8)

@@ -116,6 +116,10 @@ class InflightSplit:
     (inflight, next, counter) per descriptor, in a shared mapping that
     outlives the back-end.  Batches are of one entry, as libvhost-user's.
 
+    libvduse's reconnect log (a VDUSE device's, in a file) has the same
+    layout but leaves the version at 0: with ``versioned=False`` a region
+    is never taken for a fresh one, whatever its version says.
+
     Raises (constructor):
         VirtqueueError: the region does not fit in the buffer.
     """
@@ -127,12 +131,13 @@ class InflightSplit:
     _FLAG = struct.Struct("<B")
     _COUNTER = struct.Struct("<Q")
 
-    def __init__(self, buf: Any, offset: int, desc_num: int):
+    def __init__(self, buf: Any, offset: int, desc_num: int, *, versioned: bool = True):
         if offset < 0 or offset + 16 + 16 * desc_num > len(buf):
             raise VirtqueueError(f"inflight region of {desc_num} descriptors beyond the buffer")
         self.buf = buf
         self.offset = offset
         self.desc_num = desc_num
+        self.versioned = versioned
 
     def _u16(self, pos: int) -> int:
         return int(_U16.unpack_from(self.buf, self.offset + pos)[0])
@@ -147,6 +152,10 @@ class InflightSplit:
     @property
     def used_idx(self) -> int:
         return self._u16(self._USED_IDX)
+
+    def fresh(self) -> bool:
+        """A region no back-end has used yet (vhost-user: version 0)."""
+        return self.versioned and self.version == 0
 
     def is_inflight(self, head: int) -> bool:
         return bool(self.buf[self.offset + 16 + 16 * head])
@@ -173,13 +182,20 @@ class InflightSplit:
     def recover(self, used_idx: int) -> list[int]:
         """At start: the heads still in flight, oldest first.  A fresh
         region (version 0) is initialised and has none; a put that was cut
-        short (the region's used_idx behind the ring's) is completed."""
-        if self.version == 0:
+        short (the region's used_idx behind the ring's) is completed.
+
+        Raises:
+            VirtqueueError: a last batch head beyond the region.
+        """
+        if self.fresh():
             self._set_u16(self._VERSION, 1)
             self._set_u16(2 + 8, self.desc_num)  # desc_num
             return []
         if self.used_idx != used_idx:
-            self.buf[self.offset + 16 + 16 * self._u16(self._LAST_BATCH_HEAD)] = 0
+            last = self._u16(self._LAST_BATCH_HEAD)
+            if last >= self.desc_num:
+                raise VirtqueueError(f"inflight last batch head {last} beyond {self.desc_num}")
+            self.buf[self.offset + 16 + 16 * last] = 0
             _fence()
             self._set_u16(self._USED_IDX, used_idx)
         heads = [i for i in range(self.desc_num) if self.is_inflight(i)]
@@ -432,7 +448,7 @@ class SplitQueue:
             self.used_idx = self._used.unpack_from(_U16, self._used_off + 2)[0]
         except GuestMemoryError as e:
             raise VirtqueueError(str(e)) from None
-        fresh = inflight.version == 0
+        fresh = inflight.fresh()
         heads = inflight.recover(self.used_idx)
         self.inflight = inflight
         if fresh:
