@@ -1,13 +1,14 @@
 """What the image formats' differential tests run on each daemon: an image
-exported over NBD, probed and written (:func:`export_and_probe`), and
-blockdev-create jobs on fresh file nodes (:func:`run_creates`)."""
+exported over NBD, probed and written (:func:`export_and_probe`),
+blockdev-create jobs on fresh file nodes (:func:`run_creates`), and a
+command line that must fail alike (:func:`assert_same_failure`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from tests.helpers import Daemon, qemu_img, qemu_io
+from tests.helpers import Daemon, normalise_prog, qemu_img, qemu_io, run_cli
 
 
 def export_and_probe(kind: str, tmp_path: Path, img: Path, driver: str,
@@ -68,3 +69,14 @@ def run_creates(kind: str, tmp_path: Path, creates: list[dict], ext: str,
             out.append(("job", job.get("error")))
             q.cmd("job-dismiss", id=f"j{n}")
     return out, files
+
+
+def assert_same_failure(args: list[str]) -> None:
+    """Both daemons refuse command line ``args`` (exit 1) with the same
+    stderr but for the program's name, and qsd-trio without a traceback."""
+    theirs = run_cli("qemu", args)
+    ours = run_cli("trio", args)
+    assert "Traceback" not in ours.stderr
+    assert theirs.returncode == 1
+    assert (ours.returncode, normalise_prog(ours.stderr)) == \
+        (theirs.returncode, normalise_prog(theirs.stderr))
