@@ -614,6 +614,11 @@ class BlockNode:
     def length(self) -> int:
         return self._length()
 
+    def inserted(self) -> bool:
+        """QEMU's bdrv_is_inserted: the node and everything under it has a
+        medium (host_cdrom is the one driver that can lack it)."""
+        return all(edge.node.inserted() for edge in self.children.values())
+
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or (offset + length > self._length() and not self.grows):
             raise OSError(errno.EIO, "Input/output error")

@@ -72,6 +72,8 @@ class NbdExport(BlockExport):
             raise GenericError(f"description '{self.description}' too long")
         if self.name in server.exports:
             raise GenericError(f"NBD server already has export named '{self.name}'")
+        if not node.inserted():  # blk_getlength's ENOMEDIUM
+            raise GenericError("Failed to determine the NBD export's length: No medium found")
         # writethrough: every write is made stable before it is acknowledged
         self.writethrough = bool(args.writethrough)
         self.allocation_depth = bool(args.allocation_depth)
