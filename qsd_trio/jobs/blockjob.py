@@ -84,6 +84,19 @@ class BlockJob(Job, BlockParent):
             edge.detach()
         self.edges.clear()
 
+    async def remove_filter(self, filt: BlockNode, drained: BlockNode) -> None:
+        """Take the job's filter node out of the graph and close it: the
+        job's own edges to it go first (drop_filter's contract), the rest
+        under a drain of ``drained``; shielded, as it runs on the way out
+        of a cancelled job."""
+        with trio.CancelScope(shield=True):
+            for edge in [e for e in self.edges + self.backends if e.node is filt]:
+                edge.detach()
+                (self.edges if edge in self.edges else self.backends).remove(edge)
+            async with drained.drained():
+                filt.graph.drop_filter(filt)
+            await filt.close()
+
     def clean(self) -> None:
         self.release_drain()
         self.detach_all()

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from ..nodes import job_filters  # noqa: F401 - registers commit_top
 from ..nodes.block_copy import CopyError
 from ..nodes.node import BlockNode, Perm, Status
@@ -88,10 +86,7 @@ class CommitJob(BlockJob):
     async def _drop_filter(self) -> None:
         filt, self.filter = self.filter, None
         if filt is not None:
-            with trio.CancelScope(shield=True):
-                async with self.top.drained():
-                    self.graph.drop_filter(filt)
-                await filt.close()
+            await self.remove_filter(filt, self.top)
 
     async def run(self) -> None:
         try:

@@ -88,17 +88,7 @@ class StreamJob(BlockJob):
     async def _drop_filter(self) -> None:
         filt, self.filter = self.filter, None
         if filt is not None:
-            with trio.CancelScope(shield=True):
-                # the job lets go of the filter first (drop_filter's contract)
-                for edge in [e for e in self.edges + self.backends if e.node is filt]:
-                    edge.detach()
-                    if edge in self.edges:
-                        self.edges.remove(edge)
-                    else:
-                        self.backends.remove(edge)
-                async with self.top.drained():
-                    self.graph.drop_filter(filt)
-                await filt.close()
+            await self.remove_filter(filt, self.top)
 
     async def _plan(self, offset: int, n: int) -> tuple[int, str | None]:
         """(length, what): "zero" or "data" where an intermediate layer (not
