@@ -242,12 +242,16 @@ class FuseExport(BlockExport):
         view = memoryview(buf)
         handlers = self._handlers
         served = 0
+        # waits for the device and the I/O engines' completions without the
+        # scheduler while nothing else can run (nodes/engine/inline_wait.py)
+        wait_inline = self.node.graph.io.inline_waiter()
         async with trio.open_nursery() as readers:
             while True:
                 try:
                     n = os.readv(fd, [buf])
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
+                    if wait_inline is None or not wait_inline(fd):
+                        await trio.lowlevel.wait_readable(fd)
                     continue
                 except OSError as e:
                     if e.errno in (errno.ENOENT, errno.EINTR):
