@@ -41,7 +41,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import itertools
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -72,6 +74,7 @@ class _Lib:
 
 
 _lib = _Lib()
+log = logging.getLogger(__name__)
 
 DIFF_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, _u64, _size_t, ctypes.c_int, _c_void_p)
 
@@ -241,6 +244,32 @@ def _cannot_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
+class _Callback:
+    """A request started without a task (BlockNode.read_submit/write_submit):
+    the reaper calls ``done(result, None)`` or ``done(None, OSError)`` when it
+    completes; ``hold`` keeps the request's buffers alive until then."""
+
+    __slots__ = ("done", "result", "hold")
+
+    def __init__(self, done: Callable[[Any, OSError | None], None], result: Any,
+                 hold: Any = None) -> None:
+        self.done = done
+        self.result = result  # a read's buffer (None for a write)
+        self.hold = hold
+
+    def complete(self, value: int) -> None:
+        try:
+            if value < 0:
+                self.done(None, OSError(-value, os.strerror(-value)))
+                return
+            buf = self.result
+            if buf is not None and value < len(buf):
+                buffers.zero_tail(buf, value)
+            self.done(buf, None)
+        except Exception:  # a callback must not stop the reaper
+            log.exception("rbd completion callback failed")
+
+
 class Reaper:
     """An image's eventfd, which librbd writes when a request of the image
     completes, and the trio system task that collects the completions
@@ -257,7 +286,7 @@ class Reaper:
         except OSError:
             os.close(self.efd)
             raise
-        self.waiting: dict[int, _Waiter] = {}
+        self.waiting: dict[int, _Waiter | _Callback] = {}
         self._comps = (_c_void_p * POLL_BATCH)()
         self.scope = trio.CancelScope()
         trio.lowlevel.spawn_system_task(self._run, name="rbd-completions")
@@ -280,9 +309,9 @@ class Reaper:
                         rid = rbd.rbd_aio_get_arg(comp) or 0
                         value = int(rbd.rbd_aio_get_return_value(comp))
                         rbd.rbd_aio_release(comp)
-                        waiter = self.waiting.pop(rid, None)
-                        if waiter is not None:
-                            waiter.complete(value)
+                        owner = self.waiting.pop(rid, None)
+                        if owner is not None:
+                            owner.complete(value)
                     if n < POLL_BATCH:
                         break
 
@@ -368,20 +397,43 @@ class Image:
         fn = DIFF_CALLBACK(c_cb)
         return int(_lib.rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, 1, fn, None))
 
-    async def _submit(self, start: Any, *args: Any) -> int:
+    def _start(self, owner: _Waiter | _Callback, start: Any, *args: Any) -> None:
+        """Submit a request whose completion goes to ``owner``; OSError if
+        librbd refuses it."""
         reaper = self.reaper
         if reaper is None:
             reaper = self.reaper = Reaper(self.handle)
         rid = next(_ids)
         comp = _c_void_p()
         _check(_lib.rbd.rbd_aio_create_completion(rid, None, ctypes.byref(comp)))
-        waiter = reaper.waiting[rid] = _Waiter()
+        reaper.waiting[rid] = owner
         r = start(self.handle, *args, comp)
         if r < 0:
             del reaper.waiting[rid]
             _lib.rbd.rbd_aio_release(comp)
             raise OSError(-r, os.strerror(-r))
+
+    async def _submit(self, start: Any, *args: Any) -> int:
+        waiter = _Waiter()
+        self._start(waiter, start, *args)
         return _check(await waiter.wait())
+
+    def submit_read(self, offset: int, length: int,
+                    done: Callable[[Any, OSError | None], None]) -> None:
+        """Start a read without a task: ``done(buffer, None)`` or
+        ``done(None, OSError)`` from the reaper."""
+        buf = buffers.alloc(length)
+        cbuf = (ctypes.c_char * length).from_buffer(buf)
+        self._start(_Callback(done, buf, cbuf), _lib.rbd.rbd_aio_read, offset, length, cbuf)
+
+    def submit_write(self, offset: int, data: bytes | bytearray | memoryview,
+                     done: Callable[[Any, OSError | None], None]) -> None:
+        """Start a write without a task: ``done(None, None)`` or
+        ``done(None, OSError)`` from the reaper; ``data`` must stay unchanged
+        until then."""
+        ptr = _pointer(data)
+        self._start(_Callback(done, None, ptr), _lib.rbd.rbd_aio_write, offset,
+                    memoryview(data).nbytes, ptr)
 
     async def read(self, offset: int, length: int) -> memoryview:
         buf = buffers.alloc(length)
