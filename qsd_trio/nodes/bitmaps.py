@@ -110,9 +110,10 @@ class DirtyBitmap:
         self.bits[:] = bytes(len(self.bits))
 
     def count(self) -> int:
-        """Dirty bytes as QEMU reports them (hbitmap_count: granules, capped at size)."""
+        """Dirty bytes as QEMU reports them (hbitmap_count: whole granules,
+        the last one too when the disk ends inside it)."""
         n = int.from_bytes(self.bits, "little").bit_count()
-        return min(n << self.shift, self.size)
+        return n << self.shift
 
     # -- search -----------------------------------------------------------------
     def _find_bit(self, start: int, stop: int, value: bool) -> int:
