@@ -25,12 +25,14 @@ missing part, as QEMU's generic layer pads reads past the end of a file;
 nothing is read past the file.  The header and BAT are kept only as far as
 the file holds them.
 
+An image opened read-only loads the dirty bitmaps of its Format Extension
+(parallels_ext.py); a read-write open warns and ignores the extension.
+
 ``blockdev-create`` with ``driver=parallels`` is :func:`create_parallels`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any
 
@@ -40,6 +42,7 @@ from ..qapi.errors import GenericError, QapiError, warn_report
 from .graph import register_driver
 from .node import BlockNode, BlockStatus, Status
 from .packed import Packed
+from .parallels_ext import load_format_extension
 from .table_format import ZEROES, PartialTable, Table, TableFormatNode, eio
 
 SECTOR = 512
@@ -56,9 +59,6 @@ INT64_MAX = (1 << 63) - 1
 MEM_ALIGN = 4096  # bdrv_opt_mem_align of a file node (the host page)
 BAT_DIRTY_BLOCK = 4 * 4096  # s->bat_dirty_block: 4 host pages
 DEFAULT_PREALLOC_SIZE = 128 << 20
-FORMAT_EXTENSION_MAGIC = 0xAB234CEF23DCEA87
-END_OF_FEATURES_MAGIC = 0
-DIRTY_BITMAP_FEATURE_MAGIC = 0x20385FAE252CB34A
 
 # ParallelsHeader: magic[16], version, heads, cylinders, tracks,
 # bat_entries, nb_sectors (u64), inuse, data_off, flags, ext_off (u64)
@@ -151,7 +151,7 @@ class ParallelsNode(TableFormatNode):
             if not self.read_only:
                 warn_report("Format Extension ignored in RW mode")
             else:
-                await self._read_format_extension(ph["ext_off"] * SECTOR)
+                await load_format_extension(self, ph["ext_off"])
         self._dirty: set[int] = set()  # bat_dirty_bmap: dirty 16 KiB blocks
         self._lock = trio.Lock()  # s->lock
         self._pending: list[tuple[int, int]] = []  # BAT entries to enter
@@ -160,29 +160,6 @@ class ParallelsNode(TableFormatNode):
             self._set_header_u32(_INUSE_OFFSET, HEADER_INUSE_MAGIC)
             await self._update_header()
         self._opened = True
-
-    async def _read_format_extension(self, ext_off: int) -> None:
-        """parallels_read_format_extension's checks (parallels-ext.c): the
-        magic, the MD5 of the rest of the cluster, then the features up to
-        the end marker.  Dirty bitmaps are not loaded (see docs/formats.md)."""
-        cs = self.tracks * SECTOR
-        buf = bytes(await self.pread(ext_off, cs))
-        magic = struct.unpack_from("<Q", buf)[0]
-        if magic != FORMAT_EXTENSION_MAGIC:
-            raise GenericError(f"Wrong parallels Format Extension magic: {magic:#x}, "
-                               f"expected: {FORMAT_EXTENSION_MAGIC:#x}")
-        if hashlib.md5(buf[24:]).digest() != buf[8:24]:
-            raise GenericError("Wrong checksum in Format Extension header. Format "
-                               "extension is corrupted.")
-        # the first feature: the end marker, a dirty bitmap (not loaded here,
-        # so the walk ends at it) or an unknown one
-        if 48 > cs:
-            raise GenericError("Format Extension: unexpected end of cluster")
-        fmagic = struct.unpack_from("<Q", buf, 24)[0]
-        if fmagic == DIRTY_BITMAP_FEATURE_MAGIC:
-            raise GenericError("qsd-trio: parallels dirty bitmaps are not supported")
-        if fmagic != END_OF_FEATURES_MAGIC:
-            raise GenericError(f"Unknown feature: {fmagic:#x}")
 
     def _set_header_u32(self, off: int, value: int) -> None:
         struct.pack_into("<I", self.hdr, off, value)

@@ -3,7 +3,8 @@ qemu-storage-daemon and qsd-trio give the same query-named-block-nodes, the
 same data and block status over NBD, and the same image file after the same
 writes over NBD (and the same file length while open: the preallocation);
 corrupt images fail to open with the same message; blockdev-create with
-driver=parallels gives the same job results and the same files.
+driver=parallels gives the same job results and the same files; the dirty
+bitmaps of a Format Extension look, behave and export the same.
 
 Normalised: the image path."""
 
@@ -15,7 +16,8 @@ import struct
 
 import pytest
 
-from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, qemu_img, qemu_io, run_cli
+from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, qemu_img, qemu_io, run, run_cli
+from tests.nodes.parallels_images import NAME1, NAME2, model_extents, two_bitmaps
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -149,6 +151,98 @@ def test_read_only_extension_error(images, tmp_path):
     assert "Format Extension magic" in theirs.stderr
     assert (ours.returncode, normalise_prog(ours.stderr)) == \
         (theirs.returncode, normalise_prog(theirs.stderr))
+
+
+def _bitmaps_probe(kind, tmp_path, img) -> dict:
+    """The image opened read-only: what QMP shows of its bitmaps and does
+    with them, then both exported over NBD and mapped with nbdinfo."""
+    sock = tmp_path / f"{kind}-bm.sock"
+    args = ["--blockdev", f"driver=file,node-name=f,filename={img}",
+            "--blockdev", "driver=parallels,node-name=p,file=f,read-only=on",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}"]
+    out: dict = {}
+    with Daemon(kind, tmp_path, args) as d:
+        q = d.qmp()
+        out["nodes"] = q.cmd_raw("query-named-block-nodes", {"flat": True})["return"]
+        out["block"] = q.cmd_raw("query-block", {})
+        for name in (NAME1, NAME2):
+            out[f"sha256 {name}"] = q.cmd_raw("x-debug-block-dirty-bitmap-sha256",
+                                              {"node": "p", "name": name})
+        # read-only bitmaps: no clearing, no removing; merging from them and
+        # disabling them work
+        out["clear"] = q.cmd_raw("block-dirty-bitmap-clear", {"node": "p", "name": NAME1})
+        out["remove"] = q.cmd_raw("block-dirty-bitmap-remove", {"node": "p", "name": NAME2})
+        out["persist"] = q.cmd_raw("block-dirty-bitmap-add",
+                                   {"node": "p", "name": "x", "persistent": True})
+        out["add"] = q.cmd_raw("block-dirty-bitmap-add",
+                               {"node": "p", "name": "copy", "granularity": 65536})
+        out["merge"] = q.cmd_raw("block-dirty-bitmap-merge",
+                                 {"node": "p", "target": "copy", "bitmaps": [NAME1]})
+        out["disable"] = q.cmd_raw("block-dirty-bitmap-disable", {"node": "p", "name": NAME2})
+        out["export"] = q.cmd_raw("block-export-add", {
+            "type": "nbd", "id": "e", "node-name": "p", "bitmaps": [NAME1, NAME2, "copy"]})
+        for name in (NAME1, NAME2, "copy"):
+            r = run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}",
+                    f"nbd+unix:///p?socket={sock}")
+            out[f"map {name}"] = [(e["offset"], e["length"]) for e in json.loads(r.stdout)
+                                  if e["type"] & 1]
+        out["after"] = q.cmd_raw("query-named-block-nodes", {"flat": True})["return"]
+    return json.loads(json.dumps(out).replace(str(img), "IMG"))
+
+
+def test_dirty_bitmaps_as_qemu(tmp_path):
+    """A Format Extension with dirty bitmaps (written from the specification:
+    qemu-img cannot make one) on an image with data: both daemons list the
+    same bitmaps, refuse and allow the same operations on them, and export
+    the same dirty ranges, which are the model's."""
+    src = tmp_path / "src.img"
+    qemu_img("create", "-q", "-f", "parallels", "-o", "cluster_size=512", str(src),
+             str(4 * MiB + 512))
+    qemu_io("-f", "parallels", "-c", "write -P 0x5a 65536 131072", str(src))
+    want = two_bitmaps(src)
+    seen = {}
+    for kind in ("qemu", "trio"):
+        img = tmp_path / f"{kind}.img"
+        shutil.copyfile(src, img)
+        seen[kind] = _bitmaps_probe(kind, tmp_path, img)
+        assert img.read_bytes() == src.read_bytes()  # opened read-only: untouched
+    assert seen["trio"] == seen["qemu"]
+    ours = seen["trio"]
+    size = 4 * MiB + 512
+    for name, (gran, dirty) in want.items():
+        assert ours[f"map {name}"] == [list(e) for e in model_extents(gran, dirty, size)]
+    assert ours["map copy"] == ours[f"map {NAME1}"]
+    top = next(n for n in ours["nodes"] if n["node-name"] == "p")
+    assert [(b["name"], b["granularity"], b["count"], b["persistent"], b["recording"])
+            for b in top["dirty-bitmaps"]] == [
+        (NAME2, 512, len(want[NAME2][1]) * 512, False, True),
+        (NAME1, 65536, 3 * 65536, False, True)]  # the last granule counts whole
+    assert "readonly" in ours["clear"]["error"]["desc"]
+    assert "readonly" in ours["remove"]["error"]["desc"]
+    assert ours["merge"] == ours["disable"] == ours["export"] == {"return": {}}
+
+
+def test_dirty_bitmaps_ignored_read_write(tmp_path):
+    """Opened read-write, the image's bitmaps are not loaded: both daemons
+    warn that the Format Extension is ignored and list none."""
+    img = tmp_path / "src.img"
+    qemu_img("create", "-q", "-f", "parallels", "-o", "cluster_size=512", str(img),
+             str(4 * MiB + 512))
+    two_bitmaps(img)
+    seen = {}
+    for kind in ("qemu", "trio"):
+        copy = tmp_path / f"{kind}.img"
+        shutil.copyfile(img, copy)
+        with Daemon(kind, tmp_path, ["--blockdev", f"driver=parallels,node-name=p,"
+                                     f"file.driver=file,file.filename={copy}"],
+                    allow_stderr="Format Extension ignored in RW mode") as d:
+            nodes = d.qmp().cmd_raw("query-named-block-nodes", {"flat": True})["return"]
+            # the image's name is in the warning (the option it comes from)
+            seen[kind] = ([n.get("dirty-bitmaps") for n in nodes],
+                          normalise_prog(d.stderr()).replace(str(copy), "IMG"))
+    assert seen["trio"] == seen["qemu"]
+    assert seen["trio"][0] == [None, None]
+    assert "warning: Format Extension ignored in RW mode" in seen["trio"][1]
 
 
 def _create(kind, tmp_path, creates) -> tuple[list, list[bytes]]:

@@ -6,12 +6,14 @@ images from ``qemu-img convert -O parallels`` read back and mapped;
 :func:`create_parallels` against ``qemu-img create``; the inuse flag, the
 preallocation modes against qemu-io's files; corrupt headers, format
 extensions, truncated files and BAT entries outside the file refused with
-QEMU's messages or read as qemu-img reads them."""
+QEMU's messages or read as qemu-img reads them; the dirty bitmaps of a
+format extension (written here from the specification, tests/nodes/
+parallels_images.py) loaded as QEMU loads and exports them."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import struct
 import subprocess
 import tempfile
@@ -28,6 +30,18 @@ from qsd_trio.nodes.parallels import HEADER_INUSE_MAGIC, create_parallels
 from qsd_trio.qapi.errors import GenericError
 
 from .conformance import check_block_node, pattern
+from .parallels_images import (
+    BITMAP_MAGIC,
+    NAME1,
+    NAME2,
+    U1,
+    add_extension,
+    bitmap_feature,
+    feature,
+    model_extents,
+    set_ext_off,
+    two_bitmaps,
+)
 from .workload import run_workload
 
 MiB = 1 << 20
@@ -226,37 +240,154 @@ async def test_corrupt_header(tmp_path, what):
     assert str(e.value) == msg
 
 
-def _with_extension(img: Path, feature: bytes, *, corrupt: bool = False) -> None:
-    """Append a format extension cluster (4 KiB clusters) holding ``feature``."""
-    b = bytearray(img.read_bytes())
-    ext = len(b)
-    body = feature + bytes(4096 - 24 - len(feature))
-    cl = bytearray(struct.pack("<Q", 0xAB234CEF23DCEA87) + hashlib.md5(body).digest() + body)
-    if corrupt:
-        cl[100] ^= 1
-    b += cl
-    struct.pack_into("<Q", b, 56, ext // 512)
-    img.write_bytes(b)
+def qemu_dirty_extents(img: Path, name: str, tmp_path: Path) -> list[tuple[int, int]]:
+    """The dirty extents QEMU itself exports (qemu-nbd -B, nbdinfo --map)."""
+    sock = tmp_path / "nbd.sock"
+    p = subprocess.Popen(["qemu-nbd", "-r", "-f", "parallels", "-B", name, "-k", str(sock),
+                          str(img)])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        out = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}",
+                              f"nbd+unix:///?socket={sock}"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
 
 
-@pytest.mark.parametrize("case", ["end", "unknown", "checksum"])
+async def test_dirty_bitmaps_loaded(tmp_path):
+    """A read-only open gives the node the extension's bitmaps: named by
+    their UUID, enabled, read-only, not persistent, with the bits the model
+    says and QEMU exports."""
+    img = tmp_path / "bm.parallels"
+    make_image(img, 4 * MiB + 512, cluster=512)
+    want = two_bitmaps(img)
+    size = 4 * MiB + 512
+    async with opened(img, read_only=True) as node:
+        assert list(node.bitmaps) == [NAME1, NAME2]
+        for name, (gran, dirty) in want.items():
+            bm = node.bitmaps[name]
+            assert (bm.granularity, bm.enabled, bm.readonly, bm.persistent) == \
+                (gran, True, True, False)
+            assert bm.count() == len(dirty) * gran  # whole granules, as hbitmap_count
+            ours = [(off, n) for off, n, d in bm.dirty_extents() if d]
+            assert ours == model_extents(gran, dirty, size)
+            assert ours == qemu_dirty_extents(img, name, tmp_path)
+    async with opened(img) as node:  # read-write: ignored, with QEMU's warning
+        assert node.bitmaps == {}
+
+
+def _ext_case(img: Path, case: str) -> None:
+    """Give ``img`` (1 MiB, 4 KiB clusters: 2048 sectors, one cluster of
+    bitmap at one sector per granule) the extension of ``case``."""
+    one = {7, 100}
+    if case == "end":
+        add_extension(img, b"")
+    elif case == "unknown":
+        add_extension(img, feature(0x1234))
+    elif case == "checksum":
+        add_extension(img, b"", corrupt=True)
+    elif case == "magic":
+        add_extension(img, b"", magic=0x1234)
+    elif case == "flags":
+        add_extension(img, feature(BITMAP_MAGIC, flags=2))
+    elif case == "end-flags":
+        add_extension(img, feature(0, flags=1))
+    elif case == "data-size":
+        add_extension(img, feature(0x1234, data_size=4049))
+    elif case == "end-data-size":
+        add_extension(img, feature(0, data_size=5000))
+    elif case == "small-bitmap":
+        add_extension(img, feature(BITMAP_MAGIC, bytes(31)))
+    elif case == "bitmap-size":
+        add_extension(img, bitmap_feature(img, U1, 1, one, size=7))
+    elif case == "l1-past-data":
+        f = bytearray(bitmap_feature(img, U1, 1, one))
+        struct.pack_into("<I", f, 24 + 28, 2)
+        add_extension(img, bytes(f))
+    elif case == "table-size":
+        add_extension(img, bitmap_feature(img, U1, 1, one, l1=[0, 0]))
+    elif case == "duplicate":
+        add_extension(img, bitmap_feature(img, U1, 1, one) + bitmap_feature(img, U1, 2, one,
+                                                                          l1=[0, 0, 0]))
+    elif case == "data-eio":
+        add_extension(img, bitmap_feature(img, U1, 1, one, l1=[(1 << 54) + 5]))
+    elif case == "data-past-eof":  # reads zeroes
+        add_extension(img, bitmap_feature(img, U1, 1, one, l1=[100000]))
+    elif case == "data-wraps":  # the sector number wraps to the header's cluster
+        add_extension(img, bitmap_feature(img, U1, 1, one, l1=[1 << 55]))
+    elif case == "ones":
+        add_extension(img, bitmap_feature(img, U1, 1, one, l1=[1]))
+    elif case == "big-granule":  # 2 GiB granules: one bit for the whole disk
+        add_extension(img, bitmap_feature(img, U1, 1 << 22, {0}))
+    elif case == "ext-past-eof":
+        set_ext_off(img, 100000)
+    else:
+        raise AssertionError(case)
+
+
+EXT_CASES = ["end", "unknown", "checksum", "magic", "flags", "end-flags", "data-size",
+             "end-data-size", "small-bitmap", "bitmap-size", "l1-past-data", "table-size",
+             "duplicate", "data-eio", "data-past-eof", "data-wraps", "ones", "big-granule",
+             "ext-past-eof"]
+
+
+@pytest.mark.parametrize("case", EXT_CASES)
 async def test_format_extension(tmp_path, case):
-    """A read-only open checks the format extension as QEMU does; a
-    read-write one ignores it with QEMU's warning."""
+    """A read-only open checks the format extension and loads its bitmaps as
+    QEMU does: qemu-img info opens the same image, or fails with the same
+    message; the bitmaps are the ones QEMU exports."""
     img = tmp_path / "ext.parallels"
     make_image(img, MiB, cluster=4096)
-    feature = struct.pack("<QQII", 0x1234 if case == "unknown" else 0, 0, 0, 0)
-    _with_extension(img, feature, corrupt=case == "checksum")
+    _ext_case(img, case)
     r = qemu_img("info", "-f", "parallels", str(img))
-    if case == "end":
-        assert r.returncode == 0
+    if r.returncode == 0:
         async with opened(img, read_only=True) as node:
             assert bytes(await node.read(0, 4096)) == bytes(4096)
+            for name, bm in node.bitmaps.items():
+                ours = [(off, n) for off, n, d in bm.dirty_extents() if d]
+                assert ours == qemu_dirty_extents(img, name, tmp_path)
+        assert case in ("end", "data-past-eof", "data-wraps", "ones", "big-granule")
     else:
         with pytest.raises(GenericError) as e:
             async with opened(img, read_only=True):
                 pass
         assert r.stderr.strip().endswith(": " + str(e.value))
+
+
+@pytest.mark.parametrize(("case", "msg"), [
+    ("granularity-3", "Granularity must be power of 2, and at least 512"),
+    ("granularity-0", "Granularity must be power of 2, and at least 512"),
+    ("ext-wraps", "Failed to read Format Extension cluster: Input/output error"),
+    ("past-cluster", "Can not read feature header, as remaining bytes (0) in Format "
+                     "Extension is less than Feature header size (24)")])
+async def test_format_extension_where_qemu_asserts(tmp_path, case, msg):
+    """Where QEMU 7.2 aborts on an assertion (a granularity that is no power
+    of two of at least 512 bytes; an ext_off whose byte offset wraps to zero)
+    or reads past the cluster (its count of the bytes left forgets the
+    features' data), qsd-trio refuses the image with an error."""
+    img = tmp_path / "ext.parallels"
+    make_image(img, MiB, cluster=4096)
+    if case.startswith("granularity"):
+        add_extension(img, bitmap_feature(img, U1, int(case[-1]), set(), l1=[0]))
+    elif case == "ext-wraps":
+        set_ext_off(img, 1 << 55)
+    else:  # a feature whose data ends the cluster: the next header is past it
+        add_extension(img, feature(BITMAP_MAGIC, bitmap_feature(img, U1, 1, {1})[24:]
+                                   + bytes(4096 - 48 - 40)))
+    with pytest.raises(GenericError) as e:
+        async with opened(img, read_only=True):
+            pass
+    assert str(e.value) == msg
+    r = qemu_img("info", "-f", "parallels", str(img))
+    if case == "past-cluster":  # QEMU reads on past the cluster: its result is chance
+        assert r.returncode != 0
+    else:
+        assert r.returncode < 0 and "Assertion" in r.stderr, r.stderr
 
 
 async def test_inuse_flag(tmp_path, capfd):
