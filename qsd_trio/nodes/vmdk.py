@@ -22,18 +22,16 @@ Writes: a grain is allocated at ``next_cluster_sector`` (the end of its
 extent file), the rest of it filled from the backing node or with zeroes,
 the data written, then the grain table entry (and the redundant table's);
 the first write after open writes a random CID into the descriptor
-(vmdk_write_cid, which rewrites 10240 bytes there, or the whole
-descriptor file).  Zero writes of whole
-grains mark them zeroed when the extent has the zeroed-grain flag; other
-zero writes write zeroes.  seSparse extents are read-only.  QEMU holds one
-lock around every request; here allocating writes hold it, and reads and
-writes into allocated grains do not need it (a grain is mapped only once
-its data is written).
+(vmdk_write_cid, which rewrites 10240 bytes there, or the whole descriptor
+file).  Zero writes of whole grains mark them zeroed when the extent has
+the zeroed-grain flag; other zero writes write zeroes.  seSparse extents
+are read-only.  QEMU holds one lock around every request; here allocating
+writes hold it, and reads and writes into allocated grains do not need it
+(a grain is mapped only once its data is written).
 
-Reads, writes and block status of a range that one extent maps to one
-stretch of a file go straight to that file (the synchronous fast path and
-requests without a task, :meth:`BlockNode.read_now`); the rest take the
-general path.
+Reads and writes of a range that one extent maps to one stretch of a file
+go straight to that file (the synchronous fast path and requests without a
+task, :meth:`BlockNode.read_now`); the rest take the general path.
 
 ``blockdev-create`` with ``driver=vmdk`` is :func:`.vmdk_create.create_vmdk`.
 """
@@ -417,7 +415,7 @@ class VmdkNode(TableFormatNode):
             return None
         if ext.flat:
             host = ext.flat_start_offset + offset - ext.begin
-        elif ext.compressed or ext.sesparse and write:
+        elif ext.compressed or (ext.sesparse and write):
             return None
         else:
             kind, sector, _t, _i = ext.lookup_cached(offset)
@@ -503,12 +501,17 @@ class VmdkNode(TableFormatNode):
         return kind, host, n
 
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
+        if not length:
+            return b""
+        ext = self._extent_at(offset)
+        kind, host, n = await self._run(ext, offset, length)
+        if n >= length and kind == VMDK_OK and not ext.compressed:
+            ext.file.debug_event("read_aio")
+            return await pread(ext.file, host, length)  # one run: the file's buffer as it is
         out = bytearray(length)
         done = 0
-        while done < length:
+        while True:
             pos = offset + done
-            ext = self._extent_at(pos)
-            kind, host, n = await self._run(ext, pos, length - done)
             if kind != VMDK_OK:
                 if self.backing is not None and kind != VMDK_ZEROED:
                     if not self._cid_valid():
@@ -516,13 +519,16 @@ class VmdkNode(TableFormatNode):
                     self.file.debug_event("read_backing_aio")
                     await read_backing(self.backing, pos, n, out, done)
             elif ext.compressed:
-                out[done:done + n] = await read_grain(ext, host - ext.offset_in_cluster(pos),
-                                                      ext.offset_in_cluster(pos), n)
+                in_cluster = ext.offset_in_cluster(pos)
+                out[done:done + n] = await read_grain(ext, host - in_cluster, in_cluster, n)
             else:
                 ext.file.debug_event("read_aio")
                 out[done:done + n] = await pread(ext.file, host, n)
             done += n
-        return out
+            if done >= length:
+                return out
+            ext = self._extent_at(offset + done)
+            kind, host, n = await self._run(ext, offset + done, length - done)
 
     # -- block status (vmdk_co_block_status) ----------------------------------------------
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
