@@ -42,6 +42,7 @@ from .parallels_images import (
     set_ext_off,
     two_bitmaps,
 )
+from .qemu_dirty import qemu_dirty_extents
 from .workload import run_workload
 
 MiB = 1 << 20
@@ -163,7 +164,6 @@ async def test_reads_qemu_img_convert(tmp_path):
             else:
                 assert s.flags == Status.ZERO
             off += s.length
-    import json
     mapped = json.loads(qemu_img("map", "--output=json", "-f", "parallels", str(img)).stdout)
     assert allocated == [(m["start"], m["length"], m["offset"]) for m in mapped if m["data"]]
 
@@ -240,25 +240,6 @@ async def test_corrupt_header(tmp_path, what):
     assert str(e.value) == msg
 
 
-def qemu_dirty_extents(img: Path, name: str, tmp_path: Path) -> list[tuple[int, int]]:
-    """The dirty extents QEMU itself exports (qemu-nbd -B, nbdinfo --map)."""
-    sock = tmp_path / "nbd.sock"
-    p = subprocess.Popen(["qemu-nbd", "-r", "-f", "parallels", "-B", name, "-k", str(sock),
-                          str(img)])
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            subprocess.run(["sleep", "0.05"], check=True)
-        out = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}",
-                              f"nbd+unix:///?socket={sock}"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-    finally:
-        p.terminate()
-        p.wait(timeout=10)
-    return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
-
-
 async def test_dirty_bitmaps_loaded(tmp_path):
     """A read-only open gives the node the extension's bitmaps: named by
     their UUID, enabled, read-only, not persistent, with the bits the model
@@ -276,7 +257,7 @@ async def test_dirty_bitmaps_loaded(tmp_path):
             assert bm.count() == len(dirty) * gran  # whole granules, as hbitmap_count
             ours = [(off, n) for off, n, d in bm.dirty_extents() if d]
             assert ours == model_extents(gran, dirty, size)
-            assert ours == qemu_dirty_extents(img, name, tmp_path)
+            assert ours == qemu_dirty_extents(img, "parallels", name, tmp_path)
     async with opened(img) as node:  # read-write: ignored, with QEMU's warning
         assert node.bitmaps == {}
 
@@ -350,7 +331,7 @@ async def test_format_extension(tmp_path, case):
             assert bytes(await node.read(0, 4096)) == bytes(4096)
             for name, bm in node.bitmaps.items():
                 ours = [(off, n) for off, n, d in bm.dirty_extents() if d]
-                assert ours == qemu_dirty_extents(img, name, tmp_path)
+                assert ours == qemu_dirty_extents(img, "parallels", name, tmp_path)
         assert case in ("end", "data-past-eof", "data-wraps", "ones", "big-granule")
     else:
         with pytest.raises(GenericError) as e:

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 from .qcow2_helpers import check_clean, create, open_qcow2, qemu_img, qemu_io
+from .qemu_dirty import qemu_dirty_extents
 
 SIZE = 4 << 20
 
 
 def qemu_bitmap_extents(path, name: str, tmp_path) -> list[tuple[int, int]]:
-    """Dirty extents as QEMU itself sees them (qemu-nbd -B + nbdinfo --map)."""
-    sock = tmp_path / "nbd.sock"
-    p = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name, "-k", str(sock),
-                          str(path)])
-    try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            subprocess.run(["sleep", "0.05"])
-        out = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}",
-                              f"nbd+unix:///?socket={sock}"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-    finally:
-        p.terminate()
-        p.wait(timeout=10)
-    return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
+    return qemu_dirty_extents(path, "qcow2", name, tmp_path)
 
 
 def our_extents(bm) -> list[tuple[int, int]]:
