@@ -52,7 +52,7 @@ from .backing import backing_info, backing_status, open_backing, read_backing
 from .graph import BDRV_MAX_LENGTH, register_driver
 from .node import BdrvChild, BlockNode, BlockStatus, Buffer, ReadDone, Status, WriteDone
 from .perms import storage_perms
-from .table_format import TableFormatNode
+from .table_format import TableFormatNode, eio
 from .vmdk_descriptor import (
     DESC_SIZE,
     create_type,
@@ -83,7 +83,6 @@ from .vmdk_extent import (
     add_extent,
     check_vmdk4,
     einval,
-    eio,
     open_se_sparse,
     open_vmfs_sparse,
     pread,

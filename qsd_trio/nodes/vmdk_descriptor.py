@@ -24,6 +24,7 @@ which images open and what they contain.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..qapi.errors import GenericError
@@ -240,13 +241,14 @@ def _next_line(desc: bytes, p: int) -> int:
     return len(desc) if nl < 0 else nl + 1
 
 
-def parse_extents(desc: bytes) -> list[ExtentLine]:
+def parse_extents(desc: bytes) -> Iterator[ExtentLine]:
     """vmdk_parse_extents' scan of every line: the extents to open, in
-    order.  Lines whose access is not ``RW``, whose size is not positive or
-    whose type is unknown are skipped; a FLAT line without its offset (or
-    with a negative one), a VMFS line with one and a sparse line with one
-    are refused: GenericError("Invalid extent line: ...")."""
-    out: list[ExtentLine] = []
+    order, one at a time (QEMU opens each before it scans the next line, so
+    a file that does not open fails before a bad line after it).  Lines
+    whose access is not ``RW``, whose size is not positive or whose type is
+    unknown are skipped; a FLAT line without its offset (or with a negative
+    one), a VMFS line with one and a sparse line with one are refused:
+    GenericError("Invalid extent line: ...")."""
     p = 0
     sectors = 0
     while p < len(desc):
@@ -294,9 +296,8 @@ def parse_extents(desc: bytes) -> list[ExtentLine]:
                 end -= 1
             raise GenericError(f"Invalid extent line: {text(desc[p:end])}")
         if sectors > 0 and type_ in EXTENT_TYPES:
-            out.append(ExtentLine(sectors, type_.decode(), os.fsdecode(fname), flat_offset))
+            yield ExtentLine(sectors, type_.decode(), os.fsdecode(fname), flat_offset)
         p = _next_line(desc, p)
-    return out
 
 
 def create_type(desc: bytes) -> str:

@@ -100,10 +100,6 @@ class SeSparseConstHeader(Packed):
               "grains_size", "pad")
 
 
-def eio() -> OSError:
-    return OSError(errno.EIO, "Input/output error")
-
-
 def einval() -> OSError:
     return OSError(errno.EINVAL, "Invalid argument")
 

@@ -343,6 +343,9 @@ DESC_BAD = {
     "flat-line": ("monolithicFlat.vmdk", b'-flat.vmdk" 0', b'-flat.vmdk"'),
     "sparse-line": ("twoGbMaxExtentSparse.vmdk", b'-s001.vmdk"', b'-s001.vmdk" 7'),
     "missing": ("twoGbMaxExtentFlat.vmdk", b"-f001.vmdk", b"-f009.vmdk"),
+    # the missing file is opened (and fails) before the bad line is scanned
+    "missing-then-bad": ("twoGbMaxExtentSparse.vmdk", b'-s001.vmdk"\n',
+                         b'-s009.vmdk"\nRW 1 FLAT "x"\n'),
     "parent-hint": ("monolithicFlat.vmdk", b"\n#DDB", b'\nparentFileNameHint="x'),
     "no-parent-cid": ("monolithicFlat.vmdk", b"parentCID", b"parentXID"),
     "too-large": ("monolithicFlat.vmdk", b"RW 12288", b"RW 18014398509481983"),
