@@ -48,6 +48,29 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..nodes.node import BdrvChild, BlockNode
+from ..proto import vduse as V
+from ..proto.vduse import (
+    VDUSE_ACCESS_WO,
+    VDUSE_API_VERSION,
+    VDUSE_CREATE_DEV,
+    VDUSE_DESTROY_DEV,
+    VDUSE_DEV_GET_FEATURES,
+    VDUSE_DEV_INJECT_CONFIG_IRQ,
+    VDUSE_DEV_SET_CONFIG,
+    VDUSE_EVENTFD_DEASSIGN,
+    VDUSE_GET_VQ_STATE,
+    VDUSE_IOTLB_GET_FD,
+    VDUSE_NAME_MAX,
+    VDUSE_REQ_RESULT_FAILED,
+    VDUSE_REQ_RESULT_OK,
+    VDUSE_SET_API_VERSION,
+    VDUSE_SET_STATUS,
+    VDUSE_UPDATE_IOTLB,
+    VDUSE_VQ_GET_INFO,
+    VDUSE_VQ_INJECT_IRQ,
+    VDUSE_VQ_SETUP,
+    VDUSE_VQ_SETUP_KICKFD,
+)
 from ..proto.vhost_user import MemRegion
 from ..qapi.errors import GenericError
 from .base import register_export
@@ -81,54 +104,9 @@ from .virtio.virtqueue import (
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-# include/uapi/linux/vduse.h
-_VDUSE_BASE = 0x81
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return direction << 30 | size << 16 | _VDUSE_BASE << 8 | nr
-
-
-_W, _R = 1, 2
-VDUSE_API_VERSION = 0
-VDUSE_SET_API_VERSION = _ioc(_W, 0x01, 8)
-VDUSE_CREATE_DEV = _ioc(_W, 0x02, 336)
-VDUSE_DESTROY_DEV = _ioc(_W, 0x03, 256)
-VDUSE_IOTLB_GET_FD = _ioc(_W | _R, 0x10, 32)
-VDUSE_DEV_GET_FEATURES = _ioc(_R, 0x11, 8)
-VDUSE_DEV_SET_CONFIG = _ioc(_W, 0x12, 8)
-VDUSE_DEV_INJECT_CONFIG_IRQ = _ioc(0, 0x13, 0)
-VDUSE_VQ_SETUP = _ioc(_W, 0x14, 32)
-VDUSE_VQ_GET_INFO = _ioc(_W | _R, 0x15, 48)
-VDUSE_VQ_SETUP_KICKFD = _ioc(_W, 0x16, 8)
-VDUSE_VQ_INJECT_IRQ = _ioc(_W, 0x17, 4)
-VDUSE_NAME_MAX = 256
-VDUSE_EVENTFD_DEASSIGN = -1
-VDUSE_ACCESS_WO = 2
-# message types (enum vduse_req_type) and results
-VDUSE_GET_VQ_STATE, VDUSE_SET_STATUS, VDUSE_UPDATE_IOTLB = 0, 1, 2
-VDUSE_REQ_RESULT_OK, VDUSE_REQ_RESULT_FAILED = 0, 1
 VIRTIO_CONFIG_S_DRIVER_OK = 4
 VIRTIO_F_ACCESS_PLATFORM = 33
 VIRTIO_ID_BLOCK = 2
-# struct vduse_dev_config without its config[]: name, vendor_id,
-# device_id, features, vq_num, vq_align, reserved[13], config_size
-_DEV_CONFIG = struct.Struct("<256sIIQII52xI")
-_IOTLB_ENTRY = struct.Struct("<QQQB7x")
-_VQ_INFO = struct.Struct("<IIQQQH6xB7x")
-_VQ_EVENTFD = struct.Struct("<Ii")
-_VQ_CONFIG = struct.Struct("<IH26x")
-# struct vduse_dev_request / vduse_dev_response: 152 bytes each
-_MSG_SIZE = 152
-_REQ_HEAD = struct.Struct("<II16x")
-_RESP_HEAD = struct.Struct("<II16x")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-# struct vduse_config_data without its buffer[]: offset, length
-_CONFIG_DATA = struct.Struct("<II")
-_IOVA_RANGE = struct.Struct("<QQ")
-_VQ_STATE = struct.Struct("<IH")
-
 VDUSE_VQ_ALIGN = 4096
 DEFAULT_QUEUE_SIZE = 256
 VIRTQUEUE_MAX_SIZE = 1024
@@ -219,13 +197,13 @@ class IotlbMemory(vmem.GuestMemory):
 
     def _fault(self, iova: int) -> bool:
         """Map the IOTLB range holding ``iova``; False if there is none."""
-        buf = bytearray(_IOTLB_ENTRY.pack(0, iova, iova + 1, 0))
+        buf = V.iotlb_query(iova)
         try:
             fd = fcntl.ioctl(self.dev_fd, VDUSE_IOTLB_GET_FD, buf, True)
         except OSError:
             return False
         try:
-            offset, start, last, perm = _IOTLB_ENTRY.unpack(buf)
+            offset, start, last, perm = V.iotlb_entry(buf)
             if not start <= iova <= last or len(self.regions) >= self.max_regions:
                 return False
             for r in self.regions:
@@ -298,14 +276,14 @@ class VduseDevice(Device):
                 while True:
                     await trio.lowlevel.wait_readable(self.fd)
                     try:
-                        msg = os.read(self.fd, _MSG_SIZE)
+                        msg = os.read(self.fd, V.MSG_SIZE)
                     except (BlockingIOError, InterruptedError):
                         continue
                     except OSError as e:
                         # the device is unusable; it stays until the export ends
                         print(f"Read request error: {e.strerror}", file=sys.stderr, flush=True)
                         await trio.sleep_forever()
-                    if len(msg) != _MSG_SIZE:
+                    if len(msg) != V.MSG_SIZE:
                         print(f"Read request error [{len(msg)}]", file=sys.stderr, flush=True)
                         continue
                     try:
@@ -313,8 +291,8 @@ class VduseDevice(Device):
                     except OSError as e:
                         # an ioctl the kernel refused: the request fails
                         print(f"vduse request failed: {e.strerror}", file=sys.stderr, flush=True)
-                        reply = (_RESP_HEAD.pack(_REQ_HEAD.unpack_from(msg)[1],
-                                                 VDUSE_REQ_RESULT_FAILED).ljust(_MSG_SIZE, b"\0"))
+                        reply = V.response(V.decode_request(msg).request_id,
+                                           VDUSE_REQ_RESULT_FAILED)
                     try:
                         os.write(self.fd, reply)
                     except OSError as e:
@@ -325,27 +303,26 @@ class VduseDevice(Device):
             self.mem.close()
 
     async def _handle(self, msg: bytes) -> bytes:
-        kind, request_id = _REQ_HEAD.unpack_from(msg)
-        body = msg[_REQ_HEAD.size:]
+        kind, request_id, body = V.decode_request(msg)
         result = VDUSE_REQ_RESULT_OK
         state = b""
         if kind == VDUSE_GET_VQ_STATE:
-            index = _U32.unpack_from(body)[0]
+            index = V.vq_state_index(body)
             if index < len(self.workers):
                 worker = self.workers[index]
                 idx = (worker.queue.last_avail_idx if worker is not None
                        else self.last_avail_idx[index])
-                state = _VQ_STATE.pack(index, idx)
+                state = V.vq_state(index, idx)
             else:
                 result = VDUSE_REQ_RESULT_FAILED
         elif kind == VDUSE_SET_STATUS:
-            status = body[0]
+            status = V.status(body)
             if status & VIRTIO_CONFIG_S_DRIVER_OK:
                 await self._start()
             elif status == 0:
                 await self._stop()
         elif kind == VDUSE_UPDATE_IOTLB:
-            start, last = _IOVA_RANGE.unpack_from(body)
+            start, last = V.iova_range(body)
             self.mem.forget(start, last)
             for worker in self.workers:
                 if worker is not None:
@@ -356,26 +333,25 @@ class VduseDevice(Device):
                               file=sys.stderr, flush=True)
         else:
             result = VDUSE_REQ_RESULT_FAILED
-        return (_RESP_HEAD.pack(request_id, result) + state).ljust(_MSG_SIZE, b"\0")
+        return V.response(request_id, result, state)
 
     # -- the dataplane -------------------------------------------------------------------
     async def _start(self) -> None:
         buf = bytearray(8)
         fcntl.ioctl(self.fd, VDUSE_DEV_GET_FEATURES, buf, True)
-        self.features = int.from_bytes(buf, "little")
+        self.features = V.features(buf)
         for index, worker in enumerate(self.workers):
             if worker is None:
                 await self._enable(index)
 
     async def _enable(self, index: int) -> None:
-        info = bytearray(_VQ_INFO.size)
-        _U32.pack_into(info, 0, index)
+        info = V.vq_info_query(index)
         try:
             fcntl.ioctl(self.fd, VDUSE_VQ_GET_INFO, info, True)
         except OSError as e:
             print(f"Failed to get vq[{index}] info: {e.strerror}", file=sys.stderr, flush=True)
             return
-        _, num, desc, driver, device, avail_idx, ready = _VQ_INFO.unpack(info)
+        num, desc, driver, device, avail_idx, ready = V.vq_info(info)
         if not ready:
             return
         f = self.features
@@ -394,7 +370,7 @@ class VduseDevice(Device):
             return
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD, _VQ_EVENTFD.pack(index, kick))
+            fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD, V.vq_eventfd(index, kick))
         except OSError as e:
             os.close(kick)
             print(f"Failed to setup kick fd for vq[{index}]: {e.strerror}",
@@ -425,7 +401,7 @@ class VduseDevice(Device):
         if deassign:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self.fd, VDUSE_VQ_SETUP_KICKFD,
-                            _VQ_EVENTFD.pack(index, VDUSE_EVENTFD_DEASSIGN))
+                            V.vq_eventfd(index, VDUSE_EVENTFD_DEASSIGN))
         trio.lowlevel.notify_closing(fd)
         os.close(fd)
 
@@ -437,7 +413,7 @@ class VduseDevice(Device):
     def _inject(self, index: int) -> None:
         """The used-buffer interrupt (the worker asks when the driver wants one)."""
         try:
-            fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, _U32.pack(index))
+            fcntl.ioctl(self.fd, VDUSE_VQ_INJECT_IRQ, V.u32(index))
         except OSError as e:
             print(f"Error inject irq for vq {index}: {e.strerror}", file=sys.stderr, flush=True)
 
@@ -469,10 +445,9 @@ class VduseBlkExport(VirtioBlkExport):
         device = self.device
         if device is None:
             return
-        capacity = _U64.pack(edge.node.length >> SECTOR_BITS)
+        capacity = V.u64(edge.node.length >> SECTOR_BITS)
         try:
-            fcntl.ioctl(device.fd, VDUSE_DEV_SET_CONFIG,
-                        _CONFIG_DATA.pack(0, len(capacity)) + capacity)
+            fcntl.ioctl(device.fd, VDUSE_DEV_SET_CONFIG, V.config_data(0, capacity))
             fcntl.ioctl(device.fd, VDUSE_DEV_INJECT_CONFIG_IRQ)
         except OSError as e:
             print(f"Failed to update vduse device {self.name} config: {e.strerror}",
@@ -499,7 +474,7 @@ class VduseBlkExport(VirtioBlkExport):
         dev = -1
         try:
             try:
-                fcntl.ioctl(ctrl, VDUSE_SET_API_VERSION, VDUSE_API_VERSION.to_bytes(8, "little"))
+                fcntl.ioctl(ctrl, VDUSE_SET_API_VERSION, V.u64(VDUSE_API_VERSION))
             except OSError as e:
                 print(f"Failed to set api version {VDUSE_API_VERSION}: {e.strerror}",
                       file=sys.stderr, flush=True)
@@ -508,10 +483,10 @@ class VduseBlkExport(VirtioBlkExport):
                                   num_queues=self.num_queues,
                                   logical_block_size=self.logical_block_size)
             features = device_features(num_queues=self.num_queues, writable=self.writable)
-            head = _DEV_CONFIG.pack(name.encode(), 0, VIRTIO_ID_BLOCK, features,
-                                    self.num_queues, VDUSE_VQ_ALIGN, len(config))
             try:
-                fcntl.ioctl(ctrl, VDUSE_CREATE_DEV, head + config)
+                fcntl.ioctl(ctrl, VDUSE_CREATE_DEV,
+                            V.dev_config(name, VIRTIO_ID_BLOCK, features, self.num_queues,
+                                         VDUSE_VQ_ALIGN, config))
             except OSError as e:
                 if e.errno != errno.EEXIST:
                     print(f"Failed to create vduse device {name}: {e.strerror}",
@@ -521,7 +496,7 @@ class VduseBlkExport(VirtioBlkExport):
                 dev = os.open(f"/dev/vduse/{name}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
                 fcntl.ioctl(dev, VDUSE_DEV_GET_FEATURES, bytearray(8), True)
                 for i in range(self.num_queues):
-                    fcntl.ioctl(dev, VDUSE_VQ_SETUP, _VQ_CONFIG.pack(i, self.queue_size))
+                    fcntl.ioctl(dev, VDUSE_VQ_SETUP, V.vq_config(i, self.queue_size))
             except OSError as e:
                 print(f"Failed to init vduse device {name}: {e.strerror}",
                       file=sys.stderr, flush=True)
@@ -566,7 +541,7 @@ class VduseBlkExport(VirtioBlkExport):
         """VDUSE_DESTROY_DEV; False when the kernel refused: EBUSY while
         the device is still on the vDPA bus (it stays for the next daemon)."""
         try:
-            fcntl.ioctl(ctrl, VDUSE_DESTROY_DEV, self.name.encode().ljust(VDUSE_NAME_MAX, b"\0"))
+            fcntl.ioctl(ctrl, VDUSE_DESTROY_DEV, V.dev_name(self.name))
         except OSError as e:
             return e.errno != errno.EBUSY
         return True

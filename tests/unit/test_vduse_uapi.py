@@ -1,4 +1,4 @@
-"""The VDUSE ioctl numbers and structure layouts of exports/vduse_blk.py
+"""The VDUSE ioctl numbers and structure layouts of proto/vduse.py
 against the kernel's own header (linux/vduse.h of linux-libc-dev),
 compiled with the C compiler: a wrong size in an ioctl number makes the
 kernel answer ENOTTY, a wrong offset garbles the device's config."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qsd_trio.exports import vduse_blk as v
+from qsd_trio.proto import vduse as v
 
 HEADER = Path("/usr/include/linux/vduse.h")
 pytestmark = pytest.mark.skipif(not HEADER.exists() or shutil.which("cc") is None,
@@ -58,20 +58,33 @@ def test_ioctls_and_layouts_match_the_kernel_header(tmp_path):
                  "VDUSE_NAME_MAX", "VDUSE_ACCESS_WO", "VDUSE_GET_VQ_STATE",
                  "VDUSE_SET_STATUS", "VDUSE_UPDATE_IOTLB"):
         assert getattr(v, name) == c[name], name
-    assert v._DEV_CONFIG.size == c["sizeof(struct vduse_dev_config)"]
+    # what proto/vduse.py packs and unpacks, at the header's offsets
     mark = 0x0102030405060708
-    assert v._DEV_CONFIG.pack(b"", 0, 0, mark, 0, 0, 0).index(mark.to_bytes(8, "little")) == \
-        c["offsetof(struct vduse_dev_config, features)"]
-    # config_size is the last field before config[]
-    assert v._DEV_CONFIG.size - 4 == c["offsetof(struct vduse_dev_config, config_size)"]
-    assert v._IOTLB_ENTRY.size == c["sizeof(struct vduse_iotlb_entry)"]
-    assert c["offsetof(struct vduse_iotlb_entry, perm)"] == 24
-    assert v._VQ_INFO.size == c["sizeof(struct vduse_vq_info)"]
-    assert c["offsetof(struct vduse_vq_info, split)"] == 32
-    assert c["offsetof(struct vduse_vq_info, ready)"] == 40
-    assert v._VQ_CONFIG.size == c["sizeof(struct vduse_vq_config)"]
-    assert v._VQ_EVENTFD.size == c["sizeof(struct vduse_vq_eventfd)"]
-    assert v._MSG_SIZE == c["sizeof(struct vduse_dev_request)"] == \
+    head = v.dev_config("dev", 2, mark, 1, 4096, b"")
+    assert len(head) == c["sizeof(struct vduse_dev_config)"]
+    assert head.index(mark.to_bytes(8, "little")) == c["offsetof(struct vduse_dev_config, features)"]
+    cfg = v.dev_config("dev", 2, 0, 1, 4096, b"c" * 60)
+    at = c["offsetof(struct vduse_dev_config, config_size)"]
+    assert cfg[at:at + 4] == (60).to_bytes(4, "little") and cfg[at + 4:] == b"c" * 60
+    query = v.iotlb_query(0x1000)
+    assert len(query) == c["sizeof(struct vduse_iotlb_entry)"]
+    query[c["offsetof(struct vduse_iotlb_entry, perm)"]] = v.VDUSE_ACCESS_WO
+    assert v.iotlb_entry(query) == (0, 0x1000, 0x1001, v.VDUSE_ACCESS_WO)
+    info = v.vq_info_query(3)
+    assert len(info) == c["sizeof(struct vduse_vq_info)"]
+    info[c["offsetof(struct vduse_vq_info, split)"]] = 7
+    info[c["offsetof(struct vduse_vq_info, ready)"]] = 1
+    assert v.vq_info(info) == (0, 0, 0, 0, 7, True)
+    assert len(v.vq_config(0, 256)) == c["sizeof(struct vduse_vq_config)"]
+    assert len(v.vq_eventfd(0, 5)) == c["sizeof(struct vduse_vq_eventfd)"]
+    assert v.MSG_SIZE == c["sizeof(struct vduse_dev_request)"] == \
         c["sizeof(struct vduse_dev_response)"]
-    assert v._REQ_HEAD.size == c["offsetof(struct vduse_dev_request, vq_state)"]
-    assert v._RESP_HEAD.size == c["offsetof(struct vduse_dev_response, vq_state)"]
+    state_at = c["offsetof(struct vduse_dev_request, vq_state)"]
+    request = (v.VDUSE_GET_VQ_STATE.to_bytes(4, "little") + (9).to_bytes(4, "little")).ljust(
+        state_at, b"\0") + (2).to_bytes(4, "little")
+    kind, request_id, body = v.decode_request(request.ljust(v.MSG_SIZE, b"\0"))
+    assert (kind, request_id, v.vq_state_index(body)) == (v.VDUSE_GET_VQ_STATE, 9, 2)
+    reply = v.response(9, v.VDUSE_REQ_RESULT_OK, v.vq_state(2, 11))
+    assert len(reply) == v.MSG_SIZE
+    assert reply[c["offsetof(struct vduse_dev_response, vq_state)"]:][:6] == \
+        (2).to_bytes(4, "little") + (11).to_bytes(2, "little")
