@@ -1,23 +1,30 @@
-"""virtio-blk requests without a guest: CPU per request of BlkHandler.
+"""virtio-blk requests without a guest: CPU per request of the data plane.
 
-    .venv/bin/python benchmarks/virtio_blk.py [--seconds S] [--only WORD,...]
+    .venv/bin/python benchmarks/virtio_blk.py [--seconds S] [--only WORD,...] [--path P]
 
-The device side of the vhost-user-blk and VDUSE exports (exports/virtio/
-blk.py's BlkHandler) serves requests that the unit tests' front-end
-(tests/unit/test_virtqueue.py: a memfd as guest RAM, rings written with
-struct) puts on a split ring, against a real ``raw`` over ``file`` node, in
-this process.  Each of QD tasks loops: write a request header (type,
-sector), publish its chain (indirect descriptors: header, data segments,
-status byte, as Linux's virtio-blk driver sends them), pop it, ``await
-handler.process(chain)``, push it to the used ring.  No vhost-user
-socket, no kick or call eventfd, no guest: what is measured is the
-handler, the node layer, the driver and the I/O engine, plus the ring
-walking the export does.
+The device side of the vhost-user-blk and VDUSE exports (exports/virtio/)
+serves requests that the unit tests' front-end (tests/unit/test_virtqueue.py:
+a memfd as guest RAM, rings written with struct) puts on a split ring,
+against a real ``raw`` over ``file`` node, in this process.  A request is a
+header (type, sector), its chain published with indirect descriptors
+(header, data segments, status byte, as Linux's virtio-blk driver sends
+them).  Two paths (``--path``):
+
+* ``ring`` (the default): the exports' own data plane, a QueueWorker
+  (exports/virtio/dataplane.py) on the ring with a kick and a call
+  eventfd.  A driver task keeps QD requests on the ring: it publishes,
+  kicks, waits for the call, takes what was used and publishes the next
+  ones.  What an export does per request but for the vhost-user socket
+  (which carries no requests) and the guest.
+* ``handler``: QD tasks each loop publish, pop, ``await
+  handler.process(chain)``, push; no eventfds, no worker (the handler, the
+  node layer, the driver and the I/O engine, plus the ring walk).
 
 Workloads: 4 KiB random reads and writes at QD16 (one segment), 1 MiB
 sequential reads and writes at QD4 (``--segments`` page-aligned data
-buffers, 16 of 64 KiB by default; a guest's scattered pages can make up to
-seg_max = 126).  Places: ``null`` (null-co: the
+buffers, 16 of 64 KiB by default, as a Linux guest with huge pages sends
+them; its scattered pages can make up to seg_max = 126, apart in memory
+with ``--scatter``).  Places: ``null`` (null-co: the
 fixed cost of the harness, the handler and the node layer), ``shm`` (a
 file on tmpfs), ``disk`` (a file on $QSD_BENCH_DISK or /var/tmp, read into
 the page cache first), ``direct`` (the same file, cache.direct=on) with
@@ -47,6 +54,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from qsd_trio.exports.virtio import blk as B  # noqa: E402
+from qsd_trio.exports.virtio.dataplane import QueueWorker  # noqa: E402
 from qsd_trio.nodes.graph import BlockGraph  # noqa: E402
 from tests.unit.test_virtqueue import INDIRECT, NEXT, WRITE, Driver, GuestRam  # noqa: E402
 
@@ -79,11 +87,14 @@ class Slots:
     """QD request slots in guest RAM, each a fixed indirect table: header,
     data segments, status byte."""
 
-    def __init__(self, depth: int, size: int, segments: int):
+    def __init__(self, depth: int, size: int, segments: int, scatter: bool = False):
         nseg = 1 if size <= 4096 else segments
         seg = size // nseg // 4096 * 4096
         last = size - seg * (nseg - 1)
-        per_slot = 8192 + size  # two tables, header and status, then data
+        # the data segments one after another (one buffer, as a guest's
+        # huge page gives them), or a page apart (scattered pages)
+        step = seg + (4096 if scatter else 0)
+        per_slot = 8192 + step * nseg  # two tables, header and status, then data
         self.ram = GuestRam(size=DATA0 + depth * per_slot)
         self.mem = self.ram.memory()
         self.drv = Driver(self.ram, size=RING, data_start=DATA0)
@@ -97,7 +108,7 @@ class Slots:
             hdr, status, data = base + 4096, base + 4608, base + 8192
             self.hdr.append(hdr)
             bufs = ([(self.ram.gpa(hdr), 16, 0)]
-                    + [(self.ram.gpa(data + i * seg), seg if i < nseg - 1 else last, -1)
+                    + [(self.ram.gpa(data + i * step), seg if i < nseg - 1 else last, -1)
                        for i in range(nseg)]
                     + [(self.ram.gpa(status), 1, WRITE)])
             for table, writable in ((base, WRITE), (base + 2048, 0)):
@@ -121,13 +132,26 @@ class Slots:
         self.ram.close()
 
 
+async def serve_ring(queue: object, handler: B.BlkHandler, kick: int, call: int, *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The export's data plane on ``queue`` until cancelled."""
+    def fail(text: str) -> None:
+        raise AssertionError(text)
+
+    worker = QueueWorker(0, queue, handler, kick, lambda: os.eventfd_write(call, 1), fail)
+    await worker.run(task_status=task_status)
+
+
 async def run_one(node_opts: dict[str, object], write: bool, size: int, depth: int,
                   sequential: bool, seconds: float,
-                  segments: int = SEGMENTS) -> tuple[float, float, float]:
+                  segments: int = SEGMENTS, path: str = "ring",
+                  scatter: bool = False) -> tuple[float, float, float]:
     """(user and system CPU µs per request, requests per second)"""
     graph = BlockGraph()
     node = await graph.add(node_opts)
-    slots = Slots(depth, size, segments)
+    slots = Slots(depth, size, segments, scatter)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
         h = B.BlkHandler(node, writable=True)
         nblocks = node.length // size
@@ -144,6 +168,26 @@ async def run_one(node_opts: dict[str, object], write: bool, size: int, depth: i
             else:
                 blk = rng.randrange(nblocks)
             return blk * size >> 9
+
+        async def driver() -> None:
+            """Keep ``depth`` requests on the ring: publish, kick, wait for
+            the call, take what was used, publish again."""
+            nonlocal count
+            for s in range(depth):
+                slots.publish(s, write, next_sector())
+            os.eventfd_write(kick, 1)
+            seen = 0
+            used_at = slots.drv.used + 2
+            while not stop:
+                await trio.lowlevel.wait_readable(call)
+                os.eventfd_read(call)
+                used = struct.unpack("<H", slots.ram.get(used_at, 2))[0]
+                while seen != used:
+                    slot = slots.drv.used_elem(seen)[0]  # the head is the slot
+                    seen = (seen + 1) & 0xFFFF
+                    count += 1
+                    slots.publish(slot, write, next_sector())
+                os.eventfd_write(kick, 1)
 
         async def worker(slot: int) -> None:
             nonlocal count
@@ -173,11 +217,18 @@ async def run_one(node_opts: dict[str, object], write: bool, size: int, depth: i
 
         result: list[tuple[float, float, float]] = []
         async with trio.open_nursery() as nursery:
-            for s in range(depth):
-                nursery.start_soon(worker, s)
+            if path == "ring":
+                await nursery.start(serve_ring, slots.queue, h, kick, call)
+                nursery.start_soon(driver)
+            else:
+                for s in range(depth):
+                    nursery.start_soon(worker, s)
 
             async def measure() -> None:
                 result.append(await timed())
+                if path == "ring":
+                    await trio.sleep(0.2)  # the last requests out
+                    nursery.cancel_scope.cancel()
             nursery.start_soon(measure)
         # every status byte says OK
         for s in range(depth):
@@ -185,6 +236,8 @@ async def run_one(node_opts: dict[str, object], write: bool, size: int, depth: i
             assert st == b"\0", f"slot {s}: status {st!r}"
         return result[0]
     finally:
+        os.close(kick)
+        os.close(call)
         slots.close()
         await graph.close_all()
 
@@ -226,7 +279,7 @@ async def amain(opts: argparse.Namespace) -> None:
                         file_opts["cache"] = {"direct": True}
                 opts_ = {"driver": "raw", "node-name": "disk0", "file": file_opts}
                 user, system, rate = await run_one(opts_, write, size, depth, seq, opts.seconds,
-                                                   opts.segments)
+                                                   opts.segments, opts.path, opts.scatter)
                 print(f"| {pname} | {label} QD{depth} | {user + system:.1f} | {user:.1f} | "
                       f"{system:.1f} | {rate:.0f} | {rate * size / MiB:.0f} |", flush=True)
     finally:
@@ -240,6 +293,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per row")
     ap.add_argument("--segments", type=int, default=SEGMENTS,
                     help="data buffers per 1 MiB request (the guest's seg_max is 126)")
+    ap.add_argument("--scatter", action="store_true",
+                    help="data segments a page apart (else one after another: one buffer)")
+    ap.add_argument("--path", choices=["ring", "handler"], default="ring",
+                    help="the export's data plane with eventfds, or handler.process() alone")
     ap.add_argument("--only", default="", help="comma-separated words a row must match "
                     "(place or workload names, e.g. shm,1m-read)")
     opts = ap.parse_args()
