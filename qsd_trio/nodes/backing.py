@@ -124,14 +124,17 @@ async def read_backing(backing: BlockNode | None, pos: int, n: int, out: bytearr
 
 
 async def backing_status(backing: BlockNode | None, offset: int, n: int) -> BlockStatus:
-    """The block status of ``n`` unallocated bytes at ``offset``: zero
-    without a backing file or past its end, else what the backing file
-    says, one level deeper."""
+    """The block status of ``n`` unallocated bytes at ``offset``: zero and
+    unallocated without a backing file; past the end of a shorter one, zero
+    and allocated in it (bdrv_co_common_block_status_above: "zeroes that we
+    synthesize beyond EOF behave as if they were allocated at this layer",
+    so qemu:allocation-depth says 2); else what the backing file says, one
+    level deeper."""
     if backing is None:
         return BlockStatus(Status.ZERO, n, 0)
     blen = backing.length
     if offset >= blen:
-        return BlockStatus(Status.ZERO, n, 0)
+        return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 2)
     st = await backing.block_status(offset, min(n, blen - offset))
     depth = st.depth + 1 if st.depth else 0
     return BlockStatus(st.flags & (Status.DATA | Status.ZERO | Status.ALLOCATED), st.length, depth)
