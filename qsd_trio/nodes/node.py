@@ -361,7 +361,8 @@ class BlockNode:
         return BlockStatus(Status.DATA | Status.ALLOCATED, length)
 
     async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        raise GenericError("Image does not support resizing")
+        # a driver without bdrv_co_truncate: bdrv_co_truncate's refusal
+        raise GenericError("Image format driver does not support resize")
 
     async def _close(self) -> None:
         return None

@@ -377,5 +377,3 @@ class QuorumNode(ChildChange):
             return BlockStatus(Status.DATA | Status.ALLOCATED, data_len)
         return BlockStatus(Status.ZERO | Status.ALLOCATED, zero_len)
 
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        raise GenericError("Image format driver does not support resize")

@@ -719,10 +719,6 @@ class VmdkNode(TableFormatNode):
         await self.file.write(self.desc_offset, new)
         await self.file.flush()
 
-    async def _co_truncate(self, size: int, exact: bool, prealloc: str) -> None:
-        # vmdk has no bdrv_co_truncate: the generic layer refuses
-        raise GenericError("Image format driver does not support resize")
-
     # -- zero writes (bdrv_co_do_pwrite_zeroes over vmdk_co_pwrite_zeroes) ------------------
     async def _co_pwrite_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
                                 no_fallback: bool = False) -> None:
