@@ -5,6 +5,7 @@ eventfds for kick and call.  The same scenario runs against
 qemu-storage-daemon as a differential (config space, status bytes, data)."""
 
 import array
+import contextlib
 import errno
 import os
 import random
@@ -135,6 +136,21 @@ async def complete(drv, kick, call, bufs, *, indirect=False):
             except BlockingIOError:
                 pass
     return drv.used_elem(before)[1], offs
+
+
+@contextlib.asynccontextmanager
+async def front_end(path, ram_size=0x40000):
+    """A front-end connected to ``path`` that negotiated and shared its
+    guest RAM (a GuestRam of ``ram_size``); both closed afterwards."""
+    ram = GuestRam(size=ram_size)
+    fe = await FrontEnd.connect(path)
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        yield fe, ram
+    finally:
+        fe.close()
+        ram.close()
 
 
 def outhdr(rtype, sector=0):
@@ -737,12 +753,8 @@ async def test_front_end_in_the_task_tree(daemon_factory, tmp_path, image):
         return [(n, p) for n, p in _tree_nodes(tree) if n["kind"] == "client-connection"]
 
     assert connections() == []
-    ram = GuestRam(size=0x60000)
-    drv = Driver(ram, size=16)
-    fe = await FrontEnd.connect(path)
-    try:
-        await fe.negotiate()
-        await fe.set_mem_table(ram)
+    async with front_end(path, 0x60000) as (fe, ram):
+        drv = Driver(ram, size=16)
         kick, call = await fe.start_queue(drv)
         _, offs = await complete(drv, kick, call, [(outhdr(T_IN, 0), False), (4096, True), (1, True)])
         drv.set_used_event(1)
@@ -770,9 +782,6 @@ async def test_front_end_in_the_task_tree(daemon_factory, tmp_path, image):
         assert (f"client-connection 'vhost-user-blk client of vu0' export-id=vu0 "
                 f"client=pid {os.getpid()} node-names=t0 running in-flight=1 bytes=135168"
                 in d.stderr())
-    finally:
-        fe.close()
-        ram.close()
     with trio.fail_after(20):
         while connections():  # noqa: ASYNC110 - polling the daemon is the test
             await trio.sleep(0.05)
