@@ -59,6 +59,10 @@ MAX_META_PAYLOAD = 64 * 1024
 RECV_BUFFER = 256 * 1024
 # read data at least this long is received straight into the request's buffer
 DIRECT_MIN = 32 * 1024
+# a TCP connection's send buffer (the kernel doubles it): TCP's own starts
+# at 16 KiB and grows with the window, so 1 MiB writes went out in many
+# pieces, each a wait for the socket (docs/nbd-client.md, "Measurements")
+TCP_SEND_BUFFER = 2 * 1024 * 1024
 # replies the reader decodes without blocking before it lets other tasks run
 YIELD_EVERY = 16
 # retries of a reconnect start here and double up to the maximum (QEMU's
@@ -541,6 +545,7 @@ async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdso
         err: OSError | None = None
         for family, type_, proto, _canon, addr in infos:
             sock, std = _wrap(_stdsocket.socket(family, type_, proto))
+            std.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, TCP_SEND_BUFFER)
             try:
                 await sock.connect(addr)
             except OSError as e:
