@@ -87,6 +87,10 @@ class QcowNode(TableFormatNode):
     """qcow over a ``file`` child, with an optional ``backing`` child."""
 
     driver = "qcow"
+    # writes go through _co_pwritev only: the paths without a task
+    # (write_now, write_submit) would slip past its serialisation of
+    # padded writes
+    writes_in_place = False
     cipher: SectorCipher | None = None
     key_secret: str | None = None
 
@@ -144,7 +148,14 @@ class QcowNode(TableFormatNode):
         self._l2_cache = TableCache(L2_CACHE_SIZE)
         self._cluster_cache: tuple[int, bytes] | None = None  # decompressed cluster
         self._lock = trio.Lock()  # s->lock
-        self._rmw_lock = trio.Lock()  # the generic layer's serialised padding
+        # the generic layer's serialising requests: a padded write
+        # (read-modify-write) waits for the whole-sector writes in flight
+        # and holds new ones back until it is done, or it would write back
+        # a sector as it read it over a write that landed in between
+        self._rmw_lock = trio.Lock()
+        self._rmw_busy = False
+        self._writers = 0  # whole-sector writes in flight
+        self._writes_changed = trio.Event()
         self.backing_filename: str | None = None
         if h["backing_file_offset"]:
             n = h["backing_file_size"]
@@ -306,20 +317,38 @@ class QcowNode(TableFormatNode):
         a = offset - offset % SECTOR
         b = -(-end // SECTOR) * SECTOR
         if a == offset and b == end:
-            await self._write_sectors(offset, data)
+            while self._rmw_busy:
+                await self._writes_changed.wait()
+            self._writers += 1
+            try:
+                await self._write_sectors(offset, data)
+            finally:
+                self._writers -= 1
+                self._wake_writes()
         else:
-            # the generic layer's padding (a serialising request): the
-            # sectors around the data as this node reads them
+            # the generic layer's padding: the sectors around the data as
+            # this node reads them, with no other write in between
             async with self._rmw_lock:
-                buf = bytearray(b - a)
-                if a < offset:
-                    buf[:SECTOR] = await self._co_preadv(a, SECTOR)
-                if b > end and (a == offset or b - a > SECTOR):
-                    buf[-SECTOR:] = await self._co_preadv(b - SECTOR, SECTOR)
-                buf[offset - a:end - a] = data
-                await self._write_sectors(a, memoryview(buf))
+                self._rmw_busy = True
+                try:
+                    while self._writers:
+                        await self._writes_changed.wait()
+                    buf = bytearray(b - a)
+                    if a < offset:
+                        buf[:SECTOR] = await self._co_preadv(a, SECTOR)
+                    if b > end and (a == offset or b - a > SECTOR):
+                        buf[-SECTOR:] = await self._co_preadv(b - SECTOR, SECTOR)
+                    buf[offset - a:end - a] = data
+                    await self._write_sectors(a, memoryview(buf))
+                finally:
+                    self._rmw_busy = False
+                    self._wake_writes()
         if fua:
             await self.file.flush()
+
+    def _wake_writes(self) -> None:
+        self._writes_changed.set()
+        self._writes_changed = trio.Event()
 
     async def _write_sectors(self, offset: int, data: memoryview) -> None:
         """qcow_co_pwritev on whole sectors."""
