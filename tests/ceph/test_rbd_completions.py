@@ -46,21 +46,27 @@ def as_kind(i: int, data: bytes):
     return buf
 
 
+async def start_writes(node, nursery: trio.Nursery) -> None:
+    """Start the COUNT writes in ``nursery``; return once librbd has them
+    all (node.write runs without a checkpoint up to the submission)."""
+    started: set[int] = set()
+
+    async def write(i: int) -> None:
+        started.add(i)
+        await node.write(i * BLOCK, as_kind(i, data_for(i)))
+
+    for i in range(COUNT):
+        nursery.start_soon(write, i)
+    while len(started) < COUNT:
+        await trio.lowlevel.checkpoint()
+
+
 async def many_at_once(cluster, image) -> None:
     _graph, node = await open_node(cluster, image)
     try:
-        started: set[int] = set()
-
-        async def write(i: int) -> None:
-            started.add(i)  # node.write runs without a checkpoint up to librbd's submission
-            await node.write(i * BLOCK, as_kind(i, data_for(i)))
-
         with trio.fail_after(120):
             async with trio.open_nursery() as n:
-                for i in range(COUNT):
-                    n.start_soon(write, i)
-                while len(started) < COUNT:
-                    await trio.lowlevel.checkpoint()
+                await start_writes(node, n)
                 # hold the event loop, so that completions pile up and one
                 # wakeup of the reaper finds more than one poll collects
                 time.sleep(1)  # noqa: ASYNC251 - blocking the loop is the point
@@ -88,21 +94,12 @@ def test_many_requests_at_once(ceph_cluster, rbd_image, tmp_path):
 async def cancelled_writes(cluster, image) -> None:
     _graph, node = await open_node(cluster, image)
     try:
-        started: set[int] = set()
-
-        async def write(i: int) -> None:
-            started.add(i)  # node.write runs without a checkpoint up to librbd's submission
-            await node.write(i * BLOCK, as_kind(i, data_for(i)))
-
         with trio.fail_after(120):
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as n:
-                    for i in range(COUNT):
-                        n.start_soon(write, i)
-                    while len(started) < COUNT:
-                        await trio.lowlevel.checkpoint()
+                    await start_writes(node, n)
                     scope.cancel()  # every write is submitted; most are in flight
-            # the node drains what is in flight; then every write is there
+            # the nursery waited for every write: each completed despite the cancel
             await node.flush()
             for i in range(COUNT):
                 assert bytes(await node.read(i * BLOCK, BLOCK)) == data_for(i), i
