@@ -59,10 +59,11 @@ MAX_META_PAYLOAD = 64 * 1024
 RECV_BUFFER = 256 * 1024
 # read data at least this long is received straight into the request's buffer
 DIRECT_MIN = 32 * 1024
-# a TCP connection's send buffer (the kernel doubles it): TCP's own starts
-# at 16 KiB and grows with the window, so 1 MiB writes went out in many
-# pieces, each a wait for the socket (docs/nbd-client.md, "Measurements")
-TCP_SEND_BUFFER = 2 * 1024 * 1024
+# the socket's send buffer (the kernel doubles it): room for a 1 MiB write
+# and more, which otherwise goes out in pieces, each a wait for the socket
+# (a unix socket's default is 208 KiB; TCP's starts at 16 KiB and grows
+# with the window); docs/nbd-client.md, "Measurements"
+SEND_BUFFER = 2 * 1024 * 1024
 # replies the reader decodes without blocking before it lets other tasks run
 YIELD_EVERY = 16
 # retries of a reconnect start here and double up to the maximum (QEMU's
@@ -518,6 +519,10 @@ def _strerror(e: OSError) -> str:
 def _wrap(std: _stdsocket.socket) -> tuple[trio.socket.SocketType, _stdsocket.socket]:
     """A trio socket over ``std``, and ``std`` itself, which the connection's
     reader and senders use directly (trio's socket wraps this very object)."""
+    try:
+        std.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, SEND_BUFFER)
+    except OSError:
+        pass  # a passed descriptor that is no socket fails later, with QEMU's words
     return trio.socket.from_stdlib_socket(std), std
 
 
@@ -545,7 +550,6 @@ async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdso
         err: OSError | None = None
         for family, type_, proto, _canon, addr in infos:
             sock, std = _wrap(_stdsocket.socket(family, type_, proto))
-            std.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, TCP_SEND_BUFFER)
             try:
                 await sock.connect(addr)
             except OSError as e:
