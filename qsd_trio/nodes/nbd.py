@@ -522,7 +522,7 @@ def _wrap(std: _stdsocket.socket) -> tuple[trio.socket.SocketType, _stdsocket.so
     try:
         std.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, SEND_BUFFER)
     except OSError:
-        pass  # a passed descriptor that is no socket fails later, with QEMU's words
+        pass  # a passed socket that refuses keeps its own buffer: slower, not wrong
     return trio.socket.from_stdlib_socket(std), std
 
 
