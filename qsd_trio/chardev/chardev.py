@@ -1,6 +1,6 @@
-"""Character devices: socket (unix, inet, inherited fd; server or client),
-stdio, ringbuf/memory, null, file here; pipe, serial, parallel and pty in
-:mod:`.fd`, udp in :mod:`.udp`, mux in :mod:`.mux`.
+"""Character devices: stdio, ringbuf/memory, null, file here; socket (unix,
+inet, inherited fd; server or client) in :mod:`.socket`, pipe, serial,
+parallel and pty in :mod:`.fd`, udp in :mod:`.udp`, mux in :mod:`.mux`.
 
 A chardev is created by ``chardev-add`` (and ``--chardev``, which goes
 through the same code).  A frontend (a QMP monitor) takes it with
@@ -9,9 +9,9 @@ through the same code).  A frontend (a QMP monitor) takes it with
 one client at a time, as QEMU's socket chardev serves one connection and lets
 the next wait in the listen backlog until that one leaves.
 
-Resources: a socket chardev owns its listening socket, released by
-:meth:`Chardev.aclose` (``chardev-remove`` and shutdown); a unix socket path
-it created is unlinked then.  Every backend may have a ``logfile`` (QEMU's
+Resources: a backend's descriptors (a socket chardev's listening socket)
+are released by :meth:`Chardev.aclose` (``chardev-remove`` and shutdown).
+Every backend may have a ``logfile`` (QEMU's
 ChardevCommon): what the chardev writes is copied there; it is opened
 before the backend (its error first) and closed by :meth:`Chardev.aclose`.
 """
@@ -21,14 +21,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import socket as pysocket
 import sys
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import trio
 
-from .. import activation
 from ..qapi.errors import GenericError
 
 BACKENDS = ("serial", "mux", "pipe", "parallel", "null", "ringbuf", "stdio", "socket",
@@ -244,190 +242,12 @@ class StdioChardev(Chardev):
         yield stream
 
 
-class SocketChardev(Chardev):
-    """A stream socket.  Server mode listens (unix path, inet host:port, or
-    an inherited listening fd); client mode connects out once."""
-
-    backend = "socket"
-
-    def __init__(self, id: str, addr: dict[str, Any], server: bool, wait: bool, nodelay: bool):
-        super().__init__(id)
-        self.addr = addr          # SocketAddressLegacy in QMP form
-        self.server = server
-        self.wait = wait
-        self.nodelay = nodelay
-        self.listener: trio.socket.SocketType | None = None
-        self.first: trio.SocketStream | None = None  # accepted during setup (wait=on)
-        self._unlink: str | None = None
-        self.current: trio.SocketStream | None = None  # the connected client
-
-    @property
-    def filename(self) -> str:
-        # QEMU's wording: the address, ",server=on" for listeners, the peer
-        # of a connected TCP client, and "disconnected:" while nobody is there
-        t = self.addr["type"]
-        d = self.addr["data"]
-        suffix = ",server=on" if self.server else ""
-        if t == "unix":
-            base = f"unix:{d['path']}{suffix}"
-        elif t == "inet":
-            base = f"tcp:{d['host']}:{d['port']}{suffix}"
-        else:
-            base = f"fd:{d.get('str')}{suffix}"
-        if self.current is None:
-            return f"disconnected:{base}"
-        if t == "inet":
-            sock = self.current.socket
-            try:
-                lh, lp = sock.getsockname()[:2]
-                ph, pp = sock.getpeername()[:2]
-                return f"tcp:{lh}:{lp}{suffix} <-> {ph}:{pp}"
-            except OSError:
-                pass
-        return base
-
-    async def open(self) -> None:
-        t = self.addr["type"]
-        d = self.addr["data"]
-        if not self.server:
-            self.first = await self._connect(t, d)
-            return
-        if t == "fd":
-            self.listener = _inherited_listener(d["str"])
-        elif t == "unix":
-            path = d["path"]
-            sock = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
-            self.listener = await _listening(sock, path, f"Failed to bind socket to {path}",
-                                             unlink_stale=True)
-            self._unlink = path
-        elif t == "inet":
-            host, port = d.get("host") or "0.0.0.0", d["port"]
-            try:
-                infos = await trio.socket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM,
-                                                      flags=pysocket.AI_PASSIVE)
-            except pysocket.gaierror as e:
-                raise GenericError(f"address resolution failed for {host}:{port}: {e.strerror}") from None
-            family, type_, proto, _, sockaddr = infos[0]
-            sock = trio.socket.socket(family, type_, proto)
-            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
-            self.listener = await _listening(sock, sockaddr, "Failed to bind socket")
-        else:
-            raise GenericError(f"Parameter 'addr.type' does not accept value '{t}'")
-        if self.wait:
-            # server=on,wait=on: QEMU blocks startup until a client connects
-            print(f"QEMU waiting for connection on: disconnected:{self.filename}",
-                  file=sys.stderr, flush=True)
-            self.first = await self._accept()
-
-    async def _connect(self, t: str, d: dict[str, Any]) -> trio.SocketStream:
-        try:
-            if t == "unix":
-                return await trio.open_unix_socket(d["path"])
-            if t == "inet":
-                return await trio.open_tcp_stream(d["host"], int(d["port"]))
-            if t == "fd":
-                sock = trio.socket.from_stdlib_socket(pysocket.socket(fileno=_fd_number(d["str"])))
-                return trio.SocketStream(sock)
-        except OSError as e:
-            target = d.get("path") or f"{d.get('host')}:{d.get('port')}"
-            raise GenericError(f"Failed to connect to '{target}': {e.strerror}") from None
-        raise GenericError(f"Parameter 'addr.type' does not accept value '{t}'")
-
-    async def _accept(self) -> trio.SocketStream:
-        assert self.listener is not None
-        sock, _ = await self.listener.accept()
-        if self.nodelay and sock.family != pysocket.AF_UNIX:
-            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-        return trio.SocketStream(sock)
-
-    async def connections(self) -> AsyncGenerator[trio.abc.Stream, None]:
-        try:
-            if self.first is not None:
-                self.current, self.first = self.first, None
-                yield self.current
-            if not self.server:
-                return  # a client chardev without reconnect is done when its peer leaves
-            while self.listener is not None:
-                self.current = None
-                self.current = await self._accept()
-                yield self.current
-        finally:
-            self.current = None
-
-    async def aclose(self) -> None:
-        if self.first is not None:
-            await self.first.aclose()
-            self.first = None
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        if self._unlink:
-            try:
-                os.unlink(self._unlink)
-            except OSError:
-                pass
-            self._unlink = None
-        await super().aclose()
-
-
-async def _listening(sock: trio.socket.SocketType, address: Any, failed: str, *,
-                     unlink_stale: bool = False) -> trio.socket.SocketType:
-    """``sock`` bound to ``address`` (a unix socket's path: with
-    ``unlink_stale``, whatever is there goes first) and listening for one
-    connection at a time; on failure it is closed and the error is
-    ``failed: strerror``."""
-    try:
-        if unlink_stale:
-            _unlink_stale(address)
-        await sock.bind(address)
-        sock.listen(1)
-    except OSError as e:
-        sock.close()
-        raise GenericError(f"{failed}: {e.strerror}") from None
-    return sock
-
-
-def _unlink_stale(path: str) -> None:
-    # QEMU unlinks whatever is at the path before binding a unix socket
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise GenericError(f"Failed to unlink socket {path}: {e.strerror}") from None
-
-
-def _fd_number(s: str) -> int:
-    # a number, or the name of a socket-activated descriptor
-    fd = activation.socket_fd(s, f"Unable to parse FD number {s}")
-    try:
-        os.fstat(fd)
-    except OSError:
-        raise GenericError(f"File descriptor '{fd}' is not open") from None  # noqa: B904
-    return fd
-
-
-def _inherited_listener(s: str) -> trio.socket.SocketType:
-    fd = _fd_number(s)
-    sock = pysocket.socket(fileno=fd)
-    if sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_ACCEPTCONN) == 0:
-        sock.detach()
-        raise GenericError(f"File descriptor '{fd}' is not a listening socket")
-    sock.setblocking(False)
-    return trio.socket.from_stdlib_socket(sock)
-
-
 Factory = Callable[[str, dict[str, Any]], Chardev]
 
 
 def _factories() -> dict[str, Factory]:
     """Each implemented backend's constructor from its ChardevBackend data."""
-    from . import fd, mux, udp  # they import this module (Chardev)
-
-    def socket(id: str, d: dict[str, Any]) -> Chardev:
-        server = d.get("server", True)
-        return SocketChardev(id, d["addr"], server, d.get("wait", True) if server else False,
-                             d.get("nodelay", False))
+    from . import fd, mux, socket, udp  # they import this module (Chardev)
 
     return {
         "null": lambda id, d: NullChardev(id),
@@ -435,7 +255,7 @@ def _factories() -> dict[str, Factory]:
         "memory": lambda id, d: RingbufChardev(id, d.get("size", 65536)),
         "file": lambda id, d: FileChardev(id, d["out"], d.get("append", False), d.get("in")),
         "stdio": lambda id, d: StdioChardev(id),
-        "socket": socket,
+        "socket": socket.socket_chardev,
         "pipe": lambda id, d: fd.PipeChardev(id, d["device"]),
         "serial": lambda id, d: fd.SerialChardev(id, d["device"]),
         "parallel": lambda id, d: fd.ParallelChardev(id, d["device"]),

@@ -188,8 +188,18 @@ def parse(value: str) -> tuple[str, dict[str, Any], bool]:
                     activation.socket_fd(fd, f"Unable to parse FD number {fd}")
             addr = {"type": "fd", "data": {"str": fd}}
         data = {"addr": addr, "server": server, "nodelay": nodelay}
-        if server:
+        # qemu_chr_parse_socket: 'wait' counts as given for a server (its
+        # default differs from QMP's), the other options when they are there
+        if server or "wait" in opts:
             data["wait"] = wait
+        for key in ("telnet", "tn3270", "websocket"):
+            if key in opts:
+                data[key] = flag(key, False)
+        if "reconnect" in opts:
+            data["reconnect"] = int(opts["reconnect"], 0)
+        for key in ("tls-creds", "tls-authz"):
+            if key in opts:
+                data[key] = opts[key]
         _common(opts, data)
     elif backend in ("ringbuf", "memory"):
         if "size" in opts:

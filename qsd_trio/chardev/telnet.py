@@ -11,8 +11,11 @@ client answers.  The machine's quirks are kept, because a client sees them:
   IP and NOP) swallows the byte after it as its option, so ``IAC NOP x``
   drops ``x``;
 - ``IAC IAC`` is one literal 0xff;
-- for TN3270, ``IAC EOR``, ``IAC SB`` and ``IAC SE`` are passed on as they
-  are (QEMU keeps them to mark 3270 record boundaries);
+- for TN3270, ``IAC EOR``, ``IAC SB`` and ``IAC SE`` are meant to be passed
+  on (to mark 3270 record boundaries), but what a monitor receives is
+  ``IAC IAC``: QEMU reads a monitor's input one byte at a time (its
+  can_read is 1) and rewrites the buffer in place, writing the IAC over
+  the command byte before it copies that;
 - the state belongs to the chardev, not to the connection: a client that
   leaves in the middle of a command leaves it for the next one.
 """
@@ -76,7 +79,7 @@ class IacFilter:
                     self.breaks += 1
                     self.state = _DATA
                 elif self.tn3270 and b in (EOR, SB, SE):
-                    out += bytes([IAC, b])
+                    out += bytes([IAC, IAC])
                     self.state = _DATA
                 elif self.tn3270 and b in (IP, NOP):
                     self.state = _DATA  # QEMU: "to be implemented later"

@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..qapi.errors import GenericError
+from .qom import UserObject
 
 if TYPE_CHECKING:
     import ssl
@@ -30,6 +31,22 @@ def psk_key_file(props: dict[str, Any]) -> str:
     except OSError as e:
         raise GenericError(f"Unable to access credentials {path}: {e.strerror}") from None
     return path
+
+
+def find_creds(objects: dict[str, Any], id: str, endpoint: str) -> UserObject:
+    """The TLS credentials object ``id`` for a user on ``endpoint``
+    ("server" or "client"), as QEMU's users look it up (QOM's
+    TYPE_QCRYPTO_TLS_CREDS covers tls-cipher-suites too), with QEMU's
+    errors in QEMU's order."""
+    obj = objects.get(id)
+    if obj is None:
+        raise GenericError(f"No TLS credentials with id '{id}'")
+    if not (isinstance(obj, UserObject) and (obj.qom_type.startswith("tls-creds")
+                                             or obj.qom_type == "tls-cipher-suites")):
+        raise GenericError(f"Object with id '{id}' is not TLS credentials")
+    if obj.props.get("endpoint", "client") != endpoint:
+        raise GenericError(f"Expected TLS credentials for a {endpoint} endpoint")
+    return obj
 
 
 def check(qom_type: str, props: dict[str, Any]) -> None:

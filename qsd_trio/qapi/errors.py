@@ -86,6 +86,12 @@ def error_report(msg: str) -> None:
     print(f"qsd-trio: {_where()}{msg}", file=sys.stderr, flush=True)
 
 
+def info_report(msg: str) -> None:
+    """QEMU's info_report: ``info: msg`` on stderr, after the command-line
+    option being applied, if any."""
+    error_report(f"info: {msg}")
+
+
 @contextlib.contextmanager
 def report_location(where: str) -> Iterator[None]:
     """While a command-line option takes effect, error_report and

@@ -25,9 +25,9 @@ CASES = [
     (b"\xff\xf3", b"abcdefg", b"abcdefg"),         # BREAK: two bytes
     (b"\xff\xfb", b"abcefg", b"abcefg"),           # WILL <d>
     (b"\xff\xff", b"abc\xffdefg", b"abc\xffdefg"),  # a literal 0xff
-    (b"\xff\xef", b"abcefg", b"abc\xff\xefdefg"),  # EOR: kept by tn3270
-    (b"\xff\xfa", b"abcefg", b"abc\xff\xfadefg"),  # SB
-    (b"\xff\xf0", b"abcefg", b"abc\xff\xf0defg"),  # SE
+    (b"\xff\xef", b"abcefg", b"abc\xff\xffdefg"),  # EOR: IAC IAC for tn3270, see telnet.py
+    (b"\xff\xfa", b"abcefg", b"abc\xff\xffdefg"),  # SB
+    (b"\xff\xf0", b"abcefg", b"abc\xff\xffdefg"),  # SE
     (b"\xff\xf4", b"abcefg", b"abcdefg"),          # IP
     (b"\xff\xfd\xff", b"abcdefg", b"abcdefg"),     # DO IAC: the IAC is the option
     (b"\xff", b"abcfg", b"abcfg"),                 # IAC d e
