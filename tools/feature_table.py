@@ -36,8 +36,8 @@ NOTES: dict[str, str] = {
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
     "vhost-user-blk": "addr unix or fd; one front-end at a time, as QEMU",
-    "vduse-blk": "every option of QEMU 7.2; needs the vduse kernel module (tested in a guest), "
-                 "no reconnect log (docs/vduse.md)",
+    "vduse-blk": "every option of QEMU 7.2; needs the vduse kernel module (tested in a guest); "
+                 "the reconnect log as 7.2 keeps it (docs/vduse.md)",
     "chardev-change": "refused for chardevs with a monitor, as QEMU does",
     "chardev:pty": "path announced on stdout at startup and in chardev-add's reply; "
                    "one QMP greeting on the first open (QEMU may send two)",
@@ -53,8 +53,8 @@ NOTES: dict[str, str] = {
                     "padding to log sectors), log-append; a discard not in whole log "
                     "sectors is narrowed (QEMU 7.2 aborts)",
     "host_cdrom": "a drive without a disc (or a device that is not a CD drive) opens and "
-                  "fails I/O with ENOMEDIUM, as QEMU; an export of it is made where QEMU "
-                  "refuses one; no eject or tray locking (no guest device)",
+                  "fails I/O with ENOMEDIUM, and an NBD export of it is refused, as QEMU; "
+                  "no eject or tray locking (no guest device)",
     "x-blockdev-set-iothread": "not implemented: one trio event loop, iothread objects "
                                "are accepted but have no thread",
     "iothread": "accepted and listed; requests run on the one trio loop",
@@ -69,7 +69,12 @@ NOTES: dict[str, str] = {
             "cbc-plain64 and cbc-essiv; hashes md5, sha1, sha224, sha256, sha384, sha512; serpent, twofish, cast5 and des "
             "volumes are refused; blockdev-create and x-blockdev-amend of key slots",
     "secret": "data or file, format raw or base64, keyid/iv decryption; loaded at creation",
-    "blockdev-create": "drivers file, qcow2 (encryption included), luks and rbd",
+    "blockdev-create": "drivers file, qcow2 (encryption included), luks, rbd, vpc, vdi, qed, "
+                       "qcow, parallels, vmdk and vhdx",
+    "vmdk": "monolithicSparse/Flat, twoGbMaxExtentSparse/Flat, streamOptimized, vmfs, "
+            "vmfsSparse; seSparse read-only; descriptor files (docs/vmdk.md)",
+    "vhdx": "dynamic and fixed; log replay at open and metadata written through the log; "
+            "differencing images refused, as QEMU 7.2 (docs/vhdx.md)",
     "preallocate": "prealloc-align, prealloc-size; the preallocation is cut at close "
                    "(QEMU also when the filter loses write/resize permission)",
     "compress": "over qcow2; partial clusters padded, no overwrite of a cluster, as QEMU",
