@@ -33,6 +33,11 @@ def normalise(data: bytes) -> bytes:
     return DATE.sub(b"\r\nDate: <date>\r\n", GREETING.sub(b"<greeting>\r\n", data))
 
 
+def no_ports(name: str) -> str:
+    """A chardev's name with its port numbers (the system's choice) as P."""
+    return re.sub(r":\d+(?=,| |$)", ":P", name)
+
+
 def listen_port(q, label: str = "c") -> int:
     """The port a listening inet chardev got (its query-chardev filename)."""
     name = next(c["filename"] for c in q.cmd("query-chardev") if c["label"] == label)
