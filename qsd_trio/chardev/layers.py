@@ -119,17 +119,23 @@ class WebSocketStream(_Layer):
             if self._unread:
                 data, self._unread = self._unread, b""
             else:
-                data = bytes(await self.transport.receive_some())
+                # QEMU reads its input 4096 bytes at a time, less what it
+                # holds undecoded: the unit of what a close drops (below)
+                want = max(1, ws.HANDSHAKE_LIMIT - self._decoder.buffered)
+                data = bytes(await self.transport.receive_some(want))
                 if not data:
                     return b""
             got = self._decoder.feed(data)
-            self._pending += got.data
             if got.reply:
                 await self._send(got.reply)
             if got.closed:
-                # QEMU shuts the connection down after its close frame
+                # QEMU's channel fails the read once it decoded a close or a
+                # fault: what that read decoded never reaches the monitor;
+                # it shuts the connection down after its close frame
                 async with self._send_lock:
                     self._ended = True
+            else:
+                self._pending += got.data
         return self._take(max_bytes)
 
 

@@ -20,6 +20,8 @@ QEMU's choices that a client sees, kept here:
 - a close frame, masked or not, is answered with status 1000 "peer
   requested close", and nothing more is read; other faults are answered
   with a close frame of QEMU's status and reason (1002, 1003, 1008);
+  :class:`Decoded` still gives the data decoded before the close (QEMU
+  drops it: that is its channel's choice, made in chardev/layers.py);
 - a continuation frame takes the opcode of the last frame that had one,
   even when that was a control frame between fragments;
 - RSV bits are ignored, pongs are ignored, a new binary frame may start in
@@ -236,6 +238,11 @@ class FrameDecoder:
         self._mask = b""
         self._offset = 0
         self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not decoded yet (a frame's incomplete part)."""
+        return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> Decoded:
         if self.closed:

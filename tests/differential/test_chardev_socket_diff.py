@@ -253,6 +253,29 @@ def test_websocket_faults_close_as_qemu(daemon_factory):
     assert got["trio"] == got["qemu"]
 
 
+def test_websocket_commands_read_with_a_close_never_run(daemon_factory):
+    """What comes in the same read as a close frame is dropped (QEMU's
+    channel fails that read): the object-add before it does not happen."""
+    got = {}
+    for kind in KINDS:
+        d = start(daemon_factory, kind, "host=127.0.0.1,port=0,server=on,wait=off,websocket=on")
+        q = d.qmp()
+        conn = ws_connect(q)
+        conn.send(upgrade_request())
+        conn.read_until(b"\r\n\r\n")
+        conn.frames_until(b"<greeting>")
+        out = [ws_exchange(conn, [client_frame(b'{"execute":"qmp_capabilities"}')], 1)]
+        conn.send(client_frame(b'{"execute":"object-add","arguments":{"qom-type":"secret",'
+                               b'"id":"zz","data":"x"}}') + client_frame(b"", op=8))
+        out.append(conn.frames_until(None))
+        conn.close()
+        out.append(q.cmd_raw("object-add", {"qom-type": "secret", "id": "zz", "data": "x"}))
+        got[kind] = out
+        d.stop()
+    assert got["trio"] == got["qemu"]
+    assert got["qemu"][-1] == {"return": {}}
+
+
 WS_REFUSED = [
     b"GET / HTTP/1.0\r\n\r\n",
     b"POST / HTTP/1.1\r\n\r\n",
