@@ -179,16 +179,22 @@ def _check_request(text: bytes) -> bytes:
 
 # -- frames ----------------------------------------------------------------------
 
-def encode_frame(opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
-    """One final, unmasked frame (as a server sends them)."""
+def encode_frame(opcode: int, payload: bytes | bytearray | memoryview, *, fin: bool = True,
+                 mask: bytes | None = None) -> bytes:
+    """One frame: final and unmasked as a server sends them, or with
+    ``mask`` (4 bytes) as a client must."""
     n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
+    masked = 0x80 if mask is not None else 0
     if n < 126:
-        header = bytes([0x80 | opcode, n])
+        header = bytes([b0, masked | n])
     elif n < 1 << 16:
-        header = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+        header = bytes([b0, masked | 126]) + n.to_bytes(2, "big")
     else:
-        header = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
-    return header + bytes(payload)
+        header = bytes([b0, masked | 127]) + n.to_bytes(8, "big")
+    if mask is None:
+        return header + bytes(payload)
+    return header + mask + unmask(payload, mask, 0)
 
 
 def binary_frames(data: bytes | bytearray | memoryview) -> bytes:

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..objects.qom import UserObject
+from ..objects.tls_creds import find_creds
 from ..qapi.errors import GenericError
 
 # OpenSSL verify results that GnuTLS reports as GNUTLS_CERT_SIGNER_NOT_FOUND
@@ -63,15 +63,8 @@ def _missing(path: str) -> GenericError | None:
 def client_tls(objects: dict[str, Any], creds_id: str, hostname: str | None) -> ClientTls:
     """The TLS setup of a tls-creds object for a client (nbd_get_tls_creds
     and the object's loading).  Raises GenericError with QEMU's text."""
-    obj = objects.get(creds_id)
-    if obj is None:
-        raise GenericError(f"No TLS credentials with id '{creds_id}'")
-    if not (isinstance(obj, UserObject) and (obj.qom_type.startswith("tls-creds")
-                                             or obj.qom_type == "tls-cipher-suites")):
-        raise GenericError(f"Object with id '{creds_id}' is not TLS credentials")
+    obj = find_creds(objects, creds_id, "client")
     props = obj.props
-    if props.get("endpoint", "client") != "client":
-        raise GenericError("Expected TLS credentials for a client endpoint")
     kind = obj.qom_type
     d = props.get("dir")
     if kind == "tls-creds-anon":

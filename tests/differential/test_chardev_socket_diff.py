@@ -24,7 +24,9 @@ import subprocess
 
 import pytest
 
-from tests.differential.chardev_socket_clients import (
+from tests.chardev_socket_clients import (
+    ACCEPTED_REQUESTS,
+    REFUSED_REQUESTS,
     Conn,
     WsConn,
     chardev_filename,
@@ -33,6 +35,7 @@ from tests.differential.chardev_socket_clients import (
     no_ports,
     normalise,
     upgrade_request,
+    wait_disconnected,
     wait_for,
 )
 from tests.helpers import HAVE_QEMU, command, normalise_prog
@@ -40,6 +43,7 @@ from tests.helpers import HAVE_QEMU, command, normalise_prog
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
 KINDS = ("qemu", "trio")
+WS_SERVER = "host=127.0.0.1,port=0,server=on,wait=off,websocket=on"
 
 
 def start(daemon_factory, kind: str, opts: str, **kw):
@@ -99,7 +103,7 @@ def telnet_transcript(d, probes: list[bytes]) -> list[bytes]:
     conn.send(b'{"execute":"last","id":"last"}\xff')
     out.append(normalise(conn.read_until(b'"last"') + conn.read_until(b"\r\n")))
     conn.close()
-    wait_for(lambda: chardev_filename(q).startswith("disconnected:"), "the client to leave")
+    wait_disconnected(q)
     conn = Conn(socket.create_connection(("127.0.0.1", port)))
     out.append(normalise(conn.read_until(b"\r\n")))
     out.append(exchange(conn, b'xy{"execute":"qmp_capabilities"}', 99))
@@ -195,11 +199,10 @@ WS_PROBES = [
 def test_websocket_frames(daemon_factory):
     got = {}
     for kind in KINDS:
-        d = start(daemon_factory, kind, "host=127.0.0.1,port=0,server=on,wait=off,websocket=on")
+        d = start(daemon_factory, kind, WS_SERVER)
         q = d.qmp()
         conn = ws_connect(q)
-        conn.send(upgrade_request())
-        out: list = [normalise(conn.read_until(b"\r\n\r\n")), conn.frames_until(b"<greeting>")]
+        out = conn.upgrade()
         out.append(no_ports(chardev_filename(q)))
         for n, probe in enumerate(WS_PROBES):
             out.append(ws_exchange(conn, probe, n))
@@ -231,14 +234,12 @@ WS_FAULTS = [
 def test_websocket_faults_close_as_qemu(daemon_factory):
     got = {}
     for kind in KINDS:
-        d = start(daemon_factory, kind, "host=127.0.0.1,port=0,server=on,wait=off,websocket=on")
+        d = start(daemon_factory, kind, WS_SERVER)
         q = d.qmp()
         out = []
         for fault in WS_FAULTS:
             conn = ws_connect(q)
-            conn.send(upgrade_request())
-            conn.read_until(b"\r\n\r\n")
-            conn.frames_until(b"<greeting>")
+            conn.upgrade()
             conn.send(fault)
             if fault.endswith(b"\x88\x80"):
                 # a close frame's header is read once 6 bytes are there
@@ -246,8 +247,7 @@ def test_websocket_faults_close_as_qemu(daemon_factory):
                 conn.send(b"mask")
             out.append(conn.frames_until(None))
             conn.close()
-            wait_for(lambda q=q: chardev_filename(q).startswith("disconnected:"),
-                     "the chardev to listen again")
+            wait_disconnected(q)
         got[kind] = out
         d.stop()
     assert got["trio"] == got["qemu"]
@@ -258,12 +258,10 @@ def test_websocket_commands_read_with_a_close_never_run(daemon_factory):
     channel fails that read): the object-add before it does not happen."""
     got = {}
     for kind in KINDS:
-        d = start(daemon_factory, kind, "host=127.0.0.1,port=0,server=on,wait=off,websocket=on")
+        d = start(daemon_factory, kind, WS_SERVER)
         q = d.qmp()
         conn = ws_connect(q)
-        conn.send(upgrade_request())
-        conn.read_until(b"\r\n\r\n")
-        conn.frames_until(b"<greeting>")
+        conn.upgrade()
         out = [ws_exchange(conn, [client_frame(b'{"execute":"qmp_capabilities"}')], 1)]
         conn.send(client_frame(b'{"execute":"object-add","arguments":{"qom-type":"secret",'
                                b'"id":"zz","data":"x"}}') + client_frame(b"", op=8))
@@ -276,34 +274,17 @@ def test_websocket_commands_read_with_a_close_never_run(daemon_factory):
     assert got["qemu"][-1] == {"return": {}}
 
 
-WS_REFUSED = [
-    b"GET / HTTP/1.0\r\n\r\n",
-    b"POST / HTTP/1.1\r\n\r\n",
-    b"GET /foo HTTP/1.1\r\n\r\n",
-    b"GET / HTTP/1.1 \r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nBad\r\n\r\n",
-    upgrade_request(proto="text"),
-    upgrade_request(key="abc"),
-    upgrade_request().replace(b"Version: 13", b"Version: 8"),
-    upgrade_request().replace(b"Connection: Upgrade", b"Connection: keep-alive"),
-    upgrade_request().replace(b"Upgrade: websocket", b"Upgrade: h2c"),
-    upgrade_request()[:-2] + b"X-Junk: 1\r\n" * 27 + b"\r\n",
-    b"x" * 4096,
-    b"GET / HTTP/1.1\r\n" + b"x" * 4080,
-    upgrade_request().replace(b"Connection: Upgrade", b"Connection: keep-alive, upgrade"),
-    upgrade_request().replace(b"Host: x", b"HOST:    x"),
-    upgrade_request(proto="chat, binaryx"),
-    upgrade_request()[:-2] + b"X-Junk: 1\r\n" * 26 + b"\r\n",
-]
+WS_REQUESTS = REFUSED_REQUESTS + ACCEPTED_REQUESTS + [b"x" * 4096,
+                                                     b"GET / HTTP/1.1\r\n" + b"x" * 4080]
 
 
 def test_websocket_handshakes(daemon_factory):
     got = {}
     for kind in KINDS:
-        d = start(daemon_factory, kind, "host=127.0.0.1,port=0,server=on,wait=off,websocket=on")
+        d = start(daemon_factory, kind, WS_SERVER)
         q = d.qmp()
         out = []
-        for request in WS_REFUSED:
+        for request in WS_REQUESTS:
             conn = ws_connect(q)
             conn.send(request)
             reply = conn.read_until(b"\r\n")
@@ -314,8 +295,7 @@ def test_websocket_handshakes(daemon_factory):
             else:
                 out.append(normalise(reply + conn.read_to_eof()))
                 conn.close()
-            wait_for(lambda q=q: chardev_filename(q).startswith("disconnected:"),
-                     "the chardev to listen again")
+            wait_disconnected(q)
         # a client that leaves before the end of its request gets nothing
         conn = ws_connect(q)
         conn.send(upgrade_request()[:20])
@@ -338,8 +318,7 @@ def test_websocket_telnet_over_unix(daemon_factory, tmp_path):
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(path))
         conn = WsConn(sock, nudge=lambda q=q: q.cmd("query-version"))
-        conn.send(upgrade_request())
-        out = [normalise(conn.read_until(b"\r\n\r\n")), conn.frames_until(b"<greeting>")]
+        out = conn.upgrade()
         out.append(ws_exchange(conn, [client_frame(b'{"execute":"qmp_capabilities"}\xff\xf1x')],
                                1))
         out.append(chardev_filename(q).replace(str(path), "P"))
@@ -353,11 +332,9 @@ def test_websocket_telnet_over_unix(daemon_factory, tmp_path):
 def test_pong_carries_the_ping_payload_only(daemon_factory):
     """A ping with more frames behind it in the same read: QEMU 7.2 echoes
     those frames' bytes in its pong too; qsd-trio answers as RFC 6455 says."""
-    d = start(daemon_factory, "trio", "host=127.0.0.1,port=0,server=on,wait=off,websocket=on")
+    d = start(daemon_factory, "trio", WS_SERVER)
     conn = ws_connect(d.qmp(), poke=False)
-    conn.send(upgrade_request())
-    conn.read_until(b"\r\n\r\n")
-    conn.frames_until(b"<greeting>")
+    conn.upgrade()
     conn.send(client_frame(b"ping!", op=9) + client_frame(b'{"execute":"q"}'))
     assert conn.frames_until(b"capabilities negotiation") == [
         (0x8A, b"ping!"),
@@ -555,7 +532,7 @@ def reconnect_transcript(d, lpath) -> list:
         out.append(exchange(conn, b'{"execute":"qmp_capabilities"}', 1))
         out.append(chardev_filename(q))
         conn.close()
-        wait_for(lambda: chardev_filename(q).startswith("disconnected:"), "the disconnection")
+        wait_disconnected(q)
     os.unlink(lpath)  # first: the next attempt finds no file, whenever it comes
     lsock.close()
     return out
@@ -590,7 +567,7 @@ def test_client_without_reconnect_stays_disconnected(daemon_factory, tmp_path):
         q = d.qmp()
         out = [normalise(conn.read_until(b"\r\n")), chardev_filename(q)]
         conn.close()
-        wait_for(lambda q=q: chardev_filename(q).startswith("disconnected:"), "the disconnection")
+        wait_disconnected(q)
         lsock.settimeout(2)
         with pytest.raises(TimeoutError):
             lsock.accept()  # no second connection (a bounded wait for an absence)

@@ -20,7 +20,7 @@ import ssl
 import pytest
 import trio
 
-from tests.differential.chardev_socket_clients import (
+from tests.chardev_socket_clients import (
     DEADLINE,
     Conn,
     WsConn,
@@ -29,8 +29,7 @@ from tests.differential.chardev_socket_clients import (
     listen_port,
     no_ports,
     normalise,
-    upgrade_request,
-    wait_for,
+    wait_disconnected,
 )
 from tests.helpers import HAVE_QEMU
 from tests.integration.nbd_helpers import make_pki
@@ -130,7 +129,7 @@ def test_server_sessions(daemon_factory, pki, creds, extra, cert):
         ctx = anon_client() if creds == "anon" else x509_client(pki, cert)
         # twice: a refused client leaves the chardev listening
         got[kind] = [session(port, ctx), session(port, ctx)]
-        wait_for(lambda q=q: chardev_filename(q).startswith("disconnected:"), "the end")
+        wait_disconnected(q)
         got[kind].append(no_ports(chardev_filename(q)))
         d.stop()
     assert got["trio"] == got["qemu"]
@@ -212,7 +211,7 @@ def test_plain_client_of_a_tls_server_gets_nothing(daemon_factory, pki):
         conn.send(b'{"execute":"qmp_capabilities"}\r\n')
         got[kind] = conn.read_to_eof()  # QEMU resets, qsd-trio closes: both the end
         conn.close()
-        wait_for(lambda q=q: chardev_filename(q).startswith("disconnected:"), "the end")
+        wait_disconnected(q)
         d.stop()
     assert got["trio"] == got["qemu"] == b""
 
@@ -257,7 +256,7 @@ def test_client_mode(daemon_factory, pki, host):
                 out.append(conn.buf)  # closed after the handshake
             out.append(no_ports(chardev_filename(q)))
             conn.close()
-        wait_for(lambda q=q: chardev_filename(q).startswith("disconnected:"), "the end")
+        wait_disconnected(q)
         out.append(no_ports(chardev_filename(q)))
         lsock.close()
         got[kind] = out
@@ -281,8 +280,7 @@ def test_tls_websocket_telnet(daemon_factory, pki):
             tls.sendall(client_frame(b" "))         # and its TLS read-ahead
 
         conn = WsConn(tls, nudge=nudge)
-        conn.send(upgrade_request())
-        out = [normalise(conn.read_until(b"\r\n\r\n")), conn.frames_until(b"<greeting>")]
+        out = conn.upgrade()
         conn.send(client_frame(b'{"execute":"qmp_capabilities","id":"cap"}\xff\xfb\x01'))
         out.append(conn.frames_until(b'"cap"'))
         conn.close()

@@ -13,36 +13,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qsd_trio.chardev import websocket as ws
+from tests.chardev_socket_clients import (
+    ACCEPTED_REQUESTS,
+    REFUSED_REQUESTS,
+    client_frame,
+    upgrade_request,
+)
 
 DATE = "Mon, 07 Dec 2026 14:45:33 GMT"
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="   # RFC 6455's example: its accept value is known
-
-
-def request(key: str = KEY, proto: str = "binary", extra: str = "") -> bytes:
-    return (f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {proto}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
-
-
-def client_frame(payload: bytes, op: int = ws.OP_BINARY, fin: bool = True,
-                 mask: bytes = b"abcd", masked: bool = True) -> bytes:
-    """A frame as a client sends it."""
-    b0 = (0x80 if fin else 0) | op
-    m = 0x80 if masked else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes([b0, m | n])
-    elif n < 1 << 16:
-        head = bytes([b0, m | 126]) + struct.pack(">H", n)
-    else:
-        head = bytes([b0, m | 127]) + struct.pack(">Q", n)
-    if not masked:
-        return head + payload
-    return head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
 
 
 def test_accept():
-    got = ws.server_handshake(request() + b"\x82", DATE)
+    # the request's key is RFC 6455's example, whose accept value is known
+    got = ws.server_handshake(upgrade_request() + b"\x82", DATE)
     assert got == ws.Accepted(
         (f"HTTP/1.1 101 Switching Protocols\r\nServer: QEMU VNC\r\nDate: {DATE}\r\n"
          "Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -53,43 +36,15 @@ def test_accept():
 BAD = (f"HTTP/1.1 400 Bad Request\r\nServer: QEMU VNC\r\nDate: {DATE}\r\n"
        "Connection: close\r\nSec-WebSocket-Version: 13\r\n").encode()
 
-REFUSED = [
-    b"GET / HTTP/1.0\r\n\r\n",
-    b"POST / HTTP/1.1\r\n\r\n",
-    b"GET /foo HTTP/1.1\r\n\r\n",
-    b"GET\r\n\r\n",
-    b"GET /\r\n\r\n",
-    b"GET / HTTP/1.1 \r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nBad\r\n\r\n",
-    request(proto="text"),
-    request(key="abc"),
-    request().replace(b"Version: 13", b"Version: 8"),
-    request().replace(b"Connection: Upgrade", b"Connection: keep-alive"),
-    request().replace(b"Upgrade: websocket", b"Upgrade: h2c"),
-    request().replace(b"Host: x\r\n", b""),
-    request().replace(b"Host: x", b"Hostx"),
-    request(extra="X-Junk: 1\r\n" * 27),     # 33 headers
-]
 
-ACCEPTED = [
-    request().replace(b"Connection: Upgrade", b"Connection: keep-alive, upgrade"),
-    request().replace(b"Upgrade: websocket", b"Upgrade: WebSocket"),
-    request().replace(b"Host: x", b"HOST:    x"),
-    request(proto="chat, binary"),
-    request(proto="binaryx"),
-    request(extra="X-Junk: 1\r\n" * 26),     # 32 headers
-]
-
-
-@pytest.mark.parametrize("req", REFUSED)
+@pytest.mark.parametrize("req", REFUSED_REQUESTS)
 def test_refused_as_qemu(req):
     got = ws.server_handshake(req, DATE)
     assert isinstance(got, ws.Rejected)
     assert got.response == BAD
 
 
-@pytest.mark.parametrize("req", ACCEPTED)
+@pytest.mark.parametrize("req", ACCEPTED_REQUESTS)
 def test_accepted_as_qemu(req):
     assert isinstance(ws.server_handshake(req, DATE), ws.Accepted)
 
@@ -103,11 +58,11 @@ def test_too_large():
     late = b"GET / HTTP/1.1\r\n" + b"x" * 4077 + b"\r\n\r\n"
     assert ws.server_handshake(late, DATE).response == too_large
     # a NUL ends the search, as it ends QEMU's C string
-    assert ws.server_handshake(b"\0" + request(), DATE) is None
+    assert ws.server_handshake(b"\0" + upgrade_request(), DATE) is None
 
 
 def test_waits_for_the_blank_line():
-    req = request()
+    req = upgrade_request()
     for i in range(len(req)):
         assert ws.server_handshake(req[:i], DATE) is None
     assert ws.server_handshake(req.replace(b"\r\n", b"\n"), DATE) is None

@@ -20,6 +20,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from qsd_trio.chardev.websocket import encode_frame
+
 DEADLINE = 30.0   # seconds a step may take before the test fails
 
 GREETING = re.compile(rb'\{"QMP": \{"version": \{[^}]*\}, "package": "[^"]*"\}, '
@@ -56,6 +58,12 @@ def wait_for(predicate: Callable[[], bool], what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def wait_disconnected(q, label: str = "c") -> None:
+    """Until the chardev has seen its client go (and listens again)."""
+    wait_for(lambda: chardev_filename(q, label).startswith("disconnected:"),
+             f"{label} to be disconnected")
 
 
 class Conn:
@@ -116,26 +124,45 @@ class Conn:
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def upgrade_request(key: str = KEY, proto: str = "binary") -> bytes:
+def upgrade_request(key: str = KEY, proto: str = "binary", extra: str = "") -> bytes:
     return (f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {proto}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
 
 
 def client_frame(payload: bytes, op: int = 2, fin: bool = True, mask: bytes = b"abcd",
                  masked: bool = True) -> bytes:
-    b0 = (0x80 if fin else 0) | op
-    m = 0x80 if masked else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes([b0, m | n])
-    elif n < 1 << 16:
-        head = bytes([b0, m | 126]) + struct.pack(">H", n)
-    else:
-        head = bytes([b0, m | 127]) + struct.pack(">Q", n)
-    if not masked:
-        return head + payload
-    return head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+    """A frame as a client sends it (``masked=False``: as it must not)."""
+    return encode_frame(op, payload, fin=fin, mask=mask if masked else None)
+
+
+# requests whose fate was measured against qemu-storage-daemon 7.2
+REFUSED_REQUESTS = [
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"POST / HTTP/1.1\r\n\r\n",
+    b"GET /foo HTTP/1.1\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"GET /\r\n\r\n",
+    b"GET / HTTP/1.1 \r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad\r\n\r\n",
+    upgrade_request(proto="text"),
+    upgrade_request(key="abc"),
+    upgrade_request().replace(b"Version: 13", b"Version: 8"),
+    upgrade_request().replace(b"Connection: Upgrade", b"Connection: keep-alive"),
+    upgrade_request().replace(b"Upgrade: websocket", b"Upgrade: h2c"),
+    upgrade_request().replace(b"Host: x\r\n", b""),
+    upgrade_request().replace(b"Host: x", b"Hostx"),
+    upgrade_request(extra="X-Junk: 1\r\n" * 27),     # 33 headers
+]
+ACCEPTED_REQUESTS = [
+    upgrade_request().replace(b"Connection: Upgrade", b"Connection: keep-alive, upgrade"),
+    upgrade_request().replace(b"Upgrade: websocket", b"Upgrade: WebSocket"),
+    upgrade_request().replace(b"Host: x", b"HOST:    x"),
+    upgrade_request(proto="chat, binary"),
+    upgrade_request(proto="binaryx"),
+    upgrade_request(extra="X-Junk: 1\r\n" * 26),     # 32 headers
+]
 
 
 def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
@@ -161,6 +188,11 @@ def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
 class WsConn(Conn):
     """A WebSocket client: frames from the server gathered as (first byte,
     normalised payload)."""
+
+    def upgrade(self) -> list:
+        """The upgrade: the server's reply and the frames up to the greeting."""
+        self.send(upgrade_request())
+        return [normalise(self.read_until(b"\r\n\r\n")), self.frames_until(b"<greeting>")]
 
     def frames_until(self, marker: bytes | int | None) -> list[tuple[int, bytes]]:
         """Frames up to the one whose payload holds ``marker`` (an int: whose
