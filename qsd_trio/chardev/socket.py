@@ -6,10 +6,12 @@ on a unix path, an inet host:port or an inherited descriptor, listening
 
 A listening chardev serves one client at a time and lets the next wait in
 the listen backlog (QEMU stops accepting while it has a client).  A client
-chardev connects once when it opens; with ``reconnect=N`` it connects when
-the frontend starts reading instead, and again N seconds after each
-failure or disconnection, reporting the first failure since it was last
-connected ("Unable to connect character device ID: ...", as QEMU).
+chardev connects when it opens, and fails if it cannot; with
+``reconnect=N`` a failure there is no error: it tries again N seconds after
+each failure or disconnection, for as long as its frontend reads, and
+reports the first failure since it was last connected ("Unable to connect
+character device ID: ...", as QEMU).  A chardev acts for its frontend only:
+without one it accepts nobody and does not reconnect (QEMU's does both).
 
 Each connection gets QEMU's layers before the frontend sees it (see
 :mod:`.layers`): TLS, WebSocket, telnet.  A connection whose handshake
