@@ -41,6 +41,8 @@ NOTES: dict[str, str] = {
     "chardev-change": "refused for chardevs with a monitor, as QEMU does",
     "chardev:pty": "path announced on stdout at startup and in chardev-add's reply; "
                    "one QMP greeting on the first open (QEMU may send two)",
+    "chardev:socket": "unix, inet and fd; server and client; telnet, tn3270, websocket, "
+                      "reconnect, tls-creds and tls-authz as QEMU (docs/chardev.md)",
     "chardev:udp": "QMP works over it (qemu-storage-daemon 7.2 crashes on the first command)",
     "chardev:parallel": "Linux ppdev (PPCLAIM); no data flows, as in QEMU",
     "chardev:mux": "up to 4 monitors; C-a h, c, t, x and C-a C-a as QEMU; C-a s does nothing "
