@@ -42,13 +42,15 @@ def export_and_probe(kind: str, tmp_path: Path, img: Path, driver: str,
 
 
 def run_creates(kind: str, tmp_path: Path, creates: list[dict], ext: str,
-                initial: bytes = b"") -> tuple[list, list[Path]]:
+                initial: bytes = b"", extra: list[str] | None = None
+                ) -> tuple[list, list[Path]]:
     """Each of ``creates`` (BlockdevCreateOptions without ``file``) as a
-    blockdev-create job on daemon ``kind``, on a fresh file node holding
-    ``initial``: its outcome (("refused", error) or ("job", the concluded
-    job's error)) and the file it left."""
+    blockdev-create job on daemon ``kind`` (started with ``extra`` options
+    too, e.g. a secret), on a fresh file node holding ``initial``: its
+    outcome (("refused", error) or ("job", the concluded job's error)) and
+    the file it left."""
     files = [tmp_path / f"c{n}-{kind}.{ext}" for n in range(len(creates))]
-    args = []
+    args = list(extra or [])
     for n, f in enumerate(files):
         f.write_bytes(initial)
         args += ["--blockdev", f"driver=file,node-name=f{n},filename={f}"]

@@ -18,6 +18,7 @@ import struct
 
 import pytest
 
+from tests.differential.format_runs import run_creates
 from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, qemu_img, qemu_io, run_cli
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
@@ -167,27 +168,9 @@ def test_backing_given_as_qemu(images, tmp_path):
 
 
 def _create(kind, tmp_path, creates) -> tuple[list, list[bytes]]:
-    files = [tmp_path / f"c{n}-{kind}.qcow" for n in range(len(creates))]
-    args = list(SECRET)
-    for n, f in enumerate(files):
-        f.write_bytes(b"\xee" * 3000)
-        args += ["--blockdev", f"driver=file,node-name=f{n},filename={f}"]
-    out = []
-    with Daemon(kind, tmp_path, args) as d:
-        q = d.qmp()
-        for n, opts in enumerate(creates):
-            r = q.cmd_raw("blockdev-create",
-                          {"job-id": f"j{n}", "options": {**opts, "file": f"f{n}"}})
-            if "error" in r:
-                out.append(("refused", r["error"]))
-                continue
-            while True:
-                ev = q.pull_event(wait=30)
-                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
-                    break
-            job = q.cmd("query-jobs")[0]
-            out.append(("job", job.get("error")))
-            q.cmd("job-dismiss", id=f"j{n}")
+    """Each blockdev-create on a file node holding old bytes: the outcome
+    of each and the file it left."""
+    out, files = run_creates(kind, tmp_path, creates, "qcow", b"\xee" * 3000, list(SECRET))
     return out, [f.read_bytes() for f in files]
 
 

@@ -16,6 +16,7 @@ import struct
 import pytest
 
 from qsd_trio.nodes.vpc import vpc_checksum
+from tests.differential.format_runs import run_creates
 from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, qemu_img, qemu_io, run_cli
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
@@ -133,29 +134,9 @@ def test_open_errors_match(images, tmp_path, case):
 
 
 def _create(kind, tmp_path, creates) -> tuple[list, list[bytes]]:
-    """Run each blockdev-create on a fresh file node; the outcome of each and
+    """Each blockdev-create on a fresh file node; the outcome of each and
     the image it left (timestamp, UUID and checksum masked)."""
-    files = [tmp_path / f"c{n}-{kind}.vhd" for n in range(len(creates))]
-    args = []
-    for n, f in enumerate(files):
-        f.write_bytes(b"")
-        args += ["--blockdev", f"driver=file,node-name=f{n},filename={f}"]
-    out = []
-    with Daemon(kind, tmp_path, args) as d:
-        q = d.qmp()
-        for n, opts in enumerate(creates):
-            r = q.cmd_raw("blockdev-create",
-                          {"job-id": f"j{n}", "options": {**opts, "file": f"f{n}"}})
-            if "error" in r:
-                out.append(("refused", r["error"]))
-                continue
-            while True:
-                ev = q.pull_event(wait=30)
-                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
-                    break
-            job = q.cmd("query-jobs")[0]
-            out.append(("job", job.get("error")))
-            q.cmd("job-dismiss", id=f"j{n}")
+    out, files = run_creates(kind, tmp_path, creates, "vhd")
     images = []
     for f in files:
         b = bytearray(f.read_bytes())
