@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.differential.create_job import run_create
 from tests.helpers import Daemon, normalise_prog, qemu_img, qemu_io, run_cli
 
 
@@ -58,18 +59,7 @@ def run_creates(kind: str, tmp_path: Path, creates: list[dict], ext: str,
     with Daemon(kind, tmp_path, args) as d:
         q = d.qmp()
         for n, opts in enumerate(creates):
-            r = q.cmd_raw("blockdev-create",
-                          {"job-id": f"j{n}", "options": {**opts, "file": f"f{n}"}})
-            if "error" in r:
-                out.append(("refused", r["error"]))
-                continue
-            while True:
-                ev = q.pull_event(wait=60)
-                if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "concluded":
-                    break
-            job = q.cmd("query-jobs")[0]
-            out.append(("job", job.get("error")))
-            q.cmd("job-dismiss", id=f"j{n}")
+            out.append(run_create(q, f"j{n}", {**opts, "file": f"f{n}"}))
     return out, files
 
 
