@@ -31,6 +31,15 @@ CASES = [
     ["--object", "iothread,id=io0", "--object", "iothread,id=io0"],
     ["--export", "nbd,id=e,node-name=n"],
     ["--pidfile", "/nonexistent-dir/x.pid"],
+    # the NBD server's TLS object, looked up as QEMU's users do (a socket that can
+    # be bound: QEMU binds before it looks the object up, qsd-trio after)
+    ["--nbd-server", "addr.type=unix,addr.path=/tmp/qsd-test-cli-tls.sock,tls-creds=t"],
+    ["--object", "iothread,id=t", "--nbd-server",
+     "addr.type=unix,addr.path=/tmp/qsd-test-cli-tls.sock,tls-creds=t"],
+    ["--object", "tls-cipher-suites,id=t,priority=NORMAL", "--nbd-server",
+     "addr.type=unix,addr.path=/tmp/qsd-test-cli-tls.sock,tls-creds=t"],
+    ["--object", "tls-creds-anon,id=t,endpoint=client", "--nbd-server",
+     "addr.type=unix,addr.path=/tmp/qsd-test-cli-tls.sock,tls-creds=t"],
 ]
 
 

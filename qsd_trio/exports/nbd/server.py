@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ...objects.qom import UserObject
-from ...qapi.errors import GenericError
+from ...objects.tls_creds import find_creds
 from ...sockets import addr_dict, open_listeners
 from .connection import Connection
-from .tls import prop, server_context
+from .tls import server_context
 
 if TYPE_CHECKING:
     from ...daemon import Daemon
@@ -47,13 +46,7 @@ class NbdServer:
         # an SSLContext, or for PSK the keys file (see tls.server_context)
         self.tls_context: ssl.SSLContext | str | None = None
         if tls_creds is not None:
-            creds = daemon.objects.get(tls_creds)
-            if creds is None:
-                raise GenericError(f"No TLS credentials with id '{tls_creds}'")
-            if not (isinstance(creds, UserObject) and creds.qom_type.startswith("tls-creds")):
-                raise GenericError(f"Object with id '{tls_creds}' is not TLS credentials")
-            if prop(creds, "endpoint", "client") != "server":
-                raise GenericError("Expected TLS credentials for a server endpoint")
+            creds = find_creds(daemon.objects, tls_creds, "server")
             self.tls_context = server_context(creds)
             self.tls_x509 = creds.qom_type == "tls-creds-x509"
         # looked up per client, as QEMU does: a missing object denies access
