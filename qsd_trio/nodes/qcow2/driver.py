@@ -40,7 +40,7 @@ from typing import Any
 import trio
 
 from ...qapi.errors import GenericError
-from ..backing import backing_info, backing_status, open_backing_option, read_backing
+from ..backing import backing_info, backing_status, open_backing, read_backing
 from ..graph import register_driver
 from ..node import BdrvChild, BlockNode, BlockStatus, Buffer, ReadDone, Status, WriteDone
 from . import bitmaps as bitmapmod
@@ -254,19 +254,9 @@ class Qcow2Node(BlockNode):
             if h.nb_snapshots else []
 
         # backing file
-        self.backing_edge = None
-        if "backing" in options:
-            self.backing_edge = await open_backing_option(self, options)
-        elif h.backing_file:
-            await self._open_header_backing(h, h.backing_file)
+        self.backing_edge = await open_backing(self, options, h.backing_file or None,
+                                               h.backing_format)
         self.backing = self.backing_edge.node if self.backing_edge else None
-        # QEMU's auto_backing_file: the opened node's name when the header
-        # chose it, else the header's own string (so a backing given
-        # explicitly or as null counts as overridden in file names)
-        if self.backing is not None and "backing" not in options:
-            self.auto_backing_file = self.backing.filename
-        else:
-            self.auto_backing_file = h.backing_file or ""
 
         if not self.read_only:
             await self._open_rw(h)
@@ -295,28 +285,6 @@ class Qcow2Node(BlockNode):
         if not os.path.isabs(name) and base and "://" not in name:
             name = os.path.join(os.path.dirname(base), name)
         return {"driver": "file", "filename": name}
-
-    async def _open_header_backing(self, h: Header, name: str) -> None:
-        """Open the backing file the header names (``name``), with the format
-        it records, else the one its first bytes show."""
-        spec = self._implicit_file(name)
-        fmt = h.backing_format
-        if fmt is None:
-            # no format recorded: probe as QEMU does (qcow2 magic, else raw)
-            try:
-                async with await trio.open_file(spec["filename"], "rb") as f:
-                    magic = await f.read(4)
-            except OSError:
-                magic = b""
-            fmt = "qcow2" if magic == b"QFI\xfb" else "raw"
-        try:
-            # as a nested definition: it inherits force-share and cache modes
-            inherited: dict[str, Any] = {k: self.options[k] for k in ("force-share", "cache")
-                                         if k in self.options}
-            self.backing_edge = await self.graph.open_child(
-                self, {**inherited, "backing": {"driver": fmt, "file": spec}}, "backing")
-        except GenericError as e:
-            raise GenericError(f"Could not open backing file: {e.desc}") from None
 
     async def _open_rw(self, h: Header) -> None:
         changed = False
