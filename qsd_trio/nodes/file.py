@@ -473,6 +473,34 @@ class FileNode(BlockNode):
                              partial(self._write_finished, mv, offset, done, key, 0), addr)
         return True
 
+    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done: Done) -> bool:
+        n = sum(len(v) for v in views)
+        if any(v.readonly for v in views):
+            return False
+        if self.cache_direct:
+            if self._rmw or not self._direct_ok(offset, n, views):
+                return False
+            key: object | None = object()
+            self._direct_writes[key] = (offset, offset + n)
+        else:
+            key = None
+        self.io.submit_writev(self.fd, views, offset,
+                              partial(self._writev_finished, views, offset, n, done, key, 0))
+        return True
+
+    def _writev_finished(self, views: list[memoryview], offset: int, n: int, done: Done,
+                         key: object | None, put: int, res: int) -> None:
+        """_write_finished for a submitted pwritev: a short one goes on
+        with the rest of the views."""
+        if res == 0:
+            res = -errno.EIO  # a write that makes no progress
+        if res > 0 and put + res < n:
+            put += res
+            self.io.submit_writev(self.fd, advance(views, put), offset + put,
+                                  partial(self._writev_finished, views, offset, n, done, key, put))
+            return
+        self._write_settled(offset, n, done, key, res)
+
     def _write_finished(self, mv: memoryview, offset: int, done: Done, key: object | None,
                         put: int, res: int) -> None:
         n = len(mv)
@@ -484,6 +512,10 @@ class FileNode(BlockNode):
                 self.io.submit_write(self.fd, mv[put:], offset + put,
                                      partial(self._write_finished, mv, offset, done, key, put))
                 return
+        self._write_settled(offset, n, done, key, res)
+
+    def _write_settled(self, offset: int, n: int, done: Done, key: object | None,
+                       res: int) -> None:
         if key is not None:
             del self._direct_writes[key]
             if self._write_done is not None:

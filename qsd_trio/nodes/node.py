@@ -860,7 +860,21 @@ class BlockNode:
         """Start a write (not FUA) of ``mv``, which must stay unchanged until
         ``done(None, None)`` or ``done(None, OSError)``; the same checks and
         bookkeeping as write(), for the requests write_now() takes."""
-        n = len(mv)
+        return self._write_submit(offset, len(mv), mv, done)
+
+    def writev_submit(self, offset: int, views: list[memoryview], done: WriteDone) -> bool:
+        """write_submit() of the concatenation of ``views`` (format "B"),
+        handed to the driver as they are (one pwritev: a virtio-blk write
+        whose guest memory is in a few pieces), where it takes them so."""
+        if len(views) == 1:
+            return self._write_submit(offset, len(views[0]), views[0], done)
+        n = 0
+        for v in views:
+            n += len(v)
+        return self._write_submit(offset, n, views, done)
+
+    def _write_submit(self, offset: int, n: int, data: memoryview | list[memoryview],
+                      done: WriteDone) -> bool:
         if not self._plain_write(offset, n):
             return False
 
@@ -876,7 +890,8 @@ class BlockNode:
             done(None, err)
 
         self._in_flight += 1
-        if self._pwritev_submit(offset, mv, finished):
+        if (self._pwritev_submit(offset, data, finished) if isinstance(data, memoryview)
+                else self._pwritev_submit_vec(offset, data, finished)):
             if self.write_threshold:
                 self._check_threshold(offset, n)
             return True
@@ -898,6 +913,9 @@ class BlockNode:
         return False
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
+        return False
+
+    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done: WriteDone) -> bool:
         return False
 
     async def write(self, offset: int, data: Buffer | list[memoryview], *,

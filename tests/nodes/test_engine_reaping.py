@@ -1,5 +1,5 @@
 """The engines' submission and reaping, in process: requests started with a
-callback (submit_read/submit_write) and parked requests, on each engine.
+callback (submit_read/submit_write/submit_writev) and parked requests, on each engine.
 
 What is checked: every callback gets its own result (a byte count, or the
 negative errno of a request the kernel refused), the data lands where it
@@ -104,6 +104,41 @@ async def test_refused_request_reaches_its_callback(image, aio):
     os.close(rfd)
     os.close(fd)
     assert sorted(got) == [-errno.EBADF, BS]
+
+
+@pytest.mark.parametrize("aio", AIOS)
+async def test_submit_writev_writes_the_views_in_order(image, aio):
+    """One pwritev of several views (a virtio-blk write whose guest memory
+    is in pieces): its callback gets the bytes of all of them, which land
+    one after another; refused, the negative errno."""
+    path, data = image
+    engines, eng = await _engine(aio)
+    fd = _open(path, aio)
+    rfd = os.open(path, os.O_RDONLY | (os.O_DIRECT if aio == "native" else 0))
+    got = []
+    done = trio.Event()
+
+    def cb(res):
+        got.append(res)
+        if len(got) == 2:
+            done.set()
+
+    pieces = [os.urandom(BS) for _ in range(3)]
+    views = []
+    for p in pieces:
+        buf, _ = buffers.alloc_at(BS)
+        buf[:] = p
+        views.append(buf)
+    with trio.fail_after(20):
+        eng.submit_writev(fd, views, 5 * BS, cb)
+        eng.submit_writev(rfd, views[:1], 0, cb)  # a read-only descriptor
+        await done.wait()
+        await engines.aclose()
+    os.close(rfd)
+    os.close(fd)
+    assert sorted(got) == [-errno.EBADF, 3 * BS]
+    with open(path, "rb") as f:
+        assert f.read() == data[:5 * BS] + b"".join(pieces) + data[8 * BS:]
 
 
 @pytest.mark.parametrize("aio", AIOS)

@@ -1,13 +1,14 @@
 """The write paths leave the same side effects (issue 13, item 3), and the
 read paths count what read() counts: every one of read(), read_now(),
 read_submit(), read_into(), read_into_now(), write(), write_now(),
-write_submit() and writev().
+write_submit(), writev() and writev_submit().
 
 An exporter writes through ``write()`` (a task per request), ``write_now()``
 (served synchronously, from the page cache), ``write_submit()`` (handed
-to the I/O engine, answered from its completion) or ``writev()`` (a
-virtio-blk request's segments of guest memory, not gathered).  Whichever it takes,
-what the graph records must be what ``write()`` records: the statistics of
+to the I/O engine, answered from its completion), ``writev()`` (a
+virtio-blk request's segments of guest memory, not gathered) or
+``writev_submit()`` (those segments handed to the engine as one
+pwritev).  Whichever it takes, what the graph records must be what ``write()`` records: the statistics of
 the node and of its file child, the highest offset written, the dirty
 bitmaps (enabled ones only), the BLOCK_WRITE_THRESHOLD event, and the bytes.
 
@@ -41,6 +42,7 @@ from ..helpers import mounted
 from .qcow2_helpers import check_clean, create, qemu_io
 
 MiB = 1 << 20
+WRITE_PATHS = ("write", "write_now", "write_submit", "writev", "writev_submit")
 SIZE = 4 * MiB
 GRAN = 65536
 THRESHOLD = 3 * MiB + 100
@@ -67,26 +69,41 @@ async def _write(node, path: str, offset: int, mv: memoryview) -> tuple[str, int
     errno it failed with (0: it did not)."""
     if path == "write_now" and node.write_now(offset, mv):
         return path, 0
-    if path == "writev":
+    if path.startswith("writev"):
         # a virtio-blk request's segments: pages, or halves of a page
         step = 4096 if len(mv) > 4096 else len(mv) // 2
         views = [mv[i:i + step] for i in range(0, len(mv), step)]
+        if path == "writev_submit":
+            return await _submitted(path, lambda done: node.writev_submit(offset, views, done),
+                                    node, offset, mv)
         try:
             await node.writev(offset, views)
         except OSError as e:
             return path, e.errno
         return path, 0
     if path == "write_submit":
-        done = trio.Event()
-        result = []
+        return await _submitted(path, lambda done: node.write_submit(offset, mv, done),
+                                node, offset, mv)
+    return await _written(node, offset, mv)
 
-        def finished(res, err) -> None:  # called by the engine's reaper task
-            result.append(err)
-            done.set()
 
-        if node.write_submit(offset, mv, finished):
-            await done.wait()
-            return path, result[0].errno if result[0] else 0
+async def _submitted(path: str, submit, node, offset: int, mv: memoryview) -> tuple[str, int]:
+    """A request started without a task, ``submit(done)``; write() when
+    it was not taken."""
+    done = trio.Event()
+    result = []
+
+    def finished(res, err) -> None:  # called by the engine's reaper task
+        result.append(err)
+        done.set()
+
+    if submit(finished):
+        await done.wait()
+        return path, result[0].errno if result[0] else 0
+    return await _written(node, offset, mv)
+
+
+async def _written(node, offset: int, mv: memoryview) -> tuple[str, int]:
     try:
         await node.write(offset, mv)
     except OSError as e:
@@ -109,7 +126,7 @@ async def test_every_write_path_leaves_what_write_leaves(tmp_path, case):
     unsubscribe = events.subscribe(seen.append)
     results = {}
     try:
-        for path in ("write", "write_now", "write_submit", "writev"):
+        for path in WRITE_PATHS:
             results[path] = await _run(tmp_path / path, fmt, file_opts, path, seen)
     finally:
         unsubscribe()
@@ -117,12 +134,14 @@ async def test_every_write_path_leaves_what_write_leaves(tmp_path, case):
     model = _model(fmt)
     for path, got in results.items():
         taken = [p for p, err in got.pop("taken")]
+        align = got.pop("align")
         if path != "write":
             # the path under test served the writes it can: on O_DIRECT the
             # fast path declines them all (nothing is cached), and write_submit
             # takes every aligned one
             expect = {"write_now": 0 if "direct" in case else len(WRITES),
-                      "write_submit": len(WRITES), "writev": len(WRITES)}[path]
+                      "write_submit": len(WRITES), "writev": len(WRITES),
+                      "writev_submit": _vec_submitted(case, align)}[path]
             assert taken.count(path) == expect, (path, taken)
         assert got == model, (path, got, model)
 
@@ -136,7 +155,7 @@ async def test_failed_writes_leave_the_same_on_every_path(tmp_path):
     unsubscribe = events.subscribe(seen.append)
     results = {}
     try:
-        for path in ("write", "write_now", "write_submit", "writev"):
+        for path in WRITE_PATHS:
             with mounted(tmp_path / path, "-t", "tmpfs", "-o", "size=64k", "tmpfs") as mnt:
                 results[path] = await _run(mnt / "img", "raw", {"aio": "threads"}, path, seen)
     finally:
@@ -148,12 +167,25 @@ async def test_failed_writes_leave_the_same_on_every_path(tmp_path):
     assert results["write"]["stats"]["node.failed_wr_operations"] == 2
     for path, got in results.items():
         assert [err for _, err in got["taken"]] == errors, path
-        if path in ("write_submit", "writev"):
+        if path in ("write_submit", "writev", "writev_submit"):
             assert all(p == path for p, _ in got["taken"]), got["taken"]
         got.pop("taken")
     assert results["write_now"] == results["write"]
     assert results["write_submit"] == results["write"]
     assert results["writev"] == results["write"]
+    assert results["writev_submit"] == results["write"]
+
+
+def _vec_submitted(case: str, align: int) -> int:
+    """How many of WRITES writev_submit() starts: every one on a file
+    with the page cache; with O_DIRECT those whose views (pages, or halves
+    of a page, see _write) are aligned to the file's ``align``; qcow2
+    takes several views only through write()."""
+    if case.startswith("qcow2"):
+        return 0
+    if "direct" not in case:
+        return len(WRITES)
+    return sum(1 for _, n, _ in WRITES if (4096 if n > 4096 else n // 2) % align == 0)
 
 
 async def _run(img, fmt: str, file_opts: dict, path: str, seen: list) -> dict:
@@ -194,6 +226,8 @@ async def _run(img, fmt: str, file_opts: dict, path: str, seen: list) -> dict:
             "events": [(e.name, e.data) for e in seen if e.name == "BLOCK_WRITE_THRESHOLD"],
         }
         result["data"] = hashlib.sha256(await node.read(0, SIZE)).hexdigest()
+        # the O_DIRECT alignment of the file (qcow2's child, if any)
+        result["align"] = node.align if child is None else 0
     finally:
         await graph.close_all()
     if fmt == "qcow2":
@@ -341,7 +375,6 @@ async def test_every_read_path_counts_what_read_counts(tmp_path, case):
 # set; what it saw of the node while it had a request is kept in ``seen``.
 
 READ_PATHS = ("read", "read_now", "read_submit", "read_into", "read_into_now")
-WRITE_PATHS = ("write", "write_now", "write_submit", "writev")
 STUB_SIZE = 1 * MiB
 # the last write crosses STUB_THRESHOLD
 STUB_THRESHOLD = 512 * 1024 + 100
@@ -423,6 +456,9 @@ class _Stub(BlockNode):
             self.data[offset:offset + len(mv)] = mv
             trio.lowlevel.current_trio_token().run_sync_soon(done, None, None)
         return True
+
+    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done) -> bool:
+        return self._pwritev_submit(offset, memoryview(b"".join(views)), done)
 
     def _copy_out(self, offset: int, views: list[memoryview]) -> None:
         for v in views:
@@ -538,7 +574,8 @@ def _stub_model(case: str, path: str) -> dict:
     # that fails is redone by read()/write().
     task = (1, True)
     first = {"read_now": (0, False), "read_into_now": (0, False), "write_now": (0, False),
-             "read_submit": (1, False), "write_submit": (1, False)}.get(path, task)
+             "read_submit": (1, False), "write_submit": (1, False),
+             "writev_submit": (1, False)}.get(path, task)
     if hook:
         first = task
     per_request = [first, task] if fail and first == (0, False) else [first]

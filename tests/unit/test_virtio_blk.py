@@ -68,7 +68,7 @@ class ModelDisk:
     def write_now(self, offset, mv):
         return False
 
-    def write_submit(self, offset, mv, done):
+    def writev_submit(self, offset, views, done):
         return False
 
     async def write_zeroes(self, offset, length, *, may_unmap=False):
@@ -402,15 +402,16 @@ class EngineDisk(ModelDisk):
         super().__init__()
         self.pending = []
 
-    def write_submit(self, offset, mv, done):
-        self.calls.append(("write_submit", offset, len(mv)))
-        self.pending.append((offset, mv, done))
+    def writev_submit(self, offset, views, done):
+        self.calls.append(("writev_submit", offset, [len(v) for v in views]))
+        self.pending.append((offset, views, done))
         return True
 
     def complete(self, error=None):
-        offset, mv, done = self.pending.pop(0)
+        offset, views, done = self.pending.pop(0)
         if error is None:
-            self.data[offset:offset + len(mv)] = mv
+            data = b"".join(views)
+            self.data[offset:offset + len(data)] = data
         done(None, error)
 
 
@@ -430,11 +431,23 @@ async def test_start_hands_writes_to_the_engine(env):
     ram.put(offs[-1], b"\x55")
     chain = q.pop()
     assert h.start(chain, done) == B.STARTED
-    assert disk.calls == [("write_submit", 4096, 8192)] and h.written_bytes == 8192
+    assert disk.calls == [("writev_submit", 4096, [8192])] and h.written_bytes == 8192
     assert finished == [] and ram.get(offs[-1], 1) == b"\x55"
     disk.complete()
     assert finished == [(chain.head, 1)] and ram.get(offs[-1], 1) == b"\0"
     assert disk.data[4096:4096 + 8192] == payload
+    # buffers apart in guest memory, the first one holding the header too:
+    # one request of three views, in their order
+    data = bytes(range(255, -1, -1)) * 48
+    _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_OUT, 16) + data[:4096], False),
+                       (data[4096:8192], False), (data[8192:], False), (1, True)], gap=64)
+    chain = q.pop()
+    assert h.start(chain, done) == B.STARTED
+    assert disk.calls[-1] == ("writev_submit", 8192, [4096, 4096, 4096])
+    assert h.written_bytes == 8192 + 12288
+    disk.complete()
+    assert finished[-1] == (chain.head, 1) and ram.get(offs[-1], 1) == b"\0"
+    assert disk.data[8192:8192 + 12288] == data
     # the engine's error is the request's
     _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_OUT, 8), False), (payload, False), (1, True)])
     chain = q.pop()

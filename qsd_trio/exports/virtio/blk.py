@@ -116,10 +116,10 @@ class BlkBackend(Protocol):
 
     def write_now(self, offset: int, mv: memoryview) -> bool: ...
 
-    # a write started without a task (BlockNode.write_submit): False when
+    # a write started without a task (BlockNode.writev_submit): False when
     # the node cannot take it that way; else done(None, None or OSError) later
-    def write_submit(self, offset: int, mv: memoryview,
-                     done: Callable[[Any, OSError | None], None]) -> bool: ...
+    def writev_submit(self, offset: int, views: list[memoryview],
+                      done: Callable[[Any, OSError | None], None]) -> bool: ...
 
 
 def device_features(*, writable: bool) -> int:
@@ -289,9 +289,9 @@ class BlkHandler:
           read_into_now, a cached read; write_now, a write into the page
           cache): its status byte is written and the used length returned,
           as :meth:`process` returns it.
-        * With ``done``, a write (not FUA) from one contiguous guest buffer
-          that the node hands to its I/O engine as it is
-          (BlockNode.write_submit): :data:`STARTED` is returned, and
+        * With ``done``, a write (not FUA) that the node hands to its I/O
+          engine as it is, its guest buffers one pwritev's views
+          (BlockNode.writev_submit): :data:`STARTED` is returned, and
           ``done(chain.head, used length)`` is called once the status byte
           is written, from the engine's completion (or at once).
         * None: nothing was done (anything written into the chain's data
@@ -325,27 +325,29 @@ class BlkHandler:
             elif kind == VIRTIO_BLK_T_OUT:
                 if not self.writable or self.writethrough:
                     return None
-                if n > _OUTHDR.size and len(readable) == 1:
-                    seg = (r, off + _OUTHDR.size, n - _OUTHDR.size)
-                elif n == _OUTHDR.size and len(readable) == 2:
-                    seg = readable[1]
+                if n > _OUTHDR.size:
+                    segs = [(r, off + _OUTHDR.size, n - _OUTHDR.size), *readable[1:]]
+                elif len(readable) > 1:
+                    segs = list(readable[1:])
                 else:
                     return None
                 in_len = chain.writable_len
-                size = seg[2]
+                size = 0
+                for seg in segs:
+                    size += seg[2]
                 if in_len != 1 or not self._range_ok(sector, size):
                     return None
                 status_seg = list(chain.writable)
-                view = seg[0].view(seg[1], size)
+                views = [sr.view(so, sn) for sr, so, sn in segs]
                 backend = self.backend
-                if not backend.write_now(sector << SECTOR_BITS, view):
+                if len(views) > 1 or not backend.write_now(sector << SECTOR_BITS, views[0]):
                     if done is None:
                         return None
                     sr, soff, _ = status_seg[0]
                     head = chain.head
 
                     def finished(_result: object, error: OSError | None) -> None:
-                        # the engine held ``view`` (guest memory) until now
+                        # the engine held ``views`` (guest memory) until now
                         try:
                             sr.write(soff, b"\0" if error is None else _IOERR)
                         except GuestMemoryError:
@@ -353,7 +355,7 @@ class BlkHandler:
                         else:
                             done(head, 1)
 
-                    if not backend.write_submit(sector << SECTOR_BITS, view, finished):
+                    if not backend.writev_submit(sector << SECTOR_BITS, views, finished):
                         return None
                     self.written_bytes += size
                     return STARTED

@@ -212,6 +212,12 @@ class Engine:
         at ``addr``, if the caller knows it)."""
         raise NotImplementedError
 
+    def submit_writev(self, fd: int, views: list[memoryview], offset: int,
+                      cb: Callback) -> None:
+        """Start one pwritev of ``views`` (writable, pinned until ``cb``
+        runs); ``cb(bytes written or -errno)``, a short count the caller's."""
+        raise NotImplementedError
+
 
 def advance(views: list[memoryview], n: int) -> list[memoryview]:
     """What is left of ``views`` after their first ``n`` bytes (a short
@@ -302,6 +308,12 @@ class KernelEngine(Engine):
                     addr: int = 0) -> None:
         self._start(self.WRITE, fd, addr or buffers.address(buf), len(buf), offset,
                     (None, cb, buf))
+
+    def submit_writev(self, fd: int, views: list[memoryview], offset: int,
+                      cb: Callback) -> None:
+        iov = iovecs(views)
+        self._start(self.WRITEV, fd, ctypes.addressof(iov), len(views), offset,
+                    (None, cb, (iov, views)))
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
         n = len(buf)

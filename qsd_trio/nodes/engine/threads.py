@@ -85,6 +85,11 @@ def _writev_all(fd: int, views: list[memoryview], offset: int) -> None:
         done += os.pwritev(fd, advance(views, done), offset + done)
 
 
+def _writev_all_count(fd: int, views: list[memoryview], offset: int) -> int:
+    _writev_all(fd, views, offset)
+    return sum(len(v) for v in views)
+
+
 def _write_all(fd: int, buf: memoryview, offset: int) -> None:
     done = os.pwritev(fd, [buf], offset)
     n = len(buf)
@@ -175,6 +180,10 @@ class ThreadPool(Engine):
     def submit_write(self, fd: int, buf: memoryview, offset: int, cb: Callback,
                     addr: int = 0) -> None:
         self._put(_Call(_write_all_count, (fd, buf, offset), None, cb))
+
+    def submit_writev(self, fd: int, views: list[memoryview], offset: int,
+                      cb: Callback) -> None:
+        self._put(_Call(_writev_all_count, (fd, views, offset), None, cb))
 
     async def aclose(self) -> None:
         await super().aclose()
