@@ -488,8 +488,9 @@ class Qcow2Node(BlockNode):
             buf = self.crypto.encrypt(goff, host, buf)
         await self.data.write(host, buf)
 
-    # the fast path (BlockNode.read_now/write_now): one cluster mapped in the
-    # cache, data at a plain host offset; anything else goes the long way
+    # the fast path (BlockNode.read_now/write_now): a run of clusters one
+    # after the other on the host, mapped in the cache, data at a plain host
+    # offset; anything else goes the long way
     def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         if self.crypto is not None or self._corrupt:
             return None
@@ -497,14 +498,14 @@ class Qcow2Node(BlockNode):
         return None if host < 0 else self.data.read_now(host, length)
 
     def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
-        # as _co_preadv's first branch: one mapped cluster, read from the file
+        # as _co_preadv's first branch: one mapped run of clusters, read from the file
         if self.crypto is not None or self._corrupt:
             return False
         host = data_host(self, offset, length, False)
         return host >= 0 and self.data.read_submit(host, length, done)
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
-        # as _co_pwritev's first branch: in place, into one cluster we own
+        # as _co_pwritev's first branch: in place, into a run of clusters we own
         if self.crypto is not None or self._corrupt:
             return False
         host = data_host(self, offset, len(mv), True)
@@ -594,7 +595,7 @@ class Qcow2Node(BlockNode):
         try:
             host = data_host(self, offset, length, True) if self.crypto is None else -1
             if host >= 0:
-                # one cluster, found in the cache: no plan, no metadata, no lock
+                # one run of clusters, found in the cache: no plan, no metadata, no lock
                 if self.overlap_mask and not self._overlap_clear(host, length):
                     await self._overlap_check(0, host, length, True)
                 await self.data.write(host, data)
