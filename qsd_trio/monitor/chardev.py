@@ -131,7 +131,7 @@ async def ringbuf_write(daemon: Daemon, args: Any) -> None:
         except ValueError:
             raise GenericError("base64 input is invalid") from None
     else:
-        data = args.data.encode()
+        data = args.data.encode(errors="surrogateescape")  # NUL as C0 80, as QEMU
     await chr.write(data)
 
 

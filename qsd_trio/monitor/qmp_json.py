@@ -14,6 +14,7 @@ either a parsed value or a :class:`JsonError`.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import functools
 from typing import Any
@@ -58,6 +59,35 @@ _STRUCTURAL = {"{": Tok.LCURLY, "}": Tok.RCURLY, "[": Tok.LSQUARE, "]": Tok.RSQU
 _WS = " \t\r\n"
 _ESCAPES = set("\"'\\/bfnrt")
 
+# QEMU lexes bytes, not characters.  The streamer decodes with
+# 'surrogateescape', so a byte that is not valid UTF-8 reaches the lexer
+# as a lone surrogate U+DC80-U+DCFF and stays distinguishable: 0xFE and
+# 0xFF are a lexical error even inside a string, any other byte passes the
+# lexer and is judged when the string is parsed (_unquote).
+_RAW_FE, _RAW_FF = "\udcfe", "\udcff"
+
+
+def _is_raw(ch: str) -> bool:
+    return "\udc80" <= ch <= "\udcff"
+
+
+def _valid_codepoint(cp: int) -> bool:
+    """QEMU's is_valid_codepoint: no surrogates, no noncharacters."""
+    return (cp <= 0x10FFFF and not 0xD800 <= cp <= 0xDFFF
+            and not 0xFDD0 <= cp <= 0xFDEF and cp & 0xFFFE != 0xFFFE)
+
+
+# A NUL in a string (\u0000, or the bytes C0 80) is kept as QEMU keeps it,
+# as modified UTF-8's bytes C0 80, here surrogate-escaped: a file name
+# with one names the same file as in QEMU (os functions encode str paths
+# with surrogateescape), and replies print it as \u0000 again.
+_NUL = "\udcc0\udc80"
+
+
+def _shown(text: str) -> str:
+    """Token text as QEMU prints it: each invalid byte as U+FFFD."""
+    return "".join("\ufffd" if _is_raw(ch) else ch for ch in text)
+
 
 class JsonLexer:
     """Splits characters into tokens; on a bad character emits an ERROR token
@@ -71,7 +101,7 @@ class JsonLexer:
 
     def _error(self, out: list[Token], ch: str) -> None:
         self.buf.append(ch)
-        out.append(Token(Tok.ERROR, "".join(self.buf)))
+        out.append(Token(Tok.ERROR, _shown("".join(self.buf))))
         self.buf = []
         self.state = "recovery"
 
@@ -110,7 +140,9 @@ class JsonLexer:
                     i += 1
                     continue
                 self.buf = []
-                self._error(out, ch)
+                # QEMU stops at the first byte of a multi-byte character,
+                # which alone is not UTF-8
+                self._error(out, ch if ch.isascii() else "\ufffd")
                 i += 1
                 continue
             if st == "string":
@@ -121,7 +153,7 @@ class JsonLexer:
                     self.buf.append(ch)
                     out.append(Token(Tok.STRING, "".join(self.buf)))
                     self.buf, self.state = [], "start"
-                elif ord(ch) < 0x20:
+                elif ord(ch) < 0x20 or ch == _RAW_FE or ch == _RAW_FF:
                     self._error(out, ch)
                 else:
                     self.buf.append(ch)
@@ -229,17 +261,28 @@ class _ParseError(Exception):
 
 
 def _unquote(text: str) -> str:
+    """A string token's value, checked as QEMU's parse_string checks it."""
     out = []
     i = 1
     end = len(text) - 1
     while i < end:
         ch = text[i]
         if ch != "\\":
+            if _is_raw(ch):
+                # bytes that are not UTF-8: QEMU takes only modified
+                # UTF-8's two-byte NUL
+                if text[i:i + 2] != _NUL:
+                    raise _ParseError("invalid UTF-8 sequence in string")
+                ch = _NUL
+                i += 1
+            elif not _valid_codepoint(ord(ch)):
+                raise _ParseError("invalid UTF-8 sequence in string")
             out.append(ch)
             i += 1
             continue
         e = text[i + 1]
         if e == "u":
+            start = i
             cp = int(text[i + 2:i + 6], 16)
             i += 6
             if 0xD800 <= cp < 0xDC00 and text[i:i + 2] == "\\u":
@@ -247,9 +290,9 @@ def _unquote(text: str) -> str:
                 if 0xDC00 <= lo < 0xE000:
                     cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
                     i += 6
-            if cp == 0:
-                raise _ParseError("\\u0000 is not supported")
-            out.append(chr(cp))
+            if not _valid_codepoint(cp):
+                raise _ParseError(f"{text[start:i]} is not a valid Unicode character")
+            out.append(chr(cp) if cp else _NUL)
             continue
         out.append({"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}.get(e, e))
         i += 2
@@ -351,20 +394,11 @@ class JsonStreamer:
         self.size = 0
         self.brace = 0
         self.bracket = 0
-        self._pending = b""
+        # keeps a UTF-8 sequence split between two reads for the next one
+        self._decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
 
     def feed(self, data: bytes) -> list[Any]:
-        # keep a partial UTF-8 sequence for the next read
-        data = self._pending + data
-        try:
-            text = data.decode()
-            self._pending = b""
-        except UnicodeDecodeError as e:
-            if e.start >= len(data) - 3 and e.reason == "unexpected end of data":
-                text, self._pending = data[:e.start].decode(errors="replace"), data[e.start:]
-            else:
-                text, self._pending = data.decode(errors="replace"), b""
-        return self._process(self.lexer.feed(text))
+        return self._process(self.lexer.feed(self._decode(data)))
 
     def _process(self, toks: list[Token]) -> list[Any]:
         results: list[Any] = []
@@ -410,6 +444,10 @@ def _quote(s: str) -> str:
     # QEMU escapes control characters and everything outside printable ASCII
     # as \uXXXX (upper-case hex, UTF-16 surrogate pairs), and leaves '/' alone.
     out = ['"']
+    if not s.isascii():
+        # surrogate-escaped bytes (QMP's NUL, names from the OS): C0 80 is
+        # NUL, any other invalid byte U+FFFD, as QEMU prints them
+        s = "".join("\ufffd" if _is_raw(ch) else ch for ch in s.replace(_NUL, "\0"))
     for ch in s:
         cp = ord(ch)
         if ch == '"':

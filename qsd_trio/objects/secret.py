@@ -65,7 +65,7 @@ def _load(props: dict[str, Any], graph: Any) -> bytes:
                                f"{e.strerror}") from None
     else:
         assert data is not None
-        raw = data.encode()
+        raw = data.encode(errors="surrogateescape")  # QMP keeps NUL as C0 80
     fmt = props.get("format", "raw")
     keyid = props.get("keyid")
     if keyid is not None:

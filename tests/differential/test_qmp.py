@@ -68,6 +68,36 @@ TRANSCRIPT = [
     b'{"execute":"chardev-remove","arguments":{"id":"qmp0"}}',
     b'{"execute":"chardev-remove","arguments":{"id":"zz"}}',
     b'{"execute":"chardev-remove","arguments":{"id":"r"}}',
+    # bytes that are not UTF-8: 0xFE/0xFF are lexical errors even in a
+    # string, a non-ASCII byte outside one is a stray, and inside one only
+    # modified UTF-8's NUL (C0 80) passes
+    (b'{"execute": "query-version\xfe"}', 2),
+    b'"\xff"',
+    (b'\xc3\xa9{"execute":"query-version","id":"e"}', 2),
+    b'{"execute": "a\x80b"}',
+    b'{"execute": "a\xc0\x80b"}',
+    b'{"execute": "a\xe0\x80\x80b"}',
+    b'{"execute": "a\xed\xa0\x80b"}',
+    b'{"execute": "a\xef\xbf\xbeb"}',
+    b'{"execute": "a\xf4\x90\x80\x80b"}',
+    b'{"execute": "a\xf0\x9f\x98\x80b"}',
+    b'{"execute": "x", "arguments": {"a\xe2\x82": 1}}',
+    # escapes: \u0000 is taken, lone surrogates and noncharacters are not
+    b'{"execute": "a\\u0000b"}',
+    b'{"execute": "a\\uD800b"}',
+    b'{"execute": "a\\udc00b"}',
+    b'{"execute": "a\\uD83Dxb"}',
+    b'{"execute": "a\\uD83F\\uDFFEb"}',
+    b'{"execute": "a\\uFDD0b"}',
+    b'{"execute": "a\\uD83D\\uDE00b"}',
+    # a NUL is kept as C0 80 (modified UTF-8) and printed back as \u0000
+    b'{"execute":"chardev-add","arguments":{"id":"n","backend":{"type":"ringbuf","data":{}}}}',
+    b'{"execute":"ringbuf-write","arguments":{"device":"n","data":"a\\u0000b\xc0\x80c"}}',
+    b'{"execute":"ringbuf-read","arguments":{"device":"n","size":100,"format":"base64"}}',
+    b'{"execute":"ringbuf-read","arguments":{"device":"n","size":100}}',
+    b'{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"a\\u0000"}}',
+    b'{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"f0",'
+    b'"filename":"/nonexistent/a\\u0000b"}}',
 ]
 
 
@@ -83,7 +113,8 @@ def transcript(d) -> list:
             for entry in TRANSCRIPT:
                 msg, count = entry if isinstance(entry, tuple) else (entry, 1)
                 s.sendall(msg + b"\n")
-                out.append((msg.decode(), [f.readline().decode() for _ in range(count)]))
+                out.append((msg.decode(errors="backslashreplace"),
+                            [f.readline().decode() for _ in range(count)]))
             # nothing unexpected is pending: the next reply answers the next command
             s.sendall(b'{"execute": "query-version", "id": "end"}\n')
             last = json.loads(f.readline())
