@@ -102,6 +102,15 @@ class StreamJob(BlockJob):
             return length, "zero"
         return length, "data"
 
+    def _writes_to_top(self) -> tuple[int, ...]:
+        """Writes, zero writes and discards the top has seen (or failed):
+        between two windows a change means a write by someone else, which
+        may have allocated what a plan meant to copy (the layers below are
+        the job's, nobody else writes them)."""
+        st = self.top.stats
+        return (st["wr_operations"], st["failed_wr_operations"], st["unmap_operations"],
+                st["failed_unmap_operations"])
+
     async def _copy(self, offset: int, n: int, what: str) -> None:
         top = self.top
         if what == "zero":
@@ -144,7 +153,7 @@ class StreamJob(BlockJob):
         self._write_behind = WriteBehind(top)
         copier = self.copier = chunked.ChunkCopier(
             self, length, self._plan, self._copy, chunk=CHUNK,
-            window_bytes=WINDOW, window_seconds=WINDOW_SECONDS)
+            window_bytes=WINDOW, window_seconds=WINDOW_SECONDS, stamp=self._writes_to_top)
         ignored: OSError | None = None
         async with trio.open_nursery() as nursery:
             self._wb_nursery = nursery

@@ -184,6 +184,39 @@ async def test_stream_with_guest_writes(env, stream_chain, tmp_path, monkeypatch
     qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", str(want), str(top))
 
 
+async def test_stream_plan_outlives_its_window_only_without_other_writes(env, tmp_path,
+                                                                          monkeypatch):
+    """A plan (zeroes from the backing for 0..16M) is kept for the next
+    windows while nobody else writes the top: a write into the planned range
+    during a pause is seen, and the copy does not zero it."""
+    monkeypatch.setattr(stream, "CHUNK", 256 << 10)
+    monkeypatch.setattr(stream, "WINDOW", 1 << 20)
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    _qcow2(base, "write -P 0x11 0 32M", "write -z 0 16M")
+    _qcow2(top, backing=base)
+    await _add_qcow2(env, "base", base)
+    await _add_qcow2(env, "top", top, counting="topf", backing="base")
+    _node(env, "topf").delay = 0.01  # each metadata write of the zeroing waits
+    await env.qmp("block-stream", job_id="j", device="top")
+    with trio.fail_after(10):
+        while not (await env.qmp("query-block-jobs"))[0]["offset"]:
+            await trio.sleep(0.005)
+    await env.qmp("job-pause", id="j")
+    await env.wait_event("JOB_STATUS_CHANGE", status="paused")
+    [bj] = await env.qmp("query-block-jobs")
+    assert 0 < bj["offset"] < 12 * MiB  # the write lands ahead of the copy
+    await _node(env, "top").write(12 * MiB, b"\x5a" * 65536)
+    await env.qmp("job-resume", id="j")
+    await _done(env)
+    await env.graph.close_all()
+    qemu_img("check", "-q", str(top))
+    want = bytearray(SIZE)
+    want[16 * MiB:] = b"\x11" * (16 * MiB)
+    want[12 * MiB:12 * MiB + 65536] = b"\x5a" * 65536
+    (tmp_path / "want.raw").write_bytes(want)
+    qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", str(tmp_path / "want.raw"), str(top))
+
+
 async def test_stream_pause_waits_for_chunks_in_flight_then_cancel(env, stream_chain):
     base, top, model = stream_chain
     await _add_qcow2(env, "base", base, counting="basef")
