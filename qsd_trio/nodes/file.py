@@ -473,8 +473,8 @@ class FileNode(BlockNode):
                              partial(self._write_finished, mv, offset, done, key, 0), addr)
         return True
 
-    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done: Done) -> bool:
-        n = sum(len(v) for v in views)
+    def _pwritev_submit_vec(self, offset: int, n: int, views: list[memoryview],
+                            done: Done) -> bool:
         if any(v.readonly for v in views):
             return False
         if self.cache_direct:

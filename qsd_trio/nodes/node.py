@@ -891,7 +891,7 @@ class BlockNode:
 
         self._in_flight += 1
         if (self._pwritev_submit(offset, data, finished) if isinstance(data, memoryview)
-                else self._pwritev_submit_vec(offset, data, finished)):
+                else self._pwritev_submit_vec(offset, n, data, finished)):
             if self.write_threshold:
                 self._check_threshold(offset, n)
             return True
@@ -915,7 +915,8 @@ class BlockNode:
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return False
 
-    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done: WriteDone) -> bool:
+    def _pwritev_submit_vec(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
         return False
 
     async def write(self, offset: int, data: Buffer | list[memoryview], *,

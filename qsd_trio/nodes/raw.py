@@ -76,7 +76,8 @@ class RawNode(BlockNode):
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return self.file.node.write_submit(self.offset + offset, mv, done)
 
-    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done: WriteDone) -> bool:
+    def _pwritev_submit_vec(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
         return self.file.node.writev_submit(self.offset + offset, views, done)
 
     async def _co_preadv(self, offset: int, length: int) -> Buffer:

@@ -457,7 +457,8 @@ class _Stub(BlockNode):
             trio.lowlevel.current_trio_token().run_sync_soon(done, None, None)
         return True
 
-    def _pwritev_submit_vec(self, offset: int, views: list[memoryview], done) -> bool:
+    def _pwritev_submit_vec(self, offset: int, length: int, views: list[memoryview],
+                            done) -> bool:
         return self._pwritev_submit(offset, memoryview(b"".join(views)), done)
 
     def _copy_out(self, offset: int, views: list[memoryview]) -> None:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from . import eventfd
 from .base import Callback, Engine, _current_task, advance, os_error
 
 T = TypeVar("T")
@@ -78,16 +79,14 @@ def _readv_all(fd: int, views: list[memoryview], offset: int) -> int:
     return done
 
 
-def _writev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    n = sum(len(v) for v in views)
+def _writev_all(fd: int, views: list[memoryview], offset: int) -> int:
+    n = 0
+    for v in views:
+        n += len(v)
     done = os.pwritev(fd, views, offset)
     while done < n:
         done += os.pwritev(fd, advance(views, done), offset + done)
-
-
-def _writev_all_count(fd: int, views: list[memoryview], offset: int) -> int:
-    _writev_all(fd, views, offset)
-    return sum(len(v) for v in views)
+    return n
 
 
 def _write_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -117,6 +116,7 @@ class ThreadPool(Engine):
         get = self._queue.get
         done = self._done.append
         efd = self.efd
+        signal = eventfd.signal
         while True:
             call = get()
             if call is None:
@@ -128,7 +128,12 @@ class ThreadPool(Engine):
             done(call)
             if not self._signalled:
                 self._signalled = True
-                os.eventfd_write(efd, 1)
+                signal(efd)
+
+    def reap_now(self) -> None:
+        # Engine.reap_now, with the eventfd read keeping the GIL (eventfd.py)
+        eventfd.drain(self.efd)
+        self._reap_batch()
 
     def _reap(self) -> None:
         self._signalled = False
@@ -183,7 +188,7 @@ class ThreadPool(Engine):
 
     def submit_writev(self, fd: int, views: list[memoryview], offset: int,
                       cb: Callback) -> None:
-        self._put(_Call(_writev_all_count, (fd, views, offset), None, cb))
+        self._put(_Call(_writev_all, (fd, views, offset), None, cb))
 
     async def aclose(self) -> None:
         await super().aclose()
