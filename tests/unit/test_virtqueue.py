@@ -471,6 +471,80 @@ def test_fuzz_ring_walker(descs, indirect_table, heads, avail_idx, event_idx):
         ram.close()
 
 
+# one descriptor of an indirect table: where its buffer is (right after the
+# previous one, anywhere, across the two regions' border, outside guest
+# memory), its length, whether it is device-writable, and flags to add
+_in_order_desc = st.tuples(
+    st.one_of(st.just("after"), st.just("border"), st.just(-1),
+              st.integers(0x9000, 0x1F000)),
+    st.one_of(st.sampled_from([0, 1, 16, 512, 4096]), st.integers(0, 0x2000)),
+    st.booleans(),
+    st.sampled_from([0, 0, 0, 0, 0, NEXT, INDIRECT]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(descs=st.lists(_in_order_desc, min_size=1, max_size=12), sort=st.booleans())
+def test_indirect_table_at_once_equals_descriptor_by_descriptor(descs, sort):
+    """The walk takes an indirect table laid out as Linux lays it out (in
+    order, device-readable first, none empty, all in one region) at once
+    (SplitQueue._walk_in_order); the result must be what the walk gives
+    for the same descriptors one by one (here: the same chain made direct),
+    and every table of that layout must be taken at once."""
+    ram = GuestRam(size=0x20000, pad=4096)
+    mem = M.GuestMemory()
+    # two regions, adjacent in guest memory, over the one file
+    mem.set_table([MemRegion(GUEST_BASE, 0x10000, USER_BASE, 4096),
+                   MemRegion(GUEST_BASE + 0x10000, 0x10000, USER_BASE + 0x10000, 4096 + 0x10000)],
+                  [ram.fd, ram.fd])
+    try:
+        if sort:  # device-readable first, as a driver must
+            descs = sorted(descs, key=lambda d: d[2])
+        drv = Driver(ram, size=16)
+        table, n, end = 0x8000, len(descs), 0xA000
+        shaped = True
+        regions = set()
+        for i, (where, length, writable, extra) in enumerate(descs):
+            off = {"after": end, "border": 0x10000 - 8}.get(where, where)
+            addr = 0x300000 if off == -1 else ram.gpa(off)
+            end = off + length if off != -1 else 0xA000
+            flags = (WRITE if writable else 0) | (NEXT if i < n - 1 else 0) | extra
+            drv.write_desc(table, i, addr, length, flags, i + 1 if i < n - 1 else 0)
+            # the chain made direct: descriptors 1..n of the ring's table
+            drv.write_desc(0, 1 + i, addr, length, flags, 2 + i if i < n - 1 else 0)
+            inside = off != -1 and off + length <= (0x10000 if off < 0x10000 else 0x20000)
+            shaped &= length > 0 and extra == 0 and inside
+            regions.add(off >= 0x10000)
+        shaped &= len(regions) == 1 and [d[2] for d in descs] == sorted(d[2] for d in descs)
+        drv.write_desc(0, 0, ram.gpa(table), 16 * n, INDIRECT, 0)
+        drv.publish(0)
+        drv.publish(1)
+        q = drv.queue(mem)
+        region, offset = mem.gpa_region(ram.gpa(table), 16 * n)
+        raw = region.view(offset, 16 * n)
+        fast = q._walk_in_order(0, raw, n)
+        try:
+            indirect: Q.Chain | str = q.pop()
+        except Q.VirtqueueError as e:
+            indirect = str(e)
+        try:
+            direct: Q.Chain | str = q.pop()
+        except Q.VirtqueueError as e:
+            direct = str(e)
+        if isinstance(direct, Q.Chain):
+            assert isinstance(indirect, Q.Chain), (indirect, descs)
+            assert (indirect.readable, indirect.writable) == (direct.readable, direct.writable)
+        else:
+            assert isinstance(indirect, str) and fast is None, (direct, indirect, descs)
+        if shaped:
+            assert fast is not None and isinstance(direct, Q.Chain), descs
+        if fast is not None:
+            assert (fast.readable, fast.writable) == (direct.readable, direct.writable)
+        mem.close()
+    finally:
+        ram.close()
+
+
 def test_entry_published_while_the_ring_looks_empty_is_not_lost(ram):
     # the driver makes a chain available after the device saw the ring
     # empty but before it published avail_event: the device must look again

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import struct
 import threading
+from itertools import repeat
+from operator import add, ne, sub
 from typing import Any
 
 import attrs
@@ -52,6 +54,9 @@ MAX_CHAIN_BUFFERS = 1024
 
 _DESC = struct.Struct("<QIHH")
 _unpack_desc = _DESC.unpack_from
+# a whole indirect table of n descriptors, and the next fields of one
+# chained in order (0 -> 1 -> ... -> n-1), by n (SplitQueue._walk_in_order)
+_TABLES: dict[int, tuple[struct.Struct, tuple[int, ...]]] = {}
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -94,6 +99,21 @@ class Chain:
     @property
     def writable_len(self) -> int:
         return sum(n for _, _, n in self.writable)
+
+
+def _merged(segs: list[Segment], new: list[bool]) -> tuple[Segment, ...]:
+    """``segs``, each one ``new`` does not mark (``new[i]`` is about
+    ``segs[i + 1]``) folded into the segment before it."""
+    if all(new):  # (no segments at all, too)
+        return tuple(segs)
+    out = [segs[0]]
+    for seg, starts in zip(segs[1:], new, strict=True):
+        if starts:
+            out.append(seg)
+        else:
+            r, off, n = out[-1]
+            out[-1] = (r, off, n + seg[2])
+    return tuple(out)
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -342,12 +362,14 @@ class SplitQueue:
     def _walk(self, head: int) -> Chain:
         """The chain starting at descriptor ``head`` of the ring's table,
         or of the indirect table that descriptor points at.  Each
-        descriptor is read once, straight from guest memory through a view
-        (the table's bounds were checked when it was mapped); buffers that
-        continue one another in the same region are one segment."""
+        descriptor is read once, straight from guest memory (an indirect
+        table all at once: the guest's 1 MiB request has up to 128 of
+        them; the table's bounds were checked when it was mapped); buffers
+        that continue one another in the same region are one segment."""
         table = self._desc_table
         limit = self.size
         addr, length, flags, nxt = _unpack_desc(table, 16 * head)
+        descs: list[tuple[int, int, int, int]] | None = None
         if flags & VRING_DESC_F_INDIRECT:
             if not self.indirect:
                 raise VirtqueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -360,13 +382,23 @@ class SplitQueue:
                 raise VirtqueueError(f"indirect table of {limit} descriptors")
             try:
                 region, offset = self.mem.gpa_region(addr, length)
-                table = region.view(offset, length)
+                raw = region.view(offset, length)
             except GuestMemoryError as e:
                 raise VirtqueueError(f"indirect table: {e}") from None
-            addr, length, flags, nxt = _unpack_desc(table, 0)
+            if limit <= MAX_CHAIN_BUFFERS:
+                chain = self._walk_in_order(head, raw, limit)
+                if chain is not None:
+                    return chain
+            descs = list(_DESC.iter_unpack(raw))
+            addr, length, flags, nxt = descs[0]
         readable: list[Segment] = []
         writable: list[Segment] = []
         gpa_segments = self.mem.gpa_segments
+        # the region of the last buffer: a chain's buffers are nearly always
+        # in one, found here without asking gpa_segments (regions never
+        # overlap, so it is the region gpa_segments would give)
+        last: Any = None
+        last_gpa = last_size = 0
         seen = buffers = 0
         while True:
             seen += 1
@@ -375,16 +407,22 @@ class SplitQueue:
             if flags & VRING_DESC_F_INDIRECT:
                 raise VirtqueueError("indirect descriptor inside a chain or an indirect table")
             if length:
-                try:
-                    segs = gpa_segments(addr, length)
-                except GuestMemoryError as e:
-                    raise VirtqueueError(f"invalid address for buffers: {e}") from None
                 if flags & VRING_DESC_F_WRITE:
                     out = writable
                 else:
                     if writable:
                         raise VirtqueueError("device-readable descriptor after a device-writable one")
                     out = readable
+                pos = addr - last_gpa
+                if last is not None and 0 <= pos and pos + length <= last_size:
+                    segs: list[Segment] | tuple[Segment] = ((last, pos, length),)
+                else:
+                    try:
+                        segs = gpa_segments(addr, length)
+                    except GuestMemoryError as e:
+                        raise VirtqueueError(f"invalid address for buffers: {e}") from None
+                    last = segs[-1][0]
+                    last_gpa, last_size = last.guest_addr, last.size
                 buffers += len(segs)
                 if buffers > MAX_CHAIN_BUFFERS:
                     raise VirtqueueError(f"more than {MAX_CHAIN_BUFFERS} buffers in a chain")
@@ -401,8 +439,53 @@ class SplitQueue:
                 break
             if nxt >= limit:
                 raise VirtqueueError(f"descriptor next index {nxt} beyond {limit}")
-            addr, length, flags, nxt = _unpack_desc(table, 16 * nxt)
+            if descs is None:
+                addr, length, flags, nxt = _unpack_desc(table, 16 * nxt)
+            else:
+                addr, length, flags, nxt = descs[nxt]
         return Chain(head, tuple(readable), tuple(writable))
+
+    def _walk_in_order(self, head: int, raw: memoryview, limit: int) -> Chain | None:
+        """_walk of an indirect table laid out as Linux's virtio driver
+        lays it out, checked and translated a table at a time instead of a
+        descriptor at a time: every descriptor chained to the next one,
+        device-readable ones first, none empty, all in one region.  None
+        when the table is not so (_walk then takes it descriptor by
+        descriptor, and words what is wrong with it)."""
+        table = _TABLES.get(limit)
+        if table is None:
+            table = _TABLES[limit] = (struct.Struct("<" + "QIHH" * limit),
+                                      tuple(range(1, limit)))
+        layout, in_order = table
+        flat = layout.unpack_from(raw)
+        flags = flat[2::4]
+        last = flags[-1]
+        if last & ~VRING_DESC_F_WRITE or flat[3::4][:-1] != in_order:
+            return None
+        body = flags[:-1]
+        n_read = body.count(VRING_DESC_F_NEXT)
+        if (body[:n_read].count(VRING_DESC_F_NEXT) != n_read
+                or body.count(VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) != limit - 1 - n_read):
+            return None
+        if not last:
+            if n_read != limit - 1:
+                return None  # a device-readable descriptor after device-writable ones
+            n_read = limit
+        addrs = flat[0::4]
+        lens = flat[1::4]
+        if 0 in lens:
+            return None
+        ends = list(map(add, addrs, lens))
+        lo = min(addrs)
+        try:
+            region, _ = self.mem.gpa_region(lo, max(ends) - lo)
+        except GuestMemoryError:
+            return None
+        segs = list(zip(repeat(region), map(sub, addrs, repeat(region.guest_addr)), lens))
+        # a buffer that continues the one before it is one segment with it
+        new = list(map(ne, ends[:-1], addrs[1:]))
+        return Chain(head, _merged(segs[:n_read], new[:max(n_read - 1, 0)]),
+                     _merged(segs[n_read:], new[n_read:]))
 
     # -- pushing ---------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
