@@ -484,7 +484,8 @@ _in_order_desc = st.tuples(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(descs=st.lists(_in_order_desc, min_size=1, max_size=12), sort=st.booleans())
+@given(descs=st.lists(_in_order_desc, min_size=1, max_size=Q.IN_ORDER_MIN + 8),
+       sort=st.booleans())
 def test_indirect_table_at_once_equals_descriptor_by_descriptor(descs, sort):
     """The walk takes an indirect table laid out as Linux lays it out (in
     order, device-readable first, none empty, all in one region) at once
@@ -500,7 +501,7 @@ def test_indirect_table_at_once_equals_descriptor_by_descriptor(descs, sort):
     try:
         if sort:  # device-readable first, as a driver must
             descs = sorted(descs, key=lambda d: d[2])
-        drv = Driver(ram, size=16)
+        drv = Driver(ram, size=64)
         table, n, end = 0x8000, len(descs), 0xA000
         shaped = True
         regions = set()
