@@ -19,12 +19,14 @@ Sizes are rounded up to a power of two from 4 KiB; each size class carves
 its slots from arenas of at least 4 MiB that are mapped once and kept for
 the life of the process, so the pool grows to the peak of bytes in flight
 and stays there.  The arenas of slots from :data:`POPULATE_MIN` up are
-mapped with their pages (MAP_POPULATE), since the read that takes such a
-slot writes all of it anyway: one call instead of a page fault for each
-4 KiB on the slot's first use (docs/formats.md, "Large sequential reads").
-Smaller slots fault in as they are used, so a single 4 KiB buffer does not
-make its whole arena resident.  Requests above ``POOL_MAX`` get a mapping
-of their own
+asked for transparent huge pages (MADV_HUGEPAGE) and mapped with their
+pages at once (MADV_POPULATE_WRITE): the read that takes such a slot
+writes all of it anyway, and with 2 MiB pages copying a 1 MiB buffer in
+and out (the page cache into it, it into a socket) and pinning it for
+O_DIRECT walk one page table entry where they walked 256
+(docs/formats.md, "Large sequential reads").  Smaller slots fault in as
+they are used, so a single 4 KiB buffer does not make its whole arena
+resident.  Requests above ``POOL_MAX`` get a mapping of their own
 (rare: NBD caps a request at 32 MiB, the copy jobs use at most 16 MiB).
 """
 
@@ -37,9 +39,10 @@ PAGE = 4096
 ARENA = 4 << 20
 POOL_MAX = 16 << 20
 POPULATE_MIN = 256 << 10
-# private anonymous memory: cheaper to fault in than MAP_SHARED's shmem
+# private anonymous memory: what huge pages are for (and cheaper to fault
+# in than MAP_SHARED's shmem)
 _MAP = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; Python 3.11's mmap does not name it
 
 _addressof = ctypes.addressof
 
@@ -64,10 +67,24 @@ class _SizeClass:
 
     def grow(self) -> None:
         n = max(ARENA, self.size * 2)
-        arena = mmap.mmap(-1, n, _MAP | (_POPULATE if self.size >= POPULATE_MIN else 0))
+        arena = mmap.mmap(-1, n, _MAP)
+        if self.size >= POPULATE_MIN:
+            _populate(arena)
         self.arenas.append(arena)
         base = _addressof(ctypes.c_char.from_buffer(arena))
         self.free.extend(range(base + n - self.size, base - 1, -self.size))
+
+
+def _populate(arena: mmap.mmap) -> None:
+    """Back ``arena`` with huge pages where the kernel has them, and map
+    its pages now; where it cannot, they fault in on first use."""
+    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
+        if advice is None:
+            continue
+        try:
+            arena.madvise(advice)
+        except OSError:
+            pass  # an older kernel, or THP built out: plain pages
 
 
 _classes = [_SizeClass(PAGE << i) for i in range((POOL_MAX // PAGE).bit_length())]
