@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import time
 
 import pytest
 
 from tests.helpers import HAVE_QEMU, qemu_img, qemu_io
+from tests.nbd_servers import start_qemu_nbd
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -38,12 +37,7 @@ def server(tmp_path):
     qemu_img("create", "-q", "-f", "raw", str(img), str(4 * MiB))
     qemu_io("-f", "raw", "-c", "write -P 7 0 1M", str(img))
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-t", "-e", "32", "-f", "raw", "-x", "e",
-                             "-k", str(sock), str(img)], stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, "qemu-nbd did not start"
-        time.sleep(0.02)
+    proc = start_qemu_nbd(img, sock, export="e", shared=32)
     yield sock, img, proc
     proc.kill()
     proc.wait()

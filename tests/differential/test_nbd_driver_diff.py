@@ -9,12 +9,10 @@ socket, so even the file names agree.
 
 from __future__ import annotations
 
-import subprocess
-import time
-
 import pytest
 
 from tests.helpers import HAVE_QEMU, qemu_img
+from tests.nbd_servers import start_qemu_nbd
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed")
 
@@ -26,12 +24,7 @@ def nbd_server(tmp_path):
     img = tmp_path / "d.img"
     qemu_img("create", "-q", "-f", "raw", str(img), str(4 * MiB))
     sock = tmp_path / "nbd.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-x", "disk",
-                             "-k", str(sock), str(img)], stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, "qemu-nbd did not start"
-        time.sleep(0.02)
+    proc = start_qemu_nbd(img, sock, export="disk")
     yield sock
     proc.kill()
     proc.wait()
@@ -153,13 +146,8 @@ def test_server_gone_errors_match(daemon_factory, tmp_path, delay):
     outs = []
     for kind in ("qemu", "trio"):
         srv_sock = tmp_path / f"srv-{kind}.sock"
-        srv = subprocess.Popen(["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-x", "disk",
-                                "-k", str(srv_sock), str(img)], stdin=subprocess.DEVNULL)
+        srv = start_qemu_nbd(img, srv_sock, export="disk")
         try:
-            deadline = time.monotonic() + 30
-            while not srv_sock.exists():
-                assert time.monotonic() < deadline, "qemu-nbd did not start"
-                time.sleep(0.02)
             sock = tmp_path / f"client-{kind}.sock"
             d = daemon_factory(kind, [
                 "--blockdev", f"driver=nbd,node-name=n,server.type=unix,"
