@@ -158,3 +158,39 @@ def test_data_through_an_nbd_backing(daemon_factory, tmp_path, server):
         fails.append([ln for ln in (p.stdout + p.stderr).splitlines() if "failed" in ln])
     assert fails[0] == ["read failed: Input/output error"]
     assert fails[1] == fails[0]
+
+
+def test_vmdk_parent_over_nbd(daemon_factory, tmp_path):
+    """A vmdk whose parentFileNameHint is an NBD URL of a served vmdk parent:
+    both daemons open the parent as vmdk over driver=nbd, list the same
+    nodes, and read the parent's data through the child."""
+    parent, child = tmp_path / "p.vmdk", tmp_path / "c.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(parent), str(4 * MiB))
+    qemu_io("-f", "vmdk", "-c", "write -P 3 0 1M", str(parent))
+    # a descriptor file (twoGbMaxExtentSparse), so the hint can be edited
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+             "-b", str(parent), "-F", "vmdk", str(child))
+    sock = tmp_path / "v.sock"
+    proc = start_qemu_nbd(parent, sock, export="v")
+    try:
+        text = child.read_text()
+        child.write_text(text.replace(f'parentFileNameHint="{parent}"',
+                                      f'parentFileNameHint="nbd+unix:///v?socket={sock}"'))
+        got = []
+        for kind in ("qemu", "trio"):
+            exp = tmp_path / f"exp-{kind}.sock"
+            daemon = daemon_factory(kind, [
+                "--blockdev", f"driver=file,node-name=f,filename={child}",
+                "--blockdev", "driver=vmdk,node-name=c,file=f,read-only=on",
+                "--nbd-server", f"addr.type=unix,addr.path={exp}",
+                "--export", "type=nbd,id=x,node-name=c,name=x"])
+            nodes = normalised(daemon.qmp().cmd_raw("query-named-block-nodes"))
+            p = qemu_io("-r", "-f", "raw", "-c", "read -P 3 0 1M", "-c", "read -P 0 1M 3M",
+                        f"nbd+unix:///x?socket={exp}")
+            got.append((nodes, [ln for ln in p.stdout.splitlines() if "failed" in ln]))
+            daemon.stop()
+        assert '"drv": "nbd"' in got[0][0]
+        assert got[1] == got[0]
+    finally:
+        proc.kill()
+        proc.wait()
