@@ -199,7 +199,7 @@ async def test_stream_plan_outlives_its_window_only_without_other_writes(env, tm
     _node(env, "topf").delay = 0.01  # each metadata write of the zeroing waits
     await env.qmp("block-stream", job_id="j", device="top")
     with trio.fail_after(10):
-        while not (await env.qmp("query-block-jobs"))[0]["offset"]:
+        while not (await env.qmp("query-block-jobs"))[0]["offset"]:  # noqa: ASYNC110 - polled
             await trio.sleep(0.005)
     await env.qmp("job-pause", id="j")
     await env.wait_event("JOB_STATUS_CHANGE", status="paused")
