@@ -167,8 +167,12 @@ async def open_header_backing(node: BlockNode, name: str, fmt: str | None) -> Bd
                                  if k in node.options}
     try:
         spec = backing_definition(node, name, fmt)
-        if spec.get("driver") is None and spec["file"]["driver"] == "file":
-            spec["driver"] = await probe_format(spec["file"]["filename"])
+        if spec.get("driver") is None:
+            file = spec.get("file")
+            if file is None:  # a json: name with neither (bdrv_fill_options)
+                raise GenericError("Must specify either driver or file")
+            if isinstance(file, dict) and file.get("driver") == "file" and "filename" in file:
+                spec["driver"] = await probe_format(file["filename"])
         if spec.get("driver") is not None:
             edge = await node.open_child({**inherited, "backing": spec}, "backing")
             unsupported = unsupported_option(spec) if name.startswith("json:") else None

@@ -79,6 +79,12 @@ def test_backing_names_open_alike(daemon_factory, tmp_path, server):
         # probed: qcow v1 has no field for the format qemu-img is given
         ("qcow", overlay(tmp_path, "url.qcow", url, "raw", "qcow")),
         ("qed", overlay(tmp_path, "url.qed", url, "raw", "qed")),
+        # a json: name without a driver: its file probed (no format in qcow)
+        ("qcow", overlay(tmp_path, "json-file.qcow",
+                         "json:" + json.dumps({"file": {"driver": "nbd", "server": unix,
+                                                        "export": "e"}}), "raw", "qcow")),
+        ("qcow", overlay(tmp_path, "json-neither.qcow",
+                         "json:" + json.dumps({"server": unix, "export": "e"}), "raw", "qcow")),
         # errors
         ("qcow2", overlay(tmp_path, "nbds.qcow2", "nbds://127.0.0.1/e", "raw")),
         ("qcow2", overlay(tmp_path, "nbds-unix.qcow2", f"nbds+unix:///e?socket={sock}", "nbd")),
@@ -110,7 +116,7 @@ def test_backing_names_open_alike(daemon_factory, tmp_path, server):
                                                         "file": f"f{i}"}))
         got.append((replies, normalised(qmp.cmd_raw("query-named-block-nodes"))))
         daemon.stop()  # the next daemon takes the images' write locks
-    assert sum("error" in r for r in got[0][0]) == 12
+    assert sum("error" in r for r in got[0][0]) == 13
     assert got[1][0] == got[0][0]
     assert got[1][1] == got[0][1]
     assert '"drv": "nbd"' in got[0][1]
