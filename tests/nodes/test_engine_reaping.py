@@ -45,6 +45,20 @@ def _open(path: str, aio: str) -> int:
         raise
 
 
+def _results(n: int):
+    """A callback collecting results, the list, and an event set once it
+    has ``n`` of them."""
+    got: list[int] = []
+    done = trio.Event()
+
+    def cb(res: int) -> None:
+        got.append(res)
+        if len(got) == n:
+            done.set()
+
+    return cb, got, done
+
+
 async def _engine(aio: str):
     engines = Engines()
     return engines, engines.get(aio)
@@ -84,14 +98,7 @@ async def test_refused_request_reaches_its_callback(image, aio):
     path, _data = image
     engines, eng = await _engine(aio)
     fd = _open(path, aio)
-    got = []
-    done = trio.Event()
-
-    def cb(res):
-        got.append(res)
-        if len(got) == 2:
-            done.set()
-
+    cb, got, done = _results(2)
     with trio.fail_after(20):
         rfd = os.open(path, os.O_RDONLY | (os.O_DIRECT if aio == "native" else 0))
         buf, addr = buffers.alloc_at(BS)
@@ -115,14 +122,7 @@ async def test_submit_writev_writes_the_views_in_order(image, aio):
     engines, eng = await _engine(aio)
     fd = _open(path, aio)
     rfd = os.open(path, os.O_RDONLY | (os.O_DIRECT if aio == "native" else 0))
-    got = []
-    done = trio.Event()
-
-    def cb(res):
-        got.append(res)
-        if len(got) == 2:
-            done.set()
-
+    cb, got, done = _results(2)
     pieces = [os.urandom(BS) for _ in range(3)]
     views = []
     for p in pieces:
@@ -137,8 +137,8 @@ async def test_submit_writev_writes_the_views_in_order(image, aio):
     os.close(rfd)
     os.close(fd)
     assert sorted(got) == [-errno.EBADF, 3 * BS]
-    with open(path, "rb") as f:
-        assert f.read() == data[:5 * BS] + b"".join(pieces) + data[8 * BS:]
+    written = await trio.Path(path).read_bytes()
+    assert written == data[:5 * BS] + b"".join(pieces) + data[8 * BS:]
 
 
 @pytest.mark.parametrize("aio", AIOS)
