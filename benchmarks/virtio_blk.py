@@ -55,7 +55,6 @@ sys.path.insert(0, str(ROOT))
 
 from qsd_trio.exports.virtio import blk as B  # noqa: E402
 from qsd_trio.exports.virtio.dataplane import QueueWorker  # noqa: E402
-from qsd_trio.nodes.engine import eventfd  # noqa: E402
 from qsd_trio.nodes.graph import BlockGraph  # noqa: E402
 from tests.unit.test_virtqueue import INDIRECT, NEXT, WRITE, Driver, GuestRam  # noqa: E402
 
@@ -139,8 +138,7 @@ async def serve_ring(queue: object, handler: B.BlkHandler, kick: int, call: int,
     def fail(text: str) -> None:
         raise AssertionError(text)
 
-    # the call eventfd written as the vhost-user export writes it (Vring.signal)
-    worker = QueueWorker(0, queue, handler, kick, lambda: eventfd.signal(call), fail)
+    worker = QueueWorker(0, queue, handler, kick, lambda: os.eventfd_write(call, 1), fail)
     await worker.run(task_status=task_status)
 
 

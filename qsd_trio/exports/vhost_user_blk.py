@@ -39,7 +39,6 @@ from typing import Any
 import trio
 
 from .. import activation
-from ..nodes.engine import eventfd
 from ..nodes.node import BdrvChild, BlockNode
 from ..proto import vhost_user as vu
 from ..qapi.errors import GenericError
@@ -66,6 +65,7 @@ PROTOCOL_FEATURES = (1 << PF.MQ | 1 << PF.REPLY_ACK | 1 << PF.BACKEND_REQ
                      | 1 << PF.CONFIG | 1 << PF.CONFIGURE_MEM_SLOTS | 1 << PF.INFLIGHT_SHMFD)
 _FD_SIZE = array.array("i").itemsize
 _ANC_SIZE = _stdsocket.CMSG_SPACE(vu.MAX_FDS * _FD_SIZE)
+_ONE = (1).to_bytes(8, "little")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -93,10 +93,10 @@ class Vring:
         self.enabled = False
 
     def signal(self) -> None:
-        """Write the call eventfd (a full counter is still a pending call),
-        keeping the GIL (nodes/engine/eventfd.py)."""
+        """Write the call eventfd (a full counter is still a pending call)."""
         if self.call_fd >= 0:
-            eventfd.signal(self.call_fd)
+            with contextlib.suppress(OSError):
+                os.write(self.call_fd, _ONE)
 
     def set_call(self, fd: int) -> None:
         old, self.call_fd = self.call_fd, fd
@@ -335,11 +335,6 @@ class FrontEnd(Device):
                 raise VuPanic(f"queue {p.index}: polling (no kick descriptor) is not supported")
             await self._stop_ring(vring)
             vring.kick_fd = m.fds[0]
-            # read with the GIL held (nodes/engine/eventfd.py): it must
-            # never block (QEMU's eventfds are non-blocking already); one
-            # that cannot be set so fails when the ring polls it
-            with contextlib.suppress(OSError):
-                os.set_blocking(vring.kick_fd, False)
             await self._start_ring(vring)
             return None
         if req == R.SET_VRING_CALL:

@@ -23,12 +23,13 @@ front-end, a VDUSE device): its workers, and stopping them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable
 
 import attrs
 import trio
 
-from ...nodes.engine import eventfd
 from ...nodes.engine.base import after_completions
 from .blk import STARTED, BlkHandler
 from .virtqueue import Chain, SplitQueue, VirtqueueError
@@ -138,7 +139,8 @@ class QueueWorker:
                     await trio.lowlevel.checkpoint()
                     continue
             await trio.lowlevel.wait_readable(kick)
-            eventfd.drain(kick)  # keeping the GIL (nodes/engine/eventfd.py)
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                os.read(kick, 8)
 
     def _finished(self, head: int, used: int) -> None:
         """A request started without a task is done (from the engine's

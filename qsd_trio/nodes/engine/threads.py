@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import eventfd
 from .base import Callback, Engine, _current_task, advance, os_error
 
 T = TypeVar("T")
@@ -116,7 +115,6 @@ class ThreadPool(Engine):
         get = self._queue.get
         done = self._done.append
         efd = self.efd
-        signal = eventfd.signal
         while True:
             call = get()
             if call is None:
@@ -128,12 +126,7 @@ class ThreadPool(Engine):
             done(call)
             if not self._signalled:
                 self._signalled = True
-                signal(efd)
-
-    def reap_now(self) -> None:
-        # Engine.reap_now, with the eventfd read keeping the GIL (eventfd.py)
-        eventfd.drain(self.efd)
-        self._reap_batch()
+                os.eventfd_write(efd, 1)
 
     def _reap(self) -> None:
         self._signalled = False
