@@ -245,8 +245,16 @@ class FuseExport(BlockExport):
         # waits for the device and the I/O engines' completions without the
         # scheduler while nothing else can run (nodes/engine/inline_wait.py)
         wait_inline = self.node.graph.io.inline_waiter()
+        # the device is expected to be empty: the read just started is the
+        # only one in flight, and its client waits for it before it asks
+        # again; then a wait comes first, not a read that fails with EAGAIN
+        expect_empty = False
         async with trio.open_nursery() as readers:
             while True:
+                if expect_empty:
+                    expect_empty = False
+                    if wait_inline is not None:
+                        wait_inline(fd)  # readable or not, read next
                 try:
                     n = os.readv(fd, [buf])
                 except BlockingIOError:
@@ -275,11 +283,13 @@ class FuseExport(BlockExport):
                         if size and self.node.read_submit(
                                 offset, size, functools.partial(self._read_done, unique)):
                             self._submitted += 1
+                            expect_empty = self._submitted == 1
                         else:
                             readers.start_soon(self._read, unique, offset, size)
                         continue
                     # served from the cache without a task (BlockNode.read_now)
                     self._send([fp.reply_header(unique, len(data)), data])
+                    expect_empty = not self._submitted
                     served += 1
                     if served % 64 == 0:
                         await trio.lowlevel.checkpoint()

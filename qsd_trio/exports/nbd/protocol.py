@@ -10,7 +10,12 @@ started by the reader and replied to from the engine's completion, with no
 task of its own; the rest go to a fixed pool of request tasks.
 Replies are queued and sent in batches, header and data together with one
 ``sendmsg`` (a 1 MiB read is never copied into a bigger buffer): by the
-reader before it waits for the client, or by a writer task.
+reader before it waits for the client, by the engine's reaper after a batch
+of completions, or by a writer task.  The I/O requests the reader starts
+go to the kernel in one system call just before it would wait
+(hold_submissions/submit_held in nodes/engine/base.py), and while nothing
+else can run the reader waits for its socket, or for the completions that
+give its slots back, without the scheduler (nodes/engine/inline_wait.py).
 
 Errors: a client that breaks the protocol or vanishes ends its own
 connection only; I/O errors become NBD error replies with QEMU's messages.
@@ -30,7 +35,7 @@ import trio
 
 from ... import tasks
 from ...nodes.engine import buffers
-from ...nodes.engine.base import after_completions
+from ...nodes.engine.base import after_completions, hold_submissions, submit_held
 from ...nodes.node import BlockNode, Status
 from ...proto import nbd as P
 from ...qapi.errors import QapiError
@@ -137,6 +142,8 @@ class Transmission:
         self._out_ready = trio.Event()
         self._sending = False  # the writer is part way through a send
         self._flush_deferred = False  # a reaper will send the queued replies
+        # the reader's wait without the scheduler (inline_wait.py), if any
+        self._wait_inline: Callable[[int], bool] | None = None
         # the flags a READ/WRITE served by the reader may carry (_read_requests)
         self._read_flags = self._write_flags = P.CMD_FLAG_FUA
         self.moved = 0  # bytes of this client's READ and WRITE requests
@@ -147,6 +154,7 @@ class Transmission:
         self._reader_scope = trio.CancelScope()
         # it has sent DISC (or hung up): no longer a user of its export
         self.ending = False
+        self._drained = 0  # slots serve() has taken back once reading stopped
 
     async def _close(self) -> None:
         raise NotImplementedError
@@ -169,9 +177,11 @@ class Transmission:
             with tasks.serving("client-connection", f"nbd client of {export.id}",
                                cancel_scope=export.cancel_scope,
                                draining=lambda: self.ending,
-                               # the reader holds one slot while it reads the next request
+                               # the reader holds one slot while it reads the
+                               # next request; once it has stopped, serve()
+                               # takes the slots back one by one (_drained)
                                in_flight=lambda: max(0, MAX_REQUESTS - self._slots.value
-                                                     - (not self.ending)),
+                                                     - self._drained - (not self.ending)),
                                moved=lambda: self.moved,
                                export_id=export.id, client=tasks.peer_name(self.wire.stream),
                                node_names=lambda: [export.node.node_name]):
@@ -190,6 +200,7 @@ class Transmission:
                     # replies go out, then stop the writer
                     for _ in range(MAX_REQUESTS):
                         await self._slots.acquire()
+                        self._drained += 1
                     nursery.cancel_scope.cancel()
                     if self._hangup:
                         raise _Disconnect(self._hangup)
@@ -281,13 +292,49 @@ class Transmission:
         self._read_flags = P.CMD_FLAG_FUA | (P.CMD_FLAG_DF if self.structured else 0)
         self._write_flags = P.CMD_FLAG_FUA | (P.CMD_FLAG_PAYLOAD_LEN if extended else 0)
         if quiet:
-            wire.before_wait = self._flush_now
-            wire.wait_inline = export.node.graph.io.inline_waiter()
+            # The reader submits the I/O requests it starts itself, all of
+            # them with one system call, just before it would park (the
+            # engine's flusher task is not woken: hold_submissions), and
+            # sends the replies queued meanwhile; then, while nothing else
+            # can run, it waits for its socket and the completions without
+            # the scheduler (inline_wait.py).
+            wire.before_wait = self._before_wait
+            wire.after_wait = hold_submissions
+            self._wait_inline = wire.wait_inline = export.node.graph.io.inline_waiter()
+            hold_submissions()
         try:
             await self._read_loop(wire, export, size_fn, slots, extended, quiet)
         finally:
-            wire.before_wait = wire.wait_inline = None
+            if quiet:
+                submit_held()
+            wire.before_wait = wire.after_wait = wire.wait_inline = None
+            self._wait_inline = None
             self._flush_now()  # serve() waits for these replies' slots
+
+    def _before_wait(self) -> None:
+        """The reader is about to wait: the requests it started go to the
+        kernel, the replies it queued to the client."""
+        submit_held()
+        self._flush_now()
+
+    async def _wait_for_slot(self, quiet: bool) -> None:
+        """No slot is free: wait until a reply gives one back.  A checkpoint
+        even when the flush just gave some back, so that a busy client
+        cannot hold the loop.  Without the scheduler while nothing else can
+        run: the completions of this client's requests are reaped right here
+        (their replies give the slots back)."""
+        if not quiet:
+            self._flush_now()
+            await self._slots.acquire()
+            return
+        self._before_wait()
+        slots = self._slots
+        wait = self._wait_inline
+        if wait is not None:
+            while not slots.value and wait(-1):
+                pass
+        await slots.acquire()
+        hold_submissions()
 
     async def _read_loop(self, wire: Wire, export: NbdExport, size_fn: Callable[[], int],
                          slots: _Slots, extended: bool, quiet: bool) -> None:
@@ -297,11 +344,8 @@ class Transmission:
                     slots.value -= 1
                 else:
                     # Replies served inline hold their slots until sent, so
-                    # this is reached at least every MAX_REQUESTS requests;
-                    # acquire() is a checkpoint even when the flush just gave
-                    # the slots back: a busy client cannot hold the loop.
-                    self._flush_now()
-                    await slots.acquire()
+                    # this is reached at least every MAX_REQUESTS requests
+                    await self._wait_for_slot(quiet)
                 handed_off = False
                 try:
                     if extended:
@@ -353,6 +397,9 @@ class Transmission:
                             and self._serve_now(req, data, size, export, quiet)):
                         self._requests.send_nowait((req, data, size))
                     handed_off = True
+                    # nothing else in flight: a client at queue depth 1 now
+                    # waits for this reply before it sends again
+                    wire.expect_empty = slots.value == MAX_REQUESTS - 1
                 except (_Disconnect, P.NbdProtocolError, trio.BrokenResourceError) as e:
                     # stop reading; serve() lets what was already read finish
                     self._hangup = str(e) or type(e).__name__

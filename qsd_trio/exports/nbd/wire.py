@@ -25,6 +25,15 @@ class _Disconnect(Exception):
     """End this connection now (the peer misbehaved or asked to)."""
 
 
+def _rest(parts: Sequence[Buffer], n: int) -> list[Buffer]:
+    """What is left of ``parts`` once their first ``n`` bytes are sent."""
+    for i, p in enumerate(parts):
+        if n < len(p):
+            return [memoryview(p)[n:], *parts[i + 1:]] if n else list(parts[i:])
+        n -= len(p)
+    return []
+
+
 class Wire:
     """Buffered exact reads and gathered writes over a trio stream.
 
@@ -58,6 +67,12 @@ class Wire:
         # I/O completions meanwhile; False to park after all (nodes/engine/
         # inline_wait.py)
         self.wait_inline: Callable[[int], bool] | None = None
+        # called once the wait is over (inline or through trio)
+        self.after_wait: Callable[[], None] | None = None
+        # the connection expects the socket to be empty (its client waits
+        # for a reply): with wait_inline, the next receive waits first,
+        # rather than failing with EAGAIN (a system call and an exception)
+        self.expect_empty = False
 
     async def _recv_into(self, view: memoryview) -> int:
         raw = self.raw
@@ -65,15 +80,28 @@ class Wire:
             data = await self.stream.receive_some(len(view))
             view[:len(data)] = data
             return len(data)
+        if self.expect_empty:
+            self.expect_empty = False
+            wait = self.wait_inline
+            if wait is not None and self.before_wait is not None:
+                self.before_wait()
+                wait(raw.fileno())  # readable or not, receive next
+                if self.after_wait is not None:
+                    self.after_wait()
         while True:
             try:
                 return raw.recv_into(view)
             except BlockingIOError:
                 if self.before_wait is not None:
                     self.before_wait()
-                if self.wait_inline is not None and self.wait_inline(raw.fileno()):
-                    continue
-                await trio.lowlevel.wait_readable(raw)
+                if self.wait_inline is None or not self.wait_inline(raw.fileno()):
+                    try:
+                        await trio.lowlevel.wait_readable(raw)
+                    finally:
+                        if self.after_wait is not None:
+                            self.after_wait()
+                elif self.after_wait is not None:
+                    self.after_wait()
             except OSError as e:
                 raise trio.BrokenResourceError(e) from e
 
@@ -145,7 +173,23 @@ class Wire:
         only); returns the rest, as memoryviews, for :meth:`send`."""
         raw = self.raw
         assert raw is not None
+        full = False
+        if len(parts) <= _IOV_BATCH:
+            # the usual case, all at once: parts as they are (sendmsg takes
+            # any buffer, and empty ones), memoryviews only for a rest
+            try:
+                n = raw.sendmsg(parts)
+            except BlockingIOError:
+                n = 0
+                full = True
+            except OSError as e:
+                raise trio.BrokenResourceError(e) from e
+            if n == sum(map(len, parts)):
+                return []
+            parts = _rest(parts, n)
         bufs = [p if isinstance(p, memoryview) else memoryview(p) for p in parts if len(p)]
+        if full:
+            return bufs
         i = 0  # bufs[:i] are sent
         while i < len(bufs):
             batch = bufs[i:i + _IOV_BATCH]

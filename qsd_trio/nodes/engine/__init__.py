@@ -35,12 +35,14 @@ class Engines:
         self._threads: ThreadPool | None = None
         self._uring: Engine | None = None
         self._aio: Engine | None = None
+        self._started: list[Engine] = []  # started(), kept up to date
 
     @property
     def threads(self) -> ThreadPool:
         """The worker pool; also runs what no engine submits (fallocate, ...)."""
         if self._threads is None:
             self._threads = ThreadPool()
+            self._update()
         return self._threads
 
     def get(self, aio: str) -> Engine:
@@ -54,6 +56,7 @@ class Engines:
                     # errno alone); ours is the one the kernel returned
                     raise GenericError("Unable to use io_uring: failed to init linux io_uring "
                                        f"ring: {e.strerror}") from None
+                self._update()
             return self._uring
         if aio == "native":
             if self._aio is None:
@@ -62,12 +65,17 @@ class Engines:
                 except OSError as e:
                     raise GenericError("Unable to use native AIO: failed to create linux AIO "
                                        f"context: {e.strerror}") from None
+                self._update()
             return self._aio
         return self.threads
 
+    def _update(self) -> None:
+        # in place: inline waiters hold the list (inline_waiter)
+        self._started[:] = [e for e in (self._uring, self._aio, self._threads) if e is not None]
+
     def started(self) -> list[Engine]:
-        """The engines made so far."""
-        return [e for e in (self._uring, self._aio, self._threads) if e is not None]
+        """The engines made so far (a list kept up to date: not to be changed)."""
+        return self._started
 
     def inline_waiter(self) -> Callable[[int], bool] | None:
         """A connection's way to wait for its socket without the scheduler
@@ -81,6 +89,7 @@ class Engines:
             eng = getattr(self, name)
             if eng is not None:
                 setattr(self, name, None)
+                self._update()
                 await eng.aclose()
 
 

@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 _deferred: list[Callable[[], None]] = []
 _reaping = False
 
+# Submissions held by a caller that hands them to the kernel itself before
+# it next parks (hold_submissions/submit_held), and the kernel engines with
+# requests queued meanwhile.  trio's thread only.
+_holding = False
+_held: list[KernelEngine] = []
+
 
 # what a submitted request calls when it completes: bytes done, or -errno
 Callback = Callable[[int], None]
@@ -74,6 +80,27 @@ def after_completions(fn: Callable[[], None]) -> bool:
         return False
     _deferred.append(fn)
     return True
+
+
+def hold_submissions() -> None:
+    """From a task about to start several requests in one go (an NBD
+    reader with a batch of requests): requests queued on a kernel engine
+    (io_uring, Linux AIO) wait for :func:`submit_held`, which enters them
+    all with one system call, instead of waking the engine's flusher task
+    for the next scheduler pass.  The caller must call ``submit_held()``
+    before it next parks: nothing else runs to submit them meanwhile."""
+    global _holding
+    _holding = True
+
+
+def submit_held() -> None:
+    """Stop holding, and hand the kernel every request queued meanwhile."""
+    global _holding
+    _holding = False
+    while _held:
+        eng = _held.pop()
+        eng._held_now = False
+        eng._submit_pending()
 
 
 def _no_abort(raise_cancel: object) -> _Abort:
@@ -113,6 +140,11 @@ class Engine:
                     self.reap_now()
         finally:
             self._close_fds()
+
+    def completions_ready(self) -> bool:
+        """Whether completions are known to wait for reap_now without a
+        system call to ask (io_uring's CQ ring); False: perhaps not."""
+        return False
 
     def reap_now(self) -> None:
         """What the reaper does once its descriptor is readable, for a
@@ -251,7 +283,9 @@ class KernelEngine(Engine):
     Batching: the first request queued in a scheduler pass wakes a small
     flusher task (``_flush_soon``); it runs in the next pass, once every
     request of this one is queued, and submits them all with one system
-    call."""
+    call.  A task that starts a batch of requests itself and submits them
+    before it parks (an NBD reader: hold_submissions/submit_held) saves the
+    flusher's wakeup."""
 
     READ = WRITE = 0
     # the vectored operations: addr is a struct iovec array, length its count
@@ -260,6 +294,7 @@ class KernelEngine(Engine):
     def __init__(self) -> None:
         self._flusher: trio.lowlevel.Task | None = None
         self._flush_wanted = False
+        self._held_now = False  # in _held: a holder submits its requests
         self._flush_scope = trio.CancelScope()
         super().__init__()
         trio.lowlevel.spawn_system_task(self._flush_loop, name=f"io-engine-{self.name}-submit")
@@ -268,7 +303,12 @@ class KernelEngine(Engine):
         raise NotImplementedError
 
     def _flush_soon(self) -> None:
-        if not self._flush_wanted:
+        if _holding:
+            # the holder submits before it parks (submit_held)
+            if not self._held_now:
+                self._held_now = True
+                _held.append(self)
+        elif not self._flush_wanted:
             self._flush_wanted = True
             if self._flusher is not None:
                 _reschedule(self._flusher)

@@ -19,6 +19,11 @@ anything else, or the time limit, returns to trio.  So no other client
 waits on this one: the only thing that can be late is a timer, by at most
 ``MAX_WAIT`` (bounded further by trio's next deadline).
 
+Called with no descriptor (``fd`` < 0), it waits for completions alone:
+an NBD reader whose request slots are all taken waits for the replies
+that give them back (a CQ ring that already holds completions is reaped
+without a system call).
+
 This reads two attributes of trio's run loop that trio does not export:
 the run queue and the I/O manager's epoll object.  If a trio release
 moves them, :func:`supported` turns false and every connection waits the
@@ -71,16 +76,31 @@ def make_waiter(engines: Callable[[], list[Engine]]) -> Callable[[int], bool] | 
 
     def wait_inline(fd: int) -> bool:
         """Wait until ``fd`` is readable, reaping completions meanwhile;
-        True if it is, False to wait through trio instead."""
-        limit = clock.current_time() + MAX_WAIT
-        while not runq:
+        True if it is, False to wait through trio instead.  With ``fd``
+        negative: until a batch of completions has been reaped (True)."""
+        if runq:
+            return False
+        limit = 0.0
+        while True:
             busy = [e for e in engines() if e.in_flight]
-            timeout = min(limit, deadlines.next_deadline()) - clock.current_time()
-            if timeout <= 0:
+            if fd < 0:
+                # completions already in a ring need no system call
+                for e in busy:
+                    if e.completions_ready():
+                        e.reap_now()
+                        return True
+                if not busy:
+                    return False
+            now = clock.current_time()
+            if not limit:
+                limit = min(now + MAX_WAIT, deadlines.next_deadline())
+            if now >= limit:
                 return False
-            fds = [fd, epoll_fd]
-            fds += [e.wake_fd for e in busy]
-            ready = _select(fds, (), (), timeout)[0]
+            fds = [e.wake_fd for e in busy]
+            fds.append(epoll_fd)
+            if fd >= 0:
+                fds.append(fd)
+            ready = _select(fds, (), (), limit - now)[0]
             if not ready:
                 return False
             reaped = False
@@ -88,11 +108,12 @@ def make_waiter(engines: Callable[[], list[Engine]]) -> Callable[[int], bool] | 
                 if e.wake_fd in ready:
                     e.reap_now()
                     reaped = True
-            if fd in ready:
+            if not reaped or runq:
+                # something else trio waits for is ready, or a completion
+                # woke a task: trio runs it
+                return fd >= 0 and fd in ready
+            if fd < 0 or fd in ready:
                 return True
-            if not reaped:
-                return False  # something else trio waits for is ready
-        return False
 
     return wait_inline
 

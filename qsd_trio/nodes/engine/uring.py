@@ -13,7 +13,8 @@ scheduler batch) every request started in the same pass has written its
 SQE, and one ``io_uring_enter`` submits them all.  A request started when
 nothing else is in flight is submitted at once instead: at queue depth 1
 there is nothing to batch with, and the flusher's task switch would be
-pure latency.
+pure latency.  A task that submits its own batch before it parks (an NBD
+reader, base.hold_submissions) leaves the flusher asleep.
 
 The reaper (base.py) waits for the ring's own descriptor to poll readable,
 which it does while the CQ ring holds completions, and reads the CQ ring
@@ -157,6 +158,10 @@ class Uring(KernelEngine):
         self._pending = 0
 
     # -- completion ------------------------------------------------------------
+    def completions_ready(self) -> bool:
+        tail = _U32.unpack_from(self.cq_ring, self.cq_tail_off)[0]
+        return bool(tail != self.cq_head)
+
     def _reap(self) -> None:
         # Engine._finished written out: this loop runs once per request.
         # The head is published before any callback runs, so a callback
