@@ -865,7 +865,7 @@ class BlockNode:
     def writev_submit(self, offset: int, views: list[memoryview], done: WriteDone) -> bool:
         """write_submit() of the concatenation of ``views`` (format "B"),
         handed to the driver as they are (one pwritev: a virtio-blk write
-        whose guest memory is in a few pieces), where it takes them so."""
+        whose guest memory is in pieces), where it takes them so."""
         if len(views) == 1:
             return self._write_submit(offset, len(views[0]), views[0], done)
         n = 0
