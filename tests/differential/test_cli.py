@@ -31,8 +31,9 @@ CASES = [
     ["--object", "iothread,id=io0", "--object", "iothread,id=io0"],
     ["--export", "nbd,id=e,node-name=n"],
     ["--pidfile", "/nonexistent-dir/x.pid"],
-    # the NBD server's TLS object, looked up as QEMU's users do (a socket that can
-    # be bound: QEMU binds before it looks the object up, qsd-trio after)
+    # the NBD server's TLS object, looked up as QEMU's users do, after the
+    # socket is bound: a bad address is reported first
+    ["--nbd-server", "addr.type=unix,addr.path=/nonexistent-dir/s.sock,tls-creds=t"],
     ["--nbd-server", "addr.type=unix,addr.path=/tmp/qsd-test-cli-tls.sock,tls-creds=t"],
     ["--object", "iothread,id=t", "--nbd-server",
      "addr.type=unix,addr.path=/tmp/qsd-test-cli-tls.sock,tls-creds=t"],

@@ -45,10 +45,6 @@ class NbdServer:
         self.tls_x509 = False
         # an SSLContext, or for PSK the keys file (see tls.server_context)
         self.tls_context: ssl.SSLContext | str | None = None
-        if tls_creds is not None:
-            creds = find_creds(daemon.objects, tls_creds, "server")
-            self.tls_context = server_context(creds)
-            self.tls_x509 = creds.qom_type == "tls-creds-x509"
         # looked up per client, as QEMU does: a missing object denies access
         self.tls_authz = tls_authz
         self.max_connections = max_connections or 0
@@ -63,6 +59,9 @@ class NbdServer:
             with self.cancel_scope:
                 listeners = await open_listeners(self.addr)
                 try:
+                    # after binding, as nbd_server_start: a bad address is
+                    # reported before bad credentials
+                    self._load_creds()
                     async with trio.open_nursery() as nursery:
                         for lst in listeners:
                             nursery.start_soon(self._accept_loop, lst, nursery)
@@ -77,6 +76,12 @@ class NbdServer:
                             os.unlink(self.addr["path"])
         finally:
             self.finished.set()
+
+    def _load_creds(self) -> None:
+        if self.tls_creds is not None:
+            creds = find_creds(self.daemon.objects, self.tls_creds, "server")
+            self.tls_context = server_context(creds)
+            self.tls_x509 = creds.qom_type == "tls-creds-x509"
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         # the socket listens from the start, but clients are served only once
