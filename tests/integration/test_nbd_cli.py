@@ -185,9 +185,9 @@ def pki(tmp_path_factory):
     return d
 
 
-def tls_daemon(daemon_factory, image, sock, pki, identity):
-    return daemon_factory("trio", [
-        "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+def tls_daemon(daemon_factory, image, sock, pki, identity, kind="trio", verify="on"):
+    return daemon_factory(kind, [
+        "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,verify-peer={verify}",
         "--object", "authz-simple,id=az0,identity=" + identity.replace(",", ",,"),
         "--blockdev", f"driver=qcow2,node-name=fmt0,file.driver=file,file.filename={image}",
         "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=tls0,tls-authz=az0",
@@ -216,6 +216,19 @@ def test_tls_authz_denied(daemon_factory, image, tmp_path, pki):
     tls_daemon(daemon_factory, image, sock, pki, "CN=someone.else")
     r = nbdinfo(f"nbds+unix:///disk?socket={sock}&tls-certificates={pki}")
     assert r.returncode != 0
+
+
+@pytest.mark.parametrize("kind", ["qemu", "trio"])
+def test_tls_authz_needs_verify_peer(daemon_factory, image, tmp_path, pki, kind):
+    """QEMU 7.2 checks tls-authz against the client's certificate only when
+    the x509 credentials verify it: with verify-peer=off anyone is let in."""
+    if kind == "qemu" and not HAVE_QEMU:
+        pytest.skip("qemu-storage-daemon not installed")
+    sock = tmp_path / "t.sock"
+    tls_daemon(daemon_factory, image, sock, pki, "CN=someone.else", kind=kind, verify="off")
+    r = nbdinfo("--json", f"nbds+unix:///disk?socket={sock}&tls-certificates={pki}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["exports"][0]["export-size"] == 64 << 20
 
 
 @pytest.mark.skipif(not shutil.which("fio"), reason="needs fio")

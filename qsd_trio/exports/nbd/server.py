@@ -19,7 +19,7 @@ import trio
 from ...objects.tls_creds import find_creds
 from ...sockets import addr_dict, open_listeners
 from .connection import Connection
-from .tls import server_context
+from .tls import prop, server_context
 
 if TYPE_CHECKING:
     from ...daemon import Daemon
@@ -81,7 +81,10 @@ class NbdServer:
         if self.tls_creds is not None:
             creds = find_creds(self.daemon.objects, self.tls_creds, "server")
             self.tls_context = server_context(creds)
-            self.tls_x509 = creds.qom_type == "tls-creds-x509"
+            # QEMU checks tls-authz with the client's certificate, so only
+            # for x509 credentials that verify it (verify-peer, the default)
+            self.tls_x509 = (creds.qom_type == "tls-creds-x509"
+                             and prop(creds, "verify-peer", True))
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         # the socket listens from the start, but clients are served only once
