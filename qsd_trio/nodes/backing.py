@@ -83,7 +83,7 @@ def protocol_options(driver: str, name: str) -> dict[str, Any]:
     if driver == "nbd":
         return {"driver": "nbd", "filename": name}  # parsed by NbdNode.open
     if driver == "rbd":
-        from .rbd import parse_filename
+        from .rbd import parse_filename  # librbd is optional: loaded for an rbd name only
         return {"driver": "rbd", **parse_filename(name)}
     if driver in ("null-co", "null-aio"):
         if name != f"{driver}://":
