@@ -138,7 +138,9 @@ NOTES: dict[str, str] = {
                   "open-timeout; structured replies and base:allocation; TLS with "
                   "tls-creds (x509, psk, anon; endpoint=client) and tls-hostname, "
                   "STARTTLS first and on every reconnect, QEMU's errors; extended headers "
-                  "and multi-conn are not implemented",
+                  "when the server offers them (QEMU 8.2's client; 7.2's has none); "
+                  "backing files named by nbd:// URLs or json: names; multi-conn is not "
+                  "implemented (docs/nbd-client.md says why)",
     "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",
     "tls-creds-psk": "NBD server: keys.psk read per handshake, TLS 1.3/1.2 PSK via pyOpenSSL "
                      "(Python's ssl has no PSK before 3.13); tls-authz not applied, as QEMU 7.2",
