@@ -14,7 +14,12 @@ the storage and RWF_NOWAIT is refused, a plain read) and a small buffered
 write far from dirty-page throttling (inline_io.py) are done right here,
 because a few microseconds of syscall beat any round trip through an engine.
 Block status is an lseek (SEEK_DATA/SEEK_HOLE) done right here too, as
-QEMU's raw_co_block_status does.  Zero writes, discards and truncation use
+QEMU's raw_co_block_status does, and the last run of data it found is kept
+until this node punches, zeroes or truncates: tmpfs answers SEEK_HOLE by
+walking its pages to the next hole, the end of a full file, so every
+question about a 1 GiB image cost milliseconds (a writer outside the daemon
+that punches holes makes the answer say data where it now reads zeroes,
+which is what a concurrent read would have seen).  Zero writes, discards and truncation use
 fallocate/ftruncate on the engine's worker threads.  The image is locked
 with QEMU's byte-range scheme (locking.py).
 
@@ -97,6 +102,8 @@ class FileNode(BlockNode):
     async def open(self, options: dict[str, Any]) -> None:
         self.path: str = options["filename"]
         self._discard_ok = self._discard_failed = self._discard_bytes = 0
+        # [start, hole): the last run of data block status found (_status)
+        self._data_run = (0, 0)
         aio = options.get("aio", "threads")
         if aio == "native" and not self.cache_direct:
             raise GenericError("aio=native was specified, but it requires cache.direct=on, "
@@ -543,6 +550,14 @@ class FileNode(BlockNode):
         self._size = max(self._size, offset + len(data))
 
     def _zero(self, offset: int, length: int, may_unmap: bool) -> bool:
+        self._forget_status()
+        try:
+            return self._zero_range(offset, length, may_unmap)
+        finally:
+            # again: a status asked meanwhile may have kept the old data run
+            self._forget_status()
+
+    def _zero_range(self, offset: int, length: int, may_unmap: bool) -> bool:
         end = offset + length
         if may_unmap:
             try:
@@ -605,6 +620,7 @@ class FileNode(BlockNode):
         length = min(offset + length, self._size) - offset
         if length <= 0:
             return
+        self._forget_status()
         try:
             await self._run(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                             offset, length)
@@ -613,6 +629,8 @@ class FileNode(BlockNode):
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 return  # discard is advisory
             raise
+        finally:
+            self._forget_status()
         self._discard_ok += 1
         self._discard_bytes += length
 
@@ -648,11 +666,19 @@ class FileNode(BlockNode):
         await self._run(self._write_back)
 
     # -- status and size -------------------------------------------------------------
+    def _forget_status(self) -> None:
+        """Our own punch, zeroing or truncation may have made holes."""
+        self._data_run = (0, 0)
+
     def _status(self, offset: int, length: int) -> BlockStatus:
         end = min(offset + length, self._size)
         if offset >= end:
             return BlockStatus(Status.ZERO | Status.ALLOCATED | Status.OFFSET_VALID, length,
                                offset=offset)
+        start, hole = self._data_run
+        if start <= offset < hole:
+            return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
+                               min(hole, end) - offset, offset=offset)
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:
@@ -671,6 +697,7 @@ class FileNode(BlockNode):
             if e.errno not in (errno.EINVAL, errno.ENXIO):
                 raise
             hole = end  # no SEEK_HOLE here (a device): QEMU pretends no holes
+        self._data_run = (offset, hole)
         return BlockStatus(Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID,
                            min(hole, end) - offset, offset=offset)
 
@@ -680,6 +707,7 @@ class FileNode(BlockNode):
         return self._status(offset, length)
 
     def _truncate(self, size: int, prealloc: str) -> None:
+        self._forget_status()
         old = self._size
         os.ftruncate(self.fd, size)
         if size > old and prealloc == "falloc":
