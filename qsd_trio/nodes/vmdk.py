@@ -88,7 +88,14 @@ from .vmdk_extent import (
     pread,
     signed64,
 )
-from .vmdk_stream import footer_header, grain_record, read_grain
+from .vmdk_stream import (
+    footer_header,
+    grain_first,
+    grain_record,
+    grain_slice,
+    grain_span,
+    read_grain,
+)
 
 MAX_DESC_READ = (1 << 20) - 1  # vmdk_read_desc's bound
 MAX_DESC_FILE = 16 << 20  # vmdk_write_cid's bound on a descriptor file
@@ -442,10 +449,40 @@ class VmdkNode(TableFormatNode):
         return ext, host
 
     # -- the fast path --------------------------------------------------------------------
+    def _grain_now(self, offset: int, length: int) -> Buffer | None:
+        """A read inside one compressed grain (streamOptimized) whose bytes
+        the file has at hand: inflated right here, without a task.  None
+        where the general path must decide, errors included (it reports
+        them)."""
+        ext = self._find_extent(offset >> 9)
+        if (ext is None or not ext.compressed or ext.file._debug_events
+                or offset + length > ext.end_sector * SECTOR):
+            return None
+        kind, sector, _t, _i = ext.lookup_cached(offset)
+        in_cluster = ext.offset_in_cluster(offset)
+        if kind != VMDK_OK or in_cluster + length > ext.cluster_bytes:
+            return None
+        host = sector * SECTOR
+        first = grain_first(ext)
+        head = ext.file.read_now(host, first)
+        if head is None:
+            return None
+        try:
+            grain = memoryview(head)
+            end = grain_span(ext, grain)
+            if end > first:
+                rest = ext.file.read_now(host + first, end - first)
+                if rest is None:
+                    return None
+                grain = memoryview(bytes(grain) + bytes(rest))
+            return grain_slice(ext, grain[:end], in_cluster, length)
+        except OSError:
+            return None
+
     def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         span = self._span(offset, length, False)
         if span is None:
-            return None
+            return self._grain_now(offset, length)
         ext, host = span
         if host < 0:
             return bytearray(length)
@@ -539,6 +576,17 @@ class VmdkNode(TableFormatNode):
             return BlockStatus(Status.ZERO | Status.ALLOCATED, n, 1)
         if kind == VMDK_OK:
             if ext.compressed:
+                # the compressed grains that follow, as far as the cached
+                # tables say: one answer, as no offset tells them apart (QEMU
+                # answers a grain at a time; its NBD server and qemu-img map
+                # merge them), so an NBD export learns a table's worth of
+                # data at once and later small reads take _grain_now
+                end_byte = ext.end_sector * SECTOR
+                while n < length and offset + n < end_byte:
+                    k2, _s2, table, _i = ext.lookup_cached(offset + n)
+                    if table is None or k2 != VMDK_OK:
+                        break
+                    n = min(length, n + ext.cluster_bytes, end_byte - offset)
                 return BlockStatus(Status.DATA | Status.ALLOCATED, n, 1)
             flags = Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID
             if ext.flat:

@@ -75,35 +75,49 @@ def inflate(data: bytes | memoryview, limit: int) -> bytes | None:
     return out if d.eof else None
 
 
+def grain_first(ext: Extent) -> int:
+    """How much of a compressed grain to read first: a marker and a grain
+    that did not compress (zlib's stored blocks add a few bytes)."""
+    return min(ext.cluster_bytes * 2, ext.cluster_bytes + SECTOR)
+
+
+def grain_span(ext: Extent, head: memoryview) -> int:
+    """How many bytes from a compressed grain's start hold its stream, as
+    far as the two grains QEMU reads there go; EINVAL for a bad marker."""
+    cb = ext.cluster_bytes
+    if not ext.has_marker:
+        return cb
+    size: int = GRAIN_MARKER.unpack_from(head, 0)[1]
+    if not size or size > cb * 2:
+        raise einval()
+    return min(GRAIN_MARKER.size + size, cb * 2)
+
+
+def grain_slice(ext: Extent, grain: memoryview, in_cluster: int, n: int) -> bytes:
+    """``n`` bytes at ``in_cluster`` of the grain stored in ``grain`` (its
+    marker, if any, and stream: grain_span's bytes); EINVAL if it does not
+    inflate to that much."""
+    data = grain[GRAIN_MARKER.size:] if ext.has_marker else grain
+    out = inflate(data, ext.cluster_bytes)
+    if out is None or in_cluster + n > len(out):
+        raise einval()
+    return out[in_cluster:in_cluster + n]
+
+
 async def read_grain(ext: Extent, cluster_offset: int, in_cluster: int, n: int) -> bytes:
     """vmdk_read_extent for a compressed extent: ``n`` bytes at
     ``in_cluster`` of the grain whose marker is at ``cluster_offset``.
 
-    QEMU reads two grains' worth there; this reads a grain and a sector
-    first (a marker and a grain that did not compress: zlib's stored blocks
-    add a few bytes), and the rest of what the marker says only if it says
-    more."""
-    cb = ext.cluster_bytes
-    limit = cb * 2
-    first = min(limit, cb + SECTOR)
+    QEMU reads two grains' worth there; this reads grain_first's bytes, and
+    the rest of what the marker says only if it says more."""
+    first = grain_first(ext)
     ext.file.debug_event("read_compressed")
     buf = memoryview(await pread(ext.file, cluster_offset, first))
-    if ext.has_marker:
-        size = GRAIN_MARKER.unpack_from(buf, 0)[1]
-        if not size or size > limit:
-            raise einval()
-        # what the two grains QEMU read hold of the stream
-        end = min(GRAIN_MARKER.size + size, limit)
-        if end > first:
-            rest = await pread(ext.file, cluster_offset + first, end - first)
-            buf = memoryview(bytes(buf) + bytes(rest))
-        data = buf[GRAIN_MARKER.size:end]
-    else:
-        data = buf[:cb]
-    out = inflate(data, cb)
-    if out is None or in_cluster + n > len(out):
-        raise einval()
-    return out[in_cluster:in_cluster + n]
+    end = grain_span(ext, buf)
+    if end > first:
+        rest = await pread(ext.file, cluster_offset + first, end - first)
+        buf = memoryview(bytes(buf) + bytes(rest))
+    return grain_slice(ext, buf[:end], in_cluster, n)
 
 
 def grain_record(ext: Extent, in_cluster: int, piece: bytes | bytearray | memoryview,

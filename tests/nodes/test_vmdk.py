@@ -219,6 +219,34 @@ def _stream(tmp_path: Path) -> Path:
     return img
 
 
+async def test_stream_optimized_small_reads_inflate_without_a_task(tmp_path):
+    """A read inside one compressed grain whose bytes the file has at hand
+    is inflated on the spot (read_now); one across grains, or of a grain
+    with a bad marker, is left to read(), which reports QEMU's error."""
+    img = _stream(tmp_path)
+    model = (tmp_path / "src.raw").read_bytes()
+    async with opened(img) as node:
+        await node.read(0, 512)  # the grain tables are loaded, the file is cached
+        for off, n in [(0, 4096), (100, 1000), (MiB + 4096, 8192), (GRAIN - 512, 512)]:
+            assert node.read_now(off, n) == model[off:off + n], (off, n)
+        assert node.read_now(GRAIN - 512, 1024) is None  # two grains
+        assert await node.read(GRAIN - 512, 1024) == model[GRAIN - 512:GRAIN + 512]
+    # a grain whose marker says more than two grains: EINVAL, as QEMU
+    raw = bytearray(img.read_bytes())
+    async with opened(img) as node:
+        await node.read(0, 512)
+        ext = node._find_extent(0)
+        _kind, sector, _t, _i = ext.lookup_cached(MiB)
+    struct.pack_into("<I", raw, sector * 512 + 8, 3 * GRAIN)
+    img.write_bytes(raw)
+    async with opened(img) as node:
+        await node.read(0, 512)
+        assert node.read_now(MiB, 4096) is None
+        with pytest.raises(OSError) as e:
+            await node.read(MiB, 4096)
+        assert e.value.errno == errno.EINVAL
+
+
 async def test_stream_optimized_writes(tmp_path):
     """QEMU writes a streamOptimized grain once and whole (or the image's
     last, partial one), compressed after the last one written; a write into
