@@ -376,8 +376,7 @@ class FileNode(BlockNode):
         else:
             buf = data
         await self._direct_wait(offset, n)
-        key = object()
-        self._direct_writes[key] = (offset, offset + n)
+        key = self._direct_writing(offset, n)
         try:
             await self.io.write(self.fd, buf, offset)
         finally:
@@ -389,6 +388,14 @@ class FileNode(BlockNode):
             # before, and write it back after, this write
             while any(s < offset + n and offset < e for s, e in self._rmw):
                 await self._rmw_done.wait()
+
+    def _direct_writing(self, offset: int, n: int) -> object:
+        """An O_DIRECT write of ``n`` bytes at ``offset`` is in flight (a
+        read-modify-write of a block it overlaps waits for it); the key
+        that _direct_written takes when it is done."""
+        key = object()
+        self._direct_writes[key] = (offset, offset + n)
+        return key
 
     def _direct_written(self, key: object) -> None:
         del self._direct_writes[key]
@@ -440,8 +447,7 @@ class FileNode(BlockNode):
                 await super()._co_pwritev_vec(offset, length, views, fua)  # gathered
                 return
             await self._direct_wait(offset, length)
-            key = object()
-            self._direct_writes[key] = (offset, offset + length)
+            key = self._direct_writing(offset, length)
             try:
                 await self.io.writev(self.fd, views, offset)
             finally:
@@ -472,10 +478,7 @@ class FileNode(BlockNode):
             a = self.align
             if offset % a or n % a or self._rmw or addr % a:
                 return False
-            key: object | None = object()
-            self._direct_writes[key] = (offset, offset + n)
-        else:
-            key = None
+        key = self._direct_writing(offset, n) if self.cache_direct else None
         self.io.submit_write(self.fd, mv, offset,
                              partial(self._write_finished, mv, offset, done, key, 0), addr)
         return True
@@ -487,10 +490,7 @@ class FileNode(BlockNode):
         if self.cache_direct:
             if self._rmw or not self._direct_ok(offset, n, views):
                 return False
-            key: object | None = object()
-            self._direct_writes[key] = (offset, offset + n)
-        else:
-            key = None
+        key = self._direct_writing(offset, n) if self.cache_direct else None
         self.io.submit_writev(self.fd, views, offset,
                               partial(self._writev_finished, views, offset, n, done, key, 0))
         return True
@@ -524,10 +524,7 @@ class FileNode(BlockNode):
     def _write_settled(self, offset: int, n: int, done: Done, key: object | None,
                        res: int) -> None:
         if key is not None:
-            del self._direct_writes[key]
-            if self._write_done is not None:
-                self._write_done.set()
-                self._write_done = None
+            self._direct_written(key)
         if res < 0:
             done(None, engine_error(res))
         else:
