@@ -10,8 +10,10 @@ chardev connects when it opens, and fails if it cannot; with
 ``reconnect=N`` a failure there is no error: it tries again N seconds after
 each failure or disconnection, for as long as its frontend reads, and
 reports the first failure since it was last connected ("Unable to connect
-character device ID: ...", as QEMU).  A chardev acts for its frontend only:
-without one it accepts nobody and does not reconnect (QEMU's does both).
+character device ID: ...", as QEMU; the first attempt's failure is reported
+as the chardev opens, with or without a frontend).  A chardev acts for its
+frontend only: without one it accepts nobody and does not reconnect
+(QEMU's does both; nothing would read what such a connection carries).
 
 Each connection gets QEMU's layers before the frontend sees it (see
 :mod:`.layers`): TLS, WebSocket, telnet.  A connection whose handshake
@@ -143,13 +145,14 @@ class SocketChardev(Chardev):
         if not self.server:
             if self._reconnects():
                 # tried now, as QEMU's asynchronous first attempt; a
-                # failure is no error: it is reported when the frontend
-                # starts reading (QEMU reports it from its main loop,
-                # outside the option being applied)
+                # failure is no error, only reported (QEMU reports it
+                # whether or not a frontend ever reads); the next attempt
+                # comes ``reconnect`` seconds later
                 try:
                     self._first = await self._connect()
                 except GenericError as e:
                     self._failure = e
+                    self._report(e)
             else:
                 self._first = await self._connect()
             return
@@ -308,10 +311,16 @@ class SocketChardev(Chardev):
                 else:
                     self._reported = False
                     return sock
-            if not self._reported:
-                error_report(f"Unable to connect character device {self.id}: {failure.desc}")
-                self._reported = True
+            self._report(failure)
             await trio.sleep(self.reconnect)
+
+    def _report(self, failure: GenericError) -> None:
+        # check_report_connect_error: once until a connection succeeds
+        if not self._reported:
+            # QEMU's first attempt is asynchronous: its report names no option
+            error_report(f"Unable to connect character device {self.id}: {failure.desc}",
+                         located=False)
+            self._reported = True
 
     async def _layers(self, sock: trio.socket.SocketType) -> trio.abc.Stream | None:
         """The connection with QEMU's layers over it (TLS, WebSocket,

@@ -80,10 +80,12 @@ def _where() -> str:
     return f"{_location[-1]}: " if _location else ""
 
 
-def error_report(msg: str) -> None:
+def error_report(msg: str, *, located: bool = True) -> None:
     """QEMU's error_report: ``msg`` on stderr, after the command-line option
-    being applied (:func:`report_location`), if any."""
-    print(f"qsd-trio: {_where()}{msg}", file=sys.stderr, flush=True)
+    being applied (:func:`report_location`), if any; ``located=False`` for
+    what QEMU reports from its main loop, where no option is being applied."""
+    where = _where() if located else ""
+    print(f"qsd-trio: {where}{msg}", file=sys.stderr, flush=True)
 
 
 def info_report(msg: str) -> None:

@@ -578,6 +578,23 @@ def test_client_without_reconnect_stays_disconnected(daemon_factory, tmp_path):
     assert got["trio"] == got["qemu"]
 
 
+def test_reconnect_without_frontend_reports_first_failure(daemon_factory, tmp_path):
+    """A client chardev with reconnect that nothing uses and whose server
+    is missing: its first failure is reported all the same, once."""
+    got = {}
+    for kind in KINDS:
+        path = tmp_path / f"missing-{kind}.sock"
+        d = daemon_factory(kind, ["--chardev", f"socket,id=c,path={path},reconnect=1"],
+                           allow_stderr=r"^qsd-trio: Unable to connect character device c: ")
+        wait_for(lambda d=d: "Unable to connect" in d.stderr(), "the first report")
+        q = d.qmp()
+        got[kind] = [x.replace(f"-{kind}", "")  # each daemon's own socket path
+                     for x in (chardev_filename(q), normalise_prog(d.stderr()))]
+        d.stop()
+    assert got["trio"] == got["qemu"]
+    assert got["qemu"][1].count("Unable to connect character device c: Failed to connect to") == 1
+
+
 def test_reconnect_picks_up_a_late_server(daemon_factory, tmp_path):
     """A tcp client with reconnect whose server starts after it: the
     monitor works once connected (QMP through the connection)."""
