@@ -28,7 +28,10 @@ with ``--scatter``).  Places: ``null`` (null-co: the
 fixed cost of the harness, the handler and the node layer), ``shm`` (a
 file on tmpfs), ``disk`` (a file on $QSD_BENCH_DISK or /var/tmp, read into
 the page cache first), ``direct`` (the same file, cache.direct=on) with
-``aio=threads`` and ``direct-uring`` with ``aio=io_uring``.
+``aio=threads`` and ``direct-uring`` with ``aio=io_uring``.  ``--format
+qcow2`` puts a qcow2 node (the same random data, converted by qemu-img:
+every cluster allocated, one after the other on the host) on the file
+instead of ``raw`` (null-co rows are raw only).
 
 CPU µs/req is this process's CPU time (every thread: the event loop and
 the engine's workers; ``os.times``, user and system) over the run divided
@@ -42,6 +45,7 @@ import argparse
 import os
 import random
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -242,10 +246,14 @@ async def run_one(node_opts: dict[str, object], write: bool, size: int, depth: i
         await graph.close_all()
 
 
-def make_image(path: str) -> None:
+def make_image(path: str, fmt: str = "raw") -> None:
     with open(path, "wb") as f:
         for _ in range(IMAGE // MiB):
             f.write(os.urandom(MiB))
+    if fmt != "raw":
+        subprocess.run(["qemu-img", "convert", "-O", fmt, path, path + "." + fmt],
+                       check=True)
+        os.replace(path + "." + fmt, path)
     with open(path, "rb") as f:  # into the page cache
         while f.read(8 * MiB):
             pass
@@ -266,21 +274,24 @@ async def amain(opts: argparse.Namespace) -> None:
                                     for w in only):
                     continue
                 if p.get("driver") == "null-co":
+                    if opts.format != "raw":
+                        continue
                     file_opts: dict[str, object] = {"driver": "null-co", "size": IMAGE}
                 else:
                     d = str(p["dir"])
                     if d not in images:
                         td = tempfile.TemporaryDirectory(prefix="qsd-bench-vblk-", dir=d)
                         tmpdirs.append(td)
-                        images[d] = os.path.join(td.name, "disk.raw")
-                        make_image(images[d])
+                        images[d] = os.path.join(td.name, "disk." + opts.format)
+                        make_image(images[d], opts.format)
                     file_opts = {"driver": "file", "filename": images[d], "aio": p["aio"]}
                     if p.get("direct"):
                         file_opts["cache"] = {"direct": True}
-                opts_ = {"driver": "raw", "node-name": "disk0", "file": file_opts}
+                opts_ = {"driver": opts.format, "node-name": "disk0", "file": file_opts}
                 user, system, rate = await run_one(opts_, write, size, depth, seq, opts.seconds,
                                                    opts.segments, opts.path, opts.scatter)
-                print(f"| {pname} | {label} QD{depth} | {user + system:.1f} | {user:.1f} | "
+                place = pname if opts.format == "raw" else f"{pname} {opts.format}"
+                print(f"| {place} | {label} QD{depth} | {user + system:.1f} | {user:.1f} | "
                       f"{system:.1f} | {rate:.0f} | {rate * size / MiB:.0f} |", flush=True)
     finally:
         for td in tmpdirs:
@@ -295,6 +306,8 @@ def main() -> int:
                     help="data buffers per 1 MiB request (the guest's seg_max is 126)")
     ap.add_argument("--scatter", action="store_true",
                     help="data segments a page apart (else one after another: one buffer)")
+    ap.add_argument("--format", choices=["raw", "qcow2"], default="raw",
+                    help="the format node on the file")
     ap.add_argument("--path", choices=["ring", "handler"], default="ring",
                     help="the export's data plane with eventfds, or handler.process() alone")
     ap.add_argument("--only", default="", help="comma-separated words a row must match "

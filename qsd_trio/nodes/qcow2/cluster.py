@@ -42,6 +42,7 @@ from .l2 import (
     pack_table,
     unpack_table,
 )
+from .payload import Payload, copy_into, part, size
 
 if TYPE_CHECKING:
     from .driver import Qcow2Node
@@ -368,11 +369,12 @@ class NewRun:
     b: int
     olds: list[int]  # the L2 entries the run replaces
     host: int
-    payload: memoryview
+    payload: Payload
     linked: bool = False
 
 
-async def write_allocating(node: Qcow2Node, offset: int, data: memoryview) -> None:
+async def write_allocating(node: Qcow2Node, offset: int, data: Payload,
+                           length: int) -> None:
     """A write that needs new clusters: allocate and copy-on-write under the
     lock, write the data with the lock released (so allocating writes run
     in parallel, as in QEMU), then link the clusters into L2 under the lock.
@@ -383,9 +385,9 @@ async def write_allocating(node: Qcow2Node, offset: int, data: memoryview) -> No
     never referenced, at worst their refcount leaks on a crash).
     """
     runs: list[NewRun] = []
-    async with locked(node, offset, len(data)):
+    async with locked(node, offset, length):
         try:
-            await write_locked(node, offset, data, runs)
+            await write_locked(node, offset, data, length, runs)
         except Corruption as c:
             drop_runs(node, runs)
             raise await signal_corruption(node, c) from None
@@ -435,13 +437,13 @@ def drop_runs(node: Qcow2Node, runs: list[NewRun]) -> None:
                 r.linked = True  # given back once
 
 
-async def write_locked(node: Qcow2Node, offset: int, data: memoryview,
+async def write_locked(node: Qcow2Node, offset: int, data: Payload, length: int,
                        runs: list[NewRun] | None = None) -> None:
-    """Write under the lock; with ``runs``, fresh clusters are only
-    prepared (allocated, edges copied) and left for the caller to write
-    and link."""
+    """Write ``length`` bytes of ``data`` under the lock; with ``runs``,
+    fresh clusters are only prepared (allocated, edges copied) and left
+    for the caller to write and link."""
     cb = node.cb
-    end = offset + len(data)
+    end = offset + length
     pos = offset
     while pos < end:
         gc = pos >> cb
@@ -449,7 +451,7 @@ async def write_locked(node: Qcow2Node, offset: int, data: memoryview,
         e = await l2_entry(node, gc)
         if owned(node, e):
             cl_end = min(end, (gc + 1) << cb)
-            await write_owned(node, gc, e, pos, data[pos - offset:cl_end - offset])
+            await write_owned(node, gc, e, pos, part(data, pos - offset, cl_end - pos))
             pos = cl_end
             continue
         # a run must fit between refblocks (small clusters, wide refcounts)
@@ -467,7 +469,8 @@ async def write_locked(node: Qcow2Node, offset: int, data: memoryview,
             while n < max_run and not owned(node, table[i + step * n]):
                 n += 1
         run_end = min(end, (gc + n) << cb)
-        r = await write_new(node, gc, n, pos, data[pos - offset:run_end - offset])
+        r = await write_new(node, gc, n, pos, part(data, pos - offset, run_end - pos),
+                            run_end - pos)
         if runs is None:
             await node._data_write(r.gc << node.cb, r.host, r.payload)
             await link_run(node, r)
@@ -476,12 +479,13 @@ async def write_locked(node: Qcow2Node, offset: int, data: memoryview,
         pos = run_end
 
 
-async def write_owned(node: Qcow2Node, gc: int, e: int, pos: int, chunk: memoryview) -> None:
+async def write_owned(node: Qcow2Node, gc: int, e: int, pos: int, chunk: Payload) -> None:
     """Write into a cluster we own; with subclusters, allocate the touched ones."""
     base = gc << node.cb
     host = e & L2E_OFFSET_MASK
+    n = size(chunk)
     if node.overlap_mask:
-        await node._overlap_check(0, host + (pos - base), len(chunk), True)
+        await node._overlap_check(0, host + (pos - base), n, True)
     if not node.extl2:
         await node._data_write(pos, host + (pos - base), chunk)
         return
@@ -489,7 +493,7 @@ async def write_owned(node: Qcow2Node, gc: int, e: int, pos: int, chunk: memoryv
     idx = gc & (node.l2_entries - 1)
     bm = table[2 * idx + 1]
     sb = node.sc_bits
-    a, b = pos - base, pos - base + len(chunk)
+    a, b = pos - base, pos - base + n
     s0, s1 = a >> sb, (b - 1) >> sb
     touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
     if bm & touched == touched:
@@ -498,7 +502,7 @@ async def write_owned(node: Qcow2Node, gc: int, e: int, pos: int, chunk: memoryv
     # fill the partial subclusters at the edges from the current view
     ra, rb = s0 << sb, min((s1 + 1) << sb, node.cs)
     buf = await node._view(base + ra, rb - ra)
-    buf[a - ra:b - ra] = chunk
+    copy_into(buf, a - ra, chunk)
     await node._data_write(base + ra, host + ra, buf)
     table[2 * idx + 1] = (bm | touched) & ~(touched << 32)
     node.l2cache.mark_dirty(node.l1[gc >> node.l2_bits] & L1E_OFFSET_MASK)
@@ -514,13 +518,15 @@ async def alloc_data(node: Qcow2Node, gc: int, n: int) -> int:
     return await node.refs.alloc(n)
 
 
-async def write_new(node: Qcow2Node, gc: int, n: int, pos: int, chunk: memoryview) -> NewRun:
-    """Prepare ``chunk`` for ``n`` fresh host clusters (copy-on-write at the
-    edges): allocate them; the caller writes the payload and links the run."""
+async def write_new(node: Qcow2Node, gc: int, n: int, pos: int, chunk: Payload,
+                    length: int) -> NewRun:
+    """Prepare ``chunk`` (``length`` bytes) for ``n`` fresh host clusters
+    (copy-on-write at the edges): allocate them; the caller writes the
+    payload and links the run."""
     cb, cs = node.cb, node.cs
     base = gc << cb
     a = pos - base
-    b = a + len(chunk)
+    b = a + length
     table = await l2_table(node, gc >> node.l2_bits)
     if table is None:
         olds = [0] * n
@@ -548,8 +554,8 @@ async def write_new(node: Qcow2Node, gc: int, n: int, pos: int, chunk: memoryvie
             buf[lo:a] = await node._view(base + lo, a - lo)
         if b < hi:
             buf[b:hi] = await node._view(base + b, hi - b)
-        buf[a:b] = chunk
-        payload = memoryview(buf)
+        copy_into(buf, a, chunk)
+        payload: Payload = memoryview(buf)
     else:
         payload = chunk
     await l2_for_write(node, gc >> node.l2_bits)
@@ -649,7 +655,7 @@ async def zero_clusters(node: Qcow2Node, a: int, b: int, may_unmap: bool) -> Non
             elif e & QCOW_OFLAG_COMPRESSED or (e & L2E_OFFSET_MASK
                                                and not e & QCOW_OFLAG_COPIED):
                 # a partial zero in a shared/compressed cluster: write it out
-                await write_locked(node, pos, memoryview(bytes(cl_end - pos)))
+                await write_locked(node, pos, memoryview(bytes(cl_end - pos)), cl_end - pos)
             else:
                 sb = node.sc_bits
                 s0, s1 = (pos - base) >> sb, (cl_end - base - 1) >> sb

@@ -94,6 +94,7 @@ from .l2 import (
     read_cache_sizes,
     unpack_table,
 )
+from .payload import Payload, part, scatter
 from .refcount import RefcountError, Refcounts, write_batch
 
 
@@ -481,10 +482,12 @@ class Qcow2Node(BlockNode):
             return await self.crypto.read(self.data, goff, host, n)
         return await self.data.read(host, n)
 
-    async def _data_write(self, goff: int, host: int, buf: Buffer) -> None:
+    async def _data_write(self, goff: int, host: int, buf: Payload) -> None:
         """Guest bytes at ``goff`` into a data cluster at ``host`` (encrypted
-        images: whole sectors)."""
+        images: whole sectors, always one buffer: the vectored paths gather
+        what they encrypt)."""
         if self.crypto is not None:
+            assert not isinstance(buf, list)
             buf = self.crypto.encrypt(goff, host, buf)
         await self.data.write(host, buf)
 
@@ -505,11 +508,23 @@ class Qcow2Node(BlockNode):
         return host >= 0 and self.data.read_submit(host, length, done)
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
-        # as _co_pwritev's first branch: in place, into a run of clusters we own
+        return self._submit_inplace(offset, mv, done)
+
+    def _pwritev_submit_vec(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
+        return self._submit_inplace(offset, views, done, length)
+
+    def _submit_inplace(self, offset: int, data: memoryview | list[memoryview],
+                        done: WriteDone, length: int = -1) -> bool:
+        """As _co_pwritev's first branch, without a task: in place, into a
+        run of clusters we own, as one request of the data child (a list of
+        views: one pwritev of them); False where that does not apply."""
         if self.crypto is not None or self._corrupt:
             return False
-        host = data_host(self, offset, len(mv), True)
-        if host < 0 or (self.overlap_mask and not self._overlap_clear(host, len(mv))):
+        if length < 0:
+            length = len(data)
+        host = data_host(self, offset, length, True)
+        if host < 0 or (self.overlap_mask and not self._overlap_clear(host, length)):
             return False
 
         def finished(res: Any, err: OSError | None) -> None:
@@ -517,10 +532,17 @@ class Qcow2Node(BlockNode):
             done(res, err)
 
         self._inplace += 1  # frees wait for it (_apply_frees), as in _co_pwritev
-        if self.data.write_submit(host, mv, finished):
+        if (self.data.write_submit(host, data, finished) if isinstance(data, memoryview)
+                else self.data.writev_submit(host, data, finished)):
             return True
         self._inplace -= 1
         return False
+
+    def _preadv_into_now(self, offset: int, length: int, views: list[memoryview]) -> bool:
+        if self.crypto is not None or self._corrupt:
+            return False
+        host = data_host(self, offset, length, False)
+        return host >= 0 and self.data.read_into_now(host, views)
 
     def _pwritev_now(self, offset: int, mv: memoryview) -> bool:
         if self.crypto is not None or self._corrupt:
@@ -550,6 +572,27 @@ class Qcow2Node(BlockNode):
         buf = bytearray(length)
         await self._fill(segs, offset, buf)
         return buf
+
+    async def _co_preadv_into(self, offset: int, length: int, views: list[memoryview]) -> None:
+        # a run of data clusters contiguous on the host is read straight
+        # into the views (one preadv); the rest of the range as _co_preadv
+        # reads it, then copied into its views
+        if self.crypto is not None:
+            return await super()._co_preadv_into(offset, length, views)
+        self._check_usable()
+        host = data_host(self, offset, length, False)
+        if host >= 0:
+            return await self.data.read_into(host, views)
+        for seg in await mapped(self, offset, length):
+            kind, goff, n, host = seg
+            at = part(views, goff - offset, n)
+            assert isinstance(at, list)
+            if kind == DATA:
+                await self.data.read_into(host, at)
+            else:
+                buf = bytearray(n)
+                await self._fill([seg], goff, buf)
+                scatter(at, buf)
 
     async def _fill(self, segs: list[list[int]], offset: int, buf: bytearray) -> None:
         for kind, goff, n, host in segs:
@@ -586,7 +629,20 @@ class Qcow2Node(BlockNode):
         if self.crypto is not None and not _sectors:
             # whole sectors only: partial ones are read, merged and rewritten
             return await self.crypto.pwritev(self, offset, data, fua)
-        length = len(data)
+        await self._write(offset, len(data), data, fua)
+
+    async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
+                              fua: bool) -> None:
+        if self.crypto is not None:
+            # encrypted in one buffer of whole sectors: gathered
+            return await super()._co_pwritev_vec(offset, length, views, fua)
+        self._check_usable()
+        await self._write(offset, length, views, fua)
+
+    async def _write(self, offset: int, length: int, data: Payload, fua: bool) -> None:
+        """``length`` bytes of ``data`` (a buffer, or views written as they
+        are) at ``offset``: in place where every cluster is ours, else
+        allocating."""
         if not length:
             return
         # fast path: every byte lands in a cluster we own; no metadata changes
@@ -606,11 +662,11 @@ class Qcow2Node(BlockNode):
                 for goff, n, host in plan:
                     if self.overlap_mask:
                         await self._overlap_check(0, host, n, True)
-                    await self._data_write(goff, host, data[goff - offset:goff - offset + n])
+                    await self._data_write(goff, host, part(data, goff - offset, n))
         finally:
             self._inplace -= 1
         if plan is None:
-            await write_allocating(self, offset, data)
+            await write_allocating(self, offset, data, length)
         if fua:
             await self._co_flush()
 
