@@ -20,11 +20,15 @@ only the dozen opcodes a one-file file system receives
 (:mod:`qsd_trio.proto.fuse`) and scales to any number of mounts: each export
 is one task waiting on its own fd.
 
-Requests other than READ are handled one at a time in that task, in arrival
-order, reusing one receive buffer (write payloads are views into it,
-consumed before the next read): a sequential writer has one request in
-flight anyway, and this avoids a task spawn per request.  READs get a task
-each, since the kernel sends readahead alongside the reader's own request.
+READs and WRITEs are started from that task without a task of their own:
+served at once where the node can (BlockNode.read_now/write_now: the page
+cache), else started on the I/O engine (read_submit/write_submit) and
+answered from the completion, so a request waiting on its device holds up
+no other.  A write is started from the receive buffer the kernel put its
+payload in (no copy; the payload begins on a page boundary, as O_DIRECT
+wants), and the next request is read into another buffer until that write
+completes.  What a node cannot start so gets a task (READ) or is handled in
+the loop itself, in arrival order (every other request).
 
 Behaviour follows QEMU 7.2's export (see the handlers): short writes at the end of a non-growable export, truncate
 allowed when writable, fallocate mode 0 only at the end of the file,
@@ -45,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import mmap
 import os
 import stat
 import sys
@@ -68,6 +73,12 @@ BUFFER_SIZE = MAX_WRITE + 64 * 1024
 ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes (QEMU's value)
 WANTED_INIT_FLAGS = (fp.ASYNC_READ | fp.BIG_WRITES | fp.MAX_PAGES | fp.AUTO_INVAL_DATA
                      | fp.ASYNC_DIO | fp.ATOMIC_O_TRUNC)
+
+# where a WRITE's payload starts in a request (in_header, then fuse_write_in)
+WRITE_PAYLOAD = fp.IN_HEADER.size + fp.WRITE_IN.size
+PAGE = mmap.PAGESIZE
+# what _start_write did with a WRITE
+_NOT_TAKEN, _ANSWERED, _SUBMITTED = 0, 1, 2
 
 # mountpoints of live FUSE exports in this process, as given (QEMU compares
 # the strings too: resolving them would need a stat() we might have to serve)
@@ -117,7 +128,8 @@ class FuseExport(BlockExport):
         self.use_helper: bool | None = None  # None: fusermount3 only when not root
         self.edge: BdrvChild | None = None
         self._fd = -1
-        self._submitted = 0  # READs started with read_submit, not yet answered
+        self._submitted = 0  # READs and WRITEs started on the engine, not yet answered
+        self._spare_buffers: list[memoryview] = []  # receive buffers not in use
         self._submitted_idle: trio.Event | None = None
         self._device: str | None = None
         self._target = self.mountpoint
@@ -238,8 +250,7 @@ class FuseExport(BlockExport):
     async def _serve(self) -> None:
         """Serve requests; returns once the mount is gone (ENODEV)."""
         fd = self._fd
-        buf = bytearray(BUFFER_SIZE)
-        view = memoryview(buf)
+        buf = self._receive_buffer()
         handlers = self._handlers
         served = 0
         # waits for the device and the I/O engines' completions without the
@@ -268,8 +279,8 @@ class FuseExport(BlockExport):
                         readers.cancel_scope.cancel()
                         return
                     raise
-                _len, opcode, unique = fp.IN_HEADER_PREFIX.unpack_from(view)
-                body = view[fp.IN_HEADER.size:n]
+                _len, opcode, unique = fp.IN_HEADER_PREFIX.unpack_from(buf)
+                body = buf[fp.IN_HEADER.size:n]
                 if opcode == fp.READ:
                     # reads run concurrently: the kernel sends readahead alongside
                     # the reader's own request, and each may wait on a file thread
@@ -294,6 +305,18 @@ class FuseExport(BlockExport):
                     if served % 64 == 0:
                         await trio.lowlevel.checkpoint()
                     continue
+                if opcode == fp.WRITE:
+                    started = self._start_write(unique, body, buf)
+                    if started:
+                        if started == _SUBMITTED:
+                            # the payload stays where it is until the write
+                            # completes: the next request goes elsewhere
+                            buf = self._receive_buffer()
+                            expect_empty = self._submitted == 1
+                        served += 1
+                        if served % 64 == 0:
+                            await trio.lowlevel.checkpoint()
+                        continue
                 if opcode in fp.NO_REPLY:
                     continue
                 handler = handlers.get(opcode)
@@ -314,6 +337,58 @@ class FuseExport(BlockExport):
                 if served % 64 == 0:
                     # handlers that never await would otherwise starve other tasks
                     await trio.lowlevel.checkpoint()
+
+    def _receive_buffer(self) -> memoryview:
+        """A buffer to read the next request into: one kept from a write
+        that has completed, or a new one.  Its WRITE payload starts on a
+        page boundary, so that a write to an O_DIRECT image can go to the
+        I/O engine from where the kernel put it."""
+        if self._spare_buffers:
+            return self._spare_buffers.pop()
+        area = mmap.mmap(-1, PAGE + BUFFER_SIZE)
+        return memoryview(area)[PAGE - WRITE_PAYLOAD:]
+
+    def _start_write(self, unique: int, body: memoryview, buf: memoryview) -> int:
+        """A WRITE served without awaiting, as the READs are: written now
+        (into the page cache, BlockNode.write_now) and answered, or started
+        on the I/O engine from the receive buffer ``buf`` and answered by
+        _write_done, which hands ``buf`` back for later requests.
+        _NOT_TAKEN leaves it to _write (a read-only, writethrough or
+        growing export, a write the node cannot start without a task)."""
+        if not self.writable or self.writethrough:
+            return _NOT_TAKEN
+        _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)
+        length = self.node.length
+        if offset + size > length:
+            if self.growable:
+                return _NOT_TAKEN
+            size = max(length - offset, 0)  # a short write, as _write does
+            if not size:
+                return _NOT_TAKEN
+        data = body[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
+        if self.node.write_now(offset, data):
+            self.written_bytes += size
+            self._send(fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
+            return _ANSWERED
+        if self.node.write_submit(offset, data,
+                                  functools.partial(self._write_done, unique, size, buf)):
+            self.written_bytes += size
+            self._submitted += 1
+            return _SUBMITTED
+        return _NOT_TAKEN
+
+    def _write_done(self, unique: int, size: int, buf: memoryview, _res: Any,
+                    err: OSError | None) -> None:
+        """A WRITE started by _start_write has completed: answer it, and
+        keep its receive buffer for later requests."""
+        self._submitted -= 1
+        self._spare_buffers.append(buf)
+        if err is not None:
+            self._send(fp.reply_error(unique, _error_number(err)))
+        else:
+            self._send(fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
+        if not self._submitted and self._submitted_idle is not None:
+            self._submitted_idle.set()
 
     def _send(self, out: Reply) -> None:
         try:
