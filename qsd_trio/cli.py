@@ -29,7 +29,7 @@ from .metrics import opt_metrics
 from .monitor import dispatch, registry
 from .monitor.chardev import add_chardev, remove_chardev
 from .monitor.session import Monitor
-from .objects.qom import USER_CREATABLE, object_properties
+from .objects.qom import USER_CREATABLE, check_id, object_properties
 from .qapi import keyval, qemuopts, schema
 from .qapi.errors import GenericError, QapiError, collect_warnings
 
@@ -264,6 +264,7 @@ def opt_chardev(value: str) -> Action:
         raise EarlyExit(e.text, e.status) from None
 
     async def action(daemon: Daemon) -> None:
+        check_id(id)  # QemuOpts' check; chardev-add takes any id
         if not mux:
             await add_chardev(daemon, id, backend, announce=True)
             return

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from ..chardev.chardev import BACKENDS, Chardev, RingbufChardev, make_chardev
 from ..chardev.fd import PtyChardev
 from ..chardev.mux import MuxChardev
-from ..objects.qom import check_id
 from ..qapi import schema
 from ..qapi.errors import GenericError
 from .registry import command
@@ -28,8 +27,9 @@ def _find(daemon: Daemon, id: str) -> Chardev:
 async def add_chardev(daemon: Daemon, id: str, backend: dict[str, Any],
                       announce: bool = False) -> Chardev:
     """Create, open and register a chardev.  ``announce``: print what QEMU
-    prints at startup (a pty's path), which a QMP command does not."""
-    check_id(id)
+    prints at startup (a pty's path), which a QMP command does not.  The id
+    is not checked: QEMU's chardev-add takes any string (``--chardev``
+    checks it as QemuOpts do)."""
     if id in daemon.chardevs:
         raise GenericError(f"attempt to add duplicate property '{id}' to object (type 'container')")
     chr = _new(daemon, id, backend, announce)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from .cstr import c_bytes
+
 _M32 = 0xFFFFFFFF
 _QDICT_BUCKETS = 512
 _MIN_SHIFT = 3
@@ -33,7 +35,7 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     """Iteration order of a QDict the keys were put into in this order."""
     buckets: dict[int, list[str]] = {}
     for k in keys:
-        b = buckets.setdefault(_tdb_hash(k.encode()) % _QDICT_BUCKETS, [])
+        b = buckets.setdefault(_tdb_hash(c_bytes(k)) % _QDICT_BUCKETS, [])
         if k not in b:
             b.insert(0, k)  # QLIST_INSERT_HEAD
     return [k for b in sorted(buckets) for k in buckets[b]]
@@ -79,7 +81,7 @@ class HashSet:
         return tomb if tomb is not None else i
 
     def insert(self, key: str) -> None:
-        h = _str_hash(key.encode())
+        h = _str_hash(c_bytes(key))
         i = self._lookup(key, h)
         old = self.hashes[i]
         if old >= 2:
@@ -92,7 +94,7 @@ class HashSet:
             self._maybe_resize()
 
     def remove(self, key: str) -> None:
-        h = _str_hash(key.encode())
+        h = _str_hash(c_bytes(key))
         i = self._lookup(key, h)
         if self.hashes[i] < 2:
             return

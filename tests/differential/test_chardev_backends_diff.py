@@ -50,6 +50,9 @@ CLI_CASES = [
     ["--chardev", "null,id=c,size=x"],
     ["--chardev", "null,id=c,rows=x"],
     ["--chardev", "mux,id=m"],
+    ["--chardev", "null,id=c d"],
+    ["--chardev", "null,id=1c"],
+    ["--chardev", "null,id=c,mux=on", "--chardev", "null,id=1c,mux=on"],
     ["--chardev", "mux,id=m,chardev=nope"],
     ["--chardev", "null,id=c", "--chardev", "mux,id=m,chardev=c",
      "--chardev", "mux,id=m2,chardev=c"],
@@ -134,6 +137,12 @@ def add_transcript(d, tmp_path) -> list:
         ("m2", {"type": "mux", "data": {"chardev": "u"}}),
         ("m3", {"type": "mux", "data": {"chardev": "qmp0"}}),
         ("m4", {"type": "mux", "data": {"chardev": "m"}}),
+        # chardev-add takes any id, --chardev only an identifier (CLI_CASES)
+        ("1c", {"type": "null", "data": {}}),
+        ("c d", {"type": "null", "data": {}}),
+        ("", {"type": "null", "data": {}}),
+        ("c\u0000", {"type": "null", "data": {}}),
+        ("c\u00e9", {"type": "null", "data": {}}),
     ]
     q = d.qmp()
     out = [(id, b["type"], q.cmd_raw("chardev-add", {"id": id, "backend": b})) for id, b in cmds]
