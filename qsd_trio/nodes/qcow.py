@@ -38,6 +38,7 @@ import trio
 
 from ..crypto import secrets as secretmod
 from ..crypto.cipher import SectorCipher
+from ..qapi.cstr import c_bytes
 from ..qapi.errors import GenericError
 from .backing import backing_info, backing_status, open_backing, read_backing
 from .graph import register_driver
@@ -396,7 +397,7 @@ async def create_qcow(file: BlockNode, size: int, backing_file: str | None = Non
     name = b""
     if backing_file is not None:
         if backing_file != "fat:":
-            name = backing_file.encode()
+            name = c_bytes(backing_file)
             h["backing_file_offset"] = header_size
             h["backing_file_size"] = len(name)
             header_size += len(name)

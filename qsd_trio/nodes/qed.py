@@ -38,6 +38,7 @@ from typing import Any
 
 import trio
 
+from ..qapi.cstr import c_bytes
 from ..qapi.errors import GenericError
 from .backing import backing_info, backing_status, open_backing, read_backing
 from .graph import register_driver
@@ -598,7 +599,7 @@ class QedNode(TableFormatNode):
             raise OSError(errno.ENOTSUP, "Operation not supported")
         new = QedHeader(h.pack())
         new["features"] &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
-        name = (backing_file or "").encode()
+        name = c_bytes(backing_file or "")
         if backing_file:
             new["features"] |= QED_F_BACKING_FILE
             if backing_fmt == "raw":
@@ -642,7 +643,7 @@ async def create_qed(file: BlockNode, size: int, *, backing_file: str | None = N
     h["image_size"] = size
     name = b""
     if backing_file is not None:
-        name = backing_file.encode()
+        name = c_bytes(backing_file)
         h["features"] |= QED_F_BACKING_FILE
         h["backing_filename_offset"] = _HEADER.size
         h["backing_filename_size"] = len(name)

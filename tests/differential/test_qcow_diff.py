@@ -181,6 +181,8 @@ def test_blockdev_create(tmp_path):
         {"driver": "qcow", "size": 0},
         {"driver": "qcow", "size": 1 << 40},
         {"driver": "qcow", "size": 10 * MiB, "backing-file": "base.raw"},
+        # a NUL is written as QEMU holds it, modified UTF-8's C0 80
+        {"driver": "qcow", "size": 10 * MiB, "backing-file": "b\u0000.raw"},
         {"driver": "qcow", "size": 10 * MiB, "backing-file": "fat:"},
         {"driver": "qcow", "size": 10 * MiB, "encrypt": {"format": "qcow", "key-secret": "s0"}},
         {"driver": "qcow", "size": 10 * MiB, "encrypt": {"format": "qcow"}},

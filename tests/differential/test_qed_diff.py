@@ -193,6 +193,8 @@ def test_blockdev_create(tmp_path):
         {"driver": "qed", "size": 10 * MiB, "backing-file": "/x/base.qcow2",
          "backing-fmt": "qcow2"},
         {"driver": "qed", "size": 10 * MiB, "backing-file": "b.img"},
+        # a NUL is written as QEMU holds it, modified UTF-8's C0 80
+        {"driver": "qed", "size": 10 * MiB, "backing-file": "b\u0000.img", "backing-fmt": "raw"},
         {"driver": "qed", "size": 10 * MiB, "backing-fmt": "raw"},
         {"driver": "qed", "size": 10 * MiB + 1},
         {"driver": "qed", "size": 1 << 50},
