@@ -18,14 +18,18 @@ bindings' own aio calls complete the same way, so they would save nothing.
 
 Completions: each image hands its finished requests to an eventfd
 (librbd's ``rbd_set_image_notification``), and a trio system task, the
-image's :class:`Reaper`, waits on it and collects them with
-``rbd_poll_io_events``, many per wakeup, waking the tasks that wait for
-them.  The completions have no callback: no Python runs on librbd's
-threads, which would have to take the GIL from the event loop for every
-request.  No thread per request, no polling.  Write data is handed to
-librbd where it lies (a ``bytes`` object or a writable buffer, kept alive
-until the request completes), and reads land in pool buffers
-(engine/buffers.py), not in zero-filled new ones.
+image's :class:`Reaper` (an I/O engine of engine/base.py), waits on it and
+collects them with ``rbd_poll_io_events``, many per wakeup, waking the
+tasks that wait for them or calling the callbacks of requests started
+without a task; those run inside the engine's batch, so an exporter
+answers a whole batch with one sendmsg.  The completions have no callback
+and no argument (the reaper knows a request by its completion's address):
+no Python runs on librbd's threads, which would have to take the GIL from
+the event loop for every request.  No thread per request, no polling, and
+no ctypes object made per request.  Write data is handed to librbd where
+it lies (a ``bytes`` object, or a writable buffer by its address, kept
+alive until the request completes), and reads land straight in pool
+buffers (engine/buffers.py), the ones an NBD export sends from.
 
 If librbd is not installed, :func:`load` raises :class:`RbdUnavailable`
 with a clear message; nothing is loaded before a node of driver=rbd opens,
@@ -40,19 +44,23 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import itertools
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
+import outcome
 import trio
 
 from .engine import buffers
+from .engine.base import Engine
 
 _c_void_p = ctypes.c_void_p
 _u64 = ctypes.c_uint64
 _size_t = ctypes.c_size_t
+_current_task = trio.lowlevel.current_task
+_reschedule = trio.lowlevel.reschedule
+_wait = trio.lowlevel.wait_task_rescheduled
 
 RBD_FEATURE_FAST_DIFF = 1 << 4
 RBD_FLAG_FAST_DIFF_INVALID = 1 << 1
@@ -211,130 +219,83 @@ class Cluster:
             self.handle = _c_void_p()
 
 
-class _Waiter:
-    """One request in flight: the task waiting for it, and its result."""
-
-    __slots__ = ("task", "value", "done")
-
-    def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
-        self.value = 0
-        self.done = False
-
-    def complete(self, value: int) -> None:
-        self.value = value
-        self.done = True
-        task, self.task = self.task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
-
-    async def wait(self) -> int:
-        """The request's return value.  Not cancellable (a cancellation is
-        delivered at the caller's next checkpoint): librbd still uses the
-        request's buffers until it completes."""
-        if not self.done:
-            self.task = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return self.value
-
-
 def _cannot_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
-class _Callback:
-    """A request started without a task (BlockNode.read_submit/write_submit):
-    the reaper calls ``done(result, None)`` or ``done(None, OSError)`` when it
-    completes; ``hold`` keeps the request's buffers alive until then."""
+# what a request started without a task calls when it completes
+# (BlockNode.read_submit/write_submit): ``done(result, None)`` or
+# ``done(None, OSError)``
+Done = Callable[[Any, OSError | None], None]
 
-    __slots__ = ("done", "result", "hold")
-
-    def __init__(self, done: Callable[[Any, OSError | None], None], result: Any,
-                 hold: Any = None) -> None:
-        self.done = done
-        self.result = result  # a read's buffer (None for a write)
-        self.hold = hold
-
-    def complete(self, value: int) -> None:
-        try:
-            if value < 0:
-                self.done(None, OSError(-value, os.strerror(-value)))
-                return
-            buf = self.result
-            if buf is not None and value < len(buf):
-                buffers.zero_tail(buf, value)
-            self.done(buf, None)
-        except Exception:  # a callback must not stop the reaper
-            log.exception("rbd completion callback failed")
+# a request in flight, by its completion's address: the parked task or the
+# callback (one of them is None), the callback's result (a read's buffer,
+# None for a write), and what librbd reads or writes (held until the
+# completion arrives)
+_Request = tuple["trio.lowlevel.Task | None", "Done | None", Any, Any]
 
 
-class Reaper:
-    """An image's eventfd, which librbd writes when a request of the image
-    completes, and the trio system task that collects the completions
-    (rbd_poll_io_events) and wakes the tasks waiting for them.
+class Reaper(Engine):
+    """An image's completions: librbd writes the engine's eventfd when a
+    request of the image completes (rbd_set_image_notification), and the
+    engine's reaper task collects them with rbd_poll_io_events and wakes
+    the tasks or calls the callbacks waiting for them.
 
-    ``close()`` cancels the task and closes the eventfd; call it only once
-    no request is in flight (before rbd_close, which flushes)."""
+    It is an I/O engine (engine/base.py) for what that gives the callbacks:
+    they run inside the engine's batch, so an exporter's replies to the
+    whole batch go out with one sendmsg (``after_completions``) instead of
+    a writer task woken per request.  It is the image's own, not one of the
+    graph's engines: its requests are librbd's, not a file descriptor's.
+
+    ``close()`` stops it; call it only once no request is in flight (before
+    rbd_close, which flushes)."""
+
+    name = "rbd"
 
     def __init__(self, image: Any) -> None:
-        self.image = image
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        super().__init__()
         try:
             _check(_lib.rbd.rbd_set_image_notification(image, self.efd, EVENT_TYPE_EVENTFD))
         except OSError:
-            os.close(self.efd)
+            self.close()
             raise
-        self.waiting: dict[int, _Waiter | _Callback] = {}
-        self._comps = (_c_void_p * POLL_BATCH)()
-        self.scope = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._run, name="rbd-completions")
+        self.image = image
+        self.waiting: dict[int, _Request] = {}
+        self._comps: Any = (_c_void_p * POLL_BATCH)()
 
-    async def _run(self) -> None:
+    def _reap(self) -> None:
         rbd = _lib.rbd
-        comps = self._comps
-        with self.scope:
-            while True:
-                await trio.lowlevel.wait_readable(self.efd)
+        poll, value_of, release = (rbd.rbd_poll_io_events, rbd.rbd_aio_get_return_value,
+                                   rbd.rbd_aio_release)
+        image, comps, pop = self.image, self._comps, self.waiting.pop
+        # the eventfd was read before this: what completes from here on
+        # writes it again
+        while True:
+            n = poll(image, comps, POLL_BATCH)
+            for i in range(max(n, 0)):
+                comp = comps[i]
+                value = value_of(comp)
+                release(comp)
+                task, done, result, _hold = pop(comp)
+                self.in_flight -= 1
+                if done is None:
+                    assert task is not None
+                    _reschedule(task, outcome.Value(value))
+                    continue
                 try:
-                    os.eventfd_read(self.efd)
-                except BlockingIOError:
-                    pass
-                # what completes from here on writes the eventfd again
-                while True:
-                    n = rbd.rbd_poll_io_events(self.image, comps, POLL_BATCH)
-                    for i in range(max(n, 0)):
-                        comp = comps[i]
-                        rid = rbd.rbd_aio_get_arg(comp) or 0
-                        value = int(rbd.rbd_aio_get_return_value(comp))
-                        rbd.rbd_aio_release(comp)
-                        owner = self.waiting.pop(rid, None)
-                        if owner is not None:
-                            owner.complete(value)
-                    if n < POLL_BATCH:
-                        break
+                    if value < 0:
+                        done(None, OSError(-value, os.strerror(-value)))
+                        continue
+                    if result is not None and value < len(result):
+                        buffers.zero_tail(result, value)  # a read that ended early
+                    done(result, None)
+                except Exception:  # one request's bug, not the image's
+                    log.exception("rbd completion callback failed")
+            if n < POLL_BATCH:
+                return
 
     def close(self) -> None:
-        self.scope.cancel()
-        trio.lowlevel.notify_closing(self.efd)
-        os.close(self.efd)
-
-
-# request ids, the completions' argument (rbd_aio_get_arg)
-_ids = itertools.count(1)
-
-
-def _pointer(data: bytes | bytearray | memoryview) -> Any:
-    """What to hand librbd as a write's buffer: ``bytes`` as they are (ctypes
-    passes their address), a writable buffer through a ctypes view of it, and
-    only a read-only view of something else as a copy."""
-    if isinstance(data, bytes):
-        return data
-    mv = memoryview(data)
-    if not mv.readonly and mv.c_contiguous:
-        return (ctypes.c_char * mv.nbytes).from_buffer(mv.cast("B") if mv.format != "B" else mv)
-    return mv.tobytes()
+        self._reaper_scope.cancel()  # its task closes the eventfd
 
 
 class Image:
@@ -344,6 +305,10 @@ class Image:
         self.handle = _c_void_p()
         _check(_lib.rbd.rbd_open(cluster.ioctx, name.encode(), ctypes.byref(self.handle), _b(snap)))
         self.reaper: Reaper | None = None
+        # where rbd_aio_create_completion puts each new completion (trio's
+        # thread only), made once instead of per request
+        self._comp: Any = _c_void_p()
+        self._comp_ref = ctypes.byref(self._comp)
 
     def stat(self) -> tuple[int, int]:
         """(size, object size)."""
@@ -397,67 +362,70 @@ class Image:
         fn = DIFF_CALLBACK(c_cb)
         return int(_lib.rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, 1, fn, None))
 
-    def _start(self, owner: _Waiter | _Callback, start: Any, *args: Any) -> None:
-        """Submit a request whose completion goes to ``owner``; OSError if
-        librbd refuses it."""
+    def _start(self, task: trio.lowlevel.Task | None, done: Done | None, result: Any,
+               hold: Any, start: Any, *args: Any) -> None:
+        """Submit a request (``start(image, *args, completion)``) whose
+        completion wakes ``task`` or calls ``done`` (with ``result``);
+        ``hold`` is kept until then.  OSError if librbd refuses it."""
         reaper = self.reaper
         if reaper is None:
             reaper = self.reaper = Reaper(self.handle)
-        rid = next(_ids)
-        comp = _c_void_p()
-        _check(_lib.rbd.rbd_aio_create_completion(rid, None, ctypes.byref(comp)))
-        reaper.waiting[rid] = owner
+        rbd = _lib.rbd
+        # the completion carries no callback and no argument: the reaper
+        # finds the request by the completion's address
+        _check(rbd.rbd_aio_create_completion(None, None, self._comp_ref))
+        comp = self._comp.value
         r = start(self.handle, *args, comp)
         if r < 0:
-            del reaper.waiting[rid]
-            _lib.rbd.rbd_aio_release(comp)
+            rbd.rbd_aio_release(comp)
             raise OSError(-r, os.strerror(-r))
+        reaper.waiting[comp] = (task, done, result, hold)
+        reaper.in_flight += 1
 
-    async def _submit(self, start: Any, *args: Any) -> int:
-        waiter = _Waiter()
-        self._start(waiter, start, *args)
-        return _check(await waiter.wait())
+    async def _submit(self, hold: Any, start: Any, *args: Any) -> int:
+        """Submit a request and park until it completes: its return value.
+        Not cancellable (a cancellation is delivered at the caller's next
+        checkpoint): librbd uses the request's buffers until it completes."""
+        self._start(_current_task(), None, None, hold, start, *args)
+        return _check(await _wait(_cannot_abort))
 
-    def submit_read(self, offset: int, length: int,
-                    done: Callable[[Any, OSError | None], None]) -> None:
+    def submit_read(self, offset: int, length: int, done: Done) -> None:
         """Start a read without a task: ``done(buffer, None)`` or
         ``done(None, OSError)`` from the reaper."""
-        buf = buffers.alloc(length)
-        cbuf = (ctypes.c_char * length).from_buffer(buf)
-        self._start(_Callback(done, buf, cbuf), _lib.rbd.rbd_aio_read, offset, length, cbuf)
+        buf, addr = buffers.alloc_at(length)
+        self._start(None, done, buf, buf, _lib.rbd.rbd_aio_read,
+                    offset, length, addr)
 
     def submit_write(self, offset: int, data: bytes | bytearray | memoryview,
-                     done: Callable[[Any, OSError | None], None]) -> None:
+                     done: Done) -> None:
         """Start a write without a task: ``done(None, None)`` or
         ``done(None, OSError)`` from the reaper; ``data`` must stay unchanged
         until then."""
-        ptr = _pointer(data)
-        self._start(_Callback(done, None, ptr), _lib.rbd.rbd_aio_write, offset,
-                    memoryview(data).nbytes, ptr)
+        data, ptr, n = _pointer(data)
+        self._start(None, done, None, data, _lib.rbd.rbd_aio_write,
+                    offset, n, ptr)
 
     async def read(self, offset: int, length: int) -> memoryview:
-        buf = buffers.alloc(length)
-        r = await self._submit(_lib.rbd.rbd_aio_read, offset, length,
-                               (ctypes.c_char * length).from_buffer(buf))
+        buf, addr = buffers.alloc_at(length)
+        r = await self._submit(buf, _lib.rbd.rbd_aio_read, offset, length, addr)
         if r < length:
             buffers.zero_tail(buf, r)
         return buf
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        # the pointer object keeps the data alive until the request completes
-        ptr = _pointer(data)
-        await self._submit(_lib.rbd.rbd_aio_write, offset, memoryview(data).nbytes, ptr)
+        data, ptr, n = _pointer(data)
+        await self._submit(data, _lib.rbd.rbd_aio_write, offset, n, ptr)
 
     async def discard(self, offset: int, length: int) -> None:
-        await self._submit(_lib.rbd.rbd_aio_discard, offset, length)
+        await self._submit(None, _lib.rbd.rbd_aio_discard, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, zero_flags: int) -> None:
         def start(h: Any, off: int, ln: int, comp: Any) -> int:
             return int(_lib.rbd.rbd_aio_write_zeroes(h, off, ln, comp, zero_flags, 0))
-        await self._submit(start, offset, length)
+        await self._submit(None, start, offset, length)
 
     async def flush(self) -> None:
-        await self._submit(_lib.rbd.rbd_aio_flush)
+        await self._submit(None, _lib.rbd.rbd_aio_flush)
 
     def close(self) -> None:
         if self.reaper is not None:
@@ -466,3 +434,21 @@ class Image:
         if self.handle:
             _lib.rbd.rbd_close(self.handle)
             self.handle = _c_void_p()
+
+
+def _pointer(data: bytes | bytearray | memoryview) -> tuple[Any, Any, int]:
+    """What to hand librbd as a write's buffer: (what to keep alive until the
+    request completes, the pointer, the byte count).  ``bytes`` go as they
+    are (ctypes passes their address), a writable buffer by its address,
+    and only a read-only view of something else as a copy."""
+    if isinstance(data, bytes):
+        return data, data, len(data)
+    mv = memoryview(data)
+    if mv.readonly or not mv.c_contiguous:
+        b = mv.tobytes()
+        return b, b, len(b)
+    if mv.format != "B":
+        mv = mv.cast("B")
+    # the view keeps the memory alive; the address is taken through a
+    # ctypes object dropped at once (no ctypes array type per length)
+    return mv, buffers.address(mv), mv.nbytes

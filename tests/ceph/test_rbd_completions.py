@@ -8,16 +8,20 @@ more completions than one rbd_poll_io_events call collects);
 300 reads at once; then ``rbd export`` (librbd's own reader) must hold what
 a model holds.  Writes whose tasks are cancelled mid-flight still complete
 (librbd uses their buffers until then), so their data is there too.
+Requests started without a task complete inside the reaper's batch, where
+a callback may defer a call until the whole batch is handled.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
 import trio
 
 from qsd_trio.nodes.engine import buffers
+from qsd_trio.nodes.engine.base import after_completions
 from qsd_trio.nodes.graph import BlockGraph
 
 BLOCK = 4096
@@ -109,3 +113,62 @@ async def cancelled_writes(cluster, image) -> None:
 
 def test_cancelled_requests_still_complete(ceph_cluster, rbd_image):
     trio.run(cancelled_writes, ceph_cluster, rbd_image)
+
+
+async def batched_replies(cluster, image) -> None:
+    """Requests started without a task (read_submit/write_submit, as the NBD
+    export starts them) complete inside the reaper's batch: a callback may
+    defer a call (after_completions) until every completion of that wakeup
+    has been handled, which is how an exporter answers a whole batch with
+    one sendmsg.  The event loop is held while they complete, so one wakeup
+    finds them all."""
+    _graph, node = await open_node(cluster, image)
+    events: list[tuple[str, int]] = []
+    deferred: list[bool] = []
+    left = COUNT
+    all_done = trio.Event()
+
+    def done_for(i: int):
+        def done(buf, err) -> None:
+            nonlocal left
+            assert err is None, err
+            if buf is not None:
+                assert bytes(buf) == data_for(i), i
+            events.append(("done", i))
+            deferred.append(after_completions(lambda: events.append(("flush", i))))
+            left -= 1
+            if not left:
+                all_done.set()
+        return done
+
+    try:
+        with trio.fail_after(120):
+            for i in range(COUNT):
+                buf = buffers.alloc(BLOCK)
+                buf[:] = data_for(i)
+                assert node.write_submit(i * BLOCK, buf, done_for(i))
+            time.sleep(1)  # noqa: ASYNC251 - completions pile up for one wakeup
+            await all_done.wait()
+            await node.flush()
+            assert deferred == [True] * COUNT
+            # each deferred call ran after its whole batch: none of them
+            # between two completions of one wakeup
+            assert events[0][0] == "done" and events[-1][0] == "flush"
+            batches = [len(list(g)) for k, g in itertools.groupby(e[0] for e in events)
+                       if k == "done"]
+            assert len(batches) < COUNT and max(batches) > 1
+            events.clear()
+            deferred.clear()
+            left = COUNT
+            all_done = trio.Event()
+            for i in range(COUNT):
+                assert node.read_submit(i * BLOCK, BLOCK, done_for(i))
+            time.sleep(1)  # noqa: ASYNC251
+            await all_done.wait()
+            assert deferred == [True] * COUNT
+    finally:
+        await node.close()
+
+
+def test_callbacks_complete_in_batches(ceph_cluster, rbd_image):
+    trio.run(batched_replies, ceph_cluster, rbd_image)
