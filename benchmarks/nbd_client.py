@@ -24,9 +24,15 @@ Beside MiB/s or IOPS and the ratio qsd-trio/qemu, each row gives the daemon's
 CPU time (utime + stime, /proc/PID/stat): per request fio completed for the
 fio rows, per MiB copied for the mirror rows.
 
+With ``--multi-conn N`` both sides are qsd-trio: the "qemu" column is its nbd
+node with one connection (``x-multi-conn=1``, QEMU 7.2's behaviour), the
+"trio" column the same node with ``x-multi-conn=N``, so the ratio is what N
+connections give (docs/nbd-client.md, "Multi-conn").
+
     .venv/bin/python benchmarks/nbd_client.py [--size 1024] [--rounds 2] [--runtime 3]
                                               [--server qemu-nbd|trio|qemu]
                                               [--only unix,tcp,mirror,fio,...]
+                                              [--multi-conn N]
 """
 
 from __future__ import annotations
@@ -132,8 +138,18 @@ def wait(qmp: QEMUMonitorProtocol, name: str, timeout: float) -> dict:
             return ev
 
 
-def nbd_node(server: NbdServer, name: str = "n") -> str:
-    return f"driver=nbd,node-name={name},{server.server},export=disk"
+# --multi-conn N: the side ("qemu" or "trio") -> (daemon, x-multi-conn)
+MULTI_CONN: dict[str, tuple[str, int]] = {}
+
+
+def client_kind(kind: str) -> str:
+    """The daemon that runs for a side of the comparison."""
+    return MULTI_CONN[kind][0] if MULTI_CONN else kind
+
+
+def nbd_node(server: NbdServer, kind: str, name: str = "n") -> str:
+    extra = f",x-multi-conn={MULTI_CONN[kind][1]}" if MULTI_CONN else ""
+    return f"driver=nbd,node-name={name},{server.server},export=disk{extra}"
 
 
 def run_mirror(kind: str, wid: str, server: NbdServer, local: str, size_mib: int, d: str,
@@ -141,14 +157,14 @@ def run_mirror(kind: str, wid: str, server: NbdServer, local: str, size_mib: int
     """MiB/s of one mirror to READY in a fresh daemon, and its CPU µs per MiB."""
     qsock = os.path.join(d, f"{kind}-qmp.sock")
     args = ["--chardev", f"socket,id=m,path={qsock},server=on,wait=off", "--monitor", "chardev=m",
-            "--blockdev", nbd_node(server)]
+            "--blockdev", nbd_node(server, kind)]
     if wid == "client-mirror-read":
         args += ["--blockdev", f"driver=null-co,node-name=l,size={size_mib * b.MiB}"]
         src, tgt = "n", "l"
     else:
         args += ["--blockdev", f"driver=file,node-name=l,filename={local}"]
         src, tgt = "l", "n"
-    daemon = b.Started(kind, args, d)
+    daemon = b.Started(client_kind(kind), args, d)
     try:
         qmp = QEMUMonitorProtocol(qsock)
         qmp.connect()
@@ -175,10 +191,10 @@ def run_mirror(kind: str, wid: str, server: NbdServer, local: str, size_mib: int
 def run_fio(kind: str, server: NbdServer, d: str, work: list, rows: dict[str, b.Row],
             runtime: float) -> None:
     sock = os.path.join(d, f"{kind}-export.sock")
-    args = ["--blockdev", nbd_node(server),
+    args = ["--blockdev", nbd_node(server, kind),
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "type=nbd,id=e,node-name=n,name=re,writable=on"]
-    daemon = b.Started(kind, args, d)
+    daemon = b.Started(client_kind(kind), args, d)
     try:
         fio_rows(kind, f"nbd-client {server.transport}", daemon.pid,
                  ["--ioengine=nbd", f"--uri=nbd+unix:///re?socket={sock}"], work, rows, runtime)
@@ -222,7 +238,12 @@ def main() -> None:
                     help="the NBD server both clients use (default qemu-nbd)")
     ap.add_argument("--timeout", type=float, default=180, help="seconds per mirror")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--multi-conn", type=int, metavar="N",
+                    help="compare qsd-trio's nbd node with N connections (x-multi-conn) "
+                         "against the same with one, instead of against qemu-storage-daemon")
     opts = ap.parse_args()
+    if opts.multi_conn is not None:
+        MULTI_CONN.update(qemu=("trio", 1), trio=("trio", opts.multi_conn))
     for tool in ("fio", "qemu-nbd", "qemu-storage-daemon"):
         if shutil.which(tool) is None:
             sys.exit(f"needs {tool}")
@@ -275,9 +296,12 @@ def main() -> None:
     finally:
         ws.cleanup()
         shutil.rmtree(d, ignore_errors=True)
+    sides = (f"; \"qemu\" is qsd-trio with x-multi-conn=1, \"trio\" with x-multi-conn="
+             f"{opts.multi_conn}" if MULTI_CONN else "")
     b.finish(rows, opts, f"NBD client driver (driver=nbd against {opts.server}, raw image on "
                          f"tmpfs) on {b.machine()}; {opts.size} MiB image; fio "
-                         f"{opts.runtime:g} s per run; {opts.rounds} rounds (A,B,A,B), medians")
+                         f"{opts.runtime:g} s per run; {opts.rounds} rounds (A,B,A,B), "
+                         f"medians{sides}")
 
 
 if __name__ == "__main__":

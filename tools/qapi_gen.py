@@ -192,7 +192,10 @@ class Schema:
 
 
 def load(path: str, extra: tuple[str, ...] = ()) -> Schema:
-    """QEMU's declarations from ``path``, then qsd-trio's own from ``extra``."""
+    """QEMU's declarations from ``path``, then qsd-trio's own from ``extra``.
+
+    Besides QAPI's expressions, ``extra`` may hold ``{'extend': STRUCT,
+    'data': {...}}``: members qsd-trio adds to a struct of QEMU's."""
     schema = Schema()
     main = os.path.normpath(path)
     schema.modules[main] = []
@@ -255,6 +258,19 @@ def load(path: str, extra: tuple[str, ...] = ()) -> Schema:
                                 "boxed": bool(expr.get("boxed")),
                                 "allow-oob": bool(expr.get("allow-oob")),
                                 "features": feats, **off})
+        elif "extend" in expr:
+            # qsd-trio's own members of one of QEMU's structs (QAPI has no
+            # way to add members to a type another file declares): appended
+            # after QEMU's, marked so that introspection can tell them apart
+            # (qsd_trio/qapi/introspect.py, tests/unit/test_qapi_introspect.py)
+            target = schema.entities.get(expr["extend"])
+            if target is None or target["meta"] != "struct":
+                raise ValueError(f"'extend' names no struct: {expr['extend']!r}")
+            have = {m["name"] for m in target["members"]}
+            for m in _members(expr["data"]):
+                if m["name"] in have:
+                    raise ValueError(f"{expr['extend']} already has {m['name']!r}")
+                target["members"].append({**m, "qsd": True})
         elif "event" in expr:
             name = expr["event"]
             data = expr.get("data")

@@ -1,7 +1,9 @@
 """driver=nbd: a node whose data is an export of an NBD server (QEMU's block/nbd.c).
 
-One connection per node.  Requests are written under a lock and answered in
-any order: a reader task (a trio system task, as the I/O engines' reapers:
+One connection per node, or up to ``x-multi-conn`` (qsd-trio's member of
+BlockdevOptionsNbd) when the server sets NBD_FLAG_CAN_MULTI_CONN.  On each
+connection requests are written under a lock and answered in any order: a
+reader task (a trio system task, as the I/O engines' reapers:
 nodes are plain objects without a nursery) decodes reply headers and chunks
 with the codec in qsd_trio/proto/nbd.py and hands each reply to the request
 waiting on its handle, so many requests are in flight at once.
@@ -10,8 +12,7 @@ Negotiation (the NBD specification's "Fixed newstyle negotiation"):
 extended headers, or structured replies from a server without them (QEMU
 7.2's, nbdkit 1.32), one meta context (``base:allocation``, or the one
 ``x-dirty-bitmap`` names, ``qemu:dirty-bitmap:NAME``, whose dirty bit QEMU
-reads as "hole"), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.  Multi-conn is
-not asked for.  With ``tls-creds`` (an object
+reads as "hole"), then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.  With ``tls-creds`` (an object
 with endpoint=client: x509, psk or anon) NBD_OPT_STARTTLS comes first and
 everything after it goes through the TLS session (nbd_tls.py), on every
 reconnect too.
@@ -24,8 +25,18 @@ then sent again; after that, or with ``reconnect-delay`` 0 (the default),
 they fail with EIO, and later requests try one reconnect each before
 failing.  ``open-timeout`` lets the first connect retry for that long.
 
-Resources: the socket and the reader task belong to the node; ``_close``
-sends NBD_CMD_DISC, closes the socket and cancels the reader.  I/O errors
+Multi-conn: each request goes to the live connection with the fewest
+requests in flight (ties taken round robin).  A connection that breaks while
+others live is reconnected in the background (a system task per connection,
+retrying until ``reconnect-delay`` after its break); its lost requests wait
+for that connection as above.  With CAN_MULTI_CONN the server makes a
+FLUSH's effect cover the writes it completed on every connection (the
+specification's "Transmission flags"), so one FLUSH, sent after the writes
+it covers were answered (the block layer's promise), is enough.
+
+Resources: the sockets, reader tasks and reconnect tasks belong to the node;
+``_close`` sends NBD_CMD_DISC on each connection, closes the sockets and
+cancels the readers and reconnects.  I/O errors
 are raised as ``OSError`` with the errno the server sent (the protocol's
 errnos are Linux's), or EIO when the connection failed.
 """
@@ -37,6 +48,7 @@ import os
 import socket as _stdsocket
 import struct
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -71,6 +83,8 @@ YIELD_EVERY = 16
 # back within reconnect-delay is found quickly)
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+# x-multi-conn's range (QAPI's uint8; more would only add sockets)
+MULTI_CONN_MAX = 16
 # commands whose length is a range of the export, not a payload: one request
 # may cover at most the connection's effect_limit
 _RANGED = frozenset({P.CMD_WRITE_ZEROES, P.CMD_TRIM, P.CMD_BLOCK_STATUS})
@@ -191,6 +205,8 @@ class _Connection:
         self._rend = 0
         self._unyielded = 0  # replies decoded since the reader last let others run
         self.dead = trio.Event()
+        self.broken_at = 0.0  # when it broke (trio's clock)
+        self.on_broken: Callable[[], None] | None = None  # called once the reader ends
 
     def feed(self, data: bytes) -> None:
         """Bytes the negotiation read past its end: the first replies' start."""
@@ -291,7 +307,7 @@ class _Connection:
                 P.NbdProtocolError, struct.error):
             pass
         finally:
-            self.broken = True
+            self.kill()
             for req in self.pending.values():
                 req.lost = True
                 req.complete()
@@ -299,6 +315,8 @@ class _Connection:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             self.dead.set()
+            if self.on_broken is not None:
+                self.on_broken()
 
     async def _one_reply(self) -> None:
         await self._fill(P.REPLY_MAGIC_SIZE)
@@ -484,7 +502,9 @@ class _Connection:
 
     def kill(self) -> None:
         """Break the connection: the reader ends and fails what is waiting."""
-        self.broken = True
+        if not self.broken:
+            self.broken = True
+            self.broken_at = trio.current_time()
         self.scope.cancel()
 
     async def aclose(self) -> None:
@@ -836,10 +856,21 @@ class NbdNode(BlockNode):
         self.meta = self.bitmap if self.bitmap is not None else P.META_BASE_ALLOCATION
         self.reconnect_delay: int = options.get("reconnect-delay") or 0
         open_timeout: int = options.get("open-timeout") or 0
+        multi: int | None = options.get("x-multi-conn")
+        if multi is None:
+            multi = 1
+        if not 1 <= multi <= MULTI_CONN_MAX:
+            raise GenericError(f"Parameter 'x-multi-conn' expects a value between 1 and "
+                               f"{MULTI_CONN_MAX}")
         self._handles = iter(range(1, 1 << 64))
-        self._conn: _Connection | None = None
+        # the connections, live or broken; never empty once open.  The first
+        # one's export flags, context and block sizes stand for all of them.
+        self._conns: list[_Connection] = []
+        self._want = multi
+        self._next = 0  # where the next search for a connection starts
         self._reconnect_lock = trio.Lock()
-        self._broken_at: float | None = None  # when the connection broke
+        self._healing: dict[int, trio.CancelScope] = {}  # background reconnects by slot
+        self._heal_next: dict[int, float] = {}  # a slot's next background try, not before
         self._closed = False
         # the first connect retries for up to open-timeout seconds
         deadline = trio.current_time() + open_timeout
@@ -863,7 +894,25 @@ class NbdNode(BlockNode):
             self.read_only = True
         self.size = conn.size
         self.request_alignment = max(1, conn.min_block)
-        self._use(conn)
+        self._use(0, conn)
+        if multi > 1 and conn.flags & P.FLAG_CAN_MULTI_CONN:
+            await self._open_more(multi - 1)
+
+    async def _open_more(self, n: int) -> None:
+        """Open ``n`` more connections (multi-conn).  One that fails fails the
+        open, with its error; one to an export that differs (size, flags) is
+        closed and no more are opened: a server must not mix them."""
+        first = self._conns[0]
+        for _ in range(n):
+            try:
+                conn = await self._connect()
+            except ConnectError as e:
+                await self._close()
+                raise GenericError(str(e.args[0])) from None
+            if conn.size != first.size or conn.flags != first.flags:
+                await conn.aclose()
+                return
+            self._use(len(self._conns), conn)
 
     async def _connect(self) -> _Connection:
         stream, sock = await open_socket(self.server)
@@ -889,47 +938,133 @@ class NbdNode(BlockNode):
         conn.feed(rest)
         return conn
 
-    def _use(self, conn: _Connection) -> None:
-        self._conn = conn
-        self._broken_at = None
-        trio.lowlevel.spawn_system_task(conn.reader, name=f"nbd-client-{self.node_name}")
+    def _use(self, slot: int, conn: _Connection) -> None:
+        """Put ``conn`` in ``slot`` (one past the end: a new slot) and start
+        its reader."""
+        if slot == len(self._conns):
+            self._conns.append(conn)
+        else:
+            self._conns[slot] = conn
+        conn.on_broken = lambda: self._broken(conn)
+        trio.lowlevel.spawn_system_task(conn.reader,
+                                        name=f"nbd-client-{self.node_name}-{slot}")
 
     def _length(self) -> int:
         return self.size
 
     # -- the connection, reconnected when it breaks --------------------------------
+    def _broken(self, conn: _Connection) -> None:
+        """``conn``'s reader ended: with other connections live, reconnect it
+        in the background now (when none is, the next request does it)."""
+        if self._closed or conn not in self._conns:
+            return
+        slot = self._conns.index(conn)
+        if slot not in self._healing and any(not c.broken for c in self._conns):
+            self._heal_in_background(slot)
+
+    def _heal_in_background(self, slot: int) -> None:
+        self._healing[slot] = scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._heal, slot, scope,
+                                        name=f"nbd-reconnect-{self.node_name}-{slot}")
+
+    def _pick(self) -> _Connection | None:
+        """The live connection with the fewest requests in flight (ties go
+        round robin), or None; a broken one beside live ones gets a
+        background reconnect (again, when an earlier one gave up)."""
+        conns = self._conns
+        if len(conns) == 1:
+            conn = conns[0]
+            return None if conn.broken else conn
+        best: _Connection | None = None
+        broken = -1
+        n = len(conns)
+        start = self._next
+        self._next = (start + 1) % n
+        for k in range(n):
+            i = (start + k) % n
+            c = conns[i]
+            if c.broken:
+                broken = i
+            elif best is None or len(c.pending) < len(best.pending):
+                best = c
+        if best is not None and broken >= 0 and broken not in self._healing \
+                and not self._closed \
+                and trio.current_time() >= self._heal_next.get(broken, 0.0):
+            self._heal_in_background(broken)
+        return best
+
     async def _connected(self) -> _Connection:
-        """The live connection; reconnects (waiting up to reconnect-delay from
-        the break) when it is broken.  OSError(EIO) when there is none."""
-        conn = self._conn
-        if conn is not None and not conn.broken:
+        """A live connection; reconnects (waiting up to reconnect-delay from
+        the last one's break) when all are broken.  OSError(EIO) when there
+        is none."""
+        conn = self._pick()
+        if conn is not None:
             return conn
         if self._closed:
             raise OSError(errno.EIO, "Input/output error")
         async with self._reconnect_lock:
-            conn = self._conn
-            if conn is not None and not conn.broken:
+            conn = self._pick()
+            if conn is not None:
                 return conn
-            now = trio.current_time()
-            if self._broken_at is None:
-                self._broken_at = now
-            deadline = self._broken_at + self.reconnect_delay
-            delay = RETRY_FIRST
-            while True:
-                try:
-                    new = await self._connect()
-                except ConnectError:
-                    new = None
-                if new is not None:
-                    if new.size != self.size:
+            if self._closed:
+                raise OSError(errno.EIO, "Input/output error")
+            deadline = max(c.broken_at for c in self._conns) + self.reconnect_delay
+            slot = next((i for i in range(len(self._conns)) if i not in self._healing), 0)
+            new = await self._reconnect(deadline)
+            if new is None:
+                raise OSError(errno.EIO, "Input/output error")
+            if self._want > 1 and not new.flags & P.FLAG_CAN_MULTI_CONN:
+                # the server came back without multi-conn: this one only
+                old, self._conns = self._conns, []
+                for c in old:
+                    c.kill()
+                slot = 0
+            self._use(slot, new)
+            return new
+
+    async def _reconnect(self, deadline: float) -> _Connection | None:
+        """Connect again, retrying until ``deadline`` (one try at least);
+        None when no connection to an export of the node's size came."""
+        delay = RETRY_FIRST
+        while True:
+            try:
+                new: _Connection | None = await self._connect()
+            except ConnectError:
+                new = None
+            if new is not None:
+                if new.size == self.size:
+                    return new
+                await new.aclose()
+            if trio.current_time() + delay > deadline:
+                return None
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _heal(self, slot: int, scope: trio.CancelScope) -> None:
+        """Reconnect the broken connection in ``slot`` while others serve
+        (multi-conn), until reconnect-delay after its break (one try at
+        least; after a failed one the slot waits RETRY_MAX for the next).
+        A system task: never raises; the node's close cancels ``scope``."""
+        try:
+            with scope:
+                if self._closed or slot >= len(self._conns):
+                    return
+                deadline = self._conns[slot].broken_at + self.reconnect_delay
+                new = await self._reconnect(deadline)
+                if new is None:
+                    self._heal_next[slot] = trio.current_time() + RETRY_MAX
+                    return
+                if self._closed or slot >= len(self._conns) \
+                        or not self._conns[slot].broken \
+                        or not new.flags & P.FLAG_CAN_MULTI_CONN:
+                    # closed, given up meanwhile, or a server without multi-conn
+                    # now: one connection is all it may have
+                    with trio.CancelScope(shield=True):
                         await new.aclose()
-                    else:
-                        self._use(new)
-                        return new
-                if trio.current_time() + delay > deadline:
-                    raise OSError(errno.EIO, "Input/output error")
-                await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                    return
+                self._use(slot, new)
+        finally:
+            self._healing.pop(slot, None)
 
     async def _request(self, type_: int, offset: int, length: int, flags: int = 0,
                        data: Buffer | None = None, buf: memoryview | None = None) -> _Pending:
@@ -951,8 +1086,6 @@ class NbdNode(BlockNode):
                 if req.error:
                     raise OSError(req.error, os.strerror(req.error))
                 return req
-            if self._broken_at is None:
-                self._broken_at = trio.current_time()
             if not self.reconnect_delay:
                 raise OSError(errno.EIO, "Input/output error")
 
@@ -964,11 +1097,12 @@ class NbdNode(BlockNode):
             pos += (await self._request(type_, pos, end - pos, flags)).length
 
     def _max(self) -> int:
-        conn = self._conn
-        return min(conn.max_block if conn else P.MAX_BUFFER_SIZE, P.MAX_BUFFER_SIZE)
+        conns = self._conns
+        return min(conns[0].max_block if conns else P.MAX_BUFFER_SIZE, P.MAX_BUFFER_SIZE)
 
     def _flags(self) -> int:
-        return self._conn.flags if self._conn is not None else 0
+        return self._conns[0].flags if self._conns else 0
+
 
     # -- I/O ---------------------------------------------------------------------------
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
@@ -1017,8 +1151,7 @@ class NbdNode(BlockNode):
             await self._request(P.CMD_FLUSH, 0, 0)
 
     async def _co_block_status(self, offset: int, length: int) -> BlockStatus:
-        conn = self._conn
-        if conn is None or conn.ctx_id is None:
+        if not self._conns or self._conns[0].ctx_id is None:
             return BlockStatus(Status.DATA | Status.OFFSET_VALID, length, offset=offset)
         req = await self._request(P.CMD_BLOCK_STATUS, offset, length, P.CMD_FLAG_REQ_ONE)
         if req.status is None:
@@ -1035,8 +1168,10 @@ class NbdNode(BlockNode):
 
     async def _close(self) -> None:
         self._closed = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        for scope in self._healing.values():
+            scope.cancel()
+        conns, self._conns = self._conns, []
+        for conn in conns:
             await conn.aclose()
 
     def actual_size(self) -> int | None:

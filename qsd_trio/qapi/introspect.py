@@ -6,6 +6,11 @@ definition order; every type they reach is appended to a work queue as it is
 first used and listed after them, in queue order.  Type names other than
 builtins are masked as numbers handed out on first use; arrays are
 ``[element]``; every integer type is reported as ``int``.
+
+Members qsd-trio adds to QEMU's structs (``'extend'`` in
+tools/qapi-qsd/qsd-trio.json, marked ``qsd`` in the declarations) are listed
+after QEMU's; ``extensions=False`` leaves them out, which gives exactly
+qemu-storage-daemon 7.2's reply (tests/unit/test_qapi_introspect.py).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ _INTS = {"int", "int8", "int16", "int32", "int64",
 
 
 class _Introspector:
-    def __init__(self) -> None:
+    def __init__(self, extensions: bool = True) -> None:
+        self.extensions = extensions
         self.names: dict[str, str] = {}
         self.queue: list[str] = []
         self.queued: set[str] = set()
@@ -53,6 +59,8 @@ class _Introspector:
         return self.name(typ)
 
     def member(self, m: dict[str, Any]) -> dict[str, Any] | None:
+        if m.get("qsd") and not self.extensions:
+            return None
         out: dict[str, Any] = {"name": m["name"], "type": self.use(m["type"])}
         if m["optional"]:
             out["default"] = None
@@ -118,13 +126,14 @@ class _Introspector:
         return self.tree(obj, self.name(typ), "object", feats)
 
 
-def introspect(commands: Iterable[str]) -> list[dict[str, Any]]:
+def introspect(commands: Iterable[str], *, extensions: bool = True) -> list[dict[str, Any]]:
     """The ``query-qmp-schema`` reply for a daemon implementing ``commands``.
 
-    Lists those commands and all events, then every type reachable from them.
+    Lists those commands and all events, then every type reachable from them;
+    with ``extensions`` False, without qsd-trio's members of QEMU's structs.
     """
     wanted = set(commands)
-    it = _Introspector()
+    it = _Introspector(extensions)
     out = []
     for n in VISIT_ORDER:
         ent = SCHEMA[n]

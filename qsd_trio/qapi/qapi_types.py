@@ -2140,6 +2140,7 @@ def _make_BlockdevOptionsNbd() -> type:
         x_dirty_bitmap: str | None = None
         reconnect_delay: int | None = None
         open_timeout: int | None = None
+        x_multi_conn: int | None = None
     return BlockdevOptionsNbd
 
 
@@ -4580,6 +4581,7 @@ def _make_BlockdevOptions_nbd() -> type:
         x_dirty_bitmap: str | None = None
         reconnect_delay: int | None = None
         open_timeout: int | None = None
+        x_multi_conn: int | None = None
     return BlockdevOptions_nbd
 
 
@@ -7333,7 +7335,7 @@ SCHEMA: dict[str, dict] = json.loads(r"""{
 "BlockdevOptionsCurlHttps": {"meta": "struct", "name": "BlockdevOptionsCurlHttps", "members": [{"name": "url", "type": "str", "optional": false, "features": []}, {"name": "readahead", "type": "int", "optional": true, "features": []}, {"name": "timeout", "type": "int", "optional": true, "features": []}, {"name": "username", "type": "str", "optional": true, "features": []}, {"name": "password-secret", "type": "str", "optional": true, "features": []}, {"name": "proxy-username", "type": "str", "optional": true, "features": []}, {"name": "proxy-password-secret", "type": "str", "optional": true, "features": []}, {"name": "cookie", "type": "str", "optional": true, "features": []}, {"name": "sslverify", "type": "bool", "optional": true, "features": []}, {"name": "cookie-secret", "type": "str", "optional": true, "features": []}], "features": []},
 "BlockdevOptionsCurlFtp": {"meta": "struct", "name": "BlockdevOptionsCurlFtp", "members": [{"name": "url", "type": "str", "optional": false, "features": []}, {"name": "readahead", "type": "int", "optional": true, "features": []}, {"name": "timeout", "type": "int", "optional": true, "features": []}, {"name": "username", "type": "str", "optional": true, "features": []}, {"name": "password-secret", "type": "str", "optional": true, "features": []}, {"name": "proxy-username", "type": "str", "optional": true, "features": []}, {"name": "proxy-password-secret", "type": "str", "optional": true, "features": []}], "features": []},
 "BlockdevOptionsCurlFtps": {"meta": "struct", "name": "BlockdevOptionsCurlFtps", "members": [{"name": "url", "type": "str", "optional": false, "features": []}, {"name": "readahead", "type": "int", "optional": true, "features": []}, {"name": "timeout", "type": "int", "optional": true, "features": []}, {"name": "username", "type": "str", "optional": true, "features": []}, {"name": "password-secret", "type": "str", "optional": true, "features": []}, {"name": "proxy-username", "type": "str", "optional": true, "features": []}, {"name": "proxy-password-secret", "type": "str", "optional": true, "features": []}, {"name": "sslverify", "type": "bool", "optional": true, "features": []}], "features": []},
-"BlockdevOptionsNbd": {"meta": "struct", "name": "BlockdevOptionsNbd", "members": [{"name": "server", "type": "SocketAddress", "optional": false, "features": []}, {"name": "export", "type": "str", "optional": true, "features": []}, {"name": "tls-creds", "type": "str", "optional": true, "features": []}, {"name": "tls-hostname", "type": "str", "optional": true, "features": []}, {"name": "x-dirty-bitmap", "type": "str", "optional": true, "features": ["unstable"]}, {"name": "reconnect-delay", "type": "uint32", "optional": true, "features": []}, {"name": "open-timeout", "type": "uint32", "optional": true, "features": []}], "features": []},
+"BlockdevOptionsNbd": {"meta": "struct", "name": "BlockdevOptionsNbd", "members": [{"name": "server", "type": "SocketAddress", "optional": false, "features": []}, {"name": "export", "type": "str", "optional": true, "features": []}, {"name": "tls-creds", "type": "str", "optional": true, "features": []}, {"name": "tls-hostname", "type": "str", "optional": true, "features": []}, {"name": "x-dirty-bitmap", "type": "str", "optional": true, "features": ["unstable"]}, {"name": "reconnect-delay", "type": "uint32", "optional": true, "features": []}, {"name": "open-timeout", "type": "uint32", "optional": true, "features": []}, {"name": "x-multi-conn", "type": "uint8", "optional": true, "features": ["unstable"], "qsd": true}], "features": []},
 "BlockdevOptionsRaw": {"meta": "struct", "name": "BlockdevOptionsRaw", "members": [{"name": "file", "type": "BlockdevRef", "optional": false, "features": []}, {"name": "offset", "type": "int", "optional": true, "features": []}, {"name": "size", "type": "int", "optional": true, "features": []}], "features": []},
 "BlockdevOptionsThrottle": {"meta": "struct", "name": "BlockdevOptionsThrottle", "members": [{"name": "throttle-group", "type": "str", "optional": false, "features": []}, {"name": "file", "type": "BlockdevRef", "optional": false, "features": []}], "features": []},
 "BlockdevOptionsCor": {"meta": "struct", "name": "BlockdevOptionsCor", "members": [{"name": "file", "type": "BlockdevRef", "optional": false, "features": []}, {"name": "bottom", "type": "str", "optional": true, "features": []}], "features": []},
