@@ -27,7 +27,7 @@ them; its scattered pages can make up to seg_max = 126, apart in memory
 with ``--scatter``).  Places: ``null`` (null-co: the
 fixed cost of the harness, the handler and the node layer), ``shm`` (a
 file on tmpfs), ``disk`` (a file on $QSD_BENCH_DISK or /var/tmp, read into
-the page cache first), ``direct`` (the same file, cache.direct=on) with
+the page cache first; ``disk-uring`` the same with ``aio=io_uring``), ``direct`` (the same file, cache.direct=on) with
 ``aio=threads`` and ``direct-uring`` with ``aio=io_uring``.  ``--format
 qcow2`` puts a qcow2 node (the same random data, converted by qemu-img:
 every cluster allocated, one after the other on the host) on the file
@@ -82,6 +82,7 @@ def places(disk_dir: str) -> dict[str, dict[str, object]]:
         "null": {"driver": "null-co", "size": IMAGE},
         "shm": {"dir": "/dev/shm", "aio": "threads"},
         "disk": {"dir": disk_dir, "aio": "threads"},
+        "disk-uring": {"dir": disk_dir, "aio": "io_uring"},
         "direct": {"dir": disk_dir, "aio": "threads", "direct": True},
         "direct-uring": {"dir": disk_dir, "aio": "io_uring", "direct": True},
     }
@@ -98,7 +99,9 @@ class Slots:
         # the data segments one after another (one buffer, as a guest's
         # huge page gives them), or a page apart (scattered pages)
         step = seg + (4096 if scatter else 0)
-        per_slot = 8192 + step * nseg  # two tables, header and status, then data
+        # two tables, header and status, then data (the last segment takes
+        # what the others leave: it may be longer than a step)
+        per_slot = 8192 + step * (nseg - 1) + (last + 4095) // 4096 * 4096
         self.ram = GuestRam(size=DATA0 + depth * per_slot)
         self.mem = self.ram.memory()
         self.drv = Driver(self.ram, size=RING, data_start=DATA0)

@@ -370,6 +370,17 @@ async def test_start_serves_cached_reads_and_writes(env):
     assert ram.get(offs[1], 1000) + ram.get(offs[2], 1048) == payload
     assert ram.get(offs[3], 1) == b"\0"
     q.push(chain.head, 2049)
+    # the same apart in memory, the status byte in a buffer of its own (as
+    # Linux sends a request): the data buffers read, then the status
+    _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (1000, True), (1048, True),
+                       (1, True)], gap=64)
+    ram.put(offs[3], b"\x55")
+    chain = q.pop()
+    assert len(chain.writable) == 3
+    assert h.start(chain) == 2049
+    assert ram.get(offs[1], 1000) + ram.get(offs[2], 1048) == payload
+    assert ram.get(offs[3], 1) == b"\0"
+    q.push(chain.head, 2049)
     # what it leaves to process(): errors, other types, writethrough, read-only
     cases = [
         ([(outhdr(B.VIRTIO_BLK_T_IN, DISK // 512), False), (512, True), (1, True)], {}),

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .memory import GuestMemoryError, Segment
+from .memory import GuestMemoryError, Segment, views_of
 from .virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -310,35 +310,41 @@ class BlkHandler:
             rtype, _reserved, sector = r.unpack_from(_OUTHDR, off)
             kind = rtype & ~VIRTIO_BLK_T_BARRIER
             if kind == VIRTIO_BLK_T_IN:
-                if len(readable) != 1:
+                writable = chain.writable
+                if len(readable) != 1 or not writable:
                     return None
-                in_len = chain.writable_len
-                data_in, status_seg = _take(chain.writable, in_len - 1)
-                size = in_len - 1
+                data_in: tuple[Segment, ...] | list[Segment]
+                status_seg: tuple[Segment, ...] | list[Segment]
+                if writable[-1][2] == 1:
+                    # the status byte in a buffer of its own, as Linux sends it
+                    data_in, status_seg = writable[:-1], writable[-1:]
+                else:
+                    data_in, status_seg = _take(writable, chain.writable_len - 1)
+                # (the views go with the list: slices of the region's view)
+                views, size = views_of(data_in)
+                in_len = size + 1
                 if size <= 0 or not self._range_ok(sector, size):
                     return None
-                # (the views go with the list: slices of the region's view)
-                views = [r.view(o, k) for r, o, k in data_in]
                 if not self._read_now(sector << SECTOR_BITS, views):
                     return None
                 self.read_bytes += size
             elif kind == VIRTIO_BLK_T_OUT:
                 if not self.writable or self.writethrough:
                     return None
+                segs: tuple[Segment, ...] | list[Segment]
                 if n > _OUTHDR.size:
                     segs = [(r, off + _OUTHDR.size, n - _OUTHDR.size), *readable[1:]]
                 elif len(readable) > 1:
-                    segs = list(readable[1:])
+                    segs = readable[1:]
                 else:
                     return None
-                in_len = chain.writable_len
-                size = 0
-                for seg in segs:
-                    size += seg[2]
-                if in_len != 1 or not self._range_ok(sector, size):
+                status_seg = chain.writable
+                if len(status_seg) != 1 or status_seg[0][2] != 1:
                     return None
-                status_seg = list(chain.writable)
-                views = [sr.view(so, sn) for sr, so, sn in segs]
+                in_len = 1
+                views, size = views_of(segs)
+                if not self._range_ok(sector, size):
+                    return None
                 backend = self.backend
                 if len(views) > 1 or not backend.write_now(sector << SECTOR_BITS, views[0]):
                     if done is None:
@@ -380,8 +386,12 @@ class BlkHandler:
             is_write = bool(rtype & VIRTIO_BLK_T_OUT)
             if is_write and not self.writable:
                 return VIRTIO_BLK_S_IOERR
-            segs = data_out if is_write else data_in
-            size = sum(n for _, _, n in segs)
+            # the node reads into, and writes from, the guest's buffers as
+            # they are (QEMU's preadv/pwritev on the request's iovecs)
+            # (no release(): the views are slices of the region's one view,
+            # and go, with the mapping if it was closed meanwhile, with the
+            # last reference; the engine holds them until its completion)
+            views, size = views_of(data_out if is_write else data_in)
             if not self._range_ok(sector, size):
                 return VIRTIO_BLK_S_IOERR
             offset = sector << SECTOR_BITS
@@ -389,12 +399,6 @@ class BlkHandler:
                 self.written_bytes += size
             else:
                 self.read_bytes += size
-            # the node reads into, and writes from, the guest's buffers as
-            # they are (QEMU's preadv/pwritev on the request's iovecs)
-            # (no release(): the views are slices of the region's one view,
-            # and go, with the mapping if it was closed meanwhile, with the
-            # last reference; the engine holds them until its completion)
-            views = [r.view(off, n) for r, off, n in segs]
             if is_write:
                 if len(views) == 1:
                     await self._write(offset, views[0])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 import threading
 from itertools import repeat
-from operator import add, ne, sub
+from operator import add, eq, ne, sub
 from typing import Any
 
 import attrs
@@ -485,11 +485,14 @@ class SplitQueue:
             region, _ = self.mem.gpa_region(lo, max(ends) - lo)
         except GuestMemoryError:
             return None
-        segs = list(zip(repeat(region), map(sub, addrs, repeat(region.guest_addr)), lens))
+        segs = tuple(zip(repeat(region), map(sub, addrs, repeat(region.guest_addr)), lens))
+        if not any(map(eq, ends[:-1], addrs[1:])):
+            # no buffer continues the one before it (a guest's pages): as they are
+            return Chain(head, segs[:n_read], segs[n_read:])
         # a buffer that continues the one before it is one segment with it
         new = list(map(ne, ends[:-1], addrs[1:]))
-        return Chain(head, _merged(segs[:n_read], new[:max(n_read - 1, 0)]),
-                     _merged(segs[n_read:], new[n_read:]))
+        return Chain(head, _merged(list(segs[:n_read]), new[:max(n_read - 1, 0)]),
+                     _merged(list(segs[n_read:]), new[n_read:]))
 
     # -- pushing ---------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
