@@ -17,7 +17,9 @@ node, source and target, gets the place's cache.direct and aio.
   new empty base ``base.FMT`` (READY, then complete).
 
 Each figure is MiB/s from the QMP command to BLOCK_JOB_COMPLETED, with a
-daemon started for each job run; the daemons alternate (A B A B).  On the
+daemon started for each job run; the daemons alternate (A B A B).  The CPU
+columns are the daemon's CPU (utime + stime) over the same span, in µs per
+MiB copied.  On the
 cached place the sources are read into the page cache before each run, on the
 cold place they are evicted from it.  Timing belongs here, never in a test.
 """
@@ -62,8 +64,8 @@ def wait(qmp: QEMUMonitorProtocol, name: str, timeout: float) -> dict:
 
 
 def run_job(kind: str, place: b.Place, fmt: str, job: str, ws: b.Workspace, size_mib: int,
-            timeout: float) -> float:
-    """MiB/s of one job run in a fresh daemon."""
+            timeout: float) -> tuple[float, float]:
+    """MiB/s of one job run in a fresh daemon, and its CPU µs per MiB."""
     size = size_mib * b.MiB
     src = ws.image(place.root, fmt, size_mib, "src")
     d = os.path.join(ws.dir(place.root), f"{kind}-{job}")
@@ -104,7 +106,7 @@ def run_job(kind: str, place: b.Place, fmt: str, job: str, ws: b.Workspace, size
             if "error" in r:
                 raise RuntimeError(f"{name}: {r['error'].get('desc')}")
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), b.cpu_seconds(daemon.pid)
         if job == "mirror":
             cmd("blockdev-mirror", {"job-id": "j", "device": "src", "target": "tgt",
                                     "sync": "full"})
@@ -122,13 +124,14 @@ def run_job(kind: str, place: b.Place, fmt: str, job: str, ws: b.Workspace, size
             cmd("job-complete", {"id": "j"})
         ev = wait(qmp, "BLOCK_JOB_COMPLETED", timeout)
         dt = time.perf_counter() - t0
+        cpu = b.cpu_seconds(daemon.pid) - cpu0
         if "error" in ev.get("data", {}):
             raise RuntimeError(f"{job}: {ev['data']['error']}")
         qmp.close()
     finally:
         daemon.stop()
         shutil.rmtree(d, ignore_errors=True)  # unlinked before write-back: no disk time later
-    return size_mib / dt
+    return size_mib / dt, cpu * 1e6 / size_mib
 
 
 def main() -> None:
@@ -152,12 +155,14 @@ def main() -> None:
 
                     def one(kind: str, place=place, fmt=fmt, job=job, r=r) -> float:
                         try:
-                            mibs = run_job(kind, place, fmt, job, ws, opts.size, opts.timeout)
+                            mibs, cpu = run_job(kind, place, fmt, job, ws, opts.size,
+                                                opts.timeout)
                         except Exception as e:  # the row shows it; the run goes on
                             r.fail(kind, e)
                             return 0.0
-                        r.add(kind, mibs)
-                        b.log(f"jobs {place.key} {fmt} {kind:4} {job:7} {mibs:8.1f} MiB/s")
+                        r.add(kind, mibs, cpu)
+                        b.log(f"jobs {place.key} {fmt} {kind:4} {job:7} {mibs:8.1f} MiB/s "
+                              f"{cpu:8.0f} µs CPU/MiB")
                         return mibs
 
                     b.alternate(one, opts.rounds)
@@ -165,7 +170,7 @@ def main() -> None:
         ws.cleanup()
     b.finish(rows, opts, f"Block jobs on {b.machine()}; {opts.size} MiB fully allocated "
                          f"images; {opts.rounds} rounds (A,B,A,B), medians; MiB/s from the "
-                         f"command to BLOCK_JOB_COMPLETED")
+                         f"command to BLOCK_JOB_COMPLETED; CPU columns in µs per MiB")
 
 
 if __name__ == "__main__":

@@ -312,8 +312,7 @@ class FuseExport(BlockExport):
                             # the payload stays where it is until the write
                             # completes: the next request goes elsewhere
                             buf = self._receive_buffer()
-                        # answered, or in flight alone: its client waits
-                        expect_empty = self._submitted <= 1
+                            expect_empty = self._submitted == 1
                         served += 1
                         if served % 64 == 0:
                             await trio.lowlevel.checkpoint()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm
+from ..nodes.node import BdrvChild, BlockNode, BlockParent, Perm, bulk_requests
 from ..qapi.errors import GenericError
 from .job import Job
 
@@ -51,6 +51,13 @@ class BlockJob(Job, BlockParent):
     @property
     def block_job_type(self) -> str | None:
         return self.job_type
+
+    async def _main(self) -> None:
+        # the job's copies are bulk requests, in this task and in the tasks
+        # it starts (contextvars are copied at the spawn): the file driver
+        # reads their large runs of page-cache data on its workers
+        bulk_requests.set(True)
+        await super()._main()
 
     def blocked_nodes(self) -> list[BlockNode]:
         """Nodes whose operations this job blocks (QEMU's op blockers)."""

@@ -46,8 +46,8 @@ from .engine import buffers
 from .engine.base import advance
 from .engine.base import os_error as engine_error
 from .graph import register_driver
-from .inline_io import InlineWrites
-from .node import BlockNode, BlockStatus, Perm, Status
+from .inline_io import INLINE_MAX, InlineWrites
+from .node import BlockNode, BlockStatus, Perm, Status, bulk_requests
 
 T = TypeVar("T")
 # what a request started without a task calls: (data or None, error or None)
@@ -69,6 +69,11 @@ BLKSSZGET = 0x1268
 # reads of the page cache above this go to the engine too: a 32 MiB NBD read
 # would otherwise hold the event loop for milliseconds
 INLINE_READ_MAX = 1 << 20
+# a block job's reads (node.bulk_requests) above this go to the engine, as
+# large buffered writes do: on its workers several 1 MiB copies run on the
+# other cores while the loop goes on, where an exporter's read is better
+# served at once (docs/io-engine.md)
+BULK_READ_INLINE_MAX = INLINE_MAX
 
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
@@ -313,9 +318,11 @@ class FileNode(BlockNode):
 
     def _may_read_now(self, length: int) -> bool:
         """Whether a read of ``length`` bytes is worth trying without the
-        engine (_pread_nowait): not too large, and on a file system in memory
-        or with RWF_NOWAIT, unless recent misses say to skip this one."""
-        if length > INLINE_READ_MAX:
+        engine (_pread_nowait): not too large (smaller for a block job's
+        read), and on a file system in memory or with RWF_NOWAIT, unless
+        recent misses say to skip this one."""
+        if length > BULK_READ_INLINE_MAX and (length > INLINE_READ_MAX
+                                              or bulk_requests.get()):
             return False
         if self._memory_fs:
             return True

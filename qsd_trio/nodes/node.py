@@ -212,6 +212,17 @@ class BdrvChild:
 # gate; only new requests from outside wait.
 _in_request: contextvars.ContextVar[bool] = contextvars.ContextVar("_in_request", default=False)
 
+# Set in a block job's task (and so in the tasks it starts): its requests
+# are bulk copies, which want throughput more than latency, where an
+# exporter's request wants its reply soon.  A driver may serve them
+# differently: the file driver reads large runs of page-cache data on the
+# engine's workers for a job (several copies at once on the other cores)
+# and on the event loop for an export (no hop).  Ambient for the same
+# reason as _in_request: a job's read reaches the file node through any
+# format or filter, and none of them has to pass it on.
+bulk_requests: contextvars.ContextVar[bool] = contextvars.ContextVar("bulk_requests",
+                                                                     default=False)
+
 # what requests carry and return: any buffer (bytes, bytearray, memoryview)
 Buffer = bytes | bytearray | memoryview
 # the completion of a request started without a task (read_submit,

@@ -14,7 +14,7 @@ from qsd_trio.monitor import jobs as qmp_jobs  # noqa: F401 - registers the comm
 from qsd_trio.monitor.registry import COMMANDS
 from qsd_trio.nodes import null  # noqa: F401 - registers null-co
 from qsd_trio.nodes.graph import register_driver
-from qsd_trio.nodes.node import BlockStatus, Status
+from qsd_trio.nodes.node import BlockStatus, Status, bulk_requests
 from qsd_trio.nodes.raw import RawNode
 from qsd_trio.qapi import schema
 
@@ -74,6 +74,7 @@ class CountingRaw(RawNode):
         self.data_written = 0
         self.zeroes_written = 0
         self.failed = 0
+        self.bulk_reads = self.plain_reads = 0  # reads with node.bulk_requests set, without
 
     def _preadv_now(self, offset, length):
         return None
@@ -99,6 +100,10 @@ class CountingRaw(RawNode):
             self.fail_reads -= 1
             self.failed += 1
             raise OSError(5, "Input/output error")
+        if bulk_requests.get():
+            self.bulk_reads += 1
+        else:
+            self.plain_reads += 1
         return await self._counted(length, super()._co_preadv, offset, length)
 
     async def _co_pwritev(self, offset, data, fua):

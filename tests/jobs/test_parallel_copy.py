@@ -398,3 +398,43 @@ async def test_backup_workers_chunk_and_holes(env, raw_pair, workers, chunk):
     assert d.data_written == 20 * MiB and d.zeroes_written == 12 * MiB
     await env.graph.close_all()
     qemu_img("compare", "-q", "-f", "raw", "-F", "raw", str(src), str(dst))
+
+
+# -- every copy job --------------------------------------------------------------------
+@pytest.mark.parametrize("job", ["mirror", "backup", "stream", "commit"])
+async def test_job_reads_are_bulk_requests(env, raw_pair, stream_chain, commit_chain, job):
+    """A job's reads reach the nodes below as bulk requests (the file
+    driver reads their large runs of cached data on its workers); a read
+    from outside any job, as an export's, does not."""
+    if job in ("mirror", "backup"):
+        src, dst = raw_pair
+        await _add_raw(env, "src", src)
+        await _add_raw(env, "dst", dst)
+        counted = _node(env, "src")
+    elif job == "stream":
+        base, top, _ = stream_chain
+        await _add_qcow2(env, "base", base, counting="basef")
+        await _add_qcow2(env, "top", top, backing="base")
+        counted = _node(env, "basef")
+    else:
+        base, mid, top, _, _ = commit_chain
+        await _commit_nodes(env, base, mid, top)
+        counted = _node(env, "midf")
+    # opening a qcow2 reads its header: not a bulk request
+    plain = counted.plain_reads
+    if job == "mirror":
+        await env.qmp("blockdev-mirror", job_id="j", device="src", target="dst", sync="full")
+        await env.wait_event("BLOCK_JOB_READY")
+        await env.qmp("job-complete", id="j")
+    elif job == "backup":
+        await env.qmp("blockdev-backup", job_id="j", device="src", target="dst", sync="full")
+    elif job == "stream":
+        await env.qmp("block-stream", job_id="j", device="top")
+    else:
+        await env.qmp("block-commit", job_id="j", device="top", top_node="mid",
+                      base_node="base")
+    await _done(env)
+    assert counted.bulk_reads > 0 and counted.plain_reads == plain
+    await counted.read(0, 65536)
+    assert counted.plain_reads == plain + 1
+    await env.graph.close_all()

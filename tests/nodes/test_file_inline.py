@@ -5,6 +5,7 @@ Either way the bytes on disk are what was written."""
 import time
 
 import pytest
+import trio
 
 from qsd_trio.nodes import inline_io
 from qsd_trio.nodes.graph import BlockGraph
@@ -117,3 +118,43 @@ async def test_stall_on_an_unwatched_write_is_caught_on_the_next(node, monkeypat
     await node.flush()
     data = on_disk(node)
     assert all(data[i * PAGE:(i + 1) * PAGE] == bytes([i + 1]) * PAGE for i in range(5))
+
+
+async def _read_in_task(node, offset, length, *, bulk):
+    """node.read() in a task of its own, as a block job's (``bulk``) or an
+    exporter's request; the data, and whether another task ran meanwhile."""
+    from qsd_trio.nodes.node import bulk_requests
+    got = []
+
+    async def reader(turns):
+        bulk_requests.set(bulk)  # this task's context only
+        before = turns.n
+        data = bytes(await node.read(offset, length))
+        got.append((data, turns.n != before))
+
+    async with other_task_turns() as turns, trio.open_nursery() as nursery:
+        nursery.start_soon(reader, turns)
+    return got[0]
+
+
+async def test_a_jobs_large_cached_read_goes_to_the_engine(tmp_path):
+    """Page-cache data is read on the event loop for an exporter; for a
+    block job (node.bulk_requests) a read larger than INLINE_MAX goes to
+    the engine's workers, and the loop goes on meanwhile.  Small reads
+    stay inline either way.  The bytes are the file's."""
+    import os
+    data = os.urandom(2 << 20)
+    path = tmp_path / "f.raw"
+    path.write_bytes(data)
+    graph = BlockGraph()
+    node = await graph.add({"driver": "file", "node-name": "f", "filename": str(path)})
+    try:
+        big = inline_io.INLINE_MAX * 4
+        for bulk, length, waited in ((False, big, False), (True, big, True),
+                                     (True, PAGE, False), (False, PAGE, False)):
+            node._inline._since_yield = 0  # no checkpoint every YIELD_EVERY-th read
+            got, ran = await _read_in_task(node, PAGE, length, bulk=bulk)
+            assert got == data[PAGE:PAGE + length]
+            assert ran == waited, (bulk, length)
+    finally:
+        await graph.close_all()
