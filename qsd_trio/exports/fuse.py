@@ -312,7 +312,8 @@ class FuseExport(BlockExport):
                             # the payload stays where it is until the write
                             # completes: the next request goes elsewhere
                             buf = self._receive_buffer()
-                            expect_empty = self._submitted == 1
+                        # answered, or in flight alone: its client waits
+                        expect_empty = self._submitted <= 1
                         served += 1
                         if served % 64 == 0:
                             await trio.lowlevel.checkpoint()

@@ -315,7 +315,8 @@ class Transmission:
         """The reader is about to wait: the requests it started go to the
         kernel, the replies it queued to the client."""
         submit_held()
-        self._flush_now()
+        if self._out:  # at queue depth 1 the reply went out from the reaping
+            self._flush_now()
 
     async def _wait_for_slot(self, quiet: bool) -> None:
         """No slot is free: wait until a reply gives one back.  A checkpoint

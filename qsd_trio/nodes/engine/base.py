@@ -149,15 +149,12 @@ class Engine:
     def reap_now(self) -> None:
         """What the reaper does once its descriptor is readable, for a
         caller that saw it readable itself (inline_wait.py)."""
+        global _reaping
         if self.efd >= 0:
             try:
                 os.eventfd_read(self.efd)
             except BlockingIOError:
                 pass
-        self._reap_batch()
-
-    def _reap_batch(self) -> None:
-        global _reaping
         _reaping = True
         try:
             self._reap()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import select
 from collections.abc import Callable
+from time import perf_counter as _perf_counter
 from typing import Any
 
 from .base import Engine
@@ -65,14 +66,25 @@ def supported() -> bool:
 def make_waiter(engines: Callable[[], list[Engine]]) -> Callable[[int], bool] | None:
     """A ``wait_inline(fd)`` bound to this run loop, or None where the loop
     lacks what it reads.  ``engines()`` lists the engines whose completions
-    it may reap."""
+    it may reap: a list kept up to date in place (Engines.started), taken
+    once here."""
     if not supported():
         return None
     runner = _runner()
     runq = runner.runq
-    deadlines = runner.deadlines
+    next_deadline = runner.deadlines.next_deadline
     epoll_fd = runner.io_manager._epoll.fileno()
     clock = runner.clock
+    listed = engines()
+    # trio's system clock is perf_counter() plus a fixed offset: read
+    # perf_counter directly (this runs once or twice per request) and turn
+    # the next deadline into its terms; any other clock is asked
+    now_fn: Callable[[], float] = clock.current_time
+    offset = getattr(clock, "offset", None)
+    if isinstance(offset, float) and abs(now_fn() - _perf_counter() - offset) < 0.01:
+        now_fn = _perf_counter
+    else:
+        offset = 0.0
 
     def wait_inline(fd: int) -> bool:
         """Wait until ``fd`` is readable, reaping completions meanwhile;
@@ -82,21 +94,26 @@ def make_waiter(engines: Callable[[], list[Engine]]) -> Callable[[int], bool] | 
             return False
         limit = 0.0
         while True:
-            busy = [e for e in engines() if e.in_flight]
-            if fd < 0:
-                # completions already in a ring need no system call
-                for e in busy:
-                    if e.completions_ready():
+            fds = []
+            busy = []
+            for e in listed:
+                if e.in_flight:
+                    if fd < 0 and e.completions_ready():
+                        # completions already in a ring need no system call
                         e.reap_now()
                         return True
-                if not busy:
-                    return False
-            now = clock.current_time()
+                    busy.append(e)
+                    fds.append(e.wake_fd)
+            if fd < 0 and not busy:
+                return False
+            now = now_fn()
             if not limit:
-                limit = min(now + MAX_WAIT, deadlines.next_deadline())
+                limit = now + MAX_WAIT
+                deadline = next_deadline() - offset
+                if deadline < limit:
+                    limit = deadline
             if now >= limit:
                 return False
-            fds = [e.wake_fd for e in busy]
             fds.append(epoll_fd)
             if fd >= 0:
                 fds.append(fd)
