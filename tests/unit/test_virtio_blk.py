@@ -296,8 +296,9 @@ _buf = st.tuples(st.one_of(st.binary(min_size=1, max_size=600), st.integers(1, 1
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 2, 0x80000001, 99]),
        sector=st.one_of(st.integers(0, DISK // 512 + 2), st.integers(0, 2**64 - 1)),
-       body=st.lists(_buf, max_size=5), indirect=st.booleans(), writable=st.booleans())
-async def test_fuzz_requests_keep_the_model(rtype, sector, body, indirect, writable):
+       body=st.lists(_buf, max_size=5), indirect=st.booleans(), writable=st.booleans(),
+       via_start=st.booleans())
+async def test_fuzz_requests_keep_the_model(rtype, sector, body, indirect, writable, via_start):
     ram = GuestRam(size=0x40000, pad=4096)
     mem = ram.memory()
     try:
@@ -314,7 +315,11 @@ async def test_fuzz_requests_keep_the_model(rtype, sector, body, indirect, writa
             chain = q.pop()
         except Q.VirtqueueError:
             return
-        used = await h.process(chain)
+        # (via_start: as the data plane does it, start() first, which
+        # parses what it cannot serve and hands that to process())
+        got = h.start(chain) if via_start else None
+        assert got is None or type(got) is B.Prepared
+        used = await h.process(chain, got)
         q.push(chain.head, used)
         assert used in (0, chain.writable_len)
         for op in disk.calls:
@@ -381,28 +386,36 @@ async def test_start_serves_cached_reads_and_writes(env):
     assert ram.get(offs[1], 1000) + ram.get(offs[2], 1048) == payload
     assert ram.get(offs[3], 1) == b"\0"
     q.push(chain.head, 2049)
-    # what it leaves to process(): errors, other types, writethrough, read-only
+    # what it leaves to process(): errors, other types, writethrough,
+    # read-only (None); a write in pieces without an engine to take it,
+    # parsed (a Prepared: process() does it without parsing it again)
     cases = [
-        ([(outhdr(B.VIRTIO_BLK_T_IN, DISK // 512), False), (512, True), (1, True)], {}),
-        ([(outhdr(B.VIRTIO_BLK_T_FLUSH), False), (1, True)], {}),
+        ([(outhdr(B.VIRTIO_BLK_T_IN, DISK // 512), False), (512, True), (1, True)], {}, None),
+        ([(outhdr(B.VIRTIO_BLK_T_FLUSH), False), (1, True)], {}, None),
         ([(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"x" * 512, False), (1, True)],
-         {"writethrough": True}),
+         {"writethrough": True}, None),
         ([(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"x" * 512, False), (1, True)],
-         {"writable": False}),
-        ([(outhdr(B.VIRTIO_BLK_T_OUT), False), (b"x" * 512, False), (b"y" * 512, False),
-          (1, True)], {}),
+         {"writable": False}, None),
+        ([(outhdr(B.VIRTIO_BLK_T_OUT, 2), False), (b"x" * 512, False), (b"y" * 512, False),
+          (1, True)], {}, B.Prepared),
         ([(outhdr(B.VIRTIO_BLK_T_IN)[:8], False), (outhdr(B.VIRTIO_BLK_T_IN)[8:], False),
-          (512, True), (1, True)], {}),
+          (512, True), (1, True)], {}, None),
     ]
-    for bufs, kw in cases:
+    for bufs, kw, kind in cases:
         hk = B.BlkHandler(disk, **{"writable": True, **kw})
         # buffers apart in memory (one right after another is one segment)
-        drv.add(bufs, gap=16)
+        _, offs = drv.add(bufs, gap=16)
         chain = q.pop()
         n = len(disk.calls)
-        assert hk.start(chain) is None, bufs
+        got = hk.start(chain)
+        assert (got is None) if kind is None else type(got) is kind, bufs
         assert len(disk.calls) == n
-        q.push(chain.head, await hk.process(chain))
+        used = await hk.process(chain, got)
+        q.push(chain.head, used)
+        if kind is B.Prepared:
+            # process() did the write it was handed, and answered it
+            assert used == 1 and ram.get(offs[-1], 1) == b"\0"
+            assert disk.data[1024:2048] == b"x" * 512 + b"y" * 512
 
 
 class EngineDisk(ModelDisk):
@@ -465,17 +478,19 @@ async def test_start_hands_writes_to_the_engine(env):
     assert h.start(chain, done) == B.STARTED
     disk.complete(OSError(errno.EIO, "injected"))
     assert finished[-1] == (chain.head, 1) and ram.get(offs[-1], 1) == bytes([B.VIRTIO_BLK_S_IOERR])
-    # nothing started: no callback to give, writethrough (FUA), a node
-    # that cannot take it (ModelDisk), reads
-    for handler, with_done in ((h, False),
-                               (B.BlkHandler(disk, writable=True, writethrough=True), True),
-                               (B.BlkHandler(ModelDisk(), writable=True), True)):
+    # nothing started: no callback to give, writethrough (FUA: not even
+    # parsed), a node that cannot take it (ModelDisk), reads
+    for handler, with_done, kind in (
+            (h, False, B.Prepared),
+            (B.BlkHandler(disk, writable=True, writethrough=True), True, None),
+            (B.BlkHandler(ModelDisk(), writable=True), True, B.Prepared)):
         drv.add([(outhdr(B.VIRTIO_BLK_T_OUT, 8), False), (payload, False), (1, True)])
         chain = q.pop()
         n = len(disk.calls)
-        assert handler.start(chain, done if with_done else None) is None
+        got = handler.start(chain, done if with_done else None)
+        assert (got is None) if kind is None else type(got) is kind
         assert len(disk.calls) == n and not disk.pending
-        q.push(chain.head, await handler.process(chain))
+        q.push(chain.head, await handler.process(chain, got))
     drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (512, True), (1, True)])
     chain = q.pop()
-    assert h.start(chain, done) is None and not disk.pending
+    assert type(h.start(chain, done)) is B.Prepared and not disk.pending

@@ -90,6 +90,25 @@ Completion = Callable[[int, int], None]
 _DWZ = struct.Struct("<QII")
 
 
+class Prepared:
+    """A read or write that BlkHandler.start parsed and checked but could
+    not serve without a task: what :meth:`BlkHandler.process` needs to do
+    it without walking the chain again (its views of guest memory, the
+    status byte's place, the used length), and that the node's fast path
+    already declined it."""
+
+    __slots__ = ("is_write", "offset", "views", "size", "status", "used")
+
+    def __init__(self, is_write: bool, offset: int, views: list[memoryview], size: int,
+                 status: Segment, used: int):
+        self.is_write = is_write
+        self.offset = offset
+        self.views = views
+        self.size = size
+        self.status = status
+        self.used = used
+
+
 class BlkBackend(Protocol):
     """The block I/O an export does for its virtio-blk device.  A
     BlockNode is one; every method raises OSError on failure."""
@@ -253,8 +272,9 @@ class BlkHandler:
         total = self.backend.length >> SECTOR_BITS
         return not (sector > total or nb_sectors > total - sector)
 
-    async def process(self, chain: Chain) -> int:
-        """Carry out the request in ``chain`` and write its status byte.
+    async def process(self, chain: Chain, prepared: Prepared | None = None) -> int:
+        """Carry out the request in ``chain`` (``prepared``: as start()
+        parsed it) and write its status byte.
 
         Returns the used length to push: every device-writable byte of the
         chain, as QEMU counts it.  A chain without a device-writable byte
@@ -263,24 +283,33 @@ class BlkHandler:
         Exception, as the FUSE export treats them) and of guest memory that
         went away become ``VIRTIO_BLK_S_IOERR``; cancellation is not caught.
         """
-        in_len = chain.writable_len
-        if in_len == 0:
-            return 0
-        data_in, status_seg = _take(chain.writable, in_len - 1)
+        if prepared is None:
+            in_len = chain.writable_len
+            if in_len == 0:
+                return 0
+            data_in, status_seg = _take(chain.writable, in_len - 1)
+            r, off, _ = status_seg[0]
+        else:
+            in_len = prepared.used
+            r, off, _ = prepared.status
         try:
-            status = await self._execute(chain, data_in)
+            if prepared is None:
+                status = await self._execute(chain, data_in)
+            else:
+                await self._rw(prepared.is_write, prepared.offset, prepared.views, prepared.size,
+                               tried_now=True)
+                status = VIRTIO_BLK_S_OK
         except (OSError, GuestMemoryError):
             status = VIRTIO_BLK_S_IOERR
         except Exception:  # noqa: BLE001 - a failed request, not a failed device
             status = VIRTIO_BLK_S_IOERR
-        r, off, _ = status_seg[0]
         try:
             r.write(off, bytes([status]))
         except GuestMemoryError:
             return 0
         return in_len
 
-    def start(self, chain: Chain, done: Completion | None = None) -> int | None:
+    def start(self, chain: Chain, done: Completion | None = None) -> int | Prepared | None:
         """The request in ``chain`` done or started without a task, where
         the node allows it; else nothing done, and the caller runs
         :meth:`process`, which also words every error.
@@ -294,8 +323,9 @@ class BlkHandler:
           (BlockNode.writev_submit): :data:`STARTED` is returned, and
           ``done(chain.head, used length)`` is called once the status byte
           is written, from the engine's completion (or at once).
-        * None: nothing was done (anything written into the chain's data
-          buffers is rewritten by the full request).
+        * A :class:`Prepared` read or write, or None: nothing was done
+          (anything written into the chain's data buffers is rewritten by
+          the full request); the caller hands the Prepared to process().
 
         This spares an export a task per request for what the page cache or
         the engine serves; it raises nothing.
@@ -326,7 +356,8 @@ class BlkHandler:
                 if size <= 0 or not self._range_ok(sector, size):
                     return None
                 if not self._read_now(sector << SECTOR_BITS, views):
-                    return None
+                    return Prepared(False, sector << SECTOR_BITS, views, size, status_seg[0],
+                                    in_len)
                 self.read_bytes += size
             elif kind == VIRTIO_BLK_T_OUT:
                 if not self.writable or self.writethrough:
@@ -348,7 +379,8 @@ class BlkHandler:
                 backend = self.backend
                 if len(views) > 1 or not backend.write_now(sector << SECTOR_BITS, views[0]):
                     if done is None:
-                        return None
+                        return Prepared(True, sector << SECTOR_BITS, views, size,
+                                        status_seg[0], 1)
                     sr, soff, _ = status_seg[0]
                     head = chain.head
 
@@ -362,7 +394,8 @@ class BlkHandler:
                             done(head, 1)
 
                     if not backend.writev_submit(sector << SECTOR_BITS, views, finished):
-                        return None
+                        return Prepared(True, sector << SECTOR_BITS, views, size,
+                                        status_seg[0], 1)
                     self.written_bytes += size
                     return STARTED
                 self.written_bytes += size
@@ -394,18 +427,7 @@ class BlkHandler:
             views, size = views_of(data_out if is_write else data_in)
             if not self._range_ok(sector, size):
                 return VIRTIO_BLK_S_IOERR
-            offset = sector << SECTOR_BITS
-            if is_write:
-                self.written_bytes += size
-            else:
-                self.read_bytes += size
-            if is_write:
-                if len(views) == 1:
-                    await self._write(offset, views[0])
-                else:
-                    await backend.writev(offset, views, fua=self.writethrough)
-            elif not (size and self._read_now(offset, views)):
-                await backend.read_into(offset, views)
+            await self._rw(is_write, sector << SECTOR_BITS, views, size, tried_now=False)
             return VIRTIO_BLK_S_OK
         if kind == VIRTIO_BLK_T_FLUSH:
             await backend.flush()
@@ -437,12 +459,23 @@ class BlkHandler:
             self._now_skip = READ_NOW_SKIP
         return False
 
-    async def _write(self, offset: int, view: memoryview) -> None:
-        """A write, through the node's synchronous fast path when it takes
-        it (BlockNode.write_now: not FUA, into allocated space)."""
-        if not self.writethrough and self.backend.write_now(offset, view):
-            return
-        await self.backend.write(offset, view, fua=self.writethrough)
+    async def _rw(self, is_write: bool, offset: int, views: list[memoryview], size: int, *,
+                  tried_now: bool) -> None:
+        """A checked read into, or write from, the request's views of guest
+        memory; through the node's synchronous fast path first unless
+        ``tried_now`` (start() asked it already)."""
+        backend = self.backend
+        if is_write:
+            self.written_bytes += size
+            if len(views) != 1:
+                await backend.writev(offset, views, fua=self.writethrough)
+            elif tried_now or self.writethrough or not backend.write_now(offset, views[0]):
+                # (write_now: not FUA, into allocated space)
+                await backend.write(offset, views[0], fua=self.writethrough)
+        else:
+            self.read_bytes += size
+            if tried_now or not (size and self._read_now(offset, views)):
+                await backend.read_into(offset, views)
 
     async def _discard_write_zeroes(self, kind: int, data_out: list[Segment]) -> int:
         size = sum(n for _, _, n in data_out)

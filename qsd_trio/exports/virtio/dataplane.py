@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from ...nodes.engine.base import after_completions
-from .blk import STARTED, BlkHandler
+from .blk import STARTED, BlkHandler, Prepared
 from .virtqueue import Chain, SplitQueue, VirtqueueError
 
 
@@ -125,8 +125,9 @@ class QueueWorker:
                 if used == STARTED:
                     continue
                 self.submitted -= 1
-                if used is None:
-                    requests.start_soon(self._request, chain)
+                if not isinstance(used, int):
+                    # (a Prepared request: parsed, not to be parsed again)
+                    requests.start_soon(self._request, chain, used)
                     continue
                 queue.push(chain.head, used)
                 served += 1
@@ -155,8 +156,8 @@ class QueueWorker:
         if not self.submitted and self._settled is not None:
             self._settled.set()
 
-    async def _request(self, chain: Chain) -> None:
-        used = await self.handler.process(chain)
+    async def _request(self, chain: Chain, prepared: Prepared | None = None) -> None:
+        used = await self.handler.process(chain, prepared)
         if self.closed or not self._push(chain.head, used) or self._notify_pending:
             return  # the request that set it notifies for the batch
         # one notification for the requests that complete in this
