@@ -65,6 +65,7 @@ from ..proto import fuse as fp
 from ..qapi.errors import GenericError, QapiError
 from . import fuse_mount
 from .base import BlockExport, register_export
+from .read_now import ReadNowGuess
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
@@ -252,6 +253,11 @@ class FuseExport(BlockExport):
         fd = self._fd
         buf = self._receive_buffer()
         handlers = self._handlers
+        node = self.node
+        length = node._length
+        # an O_DIRECT image never serves a read without the engine: stop
+        # asking after a run of misses (read_now.py)
+        read_now = ReadNowGuess().read_now
         served = 0
         # waits for the device and the I/O engines' completions without the
         # scheduler while nothing else can run (nodes/engine/inline_wait.py)
@@ -285,13 +291,13 @@ class FuseExport(BlockExport):
                     # reads run concurrently: the kernel sends readahead alongside
                     # the reader's own request, and each may wait on a file thread
                     _fh, offset, size, _flags = fp.READ_IN.unpack_from(body)
-                    size = max(0, min(size, self.node.length - offset))
+                    size = max(0, min(size, length() - offset))
                     self.read_bytes += size
-                    data = self.node.read_now(offset, size) if size else None
+                    data = read_now(node, offset, size) if size else None
                     if data is None:
                         # started on the I/O engine and answered from its
                         # completion, or else in a task of its own
-                        if size and self.node.read_submit(
+                        if size and node.read_submit(
                                 offset, size, functools.partial(self._read_done, unique)):
                             self._submitted += 1
                             expect_empty = self._submitted == 1

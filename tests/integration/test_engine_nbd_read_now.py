@@ -11,7 +11,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from qsd_trio.exports.nbd import protocol
+from qsd_trio.exports import read_now
 from qsd_trio.monitor import exports as mx
 from qsd_trio.proto import nbd as P
 from tests import nbd_client as C
@@ -69,20 +69,20 @@ async def test_read_now_skipped_after_misses_then_asked_again(nursery, tmp_path)
         c = await RawClient.connect(sock)
         await c.go("sw")
         with trio.fail_after(30):
-            n = protocol.READ_NOW_MISSES + protocol.READ_NOW_SKIP
+            n = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
             await _reads(c, node, n, 1)
             # asked until the run of misses, then not for the next READ_NOW_SKIP
-            assert node.asked == protocol.READ_NOW_MISSES
+            assert node.asked == read_now.READ_NOW_MISSES
             assert node.submitted == n
             # the node can serve synchronously again: after the skip the
             # reader asks, and from then on every READ is served inline
             node.fast = True
             await _reads(c, node, n, 1 + n)
             assert node.served_now > 0
-            assert node.asked == protocol.READ_NOW_MISSES + node.served_now
+            assert node.asked == read_now.READ_NOW_MISSES + node.served_now
             assert node.served_now + (node.submitted - n) == n
             await _reads(c, node, 64, 1 + 2 * n)
-            assert node.served_now == node.asked - protocol.READ_NOW_MISSES
+            assert node.served_now == node.asked - read_now.READ_NOW_MISSES
             assert node.submitted + node.served_now == 2 * n + 64
     finally:
         await mx.nbd_server_stop(d, None)

@@ -36,9 +36,10 @@ import trio
 from ... import tasks
 from ...nodes.engine import buffers
 from ...nodes.engine.base import after_completions, hold_submissions, submit_held
-from ...nodes.node import BlockNode, Status
+from ...nodes.node import Status
 from ...proto import nbd as P
 from ...qapi.errors import QapiError
+from ..read_now import ReadNowGuess
 from .wire import Wire, _Disconnect
 
 if TYPE_CHECKING:
@@ -53,11 +54,6 @@ Work = tuple[P.Request, "memoryview | None", int]
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS = 16  # in flight per connection, as QEMU's NBD_MAX_REQUESTS
-# After this many READs in a row that BlockNode.read_now could not serve
-# (an image opened with O_DIRECT never can), the reader starts the next
-# READ_NOW_SKIP without asking it, straight with read_submit, then asks again
-READ_NOW_MISSES = 16
-READ_NOW_SKIP = 256
 MAX_BLOCK_STATUS_EXTENTS = 1024 * 1024 // 8  # per reply chunk, QEMU's limit
 # sparse reads ask for the status of this much ahead, so one answer covers
 # the reads that follow (the extent is remembered, see NbdExport.known_data)
@@ -147,8 +143,7 @@ class Transmission:
         # the flags a READ/WRITE served by the reader may carry (_read_requests)
         self._read_flags = self._write_flags = P.CMD_FLAG_FUA
         self.moved = 0  # bytes of this client's READ and WRITE requests
-        self._now_misses = 0  # READs in a row read_now did not serve
-        self._now_skip = 0    # READs still to start without asking read_now
+        self._read_now = ReadNowGuess().read_now  # asks read_now while it serves
         self._hangup = ""
         self._broken = False
         self._reader_scope = trio.CancelScope()
@@ -447,23 +442,6 @@ class Transmission:
         else:
             self._queue(reply)
         return True
-
-    def _read_now(self, node: BlockNode, off: int, ln: int) -> Any:
-        """node.read_now(off, ln), unless recent READs say it will not
-        serve this one either (see READ_NOW_MISSES); None then.  Either way
-        the request is the same: read_submit or a worker reads it instead."""
-        if self._now_skip:
-            self._now_skip -= 1
-            return None
-        buf = node.read_now(off, ln)
-        if buf is not None:
-            self._now_misses = 0
-            return buf
-        self._now_misses += 1
-        if self._now_misses >= READ_NOW_MISSES:
-            self._now_misses = 0
-            self._now_skip = READ_NOW_SKIP
-        return None
 
     def _completion(self, req: P.Request) -> Callable[[Any, OSError | None], None]:
         """The reply to a READ or WRITE started with read_submit/write_submit,
