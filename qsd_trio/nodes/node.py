@@ -316,6 +316,13 @@ class BlockNode:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         # per-operation latency while --metrics asks for it (nodes/latency.py)
         self.latency = _latency.new()
+        # the node below that serves this node's requests as they are (the
+        # same offset, length and data: raw without an offset or size),
+        # set by the driver when the graph is built or the child changes;
+        # read(), write() and the paths without a task then hand a request
+        # straight to that node's driver, with both nodes' checks and books
+        # done in one pass (_plain_read, _write_node)
+        self._through: BlockNode | None = None
 
     # -- what drivers implement ------------------------------------------
     async def open(self, options: dict[str, Any]) -> None:
@@ -706,26 +713,40 @@ class BlockNode:
         """``length`` bytes at ``offset``: a buffer the caller may keep, or
         with ``into`` (writable views of format "B", ``length`` bytes in
         all) read into those views, in order, returning None; all of them or
-        OSError (the views' contents are then undefined)."""
-        if offset < 0 or length < 0 or (not self.grows and offset + length > self._length()):
+        OSError (the views' contents are then undefined).
+
+        On a pass-through node (``_through``) the node below's driver
+        serves it, with both nodes' books kept here: what the node below's
+        read() would add is its gate, which a request in flight passes."""
+        node = self._through or self
+        if offset < 0 or length < 0 or (not self.grows and offset + length > node._length()):
             raise OSError(errno.EIO, "Input/output error")
         if self._quiesce:
             await self._gate()
-        t0 = perf_counter_ns() if self.latency is not None else 0
+            node = self._through or self  # the drained section may have moved the child
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
         token = _in_request.set(True)
         self._in_flight += 1
+        if node is not self:
+            node._in_flight += 1
         try:
             if into is None:
-                data = await self._co_preadv(offset, length)
+                data = await node._co_preadv(offset, length)
             else:
                 data = None
-                await self._co_preadv_into(offset, length, into)
+                await node._co_preadv_into(offset, length, into)
         except OSError:
             self.stats["failed_rd_operations"] += 1
+            if node is not self:
+                node.stats["failed_rd_operations"] += 1
             raise
         finally:
+            if node is not self:
+                node._end()
             self._end()
             _in_request.reset(token)
+        if node is not self:
+            node._count_read(length, t0)
         self._count_read(length, t0)
         return data
 
@@ -767,33 +788,45 @@ class BlockNode:
                  ) -> Buffer | list[memoryview] | None:
         """The data, if the driver could read it without waiting; else None.
         With ``into`` (as read()'s), the views once they hold it."""
-        if not self._plain_read(offset, length):
+        node = self._through or self
+        if not self._plain_read(node, offset, length):
             return None
-        t0 = perf_counter_ns() if self.latency is not None else 0
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
         data: Buffer | list[memoryview] | None
         try:
             if into is None:
-                data = self._preadv_now(offset, length)
+                data = node._preadv_now(offset, length)
             else:
-                data = into if self._preadv_into_now(offset, length, into) else None
+                data = into if node._preadv_into_now(offset, length, into) else None
         except OSError:
             return None  # read() tries again, counts and reports the failure
         if data is not None:
             self._count_read(length, t0)
+            if node is not self:
+                node._count_read(length, t0)
         return data
 
-    def _plain_write(self, offset: int, n: int) -> bool:
+    # The paths without a task take ``node = self._through or self``: the
+    # node whose driver serves the request.  When it is the node below
+    # (raw over file), these checks are that node's too, and the request's
+    # books are kept on both nodes, as if it had gone through both.  The
+    # length is the node's below (a pass-through has that length).
+    def _plain_write(self, node: BlockNode, offset: int, n: int) -> bool:
         """Whether a write may skip write()'s general path (write_now,
-        write_submit): nothing to hold it back, check or do before it."""
+        write_submit) on this node and on ``node``: nothing to hold it
+        back, check or do before it."""
         return not (self._quiesce or self.read_only or self.before_write or self._debug_events
                     or self.detect_zeroes != "off" or offset < 0 or n <= 0
-                    or (not self.grows and offset + n > self._length()))
+                    or (not self.grows and offset + n > node._length())
+                    or (node is not self and (node._quiesce or node.read_only
+                                              or node.before_write
+                                              or node.detect_zeroes != "off")))
 
-    def _plain_read(self, offset: int, length: int) -> bool:
-        """Whether a read may take read_now/read_submit's path: nothing
-        to hold it back, and inside the node."""
-        return not (self._quiesce or offset < 0 or length <= 0
-                    or (not self.grows and offset + length > self._length()))
+    def _plain_read(self, node: BlockNode, offset: int, length: int) -> bool:
+        """Whether a read may take read_now/read_submit's path on this
+        node and on ``node``: nothing to hold it back, and inside the node."""
+        return not (self._quiesce or node._quiesce or offset < 0 or length <= 0
+                    or (not self.grows and offset + length > node._length()))
 
     def _count_read(self, length: int, t0: int) -> None:
         """What every read path records once a read has succeeded (``t0``:
@@ -826,19 +859,27 @@ class BlockNode:
         """Write ``mv`` (bytes, not FUA) if the driver can do it without
         waiting; False leaves nothing changed that write() would not redo."""
         n = len(mv)
-        if not self._plain_write(offset, n):
+        node = self._through or self
+        if not self._plain_write(node, offset, n):
             return False
-        t0 = perf_counter_ns() if self.latency is not None else 0
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
         try:
-            if not self._pwritev_now(offset, mv):
+            if not node._pwritev_now(offset, mv):
                 return False
         except OSError:
             return False  # write() does it again, and reports what fails
+        if node is not self:
+            node._write_over(offset, n, t0)
+        self._write_over(offset, n, t0)
+        return True
+
+    def _write_over(self, offset: int, n: int, t0: int) -> None:
+        """The books of a write the paths without a task served: the
+        threshold, what _written records, the statistics."""
         if self.write_threshold:
             self._check_threshold(offset, n)
         self._written(offset, n)
         self._count_write(n, t0)
-        return True
 
     # Requests started without a task.  Where the fast path cannot serve a
     # request but the driver can hand it to the I/O engine as it is (a raw
@@ -849,22 +890,37 @@ class BlockNode:
     # and error is None.
     def read_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         """Start a read; ``done(buffer, None)`` or ``done(None, OSError)``."""
-        if not self._plain_read(offset, length):
+        node = self._through or self
+        if not self._plain_read(node, offset, length):
             return False
-        t0 = perf_counter_ns() if self.latency is not None else 0
-
-        def finished(buf: Buffer | None, err: OSError | None) -> None:
-            self._end()
-            if err is None:
-                self._count_read(length, t0)
-            else:
-                self.stats["failed_rd_operations"] += 1
-            done(buf, err)
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
+        if node is self:
+            def finished(buf: Buffer | None, err: OSError | None) -> None:
+                self._end()
+                if err is None:
+                    self._count_read(length, t0)
+                else:
+                    self.stats["failed_rd_operations"] += 1
+                done(buf, err)
+        else:
+            def finished(buf: Buffer | None, err: OSError | None) -> None:
+                node._end()
+                self._end()
+                if err is None:
+                    node._count_read(length, t0)
+                    self._count_read(length, t0)
+                else:
+                    node.stats["failed_rd_operations"] += 1
+                    self.stats["failed_rd_operations"] += 1
+                done(buf, err)
+            node._in_flight += 1
 
         self._in_flight += 1
-        if self._preadv_submit(offset, length, finished):
+        if node._preadv_submit(offset, length, finished):
             return True
         self._in_flight -= 1  # nothing awaited: no drain can have seen it
+        if node is not self:
+            node._in_flight -= 1
         return False
 
     def write_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
@@ -886,10 +942,11 @@ class BlockNode:
 
     def _write_submit(self, offset: int, n: int, data: memoryview | list[memoryview],
                       done: WriteDone) -> bool:
-        if not self._plain_write(offset, n):
+        node = self._through or self
+        if not self._plain_write(node, offset, n):
             return False
 
-        t0 = perf_counter_ns() if self.latency is not None else 0
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
 
         def finished(_res: object, err: OSError | None) -> None:
             self._written(offset, n)
@@ -900,13 +957,29 @@ class BlockNode:
                 self.stats["failed_wr_operations"] += 1
             done(None, err)
 
+        if node is not self:
+            def through_finished(_res: object, err: OSError | None) -> None:
+                node._written(offset, n)
+                node._end()
+                if err is None:
+                    node._count_write(n, t0)
+                else:
+                    node.stats["failed_wr_operations"] += 1
+                finished(None, err)
+            node._in_flight += 1
+
         self._in_flight += 1
-        if (self._pwritev_submit(offset, data, finished) if isinstance(data, memoryview)
-                else self._pwritev_submit_vec(offset, n, data, finished)):
+        cb = finished if node is self else through_finished
+        if (node._pwritev_submit(offset, data, cb) if isinstance(data, memoryview)
+                else node._pwritev_submit_vec(offset, n, data, cb)):
+            if node.write_threshold:
+                node._check_threshold(offset, n)
             if self.write_threshold:
                 self._check_threshold(offset, n)
             return True
         self._in_flight -= 1
+        if node is not self:
+            node._in_flight -= 1
         return False
 
     # driver hooks for the fast path: by default nothing is done synchronously
@@ -950,20 +1023,34 @@ class BlockNode:
             n = len(mv)
         if self.read_only:
             raise OSError(errno.EPERM, "Operation not permitted")
-        if offset < 0 or (not self.grows and offset + n > self._length()):
+        node = self if self._through is None else self._write_node()
+        if offset < 0 or (not self.grows and offset + n > node._length()):
             raise OSError(errno.EIO, "Input/output error")
         if self._quiesce:
             await self._gate()
-        t0 = perf_counter_ns() if self.latency is not None else 0
+            node = self if self._through is None else self._write_node()
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
         token = _in_request.set(True)
         self._in_flight += 1
+        if node is not self:
+            node._in_flight += 1
         debug = self._debug_events
         try:
             if self.write_threshold:
                 self._check_threshold(offset, n)
             if self.before_write:
                 await self._before_write(offset, n)
-            if self.detect_zeroes != "off" and n and (
+            if node is not self:
+                # what the node below's write() would do first
+                if node.write_threshold:
+                    node._check_threshold(offset, n)
+                if node.before_write:
+                    await node._before_write(offset, n)
+                if views is None:
+                    await node._co_pwritev(offset, mv, fua)
+                else:
+                    await node._co_pwritev_vec(offset, n, views, fua)
+            elif self.detect_zeroes != "off" and n and (
                     _is_zero(mv) if views is None else all(_is_zero(v) for v in views)):
                 if debug:
                     self.debug_event("pwritev_zero")
@@ -978,13 +1065,31 @@ class BlockNode:
             if debug:
                 self.debug_event("pwritev_done")
         except OSError:
+            if node is not self:
+                node.stats["failed_wr_operations"] += 1
             self.stats["failed_wr_operations"] += 1
             raise
         finally:
+            if node is not self:
+                node._written(offset, n)
+                node._end()
             self._written(offset, n)
             self._end()
             _in_request.reset(token)
+        if node is not self:
+            node._count_write(n, t0)
         self._count_write(n, t0)
+
+    def _write_node(self) -> BlockNode:
+        """Whose driver write() hands a write to on a pass-through node:
+        the node below, unless zero detection (here or there) would make
+        it another request, or the node below refuses it (read-only),
+        which this node's driver then has its write() do."""
+        node = self._through
+        if (node is None or node.read_only or node.detect_zeroes != "off"
+                or self.detect_zeroes != "off"):
+            return self
+        return node
 
     # Not a coroutine function, as read_into(): the coroutine is write()'s.
     def writev(self, offset: int, views: list[memoryview], *,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError
@@ -10,10 +10,22 @@ from . import perms
 from .graph import register_driver
 from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, ReadDone, WriteDone
 
+# the request hooks a pass-through raw node's requests skip (BlockNode._through)
+_IO_HOOKS = ("_co_preadv", "_co_preadv_into", "_co_pwritev", "_co_pwritev_vec",
+             "_preadv_now", "_preadv_into_now", "_pwritev_now", "_preadv_submit",
+             "_pwritev_submit", "_pwritev_submit_vec")
+
 
 @register_driver
 class RawNode(BlockNode):
     driver = "raw"
+    # whether the request hooks are raw's own: a subclass that overrides one
+    # wants its requests to reach it, so it passes nothing through
+    _own_hooks: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._own_hooks = all(getattr(cls, h) is getattr(RawNode, h) for h in _IO_HOOKS)
 
     async def open(self, options: dict[str, Any]) -> None:
         self.offset: int = options.get("offset", 0)
@@ -40,6 +52,23 @@ class RawNode(BlockNode):
     def _window(self) -> bool:
         return bool(self.offset) or self.fixed_size is not None
 
+    def child_attached(self, edge: BdrvChild) -> None:
+        # Without a window every request reaches the file child as it is:
+        # reads and writes go straight to its driver (BlockNode._through),
+        # unless blkdebug-style events are wanted on the child, which
+        # raw's own hooks (below) raise.  Set when the child is opened
+        # (offset and size are known by then) and when a graph change
+        # moves the edge to another node.
+        if edge.name == "file":
+            child = edge.node
+            self._through = (child if self._own_hooks and not (self._window()
+                                                                or child._debug_events)
+                             else None)
+
+    def child_detached(self, edge: BdrvChild) -> None:
+        if edge.name == "file":
+            self._through = None
+
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # raw_child_perm: a window is DATA storage, otherwise a filter; only
         # take write/resize when a parent needs them
@@ -54,10 +83,11 @@ class RawNode(BlockNode):
     def _length(self) -> int:
         if self.fixed_size is not None:
             return self.fixed_size
-        return max(self.file.node.length - self.offset, 0)
+        return max(self.file.node._length() - self.offset, 0)
 
-    # the fast path (BlockNode.read_now) passes straight through, unless
-    # blkdebug-style events are wanted on the child
+    # the fast path (BlockNode.read_now) of a window, or over a child that
+    # wants blkdebug-style events (those decline): the child's, at the
+    # window's offset
     def _preadv_now(self, offset: int, length: int) -> Buffer | None:
         child = self.file.node
         return None if child._debug_events else child.read_now(self.offset + offset, length)

@@ -10,6 +10,7 @@ statistics and dirty bitmaps are what read()/write() would leave.
 from __future__ import annotations
 
 import pytest
+import trio
 
 from qsd_trio.nodes import inline_io
 from qsd_trio.nodes.graph import BlockGraph
@@ -151,3 +152,207 @@ async def test_qcow2_declines_a_corrupt_image(tmp_path):
         q._corrupt = True
         assert q.read_now(0, 4096) is None
         assert q.write_now(0, memoryview(bytes(4096))) is False
+
+
+@pytest.fixture
+async def raw_over_file(tmp_path):
+    path = tmp_path / "f.raw"
+    path.write_bytes(b"\x11" * (1 << 20))
+    graph = BlockGraph()
+    n = await graph.add({"driver": "raw", "node-name": "r", "file": {
+        "driver": "file", "node-name": "f", "filename": str(path)}})
+    yield n
+    await graph.close_all()
+
+
+async def _submitted(submit):
+    """A request started without a task: whether it was taken, and its
+    result and error once done."""
+    got = []
+    finished = trio.Event()
+
+    def done(res, err):
+        got.append((res, err))
+        finished.set()
+
+    if not submit(done):
+        return False, None, None
+    await finished.wait()
+    return True, *got[0]
+
+
+async def test_raw_over_file_declines_what_either_node_holds_back(raw_over_file):
+    """A raw node without a window hands the paths without a task straight
+    to its file's driver; what holds a request back on either node still
+    sends it to the general path, and a request they take counts on both."""
+    r = raw_over_file
+    f = r.file.node
+    mv = memoryview(bytearray(b"\x44" * PAGE))  # writable: write_submit takes no bytes
+
+    def fast_paths_decline() -> bool:
+        return r.read_now(0, PAGE) is None and r.write_now(0, mv) is False
+
+    async def hook(node, offset, length):
+        pass
+
+    for who in (r, f):
+        async with who.drained():
+            assert fast_paths_decline()
+            assert (await _submitted(lambda d: r.read_submit(0, PAGE, d)))[0] is False
+            assert (await _submitted(lambda d: r.write_submit(0, mv, d)))[0] is False
+        who.before_write.append(hook)
+        assert r.write_now(0, mv) is False
+        assert (await _submitted(lambda d: r.write_submit(0, mv, d)))[0] is False
+        who.before_write.clear()
+        who.detect_zeroes = "on"
+        assert r.write_now(0, memoryview(bytes(PAGE))) is False
+        who.detect_zeroes = "off"
+        who.read_only = True
+        assert r.write_now(0, mv) is False
+        assert (await _submitted(lambda d: r.writev_submit(0, [mv], d)))[0] is False
+        who.read_only = False
+    # past the end of the raw node (the file below would grow)
+    assert r.read_now((1 << 20) - 10, 20) is None
+    assert r.write_now(1 << 20, mv) is False
+    assert (await _submitted(lambda d: r.write_submit(1 << 20, mv, d)))[0] is False
+    assert f.stats["wr_operations"] == r.stats["wr_operations"] == 0
+    # taken: counted once on each node, nothing left in flight
+    assert r.write_now(0, mv) is True
+    assert bytes(r.read_now(0, PAGE)) == b"\x44" * PAGE
+    assert (await _submitted(lambda d: r.write_submit(PAGE, mv, d)))[:2] == (True, None)
+    taken, data, err = await _submitted(lambda d: r.read_submit(PAGE, PAGE, d))
+    assert taken and err is None and bytes(data) == b"\x44" * PAGE
+    for n in (r, f):
+        assert (n.stats["rd_operations"], n.stats["wr_operations"]) == (2, 2)
+        assert n._in_flight == 0
+        assert n.wr_highest_offset == 2 * PAGE
+
+
+async def test_raw_with_a_window_reads_and_writes_at_its_offset(tmp_path):
+    """raw with an offset is no pass-through: its requests land at the
+    offset in the file on every path."""
+    path = tmp_path / "f.raw"
+    path.write_bytes(bytes(range(256)) * (1 << 12))
+    graph = BlockGraph()
+    r = await graph.add({"driver": "raw", "node-name": "r", "offset": 2 * PAGE,
+                         "size": 4 * PAGE, "file": {"driver": "file", "filename": str(path)}})
+    try:
+        whole = path.read_bytes()
+        assert bytes(r.read_now(0, PAGE)) == whole[2 * PAGE:3 * PAGE]
+        taken, data, err = await _submitted(lambda d: r.read_submit(PAGE, PAGE, d))
+        assert taken and bytes(data) == whole[3 * PAGE:4 * PAGE]
+        assert r.write_now(0, memoryview(b"\x66" * PAGE)) is True
+        assert r.read_now(4 * PAGE, PAGE) is None  # past the window
+        await r.flush()
+        assert path.read_bytes()[2 * PAGE:3 * PAGE] == b"\x66" * PAGE
+    finally:
+        await graph.close_all()
+
+
+async def test_raw_without_a_window_hands_requests_to_the_file_driver(raw_over_file):
+    """A request on a raw node without a window passes its checks once and
+    reaches the file node's driver without raw's hooks or the file node's
+    public methods (the same checks again): which functions run is the
+    whole point of the pass-through, so they are counted."""
+    import collections
+    import sys
+
+    r = raw_over_file
+    mv = memoryview(bytearray(b"\x77" * PAGE))
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    frames = set()
+
+    def profile(frame, event, arg):
+        # a coroutine resumed is "called" again: count each frame once
+        if event == "call" and frame not in frames:
+            frames.add(frame)
+            calls[frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name] += 1
+
+    done = []
+    both_done = trio.Event()
+
+    def finished(*result):
+        done.append(result)
+        if len(done) == 2:
+            both_done.set()
+
+    for request in (lambda: r.read_now(0, PAGE), lambda: r.write_now(0, mv),
+                    lambda: r.read_submit(0, PAGE, finished),
+                    lambda: r.write_submit(PAGE, mv, finished)):
+        calls.clear()
+        sys.setprofile(profile)
+        try:
+            assert request()
+        finally:
+            sys.setprofile(None)
+        assert not [c for c in calls if c[0] == "raw.py"], calls
+        public = [c for c in calls if c[0] == "node.py" and not c[1].startswith("_")]
+        assert len(public) == 1 and calls[public[0]] == 1, calls
+        assert calls["node.py", "_plain_read"] + calls["node.py", "_plain_write"] == 1, calls
+    await both_done.wait()
+    assert [err for _, err in done] == [None, None]
+    # read() and write(): one coroutine of the node layer, none of raw's
+    for request in (lambda: r.read(0, PAGE), lambda: r.write(0, mv, fua=True)):
+        calls.clear()
+        frames.clear()
+        sys.setprofile(profile)
+        try:
+            await request()
+        finally:
+            sys.setprofile(None)
+        assert not [c for c in calls if c[0] == "raw.py"], calls
+        assert calls["node.py", "read"] + calls["node.py", "write"] == 1, calls
+
+
+@pytest.mark.parametrize("path", ["write", "writev", "write_now", "write_submit", "fua"])
+async def test_raw_over_file_keeps_the_file_nodes_books(raw_over_file, path):
+    """A write through a raw node without a window leaves on the file node
+    what the file node's own write() leaves: its before-write hook (once,
+    after raw's), its write threshold event, its dirty bitmap, its
+    statistics; zero detection on the file still turns zeroes into a zero
+    write there."""
+    from qsd_trio import events
+
+    r = raw_over_file
+    f = r.file.node
+    order = []
+
+    async def hook_of(name):
+        async def hook(node, offset, length):
+            order.append((name, node.node_name, offset, length))
+        return hook
+
+    r.before_write.append(await hook_of("raw"))
+    f.before_write.append(await hook_of("file"))
+    bm = f.add_bitmap("b", 65536)
+    f.write_threshold = 5 * PAGE
+    seen = []
+    unsubscribe = events.subscribe(seen.append)
+    mv = memoryview(bytearray(b"\x99" * 2 * PAGE))
+    try:
+        if path == "write_now":
+            assert not r.write_now(4 * PAGE, mv)  # hooks: the general path
+            await r.write(4 * PAGE, mv)
+        elif path == "write_submit":
+            assert (await _submitted(lambda d: r.write_submit(4 * PAGE, mv, d)))[0] is False
+            await r.write(4 * PAGE, mv)
+        elif path == "writev":
+            await r.writev(4 * PAGE, [mv[:PAGE], mv[PAGE:]])
+        else:
+            await r.write(4 * PAGE, mv, fua=path == "fua")
+        f.detect_zeroes = "on"
+        await r.write(8 * PAGE, memoryview(bytes(PAGE)))
+    finally:
+        unsubscribe()
+    assert order == [("raw", "r", 4 * PAGE, 2 * PAGE), ("file", "f", 4 * PAGE, 2 * PAGE),
+                     ("raw", "r", 8 * PAGE, PAGE), ("file", "f", 8 * PAGE, PAGE)]
+    assert [(e.name, e.data) for e in seen if e.name == "BLOCK_WRITE_THRESHOLD"] == [
+        ("BLOCK_WRITE_THRESHOLD", {"node-name": "f", "amount-exceeded": PAGE,
+                                   "write-threshold": 5 * PAGE})]
+    assert [(o, n) for o, n, d in bm.dirty_extents() if d] == [(0, 65536)]
+    for n in (r, f):
+        assert (n.stats["wr_operations"], n.stats["wr_bytes"]) == (2, 3 * PAGE), n.node_name
+        assert n._in_flight == 0 and n.wr_highest_offset == 9 * PAGE
+    assert bytes(await r.read(4 * PAGE, 5 * PAGE)) == (b"\x99" * 2 * PAGE + b"\x11" * 2 * PAGE
+                                                      + bytes(PAGE))

@@ -114,6 +114,11 @@ async def _written(node, offset: int, mv: memoryview) -> tuple[str, int]:
 CASES = {
     "file-cached": ("raw", {"aio": "threads"}),
     "file-io_uring-direct": ("raw", {"aio": "io_uring", "cache": {"direct": True}}),
+    # raw without a window over its file: the paths without a task go
+    # straight to the file's driver and keep both nodes' books
+    "raw-over-file-cached": ("raw-over-file", {"aio": "threads"}),
+    "raw-over-file-io_uring-direct": ("raw-over-file", {"aio": "io_uring",
+                                                        "cache": {"direct": True}}),
     "qcow2-cached": ("qcow2", {"aio": "threads"}),
     "qcow2-io_uring-direct": ("qcow2", {"aio": "io_uring", "cache": {"direct": True}}),
 }
@@ -198,11 +203,13 @@ async def _run(img, fmt: str, file_opts: dict, path: str, seen: list) -> dict:
         os.truncate(img, SIZE)
     file_node = {"driver": "file", "filename": str(img), **file_opts}
     opts = ({"driver": "qcow2", "node-name": "n", "file": file_node} if fmt == "qcow2"
-            else {**file_node, "node-name": "n"})
+            else {"driver": "raw", "node-name": "n", "file": file_node}
+            if fmt == "raw-over-file" else {**file_node, "node-name": "n"})
     graph = BlockGraph()
     node = await graph.add(opts)
     try:
-        child = node.data if fmt == "qcow2" else None
+        child = (node.data if fmt == "qcow2" else node.file.node if fmt == "raw-over-file"
+                 else None)
         if child is not None:
             # the first access loads the L2 table and the overlap index, the
             # same for every path; its statistics are left out below
@@ -247,8 +254,9 @@ def _model(fmt: str) -> dict:
     """What the writes must leave, computed from WRITES alone."""
     nbytes = sum(n for _, n, _ in WRITES)
     stats = {}
-    # qcow2 writes in place: one write of the same size on its file child
-    for who in ("node", "child") if fmt == "qcow2" else ("node",):
+    # qcow2 writes in place, raw passes the write on: one write of the
+    # same size on the file child
+    for who in ("node", "child") if fmt in ("qcow2", "raw-over-file") else ("node",):
         stats.update({f"{who}.rd_operations": 0, f"{who}.rd_bytes": 0,
                       f"{who}.wr_operations": len(WRITES), f"{who}.wr_bytes": nbytes,
                       f"{who}.failed_wr_operations": 0, f"{who}.failed_rd_operations": 0})
