@@ -28,11 +28,13 @@ failing.  ``open-timeout`` lets the first connect retry for that long.
 Multi-conn: each request goes to the live connection with the fewest
 requests in flight (ties taken round robin).  A connection that breaks while
 others live is reconnected in the background (a system task per connection,
-retrying until ``reconnect-delay`` after its break); its lost requests wait
-for that connection as above.  With CAN_MULTI_CONN the server makes a
-FLUSH's effect cover the writes it completed on every connection (the
-specification's "Transmission flags"), so one FLUSH, sent after the writes
-it covers were answered (the block layer's promise), is enough.
+retrying until ``reconnect-delay`` after its break); with ``reconnect-delay``
+set, the requests it lost are sent again on a live connection at once.
+When every connection is broken, requests wait for one as above.  With
+CAN_MULTI_CONN the server makes a FLUSH's effect cover the writes it
+completed on every connection (the specification's "Transmission flags"),
+so one FLUSH, sent after the writes it covers were answered (the block
+layer's promise), is enough.
 
 Resources: the sockets, reader tasks and reconnect tasks belong to the node;
 ``_close`` sends NBD_CMD_DISC on each connection, closes the sockets and
@@ -1102,7 +1104,6 @@ class NbdNode(BlockNode):
 
     def _flags(self) -> int:
         return self._conns[0].flags if self._conns else 0
-
 
     # -- I/O ---------------------------------------------------------------------------
     async def _co_preadv(self, offset: int, length: int) -> Buffer:
