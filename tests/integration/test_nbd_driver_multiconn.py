@@ -347,10 +347,13 @@ def cut_proxy(tmp_path):
         p.close()
 
 
-def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy):
+@pytest.mark.parametrize("delay", [10, 0])
+def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy, delay):
     """One of four connections is cut while writes are in flight on all of
-    them (nbdkit's delay filter keeps them there): its requests are sent
-    again, that connection alone is reconnected, and nothing is lost."""
+    them (nbdkit's delay filter keeps them there).  With reconnect-delay its
+    requests are sent again and nothing is lost; without, they fail with
+    EIO, as one connection's would.  Either way that connection alone is
+    reconnected and the node goes on."""
     srv = tmp_path / "kit.sock"
     servers.procs.append(subprocess.Popen(
         ["nbdkit", "-f", "-U", str(srv), "-e", "disk", "--filter=delay", "memory", str(SIZE),
@@ -358,7 +361,7 @@ def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy)
     wait_for(srv.exists, "nbdkit did not start")
     proxy = cut_proxy(srv)
     d, uri = client(daemon_factory, tmp_path, tmp_path / "proxy0.sock",
-                    **{"x-multi-conn": 4, "reconnect-delay": 10})
+                    **{"x-multi-conn": 4, "reconnect-delay": delay})
     assert len(proxy.pairs) == 4
     handshake = [p.sent for p in proxy.pairs]
     model = Model(SIZE)
@@ -375,10 +378,21 @@ def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy)
              "writes on every connection")
     proxy.cut(1)
     out, _ = io.communicate(timeout=60)
-    assert io.returncode == 0 and "failed" not in out, out
     # the cut one came back: five connections made, four live
     wait_for(lambda: len(proxy.pairs) == 5 and proxy.live() == 4, "a reconnect",
              timeout=30)
+    if delay == 0:
+        failed = [ln for ln in out.splitlines() if "failed" in ln]
+        assert failed and all("Input/output error" in ln for ln in failed), out
+        assert len(failed) < 32, out  # the other connections' writes went through
+        # what the lost writes left is unknown: the node goes on, all of it
+        model = Model(SIZE)
+        cmds = []
+        for i in range(32):
+            cmds += ["-c", f"aio_write -P {0x40 + i} {i * 512 * 1024} 512k"]
+            model.write(i * 512 * 1024, 512 * 1024, 0x40 + i)
+        out = qemu_io("-f", "raw", *cmds, "-c", "aio_flush", uri).stdout
+    assert "failed" not in out, out
     assert read_all(uri, tmp_path, "via-client.raw") == bytes(model.data)
     assert read_all(f"nbd+unix:///disk?socket={srv}", tmp_path, "direct.raw") == \
         bytes(model.data)
@@ -415,3 +429,28 @@ def test_server_restart(daemon_factory, tmp_path, servers, again, expected):
     d.stop()
     servers.stop_all()
     assert img.read_bytes() == bytes(model.data)
+
+
+def test_one_connection_unless_asked_as_qemu_storage_daemon(daemon_factory, tmp_path, servers):
+    """Without x-multi-conn a server sees one connection from qsd-trio, as
+    from qemu-storage-daemon; x-multi-conn is qsd-trio's own member, which
+    qemu-storage-daemon 7.2 refuses."""
+    srv = servers.start("qemu-nbd-8", image(tmp_path))
+    server = {"type": "unix", "path": str(srv)}
+    for kind in ("qemu", "trio"):
+        d = daemon_factory(kind)
+        q = d.qmp()
+        r = q.cmd_raw("blockdev-add", {"driver": "nbd", "node-name": "n", "export": "disk",
+                                       "server": server})
+        assert r == {"return": {}}, (kind, r)
+        assert server_connections(srv) == 1, kind
+        r = q.cmd_raw("blockdev-add", {"driver": "nbd", "node-name": "m", "export": "disk",
+                                       "server": server, "x-multi-conn": 4})
+        if kind == "qemu":
+            assert r["error"]["desc"] == "Parameter 'x-multi-conn' is unexpected"
+            assert server_connections(srv) == 1
+        else:
+            assert r == {"return": {}}
+            assert server_connections(srv) == 5
+        d.stop()
+        wait_for(lambda: server_connections(srv) == 0, "the connections closed")
