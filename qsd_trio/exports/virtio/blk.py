@@ -19,6 +19,9 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+# (reads stop asking the node's fast path after READ_NOW_MISSES misses in a
+# row, for READ_NOW_SKIP reads, as the NBD and FUSE exports do)
+from ..read_now import READ_NOW_MISSES, READ_NOW_SKIP
 from .memory import GuestMemoryError, Segment, views_of
 from .virtqueue import (
     VIRTIO_F_EVENT_IDX,
@@ -73,11 +76,6 @@ REQUEST_MAX_SECTORS = (0x7FFFFFFF & ~(SECTOR_SIZE - 1)) >> SECTOR_BITS
 CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 CONFIG_SIZE = CONFIG.size
 CONFIG_WCE_OFFSET = 32
-
-# After this many reads in a row that the node's read_now could not serve,
-# the next READ_NOW_SKIP go straight to read(), then read_now is asked again
-READ_NOW_MISSES = 16
-READ_NOW_SKIP = 256
 
 _OUTHDR = struct.Struct("<IIQ")
 _IOERR = bytes([VIRTIO_BLK_S_IOERR])
