@@ -59,6 +59,7 @@ from typing import Any
 
 import trio
 
+from ..nodes.engine import base as engine
 from ..nodes.node import BdrvChild, BlockNode, Perm, Status
 from ..nodes.perms import refresh
 from ..proto import fuse as fp
@@ -377,11 +378,23 @@ class FuseExport(BlockExport):
             self.written_bytes += size
             self._send(fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
             return _ANSWERED
-        if self.node.write_submit(offset, data,
-                                  functools.partial(self._write_done, unique, size, buf)):
+        # counted first: the write may complete before write_submit returns
+        # (the threads engine runs it here when this export waits for
+        # nothing else: engine.caller_waits)
+        self._submitted += 1
+        alone = self._submitted == 1
+        if alone:
+            engine.caller_waits(True)
+        try:
+            started = self.node.write_submit(
+                offset, data, functools.partial(self._write_done, unique, size, buf))
+        finally:
+            if alone:
+                engine.caller_waits(False)
+        if started:
             self.written_bytes += size
-            self._submitted += 1
             return _SUBMITTED
+        self._submitted -= 1
         return _NOT_TAKEN
 
     def _write_done(self, unique: int, size: int, buf: memoryview, _res: Any,

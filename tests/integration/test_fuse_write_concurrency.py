@@ -1,5 +1,6 @@
-"""FUSE export: a WRITE waiting on its device does not hold up other requests.
+"""FUSE export: how a WRITE is served from the request loop.
 
+A WRITE waiting on its device does not hold up other requests.
 The image is a file on a device we can stop: nbdkit's memory plugin behind
 its pause filter (held with a control socket), mounted as a file by
 nbdfuse.  The export's node opens it with O_DIRECT, so a write through the
@@ -22,13 +23,18 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
 
+from qsd_trio.daemon import Daemon
+from qsd_trio.exports.fuse import FuseExport
+from qsd_trio.nodes import inline_io
 from tests.engines import DIRECT_ENGINES, stop_clean
 from tests.integration.fuse_helpers import (  # noqa: F401 - fuse_tmp is a fixture
     fuse_tmp,
     make_mountpoint,
     wait_for,
 )
+from tests.integration.test_fuse_inprocess import export_args
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -121,3 +127,41 @@ def test_statfs_answered_while_a_write_waits(daemon_factory, fuse_tmp, engine): 
         assert image[:3 * MiB] == bytes(3 * MiB) and image[4 * MiB:] == bytes(SIZE - 4 * MiB)
     finally:
         disk.close()
+
+
+async def test_buffered_write_alone_runs_on_the_loop(fuse_tmp, monkeypatch):  # noqa: F811
+    """A 1 MiB write through the mount, alone in flight, to a buffered
+    image on aio=threads is written on trio's thread (the threads engine's
+    RunHere: no hop to a worker and back), and lands."""
+    # the machine's dirty memory is an input here, as in test_file_inline
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+    img = fuse_tmp / "disk.raw"
+    img.write_bytes(bytes(SIZE))
+    daemon = Daemon()
+    node = await daemon.graph.add({"driver": "file", "node-name": "f", "filename": str(img),
+                                   "aio": "threads"})
+    mp = make_mountpoint(fuse_tmp)
+    exp = FuseExport(daemon, export_args(mp), node)
+    data = random.Random(6).randbytes(MiB)
+
+    def write() -> int:
+        buf = mmap.mmap(-1, MiB)  # page-aligned, for O_DIRECT
+        buf.write(data)
+        fd = os.open(mp, os.O_RDWR | os.O_DIRECT)
+        try:
+            return os.pwritev(fd, [buf], 5 * MiB)
+        finally:
+            os.close(fd)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            try:
+                assert await trio.to_thread.run_sync(write) == MiB
+            finally:
+                await exp.stop()
+    assert daemon.graph.io.threads.run_here.done >= 1
+    await daemon.graph.io.aclose()
+    image = img.read_bytes()
+    assert image[5 * MiB:6 * MiB] == data
+    assert image[:5 * MiB] == bytes(5 * MiB) and image[6 * MiB:] == bytes(SIZE - 6 * MiB)

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 _deferred: list[Callable[[], None]] = []
 _reaping = False
 
+# A caller that will do nothing but wait for the request it starts (a FUSE
+# export with no other request in flight: caller_waits).  trio's thread only.
+_caller_waits = False
+
 # Submissions held by a caller that hands them to the kernel itself before
 # it next parks (hold_submissions/submit_held), and the kernel engines with
 # requests queued meanwhile.  trio's thread only.
@@ -101,6 +105,15 @@ def submit_held() -> None:
         eng = _held.pop()
         eng._held_now = False
         eng._submit_pending()
+
+
+def caller_waits(on: bool) -> None:
+    """Around starting one request (``submit_write``) that the caller would
+    only wait for, with nothing else of its own in flight: the threads
+    engine may then run a buffered write on trio's thread instead of
+    handing it to a worker and back (threads.py, ``RunHere``)."""
+    global _caller_waits
+    _caller_waits = on
 
 
 def _no_abort(raise_cancel: object) -> _Abort:

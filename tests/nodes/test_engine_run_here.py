@@ -1,0 +1,129 @@
+"""The threads engine runs a write on trio's thread when its caller would
+only wait for it (base.caller_waits: a FUSE export's write with nothing
+else in flight), and only when that cannot block: whole pages, not
+O_DIRECT, nothing else in the pool.
+
+Checked: such a write has completed (its callback has run, its bytes are
+in the file) when submit_write returns; without caller_waits, with an
+unaligned range, on an O_DIRECT descriptor, with another request in the
+pool and with much of memory dirty it goes to a worker (the callback runs later, from the reaper),
+and every write lands.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from qsd_trio.nodes import inline_io
+from qsd_trio.nodes.engine import Engines, base, buffers
+
+PAGE = 4096
+FOREVER = 60.0  # a limit no passing test reaches
+
+
+async def _settled(eng: base.Engine) -> None:
+    """Until the requests in the pool have completed (as Engine.aclose)."""
+    with trio.fail_after(FOREVER):
+        while eng.in_flight:
+            eng._idle = trio.Event()
+            await eng._idle.wait()
+
+
+def _buffer(data: bytes) -> memoryview:
+    buf = buffers.alloc(len(data))
+    buf[:] = data
+    return buf
+
+
+@pytest.fixture(autouse=True)
+def little_dirty_memory(monkeypatch):
+    """The machine's dirty memory is an input here (as in test_file_inline)."""
+    monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+
+
+async def test_write_runs_here_when_the_caller_waits(tmp_path, monkeypatch):
+    path = tmp_path / "img"
+    path.write_bytes(bytes(64 * PAGE))
+    engines = Engines()
+    eng = engines.threads
+    fd = os.open(path, os.O_RDWR)
+    results: list[tuple[str, int]] = []
+    model = bytearray(64 * PAGE)
+
+    def submit(name: str, offset: int, data: bytes) -> bool:
+        """submit_write under caller_waits; whether it completed in the call."""
+        model[offset:offset + len(data)] = data
+        base.caller_waits(True)
+        try:
+            eng.submit_write(fd, _buffer(data), offset,
+                             lambda res: results.append((name, res)))
+        finally:
+            base.caller_waits(False)
+        return bool(results) and results[-1][0] == name
+
+    try:
+        assert submit("here", 4 * PAGE, os.urandom(16 * PAGE))
+        assert results == [("here", 16 * PAGE)]
+        assert eng.run_here.done == 1
+
+        # a range that is not whole pages: to a worker
+        assert not submit("unaligned", 100, os.urandom(PAGE))
+        await _settled(eng)
+
+        # with something else in the pool: to a worker as well
+        eng.submit_write(fd, _buffer(b"x" * PAGE), 40 * PAGE,
+                         lambda res: results.append(("other", res)))
+        model[40 * PAGE:41 * PAGE] = b"x" * PAGE
+        assert not submit("busy", 20 * PAGE, os.urandom(PAGE))
+        await _settled(eng)
+
+        # with much of memory dirty (the kernel may throttle the write): a worker
+        monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: False)
+        assert not submit("dirty", 24 * PAGE, os.urandom(PAGE))
+        await _settled(eng)
+        monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+
+        # without caller_waits: the worker, as always
+        model[30 * PAGE:31 * PAGE] = data = os.urandom(PAGE)
+        eng.submit_write(fd, _buffer(data), 30 * PAGE,
+                         lambda res: results.append(("plain", res)))
+        assert results[-1][0] != "plain"
+        await _settled(eng)
+    finally:
+        os.close(fd)
+        await engines.aclose()
+    assert eng.run_here.done == 1
+    assert sorted(results) == sorted([("here", 16 * PAGE), ("unaligned", PAGE),
+                                      ("other", PAGE), ("busy", PAGE), ("dirty", PAGE),
+                                      ("plain", PAGE)])
+    assert path.read_bytes() == model
+
+
+async def test_o_direct_write_goes_to_a_worker(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(bytes(16 * PAGE))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        pytest.fail("the test directory's file system has no O_DIRECT")
+    engines = Engines()
+    eng = engines.threads
+    results: list[int] = []
+    data = os.urandom(4 * PAGE)
+    try:
+        base.caller_waits(True)
+        try:
+            eng.submit_write(fd, _buffer(data), 8 * PAGE, results.append)
+        finally:
+            base.caller_waits(False)
+        assert results == []  # an O_DIRECT write waits for the device: not here
+        await _settled(eng)
+    finally:
+        os.close(fd)
+        await engines.aclose()
+    assert results == [4 * PAGE]
+    assert eng.run_here.done == 0
+    assert path.read_bytes()[8 * PAGE:12 * PAGE] == data
