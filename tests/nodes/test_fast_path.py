@@ -9,6 +9,10 @@ statistics and dirty bitmaps are what read()/write() would leave.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import sys
+
 import pytest
 import trio
 
@@ -49,25 +53,35 @@ async def test_file_serves_cached_reads_and_page_writes(file_node):
 
 async def test_file_declines_when_the_async_path_has_work(file_node):
     n = file_node
-    mv = memoryview(b"\x44" * PAGE)
-    async with n.drained():
-        assert n.read_now(0, PAGE) is None
-        assert n.write_now(0, mv) is False
+    mv = memoryview(bytearray(b"\x44" * PAGE))  # writable: write_submit takes no bytes
+    await _declines_while_held(n, n, mv)
+    assert n.write_now(0, mv) is True
+    assert n.stats["wr_operations"] == 1
 
+
+async def _declines_while_held(n, who, mv):
+    """``n``'s paths without a task decline while ``who`` (``n``, or the
+    node it passes its requests through to) is drained, has a before-write
+    hook, detects zeroes or is read-only; nothing is counted."""
     async def hook(node, offset, length):
         pass
 
-    n.before_write.append(hook)
+    async with who.drained():
+        assert n.read_now(0, PAGE) is None and n.write_now(0, mv) is False
+        assert (await _submitted(lambda d: n.read_submit(0, PAGE, d)))[0] is False
+        assert (await _submitted(lambda d: n.write_submit(0, mv, d)))[0] is False
+    who.before_write.append(hook)
     assert n.write_now(0, mv) is False
-    n.before_write.clear()
-    n.detect_zeroes = "on"
+    assert (await _submitted(lambda d: n.write_submit(0, mv, d)))[0] is False
+    who.before_write.clear()
+    who.detect_zeroes = "on"
     assert n.write_now(0, memoryview(bytes(PAGE))) is False
-    n.detect_zeroes = "off"
-    n.read_only = True
+    who.detect_zeroes = "off"
+    who.read_only = True
     assert n.write_now(0, mv) is False
-    n.read_only = False
-    assert n.write_now(0, mv) is True
-    assert n.stats["wr_operations"] == 1
+    assert (await _submitted(lambda d: n.writev_submit(0, [mv], d)))[0] is False
+    who.read_only = False
+    assert n.stats["wr_operations"] == n.stats["rd_operations"] == 0
 
 
 async def test_file_write_marks_dirty_bitmaps(file_node):
@@ -189,28 +203,8 @@ async def test_raw_over_file_declines_what_either_node_holds_back(raw_over_file)
     f = r.file.node
     mv = memoryview(bytearray(b"\x44" * PAGE))  # writable: write_submit takes no bytes
 
-    def fast_paths_decline() -> bool:
-        return r.read_now(0, PAGE) is None and r.write_now(0, mv) is False
-
-    async def hook(node, offset, length):
-        pass
-
     for who in (r, f):
-        async with who.drained():
-            assert fast_paths_decline()
-            assert (await _submitted(lambda d: r.read_submit(0, PAGE, d)))[0] is False
-            assert (await _submitted(lambda d: r.write_submit(0, mv, d)))[0] is False
-        who.before_write.append(hook)
-        assert r.write_now(0, mv) is False
-        assert (await _submitted(lambda d: r.write_submit(0, mv, d)))[0] is False
-        who.before_write.clear()
-        who.detect_zeroes = "on"
-        assert r.write_now(0, memoryview(bytes(PAGE))) is False
-        who.detect_zeroes = "off"
-        who.read_only = True
-        assert r.write_now(0, mv) is False
-        assert (await _submitted(lambda d: r.writev_submit(0, [mv], d)))[0] is False
-        who.read_only = False
+        await _declines_while_held(r, who, mv)
     # past the end of the raw node (the file below would grow)
     assert r.read_now((1 << 20) - 10, 20) is None
     assert r.write_now(1 << 20, mv) is False
@@ -249,26 +243,33 @@ async def test_raw_with_a_window_reads_and_writes_at_its_offset(tmp_path):
         await graph.close_all()
 
 
+@contextlib.contextmanager
+def _functions_entered():
+    """How often each Python function, by (file name, function name), was
+    entered meanwhile in this thread; a coroutine resumed is "called" again,
+    so each frame counts once."""
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+    frames = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame not in frames:
+            frames.add(frame)
+            calls[frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name] += 1
+
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(None)
+
+
 async def test_raw_without_a_window_hands_requests_to_the_file_driver(raw_over_file):
     """A request on a raw node without a window passes its checks once and
     reaches the file node's driver without raw's hooks or the file node's
     public methods (the same checks again): which functions run is the
     whole point of the pass-through, so they are counted."""
-    import collections
-    import sys
-
     r = raw_over_file
     mv = memoryview(bytearray(b"\x77" * PAGE))
-    calls: collections.Counter[tuple[str, str]] = collections.Counter()
-
-    frames = set()
-
-    def profile(frame, event, arg):
-        # a coroutine resumed is "called" again: count each frame once
-        if event == "call" and frame not in frames:
-            frames.add(frame)
-            calls[frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name] += 1
-
     done = []
     both_done = trio.Event()
 
@@ -280,12 +281,8 @@ async def test_raw_without_a_window_hands_requests_to_the_file_driver(raw_over_f
     for request in (lambda: r.read_now(0, PAGE), lambda: r.write_now(0, mv),
                     lambda: r.read_submit(0, PAGE, finished),
                     lambda: r.write_submit(PAGE, mv, finished)):
-        calls.clear()
-        sys.setprofile(profile)
-        try:
+        with _functions_entered() as calls:
             assert request()
-        finally:
-            sys.setprofile(None)
         assert not [c for c in calls if c[0] == "raw.py"], calls
         public = [c for c in calls if c[0] == "node.py" and not c[1].startswith("_")]
         assert len(public) == 1 and calls[public[0]] == 1, calls
@@ -294,13 +291,8 @@ async def test_raw_without_a_window_hands_requests_to_the_file_driver(raw_over_f
     assert [err for _, err in done] == [None, None]
     # read() and write(): one coroutine of the node layer, none of raw's
     for request in (lambda: r.read(0, PAGE), lambda: r.write(0, mv, fua=True)):
-        calls.clear()
-        frames.clear()
-        sys.setprofile(profile)
-        try:
+        with _functions_entered() as calls:
             await request()
-        finally:
-            sys.setprofile(None)
         assert not [c for c in calls if c[0] == "raw.py"], calls
         assert calls["node.py", "read"] + calls["node.py", "write"] == 1, calls
 
@@ -318,13 +310,13 @@ async def test_raw_over_file_keeps_the_file_nodes_books(raw_over_file, path):
     f = r.file.node
     order = []
 
-    async def hook_of(name):
+    def hook_of(name):
         async def hook(node, offset, length):
             order.append((name, node.node_name, offset, length))
         return hook
 
-    r.before_write.append(await hook_of("raw"))
-    f.before_write.append(await hook_of("file"))
+    r.before_write.append(hook_of("raw"))
+    f.before_write.append(hook_of("file"))
     bm = f.add_bitmap("b", 65536)
     f.write_threshold = 5 * PAGE
     seen = []
