@@ -73,6 +73,8 @@ MAX_PAGES = MAX_WRITE // 4096
 # a request is its header and body plus up to max_write bytes of payload
 BUFFER_SIZE = MAX_WRITE + 64 * 1024
 ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes (QEMU's value)
+# seconds _unmount waits for the replies of requests still on the I/O engine
+ANSWER_GRACE = 10.0
 WANTED_INIT_FLAGS = (fp.ASYNC_READ | fp.BIG_WRITES | fp.MAX_PAGES | fp.AUTO_INVAL_DATA
                      | fp.ASYNC_DIO | fp.ATOMIC_O_TRUNC)
 
@@ -239,13 +241,18 @@ class FuseExport(BlockExport):
                                                use_helper=self.use_helper))
             except OSError:
                 pass  # already gone (unmounted from outside)
-        with trio.CancelScope(shield=True):
+        # the descriptor stays open until every request started on the
+        # engine has answered, so no reply reaches a reused fd number; one
+        # that never comes (a driver that lost its completion) holds the
+        # daemon's shutdown for ANSWER_GRACE at most, and _send drops any
+        # reply after the close
+        with trio.move_on_after(ANSWER_GRACE, shield=True):
             while self._submitted:
                 self._submitted_idle = trio.Event()
                 await self._submitted_idle.wait()
-        trio.lowlevel.notify_closing(self._fd)
-        os.close(self._fd)  # aborts requests still waiting on the connection
-        self._fd = -1
+        fd, self._fd = self._fd, -1
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)  # aborts requests still waiting on the connection
         _MOUNTPOINTS.discard(self.mountpoint)
 
     # -- the request loop ------------------------------------------------------
@@ -401,16 +408,20 @@ class FuseExport(BlockExport):
                     err: OSError | None) -> None:
         """A WRITE started by _start_write has completed: answer it, and
         keep its receive buffer for later requests."""
-        self._submitted -= 1
         self._spare_buffers.append(buf)
-        if err is not None:
-            self._send(fp.reply_error(unique, _error_number(err)))
-        else:
-            self._send(fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
+        self._answer(fp.reply_error(unique, _error_number(err)) if err is not None
+                     else fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
+
+    def _answer(self, out: Reply) -> None:
+        """Send the reply of a request started on the engine (_submitted)."""
+        self._submitted -= 1
+        self._send(out)
         if not self._submitted and self._submitted_idle is not None:
             self._submitted_idle.set()
 
     def _send(self, out: Reply) -> None:
+        if self._fd < 0:
+            return  # closed (_unmount): nobody to answer
         try:
             if isinstance(out, list):
                 os.writev(self._fd, out)
@@ -527,13 +538,8 @@ class FuseExport(BlockExport):
         """A READ started with read_submit has completed: answer it.  The
         session's descriptor stays open until every such read has answered
         (_unmount waits), so the reply cannot reach a reused fd number."""
-        self._submitted -= 1
-        if err is not None:
-            self._send(fp.reply_error(unique, _error_number(err)))
-        else:
-            self._send([fp.reply_header(unique, len(data)), data])
-        if not self._submitted and self._submitted_idle is not None:
-            self._submitted_idle.set()
+        self._answer(fp.reply_error(unique, _error_number(err)) if err is not None
+                     else [fp.reply_header(unique, len(data)), data])
 
     async def _write(self, unique: int, body: memoryview) -> Reply:
         _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)

@@ -18,6 +18,7 @@ import trio
 
 import qsd_trio.nodes.null  # noqa: F401 - registers null-co
 from qsd_trio.daemon import Daemon
+from qsd_trio.exports import fuse
 from qsd_trio.exports.fuse import FuseExport
 from qsd_trio.nodes.graph import BlockGraph
 from qsd_trio.qapi import schema
@@ -200,3 +201,61 @@ async def test_a_driver_bug_fails_the_request_not_the_export(fuse_tmp, daemon): 
             assert (read_errno, written) == (errno.EIO, 4096)  # still serving
             await exp.stop()
     assert calls
+
+
+async def test_stop_when_a_completion_never_comes(fuse_tmp, daemon, monkeypatch):  # noqa: F811
+    """A READ started on the engine whose completion a driver loses (a
+    bug) holds the export's deletion for ANSWER_GRACE, not for ever: the
+    mount goes, its client gets an error, and the reply that comes after
+    all is dropped (the descriptor is closed)."""
+    monkeypatch.setattr(fuse, "ANSWER_GRACE", 0.5)
+    mp = make_mountpoint(fuse_tmp)
+    node = await null_node(daemon.graph)
+    lost: list = []
+    started = trio.Event()
+
+    def lose(offset, length, done):
+        lost.append((length, done))
+        started.set()
+        return True
+
+    node._preadv_now = lambda offset, length: None  # every READ goes to _preadv_submit
+    node._preadv_submit = lose
+    exp = FuseExport(daemon, export_args(mp), node)
+    outcome = {}
+
+    def client():
+        fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.pread(fd, 4096, 0)
+            outcome["r"] = "ok"
+        except OSError as e:
+            outcome["r"] = e.errno
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    stopped = trio.Event()
+
+    async def late_completion():
+        # delivered once the export has stopped, or after a long while: a
+        # deletion that waits for it returns only then (what failed before)
+        with trio.move_on_after(30):
+            await stopped.wait()
+        length, done = lost[0]
+        outcome["delivered"] = True
+        done(bytes(length), None)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            nursery.start_soon(trio.to_thread.run_sync, client)
+            await started.wait()
+            nursery.start_soon(late_completion)
+            await exp.stop()
+            assert len(lost) == 1 and not outcome.get("delivered")
+            stopped.set()
+    assert outcome["r"] in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    assert not is_mounted(mp)
