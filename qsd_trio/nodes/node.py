@@ -1031,8 +1031,7 @@ class BlockNode:
         t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
         token = _in_request.set(True)
         self._in_flight += 1
-        if node is not self:
-            node._in_flight += 1
+        below = False  # the write reached the node below (its books then)
         debug = self._debug_events
         try:
             if self.write_threshold:
@@ -1041,6 +1040,8 @@ class BlockNode:
                 await self._before_write(offset, n)
             if node is not self:
                 # what the node below's write() would do first
+                below = True
+                node._in_flight += 1
                 if node.write_threshold:
                     node._check_threshold(offset, n)
                 if node.before_write:
@@ -1064,18 +1065,18 @@ class BlockNode:
             if debug:
                 self.debug_event("pwritev_done")
         except OSError:
-            if node is not self:
+            if below:
                 node.stats["failed_wr_operations"] += 1
             self.stats["failed_wr_operations"] += 1
             raise
         finally:
-            if node is not self:
+            if below:
                 node._written(offset, n)
                 node._end()
             self._written(offset, n)
             self._end()
             _in_request.reset(token)
-        if node is not self:
+        if below:
             node._count_write(n, t0)
         self._count_write(n, t0)
 

@@ -348,3 +348,22 @@ async def test_raw_over_file_keeps_the_file_nodes_books(raw_over_file, path):
         assert n._in_flight == 0 and n.wr_highest_offset == 9 * PAGE
     assert bytes(await r.read(4 * PAGE, 5 * PAGE)) == (b"\x99" * 2 * PAGE + b"\x11" * 2 * PAGE
                                                       + bytes(PAGE))
+
+
+async def test_raw_over_file_write_refused_by_raws_hook_never_reaches_the_file(raw_over_file):
+    """A before-write hook on the raw node that fails the write fails it
+    before the file node has it: the failure is raw's alone, and the file
+    node's books stay as they were (as when raw's write() called the
+    file's)."""
+    r = raw_over_file
+    f = r.file.node
+
+    async def refuse(node, offset, length):
+        raise OSError(28, "No space left on device")
+
+    r.before_write.append(refuse)
+    with pytest.raises(OSError):
+        await r.write(0, memoryview(bytearray(PAGE)))
+    assert r.stats["failed_wr_operations"] == 1
+    assert (f.stats["failed_wr_operations"], f.stats["wr_operations"]) == (0, 0)
+    assert f.wr_highest_offset == 0 and f._in_flight == r._in_flight == 0
