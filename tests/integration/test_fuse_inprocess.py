@@ -57,6 +57,22 @@ def read_all(path: str) -> bytes:
         return f.read()
 
 
+def read_once(mp: str, outcome: dict) -> None:
+    """One O_DIRECT read of the mount from a worker thread; ``outcome["r"]``
+    is "ok" or the errno it failed with."""
+    fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.pread(fd, 4096, 0)
+        outcome["r"] = "ok"
+    except OSError as e:
+        outcome["r"] = e.errno
+    finally:
+        try:
+            os.close(fd)  # the flush on close fails too once the connection is gone
+        except OSError:
+            pass
+
+
 async def test_mount_through_fusermount3_helper(fuse_tmp, daemon):  # noqa: F811
     """The non-root path: fusermount3 mounts and passes the fd back (_FUSE_COMMFD)."""
     mp = make_mountpoint(fuse_tmp)
@@ -131,23 +147,10 @@ async def test_stop_while_a_client_waits_on_a_slow_node(fuse_tmp, daemon):  # no
     exp = FuseExport(daemon, export_args(mp), node)
     outcome = {}
 
-    def client():
-        fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
-        try:
-            os.pread(fd, 4096, 0)
-            outcome["r"] = "ok"
-        except OSError as e:
-            outcome["r"] = e.errno
-        finally:
-            try:
-                os.close(fd)  # the flush on close fails too: the connection is gone
-            except OSError:
-                pass
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(exp.run)
-            nursery.start_soon(trio.to_thread.run_sync, client)
+            nursery.start_soon(trio.to_thread.run_sync, read_once, mp, outcome)
             await trio.sleep(0.5)  # let the read reach the node's latency sleep
             await exp.stop()
     assert outcome["r"] in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
@@ -224,19 +227,6 @@ async def test_stop_when_a_completion_never_comes(fuse_tmp, daemon, monkeypatch)
     exp = FuseExport(daemon, export_args(mp), node)
     outcome = {}
 
-    def client():
-        fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
-        try:
-            os.pread(fd, 4096, 0)
-            outcome["r"] = "ok"
-        except OSError as e:
-            outcome["r"] = e.errno
-        finally:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
     stopped = trio.Event()
 
     async def late_completion():
@@ -251,7 +241,7 @@ async def test_stop_when_a_completion_never_comes(fuse_tmp, daemon, monkeypatch)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(exp.run)
-            nursery.start_soon(trio.to_thread.run_sync, client)
+            nursery.start_soon(trio.to_thread.run_sync, read_once, mp, outcome)
             await started.wait()
             nursery.start_soon(late_completion)
             await exp.stop()
