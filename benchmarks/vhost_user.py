@@ -1,6 +1,7 @@
 """vhost-user-blk side by side, measured by a real guest.
 
     .venv/bin/python benchmarks/vhost_user.py [--runtime S] [--rounds N] [--json FILE]
+        [--format raw|qcow2] [--only WORD,...] [--strace DIR]
 
 One QEMU guest of tests/guest (TCG, 2 vCPUs, the host's / as its root, so
 it runs the host's fio) hot-plugs a vhost-user-blk-pci device on the
@@ -13,6 +14,13 @@ qsd-trio/qemu-storage-daemon of the medians. CPU µs/req is the daemon's
 utime+stime (/proc/PID/stat) over the fio run divided by the requests fio
 completed. Under TCG the guest's own CPU is a large part of every request,
 so the ratios understate a difference that a KVM guest would show.
+
+``--format qcow2`` serves the same data as a qcow2 image (converted by
+qemu-img: every cluster allocated).  ``--only`` keeps the workloads whose
+label holds every word.  ``--strace DIR`` attaches ``strace -c -f`` to every
+thread of the daemon for each fio run and writes its summary to DIR (the
+syscalls per request of each daemon; strace slows the daemon down, so the
+throughput and CPU figures of such a run are not comparable to others).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,21 +54,40 @@ WORKLOADS = [
 ]
 
 
+def attach_strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """``strace -c -f`` on every thread of ``pid`` (threads started later
+    are followed), its summary to ``out`` once it is interrupted."""
+    tids = sorted(os.listdir(f"/proc/{pid}/task"))
+    args = ["strace", "-c", "-f", "-q", "-o", str(out)]
+    for t in tids:
+        args += ["-p", t]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(1)  # attached
+    return proc
+
+
 def run_fio(guest: Guest, daemon: b.Started, sock: Path, work: Path, rw: str, bs: str,
-            depth: int, runtime: float) -> b.FioResult:
+            depth: int, runtime: float, strace: Path | None = None) -> b.FioResult:
     """One fio run in the guest on a freshly plugged disk; the daemon's CPU
     time is read around the guest script only."""
     disk = guest.attach_vhost_user_blk(sock, num_queues=1)
+    tracer = None
     try:
         out = work / f"fio-{rw}-{bs}.json"
         script = find_disk(disk.sysfs) + (
             f"fio --name=bench --filename=$DEV --ioengine=libaio --direct=1 --rw={rw} "
             f"--bs={bs} --iodepth={depth} --runtime={runtime:g} --time_based "
             f"--size={SIZE} --output-format=json --output={out} || exit 90\n")
+        if strace is not None:
+            tracer = attach_strace(daemon.pid, strace)
         c0 = b.cpu_seconds(daemon.pid)
         guest.run(script, timeout=runtime + 180).check()
         c1 = b.cpu_seconds(daemon.pid)
     finally:
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=60)
         guest.detach(disk)
     text = out.read_text()
     job = json.loads(text[text.index("{"):])["jobs"][0]
@@ -74,32 +103,47 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=5, help="seconds per fio run")
     ap.add_argument("--rounds", type=int, default=2, help="A,B pairs")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--format", choices=["raw", "qcow2"], default="raw",
+                    help="the image's format")
+    ap.add_argument("--only", default="", help="comma-separated words a workload's label "
+                    "must hold (e.g. 1m,write)")
+    ap.add_argument("--strace", help="a directory for strace -c summaries of each run")
     opts = ap.parse_args()
-    rows = [b.Row(None, f"raw vhost-user-blk {label}", "IOPS" if bs == "4k" else "MiB/s",
-                  target) for label, _, bs, _, target in WORKLOADS]
+    only = [w for w in opts.only.split(",") if w]
+    workloads = [w for w in WORKLOADS if all(x in w[0] for x in only)]
+    fmt = opts.format
+    rows = [b.Row(None, f"{fmt} vhost-user-blk {label}", "IOPS" if bs == "4k" else "MiB/s",
+                  target) for label, _, bs, _, target in workloads]
     t0 = time.monotonic()
     guest = Guest()
     with tempfile.TemporaryDirectory(prefix="qsd-bench-vu-") as tmp:
-        img = Path(tmp) / "disk.raw"
+        img = Path(tmp) / f"disk.{fmt}"
         with open(img, "wb") as f:
             for _ in range(SIZE // b.MiB):
                 f.write(os.urandom(b.MiB))
+        if fmt != "raw":
+            subprocess.run(["qemu-img", "convert", "-O", fmt, str(img), f"{img}.tmp"],
+                           check=True)
+            os.replace(f"{img}.tmp", img)
         try:
             guest.boot()
             with guest.scratch() as work:
-                for row, (_, rw, bs, depth, _) in zip(rows, WORKLOADS, strict=True):
+                for row, (_, rw, bs, depth, _) in zip(rows, workloads, strict=True):
                     b.log(f"== {row.label}")
-                    for _ in range(opts.rounds):
+                    for rnd in range(opts.rounds):
                         for kind in b.KINDS:
                             sock = Path(tmp) / f"{kind}.sock"
                             d = b.Started(kind, [
                                 "--blockdev", f"driver=file,node-name=file0,filename={img}",
-                                "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                                "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
                                 "--export", f"type=vhost-user-blk,id=vu0,node-name=disk0,"
                                             f"addr.type=unix,addr.path={sock},writable=on"],
                                 workdir=tmp)
                             try:
-                                r = run_fio(guest, d, sock, work, rw, bs, depth, opts.runtime)
+                                trace = (Path(opts.strace) / f"{kind}-{rw}-{bs}-{rnd}.txt"
+                                         if opts.strace else None)
+                                r = run_fio(guest, d, sock, work, rw, bs, depth, opts.runtime,
+                                            trace)
                                 row.add(kind, r.figure, r.cpu_us)
                                 b.log(f"  {kind}: {r.figure:.1f} {row.unit}, "
                                       f"{r.cpu_us:.1f} µs CPU/req")
