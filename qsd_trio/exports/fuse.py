@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import mmap
 import os
 import stat
 import sys
@@ -60,6 +59,7 @@ from typing import Any
 import trio
 
 from ..nodes.engine import base as engine
+from ..nodes.engine import buffers
 from ..nodes.node import BdrvChild, BlockNode, Perm, Status
 from ..nodes.perms import refresh
 from ..proto import fuse as fp
@@ -80,7 +80,7 @@ WANTED_INIT_FLAGS = (fp.ASYNC_READ | fp.BIG_WRITES | fp.MAX_PAGES | fp.AUTO_INVA
 
 # where a WRITE's payload starts in a request (in_header, then fuse_write_in)
 WRITE_PAYLOAD = fp.IN_HEADER.size + fp.WRITE_IN.size
-PAGE = mmap.PAGESIZE
+PAGE = buffers.PAGE
 # what _start_write did with a WRITE
 _NOT_TAKEN, _ANSWERED, _SUBMITTED = 0, 1, 2
 
@@ -357,11 +357,12 @@ class FuseExport(BlockExport):
         """A buffer to read the next request into: one kept from a write
         that has completed, or a new one.  Its WRITE payload starts on a
         page boundary, so that a write to an O_DIRECT image can go to the
-        I/O engine from where the kernel put it."""
+        I/O engine from where the kernel put it.  From the engine's pool:
+        a slot of this size is one huge page where the kernel has them,
+        which the copies of a 1 MiB payload in and out walk faster."""
         if self._spare_buffers:
             return self._spare_buffers.pop()
-        area = mmap.mmap(-1, PAGE + BUFFER_SIZE)
-        return memoryview(area)[PAGE - WRITE_PAYLOAD:]
+        return buffers.alloc(PAGE + BUFFER_SIZE)[PAGE - WRITE_PAYLOAD:]
 
     def _start_write(self, unique: int, body: memoryview, buf: memoryview) -> int:
         """A WRITE served without awaiting, as the READs are: written now
