@@ -22,7 +22,9 @@ image's :class:`Reaper` (an I/O engine of engine/base.py), waits on it and
 collects them with ``rbd_poll_io_events``, many per wakeup, waking the
 tasks that wait for them or calling the callbacks of requests started
 without a task; those run inside the engine's batch, so an exporter
-answers a whole batch with one sendmsg.  The completions have no callback
+answers a whole batch with one sendmsg.  A submission first handles the
+completions that have arrived meanwhile (Reaper.reap_pending), saving the
+reaper task a wakeup of the event loop.  The completions have no callback
 and no argument (the reaper knows a request by its completion's address):
 no Python runs on librbd's threads, which would have to take the GIL from
 the event loop for every request.  No thread per request, no polling, and
@@ -262,6 +264,24 @@ class Reaper(Engine):
         self.image = image
         self.waiting: dict[int, _Request] = {}
         self._comps: Any = (_c_void_p * POLL_BATCH)()
+        self._reaping = False
+
+    def reap_pending(self) -> None:
+        """Handle the completions that have arrived, if any, from a caller
+        that is running anyway (a submission): each batch handled here is
+        one wakeup fewer of the reaper task (the eventfd is read, so epoll
+        no longer reports it), and a trio wakeup costs far more CPU here
+        than the failed eventfd read that finds nothing.  Not from inside
+        this image's batch (a callback that submits); from inside another
+        engine's batch the deferred calls run at the end of this one, which
+        only sends that batch's replies in two goes instead of one."""
+        if self._reaping:
+            return
+        try:
+            os.eventfd_read(self.efd)  # first: what completes after it signals again
+        except BlockingIOError:
+            return  # nothing has completed since the last batch
+        self.reap_now()
 
     def _reap(self) -> None:
         rbd = _lib.rbd
@@ -270,29 +290,33 @@ class Reaper(Engine):
         image, comps, pop = self.image, self._comps, self.waiting.pop
         # the eventfd was read before this: what completes from here on
         # writes it again
-        while True:
-            n = poll(image, comps, POLL_BATCH)
-            for i in range(max(n, 0)):
-                comp = comps[i]
-                value = value_of(comp)
-                release(comp)
-                task, done, result, _hold = pop(comp)
-                self.in_flight -= 1
-                if done is None:
-                    assert task is not None
-                    _reschedule(task, outcome.Value(value))
-                    continue
-                try:
-                    if value < 0:
-                        done(None, OSError(-value, os.strerror(-value)))
+        self._reaping = True
+        try:
+            while True:
+                n = poll(image, comps, POLL_BATCH)
+                for i in range(max(n, 0)):
+                    comp = comps[i]
+                    value = value_of(comp)
+                    release(comp)
+                    task, done, result, _hold = pop(comp)
+                    self.in_flight -= 1
+                    if done is None:
+                        assert task is not None
+                        _reschedule(task, outcome.Value(value))
                         continue
-                    if result is not None and value < len(result):
-                        buffers.zero_tail(result, value)  # a read that ended early
-                    done(result, None)
-                except Exception:  # one request's bug, not the image's
-                    log.exception("rbd completion callback failed")
-            if n < POLL_BATCH:
-                return
+                    try:
+                        if value < 0:
+                            done(None, OSError(-value, os.strerror(-value)))
+                            continue
+                        if result is not None and value < len(result):
+                            buffers.zero_tail(result, value)  # a read that ended early
+                        done(result, None)
+                    except Exception:  # one request's bug, not the image's
+                        log.exception("rbd completion callback failed")
+                if n < POLL_BATCH:
+                    return
+        finally:
+            self._reaping = False
 
     def close(self) -> None:
         self._reaper_scope.cancel()  # its task closes the eventfd
@@ -370,6 +394,10 @@ class Image:
         reaper = self.reaper
         if reaper is None:
             reaper = self.reaper = Reaper(self.handle)
+        elif reaper.in_flight:
+            # before this request is in the table: its own completion is
+            # never handled here (a task is parked only after this returns)
+            reaper.reap_pending()
         rbd = _lib.rbd
         # the completion carries no callback and no argument: the reaper
         # finds the request by the completion's address

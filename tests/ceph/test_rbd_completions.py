@@ -172,3 +172,47 @@ async def batched_replies(cluster, image) -> None:
 
 def test_callbacks_complete_in_batches(ceph_cluster, rbd_image):
     trio.run(batched_replies, ceph_cluster, rbd_image)
+
+
+async def reaped_at_submission(cluster, image) -> None:
+    """Completions that have arrived are handled when the next request is
+    submitted, without waiting for the reaper task: with the event loop
+    held (no checkpoint, so the reaper cannot run), the callbacks of
+    finished writes run inside the next write_submit."""
+    _graph, node = await open_node(cluster, image)
+    finished: list[int] = []
+    all_done = trio.Event()
+
+    def done_for(i: int):
+        def done(_buf, err) -> None:
+            assert err is None, err
+            finished.append(i)
+            if len(finished) == 9:
+                all_done.set()
+        return done
+
+    try:
+        with trio.fail_after(120):
+            for i in range(8):
+                buf = buffers.alloc(BLOCK)
+                buf[:] = data_for(i)
+                assert node.write_submit(i * BLOCK, buf, done_for(i))
+            deadline = time.monotonic() + 30
+            last = buffers.alloc(BLOCK)
+            last[:] = data_for(8)
+            # no checkpoint from here to the assertion: only a submission
+            # can have handled the completions
+            while len(finished) < 8 and time.monotonic() < deadline:
+                time.sleep(0.2)  # noqa: ASYNC251 - the loop must not run
+                assert node.read_submit(0, BLOCK, lambda _b, _e: None)
+            assert sorted(finished) == list(range(8))
+            assert node.write_submit(8 * BLOCK, last, done_for(8))
+            await all_done.wait()
+            for i in range(9):
+                assert bytes(await node.read(i * BLOCK, BLOCK)) == data_for(i), i
+    finally:
+        await node.close()
+
+
+def test_completions_reaped_at_submission(ceph_cluster, rbd_image):
+    trio.run(reaped_at_submission, ceph_cluster, rbd_image)
