@@ -66,7 +66,7 @@ from ..proto import fuse as fp
 from ..qapi.errors import GenericError, QapiError
 from . import fuse_mount
 from .base import BlockExport, register_export
-from .read_now import ReadNowGuess
+from .read_now import NowGuess
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
@@ -134,6 +134,7 @@ class FuseExport(BlockExport):
         self._fd = -1
         self._submitted = 0  # READs and WRITEs started on the engine, not yet answered
         self._spare_buffers: list[memoryview] = []  # receive buffers not in use
+        self._write_now = NowGuess().write_now  # asks write_now while it serves
         self._submitted_idle: trio.Event | None = None
         self._device: str | None = None
         self._target = self.mountpoint
@@ -265,7 +266,7 @@ class FuseExport(BlockExport):
         length = node._length
         # an O_DIRECT image never serves a read without the engine: stop
         # asking after a run of misses (read_now.py)
-        read_now = ReadNowGuess().read_now
+        read_now = NowGuess().read_now
         served = 0
         # waits for the device and the I/O engines' completions without the
         # scheduler while nothing else can run (nodes/engine/inline_wait.py)
@@ -382,7 +383,7 @@ class FuseExport(BlockExport):
             if not size:
                 return _NOT_TAKEN
         data = body[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
-        if self.node.write_now(offset, data):
+        if self._write_now(self.node, offset, data):
             self.written_bytes += size
             self._send(fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
             return _ANSWERED

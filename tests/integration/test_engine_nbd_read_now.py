@@ -1,9 +1,9 @@
 """The NBD reader stops asking BlockNode.read_now after a run of READs it
 could not serve (an image opened with O_DIRECT never can) and starts them
-with read_submit directly, then asks again: in-process, over a memory node
-whose synchronous path can be switched off and on, and which counts how
-often it is asked.  Every reply is checked against the node's data, however
-it was served.
+with read_submit directly, then asks again; the same for WRITEs and
+write_now/write_submit: in-process, over a memory node whose synchronous
+path can be switched off and on, and which counts how often it is asked.
+Every reply is checked against the node's data, however it was served.
 """
 
 from __future__ import annotations
@@ -41,6 +41,23 @@ class SwitchNode(MemoryNode):
     def _preadv_submit(self, offset, length, done):
         self.submitted += 1
         done(bytes(self.data[offset:offset + length]), None)
+        return True
+
+    # writes the same way: write_now takes them only while ``fast``
+    w_asked = w_now = w_submitted = 0
+
+    def _pwritev_now(self, offset, mv):
+        self.w_asked += 1
+        if not self.fast:
+            return False
+        self.w_now += 1
+        self.data[offset:offset + len(mv)] = mv
+        return True
+
+    def _pwritev_submit(self, offset, mv, done):
+        self.w_submitted += 1
+        self.data[offset:offset + len(mv)] = mv
+        done(None, None)
         return True
 
 
@@ -84,5 +101,44 @@ async def test_read_now_skipped_after_misses_then_asked_again(nursery, tmp_path)
             await _reads(c, node, 64, 1 + 2 * n)
             assert node.served_now == node.asked - read_now.READ_NOW_MISSES
             assert node.submitted + node.served_now == 2 * n + 64
+    finally:
+        await mx.nbd_server_stop(d, None)
+
+
+async def _writes(c, node, n, first_handle, model):
+    for i in range(n):
+        off = (i * 4096) % SIZE
+        data = bytes([(first_handle + i) % 251]) * 4096
+        model[off:off + 4096] = data
+        await c.s.send_all(C.encode_request(P.CMD_WRITE, first_handle + i, off, 4096) + data)
+    for _ in range(n):
+        rep, _payload = await c.reply()
+        assert rep.error == 0
+
+
+async def test_write_now_skipped_after_misses_then_asked_again(nursery, tmp_path):
+    d = await make_daemon(nursery)
+    node = SwitchNode(d.graph, "sw")
+    await node.open({"size": SIZE})
+    d.graph.nodes["sw"] = node
+    model = bytearray(SIZE)
+    sock = str(tmp_path / "nbd.sock")
+    await mx.nbd_server_start(d, ns(addr={"type": "unix", "data": {"path": sock}}))
+    await mx.block_export_add(d, ns(id="e", node_name="sw", name="sw", writable=True))
+    try:
+        c = await RawClient.connect(sock)
+        await c.go("sw")
+        with trio.fail_after(30):
+            n = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
+            await _writes(c, node, n, 1, model)
+            # asked until the run of misses, then not for the next READ_NOW_SKIP
+            assert node.w_asked == read_now.READ_NOW_MISSES
+            assert node.w_submitted == n
+            node.fast = True
+            await _writes(c, node, n, 1 + n, model)
+            assert node.w_now > 0
+            assert node.w_asked == read_now.READ_NOW_MISSES + node.w_now
+            assert node.w_now + (node.w_submitted - n) == n
+        assert node.data == model
     finally:
         await mx.nbd_server_stop(d, None)

@@ -1,7 +1,7 @@
 """The FUSE export stops asking BlockNode.read_now after a run of READs it
 could not serve (an image opened with O_DIRECT never can) and starts them
 with read_submit directly, then asks again (exports/read_now.py), as the
-NBD reader does: in-process, over the memory node of the NBD test whose
+NBD reader does; the same for WRITEs and write_now/write_submit: in-process, over the memory node of the NBD test whose
 synchronous path can be switched off and on and which counts how often it
 is asked.  The client reads the mount with O_DIRECT from a worker thread,
 so every read reaches the export, and every read is checked against the
@@ -71,3 +71,43 @@ async def test_read_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa
                 assert node.submitted + node.served_now == 2 * n + 64
             finally:
                 await exp.stop()
+
+
+def write_blocks(mp: str, model: bytearray, first: int, n: int) -> None:
+    """``n`` O_DIRECT writes of one block each, from block ``first`` on."""
+    fd = os.open(mp, os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, BS)
+    try:
+        for i in range(first, first + n):
+            off = (i * BS) % SIZE
+            buf[:] = bytes([i % 251]) * BS
+            model[off:off + BS] = buf
+            assert os.pwritev(fd, [buf], off) == BS
+    finally:
+        os.close(fd)
+
+
+async def test_write_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa: F811
+    daemon = Daemon()
+    node = SwitchNode(daemon.graph, "n")
+    await node.open({"size": SIZE})
+    daemon.graph.nodes["n"] = node
+    model = bytearray(SIZE)
+    mp = make_mountpoint(fuse_tmp)
+    exp = FuseExport(daemon, export_args(mp), node)
+    n = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            try:
+                await trio.to_thread.run_sync(write_blocks, mp, model, 0, n)
+                assert node.w_asked == read_now.READ_NOW_MISSES
+                assert node.w_submitted == n
+                node.fast = True
+                await trio.to_thread.run_sync(write_blocks, mp, model, n, n)
+                assert node.w_now > 0
+                assert node.w_asked == read_now.READ_NOW_MISSES + node.w_now
+                assert node.w_now + (node.w_submitted - n) == n
+            finally:
+                await exp.stop()
+    assert node.data == model

@@ -39,7 +39,7 @@ from ...nodes.engine.base import after_completions, hold_submissions, submit_hel
 from ...nodes.node import Status
 from ...proto import nbd as P
 from ...qapi.errors import QapiError
-from ..read_now import ReadNowGuess
+from ..read_now import NowGuess
 from .wire import Wire, _Disconnect
 
 if TYPE_CHECKING:
@@ -143,7 +143,9 @@ class Transmission:
         # the flags a READ/WRITE served by the reader may carry (_read_requests)
         self._read_flags = self._write_flags = P.CMD_FLAG_FUA
         self.moved = 0  # bytes of this client's READ and WRITE requests
-        self._read_now = ReadNowGuess().read_now  # asks read_now while it serves
+        # ask read_now/write_now while they serve (read_now.py)
+        self._read_now = NowGuess().read_now
+        self._write_now = NowGuess().write_now
         self._hangup = ""
         self._broken = False
         self._reader_scope = trio.CancelScope()
@@ -379,7 +381,7 @@ class Transmission:
                             return
                         # page-aligned and not zero-filled: the file driver
                         # writes it as it is, even with O_DIRECT (no bounce)
-                        data = buffers.alloc(req.length)
+                        data = buffers.alloc_at(req.length)[0]  # alloc() is this, a call more
                         # a partial write (client gone, or stop_reading) is never applied
                         await wire.recv_into(memoryview(data))
                     if t == P.CMD_READ:
@@ -422,7 +424,7 @@ class Transmission:
                     or not export.writable):
                 return False
             assert data is not None  # a WRITE's payload, read with it
-            if not node.write_now(req.offset, data):
+            if not self._write_now(node, req.offset, data):
                 return node.write_submit(req.offset, data, self._completion(req))
             reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
         else:
