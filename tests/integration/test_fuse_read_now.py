@@ -42,35 +42,47 @@ def read_blocks(mp: str, node: SwitchNode, first: int, n: int) -> None:
         os.close(fd)
 
 
-async def test_read_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa: F811
+N = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
+
+
+async def exercise(where, check, *, writable: bool) -> SwitchNode:
+    """Export a fresh SwitchNode (its data a pattern) at a mountpoint under
+    ``where`` while ``await check(node, mp)`` runs; returns the node."""
     daemon = Daemon()
     node = SwitchNode(daemon.graph, "n")
     await node.open({"size": SIZE})
     node.data[:] = bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251)
     daemon.graph.nodes["n"] = node
-    mp = make_mountpoint(fuse_tmp)
-    exp = FuseExport(daemon, export_args(mp, writable=False), node)
-    n = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
+    mp = make_mountpoint(where)
+    exp = FuseExport(daemon, export_args(mp, writable=writable), node)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(exp.run)
             try:
-                await trio.to_thread.run_sync(read_blocks, mp, node, 0, n)
-                # asked until the run of misses, then not for the next READ_NOW_SKIP
-                assert node.asked == read_now.READ_NOW_MISSES
-                assert node.submitted == n
-                # the node serves synchronously again: after the skip the
-                # export asks, and from then on every READ is served so
-                node.fast = True
-                await trio.to_thread.run_sync(read_blocks, mp, node, n, n)
-                assert node.served_now > 0
-                assert node.asked == read_now.READ_NOW_MISSES + node.served_now
-                assert node.served_now + (node.submitted - n) == n
-                await trio.to_thread.run_sync(read_blocks, mp, node, 2 * n, 64)
-                assert node.served_now == node.asked - read_now.READ_NOW_MISSES
-                assert node.submitted + node.served_now == 2 * n + 64
+                await check(node, mp)
             finally:
                 await exp.stop()
+    return node
+
+
+async def test_read_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa: F811
+    async def check(node: SwitchNode, mp: str) -> None:
+        await trio.to_thread.run_sync(read_blocks, mp, node, 0, N)
+        # asked until the run of misses, then not for the next READ_NOW_SKIP
+        assert node.asked == read_now.READ_NOW_MISSES
+        assert node.submitted == N
+        # the node serves synchronously again: after the skip the export
+        # asks, and from then on every READ is served so
+        node.fast = True
+        await trio.to_thread.run_sync(read_blocks, mp, node, N, N)
+        assert node.served_now > 0
+        assert node.asked == read_now.READ_NOW_MISSES + node.served_now
+        assert node.served_now + (node.submitted - N) == N
+        await trio.to_thread.run_sync(read_blocks, mp, node, 2 * N, 64)
+        assert node.served_now == node.asked - read_now.READ_NOW_MISSES
+        assert node.submitted + node.served_now == 2 * N + 64
+
+    await exercise(fuse_tmp, check, writable=False)
 
 
 def write_blocks(mp: str, model: bytearray, first: int, n: int) -> None:
@@ -88,26 +100,17 @@ def write_blocks(mp: str, model: bytearray, first: int, n: int) -> None:
 
 
 async def test_write_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa: F811
-    daemon = Daemon()
-    node = SwitchNode(daemon.graph, "n")
-    await node.open({"size": SIZE})
-    daemon.graph.nodes["n"] = node
-    model = bytearray(SIZE)
-    mp = make_mountpoint(fuse_tmp)
-    exp = FuseExport(daemon, export_args(mp), node)
-    n = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(exp.run)
-            try:
-                await trio.to_thread.run_sync(write_blocks, mp, model, 0, n)
-                assert node.w_asked == read_now.READ_NOW_MISSES
-                assert node.w_submitted == n
-                node.fast = True
-                await trio.to_thread.run_sync(write_blocks, mp, model, n, n)
-                assert node.w_now > 0
-                assert node.w_asked == read_now.READ_NOW_MISSES + node.w_now
-                assert node.w_now + (node.w_submitted - n) == n
-            finally:
-                await exp.stop()
+    model = bytearray(bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251))
+
+    async def check(node: SwitchNode, mp: str) -> None:
+        await trio.to_thread.run_sync(write_blocks, mp, model, 0, N)
+        assert node.w_asked == read_now.READ_NOW_MISSES
+        assert node.w_submitted == N
+        node.fast = True
+        await trio.to_thread.run_sync(write_blocks, mp, model, N, N)
+        assert node.w_now > 0
+        assert node.w_asked == read_now.READ_NOW_MISSES + node.w_now
+        assert node.w_now + (node.w_submitted - N) == N
+
+    node = await exercise(fuse_tmp, check, writable=True)
     assert node.data == model
