@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import attrs
 
+from ..qapi.cstr import c_bytes
+
 # -- magics ------------------------------------------------------------------
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # b"IHAVEOPT"
@@ -229,7 +231,7 @@ def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
 
 
 def option_error(option: int, err: OptionError) -> bytes:
-    return option_reply(option, err.reply, err.message.encode())
+    return option_reply(option, err.reply, c_bytes(err.message))
 
 
 def export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
@@ -239,8 +241,8 @@ def export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
 
 def rep_server(name: str, description: str = "") -> bytes:
     """NBD_REP_SERVER payload for NBD_OPT_LIST; QEMU appends the description."""
-    n = name.encode()
-    return struct.pack(">I", len(n)) + n + description.encode()
+    n = c_bytes(name)
+    return struct.pack(">I", len(n)) + n + c_bytes(description)
 
 
 def info_export(size: int, flags: int) -> bytes:
@@ -248,11 +250,11 @@ def info_export(size: int, flags: int) -> bytes:
 
 
 def info_name(name: str) -> bytes:
-    return struct.pack(">H", INFO_NAME) + name.encode()
+    return struct.pack(">H", INFO_NAME) + c_bytes(name)
 
 
 def info_description(description: str) -> bytes:
-    return struct.pack(">H", INFO_DESCRIPTION) + description.encode()
+    return struct.pack(">H", INFO_DESCRIPTION) + c_bytes(description)
 
 
 def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
@@ -284,7 +286,9 @@ def _take_string(data: bytes, pos: int, opt_name: str, *, name: bool) -> tuple[s
         return None, pos + n  # QEMU skips over-long queries silently
     if n > len(data) - pos:
         raise _inconsistent(opt_name)
-    return data[pos:pos + n].decode(errors="replace"), pos + n
+    # the bytes kept as they came (QEMU compares names with strcmp): a
+    # name that is not UTF-8 matches only an export named by those bytes
+    return data[pos:pos + n].decode(errors="surrogateescape"), pos + n
 
 
 def parse_info_request(data: bytes, opt_name: str = "info") -> tuple[str, list[int]]:
@@ -318,7 +322,7 @@ def parse_meta_request(data: bytes, opt_name: str = "set meta context") -> tuple
 
 
 def meta_context_reply(context_id: int, name: str) -> bytes:
-    return struct.pack(">I", context_id) + name.encode()
+    return struct.pack(">I", context_id) + c_bytes(name)
 
 
 def match_meta_contexts(queries: Sequence[str], available: Sequence[str],
@@ -429,7 +433,7 @@ def chunk_offset_hole(handle: int, offset: int, length: int, done: bool,
 
 def chunk_error(handle: int, error: int, message: str = "", done: bool = True,
                 ext_offset: int | None = None) -> bytes:
-    msg = message.encode()[:MAX_STRING_SIZE]
+    msg = c_bytes(message)[:MAX_STRING_SIZE]
     return (chunk_header(handle, REPLY_TYPE_ERROR, 6 + len(msg), REPLY_FLAG_DONE if done else 0,
                          ext_offset)
             + struct.pack(">IH", error, len(msg)) + msg)

@@ -85,6 +85,26 @@ def test_nbdinfo_json_same(pair, export):
     assert seen["trio"] == seen["qemu"]
 
 
+def test_names_with_nul_same(pair):
+    """A NUL in a QMP string is kept as the bytes C0 80 (QEMU's modified
+    UTF-8): the export's name and description go on the wire that way, and
+    a client asks for the export by those bytes."""
+    p = pair([])
+    seen = {}
+    for kind, (d, sock, _img) in p.items():
+        q = d.qmp()
+        r = q.cmd_raw("block-export-add", {"type": "nbd", "id": "n", "node-name": "file0",
+                                           "name": "a\u0000b", "description": "d\u0000"})
+        assert r == {"return": {}}, r
+        listing = subprocess.run(["nbdinfo", "--list", f"nbd+unix:///?socket={sock}"],
+                                 capture_output=True, timeout=60)
+        size = nbdinfo("--size", f"nbd+unix:///a%C0%80b?socket={sock}")
+        seen[kind] = (listing.returncode, listing.stdout.replace(sock.encode(), b"SOCK"),
+                      size.returncode, size.stdout)
+    assert seen["trio"] == seen["qemu"]
+    assert b"a\xc0\x80b" in seen["qemu"][1] and seen["qemu"][2:] == (0, "67108864\n")
+
+
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 @pytest.mark.parametrize("ctx", ["base:allocation", "qemu:allocation-depth"])
 def test_map_same(pair, fmt, ctx):

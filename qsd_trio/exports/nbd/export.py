@@ -15,6 +15,7 @@ import trio
 
 from ...nodes.node import BdrvChild, BlockNode, Perm
 from ...proto import nbd as P
+from ...qapi.cstr import c_bytes
 from ...qapi.errors import GenericError
 from ..base import BlockExport, register_export
 
@@ -66,9 +67,9 @@ class NbdExport(BlockExport):
         self.server = server
         self.name: str = args.name if args.name is not None else args.node_name
         self.description: str | None = args.description
-        if len(self.name.encode()) > P.MAX_STRING_SIZE:
+        if len(c_bytes(self.name)) > P.MAX_STRING_SIZE:
             raise GenericError(f"export name '{self.name}' too long")
-        if self.description is not None and len(self.description.encode()) > P.MAX_STRING_SIZE:
+        if self.description is not None and len(c_bytes(self.description)) > P.MAX_STRING_SIZE:
             raise GenericError(f"description '{self.description}' too long")
         if self.name in server.exports:
             raise GenericError(f"NBD server already has export named '{self.name}'")

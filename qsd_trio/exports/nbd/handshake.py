@@ -25,6 +25,7 @@ from typing import Generic, Protocol, TypeVar
 import attrs
 
 from ...proto import nbd as P
+from ...qapi.cstr import c_bytes
 
 PREFERRED_BLOCK = 4096  # the preferred block size NBD_INFO_BLOCK_SIZE announces
 
@@ -193,7 +194,7 @@ class Handshake(Generic[E]):
         self._out.append(P.option_reply(option, reply, data))
 
     def _error(self, option: int, reply: int, message: str) -> None:
-        self._reply(option, reply, message.encode())
+        self._reply(option, reply, c_bytes(message))
 
     def _on_client_flags(self, data: bytes) -> Event[E] | None:
         flags = int.from_bytes(data, "big")
@@ -275,7 +276,7 @@ class Handshake(Generic[E]):
         if self.extended:
             # the spec forbids it; QEMU hangs up
             return Closed("Extended headers already negotiated, no more NBD_OPT_EXPORT_NAME")
-        name = payload.decode(errors="replace")
+        name = payload.decode(errors="surrogateescape")  # as _take_string
         export = self.exports.get(name)
         if export is None:
             return Closed(f"export '{name}' not present")
