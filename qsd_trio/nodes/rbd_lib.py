@@ -54,6 +54,7 @@ from typing import Any
 import outcome
 import trio
 
+from ..qapi.cstr import c_bytes
 from .engine import buffers
 from .engine.base import Engine
 
@@ -175,7 +176,7 @@ def _check(r: int) -> int:
 
 
 def _b(s: str | None) -> bytes | None:
-    return None if s is None else s.encode()
+    return None if s is None else c_bytes(s)
 
 
 class Cluster:
@@ -194,23 +195,23 @@ class Cluster:
         return int(_lib.rados.rados_conf_read_file(self.handle, _b(path)))
 
     def conf_set(self, key: str, value: str) -> None:
-        _check(_lib.rados.rados_conf_set(self.handle, key.encode(), value.encode()))
+        _check(_lib.rados.rados_conf_set(self.handle, c_bytes(key), c_bytes(value)))
 
     def connect(self) -> None:
         _check(_lib.rados.rados_connect(self.handle))
 
     def open_pool(self, pool: str, namespace: str) -> None:
-        _check(_lib.rados.rados_ioctx_create(self.handle, pool.encode(), ctypes.byref(self.ioctx)))
-        _lib.rados.rados_ioctx_set_namespace(self.ioctx, namespace.encode())
+        _check(_lib.rados.rados_ioctx_create(self.handle, c_bytes(pool), ctypes.byref(self.ioctx)))
+        _lib.rados.rados_ioctx_set_namespace(self.ioctx, c_bytes(namespace))
 
     def namespace_exists(self, namespace: str) -> bool:
         v = ctypes.c_bool()
-        _check(_lib.rbd.rbd_namespace_exists(self.ioctx, namespace.encode(), ctypes.byref(v)))
+        _check(_lib.rbd.rbd_namespace_exists(self.ioctx, c_bytes(namespace), ctypes.byref(v)))
         return bool(v.value)
 
     def create_image(self, name: str, size: int, order: int) -> None:
         o = ctypes.c_int(order)
-        _check(_lib.rbd.rbd_create(self.ioctx, name.encode(), size, ctypes.byref(o)))
+        _check(_lib.rbd.rbd_create(self.ioctx, c_bytes(name), size, ctypes.byref(o)))
 
     def close(self) -> None:
         if self.ioctx:
@@ -327,7 +328,7 @@ class Image:
 
     def __init__(self, cluster: Cluster, name: str, snap: str | None) -> None:
         self.handle = _c_void_p()
-        _check(_lib.rbd.rbd_open(cluster.ioctx, name.encode(), ctypes.byref(self.handle), _b(snap)))
+        _check(_lib.rbd.rbd_open(cluster.ioctx, c_bytes(name), ctypes.byref(self.handle), _b(snap)))
         self.reaper: Reaper | None = None
         # where rbd_aio_create_completion puts each new completion (trio's
         # thread only), made once instead of per request
@@ -373,7 +374,7 @@ class Image:
             return out
 
     def snap_set(self, name: str) -> None:
-        _check(_lib.rbd.rbd_snap_set(self.handle, name.encode()))
+        _check(_lib.rbd.rbd_snap_set(self.handle, c_bytes(name)))
 
     def resize(self, size: int) -> None:
         _check(_lib.rbd.rbd_resize(self.handle, size))

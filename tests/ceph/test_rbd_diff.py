@@ -43,6 +43,11 @@ def test_blockdev_add_and_query_match(daemon_factory, ceph_cluster, rbd_image):
         {"image": "nope"},
         {"pool": "nopool"},
         {"namespace": "ns"},
+        # a NUL in a QMP string reaches librbd as QEMU's bytes C0 80
+        {"image": "no\u0000pe"},
+        {"pool": "no\u0000pool"},
+        {"namespace": "n\u0000s"},
+        {"snapshot": "s\u0000", "read-only": True},
         {"conf": "/nonexistent.conf"},
         {"user": "nobody"},
         {"key-secret": "nope"},
