@@ -201,6 +201,31 @@ async def test_callbacks_resubmit_beyond_the_ring(image, aio):
     assert len(seen) == total
 
 
+async def test_uring_completions_beyond_a_full_cq_ring_arrive(image):
+    """Completions the kernel could not post to a full CQ ring (its
+    overflow list) still reach their callbacks.  The engine never has more
+    in flight than the ring holds; its limit is lifted here to fill the
+    ring the way a miscount would, which made the reaper spin on an empty
+    ring with the descriptor polling readable for ever."""
+    path, data = image
+    engines, eng = await _engine("io_uring")
+    fd = _open(path, "io_uring")
+    n = eng.cq_entries + 64
+    eng.cq_entries = 1 << 30
+    cb, got, done = _results(n)
+    bufs = []
+    with trio.fail_after(30):  # a hang detector: before the fix they never came
+        for i in range(n):  # one pass, nothing reaped in between
+            buf, addr = buffers.alloc_at(BS)
+            bufs.append(buf)
+            eng.submit_read(fd, buf, (i % 64) * BS, cb, addr)
+        await done.wait()
+        await engines.aclose()
+    os.close(fd)
+    assert got == [BS] * n
+    assert all(bytes(b) == data[(i % 64) * BS:(i % 64 + 1) * BS] for i, b in enumerate(bufs))
+
+
 @pytest.mark.parametrize("aio", AIOS)
 async def test_after_completions_runs_once_per_batch(image, aio):
     path, _data = image

@@ -52,6 +52,8 @@ FEAT_SINGLE_MMAP = 1
 OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
 OP_READV, OP_WRITEV, OP_FSYNC, OP_READ, OP_WRITE = 1, 2, 3, 22, 23
 FSYNC_DATASYNC = 1
+ENTER_GETEVENTS = 1
+SQ_CQ_OVERFLOW = 2  # IORING_SQ_CQ_OVERFLOW in the SQ ring's flags
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, rw_flags,
 # user_data, then 24 bytes we leave zero (buf_index, personality, ...)
@@ -111,6 +113,7 @@ class Uring(KernelEngine):
         self.cq_mask = _U32.unpack_from(self.cq_ring, cq_off[2])[0]
         self.sq_tail_off = sq_off[1]
         self.cq_head_off, self.cq_tail_off, self.cqes_off = cq_off[0], cq_off[1], cq_off[5]
+        self.sq_flags_off = sq_off[4]
         # the SQ array maps ring slots to SQEs one to one, once and for all
         arr = sq_off[6]
         for i in range(sq_entries):
@@ -158,6 +161,14 @@ class Uring(KernelEngine):
         self._pending = 0
 
     # -- completion ------------------------------------------------------------
+    def _flush_overflow(self) -> None:
+        while _syscall(NR_ENTER, self.ring_fd, 0, 0, ENTER_GETEVENTS, None, 0) < 0:
+            e = ctypes.get_errno()
+            if e in (errno.EAGAIN, errno.EBUSY):
+                return  # the CQ ring is still full: the next reap tries again
+            if e != errno.EINTR:
+                raise OSError(e, os.strerror(e))
+
     def completions_ready(self) -> bool:
         tail = _U32.unpack_from(self.cq_ring, self.cq_tail_off)[0]
         return bool(tail != self.cq_head)
@@ -170,7 +181,17 @@ class Uring(KernelEngine):
         head = self.cq_head
         tail = _U32.unpack_from(ring, self.cq_tail_off)[0]
         if head == tail:
-            return
+            if not _U32.unpack_from(self.sq_ring, self.sq_flags_off)[0] & SQ_CQ_OVERFLOW:
+                return
+            # Completions the kernel could not post to a full CQ ring wait
+            # on its overflow list, and the ring's descriptor polls readable
+            # until they are moved to the ring, which only io_uring_enter
+            # with GETEVENTS does: without it the reaper would spin on an
+            # empty ring and those requests would never complete.
+            self._flush_overflow()
+            tail = _U32.unpack_from(ring, self.cq_tail_off)[0]
+            if head == tail:
+                return
         mask = self.cq_mask
         off = self.cqes_off
         reqs = self._reqs
