@@ -7,7 +7,9 @@ Checked: such a write has completed (its callback has run, its bytes are
 in the file) when submit_write returns; without caller_waits, with an
 unaligned range, on an O_DIRECT descriptor, with another request in the
 pool and with much of memory dirty it goes to a worker (the callback runs later, from the reaper),
-and every write lands.
+and every write lands.  A vectored write (a guest's scatter-gather list)
+runs here without caller_waits and with the pool busy, under the same
+limits.
 """
 
 from __future__ import annotations
@@ -127,3 +129,54 @@ async def test_o_direct_write_goes_to_a_worker(tmp_path):
     assert results == [4 * PAGE]
     assert eng.run_here.done == 0
     assert path.read_bytes()[8 * PAGE:12 * PAGE] == data
+
+
+async def test_vectored_write_runs_here_even_with_the_pool_busy(tmp_path, monkeypatch):
+    """A guest's scatter-gather write (submit_writev) runs on trio's thread
+    whenever it cannot block, whatever else is in flight: done when the
+    call returns; not whole pages, much memory dirty or within the cool-down
+    after a stall: a worker."""
+    path = tmp_path / "img"
+    path.write_bytes(bytes(64 * PAGE))
+    engines = Engines()
+    eng = engines.threads
+    fd = os.open(path, os.O_RDWR)
+    results: list[tuple[str, int]] = []
+    model = bytearray(64 * PAGE)
+
+    def submit(name: str, offset: int, pieces: list[bytes]) -> bool:
+        """submit_writev of ``pieces``; whether it completed in the call."""
+        data = b"".join(pieces)
+        model[offset:offset + len(data)] = data
+        eng.submit_writev(fd, [_buffer(p) for p in pieces], offset,
+                          lambda res: results.append((name, res)))
+        return bool(results) and results[-1][0] == name
+
+    try:
+        # something else in the pool does not keep it off trio's thread
+        eng.submit_write(fd, _buffer(b"x" * PAGE), 40 * PAGE,
+                         lambda res: results.append(("other", res)))
+        model[40 * PAGE:41 * PAGE] = b"x" * PAGE
+        assert submit("here", 4 * PAGE, [os.urandom(PAGE), os.urandom(2 * PAGE), os.urandom(PAGE)])
+        assert eng.run_here.done == 1
+        await _settled(eng)
+
+        assert not submit("unaligned", 8 * PAGE, [os.urandom(100), os.urandom(PAGE)])
+        await _settled(eng)
+
+        monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: False)
+        assert not submit("dirty", 12 * PAGE, [os.urandom(PAGE)] * 2)
+        await _settled(eng)
+        monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
+
+        eng.run_here.resume_at = float("inf")  # as after a write that stalled
+        assert not submit("cooling", 16 * PAGE, [os.urandom(PAGE)] * 2)
+        await _settled(eng)
+    finally:
+        os.close(fd)
+        await engines.aclose()
+    assert eng.run_here.done == 1
+    assert sorted(results) == sorted([("other", PAGE), ("here", 4 * PAGE),
+                                      ("unaligned", 100 + PAGE), ("dirty", 2 * PAGE),
+                                      ("cooling", 2 * PAGE)])
+    assert path.read_bytes() == model

@@ -17,7 +17,11 @@ A buffered write whose caller would only wait for it (``caller_waits``:
 a FUSE export's write with nothing else in flight) runs on trio's thread
 when the pool is idle and the write cannot block (``RunHere``): the hop to
 a worker and back costs the worker's wakeup, the GIL passed to it and back,
-and the eventfd round, for a copy that nothing else overlaps.
+and the eventfd round, for a copy that nothing else overlaps.  A vectored
+write (a guest's scatter-gather list from the virtio data plane) runs
+there whenever it cannot block, busy pool or not: a vhost-user guest's
+1 MiB writes cost a quarter less CPU that way, and on a machine whose
+cores the guest needs as well, the CPU is the throughput.
 
 It is not ``trio.to_thread.run_sync``, which takes a new token, a result
 channel and a ``run_sync_soon`` per call: here a request costs a queue put
@@ -130,10 +134,18 @@ class RunHere:
 
     def write(self, fd: int, buf: memoryview, offset: int) -> int:
         """``_write_all`` here; the bytes written or -errno."""
+        return self._run(_write_all, fd, buf, offset, len(buf))
+
+    def writev(self, fd: int, views: list[memoryview], offset: int, n: int) -> int:
+        """``_writev_all`` here (``n`` bytes in ``views``); as :meth:`write`."""
+        return self._run(_writev_all, fd, views, offset, n)
+
+    def _run(self, fn: Callable[[int, Any, int], Any], fd: int, data: Any, offset: int,
+             n: int) -> int:
         switches = inline_io.voluntary_switches()
         t0 = time.perf_counter_ns()
         try:
-            _write_all(fd, buf, offset)
+            fn(fd, data, offset)
         except OSError as e:
             return -(e.errno or 5)  # EIO
         finally:
@@ -142,7 +154,7 @@ class RunHere:
                     and inline_io.voluntary_switches() != switches):
                 self.stalls += 1
                 self.resume_at = time.monotonic() + inline_io.COOL_DOWN
-        return len(buf)
+        return n
 
 
 class ThreadPool(Engine):
@@ -233,6 +245,15 @@ class ThreadPool(Engine):
 
     def submit_writev(self, fd: int, views: list[memoryview], offset: int,
                       cb: Callback) -> None:
+        # a guest's scatter-gather write (the virtio data plane, directly or
+        # through qcow2): here whenever it cannot block, whatever else is in
+        # flight; its copy costs what it costs on any thread, the hop to a
+        # worker and back is what it saves (docs/vhost-user.md)
+        n = sum(map(len, views))
+        if self.run_here.allowed(fd, offset, n):
+            self.in_flight += 1
+            self._finished(None, cb, self.run_here.writev(fd, views, offset, n))
+            return
         self._put(_Call(_writev_all, (fd, views, offset), None, cb))
 
     async def aclose(self) -> None:
