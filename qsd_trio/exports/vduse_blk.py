@@ -72,6 +72,7 @@ from ..proto.vduse import (
     VDUSE_VQ_SETUP_KICKFD,
 )
 from ..proto.vhost_user import MemRegion
+from ..qapi.cstr import c_bytes
 from ..qapi.errors import GenericError
 from .base import register_export
 from .virtio import memory as vmem
@@ -152,7 +153,7 @@ def config_space(*, capacity_bytes: int, queue_size: int, num_queues: int,
 
 def _name_invalid(name: str) -> bool:
     # libvduse's vduse_name_is_invalid
-    return len(name.encode()) >= VDUSE_NAME_MAX or ".." in name
+    return len(c_bytes(name)) >= VDUSE_NAME_MAX or ".." in name
 
 
 class IotlbRegion(vmem.MappedRegion):

@@ -42,6 +42,7 @@ from ..nodes.qcow2 import snapshots
 from ..nodes.qcow2.create import create_qcow2
 from ..nodes.qcow2.driver import Qcow2Node
 from ..nodes.qcow2.header import EXT_BACKING_FORMAT
+from ..qapi.cstr import c_bytes
 from ..qapi.errors import GenericError
 from .registry import command
 
@@ -313,7 +314,7 @@ async def _write_header_names(image: Qcow2Node, backing_file: str, backing_fmt: 
     old = (h.backing_file, h.ext(EXT_BACKING_FORMAT), list(h.extensions))
     h.backing_file = backing_file or None
     image.auto_backing_file = backing_file or ""
-    h.set_ext(EXT_BACKING_FORMAT, backing_fmt.encode() if backing_file else None)
+    h.set_ext(EXT_BACKING_FORMAT, c_bytes(backing_fmt) if backing_file else None)
     h.extensions.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)
     blob = h.pack()
     # written through a descriptor of its own: only a file has a path
@@ -354,7 +355,7 @@ async def change_backing_file(daemon: Daemon, args: Any) -> Any:
     try:
         if not isinstance(image, Qcow2Node):
             raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-        if name and (len(name.encode()) > 1023 or image.data_file_raw):
+        if name and (len(c_bytes(name)) > 1023 or image.data_file_raw):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         # QEMU 7.2 records the image's own format as the backing format
         await _write_header_names(image, name, image.driver)

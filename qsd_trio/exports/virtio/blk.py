@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 # (reads stop asking the node's fast path after READ_NOW_MISSES misses in a
 # row, for READ_NOW_SKIP reads, as the NBD and FUSE exports do)
+from ...qapi.cstr import c_bytes
 from ..read_now import READ_NOW_MISSES, READ_NOW_SKIP
 from .memory import GuestMemoryError, Segment, views_of
 from .virtqueue import (
@@ -207,7 +208,7 @@ class BlkHandler:
         self.writable = writable
         self.logical_block_size = logical_block_size
         self.num_queues = num_queues
-        self.serial = serial.encode()
+        self.serial = c_bytes(serial)
         self.writethrough = writethrough
         # the config space's writeback byte, kept equal to the cache mode
         self.wce = 0 if writethrough else 1

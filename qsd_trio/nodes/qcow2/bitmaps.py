@@ -11,10 +11,11 @@ the old clusters freed.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ...qapi.cstr import c_bytes
 from ...qapi.errors import GenericError
 from . import overlap
 from .header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
@@ -41,10 +42,18 @@ class DirEntry:
     extra: bytes
 
     def pack(self) -> bytes:
-        nb = self.name.encode()
+        nb = c_bytes(self.name)
         b = ENTRY.pack(self.table_offset, self.table_size, self.flags, self.type,
                        self.granularity_bits, len(nb), len(self.extra)) + self.extra + nb
         return b + bytes(-len(b) % 8)
+
+
+def info(entry: DirEntry) -> dict[str, Any]:
+    """Qcow2BitmapInfo of a stored bitmap (query-named-block-nodes,
+    qemu-img info): its flags in QEMU's order."""
+    flags = [name for bit, name in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto"))
+             if entry.flags & bit]
+    return {"name": entry.name, "granularity": 1 << entry.granularity_bits, "flags": flags}
 
 
 def parse_directory(buf: bytes | bytearray | memoryview, count: int) -> list[DirEntry]:
@@ -55,7 +64,7 @@ def parse_directory(buf: bytes | bytearray | memoryview, count: int) -> list[Dir
         pos += ENTRY.size
         extra = bytes(buf[pos:pos + el])
         pos += el
-        name = bytes(buf[pos:pos + nl]).decode("utf-8", "replace")
+        name = bytes(buf[pos:pos + nl]).decode("utf-8", "surrogateescape")
         pos += nl
         pos += -pos % 8
         out.append(DirEntry(to, ts, flags, typ, gb, name, extra))
@@ -127,7 +136,7 @@ def check_new(node: Qcow2Node, name: str, granularity: int) -> None:
     if node.h.version < 3:
         raise GenericError(f"Can't make bitmap '{name}' persistent in '{node.node_name}': "
                            "Cannot store dirty bitmaps in qcow2 v2 files")
-    if len(name.encode()) > 1023:
+    if len(c_bytes(name)) > 1023:
         raise GenericError("Bitmap name too long")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from ...qapi.cstr import c_bytes
 from ...qapi.errors import GenericError
 from ..node import BlockNode
 from .crypt import setup_encryption
@@ -115,7 +116,7 @@ async def create_qcow2(file: BlockNode, size: int, *, version: int = 3,
         else:
             h.compression_type = COMPRESSION_ZLIB
         if data_file is not None and data_file_name:
-            h.extensions.append(Extension(EXT_DATA_FILE, data_file_name.encode()))
+            h.extensions.append(Extension(EXT_DATA_FILE, c_bytes(data_file_name)))
         if cs >= 8192:  # qemu-img leaves the feature table out of smaller clusters
             h.extensions.append(Extension(EXT_FEATURE_TABLE, feature_table()))
     head = h.pack()

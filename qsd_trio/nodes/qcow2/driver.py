@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from ...qapi.cstr import c_bytes
 from ...qapi.errors import GenericError
 from ..backing import backing_info, backing_status, open_backing, read_backing
 from ..graph import register_driver
@@ -441,6 +442,10 @@ class Qcow2Node(BlockNode):
                 if h.data_file:
                     spec["data-file"] = h.data_file
                 spec["data-file-raw"] = self.data_file_raw
+            if self.qcow2_bitmaps:
+                # qcow2_get_bitmap_info_list: the directory as stored, not
+                # the bitmaps added since (they are stored when the node closes)
+                spec["bitmaps"] = [bitmapmod.info(e) for e in self.qcow2_bitmaps]
         if self.crypto is not None:
             spec = qcrypt.with_encrypt_info(spec, self.crypto)
         extra = {"cluster-size": self.cs, "format-specific": {"type": "qcow2", "data": spec}}
@@ -904,7 +909,7 @@ class Qcow2Node(BlockNode):
         """Record a backing file name and format in the header (change-backing-file)."""
         if backing_file and self.data_file_raw:
             raise GenericError("Cannot use a backing file with a raw external data file")
-        if backing_file is not None and len(backing_file.encode()) > 1023:
+        if backing_file is not None and len(c_bytes(backing_file)) > 1023:
             raise GenericError("Backing file name too long")
         async with self._lock:
             # what the image holds (data, then the metadata pointing at it)
@@ -918,7 +923,7 @@ class Qcow2Node(BlockNode):
             self.h.backing_file = backing_file or None
             self.auto_backing_file = backing_file or ""
             self.h.set_ext(EXT_BACKING_FORMAT,
-                           backing_fmt.encode() if backing_file and backing_fmt else None)
+                           c_bytes(backing_fmt) if backing_file and backing_fmt else None)
             # QEMU puts the backing format first among the extensions
             exts = self.h.extensions
             exts.sort(key=lambda e: 0 if e.type == EXT_BACKING_FORMAT else 1)

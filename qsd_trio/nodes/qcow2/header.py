@@ -11,6 +11,8 @@ import struct
 
 import attrs
 
+from ...qapi.cstr import c_bytes
+
 MAGIC = b"QFI\xfb"
 
 # incompatible_features bits
@@ -110,12 +112,12 @@ class Header:
     @property
     def backing_format(self) -> str | None:
         d = self.ext(EXT_BACKING_FORMAT)
-        return None if d is None else d.decode("utf-8", "replace")
+        return None if d is None else d.decode("utf-8", "surrogateescape")
 
     @property
     def data_file(self) -> str | None:
         d = self.ext(EXT_DATA_FILE)
-        return None if d is None else d.decode("utf-8", "replace")
+        return None if d is None else d.decode("utf-8", "surrogateescape")
 
     # -- serialising --------------------------------------------------------
     def pack(self) -> bytes:
@@ -139,7 +141,7 @@ class Header:
             head += bytes(-len(e.data) % 8)
         head += bytes(8)  # end-of-extensions marker
         if self.backing_file is not None:
-            name = self.backing_file.encode()
+            name = c_bytes(self.backing_file)
             self.backing_file_offset = len(head)
             self.backing_file_size = len(name)
             head += name
@@ -194,7 +196,7 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
         if h.backing_file_size > 1023:
             raise HeaderError("Backing file name too long")
         name = buf[h.backing_file_offset:h.backing_file_offset + h.backing_file_size]
-        h.backing_file = name.decode("utf-8", "replace")
+        h.backing_file = name.decode("utf-8", "surrogateescape")
     return h
 
 

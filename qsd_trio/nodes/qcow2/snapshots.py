@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ...qapi.cstr import c_bytes
 from ...qapi.errors import GenericError
 from .header import Header
 from .l2 import (
@@ -62,7 +63,7 @@ class Snapshot:
         return d
 
     def pack(self) -> bytes:
-        idb, nb = self.id.encode(), self.name.encode()
+        idb, nb = c_bytes(self.id), c_bytes(self.name)
         b = ENTRY.pack(self.l1_table_offset, self.l1_size, len(idb), len(nb), self.date_sec,
                        self.date_nsec, self.vm_clock_nsec,
                        min(self.vm_state_size, 0xFFFFFFFF), len(self.extra))
@@ -78,9 +79,9 @@ def parse_table(buf: bytes, count: int) -> list[Snapshot]:
         pos += ENTRY.size
         extra = buf[pos:pos + exl]
         pos += exl
-        sid = buf[pos:pos + idl].decode("utf-8", "replace")
+        sid = buf[pos:pos + idl].decode("utf-8", "surrogateescape")
         pos += idl
-        name = buf[pos:pos + nl].decode("utf-8", "replace")
+        name = buf[pos:pos + nl].decode("utf-8", "surrogateescape")
         pos += nl
         pos += -pos % 8
         s = Snapshot(l1o, l1s, sid, name, ds, dns, vmc, vms, bytes(extra))
