@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from tests.helpers import HAVE_QEMU, normalise_prog, run_cli
+from tests.helpers import HAVE_QEMU, Daemon, normalise_prog, run_cli
 
 pytestmark = [
     pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed"),
@@ -46,3 +46,17 @@ def test_vduse_export_errors_match(opts):
     assert theirs.returncode == 1, theirs.stderr
     assert (ours.returncode, normalise_prog(ours.stderr)) == \
         (theirs.returncode, normalise_prog(theirs.stderr))
+
+
+def test_vduse_name_with_nul_over_qmp(tmp_path):
+    """A NUL in the name (QMP only; kept as C0 80) is no internal error:
+    the same refusal as any name on this host."""
+    seen = {}
+    for kind in ("qemu", "trio"):
+        # libvduse's line on stderr, which qsd-trio writes as well
+        with Daemon(kind, tmp_path, NODE, allow_stderr=r"^Failed to open /dev/vduse") as d:
+            q = d.qmp()
+            seen[kind] = q.cmd_raw("block-export-add", {"type": "vduse-blk", "id": "v",
+                                                        "node-name": "n", "name": "x\u0000y"})
+    assert seen["trio"] == seen["qemu"]
+    assert seen["qemu"]["error"]["desc"] == "failed to create vduse device"
