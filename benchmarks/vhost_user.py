@@ -149,6 +149,7 @@ def main() -> int:
                                       f"{r.cpu_us:.1f} µs CPU/req")
                             except Exception as e:  # noqa: BLE001 - the row says it failed
                                 row.fail(kind, e)
+                                b.log(f"  {kind} failed: {e}\n  its stderr: {d.errors()}")
                             finally:
                                 d.stop()
         finally:

@@ -15,6 +15,7 @@ over as it is and the unit tests can hand over a model.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -80,6 +81,7 @@ CONFIG_WCE_OFFSET = 32
 
 _OUTHDR = struct.Struct("<IIQ")
 _IOERR = bytes([VIRTIO_BLK_S_IOERR])
+log = logging.getLogger(__name__)
 
 # BlkHandler.start: the request was handed to the node and completes later
 STARTED = -1
@@ -301,6 +303,8 @@ class BlkHandler:
         except (OSError, GuestMemoryError):
             status = VIRTIO_BLK_S_IOERR
         except Exception:  # noqa: BLE001 - a failed request, not a failed device
+            # a bug, not an I/O error: the guest sees EIO, stderr says why
+            log.exception("virtio-blk request failed")
             status = VIRTIO_BLK_S_IOERR
         try:
             r.write(off, bytes([status]))
