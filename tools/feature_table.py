@@ -139,8 +139,10 @@ NOTES: dict[str, str] = {
                   "tls-creds (x509, psk, anon; endpoint=client) and tls-hostname, "
                   "STARTTLS first and on every reconnect, QEMU's errors; extended headers "
                   "when the server offers them (QEMU 8.2's client; 7.2's has none); "
-                  "backing files named by nbd:// URLs or json: names; multi-conn is not "
-                  "implemented (docs/nbd-client.md says why)",
+                  "backing files named by nbd:// URLs or json: names; multi-conn with "
+                  "`x-multi-conn` (qsd-trio's member, 1-16, default 1 as QEMU: several "
+                  "connections only when the server sets CAN_MULTI_CONN, each reconnected "
+                  "on its own; docs/nbd-client.md)",
     "fuse": "export: /dev/fuse spoken directly in trio, any number of mounts per daemon",
     "tls-creds-psk": "NBD server: keys.psk read per handshake, TLS 1.3/1.2 PSK via pyOpenSSL "
                      "(Python's ssl has no PSK before 3.13); tls-authz not applied, as QEMU 7.2",
@@ -213,7 +215,9 @@ def table() -> str:
             "| command | status | notes |", "|---|---|---|"]
     out += [_row(c, c in have_cmds) for c in qemu_cmds]
     out += ["", "qsd-trio's own commands (tools/qapi-qsd/qsd-trio.json), also in "
-            "`query-qmp-schema`: " + ", ".join(f"`{c}`" for c in sorted(ours)) + "."]
+            "`query-qmp-schema`: " + ", ".join(f"`{c}`" for c in sorted(ours)) + "; "
+            "and one member of a QEMU type, BlockdevOptionsNbd's `x-multi-conn` "
+            "(feature `unstable`)."]
     out += ["", "### Block drivers", "", "| driver | status | notes |", "|---|---|---|"]
     out += [_row(d, d in drivers, "driver") for d in sorted(_enum_values("BlockdevDriver"))]
     out += ["", "### Export types", "", "| type | status | notes |", "|---|---|---|"]
