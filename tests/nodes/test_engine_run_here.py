@@ -46,12 +46,16 @@ def little_dirty_memory(monkeypatch):
     monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
 
 
-async def test_write_runs_here_when_the_caller_waits(tmp_path, monkeypatch):
+def _image(tmp_path):
+    """A zeroed 64-page image opened for writing, and a threads engine."""
     path = tmp_path / "img"
     path.write_bytes(bytes(64 * PAGE))
     engines = Engines()
-    eng = engines.threads
-    fd = os.open(path, os.O_RDWR)
+    return path, engines, engines.threads, os.open(path, os.O_RDWR)
+
+
+async def test_write_runs_here_when_the_caller_waits(tmp_path, monkeypatch):
+    path, engines, eng, fd = _image(tmp_path)
     results: list[tuple[str, int]] = []
     model = bytearray(64 * PAGE)
 
@@ -136,11 +140,7 @@ async def test_vectored_write_runs_here_even_with_the_pool_busy(tmp_path, monkey
     whenever it cannot block, whatever else is in flight: done when the
     call returns; not whole pages, much memory dirty or within the cool-down
     after a stall: a worker."""
-    path = tmp_path / "img"
-    path.write_bytes(bytes(64 * PAGE))
-    engines = Engines()
-    eng = engines.threads
-    fd = os.open(path, os.O_RDWR)
+    path, engines, eng, fd = _image(tmp_path)
     results: list[tuple[str, int]] = []
     model = bytearray(64 * PAGE)
 
