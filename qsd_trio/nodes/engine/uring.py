@@ -17,7 +17,8 @@ pure latency.  A task that submits its own batch before it parks (an NBD
 reader, base.hold_submissions) leaves the flusher asleep.
 
 The reaper (base.py) waits for the ring's own descriptor to poll readable,
-which it does while the CQ ring holds completions, and reads the CQ ring
+which it does while the CQ ring holds completions (or the kernel's overflow
+list does: _reap has them moved to the ring), and reads the CQ ring
 between its head and tail; advancing the head makes it unreadable again.
 No eventfd is registered: it would cost the kernel a signal per batch of
 completions and the reaper a read() per wakeup, for the same information.  Ring memory ordering: the kernel reads the SQ tail with
