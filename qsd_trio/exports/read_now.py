@@ -16,9 +16,15 @@ miss for different reasons).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from ..nodes.node import BlockNode
+
+
+class ReadsIntoNow(Protocol):
+    """What read_into_now asks: a BlockNode, or a virtio-blk backend."""
+
+    def read_into_now(self, offset: int, views: list[memoryview]) -> bool: ...
 
 # requests in a row the fast path did not serve before it is no longer asked ...
 READ_NOW_MISSES = 16
@@ -47,6 +53,19 @@ class NowGuess:
             return buf
         self._missed()
         return None
+
+    def read_into_now(self, node: ReadsIntoNow, offset: int, views: list[memoryview]) -> bool:
+        """``node.read_into_now(offset, views)`` (a virtio-blk READ into the
+        guest's buffers), unless recent READs say it will not serve this
+        one either; False then."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        if node.read_into_now(offset, views):
+            self._misses = 0
+            return True
+        self._missed()
+        return False
 
     def write_now(self, node: BlockNode, offset: int, data: memoryview) -> bool:
         """``node.write_now(offset, data)``, unless recent WRITEs say it

@@ -20,10 +20,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-# (reads stop asking the node's fast path after READ_NOW_MISSES misses in a
-# row, for READ_NOW_SKIP reads, as the NBD and FUSE exports do)
 from ...qapi.cstr import c_bytes
-from ..read_now import READ_NOW_MISSES, READ_NOW_SKIP
+from ..read_now import NowGuess
 from .memory import GuestMemoryError, Segment, views_of
 from .virtqueue import (
     VIRTIO_F_EVENT_IDX,
@@ -217,8 +215,7 @@ class BlkHandler:
         # bytes of the read and write requests the driver sent (metrics)
         self.read_bytes = 0
         self.written_bytes = 0
-        self._now_misses = 0  # reads in a row read_now did not serve
-        self._now_skip = 0  # reads still to do without asking read_now
+        self._now = NowGuess()  # whether a READ is worth the fast path first
 
     # -- config space ---------------------------------------------------------------
     def features(self) -> int:
@@ -449,18 +446,8 @@ class BlkHandler:
         """The node's synchronous fast path (BlockNode.read_into_now: a
         read the driver serves without waiting, no task or thread), unless
         recent reads say it will not serve this one either (an image opened
-        with O_DIRECT never can; see READ_NOW_MISSES).  False: read_into()."""
-        if self._now_skip:
-            self._now_skip -= 1
-            return False
-        if self.backend.read_into_now(offset, views):
-            self._now_misses = 0
-            return True
-        self._now_misses += 1
-        if self._now_misses >= READ_NOW_MISSES:
-            self._now_misses = 0
-            self._now_skip = READ_NOW_SKIP
-        return False
+        with O_DIRECT never can; see exports/read_now.py).  False: read_into()."""
+        return self._now.read_into_now(self.backend, offset, views)
 
     async def _rw(self, is_write: bool, offset: int, views: list[memoryview], size: int, *,
                   tried_now: bool) -> None:
