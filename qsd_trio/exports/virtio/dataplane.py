@@ -115,11 +115,6 @@ class QueueWorker:
         requests = self._requests
         assert requests is not None
         kick = self.kick_fd
-        # waits for the kick and the I/O engines' completions without the
-        # scheduler while nothing else can run (nodes/engine/inline_wait.py):
-        # a request is a kick and a completion, each a trio wakeup otherwise
-        graph = getattr(self.handler.backend, "graph", None)  # a BlockNode's
-        wait_inline = None if graph is None else graph.io.inline_waiter()
         while True:
             # up to a ring's worth of requests done here, then the other
             # tasks get a turn
@@ -144,8 +139,7 @@ class QueueWorker:
                 if served >= queue.size:
                     await trio.lowlevel.checkpoint()
                     continue
-            if wait_inline is None or not wait_inline(kick):
-                await trio.lowlevel.wait_readable(kick)
+            await trio.lowlevel.wait_readable(kick)
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 os.read(kick, 8)
 
