@@ -1,13 +1,12 @@
 """vhost-user-blk side by side, measured by a real guest.
 
     .venv/bin/python benchmarks/vhost_user.py [--runtime S] [--rounds N] [--json FILE]
-        [--format raw|qcow2] [--only WORD,...] [--strace DIR]
+        [--format raw|qcow2] [--place cached|tmpfs|direct] [--only WORD,...] [--strace DIR]
 
 One QEMU guest of tests/guest (TCG, 2 vCPUs, the host's / as its root, so
 it runs the host's fio) hot-plugs a vhost-user-blk-pci device on the
 export of qemu-storage-daemon or qsd-trio, both serving the same raw image
-of random data (on the host, ``aio=threads``, no ``cache.direct``), and
-runs fio on the disk with O_DIRECT and libaio: 4 KiB random reads and
+of random data, and runs fio on the disk with O_DIRECT and libaio: 4 KiB random reads and
 writes at queue depth 16, 1 MiB sequential reads and writes at queue depth
 4. The daemons alternate (A, B, A, B) for each workload; ratios are
 qsd-trio/qemu-storage-daemon of the medians. CPU µs/req is the daemon's
@@ -15,6 +14,10 @@ utime+stime (/proc/PID/stat) over the fio run divided by the requests fio
 completed. Under TCG the guest's own CPU is a large part of every request,
 so the ratios understate a difference that a KVM guest would show.
 
+``--place`` is where the image lives and how both daemons open it, one of
+common.PLACES: ``cached`` (the default: a disk file in the page cache,
+``aio=threads``), ``tmpfs`` (/dev/shm) or ``direct`` (a disk file with
+``cache.direct=on,aio=io_uring``: every request waits for the device).
 ``--format qcow2`` serves the same data as a qcow2 image (converted by
 qemu-img: every cluster allocated).  ``--only`` keeps the workloads whose
 label holds every word.  ``--strace DIR`` attaches ``strace -c -f`` to every
@@ -105,6 +108,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--format", choices=["raw", "qcow2"], default="raw",
                     help="the image's format")
+    ap.add_argument("--place", choices=["cached", "tmpfs", "direct"], default="cached",
+                    help="where the image lives and how it is opened (common.PLACES)")
     ap.add_argument("--only", default="", help="comma-separated words a workload's label "
                     "must hold (e.g. 1m,write)")
     ap.add_argument("--strace", help="a directory for strace -c summaries of each run")
@@ -112,11 +117,14 @@ def main() -> int:
     only = [w for w in opts.only.split(",") if w]
     workloads = [w for w in WORKLOADS if all(x in w[0] for x in only)]
     fmt = opts.format
-    rows = [b.Row(None, f"{fmt} vhost-user-blk {label}", "IOPS" if bs == "4k" else "MiB/s",
+    place = b.PLACE_BY_KEY[opts.place]
+    file_opts = "".join(f",{k}={v}" for k, v in place.file_options().items())
+    rows = [b.Row(None, f"{opts.place} {fmt} vhost-user-blk {label}", "IOPS" if bs == "4k" else "MiB/s",
                   target) for label, _, bs, _, target in workloads]
     t0 = time.monotonic()
     guest = Guest()
-    with tempfile.TemporaryDirectory(prefix="qsd-bench-vu-") as tmp:
+    where = "/dev/shm" if place.root == "shm" else b.disk_dir()
+    with tempfile.TemporaryDirectory(prefix="qsd-bench-vu-", dir=where) as tmp:
         img = Path(tmp) / f"disk.{fmt}"
         with open(img, "wb") as f:
             for _ in range(SIZE // b.MiB):
@@ -134,7 +142,8 @@ def main() -> int:
                         for kind in b.KINDS:
                             sock = Path(tmp) / f"{kind}.sock"
                             d = b.Started(kind, [
-                                "--blockdev", f"driver=file,node-name=file0,filename={img}",
+                                "--blockdev", f"driver=file,node-name=file0,filename={img}"
+                                              f"{file_opts}",
                                 "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
                                 "--export", f"type=vhost-user-blk,id=vu0,node-name=disk0,"
                                             f"addr.type=unix,addr.path={sock},writable=on"],
