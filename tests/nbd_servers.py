@@ -1,7 +1,9 @@
-"""A qemu-nbd server for the tests of the NBD client driver."""
+"""NBD servers for the tests of the NBD client driver: qemu-nbd, and
+waiting for a server's unix socket to appear."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,3 +24,31 @@ def start_qemu_nbd(image: Path, sock: Path, *, export: str, shared: int = 8,
             raise RuntimeError("qemu-nbd did not start")
         time.sleep(0.02)
     return proc
+
+
+def wait_socket(path: Path, timeout: float = 30) -> None:
+    """Until the server has made its unix socket (TimeoutError after
+    ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(str(path))
+        time.sleep(0.01)
+
+
+def wait_listening(path: Path, timeout: float = 30) -> None:
+    """Until a connect to the unix socket ``path`` succeeds: a server binds
+    before it listens (nbdkit), and a connect in between is refused.  The
+    probe connection is closed at once, before any negotiation."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(str(path))
+        time.sleep(0.01)

@@ -10,13 +10,13 @@ image is then checked on the server's side with qemu-img.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import qemu_img, qemu_io
 from tests.integration.test_job_images import Model, qemu_io_write, raw_bytes, wait_event
+from tests.nbd_servers import wait_socket
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -24,14 +24,6 @@ SIZE = 16 * MiB
 
 def nbd_uri(sock: Path, name: str) -> str:
     return f"nbd+unix:///{name}?socket={sock}"
-
-
-def wait_socket(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(str(path))
-        time.sleep(0.02)
 
 
 class Server:

@@ -21,12 +21,9 @@ replies, compact requests of at most 32-bit lengths).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +32,9 @@ import pytest
 from qsd_trio.proto import nbd as P
 from tests.helpers import qemu_img, qemu_io
 from tests.integration.test_mirror_hole_then_data import mirror
-from tests.integration.test_nbd_driver import Server, servers, wait_socket  # noqa: F401
+from tests.integration.test_nbd_driver import Server, servers  # noqa: F401
+from tests.nbd_relay import relay  # noqa: F401
+from tests.nbd_servers import wait_socket
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -47,76 +46,6 @@ WRITES = [(MiB, 64 * 1024, 0x11), (5 * GiB, MiB, 0x22), (5 * GiB + 256 * 1024, 1
 READS = [(MiB, 64 * 1024, 0x11), (5 * GiB, 256 * 1024, 0x22),
          (5 * GiB + 256 * 1024, 128 * 1024, 0), (5 * GiB + 384 * 1024, 640 * 1024, 0x22),
          (SIZE - 4096, 4096, 0x33)]
-
-
-class Recorder:
-    """A unix socket proxy to ``target`` that keeps a copy of what each
-    connection carried: ``conns`` holds (client to server, server to
-    client) byte strings, complete once ``close`` has returned."""
-
-    def __init__(self, listen: Path, target: Path):
-        self.target = target
-        self.conns: list[tuple[bytearray, bytearray]] = []
-        self.threads: list[threading.Thread] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(listen))
-        self.sock.listen(8)
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return  # closed
-            t = threading.Thread(target=self._connection, args=(client,), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _connection(self, client: socket.socket) -> None:
-        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            try:
-                server.connect(str(self.target))
-            except OSError:
-                return  # the server is gone: the client sees its connection close
-            up, down = bytearray(), bytearray()
-            self.conns.append((up, down))
-            back = threading.Thread(target=self._relay, args=(server, client, down))
-            back.start()
-            self._relay(client, server, up)
-            back.join()
-
-    @staticmethod
-    def _relay(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                log += data
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        """Stop accepting and wait for the connections to end."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (close does not)
-        self.sock.close()
-        self._accepting.join(10)
-        for t in self.threads:
-            t.join(10)
-
-
-@pytest.fixture
-def proxy(tmp_path):
-    """proxy(target) -> a started Recorder listening on tmp_path/proxy.sock."""
-    made: list[Recorder] = []
-
-    def start(target: Path) -> Recorder:
-        made.append(Recorder(tmp_path / "proxy.sock", target))
-        return made[-1]
-    yield start
-    for r in made:
-        r.close()
 
 
 def options_and_replies(down: bytes) -> tuple[list[tuple[int, int]], int]:
@@ -197,8 +126,8 @@ def procs():
 
 
 @pytest.mark.parametrize("kind", ["trio", "qemu", "qemu-nbd", "nbdkit"])
-def test_extended_headers_when_the_server_offers_them(daemon_factory, tmp_path, procs, proxy,
-                                                      kind):
+def test_extended_headers_when_the_server_offers_them(daemon_factory, tmp_path, procs,
+                                                      relay, kind):  # noqa: F811
     if kind == "nbdkit" and shutil.which("nbdkit") is None:
         pytest.fail("nbdkit is not installed")
     img, model, copy = (tmp_path / n for n in ("remote.raw", "model.raw", "copy.raw"))
@@ -210,11 +139,11 @@ def test_extended_headers_when_the_server_offers_them(daemon_factory, tmp_path, 
     qemu_io("-f", "raw", *cmds, str(model))
 
     srv, stop_server = start_server(kind, daemon_factory, tmp_path, img, procs)
-    rec = proxy(srv)
+    rec = relay(srv, record=True)
     sock = tmp_path / "client.sock"
     c = daemon_factory("trio", [
         "--blockdev", f"driver=nbd,node-name=n,server.type=unix,"
-                      f"server.path={tmp_path / 'proxy.sock'},export=disk",
+                      f"server.path={tmp_path / 'proxy0.sock'},export=disk",
         "--blockdev", f"driver=file,node-name=copy,filename={copy}",
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "type=nbd,id=re,node-name=n,name=re,writable=on",

@@ -10,12 +10,9 @@ names the connection of every request).
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pytest
 
 from tests.helpers import qemu_img, qemu_io
 from tests.integration.test_job_images import Model
+from tests.nbd_relay import relay  # noqa: F401
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -257,98 +255,9 @@ def test_bad_values(qsd, tmp_path, servers, value, error):
     assert server_connections(srv) == 0
 
 
-class _Pair:
-    """One relayed connection: its two sockets, the bytes it carried to the
-    server, and whether its relay has ended (the peer closed, or a cut)."""
-
-    def __init__(self, client: socket.socket, server: socket.socket):
-        self.client, self.server = client, server
-        self.sent = 0
-        self.ended = False
-
-
-class CutProxy:
-    """A unix socket relay to ``target`` whose connections can be cut one
-    at a time (a network that drops one connection)."""
-
-    def __init__(self, listen: Path, target: Path):
-        self.target = target
-        self.pairs: list[_Pair] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(listen))
-        self.sock.listen(16)
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return  # closed
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                server.connect(str(self.target))
-            except OSError:
-                client.close()
-                server.close()
-                continue
-            pair = _Pair(client, server)
-            self.pairs.append(pair)
-            for up in (True, False):
-                t = threading.Thread(target=self._relay, args=(pair, up), daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    @staticmethod
-    def _relay(pair: _Pair, up: bool) -> None:
-        src, dst = (pair.client, pair.server) if up else (pair.server, pair.client)
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                if up:
-                    pair.sent += len(data)
-                dst.sendall(data)
-        pair.ended = True
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self, i: int) -> None:
-        for s in (self.pairs[i].client, self.pairs[i].server):
-            s.shutdown(socket.SHUT_RDWR)
-
-    def live(self) -> int:
-        return sum(1 for p in self.pairs if not p.ended)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        for p in self.pairs:
-            for x in (p.client, p.server):
-                with contextlib.suppress(OSError):
-                    x.shutdown(socket.SHUT_RDWR)
-        for t in self.threads:
-            t.join(10)
-        for p in self.pairs:
-            p.client.close()
-            p.server.close()
-
-
-@pytest.fixture
-def cut_proxy(tmp_path):
-    made: list[CutProxy] = []
-
-    def start(target: Path) -> CutProxy:
-        made.append(CutProxy(tmp_path / f"proxy{len(made)}.sock", target))
-        return made[-1]
-    yield start
-    for p in made:
-        p.close()
-
-
 @pytest.mark.parametrize("delay", [10, 0])
-def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy, delay):
+def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, relay,  # noqa: F811
+                                   delay):
     """One of four connections is cut while writes are in flight on all of
     them (nbdkit's delay filter keeps them there).  With reconnect-delay its
     requests are sent again and nothing is lost; without, they fail with
@@ -359,11 +268,11 @@ def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy,
         ["nbdkit", "-f", "-U", str(srv), "-e", "disk", "--filter=delay", "memory", str(SIZE),
          "wdelay=200ms"], stdin=subprocess.DEVNULL))
     wait_for(srv.exists, "nbdkit did not start")
-    proxy = cut_proxy(srv)
+    proxy = relay(srv)
     d, uri = client(daemon_factory, tmp_path, tmp_path / "proxy0.sock",
                     **{"x-multi-conn": 4, "reconnect-delay": delay})
-    assert len(proxy.pairs) == 4
-    handshake = [p.sent for p in proxy.pairs]
+    assert len(proxy.links) == 4
+    handshake = [p.sent for p in proxy.links]
     model = Model(SIZE)
     cmds = []
     for i in range(32):
@@ -374,12 +283,12 @@ def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, cut_proxy,
                           stderr=subprocess.STDOUT, text=True)
     # every connection carries writes, none of them answered yet (200 ms)
     wait_for(lambda: all(p.sent > h + MiB // 2
-                         for p, h in zip(proxy.pairs[:4], handshake, strict=True)),
+                         for p, h in zip(proxy.links[:4], handshake, strict=True)),
              "writes on every connection")
     proxy.cut(1)
     out, _ = io.communicate(timeout=60)
     # the cut one came back: five connections made, four live
-    wait_for(lambda: len(proxy.pairs) == 5 and proxy.live() == 4, "a reconnect",
+    wait_for(lambda: len(proxy.links) == 5 and proxy.live() == 4, "a reconnect",
              timeout=30)
     if delay == 0:
         failed = [ln for ln in out.splitlines() if "failed" in ln]

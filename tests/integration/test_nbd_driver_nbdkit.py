@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import qemu_img, qemu_io
+from tests.nbd_servers import wait_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="nbdkit not installed")
 
@@ -30,10 +30,7 @@ def nbdkit(tmp_path):
         sock = tmp_path / f"nbdkit{len(procs)}.sock"
         procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(sock), *args],
                                       stdin=subprocess.DEVNULL))
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.02)
+        wait_listening(sock)
         return sock
 
     yield start

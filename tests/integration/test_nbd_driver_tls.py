@@ -18,13 +18,13 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import HAVE_QEMU, qemu_img, qemu_io
 from tests.integration.nbd_helpers import make_pki
+from tests.nbd_servers import wait_socket
 
 pytestmark = [
     pytest.mark.skipif(not HAVE_QEMU, reason="qemu-storage-daemon not installed"),
@@ -69,14 +69,6 @@ def server_creds(creds, tls: str) -> str:
     if tls == "psk":
         return f"tls-creds-psk,id=s0,endpoint=server,dir={creds['psk']}"
     return f"tls-creds-x509,id=s0,endpoint=server,dir={creds['pki']}"
-
-
-def wait_socket(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(str(path))
-        time.sleep(0.01)
 
 
 class Server:
