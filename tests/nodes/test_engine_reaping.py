@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import trio
 
 from qsd_trio.nodes.engine import Engines, buffers
 from qsd_trio.nodes.engine.base import after_completions
+from qsd_trio.nodes.engine.uring import OP_READ
 
 BS = 4096
 AIOS = ["threads", "io_uring", "native"]
@@ -224,6 +228,58 @@ async def test_uring_completions_beyond_a_full_cq_ring_arrive(image):
     os.close(fd)
     assert got == [BS] * n
     assert all(bytes(b) == data[(i % 64) * BS:(i % 64 + 1) * BS] for i, b in enumerate(bufs))
+
+
+@pytest.fixture
+def cold_file(tmp_path):
+    """1 MiB of random data in a file on a file system whose pages the page
+    cache holds and can drop (the test directory, or one in the repository
+    where that is a tmpfs), not in the page cache: (path, data)."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = {line.split()[4]: line.split(" - ")[1].split()[0] for line in f}
+    where = str(tmp_path.resolve())
+    mount = max((m for m in mounts if where == m or where.startswith(m.rstrip("/") + "/")),
+                key=len)
+    d = tmp_path
+    if mounts[mount] == "tmpfs":
+        d = Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parents[2]))
+    path = d / "cold"
+    data = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    yield path, data
+    if d != tmp_path:
+        shutil.rmtree(d)
+
+
+async def test_uring_resubmits_what_the_kernel_could_not_start(cold_file):
+    """A completion of -EAGAIN is not the request's result: the kernel
+    could not start it without blocking (an O_DIRECT request on a device
+    out of tags, for one) and gave up.  The engine submits it again, as
+    QEMU's io_uring does; it was failed before, and a guest reading
+    through vhost-user-blk with cache.direct=on got EIO.  The kernel gives
+    -EAGAIN for real here: the read carries RWF_NOWAIT and its data has
+    just been dropped from the page cache (the first try starts readahead;
+    a later one finds the data)."""
+    path, data = cold_file
+    fd = os.open(path, os.O_RDONLY)
+    engines, eng = await _engine("io_uring")
+    cb, got, done = _results(1)
+    buf, addr = buffers.alloc_at(BS)
+    first = eng._next_id
+    off = 512 * 1024
+    with trio.fail_after(30):
+        # (the engine's own submission with one flag more than it sets)
+        eng._queue(OP_READ, fd, addr, BS, off, os.RWF_NOWAIT, (None, cb, buf))
+        await done.wait()
+        await engines.aclose()
+    os.close(fd)
+    assert got == [BS]
+    assert bytes(buf) == data[off:off + BS]
+    assert eng._next_id - first >= 2  # it was refused at least once
 
 
 @pytest.mark.parametrize("aio", AIOS)

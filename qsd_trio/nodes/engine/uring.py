@@ -64,6 +64,7 @@ _Value = outcome.Value
 _U32 = struct.Struct("<I")
 
 ENTRIES = 256
+_EAGAIN, _EINTR = -errno.EAGAIN, -errno.EINTR
 
 
 class Uring(KernelEngine):
@@ -85,7 +86,8 @@ class Uring(KernelEngine):
         except BaseException:
             os.close(fd)
             raise
-        self._reqs: dict[int, Request] = {}
+        # in flight: _queue's arguments by user_data
+        self._reqs: dict[int, tuple[int, int, int, int, int, int, Request]] = {}
         self._next_id = 1
         self._pending = 0          # SQEs written, not yet entered
         # requests beyond the CQ ring's size: _queue's arguments
@@ -134,7 +136,8 @@ class Uring(KernelEngine):
             return
         rid = self._next_id
         self._next_id = rid + 1
-        self._reqs[rid] = req
+        # the whole SQE kept: a completion with EAGAIN or EINTR submits it again
+        self._reqs[rid] = (op, fd, addr, length, offset, flags, req)
         self.in_flight += 1
         tail = self.sq_tail
         _SQE.pack_into(self.sqes, (tail & self.sq_mask) * 64, op, 0, 0, fd, offset, addr,
@@ -197,12 +200,28 @@ class Uring(KernelEngine):
         off = self.cqes_off
         reqs = self._reqs
         done = []
+        again = None
         while head != tail:
             rid, res, _flags = _CQE.unpack_from(ring, off + (head & mask) * 16)
             head = (head + 1) & 0xFFFFFFFF
-            done.append((reqs.pop(rid), res))
+            sqe = reqs.pop(rid)
+            if res == _EAGAIN or res == _EINTR:
+                # Not the request's result: the kernel could not start it
+                # without blocking (a device out of tags for an O_DIRECT
+                # request, among others) and gave up.  QEMU's io_uring
+                # resubmits these (luring_process_completions); failing them
+                # turned a busy device into EIO for the client.
+                if again is None:
+                    again = []
+                again.append(sqe)
+                continue
+            done.append((sqe[6], res))
         self.cq_head = head
         _U32.pack_into(ring, self.cq_head_off, head)
+        if again is not None:
+            self.in_flight -= len(again)
+            for sqe in again:
+                self._queue(*sqe)
         for (task, cb, _buf), res in done:
             # counted out one by one: a callback that submits must see the
             # others still in flight, or its request is entered alone
