@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..qapi import qemuopts
 from ..qapi.errors import GenericError
 from . import perms
 from .graph import register_driver
-from .node import BdrvChild, BlockNode, BlockStatus, Buffer, Perm, ReadDone, WriteDone
+from .node import (
+    BdrvChild,
+    BlockNode,
+    BlockStatus,
+    Buffer,
+    Perm,
+    ReadDone,
+    WriteDone,
+    json_filename,
+)
 
 # the request hooks a pass-through raw node's requests skip (BlockNode._through)
 _IO_HOOKS = ("_co_preadv", "_co_preadv_into", "_co_pwritev", "_co_pwritev_vec",
@@ -27,52 +37,102 @@ class RawNode(BlockNode):
         super().__init_subclass__(**kwargs)
         cls._own_hooks = all(getattr(cls, h) is getattr(RawNode, h) for h in _IO_HOOKS)
 
+    # raw_reopen_prepare: the window may change (raw_read_options)
+    reopenable: ClassVar[frozenset[str]] = frozenset({"offset", "size"})
+
     async def open(self, options: dict[str, Any]) -> None:
         self.offset: int = options.get("offset", 0)
         self.fixed_size: int | None = options.get("size")
+        # the window's options as given (a strong runtime option: the node's
+        # file name spells them out, even offset=0)
+        self._given: dict[str, int] = {k: options[k] for k in ("offset", "size")
+                                       if k in options}
+        # raw_open: the file child's role is decided once, by the window at
+        # open (DATA with one, FILTERED without); a reopen keeps it
+        self._data_role = self._window()
         self.file = await self.open_child(options, "file")
         qemuopts.absorb_sizes(self.driver, options)
+        self._check_window(self.offset, self.fixed_size)
+
+    def _check_window(self, offset: int, size: int | None) -> None:
+        """raw_apply_options' checks against the file child's length."""
         real = self.file.node.length
-        if self.offset > real:
-            raise GenericError(f"Offset ({self.offset}) cannot be greater than size of the "
+        if offset > real:
+            raise GenericError(f"Offset ({offset}) cannot be greater than size of the "
                                f"containing file ({real})")
-        if self.fixed_size is not None:
-            if self.offset + self.fixed_size > real:
+        if size is not None:
+            if offset + size > real:
                 raise GenericError(
-                    f"The sum of offset ({self.offset}) and size ({self.fixed_size}) has to be "
+                    f"The sum of offset ({offset}) and size ({size}) has to be "
                     f"smaller or equal to the  actual size of the containing file ({real})")
-            if self.fixed_size % 512:
+            if size % 512:
                 raise GenericError("Specified size is not multiple of 512")
+
+    def reopen_check(self, options: dict[str, Any]) -> None:
+        # raw_reopen_prepare: an option left out is back to its default (the
+        # whole file), as QEMU reads the window afresh from the new options
+        qemuopts.absorb_sizes(self.driver, options)
+        self._check_window(options.get("offset", 0), options.get("size"))
+
+    async def reopen_prepare(self, options: dict[str, Any]) -> Callable[[], None] | None:
+        offset, size = options.get("offset", 0), options.get("size")
+        self._check_window(offset, size)  # the file may have changed size since the check
+
+        def commit() -> None:
+            # raw_reopen_commit; inside the drained section, so no request
+            # sees half a window
+            self.offset, self.fixed_size = offset, size
+            self._given = {k: options[k] for k in ("offset", "size") if k in options}
+            self._set_through()
+        return commit
 
     @property
     def has_info(self) -> bool:
         # raw_get_info asks the child: over null-co there is no dirty-flag
         return self.file.node.has_info
 
+    @property
+    def filename(self) -> str:
+        if not self._given:
+            return super().filename
+        # offset and size are strong runtime options (raw_strong_runtime_opts):
+        # QEMU spells the node out once either is given
+        return json_filename({"driver": self.driver, **self._given,
+                              "file": self.file.node.full_open_options()})
+
     def _window(self) -> bool:
         return bool(self.offset) or self.fixed_size is not None
 
     def child_attached(self, edge: BdrvChild) -> None:
-        # Without a window every request reaches the file child as it is:
-        # reads and writes go straight to its driver (BlockNode._through),
-        # unless blkdebug-style events are wanted on the child, which
-        # raw's own hooks (below) raise.  Set when the child is opened
-        # (offset and size are known by then) and when a graph change
-        # moves the edge to another node.
+        # Set when the child is opened (offset and size are known by then)
+        # and when a graph change moves the edge to another node.
         if edge.name == "file":
-            child = edge.node
-            self._through = (child if self._own_hooks and not (self._window()
-                                                                or child._debug_events)
-                             else None)
+            self._set_through()
+
+    def _set_through(self) -> None:
+        """Without a window every request reaches the file child as it is:
+        reads and writes go straight to its driver (BlockNode._through),
+        unless blkdebug-style events are wanted on the child, which raw's
+        own hooks (below) raise.  Again whenever the window or the child
+        changes (a reopen that adds or drops a window)."""
+        edge = self.children.get("file")
+        if edge is None:
+            self._through = None
+            return
+        child = edge.node
+        self._through = (child if self._own_hooks and not (self._window()
+                                                            or child._debug_events)
+                         else None)
 
     def child_detached(self, edge: BdrvChild) -> None:
         if edge.name == "file":
             self._through = None
 
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
-        # raw_child_perm: a window is DATA storage, otherwise a filter; only
-        # take write/resize when a parent needs them
-        if self._window():
+        # raw_child_perm: a window at open makes the child DATA storage,
+        # otherwise it is FILTERED; only take write/resize when a parent
+        # needs them
+        if self._data_role:
             np, ns = perms.storage_perms(perm, shared, writable=not self.read_only,
                                          metadata=False)
         else:
