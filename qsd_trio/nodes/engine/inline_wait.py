@@ -39,10 +39,14 @@ from typing import Any
 
 from .base import Engine
 
-# the longest one wait may hold the event loop: above a fast device's
-# latency (virtio, NVMe: 20-100 µs), far below anything a timer or a
-# person notices
-MAX_WAIT = 0.0005
+# the longest one wait may hold the event loop: far below anything a
+# person notices, and cut to trio's next deadline, so no timer is late.
+# One wait covers a device's latency and then the client's next request
+# (a FUSE or NBD client at queue depth 1 sends it after the reply): at
+# 0.5 ms a slow disk or a busy machine ran past it for 5-15 % of requests,
+# which then went through trio's epoll (a failed read and a task wakeup,
+# ~50 µs of CPU each)
+MAX_WAIT = 0.005
 
 _select = select.select
 
