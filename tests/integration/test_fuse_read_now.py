@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -29,17 +30,26 @@ SIZE = 8 << 20
 BS = 4096
 
 
-def read_blocks(mp: str, node: SwitchNode, first: int, n: int) -> None:
-    """``n`` O_DIRECT reads of one block each, from block ``first`` on."""
-    fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
+def each_block(mp: str, flags: int, first: int, n: int,
+               io: Callable[[int, mmap.mmap, int, int], None]) -> None:
+    """``io(fd, buf, i, offset)`` for ``n`` blocks from block ``first`` on,
+    on the mount opened O_DIRECT with ``flags``, ``buf`` one aligned block."""
+    fd = os.open(mp, flags | os.O_DIRECT)
     buf = mmap.mmap(-1, BS)
     try:
         for i in range(first, first + n):
-            off = (i * BS) % SIZE
-            assert os.preadv(fd, [buf], off) == BS
-            assert buf[:] == node.data[off:off + BS], f"block at {off}"
+            io(fd, buf, i, (i * BS) % SIZE)
     finally:
         os.close(fd)
+
+
+def read_blocks(mp: str, node: SwitchNode, first: int, n: int) -> None:
+    """``n`` O_DIRECT reads of one block each, each checked against the node."""
+    def read(fd: int, buf: mmap.mmap, _i: int, off: int) -> None:
+        assert os.preadv(fd, [buf], off) == BS
+        assert buf[:] == node.data[off:off + BS], f"block at {off}"
+
+    each_block(mp, os.O_RDONLY, first, n, read)
 
 
 N = read_now.READ_NOW_MISSES + read_now.READ_NOW_SKIP
@@ -65,19 +75,31 @@ async def exercise(where, check, *, writable: bool) -> SwitchNode:
     return node
 
 
+async def skipped_then_asked(node: SwitchNode, run: Callable[[int, int], None],
+                             counts: Callable[[], tuple[int, int, int]]) -> None:
+    """The guess of one kind of request: ``run(first, n)`` sends ``n``
+    requests from a worker thread; ``counts()`` is the node's (asked,
+    submitted, served without the engine) for that kind.  Asked until the
+    run of misses, then not for the next READ_NOW_SKIP; once the node
+    serves synchronously again the export asks after the skip, and from
+    then on every request is served so."""
+    await trio.to_thread.run_sync(run, 0, N)
+    asked, submitted, _now = counts()
+    assert asked == read_now.READ_NOW_MISSES
+    assert submitted == N
+    node.fast = True
+    await trio.to_thread.run_sync(run, N, N)
+    asked, submitted, now = counts()
+    assert now > 0
+    assert asked == read_now.READ_NOW_MISSES + now
+    assert now + (submitted - N) == N
+
+
 async def test_read_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa: F811
     async def check(node: SwitchNode, mp: str) -> None:
-        await trio.to_thread.run_sync(read_blocks, mp, node, 0, N)
-        # asked until the run of misses, then not for the next READ_NOW_SKIP
-        assert node.asked == read_now.READ_NOW_MISSES
-        assert node.submitted == N
-        # the node serves synchronously again: after the skip the export
-        # asks, and from then on every READ is served so
-        node.fast = True
-        await trio.to_thread.run_sync(read_blocks, mp, node, N, N)
-        assert node.served_now > 0
-        assert node.asked == read_now.READ_NOW_MISSES + node.served_now
-        assert node.served_now + (node.submitted - N) == N
+        await skipped_then_asked(
+            node, lambda first, n: read_blocks(mp, node, first, n),
+            lambda: (node.asked, node.submitted, node.served_now))
         await trio.to_thread.run_sync(read_blocks, mp, node, 2 * N, 64)
         assert node.served_now == node.asked - read_now.READ_NOW_MISSES
         assert node.submitted + node.served_now == 2 * N + 64
@@ -86,31 +108,22 @@ async def test_read_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa
 
 
 def write_blocks(mp: str, model: bytearray, first: int, n: int) -> None:
-    """``n`` O_DIRECT writes of one block each, from block ``first`` on."""
-    fd = os.open(mp, os.O_RDWR | os.O_DIRECT)
-    buf = mmap.mmap(-1, BS)
-    try:
-        for i in range(first, first + n):
-            off = (i * BS) % SIZE
-            buf[:] = bytes([i % 251]) * BS
-            model[off:off + BS] = buf
-            assert os.pwritev(fd, [buf], off) == BS
-    finally:
-        os.close(fd)
+    """``n`` O_DIRECT writes of one block each, each also made to ``model``."""
+    def write(fd: int, buf: mmap.mmap, i: int, off: int) -> None:
+        buf[:] = bytes([i % 251]) * BS
+        model[off:off + BS] = buf
+        assert os.pwritev(fd, [buf], off) == BS
+
+    each_block(mp, os.O_RDWR, first, n, write)
 
 
 async def test_write_now_skipped_after_misses_then_asked_again(fuse_tmp):  # noqa: F811
     model = bytearray(bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251))
 
     async def check(node: SwitchNode, mp: str) -> None:
-        await trio.to_thread.run_sync(write_blocks, mp, model, 0, N)
-        assert node.w_asked == read_now.READ_NOW_MISSES
-        assert node.w_submitted == N
-        node.fast = True
-        await trio.to_thread.run_sync(write_blocks, mp, model, N, N)
-        assert node.w_now > 0
-        assert node.w_asked == read_now.READ_NOW_MISSES + node.w_now
-        assert node.w_now + (node.w_submitted - N) == N
+        await skipped_then_asked(
+            node, lambda first, n: write_blocks(mp, model, first, n),
+            lambda: (node.w_asked, node.w_submitted, node.w_now))
 
     node = await exercise(fuse_tmp, check, writable=True)
     assert node.data == model
