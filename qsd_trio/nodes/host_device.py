@@ -118,6 +118,10 @@ class HostCdromNode(HostDeviceNode):
     def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         return self.inserted() and super()._preadv_submit(offset, length, done)
 
+    def _preadv_into_submit(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
+        return self.inserted() and super()._preadv_into_submit(offset, length, views, done)
+
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return self.inserted() and super()._pwritev_submit(offset, mv, done)
 

@@ -916,6 +916,35 @@ class BlockNode:
             node._in_flight -= 1
         return False
 
+    def readv_submit(self, offset: int, length: int, views: list[memoryview],
+                     done: WriteDone) -> bool:
+        """Start a read of ``length`` bytes into ``views`` (format "B",
+        ``length`` bytes in all; a virtio-blk read into guest memory), where
+        the driver reads into them as they are; ``done(None, None)`` or
+        ``done(None, OSError)``, the views pinned until then."""
+        node = self._through or self
+        if not self._plain_read(node, offset, length):
+            return False
+        t0 = perf_counter_ns() if self.latency is not None or node.latency is not None else 0
+        if node is self:
+            def finished(_res: object, err: OSError | None) -> None:
+                self._settle_read(length, t0, err)
+                done(None, err)
+        else:
+            def finished(_res: object, err: OSError | None) -> None:
+                node._settle_read(length, t0, err)
+                self._settle_read(length, t0, err)
+                done(None, err)
+            node._in_flight += 1
+
+        self._in_flight += 1
+        if node._preadv_into_submit(offset, length, views, finished):
+            return True
+        self._in_flight -= 1
+        if node is not self:
+            node._in_flight -= 1
+        return False
+
     def write_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         """Start a write (not FUA) of ``mv``, which must stay unchanged until
         ``done(None, None)`` or ``done(None, OSError)``; the same checks and
@@ -993,6 +1022,10 @@ class BlockNode:
 
     # driver hooks for requests without a task: by default none are taken
     def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
+        return False
+
+    def _preadv_into_submit(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
         return False
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:

@@ -23,7 +23,7 @@ from .node import (
 # the request hooks a pass-through raw node's requests skip (BlockNode._through)
 _IO_HOOKS = ("_co_preadv", "_co_preadv_into", "_co_pwritev", "_co_pwritev_vec",
              "_preadv_now", "_preadv_into_now", "_pwritev_now", "_preadv_submit",
-             "_pwritev_submit", "_pwritev_submit_vec")
+             "_preadv_into_submit", "_pwritev_submit", "_pwritev_submit_vec")
 
 
 @register_driver
@@ -162,6 +162,12 @@ class RawNode(BlockNode):
     def _preadv_submit(self, offset: int, length: int, done: ReadDone) -> bool:
         child = self.file.node
         return not child._debug_events and child.read_submit(self.offset + offset, length, done)
+
+    def _preadv_into_submit(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
+        child = self.file.node
+        return not child._debug_events and child.readv_submit(self.offset + offset, length,
+                                                              views, done)
 
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return self.file.node.write_submit(self.offset + offset, mv, done)

@@ -144,6 +144,14 @@ class Workload:
         self._add("sync $DEV")
         self.expected[STAT_FLUSHES] = 1
 
+    def random_reads(self, *, depth: int, seconds: int, bs: str = "4k") -> None:
+        """fio's random O_DIRECT reads over the whole disk, ``depth`` in
+        flight for ``seconds``: any error fails the workload (fio exits
+        non-zero); the data is checked by the read-back after."""
+        self._add(f"fio --name=reads --filename=$DEV --rw=randread --bs={bs} "
+                  f"--iodepth={depth} --ioengine=libaio --direct=1 --time_based "
+                  f"--runtime={seconds} --output=/dev/null")
+
     def standard(self) -> Workload:
         """The tests' usual mix over a disk of at least 12 MiB: O_DIRECT and
         buffered writes, an overwrite inside an earlier write, sub-4 KiB

@@ -43,14 +43,16 @@ SIZE = 16 * MiB
 
 
 def start_export(daemon: str, tmp_path: Path, fmt: str = "qcow2", size: int = SIZE,
-                 export_opts: str = "writable=on") -> tuple[Daemon, Path, Path]:
-    """A fresh image exported over vhost-user-blk; (daemon, image, socket)."""
+                 export_opts: str = "writable=on",
+                 file_opts: str = "") -> tuple[Daemon, Path, Path]:
+    """A fresh image exported over vhost-user-blk; (daemon, image, socket).
+    ``file_opts``: more options of the file node (",cache.direct=on")."""
     require_export(daemon, "vhost-user-blk")
     img = tmp_path / f"disk.{fmt}"
     qemu_img("create", "-q", "-f", fmt, str(img), str(size))
     sock = tmp_path / "vu.sock"
     d = Daemon(KINDS[daemon], tmp_path, [
-        "--blockdev", f"driver=file,node-name=file0,filename={img},discard=unmap",
+        "--blockdev", f"driver=file,node-name=file0,filename={img},discard=unmap{file_opts}",
         "--blockdev", f"driver={fmt},node-name=disk0,file=file0,discard=unmap",
         "--export", f"type=vhost-user-blk,id=vu0,node-name=disk0,addr.type=unix,"
                     f"addr.path={sock},{export_opts}",
@@ -106,6 +108,31 @@ def test_guest_io(daemon, tmp_path, pytestconfig, record_property):
     assert int(config["queue/write_zeroes_max_bytes"]) > 0
     qemu_img_check(img, "qcow2")
     assert_same(image_bytes(img, "qcow2"), w.model, "the image")
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("daemon", daemon_params("vhost-user-blk"))
+@pytest.mark.parametrize("fmt,aio", [("raw", "io_uring"), ("qcow2", "native")])
+def test_guest_io_host_direct(daemon, fmt, aio, tmp_path, pytestconfig, record_property):
+    """The image opened with cache.direct=on by the daemon (libvirt's
+    cache='none'), so that the guest's requests reach the I/O engine as
+    they are, into and from guest memory: the usual mix, then fio's
+    random reads 16 in flight (any error fails them), all equal to the
+    model, and qemu-img check finds nothing in a qcow2 image."""
+    d, img, sock = start_export(daemon, tmp_path, fmt,
+                                file_opts=f",cache.direct=on,aio={aio}")
+    try:
+        guest = shared_guest(pytestconfig)
+        with guest.scratch() as work:
+            w = Workload(work, SIZE, seed=7).standard()
+            w.random_reads(depth=16, seconds=3)
+            config = run_workload(guest, sock, w)
+    finally:
+        d.stop()
+    report(config, record_property, daemon)
+    if fmt == "qcow2":
+        qemu_img_check(img, fmt)
+    assert_same(image_bytes(img, fmt), w.model, "the image")
 
 
 @pytest.mark.guest

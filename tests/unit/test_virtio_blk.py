@@ -71,6 +71,9 @@ class ModelDisk:
     def writev_submit(self, offset, views, done):
         return False
 
+    def readv_submit(self, offset, length, views, done):
+        return False
+
     async def write_zeroes(self, offset, length, *, may_unmap=False):
         self._check("write_zeroes", offset, length)
         self.calls[-1] = ("write_zeroes", offset, length, may_unmap)
@@ -419,8 +422,9 @@ async def test_start_serves_cached_reads_and_writes(env):
 
 
 class EngineDisk(ModelDisk):
-    """A model whose writes go to an I/O engine: write_submit keeps them
-    until the test completes them, as the engine's reaper would."""
+    """A model whose reads and writes go to an I/O engine: writev_submit
+    and readv_submit keep them until the test completes them, as the
+    engine's reaper would."""
 
     def __init__(self):
         super().__init__()
@@ -428,14 +432,25 @@ class EngineDisk(ModelDisk):
 
     def writev_submit(self, offset, views, done):
         self.calls.append(("writev_submit", offset, [len(v) for v in views]))
-        self.pending.append((offset, views, done))
+        self.pending.append((True, offset, views, done))
+        return True
+
+    def readv_submit(self, offset, length, views, done):
+        assert length == sum(len(v) for v in views)
+        self.calls.append(("readv_submit", offset, [len(v) for v in views]))
+        self.pending.append((False, offset, views, done))
         return True
 
     def complete(self, error=None):
-        offset, views, done = self.pending.pop(0)
+        is_write, offset, views, done = self.pending.pop(0)
         if error is None:
-            data = b"".join(views)
-            self.data[offset:offset + len(data)] = data
+            if is_write:
+                data = b"".join(views)
+                self.data[offset:offset + len(data)] = data
+            else:
+                for v in views:
+                    v[:] = self.data[offset:offset + len(v)]
+                    offset += len(v)
         done(None, error)
 
 
@@ -491,6 +506,48 @@ async def test_start_hands_writes_to_the_engine(env):
         assert (got is None) if kind is None else type(got) is kind
         assert len(disk.calls) == n and not disk.pending
         q.push(chain.head, await handler.process(chain, got))
+    # a read the node cannot take so (ModelDisk) is Prepared
     drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (512, True), (1, True)])
     chain = q.pop()
-    assert type(h.start(chain, done)) is B.Prepared and not disk.pending
+    got = B.BlkHandler(ModelDisk(), writable=True).start(chain, done)
+    assert type(got) is B.Prepared and not disk.pending
+    q.push(chain.head, await h.process(chain, got))
+
+
+async def test_start_hands_reads_to_the_engine(env):
+    """A read the fast path declines goes to the engine without a task
+    (O_DIRECT: BlockNode.readv_submit), into the guest's buffers."""
+    ram, drv, q, _ = env
+    disk = EngineDisk()
+    disk.data[4096:4096 + 12288] = bytes(range(256)) * 48
+    h = B.BlkHandler(disk, writable=True)
+    finished = []
+
+    def done(head, used):
+        finished.append((head, used))
+
+    # buffers apart in guest memory, the status byte in its own
+    _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (4096, True), (8192, True),
+                       (1, True)], gap=64)
+    ram.put(offs[-1], b"\x55")
+    chain = q.pop()
+    assert h.start(chain, done) == B.STARTED
+    assert disk.calls == [("readv_submit", 4096, [4096, 8192])] and h.read_bytes == 12288
+    assert finished == [] and ram.get(offs[-1], 1) == b"\x55"
+    disk.complete()
+    assert finished == [(chain.head, 12289)] and ram.get(offs[-1], 1) == b"\0"
+    assert ram.get(offs[1], 4096) + ram.get(offs[2], 8192) == bytes(disk.data[4096:16384])
+    # the engine's error is the request's
+    _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (512, True), (1, True)])
+    chain = q.pop()
+    assert h.start(chain, done) == B.STARTED
+    disk.complete(OSError(errno.EIO, "injected"))
+    assert finished[-1] == (chain.head, 513)
+    assert ram.get(offs[-1], 1) == bytes([B.VIRTIO_BLK_S_IOERR])
+    # without a callback to give: Prepared, and process() reads it
+    _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_IN, 8), False), (512, True), (1, True)])
+    chain = q.pop()
+    got = h.start(chain)
+    assert type(got) is B.Prepared and not disk.pending
+    assert await h.process(chain, got) == 513
+    assert ram.get(offs[1], 512) == bytes(disk.data[4096:4608])

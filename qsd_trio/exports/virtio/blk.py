@@ -139,6 +139,10 @@ class BlkBackend(Protocol):
     def writev_submit(self, offset: int, views: list[memoryview],
                       done: Callable[[Any, OSError | None], None]) -> bool: ...
 
+    # a read into the views started without a task (BlockNode.readv_submit), the same way
+    def readv_submit(self, offset: int, length: int, views: list[memoryview],
+                     done: Callable[[Any, OSError | None], None]) -> bool: ...
+
 
 def device_features(*, writable: bool) -> int:
     """The virtio feature bits QEMU 7.2's vhost-user-blk export offers for
@@ -320,7 +324,8 @@ class BlkHandler:
           as :meth:`process` returns it.
         * With ``done``, a write (not FUA) that the node hands to its I/O
           engine as it is, its guest buffers one pwritev's views
-          (BlockNode.writev_submit): :data:`STARTED` is returned, and
+          (BlockNode.writev_submit), or a read the engine reads into them
+          (BlockNode.readv_submit, O_DIRECT): :data:`STARTED` is returned, and
           ``done(chain.head, used length)`` is called once the status byte
           is written, from the engine's completion (or at once).
         * A :class:`Prepared` read or write, or None: nothing was done
@@ -356,6 +361,23 @@ class BlkHandler:
                 if size <= 0 or not self._range_ok(sector, size):
                     return None
                 if not self._read_now(sector << SECTOR_BITS, views):
+                    if done is not None:
+                        # into the guest's buffers by the engine, without a
+                        # task (BlockNode.readv_submit: O_DIRECT)
+                        sr, soff, _ = status_seg[0]
+                        head = chain.head
+
+                        def read(_result: object, error: OSError | None) -> None:
+                            try:
+                                sr.write(soff, b"\0" if error is None else _IOERR)
+                            except GuestMemoryError:
+                                done(head, 0)
+                            else:
+                                done(head, in_len)
+
+                        if self.backend.readv_submit(sector << SECTOR_BITS, size, views, read):
+                            self.read_bytes += size
+                            return STARTED
                     return Prepared(False, sector << SECTOR_BITS, views, size, status_seg[0],
                                     in_len)
                 self.read_bytes += size

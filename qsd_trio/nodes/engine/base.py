@@ -260,6 +260,15 @@ class Engine:
         runs); ``cb(bytes written or -errno)``, a short count the caller's."""
         raise NotImplementedError
 
+    # whether submit_readv is there (the kernel's engines)
+    submits_readv = False
+
+    def submit_readv(self, fd: int, views: list[memoryview], offset: int,
+                     cb: Callback) -> None:
+        """Start one preadv into ``views`` (pinned until ``cb`` runs);
+        ``cb(bytes read or -errno)``, a short count the caller's."""
+        raise NotImplementedError
+
 
 def advance(views: list[memoryview], n: int) -> list[memoryview]:
     """What is left of ``views`` after their first ``n`` bytes (a short
@@ -363,6 +372,14 @@ class KernelEngine(Engine):
                       cb: Callback) -> None:
         iov = iovecs(views)
         self._start(self.WRITEV, fd, ctypes.addressof(iov), len(views), offset,
+                    (None, cb, (iov, views)))
+
+    submits_readv = True
+
+    def submit_readv(self, fd: int, views: list[memoryview], offset: int,
+                     cb: Callback) -> None:
+        iov = iovecs(views)
+        self._start(self.READV, fd, ctypes.addressof(iov), len(views), offset,
                     (None, cb, (iov, views)))
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> int:
