@@ -78,8 +78,11 @@ ANSWER_GRACE = 10.0
 WANTED_INIT_FLAGS = (fp.ASYNC_READ | fp.BIG_WRITES | fp.MAX_PAGES | fp.AUTO_INVAL_DATA
                      | fp.ASYNC_DIO | fp.ATOMIC_O_TRUNC)
 
+# the replies of the requests served per request, packed with one call
 _OUT_HEADER_PACK = fp.OUT_HEADER.pack
 _OUT_HEADER_SIZE = fp.OUT_HEADER.size
+_WRITE_REPLY_PACK = fp.WRITE_REPLY.pack
+_WRITE_REPLY_SIZE = fp.WRITE_REPLY.size
 
 # where a WRITE's payload starts in a request (in_header, then fuse_write_in)
 WRITE_PAYLOAD = fp.IN_HEADER.size + fp.WRITE_IN.size
@@ -318,7 +321,8 @@ class FuseExport(BlockExport):
                             readers.start_soon(self._read, unique, offset, size)
                         continue
                     # served from the cache without a task (BlockNode.read_now)
-                    self._send([fp.reply_header(unique, len(data)), data])
+                    self._send([_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(data), 0, unique),
+                                data])
                     expect_empty = not self._submitted
                     served += 1
                     if served % 64 == 0:
@@ -390,7 +394,7 @@ class FuseExport(BlockExport):
         data = body[fp.WRITE_IN.size:fp.WRITE_IN.size + size]
         if self._write_now(self.node, offset, data):
             self.written_bytes += size
-            self._send(fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
+            self._send(_WRITE_REPLY_PACK(_WRITE_REPLY_SIZE, 0, unique, size, 0))
             return _ANSWERED
         # counted first: the write may complete before write_submit returns
         # (the threads engine runs it here when this export waits for
@@ -417,12 +421,25 @@ class FuseExport(BlockExport):
         keep its receive buffer for later requests."""
         self._spare_buffers.append(buf)
         self._answer(fp.reply_error(unique, _error_number(err)) if err is not None
-                     else fp.reply(unique, fp.WRITE_OUT.pack(size, 0)))
+                     else _WRITE_REPLY_PACK(_WRITE_REPLY_SIZE, 0, unique, size, 0))
 
     def _answer(self, out: Reply) -> None:
-        """Send the reply of a request started on the engine (_submitted)."""
+        """Send the reply of a request started on the engine (_submitted).
+
+        _send written out: this runs once per READ or WRITE served from a
+        completion, and at queue depth 1 between the device's completion
+        and the client's next request."""
         self._submitted -= 1
-        self._send(out)
+        fd = self._fd
+        if fd >= 0:  # else closed (_unmount): nobody to answer
+            try:
+                if isinstance(out, list):
+                    os.writev(fd, out)
+                else:
+                    os.write(fd, out)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    raise  # as _send
         if not self._submitted and self._submitted_idle is not None:
             self._submitted_idle.set()
 
@@ -544,25 +561,9 @@ class FuseExport(BlockExport):
     def _read_done(self, unique: int, data: Any, err: OSError | None) -> None:
         """A READ started with read_submit has completed: answer it.  The
         session's descriptor stays open until every such read has answered
-        (_unmount waits), so the reply cannot reach a reused fd number.
-
-        _answer and _send written out: at queue depth 1 this runs between
-        the device's completion and the client's next request, once per
-        request (cProfile: three calls fewer)."""
-        self._submitted -= 1
-        fd = self._fd
-        if fd >= 0:
-            try:
-                if err is None:
-                    os.writev(fd, [_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(data), 0, unique),
-                                   data])
-                else:
-                    os.write(fd, fp.reply_error(unique, _error_number(err)))
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    raise  # as _send
-        if not self._submitted and self._submitted_idle is not None:
-            self._submitted_idle.set()
+        (_unmount waits), so the reply cannot reach a reused fd number."""
+        self._answer(fp.reply_error(unique, _error_number(err)) if err is not None
+                     else [_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(data), 0, unique), data])
 
     async def _write(self, unique: int, body: memoryview) -> Reply:
         _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)

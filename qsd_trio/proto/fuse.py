@@ -92,6 +92,7 @@ OPEN_OUT = struct.Struct("<QII")
 READ_IN = struct.Struct("<QQII")             # fh offset size read_flags (rest ignored)
 WRITE_IN = struct.Struct("<QQIIQII")         # fh offset size write_flags lock_owner flags pad
 WRITE_OUT = struct.Struct("<II")
+WRITE_REPLY = struct.Struct("<IiQII")        # a WRITE's whole reply: out header, write_out
 FSYNC_IN = struct.Struct("<QII")
 FALLOCATE_IN = struct.Struct("<QQQII")       # fh offset length mode pad
 LSEEK_IN = struct.Struct("<QQII")            # fh offset whence pad
@@ -101,6 +102,7 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree b
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16
 assert INIT_OUT.size == 64 and ATTR.size == 88 and SETATTR_IN.size == 88
 assert WRITE_IN.size == 40 and STATFS_OUT.size == 80
+assert WRITE_REPLY.size == OUT_HEADER.size + WRITE_OUT.size
 
 
 @attrs.frozen

@@ -21,6 +21,13 @@ def test_replies_carry_length_and_negative_errno():
     assert fp.reply_header(9, 4096) == struct.pack("<IiQ", 16 + 4096, 0, 9)
 
 
+
+def test_write_reply_in_one_pack_is_header_and_write_out():
+    # the export packs a WRITE's reply with one call on its hot path
+    got = fp.WRITE_REPLY.pack(fp.WRITE_REPLY.size, 0, 77, 1 << 20, 0)
+    assert got == fp.reply(77, fp.WRITE_OUT.pack(1 << 20, 0))
+
+
 def test_attr_out_layout():
     attr = fp.Attr(ino=1, size=1 << 30, blocks=8, mode=0o100600, uid=5, gid=6,
                    time=(1700000000, 0), blksize=512)
