@@ -66,6 +66,7 @@ if _sync_file_range is not None:
     _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 BLKSSZGET = 0x1268
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 # reads of the page cache above this go to the engine too: a 32 MiB NBD read
 # would otherwise hold the event loop for milliseconds
 INLINE_READ_MAX = 1 << 20
@@ -75,6 +76,15 @@ INLINE_READ_MAX = 1 << 20
 # served at once (docs/io-engine.md)
 BULK_READ_INLINE_MAX = INLINE_MAX
 
+# preadv2 that keeps the GIL, for _started_read: os.preadv lets it go, and
+# at queue depth 32 the pool's workers take it each time, so trio's thread
+# waits to get it back (the miss is a few microseconds: nothing to wait for)
+_preadv2: Any = getattr(ctypes.PyDLL(None, use_errno=True), "preadv2", None)
+if _preadv2 is not None:
+    _preadv2.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                         ctypes.c_int]
+    _preadv2.restype = ctypes.c_ssize_t
+_iov = (ctypes.c_uint64 * 2)()  # its one struct iovec (trio's thread only)
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
 # file systems whose pages are the storage: a read never waits for a device
@@ -165,6 +175,11 @@ class FileNode(BlockNode):
         self._memory_fs = _fs_type(self.fd) in _MEMORY_FS
         self._nowait = hasattr(os, "RWF_NOWAIT") and not self.cache_direct
         self._nowait_skip = self._nowait_backoff = 0  # probes skipped after misses
+        # submitted buffered reads on worker threads start with RWF_NOWAIT
+        # (_started_read); io_uring does its own, and a file system in
+        # memory has nothing to start
+        self._start_reads = (self._nowait and _preadv2 is not None and not self._memory_fs
+                             and self.io is threads)
         self._inline = InlineWrites()
 
     def _probe_alignment(self) -> int:
@@ -324,9 +339,35 @@ class FileNode(BlockNode):
         if offset % a or length % a:
             return False  # padded reads take the general path
         buf, addr = buffers.alloc_at(length)
+        if self._start_reads and length <= INLINE_READ_MAX:
+            self._started_read(buf, addr, offset, done)
+            return True
         self.io.submit_read(self.fd, buf, offset,
                             partial(self._read_finished, buf, offset, done, 0), addr)
         return True
+
+    def _started_read(self, buf: memoryview, addr: int, offset: int, done: Done) -> None:
+        """A buffered read on worker threads, started here: RWF_NOWAIT
+        reads what the page cache has and, for what it misses, starts the
+        device read right away (the kernel's readahead of that range); a
+        worker of the pool's wait lane then only waits for those pages
+        (ThreadPool.submit_started_read).  _read_finished as for
+        submit_read, with the bytes read here."""
+        iov = _iov
+        iov[0] = addr
+        iov[1] = len(buf)
+        n = _preadv2(self.fd, iov, 1, offset, RWF_NOWAIT)
+        if n < 0:
+            e = ctypes.get_errno()
+            if e in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = self._start_reads = False  # no RWF_NOWAIT here
+            n = 0  # the worker reads it again and reports what fails
+        if n == len(buf) or (n and offset + n >= self._size):
+            # cached after all (or up to EOF)
+            self.threads.submit_done(partial(self._read_finished, buf, offset, done, 0), n)
+        else:
+            self.threads.submit_started_read(self.fd, buf[n:] if n else buf, offset + n,
+                                             partial(self._read_finished, buf, offset, done, n))
 
     def _read_finished(self, buf: memoryview, offset: int, done: Done, got: int,
                        res: int) -> None:

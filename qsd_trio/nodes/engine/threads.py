@@ -23,6 +23,12 @@ there whenever it cannot block, busy pool or not: a vhost-user guest's
 1 MiB writes cost a quarter less CPU that way, and on a machine whose
 cores the guest needs as well, the CPU is the throughput.
 
+A buffered read the file driver has started itself with a RWF_NOWAIT
+miss (the kernel then reads the missed pages from the device) waits in a
+small lane of its own (``submit_started_read``): ``LANE_WORKERS`` threads
+that only wait for those pages and copy them, one request after another,
+instead of a thread per request each taking the GIL twice.
+
 It is not ``trio.to_thread.run_sync``, which takes a new token, a result
 channel and a ``run_sync_soon`` per call: here a request costs a queue put
 and, per batch of completions, one eventfd wakeup.
@@ -48,19 +54,24 @@ from .base import Callback, Engine, _current_task, advance, os_error
 T = TypeVar("T")
 
 MAX_WORKERS = 64
+# workers of the wait lane (submit_started_read): they wait for reads the
+# kernel is already doing, one after another, so a few cover any queue depth
+LANE_WORKERS = 4
 
 
 class _Call:
-    __slots__ = ("fn", "args", "task", "cb", "result", "error")
+    __slots__ = ("fn", "args", "task", "cb", "result", "error", "lane")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                 task: trio.lowlevel.Task | None, cb: Callback | None = None) -> None:
+                 task: trio.lowlevel.Task | None, cb: Callback | None = None,
+                 lane: bool = False) -> None:
         self.fn = fn
         self.args = args
         self.task = task
         self.cb = cb
         self.result: Any = None
         self.error: BaseException | None = None
+        self.lane = lane  # served by the wait lane
 
     def res(self) -> int:
         """The result as an engine callback sees it: a count or -errno."""
@@ -166,11 +177,15 @@ class ThreadPool(Engine):
         self._done: deque[_Call] = deque()
         self._signalled = False
         self._threads: list[threading.Thread] = []
+        # the wait lane: its queue, workers and requests queued or running
+        self._lane: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._lane_threads: list[threading.Thread] = []
+        self._lane_n = 0
         self.run_here = RunHere()
         super().__init__()
 
-    def _worker(self) -> None:
-        get = self._queue.get
+    def _worker(self, q: queue.SimpleQueue[_Call | None]) -> None:
+        get = q.get
         done = self._done.append
         efd = self.efd
         while True:
@@ -191,6 +206,8 @@ class ThreadPool(Engine):
         done = self._done
         while done:
             call = done.popleft()
+            if call.lane:
+                self._lane_n -= 1
             if call.cb is None:
                 self._finished(call.task, None, call)
             else:
@@ -199,10 +216,47 @@ class ThreadPool(Engine):
     def _put(self, call: _Call) -> None:
         self.in_flight += 1
         if self.in_flight > len(self._threads) and len(self._threads) < self.max_workers:
-            t = threading.Thread(target=self._worker, name="qsd-io", daemon=True)
+            t = threading.Thread(target=self._worker, args=(self._queue,), name="qsd-io",
+                                 daemon=True)
             self._threads.append(t)
             t.start()
         self._queue.put(call)
+
+    def submit_started_read(self, fd: int, buf: memoryview, offset: int, cb: Callback) -> None:
+        """submit_read() of a read the kernel is already doing: the
+        caller's RWF_NOWAIT preadv missed the page cache, which starts the
+        device read of what it missed (the kernel's readahead for that
+        range), as QEMU's workers would each start theirs.  What is left
+        is waiting for those pages and copying them: a worker of the wait
+        lane does that for one request after another, and the device still
+        has every request of the queue depth in flight.
+
+        A few workers instead of one per request in flight: at queue depth
+        32 the pool ran 17-32 threads that each woke, took the GIL, slept
+        in preadv and took the GIL again, with some 9 futex calls per
+        request on each (strace -f: the GIL's mutex and condition); in the
+        lane a worker that wakes finds the next read done or nearly so."""
+        self.in_flight += 1
+        self._lane_n += 1
+        threads = self._lane_threads
+        if self._lane_n > len(threads) and len(threads) < LANE_WORKERS:
+            t = threading.Thread(target=self._worker, args=(self._lane,), name="qsd-io-wait",
+                                 daemon=True)
+            threads.append(t)
+            t.start()
+        self._lane.put(_Call(_read_all, (fd, buf, offset), None, cb, True))
+
+    def submit_done(self, cb: Callback, res: int) -> None:
+        """A request done before it reached a worker (a started read that
+        found its data cached after all): ``cb(res)`` from the reaper, as
+        for any other completion."""
+        self.in_flight += 1
+        call = _Call(int, (res,), None, cb)
+        call.result = res
+        self._done.append(call)
+        if not self._signalled:
+            self._signalled = True
+            os.eventfd_write(self.efd, 1)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the blocking ``fn(*args)`` on a worker; its result or exception."""
@@ -261,6 +315,9 @@ class ThreadPool(Engine):
         for _ in self._threads:
             self._queue.put(None)
         self._threads.clear()
+        for _ in self._lane_threads:
+            self._lane.put(None)
+        self._lane_threads.clear()
 
 
 __all__ = ["ThreadPool", "os_error"]
