@@ -48,6 +48,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -266,6 +267,9 @@ class Reaper(Engine):
         self.waiting: dict[int, _Request] = {}
         self._comps: Any = (_c_void_p * POLL_BATCH)()
         self._reaping = False
+        look = select.poll()
+        look.register(self.efd, select.POLLIN)
+        self._look = look.poll
 
     def reap_pending(self) -> None:
         """Handle the completions that have arrived, if any, from a caller
@@ -278,11 +282,17 @@ class Reaper(Engine):
         only sends that batch's replies in two goes instead of one."""
         if self._reaping:
             return
+        # most submissions find nothing (fio at QD16: 88%): a poll of the
+        # eventfd says so without the failed read's exception (0.4 against
+        # 1.4 µs); the read comes only when it is readable, and reap_now
+        # does not read it again
+        if not self._look(0):
+            return  # nothing has completed since the last batch
         try:
             os.eventfd_read(self.efd)  # first: what completes after it signals again
         except BlockingIOError:
-            return  # nothing has completed since the last batch
-        self.reap_now()
+            return  # not after a poll that found it readable
+        self.reap_now(signalled=True)
 
     def _reap(self) -> None:
         rbd = _lib.rbd

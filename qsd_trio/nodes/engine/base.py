@@ -159,11 +159,13 @@ class Engine:
         system call to ask (io_uring's CQ ring); False: perhaps not."""
         return False
 
-    def reap_now(self) -> None:
+    def reap_now(self, signalled: bool = False) -> None:
         """What the reaper does once its descriptor is readable, for a
-        caller that saw it readable itself (inline_wait.py)."""
+        caller that saw it readable itself (inline_wait.py); ``signalled``:
+        the caller has read the eventfd already (a second read would only
+        fail)."""
         global _reaping
-        if self.efd >= 0:
+        if self.efd >= 0 and not signalled:
             try:
                 os.eventfd_read(self.efd)
             except BlockingIOError:
