@@ -13,10 +13,8 @@ cluster is copied once, by whoever comes first:
   dirty clusters for sync=bitmap/incremental; nothing for sync=none, where
   only copy-before-write copies, until the job is cancelled;
 * how: up to ``x-perf.max-workers`` (64) tasks at once, each claiming a run
-  of up to ``CHUNK`` (4 MiB; ``x-perf.max-chunk`` if smaller; QEMU's 1 MiB
-  under a speed limit) of dirty clusters, with at most ``MAX_BYTES`` (16 MiB) of data copies in flight;
-  zero runs of the source (by block status) become zero writes, which hold
-  no buffer and do not count; ``speed`` paces new tasks;
+  of up to 1 MiB (``x-perf.max-chunk``) of dirty clusters; zero runs of the
+  source (by block status) become zero writes; ``speed`` paces new tasks;
 * the end: the target is flushed (data and metadata on disk) before the
   job completes (QEMU 7.2 does not: its filter's flush reaches only the
   source); every 64 MiB copied, the files under the target start writing
@@ -42,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..nodes.bitmaps import DirtyBitmap
-from ..nodes.block_copy import MAX_BUFFER, MAX_WORKERS, BlockCopyState, Task
+from ..nodes.block_copy import MAX_WORKERS, BlockCopyState, Task
 from ..nodes.copy_before_write import CopyBeforeWriteNode
 from ..nodes.node import BlockNode, Perm
 from ..qapi.errors import GenericError
@@ -52,18 +50,6 @@ from .write_behind import WriteBehind
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
-
-# QEMU's block-copy copies at most 1 MiB per task (BLOCK_COPY_MAX_BUFFER)
-# with up to 64 tasks, all of them in flight on its thread pool.  Here each
-# task costs Python work on the event loop (the task, the read, the write,
-# their completions) whatever its size, and each task in flight is a
-# worker thread that wants the GIL back after its copy: on the benchmark's
-# 2 cores (tmpfs, 1 GiB, medians of 3-4 alternated runs at load 13-20) 4 MiB
-# tasks with 16 MiB in flight took 850 against 1108 µs of CPU per MiB (raw)
-# and 898 against 1582 (qcow2).  A 4 MiB copy still fills the engine with
-# the same bytes in flight as QEMU's mirror (buf-size).
-CHUNK = 4 << 20
-MAX_BYTES = 16 << 20
 
 
 class BackupJob(BlockJob):
@@ -87,8 +73,6 @@ class BackupJob(BlockJob):
         self.filter_node_name = filter_node_name
         self.max_workers = max_workers
         self.max_chunk = max_chunk
-        self._bytes_in_flight = 0  # data copies in flight (MAX_BYTES)
-        self._freed = trio.Event()  # set (and replaced) when one ends
         self.cbw: CopyBeforeWriteNode | None = None
         self.bcs: BlockCopyState | None = None
         self.successor: DirtyBitmap | None = None
@@ -207,16 +191,12 @@ class BackupJob(BlockJob):
                     while self._error is None:
                         await self.pause_point()
                         await workers.acquire()
-                        while self._bytes_in_flight >= MAX_BYTES:
-                            await self._freed.wait()
-                        task = await bcs.next_task(pos, bcs.len, self.max_chunk, chunk=self._chunk())
+                        task = await bcs.next_task(pos, bcs.len, self.max_chunk)
                         if task is None:
                             workers.release()
                             break
                         found = True
                         pos = task.end
-                        if not task.zeroes:
-                            self._bytes_in_flight += task.nbytes
                         nursery.start_soon(self._worker, workers, task, nursery)
                         await self.rate_limit(task.nbytes)
                 except JobCancelled as e:
@@ -234,12 +214,6 @@ class BackupJob(BlockJob):
                 return None
             await other.done.wait()
 
-    def _chunk(self) -> int:
-        # with a speed limit, QEMU's task size: the limit is applied per
-        # task, so a bigger one would make the pace coarser, and a paced
-        # job has CPU to spare
-        return MAX_BUFFER if self.limit.speed else CHUNK
-
     async def _worker(self, workers: trio.Semaphore, task: Task,
                       nursery: trio.Nursery) -> None:
         try:
@@ -251,10 +225,6 @@ class BackupJob(BlockJob):
             if self._error is None:
                 self._error = e
         finally:
-            if not task.zeroes:
-                self._bytes_in_flight -= task.nbytes
-                self._freed.set()
-                self._freed = trio.Event()
             workers.release()
 
     # -- completion ------------------------------------------------------------------------

@@ -29,8 +29,7 @@ whatever sits below it.
 Copying, as QEMU's mirror_iteration: from the dirty chunk after the last
 copy, contiguous dirty chunks are merged up to ``buf-size``; block status
 splits that into operations: data is copied (read, then written) in
-requests of at most max(buf-size / 16, 4 MiB) (QEMU: 1 MiB, as here
-under a speed limit; MAX_CHUNK below says why), zeroes and holes become
+requests of at most max(buf-size / 16, 1 MiB), zeroes and holes become
 one zero write or discard each.  At most 16 operations are in flight, and
 the copies among them hold at most ``buf-size`` bytes.  A block status
 answer of "data" is kept for the extent it covers (QEMU's block status
@@ -69,15 +68,7 @@ if TYPE_CHECKING:
 
 SLICE = 0.1           # BLOCK_JOB_SLICE_TIME: the poll period once READY
 MAX_IN_FLIGHT = 16    # operations in flight at once (QEMU's MAX_IN_FLIGHT)
-# One copy request at most, for the default buf-size (QEMU: 1 MiB,
-# MAX_IO_BYTES).  Each operation costs Python work on the event loop (the
-# task, the read, the write, their completions) whatever its size, and
-# each one in flight is a worker thread that wants the GIL back after its
-# copy: 4 MiB copies (4 of them in 16 MiB of buf-size) took 14-20% less
-# CPU per MiB than QEMU's 1 MiB on tmpfs (raw mirror, qcow2 active commit;
-# 3 alternated runs each at load 8-10).
-MAX_CHUNK = 4 << 20
-QEMU_MAX_CHUNK = 1 << 20
+MAX_CHUNK = 1 << 20   # one copy request at most, for the default buf-size (MAX_IO_BYTES)
 STATUS_SPAN = 64 << 20  # what one block status query asks about at least
 
 
@@ -112,11 +103,8 @@ class MirrorJob(BlockJob):
         g = self.granularity
         # mirror_start_job: a whole number of chunks
         self.buf_size = -(-(buf_size or (16 << 20)) // g) * g
-        # mirror_iteration's max_io_bytes, in whole chunks: ours, and QEMU's
-        # for a job under a speed limit (the limit is applied per request,
-        # so a bigger one would make the pace coarser)
+        # mirror_iteration's max_io_bytes, in whole chunks
         self.max_io = max(max(self.buf_size // MAX_IN_FLIGHT, MAX_CHUNK) // g * g, g)
-        self.paced_io = max(max(self.buf_size // MAX_IN_FLIGHT, QEMU_MAX_CHUNK) // g * g, g)
         self.copy_mode = copy_mode
         self.unmap = unmap
         self.on_source_error = on_source_error
@@ -371,7 +359,7 @@ class MirrorJob(BlockJob):
                     if method == "copy":
                         # one request, and no more than the free buffer
                         g = self.granularity
-                        n = min(n, self.paced_io if self.limit.speed else self.max_io,
+                        n = min(n, self.max_io,
                                 max((self.buf_size - self.buf_in_use) // g * g, g))
                         self.buf_in_use += n
                     op.length = n

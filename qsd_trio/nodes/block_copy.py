@@ -261,15 +261,10 @@ class BlockCopyState:
         return n
 
     # -- copying ---------------------------------------------------------------------------
-    async def next_task(self, offset: int, end: int, max_chunk: int = 0, *,
-                        chunk: int = 0) -> Task | None:
+    async def next_task(self, offset: int, end: int, max_chunk: int = 0) -> Task | None:
         """Claim the next run to copy in [offset, end), sized by block
-        status, of at most ``chunk`` bytes (default ``self.chunk``) and
-        ``max_chunk`` if given; None when nothing there is dirty.  The
-        caller runs it."""
-        chunk = chunk or self.chunk
-        if max_chunk:
-            chunk = min(chunk, max_chunk)
+        status; None when nothing there is dirty.  The caller runs it."""
+        chunk = min(self.chunk, max_chunk) if max_chunk else self.chunk
         chunk = max(chunk, self.cluster_size)
         while True:
             task = self._claim(offset, end, chunk)
