@@ -9,6 +9,8 @@ image is then checked on the server's side with qemu-img.
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 from pathlib import Path
 
@@ -266,3 +268,41 @@ def test_open_timeout_expires_with_the_connect_error(daemon_factory, tmp_path):
         "server": {"type": "unix", "path": str(tmp_path / "none.sock")}})
     assert r["error"]["desc"] == f"Failed to connect to '{tmp_path / 'none.sock'}': " \
                                  "No such file or directory"
+
+
+def test_mirror_over_tcp(daemon_factory, tmp_path):
+    """A mirror of 64 MiB of random data to a qsd-trio server over TCP on
+    localhost: 1 MiB writes, 16 in flight, so the client's socket fills and
+    requests leave in pieces (the send path's partial sends and its inline
+    wait for room); the target equals the source, and qemu-img check is
+    clean."""
+    size = 64 * MiB
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(15).randbytes(size))
+    tgt = tmp_path / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(tgt), str(size))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = daemon_factory("trio", [
+        "--blockdev", f"driver=file,node-name=f,filename={tgt}",
+        "--blockdev", "driver=qcow2,node-name=img,file=f",
+        "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+        "--export", "type=nbd,id=e,node-name=img,name=disk,writable=on",
+    ])
+    c = daemon_factory("trio", [
+        "--blockdev", f"driver=file,node-name=src,filename={src}",
+        "--blockdev", f"driver=nbd,node-name=tgt,server.type=inet,server.host=127.0.0.1,"
+                      f"server.port={port},export=disk",
+    ])
+    qmp = c.qmp()
+    assert qmp.cmd_raw("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                           "sync": "full"}) == {"return": {}}
+    wait_event(qmp, "BLOCK_JOB_READY", timeout=120)
+    assert qmp.cmd_raw("job-complete", {"id": "m"}) == {"return": {}}
+    ev = wait_event(qmp, "BLOCK_JOB_COMPLETED", timeout=120)
+    assert "error" not in ev["data"]
+    c.stop()
+    srv.stop()
+    qemu_img("check", "-q", str(tgt))
+    assert raw_bytes(tgt, "qcow2", tmp_path) == src.read_bytes()
