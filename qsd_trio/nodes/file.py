@@ -164,6 +164,8 @@ class FileNode(BlockNode):
             self.fd = -1
             raise
         self.threads = threads
+        if self.cache_direct:
+            threads.run_here.direct_fd(self.fd, True)
         # read-modify-writes in progress, and the aligned writes they wait for
         self._rmw_lock = trio.Lock()
         self._rmw: list[tuple[int, int]] = []
@@ -568,7 +570,7 @@ class FileNode(BlockNode):
                 return False
         key = self._direct_writing(offset, n) if self.cache_direct else None
         self.io.submit_writev(self.fd, views, offset,
-                              partial(self._writev_finished, views, offset, n, done, key, 0))
+                              partial(self._writev_finished, views, offset, n, done, key, 0), n)
         return True
 
     def _writev_finished(self, views: list[memoryview], offset: int, n: int, done: Done,
@@ -824,12 +826,16 @@ class FileNode(BlockNode):
                 os.close(fd)
                 raise GenericError(f"Failed to lock byte: {e.strerror}") from None
         old, self.fd = self.fd, fd
+        if self.cache_direct:
+            self.threads.run_here.direct_fd(fd, True)
         if old >= 0:
+            self.threads.run_here.direct_fd(old, False)
             os.close(old)
 
     async def _close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            self.threads.run_here.direct_fd(fd, False)
             os.close(fd)  # drops the OFD locks with it
 
     # -- information -------------------------------------------------------------------

@@ -21,6 +21,8 @@ import trio
 
 from qsd_trio.nodes import inline_io
 from qsd_trio.nodes.engine import Engines, base, buffers
+from qsd_trio.nodes.graph import BlockGraph
+from qsd_trio.qapi.errors import GenericError
 
 PAGE = 4096
 FOREVER = 60.0  # a limit no passing test reaches
@@ -109,30 +111,35 @@ async def test_write_runs_here_when_the_caller_waits(tmp_path, monkeypatch):
 
 
 async def test_o_direct_write_goes_to_a_worker(tmp_path):
+    """The file driver tells the engine which descriptors are O_DIRECT
+    (RunHere.direct_fd), on open, on reopen and on close."""
     path = tmp_path / "img"
     path.write_bytes(bytes(16 * PAGE))
+    graph = BlockGraph()
     try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    except OSError:
+        node = await graph.add({"driver": "file", "node-name": "f", "filename": str(path),
+                                "read-only": True, "cache": {"direct": True}})
+    except GenericError:
         pytest.fail("the test directory's file system has no O_DIRECT")
-    engines = Engines()
-    eng = engines.threads
+    eng = graph.io.threads
     results: list[int] = []
     data = os.urandom(4 * PAGE)
     try:
+        await node.reopen_rw()  # a new descriptor, O_DIRECT as well
         base.caller_waits(True)
         try:
-            eng.submit_write(fd, _buffer(data), 8 * PAGE, results.append)
+            eng.submit_write(node.fd, _buffer(data), 8 * PAGE, results.append)
         finally:
             base.caller_waits(False)
         assert results == []  # an O_DIRECT write waits for the device: not here
         await _settled(eng)
     finally:
-        os.close(fd)
-        await engines.aclose()
+        fd = node.fd
+        await graph.close_all()
     assert results == [4 * PAGE]
     assert eng.run_here.done == 0
     assert path.read_bytes()[8 * PAGE:12 * PAGE] == data
+    assert fd not in eng.run_here._direct  # closed: a later file may get its number
 
 
 async def test_vectored_write_runs_here_even_with_the_pool_busy(tmp_path, monkeypatch):

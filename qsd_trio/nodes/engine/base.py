@@ -257,9 +257,10 @@ class Engine:
         raise NotImplementedError
 
     def submit_writev(self, fd: int, views: list[memoryview], offset: int,
-                      cb: Callback) -> None:
+                      cb: Callback, n: int = 0) -> None:
         """Start one pwritev of ``views`` (writable, pinned until ``cb``
-        runs); ``cb(bytes written or -errno)``, a short count the caller's."""
+        runs; ``n`` bytes in all, if the caller knows); ``cb(bytes written
+        or -errno)``, a short count the caller's."""
         raise NotImplementedError
 
     # whether submit_readv is there (the kernel's engines)
@@ -371,7 +372,7 @@ class KernelEngine(Engine):
                     (None, cb, buf))
 
     def submit_writev(self, fd: int, views: list[memoryview], offset: int,
-                      cb: Callback) -> None:
+                      cb: Callback, n: int = 0) -> None:
         iov = iovecs(views)
         self._start(self.WRITEV, fd, ctypes.addressof(iov), len(views), offset,
                     (None, cb, (iov, views)))

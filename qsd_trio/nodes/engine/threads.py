@@ -36,7 +36,6 @@ and, per batch of completions, one eventfd wakeup.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import threading
@@ -136,12 +135,22 @@ class RunHere:
         self.resume_at = 0.0
         self.done = 0    # statistics: writes run here
         self.stalls = 0  # statistics: of those, writes that slept too long
+        # descriptors opened with O_DIRECT: the file driver, the one
+        # submitter of writes, says so (direct_fd) when it opens and closes
+        # one, instead of an fcntl(F_GETFL) per write
+        self._direct: set[int] = set()
+
+    def direct_fd(self, fd: int, direct: bool) -> None:
+        """``fd`` is (from now on) opened with O_DIRECT, or no longer open."""
+        if direct:
+            self._direct.add(fd)
+        else:
+            self._direct.discard(fd)
 
     def allowed(self, fd: int, offset: int, n: int) -> bool:
         page = inline_io.PAGE
-        return (offset % page == 0 and n % page == 0
-                and time.monotonic() >= self.resume_at and inline_io.dirty_memory_ok()
-                and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        return (offset % page == 0 and n % page == 0 and fd not in self._direct
+                and time.monotonic() >= self.resume_at and inline_io.dirty_memory_ok())
 
     def write(self, fd: int, buf: memoryview, offset: int) -> int:
         """``_write_all`` here; the bytes written or -errno."""
@@ -298,12 +307,13 @@ class ThreadPool(Engine):
         self._put(_Call(_write_all_count, (fd, buf, offset), None, cb))
 
     def submit_writev(self, fd: int, views: list[memoryview], offset: int,
-                      cb: Callback) -> None:
+                      cb: Callback, n: int = 0) -> None:
         # a guest's scatter-gather write (the virtio data plane, directly or
         # through qcow2): here whenever it cannot block, whatever else is in
         # flight; its copy costs what it costs on any thread, the hop to a
         # worker and back is what it saves (docs/vhost-user.md)
-        n = sum(map(len, views))
+        if not n:
+            n = sum(map(len, views))
         if self.run_here.allowed(fd, offset, n):
             self.in_flight += 1
             self._finished(None, cb, self.run_here.writev(fd, views, offset, n))
