@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -76,6 +77,9 @@ _FAILED = {
 # extended) in one pack: P.chunk_offset_data_header builds the same bytes
 # from two, and this runs once per request.
 _pack_offset_data = struct.Struct(">IHHQIQ").pack
+_STRUCTURED_REPLY_MAGIC = P.STRUCTURED_REPLY_MAGIC
+_REPLY_FLAG_DONE = P.REPLY_FLAG_DONE
+_REPLY_TYPE_OFFSET_DATA = P.REPLY_TYPE_OFFSET_DATA
 
 
 def _offset_data_header(handle: int, offset: int, length: int, extended: bool) -> bytes:
@@ -336,6 +340,8 @@ class Transmission:
 
     async def _read_loop(self, wire: Wire, export: NbdExport, size_fn: Callable[[], int],
                          slots: _Slots, extended: bool, quiet: bool) -> None:
+        head_size = P.EXT_REQUEST_SIZE if extended else P.REQUEST_SIZE
+        parse = P.parse_ext_request if extended else P.parse_request
         with self._reader_scope:
             while True:
                 if slots.value:
@@ -346,10 +352,12 @@ class Transmission:
                     await self._wait_for_slot(quiet)
                 handed_off = False
                 try:
-                    if extended:
-                        req = P.parse_ext_request(await wire.recv_exactly(P.EXT_REQUEST_SIZE))
-                    else:
-                        req = P.parse_request(await wire.recv_exactly(P.REQUEST_SIZE))
+                    # at queue depth 32 most headers are buffered already:
+                    # taken without a coroutine
+                    head = wire.take_now(head_size)
+                    if head is None:
+                        head = await wire.recv_exactly(head_size)
+                    req = parse(head)
                     t = req.type
                     if t == P.CMD_DISC:
                         return
@@ -425,7 +433,7 @@ class Transmission:
                 return False
             assert data is not None  # a WRITE's payload, read with it
             if not self._write_now(node, req.offset, data):
-                return node.write_submit(req.offset, data, self._completion(req))
+                return node.write_submit(req.offset, data, partial(self._finished, req))
             reply = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
         else:
             if ln > P.MAX_BUFFER_SIZE or flags & ~self._read_flags:
@@ -434,7 +442,7 @@ class Transmission:
                 return False  # a sparse read asks the block status first
             buf = self._read_now(node, off, ln)
             if buf is None:
-                return node.read_submit(off, ln, self._completion(req))
+                return node.read_submit(off, ln, partial(self._finished, req))
             if self.structured:
                 reply = (_offset_data_header(h, off, ln, self.extended), buf)
             else:
@@ -445,38 +453,42 @@ class Transmission:
             self._queue(reply)
         return True
 
-    def _completion(self, req: P.Request) -> Callable[[Any, OSError | None], None]:
-        """The reply to a READ or WRITE started with read_submit/write_submit,
-        queued by the engine's reaper when it completes.  The reaper sends
-        the replies of its whole batch of completions with one sendmsg once
-        it has handled them all (after_completions); what the socket does
-        not take goes to the writer task."""
-        def done(buf: Any, err: OSError | None) -> None:
-            if self._closed:
-                return  # the connection ended (export deleted): no one to answer
-            h = req.handle
-            if err is not None:
-                if self._sparse_read(req):
-                    # the worker reads again, and answers as QEMU would
-                    # (an error chunk if the block status fails, else a hangup)
-                    self._requests.send_nowait((req, None, self._live_export.size))
-                    return
-                self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
+    def _finished(self, req: P.Request, buf: Any, err: OSError | None) -> None:
+        """The reply to a READ or WRITE started with read_submit/write_submit
+        (``partial(self._finished, req)``), queued by the engine's reaper
+        when it completes.  The
+        reaper sends the replies of its whole batch of completions with one
+        sendmsg once it has handled them all (after_completions); what the
+        socket does not take goes to the writer task.  Runs once per
+        request: _offset_data_header and _queue_quiet are written out."""
+        if self._closed:
+            return  # the connection ended (export deleted): no one to answer
+        h = req.handle
+        if err is not None:
+            if self._sparse_read(req):
+                # the worker reads again, and answers as QEMU would
+                # (an error chunk if the block status fails, else a hangup)
+                self._requests.send_nowait((req, None, self._live_export.size))
                 return
-            parts: tuple[Any, ...]
-            if req.type == P.CMD_WRITE:
-                parts = (P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h),)
-            elif not self.structured:
-                parts = (P.simple_reply(h), buf)
+            self._error_reply(req, P.errno_to_nbd(err.errno), _FAILED[req.type])
+            return
+        out = self._out
+        if req.type == P.CMD_WRITE:
+            out.append(P.chunk_none(h, req.offset) if self.extended else P.simple_reply(h))
+        elif not self.structured:
+            out += (P.simple_reply(h), buf)
+        elif self.extended:
+            out += (_offset_data_header(h, req.offset, req.length, True), buf)
+        else:
+            out += (_pack_offset_data(_STRUCTURED_REPLY_MAGIC, _REPLY_FLAG_DONE,
+                                      _REPLY_TYPE_OFFSET_DATA, h, 8 + req.length, req.offset),
+                    buf)
+        self._out_done += 1
+        if not self._flush_deferred:
+            if after_completions(self._deferred_flush):
+                self._flush_deferred = True
             else:
-                parts = (_offset_data_header(h, req.offset, req.length, self.extended), buf)
-            self._queue_quiet(parts)
-            if not self._flush_deferred:
-                if after_completions(self._deferred_flush):
-                    self._flush_deferred = True
-                else:
-                    self._out_ready.set()
-        return done
+                self._out_ready.set()
 
     def _sparse_read(self, req: P.Request) -> bool:
         """A READ QEMU serves as a sparse read (structured replies, no DF)."""

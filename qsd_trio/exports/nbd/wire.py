@@ -140,6 +140,20 @@ class Wire:
             self._start = self._end = 0
         return out
 
+    def take_now(self, n: int) -> bytes | None:
+        """recv_exactly(n) if ``n`` bytes are buffered already (no
+        coroutine to make and run); None leaves everything as it was."""
+        start = self._start
+        end = start + n
+        if end > self._end:
+            return None
+        out = bytes(self._view[start:end])
+        if end == self._end:
+            self._start = self._end = 0
+        else:
+            self._start = end
+        return out
+
     async def receive_some(self, max_bytes: int) -> bytes:
         """At least one and at most ``max_bytes`` bytes: what is buffered,
         else what one receive brings (negotiation reads this way, never

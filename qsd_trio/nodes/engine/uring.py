@@ -146,8 +146,8 @@ class Uring(KernelEngine):
         self._pending += 1
         if self._pending >= self.sq_entries or self.in_flight == 1:
             self._enter()   # the ring is full, or there is nothing to batch with
-        else:
-            self._flush_soon()
+        elif not self._held_now:
+            self._flush_soon()  # not again once a holder submits (hold_submissions)
 
     def _enter(self) -> None:
         n = self._pending
