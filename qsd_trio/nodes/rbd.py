@@ -275,6 +275,7 @@ class RbdNode(BlockNode):
             return cluster, image
 
         self.cluster, self.image = await trio.to_thread.run_sync(connect_and_open)
+        self.image.engines = self.graph.io
         self._connected = True
         try:
             try:

@@ -56,7 +56,7 @@ import outcome
 import trio
 
 from ..qapi.cstr import c_bytes
-from .engine import buffers
+from .engine import Engines, buffers
 from .engine.base import Engine
 
 _c_void_p = ctypes.c_void_p
@@ -340,6 +340,11 @@ class Image:
         self.handle = _c_void_p()
         _check(_lib.rbd.rbd_open(cluster.ioctx, c_bytes(name), ctypes.byref(self.handle), _b(snap)))
         self.reaper: Reaper | None = None
+        # the graph's engines (set by the node): the reaper is listed there
+        # while it lives, so that a connection's inline wait (an NBD
+        # export's, engine/inline_wait.py) reaps its completions itself
+        # instead of the event loop waking the reaper task
+        self.engines: Engines | None = None
         # where rbd_aio_create_completion puts each new completion (trio's
         # thread only), made once instead of per request
         self._comp: Any = _c_void_p()
@@ -405,6 +410,8 @@ class Image:
         reaper = self.reaper
         if reaper is None:
             reaper = self.reaper = Reaper(self.handle)
+            if self.engines is not None:
+                self.engines.attach(reaper)
         elif reaper.in_flight:
             # before this request is in the table: its own completion is
             # never handled here (a task is parked only after this returns)
@@ -468,6 +475,8 @@ class Image:
 
     def close(self) -> None:
         if self.reaper is not None:
+            if self.engines is not None:
+                self.engines.detach(self.reaper)
             self.reaper.close()
             self.reaper = None
         if self.handle:

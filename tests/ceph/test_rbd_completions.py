@@ -216,3 +216,33 @@ async def reaped_at_submission(cluster, image) -> None:
 
 def test_completions_reaped_at_submission(ceph_cluster, rbd_image):
     trio.run(reaped_at_submission, ceph_cluster, rbd_image)
+
+
+async def reaped_by_an_inline_wait(cluster, image) -> None:
+    """The image's completions are reaped by a connection's inline wait
+    (engine/inline_wait.py, as an NBD export's reader waits), not only by
+    the reaper task: with the event loop held, a write's callback runs
+    inside the graph's inline waiter."""
+    graph, node = await open_node(cluster, image)
+    try:
+        wait = graph.io.inline_waiter()
+        assert wait is not None
+        # a first write starts the image's reaper task (parked from then on)
+        await node.write(BLOCK, data_for(41))
+        done: list[OSError | None] = []
+        buf = buffers.alloc(BLOCK)
+        buf[:] = data_for(42)
+        assert node.write_submit(0, buf, lambda _b, err: done.append(err))
+        deadline = time.monotonic() + 30
+        # no checkpoint until the assertion: the reaper task cannot run
+        while not done and time.monotonic() < deadline:
+            wait(-1)  # until a batch of completions was reaped, or 5 ms
+        assert done == [None]
+        assert bytes(await node.read(0, BLOCK)) == data_for(42)
+        assert bytes(await node.read(BLOCK, BLOCK)) == data_for(41)
+    finally:
+        await node.close()
+
+
+def test_completions_reaped_by_an_inline_wait(ceph_cluster, rbd_image):
+    trio.run(reaped_by_an_inline_wait, ceph_cluster, rbd_image)

@@ -36,6 +36,7 @@ class Engines:
         self._uring: Engine | None = None
         self._aio: Engine | None = None
         self._started: list[Engine] = []  # started(), kept up to date
+        self._attached: list[Engine] = []  # engines of a node's own (attach)
 
     @property
     def threads(self) -> ThreadPool:
@@ -69,9 +70,22 @@ class Engines:
             return self._aio
         return self.threads
 
+    def attach(self, engine: Engine) -> None:
+        """List a node's own engine (driver=rbd's completions) with the
+        graph's, so that inline waiters reap its completions too; ``detach``
+        before it closes."""
+        self._attached.append(engine)
+        self._update()
+
+    def detach(self, engine: Engine) -> None:
+        if engine in self._attached:
+            self._attached.remove(engine)
+            self._update()
+
     def _update(self) -> None:
         # in place: inline waiters hold the list (inline_waiter)
         self._started[:] = [e for e in (self._uring, self._aio, self._threads) if e is not None]
+        self._started += self._attached
 
     def started(self) -> list[Engine]:
         """The engines made so far (a list kept up to date: not to be changed)."""
