@@ -60,7 +60,6 @@ from ..proto import nbd as P
 from ..qapi.errors import GenericError
 from ..sockets import addr_dict
 from .engine import buffers
-from .engine.inline_wait import make_waiter
 from .graph import register_driver
 from .nbd_tls import ClientTls, TlsError, client_tls, start_client
 from .node import BlockNode, BlockStatus, Buffer, Status, json_filename
@@ -207,9 +206,6 @@ class _Connection:
         self._rpos = 0
         self._rend = 0
         self._unyielded = 0  # replies decoded since the reader last let others run
-        # after a partial send, a wait for the socket to take more without
-        # the scheduler while nothing else can run (engine/inline_wait.py)
-        self.wait_writable_inline: Callable[[int], bool] | None = None
         self.dead = trio.Event()
         self.broken_at = 0.0  # when it broke (trio's clock)
         self.on_broken: Callable[[], None] | None = None  # called once the reader ends
@@ -487,29 +483,19 @@ class _Connection:
             parts.append(data if isinstance(data, bytes) else memoryview(data).cast("B"))
         total = sum(len(x) for x in parts)
         sent = 0
-        wait = self.wait_writable_inline
         try:
             while True:
                 try:
                     n = sock.sendmsg(parts)
                 except BlockingIOError:
-                    n = 0
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
                 sent += n
                 if sent == total:
                     return
-                if n:
-                    while n >= len(parts[0]):
-                        n -= len(parts.pop(0))
-                    parts[0] = memoryview(parts[0])[n:]
-                # a TCP socket that took part of a request takes more as
-                # soon as the server reads (a 1 MiB write goes out in 5-12
-                # pieces of 3-4 segments each): when nothing else can run,
-                # waiting for that here saves the trip through trio's epoll
-                # (two epoll_ctl, a task switch) per piece.  Only after a
-                # send that took something: one that took nothing after
-                # all goes through trio, so this loop cannot spin
-                if n and wait is not None and wait(sock.fileno()):
-                    continue
+                while n >= len(parts[0]):
+                    n -= len(parts.pop(0))
+                parts[0] = memoryview(parts[0])[n:]
                 await trio.lowlevel.wait_writable(sock)
         except BaseException:
             if 0 < sent < total:
@@ -562,6 +548,21 @@ def _wrap(std: _stdsocket.socket) -> tuple[trio.socket.SocketType, _stdsocket.so
     return trio.socket.from_stdlib_socket(std), std
 
 
+def _stream(sock: trio.socket.SocketType) -> trio.SocketStream:
+    """The stream over a connected socket.  trio's SocketStream sets
+    TCP_NOTSENT_LOWAT to 16 KiB on a TCP socket, so that a send returns as
+    soon as that much waits unsent: a 1 MiB write left in pieces of 3-4
+    segments, each a wait for the socket (12 per MiB on localhost).  0 is
+    the system's default again (no limit), as for QEMU's client."""
+    stream = trio.SocketStream(sock)
+    if sock.family != _stdsocket.AF_UNIX and hasattr(_stdsocket, "TCP_NOTSENT_LOWAT"):
+        try:
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NOTSENT_LOWAT, 0)
+        except OSError:
+            pass  # not TCP after all (a passed fd): nothing to undo
+    return stream
+
+
 async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdsocket.socket]:
     """Connect to a flat SocketAddress: the stream and its (non-blocking)
     stdlib socket, which closing the stream closes.  ConnectError with
@@ -575,7 +576,7 @@ async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdso
             sock.close()
             raise ConnectError(f"Failed to connect to '{describe(server)}': "
                                f"{_strerror(e)}") from None
-        return trio.SocketStream(sock), std
+        return _stream(sock), std
     if kind == "inet":
         host, port = server["host"], str(server["port"])
         try:
@@ -592,7 +593,7 @@ async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdso
                 sock.close()
                 err = e
                 continue
-            return trio.SocketStream(sock), std
+            return _stream(sock), std
         assert err is not None
         raise ConnectError(f"Failed to connect to '{describe(server)}': {_strerror(err)}")
     if kind == "fd":
@@ -604,7 +605,7 @@ async def open_socket(server: dict[str, Any]) -> tuple[trio.SocketStream, _stdso
         except OSError as e:
             raise ConnectError(f"Failed to use socket fd {fd}: {e.strerror}") from None
         sock, std = _wrap(std)
-        return trio.SocketStream(sock), std
+        return _stream(sock), std
     raise ConnectError(f"Unsupported socket address type '{kind}'")
 
 
@@ -879,7 +880,6 @@ class NbdNode(BlockNode):
             raise GenericError(f"Parameter 'x-multi-conn' expects a value between 1 and "
                                f"{MULTI_CONN_MAX}")
         self._handles = iter(range(1, 1 << 64))
-        self._wait_writable = make_waiter(self.graph.io.started, writable=True)
         # the connections, live or broken; never empty once open.  The first
         # one's export flags, context and block sizes stand for all of them.
         self._conns: list[_Connection] = []
@@ -962,12 +962,6 @@ class NbdNode(BlockNode):
             self._conns.append(conn)
         else:
             self._conns[slot] = conn
-        if conn.sock is not None and conn.sock.family != _stdsocket.AF_UNIX:
-            # TCP only: there a partial send took 3-4 segments and the
-            # socket takes more within microseconds; a unix socket that
-            # took part of a request is writable again only once the
-            # server has read most of its buffer (measured: slower there)
-            conn.wait_writable_inline = self._wait_writable
         conn.on_broken = lambda: self._broken(conn)
         trio.lowlevel.spawn_system_task(conn.reader,
                                         name=f"nbd-client-{self.node_name}-{slot}")

@@ -12,11 +12,8 @@ the test out); with nothing at all, the wait gives up and says so.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import threading
-import time
 
 import pytest
 import trio
@@ -133,31 +130,3 @@ async def test_another_ready_descriptor_goes_first(pair, monkeypatch):
             await woke.wait()
     c.close()
     d.close()
-
-
-async def test_writable_socket(pair, monkeypatch):
-    """With ``writable`` the wait is for room to send (the NBD client's
-    request that its socket took only part of): a full socket waits until
-    its peer reads, here a thread that starts after the wait began."""
-    monkeypatch.setattr(inline_wait, "MAX_WAIT", FOREVER)
-    a, b = pair
-    wait = inline_wait.make_waiter(list, writable=True)
-    assert wait is not None
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            a.send(bytes(65536))
-
-    def drain() -> None:
-        time.sleep(0.05)
-        b.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while b.recv(1 << 20):
-                pass
-
-    t = threading.Thread(target=drain)
-    t.start()
-    t0 = time.monotonic()
-    assert wait(a.fileno()) is True
-    assert time.monotonic() - t0 >= 0.04  # it waited for the reader
-    t.join()
-    assert a.send(b"x") == 1

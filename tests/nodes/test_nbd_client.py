@@ -13,6 +13,7 @@ too (QEMU's nbd_parse_uri / nbd_parse_filename).
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 import tempfile
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsd_trio.nodes.graph import BlockGraph
-from qsd_trio.nodes.nbd import parse_filename
+from qsd_trio.nodes.nbd import open_socket, parse_filename
 from qsd_trio.nodes.node import Status
 from qsd_trio.proto import nbd as P
 from qsd_trio.qapi.errors import GenericError
@@ -494,3 +495,17 @@ def test_parse_filename_errors(name, error):
     with pytest.raises(GenericError) as e:
         parse_filename(name)
     assert e.value.desc == error
+
+
+async def test_tcp_connection_sends_without_a_notsent_limit():
+    """trio's SocketStream limits a TCP socket's unsent bytes to 16 KiB
+    (TCP_NOTSENT_LOWAT), which made a 1 MiB write leave in pieces, each a
+    wait for the socket; the client's connection has the system's default
+    (0: no limit), as QEMU's."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        stream, std = await open_socket({"type": "inet", "host": "127.0.0.1", "port": str(port)})
+        try:
+            assert std.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 0
+        finally:
+            await stream.aclose()

@@ -67,13 +67,11 @@ def supported() -> bool:
         return False
 
 
-def make_waiter(engines: Callable[[], list[Engine]],
-                writable: bool = False) -> Callable[[int], bool] | None:
+def make_waiter(engines: Callable[[], list[Engine]]) -> Callable[[int], bool] | None:
     """A ``wait_inline(fd)`` bound to this run loop, or None where the loop
     lacks what it reads.  ``engines()`` lists the engines whose completions
     it may reap: a list kept up to date in place (Engines.started), taken
-    once here.  With ``writable`` it waits for ``fd`` to be writable
-    instead (a sender whose socket took part of a request)."""
+    once here."""
     if not supported():
         return None
     runner = _runner()
@@ -121,13 +119,9 @@ def make_waiter(engines: Callable[[], list[Engine]],
             if now >= limit:
                 return False
             fds.append(epoll_fd)
-            if writable:
-                ready, out, _ = _select(fds, (fd,), (), limit - now)
-                ready += out
-            else:
-                if fd >= 0:
-                    fds.append(fd)
-                ready = _select(fds, (), (), limit - now)[0]
+            if fd >= 0:
+                fds.append(fd)
+            ready = _select(fds, (), (), limit - now)[0]
             if not ready:
                 return False
             reaped = False
