@@ -3,7 +3,6 @@ waiting for a server's unix socket to appear."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -36,19 +35,21 @@ def wait_socket(path: Path, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-def wait_listening(path: Path, timeout: float = 30) -> None:
-    """Until a connect to the unix socket ``path`` succeeds: a server binds
-    before it listens (nbdkit), and a connect in between is refused.  The
-    probe connection is closed at once, before any negotiation."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if path.exists():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(str(path))
-                    return
-                except OSError:
-                    pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(str(path))
+def start_nbdkit(sock: Path, *args: str) -> subprocess.Popen:
+    """nbdkit in the foreground serving on the unix socket ``sock``
+    (``args``: filters, plugin and its parameters); returns once it
+    accepts connections (its pidfile is written then: it binds before it
+    listens, so the socket existing is not enough).  The caller kills and
+    waits for the process."""
+    pidfile = sock.with_suffix(".pid")
+    pidfile.unlink(missing_ok=True)
+    proc = subprocess.Popen(["nbdkit", "-f", "-P", str(pidfile), "-U", str(sock), *args],
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.stat().st_size):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("nbdkit did not start")
         time.sleep(0.01)
+    return proc

@@ -21,6 +21,7 @@ import pytest
 from tests.helpers import qemu_img, qemu_io
 from tests.integration.test_job_images import Model
 from tests.nbd_relay import relay  # noqa: F401
+from tests.nbd_servers import start_nbdkit
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -63,9 +64,8 @@ class Servers:
                  "-x", "disk", "-k", str(sock), "--cache=writeback", str(image)],
                 stdin=subprocess.DEVNULL))
         elif kind == "nbdkit":
-            self.procs.append(subprocess.Popen(
-                ["nbdkit", "-f", "-U", str(sock), "-e", "disk", "--filter=log", "memory",
-                 str(SIZE), f"logfile={self.tmp / 'nbdkit.log'}"], stdin=subprocess.DEVNULL))
+            self.procs.append(start_nbdkit(sock, "-e", "disk", "--filter=log", "memory",
+                                           str(SIZE), f"logfile={self.tmp / 'nbdkit.log'}"))
         else:
             self.daemons.append(self.factory(kind, [
                 "--blockdev", f"driver=file,node-name=f,filename={image}",
@@ -264,10 +264,8 @@ def test_one_connection_cut_mid_io(daemon_factory, tmp_path, servers, relay,  # 
     EIO, as one connection's would.  Either way that connection alone is
     reconnected and the node goes on."""
     srv = tmp_path / "kit.sock"
-    servers.procs.append(subprocess.Popen(
-        ["nbdkit", "-f", "-U", str(srv), "-e", "disk", "--filter=delay", "memory", str(SIZE),
-         "wdelay=200ms"], stdin=subprocess.DEVNULL))
-    wait_for(srv.exists, "nbdkit did not start")
+    servers.procs.append(start_nbdkit(srv, "-e", "disk", "--filter=delay", "memory",
+                                      str(SIZE), "wdelay=200ms"))
     proxy = relay(srv)
     d, uri = client(daemon_factory, tmp_path, tmp_path / "proxy0.sock",
                     **{"x-multi-conn": 4, "reconnect-delay": delay})

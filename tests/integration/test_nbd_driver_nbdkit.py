@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import qemu_img, qemu_io
-from tests.nbd_servers import wait_listening
+from tests.nbd_servers import start_nbdkit
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="nbdkit not installed")
 
@@ -28,9 +28,7 @@ def nbdkit(tmp_path):
 
     def start(*args: str) -> Path:
         sock = tmp_path / f"nbdkit{len(procs)}.sock"
-        procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(sock), *args],
-                                      stdin=subprocess.DEVNULL))
-        wait_listening(sock)
+        procs.append(start_nbdkit(sock, *args))
         return sock
 
     yield start
