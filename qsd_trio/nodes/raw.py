@@ -143,7 +143,10 @@ class RawNode(BlockNode):
     def _length(self) -> int:
         if self.fixed_size is not None:
             return self.fixed_size
-        return max(self.file.node._length() - self.offset, 0)
+        # whole sectors, as the block layer counts them (bdrv_getlength is
+        # total_sectors * 512): an offset that is not a multiple of 512
+        # leaves a tail past the file's end, which reads as zeroes
+        return -(-max(self.file.node._length() - self.offset, 0) // 512) * 512
 
     # the fast path (BlockNode.read_now) of a window, or over a child that
     # wants blkdebug-style events (those decline): the child's, at the
