@@ -1,10 +1,11 @@
-"""NBD servers for the tests of the NBD client driver: qemu-nbd, and
-waiting for a server's unix socket to appear."""
+"""NBD servers for the tests of the NBD client driver: qemu-nbd and
+nbdkit, and waiting for a server's unix socket to appear."""
 
 from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,13 +16,19 @@ def start_qemu_nbd(image: Path, sock: Path, *, export: str, shared: int = 8,
     socket exists.  The caller kills and waits for the process."""
     proc = subprocess.Popen(["qemu-nbd", "-t", "-e", str(shared), "-f", fmt, "-x", export,
                              "-k", str(sock), str(image)], stdin=subprocess.DEVNULL)
+    return _started(proc, sock.exists, "qemu-nbd")
+
+
+def _started(proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> subprocess.Popen:
+    """``proc`` once ``ready()``; killed, and RuntimeError, if it exits
+    first or 30 s pass."""
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            raise RuntimeError("qemu-nbd did not start")
-        time.sleep(0.02)
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.01)
     return proc
 
 
@@ -45,11 +52,4 @@ def start_nbdkit(sock: Path, *args: str) -> subprocess.Popen:
     pidfile.unlink(missing_ok=True)
     proc = subprocess.Popen(["nbdkit", "-f", "-P", str(pidfile), "-U", str(sock), *args],
                             stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not (pidfile.exists() and pidfile.stat().st_size):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("nbdkit did not start")
-        time.sleep(0.01)
-    return proc
+    return _started(proc, lambda: pidfile.exists() and pidfile.stat().st_size > 0, "nbdkit")
