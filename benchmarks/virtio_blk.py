@@ -22,9 +22,11 @@ them).  Two paths (``--path``):
 
 Workloads: 4 KiB random reads and writes at QD16 (one segment), 1 MiB
 sequential reads and writes at QD4 (``--segments`` page-aligned data
-buffers, 16 of 64 KiB by default, as a Linux guest with huge pages sends
-them; its scattered pages can make up to seg_max = 126, apart in memory
-with ``--scatter``).  Places: ``null`` (null-co: the
+buffers, 16 of 64 KiB by default: a Linux guest's 1 MiB O_DIRECT fio
+request came as 18 or 19 descriptors, its data cut at the block layer's
+64 KiB max_segment_size, mostly one after another in guest memory, so 2 to
+4 segments once merged (benchmarks/vhost_user.py, 2026-12-07); scattered
+pages can make up to seg_max = 126, apart in memory with ``--scatter``).  Places: ``null`` (null-co: the
 fixed cost of the harness, the handler and the node layer), ``shm`` (a
 file on tmpfs), ``disk`` (a file on $QSD_BENCH_DISK or /var/tmp, read into
 the page cache first; ``disk-uring`` the same with ``aio=io_uring``), ``direct`` (the same file, cache.direct=on) with

@@ -362,6 +362,21 @@ def test_bad_ring_addresses_and_sizes(ram):
     mem.close()
 
 
+def test_used_ring_in_read_only_memory_is_refused(ram):
+    # a VDUSE IOTLB range the device may only read: the rings are written
+    # through views of the mapping, which such a range gives read-only; the
+    # queue is refused as a broken ring at setup, not a TypeError at a push
+    from qsd_trio.exports.vduse_blk import IotlbRegion
+
+    mem = M.GuestMemory()
+    mem.regions.append(IotlbRegion(ram.fd, ram.pad, GUEST_BASE, GUEST_BASE + ram.size - 1, 1))
+    drv = Driver(ram)
+    with pytest.raises(Q.VirtqueueError, match="read-only"):
+        Q.SplitQueue(mem, size=drv.size, desc_addr=GUEST_BASE + drv.desc,
+                     avail_addr=GUEST_BASE + drv.avail, used_addr=GUEST_BASE + drv.used)
+    mem.close()
+
+
 def test_buffer_across_adjacent_regions():
     a, b = GuestRam(size=0x10000), GuestRam(size=0x10000)
     mem = M.GuestMemory()
