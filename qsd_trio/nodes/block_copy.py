@@ -36,6 +36,7 @@ from .node import BlockNode, BlockStatus, Buffer, Status
 
 CLUSTER_SIZE_DEFAULT = 1 << 16   # BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 MAX_BUFFER = 1 << 20             # BLOCK_COPY_MAX_BUFFER: one read + write
+                                 # (larger: see jobs/mirror.py, MAX_CHUNK)
 MAX_WORKERS = 64                 # BLOCK_COPY_MAX_WORKERS (backup's x-perf default)
 
 _keys = itertools.count()
