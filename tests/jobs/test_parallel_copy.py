@@ -99,6 +99,7 @@ async def test_stream_keeps_chunks_in_flight_and_writes_zeroes(env, stream_chain
     base, top, model = stream_chain
     await _add_qcow2(env, "base", base, counting="basef")
     await _add_qcow2(env, "top", top, counting="topf", backing="base")
+    _node(env, "basef").biggest = 0  # opening read up to 2 MiB of header
     await env.qmp("block-stream", job_id="j", device="top")
     ev = await _done(env)
     assert ev["len"] == SIZE
@@ -265,6 +266,7 @@ async def _commit_nodes(env, base, mid, top, **base_file):
 async def test_commit_keeps_chunks_in_flight_and_skips_holes(env, commit_chain):
     base, mid, top, model, mid_model = commit_chain
     await _commit_nodes(env, base, mid, top)
+    _node(env, "midf").biggest = 0  # opening read up to 2 MiB of header
     await env.qmp("block-commit", job_id="j", device="top", top_node="mid", base_node="base")
     await _done(env)
     basef, midf = _node(env, "basef"), _node(env, "midf")
