@@ -125,6 +125,10 @@ class HostCdromNode(HostDeviceNode):
     def _pwritev_submit(self, offset: int, mv: memoryview, done: WriteDone) -> bool:
         return self.inserted() and super()._pwritev_submit(offset, mv, done)
 
+    def _pwritev_submit_vec(self, offset: int, length: int, views: list[memoryview],
+                            done: WriteDone) -> bool:
+        return self.inserted() and super()._pwritev_submit_vec(offset, length, views, done)
+
     # bdrv_co_preadv_part, bdrv_co_pwritev_part and bdrv_co_pdiscard fail
     # with ENOMEDIUM on a node without a medium
     async def _co_preadv(self, offset: int, length: int) -> bytes | memoryview:

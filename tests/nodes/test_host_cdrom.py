@@ -50,7 +50,16 @@ async def test_no_medium(loop_device):
             assert e.value.errno == errno.ENOMEDIUM
         # the synchronous paths decline, so the request takes the one that fails
         assert cd.read_now(0, 4096) is None
+        assert not cd.read_into_now(0, [memoryview(bytearray(4096))])
         assert not cd.write_now(0, memoryview(b"y" * 4096))
+        # and so do the paths without a task (an export's, handed to the engine)
+        def never(*_):
+            raise AssertionError("started without a medium")
+        page = memoryview(bytearray(b"z" * 4096))
+        assert not cd.read_submit(0, 4096, never)
+        assert not cd.readv_submit(0, 4096, [page], never)
+        assert not cd.write_submit(0, page, never)
+        assert not cd.writev_submit(0, [page[:2048], page[2048:]], never)
         await cd.flush()  # nothing to flush without a medium
         st = await cd.block_status(0, MiB)
         assert st.flags == Status.DATA | Status.ALLOCATED | Status.OFFSET_VALID
