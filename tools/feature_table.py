@@ -32,7 +32,9 @@ NOTES: dict[str, str] = {
                        "qcow2 cache sizes, l2-cache-entry-size, cache-clean-interval, "
                        "overlap-check, lazy-refcounts and pass-discard-* (caches "
                        "written back first, as QEMU); encrypt.* checked against the "
-                       "header, the open cipher kept, as QEMU",
+                       "header, the open cipher kept, as QEMU; raw offset and size (an NBD "
+                       "export that exists already advertises the new size; QEMU's keeps "
+                       "the old one)",
     "query-blockstats": "node counters are zero as in qemu-storage-daemon, "
                         "except wr_highest_offset",
     "vhost-user-blk": "addr unix or fd; one front-end at a time, as QEMU",
