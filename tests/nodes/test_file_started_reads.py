@@ -18,19 +18,11 @@ import pytest
 import trio
 
 from qsd_trio.nodes.graph import BlockGraph
+from tests.engines import drop_page_cache
 
 PAGE = 4096
 SIZE = (1 << 20) + 1000  # not a whole page: the last read crosses EOF
 FOREVER = 60.0  # a limit no passing test reaches
-
-
-def _evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _cache(path, offset: int, length: int) -> None:
@@ -49,7 +41,7 @@ async def test_submitted_reads_start_with_nowait_and_wait_in_the_lane(tmp_path):
         if not node._start_reads:
             pytest.skip("no RWF_NOWAIT, or the file system is in memory")
         pool = graph.io.threads
-        _evict(path)
+        drop_page_cache(path)
         _cache(path, 8 * PAGE, PAGE)        # a cached page
         _cache(path, 32 * PAGE, PAGE)       # the first page of a 16-page read
         _cache(path, SIZE - 1000, 1000)     # the tail before EOF

@@ -175,6 +175,25 @@ def _take(segments: tuple[Segment, ...] | list[Segment], n: int) -> tuple[list[S
     return head, rest
 
 
+def _answer_later(status: Segment, head: int, used: int,
+                  done: Completion) -> Callable[[Any, OSError | None], None]:
+    """The completion of a request started without a task: it writes the
+    status byte (the engine held the request's views of guest memory until
+    now) and hands ``done`` the head and used length (0 if the status byte
+    is gone)."""
+    sr, soff, _ = status
+
+    def answer(_result: object, error: OSError | None) -> None:
+        try:
+            sr.write(soff, b"\0" if error is None else _IOERR)
+        except GuestMemoryError:
+            done(head, 0)
+        else:
+            done(head, used)
+
+    return answer
+
+
 def _gather(segments: list[Segment]) -> bytes:
     return b"".join(r.read(off, n) for r, off, n in segments)
 
@@ -364,17 +383,7 @@ class BlkHandler:
                     if done is not None:
                         # into the guest's buffers by the engine, without a
                         # task (BlockNode.readv_submit: O_DIRECT)
-                        sr, soff, _ = status_seg[0]
-                        head = chain.head
-
-                        def read(_result: object, error: OSError | None) -> None:
-                            try:
-                                sr.write(soff, b"\0" if error is None else _IOERR)
-                            except GuestMemoryError:
-                                done(head, 0)
-                            else:
-                                done(head, in_len)
-
+                        read = _answer_later(status_seg[0], chain.head, in_len, done)
                         if self.backend.readv_submit(sector << SECTOR_BITS, size, views, read):
                             self.read_bytes += size
                             return STARTED
@@ -403,18 +412,7 @@ class BlkHandler:
                     if done is None:
                         return Prepared(True, sector << SECTOR_BITS, views, size,
                                         status_seg[0], 1)
-                    sr, soff, _ = status_seg[0]
-                    head = chain.head
-
-                    def finished(_result: object, error: OSError | None) -> None:
-                        # the engine held ``views`` (guest memory) until now
-                        try:
-                            sr.write(soff, b"\0" if error is None else _IOERR)
-                        except GuestMemoryError:
-                            done(head, 0)
-                        else:
-                            done(head, 1)
-
+                    finished = _answer_later(status_seg[0], chain.head, 1, done)
                     if not backend.writev_submit(sector << SECTOR_BITS, views, finished):
                         return Prepared(True, sector << SECTOR_BITS, views, size,
                                         status_seg[0], 1)
