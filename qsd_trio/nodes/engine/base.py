@@ -324,6 +324,24 @@ class KernelEngine(Engine):
     def _submit_pending(self) -> None:
         raise NotImplementedError
 
+    def _complete(self, done: list[tuple[Request, int]]) -> None:
+        """A reaper's batch of completions: Engine._finished written out
+        (this loop runs once per request), without the idle check, which
+        the reaper makes once at the end.  Counted out one by one: a
+        callback that submits must see the others still in flight, or its
+        request is entered alone."""
+        value = outcome.Value
+        for (task, cb, _buf), res in done:
+            self.in_flight -= 1
+            if cb is None:
+                assert task is not None
+                _reschedule(task, value(res))
+            else:
+                try:
+                    cb(res)
+                except Exception:  # noqa: BLE001 - one request's bug, not the engine's
+                    log.exception("I/O completion callback failed")
+
     def _flush_soon(self) -> None:
         if _holding:
             # the holder submits before it parks (submit_held)

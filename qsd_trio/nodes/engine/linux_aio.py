@@ -21,10 +21,8 @@ import errno
 import os
 import struct
 
-import outcome
-
 from . import buffers
-from .base import Callback, KernelEngine, Request, _reschedule, log
+from .base import Callback, KernelEngine, Request
 from .threads import ThreadPool
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -40,7 +38,6 @@ _IOCB = struct.Struct("<QIIHhIQQqQII")
 _EVENT = struct.Struct("<QQqq")   # data, obj, res, res2
 _unpack_event = _EVENT.unpack_from
 _EVENT_SIZE = _EVENT.size
-_Value = outcome.Value
 MAX_EVENTS = 1024                  # QEMU's MAX_EVENTS
 
 
@@ -135,19 +132,8 @@ class LinuxAio(KernelEngine):
                 if e == errno.EINTR:
                     continue
                 raise OSError(e, os.strerror(e))
-            for i in range(n):
-                rid, _obj, res, _res2 = _unpack_event(ev, i * _EVENT_SIZE)
-                task, cb, _buf = reqs.pop(rid)
-                # Engine._finished written out: this runs once per request
-                self.in_flight -= 1
-                if cb is None:
-                    assert task is not None
-                    _reschedule(task, _Value(res))
-                else:
-                    try:
-                        cb(res)
-                    except Exception:  # noqa: BLE001 - one request's bug, not the engine's
-                        log.exception("I/O completion callback failed")
+            self._complete([(reqs.pop(rid), res) for rid, _obj, res, _res2
+                            in (_unpack_event(ev, i * _EVENT_SIZE) for i in range(n))])
             if n < MAX_EVENTS:
                 break
         if self._pending:

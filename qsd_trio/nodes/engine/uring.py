@@ -38,11 +38,10 @@ import platform
 import struct
 from collections import deque
 
-import outcome
 import trio
 
 from . import buffers
-from .base import Callback, KernelEngine, Request, _current_task, _reschedule, log, os_error
+from .base import Callback, KernelEngine, Request, _current_task, os_error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -60,7 +59,6 @@ SQ_CQ_OVERFLOW = 2  # IORING_SQ_CQ_OVERFLOW in the SQ ring's flags
 # user_data, then 24 bytes we leave zero (buf_index, personality, ...)
 _SQE = struct.Struct("<BBHiQQIIQ24x")
 _CQE = struct.Struct("<QiI")
-_Value = outcome.Value
 _U32 = struct.Struct("<I")
 
 ENTRIES = 256
@@ -222,18 +220,7 @@ class Uring(KernelEngine):
             self.in_flight -= len(again)
             for sqe in again:
                 self._queue(*sqe)
-        for (task, cb, _buf), res in done:
-            # counted out one by one: a callback that submits must see the
-            # others still in flight, or its request is entered alone
-            self.in_flight -= 1
-            if cb is None:
-                assert task is not None
-                _reschedule(task, _Value(res))
-            else:
-                try:
-                    cb(res)
-                except Exception:  # noqa: BLE001 - one request's bug, not the engine's
-                    log.exception("I/O completion callback failed")
+        self._complete(done)
         waiting = self._waiting
         while waiting and self.in_flight < self.cq_entries:
             self._queue(*waiting.popleft())
