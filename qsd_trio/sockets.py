@@ -18,6 +18,20 @@ from . import activation
 from .qapi.errors import GenericError
 
 
+def no_notsent_limit(sock: _stdsocket.socket | trio.socket.SocketType) -> None:
+    """Undo what trio's SocketStream sets on a TCP socket: TCP_NOTSENT_LOWAT
+    at 16 KiB, so that a send returns as soon as that much waits unsent and a
+    1 MiB NBD payload leaves in pieces, each a wait for the socket.  0 is the
+    system's default (no limit), as QEMU's NBD server and client have.  A
+    unix socket, or a passed descriptor that is not TCP, is left alone."""
+    if sock.family == _stdsocket.AF_UNIX or not hasattr(_stdsocket, "TCP_NOTSENT_LOWAT"):
+        return
+    try:
+        sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NOTSENT_LOWAT, 0)
+    except OSError:
+        pass  # not TCP after all: nothing to undo
+
+
 def addr_dict(addr: Any) -> dict[str, Any]:
     """SocketAddress or SocketAddressLegacy (attrs instance or dict) -> flat dict."""
     if not isinstance(addr, dict):

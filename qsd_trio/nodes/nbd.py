@@ -58,7 +58,7 @@ import trio
 
 from ..proto import nbd as P
 from ..qapi.errors import GenericError
-from ..sockets import addr_dict
+from ..sockets import addr_dict, no_notsent_limit
 from .engine import buffers
 from .graph import register_driver
 from .nbd_tls import ClientTls, TlsError, client_tls, start_client
@@ -555,11 +555,7 @@ def _stream(sock: trio.socket.SocketType) -> trio.SocketStream:
     segments, each a wait for the socket (12 per MiB on localhost).  0 is
     the system's default again (no limit), as for QEMU's client."""
     stream = trio.SocketStream(sock)
-    if sock.family != _stdsocket.AF_UNIX and hasattr(_stdsocket, "TCP_NOTSENT_LOWAT"):
-        try:
-            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NOTSENT_LOWAT, 0)
-        except OSError:
-            pass  # not TCP after all (a passed fd): nothing to undo
+    no_notsent_limit(sock)
     return stream
 
 

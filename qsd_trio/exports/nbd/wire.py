@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from ...sockets import no_notsent_limit
+
 # what a reply is made of: headers (bytes) and data (bytearray, memoryview)
 Buffer = bytes | bytearray | memoryview
 
@@ -63,16 +65,7 @@ class Wire:
                 self.raw.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass  # a socket that refuses keeps its own buffer: slower, not wrong
-            if self.raw.family != _stdsocket.AF_UNIX and hasattr(_stdsocket,
-                                                                 "TCP_NOTSENT_LOWAT"):
-                # trio's SocketStream sets TCP_NOTSENT_LOWAT to 16 KiB, so a
-                # 1 MiB reply left in pieces, each a wait for the socket; 0
-                # is the system's default (no limit), as for QEMU's server
-                try:
-                    self.raw.setsockopt(_stdsocket.IPPROTO_TCP,
-                                        _stdsocket.TCP_NOTSENT_LOWAT, 0)
-                except OSError:
-                    pass  # not TCP after all: nothing to undo
+            no_notsent_limit(self.raw)  # a 1 MiB read reply in one piece
         # anonymous memory, not a bytearray: its pages become resident only
         # once data reaches them, so an idle client costs one page, not
         # 256 KiB (a bytearray is zero-filled, every page touched)
