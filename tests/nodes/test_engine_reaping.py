@@ -23,6 +23,7 @@ import trio
 from qsd_trio.nodes.engine import Engines, buffers
 from qsd_trio.nodes.engine.base import after_completions
 from qsd_trio.nodes.engine.uring import OP_READ
+from tests.engines import drop_page_cache
 
 BS = 4096
 AIOS = ["threads", "io_uring", "native"]
@@ -245,11 +246,8 @@ def cold_file(tmp_path):
         d = Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parents[2]))
     path = d / "cold"
     data = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    path.write_bytes(data)
+    drop_page_cache(path)
     yield path, data
     if d != tmp_path:
         shutil.rmtree(d)
