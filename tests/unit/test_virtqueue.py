@@ -227,6 +227,56 @@ def test_used_index_and_base_come_from_the_ring(ram):
     mem.close()
 
 
+def test_used_index_is_never_seen_half_written(ram):
+    # A driver on another CPU reads the used index while the device
+    # publishes it.  Written with struct.pack_into (which zero-fills, then
+    # stores a byte at a time), it read 0 for a moment: the guest's kernel
+    # took the entries after its last one for new ones, pushed a ring's
+    # length earlier ("virtio_blk: id 1 is not a head!").  A child process
+    # reads the index as a driver does (one 16-bit load) while this one
+    # pushes.
+    mem = ram.memory()
+    drv = Driver(ram)
+    q = drv.queue(mem)
+    ram.mm[0] = 0  # in the pad before the region: 1 once the pushes are done
+    at = ram.pad + drv.used + 2
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            idx = memoryview(ram.mm)[at:at + 2].cast("H")
+            flag = ram.mm
+            torn = 0
+            prev = idx[0]
+            os.write(w, b"r")
+            while not flag[0]:
+                for _ in range(1000):
+                    v = idx[0]
+                    # backwards, to 0 or to the high byte alone: a store
+                    # seen half done (the child was not merely descheduled
+                    # for half the index space)
+                    if (v - prev) & 0xFFFF >= 0x8000 and v in (0, prev & 0xFF00):
+                        torn += 1
+                    prev = v
+            os.write(w, str(torn).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"r"
+        for _ in range(200):
+            for _ in range(1024):
+                q.push(0, 1)
+        ram.mm[0] = 1
+        report = os.read(r, 32)
+    finally:
+        os.waitpid(pid, 0)
+        os.close(r)
+    assert report == b"0", f"the child saw a half-written used index {report.decode()} times"
+    assert drv.used_idx() == 200 * 1024 % 0x10000
+    mem.close()
+
+
 def test_wraparound_of_free_running_indices(ram):
     mem = ram.memory()
     drv = Driver(ram, size=4)

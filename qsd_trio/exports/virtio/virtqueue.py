@@ -23,6 +23,7 @@ touched through bounds-checked region accessors.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from itertools import compress, pairwise, repeat
 from operator import add, ne, sub
@@ -62,10 +63,20 @@ IN_ORDER_MIN = 6
 # chained in order (0 -> 1 -> ... -> n-1), by n (SplitQueue._walk_in_order)
 _TABLES: dict[int, tuple[struct.Struct, tuple[int, ...]]] = {}
 _U16 = struct.Struct("<H")
-_unpack_u16 = _U16.unpack_from
 _pack_u16 = _U16.pack_into
 _USED_ELEM = struct.Struct("<II")
 _pack_used = _USED_ELEM.pack_into
+# Ring indices and flags are read and written through views cast to "H"
+# (SplitQueue._avail16, _used16), never with struct: struct.pack_into
+# zero-fills its bytes and then stores them one at a time, so a driver on
+# another CPU saw the used index at 0 for a moment, took the entries
+# after its last one for new ones (pushed a ring's length earlier) and
+# broke the ring ("virtio_blk: id 1 is not a head!", then EIO for every
+# request in flight: about one benchmark run in two).  A memoryview item
+# of "H" is one 16-bit load or store, as the driver's own are.  Those
+# views are in the host's byte order, which is the ring's (little-endian,
+# VIRTIO_F_VERSION_1) only on a little-endian host: SplitQueue refuses
+# any other.
 
 
 _FENCE = threading.Lock()
@@ -235,6 +246,8 @@ class SplitQueue:
                  indirect: bool = True, notify_on_empty: bool = False):
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise VirtqueueError(f"invalid queue size {size}")
+        if sys.byteorder != "little":
+            raise VirtqueueError("split virtqueues need a little-endian host")
         self.mem = mem
         self.size = size
         self.desc_addr = desc_addr
@@ -252,7 +265,7 @@ class SplitQueue:
         # order of chains taken, kept in the inflight region
         self.counter = 0
         self.remap()
-        self.used_idx: int = _unpack_u16(self._used_ring, 2)[0]
+        self.used_idx: int = self._used16[1]
 
     def remap(self) -> None:
         """Translate the ring addresses again (after the memory table
@@ -275,24 +288,29 @@ class SplitQueue:
         if self._used_ring.readonly:
             # (a VDUSE IOTLB range the device may only read)
             raise VirtqueueError("invalid vring address: the used ring is read-only")
-        # offsets of the event index fields (split-ring.tex)
-        self._used_event_at = 4 + 2 * n
-        self._avail_event_at = 4 + 8 * n
+        # the 16-bit fields, each one load or store (the note on ring
+        # indices at the top): flags [0], idx
+        # [1], then the available ring's entries [2:2 + n] and used_event
+        # [2 + n]; the used ring's avail_event [2 + 4 * n]
+        self._avail16 = self._avail_ring.cast("H")
+        self._used16 = self._used_ring.cast("H")
+        self._used_event_at = 2 + n
+        self._avail_event_at = 2 + 4 * n
         # where _walk_in_order found the last indirect table's buffers
         self._region = mem.regions[0] if mem.regions else None
 
     # -- ring fields -----------------------------------------------------------------
     def avail_idx(self) -> int:
-        return int(_unpack_u16(self._avail_ring, 2)[0])
+        return int(self._avail16[1])
 
     def avail_flags(self) -> int:
-        return int(_unpack_u16(self._avail_ring, 0)[0])
+        return int(self._avail16[0])
 
     def used_event(self) -> int:
-        return int(_unpack_u16(self._avail_ring, self._used_event_at)[0])
+        return int(self._avail16[self._used_event_at])
 
     def _set_avail_event(self, value: int) -> None:
-        _pack_u16(self._used_ring, self._avail_event_at, value)
+        self._used16[self._avail_event_at] = value
 
     def is_empty(self) -> bool:
         return self.avail_idx() == self.last_avail_idx
@@ -305,9 +323,9 @@ class SplitQueue:
             if enable:
                 self._set_avail_event(self.avail_idx())
         else:
-            flags = _unpack_u16(self._used_ring, 0)[0]
+            flags = self._used16[0]
             flags = flags & ~VRING_USED_F_NO_NOTIFY if enable else flags | VRING_USED_F_NO_NOTIFY
-            _pack_u16(self._used_ring, 0, flags)
+            self._used16[0] = flags
 
     # -- popping ---------------------------------------------------------------------------
     def pop(self) -> Chain | None:
@@ -317,10 +335,10 @@ class SplitQueue:
             VirtqueueError: the driver broke the ring (see the module's
                 docstring); the queue's state is then unspecified.
         """
-        ring = self._avail_ring
+        ring = self._avail16
         last = self.last_avail_idx
         size = self.size
-        avail = _unpack_u16(ring, 2)[0]
+        avail = ring[1]
         pending = (avail - last) & 0xFFFF
         if pending > size:
             raise VirtqueueError(f"guest moved the available index from {last} to {avail}")
@@ -332,13 +350,13 @@ class SplitQueue:
             # request would otherwise wait for a kick that never comes
             self._set_avail_event(last)
             _fence()
-            avail = _unpack_u16(ring, 2)[0]
+            avail = ring[1]
             pending = (avail - last) & 0xFFFF
             if pending == 0:
                 return None
             if pending > size:
                 raise VirtqueueError(f"guest moved the available index from {last} to {avail}")
-        head = _unpack_u16(ring, 4 + 2 * (last % size))[0]
+        head = ring[2 + last % size]
         if head >= size:
             raise VirtqueueError(f"guest says index {head} is available (queue size {size})")
         try:
@@ -350,7 +368,7 @@ class SplitQueue:
             self.counter += 1
         self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx:
-            _pack_u16(self._used_ring, self._avail_event_at, last)
+            self._used16[self._avail_event_at] = last
         self.inuse += 1
         return chain
 
@@ -523,14 +541,13 @@ class SplitQueue:
         inflight = self.inflight
         if inflight is not None:
             inflight.pre_put(head)
-        ring = self._used_ring
         idx = self.used_idx
-        _pack_used(ring, 4 + 8 * (idx % self.size), head, written)
+        _pack_used(self._used_ring, 4 + 8 * (idx % self.size), head, written)
         # the element is in memory before the index that publishes it
         # (stores are not reordered with other stores on x86-64; the
-        # index store is a separate later write)
+        # index store is a separate later write, one 16-bit store)
         self.used_idx = idx = (idx + 1) & 0xFFFF
-        _pack_u16(ring, 2, idx)
+        self._used16[1] = idx
         if inflight is not None:
             inflight.post_put(head, idx)
         if self.inuse:
@@ -548,7 +565,7 @@ class SplitQueue:
             VirtqueueError: a recorded head beyond the queue, or a chain
                 that no longer walks.
         """
-        self.used_idx = _unpack_u16(self._used_ring, 2)[0]
+        self.used_idx = self._used16[1]
         fresh = inflight.fresh()
         heads = inflight.recover(self.used_idx)
         self.inflight = inflight
@@ -586,6 +603,6 @@ class SplitQueue:
         self.signalled_used_valid = True
         if not valid:
             return True
-        event = _unpack_u16(self._avail_ring, self._used_event_at)[0]
+        event = self._avail16[self._used_event_at]
         # vring_need_event
         return bool((new - event - 1) & 0xFFFF < (new - old) & 0xFFFF)
