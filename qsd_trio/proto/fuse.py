@@ -90,6 +90,11 @@ SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
 OPEN_IN = struct.Struct("<II")
 OPEN_OUT = struct.Struct("<QII")
 READ_IN = struct.Struct("<QQII")             # fh offset size read_flags (rest ignored)
+# what the export's loop unpacks from every request, with one call: the
+# header's len opcode unique, and what would be a READ's offset and size
+# (fuse_read_in after the header; meaningless for any other opcode, whose
+# body is shorter, but the receive buffer is always long enough to unpack)
+READ_REQUEST = struct.Struct("<IIQ32xQI")
 WRITE_IN = struct.Struct("<QQIIQII")         # fh offset size write_flags lock_owner flags pad
 WRITE_OUT = struct.Struct("<II")
 WRITE_REPLY = struct.Struct("<IiQII")        # a WRITE's whole reply: out header, write_out
@@ -103,6 +108,7 @@ assert IN_HEADER.size == 40 and OUT_HEADER.size == 16
 assert INIT_OUT.size == 64 and ATTR.size == 88 and SETATTR_IN.size == 88
 assert WRITE_IN.size == 40 and STATFS_OUT.size == 80
 assert WRITE_REPLY.size == OUT_HEADER.size + WRITE_OUT.size
+assert READ_REQUEST.size == IN_HEADER.size + READ_IN.size - 4
 
 
 @attrs.frozen

@@ -28,6 +28,15 @@ def test_write_reply_in_one_pack_is_header_and_write_out():
     assert got == fp.reply(77, fp.WRITE_OUT.pack(1 << 20, 0))
 
 
+def test_read_request_is_header_and_read_in_in_one_unpack():
+    # the export's loop unpacks every request so: a READ's offset and size
+    # must be fuse_read_in's, whatever the header's other fields hold
+    raw = (fp.IN_HEADER.pack(80, fp.READ, 0xAABBCCDD11, 1, 1000, 100, 4242, 7, 0)
+           + fp.READ_IN.pack(0x55, (5 << 30) + 4096, 131072, 0) + bytes(16))
+    assert fp.READ_REQUEST.unpack_from(raw) == (80, fp.READ, 0xAABBCCDD11,
+                                                (5 << 30) + 4096, 131072)
+
+
 def test_attr_out_layout():
     attr = fp.Attr(ino=1, size=1 << 30, blocks=8, mode=0o100600, uid=5, gid=6,
                    time=(1700000000, 0), blksize=512)
