@@ -1,7 +1,8 @@
 """vhost-user-blk side by side, measured by a real guest.
 
     .venv/bin/python benchmarks/vhost_user.py [--runtime S] [--rounds N] [--json FILE]
-        [--format raw|qcow2] [--place cached|tmpfs|direct] [--only WORD,...] [--strace DIR]
+        [--format raw|qcow2] [--place cached|tmpfs|direct] [--layout huge,scattered,any]
+        [--only WORD,...] [--strace DIR]
 
 One QEMU guest of tests/guest (TCG, 2 vCPUs, the host's / as its root, so
 it runs the host's fio) hot-plugs a vhost-user-blk-pci device on the
@@ -18,6 +19,27 @@ so the ratios understate a difference that a KVM guest would show.
 common.PLACES: ``cached`` (the default: a disk file in the page cache,
 ``aio=threads``), ``tmpfs`` (/dev/shm) or ``direct`` (a disk file with
 ``cache.direct=on,aio=io_uring``: every request waits for the device).
+``--layout`` is where fio's 1 MiB buffers lie in guest memory, which
+decides how many pieces each request arrives in, and so what both the
+guest and the daemon spend per request (one row per layout; 4 KiB buffers
+are one page whatever the layout):
+
+* ``huge``: in 2 MiB huge pages (hugetlbfs, ``--iomem=mmaphuge``): each
+  request is one run of guest memory, 16 descriptors of 64 KiB (the guest
+  block layer's max_segment_size);
+* ``scattered``: in a tmpfs file whose pages were allocated alternately
+  with another file's, created once per boot and kept between runs
+  (``--iomem=mmapshared``): no two pages of a buffer are neighbours, so
+  the guest's block layer cuts each 1 MiB request into three, two of
+  them of 126 descriptors (seg_max), one page each;
+* ``any``: as fio allocates them (malloc).  That is what the benchmark
+  measured until 2026-12-08, and it is why its 1 MiB rows were so
+  unsteady: a run's four buffers came in anything from 1 to 126 pieces
+  (perf trace of the preadv calls), changing from one fio run to the
+  next as the guest's memory fragments, and each daemon's run got its
+  own; the guest's CPU per request moved with it (193 to 556 µs under
+  TCG), and with 126 pieces qsd-trio's Python per request does too.
+
 ``--format qcow2`` serves the same data as a qcow2 image (converted by
 qemu-img: every cluster allocated).  ``--only`` keeps the workloads whose
 label holds every word.  ``--strace DIR`` attaches ``strace -c -f`` to every
@@ -55,6 +77,34 @@ WORKLOADS = [
     ("1m read QD4", "read", "1m", 4, 0.9),
     ("1m write QD4", "write", "1m", 4, 0.9),
 ]
+LAYOUTS = ("huge", "scattered", "any")
+# Set up once per boot (see --layout in the module's docstring).  The
+# scattered buffer file has a second name that fio does not unlink, so
+# its pages, and where they lie, stay the same for every run.
+LAYOUT_SETUP = """
+echo 16 > /proc/sys/vm/nr_hugepages
+mkdir -p /run/qsd-huge
+mountpoint -q /run/qsd-huge || mount -t hugetlbfs none /run/qsd-huge || exit 92
+python3 -c '
+import os
+keep = os.open("/dev/shm/qsd-scattered", os.O_CREAT | os.O_WRONLY, 0o600)
+other = os.open("/dev/shm/qsd-other", os.O_CREAT | os.O_WRONLY, 0o600)
+page = b"x" * 4096
+for _ in range(2048):  # 8 MiB each, every other page allocated to the other file
+    os.write(keep, page)
+    os.write(other, page)
+' || exit 93
+"""
+
+
+def iomem(layout: str) -> tuple[str, str]:
+    """Bash to run before fio, and fio's option, for a buffer ``layout``."""
+    if layout == "huge":
+        return "", "--iomem=mmaphuge:/run/qsd-huge/fio "
+    if layout == "scattered":
+        return ("ln -f /dev/shm/qsd-scattered /dev/shm/qsd-fio || exit 94\n",
+                "--iomem=mmapshared:/dev/shm/qsd-fio ")
+    return "", ""
 
 
 def attach_strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -71,16 +121,19 @@ def attach_strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
 
 
 def run_fio(guest: Guest, daemon: b.Started, sock: Path, work: Path, rw: str, bs: str,
-            depth: int, runtime: float, strace: Path | None = None) -> b.FioResult:
-    """One fio run in the guest on a freshly plugged disk; the daemon's CPU
-    time is read around the guest script only."""
+            depth: int, runtime: float, strace: Path | None = None,
+            layout: str = "any") -> b.FioResult:
+    """One fio run in the guest on a freshly plugged disk, its buffers laid
+    out as ``layout`` says; the daemon's CPU time is read around the guest
+    script only."""
     disk = guest.attach_vhost_user_blk(sock, num_queues=1)
     tracer = None
     try:
         out = work / f"fio-{rw}-{bs}.json"
-        script = find_disk(disk.sysfs) + (
+        before, option = iomem(layout)
+        script = find_disk(disk.sysfs) + before + (
             f"fio --name=bench --filename=$DEV --ioengine=libaio --direct=1 --rw={rw} "
-            f"--bs={bs} --iodepth={depth} --runtime={runtime:g} --time_based "
+            f"--bs={bs} --iodepth={depth} --runtime={runtime:g} --time_based {option}"
             f"--size={SIZE} --output-format=json --output={out} || exit 90\n")
         if strace is not None:
             tracer = attach_strace(daemon.pid, strace)
@@ -110,17 +163,28 @@ def main() -> int:
                     help="the image's format")
     ap.add_argument("--place", choices=["cached", "tmpfs", "direct"], default="cached",
                     help="where the image lives and how it is opened (common.PLACES)")
+    ap.add_argument("--layout", default="huge,scattered",
+                    help="comma-separated layouts of fio's 1 MiB buffers in guest memory, "
+                    "a row each: " + ", ".join(LAYOUTS))
     ap.add_argument("--only", default="", help="comma-separated words a workload's label "
                     "must hold (e.g. 1m,write)")
     ap.add_argument("--strace", help="a directory for strace -c summaries of each run")
     opts = ap.parse_args()
     only = [w for w in opts.only.split(",") if w]
-    workloads = [w for w in WORKLOADS if all(x in w[0] for x in only)]
+    layouts = [x for x in opts.layout.split(",") if x]
+    if not layouts or any(x not in LAYOUTS for x in layouts):
+        ap.error(f"--layout: a comma-separated list of {', '.join(LAYOUTS)}")
+    # (label, rw, bs, depth, target, layout): a 1 MiB row per layout
+    workloads = [(f"{label} {x}" if bs != "4k" else label, rw, bs, depth, target,
+                  x if bs != "4k" else "any")
+                 for label, rw, bs, depth, target in WORKLOADS
+                 for x in (layouts if bs != "4k" else ["any"])]
+    workloads = [w for w in workloads if all(x in w[0] for x in only)]
     fmt = opts.format
     place = b.PLACE_BY_KEY[opts.place]
     file_opts = "".join(f",{k}={v}" for k, v in place.file_options().items())
     rows = [b.Row(None, f"{opts.place} {fmt} vhost-user-blk {label}", "IOPS" if bs == "4k" else "MiB/s",
-                  target) for label, _, bs, _, target in workloads]
+                  target) for label, _, bs, _, target, _ in workloads]
     t0 = time.monotonic()
     guest = Guest()
     where = "/dev/shm" if place.root == "shm" else b.disk_dir()
@@ -135,8 +199,9 @@ def main() -> int:
             os.replace(f"{img}.tmp", img)
         try:
             guest.boot()
+            guest.run(LAYOUT_SETUP, timeout=120).check()
             with guest.scratch() as work:
-                for row, (_, rw, bs, depth, _) in zip(rows, workloads, strict=True):
+                for row, (_, rw, bs, depth, _, layout) in zip(rows, workloads, strict=True):
                     b.log(f"== {row.label}")
                     for rnd in range(opts.rounds):
                         for kind in b.KINDS:
@@ -149,10 +214,10 @@ def main() -> int:
                                             f"addr.type=unix,addr.path={sock},writable=on"],
                                 workdir=tmp)
                             try:
-                                trace = (Path(opts.strace) / f"{kind}-{rw}-{bs}-{rnd}.txt"
+                                trace = (Path(opts.strace) / f"{kind}-{rw}-{bs}-{layout}-{rnd}.txt"
                                          if opts.strace else None)
                                 r = run_fio(guest, d, sock, work, rw, bs, depth, opts.runtime,
-                                            trace)
+                                            trace, layout)
                                 row.add(kind, r.figure, r.cpu_us)
                                 b.log(f"  {kind}: {r.figure:.1f} {row.unit}, "
                                       f"{r.cpu_us:.1f} µs CPU/req")
