@@ -355,6 +355,8 @@ class Transmission:
                     # at queue depth 32 most headers are buffered already:
                     # taken without a coroutine
                     head = wire.take_now(head_size)
+                    if head is None and wire.receive_now(head_size):
+                        head = wire.take_now(head_size)
                     if head is None:
                         head = await wire.recv_exactly(head_size)
                     req = parse(head)
@@ -391,7 +393,9 @@ class Transmission:
                         # writes it as it is, even with O_DIRECT (no bounce)
                         data = buffers.alloc_at(req.length)[0]  # alloc() is this, a call more
                         # a partial write (client gone, or stop_reading) is never applied
-                        await wire.recv_into(memoryview(data))
+                        view = memoryview(data)
+                        if not wire.take_into_now(view):
+                            await wire.recv_into(view)
                     if t == P.CMD_READ:
                         self.moved += req.length
                         export.read_bytes += req.length
