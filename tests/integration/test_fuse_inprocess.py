@@ -249,3 +249,54 @@ async def test_stop_when_a_completion_never_comes(fuse_tmp, daemon, monkeypatch)
             stopped.set()
     assert outcome["r"] in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
     assert not is_mounted(mp)
+
+
+async def test_a_read_failed_on_the_engine_gets_its_errno(fuse_tmp, daemon):  # noqa: F811
+    """A READ started with read_submit whose completion carries an error is
+    answered with that errno (_read_done's error reply), and the export
+    serves the next READ from its completion as usual."""
+    mp = make_mountpoint(fuse_tmp)
+    node = await null_node(daemon.graph)
+    send, receive = trio.open_memory_channel(100)
+
+    def submit(offset, length, done):
+        send.send_nowait((offset, length, done))
+        return True
+
+    node._preadv_now = lambda offset, length: None  # every READ goes to _preadv_submit
+    node._preadv_submit = submit
+    exp = FuseExport(daemon, export_args(mp), node)
+
+    async def complete():
+        # from a task, as an engine's reaper does: the first read fails,
+        # the next ones return their offset's low byte
+        first = True
+        async for offset, length, done in receive:
+            if first:
+                done(None, OSError(errno.EIO, "injected"))
+                first = False
+            else:
+                done(bytes([offset & 0xFF or 1]) * length, None)
+
+    def client():
+        fd = os.open(mp, os.O_RDONLY | os.O_DIRECT)
+        try:
+            try:
+                os.pread(fd, 4096, 8192)
+            except OSError as e:
+                got = e.errno
+            else:
+                got = 0
+            return got, os.pread(fd, 4096, 4096 * 3)
+        finally:
+            os.close(fd)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exp.run)
+            nursery.start_soon(complete)
+            read_errno, data = await trio.to_thread.run_sync(client)
+            await exp.stop()
+            nursery.cancel_scope.cancel()
+    assert read_errno == errno.EIO
+    assert data == bytes([1]) * 4096  # offset 12288: low byte 0
