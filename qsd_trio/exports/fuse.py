@@ -268,8 +268,6 @@ class FuseExport(BlockExport):
         fd = self._fd
         buf = self._receive_buffer()
         handlers = self._handlers
-        node = self.node
-        length = node._length
         # an O_DIRECT image never serves a read without the engine: stop
         # asking after a run of misses (read_now.py; its skip count is
         # tested here, without a call, while it says not to ask)
@@ -312,8 +310,13 @@ class FuseExport(BlockExport):
                 _len, opcode, unique, offset, size = read_request(buf)
                 if opcode == read_op:
                     # reads run concurrently: the kernel sends readahead alongside
-                    # the reader's own request, and each may wait on a file thread
-                    end = length()
+                    # the reader's own request, and each may wait on a file thread.
+                    # The node is looked up per request, not kept from the
+                    # start: the export's edge moves when a filter is
+                    # inserted above the node or a mirror pivots
+                    # (BlockExport.child_attached)
+                    node = self.node
+                    end = node._length()
                     if offset + size > end:
                         size = end - offset if offset < end else 0
                     self.read_bytes += size

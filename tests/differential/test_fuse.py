@@ -9,6 +9,7 @@ files afterwards.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 import subprocess
@@ -25,6 +26,7 @@ from tests.integration.fuse_helpers import (
     mode_bits,
     seek_map,
     stat_fields,
+    wait_for,
 )
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="needs qemu-storage-daemon")
@@ -231,3 +233,73 @@ def test_qmp_errors_and_query_match(daemon_factory, fuse_tmp):  # noqa: F811
         d.stop()
         assert not is_mounted(mp)
     assert results["trio"] == results["qemu"]
+
+
+def _direct_read(path: str, offset: int) -> bytes:
+    """One 4 KiB O_DIRECT read on the mount, so that the request reaches
+    the daemon, not the kernel's cache of the mount."""
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == 4096
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _qmp_ok(reply):
+    assert "return" in reply, reply
+    return reply["return"]
+
+
+def _wait_event(q, name, **match):
+    while True:
+        ev = q.pull_event(wait=20.0)
+        assert ev is not None, f"no {name} event"
+        if ev["event"] == name and all(ev["data"].get(k) == v for k, v in match.items()):
+            return ev
+
+
+def mirror_pivot_scenario(daemon_factory, tmp, kind: str) -> dict:
+    """A read-only export of ``src``; blockdev-mirror (sync=none) to
+    ``dst``, completed: the export's node is now ``dst``, which kept its own
+    bytes (zeroes), so each read says which node served it.  (Read-only:
+    qemu-storage-daemon's writable export holds RESIZE, which the mirror
+    job does not share.)"""
+    src, dst = tmp / "src.raw", tmp / "dst.raw"
+    src.write_bytes(b"\x11" * (4 * MiB))
+    dst.write_bytes(bytes(4 * MiB))
+    mp = make_mountpoint(tmp)
+    d = daemon_factory(kind, [
+        "--blockdev", f"driver=file,node-name=src,filename={src}",
+        "--blockdev", f"driver=file,node-name=dst,filename={dst}",
+        "--export", f"type=fuse,id=e,node-name=src,mountpoint={mp}"])
+    wait_for(lambda: os.path.getsize(mp) == 4 * MiB, what="the mount")
+    offsets = (0, 8192, 4 * MiB - 4096)
+    seen: dict = {"before": [_direct_read(mp, o)[:1] for o in offsets]}
+    q = d.qmp()
+    _qmp_ok(q.cmd_raw("blockdev-mirror", {"job-id": "j", "device": "src", "target": "dst",
+                                          "sync": "none"}))
+    _wait_event(q, "BLOCK_JOB_READY")
+    _qmp_ok(q.cmd_raw("job-complete", {"id": "j"}))
+    _wait_event(q, "JOB_STATUS_CHANGE", id="j", status="null")
+    seen["after"] = [_direct_read(mp, o)[:1] for o in offsets]
+    _qmp_ok(q.cmd_raw("quit", {}))
+    seen["exit"] = d.wait()
+    seen["files"] = (sha(src), sha(dst))
+    return seen
+
+
+def test_reads_after_a_mirror_pivot_match(daemon_factory, fuse_tmp):  # noqa: F811
+    """READs the request loop serves itself (read_now, read_submit) go to
+    the node the export's edge points at now, as QEMU's BlockBackend
+    follows the pivot (they went to the old source before)."""
+    seen = {}
+    for kind in ("qemu", "trio"):
+        tmp = fuse_tmp / kind
+        tmp.mkdir()
+        seen[kind] = mirror_pivot_scenario(daemon_factory, tmp, kind)
+    assert seen["qemu"]["before"] == [b"\x11"] * 3
+    assert seen["qemu"]["after"] == [b"\x00"] * 3
+    assert seen["trio"] == seen["qemu"]
