@@ -171,9 +171,11 @@ class FuseExport(BlockExport):
         """
         perm = Perm.CONSISTENT_READ
         if self.writable:
-            perm |= Perm.WRITE
-            if self.growable:
-                perm |= Perm.RESIZE  # QEMU holds it for the export's life
+            # qemu-storage-daemon 7.2 holds RESIZE for the life of any
+            # writable FUSE export, growable or not (a truncate through the
+            # mount needs it), so a job that does not share it (mirror) is
+            # refused with the same permission conflict
+            perm |= Perm.WRITE | Perm.RESIZE
         self.edge = self.node.attach("root", self, perm)
         try:
             with self.cancel_scope:
@@ -531,22 +533,11 @@ class FuseExport(BlockExport):
         return await self._getattr(unique, body)
 
     async def _truncate(self, size: int, prealloc: str = "off") -> None:
-        # a writable export that is not growable takes RESIZE just for this
-        edge = self.edge
-        assert edge is not None  # attached while the export runs
-        borrow = not edge.perm & Perm.RESIZE
+        # only writable exports get here, and they hold RESIZE (run)
         try:
-            if borrow:
-                edge.perm |= Perm.RESIZE
-                refresh(self.node)
             await self.node.truncate(size, exact=True, prealloc=prealloc)
         except QapiError:
             raise OSError(errno.ENOTSUP, "cannot resize") from None
-        finally:
-            if borrow:
-                edge.perm &= ~Perm.RESIZE
-                with contextlib.suppress(Exception):
-                    refresh(self.node)
 
     async def _open(self, unique: int, body: memoryview) -> Reply:
         # no direct_io/keep_cache flags: the kernel's page cache serves re-reads

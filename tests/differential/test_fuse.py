@@ -9,9 +9,11 @@ files afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import random
+import re
 import subprocess
 
 import pytest
@@ -303,3 +305,40 @@ def test_reads_after_a_mirror_pivot_match(daemon_factory, fuse_tmp):  # noqa: F8
     assert seen["qemu"]["before"] == [b"\x11"] * 3
     assert seen["qemu"]["after"] == [b"\x00"] * 3
     assert seen["trio"] == seen["qemu"]
+
+
+@pytest.mark.parametrize("export_opts", ["writable=on", "writable=on,growable=on",
+                                         "writable=off"])
+def test_mirror_beside_an_export_is_refused_alike(daemon_factory, fuse_tmp, export_opts):  # noqa: F811
+    """A writable FUSE export holds RESIZE, growable or not, which a mirror
+    job does not share: blockdev-mirror of its node is refused with the
+    same permission conflict (qsd-trio took RESIZE only when growable and
+    let the mirror start); a read-only export lets it run."""
+    results = {}
+    for kind in ("qemu", "trio"):
+        tmp = fuse_tmp / kind
+        tmp.mkdir()
+        for name in ("src", "dst"):
+            with open(tmp / f"{name}.raw", "wb") as f:
+                f.truncate(4 * MiB)
+        mp = make_mountpoint(tmp)
+        d = daemon_factory(kind, [
+            "--blockdev", f"driver=file,node-name=src,filename={tmp / 'src.raw'}",
+            "--blockdev", f"driver=file,node-name=dst,filename={tmp / 'dst.raw'}",
+            "--export", f"type=fuse,id=e,node-name=src,mountpoint={mp},{export_opts}"])
+        wait_for(lambda mp=mp: os.path.getsize(mp) == 4 * MiB, what="the mount")
+        q = d.qmp()
+        r = q.cmd_raw("blockdev-mirror", {"job-id": "j", "device": "src", "target": "dst",
+                                          "sync": "none"})
+        if "return" in r:
+            _wait_event(q, "BLOCK_JOB_READY")
+            _qmp_ok(q.cmd_raw("block-job-cancel", {"device": "j", "force": True}))
+            _wait_event(q, "JOB_STATUS_CHANGE", id="j", status="null")
+        results[kind] = json.loads(re.sub(r"#block\d+", "#B", json.dumps(r)))
+        d.stop()
+        assert not is_mounted(mp)
+    assert results["trio"] == results["qemu"]
+    if export_opts == "writable=off":
+        assert results["trio"] == {"return": {}}
+    else:
+        assert "'resize'" in results["trio"]["error"]["desc"]
