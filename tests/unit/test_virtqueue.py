@@ -229,8 +229,8 @@ def test_used_index_and_base_come_from_the_ring(ram):
 
 def test_used_index_is_never_seen_half_written(ram):
     # A driver on another CPU reads the used index while the device
-    # publishes it.  Written with struct.pack_into (which zero-fills, then
-    # stores a byte at a time), it read 0 for a moment: the guest's kernel
+    # publishes it.  Written with struct.pack_into (which zero-fills the
+    # field, then stores the value), it read 0 for a moment: the guest's kernel
     # took the entries after its last one for new ones, pushed a ring's
     # length earlier ("virtio_blk: id 1 is not a head!").  A child process
     # reads the index as a driver does (one 16-bit load) while this one

@@ -68,8 +68,9 @@ _USED_ELEM = struct.Struct("<II")
 _pack_used = _USED_ELEM.pack_into
 # Ring indices and flags are read and written through views cast to "H"
 # (SplitQueue._avail16, _used16), never with struct: struct.pack_into
-# zero-fills its bytes and then stores them one at a time, so a driver on
-# another CPU saw the used index at 0 for a moment, took the entries
+# zero-fills the bytes it packs before it stores the value (CPython's
+# s_pack_internal), so a driver on another CPU saw the used index at 0
+# for a moment, took the entries
 # after its last one for new ones (pushed a ring's length earlier) and
 # broke the ring ("virtio_blk: id 1 is not a head!", then EIO for every
 # request in flight: about one benchmark run in two).  A memoryview item
