@@ -42,6 +42,8 @@ IOCB_FLAG_RESFD = 1
 # struct iocb: aio_data, aio_key, aio_rw_flags, aio_lio_opcode, aio_reqprio,
 # aio_fildes, aio_buf, aio_nbytes, aio_offset, aio_reserved2, aio_flags, aio_resfd
 _IOCB = struct.Struct("<QIIHhIQQqQII")
+_pack_iocb = _IOCB.pack_into
+_IOCB_SIZE = _IOCB.size
 _EVENT = struct.Struct("<QQqq")   # data, obj, res, res2
 _unpack_event = _EVENT.unpack_from
 _EVENT_SIZE = _EVENT.size
@@ -69,7 +71,10 @@ class LinuxAio(KernelEngine):
         # copies an iocb at io_submit, so a slot is free again right after
         self._iocbs = ctypes.create_string_buffer(_IOCB.size * MAX_EVENTS)
         self._iocb_base = ctypes.addressof(self._iocbs)
-        self._ptrs = (ctypes.c_uint64 * MAX_EVENTS)()
+        # io_submit's array of iocb pointers: slot i always points at iocb i
+        self._ptrs = (ctypes.c_uint64 * MAX_EVENTS)(
+            *(self._iocb_base + i * _IOCB.size for i in range(MAX_EVENTS)))
+        self._ctx_arg = ctypes.c_ulong(self.ctx)  # made once: io_submit runs per batch
         self._events = ctypes.create_string_buffer(_EVENT.size * MAX_EVENTS)
         # id -> (task, callback, buffer): the buffer is held until the
         # completion, as the kernel may write into it until then
@@ -129,11 +134,14 @@ class LinuxAio(KernelEngine):
             if room <= 0:
                 return   # the reaper submits the rest as completions free room
             batch = pending[:room]
-            for i, (rid, cmd, fd, addr, length, offset) in enumerate(batch):
-                _IOCB.pack_into(self._iocbs, i * _IOCB.size, rid, 0, 0, cmd, 0, fd, addr,
-                                length, offset, 0, IOCB_FLAG_RESFD, self.efd)
-                self._ptrs[i] = self._iocb_base + i * _IOCB.size
-            r = _syscall(NR_IO_SUBMIT, ctypes.c_ulong(self.ctx), len(batch), self._ptrs)
+            iocbs = self._iocbs
+            efd = self.efd
+            pos = 0
+            for rid, cmd, fd, addr, length, offset in batch:
+                _pack_iocb(iocbs, pos, rid, 0, 0, cmd, 0, fd, addr, length, offset, 0,
+                           IOCB_FLAG_RESFD, efd)
+                pos += _IOCB_SIZE
+            r = _syscall(NR_IO_SUBMIT, self._ctx_arg, len(batch), self._ptrs)
             if r < 0:
                 e = ctypes.get_errno()
                 if e == errno.EAGAIN:
@@ -188,7 +196,7 @@ class LinuxAio(KernelEngine):
         ev = self._events
         reqs = self._reqs
         while True:
-            n = _syscall(NR_IO_GETEVENTS, ctypes.c_ulong(self.ctx), 0, MAX_EVENTS, ev, None)
+            n = _syscall(NR_IO_GETEVENTS, self._ctx_arg, 0, MAX_EVENTS, ev, None)
             if n < 0:
                 e = ctypes.get_errno()
                 if e == errno.EINTR:
