@@ -48,8 +48,8 @@ def test_native_serves_without_io_getevents(tmp_path, fmt):
         "--blockdev", node,
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "type=nbd,id=e,node-name=disk,name=disk,writable=on"])
-    d.start()
     try:
+        d.start()  # inside: a daemon that does not start is stopped too
         uri = f"nbd+unix:///disk?socket={sock}"
         # queue depth 1: a pattern written and read back, request by request
         model = bytearray(64 << 20)
