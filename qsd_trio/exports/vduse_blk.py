@@ -175,6 +175,9 @@ class IotlbRegion(vmem.MappedRegion):
             raise vmem.GuestMemoryError(f"cannot map IOVA range {start:#x}-{last:#x}: {e}") from None
         # MappedRegion.view slices this one (read-only where the range is)
         self._mv = memoryview(self._map)
+        # (a range the device may only read has no address here, so no
+        # GuestIovec: a READ into it fails through views, as it must)
+        self.host = vmem.host_address(self._map, offset) if self.writable else 0
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:

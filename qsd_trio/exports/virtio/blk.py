@@ -20,9 +20,10 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ...nodes.file import TAKES_IOVECS, FileNode
 from ...qapi.cstr import c_bytes
 from ..read_now import NowGuess
-from .memory import GuestMemoryError, Segment, views_of
+from .memory import GuestIovec, GuestMemoryError, Segment, views_of
 from .virtqueue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -194,6 +195,21 @@ def _answer_later(status: Segment, head: int, used: int,
     return answer
 
 
+class _IovReader:
+    """BlockNode.read_into_now for a GuestIovec, whose length is its own
+    (the list is empty), so that NowGuess keeps count of it as of views."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: BlkBackend):
+        self.backend = backend
+
+    def read_into_now(self, offset: int, views: list[memoryview]) -> bool:
+        assert isinstance(views, GuestIovec)
+        backend: Any = self.backend
+        return backend.read_now(offset, views.size, views) is not None
+
+
 def _gather(segments: list[Segment]) -> bytes:
     return b"".join(r.read(off, n) for r, off, n in segments)
 
@@ -239,6 +255,7 @@ class BlkHandler:
         self.read_bytes = 0
         self.written_bytes = 0
         self._now = NowGuess()  # whether a READ is worth the fast path first
+        self._iov_reader = _IovReader(backend)
 
     # -- config space ---------------------------------------------------------------
     def features(self) -> int:
@@ -367,6 +384,21 @@ class BlkHandler:
                 writable = chain.writable
                 if len(readable) != 1 or not writable:
                     return None
+                tried = False
+                sc = chain.scattered
+                if sc is not None and n == _OUTHDR.size and sc[0].host and self._takes_iovecs():
+                    # pieces apart in guest memory: one preadv2 on an iovec
+                    # array, no view per piece (memory.GuestIovec)
+                    region, offsets, lens = sc
+                    size = sum(lens) - _OUTHDR.size - 1
+                    if lens[-1] == 1 and size > 0 and self._range_ok(sector, size):
+                        iov = GuestIovec(region, offsets[1:-1], lens[1:-1], size)
+                        if self._now.read_into_now(self._iov_reader, sector << SECTOR_BITS, iov):
+                            sr, soff, _ = writable[-1]
+                            sr.write(soff, b"\0")
+                            self.read_bytes += size
+                            return size + 1
+                        tried = True  # not in the page cache: the engine's
                 data_in: tuple[Segment, ...] | list[Segment]
                 status_seg: tuple[Segment, ...] | list[Segment]
                 if writable[-1][2] == 1:
@@ -379,7 +411,7 @@ class BlkHandler:
                 in_len = size + 1
                 if size <= 0 or not self._range_ok(sector, size):
                     return None
-                if not self._read_now(sector << SECTOR_BITS, views):
+                if tried or not self._read_now(sector << SECTOR_BITS, views):
                     if done is not None:
                         # into the guest's buffers by the engine, without a
                         # task (BlockNode.readv_submit: O_DIRECT)
@@ -404,6 +436,24 @@ class BlkHandler:
                 if len(status_seg) != 1 or status_seg[0][2] != 1:
                     return None
                 in_len = 1
+                sc = chain.scattered
+                if (sc is not None and n == _OUTHDR.size and done is not None and sc[0].host
+                        and self._takes_iovecs()):
+                    # pieces apart in guest memory: one pwritev2 on an iovec
+                    # array, no view per piece (memory.GuestIovec), where the
+                    # file node runs it at once; else views, as below
+                    region, offsets, lens = sc
+                    k = len(readable)
+                    size = sum(lens) - _OUTHDR.size - 1
+                    if k > 1 and self._range_ok(sector, size):
+                        iov = GuestIovec(region, offsets[1:k], lens[1:k], size)
+                        finished = _answer_later(status_seg[0], chain.head, 1, done)
+                        # (BlockNode.writev_submit's own step, which takes
+                        # the length given: writev_submit sums the views)
+                        node: Any = self.backend
+                        if node._write_submit(sector << SECTOR_BITS, size, iov, finished):
+                            self.written_bytes += size
+                            return STARTED
                 views, size = views_of(segs)
                 if not self._range_ok(sector, size):
                     return None
@@ -461,6 +511,15 @@ class BlkHandler:
                 return VIRTIO_BLK_S_IOERR
             return await self._discard_write_zeroes(kind, data_out)
         return VIRTIO_BLK_S_UNSUPP
+
+    def _takes_iovecs(self) -> bool:
+        """Whether the node whose driver serves this export's reads and
+        writes (BlockNode: a pass-through raw node's file) is a FileNode,
+        the one driver that takes a GuestIovec, and reads through the page
+        cache."""
+        backend: Any = self.backend
+        node = getattr(backend, "_through", None) or backend
+        return type(node) is FileNode and TAKES_IOVECS and not node.cache_direct
 
     def _read_now(self, offset: int, views: list[memoryview]) -> bool:
         """The node's synchronous fast path (BlockNode.read_into_now: a

@@ -23,13 +23,18 @@ passed in stay the caller's (``mmap`` keeps its own duplicate).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import stat
 import struct
+from array import array
 from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import add
 from typing import Any
 
+from ...nodes.file import IovecList
 from ...proto.vhost_user import MemRegion
 
 # what QEMU 7.2's libvhost-user answers to GET_MAX_MEM_SLOTS
@@ -41,11 +46,21 @@ class GuestMemoryError(Exception):
     cannot be mapped."""
 
 
+def host_address(mm: mmap.mmap, offset: int) -> int:
+    """The address of byte ``offset`` of a writable mapping (the ctypes
+    object would pin the mapping: it is dropped at once)."""
+    anchor = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(anchor) + offset
+    finally:
+        del anchor
+
+
 class MappedRegion:
     """One region and its mapping.  Offsets given to the accessors are
     relative to the region's first byte; they are checked against its size."""
 
-    __slots__ = ("guest_addr", "size", "user_addr", "mmap_offset", "_map", "_mv")
+    __slots__ = ("guest_addr", "size", "user_addr", "mmap_offset", "_map", "_mv", "host")
 
     def __init__(self, desc: MemRegion, fd: int):
         self.guest_addr = desc.guest_addr
@@ -72,6 +87,9 @@ class MappedRegion:
             raise GuestMemoryError(f"cannot map memory region: {e}") from None
         # views of requests are slices of this one (a slice costs one object)
         self._mv: memoryview | None = memoryview(self._map)
+        # the address of the region's first byte in this process, for
+        # GuestIovec (0: none, no GuestIovec of this region)
+        self.host = host_address(self._map, desc.mmap_offset)
 
     def __repr__(self) -> str:
         return (f"MappedRegion(guest={self.guest_addr:#x}, size={self.size:#x}, "
@@ -160,6 +178,54 @@ def views_of(segments: Sequence[Segment]) -> tuple[list[memoryview], int]:
         append(mv[start:start + n])
         size += n
     return out, size
+
+
+class GuestIovec(IovecList):
+    """A request's data as a ``struct iovec`` array (nodes/file.IovecList):
+    guest buffers for one preadv2/pwritev2 without a memoryview per
+    buffer.  Only a FileNode takes it (the virtio-blk handler hands it over
+    only when the request's node is one, as raw over file is; the list
+    itself is empty, so it must never reach anything else).
+
+    A guest's 1 MiB request whose pages lie apart comes as 126 pieces: a
+    view of each (views_of) took 21.5 us and the node layer's loop over
+    their lengths 4.5 us, this array 6.8 (timeit, 126 pieces, load 4).
+
+    ``iov`` is the array (``pieces`` entries of address and length, ``size``
+    bytes in all, at ``address``); ``keep`` is an empty view of the region
+    that keeps its mapping while the request holds the array (a memory
+    table replaced meanwhile: MappedRegion.close leaves a mapping with a
+    view to its last user).  ``region`` and ``offsets`` make views of the
+    same pieces, for a path that needs them (a short write's rest).
+    """
+
+    __slots__ = ("iov", "keep", "region", "offsets", "lengths")
+
+    def __init__(self, region: MappedRegion, offsets: Sequence[int], lengths: Sequence[int],
+                 size: int):
+        super().__init__()
+        mv = region._mv
+        if mv is None or not region.host:
+            raise GuestMemoryError("memory region was unmapped or has no address")
+        self.keep = mv[0:0]
+        self.region = region
+        self.offsets = offsets
+        self.lengths = lengths
+        self.pieces = n = len(lengths)
+        self.size = size
+        iov = self.iov = array("Q", bytes(16 * n))
+        iov[0::2] = array("Q", map(add, offsets, repeat(region.host)))
+        iov[1::2] = array("Q", lengths)
+        self.address: int = iov.buffer_info()[0]
+
+    def views(self) -> list[memoryview]:
+        """A view of each piece (views_of).
+
+        Raises:
+            GuestMemoryError: the region was unmapped since.
+        """
+        r = self.region
+        return views_of([(r, off, n) for off, n in zip(self.offsets, self.lengths, strict=True)])[0]
 
 
 class GuestMemory:

@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from .memory import GuestMemory, GuestMemoryError, Segment
+from .memory import GuestMemory, GuestMemoryError, MappedRegion, Segment
 
 # descriptor flags (split-ring.tex "The Virtqueue Descriptor Table")
 VRING_DESC_F_NEXT = 1
@@ -112,6 +112,11 @@ class Chain:
     head: int
     readable: tuple[Segment, ...]
     writable: tuple[Segment, ...]
+    # an indirect table of buffers none of which continues another, all in
+    # one region (_walk_in_order): the region, and each buffer's offset in
+    # it and length, readable ones first; what a request makes its
+    # GuestIovec of without going through the segments
+    scattered: tuple[MappedRegion, tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def readable_len(self) -> int:
@@ -513,8 +518,9 @@ class SplitQueue:
         starts = list(compress(range(1, limit), map(ne, ends, addrs[1:])))
         if len(starts) == limit - 1:
             # none continues another (a guest's scattered pages): as they are
-            segs = tuple(zip(repeat(region), map(sub, addrs, repeat(base)), lens))
-            return Chain(head, segs[:n_read], segs[n_read:])
+            offsets = tuple(map(sub, addrs, repeat(base)))
+            segs = tuple(zip(repeat(region), offsets, lens))
+            return Chain(head, segs[:n_read], segs[n_read:], (region, offsets, lens))
         # a guest's large buffer, cut into descriptors of at most
         # max_segment_size: one segment, one iovec
         if 0 < n_read < limit and n_read not in starts:
