@@ -53,6 +53,15 @@ OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
 OP_READV, OP_WRITEV, OP_FSYNC, OP_READ, OP_WRITE = 1, 2, 3, 22, 23
 FSYNC_DATASYNC = 1
 ENTER_GETEVENTS = 1
+# Completions are posted to the CQ ring by task work queued to the
+# submitting thread.  By default the kernel also interrupts that thread
+# with an IPI when it is running in user space; with COOP_TASKRUN the work
+# waits for its next system call, and a thread asleep (select, epoll_wait)
+# is woken all the same.  Ours is never long without a system call (trio's
+# loop, the NBD reader's inline wait), and at queue depth 32 completions
+# arrive while it runs Python: each IPI is an interrupt (a VM exit in a
+# guest) for nothing.
+SETUP_COOP_TASKRUN = 1 << 8
 SQ_CQ_OVERFLOW = 2  # IORING_SQ_CQ_OVERFLOW in the SQ ring's flags
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, rw_flags,
@@ -74,11 +83,17 @@ class Uring(KernelEngine):
         if platform.machine() not in ("x86_64", "AMD64"):
             raise OSError(errno.ENOSYS, "io_uring ring access needs x86-64 memory ordering")
         params = (ctypes.c_uint32 * 30)()
+        params[2] = SETUP_COOP_TASKRUN
         fd = _syscall(NR_SETUP, entries, params)
+        if fd < 0 and ctypes.get_errno() == errno.EINVAL:
+            # a kernel before 5.19 knows no COOP_TASKRUN
+            params = (ctypes.c_uint32 * 30)()
+            fd = _syscall(NR_SETUP, entries, params)
         if fd < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
         self.ring_fd = fd
+        self.setup_flags = params[2]  # what the ring was set up with
         try:
             self._map(params)
         except BaseException:
