@@ -24,6 +24,9 @@ import struct
 from array import array
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from itertools import repeat
+from operator import is_not
 from typing import TYPE_CHECKING
 
 import attrs
@@ -54,6 +57,8 @@ ALL_ALLOC = 0xFFFFFFFF
 # the L2 entry bits that decide how a cluster reads (not COPIED)
 _MAP_BITS = L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 ALL_ZERO = 0xFFFFFFFF << 32
+# ``x is not None`` as a C callable (events refuse to be truth-tested)
+_is_event = partial(is_not, None)
 
 
 # -- L2 tables ---------------------------------------------------------------
@@ -326,36 +331,59 @@ async def inplace_plan(node: Qcow2Node, offset: int,
 async def locked(node: Qcow2Node, offset: int, length: int) -> AsyncIterator[None]:
     """The metadata lock, taken once no allocating write in flight overlaps
     the guest range (their clusters are not linked into L2 yet)."""
-    first, last = offset >> node.cb, (offset + max(length, 1) - 1) >> node.cb
-    while True:
-        await node._lock.acquire()
-        ev = allocation_in(node, first, last)
-        if ev is None:
-            break
-        node._lock.release()
-        await ev.wait()
+    await lock_range(node, offset >> node.cb, (offset + max(length, 1) - 1) >> node.cb)
     try:
         yield
     finally:
         node._lock.release()
 
 
+async def lock_range(node: Qcow2Node, first: int, last: int) -> None:
+    """Acquire the metadata lock once no allocating write in flight holds
+    any of the guest clusters ``first``..``last``; the caller releases it.
+    (What :func:`locked` does, without a context manager's generator and
+    its three extra calls: the allocating write takes it once per request.)"""
+    lock = node._lock
+    while True:
+        await lock.acquire()
+        ev = allocation_in(node, first, last)
+        if ev is None:
+            return
+        lock.release()
+        await ev.wait()
+
+
 def allocation_in(node: Qcow2Node, first: int, last: int) -> trio.Event | None:
     """The event of an allocating write in flight on any of the guest
     clusters ``first``..``last`` (set once it is linked or given up), or None."""
     allocating = node._allocating
+    if not allocating:
+        return None
     if last - first < len(allocating):
         # fewer clusters than in flight (64 backup workers of 1 MiB hold
-        # 1024): look the request's clusters up
-        for gc in range(first, last + 1):
-            ev = allocating.get(gc)
-            if ev is not None:
-                return ev
-        return None
+        # 1024): look the request's clusters up, the loop in C
+        return next(filter(_is_event, map(allocating.get, range(first, last + 1))), None)
     for gc, ev in allocating.items():
         if first <= gc <= last:
             return ev
     return None
+
+
+def hold_runs(node: Qcow2Node, runs: list[NewRun], ev: trio.Event) -> None:
+    """Mark the guest clusters of ``runs`` in flight until ``ev`` is set."""
+    allocating = node._allocating
+    for r in runs:
+        allocating.update(zip(range(r.gc, r.gc + r.n), repeat(ev)))
+
+
+def release_runs(node: Qcow2Node, runs: list[NewRun], ev: trio.Event) -> None:
+    """Unmark the guest clusters :func:`hold_runs` marked for ``ev`` (those
+    still marked for it: this also runs after a failure part way)."""
+    allocating = node._allocating
+    for r in runs:
+        for gc in range(r.gc, r.gc + r.n):
+            if allocating.get(gc) is ev:
+                del allocating[gc]
 
 
 @attrs.define(eq=False)
@@ -385,26 +413,27 @@ async def write_allocating(node: Qcow2Node, offset: int, data: Payload,
     never referenced, at worst their refcount leaks on a crash).
     """
     runs: list[NewRun] = []
-    async with locked(node, offset, length):
-        try:
-            await write_locked(node, offset, data, length, runs)
-        except Corruption as c:
-            drop_runs(node, runs)
-            raise await signal_corruption(node, c) from None
-        except BaseException:
-            drop_runs(node, runs)
-            raise
-        if not runs:
-            return
-        ev = trio.Event()
-        for r in runs:
-            for i in range(r.n):
-                node._allocating[r.gc + i] = ev
+    lock = node._lock
+    ev = trio.Event()
+    await lock_range(node, offset >> node.cb, (offset + max(length, 1) - 1) >> node.cb)
+    try:
+        await write_locked(node, offset, data, length, runs)
+        hold_runs(node, runs, ev)
+    except Corruption as c:
+        drop_runs(node, runs)
+        raise await signal_corruption(node, c) from None
+    except BaseException:
+        drop_runs(node, runs)
+        raise
+    finally:
+        lock.release()
+    if not runs:
+        return
     linked = False
     try:
         for r in runs:
             await node._data_write(r.gc << node.cb, r.host, r.payload)
-        async with node._lock:
+        async with lock:
             try:
                 for r in runs:
                     await link_run(node, r)
@@ -412,19 +441,14 @@ async def write_allocating(node: Qcow2Node, offset: int, data: Payload,
             except Corruption as c:
                 raise await signal_corruption(node, c) from None
             finally:
-                for r in runs:
-                    for i in range(r.n):
-                        del node._allocating[r.gc + i]
+                release_runs(node, runs, ev)
                 ev.set()
             if node.l2cache.overfull():
                 await node._writeback()
     finally:
         if not linked:
             drop_runs(node, runs)
-            for r in runs:
-                for i in range(r.n):
-                    if node._allocating.get(r.gc + i) is ev:
-                        del node._allocating[r.gc + i]
+            release_runs(node, runs, ev)
             ev.set()
 
 
@@ -465,9 +489,13 @@ async def write_locked(node: Qcow2Node, offset: int, data: Payload, length: int,
         else:
             step = 2 if node.extl2 else 1
             i = step * (gc & (node.l2_entries - 1))
-            n = 1
-            while n < max_run and not owned(node, table[i + step * n]):
-                n += 1
+            if isinstance(table, array) and not any(table[i:i + step * max_run:step]):
+                # all unallocated (a fresh target: the common case): none owned
+                n = max_run
+            else:
+                n = 1
+                while n < max_run and not owned(node, table[i + step * n]):
+                    n += 1
         run_end = min(end, (gc + n) << cb)
         r = await write_new(node, gc, n, pos, part(data, pos - offset, run_end - pos),
                             run_end - pos)
@@ -576,6 +604,14 @@ async def link_run(node: Qcow2Node, r: NewRun) -> None:
     table = await l2_for_write(node, r.gc >> node.l2_bits)
     a, b, host = r.a, r.b, r.host
     first = r.gc & (node.l2_entries - 1)
+    if not node.extl2 and isinstance(table, array) and not any(r.olds):
+        # nothing to free, no bitmaps: the run's entries in one slice
+        # assignment (host, host+cs, ... all COPIED), not a round per cluster
+        start = host | QCOW_OFLAG_COPIED
+        table[first:first + r.n] = array("Q", range(start, start + r.n * cs, cs))
+        r.linked = True
+        node.l2cache.mark_dirty(node.l1[r.gc >> node.l2_bits] & L1E_OFFSET_MASK)
+        return
     for i in range(r.n):
         idx = first + i
         e = r.olds[i]

@@ -343,7 +343,9 @@ class Qcow2Node(BlockNode):
             ix.add_range(overlap.INACTIVE_L1, sn.l1_table_offset, sn.l1_size * 8)
         for e in self.l1:
             ix.add_cluster(overlap.ACTIVE_L2, e & L1E_OFFSET_MASK)
-        for e in self.refs.table:
+        # the table is mostly empty (a cluster of entries for a small image):
+        # skip the zeroes in C, the index is rebuilt at every new L2 table
+        for e in filter(None, self.refs.table):
             ix.add_cluster(overlap.REFCOUNT_BLOCK, e & ~0x1FF)
         if self.overlap_mask & overlap.INACTIVE_L2:
             for sn in self.snapshots:

@@ -117,6 +117,10 @@ class OverlapIndex:
         if first == last:
             hits = cl.get(first, 0) & mask
         elif last - first < len(cl):
+            # the common case, a data write of 16 clusters that hits nothing,
+            # answered with the loop in C
+            if not any(map(cl.get, range(first, last + 1))):
+                return 0
             hits = 0
             for c in range(first, last + 1):
                 hits |= cl.get(c, 0)
