@@ -642,3 +642,46 @@ async def test_scattered_requests_on_a_file_take_an_iovec(tmp_path, place):
         if place == "tmpfs":
             path.unlink()
             d.rmdir()
+
+
+async def test_large_write_of_one_buffer_runs_on_trios_thread(tmp_path):
+    """A page-cache write of one buffer larger than write_now takes
+    (inline_io.INLINE_MAX) goes where a write of several buffers goes: run
+    on trio's thread by the threads engine when it cannot block, answered
+    before start() returns, instead of a hop to a worker and back (a 1 MiB
+    write of a guest whose buffer is in huge pages; issue 14)."""
+    from qsd_trio.nodes import inline_io
+    from qsd_trio.nodes.graph import BlockGraph
+
+    if not inline_io.dirty_memory_ok():
+        pytest.skip("dirty memory near the kernel's throttling: writes go to workers")
+    size = 2 * inline_io.INLINE_MAX
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(4 * size))
+    graph: BlockGraph | None = BlockGraph()
+    node = await graph.add({"driver": "raw", "node-name": "disk",
+                            "file": {"driver": "file", "filename": str(path), "aio": "threads"}})
+    ram = GuestRam(size=4 * size)
+    mem = ram.memory()
+    drv = Driver(ram, size=16, data_start=0x10000)
+    q = drv.queue(mem)
+    try:
+        h = B.BlkHandler(node, writable=True)
+        finished = []
+        payload = bytes(range(256)) * (size // 256)
+        # (header and payload one run of guest memory: one view after the header)
+        _, offs = drv.add([(outhdr(B.VIRTIO_BLK_T_OUT, size >> 9), False), (payload, False),
+                           (1, True)])
+        chain = q.pop()
+        assert h.start(chain, lambda head, used: finished.append((head, used))) == B.STARTED
+        assert finished == [(chain.head, 1)] and ram.get(offs[-1], 1) == b"\0"
+        await graph.close_all()
+        graph = None
+        data = path.read_bytes()
+        assert data[size:2 * size] == payload
+        assert data[:size] == bytes(size) and data[2 * size:] == bytes(2 * size)
+    finally:
+        if graph is not None:
+            await graph.close_all()
+        mem.close()
+        ram.close()

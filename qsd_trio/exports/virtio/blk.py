@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ...nodes.engine.base import caller_waits
 from ...nodes.file import TAKES_IOVECS, FileNode
 from ...qapi.cstr import c_bytes
 from ..read_now import NowGuess
@@ -463,7 +464,17 @@ class BlkHandler:
                         return Prepared(True, sector << SECTOR_BITS, views, size,
                                         status_seg[0], 1)
                     finished = _answer_later(status_seg[0], chain.head, 1, done)
-                    if not backend.writev_submit(sector << SECTOR_BITS, views, finished):
+                    # one buffer (a guest's in huge pages) goes where several
+                    # go (ThreadPool.submit_writev, file._pwritev_iov_here):
+                    # on trio's thread when it cannot block, not to a
+                    # worker and back (caller_waits; see the commit that
+                    # made it so for what it measured)
+                    caller_waits(True)
+                    try:
+                        started = backend.writev_submit(sector << SECTOR_BITS, views, finished)
+                    finally:
+                        caller_waits(False)
+                    if not started:
                         return Prepared(True, sector << SECTOR_BITS, views, size,
                                         status_seg[0], 1)
                     self.written_bytes += size
