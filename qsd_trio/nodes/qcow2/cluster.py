@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -302,6 +303,17 @@ def owned(node: Qcow2Node, e: int) -> bool:
 async def inplace_plan(node: Qcow2Node, offset: int,
                        length: int) -> list[tuple[int, int, int]] | None:
     """[(guest, n, host)] when the whole range is owned data; else None."""
+    if not node.extl2:
+        # the first cluster unallocated (a mirror/commit target): no plan,
+        # without a mapping pass over the request (an entry of 0 is never
+        # corrupt, so nothing map_range would report is skipped)
+        gc = offset >> node.cb
+        l1i = gc >> node.l2_bits
+        if l1i >= len(node.l1) or not node.l1[l1i] & L1E_OFFSET_MASK:
+            return None
+        cached = node.l2cache.get(node.l1[l1i] & L1E_OFFSET_MASK)
+        if cached is not None and not cached[gc & (node.l2_entries - 1)]:
+            return None
     segs = await mapped(node, offset, length)
     plan = []
     for kind, goff, n, host in segs:
@@ -453,7 +465,13 @@ async def write_allocating(node: Qcow2Node, offset: int, data: Payload,
             except Corruption as c:
                 raise await signal_corruption(node, c) from None
             finally:
-                release_runs(node, runs, ev)
+                if linked:
+                    # still all ours (nothing else marks a marked cluster):
+                    # unmarked in C
+                    for r in runs:
+                        deque(map(node._allocating.pop, range(r.gc, r.gc + r.n)), maxlen=0)
+                else:
+                    release_runs(node, runs, ev)
                 ev.set()
             if node.l2cache.overfull():
                 await node._writeback()
