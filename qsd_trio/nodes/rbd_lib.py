@@ -24,7 +24,9 @@ tasks that wait for them or calling the callbacks of requests started
 without a task; those run inside the engine's batch, so an exporter
 answers a whole batch with one sendmsg.  A submission first handles the
 completions that have arrived meanwhile (Reaper.reap_pending), saving the
-reaper task a wakeup of the event loop.  The completions have no callback
+reaper task a wakeup of the event loop.  Writes an NBD reader starts while
+it holds submissions (engine/base.py's hold_submissions) go to librbd
+together when it submits them, before it waits (Image._submit_pending).  The completions have no callback
 and no argument (the reaper knows a request by its completion's address):
 no Python runs on librbd's threads, which would have to take the GIL from
 the event loop for every request.  No thread per request, no polling, and
@@ -46,17 +48,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import select
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import outcome
 import trio
 
 from ..qapi.cstr import c_bytes
 from .engine import Engines, buffers
+from .engine import base as engine_base
 from .engine.base import Engine
 
 _c_void_p = ctypes.c_void_p
@@ -351,6 +355,17 @@ class Image:
         # thread only), made once instead of per request
         self._comp: Any = _c_void_p()
         self._comp_ref = ctypes.byref(self._comp)
+        # writes started without a task while a caller holds submissions
+        # (engine/base.py's hold_submissions: an NBD reader with a batch of
+        # requests): (offset, length, pointer, done, what to hold), handed
+        # to librbd one after another by _submit_pending when the holder
+        # calls submit_held.  The first rbd_aio_write of a batch wakes
+        # librbd's worker thread (a futex wake, and on a busy machine the
+        # worker often takes the CPU from the event loop there); the ones
+        # right after it find the worker awake, where one per request, each
+        # after the next request's parsing, woke it every time.
+        self._queued: list[tuple[int, int, Any, Done, Any]] = []
+        self._held_now = False  # listed in engine_base._held
 
     def stat(self) -> tuple[int, int]:
         """(size, object size)."""
@@ -468,6 +483,13 @@ class Image:
             n = data.nbytes
         else:
             hold, ptr, n = _pointer(data)
+        if engine_base._holding:
+            if not self._held_now:
+                self._held_now = True
+                # submit_held() asks only for these two attributes
+                cast(list[Any], engine_base._held).append(self)
+            self._queued.append((offset, n, ptr, done, hold))
+            return
         reaper = self.reaper
         if reaper is None:
             reaper = self._reaper()
@@ -484,6 +506,39 @@ class Image:
             raise OSError(-r, os.strerror(-r))
         reaper.waiting[comp] = (None, done, None, hold)
         reaper.in_flight += 1
+
+    def _submit_pending(self) -> None:
+        """Hand librbd the writes queued while submissions were held
+        (engine_base.submit_held calls it), in the order they came.  One
+        that librbd refuses is answered at once, with its errno, as the
+        reaper would answer its failure."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        if not self.handle:  # closed meanwhile (not after a drain): none can go
+            for _offset, _n, _ptr, done, _hold in queued:
+                done(None, OSError(errno.EIO, os.strerror(errno.EIO)))
+            return
+        reaper = self._reaper()
+        rbd = _lib.rbd
+        create, write, release = (rbd.rbd_aio_create_completion, rbd.rbd_aio_write,
+                                  rbd.rbd_aio_release)
+        handle, comp_ref, comp_box, waiting = (self.handle, self._comp_ref, self._comp,
+                                               reaper.waiting)
+        for offset, n, ptr, done, hold in queued:
+            r = create(None, None, comp_ref)
+            if r >= 0:
+                comp = comp_box.value
+                r = write(handle, offset, n, ptr, comp)
+                if r >= 0:
+                    waiting[comp] = (None, done, None, hold)
+                    reaper.in_flight += 1
+                    continue
+                release(comp)
+            try:
+                done(None, OSError(-r, os.strerror(-r)))
+            except Exception:  # one request's bug, not the image's
+                log.exception("rbd completion callback failed")
 
     async def read(self, offset: int, length: int) -> memoryview:
         buf, addr = buffers.alloc_at(length)

@@ -21,7 +21,7 @@ import time
 import trio
 
 from qsd_trio.nodes.engine import buffers
-from qsd_trio.nodes.engine.base import after_completions
+from qsd_trio.nodes.engine.base import after_completions, hold_submissions, submit_held
 from qsd_trio.nodes.graph import BlockGraph
 
 BLOCK = 4096
@@ -282,3 +282,49 @@ async def submitted_views(cluster, image) -> None:
 
 def test_write_submit_takes_any_view(ceph_cluster, rbd_image):
     trio.run(submitted_views, ceph_cluster, rbd_image)
+
+
+async def held_writes(cluster, image) -> None:
+    """Writes started without a task while a caller holds submissions (an
+    NBD reader with a batch of requests: engine/base.py's hold_submissions)
+    stay with the image until that caller's submit_held, then go to librbd
+    one after another, in order: two writes to the same block leave the
+    second's data."""
+    _graph, node = await open_node(cluster, image)
+    done: list[OSError | None] = []
+    all_done = trio.Event()
+    count = 8
+
+    def finished(_buf, err) -> None:
+        done.append(err)
+        if len(done) == count + 1:
+            all_done.set()
+
+    try:
+        with trio.fail_after(120):
+            await node.write(0, data_for(60))  # the image's reaper exists from here
+            hold_submissions()
+            try:
+                for i in range(count):
+                    buf = buffers.alloc(BLOCK)
+                    buf[:] = data_for(60 + i)
+                    assert node.write_submit(i * BLOCK, buf, finished)
+                last = buffers.alloc(BLOCK)
+                last[:] = data_for(70)
+                assert node.write_submit(0, last, finished)  # after the first, over it
+                # nothing has reached librbd yet
+                assert node.image.reaper is not None and node.image.reaper.in_flight == 0
+            finally:
+                submit_held()
+            assert node.image.reaper.in_flight == count + 1
+            await all_done.wait()
+            assert done == [None] * (count + 1)
+            assert bytes(await node.read(0, BLOCK)) == data_for(70)
+            for i in range(1, count):
+                assert bytes(await node.read(i * BLOCK, BLOCK)) == data_for(60 + i), i
+    finally:
+        await node.close()
+
+
+def test_writes_held_until_the_holder_submits(ceph_cluster, rbd_image):
+    trio.run(held_writes, ceph_cluster, rbd_image)
