@@ -198,7 +198,10 @@ async def test_stream_plan_outlives_its_window_only_without_other_writes(env, tm
     await _add_qcow2(env, "base", base)
     await _add_qcow2(env, "top", top, counting="topf", backing="base")
     _node(env, "topf").delay = 0.02  # each metadata write of the zeroing waits
-    await env.qmp("block-stream", job_id="j", device="top")
+    # 4 MiB/s: the pause lands a chunk or two past the first progress, not
+    # (as it did now and then without a limit, once the zeroing ran faster
+    # than the polling) after the plan's whole 16 MiB; lifted after the resume
+    await env.qmp("block-stream", job_id="j", device="top", speed=4 * MiB)
     with trio.fail_after(10):
         while not (await env.qmp("query-block-jobs"))[0]["offset"]:  # noqa: ASYNC110 - polled
             await trio.sleep(0.005)
@@ -210,6 +213,7 @@ async def test_stream_plan_outlives_its_window_only_without_other_writes(env, tm
     at = -(-bj["offset"] // 65536) * 65536 + MiB
     assert 0 < bj["offset"] and at + 65536 <= 16 * MiB
     await _node(env, "top").write(at, b"\x5a" * 65536)
+    await env.qmp("block-job-set-speed", device="j", speed=0)
     await env.qmp("job-resume", id="j")
     await _done(env)
     await env.graph.close_all()
