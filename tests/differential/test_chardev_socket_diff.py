@@ -312,19 +312,35 @@ def test_websocket_telnet_over_unix(daemon_factory, tmp_path):
     """websocket=on works on a unix socket too; telnet goes inside the frames."""
     got = {}
     for kind in KINDS:
-        path = tmp_path / f"ws-{kind}.sock"
-        d = start(daemon_factory, kind, f"path={path},server=on,wait=off,websocket=on,telnet=on")
-        q = d.qmp()
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(str(path))
-        conn = WsConn(sock, nudge=lambda q=q: q.cmd("query-version"))
-        out = conn.upgrade()
-        out.append(ws_exchange(conn, [client_frame(b'{"execute":"qmp_capabilities"}\xff\xf1x')],
-                               1))
-        out.append(chardev_filename(q).replace(str(path), "P"))
-        conn.close()
-        got[kind] = out
-        d.stop()
+        # qemu-storage-daemon 7.2 now and then (about 1 run in 15 on a busy
+        # machine, and once in CI) answers the first frame after the
+        # greeting with a second greeting and drops the connection; its
+        # run is then made again with a new daemon, up to 3 times.
+        # qsd-trio's run is never made twice.
+        for attempt in range(3 if kind == "qemu" else 1):
+            path = tmp_path / f"ws-{kind}-{attempt}.sock"
+            d = start(daemon_factory, kind,
+                      f"path={path},server=on,wait=off,websocket=on,telnet=on")
+            q = d.qmp()
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(path))
+            conn = WsConn(sock, nudge=lambda q=q: q.cmd("query-version"))
+            try:
+                out = conn.upgrade()
+                frames = [client_frame(b'{"execute":"qmp_capabilities"}\xff\xf1x')]
+                try:
+                    out.append(ws_exchange(conn, frames, 1))
+                except AssertionError as e:
+                    if kind == "qemu" and attempt < 2 and "closed before" in str(e) \
+                            and "<greeting>" in str(e):
+                        continue  # QEMU's dropped connection (above)
+                    raise
+                out.append(chardev_filename(q).replace(str(path), "P"))
+            finally:
+                conn.close()
+                d.stop()
+            got[kind] = out
+            break
     assert got["trio"] == got["qemu"]
     assert got["qemu"][1][0] == (0x82, bytes.fromhex("fffb01fffb03fffb00fffd00"))
 
