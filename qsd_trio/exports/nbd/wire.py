@@ -94,13 +94,7 @@ class Wire:
             view[:len(data)] = data
             return len(data)
         if self.expect_empty:
-            self.expect_empty = False
-            wait = self.wait_inline
-            if wait is not None and self.before_wait is not None:
-                self.before_wait()
-                wait(raw.fileno())  # readable or not, receive next
-                if self.after_wait is not None:
-                    self.after_wait()
+            self._wait_expected(raw)
         while True:
             try:
                 return raw.recv_into(view)
@@ -118,6 +112,18 @@ class Wire:
             except OSError as e:
                 raise trio.BrokenResourceError(e) from e
 
+    def _wait_expected(self, raw: _stdsocket.socket) -> None:
+        """For a socket expected empty (``expect_empty``, cleared here): the
+        inline wait for it, where there is one, before the receive that
+        follows (which is made whether it became readable or not)."""
+        self.expect_empty = False
+        wait = self.wait_inline
+        if wait is not None and self.before_wait is not None:
+            self.before_wait()
+            wait(raw.fileno())
+            if self.after_wait is not None:
+                self.after_wait()
+
     def receive_now(self, need: int) -> bool:
         """Whether ``need`` bytes are buffered after one receive made
         without a coroutine (raw sockets): the wait :meth:`_recv_into`
@@ -130,13 +136,7 @@ class Wire:
         if raw is None:
             return False
         if self.expect_empty:
-            self.expect_empty = False
-            wait = self.wait_inline
-            if wait is not None and self.before_wait is not None:
-                self.before_wait()
-                wait(raw.fileno())  # readable or not, receive next
-                if self.after_wait is not None:
-                    self.after_wait()
+            self._wait_expected(raw)
         start = self._start
         if start and len(self._buf) - start < need:
             n = self._end - start

@@ -228,14 +228,7 @@ class ThreadPool(Engine):
                 self._run_lane(call)
                 continue
             assert type(call) is _Call
-            try:
-                call.result = call.fn(*call.args)
-            except BaseException as e:  # noqa: BLE001 - delivered to the caller
-                call.error = e
-            done(call)
-            if not self._signalled:
-                self._signalled = True
-                os.eventfd_write(efd, 1)
+            self._run_call(call, done, efd)
 
     def _run_lane(self, lane: _WriteLane) -> None:
         """Run a descriptor's writes until none is queued.  Every step is
@@ -256,14 +249,19 @@ class ThreadPool(Engine):
                     return
                 lane.busy = True
                 continue
-            try:
-                call.result = call.fn(*call.args)
-            except BaseException as e:  # noqa: BLE001 - delivered to the caller
-                call.error = e
-            done(call)
-            if not self._signalled:
-                self._signalled = True
-                os.eventfd_write(efd, 1)
+            self._run_call(call, done, efd)
+
+    def _run_call(self, call: _Call, done: Callable[[_Call], None], efd: int) -> None:
+        """Run one call on a worker, hand it to the reaper, and signal the
+        eventfd unless a signal is already pending."""
+        try:
+            call.result = call.fn(*call.args)
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller
+            call.error = e
+        done(call)
+        if not self._signalled:
+            self._signalled = True
+            os.eventfd_write(efd, 1)
 
     def _reap(self) -> None:
         self._signalled = False
