@@ -61,3 +61,15 @@ def drop_page_cache(path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+async def settled(eng) -> None:
+    """Until an engine's requests in flight have completed (as
+    Engine.aclose waits for them), for a test that started them without a
+    task of its own; 60 s is a limit no passing test reaches."""
+    import trio
+
+    with trio.fail_after(60.0):
+        while eng.in_flight:
+            eng._idle = trio.Event()
+            await eng._idle.wait()

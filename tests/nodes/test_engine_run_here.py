@@ -17,23 +17,14 @@ from __future__ import annotations
 import os
 
 import pytest
-import trio
 
 from qsd_trio.nodes import inline_io
 from qsd_trio.nodes.engine import Engines, base, buffers
 from qsd_trio.nodes.graph import BlockGraph
 from qsd_trio.qapi.errors import GenericError
+from tests.engines import settled
 
 PAGE = 4096
-FOREVER = 60.0  # a limit no passing test reaches
-
-
-async def _settled(eng: base.Engine) -> None:
-    """Until the requests in the pool have completed (as Engine.aclose)."""
-    with trio.fail_after(FOREVER):
-        while eng.in_flight:
-            eng._idle = trio.Event()
-            await eng._idle.wait()
 
 
 def _buffer(data: bytes) -> memoryview:
@@ -79,19 +70,19 @@ async def test_write_runs_here_when_the_caller_waits(tmp_path, monkeypatch):
 
         # a range that is not whole pages: to a worker
         assert not submit("unaligned", 100, os.urandom(PAGE))
-        await _settled(eng)
+        await settled(eng)
 
         # with something else in the pool: to a worker as well
         eng.submit_write(fd, _buffer(b"x" * PAGE), 40 * PAGE,
                          lambda res: results.append(("other", res)))
         model[40 * PAGE:41 * PAGE] = b"x" * PAGE
         assert not submit("busy", 20 * PAGE, os.urandom(PAGE))
-        await _settled(eng)
+        await settled(eng)
 
         # with much of memory dirty (the kernel may throttle the write): a worker
         monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: False)
         assert not submit("dirty", 24 * PAGE, os.urandom(PAGE))
-        await _settled(eng)
+        await settled(eng)
         monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
 
         # without caller_waits: the worker, as always
@@ -99,7 +90,7 @@ async def test_write_runs_here_when_the_caller_waits(tmp_path, monkeypatch):
         eng.submit_write(fd, _buffer(data), 30 * PAGE,
                          lambda res: results.append(("plain", res)))
         assert results[-1][0] != "plain"
-        await _settled(eng)
+        await settled(eng)
     finally:
         os.close(fd)
         await engines.aclose()
@@ -132,7 +123,7 @@ async def test_o_direct_write_goes_to_a_worker(tmp_path):
         finally:
             base.caller_waits(False)
         assert results == []  # an O_DIRECT write waits for the device: not here
-        await _settled(eng)
+        await settled(eng)
     finally:
         fd = node.fd
         await graph.close_all()
@@ -166,19 +157,19 @@ async def test_vectored_write_runs_here_even_with_the_pool_busy(tmp_path, monkey
         model[40 * PAGE:41 * PAGE] = b"x" * PAGE
         assert submit("here", 4 * PAGE, [os.urandom(PAGE), os.urandom(2 * PAGE), os.urandom(PAGE)])
         assert eng.run_here.done == 1
-        await _settled(eng)
+        await settled(eng)
 
         assert not submit("unaligned", 8 * PAGE, [os.urandom(100), os.urandom(PAGE)])
-        await _settled(eng)
+        await settled(eng)
 
         monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: False)
         assert not submit("dirty", 12 * PAGE, [os.urandom(PAGE)] * 2)
-        await _settled(eng)
+        await settled(eng)
         monkeypatch.setattr(inline_io, "dirty_memory_ok", lambda: True)
 
         eng.run_here.resume_at = float("inf")  # as after a write that stalled
         assert not submit("cooling", 16 * PAGE, [os.urandom(PAGE)] * 2)
-        await _settled(eng)
+        await settled(eng)
     finally:
         os.close(fd)
         await engines.aclose()

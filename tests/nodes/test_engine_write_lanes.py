@@ -15,20 +15,11 @@ from __future__ import annotations
 import os
 import threading
 
-import trio
-
-from qsd_trio.nodes.engine import Engines, base, buffers
+from qsd_trio.nodes.engine import Engines, buffers
+from tests.engines import settled
 
 CHUNK = 64 << 10
 N = 32
-FOREVER = 60.0  # a limit no passing test reaches
-
-
-async def _settled(eng: base.Engine) -> None:
-    with trio.fail_after(FOREVER):
-        while eng.in_flight:
-            eng._idle = trio.Event()
-            await eng._idle.wait()
 
 
 def _workers() -> int:
@@ -54,7 +45,7 @@ async def test_writes_to_one_descriptor_run_in_turn(tmp_path):
                 buf[:] = data
                 eng.submit_write(fds[f], buf, offset,
                                  lambda res, f=f, i=i: done[f].append((i, res)))
-        await _settled(eng)
+        await settled(eng)
         # one lane per file, each drained by one worker
         assert _workers() - before == 2
     finally:
@@ -74,7 +65,7 @@ async def test_writes_to_one_descriptor_run_in_turn(tmp_path):
             buf = buffers.alloc(CHUNK)
             buf[:] = bytes([i]) * CHUNK
             eng.submit_write(fd, buf, i * CHUNK, results.append)
-        await _settled(eng)
+        await settled(eng)
         assert _workers() - before > 2
     finally:
         eng.run_here.direct_fd(fd, False)
