@@ -271,10 +271,8 @@ class FuseExport(BlockExport):
         buf = self._receive_buffer()
         handlers = self._handlers
         # an O_DIRECT image never serves a read without the engine: stop
-        # asking after a run of misses (read_now.py; its skip count is
-        # tested here, without a call, while it says not to ask)
-        guess = NowGuess()
-        read_now = guess.read_now
+        # asking after a run of misses (read_now.py)
+        read_now = NowGuess().read_now
         # every request's header, and a READ's offset and size, in one call
         read_request = fp.READ_REQUEST.unpack_from
         read_op = fp.READ
@@ -322,11 +320,7 @@ class FuseExport(BlockExport):
                     if offset + size > end:
                         size = end - offset if offset < end else 0
                     self.read_bytes += size
-                    if guess.skip:
-                        guess.skip -= 1
-                        data = None
-                    else:
-                        data = read_now(node, offset, size) if size else None
+                    data = read_now(node, offset, size) if size else None
                     if data is None:
                         # started on the I/O engine and answered from its
                         # completion, or else in a task of its own
@@ -441,11 +435,11 @@ class FuseExport(BlockExport):
                      else _WRITE_REPLY_PACK(_WRITE_REPLY_SIZE, 0, unique, size, 0))
 
     def _answer(self, out: Reply) -> None:
-        """Send the reply of a WRITE started on the engine (_submitted).
+        """Send the reply of a request started on the engine (_submitted).
 
-        _send written out: this runs once per WRITE served from a
+        _send written out: this runs once per READ or WRITE served from a
         completion, and at queue depth 1 between the device's completion
-        and the client's next request (_read_done has its own copy)."""
+        and the client's next request."""
         self._submitted -= 1
         fd = self._fd
         if fd >= 0:  # else closed (_unmount): nobody to answer
@@ -567,26 +561,9 @@ class FuseExport(BlockExport):
     def _read_done(self, unique: int, data: Any, err: OSError | None) -> None:
         """A READ started with read_submit has completed: answer it.  The
         session's descriptor stays open until every such read has answered
-        (_unmount waits), so the reply cannot reach a reused fd number.
-
-        _answer written out: at queue depth 1 every Python call between the
-        device's completion and the reply is latency, and costs 1-2 us of
-        CPU from an interpreter gone cold while the loop slept (a qcow2
-        read's extra calls measured so)."""
-        self._submitted -= 1
-        fd = self._fd
-        if fd >= 0:  # else closed (_unmount): nobody to answer
-            try:
-                if err is None:
-                    os.writev(fd, [_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(data), 0, unique),
-                                   data])
-                else:
-                    os.write(fd, fp.reply_error(unique, _error_number(err)))
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENODEV):
-                    raise  # as _send
-        if not self._submitted and self._submitted_idle is not None:
-            self._submitted_idle.set()
+        (_unmount waits), so the reply cannot reach a reused fd number."""
+        self._answer(fp.reply_error(unique, _error_number(err)) if err is not None
+                     else [_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(data), 0, unique), data])
 
     async def _write(self, unique: int, body: memoryview) -> Reply:
         _fh, offset, size, _wflags, _lock, _flags, _pad = fp.WRITE_IN.unpack_from(body)

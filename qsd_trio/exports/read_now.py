@@ -35,20 +35,17 @@ READ_NOW_SKIP = 256
 class NowGuess:
     """One client's (or export's) recent luck with read_now or write_now."""
 
-    __slots__ = ("_misses", "skip")
+    __slots__ = ("_misses", "_skip")
 
     def __init__(self) -> None:
         self._misses = 0  # requests in a row the fast path did not serve
-        # requests still to start without asking it: a caller on a hot path
-        # may test and count it down itself, as read_now does, instead of
-        # calling (the FUSE loop, at queue depth 1 on an O_DIRECT image)
-        self.skip = 0
+        self._skip = 0    # requests still to start without asking it
 
     def read_now(self, node: BlockNode, offset: int, length: int) -> Any:
         """``node.read_now(offset, length)``, unless recent READs say it
         will not serve this one either; None then."""
-        if self.skip:
-            self.skip -= 1
+        if self._skip:
+            self._skip -= 1
             return None
         buf = node.read_now(offset, length)
         if buf is not None:
@@ -61,8 +58,8 @@ class NowGuess:
         """``node.read_into_now(offset, views)`` (a virtio-blk READ into the
         guest's buffers), unless recent READs say it will not serve this
         one either; False then."""
-        if self.skip:
-            self.skip -= 1
+        if self._skip:
+            self._skip -= 1
             return False
         if node.read_into_now(offset, views):
             self._misses = 0
@@ -73,8 +70,8 @@ class NowGuess:
     def write_now(self, node: BlockNode, offset: int, data: memoryview) -> bool:
         """``node.write_now(offset, data)``, unless recent WRITEs say it
         will not take this one either; False then."""
-        if self.skip:
-            self.skip -= 1
+        if self._skip:
+            self._skip -= 1
             return False
         if node.write_now(offset, data):
             self._misses = 0
@@ -86,4 +83,4 @@ class NowGuess:
         self._misses += 1
         if self._misses >= READ_NOW_MISSES:
             self._misses = 0
-            self.skip = READ_NOW_SKIP
+            self._skip = READ_NOW_SKIP
