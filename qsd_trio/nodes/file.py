@@ -86,10 +86,9 @@ if _preadv2 is not None:
     _preadv2.restype = ctypes.c_ssize_t
 _iov = (ctypes.c_uint64 * 2)()  # its one struct iovec (trio's thread only)
 # preadv2/pwritev2 on an IovecList's array, letting the GIL go as os.preadv
-# does (a 1 MiB copy: the workers run meanwhile)
-_libc_nogil = ctypes.CDLL(None, use_errno=True)
-_preadv2_iov: Any = getattr(_libc_nogil, "preadv2", None)
-_pwritev2_iov: Any = getattr(_libc_nogil, "pwritev2", None)
+# does (a 1 MiB copy: the workers run meanwhile): the project's CDLL
+_preadv2_iov: Any = getattr(_libc, "preadv2", None)
+_pwritev2_iov: Any = getattr(_libc, "pwritev2", None)
 for _fn in (_preadv2_iov, _pwritev2_iov):
     if _fn is not None:
         _fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
@@ -140,14 +139,18 @@ def _pwritev_iov(fd: int, iov: IovecList, offset: int) -> None:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     if n < iov.size:
-        views = advance(iov.views(), n)
-        done = n
-        while done < iov.size:
-            got = os.pwritev(fd, views, offset + done)
-            if got == 0:
-                raise OSError(errno.EIO, "write made no progress")
-            done += got
-            views = advance(views, got)
+        _pwritev_views(fd, advance(iov.views(), n), offset + n, iov.size - n)
+
+
+def _pwritev_views(fd: int, views: list[memoryview], offset: int, n: int) -> None:
+    """All ``n`` bytes of ``views`` written at ``offset``, however short
+    each pwritev comes back."""
+    done = os.pwritev(fd, views, offset)
+    while done < n:
+        got = os.pwritev(fd, advance(views, done), offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += got
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -574,10 +577,7 @@ class FileNode(BlockNode):
                 self._rmw_done = trio.Event()
 
     def _pwritev_all(self, views: list[memoryview], offset: int) -> None:
-        n = sum(len(v) for v in views)
-        done = os.pwritev(self.fd, views, offset)
-        while done < n:
-            done += os.pwritev(self.fd, advance(views, done), offset + done)
+        _pwritev_views(self.fd, views, offset, sum(len(v) for v in views))
 
     async def _co_pwritev_vec(self, offset: int, length: int, views: list[memoryview],
                               fua: bool) -> None:
